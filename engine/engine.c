@@ -1,0 +1,273 @@
+/* engine.c - placing a model on a backend, scratch memory, step-API slots,
+ * and the pieces of a layer that the batched forward (forward.c) and the
+ * step API (step.c) share.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+
+/* The backend pointer at the same offset in dev_arena as p in the host arena. */
+static float *dev_ptr(const struct engine *e, const float *p)
+{
+    return p ? e->dev_arena + (p - e->m->arena) : NULL;
+}
+
+static int mirror_weights(struct engine *e, char *err, size_t errlen)
+{
+    const struct model *m = e->m;
+    size_t bytes = m->n_params * sizeof(float);
+    e->dev_arena = e->be->ops->alloc(e->be, bytes);
+    if (!e->dev_arena || e->be->ops->upload(e->be, e->dev_arena, m->arena, bytes) != 0) {
+        snprintf(err, errlen, "cannot place %zu bytes of weights on the %s backend", bytes, e->be->ops->name);
+        return -1;
+    }
+    e->layers = calloc((size_t)e->L, sizeof *e->layers);
+    if (!e->layers)
+        goto oom;
+    for (int l = 0; l < e->L; l++) {
+        const struct layer_params *hl = &m->layers[l];
+        struct layer_params *dl = &e->layers[l];
+        *dl = *hl;
+        dl->residual_proj = dev_ptr(e, hl->residual_proj);
+        for (int d = 0; d < e->D; d++) {
+            const struct layer_dir_params *hp = &hl->dir[d];
+            struct layer_dir_params *dp = &dl->dir[d];
+            dp->w_ih = dev_ptr(e, hp->w_ih);
+            dp->b_ih = dev_ptr(e, hp->b_ih);
+            dp->b_hh = dev_ptr(e, hp->b_hh);
+            dp->peephole = dev_ptr(e, hp->peephole);
+            dp->attn_logits = dev_ptr(e, hp->attn_logits);
+            dp->attn_query = dev_ptr(e, hp->attn_query);
+            dp->w_hh = calloc((size_t)e->M, sizeof *dp->w_hh);
+            if (!dp->w_hh)
+                goto oom;
+            for (int j = 0; j < e->M; j++)
+                dp->w_hh[j] = dev_ptr(e, hp->w_hh[j]);
+        }
+    }
+    e->embedding = dev_ptr(e, m->embedding);
+    e->head_w = dev_ptr(e, m->head_w);
+    e->head_b = dev_ptr(e, m->head_b);
+    return 0;
+oom:
+    snprintf(err, errlen, "out of memory");
+    return -1;
+}
+
+static int open_slots(struct engine *e, int max_slots, char *err, size_t errlen)
+{
+    e->max_slots = max_slots;
+    if (max_slots == 0)
+        return 0;
+    if (e->m->cfg.task != TASK_LM || e->D != 1) {
+        snprintf(err, errlen, "step slots need a unidirectional language model");
+        return -1;
+    }
+    e->slot_pos = malloc((size_t)max_slots * sizeof *e->slot_pos);
+    size_t c_bytes = (size_t)e->L * max_slots * e->H * sizeof(float);
+    e->pool_c = e->be->ops->alloc(e->be, c_bytes);
+    e->pool_ring = e->be->ops->alloc(e->be, c_bytes * e->R);
+    if (!e->slot_pos || !e->pool_c || !e->pool_ring) {
+        snprintf(err, errlen, "cannot allocate state for %d generation slots", max_slots);
+        return -1;
+    }
+    for (int s = 0; s < max_slots; s++)
+        e->slot_pos[s] = -1;
+    return 0;
+}
+
+struct engine *engine_create(const struct model *m, struct backend *be, int max_slots,
+                             char *err, size_t errlen)
+{
+    const struct model_config *cfg = &m->cfg;
+    struct engine *e = calloc(1, sizeof *e);
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    e->m = m;
+    e->be = be;
+    e->G = config_gates(cfg);
+    e->H = cfg->hidden;
+    e->D = config_directions(cfg);
+    e->W = config_output_width(cfg);
+    e->E = cfg->embed_dim;
+    e->V = m->vocab;
+    e->L = cfg->layers;
+    e->M = cfg->skip_matrices;
+    e->K = cfg->attn_mode == ATTN_NONE ? 0 : cfg->attn_window;
+    e->C = m->head_out;
+    /* The ring must hold every state a step reads (lags up to K+1 for
+     * attention, the skip period for the skip) plus the one it writes. */
+    e->R = e->K + 2 > cfg->skip_period + 1 ? e->K + 2 : cfg->skip_period + 1;
+    if (mirror_weights(e, err, errlen) != 0 || open_slots(e, max_slots, err, errlen) != 0) {
+        engine_destroy(e);
+        return NULL;
+    }
+    return e;
+}
+
+void engine_destroy(struct engine *e)
+{
+    if (!e)
+        return;
+    struct backend *be = e->be;
+    for (int i = 0; i < WS_COUNT; i++)
+        be->ops->free(be, e->ws[i]);
+    if (e->layers)
+        for (int l = 0; l < e->L; l++)
+            for (int d = 0; d < e->D; d++)
+                free(e->layers[l].dir[d].w_hh);
+    free(e->layers);
+    be->ops->free(be, e->dev_arena);
+    be->ops->free(be, e->pool_c);
+    be->ops->free(be, e->pool_ring);
+    free(e->slot_pos);
+    free(e->host_idx);
+    free(e);
+}
+
+const struct model *engine_model(const struct engine *e)
+{
+    return e->m;
+}
+
+void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes)
+{
+    if (bytes <= e->ws_cap[which] && e->ws[which])
+        return e->ws[which];
+    /* Grow by half again so a slowly rising batch size does not reallocate
+     * every call. */
+    size_t cap = bytes + bytes / 2;
+    void *p = e->be->ops->alloc(e->be, cap);
+    if (!p)
+        return NULL;
+    e->be->ops->free(e->be, e->ws[which]);
+    e->ws[which] = p;
+    e->ws_cap[which] = cap;
+    return p;
+}
+
+int *engine_host_ints(struct engine *e, size_t n)
+{
+    if (n <= e->host_idx_cap && e->host_idx)
+        return e->host_idx;
+    size_t cap = n + n / 2 + 16;
+    int *p = realloc(e->host_idx, cap * sizeof *p);
+    if (!p)
+        return NULL;
+    e->host_idx = p;
+    e->host_idx_cap = cap;
+    return p;
+}
+
+void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg)
+{
+    const struct layer_params *lp = &e->layers[layer];
+    const struct layer_dir_params *dp = &lp->dir[dir];
+    int GH = e->G * e->H;
+    e->be->ops->set_rows(e->be, xg, GH, dp->b_ih, n, GH);
+    e->be->ops->gemm(e->be, 0, 1, n, GH, lp->in, 1.0f, x, lp->in, dp->w_ih, lp->in, 1.0f, xg, GH);
+}
+
+void engine_residual(struct engine *e, int layer, float *y, const float *y2, int n)
+{
+    const struct layer_params *lp = &e->layers[layer];
+    if (lp->residual_proj)
+        e->be->ops->gemm(e->be, 0, 1, n, e->W, lp->residual_from, 1.0f, y2, lp->residual_from,
+                         lp->residual_proj, lp->residual_from, 1.0f, y, e->W);
+    else
+        e->be->ops->add_rows(e->be, y, e->W, y2, e->W, n, e->W);
+}
+
+/* The skip scheme's recurrent matrix for step t. */
+static int matrix_of(const struct engine *e, int t)
+{
+    return (t - 1) % e->M;
+}
+
+int engine_layer_step(struct engine *e, const struct layer_run *r)
+{
+    struct backend *be = e->be;
+    const struct layer_dir_params *dp = &e->layers[r->layer].dir[r->dir];
+    const int H = e->H, GH = e->G * H, n = r->n;
+    float *hg = engine_ws(e, WS_HG, (size_t)n * GH * sizeof(float));
+    float *q = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC ? engine_ws(e, WS_Q, (size_t)n * H * sizeof(float)) : NULL;
+    if (!hg || (e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC && !q))
+        return -1;
+    if (!r->hprev) {
+        be->ops->zero(be, hg, (size_t)n * GH * sizeof(float));
+        if (q)
+            be->ops->zero(be, q, (size_t)n * H * sizeof(float));
+    } else {
+        /* Rows are ordered so that those using the same recurrent matrix are
+         * adjacent: one GEMM per run of rows. */
+        for (int i = 0; i < n;) {
+            int m = matrix_of(e, r->t_host ? r->t_host[i] : r->t0);
+            int j = i + 1;
+            while (j < n && matrix_of(e, r->t_host ? r->t_host[j] : r->t0) == m)
+                j++;
+            be->ops->gemm(be, 0, 1, j - i, GH, H, 1.0f, r->hprev + (size_t)i * H, H, dp->w_hh[m], H,
+                          0.0f, hg + (size_t)i * GH, GH);
+            i = j;
+        }
+        if (q)
+            be->ops->gemm(be, 0, 1, n, H, H, 1.0f, r->hprev, H, dp->attn_query, H, 0.0f, q, H);
+    }
+    struct cell_step s = {
+        .cell = e->m->cfg.cell,
+        .n = n,
+        .H = H,
+        .xg = r->xg,
+        .hg = hg,
+        .b_hh = dp->b_hh,
+        .peephole = dp->peephole,
+        .c = r->c,
+        .ring = r->ring,
+        .R = e->R,
+        .slot = r->slot,
+        .t = r->t,
+        .t0 = r->t0,
+        .skip_period = e->m->cfg.skip_period,
+        .attn_mode = e->m->cfg.attn_mode,
+        .attn_window = e->K,
+        .attn_logits = dp->attn_logits,
+        .q = q,
+        .attn = r->attn,
+        .out = r->out,
+    };
+    be->ops->cell_step(be, &s);
+    return 0;
+}
+
+int engine_slot_open(struct engine *e)
+{
+    for (int s = 0; s < e->max_slots; s++) {
+        if (e->slot_pos[s] >= 0)
+            continue;
+        /* Start from the empty state: h_0 = c_0 = 0 (the step API reads
+         * h_{t-1} from the ring, including at t = 1). */
+        size_t hb = (size_t)e->H * sizeof(float);
+        for (int l = 0; l < e->L; l++) {
+            size_t base = (size_t)l * e->max_slots + s;
+            e->be->ops->zero(e->be, e->pool_c + base * e->H, hb);
+            e->be->ops->zero(e->be, e->pool_ring + base * e->R * e->H, hb * e->R);
+        }
+        e->slot_pos[s] = 0;
+        return s;
+    }
+    return -1;
+}
+
+void engine_slot_close(struct engine *e, int slot)
+{
+    if (slot >= 0 && slot < e->max_slots)
+        e->slot_pos[slot] = -1;
+}
+
+int engine_slot_position(const struct engine *e, int slot)
+{
+    return slot >= 0 && slot < e->max_slots ? e->slot_pos[slot] : -1;
+}

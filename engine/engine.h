@@ -1,0 +1,78 @@
+/* engine.h - running a model: the only interface the server, the CLI and the
+ * benchmarks use.
+ *
+ * An engine is one model placed on one backend, with the scratch memory to
+ * run it.  It is not thread-safe: one thread (a batcher) drives an engine.
+ *
+ * Two ways to run it:
+ *  - engine_forward: a batch of whole sequences of any lengths, in one call
+ *    (classification, scoring, attention maps, and prompt prefill).  Each
+ *    sequence's results are the same alone or in any batch.
+ *  - engine_step: language models advance a batch of independent sequences
+ *    one token each, every sequence keeping its own state in a slot, so
+ *    sequences can join and leave between steps (continuous batching).
+ */
+#ifndef RRN_ENGINE_H
+#define RRN_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "model.h"
+
+struct engine;
+
+/* One sequence of a batched forward.  Outputs are written only where the
+ * pointer is not NULL. */
+struct engine_seq {
+    const int32_t *tokens;
+    int len;                 /* >= 1 */
+    int slot;                /* lm: continue the sequence held in this slot
+                                (from engine_slot_open) and keep the final
+                                state there, or -1 */
+    const int32_t *next;     /* lm: the token that follows this sequence
+                                (the first of the next chunk), or NULL */
+    float *probs;            /* classify: [C] */
+    float *logits;           /* classify: [C]; lm: [len, V] */
+    float *last_logits;      /* lm: [V], the logits after the last token */
+    float *attention;        /* RRA: [L][D][len][K]; see below */
+    double logprob;          /* lm, out: sum over t = 1..len-1 of
+                                ln p(token t+1 | tokens 1..t), plus
+                                ln p(next | tokens) when next is given */
+};
+
+/* The attention weights of layer l, direction d, at the step that consumed
+ * token position p (0-based), are attention[((l*D + d)*len + p)*K + j - 1]
+ * for j = 1..K: the weight of the state produced at position p-1-j in the
+ * forward direction, p+1+j in the backward one.  Positions outside the
+ * sequence are the zero states before its start. */
+
+/* max_slots: how many step-API sequences can be open at once (0 for none). */
+struct engine *engine_create(const struct model *m, struct backend *be, int max_slots,
+                             char *err, size_t errlen);
+void engine_destroy(struct engine *e);
+const struct model *engine_model(const struct engine *e);
+
+int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen);
+
+/* Slots for the step API (lm, unidirectional).  A freshly opened slot holds
+ * the empty state; engine_forward with seq.slot feeds it a prompt, or the
+ * next chunk of a long text (all slots of one forward batch must have
+ * consumed the same number of tokens). */
+int engine_slot_open(struct engine *e);          /* slot id, or -1 when all are taken */
+void engine_slot_close(struct engine *e, int slot);
+int engine_slot_position(const struct engine *e, int slot); /* tokens consumed so far */
+
+/* The log-probability (as engine_seq.logprob) of each of n token
+ * sequences; long ones are run in chunks through a slot, so the engine needs
+ * one free slot. */
+int engine_score(struct engine *e, const int32_t *const *tokens, const int *lens, int n, double *logprob,
+                 char *err, size_t errlen);
+
+/* Feed tokens[i] to slots[i] (distinct slots) and write the next-token
+ * logits to logits[i*V ...].  attention, when not NULL, gets [n][L][K]. */
+int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n,
+                float *logits, float *attention, char *err, size_t errlen);
+
+#endif

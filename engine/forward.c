@@ -1,0 +1,414 @@
+/* forward.c - the batched forward pass over whole sequences.
+ *
+ * Sequences are sorted by length, longest first, and packed time-major the
+ * way PyTorch packs them: step s holds the n_s sequences still running, at
+ * rows off[s] .. off[s] + n_s - 1.  Every step is then one contiguous block,
+ * so each layer costs one input-projection GEMM over all steps and, per
+ * step, one recurrent GEMM over exactly the running rows; no work is spent
+ * on padding and a sequence's result does not depend on its batch.
+ *
+ * The backward direction of a bidirectional layer runs the same code over
+ * each sequence reversed within its own length: row (s, i) of the reversed
+ * packing is row (len_i - 1 - s, i) of the forward one, a map that is its
+ * own inverse, so one index array turns inputs and outputs around.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+
+/* Host-side plan of one batch. */
+struct plan {
+    int n, T, P;
+    int *order;   /* sorted position -> caller's index */
+    int *len;     /* [n] sorted lengths */
+    int *off;     /* [T + 1] */
+    int *tokens;  /* [P] packed token ids */
+    int *rev;     /* [P] packed row of the mirrored position */
+    int *last;    /* [n] packed row of each sequence's last step */
+    int *target;  /* [P] next token, or -1 */
+    int *slot;    /* [n] state slot, or NULL */
+    int *hprev;   /* [n] ring row of each slot's last state */
+    int pos;      /* tokens the slots consumed before this batch */
+};
+
+static int check_batch(const struct engine *e, const struct engine_seq *seqs, int n, char *err, size_t errlen)
+{
+    if (n <= 0) {
+        snprintf(err, errlen, "empty batch");
+        return -1;
+    }
+    int with_slot = 0;
+    for (int i = 0; i < n; i++) {
+        if (seqs[i].len < 1 || !seqs[i].tokens) {
+            snprintf(err, errlen, "sequence %d is empty", i);
+            return -1;
+        }
+        for (int t = 0; t < seqs[i].len; t++)
+            if (seqs[i].tokens[t] < 0 || seqs[i].tokens[t] >= e->V) {
+                snprintf(err, errlen, "sequence %d: token %d at position %d is outside the vocabulary of %d",
+                         i, seqs[i].tokens[t], t, e->V);
+                return -1;
+            }
+        if (seqs[i].next && (*seqs[i].next < 0 || *seqs[i].next >= e->V)) {
+            snprintf(err, errlen, "sequence %d: next token %d is outside the vocabulary of %d", i, *seqs[i].next,
+                     e->V);
+            return -1;
+        }
+        with_slot += seqs[i].slot >= 0;
+    }
+    if (with_slot && with_slot != n) {
+        snprintf(err, errlen, "either every sequence of a batch keeps its state in a slot or none does");
+        return -1;
+    }
+    /* Slots continue their sequences in step, so they must all be at the
+     * same position. */
+    int pos = with_slot ? engine_slot_position(e, seqs[0].slot) : 0;
+    for (int i = 0; i < with_slot; i++) {
+        int at = engine_slot_position(e, seqs[i].slot);
+        if (at < 0) {
+            snprintf(err, errlen, "sequence %d: slot %d is not open", i, seqs[i].slot);
+            return -1;
+        }
+        if (at != pos) {
+            snprintf(err, errlen, "sequence %d: slot %d is at token %d, the batch at %d", i, seqs[i].slot, at, pos);
+            return -1;
+        }
+        for (int j = 0; j < i; j++)
+            if (seqs[j].slot == seqs[i].slot) {
+                snprintf(err, errlen, "slot %d appears twice in one batch", seqs[i].slot);
+                return -1;
+            }
+    }
+    return 0;
+}
+
+/* Indices sorted by length, longest first; stable, so equal batches give
+ * equal packings.  qsort has no context argument in C11, and an insertion
+ * sort is fast for batches of a few hundred. */
+static void sort_order(int *order, int n, const int *lens)
+{
+    for (int i = 0; i < n; i++)
+        order[i] = i;
+    for (int i = 1; i < n; i++) {
+        int x = order[i], j = i;
+        while (j > 0 && lens[order[j - 1]] < lens[x]) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = x;
+    }
+}
+
+static int make_plan(struct engine *e, const struct engine_seq *seqs, int n, struct plan *p)
+{
+    p->n = n;
+    p->T = 0;
+    p->P = 0;
+    for (int i = 0; i < n; i++) {
+        p->P += seqs[i].len;
+        if (seqs[i].len > p->T)
+            p->T = seqs[i].len;
+    }
+    int with_slot = seqs[0].slot >= 0;
+    p->pos = with_slot ? engine_slot_position(e, seqs[0].slot) : 0;
+    size_t need = 5 * (size_t)n + (size_t)p->T + 1 + 3 * (size_t)p->P + (size_t)n;
+    int *h = engine_host_ints(e, need);
+    if (!h)
+        return -1;
+    p->order = h;
+    p->len = h + n;
+    p->last = h + 2 * n;
+    p->slot = with_slot ? h + 3 * n : NULL;
+    p->hprev = with_slot ? h + 4 * n : NULL;
+    p->off = h + 5 * n;
+    p->tokens = p->off + p->T + 1;
+    p->rev = p->tokens + p->P;
+    p->target = p->rev + p->P;
+    int *caller_len = p->target + p->P;
+
+    for (int i = 0; i < n; i++)
+        caller_len[i] = seqs[i].len;
+    sort_order(p->order, n, caller_len);
+    for (int i = 0; i < n; i++) {
+        p->len[i] = seqs[p->order[i]].len;
+        if (p->slot) {
+            p->slot[i] = seqs[p->order[i]].slot;
+            p->hprev[i] = p->slot[i] * e->R + p->pos % e->R;
+        }
+    }
+    /* off[s]: rows before step s; n_s = sequences longer than s. */
+    p->off[0] = 0;
+    for (int s = 0, running = n; s < p->T; s++) {
+        while (running > 0 && p->len[running - 1] <= s)
+            running--;
+        p->off[s + 1] = p->off[s] + running;
+    }
+    for (int i = 0; i < n; i++) {
+        const struct engine_seq *q = &seqs[p->order[i]];
+        for (int s = 0; s < q->len; s++) {
+            int row = p->off[s] + i;
+            p->tokens[row] = q->tokens[s];
+            p->rev[row] = p->off[q->len - 1 - s] + i;
+            p->target[row] = s + 1 < q->len ? q->tokens[s + 1] : q->next ? *q->next : -1;
+        }
+        p->last[i] = p->off[q->len - 1] + i;
+    }
+    return 0;
+}
+
+/* Upload n ints to scratch buffer which; NULL when out of memory. */
+static int *upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
+{
+    int *d = engine_ws(e, which, n * sizeof(int));
+    if (d && e->be->ops->upload(e->be, d, src, n * sizeof(int)) != 0)
+        return NULL;
+    return d;
+}
+
+/* Device copies of the plan's index arrays. */
+struct dev_plan {
+    int *tokens, *rev, *last, *off, *len, *target, *slot, *hprev;
+};
+
+static int upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d)
+{
+    d->tokens = upload_ints(e, WS_TOKENS, p->tokens, (size_t)p->P);
+    d->rev = upload_ints(e, WS_REV, p->rev, (size_t)p->P);
+    d->last = upload_ints(e, WS_LAST, p->last, (size_t)p->n);
+    d->off = upload_ints(e, WS_OFF, p->off, (size_t)p->T + 1);
+    d->len = upload_ints(e, WS_LEN, p->len, (size_t)p->n);
+    d->target = upload_ints(e, WS_TARGET, p->target, (size_t)p->P);
+    d->slot = p->slot ? upload_ints(e, WS_SLOT, p->slot, (size_t)p->n) : NULL;
+    d->hprev = p->slot ? upload_ints(e, WS_T, p->hprev, (size_t)p->n) : NULL;
+    return d->tokens && d->rev && d->last && d->off && d->len && d->target && (d->slot || !p->slot) &&
+                   (d->hprev || !p->slot) ? 0 : -1;
+}
+
+/* Run every layer; returns the last layer's output [P, W] or NULL. */
+static float *run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn)
+{
+    struct backend *be = e->be;
+    const int H = e->H, W = e->W, P = p->P, n = p->n;
+    const size_t fsz = sizeof(float);
+    int in_max = e->E > W ? e->E : W;
+    float *x0 = engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
+    float *xrev = e->D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
+    float *xg = engine_ws(e, WS_XG, (size_t)P * e->G * H * fsz);
+    float *hout[2] = {NULL, NULL};
+    if (e->D == 2) {
+        hout[0] = engine_ws(e, WS_HOUT0, (size_t)P * H * fsz);
+        hout[1] = engine_ws(e, WS_HOUT1, (size_t)P * H * fsz);
+    }
+    float *ybuf[3] = {engine_ws(e, WS_Y0, (size_t)P * W * fsz), engine_ws(e, WS_Y1, (size_t)P * W * fsz),
+                      engine_ws(e, WS_Y2, (size_t)P * W * fsz)};
+    /* A continued sequence starts from the last state in its slot. */
+    float *hprev0 = p->pos ? engine_ws(e, WS_HPREV, (size_t)n * H * fsz) : NULL;
+    float *c = d->slot ? NULL : engine_ws(e, WS_C, (size_t)n * H * fsz);
+    float *ring = d->slot ? NULL : engine_ws(e, WS_RING, (size_t)n * e->R * H * fsz);
+    if (!x0 || (e->D == 2 && (!xrev || !hout[0] || !hout[1])) || !xg || !ybuf[0] || !ybuf[1] || !ybuf[2] ||
+        (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
+        return NULL;
+
+    be->ops->gather_rows(be, x0, e->E, e->embedding, e->E, d->tokens, P, e->E);
+    /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
+    const float *y_prev2 = NULL, *y_prev = x0;
+    float *y = NULL;
+    for (int l = 0; l < e->L; l++) {
+        const int in = e->layers[l].in;
+        y = ybuf[(l + 1) % 3];
+        for (int dir = 0; dir < e->D; dir++) {
+            const float *xin = y_prev;
+            if (dir == 1) {
+                be->ops->gather_rows(be, xrev, in, y_prev, in, d->rev, P, in);
+                xin = xrev;
+            }
+            engine_input_projection(e, l, dir, xin, P, xg);
+            float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : c;
+            float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H : ring;
+            if (!d->slot)
+                be->ops->zero(be, cl, (size_t)n * H * fsz);
+            if (p->pos)
+                be->ops->gather_rows(be, hprev0, H, rl, H, d->hprev, n, H);
+            /* One direction writes straight into the layer output; two
+             * interleave theirs into it afterwards. */
+            float *h = e->D == 1 ? y : hout[dir];
+            for (int s = 0; s < p->T; s++) {
+                struct layer_run r = {
+                    .layer = l,
+                    .dir = dir,
+                    .n = p->off[s + 1] - p->off[s],
+                    .hprev = s ? h + (size_t)p->off[s - 1] * H : hprev0,
+                    .xg = xg + (size_t)p->off[s] * e->G * H,
+                    .c = cl,
+                    .ring = rl,
+                    .slot = d->slot,
+                    .t0 = p->pos + s + 1,
+                    .out = h + (size_t)p->off[s] * H,
+                    .attn = attn ? attn + ((size_t)(l * e->D + dir) * P + p->off[s]) * e->K : NULL,
+                };
+                if (engine_layer_step(e, &r) != 0)
+                    return NULL;
+            }
+            if (e->D == 2)
+                be->ops->gather_rows(be, y + dir * H, W, h, H, dir ? d->rev : NULL, P, H);
+        }
+        if (e->m->cfg.residual_depth && l >= 1)
+            engine_residual(e, l, y, y_prev2, P);
+        y_prev2 = y_prev;
+        y_prev = y;
+    }
+    return y;
+}
+
+static int classify_head(struct engine *e, const struct plan *p, const struct dev_plan *d, const float *y,
+                         struct engine_seq *seqs)
+{
+    struct backend *be = e->be;
+    const int n = p->n, W = e->W, H = e->H, C = e->C;
+    float *pooled = engine_ws(e, WS_POOL, (size_t)n * W * sizeof(float));
+    float *logits = engine_ws(e, WS_LOGITS, 2 * (size_t)n * C * sizeof(float));
+    float *host = malloc(2 * (size_t)n * C * sizeof(float));
+    if (!pooled || !logits || !host) {
+        free(host);
+        return -1;
+    }
+    if (e->m->cfg.pool == POOL_MEAN) {
+        be->ops->pool_mean(be, pooled, y, W, d->off, d->len, n);
+    } else {
+        /* The forward direction's last output; the backward direction's
+         * final state is its output at position 0 (PyTorch's h_n). */
+        be->ops->gather_rows(be, pooled, W, y, W, d->last, n, H);
+        if (e->D == 2)
+            be->ops->gather_rows(be, pooled + H, W, y + H, W, NULL, n, H);
+    }
+    float *probs = logits + (size_t)n * C;
+    be->ops->set_rows(be, logits, C, e->head_b, n, C);
+    be->ops->gemm(be, 0, 1, n, C, W, 1.0f, pooled, W, e->head_w, W, 1.0f, logits, C);
+    be->ops->gather_rows(be, probs, C, logits, C, NULL, n, C);
+    be->ops->softmax_rows(be, probs, n, C);
+    int rc = be->ops->download(be, host, logits, 2 * (size_t)n * C * sizeof(float));
+    for (int i = 0; rc == 0 && i < n; i++) {
+        struct engine_seq *q = &seqs[p->order[i]];
+        if (q->logits)
+            memcpy(q->logits, host + (size_t)i * C, (size_t)C * sizeof(float));
+        if (q->probs)
+            memcpy(q->probs, host + (size_t)(n + i) * C, (size_t)C * sizeof(float));
+    }
+    free(host);
+    return rc;
+}
+
+static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan *d, const float *y,
+                   struct engine_seq *seqs)
+{
+    struct backend *be = e->be;
+    const int n = p->n, W = e->W, V = e->V, P = p->P;
+    int want_logits = 0, want_last = 0;
+    for (int i = 0; i < n; i++) {
+        want_logits |= seqs[i].logits != NULL;
+        want_last |= seqs[i].last_logits != NULL;
+    }
+    float *logits = engine_ws(e, WS_LOGITS, (size_t)P * V * sizeof(float));
+    float *lp = engine_ws(e, WS_LOGPROB, (size_t)P * sizeof(float));
+    float *last = engine_ws(e, WS_POOL, (size_t)n * V * sizeof(float));
+    size_t host_n = (size_t)P + (want_logits ? (size_t)P * V : 0) + (want_last ? (size_t)n * V : 0);
+    float *host = malloc(host_n * sizeof(float));
+    if (!logits || !lp || !last || !host) {
+        free(host);
+        return -1;
+    }
+    be->ops->set_rows(be, logits, V, e->head_b, P, V);
+    be->ops->gemm(be, 0, 1, P, V, W, 1.0f, y, W, e->head_w, W, 1.0f, logits, V);
+    be->ops->log_softmax_pick(be, logits, P, V, d->target, lp);
+    float *h_lp = host, *h_logits = host + P, *h_last = h_logits + (want_logits ? (size_t)P * V : 0);
+    int rc = be->ops->download(be, h_lp, lp, (size_t)P * sizeof(float));
+    if (rc == 0 && want_logits)
+        rc = be->ops->download(be, h_logits, logits, (size_t)P * V * sizeof(float));
+    if (rc == 0 && want_last) {
+        be->ops->gather_rows(be, last, V, logits, V, d->last, n, V);
+        rc = be->ops->download(be, h_last, last, (size_t)n * V * sizeof(float));
+    }
+    for (int i = 0; rc == 0 && i < n; i++) {
+        struct engine_seq *q = &seqs[p->order[i]];
+        double sum = 0.0;
+        for (int s = 0; s < q->len; s++)
+            sum += h_lp[p->off[s] + i];
+        q->logprob = sum;
+        if (q->logits)
+            for (int s = 0; s < q->len; s++)
+                memcpy(q->logits + (size_t)s * V, h_logits + (size_t)(p->off[s] + i) * V, (size_t)V * sizeof(float));
+        if (q->last_logits)
+            memcpy(q->last_logits, h_last + (size_t)i * V, (size_t)V * sizeof(float));
+    }
+    free(host);
+    return rc;
+}
+
+/* Rearrange the packed attention weights [L][D][P][K] into each sequence's
+ * [L][D][len][K], by token position. */
+static int copy_attention(struct engine *e, const struct plan *p, const float *attn, struct engine_seq *seqs)
+{
+    const int K = e->K, P = p->P;
+    size_t total = (size_t)e->L * e->D * P * K;
+    float *host = malloc(total * sizeof(float));
+    if (!host)
+        return -1;
+    int rc = e->be->ops->download(e->be, host, attn, total * sizeof(float));
+    for (int i = 0; rc == 0 && i < p->n; i++) {
+        struct engine_seq *q = &seqs[p->order[i]];
+        if (!q->attention)
+            continue;
+        for (int ld = 0; ld < e->L * e->D; ld++) {
+            int dir = ld % e->D;
+            for (int pos = 0; pos < q->len; pos++) {
+                int step = dir ? q->len - 1 - pos : pos;
+                memcpy(q->attention + ((size_t)ld * q->len + pos) * K,
+                       host + ((size_t)ld * P + p->off[step] + i) * K, (size_t)K * sizeof(float));
+            }
+        }
+    }
+    free(host);
+    return rc;
+}
+
+int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen)
+{
+    if (check_batch(e, seqs, n, err, errlen) != 0)
+        return -1;
+    struct plan p;
+    struct dev_plan d;
+    if (make_plan(e, seqs, n, &p) != 0 || upload_plan(e, &p, &d) != 0) {
+        snprintf(err, errlen, "out of memory for a batch of %d sequences", n);
+        return -1;
+    }
+    int want_attn = 0;
+    for (int i = 0; i < n; i++)
+        want_attn |= seqs[i].attention != NULL;
+    float *attn = NULL;
+    if (want_attn && e->K) {
+        attn = engine_ws(e, WS_ATTN, (size_t)e->L * e->D * p.P * e->K * sizeof(float));
+        if (!attn) {
+            snprintf(err, errlen, "out of memory for attention weights");
+            return -1;
+        }
+    }
+    const float *y = run_layers(e, &p, &d, attn);
+    int rc = y ? 0 : -1;
+    if (rc == 0)
+        rc = e->m->cfg.task == TASK_CLASSIFY ? classify_head(e, &p, &d, y, seqs) : lm_head(e, &p, &d, y, seqs);
+    if (rc == 0 && attn)
+        rc = copy_attention(e, &p, attn, seqs);
+    if (rc == 0 && e->be->ops->sync(e->be) != 0) {
+        snprintf(err, errlen, "%s backend: %s", e->be->ops->name, e->be->err);
+        return -1;
+    }
+    if (rc != 0) {
+        snprintf(err, errlen, "out of memory running a batch of %d sequences (%d tokens)", n, p.P);
+        return -1;
+    }
+    for (int i = 0; i < n && p.slot; i++)
+        e->slot_pos[p.slot[i]] += p.len[i];
+    return 0;
+}

@@ -1,0 +1,442 @@
+/* gemm.c - batch-invariant C = A * B^T for the CPU engine.
+ *
+ * Why this exists: a sequence must give the same bits alone or in any batch,
+ * and seeded generation the same text however many requests share its
+ * batch.  OpenBLAS's sgemm changes the last bits of a row's result with M and
+ * with the row's position (different micro-kernels, tails and small-matrix
+ * paths), and a deep recurrent net amplifies that into visible logit drift.
+ *
+ * How the bits are fixed: every output element has its own 8-lane
+ * accumulator.  Lane l sums A[i][k] * B[j][k] over k = l (mod 8) in
+ * increasing k with fused multiply-add, which is exactly rounded, so the
+ * FMA instruction and C's fmaf() agree.  The K tail is padded with zeros on
+ * both sides (fma(0, 0, x) == x, or +0 for x == -0, in every path alike).
+ * The lanes then meet in one fixed tree, s_l = lane_l + lane_(l+4), result =
+ * (s0 + s2) + (s1 + s3), and with beta 1 the old C is added last.  Blocking,
+ * threading and the instruction set only decide which element is computed
+ * when and where, never the order of its operations, so C[i][j] depends only
+ * on row i of A, row j of B and the old C[i][j].  The AVX2 kernels and the
+ * portable scalar twin below must stay operation-for-operation alike.
+ */
+#include "gemm.h"
+
+#include <assert.h>
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define GEMM_AVX2 1
+#else
+#define GEMM_AVX2 0
+#endif
+
+/* Extra precision in intermediate float expressions (x87) would make the
+ * scalar twin's sums differ from the vector kernels'. */
+_Static_assert(FLT_EVAL_METHOD == 0, "gemm.c needs float arithmetic evaluated in float");
+
+/* Register block: MR rows of A times NR rows of B, 12 ymm accumulators plus
+ * 3 A vectors and 1 B vector, which fills the 16 ymm registers of AVX2. */
+#define MR 3
+#define NR 4
+
+/* A task's rows of A: enough that one B panel's trip into L2 is paid back. */
+#define TASK_M (MR * 64)
+
+/* Bytes of B held in L2 while every row block of A streams past it. */
+#define PANEL_BYTES (192 * 1024)
+
+/* Below this many flops (2*M*N*K) waking workers costs more than it saves. */
+#define PARALLEL_MIN_FLOPS 1.5e6
+
+/* Upper bound on the pool; RRN_THREADS is clamped to it. */
+#define MAX_THREADS 64
+#define DEFAULT_MAX_THREADS 16
+
+/* How long an idle worker spins before it sleeps: longer than the pointwise
+ * work between two recurrent-step products, short enough not to waste a core
+ * when the server is idle. */
+#define SPIN_NS 200000L
+
+struct job {
+    int M, N, K, lda, ldb, ldc;
+    const float *A, *B;
+    float *C;
+    int beta;
+    int scalar;
+    int task_n;   /* rows of B per task */
+    int tasks_m;  /* tasks along M */
+};
+
+/* ------------------------------------------------------------------------ */
+/* Portable scalar twin. */
+
+static float reduce8(const float *lane)
+{
+    float s0 = lane[0] + lane[4], s1 = lane[1] + lane[5];
+    float s2 = lane[2] + lane[6], s3 = lane[3] + lane[7];
+    return (s0 + s2) + (s1 + s3);
+}
+
+static float dot_scalar(const float *a, const float *b, int K)
+{
+    float lane[8] = {0};
+    int k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int l = 0; l < 8; l++)
+            lane[l] = fmaf(a[k + l], b[k + l], lane[l]);
+    if (k < K)
+        for (int l = 0; l < 8; l++) {
+            float x = k + l < K ? a[k + l] : 0.0f;
+            float y = k + l < K ? b[k + l] : 0.0f;
+            lane[l] = fmaf(x, y, lane[l]);
+        }
+    return reduce8(lane);
+}
+
+static void block_scalar(const struct job *jb, int m0, int m1, int n0, int n1)
+{
+    for (int i = m0; i < m1; i++) {
+        const float *a = jb->A + (size_t)i * jb->lda;
+        float *c = jb->C + (size_t)i * jb->ldc;
+        for (int j = n0; j < n1; j++) {
+            float d = dot_scalar(a, jb->B + (size_t)j * jb->ldb, jb->K);
+            c[j] = jb->beta ? d + c[j] : d;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX2 + FMA kernels. */
+
+#if GEMM_AVX2
+#define AVX2_FN __attribute__((target("avx2,fma")))
+
+/* C[mr][nr] block at c; mr and nr are constants at every call site, so the
+ * loops unroll and acc[][] lives in registers. */
+static inline __attribute__((always_inline)) AVX2_FN void kernel(int mr, int nr, int K, const float *a,
+                                                                 size_t lda, const float *b, size_t ldb,
+                                                                 int beta, float *c, size_t ldc)
+{
+    __m256 acc[MR][NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < nr; q++)
+            acc[r][q] = _mm256_setzero_ps();
+
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 av[MR];
+#pragma GCC unroll 4
+        for (int r = 0; r < mr; r++)
+            av[r] = _mm256_loadu_ps(a + r * lda + k);
+#pragma GCC unroll 4
+        for (int q = 0; q < nr; q++) {
+            __m256 bv = _mm256_loadu_ps(b + q * ldb + k);
+#pragma GCC unroll 4
+            for (int r = 0; r < mr; r++)
+                acc[r][q] = _mm256_fmadd_ps(av[r], bv, acc[r][q]);
+        }
+    }
+    if (k < K) {
+        /* Lanes at or past K load as 0 and add 0*0, as the scalar twin does. */
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(K - k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 av[MR];
+#pragma GCC unroll 4
+        for (int r = 0; r < mr; r++)
+            av[r] = _mm256_maskload_ps(a + r * lda + k, mask);
+#pragma GCC unroll 4
+        for (int q = 0; q < nr; q++) {
+            __m256 bv = _mm256_maskload_ps(b + q * ldb + k, mask);
+#pragma GCC unroll 4
+            for (int r = 0; r < mr; r++)
+                acc[r][q] = _mm256_fmadd_ps(av[r], bv, acc[r][q]);
+        }
+    }
+
+    /* The tree of reduce8, four elements at a time: h[q] holds s0..s3 of
+     * element q; after the transpose t[l] holds s_l of the four elements. */
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; r++) {
+        __m128 t[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < NR; q++)
+            t[q] = q < nr ? _mm_add_ps(_mm256_castps256_ps128(acc[r][q]), _mm256_extractf128_ps(acc[r][q], 1))
+                          : _mm_setzero_ps();
+        _MM_TRANSPOSE4_PS(t[0], t[1], t[2], t[3]);
+        __m128 d = _mm_add_ps(_mm_add_ps(t[0], t[2]), _mm_add_ps(t[1], t[3]));
+        float *cr = c + r * ldc;
+        if (nr == NR) {
+            if (beta)
+                d = _mm_add_ps(d, _mm_loadu_ps(cr));
+            _mm_storeu_ps(cr, d);
+        } else {
+            float out[NR];
+            _mm_storeu_ps(out, d);
+#pragma GCC unroll 4
+            for (int q = 0; q < nr; q++)
+                cr[q] = beta ? out[q] + cr[q] : out[q];
+        }
+    }
+}
+
+/* One kernel per (mr, nr) shape, so each is compiled with constant sizes. */
+#define KERNEL_FN(mr, nr)                                                                                     \
+    static AVX2_FN void kernel_##mr##x##nr(int K, const float *a, size_t lda, const float *b, size_t ldb,  \
+                                           int beta, float *c, size_t ldc)                               \
+    {                                                                                                    \
+        kernel(mr, nr, K, a, lda, b, ldb, beta, c, ldc);                                                 \
+    }
+KERNEL_FN(1, 1) KERNEL_FN(1, 2) KERNEL_FN(1, 3) KERNEL_FN(1, 4)
+KERNEL_FN(2, 1) KERNEL_FN(2, 2) KERNEL_FN(2, 3) KERNEL_FN(2, 4)
+KERNEL_FN(3, 1) KERNEL_FN(3, 2) KERNEL_FN(3, 3) KERNEL_FN(3, 4)
+
+typedef void kernel_fn(int K, const float *a, size_t lda, const float *b, size_t ldb, int beta, float *c,
+                       size_t ldc);
+static kernel_fn *const kernels[MR][NR] = {
+    {kernel_1x1, kernel_1x2, kernel_1x3, kernel_1x4},
+    {kernel_2x1, kernel_2x2, kernel_2x3, kernel_2x4},
+    {kernel_3x1, kernel_3x2, kernel_3x3, kernel_3x4},
+};
+
+/* Rows n0..n1 of B in L2-sized panels; within a panel each MR-row block of A
+ * stays in L1 while the panel's rows stream past it. */
+static AVX2_FN void block_avx2(const struct job *jb, int m0, int m1, int n0, int n1)
+{
+    size_t lda = (size_t)jb->lda, ldb = (size_t)jb->ldb, ldc = (size_t)jb->ldc;
+    int panel = (int)(PANEL_BYTES / ((size_t)(jb->K > 0 ? jb->K : 1) * sizeof(float))) / NR * NR;
+    if (panel < NR)
+        panel = NR;
+    for (int p0 = n0; p0 < n1; p0 += panel) {
+        int p1 = n1 - p0 < panel ? n1 : p0 + panel;
+        for (int i = m0; i < m1; i += MR) {
+            int mr = m1 - i < MR ? m1 - i : MR;
+            const float *a = jb->A + (size_t)i * lda;
+            float *c = jb->C + (size_t)i * ldc;
+            for (int j = p0; j < p1; j += NR) {
+                int nr = p1 - j < NR ? p1 - j : NR;
+                kernels[mr - 1][nr - 1](jb->K, a, lda, jb->B + (size_t)j * ldb, ldb, jb->beta, c + j, ldc);
+            }
+        }
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Tasks and the worker pool. */
+
+static atomic_int force_scalar;
+static int have_avx2;
+
+static void run_task(const struct job *jb, int t)
+{
+    int tn = t / jb->tasks_m, tm = t % jb->tasks_m;
+    int m0 = tm * TASK_M, m1 = jb->M - m0 < TASK_M ? jb->M : m0 + TASK_M;
+    int n0 = tn * jb->task_n, n1 = jb->N - n0 < jb->task_n ? jb->N : n0 + jb->task_n;
+#if GEMM_AVX2
+    if (!jb->scalar) {
+        block_avx2(jb, m0, m1, n0, n1);
+        return;
+    }
+#endif
+    block_scalar(jb, m0, m1, n0, n1);
+}
+
+/* The shared job is claimed by CAS on `work`, which packs the next task
+ * (low 32 bits) and the task count (high 32 bits).  A task claimed belongs
+ * to the job being run: the caller does not finish, and so does not rewrite
+ * `job`, until `done` reaches the task count, so a worker reads `job` only
+ * after a successful claim. */
+static struct {
+    pthread_once_t once;
+    int size;                 /* threads taking part, caller included */
+    atomic_int limit;         /* test hook: at most this many take part */
+    atomic_flag busy;         /* held by the caller whose job is running */
+    struct job job;
+    _Atomic uint64_t work;
+    atomic_int done;
+    atomic_int sleepers;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t threads[MAX_THREADS];
+} pool = {
+    .once = PTHREAD_ONCE_INIT,
+    .busy = ATOMIC_FLAG_INIT,
+    .mu = PTHREAD_MUTEX_INITIALIZER,
+    .cv = PTHREAD_COND_INITIALIZER,
+};
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static int work_available(int id)
+{
+    uint64_t w = atomic_load(&pool.work);
+    return id < atomic_load_explicit(&pool.limit, memory_order_relaxed) && (uint32_t)w < (uint32_t)(w >> 32);
+}
+
+/* Claims and runs tasks until none is left; returns how many it ran. */
+static int run_tasks(void)
+{
+    int ran = 0;
+    uint64_t w = atomic_load(&pool.work);
+    while ((uint32_t)w < (uint32_t)(w >> 32)) {
+        if (!atomic_compare_exchange_weak(&pool.work, &w, w + 1))
+            continue;
+        run_task(&pool.job, (int)(uint32_t)w);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        ran++;
+        w = atomic_load(&pool.work);
+    }
+    return ran;
+}
+
+static void *worker_main(void *arg)
+{
+    int id = (int)(intptr_t)arg;
+    for (;;) {
+        if (work_available(id) && run_tasks())
+            continue;
+        long deadline = now_ns() + SPIN_NS;
+        int spins = 0;
+        while (!work_available(id)) {
+            cpu_relax();
+            if (++spins % 32 == 0 && now_ns() > deadline)
+                break;
+        }
+        if (work_available(id))
+            continue;
+        /* sleepers is raised before the last look at work, and the caller
+         * publishes work before it looks at sleepers, so a wake-up cannot
+         * fall between them (both sequentially consistent). */
+        pthread_mutex_lock(&pool.mu);
+        atomic_fetch_add(&pool.sleepers, 1);
+        while (!work_available(id))
+            pthread_cond_wait(&pool.cv, &pool.mu);
+        atomic_fetch_sub(&pool.sleepers, 1);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    return NULL;
+}
+
+static void pool_init(void)
+{
+#if GEMM_AVX2
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n > DEFAULT_MAX_THREADS)
+        n = DEFAULT_MAX_THREADS;
+    const char *env = getenv("RRN_THREADS");
+    if (env && *env) {
+        char *end;
+        long v = strtol(env, &end, 10);
+        if (*end == '\0' && v >= 1)
+            n = v;
+    }
+    if (n > MAX_THREADS)
+        n = MAX_THREADS;
+    if (n < 1)
+        n = 1;
+
+    /* Workers take no signals: those belong to the threads that expect them. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int size = 1;
+    while (size < n && pthread_create(&pool.threads[size], NULL, worker_main, (void *)(intptr_t)size) == 0)
+        size++;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pool.size = size;
+    atomic_store(&pool.limit, size);
+}
+
+void gemm_nt_force_scalar(int on)
+{
+    atomic_store(&force_scalar, on != 0);
+}
+
+int gemm_nt_set_threads(int n)
+{
+    pthread_once(&pool.once, pool_init);
+    atomic_store(&pool.limit, n <= 0 || n > pool.size ? pool.size : n);
+    return pool.size;
+}
+
+void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+             int ldc)
+{
+    assert(beta == 0.0f || beta == 1.0f);
+    assert(M >= 0 && N >= 0 && K >= 0 && lda >= K && ldb >= K && ldc >= N);
+    if (M <= 0 || N <= 0)
+        return;
+    pthread_once(&pool.once, pool_init);
+
+    int threads = atomic_load(&pool.limit);
+    double flops = 2.0 * M * N * K;
+    struct job jb = {
+        .M = M, .N = N, .K = K, .lda = lda, .ldb = ldb, .ldc = ldc, .A = A, .B = B, .C = C,
+        .beta = beta != 0.0f,
+        .scalar = !have_avx2 || atomic_load(&force_scalar),
+        .task_n = N, .tasks_m = 1,
+    };
+    if (threads < 2 || flops < PARALLEL_MIN_FLOPS || atomic_flag_test_and_set(&pool.busy)) {
+        jb.tasks_m = (M + TASK_M - 1) / TASK_M;
+        for (int t = 0; t < jb.tasks_m; t++)
+            run_task(&jb, t);
+        return;
+    }
+
+    /* Tasks: TASK_M rows of A times task_n rows of B, task_n a multiple of
+     * NR giving each thread a few tasks so a slow one is not waited for. */
+    jb.tasks_m = (M + TASK_M - 1) / TASK_M;
+    int per = (N + 4 * threads - 1) / (4 * threads);
+    int cap = (int)(PANEL_BYTES / ((size_t)(K > 0 ? K : 1) * sizeof(float)));
+    if (jb.tasks_m > 1 || per > cap)
+        per = cap;
+    per = (per + NR - 1) / NR * NR;
+    if (per < NR)
+        per = NR;
+    jb.task_n = per;
+    int tasks_n = (N + per - 1) / per;
+    uint32_t tasks = (uint32_t)tasks_n * (uint32_t)jb.tasks_m;
+
+    pool.job = jb;
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store(&pool.work, (uint64_t)tasks << 32);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    run_tasks();
+    for (long spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < (int)tasks; spins++) {
+        if (spins < 100000)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+    atomic_flag_clear(&pool.busy);
+}

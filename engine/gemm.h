@@ -1,0 +1,39 @@
+/* gemm.h - batch-invariant single-precision matrix product C = A * B^T.
+ *
+ * The CPU engine needs a sequence's result to be the same bits whether it
+ * runs alone or in any batch.  BLAS libraries do not promise that: OpenBLAS
+ * picks different kernels, tails and small-matrix paths by shape, so the
+ * float32 result for one row of A changes with M and with the row's position.
+ * gemm_nt fixes the arithmetic of each output element by construction; see
+ * gemm.c for the exact order of operations.
+ */
+#ifndef RRN_GEMM_H
+#define RRN_GEMM_H
+
+/* Row-major C[i][j] = (beta != 0 ? C[i][j] : 0) + dot(A[i][0:K], B[j][0:K])
+ * for 0 <= i < M, 0 <= j < N; A is [M][lda], B is [N][ldb], C is [M][ldc].
+ * beta must be 0 or 1; with beta 0, C is only written (it may hold NaNs).
+ *
+ * The value of C[i][j] depends only on the K values of row i of A, row j of
+ * B and, with beta 1, the old C[i][j]: bit for bit, whatever M, N, i, j, the
+ * leading dimensions, pointer alignment, thread count and instruction set,
+ * as long as the floating-point environment is the default one (round to
+ * nearest, no flush-to-zero / denormals-are-zero).
+ *
+ * Thread-safe.  Large products are split over weight rows (N) across a
+ * shared worker pool of RRN_THREADS threads (default: online CPUs, at most
+ * 16), started on first use; when another caller holds the pool, the call
+ * runs on the calling thread alone instead of waiting for it. */
+void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+             int ldc);
+
+/* For tests only: nonzero forces the portable scalar code even where the
+ * AVX2/FMA kernels could run (it must give the same bits).  Process-wide. */
+void gemm_nt_force_scalar(int on);
+
+/* For tests only: at most n threads (the caller included, clamped to the
+ * pool size) take part in each later call; 0 restores the pool size.
+ * Returns the pool size.  Process-wide. */
+int gemm_nt_set_threads(int n);
+
+#endif

@@ -1,0 +1,169 @@
+/* step.c - the incremental step API: a batch of independent sequences, each
+ * in its own slot, advances one token.
+ *
+ * Sequences join and leave between steps, so rows are at different time
+ * steps: each row's step number t and slot travel to the cell kernel, and
+ * h_{t-1} is gathered from each slot's history ring.  With several
+ * recurrent matrices (the skip scheme), rows are ordered so that those
+ * using the same matrix are adjacent and share one GEMM.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+
+static int check_step(const struct engine *e, const int *slots, const int32_t *tokens, int n,
+                      char *err, size_t errlen)
+{
+    if (e->max_slots == 0) {
+        snprintf(err, errlen, "this engine has no generation slots");
+        return -1;
+    }
+    if (n < 1 || n > e->max_slots) {
+        snprintf(err, errlen, "a step takes 1 to %d sequences, not %d", e->max_slots, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (engine_slot_position(e, slots[i]) < 0) {
+            snprintf(err, errlen, "slot %d is not open", slots[i]);
+            return -1;
+        }
+        if (tokens[i] < 0 || tokens[i] >= e->V) {
+            snprintf(err, errlen, "token %d is outside the vocabulary of %d", tokens[i], e->V);
+            return -1;
+        }
+        for (int j = 0; j < i; j++)
+            if (slots[j] == slots[i]) {
+                snprintf(err, errlen, "slot %d appears twice in one step", slots[i]);
+                return -1;
+            }
+    }
+    return 0;
+}
+
+/* Host index arrays of one step, in row order. */
+struct step_rows {
+    int *order; /* row -> caller's index */
+    int *token, *slot, *t, *hprev;
+};
+
+static int plan_rows(struct engine *e, const int *slots, const int32_t *tokens, int n, struct step_rows *r)
+{
+    int *h = engine_host_ints(e, 5 * (size_t)n);
+    if (!h)
+        return -1;
+    r->order = h;
+    r->token = h + n;
+    r->slot = h + 2 * n;
+    r->t = h + 3 * n;
+    r->hprev = h + 4 * n;
+    /* Counting sort by recurrent matrix; with M == 1 the order is unchanged. */
+    int row = 0;
+    for (int m = 0; m < e->M; m++)
+        for (int i = 0; i < n; i++)
+            if (e->slot_pos[slots[i]] % e->M == m)
+                r->order[row++] = i;
+    for (int k = 0; k < n; k++) {
+        int i = r->order[k];
+        r->token[k] = tokens[i];
+        r->slot[k] = slots[i];
+        r->t[k] = e->slot_pos[slots[i]] + 1;
+        r->hprev[k] = slots[i] * e->R + (r->t[k] - 1) % e->R;
+    }
+    return 0;
+}
+
+static int *upload(struct engine *e, enum ws_buf which, const int *src, int n)
+{
+    int *d = engine_ws(e, which, (size_t)n * sizeof(int));
+    if (d && e->be->ops->upload(e->be, d, src, (size_t)n * sizeof(int)) != 0)
+        return NULL;
+    return d;
+}
+
+int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n,
+                float *logits, float *attention, char *err, size_t errlen)
+{
+    if (check_step(e, slots, tokens, n, err, errlen) != 0)
+        return -1;
+    struct backend *be = e->be;
+    const int H = e->H, W = e->W, V = e->V, K = e->K, S = e->max_slots;
+    const size_t fsz = sizeof(float);
+    struct step_rows r;
+    if (plan_rows(e, slots, tokens, n, &r) != 0)
+        goto oom;
+    int *d_token = upload(e, WS_TOKENS, r.token, n);
+    int *d_slot = upload(e, WS_SLOT, r.slot, n);
+    int *d_t = upload(e, WS_T, r.t, n);
+    int *d_hprev = upload(e, WS_REV, r.hprev, n);
+    float *x = engine_ws(e, WS_X0, (size_t)n * e->E * fsz);
+    float *xg = engine_ws(e, WS_XG, (size_t)n * e->G * H * fsz);
+    float *hprev = engine_ws(e, WS_HPREV, (size_t)n * H * fsz);
+    float *ybuf[3] = {engine_ws(e, WS_Y0, (size_t)n * W * fsz), engine_ws(e, WS_Y1, (size_t)n * W * fsz),
+                      engine_ws(e, WS_Y2, (size_t)n * W * fsz)};
+    float *out = engine_ws(e, WS_LOGITS, (size_t)n * V * fsz);
+    float *attn = attention && K ? engine_ws(e, WS_ATTN, (size_t)e->L * n * K * fsz) : NULL;
+    if (!d_token || !d_slot || !d_t || !d_hprev || !x || !xg || !hprev || !ybuf[0] || !ybuf[1] || !ybuf[2] ||
+        !out || (attention && K && !attn))
+        goto oom;
+
+    be->ops->gather_rows(be, x, e->E, e->embedding, e->E, d_token, n, e->E);
+    const float *y_prev2 = NULL, *y_prev = x;
+    float *y = NULL;
+    for (int l = 0; l < e->L; l++) {
+        float *ring = e->pool_ring + (size_t)l * S * e->R * H;
+        y = ybuf[(l + 1) % 3];
+        engine_input_projection(e, l, 0, y_prev, n, xg);
+        be->ops->gather_rows(be, hprev, H, ring, H, d_hprev, n, H);
+        struct layer_run run = {
+            .layer = l,
+            .n = n,
+            .hprev = hprev,
+            .xg = xg,
+            .c = e->pool_c + (size_t)l * S * H,
+            .ring = ring,
+            .slot = d_slot,
+            .t = d_t,
+            .t_host = r.t,
+            .out = y,
+            .attn = attn ? attn + (size_t)l * n * K : NULL,
+        };
+        if (engine_layer_step(e, &run) != 0)
+            goto oom;
+        if (e->m->cfg.residual_depth && l >= 1)
+            engine_residual(e, l, y, y_prev2, n);
+        y_prev2 = y_prev;
+        y_prev = y;
+    }
+    be->ops->set_rows(be, out, V, e->head_b, n, V);
+    be->ops->gemm(be, 0, 1, n, V, W, 1.0f, y, W, e->head_w, W, 1.0f, out, V);
+
+    size_t host_n = (size_t)n * V + (attn ? (size_t)e->L * n * K : 0);
+    float *host = malloc(host_n * fsz);
+    if (!host)
+        goto oom;
+    float *h_attn = host + (size_t)n * V;
+    int rc = be->ops->download(be, host, out, (size_t)n * V * fsz);
+    if (rc == 0 && attn)
+        rc = be->ops->download(be, h_attn, attn, (size_t)e->L * n * K * fsz);
+    if (rc == 0)
+        rc = be->ops->sync(be);
+    if (rc != 0) {
+        free(host);
+        snprintf(err, errlen, "%s backend: %s", be->ops->name, be->err);
+        return -1;
+    }
+    for (int k = 0; k < n; k++) {
+        int i = r.order[k];
+        memcpy(logits + (size_t)i * V, host + (size_t)k * V, (size_t)V * fsz);
+        for (int l = 0; attn && l < e->L; l++)
+            memcpy(attention + ((size_t)i * e->L + l) * K, h_attn + ((size_t)l * n + k) * K, (size_t)K * fsz);
+        e->slot_pos[r.slot[k]]++;
+    }
+    free(host);
+    return 0;
+oom:
+    snprintf(err, errlen, "out of memory for a step of %d sequences", n);
+    return -1;
+}

@@ -1,0 +1,180 @@
+/* test_engine.c - the engine's API beyond the fixtures: long texts scored in
+ * chunks through a slot equal one pass over them, slots run out and come
+ * back, and every misuse of the API is refused with a message rather than
+ * a crash.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+
+#define LM_FIXTURE "tests/fixtures/combo_lstm_lm.safetensors"
+#define CLS_FIXTURE "tests/fixtures/combo_lstm.safetensors"
+
+struct env {
+    struct model model;
+    struct backend *be;
+    struct engine *engine;
+};
+
+static int open_env(void **state, const char *path, int slots)
+{
+    char err[512];
+    struct env *v = calloc(1, sizeof *v);
+    assert_non_null(v);
+    if (model_load(path, &v->model, err, sizeof err) != 0)
+        fail_msg("%s: %s", path, err);
+    v->be = backend_cpu_create(err, sizeof err);
+    v->engine = engine_create(&v->model, v->be, slots, err, sizeof err);
+    if (!v->engine)
+        fail_msg("engine: %s", err);
+    *state = v;
+    return 0;
+}
+
+static int setup_lm(void **state)
+{
+    return open_env(state, LM_FIXTURE, 4);
+}
+
+static int setup_cls(void **state)
+{
+    return open_env(state, CLS_FIXTURE, 0);
+}
+
+static int teardown(void **state)
+{
+    struct env *v = *state;
+    engine_destroy(v->engine);
+    backend_destroy(v->be);
+    model_free(&v->model);
+    free(v);
+    return 0;
+}
+
+/* A text of 10,000 tokens: engine_score runs it in chunks of 4096 through a
+ * slot; one forward over the whole text must give the same log-probability. */
+static void test_score_long_text_in_chunks(void **state)
+{
+    struct env *v = *state;
+    char err[512];
+    const int n = 10000;
+    int32_t *tok = malloc(n * sizeof *tok);
+    assert_non_null(tok);
+    srand(7);
+    for (int i = 0; i < n; i++)
+        tok[i] = rand() % v->model.vocab;
+    struct engine_seq whole = {.tokens = tok, .len = n, .slot = -1};
+    assert_int_equal(engine_forward(v->engine, &whole, 1, err, sizeof err), 0);
+    double chunked;
+    const int32_t *toks[1] = {tok};
+    int lens[1] = {n};
+    if (engine_score(v->engine, toks, lens, 1, &chunked, err, sizeof err) != 0)
+        fail_msg("score: %s", err);
+    assert_true(whole.logprob < -1000.0); /* it scored every token */
+    assert_true(fabs(chunked - whole.logprob) <= 1e-5 * fabs(whole.logprob));
+    /* The slot it borrowed is free again. */
+    for (int i = 0; i < 4; i++)
+        assert_true(engine_slot_open(v->engine) >= 0);
+    assert_int_equal(engine_slot_open(v->engine), -1);
+    free(tok);
+}
+
+static void test_forward_refuses_bad_batches(void **state)
+{
+    struct env *v = *state;
+    char err[512];
+    int32_t good[3] = {1, 2, 3}, bad[2] = {1, 100000};
+    struct engine_seq q = {.tokens = good, .len = 0, .slot = -1};
+    assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "empty"));
+    assert_int_equal(engine_forward(v->engine, &q, 0, err, sizeof err), -1);
+    q = (struct engine_seq){.tokens = bad, .len = 2, .slot = -1};
+    assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "outside the vocabulary"));
+    q = (struct engine_seq){.tokens = good, .len = 3, .slot = 3};
+    assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "not open"));
+    int32_t next = -5;
+    q = (struct engine_seq){.tokens = good, .len = 3, .slot = -1, .next = &next};
+    assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
+}
+
+static void test_slots_at_different_positions_cannot_share_a_forward(void **state)
+{
+    struct env *v = *state;
+    char err[512];
+    int32_t tok[3] = {1, 2, 3};
+    int a = engine_slot_open(v->engine), b = engine_slot_open(v->engine);
+    struct engine_seq q[2] = {{.tokens = tok, .len = 3, .slot = a}, {.tokens = tok, .len = 2, .slot = b}};
+    assert_int_equal(engine_forward(v->engine, q, 1, err, sizeof err), 0);
+    assert_int_equal(engine_slot_position(v->engine, a), 3);
+    assert_int_equal(engine_forward(v->engine, q, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "at token"));
+    q[1].slot = a;
+    q[0].slot = -1;
+    assert_int_equal(engine_forward(v->engine, q, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "either every sequence"));
+    engine_slot_close(v->engine, a);
+    engine_slot_close(v->engine, b);
+}
+
+static void test_step_refuses_misuse(void **state)
+{
+    struct env *v = *state;
+    char err[512];
+    float logits[2 * 64];
+    int s = engine_slot_open(v->engine);
+    int slots[2] = {s, s};
+    int32_t tok[2] = {1, 1};
+    assert_true(v->model.vocab <= 64);
+    assert_int_equal(engine_step(v->engine, slots, tok, 2, logits, NULL, err, sizeof err), -1);
+    assert_non_null(strstr(err, "twice"));
+    slots[1] = s + 1;
+    assert_int_equal(engine_step(v->engine, slots, tok, 2, logits, NULL, err, sizeof err), -1);
+    assert_non_null(strstr(err, "not open"));
+    tok[0] = -1;
+    assert_int_equal(engine_step(v->engine, slots, tok, 1, logits, NULL, err, sizeof err), -1);
+    assert_int_equal(engine_step(v->engine, slots, tok, 0, logits, NULL, err, sizeof err), -1);
+    tok[0] = 2;
+    assert_int_equal(engine_step(v->engine, slots, tok, 1, logits, NULL, err, sizeof err), 0);
+    assert_int_equal(engine_slot_position(v->engine, s), 1);
+    /* A closed slot reopens empty. */
+    engine_slot_close(v->engine, s);
+    assert_int_equal(engine_slot_open(v->engine), s);
+    assert_int_equal(engine_slot_position(v->engine, s), 0);
+    engine_slot_close(v->engine, s);
+}
+
+static void test_classifier_has_no_slots(void **state)
+{
+    struct env *v = *state;
+    char err[512];
+    int slot = 0;
+    int32_t tok = 1;
+    float logits[8];
+    assert_int_equal(engine_slot_open(v->engine), -1);
+    assert_int_equal(engine_step(v->engine, &slot, &tok, 1, logits, NULL, err, sizeof err), -1);
+    assert_null(engine_create(&v->model, v->be, 4, err, sizeof err));
+    assert_non_null(strstr(err, "language model"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_score_long_text_in_chunks, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_forward_refuses_bad_batches, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_slots_at_different_positions_cannot_share_a_forward, setup_lm,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_step_refuses_misuse, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_classifier_has_no_slots, setup_cls, teardown),
+    };
+    return cmocka_run_group_tests_name("engine", tests, NULL, NULL);
+}

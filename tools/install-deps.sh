@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# install-deps.sh [--bench] - install the Debian packages rrnserve needs to
+# build and test (and, with --bench, to run the PyTorch side of the
+# benchmarks), skipping the ones already installed so it costs nothing on a
+# machine that has them.  Uses sudo when not run as root.
+set -euo pipefail
+pkgs=(build-essential pkg-config libcjson-dev libssl-dev libcmocka-dev libopenblas-dev
+      libopenblas0-pthread libunistring-dev libmicrohttpd-dev)
+[ "${1:-}" = "--bench" ] && pkgs+=(python3 python3-numpy python3-torch)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo=sudo
+echo "installing: ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
