@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# run_bench.sh BENCH_ENGINE - `make bench`: the engine against PyTorch on the CPU, in the
+# same run, on the same weights and inputs (bench_torch.py writes them).
+#
+# PyTorch runs with OMP_WAIT_POLICY=PASSIVE: Debian's torch multiplies
+# matrices on OpenBLAS threads beside its own OpenMP threads, and with the
+# default (spinning) wait policy those steal the cores from OpenBLAS, making
+# torch several times slower than it can be.  We compare against the better
+# of the two configurations and print both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+py=${PYTHON:-/usr/bin/python3}
+
+torch_default=$("$py" bench/bench_torch.py "$dir")
+torch_passive=$(OMP_WAIT_POLICY=PASSIVE "$py" bench/bench_torch.py "$dir")
+engine=$("$1" "$dir")
+echo "torch (default threading): $torch_default"
+echo "torch (OMP_WAIT_POLICY=PASSIVE): $torch_passive"
+echo "engine: $engine"
+"$py" - "$torch_default" "$torch_passive" "$engine" <<'PY'
+import json, sys
+td, tp, e = (json.loads(a) for a in sys.argv[1:])
+best = lambda k, higher=True: (max if higher else min)(td[k], tp[k])
+t_cls, t_s1, t_s32, t_rra = best("classify_seq_per_s"), best("step_ms_b1", False), best("step_ms_b32", False), best("rra_seq_per_s")
+print(f"(a) classify: engine {e['classify_seq_per_s']:.1f} seq/s ({e['classify_gflops']:.0f} GFLOP/s, "
+      f"{100 * e['classify_gflops'] / e['sgemm_gflops']:.0f}% of sgemm's {e['sgemm_gflops']:.0f} GFLOP/s), "
+      f"torch {t_cls:.1f} seq/s")
+print(f"(b) step latency: batch 1 engine {e['step_ms_b1']:.3f} ms vs torch {t_s1:.3f} ms "
+      f"({t_s1 / e['step_ms_b1']:.2f}x); batch 32 engine {e['step_ms_b32']:.3f} ms vs torch {t_s32:.3f} ms "
+      f"({t_s32 / e['step_ms_b32']:.2f}x)")
+print(f"(c) RRA forward: engine {e['rra_seq_per_s']:.1f} seq/s vs torch step loop {t_rra:.1f} seq/s "
+      f"({e['rra_seq_per_s'] / t_rra:.2f}x)")
+print(f"classify throughput vs PyTorch: {e['classify_seq_per_s'] / t_cls:.2f}x")
+PY

@@ -1,0 +1,318 @@
+/* cmd_run.c - `rrnserve run`: a model applied to text from the command line.
+ *
+ * Prints one JSON object per text: for a classifier the label and the class
+ * probabilities, for a language model the log-probability of the text
+ * (tokens 2..n given their prefixes), the number of tokens scored and bits
+ * per token.  --jsonl reads {"text": ...} lines and runs them through the
+ * engine in batches, one result line per input line; a bad line gets an
+ * {"error": ...} line in its place, and the exit status says so.
+ */
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "commands.h"
+#include "engine.h"
+#include "tokenizer.h"
+
+struct runner {
+    struct model model;
+    struct tokenizer tk;
+    struct backend *be;
+    struct engine *engine;
+};
+
+/* One text of a batch: its tokens, or the reason it has none. */
+struct item {
+    int32_t *ids;
+    size_t n;
+    char error[256];
+};
+
+static int runner_open(struct runner *r, const char *path, enum device_kind dev)
+{
+    char err[512];
+    memset(r, 0, sizeof *r);
+    if (model_load(path, &r->model, err, sizeof err) != 0) {
+        fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
+        return -1;
+    }
+    if (tokenizer_init(&r->tk, &r->model.cfg, err, sizeof err) != 0 ||
+        !(r->be = backend_create(dev, err, sizeof err)) ||
+        !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? 1 : 0, err, sizeof err))) {
+        fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
+        return -1;
+    }
+    return 0;
+}
+
+static void runner_close(struct runner *r)
+{
+    engine_destroy(r->engine);
+    backend_destroy(r->be);
+    tokenizer_free(&r->tk);
+    model_free(&r->model);
+}
+
+static cJSON *classify_result(const struct model *m, const float *probs)
+{
+    int best = 0;
+    for (int c = 1; c < m->head_out; c++)
+        if (probs[c] > probs[best])
+            best = c;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "label", m->cfg.classes[best]);
+    cJSON *p = cJSON_AddObjectToObject(o, "probabilities");
+    for (int c = 0; c < m->head_out; c++)
+        cJSON_AddNumberToObject(p, m->cfg.classes[c], probs[c]);
+    return o;
+}
+
+static cJSON *score_result(double logprob, size_t n_tokens)
+{
+    cJSON *o = cJSON_CreateObject();
+    size_t scored = n_tokens - 1;
+    cJSON_AddNumberToObject(o, "logprob", logprob);
+    cJSON_AddNumberToObject(o, "tokens", (double)scored);
+    if (scored)
+        cJSON_AddNumberToObject(o, "bits_per_char", -logprob / log(2.0) / (double)scored);
+    else
+        cJSON_AddNullToObject(o, "bits_per_char");
+    return o;
+}
+
+static void print_json(cJSON *o)
+{
+    char *s = cJSON_PrintUnformatted(o);
+    if (s)
+        puts(s);
+    free(s);
+    cJSON_Delete(o);
+}
+
+/* Run a batch of items and print one line each; returns the number of
+ * items that failed. */
+static int run_batch(struct runner *r, struct item *items, int n)
+{
+    char err[512] = "";
+    int ok = 0, failed = 0;
+    const int32_t **tokens = calloc((size_t)n, sizeof *tokens);
+    int *lens = calloc((size_t)n, sizeof *lens);
+    int *which = calloc((size_t)n, sizeof *which);
+    double *logprob = calloc((size_t)n, sizeof *logprob);
+    float *probs = calloc((size_t)n * r->model.head_out, sizeof *probs);
+    struct engine_seq *seqs = calloc((size_t)n, sizeof *seqs);
+    int rc = tokens && lens && which && logprob && probs && seqs ? 0 : -1;
+    if (rc != 0)
+        snprintf(err, sizeof err, "out of memory");
+    for (int i = 0; rc == 0 && i < n; i++) {
+        if (items[i].error[0])
+            continue;
+        if (items[i].n == 0) {
+            snprintf(items[i].error, sizeof items[i].error, "the text has no tokens");
+            continue;
+        }
+        tokens[ok] = items[i].ids;
+        lens[ok] = (int)items[i].n;
+        seqs[ok] = (struct engine_seq){.tokens = items[i].ids, .len = (int)items[i].n, .slot = -1,
+                                       .probs = probs + (size_t)ok * r->model.head_out};
+        which[ok++] = i;
+    }
+    if (rc == 0 && ok)
+        rc = r->model.cfg.task == TASK_LM ? engine_score(r->engine, tokens, lens, ok, logprob, err, sizeof err)
+                                          : engine_forward(r->engine, seqs, ok, err, sizeof err);
+    for (int i = 0, k = 0; i < n; i++) {
+        cJSON *o;
+        if (rc == 0 && k < ok && which[k] == i) {
+            o = r->model.cfg.task == TASK_LM ? score_result(logprob[k], items[i].n)
+                                             : classify_result(&r->model, probs + (size_t)k * r->model.head_out);
+            k++;
+        } else {
+            o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "error", items[i].error[0] ? items[i].error : err);
+            fprintf(stderr, "rrnserve run: %s\n", items[i].error[0] ? items[i].error : err);
+            failed++;
+        }
+        print_json(o);
+    }
+    free(tokens);
+    free(lens);
+    free(which);
+    free(logprob);
+    free(probs);
+    free(seqs);
+    return failed;
+}
+
+static int encode(struct runner *r, struct item *it, const char *text, size_t len)
+{
+    if (tokenizer_encode(&r->tk, text, len, &it->ids, &it->n) != 0) {
+        snprintf(it->error, sizeof it->error, "out of memory tokenizing %zu bytes", len);
+        return -1;
+    }
+    return 0;
+}
+
+static char *read_whole(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap)
+            break;
+        char *bigger = realloc(buf, cap *= 2);
+        if (!bigger)
+            free(buf);
+        buf = bigger;
+    }
+    if (buf && ferror(f)) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    *len = n;
+    return buf;
+}
+
+/* Parse one JSONL line into an item. */
+static void parse_line(struct runner *r, struct item *it, const char *line, size_t len, long lineno)
+{
+    cJSON *o = cJSON_ParseWithLength(line, len);
+    const cJSON *text = o ? cJSON_GetObjectItemCaseSensitive(o, "text") : NULL;
+    if (!o)
+        snprintf(it->error, sizeof it->error, "line %ld: not valid JSON", lineno);
+    else if (!cJSON_IsObject(o))
+        snprintf(it->error, sizeof it->error, "line %ld: not a JSON object", lineno);
+    else if (!cJSON_IsString(text))
+        snprintf(it->error, sizeof it->error, "line %ld: \"text\" must be a string", lineno);
+    else
+        encode(r, it, text->valuestring, strlen(text->valuestring));
+    cJSON_Delete(o);
+}
+
+static int run_jsonl(struct runner *r, const char *path, int batch)
+{
+    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "rrnserve run: cannot open %s\n", path);
+        return 1;
+    }
+    struct item *items = calloc((size_t)batch, sizeof *items);
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t got;
+    long lineno = 0;
+    int n = 0, failed = 0;
+    while (items && (got = getline(&line, &cap, f)) >= 0) {
+        lineno++;
+        if (strspn(line, " \t\r\n") == (size_t)got)
+            continue;
+        memset(&items[n], 0, sizeof items[n]);
+        parse_line(r, &items[n++], line, (size_t)got, lineno);
+        if (n == batch) {
+            failed += run_batch(r, items, n);
+            for (int i = 0; i < n; i++)
+                free(items[i].ids);
+            n = 0;
+        }
+    }
+    if (items && n)
+        failed += run_batch(r, items, n);
+    for (int i = 0; items && i < n; i++)
+        free(items[i].ids);
+    int read_error = ferror(f);
+    if (read_error)
+        fprintf(stderr, "rrnserve run: error reading %s\n", path);
+    free(line);
+    free(items);
+    if (f != stdin)
+        fclose(f);
+    return !items || failed || read_error ? 1 : 0;
+}
+
+static int parse_device(const char *s, enum device_kind *dev)
+{
+    if (strcmp(s, "cpu") == 0)
+        *dev = DEVICE_CPU;
+    else if (strcmp(s, "cuda") == 0)
+        *dev = DEVICE_CUDA;
+    else if (strcmp(s, "auto") == 0)
+        *dev = DEVICE_AUTO;
+    else
+        return -1;
+    return 0;
+}
+
+int cmd_run(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"text", required_argument, NULL, 't'},  {"file", required_argument, NULL, 'f'},
+        {"jsonl", required_argument, NULL, 'j'}, {"device", required_argument, NULL, 'd'},
+        {"batch", required_argument, NULL, 'b'}, {NULL, 0, NULL, 0},
+    };
+    const char *text = NULL, *file = NULL, *jsonl = NULL;
+    enum device_kind dev = DEVICE_CPU;
+    int batch = 64, c, sources = 0;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 't': text = optarg; sources++; break;
+        case 'f': file = optarg; sources++; break;
+        case 'j': jsonl = optarg; sources++; break;
+        case 'd':
+            if (parse_device(optarg, &dev) != 0) {
+                fprintf(stderr, "rrnserve run: --device must be cpu, cuda or auto, not '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'b': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || v < 1 || v > 4096) {
+                fprintf(stderr, "rrnserve run: --batch must be an integer from 1 to 4096\n");
+                return 2;
+            }
+            batch = (int)v;
+            break;
+        }
+        default:
+            return 2;
+        }
+    }
+    if (optind != argc - 1 || sources != 1) {
+        fprintf(stderr, "usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH) "
+                        "[--device cpu|cuda|auto] [--batch N]\n");
+        return 2;
+    }
+    struct runner r;
+    if (runner_open(&r, argv[optind], dev) != 0) {
+        runner_close(&r);
+        return 1;
+    }
+    int status;
+    if (jsonl) {
+        status = run_jsonl(&r, jsonl, batch);
+    } else {
+        struct item it = {0};
+        size_t len = 0;
+        char *buf = file ? read_whole(file, &len) : NULL;
+        if (file && !buf) {
+            fprintf(stderr, "rrnserve run: cannot read %s\n", file);
+            status = 1;
+        } else {
+            encode(&r, &it, file ? buf : text, file ? len : strlen(text));
+            status = run_batch(&r, &it, 1) ? 1 : 0;
+        }
+        free(it.ids);
+        free(buf);
+    }
+    runner_close(&r);
+    return status;
+}

@@ -1,0 +1,230 @@
+/* test_cli.c - the rrnserve binary driven as a user drives it: `run` on
+ * every input form gives the fixture's numbers, `info` reports a file, and
+ * bad arguments or files give a message naming the problem and a non-zero
+ * exit status.  RRN_BIN names the binary (tests/run_tests.sh sets it).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define FIX "tests/fixtures/"
+
+/* Run a shell command; its stdout and stderr (merged) go to *out. */
+static int run(char **out, const char *fmt, ...)
+{
+    char cmd[2048], tail[1800];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(tail, sizeof tail, fmt, ap);
+    va_end(ap);
+    const char *bin = getenv("RRN_BIN");
+    /* 2>&1 first, so a command that redirects stderr itself wins. */
+    snprintf(cmd, sizeof cmd, "%s 2>&1 %s", bin ? bin : "./rrnserve", tail);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    assert_non_null(buf);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n - 1, p)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            buf = realloc(buf, cap *= 2);
+            assert_non_null(buf);
+        }
+    }
+    buf[n] = 0;
+    int status = pclose(p);
+    *out = buf;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static cJSON *fixture(const char *name)
+{
+    char path[256];
+    snprintf(path, sizeof path, FIX "%s.json", name);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    static char buf[1 << 20];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    cJSON *j = cJSON_Parse(buf);
+    assert_non_null(j);
+    return j;
+}
+
+static void test_version(void **state)
+{
+    (void)state;
+    char *out;
+    assert_int_equal(run(&out, "--version"), 0);
+    assert_non_null(strstr(out, "rrnserve "));
+    assert_non_null(strstr(out, "cpu"));
+    free(out);
+}
+
+static void test_run_classify_text(void **state)
+{
+    (void)state;
+    cJSON *fx = fixture("plain_lstm_l2_bi_last");
+    const char *text = cJSON_GetArrayItem(cJSON_GetObjectItem(fx, "texts"), 2)->valuestring;
+    const cJSON *want = cJSON_GetArrayItem(cJSON_GetObjectItem(fx, "probabilities"), 2);
+    const cJSON *classes = cJSON_GetObjectItem(cJSON_GetObjectItem(fx, "config"), "classes");
+    char *out;
+    assert_int_equal(run(&out, "run " FIX "plain_lstm_l2_bi_last.safetensors --text '%s'", text), 0);
+    cJSON *got = cJSON_Parse(out);
+    assert_non_null(got);
+    const cJSON *probs = cJSON_GetObjectItem(got, "probabilities");
+    int best = 0;
+    for (int c = 0; c < cJSON_GetArraySize(classes); c++) {
+        const char *name = cJSON_GetArrayItem(classes, c)->valuestring;
+        double p = cJSON_GetObjectItem(probs, name)->valuedouble;
+        assert_true(fabs(p - cJSON_GetArrayItem(want, c)->valuedouble) < 1e-5);
+        if (cJSON_GetArrayItem(want, c)->valuedouble > cJSON_GetArrayItem(want, best)->valuedouble)
+            best = c;
+    }
+    assert_string_equal(cJSON_GetObjectItem(got, "label")->valuestring,
+                        cJSON_GetArrayItem(classes, best)->valuestring);
+    cJSON_Delete(got);
+    cJSON_Delete(fx);
+    free(out);
+}
+
+/* The lm texts as a file (one text) and as JSONL with a bad line between
+ * good ones: each good line gives the fixture's log-probability, the bad
+ * one an error line in its place, and the exit status is 1. */
+static void test_run_lm_file_and_jsonl(void **state)
+{
+    (void)state;
+    cJSON *fx = fixture("combo_lstm_lm");
+    const cJSON *texts = cJSON_GetObjectItem(fx, "texts"), *lp = cJSON_GetObjectItem(fx, "logprob");
+    char dir[] = "/tmp/rrn_cli_XXXXXX", path[64], *out;
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/one.txt", dir);
+    FILE *f = fopen(path, "w");
+    fputs(cJSON_GetArrayItem(texts, 2)->valuestring, f);
+    fclose(f);
+    assert_int_equal(run(&out, "run " FIX "combo_lstm_lm.safetensors --file %s", path), 0);
+    cJSON *got = cJSON_Parse(out);
+    assert_non_null(got);
+    double L = cJSON_GetObjectItem(got, "logprob")->valuedouble;
+    int N = cJSON_GetObjectItem(got, "tokens")->valueint;
+    assert_true(fabs(L - cJSON_GetArrayItem(lp, 2)->valuedouble) < 1e-4);
+    assert_int_equal(N, (int)strlen(cJSON_GetArrayItem(texts, 2)->valuestring) - 1);
+    assert_true(fabs(cJSON_GetObjectItem(got, "bits_per_char")->valuedouble - (-L / log(2.0) / N)) < 1e-9);
+    cJSON_Delete(got);
+    free(out);
+    unlink(path);
+
+    snprintf(path, sizeof path, "%s/in.jsonl", dir);
+    f = fopen(path, "w");
+    for (int i = 0; i < cJSON_GetArraySize(texts); i++) {
+        cJSON *line = cJSON_CreateObject();
+        cJSON_AddStringToObject(line, "text", cJSON_GetArrayItem(texts, i)->valuestring);
+        char *s = cJSON_PrintUnformatted(line);
+        fprintf(f, "%s\n%s", s, i == 1 ? "{\"text\": 42}\n\n" : "");
+        free(s);
+        cJSON_Delete(line);
+    }
+    fclose(f);
+    assert_int_equal(run(&out, "run " FIX "combo_lstm_lm.safetensors --batch 2 --jsonl %s 2>/dev/null", path), 1);
+    char *save, *line = strtok_r(out, "\n", &save);
+    for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts); i++, line = strtok_r(NULL, "\n", &save)) {
+        assert_non_null(line);
+        cJSON *r = cJSON_Parse(line);
+        assert_non_null(r);
+        if (i == 2) {
+            assert_non_null(strstr(cJSON_GetObjectItem(r, "error")->valuestring, "line 3"));
+        } else {
+            assert_true(fabs(cJSON_GetObjectItem(r, "logprob")->valuedouble - cJSON_GetArrayItem(lp, k)->valuedouble) <
+                        1e-4);
+            k++;
+        }
+        cJSON_Delete(r);
+    }
+    free(out);
+    unlink(path);
+    rmdir(dir);
+    cJSON_Delete(fx);
+}
+
+static void test_info(void **state)
+{
+    (void)state;
+    char *out;
+    assert_int_equal(run(&out, "info " FIX "rra_static_w3_l2_bi.safetensors"), 0);
+    assert_non_null(strstr(out, "data_sha256: ok"));
+    assert_non_null(strstr(out, "rnn.attention_logits_l1_reverse"));
+    assert_non_null(strstr(out, "\"static\""));
+    free(out);
+}
+
+static void test_bad_usage(void **state)
+{
+    (void)state;
+    char *out;
+    assert_int_equal(run(&out, "run " FIX "combo_lstm.safetensors"), 2);
+    assert_non_null(strstr(out, "usage"));
+    free(out);
+    assert_int_equal(run(&out, "run " FIX "combo_lstm.safetensors --text a --file b"), 2);
+    free(out);
+    assert_int_equal(run(&out, "run " FIX "combo_lstm.safetensors --text a --device tpu"), 2);
+    assert_non_null(strstr(out, "--device"));
+    free(out);
+    assert_int_equal(run(&out, "run /nonexistent.safetensors --text a"), 1);
+    assert_non_null(strstr(out, "/nonexistent.safetensors"));
+    free(out);
+    assert_int_equal(run(&out, "info /nonexistent.safetensors"), 1);
+    assert_non_null(strstr(out, "/nonexistent.safetensors"));
+    free(out);
+    assert_int_equal(run(&out, "frobnicate"), 2);
+    assert_non_null(strstr(out, "unknown command"));
+    free(out);
+    /* A text with no tokens (the word tokenizer drops punctuation). */
+    assert_int_equal(run(&out, "run " FIX "tok_word.safetensors --text '...'"), 1);
+    assert_non_null(strstr(out, "no tokens"));
+    free(out);
+}
+
+/* A corrupt weight file: CLI names the file and the problem. */
+static void test_corrupt_file(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/rrn_cli_XXXXXX", path[64], *out;
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/bad.safetensors", dir);
+    FILE *in = fopen(FIX "combo_lstm.safetensors", "rb"), *o = fopen(path, "wb");
+    char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf, in);
+    buf[n - 3] ^= 0x55; /* flip bits in the last weight */
+    fwrite(buf, 1, n, o);
+    fclose(in);
+    fclose(o);
+    assert_int_equal(run(&out, "run %s --text abc", path), 1);
+    assert_non_null(strstr(out, "checksum"));
+    assert_non_null(strstr(out, "bad.safetensors"));
+    free(out);
+    unlink(path);
+    rmdir(dir);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_version),      cmocka_unit_test(test_run_classify_text),
+        cmocka_unit_test(test_run_lm_file_and_jsonl), cmocka_unit_test(test_info),
+        cmocka_unit_test(test_bad_usage),    cmocka_unit_test(test_corrupt_file),
+    };
+    return cmocka_run_group_tests_name("cli", tests, NULL, NULL);
+}
