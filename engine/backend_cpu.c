@@ -1,5 +1,5 @@
-/* backend_cpu.c - the CPU backend: OpenBLAS for matrix products, plain C
- * loops for everything pointwise.
+/* backend_cpu.c - the CPU backend: gemm_nt (batch-invariant) and OpenBLAS
+ * for matrix products, plain C loops for everything pointwise.
  *
  * "Device" memory is ordinary heap memory here, so upload and download are
  * memcpy.  Each operation is the reference twin of a CUDA kernel in
@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "gemm.h"
 
 static void cpu_destroy(struct backend *be)
 {
@@ -56,6 +57,13 @@ static void cpu_gemm(struct backend *be, int trans_a, int trans_b, int M, int N,
     (void)be;
     if (M <= 0 || N <= 0)
         return;
+    /* Inference multiplies activations by weights, x W^T: gemm_nt keeps
+     * each row's result independent of the batch it runs in.  The other
+     * forms (training's gradients) go to OpenBLAS. */
+    if (!trans_a && trans_b && alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
+        gemm_nt(M, N, K, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
                 M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

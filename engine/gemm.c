@@ -22,6 +22,7 @@
 
 #include <assert.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -43,6 +44,9 @@
 /* Extra precision in intermediate float expressions (x87) would make the
  * scalar twin's sums differ from the vector kernels'. */
 _Static_assert(FLT_EVAL_METHOD == 0, "gemm.c needs float arithmetic evaluated in float");
+#ifdef __FAST_MATH__
+#error "gemm.c must not be built with -ffast-math: reassociation breaks batch invariance"
+#endif
 
 /* Register block: MR rows of A times NR rows of B, 12 ymm accumulators plus
  * 3 A vectors and 1 B vector, which fills the 16 ymm registers of AVX2. */
@@ -65,7 +69,7 @@ _Static_assert(FLT_EVAL_METHOD == 0, "gemm.c needs float arithmetic evaluated in
 /* How long an idle worker spins before it sleeps: longer than the pointwise
  * work between two recurrent-step products, short enough not to waste a core
  * when the server is idle. */
-#define SPIN_NS 200000L
+#define SPIN_NS 200000
 
 struct job {
     int M, N, K, lda, ldb, ldc;
@@ -76,6 +80,13 @@ struct job {
     int task_n;   /* rows of B per task */
     int tasks_m;  /* tasks along M */
 };
+
+/* Rows of B in one L2 panel, a multiple of NR. */
+static int panel_rows(int K)
+{
+    size_t rows = PANEL_BYTES / ((size_t)(K > 0 ? K : 1) * sizeof(float)) / NR * NR;
+    return rows < NR ? NR : rows > INT_MAX / 2 ? INT_MAX / 2 : (int)rows;
+}
 
 /* ------------------------------------------------------------------------ */
 /* Portable scalar twin. */
@@ -121,73 +132,81 @@ static void block_scalar(const struct job *jb, int m0, int m1, int n0, int n1)
 #if GEMM_AVX2
 #define AVX2_FN __attribute__((target("avx2,fma")))
 
-/* C[mr][nr] block at c; mr and nr are constants at every call site, so the
- * loops unroll and acc[][] lives in registers. */
+/* The four outputs of one row of A: the tree of reduce8 for four elements at
+ * once.  Adding the halves gives s0..s3 of each element; after the transpose
+ * t[l] holds s_l of all four. */
+static inline __attribute__((always_inline)) AVX2_FN void store_row(int nr, int beta, float *c, __m256 e0,
+                                                                    __m256 e1, __m256 e2, __m256 e3)
+{
+    __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(e0), _mm256_extractf128_ps(e0, 1));
+    __m128 t1 = _mm_add_ps(_mm256_castps256_ps128(e1), _mm256_extractf128_ps(e1, 1));
+    __m128 t2 = _mm_add_ps(_mm256_castps256_ps128(e2), _mm256_extractf128_ps(e2, 1));
+    __m128 t3 = _mm_add_ps(_mm256_castps256_ps128(e3), _mm256_extractf128_ps(e3, 1));
+    _MM_TRANSPOSE4_PS(t0, t1, t2, t3);
+    __m128 d = _mm_add_ps(_mm_add_ps(t0, t2), _mm_add_ps(t1, t3));
+    if (nr == NR) {
+        if (beta)
+            d = _mm_add_ps(d, _mm_loadu_ps(c));
+        _mm_storeu_ps(c, d);
+        return;
+    }
+    float out[NR];
+    _mm_storeu_ps(out, d);
+    for (int q = 0; q < nr; q++)
+        c[q] = beta ? out[q] + c[q] : out[q];
+}
+
+/* One k step of 8 for the block: B row q's vector meets each A row's.
+ * Accumulators are named variables, not arrays, so that every compiler
+ * keeps all twelve in registers; with mr and nr constant the guards fold. */
+#define FMA_COL(q, LOAD)                                                                                     \
+    if (nr > q) {                                                                                            \
+        __m256 y = LOAD(b##q + k);                                                                           \
+        c0##q = _mm256_fmadd_ps(x0, y, c0##q);                                                               \
+        if (mr > 1)                                                                                          \
+            c1##q = _mm256_fmadd_ps(x1, y, c1##q);                                                           \
+        if (mr > 2)                                                                                          \
+            c2##q = _mm256_fmadd_ps(x2, y, c2##q);                                                           \
+    }
+#define K_STEP(LOAD)                                                                                         \
+    do {                                                                                                     \
+        __m256 x0 = LOAD(a0 + k);                                                                            \
+        __m256 x1 = mr > 1 ? LOAD(a1 + k) : x0;                                                              \
+        __m256 x2 = mr > 2 ? LOAD(a2 + k) : x0;                                                              \
+        FMA_COL(0, LOAD)                                                                                     \
+        FMA_COL(1, LOAD)                                                                                     \
+        FMA_COL(2, LOAD)                                                                                     \
+        FMA_COL(3, LOAD)                                                                                     \
+    } while (0)
+#define LOAD_FULL(p) _mm256_loadu_ps(p)
+#define LOAD_TAIL(p) _mm256_maskload_ps((p), tail)
+
+/* The mr x nr block of C at c (mr <= MR, nr <= NR, both constants at every
+ * call site).  Pointers to rows past mr or nr stay on row 0, in bounds, and
+ * are never loaded. */
 static inline __attribute__((always_inline)) AVX2_FN void kernel(int mr, int nr, int K, const float *a,
                                                                  size_t lda, const float *b, size_t ldb,
                                                                  int beta, float *c, size_t ldc)
 {
-    __m256 acc[MR][NR];
-#pragma GCC unroll 4
-    for (int r = 0; r < mr; r++)
-#pragma GCC unroll 4
-        for (int q = 0; q < nr; q++)
-            acc[r][q] = _mm256_setzero_ps();
-
+    const float *a0 = a, *a1 = mr > 1 ? a + lda : a, *a2 = mr > 2 ? a + 2 * lda : a;
+    const float *b0 = b, *b1 = nr > 1 ? b + ldb : b, *b2 = nr > 2 ? b + 2 * ldb : b;
+    const float *b3 = nr > 3 ? b + 3 * ldb : b;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+    __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+    __m256 c20 = c00, c21 = c00, c22 = c00, c23 = c00;
     int k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 av[MR];
-#pragma GCC unroll 4
-        for (int r = 0; r < mr; r++)
-            av[r] = _mm256_loadu_ps(a + r * lda + k);
-#pragma GCC unroll 4
-        for (int q = 0; q < nr; q++) {
-            __m256 bv = _mm256_loadu_ps(b + q * ldb + k);
-#pragma GCC unroll 4
-            for (int r = 0; r < mr; r++)
-                acc[r][q] = _mm256_fmadd_ps(av[r], bv, acc[r][q]);
-        }
-    }
+    for (; k + 8 <= K; k += 8)
+        K_STEP(LOAD_FULL);
     if (k < K) {
         /* Lanes at or past K load as 0 and add 0*0, as the scalar twin does. */
-        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(K - k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        __m256 av[MR];
-#pragma GCC unroll 4
-        for (int r = 0; r < mr; r++)
-            av[r] = _mm256_maskload_ps(a + r * lda + k, mask);
-#pragma GCC unroll 4
-        for (int q = 0; q < nr; q++) {
-            __m256 bv = _mm256_maskload_ps(b + q * ldb + k, mask);
-#pragma GCC unroll 4
-            for (int r = 0; r < mr; r++)
-                acc[r][q] = _mm256_fmadd_ps(av[r], bv, acc[r][q]);
-        }
+        const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(K - k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        K_STEP(LOAD_TAIL);
     }
-
-    /* The tree of reduce8, four elements at a time: h[q] holds s0..s3 of
-     * element q; after the transpose t[l] holds s_l of the four elements. */
-#pragma GCC unroll 4
-    for (int r = 0; r < mr; r++) {
-        __m128 t[4];
-#pragma GCC unroll 4
-        for (int q = 0; q < NR; q++)
-            t[q] = q < nr ? _mm_add_ps(_mm256_castps256_ps128(acc[r][q]), _mm256_extractf128_ps(acc[r][q], 1))
-                          : _mm_setzero_ps();
-        _MM_TRANSPOSE4_PS(t[0], t[1], t[2], t[3]);
-        __m128 d = _mm_add_ps(_mm_add_ps(t[0], t[2]), _mm_add_ps(t[1], t[3]));
-        float *cr = c + r * ldc;
-        if (nr == NR) {
-            if (beta)
-                d = _mm_add_ps(d, _mm_loadu_ps(cr));
-            _mm_storeu_ps(cr, d);
-        } else {
-            float out[NR];
-            _mm_storeu_ps(out, d);
-#pragma GCC unroll 4
-            for (int q = 0; q < nr; q++)
-                cr[q] = beta ? out[q] + cr[q] : out[q];
-        }
-    }
+    store_row(nr, beta, c, c00, c01, c02, c03);
+    if (mr > 1)
+        store_row(nr, beta, c + ldc, c10, c11, c12, c13);
+    if (mr > 2)
+        store_row(nr, beta, c + 2 * ldc, c20, c21, c22, c23);
 }
 
 /* One kernel per (mr, nr) shape, so each is compiled with constant sizes. */
@@ -214,17 +233,15 @@ static kernel_fn *const kernels[MR][NR] = {
 static AVX2_FN void block_avx2(const struct job *jb, int m0, int m1, int n0, int n1)
 {
     size_t lda = (size_t)jb->lda, ldb = (size_t)jb->ldb, ldc = (size_t)jb->ldc;
-    int panel = (int)(PANEL_BYTES / ((size_t)(jb->K > 0 ? jb->K : 1) * sizeof(float))) / NR * NR;
-    if (panel < NR)
-        panel = NR;
-    for (int p0 = n0; p0 < n1; p0 += panel) {
-        int p1 = n1 - p0 < panel ? n1 : p0 + panel;
-        for (int i = m0; i < m1; i += MR) {
-            int mr = m1 - i < MR ? m1 - i : MR;
+    int panel = panel_rows(jb->K);
+    for (int p0 = n0, p1; p0 < n1; p0 = p1) {
+        p1 = n1 - p0 < panel ? n1 : p0 + panel;
+        for (int i = m0, mr; i < m1; i += mr) {
+            mr = m1 - i < MR ? m1 - i : MR;
             const float *a = jb->A + (size_t)i * lda;
             float *c = jb->C + (size_t)i * ldc;
-            for (int j = p0; j < p1; j += NR) {
-                int nr = p1 - j < NR ? p1 - j : NR;
+            for (int j = p0, nr; j < p1; j += nr) {
+                nr = p1 - j < NR ? p1 - j : NR;
                 kernels[mr - 1][nr - 1](jb->K, a, lda, jb->B + (size_t)j * ldb, ldb, jb->beta, c + j, ldc);
             }
         }
@@ -259,16 +276,15 @@ static void run_task(const struct job *jb, int t)
  * after a successful claim. */
 static struct {
     pthread_once_t once;
-    int size;                 /* threads taking part, caller included */
-    atomic_int limit;         /* test hook: at most this many take part */
-    atomic_flag busy;         /* held by the caller whose job is running */
+    int size;         /* threads taking part, caller included */
+    atomic_int limit; /* test hook: at most this many take part */
+    atomic_flag busy; /* held by the caller whose job is running */
     struct job job;
     _Atomic uint64_t work;
     atomic_int done;
     atomic_int sleepers;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    pthread_t threads[MAX_THREADS];
 } pool = {
     .once = PTHREAD_ONCE_INIT,
     .busy = ATOMIC_FLAG_INIT,
@@ -283,11 +299,11 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static long now_ns(void)
+static int64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static int work_available(int id)
@@ -318,7 +334,7 @@ static void *worker_main(void *arg)
     for (;;) {
         if (work_available(id) && run_tasks())
             continue;
-        long deadline = now_ns() + SPIN_NS;
+        int64_t deadline = now_ns() + SPIN_NS;
         int spins = 0;
         while (!work_available(id)) {
             cpu_relax();
@@ -366,8 +382,11 @@ static void pool_init(void)
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int size = 1;
-    while (size < n && pthread_create(&pool.threads[size], NULL, worker_main, (void *)(intptr_t)size) == 0)
+    pthread_t tid;
+    while (size < n && pthread_create(&tid, NULL, worker_main, (void *)(intptr_t)size) == 0) {
+        pthread_detach(tid);
         size++;
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pool.size = size;
     atomic_store(&pool.limit, size);
@@ -385,6 +404,15 @@ int gemm_nt_set_threads(int n)
     return pool.size;
 }
 
+/* The whole product on the calling thread. */
+static void run_serial(struct job *jb)
+{
+    jb->task_n = jb->N;
+    jb->tasks_m = jb->M / TASK_M + (jb->M % TASK_M != 0);
+    for (int t = 0; t < jb->tasks_m; t++)
+        run_task(jb, t);
+}
+
 void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
              int ldc)
 {
@@ -395,33 +423,28 @@ void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int l
     pthread_once(&pool.once, pool_init);
 
     int threads = atomic_load(&pool.limit);
-    double flops = 2.0 * M * N * K;
     struct job jb = {
         .M = M, .N = N, .K = K, .lda = lda, .ldb = ldb, .ldc = ldc, .A = A, .B = B, .C = C,
         .beta = beta != 0.0f,
         .scalar = !have_avx2 || atomic_load(&force_scalar),
-        .task_n = N, .tasks_m = 1,
     };
-    if (threads < 2 || flops < PARALLEL_MIN_FLOPS || atomic_flag_test_and_set(&pool.busy)) {
-        jb.tasks_m = (M + TASK_M - 1) / TASK_M;
-        for (int t = 0; t < jb.tasks_m; t++)
-            run_task(&jb, t);
+    if (threads < 2 || 2.0 * M * N * K < PARALLEL_MIN_FLOPS) {
+        run_serial(&jb);
         return;
     }
 
     /* Tasks: TASK_M rows of A times task_n rows of B, task_n a multiple of
      * NR giving each thread a few tasks so a slow one is not waited for. */
-    jb.tasks_m = (M + TASK_M - 1) / TASK_M;
-    int per = (N + 4 * threads - 1) / (4 * threads);
-    int cap = (int)(PANEL_BYTES / ((size_t)(K > 0 ? K : 1) * sizeof(float)));
-    if (jb.tasks_m > 1 || per > cap)
-        per = cap;
-    per = (per + NR - 1) / NR * NR;
-    if (per < NR)
-        per = NR;
-    jb.task_n = per;
-    int tasks_n = (N + per - 1) / per;
-    uint32_t tasks = (uint32_t)tasks_n * (uint32_t)jb.tasks_m;
+    jb.tasks_m = M / TASK_M + (M % TASK_M != 0);
+    int per = N / (4 * threads) + 1;
+    if (jb.tasks_m > 1 || per > panel_rows(K))
+        per = panel_rows(K);
+    jb.task_n = (per + NR - 1) / NR * NR;
+    int64_t tasks = (int64_t)(N / jb.task_n + (N % jb.task_n != 0)) * jb.tasks_m;
+    if (tasks > INT_MAX || atomic_flag_test_and_set(&pool.busy)) {
+        run_serial(&jb);
+        return;
+    }
 
     pool.job = jb;
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
