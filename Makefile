@@ -14,13 +14,14 @@ CUDA    ?= $(if $(and $(NVCC),$(CU_SRC)),1,0)
 
 WARN    := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -D_POSIX_C_SOURCE=200809L $(WARN) -Iengine -MMD -MP
-LDLIBS  := -lcjson -lcrypto -lopenblas -lunistring -lm -lpthread
+CFLAGS  += -std=c11 -D_POSIX_C_SOURCE=200809L $(WARN) -Iengine -Iserver -MMD -MP
+LDLIBS  := -lmicrohttpd -lcjson -lcrypto -lopenblas -lunistring -lm -lpthread
 
 # CPU-only and CUDA builds live apart, so switching CUDA= never links
 # objects compiled for the other.
 BUILD   := build/$(if $(filter 1,$(CUDA)),cuda,cpu)
 ENGINE_SRC := $(wildcard engine/*.c)
+SERVER_SRC := $(wildcard server/*.c)
 CLI_SRC    := $(wildcard cli/*.c)
 TEST_SRC   := $(wildcard tests/test_*.c)
 
@@ -47,7 +48,8 @@ SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recove
 $(eval $(call objects,$(BUILD),))
 $(eval $(call objects,$(BUILD)/asan,$(SAN)))
 
-engine_objs = $(ENGINE_SRC:%.c=$(1)/%.o) $(if $(filter 1,$(CUDA)),$(CU_SRC:%.cu=$(1)/%.cu.o))
+# Everything but main(): what the binary and every test link.
+lib_objs    = $(ENGINE_SRC:%.c=$(1)/%.o) $(SERVER_SRC:%.c=$(1)/%.o) $(if $(filter 1,$(CUDA)),$(CU_SRC:%.cu=$(1)/%.cu.o))
 cli_objs    = $(CLI_SRC:%.c=$(1)/%.o)
 test_bins   = $(TEST_SRC:tests/%.c=$(1)/tests/%)
 
@@ -57,14 +59,14 @@ test_bins   = $(TEST_SRC:tests/%.c=$(1)/tests/%)
 .PHONY: all deps deps-bench test test-plain test-asan bench serve clean fixtures
 all: rrnserve
 
-rrnserve: $(call engine_objs,$(BUILD)) $(call cli_objs,$(BUILD))
+rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: $(BUILD)/tests/%.o $(call engine_objs,$(BUILD))
+$(BUILD)/tests/%: $(BUILD)/tests/%.o $(call lib_objs,$(BUILD))
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
-$(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call engine_objs,$(BUILD)/asan)
+$(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call lib_objs,$(BUILD)/asan)
 	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka
-$(BUILD)/asan/rrnserve: $(call engine_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan)
+$(BUILD)/asan/rrnserve: $(call lib_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan)
 	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
 
 # deps installs what is missing (nothing when all is there); the targets
@@ -93,7 +95,7 @@ bench: deps-bench
 	@$(MAKE) --no-print-directory rrnserve $(BUILD)/bench/bench_engine
 	@bench/run_bench.sh $(BUILD)/bench/bench_engine
 
-$(BUILD)/bench/bench_engine: $(BUILD)/bench/bench_engine.o $(call engine_objs,$(BUILD))
+$(BUILD)/bench/bench_engine: $(BUILD)/bench/bench_engine.o $(call lib_objs,$(BUILD))
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
 serve: deps

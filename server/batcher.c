@@ -1,0 +1,530 @@
+/* batcher.c - one thread per model that turns queued jobs into engine
+ * calls: dynamic batching for whole-sequence work, continuous batching for
+ * generation (see batcher.h for the contract).
+ *
+ * The loop, each turn: admit queued generation jobs into free slots and
+ * prefill their prompts together; advance every running stream by one
+ * token with one engine_step; run the queued forward jobs as one batch.
+ * Forward jobs wait up to max_wait_us for company only while no stream is
+ * running, so batching never delays a stream's next token.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "batcher.h"
+#include "log.h"
+#include "metrics.h"
+
+#define PREFILL_CHUNK 4096 /* prompt tokens per engine call */
+
+struct stream {
+    struct job *job;
+    int slot;
+    int32_t last;
+    struct rng rng;
+};
+
+struct batcher {
+    const struct model *m;
+    const struct tokenizer *tk;
+    struct engine *e;
+    struct batcher_options opt;
+    struct metrics *metrics;
+    pthread_t thread;
+    int started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct job *head, *tail;
+    int depth;
+    int stopping;
+    /* Owned by the batcher thread. */
+    struct stream *streams;
+    int n_streams, max_streams;
+    struct sampler sampler;
+    float *logits;            /* [max_streams][V] */
+    int *step_slots;          /* [max_streams] */
+    int32_t *step_tokens;     /* [max_streams] */
+    int max_token_bytes;
+};
+
+struct job *job_new(enum job_kind kind, int n_texts)
+{
+    struct job *j = calloc(1, sizeof *j);
+    if (!j)
+        return NULL;
+    j->kind = kind;
+    j->n_texts = n_texts;
+    j->ids = calloc((size_t)n_texts, sizeof *j->ids);
+    j->lens = calloc((size_t)n_texts, sizeof *j->lens);
+    if (!j->ids || !j->lens || pthread_mutex_init(&j->mu, NULL) != 0) {
+        free(j->ids);
+        free(j->lens);
+        free(j);
+        return NULL;
+    }
+    pthread_cond_init(&j->cv, NULL);
+    atomic_init(&j->cancelled, 0);
+    atomic_init(&j->refs, 1);
+    j->slot = -1;
+    return j;
+}
+
+void job_release(struct job *j)
+{
+    if (!j || atomic_fetch_sub(&j->refs, 1) != 1)
+        return;
+    for (int i = 0; i < j->n_texts; i++)
+        free(j->ids[i]);
+    for (int i = 0; i < j->n_stop; i++)
+        free(j->stop[i]);
+    free(j->ids);
+    free(j->lens);
+    free(j->probs);
+    free(j->logprob);
+    free(j->attention);
+    free(j->tokens);
+    free(j->text);
+    pthread_cond_destroy(&j->cv);
+    pthread_mutex_destroy(&j->mu);
+    free(j);
+}
+
+void job_cancel(struct job *j)
+{
+    atomic_store(&j->cancelled, 1);
+}
+
+static int cancelled(struct job *j)
+{
+    return atomic_load(&j->cancelled);
+}
+
+static void finish_job(struct batcher *b, struct job *j, int batch_size, const char *error)
+{
+    (void)b;
+    pthread_mutex_lock(&j->mu);
+    if (error) {
+        j->failed = 1;
+        snprintf(j->error, sizeof j->error, "%s", error);
+    }
+    if (batch_size > j->batch_size)
+        j->batch_size = batch_size;
+    j->done = 1;
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+    job_release(j);
+}
+
+int job_wait(struct job *j, int seen_tokens, int timeout_ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&j->mu);
+    int news;
+    while (!(news = j->done || (j->kind == JOB_GENERATE && j->n_tokens > seen_tokens)))
+        if (pthread_cond_timedwait(&j->cv, &j->mu, &until) != 0)
+            break;
+    news = j->done || (j->kind == JOB_GENERATE && j->n_tokens > seen_tokens);
+    pthread_mutex_unlock(&j->mu);
+    return news;
+}
+
+int batcher_submit(struct batcher *b, struct job *j)
+{
+    pthread_mutex_lock(&b->mu);
+    int rc = b->stopping ? -2 : b->depth >= b->opt.max_queue ? -1 : 0;
+    if (rc == 0) {
+        atomic_fetch_add(&j->refs, 1); /* the batcher's */
+        j->next = NULL;
+        if (b->tail)
+            b->tail->next = j;
+        else
+            b->head = j;
+        b->tail = j;
+        b->depth++;
+        pthread_cond_signal(&b->cv);
+    }
+    pthread_mutex_unlock(&b->mu);
+    return rc;
+}
+
+int batcher_queue_depth(struct batcher *b)
+{
+    pthread_mutex_lock(&b->mu);
+    int d = b->depth;
+    pthread_mutex_unlock(&b->mu);
+    return d;
+}
+
+static int sequences_of(const struct job *j)
+{
+    return j->kind == JOB_GENERATE ? 1 : j->n_texts;
+}
+
+/* Take queued jobs (mu held): generation jobs while slots are free, forward
+ * jobs up to max_batch sequences (a larger job runs alone).  Cancelled jobs
+ * are dropped here.  Jobs that do not fit stay queued, in order. */
+static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct job **gen, int *n_gen)
+{
+    struct job **link = &b->head, *prev = NULL;
+    int seqs = 0, free_slots = b->max_streams - b->n_streams;
+    *n_fwd = *n_gen = 0;
+    while (*link) {
+        struct job *j = *link;
+        int take;
+        if (cancelled(j))
+            take = 2;
+        else if (j->kind == JOB_GENERATE)
+            take = *n_gen < free_slots;
+        else
+            take = seqs == 0 || seqs + sequences_of(j) <= b->opt.max_batch;
+        if (!take) {
+            prev = j;
+            link = &j->next;
+            continue;
+        }
+        *link = j->next;
+        if (b->tail == j)
+            b->tail = prev;
+        b->depth--;
+        if (take == 2) {
+            finish_job(b, j, 0, "cancelled");
+        } else if (j->kind == JOB_GENERATE) {
+            gen[(*n_gen)++] = j;
+        } else {
+            fwd[(*n_fwd)++] = j;
+            seqs += sequences_of(j);
+        }
+    }
+}
+
+/* Whether queued forward work should wait for more company (mu held). */
+static int worth_waiting(const struct batcher *b)
+{
+    int seqs = 0;
+    for (const struct job *j = b->head; j; j = j->next)
+        if (j->kind != JOB_GENERATE)
+            seqs += sequences_of(j);
+    return b->n_streams == 0 && seqs > 0 && seqs < b->opt.max_batch;
+}
+
+/* Classify, attention and score jobs as one batch. */
+static void run_forward(struct batcher *b, struct job **jobs, int n)
+{
+    char err[512] = "";
+    int seqs = 0, scores = 0;
+    for (int i = 0; i < n; i++) {
+        seqs += sequences_of(jobs[i]);
+        if (jobs[i]->kind == JOB_SCORE)
+            scores += jobs[i]->n_texts;
+    }
+    struct engine_seq *q = calloc((size_t)seqs, sizeof *q);
+    const int32_t **stoks = calloc((size_t)scores + 1, sizeof *stoks);
+    int *slens = calloc((size_t)scores + 1, sizeof *slens);
+    double *slp = calloc((size_t)scores + 1, sizeof *slp);
+    const int C = b->m->head_out, K = b->m->cfg.attn_mode == ATTN_NONE ? 0 : b->m->cfg.attn_window;
+    const int LDK = b->m->cfg.layers * config_directions(&b->m->cfg) * K;
+    int rc = q && stoks && slens && slp ? 0 : -1, nq = 0, ns = 0;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        struct job *j = jobs[i];
+        if (j->kind == JOB_CLASSIFY && !(j->probs = malloc(sizeof(float) * (size_t)j->n_texts * C)))
+            rc = -1;
+        if (j->kind == JOB_SCORE && !(j->logprob = calloc((size_t)j->n_texts, sizeof(double))))
+            rc = -1;
+        if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
+            rc = -1;
+        for (int t = 0; rc == 0 && t < j->n_texts; t++) {
+            if (j->kind == JOB_SCORE) {
+                stoks[ns] = j->ids[t];
+                slens[ns++] = j->lens[t];
+                continue;
+            }
+            q[nq++] = (struct engine_seq){
+                .tokens = j->ids[t], .len = j->lens[t], .slot = -1,
+                .probs = j->kind == JOB_CLASSIFY ? j->probs + (size_t)t * C : NULL,
+                .attention = j->kind == JOB_ATTENTION ? j->attention : NULL,
+            };
+        }
+    }
+    if (rc != 0)
+        snprintf(err, sizeof err, "out of memory");
+    if (rc == 0 && nq)
+        rc = engine_forward(b->e, q, nq, err, sizeof err);
+    if (rc == 0 && ns)
+        rc = engine_score(b->e, stoks, slens, ns, slp, err, sizeof err);
+    for (int i = 0, k = 0; i < n; i++) {
+        struct job *j = jobs[i];
+        for (int t = 0; rc == 0 && j->kind == JOB_SCORE && t < j->n_texts; t++)
+            j->logprob[t] = slp[k++];
+        finish_job(b, j, seqs, rc == 0 ? NULL : err);
+    }
+    if (rc != 0)
+        log_msg("engine error on a batch of %d sequences: %s", seqs, err);
+    metrics_batch(b->metrics, seqs);
+    free(q);
+    free(stoks);
+    free(slens);
+    free(slp);
+}
+
+/* Append a sampled token to its job; returns 1 when the stream is over. */
+static int emit_token(struct batcher *b, struct stream *s, int32_t tok)
+{
+    struct job *j = s->job;
+    char buf[8];
+    size_t len = 0;
+    const char *piece = tokenizer_token(b->tk, tok, buf, &len);
+    pthread_mutex_lock(&j->mu);
+    j->tokens[j->n_tokens++] = tok;
+    /* Words are separated by a space; bytes and characters join as they are. */
+    if (b->tk->type == TOKENIZER_WORD && j->text_len)
+        j->text[j->text_len++] = ' ';
+    if (piece)
+        memcpy(j->text + j->text_len, piece, len);
+    j->text_len += len;
+    j->text[j->text_len] = 0;
+    for (int i = 0; i < j->n_stop && j->finish == FINISH_NONE; i++) {
+        /* Only the new piece can complete a stop string. */
+        size_t sl = strlen(j->stop[i]);
+        size_t from = j->text_len > sl + len ? j->text_len - sl - len : 0;
+        char *hit = strstr(j->text + from, j->stop[i]);
+        if (hit) {
+            j->text_len = (size_t)(hit - j->text);
+            j->text[j->text_len] = 0;
+            j->finish = FINISH_STOP;
+        }
+    }
+    if (j->finish == FINISH_NONE && j->n_tokens >= j->max_tokens)
+        j->finish = FINISH_LENGTH;
+    int over = j->finish != FINISH_NONE;
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+    s->last = tok;
+    return over;
+}
+
+static void end_stream(struct batcher *b, int i, const char *error)
+{
+    struct stream *s = &b->streams[i];
+    engine_slot_close(b->e, s->slot);
+    finish_job(b, s->job, 0, error);
+    b->streams[i] = b->streams[--b->n_streams];
+}
+
+/* Prefill the prompts of new streams and sample their first tokens. */
+static void start_streams(struct batcher *b, struct job **jobs, int n)
+{
+    char err[512];
+    const int V = b->m->head_out;
+    int first = b->n_streams;
+    struct engine_seq *q = calloc((size_t)n, sizeof *q);
+    int batched = 0;
+    for (int i = 0; i < n; i++) {
+        struct job *j = jobs[i];
+        struct stream *s = &b->streams[b->n_streams++];
+        s->job = j;
+        s->slot = engine_slot_open(b->e);
+        rng_seed(&s->rng, j->sample.seed);
+        size_t text_cap = (size_t)j->max_tokens * ((size_t)b->max_token_bytes + 1) + 1;
+        pthread_mutex_lock(&j->mu);
+        j->tokens = malloc(sizeof(int32_t) * (size_t)j->max_tokens);
+        j->text = malloc(text_cap);
+        if (j->text)
+            j->text[0] = 0;
+        pthread_mutex_unlock(&j->mu);
+        if (!q || s->slot < 0 || !j->tokens || !j->text) {
+            end_stream(b, b->n_streams - 1, "out of memory starting a stream");
+            continue;
+        }
+        if (j->lens[0] <= PREFILL_CHUNK)
+            q[batched++] = (struct engine_seq){.tokens = j->ids[0], .len = j->lens[0], .slot = s->slot,
+                                               .last_logits = b->logits + (size_t)(b->n_streams - 1) * V};
+    }
+    /* Short prompts together, long ones chunk by chunk. */
+    int rc = batched ? engine_forward(b->e, q, batched, err, sizeof err) : 0;
+    for (int i = first; rc == 0 && i < b->n_streams; i++) {
+        struct job *j = b->streams[i].job;
+        for (int at = 0; rc == 0 && j->lens[0] > PREFILL_CHUNK && at < j->lens[0]; at += PREFILL_CHUNK) {
+            int len = j->lens[0] - at < PREFILL_CHUNK ? j->lens[0] - at : PREFILL_CHUNK;
+            struct engine_seq one = {.tokens = j->ids[0] + at, .len = len, .slot = b->streams[i].slot,
+                                     .last_logits = b->logits + (size_t)i * V};
+            rc = engine_forward(b->e, &one, 1, err, sizeof err);
+        }
+    }
+    if (rc == 0)
+        metrics_batch(b->metrics, batched);
+    for (int i = b->n_streams - 1; i >= first; i--) {
+        struct stream *s = &b->streams[i];
+        if (rc != 0) {
+            end_stream(b, i, err);
+            continue;
+        }
+        s->job->batch_size = batched;
+        int tok = sample_token(&b->sampler, b->logits + (size_t)i * V, &s->job->sample, &s->rng);
+        metrics_tokens(b->metrics, 1);
+        if (emit_token(b, s, tok))
+            end_stream(b, i, NULL);
+    }
+    if (rc != 0)
+        log_msg("engine error prefilling %d prompts: %s", n, err);
+    free(q);
+}
+
+/* One token for every running stream. */
+static void step_streams(struct batcher *b)
+{
+    for (int i = b->n_streams - 1; i >= 0; i--)
+        if (cancelled(b->streams[i].job))
+            end_stream(b, i, "cancelled");
+    int n = b->n_streams;
+    if (n == 0)
+        return;
+    char err[512];
+    for (int i = 0; i < n; i++) {
+        b->step_slots[i] = b->streams[i].slot;
+        b->step_tokens[i] = b->streams[i].last;
+    }
+    const int V = b->m->head_out;
+    if (engine_step(b->e, b->step_slots, b->step_tokens, n, b->logits, NULL, err, sizeof err) != 0) {
+        log_msg("engine error stepping %d streams: %s", n, err);
+        while (b->n_streams)
+            end_stream(b, b->n_streams - 1, err);
+        return;
+    }
+    metrics_batch(b->metrics, n);
+    metrics_tokens(b->metrics, n);
+    /* Backwards, so that ending stream i moves an already-sampled one into
+     * its place. */
+    for (int i = n - 1; i >= 0; i--) {
+        struct stream *s = &b->streams[i];
+        if (s->job->batch_size < n)
+            s->job->batch_size = n;
+        int tok = sample_token(&b->sampler, b->logits + (size_t)i * V, &s->job->sample, &s->rng);
+        if (emit_token(b, s, tok))
+            end_stream(b, i, NULL);
+    }
+}
+
+static void *batcher_main(void *arg)
+{
+    struct batcher *b = arg;
+    int cap = b->opt.max_batch + 1;
+    struct job **fwd = malloc(sizeof *fwd * (size_t)(b->opt.max_queue + 1));
+    struct job **gen = malloc(sizeof *gen * (size_t)cap);
+    pthread_mutex_lock(&b->mu);
+    for (;;) {
+        while (!b->head && b->n_streams == 0 && !b->stopping)
+            pthread_cond_wait(&b->cv, &b->mu);
+        if (!b->head && b->n_streams == 0)
+            break; /* stopping, and nothing left to do */
+        if (worth_waiting(b) && !b->stopping) {
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            long ns = until.tv_nsec + (long)b->opt.max_wait_us * 1000L;
+            until.tv_sec += ns / 1000000000L;
+            until.tv_nsec = ns % 1000000000L;
+            while (worth_waiting(b) && !b->stopping && pthread_cond_timedwait(&b->cv, &b->mu, &until) == 0)
+                ;
+        }
+        int n_fwd, n_gen;
+        if (fwd && gen) {
+            take_jobs(b, fwd, &n_fwd, gen, &n_gen);
+        } else {
+            /* Out of memory for the lists: fail what is queued rather than spin. */
+            n_fwd = n_gen = 0;
+            while (b->head) {
+                struct job *j = b->head;
+                b->head = j->next;
+                b->depth--;
+                finish_job(b, j, 0, "out of memory");
+            }
+            b->tail = NULL;
+        }
+        pthread_mutex_unlock(&b->mu);
+        if (n_gen)
+            start_streams(b, gen, n_gen);
+        step_streams(b);
+        if (n_fwd)
+            run_forward(b, fwd, n_fwd);
+        pthread_mutex_lock(&b->mu);
+    }
+    pthread_mutex_unlock(&b->mu);
+    free(fwd);
+    free(gen);
+    return NULL;
+}
+
+struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk, struct engine *e,
+                              const struct batcher_options *opt, struct metrics *metrics, char *err,
+                              size_t errlen)
+{
+    struct batcher *b = calloc(1, sizeof *b);
+    if (!b) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    b->m = m;
+    b->tk = tk;
+    b->e = e;
+    b->opt = *opt;
+    b->metrics = metrics;
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->cv, NULL);
+    int generates = m->cfg.task == TASK_LM && config_directions(&m->cfg) == 1;
+    b->max_streams = generates ? opt->max_batch : 0;
+    b->max_token_bytes = 4;
+    for (int i = 0; i < m->cfg.n_tokens; i++) {
+        int len = (int)strlen(m->cfg.tokens[i]);
+        if (len > b->max_token_bytes)
+            b->max_token_bytes = len;
+    }
+    if (generates) {
+        b->streams = calloc((size_t)b->max_streams, sizeof *b->streams);
+        b->logits = malloc(sizeof(float) * (size_t)b->max_streams * m->head_out);
+        b->step_slots = malloc(sizeof(int) * (size_t)b->max_streams);
+        b->step_tokens = malloc(sizeof(int32_t) * (size_t)b->max_streams);
+        if (!b->streams || !b->logits || !b->step_slots || !b->step_tokens ||
+            sampler_init(&b->sampler, m->head_out) != 0) {
+            snprintf(err, errlen, "out of memory for %d generation streams", b->max_streams);
+            batcher_stop(b);
+            return NULL;
+        }
+    }
+    if (pthread_create(&b->thread, NULL, batcher_main, b) != 0) {
+        snprintf(err, errlen, "cannot start the batcher thread");
+        batcher_stop(b);
+        return NULL;
+    }
+    b->started = 1;
+    return b;
+}
+
+void batcher_stop(struct batcher *b)
+{
+    if (!b)
+        return;
+    if (b->started) {
+        pthread_mutex_lock(&b->mu);
+        b->stopping = 1;
+        pthread_cond_broadcast(&b->cv);
+        pthread_mutex_unlock(&b->mu);
+        pthread_join(b->thread, NULL);
+    }
+    engine_destroy(b->e);
+    sampler_free(&b->sampler);
+    free(b->streams);
+    free(b->logits);
+    free(b->step_slots);
+    free(b->step_tokens);
+    pthread_cond_destroy(&b->cv);
+    pthread_mutex_destroy(&b->mu);
+    free(b);
+}

@@ -1,0 +1,106 @@
+/* batcher.h - the only way HTTP threads get work done by a model.
+ *
+ * Each served model has one batcher: a bounded queue and one thread that
+ * owns the model's engine.  HTTP threads tokenize, build a job, submit it
+ * and wait; they never run the model.  The batcher thread
+ *  - gathers forward jobs (classify, score, attention) into one engine call
+ *    of up to max_batch sequences, waiting at most max_wait_us for the
+ *    batch to fill once the first job is there (dynamic batching);
+ *  - runs generation with continuous batching: each stream holds a slot,
+ *    new streams join between steps (their prompts prefilled together),
+ *    finished or abandoned ones leave, and every step advances all of them
+ *    with one engine call, each keeping its own sampling parameters and
+ *    random generator.
+ * A full queue refuses new jobs (the HTTP layer answers 503); a cancelled
+ * job (its client went away) is dropped from its batch at the next chance.
+ */
+#ifndef RRN_BATCHER_H
+#define RRN_BATCHER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "engine.h"
+#include "sampler.h"
+#include "tokenizer.h"
+
+enum job_kind { JOB_CLASSIFY, JOB_SCORE, JOB_ATTENTION, JOB_GENERATE };
+
+enum finish_reason { FINISH_NONE, FINISH_LENGTH, FINISH_STOP };
+
+#define JOB_MAX_STOP 4
+
+struct job {
+    enum job_kind kind;
+    /* Input, set before batcher_submit and not touched after. */
+    int n_texts;           /* classify and score: >= 1; attention, generate: 1 */
+    int32_t **ids;         /* n_texts token arrays (owned by the job) */
+    int *lens;
+    /* Generation: the prompt is ids[0] (at least one token). */
+    struct sample_params sample;
+    int max_tokens;
+    char *stop[JOB_MAX_STOP]; /* stop strings, or NULL */
+    int n_stop;
+
+    /* Output, valid once done.  Generation fills tokens and text as it
+     * goes: read n_tokens and text_len under mu; the arrays are allocated
+     * once, when the stream starts, so the bytes before those counts stay
+     * where they are. */
+    float *probs;          /* classify: [n_texts][C] */
+    double *logprob;       /* score: [n_texts] */
+    float *attention;      /* attention: [L][D][len][K] */
+    int32_t *tokens;       /* generate: sampled tokens */
+    int n_tokens;
+    char *text;            /* generate: decoded text so far (NUL-terminated) */
+    size_t text_len;
+    enum finish_reason finish;
+    int batch_size;        /* sequences in the engine call that ran it */
+    int failed;            /* 1: error holds the reason (an engine error: HTTP 500) */
+    char error[256];
+    int done;
+
+    /* Shared state; use the functions below. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_int cancelled;
+    atomic_int refs;
+    struct job *next;      /* queue link, the batcher's */
+    int slot;              /* generation slot, the batcher's */
+};
+
+struct batcher_options {
+    int max_batch;         /* sequences per engine call */
+    int max_wait_us;       /* how long a batch may wait to fill */
+    int max_queue;         /* jobs waiting beyond which submit refuses */
+};
+
+struct batcher;
+struct metrics;
+
+/* Starts the batcher thread.  The batcher owns the engine from then on,
+ * even when it fails to start; not the model or tokenizer, which must
+ * outlive it.  The engine needs max_batch + 1 slots for a unidirectional
+ * language model (the streams and one for scoring long texts). */
+struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk, struct engine *e,
+                              const struct batcher_options *opt, struct metrics *metrics, char *err,
+                              size_t errlen);
+/* Finishes every job already queued or running, then stops the thread and
+ * frees the batcher and its engine. */
+void batcher_stop(struct batcher *b);
+
+/* A new job with one reference held by the caller. */
+struct job *job_new(enum job_kind kind, int n_texts);
+void job_release(struct job *j);
+
+/* 0: queued; -1: the queue is full; -2: the batcher is stopping. */
+int batcher_submit(struct batcher *b, struct job *j);
+int batcher_queue_depth(struct batcher *b);
+
+/* Wait until the job is done or, for generation, until it has more than
+ * seen_tokens tokens; at most timeout_ms.  Returns 1 when there is news. */
+int job_wait(struct job *j, int seen_tokens, int timeout_ms);
+/* The client went away: the batcher drops the job at the next chance. */
+void job_cancel(struct job *j);
+
+#endif

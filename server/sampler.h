@@ -1,0 +1,46 @@
+/* sampler.h - choosing the next token from a language model's logits.
+ *
+ * Temperature scaling, then top-k, then top-p (nucleus) filtering, then a
+ * draw from the renormalised distribution with the stream's own random
+ * generator, so the same seed and parameters give the same tokens whatever
+ * else the server is doing.  temperature 0 means greedy (argmax).
+ */
+#ifndef RRN_SAMPLER_H
+#define RRN_SAMPLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct sample_params {
+    float temperature;  /* >= 0; 0 is greedy */
+    int top_k;          /* 0: no limit */
+    float top_p;        /* (0, 1]; 1: no limit */
+    uint64_t seed;
+};
+
+/* A small, fast generator with 256 bits of state (xoshiro256**), seeded
+ * through splitmix64 so any seed, 0 included, gives a good stream. */
+struct rng {
+    uint64_t s[4];
+};
+
+void rng_seed(struct rng *r, uint64_t seed);
+uint64_t rng_next(struct rng *r);
+double rng_uniform(struct rng *r); /* [0, 1) */
+
+/* Scratch for sample_token, sized for a vocabulary of V. */
+struct sampler {
+    int V;
+    struct sample_entry {
+        float p;
+        int id;
+    } *e;
+};
+
+int sampler_init(struct sampler *s, int V);
+void sampler_free(struct sampler *s);
+
+/* The sampled token id for logits[0..V-1]. */
+int sample_token(struct sampler *s, const float *logits, const struct sample_params *p, struct rng *r);
+
+#endif

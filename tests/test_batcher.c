@@ -1,0 +1,241 @@
+/* test_batcher.c - the batcher without HTTP: jobs from many threads give
+ * what each gives alone, generation with a seed gives the same tokens
+ * whatever runs beside it, a cancelled stream stops, and stopping the
+ * batcher answers every job it accepted.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "batcher.h"
+
+struct env {
+    struct model model;
+    struct tokenizer tk;
+    struct backend *be;
+    struct batcher *b;
+};
+
+static int open_env(void **state, const char *path, int max_batch, int max_queue)
+{
+    char err[512];
+    struct env *v = calloc(1, sizeof *v);
+    assert_non_null(v);
+    if (model_load(path, &v->model, err, sizeof err) != 0 || tokenizer_init(&v->tk, &v->model.cfg, err, sizeof err))
+        fail_msg("%s: %s", path, err);
+    v->be = backend_cpu_create(err, sizeof err);
+    int slots = v->model.cfg.task == TASK_LM ? max_batch + 1 : 0;
+    struct engine *e = engine_create(&v->model, v->be, slots, err, sizeof err);
+    assert_non_null(e);
+    struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = 2000, .max_queue = max_queue};
+    v->b = batcher_start(&v->model, &v->tk, e, &opt, NULL, err, sizeof err);
+    if (!v->b)
+        fail_msg("batcher: %s", err);
+    *state = v;
+    return 0;
+}
+
+static int setup_lm(void **state)
+{
+    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256);
+}
+
+static int setup_cls(void **state)
+{
+    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256);
+}
+
+static int teardown(void **state)
+{
+    struct env *v = *state;
+    batcher_stop(v->b);
+    backend_destroy(v->be);
+    tokenizer_free(&v->tk);
+    model_free(&v->model);
+    free(v);
+    return 0;
+}
+
+static struct job *text_job(struct env *v, enum job_kind kind, const char *text)
+{
+    struct job *j = job_new(kind, 1);
+    assert_non_null(j);
+    size_t n;
+    assert_int_equal(tokenizer_encode(&v->tk, text, strlen(text), &j->ids[0], &n), 0);
+    j->lens[0] = (int)n;
+    return j;
+}
+
+static struct job *gen_job(struct env *v, const char *prompt, uint64_t seed, int max_tokens)
+{
+    struct job *j = text_job(v, JOB_GENERATE, prompt);
+    j->sample = (struct sample_params){.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = seed};
+    j->max_tokens = max_tokens;
+    return j;
+}
+
+static void run_to_end(struct env *v, struct job *j)
+{
+    assert_int_equal(batcher_submit(v->b, j), 0);
+    for (int i = 0; i < 6000 && !job_wait(j, 1 << 30, 10); i++)
+        ;
+    assert_true(j->done);
+}
+
+struct worker {
+    struct env *v;
+    int id;
+    struct job *j;
+};
+
+static const char *const prompts[] = {"a", "good day", "terrible, awful film", "nice", "the cat sat"};
+
+static void *gen_worker(void *arg)
+{
+    struct worker *w = arg;
+    w->j = gen_job(w->v, prompts[w->id % 5], (uint64_t)w->id, 12 + w->id % 7);
+    if (batcher_submit(w->v->b, w->j) == 0)
+        while (!job_wait(w->j, 1 << 30, 50))
+            ;
+    return NULL;
+}
+
+/* 24 streams at once, more than the 8 slots: each stream's text equals the
+ * text its seed and prompt give when it runs alone. */
+static void test_generation_is_independent_of_company(void **state)
+{
+    struct env *v = *state;
+    enum { N = 24 };
+    struct worker w[N];
+    pthread_t t[N];
+    for (int i = 0; i < N; i++) {
+        w[i] = (struct worker){v, i, NULL};
+        assert_int_equal(pthread_create(&t[i], NULL, gen_worker, &w[i]), 0);
+    }
+    for (int i = 0; i < N; i++)
+        pthread_join(t[i], NULL);
+    int batched = 0;
+    for (int i = 0; i < N; i++) {
+        struct job *alone = gen_job(v, prompts[i % 5], (uint64_t)i, 12 + i % 7);
+        run_to_end(v, alone);
+        assert_true(w[i].j->done && !w[i].j->failed);
+        assert_int_equal(w[i].j->n_tokens, alone->n_tokens);
+        assert_int_equal(w[i].j->finish, FINISH_LENGTH);
+        assert_memory_equal(w[i].j->tokens, alone->tokens, sizeof(int32_t) * (size_t)alone->n_tokens);
+        assert_string_equal(w[i].j->text, alone->text);
+        batched |= w[i].j->batch_size > 1;
+        job_release(alone);
+        job_release(w[i].j);
+    }
+    assert_true(batched);
+}
+
+static void *cls_worker(void *arg)
+{
+    struct worker *w = arg;
+    w->j = text_job(w->v, JOB_CLASSIFY, prompts[w->id % 5]);
+    if (batcher_submit(w->v->b, w->j) == 0)
+        while (!job_wait(w->j, 0, 50))
+            ;
+    return NULL;
+}
+
+static void test_classify_batched_equals_alone(void **state)
+{
+    struct env *v = *state;
+    enum { N = 32 };
+    struct worker w[N];
+    pthread_t t[N];
+    for (int i = 0; i < N; i++) {
+        w[i] = (struct worker){v, i, NULL};
+        assert_int_equal(pthread_create(&t[i], NULL, cls_worker, &w[i]), 0);
+    }
+    for (int i = 0; i < N; i++)
+        pthread_join(t[i], NULL);
+    for (int i = 0; i < N; i++) {
+        struct job *alone = text_job(v, JOB_CLASSIFY, prompts[i % 5]);
+        run_to_end(v, alone);
+        assert_true(w[i].j->done && !w[i].j->failed);
+        assert_memory_equal(w[i].j->probs, alone->probs, sizeof(float) * (size_t)v->model.head_out);
+        job_release(alone);
+        job_release(w[i].j);
+    }
+}
+
+static void test_stop_string_ends_generation(void **state)
+{
+    struct env *v = *state;
+    struct job *j = gen_job(v, "good day", 99, 40);
+    run_to_end(v, j);
+    assert_true(j->n_tokens >= 4);
+    /* Stop at the text's third and fourth bytes: the same stream must end
+     * just before their first occurrence. */
+    char stop[3] = {j->text[2], j->text[3], 0};
+    struct job *k = gen_job(v, "good day", 99, 40);
+    k->stop[0] = strdup(stop);
+    k->n_stop = 1;
+    run_to_end(v, k);
+    assert_int_equal(k->finish, FINISH_STOP);
+    assert_int_equal(k->text_len, (size_t)(strstr(j->text, stop) - j->text));
+    assert_memory_equal(k->text, j->text, k->text_len);
+    assert_true(k->n_tokens < j->n_tokens);
+    job_release(j);
+    job_release(k);
+}
+
+static void test_cancelled_stream_stops(void **state)
+{
+    struct env *v = *state;
+    struct job *j = gen_job(v, "a", 5, 1000000);
+    assert_int_equal(batcher_submit(v->b, j), 0);
+    while (!job_wait(j, 3, 50))
+        ;
+    job_cancel(j);
+    for (int i = 0; i < 6000 && !job_wait(j, 1 << 30, 10); i++)
+        ;
+    assert_true(j->done);
+    assert_true(j->failed);
+    assert_true(j->n_tokens < 1000000);
+    job_release(j);
+}
+
+static void test_stop_answers_every_accepted_job(void **state)
+{
+    struct env *v = *state;
+    enum { N = 20 };
+    struct job *jobs[N];
+    for (int i = 0; i < N; i++) {
+        jobs[i] = i % 2 ? gen_job(v, prompts[i % 5], (uint64_t)i, 30) : text_job(v, JOB_SCORE, prompts[i % 5]);
+        assert_int_equal(batcher_submit(v->b, jobs[i]), 0);
+    }
+    batcher_stop(v->b);
+    v->b = NULL;
+    for (int i = 0; i < N; i++) {
+        assert_true(jobs[i]->done && !jobs[i]->failed);
+        if (i % 2)
+            assert_int_equal(jobs[i]->n_tokens, 30);
+        else if (jobs[i]->lens[0] > 1)
+            assert_true(jobs[i]->logprob[0] < 0.0);
+        else
+            assert_true(jobs[i]->logprob[0] == 0.0); /* one token: nothing to predict */
+        job_release(jobs[i]);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_generation_is_independent_of_company, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_classify_batched_equals_alone, setup_cls, teardown),
+        cmocka_unit_test_setup_teardown(test_stop_string_ends_generation, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
+    };
+    return cmocka_run_group_tests_name("batcher", tests, NULL, NULL);
+}
