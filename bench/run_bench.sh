@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run_bench.sh BENCH_ENGINE - `make bench`: the engine against PyTorch on the CPU, in the
+# run_bench.sh BENCH_DIR - `make bench`: the engine against PyTorch on the CPU, in the
 # same run, on the same weights and inputs (bench_torch.py writes them).
 #
 # PyTorch runs with OMP_WAIT_POLICY=PASSIVE: Debian's torch multiplies
@@ -15,7 +15,9 @@ py=${PYTHON:-/usr/bin/python3}
 
 torch_default=$("$py" bench/bench_torch.py "$dir")
 torch_passive=$(OMP_WAIT_POLICY=PASSIVE "$py" bench/bench_torch.py "$dir")
-engine=$("$1" "$dir")
+engine=$("$1/bench_engine" "$dir")
+echo "gemm_nt (batch-invariant) against OpenBLAS, GFLOP/s:"
+"$1/bench_gemm"
 echo "torch (default threading): $torch_default"
 echo "torch (OMP_WAIT_POLICY=PASSIVE): $torch_passive"
 echo "engine: $engine"

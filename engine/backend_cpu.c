@@ -16,6 +16,7 @@
 
 static void cpu_destroy(struct backend *be)
 {
+    free(be->impl);
     free(be);
 }
 
@@ -94,9 +95,44 @@ static void cpu_add_rows(struct backend *be, float *y, int ldy, const float *x, 
     }
 }
 
-static float sigmoidf(float x)
+/* exp(x) for float, vectorizable: libm's expf is a call the compiler
+ * cannot vectorize, and the cell's sigmoids and tanhs were the engine's
+ * largest cost after the matrix products.  Range reduction x = n ln2 + r
+ * (ln2 in two parts), a degree-6 polynomial for e^r (Cephes' expf
+ * coefficients), and 2^n assembled in the exponent bits; within 2 ulp of
+ * expf over the clamped range.  Only +, -, * and / appear, none fused, so
+ * every vector width and the scalar tail give each element the same bits
+ * and results stay independent of the batch. */
+static inline float exp_approx(float x)
 {
-    return 1.0f / (1.0f + expf(-x));
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    /* Round x / ln2 to nearest by adding and removing 1.5 * 2^23. */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union {
+        int32_t i;
+        float f;
+    } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+static inline float sigmoid_approx(float x)
+{
+    return 1.0f / (1.0f + exp_approx(-x));
+}
+
+/* tanh from e^{-2|x|}: no overflow, and odd by construction. */
+static inline float tanh_approx(float x)
+{
+    float e = exp_approx(-2.0f * fabsf(x));
+    return copysignf((1.0f - e) / (1.0f + e), x);
 }
 
 /* Softmax of n values in place, subtracting the maximum first so that
@@ -139,15 +175,44 @@ static void attention_weights(const struct cell_step *s, const float *q, const f
     softmax_inplace(a, K);
 }
 
+/* One row of each cell, written as flat, branch-free loops over k that the
+ * compiler vectorizes; absent terms come as arrays of zeros.  pre holds
+ * the LSTM's gate pre-activations (xg + hg + b_hh). */
+static void lstm_row(float *restrict out, float *restrict c, const float *restrict pre,
+                     const float *restrict att, const float *restrict peep, int H)
+{
+    for (int k = 0; k < H; k++) {
+        float cn = sigmoid_approx(pre[H + k]) * c[k] + sigmoid_approx(pre[k]) * tanh_approx(pre[2 * H + k]) +
+                   att[k];
+        c[k] = cn;
+        out[k] = sigmoid_approx(pre[3 * H + k] + peep[k] * cn) * tanh_approx(cn);
+    }
+}
+
+static void gru_row(float *restrict out, const float *restrict xg, const float *restrict hg,
+                    const float *restrict b, const float *restrict hp, int H)
+{
+    for (int k = 0; k < H; k++) {
+        float r = sigmoid_approx(xg[k] + hg[k] + b[k]);
+        float z = sigmoid_approx(xg[H + k] + hg[H + k] + b[H + k]);
+        float nn = tanh_approx(xg[2 * H + k] + r * (hg[2 * H + k] + b[2 * H + k]));
+        out[k] = (1.0f - z) * nn + z * hp[k];
+    }
+}
+
+/* Runs once per layer and step over the whole batch; target_clones builds
+ * an AVX2 copy beside the baseline one and picks at load time. */
+__attribute__((target_clones("avx2", "default")))
 static void cpu_cell_step(struct backend *be, const struct cell_step *s)
 {
-    (void)be;
     const int H = s->H, R = s->R, K = s->attn_window;
     const int G = s->cell == CELL_LSTM ? 4 : s->cell == CELL_GRU ? 3 : 1;
     /* hist[lag] is h_{t-lag} of the row, or NULL before the sequence start. */
     const float *hist[CONFIG_MAX_ATTN_WINDOW + 2 > CONFIG_MAX_SKIP_PERIOD + 1
                       ? CONFIG_MAX_ATTN_WINDOW + 2 : CONFIG_MAX_SKIP_PERIOD + 1];
     float a[CONFIG_MAX_ATTN_WINDOW];
+    float *pre = be->impl, *att = pre + 4 * (size_t)H, *zero = att + H;
+    memset(zero, 0, (size_t)H * sizeof(float));
     for (int i = 0; i < s->n; i++) {
         const int slot = s->slot ? s->slot[i] : i;
         const int t = s->t ? s->t[i] : s->t0;
@@ -158,47 +223,35 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
         const float *hg = s->hg + (size_t)i * G * H;
         const float *b = s->b_hh;
         float *out = s->out + (size_t)i * H;
-        float *c = s->c ? s->c + (size_t)slot * H : NULL;
 
         switch (s->cell) {
         case CELL_RNN_TANH:
             for (int k = 0; k < H; k++)
-                out[k] = tanhf(xg[k] + hg[k] + b[k]);
+                out[k] = tanh_approx(xg[k] + hg[k] + b[k]);
             break;
         case CELL_RNN_RELU:
             for (int k = 0; k < H; k++)
                 out[k] = fmaxf(0.0f, xg[k] + hg[k] + b[k]);
             break;
         case CELL_GRU:
-            for (int k = 0; k < H; k++) {
-                float r = sigmoidf(xg[k] + hg[k] + b[k]);
-                float z = sigmoidf(xg[H + k] + hg[H + k] + b[H + k]);
-                float nn = tanhf(xg[2 * H + k] + r * (hg[2 * H + k] + b[2 * H + k]));
-                float hp = hist[1] ? hist[1][k] : 0.0f;
-                out[k] = (1.0f - z) * nn + z * hp;
-            }
+            gru_row(out, xg, hg, b, hist[1] ? hist[1] : zero, H);
             break;
-        case CELL_LSTM:
+        case CELL_LSTM: {
+            for (int k = 0; k < 4 * H; k++)
+                pre[k] = xg[k] + hg[k] + b[k];
+            memset(att, 0, (size_t)H * sizeof(float));
             if (K) {
                 attention_weights(s, s->q ? s->q + (size_t)i * H : NULL, hist, a);
                 if (s->attn)
                     memcpy(s->attn + (size_t)i * K, a, (size_t)K * sizeof(float));
-            }
-            for (int k = 0; k < H; k++) {
-                float ig = sigmoidf(xg[k] + hg[k] + b[k]);
-                float fg = sigmoidf(xg[H + k] + hg[H + k] + b[H + k]);
-                float gg = tanhf(xg[2 * H + k] + hg[2 * H + k] + b[2 * H + k]);
-                float cn = fg * c[k] + ig * gg;
                 for (int j = 0; j < K; j++)
                     if (hist[j + 2])
-                        cn += a[j] * hist[j + 2][k];
-                float po = xg[3 * H + k] + hg[3 * H + k] + b[3 * H + k];
-                if (s->peephole)
-                    po += s->peephole[k] * cn;
-                c[k] = cn;
-                out[k] = sigmoidf(po) * tanhf(cn);
+                        for (int k = 0; k < H; k++)
+                            att[k] += a[j] * hist[j + 2][k];
             }
+            lstm_row(out, s->c + (size_t)slot * H, pre, att, s->peephole ? s->peephole : zero, H);
             break;
+        }
         }
         if (s->skip_period > 1 && t % s->skip_period == 0 && hist[s->skip_period])
             for (int k = 0; k < H; k++)
@@ -281,7 +334,10 @@ static const struct backend_ops cpu_ops = {
 struct backend *backend_cpu_create(char *err, size_t errlen)
 {
     struct backend *be = calloc(1, sizeof *be);
-    if (!be) {
+    /* impl: scratch for cpu_cell_step, one row of gate pre-activations,
+     * attention sums and zeros (6 H). */
+    if (!be || !(be->impl = malloc(6 * sizeof(float) * CONFIG_MAX_HIDDEN))) {
+        free(be);
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
