@@ -178,7 +178,8 @@ static void attention_weights(const struct cell_step *s, const float *q, const f
 /* One row of each cell, written as flat, branch-free loops over k that the
  * compiler vectorizes; absent terms come as arrays of zeros.  pre holds
  * the LSTM's gate pre-activations (xg + hg + b_hh). */
-static void lstm_row(float *restrict out, float *restrict c, const float *restrict pre,
+/* always_inline: compiled into each clone of cpu_cell_step, AVX2 included. */
+static inline __attribute__((always_inline)) void lstm_row(float *restrict out, float *restrict c, const float *restrict pre,
                      const float *restrict att, const float *restrict peep, int H)
 {
     for (int k = 0; k < H; k++) {
@@ -189,7 +190,7 @@ static void lstm_row(float *restrict out, float *restrict c, const float *restri
     }
 }
 
-static void gru_row(float *restrict out, const float *restrict xg, const float *restrict hg,
+static inline __attribute__((always_inline)) void gru_row(float *restrict out, const float *restrict xg, const float *restrict hg,
                     const float *restrict b, const float *restrict hp, int H)
 {
     for (int k = 0; k < H; k++) {

@@ -77,10 +77,12 @@ static int get_bool(const cJSON *v, const char *field, int *out, char *err, size
     return 0;
 }
 
-/* Looks a string value up in names[]; *out is its index. */
+/* Looks a string value up in names[]; *out is its index (0 on failure, so
+ * callers never hold an unset value). */
 static int get_enum(const cJSON *v, const char *field, const char *const *names, int n,
                     int *out, char *err, size_t errlen)
 {
+    *out = 0;
     if (!v)
         return fail(err, errlen, "config: \"%s\" is required", field);
     if (cJSON_IsString(v)) {

@@ -237,7 +237,9 @@ static AVX2_FN void block_avx2(const struct job *jb, int m0, int m1, int n0, int
     for (int p0 = n0, p1; p0 < n1; p0 = p1) {
         p1 = n1 - p0 < panel ? n1 : p0 + panel;
         for (int i = m0, mr; i < m1; i += mr) {
-            mr = m1 - i < MR ? m1 - i : MR;
+            /* Four rows left go as two and two: a 1-row kernel is load-bound
+             * and would cost as much as a 3-row one. */
+            mr = m1 - i == MR + 1 ? 2 : m1 - i < MR ? m1 - i : MR;
             const float *a = jb->A + (size_t)i * lda;
             float *c = jb->C + (size_t)i * ldc;
             for (int j = p0, nr; j < p1; j += nr) {
