@@ -4,7 +4,7 @@
  * times the engine on the same work, printing one JSON object:
  *   (a) classify throughput, LSTM L=2 H=512 E=256, batch 64, T=128;
  *   (b) generation step latency at batch 1 and 32 (step API);
- *   (c) RRA language model forward, batch 64, T=128;
+ *   (c) RRA language model forward, batch 64 and batch 1, T=128;
  * plus the machine's own sgemm rate on a large square product, so the
  * engine's GFLOP/s can be read as a fraction of what the BLAS can do.
  */
@@ -68,24 +68,25 @@ static void unload(struct loaded *l)
     model_free(&l->model);
 }
 
-/* Sequences per second of full forwards over the batch, for min_s seconds. */
-static double forward_rate(struct engine *e, const int32_t *tokens, double min_s)
+/* Sequences per second of full forwards over the first n sequences, for
+ * min_s seconds. */
+static double forward_rate(struct engine *e, const int32_t *tokens, int n, double min_s)
 {
     char err[512];
     struct engine_seq seqs[BATCH];
     float probs[BATCH][2];
-    for (int i = 0; i < BATCH; i++)
+    for (int i = 0; i < n; i++)
         seqs[i] = (struct engine_seq){.tokens = tokens + i * STEPS, .len = STEPS, .slot = -1, .probs = probs[i]};
-    if (engine_forward(e, seqs, BATCH, err, sizeof err) != 0) /* warm-up */
+    if (engine_forward(e, seqs, n, err, sizeof err) != 0) /* warm-up */
         die("forward", err);
     int iters = 0;
     double t0 = now(), t;
     do {
-        if (engine_forward(e, seqs, BATCH, err, sizeof err) != 0)
+        if (engine_forward(e, seqs, n, err, sizeof err) != 0)
             die("forward", err);
         iters++;
     } while ((t = now() - t0) < min_s);
-    return iters * BATCH / t;
+    return iters * n / t;
 }
 
 /* Mean milliseconds per generation step at batch n. */
@@ -154,13 +155,14 @@ int main(int argc, char **argv)
     double flop = 0;
     for (int l = 0; l < c->layers; l++)
         flop += 2.0 * BATCH * STEPS * 4 * c->hidden * (double)(config_layer_input(c, l) + c->hidden);
-    double cls_rate = forward_rate(cls.engine, ctok, 5.0);
+    double cls_rate = forward_rate(cls.engine, ctok, BATCH, 5.0);
     double s1 = step_ms(lm.engine, 1, 2.0), s32 = step_ms(lm.engine, 32, 2.0);
-    double rra_rate = forward_rate(rra.engine, rtok, 5.0);
+    double rra_rate = forward_rate(rra.engine, rtok, BATCH, 5.0);
+    double rra1_rate = forward_rate(rra.engine, rtok, 1, 2.0);
     double peak = sgemm_rate();
     printf("{\"classify_seq_per_s\": %.2f, \"classify_gflops\": %.1f, \"step_ms_b1\": %.4f, "
-           "\"step_ms_b32\": %.4f, \"rra_seq_per_s\": %.2f, \"sgemm_gflops\": %.1f}\n",
-           cls_rate, cls_rate / BATCH * flop / 1e9, s1, s32, rra_rate, peak);
+           "\"step_ms_b32\": %.4f, \"rra_seq_per_s\": %.2f, \"rra1_seq_per_s\": %.2f, \"sgemm_gflops\": %.1f}\n",
+           cls_rate, cls_rate / BATCH * flop / 1e9, s1, s32, rra_rate, rra1_rate, peak);
     free(ctok);
     free(rtok);
     unload(&cls);

@@ -10,9 +10,10 @@ them and prints one JSON object with the timings on stdout:
   step      the same LSTM as an lm: one generation step (embedding ->
             one LSTM step with carried (h, c) -> logits) at batch 1 and 32:
             lstm_lm.safetensors
-  rra       the lm with dynamic residual attention, window 8, batch 64,
-            T=128, as the eager step loop a PyTorch user would write
-            (PyTorch has no such cell): rra_lm.safetensors, rra_tokens.i32
+  rra       the lm with dynamic residual attention, window 8, batch 64
+            and batch 1, T=128, as the eager step loop a PyTorch user would
+            write (PyTorch has no such cell): rra_lm.safetensors,
+            rra_tokens.i32
 
 Token files are raw little-endian int32 [64, 128].  Run with the Python
 that has torch (Debian's /usr/bin/python3).
@@ -248,6 +249,11 @@ def main():
     with torch.inference_mode():
         sec = timed(lambda: rra_forward(model, queries, tokens, WINDOW), MIN_SECONDS)
     result["rra_seq_per_s"] = BATCH / sec
+    # One sequence alone, the shape of an /attention request: here the
+    # loop's per-step overhead, not the matrix products, sets the pace.
+    with torch.inference_mode():
+        sec = timed(lambda: rra_forward(model, queries, tokens[:1], WINDOW), STEP_SECONDS)
+    result["rra1_seq_per_s"] = 1 / sec
     result["rra_checked_against_reference"] = rra_checked
 
     result["blas"] = blas_info()

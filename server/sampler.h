@@ -11,22 +11,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "rng.h"
+
 struct sample_params {
     float temperature;  /* >= 0; 0 is greedy */
     int top_k;          /* 0: no limit */
     float top_p;        /* (0, 1]; 1: no limit */
     uint64_t seed;
 };
-
-/* A small, fast generator with 256 bits of state (xoshiro256**), seeded
- * through splitmix64 so any seed, 0 included, gives a good stream. */
-struct rng {
-    uint64_t s[4];
-};
-
-void rng_seed(struct rng *r, uint64_t seed);
-uint64_t rng_next(struct rng *r);
-double rng_uniform(struct rng *r); /* [0, 1) */
 
 /* Scratch for sample_token, sized for a vocabulary of V. */
 struct sampler {
