@@ -49,6 +49,46 @@ struct cell_step {
     const float *q;           /* [n, H] (dynamic): W_q h_{t-1} */
     float *attn;              /* [n, K] weights out, or NULL */
     float *out;               /* [n, H] */
+    float *cache;             /* training: [n, CELL_CACHE(cell, H)] what the
+                                 backward pass needs, or NULL */
+};
+
+/* Floats per row the forward keeps for the backward pass: the LSTM's four
+ * gate activations and new c; the GRU's r, z, n and W_hn h + b_hn; the
+ * plain RNN's output before the skip term. */
+#define CELL_CACHE(cell, H) ((cell) == CELL_LSTM ? 5 * (H) : (cell) == CELL_GRU ? 4 * (H) : (H))
+
+/* The backward of one cell_step, over the n rows of step s of a packed
+ * batch (rows off[s] .. off[s] + n - 1; step s - j has its rows at off[s -
+ * j]).  Histories are packed too, with R steps of prefix before step 0
+ * (the state carried into the batch, zeros for a fresh one): the h of row
+ * i at step u >= -R is at h + (off[u] + i) * H, with off indexed from -R
+ * (the caller passes off + R).  dh is laid out the same way and holds the
+ * gradient with respect to each h; this step's rows are read, and the
+ * rows of earlier steps receive what flows to them through the cell's
+ * h_{t-1} (GRU), the attention and the skip.  What flows through W_hh and
+ * W_q the caller adds with GEMMs, from dhg and dq. */
+struct cell_grad {
+    enum cell cell;
+    int n, H, s;
+    const int *off;           /* offsets, indexable from -R */
+    const float *h;           /* packed h of this layer and direction */
+    float *dh;                /* packed gradient with respect to h */
+    const float *cache;       /* this step's rows of the forward's cache */
+    const float *cache_prev;  /* step s - 1's rows, or NULL at s = 0 */
+    const float *c0;          /* [n, H] cell state carried in, or NULL */
+    float *dc;                /* [n, H] in: dL/dc_t; out: dL/dc_{t-1} */
+    float *dxg, *dhg;         /* [n, G*H] out */
+    const float *peephole;
+    float *d_peephole;        /* [H] accumulated */
+    int skip_period;
+    int t0;                   /* 1-based step number of step s */
+    enum attn_mode attn_mode;
+    int attn_window;
+    const float *attn;        /* [n, K] this step's weights */
+    const float *q;           /* [n, H] this step's queries (dynamic) */
+    float *d_attn_logits;     /* [K] accumulated (static) */
+    float *dq;                /* [n, H] out (dynamic) */
 };
 
 struct backend;
@@ -83,6 +123,28 @@ struct backend_ops {
                              const int *target, float *out);
     /* Wait for queued work; returns 0, or -1 with a message in be->err. */
     int (*sync)(struct backend *be);
+
+    /* Training.  A backend without them (NULL) cannot train. */
+    void (*cell_step_backward)(struct backend *be, const struct cell_grad *g);
+    /* dst[k] += sum over n rows of src[r][k]. */
+    void (*add_column_sums)(struct backend *be, float *dst, const float *src, int n, int width);
+    /* dst row idx[r] (stride ldd) += src row r (stride lds), rows in order
+     * so repeated indices add up deterministically; idx NULL means r. */
+    void (*scatter_add_rows)(struct backend *be, float *dst, int ldd, const float *src, int lds, const int *idx,
+                             int n, int width);
+    /* The backward of pool_mean: dst row (off[s] + i) += src row i / len[i]. */
+    void (*pool_mean_backward)(struct backend *be, float *dst, const float *src, int width, const int *off,
+                               const int *len, int n);
+    /* y = x * mask / (1 - p), the mask drawn from (seed, element index) so
+     * the backward applies the same one; x == y allowed. */
+    void (*dropout)(struct backend *be, float *y, const float *x, size_t n, float p, unsigned long long seed);
+    /* Softmax cross-entropy of n rows against target (< 0: row ignored):
+     * loss[r] = -log softmax(x_r)[target_r]; dx = scale * (softmax - onehot). */
+    void (*softmax_xent)(struct backend *be, const float *x, int n, int width, const int *target, float *loss,
+                         float *dx, float scale);
+    /* Squared error of n rows: loss[r] = sum_k (x - y)^2; dx = scale * 2 (x - y). */
+    void (*squared_error)(struct backend *be, const float *x, const float *y, int n, int width, float *loss,
+                          float *dx, float scale);
 };
 
 struct backend {

@@ -179,25 +179,39 @@ static void attention_weights(const struct cell_step *s, const float *q, const f
  * compiler vectorizes; absent terms come as arrays of zeros.  pre holds
  * the LSTM's gate pre-activations (xg + hg + b_hh). */
 /* always_inline: compiled into each clone of cpu_cell_step, AVX2 included. */
-static inline __attribute__((always_inline)) void lstm_row(float *restrict out, float *restrict c, const float *restrict pre,
-                     const float *restrict att, const float *restrict peep, int H)
+static inline __attribute__((always_inline)) void lstm_row(float *restrict out, float *restrict c,
+                                                           const float *restrict pre, const float *restrict att,
+                                                           const float *restrict peep, float *restrict cache,
+                                                           int H)
 {
     for (int k = 0; k < H; k++) {
-        float cn = sigmoid_approx(pre[H + k]) * c[k] + sigmoid_approx(pre[k]) * tanh_approx(pre[2 * H + k]) +
-                   att[k];
+        float ig = sigmoid_approx(pre[k]), fg = sigmoid_approx(pre[H + k]), gg = tanh_approx(pre[2 * H + k]);
+        float cn = fg * c[k] + ig * gg + att[k];
+        float og = sigmoid_approx(pre[3 * H + k] + peep[k] * cn);
         c[k] = cn;
-        out[k] = sigmoid_approx(pre[3 * H + k] + peep[k] * cn) * tanh_approx(cn);
+        out[k] = og * tanh_approx(cn);
+        cache[k] = ig;
+        cache[H + k] = fg;
+        cache[2 * H + k] = gg;
+        cache[3 * H + k] = og;
+        cache[4 * H + k] = cn;
     }
 }
 
-static inline __attribute__((always_inline)) void gru_row(float *restrict out, const float *restrict xg, const float *restrict hg,
-                    const float *restrict b, const float *restrict hp, int H)
+static inline __attribute__((always_inline)) void gru_row(float *restrict out, const float *restrict xg,
+                                                          const float *restrict hg, const float *restrict b,
+                                                          const float *restrict hp, float *restrict cache, int H)
 {
     for (int k = 0; k < H; k++) {
         float r = sigmoid_approx(xg[k] + hg[k] + b[k]);
         float z = sigmoid_approx(xg[H + k] + hg[H + k] + b[H + k]);
-        float nn = tanh_approx(xg[2 * H + k] + r * (hg[2 * H + k] + b[2 * H + k]));
+        float hn = hg[2 * H + k] + b[2 * H + k];
+        float nn = tanh_approx(xg[2 * H + k] + r * hn);
         out[k] = (1.0f - z) * nn + z * hp[k];
+        cache[k] = r;
+        cache[H + k] = z;
+        cache[2 * H + k] = nn;
+        cache[3 * H + k] = hn;
     }
 }
 
@@ -212,8 +226,11 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
     const float *hist[CONFIG_MAX_ATTN_WINDOW + 2 > CONFIG_MAX_SKIP_PERIOD + 1
                       ? CONFIG_MAX_ATTN_WINDOW + 2 : CONFIG_MAX_SKIP_PERIOD + 1];
     float a[CONFIG_MAX_ATTN_WINDOW];
-    float *pre = be->impl, *att = pre + 4 * (size_t)H, *zero = att + H;
+    /* Without a cache to fill, the rows write theirs to scratch: one code
+     * path, and the stores stay in L1. */
+    float *pre = be->impl, *att = pre + 4 * (size_t)H, *zero = att + H, *scratch = zero + H;
     memset(zero, 0, (size_t)H * sizeof(float));
+    const size_t cw = CELL_CACHE(s->cell, H);
     for (int i = 0; i < s->n; i++) {
         const int slot = s->slot ? s->slot[i] : i;
         const int t = s->t ? s->t[i] : s->t0;
@@ -224,6 +241,7 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
         const float *hg = s->hg + (size_t)i * G * H;
         const float *b = s->b_hh;
         float *out = s->out + (size_t)i * H;
+        float *cache = s->cache ? s->cache + i * cw : scratch;
 
         switch (s->cell) {
         case CELL_RNN_TANH:
@@ -235,7 +253,7 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
                 out[k] = fmaxf(0.0f, xg[k] + hg[k] + b[k]);
             break;
         case CELL_GRU:
-            gru_row(out, xg, hg, b, hist[1] ? hist[1] : zero, H);
+            gru_row(out, xg, hg, b, hist[1] ? hist[1] : zero, cache, H);
             break;
         case CELL_LSTM: {
             for (int k = 0; k < 4 * H; k++)
@@ -250,10 +268,12 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
                         for (int k = 0; k < H; k++)
                             att[k] += a[j] * hist[j + 2][k];
             }
-            lstm_row(out, s->c + (size_t)slot * H, pre, att, s->peephole ? s->peephole : zero, H);
+            lstm_row(out, s->c + (size_t)slot * H, pre, att, s->peephole ? s->peephole : zero, cache, H);
             break;
         }
         }
+        if (s->cache && G == 1)
+            memcpy(cache, out, (size_t)H * sizeof(float));
         if (s->skip_period > 1 && t % s->skip_period == 0 && hist[s->skip_period])
             for (int k = 0; k < H; k++)
                 out[k] += hist[s->skip_period][k];
@@ -307,6 +327,198 @@ static void cpu_log_softmax_pick(struct backend *be, const float *x, int n, int 
     }
 }
 
+/* The backward twin of cpu_cell_step (see struct cell_grad). */
+static void cpu_cell_step_backward(struct backend *be, const struct cell_grad *g)
+{
+    const int H = g->H, K = g->attn_window, s = g->s;
+    const size_t cw = CELL_CACHE(g->cell, H);
+    const size_t GH = (size_t)(g->cell == CELL_LSTM ? 4 : g->cell == CELL_GRU ? 3 : 1) * H;
+    const float scale = 1.0f / sqrtf((float)H);
+    float *dct = be->impl; /* one row of dL/dc_t, for the attention */
+    for (int i = 0; i < g->n; i++) {
+        float *dh = g->dh + (size_t)(g->off[s] + i) * H;
+        const float *hprev = g->h + (size_t)(g->off[s - 1] + i) * H;
+        float *dhprev = g->dh + (size_t)(g->off[s - 1] + i) * H;
+        const float *cache = g->cache + i * cw;
+        float *dxg = g->dxg + i * GH, *dhg = g->dhg + i * GH;
+        /* h_t = cell + h_{t-K}: the skip passes dh on unchanged. */
+        if (g->skip_period > 1 && g->t0 % g->skip_period == 0) {
+            float *d = g->dh + (size_t)(g->off[s - g->skip_period] + i) * H;
+            for (int k = 0; k < H; k++)
+                d[k] += dh[k];
+        }
+        switch (g->cell) {
+        case CELL_RNN_TANH:
+            for (int k = 0; k < H; k++)
+                dxg[k] = dhg[k] = dh[k] * (1.0f - cache[k] * cache[k]);
+            break;
+        case CELL_RNN_RELU:
+            for (int k = 0; k < H; k++)
+                dxg[k] = dhg[k] = cache[k] > 0.0f ? dh[k] : 0.0f;
+            break;
+        case CELL_GRU:
+            for (int k = 0; k < H; k++) {
+                float r = cache[k], z = cache[H + k], n = cache[2 * H + k], hn = cache[3 * H + k];
+                float dn = dh[k] * (1.0f - z) * (1.0f - n * n);
+                float dz = dh[k] * (hprev[k] - n) * z * (1.0f - z);
+                float dr = dn * hn * r * (1.0f - r);
+                dhprev[k] += dh[k] * z;
+                dxg[k] = dhg[k] = dr;
+                dxg[H + k] = dhg[H + k] = dz;
+                dxg[2 * H + k] = dn;
+                dhg[2 * H + k] = dn * r;
+            }
+            break;
+        case CELL_LSTM: {
+            float *dc = g->dc + (size_t)i * H;
+            const float *cprev = g->cache_prev ? g->cache_prev + i * cw + 4 * H : g->c0 ? g->c0 + (size_t)i * H : NULL;
+            for (int k = 0; k < H; k++) {
+                float ig = cache[k], fg = cache[H + k], gg = cache[2 * H + k], og = cache[3 * H + k];
+                float c = cache[4 * H + k], tc = tanh_approx(c);
+                float dpo = dh[k] * tc * og * (1.0f - og);
+                float d = dc[k] + dh[k] * og * (1.0f - tc * tc);
+                if (g->peephole) {
+                    d += dpo * g->peephole[k];
+                    g->d_peephole[k] += dpo * c;
+                }
+                dct[k] = d;
+                dxg[k] = dhg[k] = d * gg * ig * (1.0f - ig);
+                dxg[H + k] = dhg[H + k] = d * (cprev ? cprev[k] : 0.0f) * fg * (1.0f - fg);
+                dxg[2 * H + k] = dhg[2 * H + k] = d * ig * (1.0f - gg * gg);
+                dxg[3 * H + k] = dhg[3 * H + k] = dpo;
+                dc[k] = d * fg;
+            }
+            if (!K)
+                break;
+            /* c_t += sum_j a_j h_{t-1-j}: the states get a_j dc_t, the
+             * weights dc_t . h_{t-1-j}, then through the softmax. */
+            const float *a = g->attn + (size_t)i * K;
+            float da[CONFIG_MAX_ATTN_WINDOW], dot = 0.0f;
+            for (int j = 0; j < K; j++) {
+                const float *hj = g->h + (size_t)(g->off[s - 2 - j] + i) * H;
+                float *dhj = g->dh + (size_t)(g->off[s - 2 - j] + i) * H;
+                da[j] = 0.0f;
+                for (int k = 0; k < H; k++) {
+                    da[j] += dct[k] * hj[k];
+                    dhj[k] += a[j] * dct[k];
+                }
+                dot += a[j] * da[j];
+            }
+            for (int j = 0; j < K; j++)
+                da[j] = a[j] * (da[j] - dot); /* now d score_j */
+            if (g->attn_mode == ATTN_STATIC) {
+                for (int j = 0; j < K; j++)
+                    g->d_attn_logits[j] += da[j];
+                break;
+            }
+            /* score_j = q . h_{t-1-j} / sqrt(H) */
+            const float *q = g->q + (size_t)i * H;
+            float *dq = g->dq + (size_t)i * H;
+            memset(dq, 0, (size_t)H * sizeof(float));
+            for (int j = 0; j < K; j++) {
+                const float *hj = g->h + (size_t)(g->off[s - 2 - j] + i) * H;
+                float *dhj = g->dh + (size_t)(g->off[s - 2 - j] + i) * H;
+                for (int k = 0; k < H; k++) {
+                    dq[k] += da[j] * scale * hj[k];
+                    dhj[k] += da[j] * scale * q[k];
+                }
+            }
+            break;
+        }
+        }
+    }
+}
+
+static void cpu_add_column_sums(struct backend *be, float *dst, const float *src, int n, int width)
+{
+    (void)be;
+    for (int r = 0; r < n; r++)
+        for (int k = 0; k < width; k++)
+            dst[k] += src[(size_t)r * width + k];
+}
+
+static void cpu_scatter_add_rows(struct backend *be, float *dst, int ldd, const float *src, int lds, const int *idx,
+                                 int n, int width)
+{
+    (void)be;
+    for (int r = 0; r < n; r++) {
+        float *d = dst + (size_t)(idx ? idx[r] : r) * ldd;
+        for (int k = 0; k < width; k++)
+            d[k] += src[(size_t)r * lds + k];
+    }
+}
+
+static void cpu_pool_mean_backward(struct backend *be, float *dst, const float *src, int width, const int *off,
+                                   const int *len, int n)
+{
+    (void)be;
+    for (int i = 0; i < n; i++)
+        for (int s = 0; s < len[i]; s++) {
+            float *d = dst + (size_t)(off[s] + i) * width;
+            for (int k = 0; k < width; k++)
+                d[k] += src[(size_t)i * width + k] / (float)len[i];
+        }
+}
+
+/* A uniform [0, 1) draw from (seed, index) alone: splitmix64's mixer, so
+ * the mask needs no state and the backward draws the same one. */
+static float hash_uniform(unsigned long long seed, size_t i)
+{
+    unsigned long long z = seed + 0x9e3779b97f4a7c15ULL * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    return (float)(z >> 40) * 0x1.0p-24f;
+}
+
+static void cpu_dropout(struct backend *be, float *y, const float *x, size_t n, float p, unsigned long long seed)
+{
+    (void)be;
+    float keep = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < n; i++)
+        y[i] = hash_uniform(seed, i) < p ? 0.0f : x[i] * keep;
+}
+
+static void cpu_softmax_xent(struct backend *be, const float *x, int n, int width, const int *target, float *loss,
+                             float *dx, float scale)
+{
+    (void)be;
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + (size_t)r * width;
+        float *d = dx + (size_t)r * width;
+        if (target[r] < 0) {
+            loss[r] = 0.0f;
+            memset(d, 0, (size_t)width * sizeof(float));
+            continue;
+        }
+        float mx = xr[0];
+        for (int k = 1; k < width; k++)
+            mx = xr[k] > mx ? xr[k] : mx;
+        double sum = 0.0;
+        for (int k = 0; k < width; k++)
+            sum += exp((double)(xr[k] - mx));
+        for (int k = 0; k < width; k++)
+            d[k] = scale * (float)(exp((double)(xr[k] - mx)) / sum);
+        d[target[r]] -= scale;
+        loss[r] = (float)(log(sum) - (double)(xr[target[r]] - mx));
+    }
+}
+
+static void cpu_squared_error(struct backend *be, const float *x, const float *y, int n, int width, float *loss,
+                              float *dx, float scale)
+{
+    (void)be;
+    for (int r = 0; r < n; r++) {
+        double sum = 0.0;
+        for (int k = 0; k < width; k++) {
+            float e = x[(size_t)r * width + k] - y[(size_t)r * width + k];
+            sum += (double)e * e;
+            dx[(size_t)r * width + k] = scale * 2.0f * e;
+        }
+        loss[r] = (float)sum;
+    }
+}
+
 static int cpu_sync(struct backend *be)
 {
     (void)be;
@@ -330,14 +542,21 @@ static const struct backend_ops cpu_ops = {
     .softmax_rows = cpu_softmax_rows,
     .log_softmax_pick = cpu_log_softmax_pick,
     .sync = cpu_sync,
+    .cell_step_backward = cpu_cell_step_backward,
+    .add_column_sums = cpu_add_column_sums,
+    .scatter_add_rows = cpu_scatter_add_rows,
+    .pool_mean_backward = cpu_pool_mean_backward,
+    .dropout = cpu_dropout,
+    .softmax_xent = cpu_softmax_xent,
+    .squared_error = cpu_squared_error,
 };
 
 struct backend *backend_cpu_create(char *err, size_t errlen)
 {
     struct backend *be = calloc(1, sizeof *be);
-    /* impl: scratch for cpu_cell_step, one row of gate pre-activations,
-     * attention sums and zeros (6 H). */
-    if (!be || !(be->impl = malloc(6 * sizeof(float) * CONFIG_MAX_HIDDEN))) {
+    /* impl: scratch for the cell kernels: one row of gate pre-activations,
+     * attention sums, zeros and a cache row (11 H). */
+    if (!be || !(be->impl = malloc(11 * sizeof(float) * CONFIG_MAX_HIDDEN))) {
         free(be);
         snprintf(err, errlen, "out of memory");
         return NULL;

@@ -8,52 +8,83 @@
 
 #include "engine_internal.h"
 
-/* The backend pointer at the same offset in dev_arena as p in the host arena. */
-static float *dev_ptr(const struct engine *e, const float *p)
+/* The pointer at p's offset within the host arena, in another arena of the
+ * same layout (the weights on the backend, or their gradients). */
+static float *relocate(const struct engine *e, float *base, const float *p)
 {
-    return p ? e->dev_arena + (p - e->m->arena) : NULL;
+    return p ? base + (p - e->m->arena) : NULL;
+}
+
+/* Free a view's pointer tables (not its arena) and empty it. */
+static void drop_tables(struct engine *e, struct param_view *v)
+{
+    for (int l = 0; v->layers && l < e->L; l++)
+        for (int d = 0; d < e->D; d++)
+            free(v->layers[l].dir[d].w_hh);
+    free(v->layers);
+    memset(v, 0, sizeof *v);
+}
+
+int engine_make_view(struct engine *e, float *base, struct param_view *v)
+{
+    const struct model *m = e->m;
+    v->base = base;
+    v->layers = calloc((size_t)e->L, sizeof *v->layers);
+    if (!v->layers)
+        goto fail;
+    for (int l = 0; l < e->L; l++) {
+        const struct layer_params *hl = &m->layers[l];
+        struct layer_params *dl = &v->layers[l];
+        *dl = *hl;
+        dl->dir[0].w_hh = dl->dir[1].w_hh = NULL; /* the host's tables are not ours */
+        dl->residual_proj = relocate(e, base, hl->residual_proj);
+        for (int d = 0; d < e->D; d++) {
+            const struct layer_dir_params *hp = &hl->dir[d];
+            struct layer_dir_params *dp = &dl->dir[d];
+            dp->w_ih = relocate(e, base, hp->w_ih);
+            dp->b_ih = relocate(e, base, hp->b_ih);
+            dp->b_hh = relocate(e, base, hp->b_hh);
+            dp->peephole = relocate(e, base, hp->peephole);
+            dp->attn_logits = relocate(e, base, hp->attn_logits);
+            dp->attn_query = relocate(e, base, hp->attn_query);
+            dp->w_hh = calloc((size_t)e->M, sizeof *dp->w_hh);
+            if (!dp->w_hh)
+                goto fail;
+            for (int j = 0; j < e->M; j++)
+                dp->w_hh[j] = relocate(e, base, hp->w_hh[j]);
+        }
+    }
+    v->embedding = relocate(e, base, m->embedding);
+    v->head_w = relocate(e, base, m->head_w);
+    v->head_b = relocate(e, base, m->head_b);
+    return 0;
+fail:
+    drop_tables(e, v);
+    return -1;
+}
+
+static void free_view(struct engine *e, struct param_view *v)
+{
+    float *base = v->base;
+    drop_tables(e, v);
+    e->be->ops->free(e->be, base);
 }
 
 static int mirror_weights(struct engine *e, char *err, size_t errlen)
 {
-    const struct model *m = e->m;
-    size_t bytes = m->n_params * sizeof(float);
-    e->dev_arena = e->be->ops->alloc(e->be, bytes);
-    if (!e->dev_arena || e->be->ops->upload(e->be, e->dev_arena, m->arena, bytes) != 0) {
+    size_t bytes = e->m->n_params * sizeof(float);
+    float *base = e->be->ops->alloc(e->be, bytes);
+    if (!base || e->be->ops->upload(e->be, base, e->m->arena, bytes) != 0) {
+        e->be->ops->free(e->be, base);
         snprintf(err, errlen, "cannot place %zu bytes of weights on the %s backend", bytes, e->be->ops->name);
         return -1;
     }
-    e->layers = calloc((size_t)e->L, sizeof *e->layers);
-    if (!e->layers)
-        goto oom;
-    for (int l = 0; l < e->L; l++) {
-        const struct layer_params *hl = &m->layers[l];
-        struct layer_params *dl = &e->layers[l];
-        *dl = *hl;
-        dl->residual_proj = dev_ptr(e, hl->residual_proj);
-        for (int d = 0; d < e->D; d++) {
-            const struct layer_dir_params *hp = &hl->dir[d];
-            struct layer_dir_params *dp = &dl->dir[d];
-            dp->w_ih = dev_ptr(e, hp->w_ih);
-            dp->b_ih = dev_ptr(e, hp->b_ih);
-            dp->b_hh = dev_ptr(e, hp->b_hh);
-            dp->peephole = dev_ptr(e, hp->peephole);
-            dp->attn_logits = dev_ptr(e, hp->attn_logits);
-            dp->attn_query = dev_ptr(e, hp->attn_query);
-            dp->w_hh = calloc((size_t)e->M, sizeof *dp->w_hh);
-            if (!dp->w_hh)
-                goto oom;
-            for (int j = 0; j < e->M; j++)
-                dp->w_hh[j] = dev_ptr(e, hp->w_hh[j]);
-        }
+    if (engine_make_view(e, base, &e->w) != 0) {
+        e->be->ops->free(e->be, base);
+        snprintf(err, errlen, "out of memory");
+        return -1;
     }
-    e->embedding = dev_ptr(e, m->embedding);
-    e->head_w = dev_ptr(e, m->head_w);
-    e->head_b = dev_ptr(e, m->head_b);
     return 0;
-oom:
-    snprintf(err, errlen, "out of memory");
-    return -1;
 }
 
 static int open_slots(struct engine *e, int max_slots, char *err, size_t errlen)
@@ -116,12 +147,8 @@ void engine_destroy(struct engine *e)
     struct backend *be = e->be;
     for (int i = 0; i < WS_COUNT; i++)
         be->ops->free(be, e->ws[i]);
-    if (e->layers)
-        for (int l = 0; l < e->L; l++)
-            for (int d = 0; d < e->D; d++)
-                free(e->layers[l].dir[d].w_hh);
-    free(e->layers);
-    be->ops->free(be, e->dev_arena);
+    free_view(e, &e->w);
+    free_view(e, &e->g);
     be->ops->free(be, e->pool_c);
     be->ops->free(be, e->pool_ring);
     free(e->slot_pos);
@@ -165,7 +192,7 @@ int *engine_host_ints(struct engine *e, size_t n)
 
 void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg)
 {
-    const struct layer_params *lp = &e->layers[layer];
+    const struct layer_params *lp = &e->w.layers[layer];
     const struct layer_dir_params *dp = &lp->dir[dir];
     int GH = e->G * e->H;
     e->be->ops->set_rows(e->be, xg, GH, dp->b_ih, n, GH);
@@ -174,7 +201,7 @@ void engine_input_projection(struct engine *e, int layer, int dir, const float *
 
 void engine_residual(struct engine *e, int layer, float *y, const float *y2, int n)
 {
-    const struct layer_params *lp = &e->layers[layer];
+    const struct layer_params *lp = &e->w.layers[layer];
     if (lp->residual_proj)
         e->be->ops->gemm(e->be, 0, 1, n, e->W, lp->residual_from, 1.0f, y2, lp->residual_from,
                          lp->residual_proj, lp->residual_from, 1.0f, y, e->W);
@@ -191,11 +218,12 @@ static int matrix_of(const struct engine *e, int t)
 int engine_layer_step(struct engine *e, const struct layer_run *r)
 {
     struct backend *be = e->be;
-    const struct layer_dir_params *dp = &e->layers[r->layer].dir[r->dir];
+    const struct layer_dir_params *dp = &e->w.layers[r->layer].dir[r->dir];
     const int H = e->H, GH = e->G * H, n = r->n;
     float *hg = engine_ws(e, WS_HG, (size_t)n * GH * sizeof(float));
-    float *q = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC ? engine_ws(e, WS_Q, (size_t)n * H * sizeof(float)) : NULL;
-    if (!hg || (e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC && !q))
+    const int dynamic = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
+    float *q = !dynamic ? NULL : r->q ? r->q : engine_ws(e, WS_Q, (size_t)n * H * sizeof(float));
+    if (!hg || (dynamic && !q))
         return -1;
     if (!r->hprev) {
         be->ops->zero(be, hg, (size_t)n * GH * sizeof(float));
@@ -237,6 +265,7 @@ int engine_layer_step(struct engine *e, const struct layer_run *r)
         .q = q,
         .attn = r->attn,
         .out = r->out,
+        .cache = r->cache,
     };
     be->ops->cell_step(be, &s);
     return 0;

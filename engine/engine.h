@@ -75,4 +75,33 @@ int engine_score(struct engine *e, const int32_t *const *tokens, const int *lens
 int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n,
                 float *logits, float *attention, char *err, size_t errlen);
 
+/* ---- Training.  The backend must implement the backward operations (the
+ * CPU backend does). */
+
+/* Loss of a batch, summed, and what it was summed over. */
+struct train_result {
+    double loss;      /* sum of the per-item losses */
+    long count;       /* items: sequences (classify) or scored tokens (lm) */
+    long correct;     /* classify: sequences whose argmax is the label */
+};
+
+/* Forward and backward over a batch, adding the gradient of the mean loss
+ * (over the batch's items) to the engine's gradients.  Language models
+ * score each token against the next (the last against seq.next, when
+ * given) and may carry their state through slots, as engine_forward does;
+ * no gradient flows into the carried state (truncated backpropagation).
+ * Classifiers take labels[i] for sequence i.  dropout applies to the input
+ * of every layer but the first, with masks drawn from seed. */
+int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const int *labels, float dropout,
+                       unsigned long long seed, struct train_result *res, char *err, size_t errlen);
+
+/* The parameters as the engine runs them and their gradients: flat arrays
+ * laid out as the model's arena (n_params floats, backend memory). */
+float *engine_params(struct engine *e);
+float *engine_grads(struct engine *e);   /* allocated on first use, zeroed */
+void engine_zero_grads(struct engine *e);
+/* Copy the parameters back into m, the model the engine was made from
+ * (before saving it). */
+int engine_params_to_host(struct engine *e, struct model *m);
+
 #endif

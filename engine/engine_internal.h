@@ -12,18 +12,32 @@ enum ws_buf {
     WS_TOKENS, WS_X0, WS_XREV, WS_XG, WS_HG, WS_Q, WS_HOUT0, WS_HOUT1,
     WS_Y0, WS_Y1, WS_Y2, WS_C, WS_RING, WS_ATTN, WS_POOL, WS_LOGITS,
     WS_TARGET, WS_LOGPROB, WS_REV, WS_LAST, WS_OFF, WS_LEN, WS_SLOT, WS_T,
-    WS_HPREV, WS_COUNT
+    WS_HPREV,
+    /* training: the tape, then the backward's buffers */
+    WS_T_Y, WS_T_XIN, WS_T_H, WS_T_CACHE, WS_T_Q, WS_T_ATTN, WS_T_C0, WS_T_PREFIX, WS_T_OFF,
+    WS_DY, WS_DH, WS_DXG, WS_DHG, WS_DC, WS_DQ, WS_DXIN, WS_DXIN2, WS_DLOGITS, WS_LOSS, WS_LABELS,
+    WS_COUNT
 };
+
+/* Named pointers into an arena laid out as the model's (struct model):
+ * the weights on the backend, or their gradients. */
+struct param_view {
+    float *base;
+    struct layer_params *layers;
+    float *embedding, *head_w, *head_b;
+};
+
+/* Point a view's fields into base, an arena laid out as the model's; on
+ * failure (out of memory) the view is left empty and base untouched. */
+int engine_make_view(struct engine *e, float *base, struct param_view *v);
 
 struct engine {
     const struct model *m;
     struct backend *be;
     /* Dimensions, named as in MODELS.md. */
     int G, H, D, W, E, V, L, M, K, C, R;
-    /* The weights on the backend: one block, same layout as m->arena. */
-    float *dev_arena;
-    struct layer_params *layers; /* pointers into dev_arena */
-    float *embedding, *head_w, *head_b;
+    struct param_view w;         /* the weights on the backend */
+    struct param_view g;         /* their gradients (training), or zeros */
     void *ws[WS_COUNT];
     size_t ws_cap[WS_COUNT];
     /* Step-API slots: per layer, S cell states and S rings of R states. */
@@ -51,6 +65,8 @@ struct layer_run {
     const int *t_host;       /* host copy of t, or NULL (all rows at t0) */
     int t0;
     float *out, *attn;
+    float *cache;            /* training: the step's rows of the tape's cache */
+    float *q;                /* where to put W_q h_{t-1}, or NULL for scratch */
 };
 int engine_layer_step(struct engine *e, const struct layer_run *r);
 
@@ -59,5 +75,66 @@ void engine_residual(struct engine *e, int layer, float *y, const float *y2, int
 
 /* Input projection of n rows: xg = x W_ih^T + b_ih. */
 void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg);
+
+/* Host-side plan of one batch. */
+struct plan {
+    int n, T, P;
+    int *order;   /* sorted position -> caller's index */
+    int *len;     /* [n] sorted lengths */
+    int *off;     /* [T + 1] */
+    int *tokens;  /* [P] packed token ids */
+    int *rev;     /* [P] packed row of the mirrored position */
+    int *last;    /* [n] packed row of each sequence's last step */
+    int *target;  /* [P] next token, or -1 */
+    int *slot;    /* [n] state slot, or NULL */
+    int *hprev;   /* [n] ring row of each slot's last state */
+    int pos;      /* tokens the slots consumed before this batch */
+};
+
+/* Device copies of the plan's index arrays. */
+struct dev_plan {
+    int *tokens, *rev, *last, *off, *len, *target, *slot, *hprev;
+};
+
+/* What a training forward keeps for the backward pass (train.c), all in
+ * the packed layout.  Each layer and direction's h has R steps of prefix
+ * before step 0: the state carried in from a slot (zeros for a fresh
+ * sequence), so the backward finds every h_{t-lag} it needs in one place. */
+struct tape {
+    int B, P, R, Wmax, CW;
+    float *y;       /* [L + 1][P][Wmax]: y^0 (the embedded input) .. y^L */
+    float *xin;     /* [L][P][Wmax]: layer inputs after dropout, or NULL */
+    float *h;       /* [L * D][R * B + P][H] */
+    float *cache;   /* [L * D][P][CW] */
+    float *q;       /* [L * D][P][H] (dynamic attention) */
+    float *attn;    /* [L * D][P][K] */
+    float *c0;      /* [L][B][H] cell state carried in, or NULL (zeros) */
+    const int *prefix_idx; /* [R * B] ring rows of the prefix, or NULL */
+    float dropout;
+    unsigned long long seed;
+};
+
+static inline float *tape_y(const struct tape *t, int k)
+{
+    return t->y + (size_t)k * t->P * t->Wmax;
+}
+
+static inline float *tape_h(const struct tape *t, int ld, int H)
+{
+    return t->h + (size_t)ld * ((size_t)t->R * t->B + t->P) * H;
+}
+
+int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, int n, char *err, size_t errlen);
+int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, struct plan *p);
+int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d);
+/* Every layer over a planned batch; returns the last layer's output
+ * [P, W], or NULL when out of memory.  attn, when not NULL, gets the
+ * attention weights [L][D][P][K]; tape, when not NULL, gets what the
+ * backward pass needs (and then holds the outputs and weights itself). */
+/* A classifier's head: pool y [P, W] into pooled [n, W], then logits [n, C]. */
+void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, const float *y, float *pooled,
+                            float *logits);
+float *engine_run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn,
+                         const struct tape *tape);
 
 #endif

@@ -18,22 +18,7 @@
 
 #include "engine_internal.h"
 
-/* Host-side plan of one batch. */
-struct plan {
-    int n, T, P;
-    int *order;   /* sorted position -> caller's index */
-    int *len;     /* [n] sorted lengths */
-    int *off;     /* [T + 1] */
-    int *tokens;  /* [P] packed token ids */
-    int *rev;     /* [P] packed row of the mirrored position */
-    int *last;    /* [n] packed row of each sequence's last step */
-    int *target;  /* [P] next token, or -1 */
-    int *slot;    /* [n] state slot, or NULL */
-    int *hprev;   /* [n] ring row of each slot's last state */
-    int pos;      /* tokens the slots consumed before this batch */
-};
-
-static int check_batch(const struct engine *e, const struct engine_seq *seqs, int n, char *err, size_t errlen)
+int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, int n, char *err, size_t errlen)
 {
     if (n <= 0) {
         snprintf(err, errlen, "empty batch");
@@ -101,7 +86,7 @@ static void sort_order(int *order, int n, const int *lens)
     }
 }
 
-static int make_plan(struct engine *e, const struct engine_seq *seqs, int n, struct plan *p)
+int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, struct plan *p)
 {
     p->n = n;
     p->T = 0;
@@ -167,12 +152,7 @@ static int *upload_ints(struct engine *e, enum ws_buf which, const int *src, siz
     return d;
 }
 
-/* Device copies of the plan's index arrays. */
-struct dev_plan {
-    int *tokens, *rev, *last, *off, *len, *target, *slot, *hprev;
-};
-
-static int upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d)
+int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d)
 {
     d->tokens = upload_ints(e, WS_TOKENS, p->tokens, (size_t)p->P);
     d->rev = upload_ints(e, WS_REV, p->rev, (size_t)p->P);
@@ -187,71 +167,95 @@ static int upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
 }
 
 /* Run every layer; returns the last layer's output [P, W] or NULL. */
-static float *run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn)
+float *engine_run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn,
+                         const struct tape *tape)
 {
     struct backend *be = e->be;
-    const int H = e->H, W = e->W, P = p->P, n = p->n;
+    const int H = e->H, W = e->W, P = p->P, n = p->n, GH = e->G * H;
     const size_t fsz = sizeof(float);
     int in_max = e->E > W ? e->E : W;
-    float *x0 = engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
+    float *x0 = tape ? tape_y(tape, 0) : engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
     float *xrev = e->D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
-    float *xg = engine_ws(e, WS_XG, (size_t)P * e->G * H * fsz);
+    float *xg = engine_ws(e, WS_XG, (size_t)P * GH * fsz);
     float *hout[2] = {NULL, NULL};
-    if (e->D == 2) {
+    if (e->D == 2 && !tape) {
         hout[0] = engine_ws(e, WS_HOUT0, (size_t)P * H * fsz);
         hout[1] = engine_ws(e, WS_HOUT1, (size_t)P * H * fsz);
     }
-    float *ybuf[3] = {engine_ws(e, WS_Y0, (size_t)P * W * fsz), engine_ws(e, WS_Y1, (size_t)P * W * fsz),
-                      engine_ws(e, WS_Y2, (size_t)P * W * fsz)};
+    float *ybuf[3] = {NULL, NULL, NULL};
+    for (int k = 0; k < 3 && !tape; k++)
+        ybuf[k] = engine_ws(e, WS_Y0 + k, (size_t)P * W * fsz);
     /* A continued sequence starts from the last state in its slot. */
     float *hprev0 = p->pos ? engine_ws(e, WS_HPREV, (size_t)n * H * fsz) : NULL;
     float *c = d->slot ? NULL : engine_ws(e, WS_C, (size_t)n * H * fsz);
     float *ring = d->slot ? NULL : engine_ws(e, WS_RING, (size_t)n * e->R * H * fsz);
-    if (!x0 || (e->D == 2 && (!xrev || !hout[0] || !hout[1])) || !xg || !ybuf[0] || !ybuf[1] || !ybuf[2] ||
-        (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
+    if (!x0 || (e->D == 2 && !xrev) || (e->D == 2 && !tape && (!hout[0] || !hout[1])) || !xg ||
+        (!tape && (!ybuf[0] || !ybuf[1] || !ybuf[2])) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
         return NULL;
 
-    be->ops->gather_rows(be, x0, e->E, e->embedding, e->E, d->tokens, P, e->E);
+    be->ops->gather_rows(be, x0, e->E, e->w.embedding, e->E, d->tokens, P, e->E);
     /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
     const float *y_prev2 = NULL, *y_prev = x0;
     float *y = NULL;
     for (int l = 0; l < e->L; l++) {
-        const int in = e->layers[l].in;
-        y = ybuf[(l + 1) % 3];
+        const int in = e->w.layers[l].in;
+        y = tape ? tape_y(tape, l + 1) : ybuf[(l + 1) % 3];
+        const float *layer_in = y_prev;
+        if (tape && tape->xin && l > 0) {
+            /* Dropout between layers, on the input of the recurrence; the
+             * depth residual adds the undropped output. */
+            float *x = tape->xin + (size_t)l * P * tape->Wmax;
+            be->ops->dropout(be, x, y_prev, (size_t)P * in, tape->dropout, tape->seed + (unsigned long long)l);
+            layer_in = x;
+        }
+        float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : c;
+        float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H : ring;
+        if (tape && tape->c0)
+            be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
         for (int dir = 0; dir < e->D; dir++) {
-            const float *xin = y_prev;
+            const float *xin = layer_in;
             if (dir == 1) {
-                be->ops->gather_rows(be, xrev, in, y_prev, in, d->rev, P, in);
+                be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
                 xin = xrev;
             }
             engine_input_projection(e, l, dir, xin, P, xg);
-            float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : c;
-            float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H : ring;
             if (!d->slot)
                 be->ops->zero(be, cl, (size_t)n * H * fsz);
             if (p->pos)
                 be->ops->gather_rows(be, hprev0, H, rl, H, d->hprev, n, H);
             /* One direction writes straight into the layer output; two
-             * interleave theirs into it afterwards. */
+             * interleave theirs into it afterwards, and training keeps each
+             * direction's h apart, after its prefix. */
             float *h = e->D == 1 ? y : hout[dir];
+            const int ld = l * e->D + dir;
+            if (tape) {
+                float *pre = tape_h(tape, ld, H);
+                h = pre + (size_t)tape->R * tape->B * H;
+                if (tape->prefix_idx)
+                    be->ops->gather_rows(be, pre, H, rl, H, tape->prefix_idx, tape->R * tape->B, H);
+                else
+                    be->ops->zero(be, pre, (size_t)tape->R * tape->B * H * fsz);
+            }
             for (int s = 0; s < p->T; s++) {
                 struct layer_run r = {
                     .layer = l,
                     .dir = dir,
                     .n = p->off[s + 1] - p->off[s],
                     .hprev = s ? h + (size_t)p->off[s - 1] * H : hprev0,
-                    .xg = xg + (size_t)p->off[s] * e->G * H,
+                    .xg = xg + (size_t)p->off[s] * GH,
                     .c = cl,
                     .ring = rl,
                     .slot = d->slot,
                     .t0 = p->pos + s + 1,
                     .out = h + (size_t)p->off[s] * H,
-                    .attn = attn ? attn + ((size_t)(l * e->D + dir) * P + p->off[s]) * e->K : NULL,
+                    .attn = attn ? attn + ((size_t)ld * P + p->off[s]) * e->K : NULL,
+                    .cache = tape ? tape->cache + ((size_t)ld * P + p->off[s]) * tape->CW : NULL,
+                    .q = tape && tape->q ? tape->q + ((size_t)ld * P + p->off[s]) * H : NULL,
                 };
                 if (engine_layer_step(e, &r) != 0)
                     return NULL;
             }
-            if (e->D == 2)
+            if (e->D == 2 || tape)
                 be->ops->gather_rows(be, y + dir * H, W, h, H, dir ? d->rev : NULL, P, H);
         }
         if (e->m->cfg.residual_depth && l >= 1)
@@ -262,18 +266,11 @@ static float *run_layers(struct engine *e, const struct plan *p, const struct de
     return y;
 }
 
-static int classify_head(struct engine *e, const struct plan *p, const struct dev_plan *d, const float *y,
-                         struct engine_seq *seqs)
+void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, const float *y, float *pooled,
+                            float *logits)
 {
     struct backend *be = e->be;
-    const int n = p->n, W = e->W, H = e->H, C = e->C;
-    float *pooled = engine_ws(e, WS_POOL, (size_t)n * W * sizeof(float));
-    float *logits = engine_ws(e, WS_LOGITS, 2 * (size_t)n * C * sizeof(float));
-    float *host = malloc(2 * (size_t)n * C * sizeof(float));
-    if (!pooled || !logits || !host) {
-        free(host);
-        return -1;
-    }
+    const int W = e->W, H = e->H, C = e->C;
     if (e->m->cfg.pool == POOL_MEAN) {
         be->ops->pool_mean(be, pooled, y, W, d->off, d->len, n);
     } else {
@@ -283,9 +280,24 @@ static int classify_head(struct engine *e, const struct plan *p, const struct de
         if (e->D == 2)
             be->ops->gather_rows(be, pooled + H, W, y + H, W, NULL, n, H);
     }
+    be->ops->set_rows(be, logits, C, e->w.head_b, n, C);
+    be->ops->gemm(be, 0, 1, n, C, W, 1.0f, pooled, W, e->w.head_w, W, 1.0f, logits, C);
+}
+
+static int classify_head(struct engine *e, const struct plan *p, const struct dev_plan *d, const float *y,
+                         struct engine_seq *seqs)
+{
+    struct backend *be = e->be;
+    const int n = p->n, W = e->W, C = e->C;
+    float *pooled = engine_ws(e, WS_POOL, (size_t)n * W * sizeof(float));
+    float *logits = engine_ws(e, WS_LOGITS, 2 * (size_t)n * C * sizeof(float));
+    float *host = malloc(2 * (size_t)n * C * sizeof(float));
+    if (!pooled || !logits || !host) {
+        free(host);
+        return -1;
+    }
+    engine_classify_logits(e, d, n, y, pooled, logits);
     float *probs = logits + (size_t)n * C;
-    be->ops->set_rows(be, logits, C, e->head_b, n, C);
-    be->ops->gemm(be, 0, 1, n, C, W, 1.0f, pooled, W, e->head_w, W, 1.0f, logits, C);
     be->ops->gather_rows(be, probs, C, logits, C, NULL, n, C);
     be->ops->softmax_rows(be, probs, n, C);
     int rc = be->ops->download(be, host, logits, 2 * (size_t)n * C * sizeof(float));
@@ -319,8 +331,8 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
         free(host);
         return -1;
     }
-    be->ops->set_rows(be, logits, V, e->head_b, P, V);
-    be->ops->gemm(be, 0, 1, P, V, W, 1.0f, y, W, e->head_w, W, 1.0f, logits, V);
+    be->ops->set_rows(be, logits, V, e->w.head_b, P, V);
+    be->ops->gemm(be, 0, 1, P, V, W, 1.0f, y, W, e->w.head_w, W, 1.0f, logits, V);
     be->ops->log_softmax_pick(be, logits, P, V, d->target, lp);
     float *h_lp = host, *h_logits = host + P, *h_last = h_logits + (want_logits ? (size_t)P * V : 0);
     int rc = be->ops->download(be, h_lp, lp, (size_t)P * sizeof(float));
@@ -375,11 +387,11 @@ static int copy_attention(struct engine *e, const struct plan *p, const float *a
 
 int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen)
 {
-    if (check_batch(e, seqs, n, err, errlen) != 0)
+    if (engine_check_batch(e, seqs, n, err, errlen) != 0)
         return -1;
     struct plan p;
     struct dev_plan d;
-    if (make_plan(e, seqs, n, &p) != 0 || upload_plan(e, &p, &d) != 0) {
+    if (engine_make_plan(e, seqs, n, &p) != 0 || engine_upload_plan(e, &p, &d) != 0) {
         snprintf(err, errlen, "out of memory for a batch of %d sequences", n);
         return -1;
     }
@@ -394,7 +406,7 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
             return -1;
         }
     }
-    const float *y = run_layers(e, &p, &d, attn);
+    const float *y = engine_run_layers(e, &p, &d, attn, NULL);
     int rc = y ? 0 : -1;
     if (rc == 0)
         rc = e->m->cfg.task == TASK_CLASSIFY ? classify_head(e, &p, &d, y, seqs) : lm_head(e, &p, &d, y, seqs);

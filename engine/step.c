@@ -108,7 +108,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
         !out || (attention && K && !attn))
         goto oom;
 
-    be->ops->gather_rows(be, x, e->E, e->embedding, e->E, d_token, n, e->E);
+    be->ops->gather_rows(be, x, e->E, e->w.embedding, e->E, d_token, n, e->E);
     const float *y_prev2 = NULL, *y_prev = x;
     float *y = NULL;
     for (int l = 0; l < e->L; l++) {
@@ -136,8 +136,8 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
         y_prev2 = y_prev;
         y_prev = y;
     }
-    be->ops->set_rows(be, out, V, e->head_b, n, V);
-    be->ops->gemm(be, 0, 1, n, V, W, 1.0f, y, W, e->head_w, W, 1.0f, out, V);
+    be->ops->set_rows(be, out, V, e->w.head_b, n, V);
+    be->ops->gemm(be, 0, 1, n, V, W, 1.0f, y, W, e->w.head_w, W, 1.0f, out, V);
 
     size_t host_n = (size_t)n * V + (attn ? (size_t)e->L * n * K : 0);
     float *host = malloc(host_n * fsz);

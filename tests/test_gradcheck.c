@@ -1,0 +1,195 @@
+/* test_gradcheck.c - the backward pass against central finite differences,
+ * for every fixture model (every cell, connection scheme, head, direction
+ * and pooling), on the CPU.
+ *
+ * The engine computes in float32, so single-weight differences drown in
+ * rounding; instead each tensor is checked along a random +-1 direction u:
+ * (L(w + eps u) - L(w - eps u)) / 2 eps against g . u, which sums the
+ * contributions of every weight of the tensor.  eps is 1e-3 (1e-4 for ReLU
+ * cells, whose kinks a larger step would cross); the truncation error is
+ * O(eps^2), and float32 rounding of the two losses adds up to about
+ * 4 * 6e-8 * |L| / eps to the quotient.  We allow 2% of the larger of the
+ * two derivatives, plus that rounding bound, plus 1e-4.  A wrong term in
+ * any backward formula moves the directional derivative by far more (the
+ * tests were checked by breaking the backward on purpose).
+ *
+ * Language models are also checked on a second window that carries its
+ * state from the first (truncated backpropagation: the carried state is
+ * held fixed while the weights move).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+#include "rng.h"
+
+#define FIXTURE_DIR "tests/fixtures"
+
+struct check {
+    char name[128];
+    struct model model;
+    struct backend *be;
+    struct engine *e;
+    int carried;          /* lm: check the second of two windows */
+    float eps;
+    int32_t tok[3][24];
+    int len[3];
+    int labels[3];
+    int slot[3];
+};
+
+static int setup(void **state)
+{
+    struct check *c = *state;
+    char path[256], err[512];
+    snprintf(path, sizeof path, FIXTURE_DIR "/%s.safetensors", c->name);
+    if (model_load(path, &c->model, err, sizeof err) != 0)
+        fail_msg("%s: %s", path, err);
+    c->be = backend_cpu_create(err, sizeof err);
+    int lm = c->model.cfg.task == TASK_LM;
+    c->e = engine_create(&c->model, c->be, lm ? 3 : 0, err, sizeof err);
+    /* ReLU's kinks: a smaller step crosses fewer of them. */
+    c->eps = c->model.cfg.cell == CELL_RNN_RELU ? 1e-4f : 1e-3f;
+    if (!c->e)
+        fail_msg("engine: %s", err);
+    struct rng r;
+    rng_seed(&r, 17);
+    static const int lens[3] = {7, 12, 3};
+    for (int i = 0; i < 3; i++) {
+        c->len[i] = lens[i];
+        for (int t = 0; t < 24; t++)
+            c->tok[i][t] = (int32_t)(rng_next(&r) % (uint64_t)c->model.vocab);
+        c->labels[i] = (int)(rng_next(&r) % (uint64_t)(lm ? 1 : c->model.head_out));
+        c->slot[i] = -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct check *c = *state;
+    engine_destroy(c->e);
+    backend_destroy(c->be);
+    model_free(&c->model);
+    return 0;
+}
+
+/* The mean loss of the batch (and, as a side effect, its gradients added
+ * to the engine's).  With carried state, the first windows run at the
+ * weights in `base` and the second at the current ones. */
+static double loss_at(struct check *c, const float *base, const float *current)
+{
+    char err[512];
+    float *w = engine_params(c->e);
+    size_t n = c->model.n_params;
+    struct engine_seq q[3];
+    if (c->carried) {
+        memcpy(w, base, n * sizeof(float));
+        for (int i = 0; i < 3; i++) {
+            engine_slot_close(c->e, c->slot[i]);
+            c->slot[i] = engine_slot_open(c->e);
+            q[i] = (struct engine_seq){.tokens = c->tok[i], .len = 6, .slot = c->slot[i], .next = c->tok[i] + 6};
+        }
+        if (engine_forward(c->e, q, 3, err, sizeof err) != 0)
+            fail_msg("first window: %s", err);
+    }
+    memcpy(w, current, n * sizeof(float));
+    for (int i = 0; i < 3; i++) {
+        int off = c->carried ? 6 : 0;
+        q[i] = (struct engine_seq){.tokens = c->tok[i] + off, .len = c->len[i], .slot = c->carried ? c->slot[i] : -1,
+                                   .next = c->model.cfg.task == TASK_LM ? c->tok[i] + off + c->len[i] : NULL};
+    }
+    struct train_result res = {0};
+    if (engine_train_batch(c->e, q, 3, c->labels, 0.0f, 1, &res, err, sizeof err) != 0)
+        fail_msg("train: %s", err);
+    return res.loss / (double)res.count;
+}
+
+static void run_check(struct check *c)
+{
+    size_t n = c->model.n_params;
+    float *base = malloc(n * sizeof(float)), *moved = malloc(n * sizeof(float)), *grad = malloc(n * sizeof(float));
+    assert_true(base && moved && grad);
+    assert_non_null(engine_grads(c->e));
+    memcpy(base, engine_params(c->e), n * sizeof(float));
+    engine_zero_grads(c->e);
+    loss_at(c, base, base);
+    memcpy(grad, engine_grads(c->e), n * sizeof(float));
+
+    struct model_tensor *t;
+    int nt;
+    assert_int_equal(model_tensors(&c->model, &t, &nt), 0);
+    struct rng r;
+    rng_seed(&r, 5);
+    for (int k = 0; k < nt; k++) {
+        size_t at = (size_t)(t[k].data - c->model.arena), len = (size_t)t[k].shape[0] * (t[k].ndim > 1 ? t[k].shape[1] : 1);
+        double analytic = 0.0;
+        memcpy(moved, base, n * sizeof(float));
+        for (size_t i = 0; i < len; i++) {
+            float u = rng_next(&r) & 1 ? 1.0f : -1.0f;
+            analytic += (double)grad[at + i] * u;
+            moved[at + i] = base[at + i] + c->eps * u;
+        }
+        double plus = loss_at(c, base, moved);
+        for (size_t i = 0; i < len; i++)
+            moved[at + i] = 2.0f * base[at + i] - moved[at + i];
+        double minus = loss_at(c, base, moved);
+        double numeric = (plus - minus) / (2.0 * c->eps);
+        /* float32 rounding of the two losses, magnified by 1 / 2 eps. */
+        double rounding = 4.0 * 6e-8 * fmax(fabs(plus), fabs(minus)) / c->eps;
+        double tol = 2e-2 * fmax(fabs(numeric), fabs(analytic)) + rounding + 1e-4;
+        if (!(fabs(numeric - analytic) <= tol))
+            fail_msg("%s %s: finite difference %.6g, backward %.6g", c->name, t[k].name, numeric, analytic);
+    }
+    free(t);
+    free(base);
+    free(moved);
+    free(grad);
+}
+
+static void test_gradient(void **state)
+{
+    run_check(*state);
+}
+
+static int is_fixture(const struct dirent *d)
+{
+    size_t n = strlen(d->d_name);
+    return n > 12 && strcmp(d->d_name + n - 12, ".safetensors") == 0;
+}
+
+int main(void)
+{
+    struct dirent **names;
+    int n = scandir(FIXTURE_DIR, &names, is_fixture, alphasort);
+    if (n <= 0)
+        return 1;
+    struct check *c = calloc(2 * (size_t)n, sizeof *c);
+    struct CMUnitTest *tests = calloc(2 * (size_t)n, sizeof *tests);
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        int lm = strstr(names[i]->d_name, "_lm") != NULL;
+        for (int carried = 0; carried <= lm; carried++) {
+            struct check *k = &c[count];
+            snprintf(k->name, sizeof k->name, "%.*s", (int)strlen(names[i]->d_name) - 12, names[i]->d_name);
+            k->carried = carried;
+            tests[count] = (struct CMUnitTest){carried ? "carried" : k->name, test_gradient, setup, teardown, k};
+            count++;
+        }
+        free(names[i]);
+    }
+    free(names);
+    int failed = _cmocka_run_group_tests("gradcheck", tests, (size_t)count, NULL, NULL);
+    free(c);
+    free(tests);
+    return failed;
+}
