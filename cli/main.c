@@ -2,6 +2,9 @@
  *
  *   rrnserve info FILE            what a weight file holds
  *   rrnserve run FILE ...         run a model on text from the command line
+ *   rrnserve serve ...            serve models over HTTP
+ *   rrnserve train ...            train a model
+ *   rrnserve serve [OPTIONS]      serve a folder of models over HTTP (api.md)
  *   rrnserve --version            version and compiled backends
  */
 #include <stdio.h>
@@ -21,6 +24,10 @@ static void usage(FILE *out)
             "  info FILE                      print a weight file's config, tensors and checksum status\n"
             "  run FILE (--text T | --file PATH | --jsonl PATH) [--device cpu|cuda|auto] [--batch N]\n"
             "                                 classify or score text with a model, printing JSON\n"
+            "  serve [--models DIR] [--host ADDR] [--port N] [OPTIONS]\n"
+            "                                 serve every model of DIR over HTTP (serve --help for options)\n"
+            "  train --config FILE.json [--KEY VALUE ...]\n"
+            "                                 train a model (train --help; docs/training.md)\n"
             "  --version                      print the version and the compiled backends\n"
             "  --help                         print this help\n");
 }
@@ -44,6 +51,8 @@ int main(int argc, char **argv)
         return cmd_info(argc - 1, argv + 1);
     if (strcmp(cmd, "run") == 0)
         return cmd_run(argc - 1, argv + 1);
+    if (strcmp(cmd, "serve") == 0)
+        return cmd_serve(argc - 1, argv + 1);
     fprintf(stderr, "rrnserve: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

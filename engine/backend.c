@@ -8,6 +8,15 @@
 
 #include "backend.h"
 
+enum device_kind backend_resolve(enum device_kind kind)
+{
+#ifdef RRN_CUDA
+    if (kind == DEVICE_AUTO)
+        return backend_cuda_available() ? DEVICE_CUDA : DEVICE_CPU;
+#endif
+    return kind == DEVICE_AUTO ? DEVICE_CPU : kind;
+}
+
 struct backend *backend_create(enum device_kind kind, char *err, size_t errlen)
 {
     switch (kind) {
@@ -21,11 +30,7 @@ struct backend *backend_create(enum device_kind kind, char *err, size_t errlen)
         return NULL;
 #endif
     case DEVICE_AUTO:
-#ifdef RRN_CUDA
-        if (backend_cuda_available())
-            return backend_cuda_create(err, errlen);
-#endif
-        return backend_cpu_create(err, errlen);
+        return backend_create(backend_resolve(kind), err, errlen);
     }
     snprintf(err, errlen, "unknown device");
     return NULL;

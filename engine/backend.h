@@ -155,6 +155,10 @@ struct backend {
 
 enum device_kind { DEVICE_CPU, DEVICE_CUDA, DEVICE_AUTO };
 
+/* The device DEVICE_AUTO stands for here: CUDA when this binary has it and
+ * a GPU is present, else the CPU.  Other kinds are returned as they are. */
+enum device_kind backend_resolve(enum device_kind kind);
+
 /* Create a backend; DEVICE_AUTO picks CUDA when a GPU is present.  Returns
  * NULL with a message in err. */
 struct backend *backend_create(enum device_kind kind, char *err, size_t errlen);

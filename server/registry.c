@@ -65,7 +65,6 @@ static struct served_model *load_model(struct registry *r, const char *name, con
     struct engine *e = engine_create(&m->model, m->be, slots, err, errlen);
     if (!e || !(m->batcher = batcher_start(&m->model, &m->tk, e, &r->opt.batch, r->opt.metrics, err, errlen)))
         goto fail;
-    snprintf(r->device, sizeof r->device, "%s", m->be->ops->name);
     return m;
 fail:
     if (m)
@@ -82,7 +81,7 @@ static const struct entry *find(const struct entry *entries, int n, const char *
 {
     struct served_model key = {.name = (char *)name};
     struct entry k = {.model = &key};
-    return bsearch(&k, entries, (size_t)n, sizeof *entries, by_name);
+    return n ? bsearch(&k, entries, (size_t)n, sizeof *entries, by_name) : NULL;
 }
 
 static int same_file(const struct stat *a, const struct stat *b)
@@ -147,7 +146,8 @@ static int scan(struct registry *r, const struct entry *old, int n_old, struct e
         }
     }
     closedir(d);
-    qsort(t, (size_t)n, sizeof *t, by_name);
+    if (n)
+        qsort(t, (size_t)n, sizeof *t, by_name);
     *out = t;
     *n_out = n;
     return failures;
@@ -163,7 +163,9 @@ struct registry *registry_open(const struct registry_options *opt, char *err, si
     }
     r->opt = *opt;
     r->opt.dir = r->dir;
-    snprintf(r->device, sizeof r->device, "%s", opt->device == DEVICE_CUDA ? "cuda" : "cpu");
+    /* Decide "auto" once, so every model lands on the same device. */
+    r->opt.device = backend_resolve(opt->device);
+    snprintf(r->device, sizeof r->device, "%s", r->opt.device == DEVICE_CUDA ? "cuda" : "cpu");
     pthread_mutex_init(&r->mu, NULL);
     if (scan(r, NULL, 0, &r->entries, &r->n) < 0) {
         snprintf(err, errlen, "cannot read the models folder %s: %s", opt->dir, strerror(errno));
@@ -192,13 +194,27 @@ void registry_close(struct registry *r)
 
 int registry_reload(struct registry *r)
 {
+    /* Loading can take seconds: do it on a snapshot of the table, outside
+     * the lock, so requests keep finding models meanwhile.  Reloads
+     * themselves come one at a time (SIGHUP is handled by one thread). */
     pthread_mutex_lock(&r->mu);
-    struct entry *t;
-    int n, failures = scan(r, r->entries, r->n, &t, &n);
-    if (failures < 0) {
-        pthread_mutex_unlock(&r->mu);
+    int n_snap = r->n;
+    struct entry *snap = malloc(sizeof *snap * (size_t)(n_snap + 1));
+    for (int i = 0; snap && i < n_snap; i++) {
+        snap[i] = r->entries[i];
+        atomic_fetch_add(&snap[i].model->refs, 1);
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (!snap) {
+        log_msg("out of memory reloading %s", r->dir);
         return 1;
     }
+    struct entry *t;
+    int n, failures = scan(r, snap, n_snap, &t, &n);
+    release_all(snap, n_snap);
+    if (failures < 0)
+        return 1;
+    pthread_mutex_lock(&r->mu);
     struct entry *old = r->entries;
     int n_old = r->n;
     r->entries = t;

@@ -1,0 +1,469 @@
+/* http.c - the libmicrohttpd daemon behind `rrnserve serve` (see http.h):
+ * body accumulation under a size limit, routing, API keys, error bodies,
+ * Server-Sent Events, the request log and the request metrics.
+ *
+ * The daemon runs one thread per connection, so a handler may block while
+ * its model's batcher works; the connection limit and the idle timeout keep
+ * slow or idle clients from holding threads without bound.
+ */
+#include <arpa/inet.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "api.h"
+#include "auth.h"
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+
+/* Per-connection memory for the request headers and the read buffer;
+ * bodies are copied out as they arrive, so this bounds headers only. */
+#define CONNECTION_MEMORY (128 * 1024)
+#define SSE_BLOCK 4096
+#define BODY_TOO_LARGE "the body is larger than the limit of %zu bytes"
+
+struct route {
+    const char *method;
+    api_handler *handler;
+    int open;           /* answered without an API key */
+};
+
+static const struct route routes[EP_COUNT] = {
+    [EP_CLASSIFY] = {"POST", api_classify, 0},   [EP_GENERATE] = {"POST", api_generate, 0},
+    [EP_ATTENTION] = {"POST", api_attention, 0}, [EP_SCORE] = {"POST", api_score, 0},
+    [EP_MODELS] = {"GET", api_models, 0},        [EP_HEALTHZ] = {"GET", api_healthz, 1},
+    [EP_READYZ] = {"GET", api_readyz, 1},        [EP_METRICS] = {"GET", api_metrics, 0},
+};
+
+struct http_server {
+    struct MHD_Daemon *d;
+    struct api *api;
+    struct auth *auth;
+    struct metrics *metrics;
+    size_t max_body;
+    int port;
+    MHD_socket listen_fd;  /* after http_quiesce: ours to close */
+    int closing;        /* after http_quiesce: answers close their connection */
+    pthread_mutex_t mu; /* guards in_flight and closing */
+    pthread_cond_t idle;
+    int in_flight;
+};
+
+/* One request, from its first header to its completion callback. */
+struct request {
+    struct http_server *s;
+    struct MHD_Connection *conn;
+    struct timespec start;
+    enum endpoint ep;
+    char method[16];
+    char path[128];
+    int status;             /* 0 until a reply is queued */
+    int refusal;            /* the error status for a body that was not kept */
+    int batch_size;
+    char *body;
+    size_t body_len, body_cap;
+    struct api_stream *stream;
+};
+
+/* ---- replies ------------------------------------------------------------ */
+
+void reply_json(struct reply *r, int status, cJSON *body)
+{
+    char *text = body ? cJSON_PrintUnformatted(body) : NULL;
+    cJSON_Delete(body);
+    free(r->body);
+    r->body = NULL;
+    if (!text) {
+        reply_error(r, 500, "out of memory");
+        return;
+    }
+    r->status = status;
+    r->body = text;
+    r->content_type = NULL;
+}
+
+void reply_error(struct reply *r, int status, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    cJSON *o = cJSON_CreateObject(), *e = cJSON_CreateObject();
+    cJSON *code = cJSON_CreateNumber(status), *message = cJSON_CreateString(msg);
+    char *text = NULL;
+    if (o && e && code && message) {
+        cJSON_AddItemToObject(e, "code", code);
+        cJSON_AddItemToObject(e, "message", message);
+        cJSON_AddItemToObject(o, "error", e);
+        text = cJSON_PrintUnformatted(o);
+        cJSON_Delete(o);
+    } else {
+        cJSON_Delete(o);
+        cJSON_Delete(e);
+        cJSON_Delete(code);
+        cJSON_Delete(message);
+    }
+    free(r->body);
+    /* With no memory left the body stays empty; send_reply still sends the
+     * status. */
+    r->status = status;
+    r->body = text;
+    r->content_type = NULL;
+}
+
+/* ---- the client's connection ---------------------------------------------- */
+
+/* Whether the client closed its end.  The connection's thread is blocked
+ * in this handler, so nobody else reads the socket: a readable socket whose
+ * peek finds no data (EOF) or an error means the client is gone, while
+ * data (a pipelined request) means it is still there. */
+static int connection_gone(void *arg)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info((struct MHD_Connection *)arg, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci)
+        return 0;
+    struct pollfd p = {.fd = ci->connect_fd, .events = POLLIN};
+    if (poll(&p, 1, 0) <= 0)
+        return 0;
+    if (p.revents & (POLLERR | POLLHUP | POLLNVAL))
+        return 1;
+    char c;
+    return recv(ci->connect_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) <= 0;
+}
+
+static ssize_t read_stream(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    (void)pos;
+    ssize_t n = api_stream_read(cls, buf, max);
+    return n > 0 ? n : n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
+}
+
+static int add_header(struct MHD_Response *resp, const char *name, const char *value)
+{
+    return MHD_add_response_header(resp, name, value) == MHD_YES ? 0 : -1;
+}
+
+/* Queues r's answer (taking its body); MHD_NO closes the connection. */
+static enum MHD_Result send_reply(struct request *rq, struct reply *r)
+{
+    struct http_server *s = rq->s;
+    rq->status = r->status;
+    rq->batch_size = r->batch_size;
+    if (r->status == HTTP_CLIENT_GONE) {
+        free(r->body);
+        return MHD_NO;
+    }
+    struct MHD_Response *resp;
+    const char *type = r->content_type ? r->content_type : "application/json";
+    if (r->stream) {
+        /* The request owns the stream (freed at completion), so the
+         * response's free callback has nothing to do. */
+        rq->stream = r->stream;
+        resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, SSE_BLOCK, read_stream, rq->stream, NULL);
+        type = "text/event-stream";
+    } else {
+        resp = MHD_create_response_from_buffer(r->body ? strlen(r->body) : 0, r->body ? r->body : "",
+                                               r->body ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+        if (!resp)
+            free(r->body);
+    }
+    r->body = NULL;
+    if (!resp)
+        return MHD_NO;
+    char retry[16];
+    snprintf(retry, sizeof retry, "%d", r->retry_after);
+    pthread_mutex_lock(&s->mu);
+    int closing = s->closing;
+    pthread_mutex_unlock(&s->mu);
+    int rc = add_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    if (r->stream)
+        rc |= add_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    if (r->retry_after)
+        rc |= add_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, retry);
+    if (r->status == 405)
+        rc |= add_header(resp, MHD_HTTP_HEADER_ALLOW, routes[rq->ep].method);
+    if (closing)
+        rc |= add_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    enum MHD_Result ret = rc == 0 ? MHD_queue_response(rq->conn, (unsigned)r->status, resp) : MHD_NO;
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+static enum MHD_Result send_error(struct request *rq, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static enum MHD_Result send_error(struct request *rq, int status, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    struct reply r = {.batch_size = -1};
+    reply_error(&r, status, "%s", msg);
+    return send_reply(rq, &r);
+}
+
+/* ---- requests ----------------------------------------------------------- */
+
+static enum endpoint route_of(const char *url)
+{
+    for (int e = 0; e < EP_OTHER; e++)
+        if (strcmp(url, endpoint_path((enum endpoint)e)) == 0)
+            return (enum endpoint)e;
+    return EP_OTHER;
+}
+
+/* A copy of s for the log: bounded, control characters (which a decoded
+ * URL may hold) shown as '?' so a request cannot forge log lines. */
+static void log_copy(char *dst, size_t cap, const char *s)
+{
+    size_t i = 0;
+    for (; s[i] && i + 1 < cap; i++)
+        dst[i] = (unsigned char)s[i] < 0x20 || s[i] == 0x7f ? '?' : s[i];
+    dst[i] = 0;
+}
+
+static struct request *request_new(struct http_server *s, struct MHD_Connection *conn, const char *url,
+                                   const char *method)
+{
+    struct request *rq = calloc(1, sizeof *rq);
+    if (!rq)
+        return NULL;
+    rq->s = s;
+    rq->conn = conn;
+    rq->batch_size = -1;
+    rq->ep = route_of(url);
+    clock_gettime(CLOCK_MONOTONIC, &rq->start);
+    log_copy(rq->method, sizeof rq->method, method);
+    log_copy(rq->path, sizeof rq->path, url);
+    pthread_mutex_lock(&s->mu);
+    s->in_flight++;
+    pthread_mutex_unlock(&s->mu);
+    return rq;
+}
+
+/* The checks that need no body: path, method, key, declared size.  An
+ * error is queued at once; MHD_YES with nothing queued lets the request go
+ * on to its body. */
+static enum MHD_Result check_early(struct request *rq, const char *method)
+{
+    struct http_server *s = rq->s;
+    const struct route *rt = &routes[rq->ep];
+    const char *key = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    const char *length = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    if (!rt->handler)
+        return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
+    if (strcmp(method, rt->method) != 0)
+        return send_error(rq, 405, "%s needs method %s", rq->path, rt->method);
+    if (s->auth && !rt->open && !auth_check(s->auth, key))
+        return send_error(rq, 401, "a valid API key is required: Authorization: Bearer KEY");
+    if (length && strtoull(length, NULL, 10) > s->max_body)
+        return send_error(rq, 413, BODY_TOO_LARGE, s->max_body);
+    return MHD_YES;
+}
+
+/* Appends a piece of the body; -1 when it passes the limit or memory runs
+ * out. */
+static int add_body(struct request *rq, const char *data, size_t n)
+{
+    if (n > rq->s->max_body - rq->body_len)
+        return -1;
+    if (rq->body_len + n > rq->body_cap) {
+        size_t cap = rq->body_cap ? rq->body_cap : 4096;
+        while (cap < rq->body_len + n)
+            cap *= 2;
+        char *p = realloc(rq->body, cap);
+        if (!p)
+            return -1;
+        rq->body = p;
+        rq->body_cap = cap;
+    }
+    memcpy(rq->body + rq->body_len, data, n);
+    rq->body_len += n;
+    return 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                  const char *version, const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls)
+{
+    (void)version;
+    struct http_server *s = cls;
+    struct request *rq = *con_cls;
+    if (!rq) {
+        if (!(rq = request_new(s, conn, url, method)))
+            return MHD_NO;
+        *con_cls = rq;
+        return check_early(rq, method);
+    }
+    if (*upload_data_size) {
+        /* libmicrohttpd cannot queue an answer in the middle of a body, so
+         * a body found too large (or out of memory) is read to its end
+         * without being kept, and refused then. */
+        if (!rq->status && !rq->refusal && add_body(rq, upload_data, *upload_data_size) != 0)
+            rq->refusal = *upload_data_size > s->max_body - rq->body_len ? 413 : 500;
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (rq->status)
+        return MHD_YES; /* answered already, by an early error */
+    if (rq->refusal == 413)
+        return send_error(rq, 413, BODY_TOO_LARGE, s->max_body);
+    if (rq->refusal)
+        return send_error(rq, 500, "out of memory");
+    struct reply r = {.batch_size = -1};
+    struct client client = {connection_gone, conn};
+    routes[rq->ep].handler(s->api, rq->body ? rq->body : "", rq->body_len, &client, &r);
+    return send_reply(rq, &r);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)conn;
+    struct http_server *s = cls;
+    struct request *rq = *con_cls;
+    if (!rq)
+        return;
+    *con_cls = NULL;
+    struct timespec end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    double seconds = (double)(end.tv_sec - rq->start.tv_sec) + (double)(end.tv_nsec - rq->start.tv_nsec) * 1e-9;
+    if (rq->stream) {
+        rq->batch_size = api_stream_batch_size(rq->stream);
+        api_stream_free(rq->stream);
+    }
+    /* A request that ended without a complete answer: its client left. */
+    int status = rq->status && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? rq->status : HTTP_CLIENT_GONE;
+    char batch[16] = "-";
+    if (rq->batch_size > 0)
+        snprintf(batch, sizeof batch, "%d", rq->batch_size);
+    log_msg("%s %s %d %.2fms batch=%s", rq->method, rq->path, status, seconds * 1e3, batch);
+    metrics_request(s->metrics, rq->ep, status, seconds);
+    free(rq->body);
+    free(rq);
+    pthread_mutex_lock(&s->mu);
+    if (--s->in_flight == 0)
+        pthread_cond_broadcast(&s->idle);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && msg[n - 1] == '\n')
+        msg[--n] = 0;
+    log_msg("http: %s", msg);
+}
+
+/* ---- the daemon ---------------------------------------------------------- */
+
+struct http_server *http_start(const struct http_options *opt, struct api *api, struct auth *auth,
+                               struct metrics *metrics, char *err, size_t errlen)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+    struct addrinfo *ai = NULL;
+    int gai = getaddrinfo(opt->host, NULL, &hints, &ai);
+    if (gai != 0) {
+        snprintf(err, errlen, "cannot resolve host %s: %s", opt->host, gai_strerror(gai));
+        return NULL;
+    }
+    struct sockaddr_storage addr;
+    memcpy(&addr, ai->ai_addr, ai->ai_addrlen);
+    int ipv6 = ai->ai_family == AF_INET6;
+    freeaddrinfo(ai);
+    if (ipv6)
+        ((struct sockaddr_in6 *)&addr)->sin6_port = htons((uint16_t)opt->port);
+    else
+        ((struct sockaddr_in *)&addr)->sin_port = htons((uint16_t)opt->port);
+
+    struct http_server *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    *s = (struct http_server){.api = api, .auth = auth, .metrics = metrics, .max_body = opt->max_body,
+                              .listen_fd = MHD_INVALID_SOCKET};
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->idle, NULL);
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG |
+                     MHD_USE_ITC | (ipv6 ? MHD_USE_IPv6 : 0);
+    /* The logger first, so that MHD reports nothing the default way. */
+    s->d = MHD_start_daemon(flags, (uint16_t)opt->port, NULL, NULL, on_request, s,
+                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL,
+                            MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)opt->max_connections,
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)opt->timeout_s,
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)CONNECTION_MEMORY,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                            MHD_OPTION_END);
+    if (!s->d) {
+        snprintf(err, errlen, "cannot listen on %s port %d (in use, or not an address of this machine?)",
+                 opt->host, opt->port);
+        http_stop(s);
+        return NULL;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : opt->port;
+    return s;
+}
+
+int http_port(const struct http_server *s)
+{
+    return s->port;
+}
+
+void http_quiesce(struct http_server *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->closing = 1;
+    pthread_mutex_unlock(&s->mu);
+    /* MHD hands the listening socket back, but its threads may still be
+     * polling it, so it is closed only after MHD_stop_daemon; shutting it
+     * down now makes the kernel refuse new connections at once instead of
+     * queueing them in the backlog. */
+    s->listen_fd = MHD_quiesce_daemon(s->d);
+    if (s->listen_fd != MHD_INVALID_SOCKET)
+        shutdown(s->listen_fd, SHUT_RDWR);
+}
+
+int http_drain(struct http_server *s, int timeout_s)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_s;
+    pthread_mutex_lock(&s->mu);
+    while (s->in_flight > 0 && pthread_cond_timedwait(&s->idle, &s->mu, &until) == 0)
+        ;
+    int left = s->in_flight;
+    pthread_mutex_unlock(&s->mu);
+    return left;
+}
+
+void http_stop(struct http_server *s)
+{
+    if (!s)
+        return;
+    if (s->d)
+        MHD_stop_daemon(s->d);
+    if (s->listen_fd != MHD_INVALID_SOCKET)
+        close(s->listen_fd);
+    pthread_cond_destroy(&s->idle);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}

@@ -1,0 +1,260 @@
+/* serve.c - `rrnserve serve`: options, startup, signals and shutdown of the
+ * HTTP server.
+ *
+ * Signals are blocked in every thread (the mask is set before any thread
+ * starts, and threads inherit it) and taken synchronously by the main
+ * thread with sigwait, so their handling may lock, log and reload freely:
+ *   SIGHUP           re-read the models folder (registry_reload);
+ *   SIGTERM, SIGINT  stop accepting, answer every request already accepted,
+ *                    finish the batchers' queues, exit 0.
+ */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../cli/commands.h"
+#include "api.h"
+#include "auth.h"
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+#include "registry.h"
+
+/* How long shutdown waits for requests in flight before giving up on them. */
+#define DRAIN_LIMIT_S 300
+
+struct serve_options {
+    const char *models, *host, *api_keys;
+    enum device_kind device;
+    long port, max_batch, max_wait_us, max_queue, threads, max_body, max_text_bytes, max_tokens_limit,
+        max_connections, timeout_s;
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: rrnserve serve [--models DIR] [--host ADDR] [--port N] [--device auto|cpu|cuda]\n"
+            "                      [--max-batch N] [--max-wait-us N] [--max-queue N] [--api-keys FILE]\n"
+            "                      [--threads N] [--max-body BYTES] [--max-text-bytes N]\n"
+            "                      [--max-tokens-limit N] [--max-connections N] [--timeout-s N]\n"
+            "\n"
+            "Serves every *.safetensors file of DIR (default: models) over HTTP; see api.md.\n"
+            "  --models DIR           the models folder; each file is a model named by its file name\n"
+            "  --host ADDR            address to listen on (default 127.0.0.1)\n"
+            "  --port N               port to listen on, 0 for any free one (default 8080)\n"
+            "  --device D             auto (CUDA when a GPU is present), cpu or cuda (default auto)\n"
+            "  --max-batch N          sequences per engine call (default 32)\n"
+            "  --max-wait-us N        how long a batch may wait to fill, microseconds (default 2000)\n"
+            "  --max-queue N          jobs waiting per model before answering 503 (default 256)\n"
+            "  --api-keys FILE        require Authorization: Bearer KEY; FILE lists SHA-256 hashes of keys\n"
+            "  --threads N            CPU threads for matrix products (default: the CPUs, at most 16)\n"
+            "  --max-body BYTES       largest request body (default 1048576)\n"
+            "  --max-text-bytes N     largest text or prompt (default 100000)\n"
+            "  --max-tokens-limit N   largest max_tokens a request may ask for (default 1024)\n"
+            "  --max-connections N    simultaneous connections (default 512)\n"
+            "  --timeout-s N          idle connections are closed after N seconds (default 30)\n");
+}
+
+/* An integer option within [lo, hi]; 0 or -1 after a message. */
+static int parse_long(const char *name, const char *value, long lo, long hi, long *out)
+{
+    char *end;
+    long v = strtol(value, &end, 10);
+    if (end == value || *end || v < lo || v > hi) {
+        fprintf(stderr, "rrnserve serve: --%s must be an integer from %ld to %ld, not '%s'\n", name, lo, hi, value);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_device(const char *s, enum device_kind *dev)
+{
+    static const struct {
+        const char *name;
+        enum device_kind kind;
+    } kinds[] = {{"auto", DEVICE_AUTO}, {"cpu", DEVICE_CPU}, {"cuda", DEVICE_CUDA}};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (strcmp(s, kinds[i].name) == 0) {
+            *dev = kinds[i].kind;
+            return 0;
+        }
+    fprintf(stderr, "rrnserve serve: --device must be auto, cpu or cuda, not '%s'\n", s);
+    return -1;
+}
+
+/* 0, or 2 (the exit status for bad usage), or 1 for --help (exit 0). */
+static int parse_options(int argc, char **argv, struct serve_options *o)
+{
+    /* The integer options: getopt's value for each is its index here. */
+    struct {
+        const char *name;
+        long lo, hi;
+        long *dest;
+    } ints[] = {
+        {"port", 0, 65535, &o->port},
+        {"max-batch", 1, 4096, &o->max_batch},
+        {"max-wait-us", 0, 10000000, &o->max_wait_us},
+        {"max-queue", 1, 1000000, &o->max_queue},
+        {"threads", 1, 1024, &o->threads},
+        {"max-body", 1, 1L << 30, &o->max_body},
+        {"max-text-bytes", 1, 1L << 26, &o->max_text_bytes},
+        {"max-tokens-limit", 1, 1000000, &o->max_tokens_limit},
+        {"max-connections", 1, 100000, &o->max_connections},
+        {"timeout-s", 1, 86400, &o->timeout_s},
+    };
+    enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_KEYS, OPT_HELP };
+    struct option opts[N_INTS + 6];
+    for (int i = 0; i < N_INTS; i++)
+        opts[i] = (struct option){ints[i].name, required_argument, NULL, i};
+    opts[N_INTS] = (struct option){"models", required_argument, NULL, OPT_MODELS};
+    opts[N_INTS + 1] = (struct option){"host", required_argument, NULL, OPT_HOST};
+    opts[N_INTS + 2] = (struct option){"device", required_argument, NULL, OPT_DEVICE};
+    opts[N_INTS + 3] = (struct option){"api-keys", required_argument, NULL, OPT_KEYS};
+    opts[N_INTS + 4] = (struct option){"help", no_argument, NULL, OPT_HELP};
+    opts[N_INTS + 5] = (struct option){NULL, 0, NULL, 0};
+
+    *o = (struct serve_options){.models = "models", .host = "127.0.0.1", .device = DEVICE_AUTO, .port = 8080,
+                                .max_batch = 32, .max_wait_us = 2000, .max_queue = 256, .threads = 0,
+                                .max_body = 1L << 20, .max_text_bytes = 100000, .max_tokens_limit = 1024,
+                                .max_connections = 512, .timeout_s = 30};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (c >= 0 && c < N_INTS) {
+            if (parse_long(ints[c].name, optarg, ints[c].lo, ints[c].hi, ints[c].dest) != 0)
+                return 2;
+        } else if (c == OPT_MODELS) {
+            o->models = optarg;
+        } else if (c == OPT_HOST) {
+            o->host = optarg;
+        } else if (c == OPT_DEVICE) {
+            if (parse_device(optarg, &o->device) != 0)
+                return 2;
+        } else if (c == OPT_KEYS) {
+            o->api_keys = optarg;
+        } else if (c == OPT_HELP) {
+            usage(stdout);
+            return 1;
+        } else {
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        fprintf(stderr, "rrnserve serve: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
+    }
+    return 0;
+}
+
+/* The registry logs each model it loads; this says what came of it all. */
+static void log_ready(struct registry *reg)
+{
+    struct served_model **list = NULL;
+    int n = 0;
+    if (registry_list(reg, &list, &n) != 0)
+        return;
+    for (int i = 0; i < n; i++)
+        served_model_release(list[i]);
+    free(list);
+    if (n == 0)
+        log_msg("no model loaded: /readyz answers 503 until a reload (SIGHUP) finds one");
+    else
+        log_msg("serving %d model(s) on device %s", n, registry_device(reg));
+}
+
+/* Takes signals until SIGTERM or SIGINT; returns that signal. */
+static int wait_for_stop(const sigset_t *set, struct registry *reg, const char *dir)
+{
+    for (;;) {
+        int sig;
+        if (sigwait(set, &sig) != 0)
+            continue;
+        if (sig != SIGHUP)
+            return sig;
+        log_msg("SIGHUP: reloading the models of %s", dir);
+        registry_reload(reg);
+    }
+}
+
+int cmd_serve(int argc, char **argv)
+{
+    struct serve_options o;
+    int rc = parse_options(argc, argv, &o);
+    if (rc != 0)
+        return rc == 1 ? 0 : rc;
+
+    /* Before any thread exists, so that every thread inherits the mask. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    /* A client that hangs up must not kill the server. */
+    signal(SIGPIPE, SIG_IGN);
+    char threads[16];
+    snprintf(threads, sizeof threads, "%ld", o.threads);
+    if (o.threads && setenv("RRN_THREADS", threads, 1) != 0) {
+        fprintf(stderr, "rrnserve serve: cannot set RRN_THREADS\n");
+        return 1;
+    }
+
+    char err[512];
+    struct auth *auth = NULL;
+    if (o.api_keys && !(auth = auth_load(o.api_keys, err, sizeof err))) {
+        fprintf(stderr, "rrnserve serve: %s\n", err);
+        return 1;
+    }
+    struct metrics *metrics = metrics_new();
+    struct registry *reg = NULL;
+    struct http_server *http = NULL;
+    struct api api = {.metrics = metrics,
+                      .lim = {.max_text_bytes = (size_t)o.max_text_bytes, .max_tokens = (int)o.max_tokens_limit}};
+    atomic_init(&api.stopping, 0);
+    struct registry_options ro = {
+        .dir = o.models, .device = o.device, .metrics = metrics,
+        .batch = {.max_batch = (int)o.max_batch, .max_wait_us = (int)o.max_wait_us, .max_queue = (int)o.max_queue},
+    };
+    if (!metrics) {
+        fprintf(stderr, "rrnserve serve: out of memory\n");
+    } else if (!(reg = registry_open(&ro, err, sizeof err))) {
+        fprintf(stderr, "rrnserve serve: %s\n", err);
+    } else {
+        log_ready(reg);
+        if (auth)
+            log_msg("API keys required (%d key hash(es) from %s)", auth_count(auth), o.api_keys);
+        api.reg = reg;
+        struct http_options ho = {.host = o.host, .port = (int)o.port, .max_body = (size_t)o.max_body,
+                                  .max_connections = (int)o.max_connections, .timeout_s = (int)o.timeout_s};
+        if (!(http = http_start(&ho, &api, auth, metrics, err, sizeof err)))
+            fprintf(stderr, "rrnserve serve: %s\n", err);
+    }
+    if (!http) {
+        registry_close(reg);
+        metrics_free(metrics);
+        auth_free(auth);
+        return 1;
+    }
+    /* Brackets keep an IPv6 address apart from the port. */
+    const char *br = strchr(o.host, ':') ? "[" : "", *ket = *br ? "]" : "";
+    log_msg("listening on http://%s%s%s:%d", br, o.host, ket, http_port(http));
+
+    int sig = wait_for_stop(&set, reg, o.models);
+    atomic_store(&api.stopping, 1);
+    http_quiesce(http);
+    log_msg("%s: no new connections; answering the requests in flight", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    int left = http_drain(http, DRAIN_LIMIT_S);
+    if (left)
+        log_msg("%d request(s) still in flight after %d s; closing them", left, DRAIN_LIMIT_S);
+    http_stop(http);
+    registry_close(reg);
+    metrics_free(metrics);
+    auth_free(auth);
+    log_msg("stopped");
+    return 0;
+}
