@@ -6,5 +6,7 @@
 
 int cmd_info(int argc, char **argv);
 int cmd_run(int argc, char **argv);
+int cmd_train(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
 
 #endif
