@@ -400,6 +400,14 @@ static const struct backend_ops cuda_ops = {
     cuda_softmax_rows,
     cuda_log_softmax_pick,
     cuda_sync,
+    /* The backward operations: training runs on the CPU backend for now. */
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
 };
 
 extern "C" int backend_cuda_available(void)
