@@ -53,6 +53,8 @@ int main(int argc, char **argv)
         return cmd_run(argc - 1, argv + 1);
     if (strcmp(cmd, "serve") == 0)
         return cmd_serve(argc - 1, argv + 1);
+    if (strcmp(cmd, "train") == 0)
+        return cmd_train(argc - 1, argv + 1);
     fprintf(stderr, "rrnserve: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

@@ -326,16 +326,18 @@ int model_load(const char *path, struct model *m, char *err, size_t errlen)
     return rc;
 }
 
-int model_save(const struct model *m, const char *path, char *err, size_t errlen)
+int model_save(const struct model *m, const char *path, const struct st_meta *extra, int n_extra, char *err,
+               size_t errlen)
 {
     struct model_tensor *list;
     int n;
     if (model_tensors(m, &list, &n))
         return fail(err, errlen, "out of memory");
     struct st_write_tensor *t = calloc((size_t)n, sizeof *t);
+    struct st_meta *meta = calloc(3 + (size_t)n_extra, sizeof *meta);
     char *json = config_to_json(&m->cfg);
     int rc;
-    if (!t || !json) {
+    if (!t || !meta || !json) {
         rc = fail(err, errlen, "out of memory");
     } else {
         for (int i = 0; i < n; i++) {
@@ -345,13 +347,14 @@ int model_save(const struct model *m, const char *path, char *err, size_t errlen
             t[i].shape[1] = list[i].shape[1];
             t[i].data = list[i].data;
         }
-        struct st_meta meta[] = {
-            {"format", "rrnserve"},
-            {"format_version", "1"},
-            {"config", json},
-        };
-        rc = st_write(path, t, n, meta, 3, err, errlen);
+        meta[0] = (struct st_meta){"format", "rrnserve"};
+        meta[1] = (struct st_meta){"format_version", "1"};
+        meta[2] = (struct st_meta){"config", json};
+        for (int i = 0; i < n_extra; i++)
+            meta[3 + i] = extra[i];
+        rc = st_write(path, t, n, meta, 3 + n_extra, err, errlen);
     }
+    free(meta);
     free(json);
     free(t);
     free(list);

@@ -12,8 +12,8 @@
 #include <stddef.h>
 
 #include "config.h"
+#include "safetensors.h"
 
-struct st_file; /* safetensors.h */
 
 /* One layer in one direction. */
 struct layer_dir_params {
@@ -72,7 +72,10 @@ int model_load(const char *path, struct model *m, char *err, size_t errlen);
 int model_load_st(const struct st_file *f, const char *sha256, struct model *m, char *err,
                   size_t errlen);
 
-int model_save(const struct model *m, const char *path, char *err, size_t errlen);
+/* Write m to path with the format's metadata plus n_extra more entries
+ * (a trainer records how the model was made). */
+int model_save(const struct model *m, const char *path, const struct st_meta *extra, int n_extra, char *err,
+               size_t errlen);
 void model_free(struct model *m);
 
 #endif

@@ -351,3 +351,44 @@ const char *tokenizer_token(const struct tokenizer *tk, int32_t id, char out[8],
     *outlen = strlen(tk->tokens[id]);
     return tk->tokens[id];
 }
+
+int tokenizer_char_vocab(const char *text, size_t len, char ***tokens, int *n)
+{
+    /* One flag per Unicode code point: 1.1 MB, once per training run. */
+    unsigned char *seen = calloc(0x110000, 1);
+    if (!seen)
+        return -1;
+    const uint8_t *s = (const uint8_t *)text;
+    int count = 1;
+    for (size_t i = 0; i < len;) {
+        ucs4_t uc;
+        int valid;
+        i += next_char(s + i, len - i, &uc, &valid);
+        if (valid && !seen[uc]) {
+            seen[uc] = 1;
+            count++;
+        }
+    }
+    char **t = calloc((size_t)count, sizeof *t);
+    int k = 0;
+    if (t && (t[k++] = strdup("<unk>")))
+        for (ucs4_t uc = 0; uc < 0x110000 && k < count; uc++) {
+            if (!seen[uc])
+                continue;
+            uint8_t buf[8];
+            int m = u8_uctomb(buf, uc, sizeof buf);
+            if (m <= 0 || !(t[k] = strndup((const char *)buf, (size_t)m)))
+                break;
+            k++;
+        }
+    free(seen);
+    if (!t || k < count) {
+        for (int i = 0; t && i < k; i++)
+            free(t[i]);
+        free(t);
+        return -1;
+    }
+    *tokens = t;
+    *n = count;
+    return 0;
+}

@@ -293,7 +293,7 @@ static void test_roundtrip(void **state)
         char err[256];
         make_model(configs[k], &m);
         fill(&m);
-        if (model_save(&m, path, err, sizeof err))
+        if (model_save(&m, path, NULL, 0, err, sizeof err))
             fail_msg("model_save: %s", err);
         if (model_load(path, &back, err, sizeof err))
             fail_msg("model_load: %s", err);
@@ -599,7 +599,7 @@ static void test_truncated(void **state)
     char err[256];
     make_model(SMALL, &m);
     fill(&m);
-    assert_int_equal(model_save(&m, path, err, sizeof err), 0);
+    assert_int_equal(model_save(&m, path, NULL, 0, err, sizeof err), 0);
     model_free(&m);
     size_t len;
     unsigned char *buf = read_bytes(path, &len);

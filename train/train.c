@@ -1,0 +1,760 @@
+/* train.c - `rrnserve train`: one training run, read top to bottom.
+ *
+ *   1. the configuration: a JSON file, every key also settable as a flag
+ *      (--optim.lr 0.001 sets {"optim": {"lr": 0.001}});
+ *   2. the data, and the tokenizer's vocabulary built from it when the
+ *      config leaves it out;
+ *   3. the model: initialised (init.c), or taken from a checkpoint;
+ *   4. the loop: a batch, forward and backward (engine_train_batch),
+ *      clipping, one optimizer step; validation every valid_every steps,
+ *      a checkpoint every checkpoint_every;
+ *   5. the weight file, with how it was made in its metadata, and the
+ *      learning curve as CSV and SVG beside it.
+ *
+ * Language models learn by truncated backpropagation through time: the
+ * batch is B streams over the corpus, each window of bptt tokens carrying
+ * its state from the previous window through the engine's slots.
+ * Classifiers learn from length-bucketed batches of labelled texts.  Given
+ * the same configuration, data and seed, a CPU run gives the same weights
+ * bit for bit: every draw comes from seeded generators and every kernel is
+ * deterministic.
+ */
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../cli/commands.h"
+#include "data.h"
+#include "engine.h"
+#include "init.h"
+#include "optim.h"
+#include "report.h"
+
+/* ---- 1. Configuration. */
+
+struct options {
+    cJSON *root;               /* the whole configuration, as run */
+    char **train, **valid;     /* data paths */
+    int n_train, n_valid;
+    struct split split;        /* classify: the validation lines */
+    struct optim_config optim;
+    struct init_options init;
+    int batch, bptt;
+    double epochs;
+    long steps;                /* 0: from epochs */
+    float dropout;
+    unsigned long long seed;
+    long valid_every, checkpoint_every, log_every;
+    const char *out;
+    enum device_kind device;
+};
+
+static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Set the value at a dotted path ("optim.lr"), creating objects on the way.
+ * The value is taken as JSON when it parses as JSON, else as a string. */
+static int set_path(cJSON *root, const char *path, const char *value, char *err, size_t errlen)
+{
+    char key[256];
+    cJSON *obj = root;
+    const char *dot;
+    while ((dot = strchr(path, '.'))) {
+        snprintf(key, sizeof key, "%.*s", (int)(dot - path), path);
+        cJSON *next = cJSON_GetObjectItemCaseSensitive(obj, key);
+        if (!next) {
+            next = cJSON_AddObjectToObject(obj, key);
+        } else if (!cJSON_IsObject(next)) {
+            return fail(err, errlen, "--%s: \"%s\" is not an object in the config", path, key);
+        }
+        if (!next)
+            return fail(err, errlen, "out of memory");
+        obj = next;
+        path = dot + 1;
+    }
+    cJSON *v = cJSON_Parse(value);
+    if (!v)
+        v = cJSON_CreateString(value);
+    if (!v)
+        return fail(err, errlen, "out of memory");
+    if (cJSON_GetObjectItemCaseSensitive(obj, path))
+        cJSON_ReplaceItemInObjectCaseSensitive(obj, path, v);
+    else
+        cJSON_AddItemToObject(obj, path, v);
+    return 0;
+}
+
+static const cJSON *field(const cJSON *o, const char *name)
+{
+    return cJSON_GetObjectItemCaseSensitive(o, name);
+}
+
+/* A number field within [lo, hi], or its default when absent. */
+static int get_num(const cJSON *o, const char *name, const char *where, double lo, double hi, double dflt,
+                   double *out, char *err, size_t errlen)
+{
+    const cJSON *v = field(o, name);
+    *out = dflt; /* also on failure, so callers never hold an unset value */
+    if (!v)
+        return 0;
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi))
+        return fail(err, errlen, "config: \"%s%s\" must be a number from %g to %g", where, name, lo, hi);
+    *out = v->valuedouble;
+    return 0;
+}
+
+static int get_bool(const cJSON *o, const char *name, const char *where, int dflt, int *out, char *err,
+                    size_t errlen)
+{
+    const cJSON *v = field(o, name);
+    *out = dflt;
+    if (!v)
+        return 0;
+    if (!cJSON_IsBool(v))
+        return fail(err, errlen, "config: \"%s%s\" must be true or false", where, name);
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+/* A list of paths: a string or an array of strings. */
+static int get_paths(const cJSON *o, const char *name, int required, char ***out, int *n, char *err,
+                     size_t errlen)
+{
+    const cJSON *v = field(o, name);
+    *out = NULL;
+    *n = 0;
+    if (!v)
+        return required ? fail(err, errlen, "config: \"data.%s\" is required", name) : 0;
+    int count = cJSON_IsString(v) ? 1 : cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
+    if (count < 1)
+        return fail(err, errlen, "config: \"data.%s\" must be a path or a non-empty array of paths", name);
+    *out = calloc((size_t)count, sizeof **out);
+    if (!*out)
+        return fail(err, errlen, "out of memory");
+    for (int i = 0; i < count; i++) {
+        const cJSON *s = cJSON_IsString(v) ? v : cJSON_GetArrayItem(v, i);
+        if (!cJSON_IsString(s))
+            return fail(err, errlen, "config: \"data.%s\" must hold paths (strings)", name);
+        (*out)[i] = s->valuestring;
+        *n = i + 1;
+    }
+    return 0;
+}
+
+static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t errlen)
+{
+    static const char *const decays[] = {"none", "linear", "cosine", "step"};
+    const cJSON *name = field(o, "name");
+    int kind = cJSON_IsString(name) ? optim_kind_from_name(name->valuestring) : name ? -1 : OPTIM_ADAM;
+    if (kind < 0)
+        return fail(err, errlen, "config: \"optim.name\" must be sgd, rmsprop, adam, adamw or adadelta");
+    optim_defaults(c, (enum optim_kind)kind);
+    double v;
+    struct {
+        const char *key;
+        double lo, hi;
+        float *f;
+        long *l;
+    } nums[] = {
+        {"lr", 0, 1e3, &c->lr, NULL},
+        {"momentum", 0, 1, &c->momentum, NULL},
+        {"beta1", 0, 1, &c->beta1, NULL},
+        {"beta2", 0, 1, &c->beta2, NULL},
+        {"alpha", 0, 1, &c->alpha, NULL},
+        {"rho", 0, 1, &c->rho, NULL},
+        {"eps", 0, 1, &c->eps, NULL},
+        {"weight_decay", 0, 1e3, &c->weight_decay, NULL},
+        {"clip_norm", 0, 1e9, &c->clip_norm, NULL},
+        {"min_lr", 0, 1e3, &c->min_lr, NULL},
+        {"step_gamma", 0, 1e3, &c->step_gamma, NULL},
+        {"warmup_steps", 0, 1e12, NULL, &c->warmup_steps},
+        {"step_every", 1, 1e12, NULL, &c->step_every},
+    };
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
+        double dflt = nums[i].f ? *nums[i].f : (double)*nums[i].l;
+        if (get_num(o, nums[i].key, "optim.", nums[i].lo, nums[i].hi, dflt, &v, err, errlen))
+            return -1;
+        if (nums[i].f)
+            *nums[i].f = (float)v;
+        else
+            *nums[i].l = (long)v;
+    }
+    int nesterov;
+    if (get_bool(o, "nesterov", "optim.", c->nesterov, &nesterov, err, errlen))
+        return -1;
+    c->nesterov = nesterov;
+    const cJSON *d = field(o, "decay");
+    if (d) {
+        int found = -1;
+        for (int i = 0; i < 4 && cJSON_IsString(d); i++)
+            if (strcmp(d->valuestring, decays[i]) == 0)
+                found = i;
+        if (found < 0)
+            return fail(err, errlen, "config: \"optim.decay\" must be none, linear, cosine or step");
+        c->decay = (enum lr_decay)found;
+    }
+    static const char *const keys[] = {"name", "lr", "momentum", "beta1", "beta2", "alpha", "rho", "eps",
+                                       "weight_decay", "clip_norm", "min_lr", "step_gamma", "warmup_steps",
+                                       "step_every", "nesterov", "decay"};
+    for (const cJSON *k = o ? o->child : NULL; k; k = k->next) {
+        size_t i = 0;
+        while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
+            i++;
+        if (i == sizeof keys / sizeof keys[0])
+            return fail(err, errlen, "config: unknown key \"optim.%s\"", k->string);
+    }
+    return 0;
+}
+
+static int parse_options(cJSON *root, struct options *o, char *err, size_t errlen)
+{
+    static const char *const keys[] = {"model",   "data", "optim",       "init",        "batch_size",
+                                       "bptt",    "epochs", "steps",     "dropout",     "seed",
+                                       "valid_every", "checkpoint_every", "log_every", "out", "device"};
+    for (const cJSON *k = root->child; k; k = k->next) {
+        size_t i = 0;
+        while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
+            i++;
+        if (i == sizeof keys / sizeof keys[0])
+            return fail(err, errlen, "config: unknown key \"%s\"", k->string);
+    }
+    memset(o, 0, sizeof *o);
+    o->root = root;
+    if (!cJSON_IsObject(field(root, "model")))
+        return fail(err, errlen, "config: \"model\" (the model's MODELS.md config) is required");
+    const cJSON *data = field(root, "data");
+    if (!cJSON_IsObject(data))
+        return fail(err, errlen, "config: \"data\" is required: {\"train\": [paths], ...}");
+    if (get_paths(data, "train", 1, &o->train, &o->n_train, err, errlen) ||
+        get_paths(data, "valid", 0, &o->valid, &o->n_valid, err, errlen))
+        return -1;
+    const cJSON *split = field(data, "split");
+    double mod = 0, test = 0, valid = 0;
+    if (split && (!cJSON_IsObject(split) || get_num(split, "mod", "data.split.", 1, 1e6, 0, &mod, err, errlen) ||
+                  get_num(split, "test", "data.split.", 0, 1e6, 0, &test, err, errlen) ||
+                  get_num(split, "valid", "data.split.", 0, 1e6, 1, &valid, err, errlen)))
+        return split && !cJSON_IsObject(split) ? fail(err, errlen, "config: \"data.split\" must be an object") : -1;
+    o->split = (struct split){(int)mod, (int)test, (int)valid};
+    if (parse_optim(field(root, "optim"), &o->optim, err, errlen))
+        return -1;
+    const cJSON *init = field(root, "init");
+    double forget = 1.0, v;
+    if (get_bool(init, "orthogonal", "init.", 1, &o->init.orthogonal, err, errlen) ||
+        get_num(init, "forget_bias", "init.", -100, 100, 1.0, &forget, err, errlen))
+        return -1;
+    o->init.forget_bias = (float)forget;
+    if (get_num(root, "batch_size", "", 1, 65536, 32, &v, err, errlen))
+        return -1;
+    o->batch = (int)v;
+    if (get_num(root, "bptt", "", 1, 1 << 20, 128, &v, err, errlen))
+        return -1;
+    o->bptt = (int)v;
+    if (get_num(root, "epochs", "", 0, 1e6, 1, &o->epochs, err, errlen) ||
+        get_num(root, "steps", "", 0, 1e12, 0, &v, err, errlen))
+        return -1;
+    o->steps = (long)v;
+    if (get_num(root, "dropout", "", 0, 0.99, 0, &v, err, errlen))
+        return -1;
+    o->dropout = (float)v;
+    if (get_num(root, "seed", "", 0, 9007199254740991.0, 1, &v, err, errlen))
+        return -1;
+    o->seed = (unsigned long long)v;
+    if (get_num(root, "valid_every", "", 0, 1e12, 0, &v, err, errlen))
+        return -1;
+    o->valid_every = (long)v;
+    if (get_num(root, "checkpoint_every", "", 0, 1e12, 0, &v, err, errlen))
+        return -1;
+    o->checkpoint_every = (long)v;
+    if (get_num(root, "log_every", "", 1, 1e12, 50, &v, err, errlen))
+        return -1;
+    o->log_every = (long)v;
+    const cJSON *out = field(root, "out");
+    if (!cJSON_IsString(out) || !strstr(out->valuestring, ".safetensors"))
+        return fail(err, errlen, "config: \"out\" must be the path of the weight file to write (NAME.safetensors)");
+    o->out = out->valuestring;
+    const cJSON *dev = field(root, "device");
+    o->device = DEVICE_CPU;
+    if (dev && !(cJSON_IsString(dev) && (strcmp(dev->valuestring, "cpu") == 0 || strcmp(dev->valuestring, "cuda") == 0)))
+        return fail(err, errlen, "config: \"device\" must be \"cpu\" or \"cuda\"");
+    if (dev && strcmp(dev->valuestring, "cuda") == 0)
+        o->device = DEVICE_CUDA;
+    return 0;
+}
+
+/* ---- 2. Data and vocabulary. */
+
+/* A char tokenizer with no token list gets one from the training text. */
+static int complete_vocab(struct options *o, char *err, size_t errlen)
+{
+    cJSON *tok = cJSON_GetObjectItemCaseSensitive(field(o->root, "model"), "tokenizer");
+    const cJSON *type = field(tok, "type");
+    if (!cJSON_IsString(type) || strcmp(type->valuestring, "char") != 0 || field(tok, "tokens"))
+        return 0;
+    char *text, **tokens;
+    size_t len;
+    int n;
+    if (corpus_read((const char *const *)o->train, o->n_train, &text, &len, err, errlen))
+        return -1;
+    int rc = tokenizer_char_vocab(text, len, &tokens, &n);
+    free(text);
+    if (rc != 0)
+        return fail(err, errlen, "out of memory building the vocabulary");
+    cJSON *list = cJSON_CreateStringArray((const char *const *)tokens, n);
+    for (int i = 0; i < n; i++)
+        free(tokens[i]);
+    free(tokens);
+    if (!list || !cJSON_AddItemToObject(tok, "tokens", list) || !cJSON_AddNumberToObject(tok, "unk", 0))
+        return fail(err, errlen, "out of memory");
+    return 0;
+}
+
+/* ---- 3.-5. The run. */
+
+struct run {
+    struct options o;
+    struct model model;
+    struct tokenizer tk;
+    struct backend *be;
+    struct engine *e;
+    struct optim *opt;
+    /* lm */
+    struct corpus train_c, valid_c;
+    struct lm_windows win;
+    int32_t *window;            /* [B][bptt + 1] */
+    int *slots;
+    /* classify */
+    struct dataset train_d, valid_d;
+    int *order, *batch_start, n_batches, next_batch;
+    struct rng rng;
+    long step, total_steps, epoch;
+    struct curve curve;
+    char csv[4096], svg[4096];
+};
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int is_lm(const struct run *r)
+{
+    return r->model.cfg.task == TASK_LM;
+}
+
+static int open_data(struct run *r, char *err, size_t errlen)
+{
+    const struct options *o = &r->o;
+    if (is_lm(r)) {
+        if (corpus_load((const char *const *)o->train, o->n_train, &r->tk, &r->train_c, err, errlen) ||
+            (o->n_valid && corpus_load((const char *const *)o->valid, o->n_valid, &r->tk, &r->valid_c, err, errlen)) ||
+            lm_windows_init(&r->win, &r->train_c, o->batch, o->bptt, o->seed, err, errlen))
+            return -1;
+        r->window = malloc(sizeof(int32_t) * (size_t)o->batch * (o->bptt + 1));
+        r->slots = malloc(sizeof(int) * (size_t)o->batch);
+        if (!r->window || !r->slots)
+            return fail(err, errlen, "out of memory");
+        for (int i = 0; i < o->batch; i++)
+            r->slots[i] = -1;
+        long per_epoch = lm_windows_per_epoch(&r->win);
+        r->total_steps = o->steps ? o->steps : (long)ceil(o->epochs * (double)per_epoch);
+        return 0;
+    }
+    const struct split all = {0, 0, 0};
+    const struct split *train_split = o->split.mod ? &o->split : &all;
+    for (int i = 0; i < o->n_train; i++) {
+        struct dataset part = {0};
+        if (classify_load(o->train[i], &r->tk, r->model.cfg.classes, r->model.cfg.n_classes, train_split, PART_TRAIN,
+                          &part, err, errlen))
+            return -1;
+        /* Several files: their examples join one set. */
+        struct example *ex = realloc(r->train_d.ex, sizeof *ex * (size_t)(r->train_d.n + part.n));
+        if (!ex) {
+            dataset_free(&part);
+            return fail(err, errlen, "out of memory");
+        }
+        memcpy(ex + r->train_d.n, part.ex, sizeof *ex * (size_t)part.n);
+        r->train_d.ex = ex;
+        r->train_d.n += part.n;
+        free(part.ex);
+        if (o->split.mod) {
+            if (classify_load(o->train[i], &r->tk, r->model.cfg.classes, r->model.cfg.n_classes, &o->split,
+                              PART_VALID, &part, err, errlen))
+                return -1;
+            ex = realloc(r->valid_d.ex, sizeof *ex * (size_t)(r->valid_d.n + part.n));
+            if (!ex) {
+                dataset_free(&part);
+                return fail(err, errlen, "out of memory");
+            }
+            memcpy(ex + r->valid_d.n, part.ex, sizeof *ex * (size_t)part.n);
+            r->valid_d.ex = ex;
+            r->valid_d.n += part.n;
+            free(part.ex);
+        }
+    }
+    r->order = malloc(sizeof(int) * (size_t)r->train_d.n);
+    r->batch_start = malloc(sizeof(int) * ((size_t)r->train_d.n + 2));
+    if (!r->order || !r->batch_start)
+        return fail(err, errlen, "out of memory");
+    long per_epoch = (r->train_d.n + o->batch - 1) / o->batch;
+    r->total_steps = o->steps ? o->steps : (long)ceil(o->epochs * (double)per_epoch);
+    r->next_batch = r->n_batches = 0;
+    return 0;
+}
+
+/* One training step's batch through the engine; adds to res. */
+static int train_step(struct run *r, struct train_result *res, char *err, size_t errlen)
+{
+    const struct options *o = &r->o;
+    unsigned long long seed = o->seed * 1000003ULL + (unsigned long long)r->step;
+    if (is_lm(r)) {
+        if (lm_windows_next(&r->win, r->window)) {
+            /* A new pass over the corpus: every stream starts afresh. */
+            for (int i = 0; i < o->batch; i++) {
+                engine_slot_close(r->e, r->slots[i]);
+                r->slots[i] = engine_slot_open(r->e);
+            }
+            r->epoch = r->win.epoch;
+        }
+        struct engine_seq *q = calloc((size_t)o->batch, sizeof *q);
+        if (!q)
+            return fail(err, errlen, "out of memory");
+        for (int i = 0; i < o->batch; i++) {
+            int32_t *w = r->window + (size_t)i * (o->bptt + 1);
+            q[i] = (struct engine_seq){.tokens = w, .len = o->bptt, .slot = r->slots[i], .next = w + o->bptt};
+        }
+        int rc = engine_train_batch(r->e, q, o->batch, NULL, o->dropout, seed, res, err, errlen);
+        free(q);
+        return rc;
+    }
+    if (r->next_batch == r->n_batches) {
+        if (bucket_batches(&r->train_d, o->batch, &r->rng, r->order, r->batch_start, &r->n_batches))
+            return fail(err, errlen, "out of memory");
+        r->next_batch = 0;
+        r->epoch++;
+    }
+    int from = r->batch_start[r->next_batch], to = r->batch_start[r->next_batch + 1];
+    r->next_batch++;
+    struct engine_seq *q = calloc((size_t)(to - from), sizeof *q);
+    int *labels = calloc((size_t)(to - from), sizeof *labels);
+    int rc = q && labels ? 0 : fail(err, errlen, "out of memory");
+    for (int i = from; rc == 0 && i < to; i++) {
+        const struct example *x = &r->train_d.ex[r->order[i]];
+        q[i - from] = (struct engine_seq){.tokens = x->ids, .len = x->len, .slot = -1};
+        labels[i - from] = x->label;
+    }
+    if (rc == 0)
+        rc = engine_train_batch(r->e, q, to - from, labels, o->dropout, seed, res, err, errlen);
+    free(q);
+    free(labels);
+    return rc;
+}
+
+/* Validation: (loss, metric) = (mean cross-entropy, bits per token) for a
+ * language model, (mean cross-entropy, accuracy) for a classifier. */
+static int validate(struct run *r, double *loss, double *metric, char *err, size_t errlen)
+{
+    *loss = *metric = NAN;
+    if (is_lm(r)) {
+        if (!r->valid_c.n)
+            return 0;
+        const int32_t *toks[1] = {r->valid_c.ids};
+        int lens[1] = {(int)r->valid_c.n};
+        double lp;
+        if (engine_score(r->e, toks, lens, 1, &lp, err, errlen))
+            return -1;
+        *loss = -lp / (double)(r->valid_c.n - 1);
+        *metric = *loss / log(2.0);
+        return 0;
+    }
+    if (!r->valid_d.n)
+        return 0;
+    const int C = r->model.head_out;
+    double sum = 0;
+    long right = 0;
+    for (int at = 0; at < r->valid_d.n; at += r->o.batch) {
+        int n = r->valid_d.n - at < r->o.batch ? r->valid_d.n - at : r->o.batch;
+        struct engine_seq *q = calloc((size_t)n, sizeof *q);
+        float *probs = malloc(sizeof(float) * (size_t)n * C);
+        int rc = q && probs ? 0 : fail(err, errlen, "out of memory");
+        for (int i = 0; rc == 0 && i < n; i++) {
+            const struct example *x = &r->valid_d.ex[at + i];
+            q[i] = (struct engine_seq){.tokens = x->ids, .len = x->len, .slot = -1, .probs = probs + (size_t)i * C};
+        }
+        if (rc == 0)
+            rc = engine_forward(r->e, q, n, err, errlen);
+        for (int i = 0; rc == 0 && i < n; i++) {
+            const float *p = probs + (size_t)i * C;
+            int best = 0;
+            for (int c = 1; c < C; c++)
+                best = p[c] > p[best] ? c : best;
+            int label = r->valid_d.ex[at + i].label;
+            right += best == label;
+            sum += -log(fmax(p[label], 1e-30));
+        }
+        free(q);
+        free(probs);
+        if (rc)
+            return -1;
+    }
+    *loss = sum / r->valid_d.n;
+    *metric = (double)right / r->valid_d.n;
+    return 0;
+}
+
+/* The weight file, with its training configuration and results. */
+static int save_model(struct run *r, const char *path, const struct curve_point *last, char *err, size_t errlen)
+{
+    if (engine_params_to_host(r->e, &r->model) != 0)
+        return fail(err, errlen, "cannot read the weights back from the backend");
+    char *config = cJSON_PrintUnformatted(r->o.root);
+    char results[512];
+    snprintf(results, sizeof results,
+             "{\"steps\": %ld, \"epochs\": %.3f, \"train_loss\": %.6g, \"valid_loss\": %.6g, \"valid_%s\": %.6g}",
+             r->step, last ? last->epoch : 0.0, last ? last->train_loss : NAN, last ? last->valid_loss : NAN,
+             is_lm(r) ? "bpc" : "accuracy", last ? last->valid_metric : NAN);
+    /* JSON has no NaN: a metric never measured is null. */
+    for (char *p; (p = strstr(results, "nan"));)
+        memcpy(p, "null", 3), memmove(p + 4, p + 3, strlen(p + 3) + 1), p[3] = 'l';
+    struct st_meta meta[] = {{"training_config", config}, {"training_results", results}};
+    int rc = config ? model_save(&r->model, path, meta, 2, err, errlen) : fail(err, errlen, "out of memory");
+    free(config);
+    return rc;
+}
+
+static void progress(const struct run *r, double loss, double tok_s, double elapsed, int tty)
+{
+    double eta = r->step ? elapsed / (double)r->step * (double)(r->total_steps - r->step) : 0;
+    fprintf(stderr, "%sstep %ld/%ld  epoch %ld  loss %.4f  %.0f tok/s  eta %.0fs%s", tty ? "\r" : "", r->step,
+            r->total_steps, r->epoch, loss, tok_s, eta, tty ? "   " : "\n");
+}
+
+static void run_free(struct run *r)
+{
+    for (int i = 0; r->slots && r->e && i < r->o.batch; i++)
+        engine_slot_close(r->e, r->slots[i]);
+    optim_free(r->opt);
+    engine_destroy(r->e);
+    backend_destroy(r->be);
+    tokenizer_free(&r->tk);
+    model_free(&r->model);
+    corpus_free(&r->train_c);
+    corpus_free(&r->valid_c);
+    if (r->window)
+        lm_windows_free(&r->win);
+    free(r->window);
+    free(r->slots);
+    dataset_free(&r->train_d);
+    dataset_free(&r->valid_d);
+    free(r->order);
+    free(r->batch_start);
+    curve_free(&r->curve);
+    free(r->o.train);
+    free(r->o.valid);
+}
+
+static int train(struct run *r, char *err, size_t errlen)
+{
+    struct options *o = &r->o;
+    /* 3. The model. */
+    struct model_config cfg;
+    char *model_json = cJSON_PrintUnformatted(field(o->root, "model"));
+    if (!model_json)
+        return fail(err, errlen, "out of memory");
+    int rc = config_parse(model_json, &cfg, err, errlen);
+    free(model_json);
+    if (rc || model_alloc(&r->model, &cfg, err, errlen))
+        return -1;
+    model_init(&r->model, &o->init, o->seed);
+    if (tokenizer_init(&r->tk, &r->model.cfg, err, errlen) || !(r->be = backend_create(o->device, err, errlen)))
+        return -1;
+    int slots = is_lm(r) ? o->batch + 1 : 0;
+    if (!(r->e = engine_create(&r->model, r->be, slots, err, errlen)))
+        return -1;
+    rng_seed(&r->rng, o->seed);
+    if (open_data(r, err, errlen))
+        return -1;
+    o->optim.total_steps = r->total_steps;
+    if (!(r->opt = optim_new(&o->optim, r->model.n_params)) || !engine_grads(r->e))
+        return fail(err, errlen, "out of memory");
+    r->curve.metric_name = is_lm(r) ? "bpc" : "accuracy";
+    snprintf(r->csv, sizeof r->csv, "%.*s.csv", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
+    snprintf(r->svg, sizeof r->svg, "%.*s.svg", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
+    fprintf(stderr, "training %s: %zu parameters, %ld steps of %d %s\n", o->out, r->model.n_params, r->total_steps,
+            o->batch, is_lm(r) ? "windows" : "texts");
+
+    /* 4. The loop. */
+    const int tty = isatty(STDERR_FILENO);
+    double start = now(), since = start, loss_sum = 0;
+    long loss_count = 0, tokens = 0;
+    struct curve_point last = {0};
+    last.valid_loss = last.valid_metric = NAN;
+    for (r->step = 0; r->step < r->total_steps;) {
+        struct train_result res = {0};
+        engine_zero_grads(r->e);
+        if (train_step(r, &res, err, errlen))
+            return -1;
+        float *params = engine_params(r->e), *grads = engine_grads(r->e);
+        optim_clip(grads, r->model.n_params, o->optim.clip_norm);
+        optim_step(r->opt, params, grads, r->step);
+        r->step++;
+        loss_sum += res.loss;
+        loss_count += res.count;
+        tokens += is_lm(r) ? res.count : 0;
+        int log_now = r->step % o->log_every == 0 || r->step == r->total_steps;
+        int valid_now = (o->valid_every && r->step % o->valid_every == 0) || r->step == r->total_steps;
+        if (!log_now && !valid_now)
+            continue;
+        double t = now();
+        struct curve_point pt = {
+            .step = r->step,
+            .epoch = (double)r->step * o->batch / (is_lm(r) ? (double)lm_windows_per_epoch(&r->win) * o->batch
+                                                           : (double)r->train_d.n),
+            .train_loss = loss_sum / (double)(loss_count ? loss_count : 1),
+            .valid_loss = NAN,
+            .valid_metric = NAN,
+            .lr = optim_lr(&o->optim, r->step - 1),
+            .tokens_per_s = (double)tokens / (t - since),
+        };
+        progress(r, pt.train_loss, pt.tokens_per_s, t - start, tty);
+        if (valid_now) {
+            if (validate(r, &pt.valid_loss, &pt.valid_metric, err, errlen))
+                return -1;
+            if (!isnan(pt.valid_loss))
+                fprintf(stderr, "%svalidation at step %ld: loss %.4f, %s %.4f\n", tty ? "\n" : "", r->step,
+                        pt.valid_loss, r->curve.metric_name, pt.valid_metric);
+        }
+        if (curve_add(&r->curve, &pt))
+            return fail(err, errlen, "out of memory");
+        last = pt;
+        if (o->checkpoint_every && r->step % o->checkpoint_every == 0 && r->step < r->total_steps) {
+            char ckpt[4200];
+            snprintf(ckpt, sizeof ckpt, "%.*s.ckpt.safetensors", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
+            if (save_model(r, ckpt, &pt, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen))
+                return -1;
+        }
+        loss_sum = 0;
+        loss_count = tokens = 0;
+        since = now();
+    }
+    if (tty)
+        fputc('\n', stderr);
+    /* 5. The results. */
+    if (save_model(r, o->out, &last, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen) ||
+        curve_write_svg(&r->curve, r->svg, o->out, err, errlen))
+        return -1;
+    fprintf(stderr, "wrote %s, %s, %s (%.0f s)\n", o->out, r->csv, r->svg, now() - start);
+    return 0;
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out, "usage: rrnserve train --config FILE.json [--KEY VALUE ...]\n"
+                 "  every key of the config can be given as a flag: --optim.lr 0.001, --epochs 3,\n"
+                 "  --model.hidden 256; a flag's value is read as JSON, else as a string.\n"
+                 "  See docs/training.md for the configuration.\n");
+}
+
+int cmd_train(int argc, char **argv)
+{
+    char err[1024];
+    const char *config_path = NULL;
+    cJSON *root = NULL;
+    /* Two passes: find --config first, then apply every other flag on top. */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)
+            config_path = argv[++i];
+        else if (strncmp(argv[i], "--config=", 9) == 0)
+            config_path = argv[i] + 9;
+    }
+    if (!config_path) {
+        usage(stderr);
+        return 2;
+    }
+    FILE *f = fopen(config_path, "rb");
+    char *text = NULL;
+    size_t len = 0;
+    if (f) {
+        fseek(f, 0, SEEK_END);
+        long size = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        text = size >= 0 ? malloc((size_t)size + 1) : NULL;
+        len = text ? fread(text, 1, (size_t)size, f) : 0;
+        if (text)
+            text[len] = 0;
+        fclose(f);
+    }
+    if (!text) {
+        fprintf(stderr, "rrnserve train: cannot read %s\n", config_path);
+        return 1;
+    }
+    root = cJSON_Parse(text);
+    if (!root || !cJSON_IsObject(root)) {
+        fprintf(stderr, "rrnserve train: %s: not a JSON object (near byte %ld)\n", config_path,
+                root ? 0L : (long)(cJSON_GetErrorPtr() - text));
+        free(text);
+        cJSON_Delete(root);
+        return 1;
+    }
+    free(text);
+    int status = 0;
+    for (int i = 1; i < argc && status == 0; i++) {
+        if (strcmp(argv[i], "--config") == 0) {
+            i++;
+            continue;
+        }
+        if (strncmp(argv[i], "--config=", 9) == 0)
+            continue;
+        if (strncmp(argv[i], "--", 2) != 0 || !argv[i][2]) {
+            fprintf(stderr, "rrnserve train: unexpected argument '%s'\n", argv[i]);
+            status = 2;
+            break;
+        }
+        const char *key = argv[i] + 2, *eq = strchr(key, '=');
+        char name[256];
+        const char *value;
+        if (eq) {
+            snprintf(name, sizeof name, "%.*s", (int)(eq - key), key);
+            value = eq + 1;
+        } else if (i + 1 < argc) {
+            snprintf(name, sizeof name, "%s", key);
+            value = argv[++i];
+        } else {
+            fprintf(stderr, "rrnserve train: --%s needs a value\n", key);
+            status = 2;
+            break;
+        }
+        if (set_path(root, name, value, err, sizeof err)) {
+            fprintf(stderr, "rrnserve train: %s\n", err);
+            status = 2;
+        }
+    }
+    struct run r;
+    memset(&r, 0, sizeof r);
+    if (status == 0 && (parse_options(root, &r.o, err, sizeof err) || complete_vocab(&r.o, err, sizeof err) ||
+                        train(&r, err, sizeof err))) {
+        fprintf(stderr, "rrnserve train: %s\n", err);
+        status = 1;
+    }
+    run_free(&r);
+    cJSON_Delete(root);
+    return status;
+}
