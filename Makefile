@@ -72,10 +72,10 @@ rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
 
 $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call lib_objs,$(BUILD))
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka -lpng
 $(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call lib_objs,$(BUILD)/asan)
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka -lpng
 $(BUILD)/asan/rrnserve: $(call lib_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan)
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)

@@ -256,10 +256,14 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     }
     if (rc != 0)
         snprintf(err, sizeof err, "out of memory");
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     if (rc == 0 && nq)
         rc = engine_forward(b->e, q, nq, err, sizeof err);
     if (rc == 0 && ns)
         rc = engine_score(b->e, stoks, slens, ns, slp, err, sizeof err);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    metrics_engine(b->metrics, (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9);
     for (int i = 0, k = 0; i < n; i++) {
         struct job *j = jobs[i];
         for (int t = 0; rc == 0 && j->kind == JOB_SCORE && t < j->n_texts; t++)

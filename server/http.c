@@ -25,6 +25,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "page.h"
 
 /* Per-connection memory for the request headers and the read buffer;
  * bodies are copied out as they arrive, so this bounds headers only. */
@@ -38,11 +39,29 @@ struct route {
     int open;           /* answered without an API key */
 };
 
+/* GET /: the attention page.  It holds no data (what it shows, it fetches
+ * with the user's key), so it needs no key. */
+static void serve_page(struct api *a, const char *body, size_t len, const struct client *c, struct reply *r)
+{
+    (void)a;
+    (void)body;
+    (void)len;
+    (void)c;
+    r->body = strdup(page_index());
+    if (!r->body) {
+        reply_error(r, 500, "out of memory");
+        return;
+    }
+    r->status = 200;
+    r->content_type = "text/html; charset=utf-8";
+}
+
 static const struct route routes[EP_COUNT] = {
     [EP_CLASSIFY] = {"POST", api_classify, 0},   [EP_GENERATE] = {"POST", api_generate, 0},
     [EP_ATTENTION] = {"POST", api_attention, 0}, [EP_SCORE] = {"POST", api_score, 0},
     [EP_MODELS] = {"GET", api_models, 0},        [EP_HEALTHZ] = {"GET", api_healthz, 1},
     [EP_READYZ] = {"GET", api_readyz, 1},        [EP_METRICS] = {"GET", api_metrics, 0},
+    [EP_INDEX] = {"GET", serve_page, 1},
 };
 
 struct http_server {

@@ -17,18 +17,23 @@
 static const char *const paths[EP_COUNT] = {
     [EP_CLASSIFY] = "/classify", [EP_GENERATE] = "/generate", [EP_ATTENTION] = "/attention",
     [EP_SCORE] = "/score",       [EP_MODELS] = "/models",     [EP_HEALTHZ] = "/healthz",
-    [EP_READYZ] = "/readyz",     [EP_METRICS] = "/metrics",   [EP_OTHER] = "other",
+    [EP_READYZ] = "/readyz",     [EP_METRICS] = "/metrics",   [EP_INDEX] = "/",
+    [EP_OTHER] = "other",
 };
 
 /* Upper bounds of the histogram buckets; +Inf is implied. */
 static const double latency_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                         0.25,  0.5,    1,     2.5,  5,     10,   30, 60};
 static const double batch_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
+static const double engine_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                       0.05,   0.1,     0.25,   0.5,   1,      2.5,   10};
 #define N_LATENCY (sizeof latency_bounds / sizeof latency_bounds[0])
 #define N_BATCH (sizeof batch_bounds / sizeof batch_bounds[0])
+#define N_ENGINE (sizeof engine_bounds / sizeof engine_bounds[0])
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
 
 struct histogram {
-    unsigned long long buckets[N_LATENCY > N_BATCH ? N_LATENCY + 1 : N_BATCH + 1]; /* not cumulative */
+    unsigned long long buckets[MAX2(MAX2(N_LATENCY, N_BATCH), N_ENGINE) + 1]; /* not cumulative */
     unsigned long long count;
     double sum;
 };
@@ -37,6 +42,7 @@ struct counters {
     unsigned long long requests[EP_COUNT][STATUS_MAX - STATUS_MIN + 1];
     struct histogram latency[EP_COUNT];
     struct histogram batch;
+    struct histogram engine;
     unsigned long long tokens;
 };
 
@@ -98,6 +104,15 @@ void metrics_batch(struct metrics *m, int batch_size)
         return;
     pthread_mutex_lock(&m->mu);
     observe(&m->c.batch, batch_bounds, N_BATCH, batch_size);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void metrics_engine(struct metrics *m, double seconds)
+{
+    if (!m || seconds < 0)
+        return;
+    pthread_mutex_lock(&m->mu);
+    observe(&m->c.engine, engine_bounds, N_ENGINE, seconds);
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -194,6 +209,9 @@ char *metrics_render(struct metrics *m, struct registry *r)
     fputs("# HELP rrnserve_batch_size Sequences per engine call.\n"
           "# TYPE rrnserve_batch_size histogram\n", f);
     put_histogram(f, "rrnserve_batch_size", "", &snap->batch, batch_bounds, N_BATCH);
+    fputs("# HELP rrnserve_engine_seconds Engine time of each classify/score/attention batch.\n"
+          "# TYPE rrnserve_engine_seconds histogram\n", f);
+    put_histogram(f, "rrnserve_engine_seconds", "", &snap->engine, engine_bounds, N_ENGINE);
     fprintf(f, "# HELP rrnserve_tokens_generated_total Tokens sampled by /generate.\n"
                "# TYPE rrnserve_tokens_generated_total counter\n"
                "rrnserve_tokens_generated_total %llu\n", snap->tokens);

@@ -1,6 +1,7 @@
 /* metrics.h - the server's Prometheus metrics: requests by endpoint and
- * status, request latency per endpoint, engine batch sizes, tokens
- * generated, and (read at render time) each model's queue depth.
+ * status, request latency per endpoint, engine batch sizes, engine time of
+ * whole-sequence batches, tokens generated, and (read at render time) each
+ * model's queue depth.
  *
  * Every function is thread-safe: HTTP threads record requests, batcher
  * threads record batches and tokens, and /metrics renders concurrently.
@@ -21,6 +22,7 @@ enum endpoint {
     EP_HEALTHZ,
     EP_READYZ,
     EP_METRICS,
+    EP_INDEX,
     EP_OTHER,
     EP_COUNT
 };
@@ -39,6 +41,9 @@ void metrics_free(struct metrics *m);
 void metrics_request(struct metrics *m, enum endpoint e, int status, double seconds);
 /* One engine call over batch_size sequences (called by the batchers). */
 void metrics_batch(struct metrics *m, int batch_size);
+/* The engine time of one classify/score/attention batch (called by the
+ * batchers; generation prefills and steps are not counted). */
+void metrics_engine(struct metrics *m, double seconds);
 /* n tokens sampled (called by the batchers). */
 void metrics_tokens(struct metrics *m, int n);
 

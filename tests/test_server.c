@@ -904,7 +904,8 @@ static void test_routing_errors(void **state)
     struct resp r;
     char allow[64];
     expect_error(s->port, "GET", "/nope", "", NULL, 404, "/nope");
-    expect_error(s->port, "GET", "/", "", NULL, 404, NULL);
+    expect_error(s->port, "GET", "/index.html", "", NULL, 404, NULL);
+    expect_error(s->port, "POST", "/", "", "{}", 405, "GET");
     expect_error(s->port, "POST", "/classify/extra", "", "{}", 404, NULL);
     must_request(s->port, "GET", "/classify", "", NULL, &r);
     check_error(&r, 405, "POST");

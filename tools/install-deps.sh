@@ -5,7 +5,7 @@
 # machine that has them.  Uses sudo when not run as root.
 set -euo pipefail
 pkgs=(build-essential pkg-config libcjson-dev libssl-dev libcmocka-dev libopenblas-dev
-      libopenblas0-pthread libunistring-dev libmicrohttpd-dev)
+      libopenblas0-pthread libunistring-dev libmicrohttpd-dev libpng-dev chromium)
 [ "${1:-}" = "--bench" ] && pkgs+=(python3 python3-numpy python3-torch)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,516 @@
+/* test_page.c - the attention page at GET /: `rrnserve serve` ($RRN_BIN, as
+ * tests/run_tests.sh sets it) runs as a child process on a temporary
+ * folder holding one RRA fixture.  The page is served (also without a key
+ * when keys are required), and headless Chromium, given the page's URL
+ * with ?model=&text=, really draws the heatmap: the rendered DOM holds a
+ * cell per weight and the token labels, and its screenshot holds cells of
+ * several shades of the heatmap's blue.  Without Chromium the browser test
+ * is skipped.
+ *
+ * Every wait is bounded and every child is killed, also when a test fails
+ * (PR_SET_PDEATHSIG covers this process dying).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <png.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MODEL "rra_dynamic_w3_l2_lm"
+#define FIXTURE "tests/fixtures/" MODEL ".safetensors"
+#define TITLE "<title>rrnserve: attention heatmap</title>"
+#define PAGE_URL "/?model=" MODEL "&text=a%20nice%20day"
+#define KEY "page-test-key"
+/* Hang guards only: nothing asserts how fast anything is. */
+#define START_TIMEOUT_S 120
+#define SOCKET_TIMEOUT_S 120
+#define BROWSER_TIMEOUT_S 180
+/* "a nice day": 10 steps, window 3, 2 layers, one direction. */
+#define CELLS (10 * 3 * 2)
+/* A heatmap cell is 26 pixels square; the blue of 60 of them covers about
+ * 37000 pixels, the legend's bar 1600. */
+#define MIN_BLUE_PIXELS 10000
+#define MIN_SHADE_PIXELS 200
+#define MIN_SHADES 4
+
+struct server {
+    pid_t pid;
+    int port;
+    char dir[64];      /* the models folder */
+    char log[64];      /* the server's stdout and stderr */
+    char scratch[64];  /* the test's files, removed with the server */
+};
+
+static void sleep_ms(int ms)
+{
+    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+/* The whole of a file, NUL-terminated (an empty string when unreadable). */
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    size_t n = 0, cap = 1 << 16;
+    char *p = malloc(cap);
+    assert_non_null(p);
+    if (f) {
+        size_t got;
+        while ((got = fread(p + n, 1, cap - n - 1, f)) > 0) {
+            n += got;
+            if (cap - n - 1 == 0) {
+                cap *= 2;
+                p = realloc(p, cap);
+                assert_non_null(p);
+            }
+        }
+        fclose(f);
+    }
+    p[n] = 0;
+    return p;
+}
+
+/* 0, or -1 on an error. */
+static int copy_file(const char *from, const char *to)
+{
+    FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
+    int rc = in && out ? 0 : -1;
+    char chunk[65536];
+    size_t n;
+    while (rc == 0 && (n = fread(chunk, 1, sizeof chunk, in)) > 0)
+        rc = fwrite(chunk, 1, n, out) == n ? 0 : -1;
+    if (in)
+        fclose(in);
+    if (out && fclose(out) != 0)
+        rc = -1;
+    return rc;
+}
+
+/* Waits (bounded) for a child; its wait status, or -1 when it is still
+ * running after timeout_s. */
+static int wait_child(pid_t pid, int timeout_s)
+{
+    for (int i = 0; i < timeout_s * 50; i++) {
+        int status;
+        if (waitpid(pid, &status, WNOHANG) == pid)
+            return status;
+        sleep_ms(20);
+    }
+    return -1;
+}
+
+/* Runs argv (looked up in PATH) in a process group of its own, stdout to
+ * out_path (or /dev/null), stderr to /dev/null.  Its wait status, or -1
+ * when it ran past timeout_s; either way the whole group is killed after,
+ * so no helper process it started outlives it. */
+static int run_bounded(char *const argv[], const char *out_path, int timeout_s)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        setpgid(0, 0);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        int out = open(out_path ? out_path : "/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        int null = open("/dev/null", O_RDWR);
+        if (out < 0 || null < 0)
+            _exit(127);
+        dup2(null, STDIN_FILENO);
+        dup2(out, STDOUT_FILENO);
+        dup2(null, STDERR_FILENO);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    setpgid(pid, pid);
+    int status = wait_child(pid, timeout_s);
+    kill(-pid, SIGKILL);
+    if (status == -1)
+        waitpid(pid, NULL, 0);
+    return status;
+}
+
+static void remove_tree(const char *dir)
+{
+    char *const argv[] = {"rm", "-rf", (char *)dir, NULL};
+    run_bounded(argv, NULL, 60);
+}
+
+static void server_stop(struct server *s)
+{
+    if (!s)
+        return;
+    if (s->pid > 0) {
+        kill(s->pid, SIGKILL);
+        waitpid(s->pid, NULL, 0);
+    }
+    remove_tree(s->dir);
+    remove_tree(s->scratch);
+    unlink(s->log);
+    free(s);
+}
+
+/* A key file at path that admits key (its SHA-256 in hex); 0, or -1. */
+static int write_keys(const char *path, const char *key)
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    FILE *f;
+    if (EVP_Digest(key, strlen(key), md, &n, EVP_sha256(), NULL) != 1 || !(f = fopen(path, "w")))
+        return -1;
+    for (unsigned i = 0; i < n; i++)
+        fprintf(f, "%02x", md[i]);
+    fputc('\n', f);
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+/* Starts `rrnserve serve` on a fresh folder holding the fixture, requiring
+ * the API key key when it is not NULL, and waits for its port. */
+static struct server *server_start(const char *key)
+{
+    struct server *s = calloc(1, sizeof *s);
+    assert_non_null(s);
+    snprintf(s->dir, sizeof s->dir, "/tmp/rrn_page_XXXXXX");
+    snprintf(s->scratch, sizeof s->scratch, "/tmp/rrn_page_scratch_XXXXXX");
+    snprintf(s->log, sizeof s->log, "/tmp/rrn_page_log_XXXXXX");
+    int logfd = -1, ready = mkdtemp(s->dir) && mkdtemp(s->scratch) && (logfd = mkstemp(s->log)) >= 0;
+    char to[128], keys[96];
+    snprintf(to, sizeof to, "%s/" MODEL ".safetensors", s->dir);
+    snprintf(keys, sizeof keys, "%s/keys", s->scratch);
+    ready = ready && copy_file(FIXTURE, to) == 0 && (!key || write_keys(keys, key) == 0);
+    if (!ready) {
+        if (logfd >= 0)
+            close(logfd);
+        server_stop(s);
+        fail_msg("cannot set up the server's files (is the test run from the repository root?)");
+    }
+
+    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
+    const char *argv[16] = {bin, "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1",
+                            "--device", "cpu"};
+    if (key) {
+        argv[10] = "--api-keys";
+        argv[11] = keys;
+    }
+    s->pid = fork();
+    assert_true(s->pid >= 0);
+    if (s->pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        dup2(logfd, STDOUT_FILENO);
+        dup2(logfd, STDERR_FILENO);
+        close(logfd);
+        execv(bin, (char *const *)argv);
+        _exit(127);
+    }
+    close(logfd);
+
+    const char *line = "listening on http://127.0.0.1:";
+    for (int i = 0; i < START_TIMEOUT_S * 10 && s->port <= 0; i++) {
+        char *log = slurp(s->log);
+        const char *at = strstr(log, line);
+        if (at)
+            s->port = atoi(at + strlen(line));
+        free(log);
+        if (s->port <= 0 && waitpid(s->pid, NULL, WNOHANG) == s->pid) {
+            s->pid = 0;
+            break;
+        }
+        if (s->port <= 0)
+            sleep_ms(100);
+    }
+    if (s->port <= 0) {
+        /* Kill it before failing: a failed setup has no teardown. */
+        char *log = slurp(s->log), shown[4096];
+        snprintf(shown, sizeof shown, "%s", log);
+        free(log);
+        server_stop(s);
+        fail_msg("the server did not start; its output:\n%s", shown);
+    }
+    return s;
+}
+
+/* ---- HTTP over a plain socket -------------------------------------------- */
+
+struct resp {
+    int status;
+    char *text;        /* the whole answer, NUL-terminated */
+    const char *body;  /* inside text */
+};
+
+/* GET path with extra header lines (each ending in \r\n); the whole answer
+ * is read (Connection: close). */
+static void get(int port, const char *path, const char *headers, struct resp *r)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(fd >= 0);
+    struct timeval tv = {.tv_sec = SOCKET_TIMEOUT_S};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    char req[1024];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s\r\n", path,
+                     headers);
+    assert_int_equal(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
+    size_t len = 0, cap = 1 << 16;
+    r->text = malloc(cap);
+    assert_non_null(r->text);
+    for (;;) {
+        if (cap - len < 4096) {
+            cap *= 2;
+            r->text = realloc(r->text, cap);
+            assert_non_null(r->text);
+        }
+        ssize_t got = recv(fd, r->text + len, cap - len - 1, 0);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            break;
+        len += (size_t)got;
+    }
+    close(fd);
+    r->text[len] = 0;
+    const char *end = strstr(r->text, "\r\n\r\n");
+    if (!end || sscanf(r->text, "HTTP/1.%*d %d", &r->status) != 1)
+        fail_msg("GET %s: not an HTTP answer: %.200s", path, r->text);
+    r->body = end + 4;
+}
+
+/* Whether the head of r has the header line "name: value" exactly. */
+static int has_header(const struct resp *r, const char *line)
+{
+    size_t n = strlen(line);
+    for (const char *p = strstr(r->text, "\r\n"); p && p < r->body; p = strstr(p + 2, "\r\n"))
+        if (strncasecmp(p + 2, line, n) == 0 && p[2 + n] == '\r')
+            return 1;
+    return 0;
+}
+
+/* ---- the page --------------------------------------------------------- */
+
+static int setup_server(void **state)
+{
+    *state = server_start(NULL);
+    return 0;
+}
+
+static int teardown_server(void **state)
+{
+    server_stop(*state);
+    *state = NULL;
+    return 0;
+}
+
+static void test_page_served(void **state)
+{
+    struct server *s = *state;
+    struct resp r;
+    get(s->port, "/", "", &r);
+    assert_int_equal(r.status, 200);
+    assert_true(has_header(&r, "Content-Type: text/html; charset=utf-8"));
+    assert_non_null(strstr(r.body, "<!DOCTYPE html>"));
+    assert_non_null(strstr(r.body, TITLE));
+    /* Self-contained: whatever it refers to is a data: URL. */
+    static const char *const refs[] = {"src=", "href=", "url(", "@import"};
+    for (size_t i = 0; i < sizeof refs / sizeof refs[0]; i++)
+        for (const char *p = strstr(r.body, refs[i]); p; p = strstr(p + 1, refs[i])) {
+            const char *v = p + strlen(refs[i]);
+            v += *v == '\'' || *v == '"';
+            if (strncmp(v, "data:", 5) != 0)
+                fail_msg("the page loads %.60s", p);
+        }
+    free(r.text);
+    /* The query string is the page's, not a different path. */
+    get(s->port, PAGE_URL, "", &r);
+    assert_int_equal(r.status, 200);
+    assert_non_null(strstr(r.body, TITLE));
+    free(r.text);
+    get(s->port, "/metrics", "", &r);
+    assert_int_equal(r.status, 200);
+    assert_non_null(strstr(r.body, "rrnserve_requests_total{endpoint=\"/\",status=\"200\"} 2\n"));
+    free(r.text);
+}
+
+static int setup_keyed_server(void **state)
+{
+    *state = server_start(KEY);
+    return 0;
+}
+
+/* With keys required the page is still served without one (it holds no
+ * data), and what it fetches still needs the key. */
+static void test_page_needs_no_key(void **state)
+{
+    struct server *s = *state;
+    struct resp r;
+    get(s->port, "/", "", &r);
+    assert_int_equal(r.status, 200);
+    assert_non_null(strstr(r.body, TITLE));
+    free(r.text);
+    get(s->port, "/models", "", &r);
+    assert_int_equal(r.status, 401);
+    free(r.text);
+    get(s->port, "/models", "Authorization: Bearer " KEY "\r\n", &r);
+    assert_int_equal(r.status, 200);
+    free(r.text);
+}
+
+/* ---- the page in a browser ----------------------------------------------- */
+
+/* The path of the first of the names found in PATH, in out; 0 if none. */
+static int find_browser(char *out, size_t cap)
+{
+    static const char *const names[] = {"chromium", "chromium-browser"};
+    const char *path = getenv("PATH");
+    for (size_t i = 0; path && i < sizeof names / sizeof names[0]; i++)
+        for (const char *dir = path; *dir;) {
+            size_t n = strcspn(dir, ":");
+            snprintf(out, cap, "%.*s/%s", (int)n, dir, names[i]);
+            if (n && access(out, X_OK) == 0)
+                return 1;
+            dir += n + (dir[n] == ':');
+        }
+    return 0;
+}
+
+/* Renders url headlessly at 1000x800: mode is "--dump-dom" (the DOM after
+ * the scripts ran, to out) or "--screenshot=PNG". */
+static void browse(const char *browser, const char *url, const char *mode, const char *out, const char *profile)
+{
+    char user_data[128];
+    snprintf(user_data, sizeof user_data, "--user-data-dir=%s", profile);
+    char *const argv[] = {(char *)browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                          "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                          "--disable-sync", user_data, "--virtual-time-budget=5000", "--window-size=1000,800",
+                          (char *)mode, (char *)url, NULL};
+    int status = run_bounded(argv, out, BROWSER_TIMEOUT_S);
+    if (status == -1)
+        fail_msg("%s %s did not finish in %d s", browser, mode, BROWSER_TIMEOUT_S);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("%s %s failed (wait status %d)", browser, mode, status);
+}
+
+static int count_in(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle))
+        n++;
+    return n;
+}
+
+static void check_dom(const char *dom)
+{
+    /* What the page said, for the failure messages. */
+    const char *status = strstr(dom, "id=\"status\"");
+    status = status ? strchr(status, '>') : NULL;
+    char said[512] = "(no status element)";
+    if (status)
+        snprintf(said, sizeof said, "\"%.*s\"", (int)strcspn(status + 1, "<"), status + 1);
+    if (count_in(dom, "class=\"cell\"") != CELLS)
+        fail_msg("%d heatmap cells drawn, not %d; the page says: %s", count_in(dom, "class=\"cell\""), CELLS, said);
+    /* The labels of "a nice day", on the rows and on the columns of both
+     * layers; the space shows as U+2423. */
+    static const char *const labels[] = {">a</text>", ">n</text>", ">i</text>", ">c</text>",
+                                         ">e</text>", ">d</text>", ">y</text>", ">\u2423</text>"};
+    for (size_t i = 0; i < sizeof labels / sizeof labels[0]; i++)
+        if (count_in(dom, labels[i]) < 4)
+            fail_msg("the label %s is drawn %d times, not at least 4; the page says: %s", labels[i],
+                     count_in(dom, labels[i]), said);
+    assert_non_null(strstr(dom, "dynamic attention over a window of 3"));
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The screenshot holds enough pixels of the heatmap's blues (blue well
+ * above red: not white, grey or black), in several shades that each cover
+ * at least part of a cell. */
+static void check_png(const char *path)
+{
+    png_image img;
+    memset(&img, 0, sizeof img);
+    img.version = PNG_IMAGE_VERSION;
+    if (!png_image_begin_read_from_file(&img, path))
+        fail_msg("%s: %s", path, img.message);
+    img.format = PNG_FORMAT_RGB;
+    size_t size = PNG_IMAGE_SIZE(img), pixels = (size_t)img.width * img.height;
+    unsigned char *px = malloc(size);
+    uint32_t *blue = malloc(pixels * sizeof *blue);
+    assert_non_null(px);
+    assert_non_null(blue);
+    if (!png_image_finish_read(&img, NULL, px, 0, NULL))
+        fail_msg("%s: %s", path, img.message);
+    size_t n = 0;
+    for (size_t i = 0; i < pixels; i++) {
+        int r = px[3 * i], g = px[3 * i + 1], b = px[3 * i + 2];
+        if (b >= r + 30 && b >= g)
+            blue[n++] = (uint32_t)r << 16 | (uint32_t)g << 8 | (uint32_t)b;
+    }
+    qsort(blue, n, sizeof *blue, cmp_u32);
+    int shades = 0;
+    for (size_t i = 0, j; i < n; i = j) {
+        for (j = i; j < n && blue[j] == blue[i]; j++)
+            ;
+        shades += j - i >= MIN_SHADE_PIXELS;
+    }
+    free(px);
+    free(blue);
+    if (n < MIN_BLUE_PIXELS || shades < MIN_SHADES)
+        fail_msg("the screenshot (%ux%u) has %zu heatmap-blue pixels (want %d) in %d shades of %d pixels or more "
+                 "(want %d)", img.width, img.height, n, MIN_BLUE_PIXELS, shades, MIN_SHADE_PIXELS, MIN_SHADES);
+}
+
+static void test_browser_draws_heatmap(void **state)
+{
+    struct server *s = *state;
+    char browser[512];
+    if (!find_browser(browser, sizeof browser)) {
+        print_message("chromium is not installed (tools/install-deps.sh installs it)\n");
+        skip();
+    }
+    char url[128], dom[96], png[96], shot[112], profile[96];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", s->port, PAGE_URL);
+    snprintf(dom, sizeof dom, "%s/dom.html", s->scratch);
+    snprintf(png, sizeof png, "%s/page.png", s->scratch);
+    snprintf(shot, sizeof shot, "--screenshot=%s", png);
+
+    snprintf(profile, sizeof profile, "%s/profile-dom", s->scratch);
+    browse(browser, url, "--dump-dom", dom, profile);
+    char *text = slurp(dom);
+    check_dom(text);
+    free(text);
+
+    snprintf(profile, sizeof profile, "%s/profile-png", s->scratch);
+    browse(browser, url, shot, NULL, profile);
+    check_png(png);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_page_served, setup_server, teardown_server),
+        cmocka_unit_test_setup_teardown(test_page_needs_no_key, setup_keyed_server, teardown_server),
+        cmocka_unit_test_setup_teardown(test_browser_draws_heatmap, setup_server, teardown_server),
+    };
+    return cmocka_run_group_tests_name("page", tests, NULL, NULL);
+}
