@@ -249,28 +249,13 @@ static size_t encode_chars(const struct tokenizer *tk, const uint8_t *s, size_t 
     return n;
 }
 
-/* Look up the lower-cased form of one word.  Returns -1 when out of
- * memory. */
-static int lookup_lower(const struct tokenizer *tk, const uint8_t *word, size_t len, int32_t *id)
+/* Call fn for each word of s, lower-cased: the maximal runs of letters,
+ * digits and apostrophes.  fn returns 0 to go on; each_word returns -1 when
+ * fn does or memory runs out.  Encoding and vocabulary building share it,
+ * so they cannot disagree on what a word is. */
+static int each_word(const uint8_t *s, size_t len, int (*fn)(void *ctx, const uint8_t *word, size_t n),
+                     void *ctx)
 {
-    /* Most words fit here; longer ones (or ones that grow when lowered)
-     * get a buffer from u8_tolower itself. */
-    uint8_t buf[256];
-    size_t lower_len = sizeof buf;
-    uint8_t *lower = u8_tolower(word, len, NULL, NULL, buf, &lower_len);
-
-    if (lower == NULL)
-        return -1;
-    *id = lookup(tk, lower, lower_len);
-    if (lower != buf)
-        free(lower);
-    return 0;
-}
-
-static int encode_words(const struct tokenizer *tk, const uint8_t *s, size_t len, int32_t *ids,
-                        size_t *n_out)
-{
-    size_t n = 0;
     size_t start = 0;
     int in_word = 0;
 
@@ -284,15 +269,45 @@ static int encode_words(const struct tokenizer *tk, const uint8_t *s, size_t len
             start = i;
             in_word = 1;
         } else if (!word_char && in_word) {
-            if (lookup_lower(tk, s + start, i - start, &ids[n]) != 0)
+            /* Most words fit here; longer ones (or ones that grow when
+             * lowered) get a buffer from u8_tolower itself. */
+            uint8_t buf[256];
+            size_t lower_len = sizeof buf;
+            uint8_t *lower = u8_tolower(s + start, i - start, NULL, NULL, buf, &lower_len);
+            if (lower == NULL)
                 return -1;
-            n++;
+            int rc = fn(ctx, lower, lower_len);
+            if (lower != buf)
+                free(lower);
+            if (rc != 0)
+                return -1;
             in_word = 0;
         }
         i += step;
     }
-    *n_out = n;
     return 0;
+}
+
+struct encoding {
+    const struct tokenizer *tk;
+    int32_t *ids;
+    size_t n;
+};
+
+static int encode_word(void *ctx, const uint8_t *word, size_t n)
+{
+    struct encoding *e = ctx;
+    e->ids[e->n++] = lookup(e->tk, word, n);
+    return 0;
+}
+
+static int encode_words(const struct tokenizer *tk, const uint8_t *s, size_t len, int32_t *ids,
+                        size_t *n_out)
+{
+    struct encoding e = {tk, ids, 0};
+    int rc = each_word(s, len, encode_word, &e);
+    *n_out = e.n;
+    return rc;
 }
 
 int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len, int32_t **ids,
@@ -390,5 +405,91 @@ int tokenizer_char_vocab(const char *text, size_t len, char ***tokens, int *n)
     }
     *tokens = t;
     *n = count;
+    return 0;
+}
+
+/* Word counts for tokenizer_word_vocab: open addressing on FNV-1a. */
+struct word_count {
+    char *word;
+    long count;
+};
+
+struct counter {
+    struct word_count *slot;
+    size_t size, used;
+};
+
+static int count_word(void *ctx, const uint8_t *word, size_t n)
+{
+    struct counter *c = ctx;
+    if (2 * (c->used + 1) > c->size) {
+        /* Grow to keep the table at most half full. */
+        size_t size = c->size ? 2 * c->size : 1024;
+        struct word_count *slot = calloc(size, sizeof *slot);
+        if (!slot)
+            return -1;
+        for (size_t i = 0; i < c->size; i++) {
+            if (!c->slot[i].word)
+                continue;
+            size_t j = (size_t)hash_bytes((const uint8_t *)c->slot[i].word, strlen(c->slot[i].word)) & (size - 1);
+            while (slot[j].word)
+                j = (j + 1) & (size - 1);
+            slot[j] = c->slot[i];
+        }
+        free(c->slot);
+        c->slot = slot;
+        c->size = size;
+    }
+    size_t j = (size_t)hash_bytes(word, n) & (c->size - 1);
+    while (c->slot[j].word && !token_equals(c->slot[j].word, word, n))
+        j = (j + 1) & (c->size - 1);
+    if (!c->slot[j].word) {
+        if (!(c->slot[j].word = strndup((const char *)word, n)))
+            return -1;
+        c->used++;
+    }
+    c->slot[j].count++;
+    return 0;
+}
+
+static int by_count_then_word(const void *a, const void *b)
+{
+    const struct word_count *x = a, *y = b;
+    if (x->count != y->count)
+        return x->count < y->count ? 1 : -1;
+    return strcmp(x->word, y->word);
+}
+
+int tokenizer_word_vocab(const char *text, size_t len, int max_size, int min_count, char ***tokens, int *n)
+{
+    struct counter c = {0};
+    int rc = each_word((const uint8_t *)text, len, count_word, &c);
+    /* Pack the used slots to the front, most frequent first. */
+    size_t used = 0;
+    for (size_t i = 0; i < c.size; i++)
+        if (c.slot[i].word)
+            c.slot[used++] = c.slot[i];
+    if (used)
+        qsort(c.slot, used, sizeof *c.slot, by_count_then_word);
+    int keep = 1;
+    while (rc == 0 && (size_t)(keep - 1) < used && keep < max_size && c.slot[keep - 1].count >= min_count)
+        keep++;
+    char **t = rc == 0 ? calloc((size_t)keep, sizeof *t) : NULL;
+    if (t && (t[0] = strdup("<unk>"))) {
+        for (int i = 1; i < keep; i++) {
+            t[i] = c.slot[i - 1].word;
+            c.slot[i - 1].word = NULL; /* now the list's */
+        }
+    } else if (t) {
+        free(t);
+        t = NULL;
+    }
+    for (size_t i = 0; i < used; i++)
+        free(c.slot[i].word);
+    free(c.slot);
+    if (!t)
+        return -1;
+    *tokens = t;
+    *n = keep;
     return 0;
 }

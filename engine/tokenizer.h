@@ -54,4 +54,9 @@ const char *tokenizer_token(const struct tokenizer *tk, int32_t id, char out[8],
  * holds, in code point order.  *tokens and its strings are malloc'd. */
 int tokenizer_char_vocab(const char *text, size_t len, char ***tokens, int *n);
 
+/* The token list of a word tokenizer for a training text: "<unk>" (id 0)
+ * and then the words seen at least min_count times, most frequent first
+ * (ties in byte order), at most max_size entries in all. */
+int tokenizer_word_vocab(const char *text, size_t len, int max_size, int min_count, char ***tokens, int *n);
+
 #endif
