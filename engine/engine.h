@@ -85,15 +85,21 @@ struct train_result {
     long correct;     /* classify: sequences whose argmax is the label */
 };
 
+/* Regularisation of a training batch. */
+struct train_options {
+    float dropout;            /* on the input of every layer but the first */
+    float dropout_embed;      /* on the first layer's input (the embedding) */
+    unsigned long long seed;  /* the dropout masks */
+};
+
 /* Forward and backward over a batch, adding the gradient of the mean loss
  * (over the batch's items) to the engine's gradients.  Language models
  * score each token against the next (the last against seq.next, when
  * given) and may carry their state through slots, as engine_forward does;
  * no gradient flows into the carried state (truncated backpropagation).
- * Classifiers take labels[i] for sequence i.  dropout applies to the input
- * of every layer but the first, with masks drawn from seed. */
-int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const int *labels, float dropout,
-                       unsigned long long seed, struct train_result *res, char *err, size_t errlen);
+ * Classifiers take labels[i] for sequence i. */
+int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const int *labels,
+                       const struct train_options *opt, struct train_result *res, char *err, size_t errlen);
 
 /* The parameters as the engine runs them and their gradients: flat arrays
  * laid out as the model's arena (n_params floats, backend memory). */

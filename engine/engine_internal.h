@@ -110,9 +110,15 @@ struct tape {
     float *attn;    /* [L * D][P][K] */
     float *c0;      /* [L][B][H] cell state carried in, or NULL (zeros) */
     const int *prefix_idx; /* [R * B] ring rows of the prefix, or NULL */
-    float dropout;
+    float dropout, dropout_embed;
     unsigned long long seed;
 };
+
+/* The dropout on layer l's input. */
+static inline float tape_dropout(const struct tape *t, int l)
+{
+    return l ? t->dropout : t->dropout_embed;
+}
 
 static inline float *tape_y(const struct tape *t, int k)
 {

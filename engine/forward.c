@@ -201,11 +201,11 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         const int in = e->w.layers[l].in;
         y = tape ? tape_y(tape, l + 1) : ybuf[(l + 1) % 3];
         const float *layer_in = y_prev;
-        if (tape && tape->xin && l > 0) {
-            /* Dropout between layers, on the input of the recurrence; the
-             * depth residual adds the undropped output. */
+        if (tape && tape_dropout(tape, l) > 0.0f) {
+            /* Dropout on the input of the recurrence; the depth residual
+             * adds the undropped output. */
             float *x = tape->xin + (size_t)l * P * tape->Wmax;
-            be->ops->dropout(be, x, y_prev, (size_t)P * in, tape->dropout, tape->seed + (unsigned long long)l);
+            be->ops->dropout(be, x, y_prev, (size_t)P * in, tape_dropout(tape, l), tape->seed + (unsigned long long)l);
             layer_in = x;
         }
         float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : c;

@@ -80,7 +80,7 @@ static float *dy_of(const struct pass *ps, int k)
     return ps->dy + (size_t)k * ps->p->P * ps->t.Wmax;
 }
 
-static int alloc_tape(struct pass *ps, float dropout, unsigned long long seed)
+static int alloc_tape(struct pass *ps, const struct train_options *opt)
 {
     struct engine *e = ps->e;
     const struct plan *p = ps->p;
@@ -92,10 +92,12 @@ static int alloc_tape(struct pass *ps, float dropout, unsigned long long seed)
     t->R = R;
     t->Wmax = e->E > e->W ? e->E : e->W;
     t->CW = CELL_CACHE(e->m->cfg.cell, H);
-    t->dropout = dropout;
-    t->seed = seed;
+    t->dropout = opt->dropout;
+    t->dropout_embed = opt->dropout_embed;
+    t->seed = opt->seed;
     t->y = engine_ws(e, WS_T_Y, (size_t)(e->L + 1) * P * t->Wmax * fsz);
-    t->xin = dropout > 0.0f && e->L > 1 ? engine_ws(e, WS_T_XIN, (size_t)e->L * P * t->Wmax * fsz) : NULL;
+    int drops = opt->dropout_embed > 0.0f || (opt->dropout > 0.0f && e->L > 1);
+    t->xin = drops ? engine_ws(e, WS_T_XIN, (size_t)e->L * P * t->Wmax * fsz) : NULL;
     t->h = engine_ws(e, WS_T_H, (size_t)LD * ((size_t)R * B + P) * H * fsz);
     t->cache = engine_ws(e, WS_T_CACHE, (size_t)LD * P * t->CW * fsz);
     int dynamic = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
@@ -103,7 +105,7 @@ static int alloc_tape(struct pass *ps, float dropout, unsigned long long seed)
     t->attn = e->K ? engine_ws(e, WS_T_ATTN, (size_t)LD * P * e->K * fsz) : NULL;
     t->c0 = p->slot ? engine_ws(e, WS_T_C0, (size_t)e->L * B * H * fsz) : NULL;
     ps->dy = engine_ws(e, WS_DY, (size_t)(e->L + 1) * P * t->Wmax * fsz);
-    if (!t->y || (dropout > 0.0f && e->L > 1 && !t->xin) || !t->h || !t->cache || (dynamic && !t->q) ||
+    if (!t->y || (drops && !t->xin) || !t->h || !t->cache || (dynamic && !t->q) ||
         (e->K && !t->attn) || (p->slot && !t->c0) || !ps->dy)
         return -1;
     /* (The engine's host scratch holds the plan; these need their own.) */
@@ -312,7 +314,8 @@ static int backward_layers(struct pass *ps)
                 be->ops->add_rows(be, dy2, W, dy, W, P, W);
             }
         }
-        const float *layer_in = ps->t.xin && l > 0 ? ps->t.xin + (size_t)l * P * ps->t.Wmax : tape_y(&ps->t, l);
+        const float p_drop = tape_dropout(&ps->t, l);
+        const float *layer_in = p_drop > 0.0f ? ps->t.xin + (size_t)l * P * ps->t.Wmax : tape_y(&ps->t, l);
         be->ops->zero(be, dxin, (size_t)P * in * fsz);
         for (int dir = 0; dir < e->D; dir++) {
             const struct layer_dir_params *wd = &w->dir[dir], *gd = &g->dir[dir];
@@ -335,24 +338,24 @@ static int backward_layers(struct pass *ps)
                 be->ops->scatter_add_rows(be, dxin, in, dxrev, in, ps->d->rev, P, in);
             }
         }
-        if (ps->t.xin && l > 0)
-            be->ops->dropout(be, dxin, dxin, (size_t)P * in, ps->t.dropout, ps->t.seed + (unsigned long long)l);
+        if (p_drop > 0.0f)
+            be->ops->dropout(be, dxin, dxin, (size_t)P * in, p_drop, ps->t.seed + (unsigned long long)l);
         be->ops->add_rows(be, dy_of(ps, l), in, dxin, in, P, in);
     }
     be->ops->scatter_add_rows(be, e->g.embedding, e->E, dy_of(ps, 0), e->E, ps->d->tokens, P, e->E);
     return 0;
 }
 
-int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const int *labels, float dropout,
-                       unsigned long long seed, struct train_result *res, char *err, size_t errlen)
+int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const int *labels,
+                       const struct train_options *opt, struct train_result *res, char *err, size_t errlen)
 {
     struct backend *be = e->be;
     if (!be->ops->cell_step_backward) {
         snprintf(err, errlen, "the %s backend cannot train yet", be->ops->name);
         return -1;
     }
-    if (dropout < 0.0f || dropout >= 1.0f) {
-        snprintf(err, errlen, "dropout must be in [0, 1), not %g", dropout);
+    if (!(opt->dropout >= 0.0f && opt->dropout < 1.0f && opt->dropout_embed >= 0.0f && opt->dropout_embed < 1.0f)) {
+        snprintf(err, errlen, "dropout must be in [0, 1), not %g (embedding: %g)", opt->dropout, opt->dropout_embed);
         return -1;
     }
     if (engine_check_batch(e, seqs, n, err, errlen) != 0)
@@ -367,7 +370,7 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
     struct dev_plan d;
     struct pass ps = {.e = e, .p = &p, .d = &d};
     int rc = engine_grads(e) && engine_make_plan(e, seqs, n, &p) == 0 && engine_upload_plan(e, &p, &d) == 0 &&
-                     alloc_tape(&ps, dropout, seed) == 0
+                     alloc_tape(&ps, opt) == 0
                  ? 0
                  : -1;
     const float *y = rc == 0 ? engine_run_layers(e, &p, &d, ps.t.attn, &ps.t) : NULL;

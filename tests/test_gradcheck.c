@@ -109,7 +109,8 @@ static double loss_at(struct check *c, const float *base, const float *current)
                                    .next = c->model.cfg.task == TASK_LM ? c->tok[i] + off + c->len[i] : NULL};
     }
     struct train_result res = {0};
-    if (engine_train_batch(c->e, q, 3, c->labels, 0.0f, 1, &res, err, sizeof err) != 0)
+    const struct train_options no_dropout = {0.0f, 0.0f, 1};
+    if (engine_train_batch(c->e, q, 3, c->labels, &no_dropout, &res, err, sizeof err) != 0)
         fail_msg("train: %s", err);
     return res.loss / (double)res.count;
 }

@@ -48,9 +48,10 @@ struct options {
     int batch, bptt;
     double epochs;
     long steps;                /* 0: from epochs */
-    float dropout;
+    float dropout, dropout_embed;
     unsigned long long seed;
     long valid_every, checkpoint_every, log_every;
+    int keep_best;             /* write the weights of the best validation */
     const char *out;
     enum device_kind device;
 };
@@ -221,9 +222,10 @@ static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t
 
 static int parse_options(cJSON *root, struct options *o, char *err, size_t errlen)
 {
-    static const char *const keys[] = {"model",   "data", "optim",       "init",        "batch_size",
-                                       "bptt",    "epochs", "steps",     "dropout",     "seed",
-                                       "valid_every", "checkpoint_every", "log_every", "out", "device"};
+    static const char *const keys[] = {"model",       "data",       "optim",   "init",      "vocab",
+                                       "batch_size",  "bptt",       "epochs",  "steps",     "dropout",  "dropout_embed",
+                                       "seed",        "valid_every", "checkpoint_every", "log_every",
+                                       "keep_best",   "out",        "device"};
     for (const cJSON *k = root->child; k; k = k->next) {
         size_t i = 0;
         while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
@@ -269,6 +271,9 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     if (get_num(root, "dropout", "", 0, 0.99, 0, &v, err, errlen))
         return -1;
     o->dropout = (float)v;
+    if (get_num(root, "dropout_embed", "", 0, 0.99, 0, &v, err, errlen))
+        return -1;
+    o->dropout_embed = (float)v;
     if (get_num(root, "seed", "", 0, 9007199254740991.0, 1, &v, err, errlen))
         return -1;
     o->seed = (unsigned long long)v;
@@ -278,7 +283,8 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     if (get_num(root, "checkpoint_every", "", 0, 1e12, 0, &v, err, errlen))
         return -1;
     o->checkpoint_every = (long)v;
-    if (get_num(root, "log_every", "", 1, 1e12, 50, &v, err, errlen))
+    if (get_num(root, "log_every", "", 1, 1e12, 50, &v, err, errlen) ||
+        get_bool(root, "keep_best", "", 0, &o->keep_best, err, errlen))
         return -1;
     o->log_every = (long)v;
     const cJSON *out = field(root, "out");
@@ -296,19 +302,94 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
 
 /* ---- 2. Data and vocabulary. */
 
-/* A char tokenizer with no token list gets one from the training text. */
+/* The training text a vocabulary is built from: the corpus of a language
+ * model; the texts of a classifier's training part, read with a byte
+ * tokenizer so the same loader and split rule apply (validation and test
+ * lines never shape the vocabulary). */
+static int vocab_text(const struct options *o, const cJSON *model, char **text, size_t *len, char *err,
+                      size_t errlen)
+{
+    const cJSON *task = field(model, "task");
+    if (!cJSON_IsString(task) || strcmp(task->valuestring, "classify") != 0)
+        return corpus_read((const char *const *)o->train, o->n_train, text, len, err, errlen);
+    const cJSON *classes = field(model, "classes");
+    int n_classes = cJSON_GetArraySize(classes);
+    char **names = calloc((size_t)n_classes + 1, sizeof *names);
+    struct model_config bytes = {.tok_type = TOKENIZER_BYTE};
+    struct tokenizer tk = {0};
+    int rc = names && tokenizer_init(&tk, &bytes, err, errlen) == 0 ? 0 : fail(err, errlen, "out of memory");
+    for (int i = 0; rc == 0 && i < n_classes; i++) {
+        const cJSON *c = cJSON_GetArrayItem(classes, i);
+        if (!cJSON_IsString(c))
+            rc = fail(err, errlen, "config: \"model.classes\" must be strings");
+        else
+            names[i] = c->valuestring;
+    }
+    const struct split all = {0, 0, 0};
+    size_t cap = 1, n = 0;
+    char *buf = rc == 0 ? malloc(cap) : NULL;
+    for (int f = 0; rc == 0 && buf && f < o->n_train; f++) {
+        struct dataset d;
+        if (classify_load(o->train[f], &tk, names, n_classes, o->split.mod ? &o->split : &all, PART_TRAIN, &d, err,
+                          errlen)) {
+            rc = -1;
+            break;
+        }
+        for (int i = 0; rc == 0 && i < d.n; i++) {
+            if (n + (size_t)d.ex[i].len + 2 > cap) {
+                while (n + (size_t)d.ex[i].len + 2 > cap)
+                    cap *= 2;
+                char *grown = realloc(buf, cap);
+                if (!grown)
+                    rc = fail(err, errlen, "out of memory");
+                else
+                    buf = grown;
+            }
+            for (int t = 0; rc == 0 && t < d.ex[i].len; t++)
+                buf[n++] = (char)d.ex[i].ids[t];
+            if (rc == 0)
+                buf[n++] = '\n';
+        }
+        dataset_free(&d);
+    }
+    if (rc == 0 && !buf)
+        rc = fail(err, errlen, "out of memory");
+    tokenizer_free(&tk);
+    free(names);
+    if (rc != 0) {
+        free(buf);
+        return -1;
+    }
+    buf[n] = 0;
+    *text = buf;
+    *len = n;
+    return 0;
+}
+
+/* A char or word tokenizer with no token list gets one built from the
+ * training data ("vocab": {"max_size", "min_count"} bound a word list). */
 static int complete_vocab(struct options *o, char *err, size_t errlen)
 {
-    cJSON *tok = cJSON_GetObjectItemCaseSensitive(field(o->root, "model"), "tokenizer");
+    cJSON *model = cJSON_GetObjectItemCaseSensitive(o->root, "model");
+    cJSON *tok = cJSON_GetObjectItemCaseSensitive(model, "tokenizer");
     const cJSON *type = field(tok, "type");
-    if (!cJSON_IsString(type) || strcmp(type->valuestring, "char") != 0 || field(tok, "tokens"))
+    if (!cJSON_IsString(type) || field(tok, "tokens"))
         return 0;
+    int word = strcmp(type->valuestring, "word") == 0;
+    if (!word && strcmp(type->valuestring, "char") != 0)
+        return 0;
+    const cJSON *vocab = field(o->root, "vocab");
+    double max_size, min_count;
+    if (get_num(vocab, "max_size", "vocab.", 2, CONFIG_MAX_VOCAB, 20000, &max_size, err, errlen) ||
+        get_num(vocab, "min_count", "vocab.", 1, 1e9, 1, &min_count, err, errlen))
+        return -1;
     char *text, **tokens;
     size_t len;
     int n;
-    if (corpus_read((const char *const *)o->train, o->n_train, &text, &len, err, errlen))
+    if (vocab_text(o, model, &text, &len, err, errlen))
         return -1;
-    int rc = tokenizer_char_vocab(text, len, &tokens, &n);
+    int rc = word ? tokenizer_word_vocab(text, len, (int)max_size, (int)min_count, &tokens, &n)
+                  : tokenizer_char_vocab(text, len, &tokens, &n);
     free(text);
     if (rc != 0)
         return fail(err, errlen, "out of memory building the vocabulary");
@@ -318,6 +399,7 @@ static int complete_vocab(struct options *o, char *err, size_t errlen)
     free(tokens);
     if (!list || !cJSON_AddItemToObject(tok, "tokens", list) || !cJSON_AddNumberToObject(tok, "unk", 0))
         return fail(err, errlen, "out of memory");
+    fprintf(stderr, "built a %s vocabulary of %d tokens from the training data\n", type->valuestring, n);
     return 0;
 }
 
@@ -342,6 +424,8 @@ struct run {
     long step, total_steps, epoch;
     struct curve curve;
     char csv[4096], svg[4096];
+    float *best;               /* keep_best: the weights at the best validation */
+    struct curve_point best_at;
 };
 
 static double now(void)
@@ -420,7 +504,8 @@ static int open_data(struct run *r, char *err, size_t errlen)
 static int train_step(struct run *r, struct train_result *res, char *err, size_t errlen)
 {
     const struct options *o = &r->o;
-    unsigned long long seed = o->seed * 1000003ULL + (unsigned long long)r->step;
+    /* Each step its own masks, the same ones on every run. */
+    const struct train_options topt = {o->dropout, o->dropout_embed, o->seed * 1000003ULL + (unsigned long long)r->step};
     if (is_lm(r)) {
         if (lm_windows_next(&r->win, r->window)) {
             /* A new pass over the corpus: every stream starts afresh. */
@@ -437,7 +522,7 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
             int32_t *w = r->window + (size_t)i * (o->bptt + 1);
             q[i] = (struct engine_seq){.tokens = w, .len = o->bptt, .slot = r->slots[i], .next = w + o->bptt};
         }
-        int rc = engine_train_batch(r->e, q, o->batch, NULL, o->dropout, seed, res, err, errlen);
+        int rc = engine_train_batch(r->e, q, o->batch, NULL, &topt, res, err, errlen);
         free(q);
         return rc;
     }
@@ -458,7 +543,7 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
         labels[i - from] = x->label;
     }
     if (rc == 0)
-        rc = engine_train_batch(r->e, q, to - from, labels, o->dropout, seed, res, err, errlen);
+        rc = engine_train_batch(r->e, q, to - from, labels, &topt, res, err, errlen);
     free(q);
     free(labels);
     return rc;
@@ -536,6 +621,18 @@ static int save_model(struct run *r, const char *path, const struct curve_point 
     return rc;
 }
 
+/* Whether a validation beats the best so far: higher accuracy (lower loss
+ * breaking ties), or lower bits per character. */
+static int better(const struct run *r, const struct curve_point *p)
+{
+    const struct curve_point *b = &r->best_at;
+    if (!r->best)
+        return 1;
+    if (is_lm(r))
+        return p->valid_metric < b->valid_metric;
+    return p->valid_metric > b->valid_metric || (p->valid_metric == b->valid_metric && p->valid_loss < b->valid_loss);
+}
+
 static void progress(const struct run *r, double loss, double tok_s, double elapsed, int tty)
 {
     double eta = r->step ? elapsed / (double)r->step * (double)(r->total_steps - r->step) : 0;
@@ -563,6 +660,7 @@ static void run_free(struct run *r)
     free(r->order);
     free(r->batch_start);
     curve_free(&r->curve);
+    free(r->best);
     free(r->o.train);
     free(r->o.valid);
 }
@@ -641,6 +739,13 @@ static int train(struct run *r, char *err, size_t errlen)
         if (curve_add(&r->curve, &pt))
             return fail(err, errlen, "out of memory");
         last = pt;
+        if (o->keep_best && !isnan(pt.valid_metric) && better(r, &pt)) {
+            /* Early stopping without stopping: remember the best weights. */
+            if (!r->best && !(r->best = malloc(sizeof(float) * r->model.n_params)))
+                return fail(err, errlen, "out of memory");
+            memcpy(r->best, engine_params(r->e), sizeof(float) * r->model.n_params);
+            r->best_at = pt;
+        }
         if (o->checkpoint_every && r->step % o->checkpoint_every == 0 && r->step < r->total_steps) {
             char ckpt[4200];
             snprintf(ckpt, sizeof ckpt, "%.*s.ckpt.safetensors", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
@@ -654,6 +759,12 @@ static int train(struct run *r, char *err, size_t errlen)
     if (tty)
         fputc('\n', stderr);
     /* 5. The results. */
+    if (r->best) {
+        memcpy(engine_params(r->e), r->best, sizeof(float) * r->model.n_params);
+        last = r->best_at;
+        fprintf(stderr, "keeping the weights of step %ld (validation %s %.4f)\n", last.step, r->curve.metric_name,
+                last.valid_metric);
+    }
     if (save_model(r, o->out, &last, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen) ||
         curve_write_svg(&r->curve, r->svg, o->out, err, errlen))
         return -1;

@@ -1,0 +1,247 @@
+/* test_train.c - `rrnserve train` as a user runs it: a small language
+ * model and a small classifier learn (their loss falls by a stated margin
+ * within a few hundred steps), a run is reproducible to the bit, the
+ * outputs (weight file, CSV, SVG) are written and load, and bad
+ * configurations and data are refused with messages naming the problem.
+ * RRN_BIN names the binary (tests/run_tests.sh sets it).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "model.h"
+
+static char dir[64];
+
+static int make_dir(void **state)
+{
+    (void)state;
+    snprintf(dir, sizeof dir, "/tmp/rrn_train_XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    return 0;
+}
+
+static int remove_dir(void **state)
+{
+    (void)state;
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static void write_file(const char *name, const char *text)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Run `rrnserve train ARGS` in dir; stderr (merged) to *out. */
+static int train(char **out, const char *fmt, ...)
+{
+    char args[2048], cmd[4200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    const char *bin = getenv("RRN_BIN");
+    char abs[1024];
+    snprintf(abs, sizeof abs, "%s%s%s", bin && bin[0] != '/' ? getenv("PWD") : "", bin && bin[0] != '/' ? "/" : "",
+             bin ? bin : "rrnserve");
+    snprintf(cmd, sizeof cmd, "cd %s && %s train %s 2>&1", dir, abs, args);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t cap = 1 << 16, n = 0, got;
+    char *buf = malloc(cap);
+    assert_non_null(buf);
+    while ((got = fread(buf + n, 1, cap - n - 1, p)) > 0)
+        if ((n += got) + 1 == cap)
+            assert_non_null(buf = realloc(buf, cap *= 2));
+    buf[n] = 0;
+    int status = pclose(p);
+    *out = buf;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* The first and last training losses of a run's CSV. */
+static void losses(const char *csv, double *first, double *last)
+{
+    char path[256], line[512];
+    snprintf(path, sizeof path, "%s/%s", dir, csv);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    assert_non_null(fgets(line, sizeof line, f)); /* header */
+    int rows = 0;
+    while (fgets(line, sizeof line, f)) {
+        double step, epoch, loss;
+        assert_int_equal(sscanf(line, "%lf,%lf,%lf", &step, &epoch, &loss), 3);
+        if (rows++ == 0)
+            *first = loss;
+        *last = loss;
+    }
+    fclose(f);
+    assert_true(rows >= 2);
+}
+
+static const char *lm_config = "{\"model\": {\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 32, \"layers\": 2,"
+                               " \"embed_dim\": 16, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"},"
+                               " \"tokenizer\": {\"type\": \"char\"}},"
+                               " \"data\": {\"train\": \"corpus.txt\", \"valid\": \"valid.txt\"},"
+                               " \"optim\": {\"name\": \"adam\", \"lr\": 0.01, \"clip_norm\": 1.0},"
+                               " \"batch_size\": 8, \"bptt\": 32, \"steps\": 300, \"dropout\": 0.1,"
+                               " \"log_every\": 50, \"valid_every\": 150, \"out\": \"lm.safetensors\"}";
+
+static void write_corpus(void)
+{
+    /* A text with structure to learn: repeated phrases with variations. */
+    char *text = malloc(40000);
+    assert_non_null(text);
+    size_t n = 0;
+    static const char *const words[] = {"the cat sat on the mat. ", "a dog ran in the park. ",
+                                        "the bird sang a song. ", "my fish swam home. "};
+    for (unsigned i = 0; n < 39000; i = i * 7 + 3)
+        n += (size_t)sprintf(text + n, "%s", words[i % 4]);
+    write_file("corpus.txt", text);
+    text[2000] = 0;
+    write_file("valid.txt", text);
+    free(text);
+}
+
+/* The loss of a small RRA language model falls from about ln(V) to below
+ * half of it in 300 steps; outputs exist and load; the metadata says how
+ * the model was made. */
+static void test_lm_learns(void **state)
+{
+    (void)state;
+    char *out;
+    write_corpus();
+    write_file("lm.json", lm_config);
+    if (train(&out, "--config lm.json") != 0)
+        fail_msg("train failed: %s", out);
+    free(out);
+    double first = 0, last = 0;
+    losses("lm.csv", &first, &last);
+    assert_true(first > 2.0);        /* ln(20 chars) = 3.0, minus what 50 steps learn */
+    assert_true(last < first * 0.5);
+    char path[256], err[512];
+    snprintf(path, sizeof path, "%s/lm.svg", dir);
+    assert_int_equal(access(path, R_OK), 0);
+    snprintf(path, sizeof path, "%s/lm.safetensors", dir);
+    struct model m;
+    if (model_load(path, &m, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(m.cfg.attn_mode, ATTN_DYNAMIC);
+    model_free(&m);
+}
+
+/* Two runs of the same configuration write the same bytes. */
+static void test_runs_are_reproducible(void **state)
+{
+    (void)state;
+    char *out;
+    write_corpus();
+    write_file("lm.json", lm_config);
+    assert_int_equal(train(&out, "--config lm.json --steps 40 --out a.safetensors"), 0);
+    free(out);
+    assert_int_equal(train(&out, "--config lm.json --steps 40 --out b.safetensors"), 0);
+    free(out);
+    assert_int_equal(train(&out, "--config lm.json --steps 40 --seed 2 --out c.safetensors"), 0);
+    free(out);
+    char cmd[512];
+    /* The weights, not the metadata: it names the output file. */
+    snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 a.safetensors))):$((8 + $(od -An -t u8 -N8 "
+                              "b.safetensors))) a.safetensors b.safetensors", dir);
+    assert_int_equal(system(cmd), 0);
+    snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 a.safetensors))):$((8 + $(od -An -t u8 -N8 "
+                              "c.safetensors))) a.safetensors c.safetensors", dir);
+    assert_int_not_equal(system(cmd), 0);
+}
+
+/* A classifier on JSONL with a split learns to tell two kinds of text
+ * apart: validation accuracy reaches 90%. */
+static void test_classifier_learns(void **state)
+{
+    (void)state;
+    char *out;
+    FILE *f;
+    char path[256];
+    snprintf(path, sizeof path, "%s/data.jsonl", dir);
+    assert_non_null(f = fopen(path, "w"));
+    for (int i = 0; i < 400; i++)
+        fprintf(f, "{\"text\": \"%s %d %s\", \"label\": \"%s\"}\n", i % 2 ? "great lovely" : "awful dull", i,
+                i % 3 ? "film" : "book", i % 2 ? "pos" : "neg");
+    fclose(f);
+    write_file("cls.json", "{\"model\": {\"task\": \"classify\", \"cell\": \"gru\", \"hidden\": 16, \"embed_dim\": 16,"
+                           " \"pool\": \"mean\", \"classes\": [\"neg\", \"pos\"], \"tokenizer\": {\"type\": \"word\"}},"
+                           " \"data\": {\"train\": \"data.jsonl\", \"split\": {\"mod\": 10, \"test\": 0, \"valid\": 1}},"
+                           " \"optim\": {\"lr\": 0.01}, \"epochs\": 5, \"valid_every\": 20, \"keep_best\": true,"
+                           " \"out\": \"cls.safetensors\"}");
+    if (train(&out, "--config cls.json") != 0)
+        fail_msg("train failed: %s", out);
+    const char *kept = strstr(out, "validation accuracy ");
+    assert_non_null(kept);
+    assert_true(atof(kept + strlen("validation accuracy ")) >= 0.9);
+    free(out);
+}
+
+static void expect_error(const char *config, const char *flags, const char *needle)
+{
+    char *out;
+    write_file("bad.json", config);
+    int rc = train(&out, "--config bad.json %s", flags);
+    if (rc == 0 || !strstr(out, needle))
+        fail_msg("expected an error with \"%s\", got status %d: %s", needle, rc, out);
+    free(out);
+}
+
+static void test_bad_configs_and_data(void **state)
+{
+    (void)state;
+    write_corpus();
+    write_file("labels.jsonl", "{\"text\": \"fine\", \"label\": \"pos\"}\n{\"text\": \"bad\", \"label\": \"meh\"}\n");
+    write_file("broken.jsonl", "{\"text\": \"fine\", \"label\": \"pos\"}\n{\"text\": \"bad\" \"label\"\n");
+    write_file("empty.txt", "");
+    const char *cls = "{\"model\": {\"task\": \"classify\", \"cell\": \"gru\", \"hidden\": 4, \"embed_dim\": 4,"
+                      " \"classes\": [\"neg\", \"pos\"], \"tokenizer\": {\"type\": \"byte\"}},"
+                      " \"data\": {\"train\": \"%s\"}, \"out\": \"x.safetensors\"}";
+    char buf[1024];
+    snprintf(buf, sizeof buf, cls, "labels.jsonl");
+    expect_error(buf, "", "labels.jsonl:2: unknown label \"meh\"");
+    snprintf(buf, sizeof buf, cls, "broken.jsonl");
+    expect_error(buf, "", "broken.jsonl:2");
+    snprintf(buf, sizeof buf, cls, "missing.jsonl");
+    expect_error(buf, "", "missing.jsonl");
+    expect_error(lm_config, "--data.train empty.txt", "empty.txt");
+    expect_error(lm_config, "--optimizer.lr 1", "unknown key \"optimizer\"");
+    expect_error(lm_config, "--optim.name lbfgs", "optim.name");
+    expect_error(lm_config, "--batch_size 0", "batch_size");
+    expect_error(lm_config, "--model.cell transformer", "cell");
+    expect_error("{\"model\": ", "", "not a JSON object");
+    char *out;
+    assert_int_equal(train(&out, ""), 2);
+    assert_non_null(strstr(out, "usage"));
+    free(out);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_lm_learns, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_bad_configs_and_data, make_dir, remove_dir),
+    };
+    return cmocka_run_group_tests_name("train", tests, NULL, NULL);
+}
