@@ -300,3 +300,44 @@ int engine_slot_position(const struct engine *e, int slot)
 {
     return slot >= 0 && slot < e->max_slots ? e->slot_pos[slot] : -1;
 }
+
+size_t engine_slot_state_len(const struct engine *e)
+{
+    return (size_t)e->L * (e->R + 1) * e->H;
+}
+
+/* Each layer's cell state then its ring, per layer, so a saved state is one
+ * flat array whatever the backend.  Saves into `to`, or restores from
+ * `from`. */
+static int slot_copy(struct engine *e, int slot, float *to, const float *from)
+{
+    if (engine_slot_position(e, slot) < 0)
+        return -1;
+    size_t H = (size_t)e->H, R = (size_t)e->R, S = (size_t)e->max_slots;
+    const struct backend_ops *ops = e->be->ops;
+    for (int l = 0; l < e->L; l++) {
+        float *c = e->pool_c + ((size_t)l * S + (size_t)slot) * H;
+        float *ring = e->pool_ring + ((size_t)l * S + (size_t)slot) * R * H;
+        size_t at = (size_t)l * (R + 1) * H;
+        int rc = to ? ops->download(e->be, to + at, c, H * sizeof(float)) |
+                          ops->download(e->be, to + at + H, ring, R * H * sizeof(float))
+                    : ops->upload(e->be, c, from + at, H * sizeof(float)) |
+                          ops->upload(e->be, ring, from + at + H, R * H * sizeof(float));
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
+int engine_slot_save(struct engine *e, int slot, float *state)
+{
+    return slot_copy(e, slot, state, NULL);
+}
+
+int engine_slot_restore(struct engine *e, int slot, const float *state, int position)
+{
+    if (position < 0 || slot_copy(e, slot, NULL, state) != 0)
+        return -1;
+    e->slot_pos[slot] = position;
+    return 0;
+}

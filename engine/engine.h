@@ -70,6 +70,13 @@ int engine_slot_position(const struct engine *e, int slot); /* tokens consumed s
 int engine_score(struct engine *e, const int32_t *const *tokens, const int *lens, int n, double *logprob,
                  char *err, size_t errlen);
 
+/* A slot's whole state as a flat array of engine_slot_state_len floats,
+ * to keep (a training checkpoint) and to put back into an open slot with
+ * the number of tokens it had consumed. */
+size_t engine_slot_state_len(const struct engine *e);
+int engine_slot_save(struct engine *e, int slot, float *state);
+int engine_slot_restore(struct engine *e, int slot, const float *state, int position);
+
 /* Feed tokens[i] to slots[i] (distinct slots) and write the next-token
  * logits to logits[i*V ...].  attention, when not NULL, gets [n][L][K]. */
 int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n,

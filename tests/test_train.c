@@ -146,7 +146,8 @@ static void test_lm_learns(void **state)
     model_free(&m);
 }
 
-/* Two runs of the same configuration write the same bytes. */
+/* Two runs of the same configuration write the same weights, and so does
+ * a run resumed from a checkpoint; another seed does not. */
 static void test_runs_are_reproducible(void **state)
 {
     (void)state;
@@ -159,7 +160,16 @@ static void test_runs_are_reproducible(void **state)
     free(out);
     assert_int_equal(train(&out, "--config lm.json --steps 40 --seed 2 --out c.safetensors"), 0);
     free(out);
+    /* Interrupted at step 20 (the checkpoint) and resumed: the same run. */
+    assert_int_equal(train(&out, "--config lm.json --steps 40 --checkpoint_every 20 --out d.safetensors"), 0);
+    free(out);
+    assert_int_equal(train(&out, "--resume d.ckpt.safetensors --out e.safetensors"), 0);
+    assert_non_null(strstr(out, "resuming d.ckpt.safetensors at step 20"));
+    free(out);
     char cmd[512];
+    snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 a.safetensors))):$((8 + $(od -An -t u8 -N8 "
+                              "e.safetensors))) a.safetensors e.safetensors", dir);
+    assert_int_equal(system(cmd), 0);
     /* The weights, not the metadata: it names the output file. */
     snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 a.safetensors))):$((8 + $(od -An -t u8 -N8 "
                               "b.safetensors))) a.safetensors b.safetensors", dir);
@@ -229,6 +239,10 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--batch_size 0", "batch_size");
     expect_error(lm_config, "--model.cell transformer", "cell");
     expect_error("{\"model\": ", "", "not a JSON object");
+    char *o2;
+    assert_int_equal(train(&o2, "--resume nothing.ckpt.safetensors"), 1);
+    assert_non_null(strstr(o2, "nothing.ckpt.safetensors"));
+    free(o2);
     char *out;
     assert_int_equal(train(&out, ""), 2);
     assert_non_null(strstr(out, "usage"));

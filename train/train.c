@@ -420,11 +420,14 @@ struct run {
     /* classify */
     struct dataset train_d, valid_d;
     int *order, *batch_start, n_batches, next_batch;
-    struct rng rng;
+    struct rng rng, epoch_rng;
     long step, total_steps, epoch;
+    const char *resume;        /* checkpoint to continue from, or NULL */
     struct curve curve;
     char csv[4096], svg[4096];
     float *best;               /* keep_best: the weights at the best validation */
+    double loss_sum;           /* training loss since the last curve point */
+    long loss_count, tokens;
     struct curve_point best_at;
 };
 
@@ -527,6 +530,7 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
         return rc;
     }
     if (r->next_batch == r->n_batches) {
+        r->epoch_rng = r->rng; /* what a checkpoint needs to redraw this order */
         if (bucket_batches(&r->train_d, o->batch, &r->rng, r->order, r->batch_start, &r->n_batches))
             return fail(err, errlen, "out of memory");
         r->next_batch = 0;
@@ -621,6 +625,232 @@ static int save_model(struct run *r, const char *path, const struct curve_point 
     return rc;
 }
 
+/* ---- Checkpoints: the weights as a weight file (with the training state
+ * in its metadata), and beside it NAME.state holding the optimizer's
+ * moments, the streams' carried states and the best weights so far.  A run
+ * resumed from one continues exactly as the uninterrupted run would. */
+
+static cJSON *rng_json(const struct rng *g)
+{
+    char buf[4][17];
+    const char *s[4];
+    for (int i = 0; i < 4; i++) {
+        snprintf(buf[i], sizeof buf[i], "%016llx", (unsigned long long)g->s[i]);
+        s[i] = buf[i];
+    }
+    return cJSON_CreateStringArray(s, 4);
+}
+
+static int rng_from_json(const cJSON *a, struct rng *g)
+{
+    for (int i = 0; i < 4; i++) {
+        const cJSON *x = cJSON_GetArrayItem(a, i);
+        if (!cJSON_IsString(x))
+            return -1;
+        g->s[i] = strtoull(x->valuestring, NULL, 16);
+    }
+    return 0;
+}
+
+/* Doubles as C99 hex floats ("%a"): JSON numbers as cJSON prints them
+ * lose the last bits, and a resumed run should report what the whole run
+ * would have. */
+static cJSON *doubles_json(const double *v, int n)
+{
+    char buf[16][40];
+    const char *s[16];
+    for (int i = 0; i < n && i < 16; i++) {
+        snprintf(buf[i], sizeof buf[i], "%a", v[i]);
+        s[i] = buf[i];
+    }
+    return cJSON_CreateStringArray(s, n);
+}
+
+static void doubles_from_json(const cJSON *a, double *v, int n)
+{
+    for (int i = 0; i < n; i++) {
+        const cJSON *x = cJSON_GetArrayItem(a, i);
+        v[i] = cJSON_IsString(x) ? strtod(x->valuestring, NULL) : NAN;
+    }
+}
+
+static cJSON *point_json(const struct curve_point *p)
+{
+    const double v[7] = {(double)p->step, p->epoch, p->train_loss, p->valid_loss, p->valid_metric, p->lr,
+                         p->tokens_per_s};
+    return doubles_json(v, 7);
+}
+
+static void point_from_json(const cJSON *a, struct curve_point *p)
+{
+    double v[7];
+    doubles_from_json(a, v, 7);
+    *p = (struct curve_point){(long)v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
+}
+
+static char *state_path(const char *ckpt)
+{
+    size_t n = strlen(ckpt) + 7;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "%s.state", ckpt);
+    return p;
+}
+
+static int save_checkpoint(struct run *r, const char *path, char *err, size_t errlen)
+{
+    const size_t n_params = r->model.n_params, slot_len = is_lm(r) ? engine_slot_state_len(r->e) : 0;
+    cJSON *st = cJSON_CreateObject(), *curve = cJSON_CreateArray(), *slot_pos = cJSON_CreateArray();
+    float *slots = slot_len ? malloc(sizeof(float) * slot_len * r->o.batch) : NULL;
+    char *path2 = state_path(path), *json = NULL;
+    int rc = st && curve && slot_pos && path2 && (!slot_len || slots) ? 0 : fail(err, errlen, "out of memory");
+    for (int i = 0; rc == 0 && i < r->curve.n; i++)
+        cJSON_AddItemToArray(curve, point_json(&r->curve.p[i]));
+    for (int i = 0; rc == 0 && slot_len && i < r->o.batch; i++) {
+        cJSON_AddItemToArray(slot_pos, cJSON_CreateNumber(engine_slot_position(r->e, r->slots[i])));
+        if (engine_slot_save(r->e, r->slots[i], slots + (size_t)i * slot_len))
+            rc = fail(err, errlen, "cannot read a stream's state back from the backend");
+    }
+    if (rc == 0) {
+        cJSON_AddNumberToObject(st, "step", (double)r->step);
+        cJSON_AddNumberToObject(st, "epoch", (double)r->epoch);
+        cJSON_AddItemToObject(st, "rng", rng_json(&r->epoch_rng));
+        cJSON_AddNumberToObject(st, "next_batch", r->next_batch);
+        const double acc[3] = {r->loss_sum, (double)r->loss_count, (double)r->tokens};
+        cJSON_AddItemToObject(st, "since_last_point", doubles_json(acc, 3));
+        cJSON_AddItemToObject(st, "curve", curve);
+        cJSON_AddItemToObject(st, "slot_pos", slot_pos);
+        curve = slot_pos = NULL;
+        if (r->best)
+            cJSON_AddItemToObject(st, "best", point_json(&r->best_at));
+        if (is_lm(r)) {
+            cJSON *w = cJSON_AddObjectToObject(st, "windows");
+            double *start = malloc(sizeof(double) * (size_t)r->o.batch);
+            for (int i = 0; start && i < r->o.batch; i++)
+                start[i] = (double)r->win.start[i];
+            if (!w || !start)
+                rc = fail(err, errlen, "out of memory");
+            else {
+                cJSON_AddNumberToObject(w, "pos", (double)r->win.pos);
+                cJSON_AddNumberToObject(w, "epoch", (double)r->win.epoch);
+                cJSON_AddItemToObject(w, "rng", rng_json(&r->win.rng));
+                cJSON_AddItemToObject(w, "start", cJSON_CreateDoubleArray(start, r->o.batch));
+            }
+            free(start);
+        }
+        json = cJSON_PrintUnformatted(st);
+        if (!json)
+            rc = fail(err, errlen, "out of memory");
+    }
+    if (rc == 0) {
+        struct st_write_tensor t[3];
+        int nt = 0;
+        t[nt++] = (struct st_write_tensor){"optim", 1, {(int64_t)optim_state_len(r->opt)}, optim_state(r->opt)};
+        if (slot_len)
+            t[nt++] = (struct st_write_tensor){"slots", 2, {r->o.batch, (int64_t)slot_len}, slots};
+        if (r->best)
+            t[nt++] = (struct st_write_tensor){"best", 1, {(int64_t)n_params}, r->best};
+        struct st_meta meta[] = {{"training_state", json}};
+        /* The state first: a weight file next to an older state would
+         * resume wrongly, a state next to an older weight file cannot be
+         * found without it. */
+        rc = st_write(path2, t, nt, meta, 1, err, errlen);
+        if (rc == 0) {
+            char *config = cJSON_PrintUnformatted(r->o.root);
+            struct st_meta mm[] = {{"training_config", config}, {"training_state", json}};
+            rc = config ? model_save(&r->model, path, mm, 2, err, errlen) : fail(err, errlen, "out of memory");
+            free(config);
+        }
+    }
+    cJSON_Delete(st);
+    cJSON_Delete(curve);
+    cJSON_Delete(slot_pos);
+    free(json);
+    free(slots);
+    free(path2);
+    return rc;
+}
+
+/* After the data and optimizer are set up: put back what the checkpoint
+ * holds beyond the weights. */
+static int restore_checkpoint(struct run *r, char *err, size_t errlen)
+{
+    char *path2 = state_path(r->resume), why[512];
+    struct st_file f;
+    if (!path2 || st_open(path2, &f, why, sizeof why)) {
+        fail(err, errlen, "%s: %s", path2 ? path2 : r->resume, path2 ? why : "out of memory");
+        free(path2);
+        return -1;
+    }
+    free(path2);
+    cJSON *st = cJSON_Parse(st_meta_get(&f, "training_state"));
+    const struct st_tensor *optim = st_find(&f, "optim"), *slots = st_find(&f, "slots"), *best = st_find(&f, "best");
+    const size_t slot_len = is_lm(r) ? engine_slot_state_len(r->e) : 0;
+    int rc = st && optim && (size_t)optim->numel == optim_state_len(r->opt) &&
+                     (!slot_len || (slots && (size_t)slots->numel == slot_len * r->o.batch)) &&
+                     (!best || (size_t)best->numel == r->model.n_params)
+                 ? 0
+                 : fail(err, errlen, "%s.state does not match this run (another model or batch size?)", r->resume);
+    if (rc == 0) {
+        st_to_f32(optim, optim_state(r->opt));
+        r->step = (long)cJSON_GetObjectItem(st, "step")->valuedouble;
+        r->epoch = (long)cJSON_GetObjectItem(st, "epoch")->valuedouble;
+        r->next_batch = (int)cJSON_GetObjectItem(st, "next_batch")->valuedouble;
+        double acc[3];
+        doubles_from_json(cJSON_GetObjectItem(st, "since_last_point"), acc, 3);
+        r->loss_sum = acc[0];
+        r->loss_count = (long)acc[1];
+        r->tokens = (long)acc[2];
+        const cJSON *p;
+        cJSON_ArrayForEach(p, cJSON_GetObjectItem(st, "curve"))
+        {
+            struct curve_point pt;
+            point_from_json(p, &pt);
+            if (curve_add(&r->curve, &pt))
+                rc = fail(err, errlen, "out of memory");
+        }
+        if (best && rc == 0) {
+            if (!(r->best = malloc(sizeof(float) * r->model.n_params)))
+                rc = fail(err, errlen, "out of memory");
+            else
+                st_to_f32(best, r->best);
+            point_from_json(cJSON_GetObjectItem(st, "best"), &r->best_at);
+        }
+        if (rng_from_json(cJSON_GetObjectItem(st, "rng"), &r->epoch_rng))
+            rc = fail(err, errlen, "%s: bad training_state", r->resume);
+    }
+    if (rc == 0 && !is_lm(r) && r->next_batch > 0) {
+        /* Redraw this epoch's order from the generator as it was. */
+        r->rng = r->epoch_rng;
+        if (bucket_batches(&r->train_d, r->o.batch, &r->rng, r->order, r->batch_start, &r->n_batches))
+            rc = fail(err, errlen, "out of memory");
+    }
+    if (rc == 0 && is_lm(r)) {
+        const cJSON *w = cJSON_GetObjectItem(st, "windows"), *pos = cJSON_GetObjectItem(st, "slot_pos");
+        float *all = malloc(sizeof(float) * slot_len * r->o.batch);
+        if (!all || !w || rng_from_json(cJSON_GetObjectItem(w, "rng"), &r->win.rng))
+            rc = fail(err, errlen, "%s: bad training_state", r->resume);
+        else {
+            st_to_f32(slots, all);
+            r->win.pos = (size_t)cJSON_GetObjectItem(w, "pos")->valuedouble;
+            r->win.epoch = (long)cJSON_GetObjectItem(w, "epoch")->valuedouble;
+            for (int i = 0; i < r->o.batch; i++) {
+                r->win.start[i] = (size_t)cJSON_GetArrayItem(cJSON_GetObjectItem(w, "start"), i)->valuedouble;
+                r->slots[i] = engine_slot_open(r->e);
+                if (engine_slot_restore(r->e, r->slots[i], all + (size_t)i * slot_len,
+                                        (int)cJSON_GetArrayItem(pos, i)->valuedouble))
+                    rc = fail(err, errlen, "cannot restore a stream's state");
+            }
+        }
+        free(all);
+    }
+    cJSON_Delete(st);
+    st_close(&f);
+    if (rc == 0)
+        fprintf(stderr, "resuming %s at step %ld\n", r->resume, r->step);
+    return rc;
+}
+
 /* Whether a validation beats the best so far: higher accuracy (lower loss
  * breaking ties), or lower bits per character. */
 static int better(const struct run *r, const struct curve_point *p)
@@ -675,9 +905,17 @@ static int train(struct run *r, char *err, size_t errlen)
         return fail(err, errlen, "out of memory");
     int rc = config_parse(model_json, &cfg, err, errlen);
     free(model_json);
-    if (rc || model_alloc(&r->model, &cfg, err, errlen))
+    if (rc)
         return -1;
-    model_init(&r->model, &o->init, o->seed);
+    if (r->resume) {
+        config_free(&cfg);
+        if (model_load(r->resume, &r->model, err, errlen))
+            return -1;
+    } else {
+        if (model_alloc(&r->model, &cfg, err, errlen))
+            return -1;
+        model_init(&r->model, &o->init, o->seed);
+    }
     if (tokenizer_init(&r->tk, &r->model.cfg, err, errlen) || !(r->be = backend_create(o->device, err, errlen)))
         return -1;
     int slots = is_lm(r) ? o->batch + 1 : 0;
@@ -689,6 +927,8 @@ static int train(struct run *r, char *err, size_t errlen)
     o->optim.total_steps = r->total_steps;
     if (!(r->opt = optim_new(&o->optim, r->model.n_params)) || !engine_grads(r->e))
         return fail(err, errlen, "out of memory");
+    if (r->resume && restore_checkpoint(r, err, errlen))
+        return -1;
     r->curve.metric_name = is_lm(r) ? "bpc" : "accuracy";
     snprintf(r->csv, sizeof r->csv, "%.*s.csv", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
     snprintf(r->svg, sizeof r->svg, "%.*s.svg", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
@@ -697,11 +937,10 @@ static int train(struct run *r, char *err, size_t errlen)
 
     /* 4. The loop. */
     const int tty = isatty(STDERR_FILENO);
-    double start = now(), since = start, loss_sum = 0;
-    long loss_count = 0, tokens = 0;
+    double start = now(), since = start;
     struct curve_point last = {0};
     last.valid_loss = last.valid_metric = NAN;
-    for (r->step = 0; r->step < r->total_steps;) {
+    while (r->step < r->total_steps) {
         struct train_result res = {0};
         engine_zero_grads(r->e);
         if (train_step(r, &res, err, errlen))
@@ -710,11 +949,18 @@ static int train(struct run *r, char *err, size_t errlen)
         optim_clip(grads, r->model.n_params, o->optim.clip_norm);
         optim_step(r->opt, params, grads, r->step);
         r->step++;
-        loss_sum += res.loss;
-        loss_count += res.count;
-        tokens += is_lm(r) ? res.count : 0;
+        r->loss_sum += res.loss;
+        r->loss_count += res.count;
+        r->tokens += is_lm(r) ? res.count : 0;
         int log_now = r->step % o->log_every == 0 || r->step == r->total_steps;
         int valid_now = (o->valid_every && r->step % o->valid_every == 0) || r->step == r->total_steps;
+        if (o->checkpoint_every && r->step % o->checkpoint_every == 0 && r->step < r->total_steps) {
+            char ckpt[4200];
+            snprintf(ckpt, sizeof ckpt, "%.*s.ckpt.safetensors", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
+            if (engine_params_to_host(r->e, &r->model) || save_checkpoint(r, ckpt, err, errlen) ||
+                curve_write_csv(&r->curve, r->csv, err, errlen))
+                return -1;
+        }
         if (!log_now && !valid_now)
             continue;
         double t = now();
@@ -722,11 +968,11 @@ static int train(struct run *r, char *err, size_t errlen)
             .step = r->step,
             .epoch = (double)r->step * o->batch / (is_lm(r) ? (double)lm_windows_per_epoch(&r->win) * o->batch
                                                            : (double)r->train_d.n),
-            .train_loss = loss_sum / (double)(loss_count ? loss_count : 1),
+            .train_loss = r->loss_sum / (double)(r->loss_count ? r->loss_count : 1),
             .valid_loss = NAN,
             .valid_metric = NAN,
             .lr = optim_lr(&o->optim, r->step - 1),
-            .tokens_per_s = (double)tokens / (t - since),
+            .tokens_per_s = (double)r->tokens / (t - since),
         };
         progress(r, pt.train_loss, pt.tokens_per_s, t - start, tty);
         if (valid_now) {
@@ -746,14 +992,8 @@ static int train(struct run *r, char *err, size_t errlen)
             memcpy(r->best, engine_params(r->e), sizeof(float) * r->model.n_params);
             r->best_at = pt;
         }
-        if (o->checkpoint_every && r->step % o->checkpoint_every == 0 && r->step < r->total_steps) {
-            char ckpt[4200];
-            snprintf(ckpt, sizeof ckpt, "%.*s.ckpt.safetensors", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
-            if (save_model(r, ckpt, &pt, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen))
-                return -1;
-        }
-        loss_sum = 0;
-        loss_count = tokens = 0;
+        r->loss_sum = 0;
+        r->loss_count = r->tokens = 0;
         since = now();
     }
     if (tty)
@@ -774,18 +1014,65 @@ static int train(struct run *r, char *err, size_t errlen)
 
 static void usage(FILE *out)
 {
-    fprintf(out, "usage: rrnserve train --config FILE.json [--KEY VALUE ...]\n"
+    fprintf(out, "usage: rrnserve train (--config FILE.json | --resume NAME.ckpt.safetensors) [--KEY VALUE ...]\n"
                  "  every key of the config can be given as a flag: --optim.lr 0.001, --epochs 3,\n"
                  "  --model.hidden 256; a flag's value is read as JSON, else as a string.\n"
                  "  See docs/training.md for the configuration.\n");
 }
 
+/* The configuration a checkpoint was made with. */
+static cJSON *checkpoint_config(const char *path)
+{
+    char err[512];
+    struct st_file f;
+    if (st_open(path, &f, err, sizeof err)) {
+        fprintf(stderr, "rrnserve train: %s: %s\n", path, err);
+        return NULL;
+    }
+    const char *config = st_meta_get(&f, "training_config");
+    cJSON *root = config ? cJSON_Parse(config) : NULL;
+    if (!root)
+        fprintf(stderr, "rrnserve train: %s has no training configuration (not a checkpoint?)\n", path);
+    st_close(&f);
+    return root;
+}
+
+static cJSON *file_config(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    char *text = NULL;
+    if (f) {
+        fseek(f, 0, SEEK_END);
+        long size = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        text = size >= 0 ? malloc((size_t)size + 1) : NULL;
+        size_t len = text ? fread(text, 1, (size_t)size, f) : 0;
+        if (text)
+            text[len] = 0;
+        fclose(f);
+    }
+    if (!text) {
+        fprintf(stderr, "rrnserve train: cannot read %s\n", path);
+        return NULL;
+    }
+    cJSON *root = cJSON_Parse(text);
+    if (!root || !cJSON_IsObject(root))
+        fprintf(stderr, "rrnserve train: %s: not a JSON object (near byte %ld)\n", path,
+                root ? 0L : (long)(cJSON_GetErrorPtr() - text));
+    free(text);
+    if (root && !cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        root = NULL;
+    }
+    return root;
+}
+
 int cmd_train(int argc, char **argv)
 {
     char err[1024];
-    const char *config_path = NULL;
-    cJSON *root = NULL;
-    /* Two passes: find --config first, then apply every other flag on top. */
+    const char *config_path = NULL, *resume = NULL;
+    /* Two passes: find --config or --resume first, then apply every other
+     * flag on top. */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             usage(stdout);
@@ -793,47 +1080,22 @@ int cmd_train(int argc, char **argv)
         }
         if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)
             config_path = argv[++i];
-        else if (strncmp(argv[i], "--config=", 9) == 0)
-            config_path = argv[i] + 9;
+        else if (strcmp(argv[i], "--resume") == 0 && i + 1 < argc)
+            resume = argv[++i];
     }
-    if (!config_path) {
+    if (!config_path == !resume) {
         usage(stderr);
         return 2;
     }
-    FILE *f = fopen(config_path, "rb");
-    char *text = NULL;
-    size_t len = 0;
-    if (f) {
-        fseek(f, 0, SEEK_END);
-        long size = ftell(f);
-        fseek(f, 0, SEEK_SET);
-        text = size >= 0 ? malloc((size_t)size + 1) : NULL;
-        len = text ? fread(text, 1, (size_t)size, f) : 0;
-        if (text)
-            text[len] = 0;
-        fclose(f);
-    }
-    if (!text) {
-        fprintf(stderr, "rrnserve train: cannot read %s\n", config_path);
+    cJSON *root = resume ? checkpoint_config(resume) : file_config(config_path);
+    if (!root)
         return 1;
-    }
-    root = cJSON_Parse(text);
-    if (!root || !cJSON_IsObject(root)) {
-        fprintf(stderr, "rrnserve train: %s: not a JSON object (near byte %ld)\n", config_path,
-                root ? 0L : (long)(cJSON_GetErrorPtr() - text));
-        free(text);
-        cJSON_Delete(root);
-        return 1;
-    }
-    free(text);
     int status = 0;
     for (int i = 1; i < argc && status == 0; i++) {
-        if (strcmp(argv[i], "--config") == 0) {
+        if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "--resume") == 0) {
             i++;
             continue;
         }
-        if (strncmp(argv[i], "--config=", 9) == 0)
-            continue;
         if (strncmp(argv[i], "--", 2) != 0 || !argv[i][2]) {
             fprintf(stderr, "rrnserve train: unexpected argument '%s'\n", argv[i]);
             status = 2;
@@ -860,6 +1122,7 @@ int cmd_train(int argc, char **argv)
     }
     struct run r;
     memset(&r, 0, sizeof r);
+    r.resume = resume;
     if (status == 0 && (parse_options(root, &r.o, err, sizeof err) || complete_vocab(&r.o, err, sizeof err) ||
                         train(&r, err, sizeof err))) {
         fprintf(stderr, "rrnserve train: %s\n", err);
