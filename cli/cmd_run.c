@@ -1,7 +1,7 @@
 /* cmd_run.c - `rrnserve run`: a model applied to text from the command line.
  *
  * Prints one JSON object per text: for a classifier the label and the class
- * probabilities, for a language model the log-probability of the text
+ * probabilities, for a regression its outputs, for a language model the log-probability of the text
  * (tokens 2..n given their prefixes), the number of tokens scored and bits
  * per token.  --jsonl reads {"text": ...} lines and runs them through the
  * engine in batches, one result line per input line; a bad line gets an
@@ -40,6 +40,11 @@ static int runner_open(struct runner *r, const char *path, enum device_kind dev)
         fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
         return -1;
     }
+    if (r->model.cfg.input_dim) {
+        fprintf(stderr, "rrnserve run: %s: the model reads vectors, not text (task %s)\n", path,
+                task_name(r->model.cfg.task));
+        return -1;
+    }
     if (tokenizer_init(&r->tk, &r->model.cfg, err, sizeof err) != 0 ||
         !(r->be = backend_create(dev, err, sizeof err)) ||
         !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? 1 : 0, err, sizeof err))) {
@@ -68,6 +73,14 @@ static cJSON *classify_result(const struct model *m, const float *probs)
     cJSON *p = cJSON_AddObjectToObject(o, "probabilities");
     for (int c = 0; c < m->head_out; c++)
         cJSON_AddNumberToObject(p, m->cfg.classes[c], probs[c]);
+    return o;
+}
+
+static cJSON *regress_result(const float *out, int n)
+{
+    cJSON *o = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(o, "outputs");
+    for (int i = 0; a && i < n; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(out[i]));
     return o;
 }
 
@@ -117,8 +130,11 @@ static int run_batch(struct runner *r, struct item *items, int n)
         }
         tokens[ok] = items[i].ids;
         lens[ok] = (int)items[i].n;
+        /* A classifier's probabilities, or a regression's prediction. */
+        float *out = probs + (size_t)ok * r->model.head_out;
+        int regress = r->model.cfg.task == TASK_REGRESS;
         seqs[ok] = (struct engine_seq){.tokens = items[i].ids, .len = (int)items[i].n, .slot = -1,
-                                       .probs = probs + (size_t)ok * r->model.head_out};
+                                       .probs = regress ? NULL : out, .logits = regress ? out : NULL};
         which[ok++] = i;
     }
     if (rc == 0 && ok)
@@ -127,8 +143,10 @@ static int run_batch(struct runner *r, struct item *items, int n)
     for (int i = 0, k = 0; i < n; i++) {
         cJSON *o;
         if (rc == 0 && k < ok && which[k] == i) {
-            o = r->model.cfg.task == TASK_LM ? score_result(logprob[k], items[i].n)
-                                             : classify_result(&r->model, probs + (size_t)k * r->model.head_out);
+            const float *out = probs + (size_t)k * r->model.head_out;
+            o = r->model.cfg.task == TASK_LM        ? score_result(logprob[k], items[i].n)
+                : r->model.cfg.task == TASK_REGRESS ? regress_result(out, r->model.head_out)
+                                                    : classify_result(&r->model, out);
             k++;
         } else {
             o = cJSON_CreateObject();

@@ -16,7 +16,7 @@
 #include <string.h>
 #include <unistr.h>
 
-static const char *const task_names[] = {"classify", "lm"};
+static const char *const task_names[] = {"classify", "lm", "regress"};
 static const char *const cell_names[] = {"rnn_tanh", "rnn_relu", "lstm", "gru"};
 static const char *const pool_names[] = {"last", "mean"};
 static const char *const mode_names[] = {"static", "dynamic"}; /* ATTN_STATIC, ATTN_DYNAMIC */
@@ -245,11 +245,24 @@ static int parse_tokenizer(const cJSON *v, struct model_config *cfg, char *err, 
     return get_int(unk, "tokenizer.unk", 0, cfg->n_tokens - 1, &cfg->unk, err, errlen);
 }
 
+/* "input": {"type": "vector", "dim": D} - the model reads D floats a step
+ * (the synthetic tasks of the papers) instead of token ids. */
+static int parse_input(const cJSON *v, struct model_config *cfg, char *err, size_t errlen)
+{
+    static const char *const keys[] = {"type", "dim"};
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(v, "type");
+    if (!cJSON_IsObject(v) || check_keys(v, "input.", keys, COUNT(keys), err, errlen) ||
+        !cJSON_IsString(type) || strcmp(type->valuestring, "vector") != 0)
+        return fail(err, errlen, "config: \"input\" must be {\"type\": \"vector\", \"dim\": D}");
+    return get_int(cJSON_GetObjectItemCaseSensitive(v, "dim"), "input.dim", 1, CONFIG_MAX_EMBED, &cfg->input_dim,
+                   err, errlen);
+}
+
 static int parse_object(const cJSON *root, struct model_config *cfg, char *err, size_t errlen)
 {
     static const char *const keys[] = {
-        "task", "cell", "hidden", "layers", "bidirectional", "embed_dim", "peephole",
-        "skip", "residual_depth", "attention", "pool", "classes", "tokenizer",
+        "task", "cell", "hidden", "layers", "bidirectional", "embed_dim", "peephole", "skip",
+        "residual_depth", "attention", "pool", "classes", "outputs", "input", "tokenizer",
     };
     if (!cJSON_IsObject(root))
         return fail(err, errlen, "config: must be a JSON object");
@@ -260,9 +273,15 @@ static int parse_object(const cJSON *root, struct model_config *cfg, char *err, 
     if (get_enum(FIELD("task"), "task", task_names, COUNT(task_names), &task, err, errlen) ||
         get_enum(FIELD("cell"), "cell", cell_names, COUNT(cell_names), &cell, err, errlen) ||
         get_int(FIELD("hidden"), "hidden", 1, CONFIG_MAX_HIDDEN, &cfg->hidden, err, errlen) ||
-        get_int(FIELD("embed_dim"), "embed_dim", 1, CONFIG_MAX_EMBED, &cfg->embed_dim, err,
-                errlen))
+        (FIELD("input") && parse_input(FIELD("input"), cfg, err, errlen)))
         return -1;
+    /* Vector inputs feed the first layer directly: embed_dim is their width. */
+    if (cfg->input_dim && !FIELD("embed_dim"))
+        cfg->embed_dim = cfg->input_dim;
+    else if (get_int(FIELD("embed_dim"), "embed_dim", 1, CONFIG_MAX_EMBED, &cfg->embed_dim, err, errlen))
+        return -1;
+    if (cfg->input_dim && cfg->embed_dim != cfg->input_dim)
+        return fail(err, errlen, "config: \"embed_dim\" must equal \"input.dim\" with vector inputs");
     cfg->task = (enum task)task;
     cfg->cell = (enum cell)cell;
     cfg->layers = 1;
@@ -291,14 +310,26 @@ static int parse_object(const cJSON *root, struct model_config *cfg, char *err, 
     if (cfg->task == TASK_LM && cfg->pool != POOL_LAST)
         return fail(err, errlen, "config: \"pool\" applies only to task \"classify\"");
     const cJSON *classes = FIELD("classes");
-    if (cfg->task == TASK_LM && classes)
-        return fail(err, errlen, "config: \"classes\" is not allowed with task \"lm\"");
+    if (cfg->task != TASK_CLASSIFY && classes)
+        return fail(err, errlen, "config: \"classes\" is allowed only with task \"classify\"");
+    if (cfg->task != TASK_REGRESS && FIELD("outputs"))
+        return fail(err, errlen, "config: \"outputs\" is allowed only with task \"regress\"");
+    if (cfg->task == TASK_REGRESS &&
+        get_int(FIELD("outputs"), "outputs", 1, CONFIG_MAX_CLASSES, &cfg->n_outputs, err, errlen))
+        return -1;
+    if (cfg->task == TASK_LM && cfg->input_dim)
+        return fail(err, errlen, "config: a language model reads tokens, not vector inputs");
     if (cfg->task == TASK_CLASSIFY) {
         if (!classes)
             return fail(err, errlen, "config: \"classes\" is required with task \"classify\"");
         if (get_strings(classes, "classes", 2, CONFIG_MAX_CLASSES, 1, &cfg->classes,
                         &cfg->n_classes, err, errlen))
             return -1;
+    }
+    if (cfg->input_dim) {
+        if (FIELD("tokenizer"))
+            return fail(err, errlen, "config: \"tokenizer\" is not allowed with vector inputs");
+        return 0;
     }
     return parse_tokenizer(FIELD("tokenizer"), cfg, err, errlen);
 #undef FIELD
@@ -353,6 +384,18 @@ static cJSON *to_cjson(const struct model_config *cfg)
              cJSON_AddItemToObject(o, "classes", classes);
         if (!ok)
             cJSON_Delete(classes);
+    }
+    if (ok && cfg->task == TASK_REGRESS)
+        ok = cJSON_AddStringToObject(o, "pool", pool_names[cfg->pool]) &&
+             cJSON_AddNumberToObject(o, "outputs", cfg->n_outputs);
+    if (ok && cfg->input_dim) {
+        cJSON *in = cJSON_AddObjectToObject(o, "input");
+        ok = in && cJSON_AddStringToObject(in, "type", "vector") && cJSON_AddNumberToObject(in, "dim", cfg->input_dim);
+        if (!ok) {
+            cJSON_Delete(o);
+            return NULL;
+        }
+        return o;
     }
     cJSON *tok = ok ? cJSON_AddObjectToObject(o, "tokenizer") : NULL;
     ok = tok && cJSON_AddStringToObject(tok, "type", tok_names[cfg->tok_type]);
@@ -422,6 +465,8 @@ int config_directions(const struct model_config *cfg)
 
 int config_vocab(const struct model_config *cfg)
 {
+    if (cfg->input_dim)
+        return 0;
     return cfg->tok_type == TOKENIZER_BYTE ? 256 : cfg->n_tokens;
 }
 
@@ -437,7 +482,7 @@ int config_output_width(const struct model_config *cfg)
 
 int config_head_out(const struct model_config *cfg)
 {
-    return cfg->task == TASK_CLASSIFY ? cfg->n_classes : config_vocab(cfg);
+    return cfg->task == TASK_CLASSIFY ? cfg->n_classes : cfg->task == TASK_REGRESS ? cfg->n_outputs : config_vocab(cfg);
 }
 
 const char *cell_name(enum cell c)

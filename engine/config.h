@@ -22,7 +22,7 @@
 #define CONFIG_MAX_SKIP_MATRICES 64
 #define CONFIG_MAX_ATTN_WINDOW 256
 
-enum task { TASK_CLASSIFY, TASK_LM };
+enum task { TASK_CLASSIFY, TASK_LM, TASK_REGRESS };
 enum cell { CELL_RNN_TANH, CELL_RNN_RELU, CELL_LSTM, CELL_GRU };
 enum pool { POOL_LAST, POOL_MEAN };
 enum attn_mode { ATTN_NONE, ATTN_STATIC, ATTN_DYNAMIC };
@@ -44,6 +44,9 @@ struct model_config {
     enum pool pool;    /* classify only */
     int n_classes;
     char **classes;    /* n_classes label strings (classify) */
+    int n_outputs;     /* regress: width of the prediction */
+    int input_dim;     /* vector inputs (no tokenizer, no embedding): their
+                          width, which is embed_dim; 0 for token inputs */
     enum tokenizer_type tok_type;
     int n_tokens;      /* char/word: length of tokens[]; byte: 0 */
     char **tokens;     /* char/word: one UTF-8 string per id */
@@ -61,7 +64,8 @@ char *config_to_json_pretty(const struct model_config *cfg);
 
 void config_free(struct model_config *cfg);
 
-/* Derived sizes, so no caller has to know the rules twice. */
+/* Derived sizes, so no caller has to know the rules twice.  A model with
+ * vector inputs has no vocabulary (config_vocab is 0). */
 int config_gates(const struct model_config *cfg);      /* G: 1, 4 or 3 */
 int config_directions(const struct model_config *cfg); /* 1 or 2 */
 int config_vocab(const struct model_config *cfg);      /* V */

@@ -153,6 +153,7 @@ void engine_destroy(struct engine *e)
     be->ops->free(be, e->pool_ring);
     free(e->slot_pos);
     free(e->host_idx);
+    free(e->host_f);
     free(e);
 }
 
@@ -187,6 +188,19 @@ int *engine_host_ints(struct engine *e, size_t n)
         return NULL;
     e->host_idx = p;
     e->host_idx_cap = cap;
+    return p;
+}
+
+float *engine_host_floats(struct engine *e, size_t n)
+{
+    if (n <= e->host_f_cap && e->host_f)
+        return e->host_f;
+    size_t cap = n + n / 2 + 16;
+    float *p = realloc(e->host_f, cap * sizeof *p);
+    if (!p)
+        return NULL;
+    e->host_f = p;
+    e->host_f_cap = cap;
     return p;
 }
 

@@ -26,7 +26,8 @@ struct engine;
 /* One sequence of a batched forward.  Outputs are written only where the
  * pointer is not NULL. */
 struct engine_seq {
-    const int32_t *tokens;
+    const int32_t *tokens;   /* the token ids, or NULL for vector inputs */
+    const float *inputs;     /* vector-input models: [len][embed_dim] */
     int len;                 /* >= 1 */
     int slot;                /* lm: continue the sequence held in this slot
                                 (from engine_slot_open) and keep the final
@@ -34,7 +35,9 @@ struct engine_seq {
     const int32_t *next;     /* lm: the token that follows this sequence
                                 (the first of the next chunk), or NULL */
     float *probs;            /* classify: [C] */
-    float *logits;           /* classify: [C]; lm: [len, V] */
+    float *logits;           /* classify: [C]; regress: the prediction [O];
+                                lm: [len, V] */
+    const float *target;     /* regress, training: [O] */
     float *last_logits;      /* lm: [V], the logits after the last token */
     float *attention;        /* RRA: [L][D][len][K]; see below */
     double logprob;          /* lm, out: sum over t = 1..len-1 of

@@ -16,7 +16,7 @@ enum ws_buf {
     /* training: the tape, then the backward's buffers */
     WS_T_Y, WS_T_XIN, WS_T_H, WS_T_CACHE, WS_T_Q, WS_T_ATTN, WS_T_C0, WS_T_PREFIX, WS_T_OFF,
     WS_DY, WS_DH, WS_DXG, WS_DHG, WS_DC, WS_DQ, WS_DXIN, WS_DXIN2, WS_DLOGITS, WS_LOSS, WS_LABELS,
-    WS_COUNT
+    WS_INPUTS, WS_TARGETS, WS_COUNT
 };
 
 /* Named pointers into an arena laid out as the model's (struct model):
@@ -44,15 +44,19 @@ struct engine {
     int max_slots;
     int *slot_pos;               /* tokens consumed; -1 when free */
     float *pool_c, *pool_ring;
-    /* Host scratch for index arrays, grown like ws. */
+    /* Host scratch for index arrays and packed vector inputs, grown like ws. */
     int *host_idx;
     size_t host_idx_cap;
+    float *host_f;
+    size_t host_f_cap;
 };
 
 /* A scratch buffer of at least bytes, or NULL when out of memory. */
 void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes);
 /* Host int scratch of at least n ints, or NULL. */
 int *engine_host_ints(struct engine *e, size_t n);
+/* Host float scratch of at least n floats, or NULL. */
+float *engine_host_floats(struct engine *e, size_t n);
 
 /* One layer's recurrent step for rows that are all at step t0 (forward) or
  * at the per-row steps in t (the step API); shared by both paths. */
@@ -89,11 +93,13 @@ struct plan {
     int *slot;    /* [n] state slot, or NULL */
     int *hprev;   /* [n] ring row of each slot's last state */
     int pos;      /* tokens the slots consumed before this batch */
+    float *inputs; /* [P][E] packed vector inputs, or NULL (tokens) */
 };
 
 /* Device copies of the plan's index arrays. */
 struct dev_plan {
     int *tokens, *rev, *last, *off, *len, *target, *slot, *hprev;
+    float *inputs;
 };
 
 /* What a training forward keeps for the backward pass (train.c), all in

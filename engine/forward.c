@@ -25,12 +25,13 @@ int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, in
         return -1;
     }
     int with_slot = 0;
+    const int vectors = e->m->cfg.input_dim > 0;
     for (int i = 0; i < n; i++) {
-        if (seqs[i].len < 1 || !seqs[i].tokens) {
-            snprintf(err, errlen, "sequence %d is empty", i);
+        if (seqs[i].len < 1 || (vectors ? !seqs[i].inputs : !seqs[i].tokens)) {
+            snprintf(err, errlen, "sequence %d is empty%s", i, vectors && seqs[i].len > 0 ? " (the model reads vectors)" : "");
             return -1;
         }
-        for (int t = 0; t < seqs[i].len; t++)
+        for (int t = 0; !vectors && t < seqs[i].len; t++)
             if (seqs[i].tokens[t] < 0 || seqs[i].tokens[t] >= e->V) {
                 snprintf(err, errlen, "sequence %d: token %d at position %d is outside the vocabulary of %d",
                          i, seqs[i].tokens[t], t, e->V);
@@ -130,13 +131,23 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
             running--;
         p->off[s + 1] = p->off[s] + running;
     }
+    const int E = e->E;
+    p->inputs = e->m->cfg.input_dim ? engine_host_floats(e, (size_t)p->P * E) : NULL;
+    if (e->m->cfg.input_dim && !p->inputs)
+        return -1;
     for (int i = 0; i < n; i++) {
         const struct engine_seq *q = &seqs[p->order[i]];
         for (int s = 0; s < q->len; s++) {
             int row = p->off[s] + i;
-            p->tokens[row] = q->tokens[s];
+            if (p->inputs) {
+                memcpy(p->inputs + (size_t)row * E, q->inputs + (size_t)s * E, sizeof(float) * (size_t)E);
+                p->tokens[row] = 0;
+                p->target[row] = -1;
+            } else {
+                p->tokens[row] = q->tokens[s];
+                p->target[row] = s + 1 < q->len ? q->tokens[s + 1] : q->next ? *q->next : -1;
+            }
             p->rev[row] = p->off[q->len - 1 - s] + i;
-            p->target[row] = s + 1 < q->len ? q->tokens[s + 1] : q->next ? *q->next : -1;
         }
         p->last[i] = p->off[q->len - 1] + i;
     }
@@ -162,6 +173,13 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
     d->target = upload_ints(e, WS_TARGET, p->target, (size_t)p->P);
     d->slot = p->slot ? upload_ints(e, WS_SLOT, p->slot, (size_t)p->n) : NULL;
     d->hprev = p->slot ? upload_ints(e, WS_T, p->hprev, (size_t)p->n) : NULL;
+    d->inputs = NULL;
+    if (p->inputs) {
+        size_t bytes = sizeof(float) * (size_t)p->P * e->E;
+        d->inputs = engine_ws(e, WS_INPUTS, bytes);
+        if (!d->inputs || e->be->ops->upload(e->be, d->inputs, p->inputs, bytes) != 0)
+            return -1;
+    }
     return d->tokens && d->rev && d->last && d->off && d->len && d->target && (d->slot || !p->slot) &&
                    (d->hprev || !p->slot) ? 0 : -1;
 }
@@ -193,7 +211,10 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         (!tape && (!ybuf[0] || !ybuf[1] || !ybuf[2])) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
         return NULL;
 
-    be->ops->gather_rows(be, x0, e->E, e->w.embedding, e->E, d->tokens, P, e->E);
+    if (d->inputs)
+        be->ops->gather_rows(be, x0, e->E, d->inputs, e->E, NULL, P, e->E);
+    else
+        be->ops->gather_rows(be, x0, e->E, e->w.embedding, e->E, d->tokens, P, e->E);
     /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
     const float *y_prev2 = NULL, *y_prev = x0;
     float *y = NULL;

@@ -74,7 +74,7 @@ static void walk_model(const struct model_config *c, struct walk *w, struct mode
     size_t GH = (size_t)config_gates(c) * H, out = (size_t)config_output_width(c);
     int dirs = config_directions(c);
 
-    float *p = slot(w, (size_t)config_vocab(c), E, "embedding.weight");
+    float *p = c->input_dim ? NULL : slot(w, (size_t)config_vocab(c), E, "embedding.weight");
     if (m)
         m->embedding = p;
     for (int k = 0; k < c->layers; k++) {

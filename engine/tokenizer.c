@@ -379,7 +379,8 @@ int tokenizer_char_vocab(const char *text, size_t len, char ***tokens, int *n)
         ucs4_t uc;
         int valid;
         i += next_char(s + i, len - i, &uc, &valid);
-        if (valid && !seen[uc]) {
+        /* U+0000 cannot be a token (tokens are C strings): it maps to unk. */
+        if (valid && uc != 0 && !seen[uc]) {
             seen[uc] = 1;
             count++;
         }

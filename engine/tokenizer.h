@@ -50,8 +50,8 @@ int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len,
 const char *tokenizer_token(const struct tokenizer *tk, int32_t id, char out[8], size_t *outlen);
 
 /* The token list of a char tokenizer for a training text: "<unk>" (id 0,
- * also what invalid UTF-8 maps to) and then every code point the text
- * holds, in code point order.  *tokens and its strings are malloc'd. */
+ * also what invalid UTF-8 and U+0000 map to) and then every other code
+ * point the text holds, in code point order.  *tokens and its strings are malloc'd. */
 int tokenizer_char_vocab(const char *text, size_t len, char ***tokens, int *n);
 
 /* The token list of a word tokenizer for a training text: "<unk>" (id 0)

@@ -133,41 +133,63 @@ static int alloc_tape(struct pass *ps, const struct train_options *opt)
     return 0;
 }
 
-/* Softmax cross-entropy of the classifier's logits against the labels;
- * dL/dy^L goes to dy. */
-static int classify_loss(struct pass *ps, const float *y, const int *labels, struct train_result *res)
+/* The backward of a pooled head (classify, regress): from dL/dlogits to
+ * the head's gradients and dL/dy^L. */
+static void pooled_head_backward(struct pass *ps, const float *pooled, const float *dlogits, float *dpooled)
+{
+    struct engine *e = ps->e;
+    struct backend *be = e->be;
+    const int n = ps->p->n, W = e->W, H = e->H, C = e->C;
+    be->ops->gemm(be, 1, 0, C, W, n, 1.0f, dlogits, C, pooled, W, 1.0f, e->g.head_w, W);
+    be->ops->add_column_sums(be, e->g.head_b, dlogits, n, C);
+    be->ops->gemm(be, 0, 0, n, W, C, 1.0f, dlogits, C, e->w.head_w, W, 0.0f, dpooled, W);
+    float *dyl = dy_of(ps, e->L);
+    if (e->m->cfg.pool == POOL_MEAN) {
+        be->ops->pool_mean_backward(be, dyl, dpooled, W, ps->d->off, ps->d->len, n);
+    } else {
+        be->ops->scatter_add_rows(be, dyl, W, dpooled, W, ps->d->last, n, H);
+        if (e->D == 2)
+            be->ops->scatter_add_rows(be, dyl + H, W, dpooled + H, W, NULL, n, H);
+    }
+}
+
+/* Softmax cross-entropy of a classifier's logits against the labels, or
+ * the mean squared error of a regression against its targets; dL/dy^L
+ * goes to dy. */
+static int pooled_loss(struct pass *ps, const float *y, const struct engine_seq *seqs, const int *labels,
+                       struct train_result *res)
 {
     struct engine *e = ps->e;
     struct backend *be = e->be;
     const struct plan *p = ps->p;
-    const int n = p->n, W = e->W, H = e->H, C = e->C;
+    const int n = p->n, W = e->W, C = e->C, regress = e->m->cfg.task == TASK_REGRESS;
     int *sorted = malloc((size_t)n * sizeof *sorted);
-    if (!sorted)
-        return -1;
-    for (int i = 0; i < n; i++)
-        sorted[i] = labels[p->order[i]];
-    int *dlabels = upload_ints(e, WS_LABELS, sorted, (size_t)n);
+    float *want = regress ? malloc(sizeof(float) * (size_t)n * C) : NULL;
+    float *host = malloc(((size_t)n * C + n) * sizeof(float));
+    int rc = sorted && host && (!regress || want) ? 0 : -1;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        const struct engine_seq *q = &seqs[p->order[i]];
+        sorted[i] = regress ? 0 : labels[p->order[i]];
+        if (regress)
+            memcpy(want + (size_t)i * C, q->target, sizeof(float) * (size_t)C);
+    }
+    int *dlabels = rc == 0 && !regress ? upload_ints(e, WS_LABELS, sorted, (size_t)n) : NULL;
+    float *dwant = regress ? engine_ws(e, WS_TARGETS, sizeof(float) * (size_t)n * C) : NULL;
     float *pooled = engine_ws(e, WS_POOL, (size_t)n * W * sizeof(float));
     float *logits = engine_ws(e, WS_LOGITS, (size_t)n * C * sizeof(float));
     float *dlogits = engine_ws(e, WS_DLOGITS, (size_t)n * C * sizeof(float));
     float *loss = engine_ws(e, WS_LOSS, (size_t)n * sizeof(float));
     float *dpooled = engine_ws(e, WS_DXIN2, (size_t)n * W * sizeof(float));
-    float *host = malloc(((size_t)n * C + n) * sizeof(float));
-    int rc = dlabels && pooled && logits && dlogits && loss && dpooled && host ? 0 : -1;
+    if (rc != 0 || (regress ? !dwant : !dlabels) || !pooled || !logits || !dlogits || !loss || !dpooled ||
+        (regress && be->ops->upload(be, dwant, want, sizeof(float) * (size_t)n * C)))
+        rc = -1;
     if (rc == 0) {
         engine_classify_logits(e, ps->d, n, y, pooled, logits);
-        be->ops->softmax_xent(be, logits, n, C, dlabels, loss, dlogits, 1.0f / (float)n);
-        be->ops->gemm(be, 1, 0, C, W, n, 1.0f, dlogits, C, pooled, W, 1.0f, e->g.head_w, W);
-        be->ops->add_column_sums(be, e->g.head_b, dlogits, n, C);
-        be->ops->gemm(be, 0, 0, n, W, C, 1.0f, dlogits, C, e->w.head_w, W, 0.0f, dpooled, W);
-        float *dyl = dy_of(ps, e->L);
-        if (e->m->cfg.pool == POOL_MEAN) {
-            be->ops->pool_mean_backward(be, dyl, dpooled, W, ps->d->off, ps->d->len, n);
-        } else {
-            be->ops->scatter_add_rows(be, dyl, W, dpooled, W, ps->d->last, n, H);
-            if (e->D == 2)
-                be->ops->scatter_add_rows(be, dyl + H, W, dpooled + H, W, NULL, n, H);
-        }
+        if (regress)
+            be->ops->squared_error(be, logits, dwant, n, C, loss, dlogits, 1.0f / ((float)n * C));
+        else
+            be->ops->softmax_xent(be, logits, n, C, dlabels, loss, dlogits, 1.0f / (float)n);
+        pooled_head_backward(ps, pooled, dlogits, dpooled);
         rc = be->ops->download(be, host, logits, (size_t)n * C * sizeof(float));
     }
     if (rc == 0)
@@ -177,12 +199,14 @@ static int classify_loss(struct pass *ps, const float *y, const int *labels, str
         int best = 0;
         for (int c = 1; c < C; c++)
             best = row[c] > row[best] ? c : best;
-        res->correct += best == sorted[i];
-        res->loss += host[(size_t)n * C + i];
+        res->correct += !regress && best == sorted[i];
+        /* regress: per element, so loss / count is the mean squared error */
+        res->loss += host[(size_t)n * C + i] / (regress ? C : 1);
     }
     res->count += n;
     free(host);
     free(sorted);
+    free(want);
     return rc;
 }
 
@@ -342,7 +366,8 @@ static int backward_layers(struct pass *ps)
             be->ops->dropout(be, dxin, dxin, (size_t)P * in, p_drop, ps->t.seed + (unsigned long long)l);
         be->ops->add_rows(be, dy_of(ps, l), in, dxin, in, P, in);
     }
-    be->ops->scatter_add_rows(be, e->g.embedding, e->E, dy_of(ps, 0), e->E, ps->d->tokens, P, e->E);
+    if (e->g.embedding) /* vector inputs have none */
+        be->ops->scatter_add_rows(be, e->g.embedding, e->E, dy_of(ps, 0), e->E, ps->d->tokens, P, e->E);
     return 0;
 }
 
@@ -360,12 +385,16 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
     }
     if (engine_check_batch(e, seqs, n, err, errlen) != 0)
         return -1;
-    if (e->m->cfg.task == TASK_CLASSIFY)
-        for (int i = 0; i < n; i++)
-            if (!labels || labels[i] < 0 || labels[i] >= e->C) {
-                snprintf(err, errlen, "sequence %d: label %d is not a class of this model", i, labels ? labels[i] : -1);
-                return -1;
-            }
+    for (int i = 0; i < n; i++) {
+        if (e->m->cfg.task == TASK_CLASSIFY && (!labels || labels[i] < 0 || labels[i] >= e->C)) {
+            snprintf(err, errlen, "sequence %d: label %d is not a class of this model", i, labels ? labels[i] : -1);
+            return -1;
+        }
+        if (e->m->cfg.task == TASK_REGRESS && !seqs[i].target) {
+            snprintf(err, errlen, "sequence %d has no regression target", i);
+            return -1;
+        }
+    }
     struct plan p;
     struct dev_plan d;
     struct pass ps = {.e = e, .p = &p, .d = &d};
@@ -377,7 +406,7 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
     if (!y)
         rc = -1;
     if (rc == 0)
-        rc = e->m->cfg.task == TASK_CLASSIFY ? classify_loss(&ps, y, labels, res) : lm_loss(&ps, y, res);
+        rc = e->m->cfg.task == TASK_LM ? lm_loss(&ps, y, res) : pooled_loss(&ps, y, seqs, labels, res);
     if (rc == 0)
         rc = backward_layers(&ps);
     if (rc != 0) {

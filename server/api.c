@@ -203,6 +203,12 @@ static struct served_model *get_model(struct api *a, const cJSON *req, const cha
         reply_error(r, 404, "there is no model named \"%.200s\" (GET /models lists them)", f->valuestring);
         return NULL;
     }
+    if (m->model.cfg.input_dim) {
+        reply_error(r, 422, "model \"%s\" reads vectors, not text; %s needs a model with a tokenizer", m->name,
+                    endpoint);
+        served_model_release(m);
+        return NULL;
+    }
     if (task >= 0 && (int)m->model.cfg.task != task) {
         reply_error(r, 422, "model \"%s\" has task \"%s\"; %s needs a model with task \"%s\"", m->name,
                     task_name(m->model.cfg.task), endpoint, task_name((enum task)task));

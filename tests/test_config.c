@@ -40,6 +40,8 @@ static void assert_configs_equal(const struct model_config *a, const struct mode
     assert_int_equal(a->n_classes, b->n_classes);
     for (int i = 0; i < a->n_classes; i++)
         assert_string_equal(a->classes[i], b->classes[i]);
+    assert_int_equal(a->n_outputs, b->n_outputs);
+    assert_int_equal(a->input_dim, b->input_dim);
     assert_int_equal(a->tok_type, b->tok_type);
     assert_int_equal(a->n_tokens, b->n_tokens);
     for (int i = 0; i < a->n_tokens; i++)
@@ -175,6 +177,18 @@ static void test_everything(void **state)
     assert_int_equal(c.attn_window, 256);
     check_roundtrip(&c);
     config_free(&c);
+
+    /* The synthetic tasks' form: vector inputs, a regression head. */
+    assert_int_equal(config_parse("{\"task\":\"regress\",\"cell\":\"rnn_relu\",\"hidden\":16,\"outputs\":6,"
+                                  "\"input\":{\"type\":\"vector\",\"dim\":6},\"skip\":{\"period\":2,\"matrices\":2}}",
+                                  &c, err, sizeof err), 0);
+    assert_int_equal(c.task, TASK_REGRESS);
+    assert_int_equal(c.input_dim, 6);
+    assert_int_equal(c.embed_dim, 6);
+    assert_int_equal(config_vocab(&c), 0);
+    assert_int_equal(config_head_out(&c), 6);
+    check_roundtrip(&c);
+    config_free(&c);
 }
 
 static void test_lm(void **state)
@@ -236,8 +250,24 @@ static const struct bad bad_configs[] = {
     {"{" BASE ",\"hiden\":3}", "unknown field \"hiden\""},
     {"{" BASE ",\"hidden\":9}", "field \"hidden\" appears twice"},
     {"{\"cell\":\"lstm\",\"hidden\":8,\"embed_dim\":4," CLS "," TOK "}", "\"task\" is required"},
+    {"{\"task\":\"translate\",\"cell\":\"lstm\",\"hidden\":8,\"embed_dim\":4," CLS "," TOK "}",
+     "\"task\" must be \"classify\", \"lm\" or \"regress\""},
     {"{\"task\":\"regress\",\"cell\":\"lstm\",\"hidden\":8,\"embed_dim\":4," CLS "," TOK "}",
-     "\"task\" must be \"classify\" or \"lm\""},
+     "\"classes\" is allowed only with task \"classify\""},
+    {"{\"task\":\"regress\",\"cell\":\"lstm\",\"hidden\":8,\"input\":{\"type\":\"vector\",\"dim\":6}}",
+     "\"outputs\" is required"},
+    {"{\"task\":\"regress\",\"cell\":\"lstm\",\"hidden\":8,\"outputs\":1,\"input\":{\"type\":\"vector\",\"dim\":6},"
+     TOK "}",
+     "\"tokenizer\" is not allowed with vector inputs"},
+    {"{\"task\":\"regress\",\"cell\":\"lstm\",\"hidden\":8,\"outputs\":1,\"embed_dim\":4,"
+     "\"input\":{\"type\":\"vector\",\"dim\":6}}",
+     "\"embed_dim\" must equal \"input.dim\""},
+    {"{\"task\":\"regress\",\"cell\":\"lstm\",\"hidden\":8,\"outputs\":1,\"input\":{\"type\":\"image\"}}",
+     "\"input\" must be {\"type\": \"vector\", \"dim\": D}"},
+    {"{\"task\":\"lm\",\"cell\":\"lstm\",\"hidden\":8,\"input\":{\"type\":\"vector\",\"dim\":6}}",
+     "a language model reads tokens"},
+    {"{\"task\":\"classify\",\"cell\":\"lstm\",\"hidden\":8,\"embed_dim\":4,\"outputs\":2," CLS "," TOK "}",
+     "\"outputs\" is allowed only with task \"regress\""},
     {"{\"task\":\"lm\",\"cell\":\"rnn\",\"hidden\":8,\"embed_dim\":4," TOK "}",
      "\"cell\" must be \"rnn_tanh\", \"rnn_relu\", \"lstm\" or \"gru\""},
     {"{\"task\":\"lm\",\"cell\":\"gru\",\"embed_dim\":4," TOK "}", "\"hidden\" is required"},
@@ -282,7 +312,7 @@ static const struct bad bad_configs[] = {
     {"{" HEAD ",\"classes\":[\"a\",\"b\",\"a\"]," TOK "}", "\"classes\" holds \"a\" twice"},
     {"{" HEAD ",\"classes\":[\"a\",1]," TOK "}", "\"classes[1]\" must be a string"},
     {"{" HEAD ",\"classes\":[\"a\",\"\xff\"]," TOK "}", "\"classes[1]\" is not valid UTF-8"},
-    {"{" LM ",\"classes\":[\"a\",\"b\"]}", "\"classes\" is not allowed with task \"lm\""},
+    {"{" LM ",\"classes\":[\"a\",\"b\"]}", "\"classes\" is allowed only with task \"classify\""},
     {"{" LM ",\"bidirectional\":true}", "cannot look ahead"},
     {"{" LM ",\"pool\":\"mean\"}", "\"pool\" applies only to task \"classify\""},
     {"{" HEAD "," CLS "}", "\"tokenizer\" is required"},

@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "init.h"
 #include "rng.h"
 
 #define FIXTURE_DIR "tests/fixtures"
@@ -41,7 +42,9 @@ struct check {
     struct engine *e;
     int carried;          /* lm: check the second of two windows */
     float eps;
+    const char *config;   /* a vector-input model made in the test, or NULL */
     int32_t tok[3][24];
+    float vec[3][24 * 3], target[3][2];
     int len[3];
     int labels[3];
     int slot[3];
@@ -51,9 +54,17 @@ static int setup(void **state)
 {
     struct check *c = *state;
     char path[256], err[512];
-    snprintf(path, sizeof path, FIXTURE_DIR "/%s.safetensors", c->name);
-    if (model_load(path, &c->model, err, sizeof err) != 0)
-        fail_msg("%s: %s", path, err);
+    if (c->config) {
+        struct model_config cfg;
+        if (config_parse(c->config, &cfg, err, sizeof err) || model_alloc(&c->model, &cfg, err, sizeof err))
+            fail_msg("%s: %s", c->name, err);
+        const struct init_options init = {1, 1.0f};
+        model_init(&c->model, &init, 3);
+    } else {
+        snprintf(path, sizeof path, FIXTURE_DIR "/%s.safetensors", c->name);
+        if (model_load(path, &c->model, err, sizeof err) != 0)
+            fail_msg("%s: %s", path, err);
+    }
     c->be = backend_cpu_create(err, sizeof err);
     int lm = c->model.cfg.task == TASK_LM;
     c->e = engine_create(&c->model, c->be, lm ? 3 : 0, err, sizeof err);
@@ -61,15 +72,20 @@ static int setup(void **state)
     c->eps = c->model.cfg.cell == CELL_RNN_RELU ? 1e-4f : 1e-3f;
     if (!c->e)
         fail_msg("engine: %s", err);
-    struct rng r;
+    struct rng r, rv; /* tokens and labels; vectors and targets */
     rng_seed(&r, 17);
+    rng_seed(&rv, 18);
     static const int lens[3] = {7, 12, 3};
     for (int i = 0; i < 3; i++) {
         c->len[i] = lens[i];
         for (int t = 0; t < 24; t++)
-            c->tok[i][t] = (int32_t)(rng_next(&r) % (uint64_t)c->model.vocab);
-        c->labels[i] = (int)(rng_next(&r) % (uint64_t)(lm ? 1 : c->model.head_out));
+            c->tok[i][t] = c->model.vocab ? (int32_t)(rng_next(&r) % (uint64_t)c->model.vocab) : 0;
+        c->labels[i] = (int)(rng_next(&r) % (uint64_t)(lm || !c->model.cfg.n_classes ? 1 : c->model.head_out));
         c->slot[i] = -1;
+        for (int k = 0; k < 24 * 3; k++)
+            c->vec[i][k] = (float)(2.0 * rng_uniform(&rv) - 1.0);
+        for (int k = 0; k < 2; k++)
+            c->target[i][k] = (float)rng_uniform(&rv);
     }
     return 0;
 }
@@ -105,7 +121,10 @@ static double loss_at(struct check *c, const float *base, const float *current)
     memcpy(w, current, n * sizeof(float));
     for (int i = 0; i < 3; i++) {
         int off = c->carried ? 6 : 0;
-        q[i] = (struct engine_seq){.tokens = c->tok[i] + off, .len = c->len[i], .slot = c->carried ? c->slot[i] : -1,
+        int vectors = c->model.cfg.input_dim > 0;
+        q[i] = (struct engine_seq){.tokens = vectors ? NULL : c->tok[i] + off, .len = c->len[i],
+                                   .inputs = vectors ? c->vec[i] : NULL, .target = c->target[i],
+                                   .slot = c->carried ? c->slot[i] : -1,
                                    .next = c->model.cfg.task == TASK_LM ? c->tok[i] + off + c->len[i] : NULL};
     }
     struct train_result res = {0};
@@ -189,7 +208,26 @@ int main(void)
         free(names[i]);
     }
     free(names);
-    int failed = _cmocka_run_group_tests("gradcheck", tests, (size_t)count, NULL, NULL);
+    /* The synthetic tasks' models: vector inputs and a regression head. */
+    static const char *const vector_models[][2] = {
+        {"vector_skip_relu_D", "{\"task\": \"regress\", \"cell\": \"rnn_relu\", \"hidden\": 6, \"outputs\": 2,"
+                               " \"input\": {\"type\": \"vector\", \"dim\": 3}, \"skip\": {\"period\": 2, \"matrices\": 2}}"},
+        {"vector_rra_lstm", "{\"task\": \"regress\", \"cell\": \"lstm\", \"hidden\": 5, \"layers\": 2, \"outputs\": 1,"
+                            " \"input\": {\"type\": \"vector\", \"dim\": 3}, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"}}"},
+        {"vector_gru_bi_mean", "{\"task\": \"regress\", \"cell\": \"gru\", \"hidden\": 4, \"bidirectional\": true,"
+                               " \"pool\": \"mean\", \"outputs\": 2, \"input\": {\"type\": \"vector\", \"dim\": 3}}"},
+    };
+    struct check *vc = calloc(3, sizeof *vc);
+    struct CMUnitTest *vt = calloc(3, sizeof *vt);
+    for (int i = 0; vc && vt && i < 3; i++) {
+        snprintf(vc[i].name, sizeof vc[i].name, "%s", vector_models[i][0]);
+        vc[i].config = vector_models[i][1];
+        vt[i] = (struct CMUnitTest){vc[i].name, test_gradient, setup, teardown, &vc[i]};
+    }
+    int failed = _cmocka_run_group_tests("gradcheck", tests, (size_t)count, NULL, NULL) +
+                 _cmocka_run_group_tests("gradcheck_vectors", vt, 3, NULL, NULL);
+    free(vc);
+    free(vt);
     free(c);
     free(tests);
     return failed;
