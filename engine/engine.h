@@ -93,6 +93,7 @@ struct train_result {
     double loss;      /* sum of the per-item losses */
     long count;       /* items: sequences (classify) or scored tokens (lm) */
     long correct;     /* classify: sequences whose argmax is the label */
+    long tokens;      /* steps the batch ran (for tokens per second) */
 };
 
 /* Regularisation of a training batch. */

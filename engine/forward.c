@@ -430,7 +430,7 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
     const float *y = engine_run_layers(e, &p, &d, attn, NULL);
     int rc = y ? 0 : -1;
     if (rc == 0)
-        rc = e->m->cfg.task == TASK_CLASSIFY ? classify_head(e, &p, &d, y, seqs) : lm_head(e, &p, &d, y, seqs);
+        rc = e->m->cfg.task == TASK_LM ? lm_head(e, &p, &d, y, seqs) : classify_head(e, &p, &d, y, seqs);
     if (rc == 0 && attn)
         rc = copy_attention(e, &p, attn, seqs);
     if (rc == 0 && e->be->ops->sync(e->be) != 0) {

@@ -417,6 +417,7 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
         snprintf(err, errlen, "%s backend: %s", be->ops->name, be->err);
         return -1;
     }
+    res->tokens += p.P;
     for (int i = 0; i < n && p.slot; i++)
         e->slot_pos[p.slot[i]] += p.len[i];
     return 0;

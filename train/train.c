@@ -38,11 +38,15 @@
 
 /* ---- 1. Configuration. */
 
+enum { SYNTH_ADDING = 1, SYNTH_REMEMBER };
+
 struct options {
     cJSON *root;               /* the whole configuration, as run */
     char **train, **valid;     /* data paths */
     int n_train, n_valid;
     struct split split;        /* classify: the validation lines */
+    int synthetic;             /* 0, or SYNTH_ADDING / SYNTH_REMEMBER */
+    int synth_length, synth_dim, synth_train, synth_valid;
     struct optim_config optim;
     struct init_options init;
     int batch, bptt;
@@ -240,9 +244,28 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     const cJSON *data = field(root, "data");
     if (!cJSON_IsObject(data))
         return fail(err, errlen, "config: \"data\" is required: {\"train\": [paths], ...}");
-    if (get_paths(data, "train", 1, &o->train, &o->n_train, err, errlen) ||
-        get_paths(data, "valid", 0, &o->valid, &o->n_valid, err, errlen))
+    const cJSON *synth = field(data, "synthetic");
+    if (synth) {
+        /* The papers' synthetic tasks, generated from the seed. */
+        o->synthetic = cJSON_IsString(synth) && strcmp(synth->valuestring, "adding") == 0     ? SYNTH_ADDING
+                       : cJSON_IsString(synth) && strcmp(synth->valuestring, "remember") == 0 ? SYNTH_REMEMBER
+                                                                                              : 0;
+        if (!o->synthetic)
+            return fail(err, errlen, "config: \"data.synthetic\" must be \"adding\" or \"remember\"");
+        double len, dim, n_train, n_valid;
+        if (get_num(data, "length", "data.", 2, 100000, 100, &len, err, errlen) ||
+            get_num(data, "dim", "data.", 1, 4096, 6, &dim, err, errlen) ||
+            get_num(data, "train_size", "data.", 1, 1e7, 10000, &n_train, err, errlen) ||
+            get_num(data, "valid_size", "data.", 1, 1e7, 1000, &n_valid, err, errlen))
+            return -1;
+        o->synth_length = (int)len;
+        o->synth_dim = (int)dim;
+        o->synth_train = (int)n_train;
+        o->synth_valid = (int)n_valid;
+    } else if (get_paths(data, "train", 1, &o->train, &o->n_train, err, errlen) ||
+               get_paths(data, "valid", 0, &o->valid, &o->n_valid, err, errlen)) {
         return -1;
+    }
     const cJSON *split = field(data, "split");
     double mod = 0, test = 0, valid = 0;
     if (split && (!cJSON_IsObject(split) || get_num(split, "mod", "data.split.", 1, 1e6, 0, &mod, err, errlen) ||
@@ -461,9 +484,23 @@ static int open_data(struct run *r, char *err, size_t errlen)
         r->total_steps = o->steps ? o->steps : (long)ceil(o->epochs * (double)per_epoch);
         return 0;
     }
+    if (o->synthetic) {
+        int T = o->synth_length, D = o->synth_dim, in = o->synthetic == SYNTH_ADDING ? 2 : D;
+        int out = o->synthetic == SYNTH_ADDING ? 1 : D;
+        if (r->model.cfg.task != TASK_REGRESS || r->model.cfg.input_dim != in || r->model.head_out != out)
+            return fail(err, errlen, "the %s task needs a model with task \"regress\", \"input\": {\"type\": "
+                                     "\"vector\", \"dim\": %d} and \"outputs\": %d",
+                        o->synthetic == SYNTH_ADDING ? "adding" : "remember", in, out);
+        int rc = o->synthetic == SYNTH_ADDING ? synth_adding(o->synth_train, T, o->seed, &r->train_d) ||
+                                                    synth_adding(o->synth_valid, T, o->seed + 1, &r->valid_d)
+                                              : synth_remember(o->synth_train, T, D, o->seed, &r->train_d) ||
+                                                    synth_remember(o->synth_valid, T, D, o->seed + 1, &r->valid_d);
+        if (rc)
+            return fail(err, errlen, "out of memory generating the %s task", o->synthetic == SYNTH_ADDING ? "adding" : "remember");
+    }
     const struct split all = {0, 0, 0};
     const struct split *train_split = o->split.mod ? &o->split : &all;
-    for (int i = 0; i < o->n_train; i++) {
+    for (int i = 0; !o->synthetic && i < o->n_train; i++) {
         struct dataset part = {0};
         if (classify_load(o->train[i], &r->tk, r->model.cfg.classes, r->model.cfg.n_classes, train_split, PART_TRAIN,
                           &part, err, errlen))
@@ -543,7 +580,8 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
     int rc = q && labels ? 0 : fail(err, errlen, "out of memory");
     for (int i = from; rc == 0 && i < to; i++) {
         const struct example *x = &r->train_d.ex[r->order[i]];
-        q[i - from] = (struct engine_seq){.tokens = x->ids, .len = x->len, .slot = -1};
+        q[i - from] = (struct engine_seq){.tokens = x->ids, .inputs = x->inputs, .len = x->len, .slot = -1,
+                                          .target = x->target};
         labels[i - from] = x->label;
     }
     if (rc == 0)
@@ -580,20 +618,29 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
         struct engine_seq *q = calloc((size_t)n, sizeof *q);
         float *probs = malloc(sizeof(float) * (size_t)n * C);
         int rc = q && probs ? 0 : fail(err, errlen, "out of memory");
+        const int regress = r->model.cfg.task == TASK_REGRESS;
         for (int i = 0; rc == 0 && i < n; i++) {
             const struct example *x = &r->valid_d.ex[at + i];
-            q[i] = (struct engine_seq){.tokens = x->ids, .len = x->len, .slot = -1, .probs = probs + (size_t)i * C};
+            float *out = probs + (size_t)i * C;
+            q[i] = (struct engine_seq){.tokens = x->ids, .inputs = x->inputs, .len = x->len, .slot = -1,
+                                       .probs = regress ? NULL : out, .logits = regress ? out : NULL};
         }
         if (rc == 0)
             rc = engine_forward(r->e, q, n, err, errlen);
         for (int i = 0; rc == 0 && i < n; i++) {
             const float *p = probs + (size_t)i * C;
+            const struct example *x = &r->valid_d.ex[at + i];
+            if (regress) {
+                /* Mean squared error per output, as the training loss. */
+                for (int c = 0; c < C; c++)
+                    sum += ((double)p[c] - x->target[c]) * ((double)p[c] - x->target[c]) / C;
+                continue;
+            }
             int best = 0;
             for (int c = 1; c < C; c++)
                 best = p[c] > p[best] ? c : best;
-            int label = r->valid_d.ex[at + i].label;
-            right += best == label;
-            sum += -log(fmax(p[label], 1e-30));
+            right += best == x->label;
+            sum += -log(fmax(p[x->label], 1e-30));
         }
         free(q);
         free(probs);
@@ -601,7 +648,7 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
             return -1;
     }
     *loss = sum / r->valid_d.n;
-    *metric = (double)right / r->valid_d.n;
+    *metric = r->model.cfg.task == TASK_REGRESS ? *loss : (double)right / r->valid_d.n;
     return 0;
 }
 
@@ -615,7 +662,7 @@ static int save_model(struct run *r, const char *path, const struct curve_point 
     snprintf(results, sizeof results,
              "{\"steps\": %ld, \"epochs\": %.3f, \"train_loss\": %.6g, \"valid_loss\": %.6g, \"valid_%s\": %.6g}",
              r->step, last ? last->epoch : 0.0, last ? last->train_loss : NAN, last ? last->valid_loss : NAN,
-             is_lm(r) ? "bpc" : "accuracy", last ? last->valid_metric : NAN);
+             r->curve.metric_name, last ? last->valid_metric : NAN);
     /* JSON has no NaN: a metric never measured is null. */
     for (char *p; (p = strstr(results, "nan"));)
         memcpy(p, "null", 3), memmove(p + 4, p + 3, strlen(p + 3) + 1), p[3] = 'l';
@@ -858,7 +905,7 @@ static int better(const struct run *r, const struct curve_point *p)
     const struct curve_point *b = &r->best_at;
     if (!r->best)
         return 1;
-    if (is_lm(r))
+    if (r->model.cfg.task != TASK_CLASSIFY) /* bits per character, squared error */
         return p->valid_metric < b->valid_metric;
     return p->valid_metric > b->valid_metric || (p->valid_metric == b->valid_metric && p->valid_loss < b->valid_loss);
 }
@@ -929,7 +976,7 @@ static int train(struct run *r, char *err, size_t errlen)
         return fail(err, errlen, "out of memory");
     if (r->resume && restore_checkpoint(r, err, errlen))
         return -1;
-    r->curve.metric_name = is_lm(r) ? "bpc" : "accuracy";
+    r->curve.metric_name = is_lm(r) ? "bpc" : r->model.cfg.task == TASK_REGRESS ? "mse" : "accuracy";
     snprintf(r->csv, sizeof r->csv, "%.*s.csv", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
     snprintf(r->svg, sizeof r->svg, "%.*s.svg", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
     fprintf(stderr, "training %s: %zu parameters, %ld steps of %d %s\n", o->out, r->model.n_params, r->total_steps,
@@ -951,7 +998,7 @@ static int train(struct run *r, char *err, size_t errlen)
         r->step++;
         r->loss_sum += res.loss;
         r->loss_count += res.count;
-        r->tokens += is_lm(r) ? res.count : 0;
+        r->tokens += res.tokens;
         int log_now = r->step % o->log_every == 0 || r->step == r->total_steps;
         int valid_now = (o->valid_every && r->step % o->valid_every == 0) || r->step == r->total_steps;
         if (o->checkpoint_every && r->step % o->checkpoint_every == 0 && r->step < r->total_steps) {
