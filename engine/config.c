@@ -6,11 +6,11 @@
  * wrong type must be an error naming the field, never a silent fallback to
  * a default that would run a different model than the one trained.
  */
+#include "error.h"
 #include "config.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,17 +23,6 @@ static const char *const mode_names[] = {"static", "dynamic"}; /* ATTN_STATIC, A
 static const char *const tok_names[] = {"byte", "char", "word"};
 
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 /* Every key of obj must be one of allowed[], each at most once.  cJSON keeps
  * duplicate keys as separate members, and which one a lookup returns is an
@@ -48,9 +37,9 @@ static int check_keys(const cJSON *obj, const char *prefix, const char *const *a
         while (i < n_allowed && strcmp(it->string, allowed[i]) != 0)
             i++;
         if (i == n_allowed)
-            return fail(err, errlen, "config: unknown field \"%s%s\"", prefix, it->string);
+            return error_fmt(err, errlen, "config: unknown field \"%s%s\"", prefix, it->string);
         if (seen & (1u << i))
-            return fail(err, errlen, "config: field \"%s%s\" appears twice", prefix, it->string);
+            return error_fmt(err, errlen, "config: field \"%s%s\" appears twice", prefix, it->string);
         seen |= 1u << i;
     }
     return 0;
@@ -60,10 +49,10 @@ static int get_int(const cJSON *v, const char *field, int lo, int hi, int *out, 
                    size_t errlen)
 {
     if (!v)
-        return fail(err, errlen, "config: \"%s\" is required", field);
+        return error_fmt(err, errlen, "config: \"%s\" is required", field);
     double d = cJSON_IsNumber(v) ? v->valuedouble : NAN;
     if (!isfinite(d) || d != floor(d) || d < lo || d > hi)
-        return fail(err, errlen, "config: \"%s\" must be an integer between %d and %d", field,
+        return error_fmt(err, errlen, "config: \"%s\" must be an integer between %d and %d", field,
                     lo, hi);
     *out = (int)d;
     return 0;
@@ -72,7 +61,7 @@ static int get_int(const cJSON *v, const char *field, int lo, int hi, int *out, 
 static int get_bool(const cJSON *v, const char *field, int *out, char *err, size_t errlen)
 {
     if (!cJSON_IsBool(v))
-        return fail(err, errlen, "config: \"%s\" must be true or false", field);
+        return error_fmt(err, errlen, "config: \"%s\" must be true or false", field);
     *out = cJSON_IsTrue(v);
     return 0;
 }
@@ -84,7 +73,7 @@ static int get_enum(const cJSON *v, const char *field, const char *const *names,
 {
     *out = 0;
     if (!v)
-        return fail(err, errlen, "config: \"%s\" is required", field);
+        return error_fmt(err, errlen, "config: \"%s\" is required", field);
     if (cJSON_IsString(v)) {
         for (int i = 0; i < n; i++) {
             if (strcmp(v->valuestring, names[i]) == 0) {
@@ -99,7 +88,7 @@ static int get_enum(const cJSON *v, const char *field, const char *const *names,
         snprintf(list + len, sizeof list - len, "%s\"%s\"", i == 0 ? "" : (i == n - 1 ? " or " : ", "),
                  names[i]);
     }
-    return fail(err, errlen, "config: \"%s\" must be %s", field, list);
+    return error_fmt(err, errlen, "config: \"%s\" must be %s", field, list);
 }
 
 static int cmp_str_ptr(const void *a, const void *b)
@@ -116,25 +105,25 @@ static int get_strings(const cJSON *v, const char *field, int lo, int hi, int di
 {
     int n = cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
     if (n < lo || n > hi)
-        return fail(err, errlen, "config: \"%s\" must be an array of %d to %d strings", field,
+        return error_fmt(err, errlen, "config: \"%s\" must be an array of %d to %d strings", field,
                     lo, hi);
     char **s = calloc((size_t)n, sizeof *s);
     if (!s)
-        return fail(err, errlen, "config: out of memory");
+        return error_fmt(err, errlen, "config: out of memory");
     int i = 0;
     for (const cJSON *it = v->child; it; it = it->next, i++) {
         if (!cJSON_IsString(it)) {
-            fail(err, errlen, "config: \"%s[%d]\" must be a string", field, i);
+            error_fmt(err, errlen, "config: \"%s[%d]\" must be a string", field, i);
             goto bad;
         }
         size_t len = strlen(it->valuestring);
         if (u8_check((const uint8_t *)it->valuestring, len)) {
-            fail(err, errlen, "config: \"%s[%d]\" is not valid UTF-8", field, i);
+            error_fmt(err, errlen, "config: \"%s[%d]\" is not valid UTF-8", field, i);
             goto bad;
         }
         s[i] = malloc(len + 1);
         if (!s[i]) {
-            fail(err, errlen, "config: out of memory");
+            error_fmt(err, errlen, "config: out of memory");
             goto bad;
         }
         memcpy(s[i], it->valuestring, len + 1);
@@ -142,14 +131,14 @@ static int get_strings(const cJSON *v, const char *field, int lo, int hi, int di
     if (distinct) {
         char **sorted = malloc((size_t)n * sizeof *sorted);
         if (!sorted) {
-            fail(err, errlen, "config: out of memory");
+            error_fmt(err, errlen, "config: out of memory");
             goto bad;
         }
         memcpy(sorted, s, (size_t)n * sizeof *sorted);
         qsort(sorted, (size_t)n, sizeof *sorted, cmp_str_ptr);
         for (int j = 1; j < n; j++) {
             if (strcmp(sorted[j - 1], sorted[j]) == 0) {
-                fail(err, errlen, "config: \"%s\" holds \"%s\" twice", field, sorted[j]);
+                error_fmt(err, errlen, "config: \"%s\" holds \"%s\" twice", field, sorted[j]);
                 free(sorted);
                 goto bad;
             }
@@ -174,7 +163,7 @@ static int parse_skip(const cJSON *v, struct model_config *cfg, char *err, size_
     if (!v || cJSON_IsNull(v))
         return 0;
     if (!cJSON_IsObject(v))
-        return fail(err, errlen, "config: \"skip\" must be an object or null");
+        return error_fmt(err, errlen, "config: \"skip\" must be an object or null");
     if (check_keys(v, "skip.", keys, COUNT(keys), err, errlen))
         return -1;
     const cJSON *p = cJSON_GetObjectItemCaseSensitive(v, "period");
@@ -195,7 +184,7 @@ static int parse_attention(const cJSON *v, struct model_config *cfg, char *err, 
     if (!v || cJSON_IsNull(v))
         return 0;
     if (!cJSON_IsObject(v))
-        return fail(err, errlen, "config: \"attention\" must be an object or null");
+        return error_fmt(err, errlen, "config: \"attention\" must be an object or null");
     if (check_keys(v, "attention.", keys, COUNT(keys), err, errlen))
         return -1;
     int mode;
@@ -212,9 +201,9 @@ static int parse_tokenizer(const cJSON *v, struct model_config *cfg, char *err, 
 {
     static const char *const keys[] = {"type", "tokens", "unk"};
     if (!v)
-        return fail(err, errlen, "config: \"tokenizer\" is required");
+        return error_fmt(err, errlen, "config: \"tokenizer\" is required");
     if (!cJSON_IsObject(v))
-        return fail(err, errlen, "config: \"tokenizer\" must be an object");
+        return error_fmt(err, errlen, "config: \"tokenizer\" must be an object");
     if (check_keys(v, "tokenizer.", keys, COUNT(keys), err, errlen))
         return -1;
     int type;
@@ -228,16 +217,16 @@ static int parse_tokenizer(const cJSON *v, struct model_config *cfg, char *err, 
         /* The byte vocabulary is fixed; a token list or unk id would be
          * ignored, and ignoring part of a config hides mistakes. */
         if (tokens)
-            return fail(err, errlen, "config: \"tokenizer.tokens\" is not allowed with type \"byte\"");
+            return error_fmt(err, errlen, "config: \"tokenizer.tokens\" is not allowed with type \"byte\"");
         if (unk)
-            return fail(err, errlen, "config: \"tokenizer.unk\" is not allowed with type \"byte\"");
+            return error_fmt(err, errlen, "config: \"tokenizer.unk\" is not allowed with type \"byte\"");
         return 0;
     }
     if (!tokens)
-        return fail(err, errlen, "config: \"tokenizer.tokens\" is required with type \"%s\"",
+        return error_fmt(err, errlen, "config: \"tokenizer.tokens\" is required with type \"%s\"",
                     tok_names[type]);
     if (!unk)
-        return fail(err, errlen, "config: \"tokenizer.unk\" is required with type \"%s\"",
+        return error_fmt(err, errlen, "config: \"tokenizer.unk\" is required with type \"%s\"",
                     tok_names[type]);
     if (get_strings(tokens, "tokenizer.tokens", 1, CONFIG_MAX_VOCAB, 0, &cfg->tokens,
                     &cfg->n_tokens, err, errlen))
@@ -253,7 +242,7 @@ static int parse_input(const cJSON *v, struct model_config *cfg, char *err, size
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(v, "type");
     if (!cJSON_IsObject(v) || check_keys(v, "input.", keys, COUNT(keys), err, errlen) ||
         !cJSON_IsString(type) || strcmp(type->valuestring, "vector") != 0)
-        return fail(err, errlen, "config: \"input\" must be {\"type\": \"vector\", \"dim\": D}");
+        return error_fmt(err, errlen, "config: \"input\" must be {\"type\": \"vector\", \"dim\": D}");
     return get_int(cJSON_GetObjectItemCaseSensitive(v, "dim"), "input.dim", 1, CONFIG_MAX_EMBED, &cfg->input_dim,
                    err, errlen);
 }
@@ -265,7 +254,7 @@ static int parse_object(const cJSON *root, struct model_config *cfg, char *err, 
         "residual_depth", "attention", "pool", "classes", "outputs", "input", "tokenizer",
     };
     if (!cJSON_IsObject(root))
-        return fail(err, errlen, "config: must be a JSON object");
+        return error_fmt(err, errlen, "config: must be a JSON object");
     if (check_keys(root, "", keys, COUNT(keys), err, errlen))
         return -1;
 #define FIELD(name) cJSON_GetObjectItemCaseSensitive(root, name)
@@ -281,7 +270,7 @@ static int parse_object(const cJSON *root, struct model_config *cfg, char *err, 
     else if (get_int(FIELD("embed_dim"), "embed_dim", 1, CONFIG_MAX_EMBED, &cfg->embed_dim, err, errlen))
         return -1;
     if (cfg->input_dim && cfg->embed_dim != cfg->input_dim)
-        return fail(err, errlen, "config: \"embed_dim\" must equal \"input.dim\" with vector inputs");
+        return error_fmt(err, errlen, "config: \"embed_dim\" must equal \"input.dim\" with vector inputs");
     cfg->task = (enum task)task;
     cfg->cell = (enum cell)cell;
     cfg->layers = 1;
@@ -299,36 +288,36 @@ static int parse_object(const cJSON *root, struct model_config *cfg, char *err, 
         return -1;
     cfg->pool = (enum pool)pool;
     if (cfg->task == TASK_LM && cfg->bidirectional)
-        return fail(err, errlen, "config: \"bidirectional\" is not allowed with task \"lm\": "
+        return error_fmt(err, errlen, "config: \"bidirectional\" is not allowed with task \"lm\": "
                                  "a language model cannot look ahead");
     if (cfg->peephole && cfg->cell != CELL_LSTM)
-        return fail(err, errlen, "config: \"peephole\" needs cell \"lstm\"");
+        return error_fmt(err, errlen, "config: \"peephole\" needs cell \"lstm\"");
     if (cfg->attn_mode != ATTN_NONE && cfg->cell != CELL_LSTM)
-        return fail(err, errlen, "config: \"attention\" needs cell \"lstm\"");
+        return error_fmt(err, errlen, "config: \"attention\" needs cell \"lstm\"");
     /* "last" is the default and is what a generic writer emits, so it is
      * accepted for lm; "mean" would be silently ignored, so it is not. */
     if (cfg->task == TASK_LM && cfg->pool != POOL_LAST)
-        return fail(err, errlen, "config: \"pool\" applies only to task \"classify\"");
+        return error_fmt(err, errlen, "config: \"pool\" applies only to task \"classify\"");
     const cJSON *classes = FIELD("classes");
     if (cfg->task != TASK_CLASSIFY && classes)
-        return fail(err, errlen, "config: \"classes\" is allowed only with task \"classify\"");
+        return error_fmt(err, errlen, "config: \"classes\" is allowed only with task \"classify\"");
     if (cfg->task != TASK_REGRESS && FIELD("outputs"))
-        return fail(err, errlen, "config: \"outputs\" is allowed only with task \"regress\"");
+        return error_fmt(err, errlen, "config: \"outputs\" is allowed only with task \"regress\"");
     if (cfg->task == TASK_REGRESS &&
         get_int(FIELD("outputs"), "outputs", 1, CONFIG_MAX_CLASSES, &cfg->n_outputs, err, errlen))
         return -1;
     if (cfg->task == TASK_LM && cfg->input_dim)
-        return fail(err, errlen, "config: a language model reads tokens, not vector inputs");
+        return error_fmt(err, errlen, "config: a language model reads tokens, not vector inputs");
     if (cfg->task == TASK_CLASSIFY) {
         if (!classes)
-            return fail(err, errlen, "config: \"classes\" is required with task \"classify\"");
+            return error_fmt(err, errlen, "config: \"classes\" is required with task \"classify\"");
         if (get_strings(classes, "classes", 2, CONFIG_MAX_CLASSES, 1, &cfg->classes,
                         &cfg->n_classes, err, errlen))
             return -1;
     }
     if (cfg->input_dim) {
         if (FIELD("tokenizer"))
-            return fail(err, errlen, "config: \"tokenizer\" is not allowed with vector inputs");
+            return error_fmt(err, errlen, "config: \"tokenizer\" is not allowed with vector inputs");
         return 0;
     }
     return parse_tokenizer(FIELD("tokenizer"), cfg, err, errlen);
@@ -339,12 +328,12 @@ int config_parse(const char *json, struct model_config *cfg, char *err, size_t e
 {
     memset(cfg, 0, sizeof *cfg);
     if (!json)
-        return fail(err, errlen, "config: missing");
+        return error_fmt(err, errlen, "config: missing");
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
     if (!root) {
         size_t at = end && end >= json ? (size_t)(end - json) : 0;
-        return fail(err, errlen, "config: not valid JSON (at byte %zu)", at);
+        return error_fmt(err, errlen, "config: not valid JSON (at byte %zu)", at);
     }
     int rc = parse_object(root, cfg, err, errlen);
     cJSON_Delete(root);

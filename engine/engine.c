@@ -152,8 +152,8 @@ void engine_destroy(struct engine *e)
     be->ops->free(be, e->pool_c);
     be->ops->free(be, e->pool_ring);
     free(e->slot_pos);
-    free(e->host_idx);
-    free(e->host_f);
+    free(e->host_ints);
+    free(e->host_floats);
     free(e);
 }
 
@@ -178,30 +178,29 @@ void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes)
     return p;
 }
 
-int *engine_host_ints(struct engine *e, size_t n)
+/* Grow a host scratch buffer to at least bytes, by half again so a slowly
+ * rising batch does not reallocate every call. */
+static void *host_scratch(void **buf, size_t *cap, size_t bytes)
 {
-    if (n <= e->host_idx_cap && e->host_idx)
-        return e->host_idx;
-    size_t cap = n + n / 2 + 16;
-    int *p = realloc(e->host_idx, cap * sizeof *p);
+    if (bytes <= *cap && *buf)
+        return *buf;
+    size_t want = bytes + bytes / 2 + 64;
+    void *p = realloc(*buf, want);
     if (!p)
         return NULL;
-    e->host_idx = p;
-    e->host_idx_cap = cap;
+    *buf = p;
+    *cap = want;
     return p;
+}
+
+int *engine_host_ints(struct engine *e, size_t n)
+{
+    return host_scratch(&e->host_ints, &e->host_ints_cap, n * sizeof(int));
 }
 
 float *engine_host_floats(struct engine *e, size_t n)
 {
-    if (n <= e->host_f_cap && e->host_f)
-        return e->host_f;
-    size_t cap = n + n / 2 + 16;
-    float *p = realloc(e->host_f, cap * sizeof *p);
-    if (!p)
-        return NULL;
-    e->host_f = p;
-    e->host_f_cap = cap;
-    return p;
+    return host_scratch(&e->host_floats, &e->host_floats_cap, n * sizeof(float));
 }
 
 void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg)

@@ -45,10 +45,8 @@ struct engine {
     int *slot_pos;               /* tokens consumed; -1 when free */
     float *pool_c, *pool_ring;
     /* Host scratch for index arrays and packed vector inputs, grown like ws. */
-    int *host_idx;
-    size_t host_idx_cap;
-    float *host_f;
-    size_t host_f_cap;
+    void *host_ints, *host_floats;
+    size_t host_ints_cap, host_floats_cap; /* bytes */
 };
 
 /* A scratch buffer of at least bytes, or NULL when out of memory. */

@@ -6,6 +6,7 @@
  * of struct model into it, and to list the tensors for the loader, the
  * writer and the trainer, so those can never disagree.
  */
+#include "error.h"
 #include "model.h"
 
 #include <math.h>
@@ -17,17 +18,6 @@
 #include <strings.h>
 
 #include "safetensors.h"
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 struct walk {
     float *arena;              /* NULL while only sizing */
@@ -141,7 +131,7 @@ int model_alloc(struct model *m, struct model_config *cfg, char *err, size_t err
     walk_model(c, &w, NULL);
     if (w.too_big || w.total > SIZE_MAX / sizeof(float)) {
         model_free(m);
-        return fail(err, errlen, "model too large for this machine");
+        return error_fmt(err, errlen, "model too large for this machine");
     }
     m->arena = calloc(w.total, sizeof *m->arena);
     m->layers = calloc((size_t)c->layers, sizeof *m->layers);
@@ -149,7 +139,7 @@ int model_alloc(struct model *m, struct model_config *cfg, char *err, size_t err
     if (!m->arena || !m->layers || !hh) {
         free(hh);
         model_free(m);
-        return fail(err, errlen, "out of memory for %zu parameters", w.total);
+        return error_fmt(err, errlen, "out of memory for %zu parameters", w.total);
     }
     for (int k = 0; k < c->layers; k++)
         for (int d = 0; d < dirs; d++)
@@ -208,14 +198,14 @@ static int check_tensors(const struct st_file *f, const struct model_config *c, 
     struct model_tensor *want;
     int n;
     if (list_tensors(c, NULL, &want, &n))
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     int rc = 0;
     char a[128], b[128];
     for (int i = 0; i < n && rc == 0; i++) {
         const struct st_tensor *t = st_find(f, want[i].name);
         shape_str(a, sizeof a, want[i].ndim, want[i].shape, NULL);
         if (!t) {
-            rc = fail(err, errlen, "missing tensor \"%s\" %s", want[i].name, a);
+            rc = error_fmt(err, errlen, "missing tensor \"%s\" %s", want[i].name, a);
             break;
         }
         int same = t->ndim == want[i].ndim;
@@ -223,7 +213,7 @@ static int check_tensors(const struct st_file *f, const struct model_config *c, 
             same = t->shape[d] == (int64_t)want[i].shape[d];
         if (!same) {
             shape_str(b, sizeof b, t->ndim, NULL, t->shape);
-            rc = fail(err, errlen, "tensor \"%s\" has shape %s, the config calls for %s",
+            rc = error_fmt(err, errlen, "tensor \"%s\" has shape %s, the config calls for %s",
                       want[i].name, b, a);
         }
     }
@@ -236,7 +226,7 @@ static int check_tensors(const struct st_file *f, const struct model_config *c, 
             snprintf(key.name, sizeof key.name, "%s", f->tensors[i].name);
             if (strlen(f->tensors[i].name) >= sizeof key.name ||
                 !bsearch(&key, want, (size_t)n, sizeof *want, cmp_name)) {
-                rc = fail(err, errlen, "unexpected tensor \"%s\" (the config does not call for it)",
+                rc = error_fmt(err, errlen, "unexpected tensor \"%s\" (the config does not call for it)",
                           f->tensors[i].name);
                 break;
             }
@@ -255,13 +245,13 @@ int model_load_st(const struct st_file *f, const char *sha256, struct model *m, 
     const char *json = st_meta_get(f, "config");
     const char *claimed = st_meta_get(f, "data_sha256");
     if (!format || strcmp(format, "rrnserve") != 0)
-        return fail(err, errlen, "metadata \"format\" is %s%s%s, not \"rrnserve\"",
+        return error_fmt(err, errlen, "metadata \"format\" is %s%s%s, not \"rrnserve\"",
                     format ? "\"" : "", format ? format : "missing", format ? "\"" : "");
     if (!version || strcmp(version, "1") != 0)
-        return fail(err, errlen, "metadata \"format_version\" is %s%s%s; this build reads \"1\"",
+        return error_fmt(err, errlen, "metadata \"format_version\" is %s%s%s; this build reads \"1\"",
                     version ? "\"" : "", version ? version : "missing", version ? "\"" : "");
     if (!json)
-        return fail(err, errlen, "metadata \"config\" is missing");
+        return error_fmt(err, errlen, "metadata \"config\" is missing");
     struct model_config cfg;
     if (config_parse(json, &cfg, err, errlen))
         return -1;
@@ -273,12 +263,12 @@ int model_load_st(const struct st_file *f, const char *sha256, struct model *m, 
         st_data_sha256(f, hex);
     if (!claimed) {
         config_free(&cfg);
-        return fail(err, errlen, "metadata \"data_sha256\" is missing");
+        return error_fmt(err, errlen, "metadata \"data_sha256\" is missing");
     }
     /* Hex digits in either case, as other tools may write them. */
     if (strlen(claimed) != 64 || strcasecmp(claimed, hex) != 0) {
         config_free(&cfg);
-        return fail(err, errlen, "checksum mismatch: data_sha256 says %s, data hashes to %s",
+        return error_fmt(err, errlen, "checksum mismatch: data_sha256 says %s, data hashes to %s",
                     claimed, hex);
     }
 
@@ -292,7 +282,7 @@ int model_load_st(const struct st_file *f, const char *sha256, struct model *m, 
     int n;
     if (model_tensors(m, &list, &n)) {
         model_free(m);
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     }
     int rc = 0;
     for (int i = 0; i < n && rc == 0; i++) {
@@ -300,7 +290,7 @@ int model_load_st(const struct st_file *f, const char *sha256, struct model *m, 
         st_to_f32(t, list[i].data);
         for (int64_t j = 0; j < t->numel; j++) {
             if (!isfinite(list[i].data[j])) {
-                rc = fail(err, errlen, "tensor \"%s\" holds %s at element %lld", list[i].name,
+                rc = error_fmt(err, errlen, "tensor \"%s\" holds %s at element %lld", list[i].name,
                           isnan(list[i].data[j]) ? "NaN" : "an infinity", (long long)j);
                 break;
             }
@@ -332,13 +322,13 @@ int model_save(const struct model *m, const char *path, const struct st_meta *ex
     struct model_tensor *list;
     int n;
     if (model_tensors(m, &list, &n))
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     struct st_write_tensor *t = calloc((size_t)n, sizeof *t);
     struct st_meta *meta = calloc(3 + (size_t)n_extra, sizeof *meta);
     char *json = config_to_json(&m->cfg);
     int rc;
     if (!t || !meta || !json) {
-        rc = fail(err, errlen, "out of memory");
+        rc = error_fmt(err, errlen, "out of memory");
     } else {
         for (int i = 0; i < n; i++) {
             t[i].name = list[i].name;

@@ -8,6 +8,7 @@
  * implementation requires.  After st_open succeeds, every st_tensor's data
  * and nbytes are safe to read.
  */
+#include "error.h"
 #include "safetensors.h"
 
 #include <cjson/cJSON.h>
@@ -16,7 +17,6 @@
 #include <inttypes.h>
 #include <math.h>
 #include <openssl/evp.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,17 +31,6 @@
 
 static const char *const dtype_names[] = {"F32", "F16", "BF16"};
 static const size_t dtype_sizes[] = {4, 2, 2};
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 static uint64_t le64(const unsigned char *p)
 {
@@ -77,7 +66,7 @@ static int parse_tensor(struct st_file *f, const cJSON *item, struct st_tensor *
 {
     const char *name = t->name;
     if (!cJSON_IsObject(item))
-        return fail(err, errlen, "tensor \"%s\": entry is not a JSON object", name);
+        return error_fmt(err, errlen, "tensor \"%s\": entry is not a JSON object", name);
     const cJSON *dtype = NULL, *shape = NULL, *offsets = NULL;
     for (const cJSON *it = item->child; it; it = it->next) {
         const cJSON **slot = strcmp(it->string, "dtype") == 0          ? &dtype
@@ -85,28 +74,28 @@ static int parse_tensor(struct st_file *f, const cJSON *item, struct st_tensor *
                              : strcmp(it->string, "data_offsets") == 0 ? &offsets
                                                                        : NULL;
         if (!slot)
-            return fail(err, errlen, "tensor \"%s\": unknown field \"%s\"", name, it->string);
+            return error_fmt(err, errlen, "tensor \"%s\": unknown field \"%s\"", name, it->string);
         if (*slot)
-            return fail(err, errlen, "tensor \"%s\": field \"%s\" appears twice", name, it->string);
+            return error_fmt(err, errlen, "tensor \"%s\": field \"%s\" appears twice", name, it->string);
         *slot = it;
     }
     if (!dtype || !shape || !offsets)
-        return fail(err, errlen, "tensor \"%s\": \"%s\" is missing", name,
+        return error_fmt(err, errlen, "tensor \"%s\": \"%s\" is missing", name,
                     !dtype ? "dtype" : !shape ? "shape" : "data_offsets");
 
     if (!cJSON_IsString(dtype))
-        return fail(err, errlen, "tensor \"%s\": \"dtype\" must be a string", name);
+        return error_fmt(err, errlen, "tensor \"%s\": \"dtype\" must be a string", name);
     int d = 0;
     while (d < 3 && strcmp(dtype->valuestring, dtype_names[d]) != 0)
         d++;
     if (d == 3)
-        return fail(err, errlen, "tensor \"%s\": unsupported dtype \"%s\" (F32, F16 and BF16 are)",
+        return error_fmt(err, errlen, "tensor \"%s\": unsupported dtype \"%s\" (F32, F16 and BF16 are)",
                     name, dtype->valuestring);
     t->dtype = (enum st_dtype)d;
 
     int ndim = cJSON_IsArray(shape) ? cJSON_GetArraySize(shape) : -1;
     if (ndim < 0 || ndim > ST_MAX_DIMS)
-        return fail(err, errlen,
+        return error_fmt(err, errlen,
                     "tensor \"%s\": \"shape\" must be an array of at most %d non-negative integers",
                     name, ST_MAX_DIMS);
     /* numel is kept below 2^63; a shape whose product would not be is too
@@ -118,7 +107,7 @@ static int parse_tensor(struct st_file *f, const cJSON *item, struct st_tensor *
     for (const cJSON *it = shape->child; it; it = it->next, i++) {
         uint64_t dim;
         if (json_uint(it, &dim))
-            return fail(err, errlen, "tensor \"%s\": shape[%d] must be a non-negative integer",
+            return error_fmt(err, errlen, "tensor \"%s\": shape[%d] must be a non-negative integer",
                         name, i);
         t->shape[i] = (int64_t)dim;
         if (dim == 0)
@@ -137,19 +126,19 @@ static int parse_tensor(struct st_file *f, const cJSON *item, struct st_tensor *
     uint64_t begin, end;
     if (!cJSON_IsArray(offsets) || cJSON_GetArraySize(offsets) != 2 ||
         json_uint(offsets->child, &begin) || json_uint(offsets->child->next, &end))
-        return fail(err, errlen,
+        return error_fmt(err, errlen,
                     "tensor \"%s\": \"data_offsets\" must be two non-negative integers", name);
     if (end < begin)
-        return fail(err, errlen, "tensor \"%s\": data_offsets [%" PRIu64 ", %" PRIu64 "] end before they begin",
+        return error_fmt(err, errlen, "tensor \"%s\": data_offsets [%" PRIu64 ", %" PRIu64 "] end before they begin",
                     name, begin, end);
     if (end > f->data_size)
-        return fail(err, errlen,
+        return error_fmt(err, errlen,
                     "tensor \"%s\": data_offsets [%" PRIu64 ", %" PRIu64 "] run past the end of "
                     "the data (%zu bytes)", name, begin, end, f->data_size);
     char sh[256];
     format_shape(sh, sizeof sh, t->ndim, t->shape);
     if (too_big || numel > UINT64_MAX / dtype_sizes[d] || numel * dtype_sizes[d] != end - begin)
-        return fail(err, errlen,
+        return error_fmt(err, errlen,
                     "tensor \"%s\": shape %s of %s does not fill data_offsets [%" PRIu64 ", %" PRIu64 "]",
                     name, sh, dtype_names[d], begin, end);
     t->numel = (int64_t)numel;
@@ -161,19 +150,19 @@ static int parse_tensor(struct st_file *f, const cJSON *item, struct st_tensor *
 static int parse_meta(struct st_file *f, const cJSON *item, char *err, size_t errlen)
 {
     if (!cJSON_IsObject(item))
-        return fail(err, errlen, "\"__metadata__\" is not a JSON object");
+        return error_fmt(err, errlen, "\"__metadata__\" is not a JSON object");
     int n = cJSON_GetArraySize(item);
     f->meta = calloc((size_t)(n ? n : 1), sizeof *f->meta);
     if (!f->meta)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     for (const cJSON *it = item->child; it; it = it->next) {
         if (!cJSON_IsString(it))
-            return fail(err, errlen, "metadata \"%s\" is not a string", it->string);
+            return error_fmt(err, errlen, "metadata \"%s\" is not a string", it->string);
         struct st_meta *m = &f->meta[f->n_meta++];
         m->key = strdup(it->string);
         m->value = strdup(it->valuestring);
         if (!m->key || !m->value)
-            return fail(err, errlen, "out of memory");
+            return error_fmt(err, errlen, "out of memory");
     }
     return 0;
 }
@@ -207,20 +196,20 @@ static int check_layout(struct st_file *f, char *err, size_t errlen)
     for (int i = 0; i < f->n_tensors; i++) {
         size_t off = (size_t)(f->tensors[i].data - f->data);
         if (off < pos)
-            return fail(err, errlen, "tensors \"%s\" and \"%s\" overlap", f->tensors[i - 1].name,
+            return error_fmt(err, errlen, "tensors \"%s\" and \"%s\" overlap", f->tensors[i - 1].name,
                         f->tensors[i].name);
         if (off > pos)
-            return fail(err, errlen, "data bytes %zu to %zu belong to no tensor", pos, off);
+            return error_fmt(err, errlen, "data bytes %zu to %zu belong to no tensor", pos, off);
         pos = off + f->tensors[i].nbytes;
     }
     if (pos != f->data_size)
-        return fail(err, errlen, "data bytes %zu to %zu belong to no tensor", pos, f->data_size);
+        return error_fmt(err, errlen, "data bytes %zu to %zu belong to no tensor", pos, f->data_size);
 
     struct st_tensor **byname = malloc((size_t)(f->n_tensors ? f->n_tensors : 1) * sizeof *byname);
     f->by_name = malloc((size_t)(f->n_tensors ? f->n_tensors : 1) * sizeof *f->by_name);
     if (!byname || !f->by_name) {
         free(byname);
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     }
     for (int i = 0; i < f->n_tensors; i++)
         byname[i] = &f->tensors[i];
@@ -229,7 +218,7 @@ static int check_layout(struct st_file *f, char *err, size_t errlen)
     for (int i = 0; i < f->n_tensors; i++) {
         f->by_name[i] = (int)(byname[i] - f->tensors);
         if (i > 0 && strcmp(byname[i - 1]->name, byname[i]->name) == 0 && rc == 0)
-            rc = fail(err, errlen, "tensor \"%s\" appears twice", byname[i]->name);
+            rc = error_fmt(err, errlen, "tensor \"%s\" appears twice", byname[i]->name);
     }
     free(byname);
     if (rc)
@@ -239,12 +228,12 @@ static int check_layout(struct st_file *f, char *err, size_t errlen)
         /* Sorting a copy keeps the file's order in f->meta for reporting. */
         struct st_meta *copy = malloc((size_t)f->n_meta * sizeof *copy);
         if (!copy)
-            return fail(err, errlen, "out of memory");
+            return error_fmt(err, errlen, "out of memory");
         memcpy(copy, f->meta, (size_t)f->n_meta * sizeof *copy);
         qsort(copy, (size_t)f->n_meta, sizeof *copy, cmp_meta);
         for (int i = 1; i < f->n_meta && rc == 0; i++)
             if (strcmp(copy[i - 1].key, copy[i].key) == 0)
-                rc = fail(err, errlen, "metadata \"%s\" appears twice", copy[i].key);
+                rc = error_fmt(err, errlen, "metadata \"%s\" appears twice", copy[i].key);
         free(copy);
     }
     return rc;
@@ -255,10 +244,10 @@ static int parse_header(struct st_file *f, char *err, size_t errlen)
     const unsigned char *p = f->map;
     uint64_t n = le64(p);
     if (n > ST_MAX_HEADER)
-        return fail(err, errlen, "header length %" PRIu64 " is over the limit of %d bytes", n,
+        return error_fmt(err, errlen, "header length %" PRIu64 " is over the limit of %d bytes", n,
                     ST_MAX_HEADER);
     if (n > f->map_size - 8)
-        return fail(err, errlen,
+        return error_fmt(err, errlen,
                     "header length %" PRIu64 " runs past the end of the file (%zu bytes follow it)",
                     n, f->map_size - 8);
     f->data = p + 8 + n;
@@ -268,12 +257,12 @@ static int parse_header(struct st_file *f, char *err, size_t errlen)
      * make it see a shorter header than the file has. */
     const char *text = (const char *)(p + 8);
     if (memchr(text, '\0', (size_t)n))
-        return fail(err, errlen, "header holds a NUL byte");
+        return error_fmt(err, errlen, "header holds a NUL byte");
     if (u8_check((const uint8_t *)text, (size_t)n))
-        return fail(err, errlen, "header is not valid UTF-8");
+        return error_fmt(err, errlen, "header is not valid UTF-8");
     char *copy = malloc((size_t)n + 1);
     if (!copy)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     memcpy(copy, text, (size_t)n);
     copy[n] = '\0';
     const char *end = NULL;
@@ -281,28 +270,28 @@ static int parse_header(struct st_file *f, char *err, size_t errlen)
     size_t at = end && end >= copy ? (size_t)(end - copy) : 0;
     free(copy);
     if (!root)
-        return fail(err, errlen, "header is not valid JSON (at byte %zu)", at);
+        return error_fmt(err, errlen, "header is not valid JSON (at byte %zu)", at);
     int rc = 0;
     if (!cJSON_IsObject(root)) {
-        rc = fail(err, errlen, "header is not a JSON object");
+        rc = error_fmt(err, errlen, "header is not a JSON object");
         goto out;
     }
     int count = cJSON_GetArraySize(root);
     f->tensors = calloc((size_t)(count ? count : 1), sizeof *f->tensors);
     if (!f->tensors) {
-        rc = fail(err, errlen, "out of memory");
+        rc = error_fmt(err, errlen, "out of memory");
         goto out;
     }
     int seen_meta = 0;
     for (const cJSON *it = root->child; it && rc == 0; it = it->next) {
         if (strcmp(it->string, "__metadata__") == 0) {
-            rc = seen_meta++ ? fail(err, errlen, "\"__metadata__\" appears twice")
+            rc = seen_meta++ ? error_fmt(err, errlen, "\"__metadata__\" appears twice")
                              : parse_meta(f, it, err, errlen);
             continue;
         }
         struct st_tensor *t = &f->tensors[f->n_tensors++];
         t->name = strdup(it->string);
-        rc = t->name ? parse_tensor(f, it, t, err, errlen) : fail(err, errlen, "out of memory");
+        rc = t->name ? parse_tensor(f, it, t, err, errlen) : error_fmt(err, errlen, "out of memory");
     }
     if (rc == 0)
         rc = check_layout(f, err, errlen);
@@ -316,32 +305,32 @@ int st_open(const char *path, struct st_file *f, char *err, size_t errlen)
     memset(f, 0, sizeof *f);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return fail(err, errlen, "cannot open: %s", strerror(errno));
+        return error_fmt(err, errlen, "cannot open: %s", strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
         close(fd);
-        return fail(err, errlen, "cannot stat: %s", strerror(e));
+        return error_fmt(err, errlen, "cannot stat: %s", strerror(e));
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        return fail(err, errlen, "not a regular file");
+        return error_fmt(err, errlen, "not a regular file");
     }
     if (st.st_size < 8) {
         close(fd);
-        return fail(err, errlen, "file is %lld bytes, too short for a safetensors header",
+        return error_fmt(err, errlen, "file is %lld bytes, too short for a safetensors header",
                     (long long)st.st_size);
     }
     if ((off_t)(size_t)st.st_size != st.st_size) {
         close(fd);
-        return fail(err, errlen, "file too large to map");
+        return error_fmt(err, errlen, "file too large to map");
     }
     size_t size = (size_t)st.st_size;
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     int e = errno;
     close(fd);
     if (map == MAP_FAILED)
-        return fail(err, errlen, "cannot map: %s", strerror(e));
+        return error_fmt(err, errlen, "cannot map: %s", strerror(e));
     f->map = map;
     f->map_size = size;
     if (parse_header(f, err, errlen) != 0) {
@@ -516,46 +505,46 @@ static int check_write_args(const struct st_write_tensor *t, int n, const struct
                             int n_meta, size_t *numel, char *err, size_t errlen)
 {
     if (n < 0 || n_meta < 0 || (n > 0 && !t) || (n_meta > 0 && !meta))
-        return fail(err, errlen, "invalid tensor or metadata list");
+        return error_fmt(err, errlen, "invalid tensor or metadata list");
     for (int i = 0; i < n; i++) {
         if (!t[i].name || !valid_utf8(t[i].name) || strcmp(t[i].name, "__metadata__") == 0)
-            return fail(err, errlen, "tensor %d: invalid name", i);
+            return error_fmt(err, errlen, "tensor %d: invalid name", i);
         if (t[i].ndim < 0 || t[i].ndim > ST_MAX_DIMS)
-            return fail(err, errlen, "tensor \"%s\": %d dims, at most %d are supported",
+            return error_fmt(err, errlen, "tensor \"%s\": %d dims, at most %d are supported",
                         t[i].name, t[i].ndim, ST_MAX_DIMS);
         size_t count = 1;
         for (int d = 0; d < t[i].ndim; d++) {
             int64_t dim = t[i].shape[d];
             if (dim < 0 || (double)dim > JSON_MAX_INT)
-                return fail(err, errlen, "tensor \"%s\": invalid shape", t[i].name);
+                return error_fmt(err, errlen, "tensor \"%s\": invalid shape", t[i].name);
             if (dim != 0 && count > SIZE_MAX / 4 / (uint64_t)dim)
-                return fail(err, errlen, "tensor \"%s\": too large", t[i].name);
+                return error_fmt(err, errlen, "tensor \"%s\": too large", t[i].name);
             count *= (size_t)dim;
         }
         if (count > 0 && !t[i].data)
-            return fail(err, errlen, "tensor \"%s\": no data", t[i].name);
+            return error_fmt(err, errlen, "tensor \"%s\": no data", t[i].name);
         numel[i] = count;
     }
     for (int i = 0; i < n_meta; i++) {
         if (!meta[i].key || !meta[i].value || !valid_utf8(meta[i].key) ||
             !valid_utf8(meta[i].value))
-            return fail(err, errlen, "metadata %d: key and value must be UTF-8 strings", i);
+            return error_fmt(err, errlen, "metadata %d: key and value must be UTF-8 strings", i);
         if (strcmp(meta[i].key, "data_sha256") == 0)
-            return fail(err, errlen, "metadata \"data_sha256\" is written by st_write itself");
+            return error_fmt(err, errlen, "metadata \"data_sha256\" is written by st_write itself");
     }
 
     int most = n > n_meta ? n : n_meta;
     const char **names = malloc((size_t)(most ? most : 1) * sizeof *names);
     if (!names)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     for (int i = 0; i < n; i++)
         names[i] = t[i].name;
     const char *dup = find_duplicate(names, n);
-    int rc = dup ? fail(err, errlen, "tensor \"%s\" appears twice", dup) : 0;
+    int rc = dup ? error_fmt(err, errlen, "tensor \"%s\" appears twice", dup) : 0;
     for (int i = 0; i < n_meta && rc == 0; i++)
         names[i] = meta[i].key;
     if (rc == 0 && (dup = find_duplicate(names, n_meta)) != NULL)
-        rc = fail(err, errlen, "metadata \"%s\" appears twice", dup);
+        rc = error_fmt(err, errlen, "metadata \"%s\" appears twice", dup);
     free(names);
     return rc;
 }
@@ -641,7 +630,7 @@ int st_write(const char *path, const struct st_write_tensor *t, int n,
 {
     size_t *numel = malloc((size_t)(n > 0 ? n : 1) * sizeof *numel);
     if (!numel)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     char *header = NULL, *tmp = NULL;
     FILE *fp = NULL;
     int rc = check_write_args(t, n, meta, n_meta, numel, err, errlen);
@@ -657,46 +646,46 @@ int st_write(const char *path, const struct st_write_tensor *t, int n,
     ok = ok && EVP_DigestFinal_ex(ctx, md, &mdlen) && mdlen == 32;
     EVP_MD_CTX_free(ctx);
     if (!ok) {
-        rc = fail(err, errlen, "cannot compute SHA-256");
+        rc = error_fmt(err, errlen, "cannot compute SHA-256");
         goto out;
     }
     char hex[65];
     to_hex(md, hex);
     header = build_header(t, n, numel, meta, n_meta, hex);
     if (!header) {
-        rc = fail(err, errlen, "out of memory");
+        rc = error_fmt(err, errlen, "out of memory");
         goto out;
     }
 
     size_t plen = strlen(path);
     tmp = malloc(plen + sizeof ".tmp.XXXXXX");
     if (!tmp) {
-        rc = fail(err, errlen, "out of memory");
+        rc = error_fmt(err, errlen, "out of memory");
         goto out;
     }
     memcpy(tmp, path, plen);
     memcpy(tmp + plen, ".tmp.XXXXXX", sizeof ".tmp.XXXXXX");
     int fd = mkstemp(tmp);
     if (fd < 0) {
-        rc = fail(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
+        rc = error_fmt(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
         free(tmp);
         tmp = NULL;
         goto out;
     }
     /* mkstemp creates the file 0600; weight files are data to share. */
     if (fchmod(fd, 0644) != 0 || !(fp = fdopen(fd, "wb"))) {
-        rc = fail(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
+        rc = error_fmt(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
         close(fd);
         goto out;
     }
     if (write_file(fp, header, t, n, numel) || fflush(fp) || fsync(fileno(fp))) {
-        rc = fail(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
+        rc = error_fmt(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
         goto out;
     }
     int closed = fclose(fp);
     fp = NULL;
     if (closed != 0 || rename(tmp, path) != 0) {
-        rc = fail(err, errlen, "cannot write %s: %s", path, strerror(errno));
+        rc = error_fmt(err, errlen, "cannot write %s: %s", path, strerror(errno));
         goto out;
     }
     free(tmp);

@@ -5,10 +5,10 @@
  * UTF-8 decoding, Unicode categories and lower-casing come from
  * libunistring.
  */
+#include "error.h"
 #include "tokenizer.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,17 +19,6 @@
 
 #define TABLE_EMPTY (-1)
 #define BYTE_VOCAB 256
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* FNV-1a, 64 bit: cheap, and spreads short similar strings ("w1", "w2")
  * well enough for linear probing. */
@@ -134,22 +123,22 @@ static int check_tokens(const struct tokenizer *tk, char *err, size_t errlen)
         size_t len;
 
         if (s == NULL) {
-            set_err(err, errlen, "tokenizer: token %d is missing", id);
+            error_fmt(err, errlen, "tokenizer: token %d is missing", id);
             return -1;
         }
         len = strlen((const char *)s);
         if (len == 0) {
-            set_err(err, errlen, "tokenizer: token %d is empty", id);
+            error_fmt(err, errlen, "tokenizer: token %d is empty", id);
             return -1;
         }
         if (u8_check(s, len) != NULL) {
-            set_err(err, errlen, "tokenizer: token %d is not valid UTF-8", id);
+            error_fmt(err, errlen, "tokenizer: token %d is not valid UTF-8", id);
             return -1;
         }
         /* The unk entry is never looked up, so it may have any name
          * ("<unk>" is common); every other char token must be matchable. */
         if (tk->type == TOKENIZER_CHAR && id != tk->unk && u8_mbsnlen(s, len) != 1) {
-            set_err(err, errlen,
+            error_fmt(err, errlen,
                     "tokenizer: char token %d (\"%s\") is not exactly one code point", id,
                     (const char *)s);
             return -1;
@@ -167,7 +156,7 @@ static int build_table(struct tokenizer *tk, char *err, size_t errlen)
         size *= 2;
     tk->table = malloc(size * sizeof *tk->table);
     if (tk->table == NULL) {
-        set_err(err, errlen, "tokenizer: out of memory for %d tokens", tk->vocab);
+        error_fmt(err, errlen, "tokenizer: out of memory for %d tokens", tk->vocab);
         return -1;
     }
     tk->table_size = size;
@@ -179,7 +168,7 @@ static int build_table(struct tokenizer *tk, char *err, size_t errlen)
         size_t slot = table_slot(tk, s, strlen(tk->tokens[id]));
 
         if (tk->table[slot] != TABLE_EMPTY) {
-            set_err(err, errlen, "tokenizer: duplicate token \"%s\" (ids %d and %d)",
+            error_fmt(err, errlen, "tokenizer: duplicate token \"%s\" (ids %d and %d)",
                     tk->tokens[id], tk->table[slot], id);
             return -1;
         }
@@ -198,16 +187,16 @@ int tokenizer_init(struct tokenizer *tk, const struct model_config *cfg, char *e
         return 0;
     }
     if (cfg->tok_type != TOKENIZER_CHAR && cfg->tok_type != TOKENIZER_WORD) {
-        set_err(err, errlen, "tokenizer: unknown tokenizer type %d", (int)cfg->tok_type);
+        error_fmt(err, errlen, "tokenizer: unknown tokenizer type %d", (int)cfg->tok_type);
         return -1;
     }
     if (cfg->n_tokens < 1 || cfg->tokens == NULL) {
-        set_err(err, errlen, "tokenizer: a %s tokenizer needs a non-empty token list",
+        error_fmt(err, errlen, "tokenizer: a %s tokenizer needs a non-empty token list",
                 cfg->tok_type == TOKENIZER_CHAR ? "char" : "word");
         return -1;
     }
     if (cfg->unk < 0 || cfg->unk >= cfg->n_tokens) {
-        set_err(err, errlen, "tokenizer: unk id %d is outside the %d tokens", cfg->unk,
+        error_fmt(err, errlen, "tokenizer: unk id %d is outside the %d tokens", cfg->unk,
                 cfg->n_tokens);
         return -1;
     }

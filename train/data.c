@@ -4,12 +4,12 @@
  * Every random choice comes from a struct rng the caller seeds, drawn in a
  * fixed order, so a seed reproduces the data and its order exactly.
  */
+#include "error.h"
 #include "data.h"
 
 #include <dirent.h>
 #include <errno.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,17 +17,6 @@
 #include <sys/types.h>
 
 #include <cjson/cJSON.h>
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!err || errlen == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Uniform in [0, n), n > 0, without the bias of a plain modulo: draws
  * below 2^64 mod n are thrown back, leaving a multiple of n values. */
@@ -71,7 +60,7 @@ static int append_file(const char *path, struct text *t, char *err, size_t errle
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        set_err(err, errlen, "%s: %s", path, strerror(errno));
+        error_fmt(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
     int rc = 0;
@@ -80,7 +69,7 @@ static int append_file(const char *path, struct text *t, char *err, size_t errle
             size_t want = t->cap ? t->cap * 2 : 1 << 16;
             char *grown = want > t->cap ? realloc(t->p, want) : NULL;
             if (!grown) {
-                set_err(err, errlen, "%s: out of memory", path);
+                error_fmt(err, errlen, "%s: out of memory", path);
                 rc = -1;
                 break;
             }
@@ -91,7 +80,7 @@ static int append_file(const char *path, struct text *t, char *err, size_t errle
         t->n += got;
         if (got < room) {
             if (ferror(f)) {
-                set_err(err, errlen, "%s: %s", path, strerror(errno ? errno : EIO));
+                error_fmt(err, errlen, "%s: %s", path, strerror(errno ? errno : EIO));
                 rc = -1;
             }
             break;
@@ -114,7 +103,7 @@ static int folder_files(const char *dir, char ***out, int *n_out, char *err, siz
 {
     DIR *d = opendir(dir);
     if (!d) {
-        set_err(err, errlen, "%s: %s", dir, strerror(errno));
+        error_fmt(err, errlen, "%s: %s", dir, strerror(errno));
         return -1;
     }
     char **names = NULL;
@@ -124,7 +113,7 @@ static int folder_files(const char *dir, char ***out, int *n_out, char *err, siz
         struct dirent *e = readdir(d);
         if (!e) {
             if (errno != 0) {
-                set_err(err, errlen, "%s: %s", dir, strerror(errno));
+                error_fmt(err, errlen, "%s: %s", dir, strerror(errno));
                 rc = -1;
             }
             break;
@@ -134,7 +123,7 @@ static int folder_files(const char *dir, char ***out, int *n_out, char *err, siz
         size_t len = strlen(dir) + 1 + strlen(e->d_name) + 1;
         char *path = malloc(len);
         if (!path) {
-            set_err(err, errlen, "%s: out of memory", dir);
+            error_fmt(err, errlen, "%s: out of memory", dir);
             rc = -1;
             break;
         }
@@ -149,7 +138,7 @@ static int folder_files(const char *dir, char ***out, int *n_out, char *err, siz
             char **grown = realloc(names, (size_t)want * sizeof *grown);
             if (!grown) {
                 free(path);
-                set_err(err, errlen, "%s: out of memory", dir);
+                error_fmt(err, errlen, "%s: out of memory", dir);
                 rc = -1;
                 break;
             }
@@ -177,7 +166,7 @@ static int append_path(const char *path, struct text *t, char *err, size_t errle
     struct stat st;
 
     if (stat(path, &st) != 0) {
-        set_err(err, errlen, "%s: %s", path, strerror(errno));
+        error_fmt(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
     if (!S_ISDIR(st.st_mode))
@@ -207,7 +196,7 @@ int corpus_read(const char *const *paths, int n_paths, char **text, size_t *len,
     }
     /* Nothing read (no paths, empty files): still a NUL-terminated text. */
     if (!t.p && !(t.p = calloc(1, 1))) {
-        set_err(err, errlen, "out of memory");
+        error_fmt(err, errlen, "out of memory");
         return -1;
     }
     *text = t.p;
@@ -228,11 +217,11 @@ int corpus_load(const char *const *paths, int n_paths, const struct tokenizer *t
     int rc = tokenizer_encode(tk, text, len, &c->ids, &c->n);
     free(text);
     if (rc != 0) {
-        set_err(err, errlen, "out of memory tokenizing the corpus");
+        error_fmt(err, errlen, "out of memory tokenizing the corpus");
         return -1;
     }
     if (c->n < 2) {
-        set_err(err, errlen, "%s%s: %zu token%s; a corpus needs at least 2", n_paths > 0 ? paths[0] : "corpus",
+        error_fmt(err, errlen, "%s%s: %zu token%s; a corpus needs at least 2", n_paths > 0 ? paths[0] : "corpus",
                 n_paths > 1 ? " and the rest" : "", c->n, c->n == 1 ? "" : "s");
         corpus_free(c);
         return -1;
@@ -276,12 +265,12 @@ int lm_windows_init(struct lm_windows *w, const struct corpus *c, int B, int T, 
 {
     memset(w, 0, sizeof *w);
     if (B < 1 || T < 1) {
-        set_err(err, errlen, "batch (%d) and window length (%d) must be at least 1", B, T);
+        error_fmt(err, errlen, "batch (%d) and window length (%d) must be at least 1", B, T);
         return -1;
     }
     size_t need = 2 * (size_t)B * (size_t)T;
     if (c->n < need) {
-        set_err(err, errlen,
+        error_fmt(err, errlen,
                 "a corpus of %zu tokens is too small for %d streams of windows of %d tokens: that needs at least "
                 "%zu (2 * batch * window)",
                 c->n, B, T, need);
@@ -289,7 +278,7 @@ int lm_windows_init(struct lm_windows *w, const struct corpus *c, int B, int T, 
     }
     w->start = malloc((size_t)B * sizeof *w->start);
     if (!w->start) {
-        set_err(err, errlen, "out of memory");
+        error_fmt(err, errlen, "out of memory");
         return -1;
     }
     w->c = c;
@@ -447,7 +436,7 @@ int classify_load(const char *path, const struct tokenizer *tk, char *const *cla
     memset(d, 0, sizeof *d);
     FILE *f = fopen(path, "r");
     if (!f) {
-        set_err(err, errlen, "%s: %s", path, strerror(errno));
+        error_fmt(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
     char *line = NULL, why[512];
@@ -466,12 +455,12 @@ int classify_load(const char *path, const struct tokenizer *tk, char *const *cla
         const char *text = NULL;
         int label = 0;
         if (parse_example(line, (size_t)len, classes, n_classes, &json, &text, &label, why, sizeof why) != 0) {
-            set_err(err, errlen, "%s:%ld: %s", path, lineno, why);
+            error_fmt(err, errlen, "%s:%ld: %s", path, lineno, why);
             rc = -1;
         } else if (part_of(split, index) == part) {
             int added = add_text_example(d, &cap, tk, text, label);
             if (added < 0) {
-                set_err(err, errlen, "%s:%ld: out of memory", path, lineno);
+                error_fmt(err, errlen, "%s:%ld: out of memory", path, lineno);
                 rc = -1;
             }
             d->skipped += added == 1;
@@ -483,13 +472,13 @@ int classify_load(const char *path, const struct tokenizer *tk, char *const *cla
     }
     /* getline failed last, so errno is its reason. */
     if (rc == 0 && ferror(f)) {
-        set_err(err, errlen, "%s: %s", path, strerror(errno));
+        error_fmt(err, errlen, "%s: %s", path, strerror(errno));
         rc = -1;
     }
     free(line);
     fclose(f);
     if (rc == 0 && d->n == 0) {
-        set_err(err, errlen, "%s: no examples in the %s part (%ld lines, %d without tokens)", path, part_name(part),
+        error_fmt(err, errlen, "%s: no examples in the %s part (%ld lines, %d without tokens)", path, part_name(part),
                 index, d->skipped);
         rc = -1;
     }

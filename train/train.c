@@ -22,7 +22,6 @@
 #include <cjson/cJSON.h>
 #include <getopt.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +29,7 @@
 #include <unistd.h>
 
 #include "../cli/commands.h"
+#include "error.h"
 #include "data.h"
 #include "engine.h"
 #include "init.h"
@@ -60,16 +60,6 @@ struct options {
     enum device_kind device;
 };
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
 /* Set the value at a dotted path ("optim.lr"), creating objects on the way.
  * The value is taken as JSON when it parses as JSON, else as a string. */
 static int set_path(cJSON *root, const char *path, const char *value, char *err, size_t errlen)
@@ -83,10 +73,10 @@ static int set_path(cJSON *root, const char *path, const char *value, char *err,
         if (!next) {
             next = cJSON_AddObjectToObject(obj, key);
         } else if (!cJSON_IsObject(next)) {
-            return fail(err, errlen, "--%s: \"%s\" is not an object in the config", path, key);
+            return error_fmt(err, errlen, "--%s: \"%s\" is not an object in the config", path, key);
         }
         if (!next)
-            return fail(err, errlen, "out of memory");
+            return error_fmt(err, errlen, "out of memory");
         obj = next;
         path = dot + 1;
     }
@@ -94,7 +84,7 @@ static int set_path(cJSON *root, const char *path, const char *value, char *err,
     if (!v)
         v = cJSON_CreateString(value);
     if (!v)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     if (cJSON_GetObjectItemCaseSensitive(obj, path))
         cJSON_ReplaceItemInObjectCaseSensitive(obj, path, v);
     else
@@ -116,7 +106,7 @@ static int get_num(const cJSON *o, const char *name, const char *where, double l
     if (!v)
         return 0;
     if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi))
-        return fail(err, errlen, "config: \"%s%s\" must be a number from %g to %g", where, name, lo, hi);
+        return error_fmt(err, errlen, "config: \"%s%s\" must be a number from %g to %g", where, name, lo, hi);
     *out = v->valuedouble;
     return 0;
 }
@@ -129,7 +119,7 @@ static int get_bool(const cJSON *o, const char *name, const char *where, int dfl
     if (!v)
         return 0;
     if (!cJSON_IsBool(v))
-        return fail(err, errlen, "config: \"%s%s\" must be true or false", where, name);
+        return error_fmt(err, errlen, "config: \"%s%s\" must be true or false", where, name);
     *out = cJSON_IsTrue(v);
     return 0;
 }
@@ -142,17 +132,17 @@ static int get_paths(const cJSON *o, const char *name, int required, char ***out
     *out = NULL;
     *n = 0;
     if (!v)
-        return required ? fail(err, errlen, "config: \"data.%s\" is required", name) : 0;
+        return required ? error_fmt(err, errlen, "config: \"data.%s\" is required", name) : 0;
     int count = cJSON_IsString(v) ? 1 : cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
     if (count < 1)
-        return fail(err, errlen, "config: \"data.%s\" must be a path or a non-empty array of paths", name);
+        return error_fmt(err, errlen, "config: \"data.%s\" must be a path or a non-empty array of paths", name);
     *out = calloc((size_t)count, sizeof **out);
     if (!*out)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     for (int i = 0; i < count; i++) {
         const cJSON *s = cJSON_IsString(v) ? v : cJSON_GetArrayItem(v, i);
         if (!cJSON_IsString(s))
-            return fail(err, errlen, "config: \"data.%s\" must hold paths (strings)", name);
+            return error_fmt(err, errlen, "config: \"data.%s\" must hold paths (strings)", name);
         (*out)[i] = s->valuestring;
         *n = i + 1;
     }
@@ -165,7 +155,7 @@ static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t
     const cJSON *name = field(o, "name");
     int kind = cJSON_IsString(name) ? optim_kind_from_name(name->valuestring) : name ? -1 : OPTIM_ADAM;
     if (kind < 0)
-        return fail(err, errlen, "config: \"optim.name\" must be sgd, rmsprop, adam, adamw or adadelta");
+        return error_fmt(err, errlen, "config: \"optim.name\" must be sgd, rmsprop, adam, adamw or adadelta");
     optim_defaults(c, (enum optim_kind)kind);
     double v;
     struct {
@@ -208,7 +198,7 @@ static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t
             if (strcmp(d->valuestring, decays[i]) == 0)
                 found = i;
         if (found < 0)
-            return fail(err, errlen, "config: \"optim.decay\" must be none, linear, cosine or step");
+            return error_fmt(err, errlen, "config: \"optim.decay\" must be none, linear, cosine or step");
         c->decay = (enum lr_decay)found;
     }
     static const char *const keys[] = {"name", "lr", "momentum", "beta1", "beta2", "alpha", "rho", "eps",
@@ -219,7 +209,7 @@ static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t
         while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
             i++;
         if (i == sizeof keys / sizeof keys[0])
-            return fail(err, errlen, "config: unknown key \"optim.%s\"", k->string);
+            return error_fmt(err, errlen, "config: unknown key \"optim.%s\"", k->string);
     }
     return 0;
 }
@@ -235,15 +225,15 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
         while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
             i++;
         if (i == sizeof keys / sizeof keys[0])
-            return fail(err, errlen, "config: unknown key \"%s\"", k->string);
+            return error_fmt(err, errlen, "config: unknown key \"%s\"", k->string);
     }
     memset(o, 0, sizeof *o);
     o->root = root;
     if (!cJSON_IsObject(field(root, "model")))
-        return fail(err, errlen, "config: \"model\" (the model's MODELS.md config) is required");
+        return error_fmt(err, errlen, "config: \"model\" (the model's MODELS.md config) is required");
     const cJSON *data = field(root, "data");
     if (!cJSON_IsObject(data))
-        return fail(err, errlen, "config: \"data\" is required: {\"train\": [paths], ...}");
+        return error_fmt(err, errlen, "config: \"data\" is required: {\"train\": [paths], ...}");
     const cJSON *synth = field(data, "synthetic");
     if (synth) {
         /* The papers' synthetic tasks, generated from the seed. */
@@ -251,7 +241,7 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
                        : cJSON_IsString(synth) && strcmp(synth->valuestring, "remember") == 0 ? SYNTH_REMEMBER
                                                                                               : 0;
         if (!o->synthetic)
-            return fail(err, errlen, "config: \"data.synthetic\" must be \"adding\" or \"remember\"");
+            return error_fmt(err, errlen, "config: \"data.synthetic\" must be \"adding\" or \"remember\"");
         double len, dim, n_train, n_valid;
         if (get_num(data, "length", "data.", 2, 100000, 100, &len, err, errlen) ||
             get_num(data, "dim", "data.", 1, 4096, 6, &dim, err, errlen) ||
@@ -271,7 +261,7 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     if (split && (!cJSON_IsObject(split) || get_num(split, "mod", "data.split.", 1, 1e6, 0, &mod, err, errlen) ||
                   get_num(split, "test", "data.split.", 0, 1e6, 0, &test, err, errlen) ||
                   get_num(split, "valid", "data.split.", 0, 1e6, 1, &valid, err, errlen)))
-        return split && !cJSON_IsObject(split) ? fail(err, errlen, "config: \"data.split\" must be an object") : -1;
+        return split && !cJSON_IsObject(split) ? error_fmt(err, errlen, "config: \"data.split\" must be an object") : -1;
     o->split = (struct split){(int)mod, (int)test, (int)valid};
     if (parse_optim(field(root, "optim"), &o->optim, err, errlen))
         return -1;
@@ -312,12 +302,12 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     o->log_every = (long)v;
     const cJSON *out = field(root, "out");
     if (!cJSON_IsString(out) || !strstr(out->valuestring, ".safetensors"))
-        return fail(err, errlen, "config: \"out\" must be the path of the weight file to write (NAME.safetensors)");
+        return error_fmt(err, errlen, "config: \"out\" must be the path of the weight file to write (NAME.safetensors)");
     o->out = out->valuestring;
     const cJSON *dev = field(root, "device");
     o->device = DEVICE_CPU;
     if (dev && !(cJSON_IsString(dev) && (strcmp(dev->valuestring, "cpu") == 0 || strcmp(dev->valuestring, "cuda") == 0)))
-        return fail(err, errlen, "config: \"device\" must be \"cpu\" or \"cuda\"");
+        return error_fmt(err, errlen, "config: \"device\" must be \"cpu\" or \"cuda\"");
     if (dev && strcmp(dev->valuestring, "cuda") == 0)
         o->device = DEVICE_CUDA;
     return 0;
@@ -340,11 +330,11 @@ static int vocab_text(const struct options *o, const cJSON *model, char **text, 
     char **names = calloc((size_t)n_classes + 1, sizeof *names);
     struct model_config bytes = {.tok_type = TOKENIZER_BYTE};
     struct tokenizer tk = {0};
-    int rc = names && tokenizer_init(&tk, &bytes, err, errlen) == 0 ? 0 : fail(err, errlen, "out of memory");
+    int rc = names && tokenizer_init(&tk, &bytes, err, errlen) == 0 ? 0 : error_fmt(err, errlen, "out of memory");
     for (int i = 0; rc == 0 && i < n_classes; i++) {
         const cJSON *c = cJSON_GetArrayItem(classes, i);
         if (!cJSON_IsString(c))
-            rc = fail(err, errlen, "config: \"model.classes\" must be strings");
+            rc = error_fmt(err, errlen, "config: \"model.classes\" must be strings");
         else
             names[i] = c->valuestring;
     }
@@ -364,7 +354,7 @@ static int vocab_text(const struct options *o, const cJSON *model, char **text, 
                     cap *= 2;
                 char *grown = realloc(buf, cap);
                 if (!grown)
-                    rc = fail(err, errlen, "out of memory");
+                    rc = error_fmt(err, errlen, "out of memory");
                 else
                     buf = grown;
             }
@@ -376,7 +366,7 @@ static int vocab_text(const struct options *o, const cJSON *model, char **text, 
         dataset_free(&d);
     }
     if (rc == 0 && !buf)
-        rc = fail(err, errlen, "out of memory");
+        rc = error_fmt(err, errlen, "out of memory");
     tokenizer_free(&tk);
     free(names);
     if (rc != 0) {
@@ -415,13 +405,13 @@ static int complete_vocab(struct options *o, char *err, size_t errlen)
                   : tokenizer_char_vocab(text, len, &tokens, &n);
     free(text);
     if (rc != 0)
-        return fail(err, errlen, "out of memory building the vocabulary");
+        return error_fmt(err, errlen, "out of memory building the vocabulary");
     cJSON *list = cJSON_CreateStringArray((const char *const *)tokens, n);
     for (int i = 0; i < n; i++)
         free(tokens[i]);
     free(tokens);
     if (!list || !cJSON_AddItemToObject(tok, "tokens", list) || !cJSON_AddNumberToObject(tok, "unk", 0))
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     fprintf(stderr, "built a %s vocabulary of %d tokens from the training data\n", type->valuestring, n);
     return 0;
 }
@@ -466,6 +456,26 @@ static int is_lm(const struct run *r)
     return r->model.cfg.task == TASK_LM;
 }
 
+/* Add one file's part of labelled examples to d (several files make one
+ * set). */
+static int add_part(struct run *r, const char *path, const struct split *split, enum part part, struct dataset *d,
+                    char *err, size_t errlen)
+{
+    struct dataset more;
+    if (classify_load(path, &r->tk, r->model.cfg.classes, r->model.cfg.n_classes, split, part, &more, err, errlen))
+        return -1;
+    struct example *ex = realloc(d->ex, sizeof *ex * (size_t)(d->n + more.n));
+    if (!ex) {
+        dataset_free(&more);
+        return error_fmt(err, errlen, "out of memory");
+    }
+    memcpy(ex + d->n, more.ex, sizeof *ex * (size_t)more.n);
+    d->ex = ex;
+    d->n += more.n;
+    free(more.ex); /* the examples now belong to d */
+    return 0;
+}
+
 static int open_data(struct run *r, char *err, size_t errlen)
 {
     const struct options *o = &r->o;
@@ -477,7 +487,7 @@ static int open_data(struct run *r, char *err, size_t errlen)
         r->window = malloc(sizeof(int32_t) * (size_t)o->batch * (o->bptt + 1));
         r->slots = malloc(sizeof(int) * (size_t)o->batch);
         if (!r->window || !r->slots)
-            return fail(err, errlen, "out of memory");
+            return error_fmt(err, errlen, "out of memory");
         for (int i = 0; i < o->batch; i++)
             r->slots[i] = -1;
         long per_epoch = lm_windows_per_epoch(&r->win);
@@ -488,7 +498,7 @@ static int open_data(struct run *r, char *err, size_t errlen)
         int T = o->synth_length, D = o->synth_dim, in = o->synthetic == SYNTH_ADDING ? 2 : D;
         int out = o->synthetic == SYNTH_ADDING ? 1 : D;
         if (r->model.cfg.task != TASK_REGRESS || r->model.cfg.input_dim != in || r->model.head_out != out)
-            return fail(err, errlen, "the %s task needs a model with task \"regress\", \"input\": {\"type\": "
+            return error_fmt(err, errlen, "the %s task needs a model with task \"regress\", \"input\": {\"type\": "
                                      "\"vector\", \"dim\": %d} and \"outputs\": %d",
                         o->synthetic == SYNTH_ADDING ? "adding" : "remember", in, out);
         int rc = o->synthetic == SYNTH_ADDING ? synth_adding(o->synth_train, T, o->seed, &r->train_d) ||
@@ -496,44 +506,18 @@ static int open_data(struct run *r, char *err, size_t errlen)
                                               : synth_remember(o->synth_train, T, D, o->seed, &r->train_d) ||
                                                     synth_remember(o->synth_valid, T, D, o->seed + 1, &r->valid_d);
         if (rc)
-            return fail(err, errlen, "out of memory generating the %s task", o->synthetic == SYNTH_ADDING ? "adding" : "remember");
+            return error_fmt(err, errlen, "out of memory generating the %s task", o->synthetic == SYNTH_ADDING ? "adding" : "remember");
     }
     const struct split all = {0, 0, 0};
     const struct split *train_split = o->split.mod ? &o->split : &all;
-    for (int i = 0; !o->synthetic && i < o->n_train; i++) {
-        struct dataset part = {0};
-        if (classify_load(o->train[i], &r->tk, r->model.cfg.classes, r->model.cfg.n_classes, train_split, PART_TRAIN,
-                          &part, err, errlen))
+    for (int i = 0; !o->synthetic && i < o->n_train; i++)
+        if (add_part(r, o->train[i], train_split, PART_TRAIN, &r->train_d, err, errlen) ||
+            (o->split.mod && add_part(r, o->train[i], &o->split, PART_VALID, &r->valid_d, err, errlen)))
             return -1;
-        /* Several files: their examples join one set. */
-        struct example *ex = realloc(r->train_d.ex, sizeof *ex * (size_t)(r->train_d.n + part.n));
-        if (!ex) {
-            dataset_free(&part);
-            return fail(err, errlen, "out of memory");
-        }
-        memcpy(ex + r->train_d.n, part.ex, sizeof *ex * (size_t)part.n);
-        r->train_d.ex = ex;
-        r->train_d.n += part.n;
-        free(part.ex);
-        if (o->split.mod) {
-            if (classify_load(o->train[i], &r->tk, r->model.cfg.classes, r->model.cfg.n_classes, &o->split,
-                              PART_VALID, &part, err, errlen))
-                return -1;
-            ex = realloc(r->valid_d.ex, sizeof *ex * (size_t)(r->valid_d.n + part.n));
-            if (!ex) {
-                dataset_free(&part);
-                return fail(err, errlen, "out of memory");
-            }
-            memcpy(ex + r->valid_d.n, part.ex, sizeof *ex * (size_t)part.n);
-            r->valid_d.ex = ex;
-            r->valid_d.n += part.n;
-            free(part.ex);
-        }
-    }
     r->order = malloc(sizeof(int) * (size_t)r->train_d.n);
     r->batch_start = malloc(sizeof(int) * ((size_t)r->train_d.n + 2));
     if (!r->order || !r->batch_start)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     long per_epoch = (r->train_d.n + o->batch - 1) / o->batch;
     r->total_steps = o->steps ? o->steps : (long)ceil(o->epochs * (double)per_epoch);
     r->next_batch = r->n_batches = 0;
@@ -557,7 +541,7 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
         }
         struct engine_seq *q = calloc((size_t)o->batch, sizeof *q);
         if (!q)
-            return fail(err, errlen, "out of memory");
+            return error_fmt(err, errlen, "out of memory");
         for (int i = 0; i < o->batch; i++) {
             int32_t *w = r->window + (size_t)i * (o->bptt + 1);
             q[i] = (struct engine_seq){.tokens = w, .len = o->bptt, .slot = r->slots[i], .next = w + o->bptt};
@@ -569,7 +553,7 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
     if (r->next_batch == r->n_batches) {
         r->epoch_rng = r->rng; /* what a checkpoint needs to redraw this order */
         if (bucket_batches(&r->train_d, o->batch, &r->rng, r->order, r->batch_start, &r->n_batches))
-            return fail(err, errlen, "out of memory");
+            return error_fmt(err, errlen, "out of memory");
         r->next_batch = 0;
         r->epoch++;
     }
@@ -577,7 +561,7 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
     r->next_batch++;
     struct engine_seq *q = calloc((size_t)(to - from), sizeof *q);
     int *labels = calloc((size_t)(to - from), sizeof *labels);
-    int rc = q && labels ? 0 : fail(err, errlen, "out of memory");
+    int rc = q && labels ? 0 : error_fmt(err, errlen, "out of memory");
     for (int i = from; rc == 0 && i < to; i++) {
         const struct example *x = &r->train_d.ex[r->order[i]];
         q[i - from] = (struct engine_seq){.tokens = x->ids, .inputs = x->inputs, .len = x->len, .slot = -1,
@@ -617,7 +601,7 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
         int n = r->valid_d.n - at < r->o.batch ? r->valid_d.n - at : r->o.batch;
         struct engine_seq *q = calloc((size_t)n, sizeof *q);
         float *probs = malloc(sizeof(float) * (size_t)n * C);
-        int rc = q && probs ? 0 : fail(err, errlen, "out of memory");
+        int rc = q && probs ? 0 : error_fmt(err, errlen, "out of memory");
         const int regress = r->model.cfg.task == TASK_REGRESS;
         for (int i = 0; rc == 0 && i < n; i++) {
             const struct example *x = &r->valid_d.ex[at + i];
@@ -656,7 +640,7 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
 static int save_model(struct run *r, const char *path, const struct curve_point *last, char *err, size_t errlen)
 {
     if (engine_params_to_host(r->e, &r->model) != 0)
-        return fail(err, errlen, "cannot read the weights back from the backend");
+        return error_fmt(err, errlen, "cannot read the weights back from the backend");
     char *config = cJSON_PrintUnformatted(r->o.root);
     char results[512];
     snprintf(results, sizeof results,
@@ -667,7 +651,7 @@ static int save_model(struct run *r, const char *path, const struct curve_point 
     for (char *p; (p = strstr(results, "nan"));)
         memcpy(p, "null", 3), memmove(p + 4, p + 3, strlen(p + 3) + 1), p[3] = 'l';
     struct st_meta meta[] = {{"training_config", config}, {"training_results", results}};
-    int rc = config ? model_save(&r->model, path, meta, 2, err, errlen) : fail(err, errlen, "out of memory");
+    int rc = config ? model_save(&r->model, path, meta, 2, err, errlen) : error_fmt(err, errlen, "out of memory");
     free(config);
     return rc;
 }
@@ -750,13 +734,13 @@ static int save_checkpoint(struct run *r, const char *path, char *err, size_t er
     cJSON *st = cJSON_CreateObject(), *curve = cJSON_CreateArray(), *slot_pos = cJSON_CreateArray();
     float *slots = slot_len ? malloc(sizeof(float) * slot_len * r->o.batch) : NULL;
     char *path2 = state_path(path), *json = NULL;
-    int rc = st && curve && slot_pos && path2 && (!slot_len || slots) ? 0 : fail(err, errlen, "out of memory");
+    int rc = st && curve && slot_pos && path2 && (!slot_len || slots) ? 0 : error_fmt(err, errlen, "out of memory");
     for (int i = 0; rc == 0 && i < r->curve.n; i++)
         cJSON_AddItemToArray(curve, point_json(&r->curve.p[i]));
     for (int i = 0; rc == 0 && slot_len && i < r->o.batch; i++) {
         cJSON_AddItemToArray(slot_pos, cJSON_CreateNumber(engine_slot_position(r->e, r->slots[i])));
         if (engine_slot_save(r->e, r->slots[i], slots + (size_t)i * slot_len))
-            rc = fail(err, errlen, "cannot read a stream's state back from the backend");
+            rc = error_fmt(err, errlen, "cannot read a stream's state back from the backend");
     }
     if (rc == 0) {
         cJSON_AddNumberToObject(st, "step", (double)r->step);
@@ -776,7 +760,7 @@ static int save_checkpoint(struct run *r, const char *path, char *err, size_t er
             for (int i = 0; start && i < r->o.batch; i++)
                 start[i] = (double)r->win.start[i];
             if (!w || !start)
-                rc = fail(err, errlen, "out of memory");
+                rc = error_fmt(err, errlen, "out of memory");
             else {
                 cJSON_AddNumberToObject(w, "pos", (double)r->win.pos);
                 cJSON_AddNumberToObject(w, "epoch", (double)r->win.epoch);
@@ -787,7 +771,7 @@ static int save_checkpoint(struct run *r, const char *path, char *err, size_t er
         }
         json = cJSON_PrintUnformatted(st);
         if (!json)
-            rc = fail(err, errlen, "out of memory");
+            rc = error_fmt(err, errlen, "out of memory");
     }
     if (rc == 0) {
         struct st_write_tensor t[3];
@@ -805,7 +789,7 @@ static int save_checkpoint(struct run *r, const char *path, char *err, size_t er
         if (rc == 0) {
             char *config = cJSON_PrintUnformatted(r->o.root);
             struct st_meta mm[] = {{"training_config", config}, {"training_state", json}};
-            rc = config ? model_save(&r->model, path, mm, 2, err, errlen) : fail(err, errlen, "out of memory");
+            rc = config ? model_save(&r->model, path, mm, 2, err, errlen) : error_fmt(err, errlen, "out of memory");
             free(config);
         }
     }
@@ -825,7 +809,7 @@ static int restore_checkpoint(struct run *r, char *err, size_t errlen)
     char *path2 = state_path(r->resume), why[512];
     struct st_file f;
     if (!path2 || st_open(path2, &f, why, sizeof why)) {
-        fail(err, errlen, "%s: %s", path2 ? path2 : r->resume, path2 ? why : "out of memory");
+        error_fmt(err, errlen, "%s: %s", path2 ? path2 : r->resume, path2 ? why : "out of memory");
         free(path2);
         return -1;
     }
@@ -837,7 +821,7 @@ static int restore_checkpoint(struct run *r, char *err, size_t errlen)
                      (!slot_len || (slots && (size_t)slots->numel == slot_len * r->o.batch)) &&
                      (!best || (size_t)best->numel == r->model.n_params)
                  ? 0
-                 : fail(err, errlen, "%s.state does not match this run (another model or batch size?)", r->resume);
+                 : error_fmt(err, errlen, "%s.state does not match this run (another model or batch size?)", r->resume);
     if (rc == 0) {
         st_to_f32(optim, optim_state(r->opt));
         r->step = (long)cJSON_GetObjectItem(st, "step")->valuedouble;
@@ -854,29 +838,29 @@ static int restore_checkpoint(struct run *r, char *err, size_t errlen)
             struct curve_point pt;
             point_from_json(p, &pt);
             if (curve_add(&r->curve, &pt))
-                rc = fail(err, errlen, "out of memory");
+                rc = error_fmt(err, errlen, "out of memory");
         }
         if (best && rc == 0) {
             if (!(r->best = malloc(sizeof(float) * r->model.n_params)))
-                rc = fail(err, errlen, "out of memory");
+                rc = error_fmt(err, errlen, "out of memory");
             else
                 st_to_f32(best, r->best);
             point_from_json(cJSON_GetObjectItem(st, "best"), &r->best_at);
         }
         if (rng_from_json(cJSON_GetObjectItem(st, "rng"), &r->epoch_rng))
-            rc = fail(err, errlen, "%s: bad training_state", r->resume);
+            rc = error_fmt(err, errlen, "%s: bad training_state", r->resume);
     }
     if (rc == 0 && !is_lm(r) && r->next_batch > 0) {
         /* Redraw this epoch's order from the generator as it was. */
         r->rng = r->epoch_rng;
         if (bucket_batches(&r->train_d, r->o.batch, &r->rng, r->order, r->batch_start, &r->n_batches))
-            rc = fail(err, errlen, "out of memory");
+            rc = error_fmt(err, errlen, "out of memory");
     }
     if (rc == 0 && is_lm(r)) {
         const cJSON *w = cJSON_GetObjectItem(st, "windows"), *pos = cJSON_GetObjectItem(st, "slot_pos");
         float *all = malloc(sizeof(float) * slot_len * r->o.batch);
         if (!all || !w || rng_from_json(cJSON_GetObjectItem(w, "rng"), &r->win.rng))
-            rc = fail(err, errlen, "%s: bad training_state", r->resume);
+            rc = error_fmt(err, errlen, "%s: bad training_state", r->resume);
         else {
             st_to_f32(slots, all);
             r->win.pos = (size_t)cJSON_GetObjectItem(w, "pos")->valuedouble;
@@ -886,7 +870,7 @@ static int restore_checkpoint(struct run *r, char *err, size_t errlen)
                 r->slots[i] = engine_slot_open(r->e);
                 if (engine_slot_restore(r->e, r->slots[i], all + (size_t)i * slot_len,
                                         (int)cJSON_GetArrayItem(pos, i)->valuedouble))
-                    rc = fail(err, errlen, "cannot restore a stream's state");
+                    rc = error_fmt(err, errlen, "cannot restore a stream's state");
             }
         }
         free(all);
@@ -949,7 +933,7 @@ static int train(struct run *r, char *err, size_t errlen)
     struct model_config cfg;
     char *model_json = cJSON_PrintUnformatted(field(o->root, "model"));
     if (!model_json)
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     int rc = config_parse(model_json, &cfg, err, errlen);
     free(model_json);
     if (rc)
@@ -973,7 +957,7 @@ static int train(struct run *r, char *err, size_t errlen)
         return -1;
     o->optim.total_steps = r->total_steps;
     if (!(r->opt = optim_new(&o->optim, r->model.n_params)) || !engine_grads(r->e))
-        return fail(err, errlen, "out of memory");
+        return error_fmt(err, errlen, "out of memory");
     if (r->resume && restore_checkpoint(r, err, errlen))
         return -1;
     r->curve.metric_name = is_lm(r) ? "bpc" : r->model.cfg.task == TASK_REGRESS ? "mse" : "accuracy";
@@ -1030,12 +1014,12 @@ static int train(struct run *r, char *err, size_t errlen)
                         pt.valid_loss, r->curve.metric_name, pt.valid_metric);
         }
         if (curve_add(&r->curve, &pt))
-            return fail(err, errlen, "out of memory");
+            return error_fmt(err, errlen, "out of memory");
         last = pt;
         if (o->keep_best && !isnan(pt.valid_metric) && better(r, &pt)) {
             /* Early stopping without stopping: remember the best weights. */
             if (!r->best && !(r->best = malloc(sizeof(float) * r->model.n_params)))
-                return fail(err, errlen, "out of memory");
+                return error_fmt(err, errlen, "out of memory");
             memcpy(r->best, engine_params(r->e), sizeof(float) * r->model.n_params);
             r->best_at = pt;
         }
