@@ -47,6 +47,7 @@ struct batcher {
     int *step_slots;          /* [max_streams] */
     int32_t *step_tokens;     /* [max_streams] */
     int max_token_bytes;
+    int last_seqs;            /* sequences in the last forward batch */
 };
 
 struct job *job_new(enum job_kind kind, int n_texts)
@@ -213,7 +214,10 @@ static int worth_waiting(const struct batcher *b)
     for (const struct job *j = b->head; j; j = j->next)
         if (j->kind != JOB_GENERATE)
             seqs += sequences_of(j);
-    return b->n_streams == 0 && seqs > 0 && seqs < b->opt.max_batch;
+    /* Waiting pays only when company is likely: the last batch had some.
+     * A lone client then pays no max_wait_us on every request, and under
+     * load the wait comes back at once. */
+    return b->n_streams == 0 && seqs > 0 && seqs < b->opt.max_batch && b->last_seqs > 1;
 }
 
 /* Classify, attention and score jobs as one batch. */
@@ -273,6 +277,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     if (rc != 0)
         log_msg("engine error on a batch of %d sequences: %s", seqs, err);
     metrics_batch(b->metrics, seqs);
+    b->last_seqs = seqs;
     free(q);
     free(stoks);
     free(slens);
