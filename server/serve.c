@@ -9,6 +9,7 @@
  *                    finish the batchers' queues, exit 0.
  */
 #include <getopt.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "notify.h"
 #include "registry.h"
 
 /* How long shutdown waits for requests in flight before giving up on them. */
@@ -54,7 +56,8 @@ static void usage(FILE *out)
             "  --max-text-bytes N     largest text or prompt (default 100000)\n"
             "  --max-tokens-limit N   largest max_tokens a request may ask for (default 1024)\n"
             "  --max-connections N    simultaneous connections (default 512)\n"
-            "  --timeout-s N          idle connections are closed after N seconds (default 30)\n");
+            "  --timeout-s N          a connection idle this long, or a request still arriving after\n"
+            "                         this long, is closed (seconds, default 30)\n");
 }
 
 /* An integer option within [lo, hi]; 0 or -1 after a message. */
@@ -177,8 +180,19 @@ static int wait_for_stop(const sigset_t *set, struct registry *reg, const char *
         if (sig != SIGHUP)
             return sig;
         log_msg("SIGHUP: reloading the models of %s", dir);
+        notify_reloading();
         registry_reload(reg);
+        notify_send("READY=1");
     }
+}
+
+/* Threads a library started before main() (OpenBLAS's pool) do not block
+ * the signals; one delivered to such a thread is passed on to the main
+ * thread, which blocks it, so its sigwait takes it. */
+static pthread_t main_thread;
+static void pass_to_main(int sig)
+{
+    pthread_kill(main_thread, sig);
 }
 
 int cmd_serve(int argc, char **argv)
@@ -195,6 +209,11 @@ int cmd_serve(int argc, char **argv)
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
+    main_thread = pthread_self();
+    struct sigaction pass = {.sa_handler = pass_to_main, .sa_mask = set};
+    sigaction(SIGTERM, &pass, NULL);
+    sigaction(SIGINT, &pass, NULL);
+    sigaction(SIGHUP, &pass, NULL);
     /* A client that hangs up must not kill the server. */
     signal(SIGPIPE, SIG_IGN);
     char threads[16];
@@ -243,8 +262,10 @@ int cmd_serve(int argc, char **argv)
     /* Brackets keep an IPv6 address apart from the port. */
     const char *br = strchr(o.host, ':') ? "[" : "", *ket = *br ? "]" : "";
     log_msg("listening on http://%s%s%s:%d", br, o.host, ket, http_port(http));
+    notify_send("READY=1");
 
     int sig = wait_for_stop(&set, reg, o.models);
+    notify_send("STOPPING=1");
     atomic_store(&api.stopping, 1);
     http_quiesce(http);
     log_msg("%s: no new connections; answering the requests in flight", sig == SIGINT ? "SIGINT" : "SIGTERM");

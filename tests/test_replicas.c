@@ -1,0 +1,666 @@
+/* test_replicas.c - rrnserve scaled out behind nginx, as deploy/replicas.sh
+ * runs it: three replicas ($RRN_BIN, as tests/run_tests.sh sets it) of the
+ * fixture models and nginx from deploy/nginx.conf, all on 127.0.0.1.
+ *   - answers through nginx equal the replicas' own, /generate streams come
+ *     through unbuffered-marked (X-Accel-Buffering: no) and whole;
+ *   - HTTPS: a self-signed certificate made with `openssl req -x509`, nginx
+ *     with deploy/nginx-tls.conf, spoken to with libssl (certificate and
+ *     host name verified), the same /classify answer;
+ *   - 8 clients send /classify for seconds (each as fast as it is
+ *     answered, 1 ms apart) while one replica is killed
+ *     (SIGKILL): not one request fails, nginx retries on the others;
+ *   - `replicas.sh stop` ends nginx and every replica.
+ * Skipped when nginx is not installed (Debian package nginx), the HTTPS test
+ * also when openssl is not.  Every loop and wait is bounded, and the script
+ * is told this process's pid (RRN_WATCH_PID) so that nothing outlives it.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Hang guards only: no test asserts how fast anything is. */
+#define SOCKET_TIMEOUT_S 60
+#define N_REPLICAS 3
+#define N_CLIENTS 8
+#define LOAD_BEFORE_KILL_MS 1500
+#define LOAD_AFTER_KILL_MS 2500
+#define LOAD_LIMIT_S 120
+#define MAX_REQUESTS_PER_CLIENT 100000
+
+/* snprintf into an array, which must not cut. */
+#define FMT(buf, ...) assert_true(snprintf(buf, sizeof buf, __VA_ARGS__) < (int)sizeof buf)
+
+static const char *const classify_body = "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good day!\"}";
+static const char *const stream_body =
+    "{\"model\": \"combo_lstm_lm\", \"prompt\": \"the \", \"max_tokens\": 12, \"seed\": 7, \"stream\": true}";
+
+struct setup {
+    int have_nginx, have_tls;
+    char dir[64];       /* this test's folder: certificate, script output */
+    char work[128];     /* replicas.sh's work folder */
+    char env[2048];     /* the environment replicas.sh runs with */
+    int port, tls_port; /* nginx's */
+    pid_t pids[N_REPLICAS];
+    int ports[N_REPLICAS];
+};
+static struct setup S;
+
+/* ---- small helpers ------------------------------------------------------- */
+
+static void sleep_ms(int ms)
+{
+    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+struct buf {
+    char *p;
+    size_t len, cap;
+};
+
+static void buf_add(struct buf *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        b->cap = (b->len + n + 1) * 2;
+        b->p = realloc(b->p, b->cap);
+        if (!b->p)
+            abort();
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = 0;
+}
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    struct buf b = {0};
+    char chunk[8192];
+    size_t n;
+    buf_add(&b, "", 0);
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        buf_add(&b, chunk, n);
+    fclose(f);
+    return b.p;
+}
+
+/* Runs a shell command, its output into the file `out`; its exit status. */
+static int run(const char *cmd, const char *out)
+{
+    char full[8192];
+    FMT(full, "(%s) >'%s' 2>&1 </dev/null", cmd, out);
+    int status = system(full);
+    return status >= 0 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static int have(const char *program)
+{
+    char cmd[256];
+    FMT(cmd, "command -v %s >/dev/null || test -x /usr/sbin/%s", program, program);
+    int status = system(cmd);
+    return status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* A port free on 127.0.0.1 now (the system's pick). */
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || getsockname(fd, (struct sockaddr *)&a, &len) != 0)
+        fail_msg("no free port: %s", strerror(errno));
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+/* Whether PID is a live process (not a zombie) running `word`. */
+static int alive(pid_t pid, const char *word)
+{
+    char path[64], cmd[4096];
+    FMT(path, "/proc/%ld/cmdline", (long)pid);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return 0;
+    size_t n = fread(cmd, 1, sizeof cmd - 1, f);
+    fclose(f);
+    for (size_t i = 0; i < n; i++)
+        if (!cmd[i])
+            cmd[i] = ' ';
+    cmd[n] = 0;
+    return n > 0 && strstr(cmd, word) != NULL;
+}
+
+/* ---- HTTP over plain sockets and TLS ------------------------------------- */
+
+struct resp {
+    int status;
+    char head[4096];
+    struct buf body; /* chunked transfer decoded */
+};
+
+static int connect_to(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct timeval tv = {.tv_sec = SOCKET_TIMEOUT_S};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int format_request(char *out, size_t cap, const char *method, const char *path, const char *body)
+{
+    int n = snprintf(out, cap, "%s %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n%s",
+                     method, path, body ? strlen(body) : 0, body ? body : "");
+    return n > 0 && (size_t)n < cap ? n : -1;
+}
+
+/* Splits a whole raw answer into status, head and (dechunked) body. */
+static int parse_response(const struct buf *raw, struct resp *r)
+{
+    memset(r, 0, sizeof *r);
+    const char *end = raw->p ? strstr(raw->p, "\r\n\r\n") : NULL;
+    if (!end || sscanf(raw->p, "HTTP/1.%*d %d", &r->status) != 1)
+        return -1;
+    size_t hlen = (size_t)(end - raw->p);
+    snprintf(r->head, sizeof r->head, "%.*s", (int)hlen, raw->p);
+    const char *p = end + 4, *stop = raw->p + raw->len;
+    buf_add(&r->body, "", 0);
+    int chunked = 0;
+    for (const char *h = r->head; *h; h++)
+        if (strncasecmp(h, "transfer-encoding: chunked", 26) == 0)
+            chunked = 1;
+    if (!chunked) {
+        buf_add(&r->body, p, (size_t)(stop - p));
+        return 0;
+    }
+    for (;;) {
+        char *next;
+        unsigned long size = strtoul(p, &next, 16);
+        const char *data = strstr(next, "\r\n");
+        if (!data || size == 0 || data + 2 + size > stop)
+            return size == 0 ? 0 : -1;
+        buf_add(&r->body, data + 2, size);
+        p = data + 2 + size + 2;
+    }
+}
+
+/* One request over plain HTTP: 0, or -1 when there was no whole answer. */
+static int request(int port, const char *method, const char *path, const char *body, struct resp *r)
+{
+    char req[4096];
+    int n = format_request(req, sizeof req, method, path, body);
+    int fd = connect_to(port), rc = -1;
+    struct buf raw = {0};
+    if (fd >= 0 && n > 0 && send(fd, req, (size_t)n, MSG_NOSIGNAL) == n) {
+        char chunk[8192];
+        ssize_t got;
+        while ((got = recv(fd, chunk, sizeof chunk, 0)) > 0 || (got < 0 && errno == EINTR))
+            if (got > 0)
+                buf_add(&raw, chunk, (size_t)got);
+        rc = parse_response(&raw, r);
+    }
+    if (fd >= 0)
+        close(fd);
+    free(raw.p);
+    return rc;
+}
+
+/* One request over HTTPS, the server's certificate checked against the
+ * certificate file and the host name "localhost". */
+static int tls_request(int port, const char *ca_file, const char *method, const char *path, const char *body,
+                       struct resp *r, char *why, size_t why_cap)
+{
+    char req[4096];
+    int n = format_request(req, sizeof req, method, path, body), rc = -1;
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    SSL *ssl = NULL;
+    int fd = -1;
+    struct buf raw = {0};
+    snprintf(why, why_cap, "no TLS context");
+    if (!ctx || n < 0 || SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1)
+        goto out;
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    if ((fd = connect_to(port)) < 0) {
+        snprintf(why, why_cap, "cannot connect to port %d", port);
+        goto out;
+    }
+    ssl = SSL_new(ctx);
+    if (!ssl || SSL_set_tlsext_host_name(ssl, "localhost") != 1 || SSL_set1_host(ssl, "localhost") != 1 ||
+        SSL_set_fd(ssl, fd) != 1)
+        goto out;
+    if (SSL_connect(ssl) != 1) {
+        long v = SSL_get_verify_result(ssl);
+        snprintf(why, why_cap, "handshake failed: %s (verify: %s)", ERR_error_string(ERR_get_error(), NULL),
+                 X509_verify_cert_error_string(v));
+        goto out;
+    }
+    if (SSL_write(ssl, req, n) != n) {
+        snprintf(why, why_cap, "SSL_write failed");
+        goto out;
+    }
+    char chunk[8192];
+    int got;
+    while ((got = SSL_read(ssl, chunk, sizeof chunk)) > 0)
+        buf_add(&raw, chunk, (size_t)got);
+    snprintf(why, why_cap, "%s %s (%s): no whole answer", method, path, SSL_get_version(ssl));
+    rc = parse_response(&raw, r);
+    if (rc == 0)
+        snprintf(why, why_cap, "%s", SSL_get_version(ssl));
+out:
+    if (ssl) {
+        SSL_shutdown(ssl);
+        SSL_free(ssl);
+    }
+    if (fd >= 0)
+        close(fd);
+    SSL_CTX_free(ctx);
+    free(raw.p);
+    return rc;
+}
+
+static void resp_free(struct resp *r)
+{
+    free(r->body.p);
+    r->body.p = NULL;
+}
+
+static const char *header(const struct resp *r, const char *name, char *out, size_t cap)
+{
+    size_t n = strlen(name);
+    out[0] = 0;
+    for (const char *line = strstr(r->head, "\r\n"); line; line = strstr(line + 2, "\r\n"))
+        if (strncasecmp(line + 2, name, n) == 0 && line[2 + n] == ':') {
+            const char *v = line + 3 + n;
+            while (*v == ' ')
+                v++;
+            snprintf(out, cap, "%.*s", (int)strcspn(v, "\r\n"), v);
+            break;
+        }
+    return out;
+}
+
+/* The body of a 200 answer, to be freed. */
+static char *must_get_body(int port, const char *method, const char *path, const char *body)
+{
+    struct resp r;
+    if (request(port, method, path, body, &r) != 0)
+        fail_msg("%s %s on port %d: no answer", method, path, port);
+    if (r.status != 200)
+        fail_msg("%s %s on port %d: status %d: %s", method, path, port, r.status, r.body.p);
+    return r.body.p;
+}
+
+/* A counter of a replica's /metrics, or -1. */
+static double metric(int port, const char *series)
+{
+    char *text = must_get_body(port, "GET", "/metrics", NULL), want[256];
+    FMT(want, "\n%s ", series);
+    const char *at = strstr(text, want);
+    double v = at ? strtod(at + strlen(want), NULL) : -1;
+    free(text);
+    return v;
+}
+
+/* ---- the replicas and nginx ---------------------------------------------- */
+
+static int script(const char *args)
+{
+    char cmd[4096], out[256];
+    FMT(cmd, "%s deploy/replicas.sh %s", S.env, args);
+    FMT(out, "%s/replicas.out", S.dir);
+    int rc = run(cmd, out);
+    char *text = slurp(out);
+    print_message("replicas.sh %s (status %d):\n%s", args, rc, text ? text : "");
+    free(text);
+    return rc;
+}
+
+static void read_replicas(void)
+{
+    char path[256];
+    FMT(path, "%s/replicas", S.work);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    for (int i = 0; i < N_REPLICAS; i++) {
+        int index;
+        long pid;
+        assert_int_equal(fscanf(f, "%d %ld %d", &index, &pid, &S.ports[i]), 3);
+        assert_int_equal(index, i + 1);
+        S.pids[i] = (pid_t)pid;
+        assert_true(alive(S.pids[i], "serve --models"));
+    }
+    fclose(f);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    memset(&S, 0, sizeof S);
+    S.have_nginx = have("nginx");
+    if (!S.have_nginx) {
+        print_message("nginx is not installed (Debian package nginx): skipped\n");
+        return 0;
+    }
+    snprintf(S.dir, sizeof S.dir, "/tmp/rrn_replicas_XXXXXX");
+    assert_non_null(mkdtemp(S.dir));
+    FMT(S.work, "%s/work", S.dir);
+    S.port = free_port();
+    S.tls_port = free_port();
+    while (S.tls_port == S.port)
+        S.tls_port = free_port();
+
+    char tls[1024] = "", cmd[2048], out[256];
+    S.have_tls = have("openssl");
+    if (S.have_tls) {
+        FMT(cmd,
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost "
+            "-addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout '%s/key.pem' -out '%s/cert.pem'",
+            S.dir, S.dir);
+        FMT(out, "%s/openssl.out", S.dir);
+        if (run(cmd, out) != 0) {
+            char *text = slurp(out);
+            fail_msg("%s:\n%s", cmd, text ? text : "");
+        }
+        FMT(tls, "RRN_TLS_PORT=%d RRN_TLS_CERT='%s/cert.pem' RRN_TLS_KEY='%s/key.pem'", S.tls_port, S.dir, S.dir);
+    } else {
+        print_message("openssl is not installed: the HTTPS test is skipped\n");
+    }
+    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
+    FMT(S.env,
+        "env RRN_WORK='%s' RRN_BIN='%s' RRN_MODELS=tests/fixtures RRN_ARGS='--device cpu --threads 1' "
+        "RRN_WATCH_PID=%ld %s",
+        S.work, bin, (long)getpid(), tls);
+    FMT(cmd, "start %d %d", N_REPLICAS, S.port);
+    if (script(cmd) != 0)
+        fail_msg("replicas.sh start failed");
+    read_replicas();
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    if (!S.have_nginx)
+        return 0;
+    script("stop");
+    char cmd[256], out[256];
+    FMT(cmd, "rm -rf '%s'", S.dir);
+    FMT(out, "/dev/null");
+    if (strncmp(S.dir, "/tmp/rrn_replicas_", 18) == 0)
+        run(cmd, out);
+    return 0;
+}
+
+#define NEED_NGINX()                                                                                                   \
+    do {                                                                                                               \
+        if (!S.have_nginx)                                                                                             \
+            skip();                                                                                                    \
+    } while (0)
+
+/* ---- the tests ----------------------------------------------------------- */
+
+static void test_proxy_equals_direct(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    static const struct {
+        const char *method, *path, *body;
+    } reqs[] = {
+        {"POST", "/classify", "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good day!\"}"},
+        {"POST", "/classify", "{\"model\": \"rra_dynamic_w3_l2_bi\", \"texts\": [\"a\", \"nice day\"]}"},
+        {"POST", "/score", "{\"model\": \"combo_lstm_lm\", \"text\": \"good day\"}"},
+        {"POST", "/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"the \", \"max_tokens\": 20, \"seed\": 1}"},
+        {"GET", "/models", NULL},
+        {"GET", "/readyz", NULL},
+    };
+    for (size_t i = 0; i < sizeof reqs / sizeof reqs[0]; i++) {
+        char *direct = must_get_body(S.ports[0], reqs[i].method, reqs[i].path, reqs[i].body);
+        /* Several times, so that every replica answers some. */
+        for (int k = 0; k < N_REPLICAS; k++) {
+            char *proxied = must_get_body(S.port, reqs[i].method, reqs[i].path, reqs[i].body);
+            if (strcmp(direct, proxied) != 0)
+                fail_msg("%s %s: through nginx\n%s\ndirectly\n%s", reqs[i].method, reqs[i].path, proxied, direct);
+            free(proxied);
+        }
+        free(direct);
+    }
+}
+
+static void test_stream_through_proxy(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    struct resp direct, proxied;
+    char value[256];
+    assert_int_equal(request(S.ports[1], "POST", "/generate", stream_body, &direct), 0);
+    assert_int_equal(request(S.port, "POST", "/generate", stream_body, &proxied), 0);
+    assert_int_equal(direct.status, 200);
+    assert_int_equal(proxied.status, 200);
+    assert_string_equal(header(&proxied, "Content-Type", value, sizeof value), "text/event-stream");
+    assert_string_equal(header(&proxied, "X-Accel-Buffering", value, sizeof value), "no");
+    assert_non_null(strstr(proxied.body.p, "data: [DONE]"));
+    assert_string_equal(proxied.body.p, direct.body.p);
+    resp_free(&direct);
+    resp_free(&proxied);
+}
+
+static void test_https(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    if (!S.have_tls)
+        skip();
+    char ca[256], why[512];
+    FMT(ca, "%s/cert.pem", S.dir);
+    char *direct = must_get_body(S.ports[2], "POST", "/classify", classify_body);
+    struct resp r;
+    if (tls_request(S.tls_port, ca, "POST", "/classify", classify_body, &r, why, sizeof why) != 0)
+        fail_msg("HTTPS to nginx: %s", why);
+    print_message("HTTPS through nginx: %s\n", why);
+    assert_int_equal(r.status, 200);
+    assert_string_equal(r.body.p, direct);
+    resp_free(&r);
+    free(direct);
+
+    /* The plain port does not speak TLS, and a certificate that does not
+     * vouch for the server is refused. */
+    assert_int_not_equal(tls_request(S.port, ca, "GET", "/healthz", NULL, &r, why, sizeof why), 0);
+    char other[256], cmd[1024], out[256];
+    FMT(other, "%s/other.pem", S.dir);
+    FMT(cmd,
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost "
+        "-keyout '%s/other.key' -out '%s'",
+        S.dir, other);
+    FMT(out, "%s/openssl.out", S.dir);
+    assert_int_equal(run(cmd, out), 0);
+    assert_int_not_equal(tls_request(S.tls_port, other, "GET", "/healthz", NULL, &r, why, sizeof why), 0);
+    print_message("with a certificate that does not vouch for nginx's: %s\n", why);
+}
+
+/* ---- a replica killed under load ----------------------------------------- */
+
+struct load {
+    const char *expect;  /* the /classify answer */
+    atomic_int stop;
+    atomic_int killed;   /* set once the replica is dead */
+    atomic_long done, after_kill, failed;
+    pthread_mutex_t mu;
+    char first_failure[1024];
+};
+
+static void *client_main(void *arg)
+{
+    struct load *L = arg;
+    double limit = now_s() + LOAD_LIMIT_S;
+    for (int i = 0; i < MAX_REQUESTS_PER_CLIENT && !atomic_load(&L->stop) && now_s() < limit; i++) {
+        int after = atomic_load(&L->killed);
+        struct resp r;
+        int rc = request(S.port, "POST", "/classify", classify_body, &r);
+        if (rc != 0 || r.status != 200 || strcmp(r.body.p, L->expect) != 0) {
+            atomic_fetch_add(&L->failed, 1);
+            pthread_mutex_lock(&L->mu);
+            if (!L->first_failure[0])
+                snprintf(L->first_failure, sizeof L->first_failure, "%s: status %d: %s",
+                         rc != 0 ? "no whole answer" : "wrong answer", rc != 0 ? 0 : r.status,
+                         rc != 0 ? "" : r.body.p);
+            pthread_mutex_unlock(&L->mu);
+        }
+        if (rc == 0)
+            resp_free(&r);
+        atomic_fetch_add(&L->done, 1);
+        if (after)
+            atomic_fetch_add(&L->after_kill, 1);
+        sleep_ms(1);
+    }
+    return NULL;
+}
+
+/* Requests the access log shows tried on more than one replica. */
+static int retried_requests(void)
+{
+    char path[256];
+    FMT(path, "%s/access.log", S.work);
+    char *log = slurp(path);
+    int n = 0;
+    for (char *line = log; line && *line;) {
+        char *end = strchr(line, '\n');
+        if (end)
+            *end = 0;
+        const char *up = strstr(line, "upstream=");
+        if (up && strstr(line, "/classify") && strchr(up, ',') && strchr(up, ',') < strstr(up, " upstream_status="))
+            n++;
+        line = end ? end + 1 : line + strlen(line);
+    }
+    free(log);
+    return n;
+}
+
+static void test_kill_replica_under_load(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    struct load L = {0};
+    pthread_mutex_init(&L.mu, NULL);
+    char *expect = must_get_body(S.ports[0], "POST", "/classify", classify_body);
+    L.expect = expect;
+    pid_t victim = S.pids[1];
+    int victim_port = S.ports[1];
+
+    pthread_t clients[N_CLIENTS];
+    for (int i = 0; i < N_CLIENTS; i++)
+        assert_int_equal(pthread_create(&clients[i], NULL, client_main, &L), 0);
+    /* Load until every replica has answered some /classify (bounded). */
+    double limit = now_s() + LOAD_LIMIT_S / 2;
+    sleep_ms(LOAD_BEFORE_KILL_MS);
+    while (metric(victim_port, "rrnserve_requests_total{endpoint=\"/classify\",status=\"200\"}") < 1 &&
+           now_s() < limit)
+        sleep_ms(100);
+    double served = metric(victim_port, "rrnserve_requests_total{endpoint=\"/classify\",status=\"200\"}");
+    long before = atomic_load(&L.done);
+
+    assert_int_equal(kill(victim, SIGKILL), 0);
+    for (int i = 0; i < 500 && alive(victim, "serve --models"); i++)
+        sleep_ms(10);
+    atomic_store(&L.killed, 1);
+    double kill_time = now_s();
+    /* Load goes on for a while, and for some requests at least. */
+    while ((now_s() - kill_time < LOAD_AFTER_KILL_MS / 1000.0 || atomic_load(&L.after_kill) < 50) &&
+           now_s() - kill_time < LOAD_LIMIT_S / 2)
+        sleep_ms(50);
+    atomic_store(&L.stop, 1);
+    for (int i = 0; i < N_CLIENTS; i++)
+        pthread_join(clients[i], NULL);
+
+    int retried = retried_requests();
+    print_message("%ld requests (%ld before the kill, %ld after it), %ld failed; the killed replica had answered "
+                  "%.0f; %d retried on another replica\n",
+                  atomic_load(&L.done), before, atomic_load(&L.after_kill), atomic_load(&L.failed), served, retried);
+    if (atomic_load(&L.failed))
+        fail_msg("%ld request(s) failed, the first: %s", atomic_load(&L.failed), L.first_failure);
+    assert_false(alive(victim, "serve --models"));
+    assert_true(served >= 1);
+    assert_true(before > 0);
+    assert_true(atomic_load(&L.after_kill) >= 50);
+    assert_true(retried >= 1);
+    /* The other replicas serve on. */
+    for (int i = 0; i < N_REPLICAS; i++)
+        if (i != 1)
+            assert_true(alive(S.pids[i], "serve --models"));
+    free(expect);
+    pthread_mutex_destroy(&L.mu);
+}
+
+static void test_stop(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    char path[256];
+    FMT(path, "%s/nginx.pid", S.work);
+    char *text = slurp(path);
+    assert_non_null(text);
+    pid_t nginx = (pid_t)atol(text);
+    free(text);
+    assert_true(alive(nginx, "nginx"));
+    assert_int_equal(script("stop"), 0);
+    assert_false(alive(nginx, "nginx"));
+    for (int i = 0; i < N_REPLICAS; i++)
+        assert_false(alive(S.pids[i], "serve --models"));
+    int fd = connect_to(S.port);
+    if (fd >= 0)
+        close(fd);
+    assert_true(fd < 0);
+    /* Stopping again is harmless. */
+    assert_int_equal(script("stop"), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_proxy_equals_direct),
+        cmocka_unit_test(test_stream_through_proxy),
+        cmocka_unit_test(test_https),
+        cmocka_unit_test(test_kill_replica_under_load),
+        cmocka_unit_test(test_stop),
+    };
+    return cmocka_run_group_tests_name("replicas", tests, setup, teardown);
+}
