@@ -6,6 +6,11 @@
 #   make bench      run the benchmarks
 #   make bench-server  the HTTP server under load, batching on and off
 #   make serve      build and serve the shipped models
+#   make install    install the binary, the systemd unit, its options and the models
+#                   (PREFIX=/usr/local, DESTDIR= for staging; see README.md, "Deployment")
+#   make fuzz       build the libFuzzer targets of fuzz/ and run each FUZZ_SECONDS (default 60)
+#   make test-fuzz  the same, 15 seconds each (part of make test)
+#   make test-valgrind  the server tests with the server under valgrind memcheck
 
 CC      ?= cc
 NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
@@ -63,7 +68,8 @@ test_bins   = $(TEST_SRC:tests/%.c=$(1)/tests/%)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-bench test test-plain test-asan bench bench-server serve clean fixtures
+.PHONY: all deps deps-bench test test-plain test-asan bench bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+        deps-fuzz test-valgrind deps-valgrind
 all: rrnserve
 
 rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
@@ -72,10 +78,10 @@ rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
 
 $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call lib_objs,$(BUILD))
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka -lpng
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka -lpng -lssl
 $(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call lib_objs,$(BUILD)/asan)
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka -lpng
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka -lpng -lssl
 $(BUILD)/asan/rrnserve: $(call lib_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan)
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
@@ -90,7 +96,7 @@ deps-bench:
 # Every test binary runs from the repository root; RRN_BIN tells the CLI
 # tests which binary to drive.
 test: deps
-	@$(MAKE) --no-print-directory test-plain test-asan
+	@$(MAKE) --no-print-directory test-plain test-asan test-fuzz
 
 test-plain: rrnserve $(call test_bins,$(BUILD))
 	@tests/run_tests.sh $(BUILD) ./rrnserve
@@ -120,7 +126,84 @@ serve: deps
 	@$(MAKE) --no-print-directory rrnserve
 	./rrnserve serve
 
+# ---- fuzzing: libFuzzer with clang, ASan and UBSan, on the CPU build ------
+# Each fuzz/fuzz_NAME.c is a target; fuzz/corpus/NAME/ holds its committed
+# seeds (read only), build/fuzz/corpus/NAME/ what a run adds to them, and
+# build/fuzz/crash-NAME-* what a run found.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_CFLAGS  := -O1 -g -std=c11 -D_POSIX_C_SOURCE=200809L $(WARN) -Iengine -Iserver -Itrain -MMD -MP $(FUZZ_SAN)
+FUZZ_LDLIBS  := -lmicrohttpd -lcjson -lcrypto -lopenblas -lunistring -lm -lpthread
+FUZZ_NAMES   := $(patsubst fuzz/fuzz_%.c,%,$(wildcard fuzz/fuzz_*.c))
+FUZZ_BINS    := $(FUZZ_NAMES:%=build/fuzz/fuzz_%)
+FUZZ_LIB     := $(ENGINE_SRC:%.c=build/fuzz/%.o) $(SERVER_SRC:%.c=build/fuzz/%.o) $(TRAIN_SRC:%.c=build/fuzz/%.o)
+
+build/fuzz/%.o: %.c
+	@mkdir -p $(dir $@)
+	@echo "  FUZZCC  $@"
+	@$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+build/fuzz/fuzz_%: build/fuzz/fuzz/fuzz_%.o $(FUZZ_LIB)
+	@echo "  LINK    $@"
+	@$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(FUZZ_LDLIBS)
+
+# -fork=1 would survive a crash and go on; a plain run stops at the first
+# one, which is what CI wants.  OpenBLAS and the batchers run on their own
+# threads, so each target gets a generous per-input timeout.
+fuzz: deps-fuzz
+	@$(MAKE) --no-print-directory $(FUZZ_BINS)
+	@fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_NAMES)
+
+test-fuzz: deps-fuzz
+	@$(MAKE) --no-print-directory $(FUZZ_BINS)
+	@fuzz/run.sh 15 $(FUZZ_NAMES)
+
+deps-fuzz:
+	@tools/install-deps.sh --fuzz
+
+# The server tests (tests/test_server.c) with every server they start run
+# under valgrind's memcheck: a definite leak or an invalid access fails them.
+VALGRIND := valgrind --tool=memcheck --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99 \
+            --suppressions=tests/valgrind.supp --gen-suppressions=all --num-callers=30
+test-valgrind: deps-valgrind rrnserve $(BUILD)/tests/test_server $(BUILD)/tests/test_faults
+	@RRN_SERVER_WRAPPER="$(VALGRIND)" RRN_BIN=./rrnserve $(BUILD)/tests/test_server
+	@RRN_SERVER_WRAPPER="$(VALGRIND)" RRN_BIN=./rrnserve $(BUILD)/tests/test_faults
+
+deps-valgrind:
+	@tools/install-deps.sh --valgrind
+
+# Installed paths.  The unit and the options file are written with them
+# (paths without DESTDIR, which only stages the files).  The options file
+# goes to $(SYSCONFDIR)/rrnserve and is never overwritten: a reinstall
+# keeps the local settings.  Training checkpoints (*.ckpt.safetensors) are
+# not models to serve.
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+SYSCONFDIR ?= $(PREFIX)/etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+DATADIR    ?= $(PREFIX)/share/rrnserve
+MODELDIR   ?= $(DATADIR)/models
+INSTALL_MODELS := $(filter-out %.ckpt.safetensors,$(wildcard models/*.safetensors))
+SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@MODELDIR@|$(MODELDIR)|g'
+
+install: rrnserve
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/rrnserve $(DESTDIR)$(MODELDIR)
+	install -m 0755 rrnserve $(DESTDIR)$(BINDIR)/rrnserve
+	$(SUBST) deploy/rrnserve.service > $(DESTDIR)$(UNITDIR)/rrnserve.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/rrnserve.service
+	install -m 0644 deploy/rrnserve-gpu.conf $(DESTDIR)$(DATADIR)/rrnserve-gpu.conf
+	@env=$(DESTDIR)$(SYSCONFDIR)/rrnserve/rrnserve.env; \
+	if [ -e "$$env" ]; then echo "keeping $$env"; \
+	else echo "$(SUBST) deploy/rrnserve.env > $$env"; $(SUBST) deploy/rrnserve.env > "$$env" && chmod 0644 "$$env"; fi
+	$(if $(INSTALL_MODELS),install -m 0644 $(INSTALL_MODELS) $(DESTDIR)$(MODELDIR)/)
+
+# Removes what install wrote but the options file.
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/rrnserve $(DESTDIR)$(UNITDIR)/rrnserve.service $(DESTDIR)$(DATADIR)/rrnserve-gpu.conf
+	rm -f $(addprefix $(DESTDIR)$(MODELDIR)/,$(notdir $(INSTALL_MODELS)))
+	-rmdir $(DESTDIR)$(MODELDIR) $(DESTDIR)$(DATADIR)
+
 clean:
 	rm -rf build rrnserve
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD) build/fuzz -name '*.d' 2>/dev/null)

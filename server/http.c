@@ -4,7 +4,11 @@
  *
  * The daemon runs one thread per connection, so a handler may block while
  * its model's batcher works; the connection limit and the idle timeout keep
- * slow or idle clients from holding threads without bound.
+ * slow or idle clients from holding threads without bound.  The idle
+ * timeout alone does not stop a client that sends a byte now and then and
+ * never completes its request, so a watchdog thread also closes every
+ * connection whose request (head and body) has not fully arrived within
+ * the timeout.
  */
 #include <arpa/inet.h>
 #include <microhttpd.h>
@@ -64,6 +68,14 @@ static const struct route routes[EP_COUNT] = {
     [EP_INDEX] = {"GET", serve_page, 1},
 };
 
+/* A connection, from its accept to its close, for the watchdog. */
+struct watched {
+    int fd;
+    struct timespec since; /* when its current request began to arrive */
+    int handling;          /* its request arrived: a handler has it */
+    struct watched *prev, *next;
+};
+
 struct http_server {
     struct MHD_Daemon *d;
     struct api *api;
@@ -73,9 +85,15 @@ struct http_server {
     int port;
     MHD_socket listen_fd;  /* after http_quiesce: ours to close */
     int closing;        /* after http_quiesce: answers close their connection */
-    pthread_mutex_t mu; /* guards in_flight and closing */
+    pthread_mutex_t mu; /* guards in_flight, closing and the watchdog's fields */
     pthread_cond_t idle;
     int in_flight;
+    int timeout_s;
+    struct watched *watched; /* every open connection */
+    pthread_t watchdog;
+    int watchdog_running;
+    int watchdog_stop;
+    pthread_cond_t wake;     /* stops the watchdog */
 };
 
 /* One request, from its first header to its completion callback. */
@@ -314,6 +332,83 @@ static int add_body(struct request *rq, const char *data, size_t n)
     return 0;
 }
 
+/* ---- the watchdog ---------------------------------------------------------- */
+
+/* A request has fully arrived (1) or been answered (0): the connection's
+ * deadline is off until its next request begins. */
+static void set_handling(struct http_server *s, struct MHD_Connection *conn, int handling)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    struct watched *w = ci ? ci->socket_context : NULL;
+    if (!w)
+        return;
+    pthread_mutex_lock(&s->mu);
+    w->handling = handling;
+    clock_gettime(CLOCK_MONOTONIC, &w->since);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    struct http_server *s = cls;
+    struct watched *w = *socket_context;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        /* Without memory the connection goes unwatched: the idle timeout
+         * still applies. */
+        if (!ci || !(w = calloc(1, sizeof *w)))
+            return;
+        w->fd = ci->connect_fd;
+        clock_gettime(CLOCK_MONOTONIC, &w->since);
+        pthread_mutex_lock(&s->mu);
+        w->next = s->watched;
+        if (s->watched)
+            s->watched->prev = w;
+        s->watched = w;
+        pthread_mutex_unlock(&s->mu);
+        *socket_context = w;
+    } else if (w) {
+        /* Called before the socket is closed, so the watchdog never shuts
+         * down a descriptor that has been reused. */
+        pthread_mutex_lock(&s->mu);
+        if (w->prev)
+            w->prev->next = w->next;
+        else
+            s->watched = w->next;
+        if (w->next)
+            w->next->prev = w->prev;
+        pthread_mutex_unlock(&s->mu);
+        free(w);
+        *socket_context = NULL;
+    }
+}
+
+/* Once a second, shuts down the connections whose request has taken longer
+ * than the timeout (and a second's grace, so that libmicrohttpd's own idle
+ * timeout closes idle ones first) to arrive; their threads then see the
+ * connection end and close it as usual. */
+static void *watchdog_main(void *arg)
+{
+    struct http_server *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->watchdog_stop) {
+        struct timespec now, until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 1;
+        pthread_cond_timedwait(&s->wake, &s->mu, &until);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        for (struct watched *w = s->watched; w; w = w->next)
+            if (!w->handling && w->fd >= 0 && now.tv_sec - w->since.tv_sec > s->timeout_s + 1) {
+                shutdown(w->fd, SHUT_RDWR);
+                w->fd = -1; /* once */
+                log_msg("closed a connection whose request did not arrive within %d s", s->timeout_s);
+            }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_data_size,
                                   void **con_cls)
@@ -336,6 +431,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *upload_data_size = 0;
         return MHD_YES;
     }
+    set_handling(s, conn, 1);
     if (rq->status)
         return MHD_YES; /* answered already, by an early error */
     if (rq->refusal == 413)
@@ -351,7 +447,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)conn;
     struct http_server *s = cls;
     struct request *rq = *con_cls;
     if (!rq)
@@ -370,6 +465,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (rq->batch_size > 0)
         snprintf(batch, sizeof batch, "%d", rq->batch_size);
     log_msg("%s %s %d %.2fms batch=%s", rq->method, rq->path, status, seconds * 1e3, batch);
+    set_handling(s, conn, 0);
     metrics_request(s->metrics, rq->ep, status, seconds);
     free(rq->body);
     free(rq);
@@ -417,9 +513,16 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
         return NULL;
     }
     *s = (struct http_server){.api = api, .auth = auth, .metrics = metrics, .max_body = opt->max_body,
-                              .listen_fd = MHD_INVALID_SOCKET};
+                              .listen_fd = MHD_INVALID_SOCKET, .timeout_s = opt->timeout_s};
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->idle, NULL);
+    pthread_cond_init(&s->wake, NULL);
+    if (pthread_create(&s->watchdog, NULL, watchdog_main, s) != 0) {
+        snprintf(err, errlen, "cannot start a thread");
+        http_stop(s);
+        return NULL;
+    }
+    s->watchdog_running = 1;
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG |
                      MHD_USE_ITC | (ipv6 ? MHD_USE_IPv6 : 0);
     /* The logger first, so that MHD reports nothing the default way. */
@@ -430,6 +533,7 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)opt->timeout_s,
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)CONNECTION_MEMORY,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
                             MHD_OPTION_END);
     if (!s->d) {
         snprintf(err, errlen, "cannot listen on %s port %d (in use, or not an address of this machine?)",
@@ -478,10 +582,18 @@ void http_stop(struct http_server *s)
 {
     if (!s)
         return;
+    if (s->watchdog_running) {
+        pthread_mutex_lock(&s->mu);
+        s->watchdog_stop = 1;
+        pthread_cond_signal(&s->wake);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->watchdog, NULL);
+    }
     if (s->d)
         MHD_stop_daemon(s->d);
     if (s->listen_fd != MHD_INVALID_SOCKET)
         close(s->listen_fd);
+    pthread_cond_destroy(&s->wake);
     pthread_cond_destroy(&s->idle);
     pthread_mutex_destroy(&s->mu);
     free(s);

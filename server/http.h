@@ -49,7 +49,8 @@ struct http_options {
     int port;             /* 0: any free port */
     size_t max_body;      /* bytes */
     int max_connections;
-    int timeout_s;        /* idle connections are closed after this */
+    int timeout_s;        /* idle connections, and requests that take longer
+                             than this to arrive, are closed after this */
 };
 
 struct http_server;

@@ -193,10 +193,18 @@ static struct server *server_start(const char *const *models, int n_models, cons
         add_model(s, models[i], models[i]);
 
     const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
-    const char *argv[32] = {bin, "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1",
-                            "--device", "cpu"};
-    int argc = 10;
-    for (int i = 0; extra && extra[i]; i++)
+    /* RRN_SERVER_WRAPPER (make test-valgrind): a command, its words split
+     * at spaces, that runs the server, as "valgrind --error-exitcode=99". */
+    char wrapper[1024];
+    const char *argv[64];
+    int argc = 0;
+    snprintf(wrapper, sizeof wrapper, "%s", getenv("RRN_SERVER_WRAPPER") ? getenv("RRN_SERVER_WRAPPER") : "");
+    for (char *w = strtok(wrapper, " "); w && argc < 32; w = strtok(NULL, " "))
+        argv[argc++] = w;
+    const char *own[] = {bin, "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1", "--device", "cpu"};
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+        argv[argc++] = own[i];
+    for (int i = 0; extra && extra[i] && argc < 63; i++)
         argv[argc++] = extra[i];
     argv[argc] = NULL;
     int fds[2];
@@ -209,7 +217,7 @@ static struct server *server_start(const char *const *models, int n_models, cons
         dup2(fds[1], STDOUT_FILENO);
         close(fds[0]);
         close(fds[1]);
-        execv(bin, (char *const *)argv);
+        execvp(argv[0], (char *const *)argv);
         _exit(127);
     }
     close(fds[1]);
@@ -266,11 +274,26 @@ static int wait_exit(struct server *s)
     return -1;
 }
 
-/* Kills the child if it is still there and frees everything. */
+/* Servers run under RRN_SERVER_WRAPPER that exited with valgrind's error
+ * status (99): main fails when there are any. */
+static int wrapper_errors;
+
+/* Kills the child if it is still there and frees everything.  A wrapped
+ * server is asked to stop (SIGTERM) first, so that valgrind checks for
+ * leaks as it exits. */
 static void server_stop(struct server *s)
 {
     if (!s)
         return;
+    if (s->pid > 0 && getenv("RRN_SERVER_WRAPPER") && kill(s->pid, SIGTERM) == 0) {
+        int status = wait_exit(s);
+        if (status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 99) {
+            pthread_mutex_lock(&s->mu);
+            fprintf(stderr, "the wrapped server reported errors; its output:\n%s\n", s->log.p ? s->log.p : "");
+            pthread_mutex_unlock(&s->mu);
+            wrapper_errors++;
+        }
+    }
     if (s->pid > 0) {
         kill(s->pid, SIGKILL);
         waitpid(s->pid, NULL, 0);
@@ -585,8 +608,11 @@ static char *body_with(const char *model, const char *field, const char *text, c
 
 static int setup_main(void **state)
 {
+    /* Under RRN_SERVER_WRAPPER (valgrind runs one thread at a time)
+     * requests arrive further apart: a longer wait still fills batches. */
     static const char *const extra[] = {"--max-wait-us", "20000", NULL};
-    *state = server_start(main_models, 4, extra);
+    static const char *const wrapped[] = {"--max-wait-us", "200000", NULL};
+    *state = server_start(main_models, 4, getenv("RRN_SERVER_WRAPPER") ? wrapped : extra);
     return 0;
 }
 
@@ -1518,5 +1544,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),
     };
-    return cmocka_run_group_tests_name("server", tests, setup_main, teardown_server);
+    int rc = cmocka_run_group_tests_name("server", tests, setup_main, teardown_server);
+    if (wrapper_errors)
+        fprintf(stderr, "%d wrapped server(s) reported errors\n", wrapper_errors);
+    return rc || wrapper_errors ? 1 : 0;
 }

@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# install-deps.sh [--bench] - install the Debian packages rrnserve needs to
-# build and test (and, with --bench, to run the PyTorch side of the
-# benchmarks), skipping the ones already installed so it costs nothing on a
-# machine that has them.  Uses sudo when not run as root.
+# install-deps.sh [--bench] [--fuzz] [--valgrind] - install the Debian
+# packages rrnserve needs to build and test (and, with --bench, to run the
+# PyTorch side of the benchmarks; with --fuzz, clang and its libFuzzer
+# runtime for make fuzz; with --valgrind, valgrind for make test-valgrind),
+# skipping the ones already installed so it costs nothing on a machine that
+# has them.  Uses sudo when not run as root.
 set -euo pipefail
 pkgs=(build-essential pkg-config libcjson-dev libssl-dev libcmocka-dev libopenblas-dev
-      libopenblas0-pthread libunistring-dev libmicrohttpd-dev libpng-dev chromium)
-[ "${1:-}" = "--bench" ] && pkgs+=(python3 python3-numpy python3-torch)
+      libopenblas0-pthread libunistring-dev libmicrohttpd-dev libpng-dev chromium
+      nginx openssl systemd python3 python3-yaml)
+for opt in "$@"; do
+    case "$opt" in
+    --bench) pkgs+=(python3 python3-numpy python3-torch) ;;
+    --fuzz) pkgs+=(clang libclang-rt-dev) ;;
+    --valgrind) pkgs+=(valgrind) ;;
+    *) echo "install-deps.sh: unknown option $opt" >&2; exit 2 ;;
+    esac
+done
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

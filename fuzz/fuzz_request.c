@@ -1,0 +1,113 @@
+/* fuzz_request.c - libFuzzer target for the request parsing of every
+ * endpoint: the input's first byte picks the handler of server/api.c
+ * (byte % 8: classify, score, attention, generate, models, healthz,
+ * readyz, metrics) and the rest is the request body.
+ *
+ * The handlers run as the server runs them, on a registry opened once over
+ * a temporary folder of links to five fixtures of tests/fixtures (so run
+ * from the repository root), on the CPU, with small limits (4096-byte
+ * texts, 16 tokens) so that valid requests are cheap.  A streamed
+ * generation is read to its end.  Every reply must carry a status and, but
+ * for a stream, a body.
+ */
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "api.h"
+#include "metrics.h"
+#include "registry.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static const char *const models[] = {"plain_lstm_l2_bi_last", "rra_dynamic_w3_l2_bi", "combo_lstm_lm", "tok_word_lm",
+                                     "tok_byte"};
+#define N_MODELS (sizeof models / sizeof models[0])
+
+static api_handler *const handlers[] = {api_classify, api_score,   api_attention, api_generate,
+                                        api_models,   api_healthz, api_readyz,    api_metrics};
+
+static char dir[64];
+static struct api api;
+
+static void link_path(char *out, size_t cap, size_t i)
+{
+    snprintf(out, cap, "%s/%s.safetensors", dir, models[i]);
+}
+
+static void remove_dir(void)
+{
+    char path[128];
+    for (size_t i = 0; i < N_MODELS; i++) {
+        link_path(path, sizeof path, i);
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
+static int never_gone(void *arg)
+{
+    (void)arg;
+    return 0;
+}
+
+static void open_registry(void)
+{
+    char err[512], cwd[PATH_MAX], target[PATH_MAX + 128], path[128];
+    snprintf(dir, sizeof dir, "/tmp/rrn_fuzz_req_XXXXXX");
+    if (!mkdtemp(dir)) {
+        perror("fuzz_request: mkdtemp");
+        exit(1);
+    }
+    atexit(remove_dir);
+    if (!getcwd(cwd, sizeof cwd)) {
+        perror("fuzz_request: getcwd");
+        exit(1);
+    }
+    for (size_t i = 0; i < N_MODELS; i++) {
+        snprintf(target, sizeof target, "%s/tests/fixtures/%s.safetensors", cwd, models[i]);
+        link_path(path, sizeof path, i);
+        if (access(target, R_OK) != 0 || symlink(target, path) != 0) {
+            fprintf(stderr, "fuzz_request: cannot link %s (run from the repository root)\n", target);
+            exit(1);
+        }
+    }
+    api.metrics = metrics_new();
+    struct registry_options ro = {.dir = dir, .device = DEVICE_CPU, .metrics = api.metrics,
+                                  .batch = {.max_batch = 8, .max_wait_us = 0, .max_queue = 64}};
+    api.lim = (struct api_limits){.max_text_bytes = 4096, .max_tokens = 16};
+    atomic_init(&api.stopping, 0);
+    if (!api.metrics || !(api.reg = registry_open(&ro, err, sizeof err))) {
+        fprintf(stderr, "fuzz_request: %s\n", api.metrics ? err : "out of memory");
+        exit(1);
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (!api.reg)
+        open_registry();
+    if (size < 1)
+        return 0;
+    struct reply r = {.batch_size = -1};
+    struct client c = {never_gone, NULL};
+    handlers[data[0] % (sizeof handlers / sizeof handlers[0])](&api, (const char *)data + 1, size - 1, &c, &r);
+    if (r.status < 200 || r.status > 599 || (!r.stream && !r.body))
+        abort();
+    if (r.stream) {
+        char buf[4096];
+        ssize_t n;
+        int reads = 0;
+        while ((n = api_stream_read(r.stream, buf, sizeof buf)) > 0)
+            if (++reads > 100000)
+                abort();
+        if (n < 0)
+            abort();
+        api_stream_free(r.stream);
+    }
+    free(r.body);
+    return 0;
+}

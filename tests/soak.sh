@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# soak.sh [LOADGEN] - a long mixed load against one `rrnserve serve` on
+# 127.0.0.1, watching the server's memory and file descriptors.  Not part
+# of make test (it runs SOAK_SECONDS, default 600); its figures are in
+# docs/reliability.md.
+#
+# Build first: make rrnserve build/cpu/bench/loadgen (or build/cuda/...).
+# 64 keep-alive clients in all, five bench/loadgen processes at once:
+# /classify 16 clients, /generate 12, /generate streamed 12, /score 12,
+# /attention 12, on fixture models (and models/sentiment.safetensors when it
+# exists).  --max-queue 16 makes the server refuse some work with 503 under
+# this load, so the refusal path is soaked too; every other error status is
+# a failure.  Every 10 s it samples the server's VmRSS, open fds and
+# threads (/proc/PID) into SOAK_OUT/samples.csv (SOAK_OUT defaults to a
+# temporary folder, printed); at the end it stops the server (SIGTERM) and
+# prints the loadgen results, the errors
+# by kind, and the samples.  Exits non-zero on an error other than 503, a
+# server that died or did not stop cleanly, or fds that grew.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+loadgen=${1:-$(ls build/*/bench/loadgen 2>/dev/null | head -1)}
+secs=${SOAK_SECONDS:-600}
+out=${SOAK_OUT:-$(mktemp -d /tmp/rrn_soak_XXXXXX)}
+[ -x "$loadgen" ] || { echo "soak.sh: no loadgen (make build/cpu/bench/loadgen)" >&2; exit 2; }
+[ -x ./rrnserve ] || { echo "soak.sh: no ./rrnserve (make)" >&2; exit 2; }
+mkdir -p "$out/models"
+# A copy, so that rebuilding ./rrnserve meanwhile does not touch the run.
+cp ./rrnserve "$out/rrnserve"
+for m in combo_lstm_lm rra_dynamic_w3_l2_bi plain_lstm_l2_bi_last tok_word_lm; do
+    cp "tests/fixtures/$m.safetensors" "$out/models/"
+done
+cls_model=plain_lstm_l2_bi_last
+if [ -f models/sentiment.safetensors ]; then
+    cp models/sentiment.safetensors "$out/models/"
+    cls_model=sentiment
+fi
+
+server_pid=
+cleanup() {
+    if [ -n "$server_pid" ]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+
+# Request bodies, one per line; {{seq}} is the request's number.
+cat >"$out/classify.txt" <<EOF
+{"model": "$cls_model", "text": "a quiet evening with a good book, nothing more to ask {{seq}}"}
+{"model": "rra_dynamic_w3_l2_bi", "texts": ["good day!", "a nice day", "what a terrible, dull afternoon"]}
+{"model": "plain_lstm_l2_bi_last", "text": "café — très bien 😀 {{seq}}"}
+EOF
+cat >"$out/generate.txt" <<'EOF'
+{"model": "combo_lstm_lm", "prompt": "the ", "max_tokens": 32, "seed": {{seq}}, "temperature": 0.8, "top_k": 20}
+{"model": "tok_word_lm", "prompt": "hello world", "max_tokens": 16, "seed": {{seq}}, "top_p": 0.9, "stop": "x"}
+EOF
+cat >"$out/stream.txt" <<'EOF'
+{"model": "combo_lstm_lm", "prompt": "good day", "max_tokens": 48, "seed": {{seq}}, "stream": true}
+{"model": "tok_word_lm", "prompt": "it is a good", "max_tokens": 24, "seed": {{seq}}, "stream": true}
+EOF
+cat >"$out/score.txt" <<'EOF'
+{"model": "tok_word_lm", "text": "the world is a good place {{seq}}"}
+{"model": "combo_lstm_lm", "texts": ["good day", "a nice day", "{{seq}} and more"]}
+EOF
+cat >"$out/attention.txt" <<'EOF'
+{"model": "rra_dynamic_w3_l2_bi", "text": "a nice day for a walk {{seq}}"}
+EOF
+
+# The server logs a line per request, millions in a long run: a filter
+# keeps their counts by method, path and status (written when the server
+# exits) and every other line.
+mkfifo "$out/log.fifo"
+unbuffered=() # mawk, Debian's awk, reads a pipe in blocks unless told not to
+awk -W version 2>&1 | grep -q mawk && unbuffered=(-W interactive)
+awk "${unbuffered[@]}" -v counts="$out/requests.txt" '
+    $2 ~ /^(GET|POST)$/ && NF >= 4 { n[$2 " " $3 " " $4]++; next }
+    { print; fflush() }
+    END { for (k in n) print n[k], k > counts }' <"$out/log.fifo" >"$out/server.log" &
+filter_pid=$!
+"$out/rrnserve" serve --models "$out/models" --port 0 --host 127.0.0.1 --device cpu --max-queue 16 \
+    2>"$out/log.fifo" &
+server_pid=$!
+port=
+for _ in $(seq 600); do
+    port=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out/server.log" | head -1)
+    [ -n "$port" ] && break
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+done
+[ -n "$port" ] || { echo "soak.sh: the server did not start:" >&2; cat "$out/server.log" >&2; exit 1; }
+echo "soak: server pid $server_pid on port $port, $secs s, output in $out"
+
+sample() {
+    local t=$1 rss fds threads
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$server_pid/status")
+    threads=$(awk '/^Threads:/ {print $2}' "/proc/$server_pid/status")
+    fds=$(ls "/proc/$server_pid/fd" | wc -l)
+    echo "$t,$rss,$fds,$threads" >>"$out/samples.csv"
+}
+echo "seconds,rss_kb,fds,threads" >"$out/samples.csv"
+sample 0
+
+run() { # NAME PATH CLIENTS
+    "$loadgen" --url "http://127.0.0.1:$port/$2" --body "$out/$1.txt" --clients "$3" --seconds "$secs" \
+        --timeout-ms 120000 >"$out/$1.json" 2>"$out/$1.err" &
+}
+run classify classify 16
+pids=$!
+run generate generate 12
+pids="$pids $!"
+run stream generate 12
+pids="$pids $!"
+run score score 12
+pids="$pids $!"
+run attention attention 12
+pids="$pids $!"
+
+start=$(date +%s)
+while :; do
+    sleep 10
+    now=$(( $(date +%s) - start ))
+    kill -0 "$server_pid" 2>/dev/null || { echo "soak.sh: the server died" >&2; tail -20 "$out/server.log" >&2; exit 1; }
+    sample "$now"
+    [ "$now" -ge "$secs" ] && break
+done
+failed=0
+for p in $pids; do wait "$p" || failed=1; done
+sleep 2
+sample "$(( $(date +%s) - start ))"
+kill "$server_pid"
+wait "$server_pid" || { echo "soak.sh: the server did not stop cleanly" >&2; failed=1; }
+server_pid=
+wait "$filter_pid"
+
+echo "loadgen results:"
+for n in classify generate stream score attention; do
+    printf '  %-9s %s\n' "$n" "$(cat "$out/$n.json")"
+done
+echo "server log, requests by status:"
+sort -rn "$out/requests.txt" | sed 's/^/  /'
+echo "samples (seconds, VmRSS kB, fds, threads):"
+sed 1d "$out/samples.csv" | sed 's/^/  /'
+bad=$(awk '$4 != 200 && $4 != 503 {n += $1} END {print n + 0}' "$out/requests.txt")
+conn=$(awk '{ while (match($0, /"conn":[0-9]+/)) { s += substr($0, RSTART + 7, RLENGTH - 7); $0 = substr($0, RSTART + RLENGTH) } }
+            END { print s + 0 }' "$out"/*.json)
+first_fds=$(sed -n 2p "$out/samples.csv" | cut -d, -f3)
+last_fds=$(tail -1 "$out/samples.csv" | cut -d, -f3)
+echo "errors other than 503 in the server log: $bad; connection errors at the clients: $conn"
+echo "fds at the start $first_fds, at the end (clients gone) $last_fds"
+[ "$failed" -eq 0 ] && [ "$bad" -eq 0 ] && [ "$conn" -eq 0 ] && [ "$last_fds" -le "$first_fds" ]

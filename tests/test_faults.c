@@ -1,0 +1,796 @@
+/* test_faults.c - `rrnserve serve` under faults, driven over real HTTP on
+ * 127.0.0.1 as tests/test_server.c drives it (a child process of $RRN_BIN,
+ * optionally under $RRN_SERVER_WRAPPER, on a temporary folder of fixture
+ * models): clients that reset their connection mid-stream, slow and idle
+ * clients against a short --timeout-s, oversized request heads, a flood of
+ * connections beyond --max-connections, a model too large for the memory
+ * the process may have (reloaded under an address-space limit), and a GPU
+ * that is not there.  After each fault the server must go on serving.
+ *
+ * test_server.c already covers a client that closes mid-stream (its stream
+ * is cancelled and the queued request gets the slot), SIGHUP with corrupt
+ * weight files (logged, the old model keeps serving) and SIGTERM under
+ * load (every accepted stream runs to its end), so they are not repeated.
+ *
+ * Every wait is bounded and nothing asserts how fast anything is, beyond
+ * "closed within a generous multiple of the timeout".
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "model.h"
+
+#define FIX "tests/fixtures/"
+/* Hang guards only. */
+#define SOCKET_TIMEOUT_S 120
+#define LOG_TIMEOUT_S 120
+#define EXIT_TIMEOUT_S 300
+
+/* ---- growing buffers ----------------------------------------------------- */
+
+struct buf {
+    char *p;
+    size_t len, cap;
+};
+
+static void buf_add(struct buf *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        b->cap = (b->len + n + 1) * 2;
+        b->p = realloc(b->p, b->cap);
+        if (!b->p)
+            abort();
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = 0;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* ---- the server as a child process -------------------------------------- */
+
+struct server {
+    pid_t pid;
+    int port;
+    int errfd;
+    pthread_t reader;
+    int reading;
+    pthread_mutex_t mu;
+    pthread_cond_t grew;
+    struct buf log;
+    int eof;
+    char dir[64];
+};
+
+static void *read_log(void *arg)
+{
+    struct server *s = arg;
+    char chunk[4096];
+    ssize_t n;
+    while ((n = read(s->errfd, chunk, sizeof chunk)) > 0 || (n < 0 && errno == EINTR)) {
+        if (n <= 0)
+            continue;
+        pthread_mutex_lock(&s->mu);
+        buf_add(&s->log, chunk, (size_t)n);
+        pthread_cond_broadcast(&s->grew);
+        pthread_mutex_unlock(&s->mu);
+    }
+    pthread_mutex_lock(&s->mu);
+    s->eof = 1;
+    pthread_cond_broadcast(&s->grew);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static int count_in(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = hay; hay && (p = strstr(p, needle)); p += strlen(needle))
+        n++;
+    return n;
+}
+
+/* Waits (bounded) until the log holds needle at least count times; returns
+ * how many times it does. */
+static int wait_log(struct server *s, const char *needle, int count)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += LOG_TIMEOUT_S;
+    pthread_mutex_lock(&s->mu);
+    while (count_in(s->log.p, needle) < count && !s->eof && pthread_cond_timedwait(&s->grew, &s->mu, &until) == 0)
+        ;
+    int n = count_in(s->log.p, needle);
+    pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
+static void copy_file(const char *from, const char *to)
+{
+    FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
+    assert_non_null(in);
+    assert_non_null(out);
+    char chunk[65536];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, in)) > 0)
+        assert_int_equal(fwrite(chunk, 1, n, out), n);
+    fclose(in);
+    assert_int_equal(fclose(out), 0);
+}
+
+static void remove_dir(const char *dir)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "cannot remove %s\n", dir);
+}
+
+static int wrapped(void)
+{
+    const char *w = getenv("RRN_SERVER_WRAPPER");
+    return w && *w;
+}
+
+/* Waits (bounded) for the child to exit; its wait status, or -1. */
+static int wait_exit(struct server *s)
+{
+    for (int i = 0; i < EXIT_TIMEOUT_S * 100; i++) {
+        int status;
+        if (waitpid(s->pid, &status, WNOHANG) == s->pid) {
+            s->pid = 0;
+            return status;
+        }
+        sleep_ms(10);
+    }
+    return -1;
+}
+
+/* Servers run under RRN_SERVER_WRAPPER that exited with valgrind's error
+ * status (99): main fails when there are any. */
+static int wrapper_errors;
+
+/* Stops the child (SIGTERM, so a wrapper can check for leaks as it
+ * exits; SIGKILL if it does not) and frees everything. */
+static void server_stop(struct server *s)
+{
+    if (!s)
+        return;
+    if (s->pid > 0 && kill(s->pid, SIGTERM) == 0) {
+        int status = wait_exit(s);
+        if (status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 99) {
+            pthread_mutex_lock(&s->mu);
+            fprintf(stderr, "the wrapped server reported errors; its output:\n%s\n", s->log.p ? s->log.p : "");
+            pthread_mutex_unlock(&s->mu);
+            wrapper_errors++;
+        }
+    }
+    if (s->pid > 0) {
+        kill(s->pid, SIGKILL);
+        waitpid(s->pid, NULL, 0);
+    }
+    if (s->reading)
+        pthread_join(s->reader, NULL);
+    if (s->errfd > 0)
+        close(s->errfd);
+    remove_dir(s->dir);
+    free(s->log.p);
+    pthread_cond_destroy(&s->grew);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+/* Starts `rrnserve serve` on a fresh folder holding the given fixtures,
+ * with extra arguments (NULL-terminated) and environment settings
+ * ("NAME=VALUE", NULL-terminated, may be NULL), and waits for its port. */
+static struct server *server_start(const char *const *models, const char *const *extra, const char *const *env)
+{
+    struct server *s = calloc(1, sizeof *s);
+    assert_non_null(s);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->grew, NULL);
+    snprintf(s->dir, sizeof s->dir, "/tmp/rrn_faults_XXXXXX");
+    assert_non_null(mkdtemp(s->dir));
+    for (int i = 0; models && models[i]; i++) {
+        char from[256], to[256];
+        snprintf(from, sizeof from, FIX "%s.safetensors", models[i]);
+        snprintf(to, sizeof to, "%s/%s.safetensors", s->dir, models[i]);
+        copy_file(from, to);
+    }
+    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
+    char wrapper[1024];
+    const char *argv[64];
+    int argc = 0;
+    snprintf(wrapper, sizeof wrapper, "%s", wrapped() ? getenv("RRN_SERVER_WRAPPER") : "");
+    for (char *w = strtok(wrapper, " "); w && argc < 32; w = strtok(NULL, " "))
+        argv[argc++] = w;
+    const char *own[] = {bin, "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1"};
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+        argv[argc++] = own[i];
+    for (int i = 0; extra && extra[i] && argc < 63; i++)
+        argv[argc++] = extra[i];
+    argv[argc] = NULL;
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    s->pid = fork();
+    assert_true(s->pid >= 0);
+    if (s->pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        for (int i = 0; env && env[i]; i++) {
+            char setting[256];
+            snprintf(setting, sizeof setting, "%s", env[i]);
+            char *eq = strchr(setting, '=');
+            if (!eq)
+                _exit(126);
+            *eq = 0;
+            setenv(setting, eq + 1, 1);
+        }
+        dup2(fds[1], STDERR_FILENO);
+        dup2(fds[1], STDOUT_FILENO);
+        close(fds[0]);
+        close(fds[1]);
+        execvp(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    s->errfd = fds[0];
+    assert_int_equal(pthread_create(&s->reader, NULL, read_log, s), 0);
+    s->reading = 1;
+    const char *line = "listening on http://127.0.0.1:";
+    if (wait_log(s, line, 1) == 1) {
+        pthread_mutex_lock(&s->mu);
+        s->port = atoi(strstr(s->log.p, line) + strlen(line));
+        pthread_mutex_unlock(&s->mu);
+    }
+    if (s->port <= 0) {
+        char out[8192];
+        pthread_mutex_lock(&s->mu);
+        snprintf(out, sizeof out, "%s", s->log.p ? s->log.p : "");
+        pthread_mutex_unlock(&s->mu);
+        server_stop(s);
+        fail_msg("the server did not start; its output:\n%s", out);
+    }
+    return s;
+}
+
+static int teardown_server(void **state)
+{
+    server_stop(*state);
+    *state = NULL;
+    return 0;
+}
+
+/* ---- HTTP over plain sockets -------------------------------------------- */
+
+static int connect_to(int port, int timeout_s)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct timeval tv = {.tv_sec = timeout_s};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int send_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Reads until the end of the connection (or its timeout): 1 when it ended
+ * (EOF or reset), 0 on the timeout. */
+static int read_all(int fd, struct buf *raw)
+{
+    char chunk[8192];
+    for (;;) {
+        ssize_t n = recv(fd, chunk, sizeof chunk, 0);
+        if (n > 0) {
+            buf_add(raw, chunk, (size_t)n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+    }
+}
+
+static void read_until(int fd, struct buf *raw, const char *needle)
+{
+    char chunk[8192];
+    ssize_t n;
+    while (!(raw->p && strstr(raw->p, needle)) && ((n = recv(fd, chunk, sizeof chunk, 0)) > 0 || (n < 0 && errno == EINTR)))
+        if (n > 0)
+            buf_add(raw, chunk, (size_t)n);
+}
+
+/* One request (Connection: close): the status, or -1 when there was no
+ * answer.  The body, when wanted, goes to *body (malloc'd). */
+static int request(int port, const char *method, const char *path, const char *body, char **out)
+{
+    char head[512];
+    int n = snprintf(head, sizeof head,
+                     "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n", method,
+                     path, body ? strlen(body) : 0);
+    struct buf raw = {0};
+    int fd = connect_to(port, SOCKET_TIMEOUT_S), status = -1;
+    if (fd >= 0) {
+        send_all(fd, head, (size_t)n);
+        if (body)
+            send_all(fd, body, strlen(body));
+        read_all(fd, &raw);
+        close(fd);
+    }
+    if (raw.p && sscanf(raw.p, "HTTP/1.%*d %d", &status) != 1)
+        status = -1;
+    if (out) {
+        const char *b = raw.p ? strstr(raw.p, "\r\n\r\n") : NULL;
+        *out = strdup(b ? b + 4 : "");
+        assert_non_null(*out);
+    }
+    free(raw.p);
+    return status;
+}
+
+static void expect_status(int port, const char *method, const char *path, const char *body, int want)
+{
+    char *out;
+    int got = request(port, method, path, body, &out);
+    if (got != want)
+        fail_msg("%s %s: status %d, not %d: %s", method, path, got, want, out);
+    free(out);
+}
+
+#define CLASSIFY "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good day!\"}"
+#define GENERATE "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 8, \"seed\": 1}"
+
+/* The server answers: health, a classification and a generation. */
+static void still_serving(int port)
+{
+    expect_status(port, "GET", "/healthz", NULL, 200);
+    expect_status(port, "POST", "/classify", CLASSIFY, 200);
+    expect_status(port, "POST", "/generate", GENERATE, 200);
+}
+
+static const char *const main_models[] = {"combo_lstm_lm", "plain_lstm_l2_bi_last", NULL};
+
+/* ---- clients that reset their connection mid-stream ------------------------ */
+
+#define N_RESETS 16
+
+static int setup_main(void **state)
+{
+    static const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", NULL};
+    *state = server_start(main_models, extra, NULL);
+    return 0;
+}
+
+/* Streams of a million tokens whose clients vanish with a TCP reset (not
+ * the orderly close test_server.c uses) after their first event, all at
+ * once: each is logged as 499 and its slot freed. */
+static void test_reset_mid_stream(void **state)
+{
+    struct server *s = *state;
+    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
+                       "\"stream\": true}";
+    char head[256];
+    int hn = snprintf(head, sizeof head,
+                      "POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\n\r\n%s", strlen(body),
+                      body);
+    int fds[N_RESETS];
+    for (int i = 0; i < N_RESETS; i++) {
+        fds[i] = connect_to(s->port, SOCKET_TIMEOUT_S);
+        assert_true(fds[i] >= 0);
+        assert_int_equal(send_all(fds[i], head, (size_t)hn), 0);
+    }
+    for (int i = 0; i < N_RESETS; i++) {
+        struct buf raw = {0};
+        read_until(fds[i], &raw, "\"index\":0");
+        assert_non_null(raw.p);
+        assert_non_null(strstr(raw.p, "\"index\":0"));
+        free(raw.p);
+    }
+    for (int i = 0; i < N_RESETS; i++) {
+        struct linger l = {.l_onoff = 1, .l_linger = 0};
+        assert_int_equal(setsockopt(fds[i], SOL_SOCKET, SO_LINGER, &l, sizeof l), 0);
+        close(fds[i]);
+    }
+    assert_int_equal(wait_log(s, "POST /generate 499", N_RESETS), N_RESETS);
+    still_serving(s->port);
+}
+
+/* ---- slow and idle clients ------------------------------------------------ */
+
+#define TIMEOUT_S 2
+#define N_SLOW 4
+/* A slow client gives up after this many bytes if the server has not
+ * closed it: the request head is longer, so it never completes. */
+#define SLOW_BYTES 40
+
+static int setup_short_timeout(void **state)
+{
+    static const char *const extra[] = {"--device", "cpu", "--timeout-s", "2", NULL};
+    *state = server_start(main_models, extra, NULL);
+    return 0;
+}
+
+struct slow_client {
+    int port;
+    int closed;       /* the server closed the connection */
+    int sent;         /* bytes sent before that */
+    double seconds;   /* from connecting to the close */
+};
+
+/* Sends a request head a byte a second, watching for the server's close. */
+static void *slow_main(void *arg)
+{
+    struct slow_client *c = arg;
+    const char *head = "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    int fd = connect_to(c->port, 1);
+    if (fd < 0)
+        return NULL;
+    double t0 = now_s();
+    for (int i = 0; i < SLOW_BYTES && !c->closed; i++) {
+        if (send(fd, head + i, 1, MSG_NOSIGNAL) != 1) {
+            c->closed = 1;
+            break;
+        }
+        c->sent++;
+        char b;
+        ssize_t n = recv(fd, &b, 1, 0); /* waits up to the 1 s socket timeout */
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            c->closed = 1;
+    }
+    c->seconds = now_s() - t0;
+    close(fd);
+    return NULL;
+}
+
+/* Clients that send nothing are closed after --timeout-s, and so are
+ * clients that send a byte a second and never complete their request (the
+ * idle timeout alone let them stay: http.c's watchdog closes them).  Other
+ * clients are served meanwhile. */
+static void test_slow_clients(void **state)
+{
+    struct server *s = *state;
+    static struct slow_client slow[N_SLOW];
+    pthread_t threads[N_SLOW];
+    for (int i = 0; i < N_SLOW; i++) {
+        slow[i] = (struct slow_client){.port = s->port};
+        assert_int_equal(pthread_create(&threads[i], NULL, slow_main, &slow[i]), 0);
+    }
+    /* An idle client: closed by the timeout. */
+    int idle = connect_to(s->port, 10 * TIMEOUT_S + 30);
+    assert_true(idle >= 0);
+    double t0 = now_s();
+    /* Meanwhile others are served. */
+    for (int i = 0; i < 10; i++)
+        expect_status(s->port, "POST", "/classify", CLASSIFY, 200);
+    char b;
+    ssize_t n = recv(idle, &b, 1, 0);
+    double idle_s = now_s() - t0;
+    close(idle);
+    assert_true(n == 0 || (n < 0 && errno == ECONNRESET));
+    if (idle_s > 10 * TIMEOUT_S + 20)
+        fail_msg("an idle connection was closed after %.1f s, with --timeout-s %d", idle_s, TIMEOUT_S);
+    for (int i = 0; i < N_SLOW; i++)
+        pthread_join(threads[i], NULL);
+    for (int i = 0; i < N_SLOW; i++)
+        if (!slow[i].closed)
+            fail_msg("a client sending a byte a second was still connected after %d bytes (%.1f s), with "
+                     "--timeout-s %d",
+                     slow[i].sent, slow[i].seconds, TIMEOUT_S);
+    still_serving(s->port);
+}
+
+/* ---- oversized request heads --------------------------------------------- */
+
+/* Sends bytes as a request; the status of the answer, 0 when the server
+ * closed the connection without one. */
+static int send_raw(int port, const char *bytes, size_t len)
+{
+    int fd = connect_to(port, SOCKET_TIMEOUT_S);
+    assert_true(fd >= 0);
+    send_all(fd, bytes, len); /* the server may close before the end */
+    struct buf raw = {0};
+    int ended = read_all(fd, &raw), status = 0;
+    close(fd);
+    assert_true(ended);
+    if (raw.p && sscanf(raw.p, "HTTP/1.%*d %d", &status) != 1)
+        status = -1;
+    free(raw.p);
+    return status;
+}
+
+/* A head of len bytes: one long header, many short ones, or a long URL. */
+static char *big_head(int kind, size_t len, size_t *out_len)
+{
+    struct buf b = {0};
+    if (kind == 2) {
+        buf_add(&b, "GET /", 5);
+        while (b.len < len)
+            buf_add(&b, "a", 1);
+        buf_add(&b, " HTTP/1.1\r\nHost: 127.0.0.1\r\n", 28);
+    } else {
+        buf_add(&b, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n", 40);
+        if (kind == 0)
+            buf_add(&b, "X-Big: ", 7);
+        while (b.len < len) {
+            if (kind == 0) {
+                buf_add(&b, "a", 1);
+            } else {
+                char line[32];
+                int n = snprintf(line, sizeof line, "X-H%zu: v\r\n", b.len);
+                buf_add(&b, line, (size_t)n);
+            }
+        }
+        if (kind == 0)
+            buf_add(&b, "\r\n", 2);
+    }
+    buf_add(&b, "\r\n", 2);
+    *out_len = b.len;
+    return b.p;
+}
+
+/* Heads past the per-connection memory (128 KiB) are answered 431 (or
+ * 414 for a URL) or closed, never crash the server; one well within it
+ * is served. */
+static void test_oversized_headers(void **state)
+{
+    struct server *s = *state;
+    for (int kind = 0; kind < 3; kind++) {
+        size_t len;
+        char *head = big_head(kind, 1 << 20, &len);
+        int status = send_raw(s->port, head, len);
+        free(head);
+        if (status != 0 && status != 431 && status != 414 && status != 400)
+            fail_msg("a request head of %zu bytes (kind %d) was answered %d", len, kind, status);
+    }
+    size_t len;
+    char *head = big_head(0, 8 << 10, &len);
+    assert_int_equal(send_raw(s->port, head, len), 200);
+    free(head);
+    still_serving(s->port);
+}
+
+/* ---- a flood of connections -------------------------------------------- */
+
+#define MAX_CONN 8
+#define N_FLOOD 32
+
+static int setup_few_connections(void **state)
+{
+    static const char *const extra[] = {"--device", "cpu", "--max-connections", "8", "--timeout-s", "60", NULL};
+    *state = server_start(main_models, extra, NULL);
+    return 0;
+}
+
+/* Whether fd has something to read (an answer, or its end) within ms. */
+static int readable(int fd, int ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, ms) > 0;
+}
+
+/* MAX_CONN kept-alive connections hold every place.  libmicrohttpd then
+ * stops accepting: N_FLOOD more connections wait in the kernel's listen
+ * backlog, unanswered and not closed, while the server goes on serving
+ * the connections it has; when the holders leave, the waiting ones are
+ * accepted and answered in turn. */
+static void test_connection_flood(void **state)
+{
+    struct server *s = *state;
+    int hold[MAX_CONN], flood[N_FLOOD];
+    const char *ping = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    const char *ping_close = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    for (int i = 0; i < MAX_CONN; i++) {
+        struct buf raw = {0};
+        hold[i] = connect_to(s->port, SOCKET_TIMEOUT_S);
+        assert_true(hold[i] >= 0);
+        assert_int_equal(send_all(hold[i], ping, strlen(ping)), 0);
+        read_until(hold[i], &raw, "\"ok\"");
+        assert_non_null(raw.p);
+        assert_non_null(strstr(raw.p, " 200 "));
+        free(raw.p);
+    }
+    for (int i = 0; i < N_FLOOD; i++) {
+        flood[i] = connect_to(s->port, SOCKET_TIMEOUT_S);
+        assert_true(flood[i] >= 0);
+        assert_int_equal(send_all(flood[i], ping_close, strlen(ping_close)), 0);
+    }
+    for (int i = 0; i < N_FLOOD; i++)
+        assert_false(readable(flood[i], i == 0 ? 2000 : 0));
+    /* The holders are still served. */
+    for (int i = 0; i < MAX_CONN; i++) {
+        struct buf raw = {0};
+        assert_int_equal(send_all(hold[i], ping, strlen(ping)), 0);
+        read_until(hold[i], &raw, "\"ok\"");
+        assert_non_null(raw.p);
+        free(raw.p);
+        close(hold[i]);
+    }
+    for (int i = 0; i < N_FLOOD; i++) {
+        struct buf raw = {0};
+        assert_true(read_all(flood[i], &raw));
+        close(flood[i]);
+        if (!raw.p || !strstr(raw.p, " 200 "))
+            fail_msg("waiting connection %d: %s", i, raw.p ? raw.p : "closed without an answer");
+        free(raw.p);
+    }
+    still_serving(s->port);
+}
+
+/* ---- a model too large for the memory the process may have ----------------- */
+
+static int setup_one_model(void **state)
+{
+    static const char *const models[] = {"plain_lstm_l2_bi_last", NULL};
+    static const char *const extra[] = {"--device", "cpu", NULL};
+    *state = server_start(models, extra, NULL);
+    return 0;
+}
+
+/* VmSize of a process, in bytes, or -1. */
+static long long vm_size(pid_t pid)
+{
+    char path[64], line[256];
+    long long kb = -1;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmSize: %lld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb < 0 ? -1 : kb * 1024;
+}
+
+/* A valid weight file of about 68 MB (an LSTM of 2 layers, H = E = 1024,
+ * zero weights) at path. */
+static void write_big_model(const char *path)
+{
+    const char *json = "{\"task\": \"classify\", \"cell\": \"lstm\", \"hidden\": 1024, \"layers\": 2, \"embed_dim\": "
+                       "1024, \"pool\": \"last\", \"classes\": [\"a\", \"b\"], \"tokenizer\": {\"type\": \"byte\"}}";
+    char err[512];
+    struct model_config cfg;
+    struct model m;
+    assert_int_equal(config_parse(json, &cfg, err, sizeof err), 0);
+    if (model_alloc(&m, &cfg, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    model_free(&m);
+}
+
+/* The server's address space is limited (prlimit(1)) to what it uses plus
+ * 96 MB; a reload then meets a valid 68 MB file whose weights need as much
+ * again: it is logged as out of memory and the model already loaded keeps
+ * serving.  Skipped under sanitizers and valgrind, which need address
+ * space of their own, and without prlimit. */
+static void test_model_too_large_for_memory(void **state)
+{
+    struct server *s = *state;
+    if (wrapped() || getenv("ASAN_OPTIONS") || system("prlimit --version >/dev/null 2>&1") != 0)
+        skip();
+    expect_status(s->port, "POST", "/classify", CLASSIFY, 200); /* every lazy allocation made */
+    char tmp[128], dst[128], cmd[256];
+    snprintf(tmp, sizeof tmp, "%s/big.tmp", s->dir);
+    snprintf(dst, sizeof dst, "%s/big.safetensors", s->dir);
+    write_big_model(tmp);
+    long long vm = vm_size(s->pid);
+    assert_true(vm > 0);
+    snprintf(cmd, sizeof cmd, "prlimit --pid %d --as=%lld", (int)s->pid, vm + (96LL << 20));
+    assert_int_equal(system(cmd), 0);
+    assert_int_equal(rename(tmp, dst), 0);
+    assert_int_equal(kill(s->pid, SIGHUP), 0);
+    assert_int_equal(wait_log(s, "reloaded ", 1), 1);
+    assert_int_equal(wait_log(s, "model big: cannot load", 1), 1);
+    assert_int_equal(wait_log(s, "out of memory", 1), 1);
+    char *models;
+    assert_int_equal(request(s->port, "GET", "/models", NULL, &models), 200);
+    assert_non_null(strstr(models, "plain_lstm_l2_bi_last"));
+    assert_null(strstr(models, "\"big\""));
+    free(models);
+    expect_status(s->port, "POST", "/classify", CLASSIFY, 200);
+    expect_status(s->port, "POST", "/classify", "{\"model\": \"big\", \"text\": \"a\"}", 404);
+}
+
+/* ---- GPUs ----------------------------------------------------------------- */
+
+/* --device cuda where no GPU can be used (CUDA_VISIBLE_DEVICES hides any,
+ * and a build without CUDA has none): each model is logged as not loaded,
+ * the server runs unready, and stops cleanly. */
+static void test_gpu_unavailable(void **state)
+{
+    (void)state;
+    static const char *const models[] = {"plain_lstm_l2_bi_last", NULL};
+    static const char *const extra[] = {"--device", "cuda", NULL};
+    static const char *const env[] = {"CUDA_VISIBLE_DEVICES=", NULL};
+    struct server *s = server_start(models, extra, env);
+    assert_int_equal(wait_log(s, "model plain_lstm_l2_bi_last: cannot load", 1), 1);
+    assert_int_equal(wait_log(s, "CUDA", 1), 1);
+    expect_status(s->port, "GET", "/healthz", NULL, 200);
+    expect_status(s->port, "GET", "/readyz", NULL, 503);
+    expect_status(s->port, "POST", "/classify", CLASSIFY, 404);
+    assert_int_equal(kill(s->pid, SIGTERM), 0);
+    int status = wait_exit(s);
+    assert_true(status != -1 && WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    server_stop(s);
+}
+
+/* A GPU failing while it serves needs a GPU to fail: skipped on machines
+ * without one (see docs/reliability.md for what is left to do there). */
+static void test_gpu_error_while_serving(void **state)
+{
+    (void)state;
+    struct stat st;
+    fprintf(stderr, "[  INFO    ] %s\n",
+            stat("/dev/nvidia0", &st) != 0 ? "no GPU (/dev/nvidia0): a GPU error while serving is not tested"
+                                           : "a GPU is present, but no GPU fault can be injected yet");
+    skip();
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_reset_mid_stream, setup_main, teardown_server),
+        cmocka_unit_test_setup_teardown(test_slow_clients, setup_short_timeout, teardown_server),
+        cmocka_unit_test_setup_teardown(test_oversized_headers, setup_main, teardown_server),
+        cmocka_unit_test_setup_teardown(test_connection_flood, setup_few_connections, teardown_server),
+        cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, teardown_server),
+        cmocka_unit_test(test_gpu_unavailable),
+        cmocka_unit_test(test_gpu_error_while_serving),
+    };
+    int rc = cmocka_run_group_tests_name("faults", tests, NULL, NULL);
+    if (wrapper_errors)
+        fprintf(stderr, "%d wrapped server(s) reported errors\n", wrapper_errors);
+    return rc || wrapper_errors ? 1 : 0;
+}
