@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "engine.h"
 #include "tokenizer.h"
@@ -365,10 +366,14 @@ static int is_lm(const char *name)
     return lm;
 }
 
+/* A fixture is NAME.json beside NAME.safetensors (other JSON files, such
+ * as the optimizer fixtures, are not models). */
 static int is_fixture(const struct dirent *d)
 {
     size_t n = strlen(d->d_name);
-    return n > 5 && strcmp(d->d_name + n - 5, ".json") == 0;
+    char path[512];
+    snprintf(path, sizeof path, FIXTURE_DIR "/%.*s.safetensors", (int)n - 5, d->d_name);
+    return n > 5 && strcmp(d->d_name + n - 5, ".json") == 0 && access(path, R_OK) == 0;
 }
 
 int main(void)
