@@ -56,6 +56,7 @@ struct options {
     unsigned long long seed;
     long valid_every, checkpoint_every, log_every;
     int keep_best;             /* write the weights of the best validation */
+    const char *init_from;     /* start from this weight file's weights */
     const char *out;
     enum device_kind device;
 };
@@ -219,7 +220,7 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     static const char *const keys[] = {"model",       "data",       "optim",   "init",      "vocab",
                                        "batch_size",  "bptt",       "epochs",  "steps",     "dropout",  "dropout_embed",
                                        "seed",        "valid_every", "checkpoint_every", "log_every",
-                                       "keep_best",   "out",        "device"};
+                                       "keep_best",   "init_from",  "out",        "device"};
     for (const cJSON *k = root->child; k; k = k->next) {
         size_t i = 0;
         while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
@@ -304,6 +305,10 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     if (!cJSON_IsString(out) || !strstr(out->valuestring, ".safetensors"))
         return error_fmt(err, errlen, "config: \"out\" must be the path of the weight file to write (NAME.safetensors)");
     o->out = out->valuestring;
+    const cJSON *from = field(root, "init_from");
+    if (from && !cJSON_IsString(from))
+        return error_fmt(err, errlen, "config: \"init_from\" must be the path of a weight file");
+    o->init_from = from ? from->valuestring : NULL;
     const cJSON *dev = field(root, "device");
     o->device = DEVICE_CPU;
     if (dev && !(cJSON_IsString(dev) && (strcmp(dev->valuestring, "cpu") == 0 || strcmp(dev->valuestring, "cuda") == 0)))
@@ -938,10 +943,22 @@ static int train(struct run *r, char *err, size_t errlen)
     free(model_json);
     if (rc)
         return -1;
-    if (r->resume) {
+    if (r->resume || o->init_from) {
+        /* Continue a run, or fine-tune the weights of another with the same
+         * architecture and vocabulary. */
+        const char *from = r->resume ? r->resume : o->init_from;
+        char *want = config_to_json(&cfg), *have = NULL;
         config_free(&cfg);
-        if (model_load(r->resume, &r->model, err, errlen))
+        if (model_load(from, &r->model, err, errlen)) {
+            free(want);
             return -1;
+        }
+        have = config_to_json(&r->model.cfg);
+        int same = want && have && strcmp(want, have) == 0;
+        free(want);
+        free(have);
+        if (!same)
+            return error_fmt(err, errlen, "%s holds a model of another configuration than \"model\"", from);
     } else {
         if (model_alloc(&r->model, &cfg, err, errlen))
             return -1;
