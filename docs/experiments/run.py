@@ -135,7 +135,7 @@ def austen(out_dir, quick):
                       "tokenizer": {"type": "char"}},
             "data": {"train": [os.path.join(DATA, "austen", n) for n in novels]},
             "optim": {"name": "adam", "lr": 0.002, "clip_norm": 1.0},
-            "batch_size": 32, "bptt": 64, "steps": 100 if quick else 600, "log_every": 50}
+            "batch_size": 32, "bptt": 64, "steps": 100 if quick else 300, "log_every": 50}
     print("\n### (c) RRN against LSTM, 3 layers, Austen character model\n")
     print("| model | steps | training loss over the last 50 steps (nats/char) | seconds per run |")
     print("| --- | --- | --- | --- |")
