@@ -323,18 +323,26 @@ __device__ float block_max(float v, float *shared)
     return m;
 }
 
+/* A row's maximum and sum of exp(x - max), for every thread of the block:
+ * what both softmax kernels start from. */
+__device__ void row_max_sumexp(const float *row, int width, float *shared, float *mx, float *sum)
+{
+    float m = -INFINITY;
+    for (int k = threadIdx.x; k < width; k += blockDim.x)
+        m = fmaxf(m, row[k]);
+    m = block_max(m, shared);
+    float part = 0.0f;
+    for (int k = threadIdx.x; k < width; k += blockDim.x)
+        part += expf(row[k] - m);
+    *sum = block_sum(part, shared);
+    *mx = m;
+}
+
 __global__ void softmax_rows_kernel(float *x, int width)
 {
     __shared__ float red[8];
-    float *row = x + (long)blockIdx.x * width;
-    float mx = -INFINITY;
-    for (int k = threadIdx.x; k < width; k += blockDim.x)
-        mx = fmaxf(mx, row[k]);
-    mx = block_max(mx, red);
-    float part = 0.0f;
-    for (int k = threadIdx.x; k < width; k += blockDim.x)
-        part += expf(row[k] - mx);
-    float sum = block_sum(part, red);
+    float *row = x + (long)blockIdx.x * width, mx, sum;
+    row_max_sumexp(row, width, red, &mx, &sum);
     for (int k = threadIdx.x; k < width; k += blockDim.x)
         row[k] = expf(row[k] - mx) / sum;
 }
@@ -356,14 +364,8 @@ __global__ void log_softmax_pick_kernel(const float *x, int width, const int *ta
         return;
     }
     const float *row = x + (long)r * width;
-    float mx = -INFINITY;
-    for (int k = threadIdx.x; k < width; k += blockDim.x)
-        mx = fmaxf(mx, row[k]);
-    mx = block_max(mx, red);
-    float part = 0.0f;
-    for (int k = threadIdx.x; k < width; k += blockDim.x)
-        part += expf(row[k] - mx);
-    float sum = block_sum(part, red);
+    float mx, sum;
+    row_max_sumexp(row, width, red, &mx, &sum);
     if (threadIdx.x == 0)
         out[r] = (row[target[r]] - mx) - logf(sum);
 }
