@@ -53,6 +53,7 @@ struct options {
     double epochs;
     long steps;                /* 0: from epochs */
     float dropout, dropout_embed;
+    double state_reset;        /* lm: chance a window starts from the zero state */
     unsigned long long seed;
     long valid_every, checkpoint_every, log_every;
     int keep_best;             /* write the weights of the best validation */
@@ -218,7 +219,7 @@ static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t
 static int parse_options(cJSON *root, struct options *o, char *err, size_t errlen)
 {
     static const char *const keys[] = {"model",       "data",       "optim",   "init",      "vocab",
-                                       "batch_size",  "bptt",       "epochs",  "steps",     "dropout",  "dropout_embed",
+                                       "batch_size",  "bptt",       "epochs",  "steps",     "dropout",  "dropout_embed", "state_reset",
                                        "seed",        "valid_every", "checkpoint_every", "log_every",
                                        "keep_best",   "init_from",  "out",        "device"};
     for (const cJSON *k = root->child; k; k = k->next) {
@@ -288,6 +289,8 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     if (get_num(root, "dropout_embed", "", 0, 0.99, 0, &v, err, errlen))
         return -1;
     o->dropout_embed = (float)v;
+    if (get_num(root, "state_reset", "", 0, 1, 0, &o->state_reset, err, errlen))
+        return -1;
     if (get_num(root, "seed", "", 0, 9007199254740991.0, 1, &v, err, errlen))
         return -1;
     o->seed = (unsigned long long)v;
@@ -529,6 +532,39 @@ static int open_data(struct run *r, char *err, size_t errlen)
     return 0;
 }
 
+/* A new pass over the corpus starts every stream afresh.  Besides, each
+ * window drops its carried state with chance state_reset: serving starts
+ * every text from the zero state, which carried streams otherwise meet
+ * only once a pass.  A batch's slots advance in step, so a dropped state
+ * becomes zeros at the stream's position rather than a fresh slot.  The
+ * draws depend on the step's seed alone, so a resumed run makes the same
+ * ones. */
+static int lm_reset_streams(struct run *r, int new_pass, unsigned long long step_seed)
+{
+    if (new_pass) {
+        for (int i = 0; i < r->o.batch; i++) {
+            engine_slot_close(r->e, r->slots[i]);
+            r->slots[i] = engine_slot_open(r->e);
+        }
+        return 0;
+    }
+    struct rng g;
+    rng_seed(&g, step_seed ^ 0x9e3779b97f4a7c15ULL);
+    float *zeros = NULL;
+    for (int i = 0; i < r->o.batch; i++) {
+        if (rng_uniform(&g) >= r->o.state_reset)
+            continue;
+        if (!zeros && !(zeros = calloc(engine_slot_state_len(r->e), sizeof *zeros)))
+            return -1;
+        if (engine_slot_restore(r->e, r->slots[i], zeros, engine_slot_position(r->e, r->slots[i]))) {
+            free(zeros);
+            return -1;
+        }
+    }
+    free(zeros);
+    return 0;
+}
+
 /* One training step's batch through the engine; adds to res. */
 static int train_step(struct run *r, struct train_result *res, char *err, size_t errlen)
 {
@@ -536,17 +572,16 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
     /* Each step its own masks, the same ones on every run. */
     const struct train_options topt = {o->dropout, o->dropout_embed, o->seed * 1000003ULL + (unsigned long long)r->step};
     if (is_lm(r)) {
-        if (lm_windows_next(&r->win, r->window)) {
-            /* A new pass over the corpus: every stream starts afresh. */
-            for (int i = 0; i < o->batch; i++) {
-                engine_slot_close(r->e, r->slots[i]);
-                r->slots[i] = engine_slot_open(r->e);
-            }
-            r->epoch = r->win.epoch;
-        }
         struct engine_seq *q = calloc((size_t)o->batch, sizeof *q);
         if (!q)
             return error_fmt(err, errlen, "out of memory");
+        int new_pass = lm_windows_next(&r->win, r->window);
+        if (lm_reset_streams(r, new_pass, topt.seed)) {
+            free(q);
+            return error_fmt(err, errlen, "cannot reset a stream's state");
+        }
+        if (new_pass)
+            r->epoch = r->win.epoch;
         for (int i = 0; i < o->batch; i++) {
             int32_t *w = r->window + (size_t)i * (o->bptt + 1);
             q[i] = (struct engine_seq){.tokens = w, .len = o->bptt, .slot = r->slots[i], .next = w + o->bptt};
