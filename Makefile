@@ -34,6 +34,7 @@ SERVER_SRC := $(wildcard server/*.c)
 TRAIN_SRC  := $(wildcard train/*.c)
 CLI_SRC    := $(wildcard cli/*.c)
 TEST_SRC   := $(wildcard tests/test_*.c)
+SUPPORT_SRC := $(wildcard tests/support/*.c)
 
 ifeq ($(CUDA),1)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
@@ -64,6 +65,9 @@ $(eval $(call objects,$(BUILD)/asan,$(SAN)))
 lib_objs    = $(ENGINE_SRC:%.c=$(1)/%.o) $(SERVER_SRC:%.c=$(1)/%.o) $(TRAIN_SRC:%.c=$(1)/%.o) $(if $(filter 1,$(CUDA)),$(CU_SRC:%.cu=$(1)/%.cu.o))
 cli_objs    = $(CLI_SRC:%.c=$(1)/%.o)
 test_bins   = $(TEST_SRC:tests/%.c=$(1)/tests/%)
+# The harness the tests share (tests/support/: servers, HTTP, commands,
+# files), linked into every test binary.
+support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
@@ -76,10 +80,13 @@ rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: $(BUILD)/tests/%.o $(call lib_objs,$(BUILD))
+# Static pattern rules: a bare $(BUILD)/tests/% would also offer itself
+# for the support objects below tests/.
+$(call test_bins,$(BUILD)): $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call support_objs,$(BUILD)) $(call lib_objs,$(BUILD))
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka -lpng -lssl
-$(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call lib_objs,$(BUILD)/asan)
+$(call test_bins,$(BUILD)/asan): $(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call support_objs,$(BUILD)/asan) \
+                                 $(call lib_objs,$(BUILD)/asan)
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka -lpng -lssl
 $(BUILD)/asan/rrnserve: $(call lib_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan)

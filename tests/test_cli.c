@@ -14,61 +14,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
+#include "support/fixtures.h"
+#include "support/proc.h"
+
 #define FIX "tests/fixtures/"
-
-/* Run a shell command; its stdout and stderr (merged) go to *out. */
-static int run(char **out, const char *fmt, ...)
-{
-    char cmd[2048], tail[1800];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(tail, sizeof tail, fmt, ap);
-    va_end(ap);
-    const char *bin = getenv("RRN_BIN");
-    /* 2>&1 first, so a command that redirects stderr itself wins. */
-    snprintf(cmd, sizeof cmd, "%s 2>&1 %s", bin ? bin : "./rrnserve", tail);
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    assert_non_null(buf);
-    size_t got;
-    while ((got = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            buf = realloc(buf, cap *= 2);
-            assert_non_null(buf);
-        }
-    }
-    buf[n] = 0;
-    int status = pclose(p);
-    *out = buf;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static cJSON *fixture(const char *name)
-{
-    char path[256];
-    snprintf(path, sizeof path, FIX "%s.json", name);
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    static char buf[1 << 20];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    cJSON *j = cJSON_Parse(buf);
-    assert_non_null(j);
-    return j;
-}
 
 static void test_version(void **state)
 {
     (void)state;
     char *out;
-    assert_int_equal(run(&out, "--version"), 0);
+    assert_int_equal(proc_rrnserve(&out, NULL, "--version"), 0);
     assert_non_null(strstr(out, "rrnserve "));
     assert_non_null(strstr(out, "cpu"));
     free(out);
@@ -77,12 +34,12 @@ static void test_version(void **state)
 static void test_run_classify_text(void **state)
 {
     (void)state;
-    cJSON *fx = fixture("plain_lstm_l2_bi_last");
+    cJSON *fx = fixture_json("plain_lstm_l2_bi_last");
     const char *text = cJSON_GetArrayItem(cJSON_GetObjectItem(fx, "texts"), 2)->valuestring;
     const cJSON *want = cJSON_GetArrayItem(cJSON_GetObjectItem(fx, "probabilities"), 2);
     const cJSON *classes = cJSON_GetObjectItem(cJSON_GetObjectItem(fx, "config"), "classes");
     char *out;
-    assert_int_equal(run(&out, "run " FIX "plain_lstm_l2_bi_last.safetensors --text '%s'", text), 0);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "plain_lstm_l2_bi_last.safetensors --text '%s'", text), 0);
     cJSON *got = cJSON_Parse(out);
     assert_non_null(got);
     const cJSON *probs = cJSON_GetObjectItem(got, "probabilities");
@@ -107,7 +64,7 @@ static void test_run_classify_text(void **state)
 static void test_run_lm_file_and_jsonl(void **state)
 {
     (void)state;
-    cJSON *fx = fixture("combo_lstm_lm");
+    cJSON *fx = fixture_json("combo_lstm_lm");
     const cJSON *texts = cJSON_GetObjectItem(fx, "texts"), *lp = cJSON_GetObjectItem(fx, "logprob");
     char dir[] = "/tmp/rrn_cli_XXXXXX", path[64], *out;
     assert_non_null(mkdtemp(dir));
@@ -115,7 +72,7 @@ static void test_run_lm_file_and_jsonl(void **state)
     FILE *f = fopen(path, "w");
     fputs(cJSON_GetArrayItem(texts, 2)->valuestring, f);
     fclose(f);
-    assert_int_equal(run(&out, "run " FIX "combo_lstm_lm.safetensors --file %s", path), 0);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm_lm.safetensors --file %s", path), 0);
     cJSON *got = cJSON_Parse(out);
     assert_non_null(got);
     double L = cJSON_GetObjectItem(got, "logprob")->valuedouble;
@@ -138,7 +95,8 @@ static void test_run_lm_file_and_jsonl(void **state)
         cJSON_Delete(line);
     }
     fclose(f);
-    assert_int_equal(run(&out, "run " FIX "combo_lstm_lm.safetensors --batch 2 --jsonl %s 2>/dev/null", path), 1);
+    assert_int_equal(
+        proc_rrnserve(&out, NULL, "run " FIX "combo_lstm_lm.safetensors --batch 2 --jsonl %s 2>/dev/null", path), 1);
     char *save, *line = strtok_r(out, "\n", &save);
     for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts); i++, line = strtok_r(NULL, "\n", &save)) {
         assert_non_null(line);
@@ -163,7 +121,7 @@ static void test_info(void **state)
 {
     (void)state;
     char *out;
-    assert_int_equal(run(&out, "info " FIX "rra_static_w3_l2_bi.safetensors"), 0);
+    assert_int_equal(proc_rrnserve(&out, NULL, "info " FIX "rra_static_w3_l2_bi.safetensors"), 0);
     assert_non_null(strstr(out, "data_sha256: ok"));
     assert_non_null(strstr(out, "rnn.attention_logits_l1_reverse"));
     assert_non_null(strstr(out, "\"static\""));
@@ -174,25 +132,25 @@ static void test_bad_usage(void **state)
 {
     (void)state;
     char *out;
-    assert_int_equal(run(&out, "run " FIX "combo_lstm.safetensors"), 2);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors"), 2);
     assert_non_null(strstr(out, "usage"));
     free(out);
-    assert_int_equal(run(&out, "run " FIX "combo_lstm.safetensors --text a --file b"), 2);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --file b"), 2);
     free(out);
-    assert_int_equal(run(&out, "run " FIX "combo_lstm.safetensors --text a --device tpu"), 2);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --device tpu"), 2);
     assert_non_null(strstr(out, "--device"));
     free(out);
-    assert_int_equal(run(&out, "run /nonexistent.safetensors --text a"), 1);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run /nonexistent.safetensors --text a"), 1);
     assert_non_null(strstr(out, "/nonexistent.safetensors"));
     free(out);
-    assert_int_equal(run(&out, "info /nonexistent.safetensors"), 1);
+    assert_int_equal(proc_rrnserve(&out, NULL, "info /nonexistent.safetensors"), 1);
     assert_non_null(strstr(out, "/nonexistent.safetensors"));
     free(out);
-    assert_int_equal(run(&out, "frobnicate"), 2);
+    assert_int_equal(proc_rrnserve(&out, NULL, "frobnicate"), 2);
     assert_non_null(strstr(out, "unknown command"));
     free(out);
     /* A text with no tokens (the word tokenizer drops punctuation). */
-    assert_int_equal(run(&out, "run " FIX "tok_word.safetensors --text '...'"), 1);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "tok_word.safetensors --text '...'"), 1);
     assert_non_null(strstr(out, "no tokens"));
     free(out);
 }
@@ -211,7 +169,7 @@ static void test_corrupt_file(void **state)
     fwrite(buf, 1, n, o);
     fclose(in);
     fclose(o);
-    assert_int_equal(run(&out, "run %s --text abc", path), 1);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run %s --text abc", path), 1);
     assert_non_null(strstr(out, "checksum"));
     assert_non_null(strstr(out, "bad.safetensors"));
     free(out);

@@ -43,6 +43,10 @@
 
 #include "notify.h"
 
+#include "support/files.h"
+#include "support/proc.h"
+#include "support/timing.h"
+
 /* Hang guards only: no test asserts how fast anything is. */
 #define RECV_TIMEOUT_S 120
 #define EXIT_TIMEOUT_S 300
@@ -52,83 +56,9 @@
 /* snprintf into an array, which must not cut. */
 #define FMT(buf, ...) assert_true(snprintf(buf, sizeof buf, __VA_ARGS__) < (int)sizeof buf)
 
-static void sleep_ms(int ms)
-{
-    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&t, NULL);
-}
-
-/* The whole of a file, NUL-terminated, or NULL. */
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    size_t cap = 4096, len = 0;
-    char *p = malloc(cap);
-    size_t n;
-    while (p && (n = fread(p + len, 1, cap - len - 1, f)) > 0) {
-        len += n;
-        if (cap - len < 2 && !(p = realloc(p, cap *= 2)))
-            break;
-    }
-    fclose(f);
-    if (p)
-        p[len] = 0;
-    return p;
-}
-
-/* Runs a shell command, stdout and stderr into *out (when out is not
- * NULL); its exit status, or -1. */
-static int run(const char *cmd, char **out)
-{
-    char full[8192];
-    snprintf(full, sizeof full, "(%s) 2>&1", cmd);
-    FILE *p = popen(full, "r");
-    if (!p)
-        return -1;
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    assert_non_null(buf);
-    size_t n;
-    while ((n = fread(buf + len, 1, cap - len - 1, p)) > 0) {
-        len += n;
-        if (cap - len < 2) {
-            buf = realloc(buf, cap *= 2);
-            assert_non_null(buf);
-        }
-    }
-    buf[len] = 0;
-    int status = pclose(p);
-    if (out)
-        *out = buf;
-    else
-        free(buf);
-    return status >= 0 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 static int have(const char *program)
 {
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "command -v %s >/dev/null", program);
-    return run(cmd, NULL) == 0;
-}
-
-static void write_file(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    fputs(text, f);
-    assert_int_equal(fclose(f), 0);
-}
-
-static void remove_tree(const char *dir)
-{
-    char cmd[512];
-    if (strncmp(dir, "/tmp/rrn_", 9) != 0)
-        return;
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    run(cmd, NULL);
+    return proc_run(NULL, "command -v %s >/dev/null", program) == 0;
 }
 
 /* ---- notify sockets ---------------------------------------------------- */
@@ -234,7 +164,7 @@ static void test_notify_send(void **state)
     unsetenv("NOTIFY_SOCKET");
     close(by_path.fd);
     close(abstract.fd);
-    remove_tree(dir);
+    remove_tree(dir, NULL);
 }
 
 /* ---- the server under a notify socket ------------------------------------ */
@@ -278,15 +208,12 @@ static pid_t spawn(const char *script, const char *notify_socket, const char *lo
 /* Waits (bounded) for the child; its wait status, or -1 (then killed). */
 static int wait_exit(pid_t pid)
 {
-    for (int i = 0; i < EXIT_TIMEOUT_S * 100; i++) {
-        int status;
-        if (waitpid(pid, &status, WNOHANG) == pid)
-            return status;
-        sleep_ms(10);
+    int status = proc_wait(pid, EXIT_TIMEOUT_S);
+    if (status == -1) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
     }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    return -1;
+    return status;
 }
 
 /* Fails, showing how the server ended and the end of its output. */
@@ -303,7 +230,7 @@ static void fail_with_log(pid_t pid, const char *log, const char *what, const ch
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
     }
-    char *text = slurp(log), tail[3001];
+    char *text = file_read(log, NULL), tail[3001];
     size_t len = text ? strlen(text) : 0;
     snprintf(tail, sizeof tail, "%s", text ? text + (len > 3000 ? len - 3000 : 0) : "");
     free(text);
@@ -324,7 +251,7 @@ static void converse(const char *script, struct listener *l, const char *log, in
 {
     pid_t pid = spawn(script, l->name, log);
     expect_state(pid, log, l, "READY=1");
-    char *text = slurp(log);
+    char *text = file_read(log, NULL);
     int listening = text && strstr(text, "listening on http://");
     free(text);
     if (!listening)
@@ -346,11 +273,6 @@ static void converse(const char *script, struct listener *l, const char *log, in
     assert_false(has_state(l));
 }
 
-static const char *server_bin(void)
-{
-    return getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
-}
-
 static void test_server_notifies(void **state)
 {
     (void)state;
@@ -359,7 +281,7 @@ static void test_server_notifies(void **state)
     snprintf(log, sizeof log, "%s/server.log", dir);
     snprintf(script, sizeof script,
              "exec '%s' serve --models tests/fixtures --host 127.0.0.1 --port 0 --device cpu --threads 1",
-             server_bin());
+             rrn_bin());
 
     struct listener by_path, abstract;
     listen_notify(&by_path, dir);
@@ -375,7 +297,7 @@ static void test_server_notifies(void **state)
     pid_t pid = spawn(script, dead, log);
     int up = 0;
     for (int i = 0; i < RECV_TIMEOUT_S * 20 && !up; i++) {
-        char *text = slurp(log);
+        char *text = file_read(log, NULL);
         up = text && strstr(text, "listening on http://");
         free(text);
         if (!up)
@@ -386,7 +308,7 @@ static void test_server_notifies(void **state)
     kill(pid, SIGTERM);
     int status = wait_exit(pid);
     assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    remove_tree(dir);
+    remove_tree(dir, NULL);
 }
 
 /* ---- make install and systemd-analyze ------------------------------------ */
@@ -418,7 +340,7 @@ static int verify(const char *unit, const char *unit_path, char **out)
     char cmd[4096];
     FMT(cmd, "%s%s%s systemd-analyze verify '%s'", unit_path ? "SYSTEMD_UNIT_PATH='" : "",
         unit_path ? unit_path : "", unit_path ? ":'" : "", unit);
-    int rc = run(cmd, out);
+    int rc = proc_run(out, "%s", cmd);
     return rc == 0 && (*out)[0] == 0 ? 0 : -1;
 }
 
@@ -429,8 +351,8 @@ static int verify_works(const char *dir)
     char good[256], bad[256], *out = NULL;
     snprintf(good, sizeof good, "%s/rrn-known-good.service", dir);
     snprintf(bad, sizeof bad, "%s/rrn-known-bad.service", dir);
-    write_file(good, "[Unit]\nDescription=known good\n[Service]\nType=simple\nExecStart=/bin/true\n");
-    write_file(bad, "[Unit]\nDescription=known bad\n[Service]\nType=simple\nExecStart=/bin/true\nNoSuchKey=1\n");
+    file_write_text(good, "[Unit]\nDescription=known good\n[Service]\nType=simple\nExecStart=/bin/true\n");
+    file_write_text(bad, "[Unit]\nDescription=known bad\n[Service]\nType=simple\nExecStart=/bin/true\nNoSuchKey=1\n");
     int ok = verify(good, NULL, &out) == 0;
     if (!ok)
         print_message("systemd-analyze verify fails on a known-good unit here:\n%s", out);
@@ -476,7 +398,7 @@ static void check_installed_files(const char *prefix)
 
     /* The paths written into the unit and the options. */
     snprintf(path, sizeof path, "%s/lib/systemd/system/rrnserve.service", prefix);
-    char *unit = slurp(path);
+    char *unit = file_read(path, NULL);
     assert_null(strstr(unit, "@BINDIR@"));
     assert_null(strstr(unit, "@SYSCONFDIR@"));
     assert_null(strstr(unit, "@MODELDIR@"));
@@ -489,7 +411,7 @@ static void check_installed_files(const char *prefix)
     must_contain(path, unit, "\nType=notify\n");
     free(unit);
     snprintf(path, sizeof path, "%s/etc/rrnserve/rrnserve.env", prefix);
-    char *env = slurp(path);
+    char *env = file_read(path, NULL);
     snprintf(want, sizeof want, "\nRRN_MODELS=%s/share/rrnserve/models\n", prefix);
     must_contain(path, env, want);
     assert_null(strstr(env, "@MODELDIR@"));
@@ -502,7 +424,7 @@ static void run_exec_start(const char *prefix, const char *dir)
 {
     char path[512], script[4096], log[256];
     snprintf(path, sizeof path, "%s/lib/systemd/system/rrnserve.service", prefix);
-    char *unit = slurp(path);
+    char *unit = file_read(path, NULL);
     const char *line = strstr(unit, "\nExecStart=");
     assert_non_null(line);
     line += strlen("\nExecStart=");
@@ -528,7 +450,7 @@ static void run_exec_start(const char *prefix, const char *dir)
     listen_notify(&l, dir);
     converse(script, &l, log, 0);
     close(l.fd);
-    char *text = slurp(log);
+    char *text = file_read(log, NULL);
     must_contain(log, text, "serving ");
     free(text);
 }
@@ -544,7 +466,7 @@ static void test_install_and_verify(void **state)
     assert_non_null(mkdtemp(prefix));
     /* -o rrnserve: install the binary that is there, never rebuild it. */
     snprintf(cmd, sizeof cmd, "make -s --no-print-directory -o rrnserve install PREFIX='%s'", prefix);
-    if (run(cmd, &out) != 0)
+    if (proc_run(&out, "%s", cmd) != 0)
         fail_msg("%s:\n%s", cmd, out);
     free(out);
     check_installed_files(prefix);
@@ -555,10 +477,10 @@ static void test_install_and_verify(void **state)
     assert_non_null(f);
     fputs("# a local edit\n", f);
     fclose(f);
-    if (run(cmd, &out) != 0)
+    if (proc_run(&out, "%s", cmd) != 0)
         fail_msg("%s again:\n%s", cmd, out);
     free(out);
-    char *env = slurp(path);
+    char *env = file_read(path, NULL);
     must_contain(path, env, "# a local edit\n");
     free(env);
 
@@ -567,11 +489,11 @@ static void test_install_and_verify(void **state)
 
     if (!have("systemd-analyze")) {
         print_message("systemd-analyze not found (Debian package systemd): skipped\n");
-        remove_tree(prefix);
+        remove_tree(prefix, NULL);
         skip();
     }
     if (!verify_works(prefix)) {
-        remove_tree(prefix);
+        remove_tree(prefix, NULL);
         skip();
     }
     char unit[512];
@@ -587,13 +509,13 @@ static void test_install_and_verify(void **state)
     snprintf(dropins, sizeof dropins, "%s/rrnserve.service.d", units);
     FMT(cmd, "mkdir -p '%s' && cp '%s' '%s/' && cp deploy/rrnserve-gpu.conf '%s/gpu.conf'", dropins, unit, units,
         dropins);
-    assert_int_equal(run(cmd, NULL), 0);
+    assert_int_equal(proc_run(NULL, "%s", cmd), 0);
     FMT(unit, "%s/rrnserve.service", units);
     if (verify(unit, units, &out) != 0)
         fail_msg("systemd-analyze verify with the GPU drop-in:\n%s", out);
     free(out);
     FMT(path, "%s/zz-check.conf", dropins);
-    write_file(path, "[Service]\nNoSuchKey=1\n");
+    file_write_text(path, "[Service]\nNoSuchKey=1\n");
     assert_int_not_equal(verify(unit, units, &out), 0);
     must_contain("systemd-analyze verify with a broken drop-in", out, "NoSuchKey");
     free(out);
@@ -602,7 +524,7 @@ static void test_install_and_verify(void **state)
     /* The hardening, as systemd scores it (0 best, 10 worst), where this
      * systemd can score a unit file offline. */
     snprintf(cmd, sizeof cmd, "systemd-analyze security --offline=yes '%s'", unit);
-    run(cmd, &out);
+    proc_run(&out, "%s", cmd);
     const char *at = strstr(out, "Overall exposure level for rrnserve.service: ");
     if (at) {
         double score = strtod(at + strlen("Overall exposure level for rrnserve.service: "), NULL);
@@ -612,7 +534,7 @@ static void test_install_and_verify(void **state)
         print_message("systemd-analyze security --offline is not available here\n");
     }
     free(out);
-    remove_tree(prefix);
+    remove_tree(prefix, NULL);
 }
 
 /* ---- Kubernetes manifests ------------------------------------------------ */
@@ -625,7 +547,7 @@ static void test_k8s_manifests(void **state)
     char cmd[512], *out = NULL;
     for (size_t i = 0; i < sizeof pythons / sizeof pythons[0] && !python; i++) {
         snprintf(cmd, sizeof cmd, "%s -c 'import yaml'", pythons[i]);
-        if (run(cmd, NULL) == 0)
+        if (proc_run(NULL, "%s", cmd) == 0)
             python = pythons[i];
     }
     if (!python) {
@@ -633,7 +555,7 @@ static void test_k8s_manifests(void **state)
         skip();
     }
     snprintf(cmd, sizeof cmd, "%s tests/check_k8s.py deploy/k8s", python);
-    int rc = run(cmd, &out);
+    int rc = proc_run(&out, "%s", cmd);
     print_message("%s", out);
     if (rc != 0)
         fail_msg("%s: status %d", cmd, rc);

@@ -21,370 +21,45 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/time.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "config.h"
 #include "model.h"
 
-#define FIX "tests/fixtures/"
-/* Hang guards only. */
-#define SOCKET_TIMEOUT_S 120
-#define LOG_TIMEOUT_S 120
-#define EXIT_TIMEOUT_S 300
+#include "support/buf.h"
+#include "support/http.h"
+#include "support/server.h"
+#include "support/timing.h"
 
-/* ---- growing buffers ----------------------------------------------------- */
+/* ---- HTTP ---------------------------------------------------------------- */
 
-struct buf {
-    char *p;
-    size_t len, cap;
-};
-
-static void buf_add(struct buf *b, const char *s, size_t n)
+/* One request: its status, or -1 when there was no answer. */
+static int request(int port, const char *method, const char *path, const char *body, struct http_resp *r)
 {
-    if (b->len + n + 1 > b->cap) {
-        b->cap = (b->len + n + 1) * 2;
-        b->p = realloc(b->p, b->cap);
-        if (!b->p)
-            abort();
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&t, NULL);
-}
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
-/* ---- the server as a child process -------------------------------------- */
-
-struct server {
-    pid_t pid;
-    int port;
-    int errfd;
-    pthread_t reader;
-    int reading;
-    pthread_mutex_t mu;
-    pthread_cond_t grew;
-    struct buf log;
-    int eof;
-    char dir[64];
-};
-
-static void *read_log(void *arg)
-{
-    struct server *s = arg;
-    char chunk[4096];
-    ssize_t n;
-    while ((n = read(s->errfd, chunk, sizeof chunk)) > 0 || (n < 0 && errno == EINTR)) {
-        if (n <= 0)
-            continue;
-        pthread_mutex_lock(&s->mu);
-        buf_add(&s->log, chunk, (size_t)n);
-        pthread_cond_broadcast(&s->grew);
-        pthread_mutex_unlock(&s->mu);
-    }
-    pthread_mutex_lock(&s->mu);
-    s->eof = 1;
-    pthread_cond_broadcast(&s->grew);
-    pthread_mutex_unlock(&s->mu);
-    return NULL;
-}
-
-static int count_in(const char *hay, const char *needle)
-{
-    int n = 0;
-    for (const char *p = hay; hay && (p = strstr(p, needle)); p += strlen(needle))
-        n++;
-    return n;
-}
-
-/* Waits (bounded) until the log holds needle at least count times; returns
- * how many times it does. */
-static int wait_log(struct server *s, const char *needle, int count)
-{
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += LOG_TIMEOUT_S;
-    pthread_mutex_lock(&s->mu);
-    while (count_in(s->log.p, needle) < count && !s->eof && pthread_cond_timedwait(&s->grew, &s->mu, &until) == 0)
-        ;
-    int n = count_in(s->log.p, needle);
-    pthread_mutex_unlock(&s->mu);
-    return n;
-}
-
-static void copy_file(const char *from, const char *to)
-{
-    FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
-    assert_non_null(in);
-    assert_non_null(out);
-    char chunk[65536];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, in)) > 0)
-        assert_int_equal(fwrite(chunk, 1, n, out), n);
-    fclose(in);
-    assert_int_equal(fclose(out), 0);
-}
-
-static void remove_dir(const char *dir)
-{
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "cannot remove %s\n", dir);
-}
-
-static int wrapped(void)
-{
-    const char *w = getenv("RRN_SERVER_WRAPPER");
-    return w && *w;
-}
-
-/* Waits (bounded) for the child to exit; its wait status, or -1. */
-static int wait_exit(struct server *s)
-{
-    for (int i = 0; i < EXIT_TIMEOUT_S * 100; i++) {
-        int status;
-        if (waitpid(s->pid, &status, WNOHANG) == s->pid) {
-            s->pid = 0;
-            return status;
-        }
-        sleep_ms(10);
-    }
-    return -1;
-}
-
-/* Servers run under RRN_SERVER_WRAPPER that exited with valgrind's error
- * status (99): main fails when there are any. */
-static int wrapper_errors;
-
-/* Stops the child (SIGTERM, so a wrapper can check for leaks as it
- * exits; SIGKILL if it does not) and frees everything. */
-static void server_stop(struct server *s)
-{
-    if (!s)
-        return;
-    if (s->pid > 0 && kill(s->pid, SIGTERM) == 0) {
-        int status = wait_exit(s);
-        if (status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 99) {
-            pthread_mutex_lock(&s->mu);
-            fprintf(stderr, "the wrapped server reported errors; its output:\n%s\n", s->log.p ? s->log.p : "");
-            pthread_mutex_unlock(&s->mu);
-            wrapper_errors++;
-        }
-    }
-    if (s->pid > 0) {
-        kill(s->pid, SIGKILL);
-        waitpid(s->pid, NULL, 0);
-    }
-    if (s->reading)
-        pthread_join(s->reader, NULL);
-    if (s->errfd > 0)
-        close(s->errfd);
-    remove_dir(s->dir);
-    free(s->log.p);
-    pthread_cond_destroy(&s->grew);
-    pthread_mutex_destroy(&s->mu);
-    free(s);
-}
-
-/* Starts `rrnserve serve` on a fresh folder holding the given fixtures,
- * with extra arguments (NULL-terminated) and environment settings
- * ("NAME=VALUE", NULL-terminated, may be NULL), and waits for its port. */
-static struct server *server_start(const char *const *models, const char *const *extra, const char *const *env)
-{
-    struct server *s = calloc(1, sizeof *s);
-    assert_non_null(s);
-    pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->grew, NULL);
-    snprintf(s->dir, sizeof s->dir, "/tmp/rrn_faults_XXXXXX");
-    assert_non_null(mkdtemp(s->dir));
-    for (int i = 0; models && models[i]; i++) {
-        char from[256], to[256];
-        snprintf(from, sizeof from, FIX "%s.safetensors", models[i]);
-        snprintf(to, sizeof to, "%s/%s.safetensors", s->dir, models[i]);
-        copy_file(from, to);
-    }
-    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
-    char wrapper[1024];
-    const char *argv[64];
-    int argc = 0;
-    snprintf(wrapper, sizeof wrapper, "%s", wrapped() ? getenv("RRN_SERVER_WRAPPER") : "");
-    for (char *w = strtok(wrapper, " "); w && argc < 32; w = strtok(NULL, " "))
-        argv[argc++] = w;
-    const char *own[] = {bin, "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1"};
-    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
-        argv[argc++] = own[i];
-    for (int i = 0; extra && extra[i] && argc < 63; i++)
-        argv[argc++] = extra[i];
-    argv[argc] = NULL;
-    int fds[2];
-    assert_int_equal(pipe(fds), 0);
-    s->pid = fork();
-    assert_true(s->pid >= 0);
-    if (s->pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        for (int i = 0; env && env[i]; i++) {
-            char setting[256];
-            snprintf(setting, sizeof setting, "%s", env[i]);
-            char *eq = strchr(setting, '=');
-            if (!eq)
-                _exit(126);
-            *eq = 0;
-            setenv(setting, eq + 1, 1);
-        }
-        dup2(fds[1], STDERR_FILENO);
-        dup2(fds[1], STDOUT_FILENO);
-        close(fds[0]);
-        close(fds[1]);
-        execvp(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    close(fds[1]);
-    s->errfd = fds[0];
-    assert_int_equal(pthread_create(&s->reader, NULL, read_log, s), 0);
-    s->reading = 1;
-    const char *line = "listening on http://127.0.0.1:";
-    if (wait_log(s, line, 1) == 1) {
-        pthread_mutex_lock(&s->mu);
-        s->port = atoi(strstr(s->log.p, line) + strlen(line));
-        pthread_mutex_unlock(&s->mu);
-    }
-    if (s->port <= 0) {
-        char out[8192];
-        pthread_mutex_lock(&s->mu);
-        snprintf(out, sizeof out, "%s", s->log.p ? s->log.p : "");
-        pthread_mutex_unlock(&s->mu);
-        server_stop(s);
-        fail_msg("the server did not start; its output:\n%s", out);
-    }
-    return s;
-}
-
-static int teardown_server(void **state)
-{
-    server_stop(*state);
-    *state = NULL;
-    return 0;
-}
-
-/* ---- HTTP over plain sockets -------------------------------------------- */
-
-static int connect_to(int port, int timeout_s)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    struct timeval tv = {.tv_sec = timeout_s};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static int send_all(int fd, const char *p, size_t n)
-{
-    while (n) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-/* Reads until the end of the connection (or its timeout): 1 when it ended
- * (EOF or reset), 0 on the timeout. */
-static int read_all(int fd, struct buf *raw)
-{
-    char chunk[8192];
-    for (;;) {
-        ssize_t n = recv(fd, chunk, sizeof chunk, 0);
-        if (n > 0) {
-            buf_add(raw, chunk, (size_t)n);
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
-    }
-}
-
-static void read_until(int fd, struct buf *raw, const char *needle)
-{
-    char chunk[8192];
-    ssize_t n;
-    while (!(raw->p && strstr(raw->p, needle)) && ((n = recv(fd, chunk, sizeof chunk, 0)) > 0 || (n < 0 && errno == EINTR)))
-        if (n > 0)
-            buf_add(raw, chunk, (size_t)n);
-}
-
-/* One request (Connection: close): the status, or -1 when there was no
- * answer.  The body, when wanted, goes to *body (malloc'd). */
-static int request(int port, const char *method, const char *path, const char *body, char **out)
-{
-    char head[512];
-    int n = snprintf(head, sizeof head,
-                     "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n", method,
-                     path, body ? strlen(body) : 0);
-    struct buf raw = {0};
-    int fd = connect_to(port, SOCKET_TIMEOUT_S), status = -1;
-    if (fd >= 0) {
-        send_all(fd, head, (size_t)n);
-        if (body)
-            send_all(fd, body, strlen(body));
-        read_all(fd, &raw);
-        close(fd);
-    }
-    if (raw.p && sscanf(raw.p, "HTTP/1.%*d %d", &status) != 1)
-        status = -1;
-    if (out) {
-        const char *b = raw.p ? strstr(raw.p, "\r\n\r\n") : NULL;
-        *out = strdup(b ? b + 4 : "");
-        assert_non_null(*out);
-    }
-    free(raw.p);
-    return status;
+    return http_request(port, method, path, "", body, body ? strlen(body) : 0, r) == 0 ? r->status : -1;
 }
 
 static void expect_status(int port, const char *method, const char *path, const char *body, int want)
 {
-    char *out;
-    int got = request(port, method, path, body, &out);
-    if (got != want)
-        fail_msg("%s %s: status %d, not %d: %s", method, path, got, want, out);
-    free(out);
+    struct http_resp r;
+    int got = request(port, method, path, body, &r);
+    if (got != want) {
+        char shown[4096];
+        snprintf(shown, sizeof shown, "%s", r.body.p ? r.body.p : "");
+        http_resp_free(&r);
+        fail_msg("%s %s: status %d, not %d: %s", method, path, got, want, shown);
+    }
+    http_resp_free(&r);
 }
 
 #define CLASSIFY "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good day!\"}"
@@ -400,6 +75,14 @@ static void still_serving(int port)
 
 static const char *const main_models[] = {"combo_lstm_lm", "plain_lstm_l2_bi_last", NULL};
 
+/* Starts a server of these tests.  They stop theirs with SIGTERM first,
+ * wrapped or not: after each fault the server also goes through its
+ * orderly shutdown, not only a kill. */
+static struct server *start(const char *const *models, const char *const *extra, const char *const *env)
+{
+    return server_start(&(struct server_opts){.models = models, .args = extra, .env = env, .stop_with_sigterm = 1});
+}
+
 /* ---- clients that reset their connection mid-stream ------------------------ */
 
 #define N_RESETS 16
@@ -407,7 +90,7 @@ static const char *const main_models[] = {"combo_lstm_lm", "plain_lstm_l2_bi_las
 static int setup_main(void **state)
 {
     static const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", NULL};
-    *state = server_start(main_models, extra, NULL);
+    *state = start(main_models, extra, NULL);
     return 0;
 }
 
@@ -425,13 +108,13 @@ static void test_reset_mid_stream(void **state)
                       body);
     int fds[N_RESETS];
     for (int i = 0; i < N_RESETS; i++) {
-        fds[i] = connect_to(s->port, SOCKET_TIMEOUT_S);
+        fds[i] = http_connect(s->port, HTTP_TIMEOUT_S);
         assert_true(fds[i] >= 0);
-        assert_int_equal(send_all(fds[i], head, (size_t)hn), 0);
+        assert_int_equal(http_send_all(fds[i], head, (size_t)hn), 0);
     }
     for (int i = 0; i < N_RESETS; i++) {
         struct buf raw = {0};
-        read_until(fds[i], &raw, "\"index\":0");
+        http_read_until(fds[i], &raw, "\"index\":0");
         assert_non_null(raw.p);
         assert_non_null(strstr(raw.p, "\"index\":0"));
         free(raw.p);
@@ -441,7 +124,7 @@ static void test_reset_mid_stream(void **state)
         assert_int_equal(setsockopt(fds[i], SOL_SOCKET, SO_LINGER, &l, sizeof l), 0);
         close(fds[i]);
     }
-    assert_int_equal(wait_log(s, "POST /generate 499", N_RESETS), N_RESETS);
+    assert_int_equal(server_wait_log(s, "POST /generate 499", N_RESETS), N_RESETS);
     still_serving(s->port);
 }
 
@@ -456,7 +139,7 @@ static void test_reset_mid_stream(void **state)
 static int setup_short_timeout(void **state)
 {
     static const char *const extra[] = {"--device", "cpu", "--timeout-s", "2", NULL};
-    *state = server_start(main_models, extra, NULL);
+    *state = start(main_models, extra, NULL);
     return 0;
 }
 
@@ -472,7 +155,7 @@ static void *slow_main(void *arg)
 {
     struct slow_client *c = arg;
     const char *head = "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-    int fd = connect_to(c->port, 1);
+    int fd = http_connect(c->port, 1);
     if (fd < 0)
         return NULL;
     double t0 = now_s();
@@ -506,7 +189,7 @@ static void test_slow_clients(void **state)
         assert_int_equal(pthread_create(&threads[i], NULL, slow_main, &slow[i]), 0);
     }
     /* An idle client: closed by the timeout. */
-    int idle = connect_to(s->port, 10 * TIMEOUT_S + 30);
+    int idle = http_connect(s->port, 10 * TIMEOUT_S + 30);
     assert_true(idle >= 0);
     double t0 = now_s();
     /* Meanwhile others are served. */
@@ -535,11 +218,11 @@ static void test_slow_clients(void **state)
  * closed the connection without one. */
 static int send_raw(int port, const char *bytes, size_t len)
 {
-    int fd = connect_to(port, SOCKET_TIMEOUT_S);
+    int fd = http_connect(port, HTTP_TIMEOUT_S);
     assert_true(fd >= 0);
-    send_all(fd, bytes, len); /* the server may close before the end */
+    http_send_all(fd, bytes, len); /* the server may close before the end */
     struct buf raw = {0};
-    int ended = read_all(fd, &raw), status = 0;
+    int ended = http_read_all(fd, &raw), status = 0;
     close(fd);
     assert_true(ended);
     if (raw.p && sscanf(raw.p, "HTTP/1.%*d %d", &status) != 1)
@@ -607,7 +290,7 @@ static void test_oversized_headers(void **state)
 static int setup_few_connections(void **state)
 {
     static const char *const extra[] = {"--device", "cpu", "--max-connections", "8", "--timeout-s", "60", NULL};
-    *state = server_start(main_models, extra, NULL);
+    *state = start(main_models, extra, NULL);
     return 0;
 }
 
@@ -631,33 +314,33 @@ static void test_connection_flood(void **state)
     const char *ping_close = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
     for (int i = 0; i < MAX_CONN; i++) {
         struct buf raw = {0};
-        hold[i] = connect_to(s->port, SOCKET_TIMEOUT_S);
+        hold[i] = http_connect(s->port, HTTP_TIMEOUT_S);
         assert_true(hold[i] >= 0);
-        assert_int_equal(send_all(hold[i], ping, strlen(ping)), 0);
-        read_until(hold[i], &raw, "\"ok\"");
+        assert_int_equal(http_send_all(hold[i], ping, strlen(ping)), 0);
+        http_read_until(hold[i], &raw, "\"ok\"");
         assert_non_null(raw.p);
         assert_non_null(strstr(raw.p, " 200 "));
         free(raw.p);
     }
     for (int i = 0; i < N_FLOOD; i++) {
-        flood[i] = connect_to(s->port, SOCKET_TIMEOUT_S);
+        flood[i] = http_connect(s->port, HTTP_TIMEOUT_S);
         assert_true(flood[i] >= 0);
-        assert_int_equal(send_all(flood[i], ping_close, strlen(ping_close)), 0);
+        assert_int_equal(http_send_all(flood[i], ping_close, strlen(ping_close)), 0);
     }
     for (int i = 0; i < N_FLOOD; i++)
         assert_false(readable(flood[i], i == 0 ? 2000 : 0));
     /* The holders are still served. */
     for (int i = 0; i < MAX_CONN; i++) {
         struct buf raw = {0};
-        assert_int_equal(send_all(hold[i], ping, strlen(ping)), 0);
-        read_until(hold[i], &raw, "\"ok\"");
+        assert_int_equal(http_send_all(hold[i], ping, strlen(ping)), 0);
+        http_read_until(hold[i], &raw, "\"ok\"");
         assert_non_null(raw.p);
         free(raw.p);
         close(hold[i]);
     }
     for (int i = 0; i < N_FLOOD; i++) {
         struct buf raw = {0};
-        assert_true(read_all(flood[i], &raw));
+        assert_true(http_read_all(flood[i], &raw));
         close(flood[i]);
         if (!raw.p || !strstr(raw.p, " 200 "))
             fail_msg("waiting connection %d: %s", i, raw.p ? raw.p : "closed without an answer");
@@ -672,7 +355,7 @@ static int setup_one_model(void **state)
 {
     static const char *const models[] = {"plain_lstm_l2_bi_last", NULL};
     static const char *const extra[] = {"--device", "cpu", NULL};
-    *state = server_start(models, extra, NULL);
+    *state = start(models, extra, NULL);
     return 0;
 }
 
@@ -717,7 +400,7 @@ static void write_big_model(const char *path)
 static void test_model_too_large_for_memory(void **state)
 {
     struct server *s = *state;
-    if (wrapped() || getenv("ASAN_OPTIONS") || system("prlimit --version >/dev/null 2>&1") != 0)
+    if (server_wrapped() || getenv("ASAN_OPTIONS") || system("prlimit --version >/dev/null 2>&1") != 0)
         skip();
     expect_status(s->port, "POST", "/classify", CLASSIFY, 200); /* every lazy allocation made */
     char tmp[128], dst[128], cmd[256];
@@ -730,14 +413,14 @@ static void test_model_too_large_for_memory(void **state)
     assert_int_equal(system(cmd), 0);
     assert_int_equal(rename(tmp, dst), 0);
     assert_int_equal(kill(s->pid, SIGHUP), 0);
-    assert_int_equal(wait_log(s, "reloaded ", 1), 1);
-    assert_int_equal(wait_log(s, "model big: cannot load", 1), 1);
-    assert_int_equal(wait_log(s, "out of memory", 1), 1);
-    char *models;
+    assert_int_equal(server_wait_log(s, "reloaded ", 1), 1);
+    assert_int_equal(server_wait_log(s, "model big: cannot load", 1), 1);
+    assert_int_equal(server_wait_log(s, "out of memory", 1), 1);
+    struct http_resp models;
     assert_int_equal(request(s->port, "GET", "/models", NULL, &models), 200);
-    assert_non_null(strstr(models, "plain_lstm_l2_bi_last"));
-    assert_null(strstr(models, "\"big\""));
-    free(models);
+    assert_non_null(strstr(models.body.p, "plain_lstm_l2_bi_last"));
+    assert_null(strstr(models.body.p, "\"big\""));
+    http_resp_free(&models);
     expect_status(s->port, "POST", "/classify", CLASSIFY, 200);
     expect_status(s->port, "POST", "/classify", "{\"model\": \"big\", \"text\": \"a\"}", 404);
 }
@@ -753,14 +436,14 @@ static void test_gpu_unavailable(void **state)
     static const char *const models[] = {"plain_lstm_l2_bi_last", NULL};
     static const char *const extra[] = {"--device", "cuda", NULL};
     static const char *const env[] = {"CUDA_VISIBLE_DEVICES=", NULL};
-    struct server *s = server_start(models, extra, env);
-    assert_int_equal(wait_log(s, "model plain_lstm_l2_bi_last: cannot load", 1), 1);
-    assert_int_equal(wait_log(s, "CUDA", 1), 1);
+    struct server *s = start(models, extra, env);
+    assert_int_equal(server_wait_log(s, "model plain_lstm_l2_bi_last: cannot load", 1), 1);
+    assert_int_equal(server_wait_log(s, "CUDA", 1), 1);
     expect_status(s->port, "GET", "/healthz", NULL, 200);
     expect_status(s->port, "GET", "/readyz", NULL, 503);
     expect_status(s->port, "POST", "/classify", CLASSIFY, 404);
     assert_int_equal(kill(s->pid, SIGTERM), 0);
-    int status = wait_exit(s);
+    int status = server_wait_exit(s);
     assert_true(status != -1 && WIFEXITED(status));
     assert_int_equal(WEXITSTATUS(status), 0);
     server_stop(s);
@@ -781,16 +464,13 @@ static void test_gpu_error_while_serving(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_setup_teardown(test_reset_mid_stream, setup_main, teardown_server),
-        cmocka_unit_test_setup_teardown(test_slow_clients, setup_short_timeout, teardown_server),
-        cmocka_unit_test_setup_teardown(test_oversized_headers, setup_main, teardown_server),
-        cmocka_unit_test_setup_teardown(test_connection_flood, setup_few_connections, teardown_server),
-        cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, teardown_server),
+        cmocka_unit_test_setup_teardown(test_reset_mid_stream, setup_main, server_teardown),
+        cmocka_unit_test_setup_teardown(test_slow_clients, setup_short_timeout, server_teardown),
+        cmocka_unit_test_setup_teardown(test_oversized_headers, setup_main, server_teardown),
+        cmocka_unit_test_setup_teardown(test_connection_flood, setup_few_connections, server_teardown),
+        cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, server_teardown),
         cmocka_unit_test(test_gpu_unavailable),
         cmocka_unit_test(test_gpu_error_while_serving),
     };
-    int rc = cmocka_run_group_tests_name("faults", tests, NULL, NULL);
-    if (wrapper_errors)
-        fprintf(stderr, "%d wrapped server(s) reported errors\n", wrapper_errors);
-    return rc || wrapper_errors ? 1 : 0;
+    return server_exit_status(cmocka_run_group_tests_name("faults", tests, NULL, NULL));
 }

@@ -30,6 +30,9 @@
 #include "engine.h"
 #include "tokenizer.h"
 
+#include "support/files.h"
+#include "support/fixtures.h"
+
 #define FIXTURE_DIR "tests/fixtures"
 
 struct fixture {
@@ -45,25 +48,6 @@ struct fixture {
     int32_t **ids;
     int *lens;
 };
-
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    if (buf)
-        buf[n] = 0;
-    fclose(f);
-    return buf;
-}
 
 /* |got - want| within tol, relative to the size of want. */
 static void assert_close(double got, double want, double tol, const char *what, int i, int j)
@@ -89,12 +73,7 @@ static int fixture_setup(void **state)
     memset(&fx->tk, 0, sizeof fx->tk);
     if (fx->device == DEVICE_CUDA && !gpu_present())
         return 0; /* the test reports skipped */
-    snprintf(path, sizeof path, FIXTURE_DIR "/%s.json", fx->name);
-    char *text = slurp(path);
-    assert_non_null(text);
-    fx->json = cJSON_Parse(text);
-    free(text);
-    assert_non_null(fx->json);
+    fx->json = fixture_json(fx->name);
     snprintf(path, sizeof path, FIXTURE_DIR "/%s.safetensors", fx->name);
     if (model_load(path, &fx->model, err, sizeof err) != 0)
         fail_msg("%s: %s", path, err);
@@ -357,7 +336,7 @@ static int is_lm(const char *name)
 {
     char path[256];
     snprintf(path, sizeof path, FIXTURE_DIR "/%s.json", name);
-    char *text = slurp(path);
+    char *text = file_read(path, NULL);
     cJSON *j = text ? cJSON_Parse(text) : NULL;
     const cJSON *task = cJSON_GetObjectItem(cJSON_GetObjectItem(j, "config"), "task");
     int lm = cJSON_IsString(task) && strcmp(task->valuestring, "lm") == 0;

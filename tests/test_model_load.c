@@ -24,37 +24,7 @@
 #include "model.h"
 #include "safetensors.h"
 
-static char dir[64];
-
-static int setup(void **state)
-{
-    (void)state;
-    snprintf(dir, sizeof dir, "/tmp/rrn_test_model_XXXXXX");
-    return mkdtemp(dir) ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    DIR *d = opendir(dir);
-    if (!d)
-        return -1;
-    struct dirent *e;
-    char path[512];
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    return rmdir(dir);
-}
-
-static void tmp_path(char path[512], const char *name)
-{
-    snprintf(path, 512, "%s/%s", dir, name);
-}
+#include "support/files.h"
 
 static void make_model(const char *json, struct model *m)
 {
@@ -72,30 +42,6 @@ static void fill(struct model *m)
 {
     for (size_t i = 0; i < m->n_params; i++)
         m->arena[i] = (float)((int)((i * 7919) % 32) - 16) / 8.0f;
-}
-
-static unsigned char *read_bytes(const char *path, size_t *len)
-{
-    FILE *fp = fopen(path, "rb");
-    assert_non_null(fp);
-    assert_int_equal(fseek(fp, 0, SEEK_END), 0);
-    long n = ftell(fp);
-    assert_true(n >= 0);
-    rewind(fp);
-    unsigned char *buf = malloc((size_t)n + 1);
-    assert_non_null(buf);
-    assert_int_equal(fread(buf, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    *len = (size_t)n;
-    return buf;
-}
-
-static void write_bytes(const char *path, const void *buf, size_t len)
-{
-    FILE *fp = fopen(path, "wb");
-    assert_non_null(fp);
-    assert_int_equal(fwrite(buf, 1, len, fp), len);
-    assert_int_equal(fclose(fp), 0);
 }
 
 static void sha256_hex(const void *data, size_t len, char hex[65])
@@ -287,7 +233,7 @@ static void test_roundtrip(void **state)
         "\"classes\":[\"neg\",\"pos\"],\"tokenizer\":{\"type\":\"word\",\"tokens\":[\"<unk>\",\"x\"],\"unk\":0}}",
     };
     char path[512];
-    tmp_path(path, "model.safetensors");
+    scratch_path(path, "model.safetensors");
     for (size_t k = 0; k < sizeof configs / sizeof configs[0]; k++) {
         struct model m, back;
         char err[256];
@@ -306,7 +252,7 @@ static void test_roundtrip(void **state)
 
         /* m->sha256 is the SHA-256 of everything after the header. */
         size_t len;
-        unsigned char *buf = read_bytes(path, &len);
+        unsigned char *buf = file_must_read(path, &len);
         size_t hlen = 0;
         for (int i = 7; i >= 0; i--)
             hlen = hlen << 8 | buf[i];
@@ -379,14 +325,14 @@ static void patch_file(const char *path, const char *from, const char *to)
 {
     size_t len, n = strlen(from);
     assert_int_equal(strlen(to), n);
-    unsigned char *buf = read_bytes(path, &len);
+    unsigned char *buf = file_must_read(path, &len);
     unsigned char *p = NULL;
     for (size_t i = 0; i + n <= len && !p; i++)
         if (memcmp(buf + i, from, n) == 0)
             p = buf + i;
     assert_non_null(p);
     memcpy(p, to, n);
-    write_bytes(path, buf, len);
+    file_write(path, buf, len);
     free(buf);
 }
 
@@ -394,7 +340,7 @@ static void test_load_errors(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "bad.safetensors");
+    scratch_path(path, "bad.safetensors");
     struct model m;
     char err[256];
     make_model(SMALL, &m);
@@ -446,9 +392,9 @@ static void test_load_errors(void **state)
     snprintf(good, sizeof good, "%s", st_meta_get(&f, "data_sha256"));
     st_close(&f);
     size_t len;
-    unsigned char *buf = read_bytes(path, &len);
+    unsigned char *buf = file_must_read(path, &len);
     buf[len - 1] ^= 0x01;
-    write_bytes(path, buf, len);
+    file_write(path, buf, len);
     sha256_hex(buf + len - m.n_params * sizeof(float), m.n_params * sizeof(float), bad);
     free(buf);
     snprintf(want, sizeof want, "checksum mismatch: data_sha256 says %s, data hashes to %s", good, bad);
@@ -477,10 +423,10 @@ static void test_load_errors(void **state)
     expect_load_error(path, "tensor \"rnn.weight_ih_l1\" holds an infinity at element 5");
 
     /* Not a safetensors file at all: st_open's message comes through. */
-    write_bytes(path, "hello", 5);
+    file_write(path, "hello", 5);
     expect_load_error(path, "too short");
     char absent[512];
-    tmp_path(absent, "absent.safetensors");
+    scratch_path(absent, "absent.safetensors");
     expect_load_error(absent, "cannot open");
 
     free(json);
@@ -566,7 +512,7 @@ static void test_half_precision(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "half.safetensors");
+    scratch_path(path, "half.safetensors");
     static const char *const dtypes[] = {"F16", "BF16"};
     for (int k = 0; k < 2; k++) {
         struct model m, back;
@@ -592,9 +538,9 @@ static void test_truncated(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "whole.safetensors");
+    scratch_path(path, "whole.safetensors");
     char cut[512];
-    tmp_path(cut, "cut.safetensors");
+    scratch_path(cut, "cut.safetensors");
     struct model m;
     char err[256];
     make_model(SMALL, &m);
@@ -602,9 +548,9 @@ static void test_truncated(void **state)
     assert_int_equal(model_save(&m, path, NULL, 0, err, sizeof err), 0);
     model_free(&m);
     size_t len;
-    unsigned char *buf = read_bytes(path, &len);
+    unsigned char *buf = file_must_read(path, &len);
     for (size_t n = 0; n < len; n++) {
-        write_bytes(cut, buf, n);
+        file_write(cut, buf, n);
         struct model back;
         if (model_load(cut, &back, err, sizeof err) == 0)
             fail_msg("a file cut to %zu of %zu bytes loaded", n, len);
@@ -624,5 +570,5 @@ int main(void)
         cmocka_unit_test(test_half_precision),
         cmocka_unit_test(test_truncated),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, scratch_setup, scratch_teardown);
 }

@@ -19,6 +19,8 @@
 
 #include "optim.h"
 
+#include "support/files.h"
+
 #define FIXTURE "tests/fixtures/optim_expected.json"
 #define MAX_PARAMS 16
 #define MAX_STEPS 8
@@ -34,25 +36,6 @@ struct fixture {
     float init[MAX_PARAMS];
     float grads[MAX_STEPS][MAX_PARAMS];
 };
-
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    char *buf = NULL;
-    long n = -1;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0)
-        buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    if (buf)
-        buf[n] = '\0';
-    fclose(f);
-    return buf;
-}
 
 /* A JSON array of numbers into out[]; returns its length. */
 static int read_floats(const cJSON *arr, float *out, int max)
@@ -70,7 +53,7 @@ static int read_floats(const cJSON *arr, float *out, int max)
 static int setup(void **state)
 {
     static struct fixture fx;
-    char *text = slurp(FIXTURE);
+    char *text = file_read(FIXTURE, NULL);
     if (!text)
         fail_msg("cannot read %s", FIXTURE);
     fx.json = cJSON_Parse(text);

@@ -16,32 +16,27 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include <arpa/inet.h>
-#include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <openssl/evp.h>
 #include <png.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "support/files.h"
+#include "support/http.h"
+#include "support/proc.h"
+#include "support/server.h"
+
 #define MODEL "rra_dynamic_w3_l2_lm"
-#define FIXTURE "tests/fixtures/" MODEL ".safetensors"
 #define TITLE "<title>rrnserve: attention heatmap</title>"
 #define PAGE_URL "/?model=" MODEL "&text=a%20nice%20day"
 #define KEY "page-test-key"
 /* Hang guards only: nothing asserts how fast anything is. */
-#define START_TIMEOUT_S 120
-#define SOCKET_TIMEOUT_S 120
 #define BROWSER_TIMEOUT_S 180
 /* "a nice day": 10 steps, window 3, 2 layers, one direction. */
 #define CELLS (10 * 3 * 2)
@@ -50,72 +45,6 @@
 #define MIN_BLUE_PIXELS 10000
 #define MIN_SHADE_PIXELS 200
 #define MIN_SHADES 4
-
-struct server {
-    pid_t pid;
-    int port;
-    char dir[64];      /* the models folder */
-    char log[64];      /* the server's stdout and stderr */
-    char scratch[64];  /* the test's files, removed with the server */
-};
-
-static void sleep_ms(int ms)
-{
-    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&t, NULL);
-}
-
-/* The whole of a file, NUL-terminated (an empty string when unreadable). */
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    size_t n = 0, cap = 1 << 16;
-    char *p = malloc(cap);
-    assert_non_null(p);
-    if (f) {
-        size_t got;
-        while ((got = fread(p + n, 1, cap - n - 1, f)) > 0) {
-            n += got;
-            if (cap - n - 1 == 0) {
-                cap *= 2;
-                p = realloc(p, cap);
-                assert_non_null(p);
-            }
-        }
-        fclose(f);
-    }
-    p[n] = 0;
-    return p;
-}
-
-/* 0, or -1 on an error. */
-static int copy_file(const char *from, const char *to)
-{
-    FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
-    int rc = in && out ? 0 : -1;
-    char chunk[65536];
-    size_t n;
-    while (rc == 0 && (n = fread(chunk, 1, sizeof chunk, in)) > 0)
-        rc = fwrite(chunk, 1, n, out) == n ? 0 : -1;
-    if (in)
-        fclose(in);
-    if (out && fclose(out) != 0)
-        rc = -1;
-    return rc;
-}
-
-/* Waits (bounded) for a child; its wait status, or -1 when it is still
- * running after timeout_s. */
-static int wait_child(pid_t pid, int timeout_s)
-{
-    for (int i = 0; i < timeout_s * 50; i++) {
-        int status;
-        if (waitpid(pid, &status, WNOHANG) == pid)
-            return status;
-        sleep_ms(20);
-    }
-    return -1;
-}
 
 /* Runs argv (looked up in PATH) in a process group of its own, stdout to
  * out_path (or /dev/null), stderr to /dev/null.  Its wait status, or -1
@@ -139,31 +68,11 @@ static int run_bounded(char *const argv[], const char *out_path, int timeout_s)
         _exit(127);
     }
     setpgid(pid, pid);
-    int status = wait_child(pid, timeout_s);
+    int status = proc_wait(pid, timeout_s);
     kill(-pid, SIGKILL);
     if (status == -1)
         waitpid(pid, NULL, 0);
     return status;
-}
-
-static void remove_tree(const char *dir)
-{
-    char *const argv[] = {"rm", "-rf", (char *)dir, NULL};
-    run_bounded(argv, NULL, 60);
-}
-
-static void server_stop(struct server *s)
-{
-    if (!s)
-        return;
-    if (s->pid > 0) {
-        kill(s->pid, SIGKILL);
-        waitpid(s->pid, NULL, 0);
-    }
-    remove_tree(s->dir);
-    remove_tree(s->scratch);
-    unlink(s->log);
-    free(s);
 }
 
 /* A key file at path that admits key (its SHA-256 in hex); 0, or -1. */
@@ -180,177 +89,71 @@ static int write_keys(const char *path, const char *key)
     return fclose(f) == 0 ? 0 : -1;
 }
 
-/* Starts `rrnserve serve` on a fresh folder holding the fixture, requiring
- * the API key key when it is not NULL, and waits for its port. */
-static struct server *server_start(const char *key)
-{
-    struct server *s = calloc(1, sizeof *s);
-    assert_non_null(s);
-    snprintf(s->dir, sizeof s->dir, "/tmp/rrn_page_XXXXXX");
-    snprintf(s->scratch, sizeof s->scratch, "/tmp/rrn_page_scratch_XXXXXX");
-    snprintf(s->log, sizeof s->log, "/tmp/rrn_page_log_XXXXXX");
-    int logfd = -1, ready = mkdtemp(s->dir) && mkdtemp(s->scratch) && (logfd = mkstemp(s->log)) >= 0;
-    char to[128], keys[96];
-    snprintf(to, sizeof to, "%s/" MODEL ".safetensors", s->dir);
-    snprintf(keys, sizeof keys, "%s/keys", s->scratch);
-    ready = ready && copy_file(FIXTURE, to) == 0 && (!key || write_keys(keys, key) == 0);
-    if (!ready) {
-        if (logfd >= 0)
-            close(logfd);
-        server_stop(s);
-        fail_msg("cannot set up the server's files (is the test run from the repository root?)");
-    }
-
-    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
-    const char *argv[16] = {bin, "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1",
-                            "--device", "cpu"};
-    if (key) {
-        argv[10] = "--api-keys";
-        argv[11] = keys;
-    }
-    s->pid = fork();
-    assert_true(s->pid >= 0);
-    if (s->pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        dup2(logfd, STDOUT_FILENO);
-        dup2(logfd, STDERR_FILENO);
-        close(logfd);
-        execv(bin, (char *const *)argv);
-        _exit(127);
-    }
-    close(logfd);
-
-    const char *line = "listening on http://127.0.0.1:";
-    for (int i = 0; i < START_TIMEOUT_S * 10 && s->port <= 0; i++) {
-        char *log = slurp(s->log);
-        const char *at = strstr(log, line);
-        if (at)
-            s->port = atoi(at + strlen(line));
-        free(log);
-        if (s->port <= 0 && waitpid(s->pid, NULL, WNOHANG) == s->pid) {
-            s->pid = 0;
-            break;
-        }
-        if (s->port <= 0)
-            sleep_ms(100);
-    }
-    if (s->port <= 0) {
-        /* Kill it before failing: a failed setup has no teardown. */
-        char *log = slurp(s->log), shown[4096];
-        snprintf(shown, sizeof shown, "%s", log);
-        free(log);
-        server_stop(s);
-        fail_msg("the server did not start; its output:\n%s", shown);
-    }
-    return s;
-}
-
-/* ---- HTTP over a plain socket -------------------------------------------- */
-
-struct resp {
-    int status;
-    char *text;        /* the whole answer, NUL-terminated */
-    const char *body;  /* inside text */
-};
-
-/* GET path with extra header lines (each ending in \r\n); the whole answer
- * is read (Connection: close). */
-static void get(int port, const char *path, const char *headers, struct resp *r)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(fd >= 0);
-    struct timeval tv = {.tv_sec = SOCKET_TIMEOUT_S};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
-    char req[1024];
-    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s\r\n", path,
-                     headers);
-    assert_int_equal(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
-    size_t len = 0, cap = 1 << 16;
-    r->text = malloc(cap);
-    assert_non_null(r->text);
-    for (;;) {
-        if (cap - len < 4096) {
-            cap *= 2;
-            r->text = realloc(r->text, cap);
-            assert_non_null(r->text);
-        }
-        ssize_t got = recv(fd, r->text + len, cap - len - 1, 0);
-        if (got < 0 && errno == EINTR)
-            continue;
-        if (got <= 0)
-            break;
-        len += (size_t)got;
-    }
-    close(fd);
-    r->text[len] = 0;
-    const char *end = strstr(r->text, "\r\n\r\n");
-    if (!end || sscanf(r->text, "HTTP/1.%*d %d", &r->status) != 1)
-        fail_msg("GET %s: not an HTTP answer: %.200s", path, r->text);
-    r->body = end + 4;
-}
-
-/* Whether the head of r has the header line "name: value" exactly. */
-static int has_header(const struct resp *r, const char *line)
-{
-    size_t n = strlen(line);
-    for (const char *p = strstr(r->text, "\r\n"); p && p < r->body; p = strstr(p + 2, "\r\n"))
-        if (strncasecmp(p + 2, line, n) == 0 && p[2 + n] == '\r')
-            return 1;
-    return 0;
-}
-
 /* ---- the page --------------------------------------------------------- */
+
+/* Starts the server on the fixture, requiring the API key key when it is
+ * not NULL; the test's own files go to scratch_dir, removed with it. */
+static struct server *start(void **state, const char *key)
+{
+    static const char *const models[] = {MODEL, NULL};
+    char keys[512];
+    /* Without a key the list ends before --api-keys. */
+    const char *args[] = {"--device", "cpu", key ? "--api-keys" : NULL, keys, NULL};
+    assert_int_equal(scratch_setup(state), 0);
+    scratch_path(keys, "keys");
+    if (key && write_keys(keys, key) != 0) {
+        scratch_teardown(state);
+        fail_msg("cannot write %s", keys);
+    }
+    return server_start(&(struct server_opts){.models = models, .args = args});
+}
 
 static int setup_server(void **state)
 {
-    *state = server_start(NULL);
+    *state = start(state, NULL);
     return 0;
 }
 
 static int teardown_server(void **state)
 {
-    server_stop(*state);
-    *state = NULL;
-    return 0;
+    server_teardown(state);
+    return scratch_teardown(state);
 }
 
 static void test_page_served(void **state)
 {
     struct server *s = *state;
-    struct resp r;
-    get(s->port, "/", "", &r);
+    struct http_resp r;
+    http_must_request(s->port, "GET", "/", "", NULL, &r);
     assert_int_equal(r.status, 200);
-    assert_true(has_header(&r, "Content-Type: text/html; charset=utf-8"));
-    assert_non_null(strstr(r.body, "<!DOCTYPE html>"));
-    assert_non_null(strstr(r.body, TITLE));
+    char type[128];
+    assert_string_equal(http_header(&r, "Content-Type", type, sizeof type), "text/html; charset=utf-8");
+    assert_non_null(strstr(r.body.p, "<!DOCTYPE html>"));
+    assert_non_null(strstr(r.body.p, TITLE));
     /* Self-contained: whatever it refers to is a data: URL. */
     static const char *const refs[] = {"src=", "href=", "url(", "@import"};
     for (size_t i = 0; i < sizeof refs / sizeof refs[0]; i++)
-        for (const char *p = strstr(r.body, refs[i]); p; p = strstr(p + 1, refs[i])) {
+        for (const char *p = strstr(r.body.p, refs[i]); p; p = strstr(p + 1, refs[i])) {
             const char *v = p + strlen(refs[i]);
             v += *v == '\'' || *v == '"';
             if (strncmp(v, "data:", 5) != 0)
                 fail_msg("the page loads %.60s", p);
         }
-    free(r.text);
+    http_resp_free(&r);
     /* The query string is the page's, not a different path. */
-    get(s->port, PAGE_URL, "", &r);
+    http_must_request(s->port, "GET", PAGE_URL, "", NULL, &r);
     assert_int_equal(r.status, 200);
-    assert_non_null(strstr(r.body, TITLE));
-    free(r.text);
-    get(s->port, "/metrics", "", &r);
+    assert_non_null(strstr(r.body.p, TITLE));
+    http_resp_free(&r);
+    http_must_request(s->port, "GET", "/metrics", "", NULL, &r);
     assert_int_equal(r.status, 200);
-    assert_non_null(strstr(r.body, "rrnserve_requests_total{endpoint=\"/\",status=\"200\"} 2\n"));
-    free(r.text);
+    assert_non_null(strstr(r.body.p, "rrnserve_requests_total{endpoint=\"/\",status=\"200\"} 2\n"));
+    http_resp_free(&r);
 }
 
 static int setup_keyed_server(void **state)
 {
-    *state = server_start(KEY);
+    *state = start(state, KEY);
     return 0;
 }
 
@@ -359,17 +162,17 @@ static int setup_keyed_server(void **state)
 static void test_page_needs_no_key(void **state)
 {
     struct server *s = *state;
-    struct resp r;
-    get(s->port, "/", "", &r);
+    struct http_resp r;
+    http_must_request(s->port, "GET", "/", "", NULL, &r);
     assert_int_equal(r.status, 200);
-    assert_non_null(strstr(r.body, TITLE));
-    free(r.text);
-    get(s->port, "/models", "", &r);
+    assert_non_null(strstr(r.body.p, TITLE));
+    http_resp_free(&r);
+    http_must_request(s->port, "GET", "/models", "", NULL, &r);
     assert_int_equal(r.status, 401);
-    free(r.text);
-    get(s->port, "/models", "Authorization: Bearer " KEY "\r\n", &r);
+    http_resp_free(&r);
+    http_must_request(s->port, "GET", "/models", "Authorization: Bearer " KEY "\r\n", NULL, &r);
     assert_int_equal(r.status, 200);
-    free(r.text);
+    http_resp_free(&r);
 }
 
 /* ---- the page in a browser ----------------------------------------------- */
@@ -490,17 +293,17 @@ static void test_browser_draws_heatmap(void **state)
     }
     char url[128], dom[96], png[96], shot[112], profile[96];
     snprintf(url, sizeof url, "http://127.0.0.1:%d%s", s->port, PAGE_URL);
-    snprintf(dom, sizeof dom, "%s/dom.html", s->scratch);
-    snprintf(png, sizeof png, "%s/page.png", s->scratch);
+    snprintf(dom, sizeof dom, "%s/dom.html", scratch_dir);
+    snprintf(png, sizeof png, "%s/page.png", scratch_dir);
     snprintf(shot, sizeof shot, "--screenshot=%s", png);
 
-    snprintf(profile, sizeof profile, "%s/profile-dom", s->scratch);
+    snprintf(profile, sizeof profile, "%s/profile-dom", scratch_dir);
     browse(browser, url, "--dump-dom", dom, profile);
-    char *text = slurp(dom);
+    char *text = file_must_read(dom, NULL);
     check_dom(text);
     free(text);
 
-    snprintf(profile, sizeof profile, "%s/profile-png", s->scratch);
+    snprintf(profile, sizeof profile, "%s/profile-png", scratch_dir);
     browse(browser, url, shot, NULL, profile);
     check_png(png);
 }

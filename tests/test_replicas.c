@@ -32,12 +32,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
+
+#include "support/buf.h"
+#include "support/files.h"
+#include "support/http.h"
+#include "support/timing.h"
 
 /* Hang guards only: no test asserts how fast anything is. */
 #define SOCKET_TIMEOUT_S 60
@@ -67,52 +69,6 @@ struct setup {
 static struct setup S;
 
 /* ---- small helpers ------------------------------------------------------- */
-
-static void sleep_ms(int ms)
-{
-    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&t, NULL);
-}
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
-struct buf {
-    char *p;
-    size_t len, cap;
-};
-
-static void buf_add(struct buf *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        b->cap = (b->len + n + 1) * 2;
-        b->p = realloc(b->p, b->cap);
-        if (!b->p)
-            abort();
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    struct buf b = {0};
-    char chunk[8192];
-    size_t n;
-    buf_add(&b, "", 0);
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        buf_add(&b, chunk, n);
-    fclose(f);
-    return b.p;
-}
 
 /* Runs a shell command, its output into the file `out`; its exit status. */
 static int run(const char *cmd, const char *out)
@@ -161,106 +117,27 @@ static int alive(pid_t pid, const char *word)
     return n > 0 && strstr(cmd, word) != NULL;
 }
 
-/* ---- HTTP over plain sockets and TLS ------------------------------------- */
-
-struct resp {
-    int status;
-    char head[4096];
-    struct buf body; /* chunked transfer decoded */
-};
-
-static int connect_to(int port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    struct timeval tv = {.tv_sec = SOCKET_TIMEOUT_S};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static int format_request(char *out, size_t cap, const char *method, const char *path, const char *body)
-{
-    int n = snprintf(out, cap, "%s %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n%s",
-                     method, path, body ? strlen(body) : 0, body ? body : "");
-    return n > 0 && (size_t)n < cap ? n : -1;
-}
-
-/* Splits a whole raw answer into status, head and (dechunked) body. */
-static int parse_response(const struct buf *raw, struct resp *r)
-{
-    memset(r, 0, sizeof *r);
-    const char *end = raw->p ? strstr(raw->p, "\r\n\r\n") : NULL;
-    if (!end || sscanf(raw->p, "HTTP/1.%*d %d", &r->status) != 1)
-        return -1;
-    size_t hlen = (size_t)(end - raw->p);
-    snprintf(r->head, sizeof r->head, "%.*s", (int)hlen, raw->p);
-    const char *p = end + 4, *stop = raw->p + raw->len;
-    buf_add(&r->body, "", 0);
-    int chunked = 0;
-    for (const char *h = r->head; *h; h++)
-        if (strncasecmp(h, "transfer-encoding: chunked", 26) == 0)
-            chunked = 1;
-    if (!chunked) {
-        buf_add(&r->body, p, (size_t)(stop - p));
-        return 0;
-    }
-    for (;;) {
-        char *next;
-        unsigned long size = strtoul(p, &next, 16);
-        const char *data = strstr(next, "\r\n");
-        if (!data || size == 0 || data + 2 + size > stop)
-            return size == 0 ? 0 : -1;
-        buf_add(&r->body, data + 2, size);
-        p = data + 2 + size + 2;
-    }
-}
-
-/* One request over plain HTTP: 0, or -1 when there was no whole answer. */
-static int request(int port, const char *method, const char *path, const char *body, struct resp *r)
-{
-    char req[4096];
-    int n = format_request(req, sizeof req, method, path, body);
-    int fd = connect_to(port), rc = -1;
-    struct buf raw = {0};
-    if (fd >= 0 && n > 0 && send(fd, req, (size_t)n, MSG_NOSIGNAL) == n) {
-        char chunk[8192];
-        ssize_t got;
-        while ((got = recv(fd, chunk, sizeof chunk, 0)) > 0 || (got < 0 && errno == EINTR))
-            if (got > 0)
-                buf_add(&raw, chunk, (size_t)got);
-        rc = parse_response(&raw, r);
-    }
-    if (fd >= 0)
-        close(fd);
-    free(raw.p);
-    return rc;
-}
+/* ---- HTTP over TLS -------------------------------------------------------- */
 
 /* One request over HTTPS, the server's certificate checked against the
  * certificate file and the host name "localhost". */
 static int tls_request(int port, const char *ca_file, const char *method, const char *path, const char *body,
-                       struct resp *r, char *why, size_t why_cap)
+                       struct http_resp *r, char *why, size_t why_cap)
 {
-    char req[4096];
-    int n = format_request(req, sizeof req, method, path, body), rc = -1;
+    struct buf req = {0};
+    /* Host as the certificate names it. */
+    http_format(&req, "localhost", method, path, "", body, body ? strlen(body) : 0);
+    int rc = -1;
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     SSL *ssl = NULL;
     int fd = -1;
     struct buf raw = {0};
     snprintf(why, why_cap, "no TLS context");
-    if (!ctx || n < 0 || SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1)
+    if (!ctx || SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1)
         goto out;
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    if ((fd = connect_to(port)) < 0) {
+    if ((fd = http_connect(port, SOCKET_TIMEOUT_S)) < 0) {
         snprintf(why, why_cap, "cannot connect to port %d", port);
         goto out;
     }
@@ -274,7 +151,7 @@ static int tls_request(int port, const char *ca_file, const char *method, const 
                  X509_verify_cert_error_string(v));
         goto out;
     }
-    if (SSL_write(ssl, req, n) != n) {
+    if (SSL_write(ssl, req.p, (int)req.len) != (int)req.len) {
         snprintf(why, why_cap, "SSL_write failed");
         goto out;
     }
@@ -283,7 +160,7 @@ static int tls_request(int port, const char *ca_file, const char *method, const 
     while ((got = SSL_read(ssl, chunk, sizeof chunk)) > 0)
         buf_add(&raw, chunk, (size_t)got);
     snprintf(why, why_cap, "%s %s (%s): no whole answer", method, path, SSL_get_version(ssl));
-    rc = parse_response(&raw, r);
+    rc = http_parse(&raw, r);
     if (rc == 0)
         snprintf(why, why_cap, "%s", SSL_get_version(ssl));
 out:
@@ -295,36 +172,18 @@ out:
         close(fd);
     SSL_CTX_free(ctx);
     free(raw.p);
+    free(req.p);
     return rc;
-}
-
-static void resp_free(struct resp *r)
-{
-    free(r->body.p);
-    r->body.p = NULL;
-}
-
-static const char *header(const struct resp *r, const char *name, char *out, size_t cap)
-{
-    size_t n = strlen(name);
-    out[0] = 0;
-    for (const char *line = strstr(r->head, "\r\n"); line; line = strstr(line + 2, "\r\n"))
-        if (strncasecmp(line + 2, name, n) == 0 && line[2 + n] == ':') {
-            const char *v = line + 3 + n;
-            while (*v == ' ')
-                v++;
-            snprintf(out, cap, "%.*s", (int)strcspn(v, "\r\n"), v);
-            break;
-        }
-    return out;
 }
 
 /* The body of a 200 answer, to be freed. */
 static char *must_get_body(int port, const char *method, const char *path, const char *body)
 {
-    struct resp r;
-    if (request(port, method, path, body, &r) != 0)
+    struct http_resp r;
+    if (http_request(port, method, path, "", body, body ? strlen(body) : 0, &r) != 0) {
+        http_resp_free(&r);
         fail_msg("%s %s on port %d: no answer", method, path, port);
+    }
     if (r.status != 200)
         fail_msg("%s %s on port %d: status %d: %s", method, path, port, r.status, r.body.p);
     return r.body.p;
@@ -349,7 +208,7 @@ static int script(const char *args)
     FMT(cmd, "%s deploy/replicas.sh %s", S.env, args);
     FMT(out, "%s/replicas.out", S.dir);
     int rc = run(cmd, out);
-    char *text = slurp(out);
+    char *text = file_read(out, NULL);
     print_message("replicas.sh %s (status %d):\n%s", args, rc, text ? text : "");
     free(text);
     return rc;
@@ -398,7 +257,7 @@ static int setup(void **state)
             S.dir, S.dir);
         FMT(out, "%s/openssl.out", S.dir);
         if (run(cmd, out) != 0) {
-            char *text = slurp(out);
+            char *text = file_read(out, NULL);
             fail_msg("%s:\n%s", cmd, text ? text : "");
         }
         FMT(tls, "RRN_TLS_PORT=%d RRN_TLS_CERT='%s/cert.pem' RRN_TLS_KEY='%s/key.pem'", S.tls_port, S.dir, S.dir);
@@ -423,11 +282,7 @@ static int teardown(void **state)
     if (!S.have_nginx)
         return 0;
     script("stop");
-    char cmd[256], out[256];
-    FMT(cmd, "rm -rf '%s'", S.dir);
-    FMT(out, "/dev/null");
-    if (strncmp(S.dir, "/tmp/rrn_replicas_", 18) == 0)
-        run(cmd, out);
+    remove_tree(S.dir, NULL);
     return 0;
 }
 
@@ -470,18 +325,18 @@ static void test_stream_through_proxy(void **state)
 {
     (void)state;
     NEED_NGINX();
-    struct resp direct, proxied;
+    struct http_resp direct, proxied;
     char value[256];
-    assert_int_equal(request(S.ports[1], "POST", "/generate", stream_body, &direct), 0);
-    assert_int_equal(request(S.port, "POST", "/generate", stream_body, &proxied), 0);
+    assert_int_equal(http_request(S.ports[1], "POST", "/generate", "", stream_body, strlen(stream_body), &direct), 0);
+    assert_int_equal(http_request(S.port, "POST", "/generate", "", stream_body, strlen(stream_body), &proxied), 0);
     assert_int_equal(direct.status, 200);
     assert_int_equal(proxied.status, 200);
-    assert_string_equal(header(&proxied, "Content-Type", value, sizeof value), "text/event-stream");
-    assert_string_equal(header(&proxied, "X-Accel-Buffering", value, sizeof value), "no");
+    assert_string_equal(http_header(&proxied, "Content-Type", value, sizeof value), "text/event-stream");
+    assert_string_equal(http_header(&proxied, "X-Accel-Buffering", value, sizeof value), "no");
     assert_non_null(strstr(proxied.body.p, "data: [DONE]"));
     assert_string_equal(proxied.body.p, direct.body.p);
-    resp_free(&direct);
-    resp_free(&proxied);
+    http_resp_free(&direct);
+    http_resp_free(&proxied);
 }
 
 static void test_https(void **state)
@@ -493,13 +348,13 @@ static void test_https(void **state)
     char ca[256], why[512];
     FMT(ca, "%s/cert.pem", S.dir);
     char *direct = must_get_body(S.ports[2], "POST", "/classify", classify_body);
-    struct resp r;
+    struct http_resp r;
     if (tls_request(S.tls_port, ca, "POST", "/classify", classify_body, &r, why, sizeof why) != 0)
         fail_msg("HTTPS to nginx: %s", why);
     print_message("HTTPS through nginx: %s\n", why);
     assert_int_equal(r.status, 200);
     assert_string_equal(r.body.p, direct);
-    resp_free(&r);
+    http_resp_free(&r);
     free(direct);
 
     /* The plain port does not speak TLS, and a certificate that does not
@@ -534,8 +389,8 @@ static void *client_main(void *arg)
     double limit = now_s() + LOAD_LIMIT_S;
     for (int i = 0; i < MAX_REQUESTS_PER_CLIENT && !atomic_load(&L->stop) && now_s() < limit; i++) {
         int after = atomic_load(&L->killed);
-        struct resp r;
-        int rc = request(S.port, "POST", "/classify", classify_body, &r);
+        struct http_resp r;
+        int rc = http_request(S.port, "POST", "/classify", "", classify_body, strlen(classify_body), &r);
         if (rc != 0 || r.status != 200 || strcmp(r.body.p, L->expect) != 0) {
             atomic_fetch_add(&L->failed, 1);
             pthread_mutex_lock(&L->mu);
@@ -545,8 +400,7 @@ static void *client_main(void *arg)
                          rc != 0 ? "" : r.body.p);
             pthread_mutex_unlock(&L->mu);
         }
-        if (rc == 0)
-            resp_free(&r);
+        http_resp_free(&r);
         atomic_fetch_add(&L->done, 1);
         if (after)
             atomic_fetch_add(&L->after_kill, 1);
@@ -560,7 +414,7 @@ static int retried_requests(void)
 {
     char path[256];
     FMT(path, "%s/access.log", S.work);
-    char *log = slurp(path);
+    char *log = file_read(path, NULL);
     int n = 0;
     for (char *line = log; line && *line;) {
         char *end = strchr(line, '\n');
@@ -636,7 +490,7 @@ static void test_stop(void **state)
     NEED_NGINX();
     char path[256];
     FMT(path, "%s/nginx.pid", S.work);
-    char *text = slurp(path);
+    char *text = file_read(path, NULL);
     assert_non_null(text);
     pid_t nginx = (pid_t)atol(text);
     free(text);
@@ -645,7 +499,7 @@ static void test_stop(void **state)
     assert_false(alive(nginx, "nginx"));
     for (int i = 0; i < N_REPLICAS; i++)
         assert_false(alive(S.pids[i], "serve --models"));
-    int fd = connect_to(S.port);
+    int fd = http_connect(S.port, SOCKET_TIMEOUT_S);
     if (fd >= 0)
         close(fd);
     assert_true(fd < 0);

@@ -16,38 +16,16 @@
 
 #include "report.h"
 
-static char tmpdir[64];
+#include "support/files.h"
 
-static int setup(void **state)
-{
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/rrn_test_report_XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
+/* What the tests write: the folder is removed with these alone, so a
+ * stray file (a temporary one left behind) fails the teardown. */
+static const char *const written[] = {"curve.csv", "plain.csv", "curve.svg", "empty.svg", "one.svg", NULL};
 
 static int teardown(void **state)
 {
     (void)state;
-    const char *names[] = {"curve.csv", "plain.csv", "curve.svg", "empty.svg", "one.svg"};
-    char path[256];
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        snprintf(path, sizeof path, "%s/%s", tmpdir, names[i]);
-        unlink(path);
-    }
-    return rmdir(tmpdir);
-}
-
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    char *buf = malloc(1 << 20);
-    assert_non_null(buf);
-    size_t n = fread(buf, 1, (1 << 20) - 1, f);
-    assert_true(n < (1 << 20) - 1);
-    buf[n] = '\0';
-    fclose(f);
-    return buf;
+    return remove_tree(scratch_dir, written);
 }
 
 static void add(struct curve *c, long step, double epoch, double train, double valid, double metric, double lr,
@@ -86,10 +64,10 @@ static void test_csv(void **state)
     add(&c, 100, 0.25, 1.75, 1.8125, 2.6, 0.001, 12345.5);
     add(&c, 200, 0.5, 1.0 / 3.0, NAN, NAN, 5e-4, 13000.0);
     add(&c, 300, 0.1, 0.1, 1e-30, 123456789.0, 3e-7, INFINITY);
-    snprintf(path, sizeof path, "%s/curve.csv", tmpdir);
+    snprintf(path, sizeof path, "%s/curve.csv", scratch_dir);
     if (curve_write_csv(&c, path, err, sizeof err) != 0)
         fail_msg("curve_write_csv: %s", err);
-    char *text = slurp(path);
+    char *text = file_must_read(path, NULL);
     assert_string_equal(text, "step,epoch,train_loss,valid_loss,bpc,lr,tokens_per_s\n"
                               "0,0,2.5,,,0,\n"
                               "100,0.25,1.75,1.8125,2.6,0.001,12345.5\n"
@@ -100,9 +78,9 @@ static void test_csv(void **state)
     /* No metric: the column is still there, under a plain name. */
     c.metric_name = NULL;
     c.n = 1;
-    snprintf(path, sizeof path, "%s/plain.csv", tmpdir);
+    snprintf(path, sizeof path, "%s/plain.csv", scratch_dir);
     assert_int_equal(curve_write_csv(&c, path, err, sizeof err), 0);
-    text = slurp(path);
+    text = file_must_read(path, NULL);
     assert_string_equal(text, "step,epoch,train_loss,valid_loss,metric,lr,tokens_per_s\n0,0,2.5,,,0,\n");
     free(text);
     curve_free(&c);
@@ -234,10 +212,10 @@ static void test_svg(void **state)
     for (int i = 1; i <= 30; i++)
         add(&c, i * 50, i / 30.0, 2.0 / sqrt(i), i % 10 ? NAN : 2.2 / sqrt(i), i % 10 ? NAN : 0.5 + i / 100.0,
             0.001, 5000.0);
-    snprintf(path, sizeof path, "%s/curve.svg", tmpdir);
+    snprintf(path, sizeof path, "%s/curve.svg", scratch_dir);
     if (curve_write_svg(&c, path, "GRU & <friends>", err, sizeof err) != 0)
         fail_msg("curve_write_svg: %s", err);
-    char *svg = slurp(path);
+    char *svg = file_must_read(path, NULL);
     check_xml(svg);
     int points[4];
     assert_int_equal(polylines(svg, points, 4), 2);
@@ -267,9 +245,9 @@ static void test_svg(void **state)
         int lines;
     } small[] = {{&none, "empty.svg", 0}, {&one, "one.svg", 1}};
     for (int i = 0; i < 2; i++) {
-        snprintf(path, sizeof path, "%s/%s", tmpdir, small[i].name);
+        snprintf(path, sizeof path, "%s/%s", scratch_dir, small[i].name);
         assert_int_equal(curve_write_svg(small[i].c, path, NULL, err, sizeof err), 0);
-        svg = slurp(path);
+        svg = file_must_read(path, NULL);
         check_xml(svg);
         assert_int_equal(polylines(svg, points, 4), small[i].lines);
         assert_null(strstr(svg, "nan"));
@@ -286,7 +264,7 @@ static void test_write_error(void **state)
     char path[256], tmp[300], err[256] = "";
 
     add(&c, 1, 0.0, 1.0, NAN, NAN, 0.0, 0.0);
-    snprintf(path, sizeof path, "%s/no/such/dir/curve.csv", tmpdir);
+    snprintf(path, sizeof path, "%s/no/such/dir/curve.csv", scratch_dir);
     assert_int_equal(curve_write_csv(&c, path, err, sizeof err), -1);
     assert_non_null(strstr(err, path));
     assert_non_null(strstr(err, "No such file"));
@@ -305,5 +283,5 @@ int main(void)
         cmocka_unit_test(test_svg),
         cmocka_unit_test(test_write_error),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, scratch_setup, teardown);
 }

@@ -23,45 +23,15 @@
 
 #include "safetensors.h"
 
+#include "support/files.h"
+
 /* SHA-256 of the little-endian float32 bytes of 1.0, -2.0, 0.5. */
 #define SHA_1_M2_HALF "2ce4bdb6b34a50ac7092eb9fee94337a27498e9eb9bae44192f15b88831b2422"
 #define SHA_EMPTY "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
-static char dir[64];
-
-static int setup(void **state)
-{
-    (void)state;
-    snprintf(dir, sizeof dir, "/tmp/rrn_test_st_XXXXXX");
-    return mkdtemp(dir) ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    DIR *d = opendir(dir);
-    if (!d)
-        return -1;
-    struct dirent *e;
-    char path[512];
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    return rmdir(dir);
-}
-
-static void tmp_path(char path[512], const char *name)
-{
-    snprintf(path, 512, "%s/%s", dir, name);
-}
-
 static int count_dir_entries(void)
 {
-    DIR *d = opendir(dir);
+    DIR *d = opendir(scratch_dir);
     assert_non_null(d);
     int n = 0;
     struct dirent *e;
@@ -69,30 +39,6 @@ static int count_dir_entries(void)
         n += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
     closedir(d);
     return n;
-}
-
-static void write_bytes(const char *path, const void *buf, size_t len)
-{
-    FILE *fp = fopen(path, "wb");
-    assert_non_null(fp);
-    assert_int_equal(fwrite(buf, 1, len, fp), len);
-    assert_int_equal(fclose(fp), 0);
-}
-
-static unsigned char *read_bytes(const char *path, size_t *len)
-{
-    FILE *fp = fopen(path, "rb");
-    assert_non_null(fp);
-    assert_int_equal(fseek(fp, 0, SEEK_END), 0);
-    long n = ftell(fp);
-    assert_true(n >= 0);
-    rewind(fp);
-    unsigned char *buf = malloc((size_t)n + 1);
-    assert_non_null(buf);
-    assert_int_equal(fread(buf, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    *len = (size_t)n;
-    return buf;
 }
 
 /* A file with the given 8-byte length field, header bytes and data. */
@@ -107,7 +53,7 @@ static void write_raw(const char *path, uint64_t hlen, const char *header, size_
     memcpy(buf + 8, header, header_bytes);
     if (ndata)
         memcpy(buf + 8 + header_bytes, data, ndata);
-    write_bytes(path, buf, total);
+    file_write(path, buf, total);
     free(buf);
 }
 
@@ -151,7 +97,7 @@ static void test_write_read(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "sample.safetensors");
+    scratch_path(path, "sample.safetensors");
     write_sample(path);
     write_sample(path); /* replacing an existing file works too */
     assert_int_equal(count_dir_entries(), 1); /* no temporary left over */
@@ -164,7 +110,7 @@ static void test_write_read(void **state)
         "\"b\":{\"dtype\":\"F32\",\"shape\":[1,1],\"data_offsets\":[8,12]},"
         "\"e\":{\"dtype\":\"F32\",\"shape\":[0,4],\"data_offsets\":[12,12]}}";
     size_t len;
-    unsigned char *buf = read_bytes(path, &len);
+    unsigned char *buf = file_must_read(path, &len);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
         hlen = hlen << 8 | buf[i];
@@ -222,7 +168,7 @@ static void test_write_empty(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "empty.safetensors");
+    scratch_path(path, "empty.safetensors");
     char err[256];
     assert_int_equal(st_write(path, NULL, 0, NULL, 0, err, sizeof err), 0);
     struct st_file f;
@@ -247,7 +193,7 @@ static void test_write_errors(void **state)
         {.name = "w", .ndim = 1, .shape = {1}, .data = x},
     };
     char path[512];
-    tmp_path(path, "bad.safetensors");
+    scratch_path(path, "bad.safetensors");
     assert_int_equal(st_write(path, dup, 2, NULL, 0, err, sizeof err), -1);
     assert_non_null(strstr(err, "tensor \"w\" appears twice"));
 
@@ -276,7 +222,7 @@ static void test_write_errors(void **state)
     assert_int_equal(st_write(path, &one, 1, bad_utf8, 1, err, sizeof err), -1);
 
     char nowhere[512];
-    tmp_path(nowhere, "no/such/dir/x.safetensors");
+    scratch_path(nowhere, "no/such/dir/x.safetensors");
     assert_int_equal(st_write(nowhere, &one, 1, NULL, 0, err, sizeof err), -1);
     assert_non_null(strstr(err, "cannot create"));
     assert_int_equal(count_dir_entries(), 0);
@@ -305,7 +251,7 @@ static void test_f16_bf16(void **state)
     const unsigned char three[4] = {0, 0, 0x40, 0x40}; /* 3.0f */
     memcpy(data + 22, three, 4);
     char path[512];
-    tmp_path(path, "half.safetensors");
+    scratch_path(path, "half.safetensors");
     write_raw(path, strlen(header), header, strlen(header), data, sizeof data);
 
     struct st_file f;
@@ -397,7 +343,7 @@ static void test_bad_headers(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "bad.safetensors");
+    scratch_path(path, "bad.safetensors");
     for (size_t i = 0; i < sizeof bad_headers / sizeof bad_headers[0]; i++) {
         write_simple(path, bad_headers[i].header, bad_headers[i].ndata);
         struct st_file f;
@@ -415,7 +361,7 @@ static void test_good_oddities(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "odd.safetensors");
+    scratch_path(path, "odd.safetensors");
     struct st_file f;
     char err[256];
     /* Whitespace around the object, as the padding writes it. */
@@ -444,7 +390,7 @@ static void test_bad_frames(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "frame.safetensors");
+    scratch_path(path, "frame.safetensors");
     const char *h = "{}";
     write_raw(path, (uint64_t)1 << 63, h, 2, NULL, 0);
     expect_open_error(path, "header length 9223372036854775808 is over the limit");
@@ -458,14 +404,14 @@ static void test_bad_frames(void **state)
     expect_open_error(path, "header holds a NUL byte");
     write_raw(path, 0, "", 0, NULL, 0);
     expect_open_error(path, "not valid JSON");
-    write_bytes(path, "\x02\0\0\0", 4);
+    file_write(path, "\x02\0\0\0", 4);
     expect_open_error(path, "file is 4 bytes, too short");
-    write_bytes(path, "", 0);
+    file_write(path, "", 0);
     expect_open_error(path, "file is 0 bytes");
     char missing[512];
-    tmp_path(missing, "missing.safetensors");
+    scratch_path(missing, "missing.safetensors");
     expect_open_error(missing, "cannot open");
-    expect_open_error(dir, "not a regular file");
+    expect_open_error(scratch_dir, "not a regular file");
     unlink(path);
 }
 
@@ -475,14 +421,14 @@ static void test_truncations(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "whole.safetensors");
+    scratch_path(path, "whole.safetensors");
     char cut[512];
-    tmp_path(cut, "cut.safetensors");
+    scratch_path(cut, "cut.safetensors");
     write_sample(path);
     size_t len;
-    unsigned char *buf = read_bytes(path, &len);
+    unsigned char *buf = file_must_read(path, &len);
     for (size_t n = 0; n < len; n++) {
-        write_bytes(cut, buf, n);
+        file_write(cut, buf, n);
         struct st_file f;
         char err[256];
         if (st_open(cut, &f, err, sizeof err) == 0)
@@ -499,12 +445,12 @@ static void test_corruptions(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, "whole.safetensors");
+    scratch_path(path, "whole.safetensors");
     char bad[512];
-    tmp_path(bad, "corrupt.safetensors");
+    scratch_path(bad, "corrupt.safetensors");
     write_sample(path);
     size_t len;
-    unsigned char *buf = read_bytes(path, &len);
+    unsigned char *buf = file_must_read(path, &len);
     const unsigned char values[] = {0, ' ', '"', '{', '}', '[', ']', ',', ':', '0', '9', '-', 'e', 0xff, 0x80};
     int accepted = 0;
     for (size_t pos = 0; pos < len; pos++) {
@@ -513,7 +459,7 @@ static void test_corruptions(void **state)
             if (values[v] == keep)
                 continue;
             buf[pos] = values[v];
-            write_bytes(bad, buf, len);
+            file_write(bad, buf, len);
             struct st_file f;
             char err[256];
             if (st_open(bad, &f, err, sizeof err) != 0)
@@ -552,5 +498,5 @@ int main(void)
         cmocka_unit_test(test_truncations),
         cmocka_unit_test(test_corruptions),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, scratch_setup, scratch_teardown);
 }

@@ -16,14 +16,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include <arpa/inet.h>
 #include <cjson/cJSON.h>
-#include <ctype.h>
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <signal.h>
@@ -32,451 +26,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-#define FIX "tests/fixtures/"
-/* Hang guards only: no test asserts how fast anything is. */
-#define SOCKET_TIMEOUT_S 120
-#define START_TIMEOUT_S 120
-#define LOG_TIMEOUT_S 120
-#define EXIT_TIMEOUT_S 300
+#include "support/buf.h"
+#include "support/files.h"
+#include "support/fixtures.h"
+#include "support/http.h"
+#include "support/proc.h"
+#include "support/server.h"
+#include "support/timing.h"
 
 static const char *const main_models[] = {"combo_lstm_lm", "rra_dynamic_w3_l2_bi", "plain_lstm_l2_bi_last",
-                                          "tok_word_lm"};
-
-/* ---- growing buffers ----------------------------------------------------- */
-
-struct buf {
-    char *p;
-    size_t len, cap;
-};
-
-static void buf_add(struct buf *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        b->cap = (b->len + n + 1) * 2;
-        b->p = realloc(b->p, b->cap);
-        if (!b->p)
-            abort();
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-
-static void buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void buf_printf(struct buf *b, const char *fmt, ...)
-{
-    char tmp[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof tmp)
-        abort();
-    buf_add(b, tmp, (size_t)n);
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&t, NULL);
-}
-
-/* ---- the server as a child process -------------------------------------- */
-
-struct server {
-    pid_t pid;
-    int port;
-    int errfd;
-    pthread_t reader;
-    int reading;
-    pthread_mutex_t mu;
-    pthread_cond_t grew;
-    struct buf log;       /* everything the server wrote, stderr and stdout */
-    int eof;
-    char dir[64];
-};
-
-static void *read_log(void *arg)
-{
-    struct server *s = arg;
-    char chunk[4096];
-    ssize_t n;
-    while ((n = read(s->errfd, chunk, sizeof chunk)) > 0 || (n < 0 && errno == EINTR)) {
-        if (n <= 0)
-            continue;
-        pthread_mutex_lock(&s->mu);
-        buf_add(&s->log, chunk, (size_t)n);
-        pthread_cond_broadcast(&s->grew);
-        pthread_mutex_unlock(&s->mu);
-    }
-    pthread_mutex_lock(&s->mu);
-    s->eof = 1;
-    pthread_cond_broadcast(&s->grew);
-    pthread_mutex_unlock(&s->mu);
-    return NULL;
-}
-
-static int count_in(const char *hay, const char *needle)
-{
-    int n = 0;
-    for (const char *p = hay; hay && (p = strstr(p, needle)); p += strlen(needle))
-        n++;
-    return n;
-}
-
-/* Waits (bounded) until the log holds needle at least count times; returns
- * how many times it does. */
-static int wait_log(struct server *s, const char *needle, int count)
-{
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += LOG_TIMEOUT_S;
-    pthread_mutex_lock(&s->mu);
-    int n;
-    while ((n = count_in(s->log.p, needle)) < count && !s->eof &&
-           pthread_cond_timedwait(&s->grew, &s->mu, &until) == 0)
-        ;
-    n = count_in(s->log.p, needle);
-    pthread_mutex_unlock(&s->mu);
-    return n;
-}
-
-static int log_has(struct server *s, const char *needle)
-{
-    pthread_mutex_lock(&s->mu);
-    int has = s->log.p && strstr(s->log.p, needle) != NULL;
-    pthread_mutex_unlock(&s->mu);
-    return has;
-}
-
-static void copy_file(const char *from, const char *to)
-{
-    FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
-    assert_non_null(in);
-    assert_non_null(out);
-    char chunk[65536];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, in)) > 0)
-        assert_int_equal(fwrite(chunk, 1, n, out), n);
-    fclose(in);
-    assert_int_equal(fclose(out), 0);
-}
-
-static void add_model(const struct server *s, const char *fixture, const char *name)
-{
-    char from[256], to[256];
-    snprintf(from, sizeof from, FIX "%s.safetensors", fixture);
-    snprintf(to, sizeof to, "%s/%s.safetensors", s->dir, name);
-    copy_file(from, to);
-}
-
-static void server_stop(struct server *s);
-
-/* Starts `rrnserve serve` on a fresh folder holding the given fixtures,
- * with extra arguments (NULL-terminated), and waits for its port. */
-static struct server *server_start(const char *const *models, int n_models, const char *const *extra)
-{
-    struct server *s = calloc(1, sizeof *s);
-    assert_non_null(s);
-    pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->grew, NULL);
-    snprintf(s->dir, sizeof s->dir, "/tmp/rrn_serve_XXXXXX");
-    assert_non_null(mkdtemp(s->dir));
-    for (int i = 0; i < n_models; i++)
-        add_model(s, models[i], models[i]);
-
-    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
-    /* RRN_SERVER_WRAPPER (make test-valgrind): a command, its words split
-     * at spaces, that runs the server, as "valgrind --error-exitcode=99". */
-    char wrapper[1024];
-    const char *argv[64];
-    int argc = 0;
-    snprintf(wrapper, sizeof wrapper, "%s", getenv("RRN_SERVER_WRAPPER") ? getenv("RRN_SERVER_WRAPPER") : "");
-    for (char *w = strtok(wrapper, " "); w && argc < 32; w = strtok(NULL, " "))
-        argv[argc++] = w;
-    const char *own[] = {bin, "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1", "--device", "cpu"};
-    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
-        argv[argc++] = own[i];
-    for (int i = 0; extra && extra[i] && argc < 63; i++)
-        argv[argc++] = extra[i];
-    argv[argc] = NULL;
-    int fds[2];
-    assert_int_equal(pipe(fds), 0);
-    s->pid = fork();
-    assert_true(s->pid >= 0);
-    if (s->pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        dup2(fds[1], STDERR_FILENO);
-        dup2(fds[1], STDOUT_FILENO);
-        close(fds[0]);
-        close(fds[1]);
-        execvp(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    close(fds[1]);
-    s->errfd = fds[0];
-    assert_int_equal(pthread_create(&s->reader, NULL, read_log, s), 0);
-    s->reading = 1;
-    const char *line = "listening on http://127.0.0.1:";
-    if (wait_log(s, line, 1) == 1) {
-        pthread_mutex_lock(&s->mu);
-        s->port = atoi(strstr(s->log.p, line) + strlen(line));
-        pthread_mutex_unlock(&s->mu);
-    }
-    if (s->port <= 0) {
-        /* Kill it before failing: a failed setup has no teardown. */
-        char out[8192];
-        pthread_mutex_lock(&s->mu);
-        snprintf(out, sizeof out, "%s", s->log.p ? s->log.p : "");
-        pthread_mutex_unlock(&s->mu);
-        server_stop(s);
-        fail_msg("the server did not start; its output:\n%s", out);
-    }
-    return s;
-}
-
-static void remove_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        char path[512];
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-            continue;
-        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
-/* Waits (bounded) for the child to exit; its wait status, or -1. */
-static int wait_exit(struct server *s)
-{
-    for (int i = 0; i < EXIT_TIMEOUT_S * 100; i++) {
-        int status;
-        pid_t got = waitpid(s->pid, &status, WNOHANG);
-        if (got == s->pid) {
-            s->pid = 0;
-            return status;
-        }
-        sleep_ms(10);
-    }
-    return -1;
-}
-
-/* Servers run under RRN_SERVER_WRAPPER that exited with valgrind's error
- * status (99): main fails when there are any. */
-static int wrapper_errors;
-
-/* Kills the child if it is still there and frees everything.  A wrapped
- * server is asked to stop (SIGTERM) first, so that valgrind checks for
- * leaks as it exits. */
-static void server_stop(struct server *s)
-{
-    if (!s)
-        return;
-    if (s->pid > 0 && getenv("RRN_SERVER_WRAPPER") && kill(s->pid, SIGTERM) == 0) {
-        int status = wait_exit(s);
-        if (status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 99) {
-            pthread_mutex_lock(&s->mu);
-            fprintf(stderr, "the wrapped server reported errors; its output:\n%s\n", s->log.p ? s->log.p : "");
-            pthread_mutex_unlock(&s->mu);
-            wrapper_errors++;
-        }
-    }
-    if (s->pid > 0) {
-        kill(s->pid, SIGKILL);
-        waitpid(s->pid, NULL, 0);
-    }
-    if (s->reading)
-        pthread_join(s->reader, NULL);
-    if (s->errfd > 0)
-        close(s->errfd);
-    remove_dir(s->dir);
-    free(s->log.p);
-    pthread_cond_destroy(&s->grew);
-    pthread_mutex_destroy(&s->mu);
-    free(s);
-}
-
-static int teardown_server(void **state)
-{
-    server_stop(*state);
-    *state = NULL;
-    return 0;
-}
-
-/* ---- HTTP over plain sockets -------------------------------------------- */
-
-struct resp {
-    int status;
-    char head[4096];  /* status line and headers */
-    struct buf body;  /* chunked transfer decoded */
-};
-
-static void read_all(int fd, struct buf *raw);
-static int parse_response(const struct buf *raw, struct resp *r);
-
-static int connect_to(int port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    struct timeval tv = {.tv_sec = SOCKET_TIMEOUT_S};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static int send_all(int fd, const char *p, size_t n)
-{
-    while (n) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-/* Sends one request (Connection: close); headers is "" or lines ending in
- * \r\n; body may be NULL.  A failed send is not final: the server may
- * have answered already (and closed), so the caller reads on. */
-static int send_request(int fd, const char *method, const char *path, const char *headers, const char *body,
-                        size_t len)
-{
-    char head[1024];
-    int n = snprintf(head, sizeof head,
-                     "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%sContent-Length: %zu\r\n\r\n",
-                     method, path, headers, body ? len : 0);
-    return send_all(fd, head, (size_t)n) == 0 && (!body || send_all(fd, body, len) == 0) ? 0 : -1;
-}
-
-/* Sends raw bytes as a whole request and reads the whole answer. */
-static int raw_request(int port, const char *bytes, size_t len, struct resp *r)
-{
-    struct buf raw = {0};
-    int fd = connect_to(port), rc = -1;
-    if (fd >= 0) {
-        send_all(fd, bytes, len);
-        read_all(fd, &raw);
-        rc = parse_response(&raw, r);
-        close(fd);
-    }
-    free(raw.p);
-    return rc;
-}
-
-/* Reads more of the answer; 0 at the end (or on a timeout or error). */
-static ssize_t read_some(int fd, struct buf *raw)
-{
-    char chunk[8192];
-    ssize_t n;
-    do
-        n = recv(fd, chunk, sizeof chunk, 0);
-    while (n < 0 && errno == EINTR);
-    if (n > 0)
-        buf_add(raw, chunk, (size_t)n);
-    return n > 0 ? n : 0;
-}
-
-static void read_until(int fd, struct buf *raw, const char *needle)
-{
-    while (!(raw->p && strstr(raw->p, needle)) && read_some(fd, raw) > 0)
-        ;
-}
-
-static void read_all(int fd, struct buf *raw)
-{
-    while (read_some(fd, raw) > 0)
-        ;
-}
-
-/* Splits a whole raw answer into status, head and (dechunked) body. */
-static int parse_response(const struct buf *raw, struct resp *r)
-{
-    memset(r, 0, sizeof *r);
-    const char *end = raw->p ? strstr(raw->p, "\r\n\r\n") : NULL;
-    if (!end || sscanf(raw->p, "HTTP/1.%*d %d", &r->status) != 1)
-        return -1;
-    size_t hlen = (size_t)(end - raw->p);
-    snprintf(r->head, sizeof r->head, "%.*s", (int)hlen, raw->p);
-    const char *p = end + 4, *stop = raw->p + raw->len;
-    char lower[sizeof r->head];
-    for (size_t i = 0; i <= strlen(r->head); i++)
-        lower[i] = (char)tolower((unsigned char)r->head[i]);
-    buf_add(&r->body, "", 0);
-    if (!strstr(lower, "transfer-encoding: chunked")) {
-        buf_add(&r->body, p, (size_t)(stop - p));
-        return 0;
-    }
-    for (;;) {
-        char *next;
-        unsigned long size = strtoul(p, &next, 16);
-        const char *data = strstr(next, "\r\n");
-        if (!data || size == 0 || data + 2 + size > stop)
-            return size == 0 ? 0 : -1;
-        buf_add(&r->body, data + 2, size);
-        p = data + 2 + size + 2;
-    }
-}
-
-/* One whole request: 0, or -1 when the connection failed. */
-static int request(int port, const char *method, const char *path, const char *headers, const char *body,
-                   size_t len, struct resp *r)
-{
-    struct buf raw = {0};
-    int fd = connect_to(port), rc = -1;
-    if (fd >= 0) {
-        send_request(fd, method, path, headers, body, len);
-        read_all(fd, &raw);
-        rc = parse_response(&raw, r);
-    }
-    if (fd >= 0)
-        close(fd);
-    free(raw.p);
-    return rc;
-}
-
-static void resp_free(struct resp *r)
-{
-    free(r->body.p);
-    r->body.p = NULL;
-}
-
-/* The value of a response header (case-insensitive name), or "". */
-static const char *header(const struct resp *r, const char *name, char *out, size_t cap)
-{
-    size_t n = strlen(name);
-    out[0] = 0;
-    for (const char *line = strstr(r->head, "\r\n"); line; line = strstr(line + 2, "\r\n"))
-        if (strncasecmp(line + 2, name, n) == 0 && line[2 + n] == ':') {
-            const char *v = line + 3 + n;
-            while (*v == ' ')
-                v++;
-            size_t len = strcspn(v, "\r\n");
-            snprintf(out, cap, "%.*s", (int)len, v);
-            break;
-        }
-    return out;
-}
+                                          "tok_word_lm", NULL};
 
 /* strcasestr, which POSIX lacks. */
 static const char *strcasestr_ascii(const char *hay, const char *needle)
@@ -487,14 +49,7 @@ static const char *strcasestr_ascii(const char *hay, const char *needle)
     return NULL;
 }
 
-static void must_request(int port, const char *method, const char *path, const char *headers, const char *body,
-                         struct resp *r)
-{
-    if (request(port, method, path, headers, body, body ? strlen(body) : 0, r) != 0)
-        fail_msg("%s %s: no answer", method, path);
-}
-
-static cJSON *json_of(const struct resp *r)
+static cJSON *json_of(const struct http_resp *r)
 {
     cJSON *j = cJSON_Parse(r->body.p);
     if (!j)
@@ -505,34 +60,34 @@ static cJSON *json_of(const struct resp *r)
 /* POST a JSON body; the answer must have the status; returns its JSON. */
 static cJSON *post(int port, const char *path, int status, const char *body)
 {
-    struct resp r;
-    must_request(port, "POST", path, "", body, &r);
+    struct http_resp r;
+    http_must_request(port, "POST", path, "", body, &r);
     if (r.status != status)
         fail_msg("POST %s %s: status %d, not %d: %s", path, body, r.status, status, r.body.p);
     cJSON *j = json_of(&r);
-    resp_free(&r);
+    http_resp_free(&r);
     return j;
 }
 
 static cJSON *get(int port, const char *path, int status)
 {
-    struct resp r;
-    must_request(port, "GET", path, "", NULL, &r);
+    struct http_resp r;
+    http_must_request(port, "GET", path, "", NULL, &r);
     if (r.status != status)
         fail_msg("GET %s: status %d, not %d: %s", path, r.status, status, r.body.p);
     cJSON *j = json_of(&r);
-    resp_free(&r);
+    http_resp_free(&r);
     return j;
 }
 
 /* An error answer: the status, JSON content, and the error object naming
  * `mention` (when not NULL) in its message. */
-static void check_error(const struct resp *r, int status, const char *mention)
+static void check_error(const struct http_resp *r, int status, const char *mention)
 {
     char type[128];
     if (r->status != status)
         fail_msg("status %d, not %d: %s", r->status, status, r->body.p);
-    assert_string_equal(header(r, "Content-Type", type, sizeof type), "application/json");
+    assert_string_equal(http_header(r, "Content-Type", type, sizeof type), "application/json");
     cJSON *j = json_of(r);
     cJSON *e = cJSON_GetObjectItem(j, "error");
     assert_true(cJSON_IsObject(e));
@@ -547,42 +102,24 @@ static void check_error(const struct resp *r, int status, const char *mention)
 static void expect_error(int port, const char *method, const char *path, const char *headers, const char *body,
                          int status, const char *mention)
 {
-    struct resp r;
-    must_request(port, method, path, headers, body, &r);
+    struct http_resp r;
+    http_must_request(port, method, path, headers, body, &r);
     check_error(&r, status, mention);
-    resp_free(&r);
+    http_resp_free(&r);
 }
 
 /* A Prometheus sample value by its full series name, or -1. */
 static double metric(int port, const char *series)
 {
-    struct resp r;
-    must_request(port, "GET", "/metrics", "", NULL, &r);
+    struct http_resp r;
+    http_must_request(port, "GET", "/metrics", "", NULL, &r);
     assert_int_equal(r.status, 200);
     char want[256];
     snprintf(want, sizeof want, "\n%s ", series);
     const char *at = strstr(r.body.p, want);
     double v = at ? strtod(at + strlen(want), NULL) : -1;
-    resp_free(&r);
+    http_resp_free(&r);
     return v;
-}
-
-static cJSON *fixture(const char *name)
-{
-    char path[256];
-    snprintf(path, sizeof path, FIX "%s.json", name);
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    struct buf b = {0};
-    char chunk[65536];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        buf_add(&b, chunk, n);
-    fclose(f);
-    cJSON *j = cJSON_Parse(b.p);
-    free(b.p);
-    assert_non_null(j);
-    return j;
 }
 
 /* A request body with one string field JSON-escaped. */
@@ -610,9 +147,9 @@ static int setup_main(void **state)
 {
     /* Under RRN_SERVER_WRAPPER (valgrind runs one thread at a time)
      * requests arrive further apart: a longer wait still fills batches. */
-    static const char *const extra[] = {"--max-wait-us", "20000", NULL};
-    static const char *const wrapped[] = {"--max-wait-us", "200000", NULL};
-    *state = server_start(main_models, 4, getenv("RRN_SERVER_WRAPPER") ? wrapped : extra);
+    static const char *const extra[] = {"--device", "cpu", "--max-wait-us", "20000", NULL};
+    static const char *const wrapped[] = {"--device", "cpu", "--max-wait-us", "200000", NULL};
+    *state = server_start(&(struct server_opts){.models = main_models, .args = server_wrapped() ? wrapped : extra});
     return 0;
 }
 
@@ -626,17 +163,17 @@ static void test_health_and_metrics(void **state)
     assert_int_equal(cJSON_GetObjectItem(j, "models")->valueint, 4);
     cJSON_Delete(j);
 
-    struct resp r;
+    struct http_resp r;
     char type[128];
-    must_request(s->port, "GET", "/metrics", "", NULL, &r);
+    http_must_request(s->port, "GET", "/metrics", "", NULL, &r);
     assert_int_equal(r.status, 200);
-    assert_non_null(strstr(header(&r, "Content-Type", type, sizeof type), "text/plain"));
+    assert_non_null(strstr(http_header(&r, "Content-Type", type, sizeof type), "text/plain"));
     assert_non_null(strstr(r.body.p, "rrnserve_requests_total{endpoint=\"/healthz\",status=\"200\"} "));
     assert_non_null(strstr(r.body.p, "rrnserve_request_duration_seconds_bucket{endpoint=\"/readyz\",le=\"+Inf\"} "));
     assert_non_null(strstr(r.body.p, "# TYPE rrnserve_batch_size histogram"));
     assert_non_null(strstr(r.body.p, "rrnserve_queue_depth{model=\"combo_lstm_lm\"} 0"));
     assert_non_null(strstr(r.body.p, "rrnserve_tokens_generated_total "));
-    resp_free(&r);
+    http_resp_free(&r);
 }
 
 static void test_models(void **state)
@@ -681,7 +218,7 @@ static void test_classify_equals_fixture(void **state)
     struct server *s = *state;
     static const char *const models[] = {"plain_lstm_l2_bi_last", "rra_dynamic_w3_l2_bi"};
     for (int m = 0; m < 2; m++) {
-        cJSON *fx = fixture(models[m]);
+        cJSON *fx = fixture_json(models[m]);
         cJSON *texts = cJSON_GetObjectItem(fx, "texts"), *want = cJSON_GetObjectItem(fx, "probabilities");
         cJSON *classes = cJSON_GetObjectItem(cJSON_GetObjectItem(fx, "config"), "classes");
         for (int t = 0; t < cJSON_GetArraySize(texts); t++) {
@@ -711,7 +248,7 @@ static void test_classify_equals_fixture(void **state)
 static void test_score_equals_fixture(void **state)
 {
     struct server *s = *state;
-    cJSON *fx = fixture("tok_word_lm");
+    cJSON *fx = fixture_json("tok_word_lm");
     cJSON *texts = cJSON_GetObjectItem(fx, "texts"), *lp = cJSON_GetObjectItem(fx, "logprob"),
           *count = cJSON_GetObjectItem(fx, "logprob_count");
     for (int t = 0; t < cJSON_GetArraySize(texts); t++) {
@@ -735,7 +272,7 @@ static void test_score_equals_fixture(void **state)
 static void test_attention_equals_fixture(void **state)
 {
     struct server *s = *state;
-    cJSON *fx = fixture("rra_dynamic_w3_l2_bi");
+    cJSON *fx = fixture_json("rra_dynamic_w3_l2_bi");
     cJSON *texts = cJSON_GetObjectItem(fx, "texts"), *att = cJSON_GetObjectItem(fx, "attention");
     for (int t = 0; t < cJSON_GetArraySize(texts); t++) {
         char *body = body_with("rra_dynamic_w3_l2_bi", "text", cJSON_GetArrayItem(texts, t)->valuestring, NULL);
@@ -826,11 +363,11 @@ static void test_generate_seeded(void **state)
         snprintf(more, sizeof more, "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good\", \"max_tokens\": 2, "
                                     "\"seed\": %s}", big[k]);
         snprintf(want, sizeof want, "\"seed\":%s}", big[k]);
-        struct resp r;
-        must_request(s->port, "POST", "/generate", "", more, &r);
+        struct http_resp r;
+        http_must_request(s->port, "POST", "/generate", "", more, &r);
         assert_int_equal(r.status, 200);
         assert_non_null(strstr(r.body.p, want));
-        resp_free(&r);
+        http_resp_free(&r);
     }
 
     /* A stop string ends the text before its first occurrence.  The model
@@ -902,11 +439,11 @@ static void test_generate_stream_equals_plain(void **state)
     for (int m = 0; m < 2; m++) {
         cJSON *plain = generate(s->port, models[m], "\"max_tokens\": 25, \"seed\": 11");
         char *body = body_with(models[m], "prompt", "good day", "\"max_tokens\": 25, \"seed\": 11, \"stream\": true");
-        struct resp r;
+        struct http_resp r;
         char type[64];
-        must_request(s->port, "POST", "/generate", "", body, &r);
+        http_must_request(s->port, "POST", "/generate", "", body, &r);
         assert_int_equal(r.status, 200);
-        assert_string_equal(header(&r, "Content-Type", type, sizeof type), "text/event-stream");
+        assert_string_equal(http_header(&r, "Content-Type", type, sizeof type), "text/event-stream");
         struct buf joined = {0};
         int n;
         cJSON *last = parse_events(r.body.p, &joined, &n);
@@ -918,7 +455,7 @@ static void test_generate_stream_equals_plain(void **state)
         assert_int_equal(cJSON_GetObjectItem(last, "seed")->valueint, 11);
         cJSON_Delete(last);
         free(joined.p);
-        resp_free(&r);
+        http_resp_free(&r);
         free(body);
         cJSON_Delete(plain);
     }
@@ -927,20 +464,20 @@ static void test_generate_stream_equals_plain(void **state)
 static void test_routing_errors(void **state)
 {
     struct server *s = *state;
-    struct resp r;
+    struct http_resp r;
     char allow[64];
     expect_error(s->port, "GET", "/nope", "", NULL, 404, "/nope");
     expect_error(s->port, "GET", "/index.html", "", NULL, 404, NULL);
     expect_error(s->port, "POST", "/", "", "{}", 405, "GET");
     expect_error(s->port, "POST", "/classify/extra", "", "{}", 404, NULL);
-    must_request(s->port, "GET", "/classify", "", NULL, &r);
+    http_must_request(s->port, "GET", "/classify", "", NULL, &r);
     check_error(&r, 405, "POST");
-    assert_string_equal(header(&r, "Allow", allow, sizeof allow), "POST");
-    resp_free(&r);
-    must_request(s->port, "POST", "/models", "", "{}", &r);
+    assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "POST");
+    http_resp_free(&r);
+    http_must_request(s->port, "POST", "/models", "", "{}", &r);
     check_error(&r, 405, "GET");
-    assert_string_equal(header(&r, "Allow", allow, sizeof allow), "GET");
-    resp_free(&r);
+    assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "GET");
+    http_resp_free(&r);
     expect_error(s->port, "DELETE", "/healthz", "", NULL, 405, NULL);
 }
 
@@ -1024,12 +561,12 @@ static void test_size_limits(void **state)
 
     /* A body over --max-body (default 1 MiB): refused on its declared
      * size before it is sent... */
-    struct resp r;
+    struct http_resp r;
     const char *declared = "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                            "Content-Length: 1048577\r\n\r\n";
-    assert_int_equal(raw_request(s->port, declared, strlen(declared), &r), 0);
+    assert_int_equal(http_raw_request(s->port, declared, strlen(declared), &r), 0);
     check_error(&r, 413, "1048576");
-    resp_free(&r);
+    http_resp_free(&r);
     /* ...or, sent in chunks of undeclared total size, once it passes it. */
     struct buf chunked = {0};
     static char piece[65536];
@@ -1042,9 +579,9 @@ static void test_size_limits(void **state)
         buf_printf(&chunked, "\r\n");
     }
     buf_printf(&chunked, "0\r\n\r\n");
-    assert_int_equal(raw_request(s->port, chunked.p, chunked.len, &r), 0);
+    assert_int_equal(http_raw_request(s->port, chunked.p, chunked.len, &r), 0);
     check_error(&r, 413, "1048576");
-    resp_free(&r);
+    http_resp_free(&r);
     free(chunked.p);
 }
 
@@ -1055,7 +592,7 @@ static void test_size_limits(void **state)
 struct client_call {
     const char *path;
     char *body;
-    struct resp alone, together;
+    struct http_resp alone, together;
     int ok;
     pthread_barrier_t *start;
     int port;
@@ -1065,14 +602,14 @@ static void *client_main(void *arg)
 {
     struct client_call *c = arg;
     pthread_barrier_wait(c->start);
-    c->ok = request(c->port, "POST", c->path, "", c->body, strlen(c->body), &c->together) == 0;
+    c->ok = http_request(c->port, "POST", c->path, "", c->body, strlen(c->body), &c->together) == 0;
     return NULL;
 }
 
 static void test_concurrent_clients(void **state)
 {
     struct server *s = *state;
-    cJSON *cls = fixture("plain_lstm_l2_bi_last"), *lm = fixture("tok_word_lm");
+    cJSON *cls = fixture_json("plain_lstm_l2_bi_last"), *lm = fixture_json("tok_word_lm");
     cJSON *cls_texts = cJSON_GetObjectItem(cls, "texts"), *lm_texts = cJSON_GetObjectItem(lm, "texts");
     static struct client_call calls[N_CLIENTS];
     pthread_barrier_t start;
@@ -1104,7 +641,7 @@ static void test_concurrent_clients(void **state)
             c->body = body_with("combo_lstm_lm", "prompt", ct, more);
         }
         /* Alone first: the answer each must get in any company. */
-        assert_int_equal(request(s->port, "POST", c->path, "", c->body, strlen(c->body), &c->alone), 0);
+        assert_int_equal(http_request(s->port, "POST", c->path, "", c->body, strlen(c->body), &c->alone), 0);
         assert_int_equal(c->alone.status, 200);
     }
     double sum0 = metric(s->port, "rrnserve_batch_size_sum"), count0 = metric(s->port, "rrnserve_batch_size_count");
@@ -1120,8 +657,8 @@ static void test_concurrent_clients(void **state)
         assert_int_equal(c->together.status, 200);
         if (strcmp(c->alone.body.p, c->together.body.p) != 0)
             fail_msg("%s %s\nalone:    %s\ntogether: %s", c->path, c->body, c->alone.body.p, c->together.body.p);
-        resp_free(&c->alone);
-        resp_free(&c->together);
+        http_resp_free(&c->alone);
+        http_resp_free(&c->together);
         free(c->body);
     }
     double sum = metric(s->port, "rrnserve_batch_size_sum") - sum0;
@@ -1140,11 +677,11 @@ static void test_concurrent_clients(void **state)
 static int open_stream(int port, const char *more)
 {
     char *body = body_with("combo_lstm_lm", "prompt", "good day", more);
-    int fd = connect_to(port);
+    int fd = http_connect(port, HTTP_TIMEOUT_S);
     assert_true(fd >= 0);
-    assert_int_equal(send_request(fd, "POST", "/generate", "", body, strlen(body)), 0);
+    assert_int_equal(http_send_request(fd, "POST", "/generate", "", body, strlen(body)), 0);
     struct buf raw = {0};
-    read_until(fd, &raw, "\"index\":0");
+    http_read_until(fd, &raw, "\"index\":0");
     assert_non_null(raw.p);
     assert_non_null(strstr(raw.p, "\"index\":0"));
     free(raw.p);
@@ -1154,10 +691,10 @@ static int open_stream(int port, const char *more)
 
 static int setup_small_queue(void **state)
 {
-    static const char *const models[] = {"combo_lstm_lm"};
-    static const char *const extra[] = {"--max-batch", "1", "--max-queue", "1", "--max-tokens-limit", "1000000",
-                                        NULL};
-    *state = server_start(models, 1, extra);
+    static const char *const models[] = {"combo_lstm_lm", NULL};
+    static const char *const extra[] = {"--device", "cpu", "--max-batch", "1", "--max-queue", "1",
+                                        "--max-tokens-limit", "1000000", NULL};
+    *state = server_start(&(struct server_opts){.models = models, .args = extra});
     return 0;
 }
 
@@ -1171,43 +708,43 @@ static void test_queue_full_and_cancel(void **state)
     int a = open_stream(s->port, ENDLESS ", \"stream\": true");
     /* B: waits in the queue (of one). */
     char *body = body_with("combo_lstm_lm", "prompt", "good day", "\"max_tokens\": 5, \"seed\": 3");
-    int b = connect_to(s->port);
+    int b = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(b >= 0);
-    assert_int_equal(send_request(b, "POST", "/generate", "", body, strlen(body)), 0);
+    assert_int_equal(http_send_request(b, "POST", "/generate", "", body, strlen(body)), 0);
     for (int i = 0; i < 10000 && metric(s->port, depth) != 1; i++)
         sleep_ms(1);
     assert_true(metric(s->port, depth) == 1);
     /* C: the queue is full. */
-    struct resp r;
+    struct http_resp r;
     char retry[16];
-    must_request(s->port, "POST", "/generate", "", body, &r);
+    http_must_request(s->port, "POST", "/generate", "", body, &r);
     check_error(&r, 503, "queue");
-    assert_string_equal(header(&r, "Retry-After", retry, sizeof retry), "1");
-    resp_free(&r);
+    assert_string_equal(http_header(&r, "Retry-After", retry, sizeof retry), "1");
+    http_resp_free(&r);
 
     /* A's client leaves: its stream is cancelled, so B gets the slot. */
     close(a);
     struct buf raw = {0};
-    read_all(b, &raw);
+    http_read_all(b, &raw);
     close(b);
-    assert_int_equal(parse_response(&raw, &r), 0);
+    assert_int_equal(http_parse(&raw, &r), 0);
     assert_int_equal(r.status, 200);
-    resp_free(&r);
+    http_resp_free(&r);
     free(raw.p);
-    assert_int_equal(wait_log(s, "POST /generate 499", 1), 1);
+    assert_int_equal(server_wait_log(s, "POST /generate 499", 1), 1);
 
     /* A non-streaming request whose client leaves is cancelled too: the
      * next one gets the slot long before a million tokens. */
     char *endless = body_with("combo_lstm_lm", "prompt", "good day", ENDLESS);
-    int d = connect_to(s->port);
+    int d = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(d >= 0);
-    assert_int_equal(send_request(d, "POST", "/generate", "", endless, strlen(endless)), 0);
+    assert_int_equal(http_send_request(d, "POST", "/generate", "", endless, strlen(endless)), 0);
     double tokens0 = metric(s->port, "rrnserve_tokens_generated_total");
     for (int i = 0; i < 10000 && metric(s->port, "rrnserve_tokens_generated_total") < tokens0 + 100; i++)
         sleep_ms(1);
     close(d);
     cJSON_Delete(post(s->port, "/generate", 200, body));
-    assert_int_equal(wait_log(s, "POST /generate 499", 2), 2);
+    assert_int_equal(server_wait_log(s, "POST /generate 499", 2), 2);
     assert_true(metric(s->port, "rrnserve_tokens_generated_total") < 1000000);
     free(endless);
     free(body);
@@ -1227,32 +764,32 @@ struct stream_call {
 static void *stream_main(void *arg)
 {
     struct stream_call *c = arg;
-    read_until(c->fd, &c->raw, "\"index\":0");
+    http_read_until(c->fd, &c->raw, "\"index\":0");
     atomic_fetch_add(c->started, 1);
-    read_all(c->fd, &c->raw);
+    http_read_all(c->fd, &c->raw);
     close(c->fd);
     return NULL;
 }
 
 static int setup_term(void **state)
 {
-    static const char *const models[] = {"combo_lstm_lm", "plain_lstm_l2_bi_last"};
+    static const char *const models[] = {"combo_lstm_lm", "plain_lstm_l2_bi_last", NULL};
     /* A long idle timeout: the test leaves one stream unread for a while. */
-    static const char *const extra[] = {"--max-batch", "16", "--max-tokens-limit", "1000000", "--timeout-s", "600",
-                                        NULL};
-    *state = server_start(models, 2, extra);
+    static const char *const extra[] = {"--device", "cpu", "--max-batch", "16", "--max-tokens-limit", "1000000",
+                                        "--timeout-s", "600", NULL};
+    *state = server_start(&(struct server_opts){.models = models, .args = extra});
     return 0;
 }
 
 /* Reads one answer of a kept-alive connection (its Content-Length). */
 static void read_one(int fd, struct buf *raw)
 {
-    read_until(fd, raw, "\r\n\r\n");
+    http_read_until(fd, raw, "\r\n\r\n");
     assert_non_null(raw->p);
     const char *end = strstr(raw->p, "\r\n\r\n"), *cl = strcasestr_ascii(raw->p, "content-length:");
     assert_true(end && cl);
     size_t want = (size_t)(end + 4 - raw->p) + strtoul(cl + 15, NULL, 10);
-    while (raw->len < want && read_some(fd, raw) > 0)
+    while (raw->len < want && http_read_some(fd, raw) > 0)
         ;
     assert_true(raw->len >= want);
 }
@@ -1269,45 +806,46 @@ static void test_sigterm_answers_accepted_requests(void **state)
      * draining until its client leaves; meanwhile a kept-alive connection
      * asks /readyz. */
     int holder = open_stream(s->port, ENDLESS ", \"stream\": true");
-    int keep = connect_to(s->port);
+    int keep = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(keep >= 0);
     const char *healthz = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     const char *readyz = "GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     struct buf raw = {0};
-    struct resp r;
-    assert_int_equal(send_all(keep, healthz, strlen(healthz)), 0);
+    struct http_resp r;
+    assert_int_equal(http_send_all(keep, healthz, strlen(healthz)), 0);
     read_one(keep, &raw);
-    assert_int_equal(parse_response(&raw, &r), 0);
+    assert_int_equal(http_parse(&raw, &r), 0);
     assert_int_equal(r.status, 200);
-    resp_free(&r);
+    http_resp_free(&r);
     raw.len = 0;
 
     for (int i = 0; i < N_STREAMS; i++) {
-        calls[i] = (struct stream_call){.port = s->port, .started = &started, .fd = connect_to(s->port)};
+        calls[i] = (struct stream_call){
+            .port = s->port, .started = &started, .fd = http_connect(s->port, HTTP_TIMEOUT_S)};
         assert_true(calls[i].fd >= 0);
-        assert_int_equal(send_request(calls[i].fd, "POST", "/generate", "", body, strlen(body)), 0);
+        assert_int_equal(http_send_request(calls[i].fd, "POST", "/generate", "", body, strlen(body)), 0);
         assert_int_equal(pthread_create(&threads[i], NULL, stream_main, &calls[i]), 0);
     }
     for (int i = 0; i < 100000 && atomic_load(&started) < N_STREAMS; i++)
         sleep_ms(1);
     assert_int_equal(atomic_load(&started), N_STREAMS);
     assert_int_equal(kill(s->pid, SIGTERM), 0);
-    assert_int_equal(wait_log(s, "no new connections", 1), 1);
+    assert_int_equal(server_wait_log(s, "no new connections", 1), 1);
     /* The listening socket is closed at once... */
-    int late = connect_to(s->port);
+    int late = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(late < 0);
     /* ...connections already open are served, and told it is shutting down. */
-    assert_int_equal(send_all(keep, readyz, strlen(readyz)), 0);
+    assert_int_equal(http_send_all(keep, readyz, strlen(readyz)), 0);
     read_one(keep, &raw);
-    assert_int_equal(parse_response(&raw, &r), 0);
+    assert_int_equal(http_parse(&raw, &r), 0);
     check_error(&r, 503, "shutting down");
-    resp_free(&r);
+    http_resp_free(&r);
     free(raw.p);
     close(keep);
     /* Every stream accepted runs to its end. */
     for (int i = 0; i < N_STREAMS; i++) {
         pthread_join(threads[i], NULL);
-        assert_int_equal(parse_response(&calls[i].raw, &r), 0);
+        assert_int_equal(http_parse(&calls[i].raw, &r), 0);
         assert_int_equal(r.status, 200);
         struct buf joined = {0};
         int n;
@@ -1316,15 +854,15 @@ static void test_sigterm_answers_accepted_requests(void **state)
         assert_string_equal(str_of(last, "finish_reason"), "length");
         cJSON_Delete(last);
         free(joined.p);
-        resp_free(&r);
+        http_resp_free(&r);
         free(calls[i].raw.p);
     }
-    assert_false(log_has(s, "stopped"));
+    assert_false(server_log_has(s, "stopped"));
     close(holder);
-    int status = wait_exit(s);
+    int status = server_wait_exit(s);
     assert_true(status != -1 && WIFEXITED(status));
     assert_int_equal(WEXITSTATUS(status), 0);
-    assert_true(log_has(s, "stopped"));
+    assert_true(server_log_has(s, "stopped"));
     free(body);
 }
 
@@ -1332,14 +870,15 @@ static void test_sigterm_answers_accepted_requests(void **state)
 
 static int setup_reload(void **state)
 {
-    *state = server_start(NULL, 0, NULL);
+    static const char *const extra[] = {"--device", "cpu", NULL};
+    *state = server_start(&(struct server_opts){.args = extra});
     return 0;
 }
 
 static void reload(struct server *s, int nth)
 {
     assert_int_equal(kill(s->pid, SIGHUP), 0);
-    assert_int_equal(wait_log(s, "reloaded ", nth), nth);
+    assert_int_equal(server_wait_log(s, "reloaded ", nth), nth);
 }
 
 static void test_sighup_reload(void **state)
@@ -1350,8 +889,8 @@ static void test_sighup_reload(void **state)
     expect_error(s->port, "GET", "/readyz", "", NULL, 503, "no model");
     expect_error(s->port, "POST", "/classify", "", req, 404, "newmodel");
 
-    add_model(s, "tok_word_lm", "tok_word_lm");
-    add_model(s, "plain_lstm_l2_bi_last", "newmodel");
+    server_add_model(s, "tok_word_lm", "tok_word_lm");
+    server_add_model(s, "plain_lstm_l2_bi_last", "newmodel");
     reload(s, 1);
     cJSON_Delete(get(s->port, "/readyz", 200));
     cJSON *j = get(s->port, "/models", 200);
@@ -1377,8 +916,8 @@ static void test_sighup_reload(void **state)
     assert_int_equal(fwrite("\x02\0\0\0\0\0\0\0{}", 1, 10, f), 10);
     fclose(f);
     reload(s, 2);
-    assert_true(log_has(s, "newmodel: cannot load"));
-    assert_true(log_has(s, "broken: cannot load"));
+    assert_true(server_log_has(s, "newmodel: cannot load"));
+    assert_true(server_log_has(s, "broken: cannot load"));
     cJSON *after = post(s->port, "/classify", 200, req);
     char *a = cJSON_PrintUnformatted(before), *b = cJSON_PrintUnformatted(after);
     assert_string_equal(a, b);
@@ -1405,7 +944,7 @@ static char keys_file[64];
 
 static int setup_auth(void **state)
 {
-    static const char *const models[] = {"plain_lstm_l2_bi_last"};
+    static const char *const models[] = {"plain_lstm_l2_bi_last", NULL};
     char h1[65], h2[65];
     sha256_hex("first-key", h1);
     sha256_hex("second-key", h2);
@@ -1416,22 +955,22 @@ static int setup_auth(void **state)
     assert_non_null(f);
     fprintf(f, "# keys of the test\n%s\n\n  %s  # the second one\n", h1, h2);
     fclose(f);
-    const char *extra[] = {"--api-keys", keys_file, NULL};
-    *state = server_start(models, 1, extra);
+    const char *extra[] = {"--device", "cpu", "--api-keys", keys_file, NULL};
+    *state = server_start(&(struct server_opts){.models = models, .args = extra});
     return 0;
 }
 
 static int teardown_auth(void **state)
 {
     unlink(keys_file);
-    return teardown_server(state);
+    return server_teardown(state);
 }
 
 static void test_api_keys(void **state)
 {
     struct server *s = *state;
     const char *body = "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good day!\"}";
-    struct resp r;
+    struct http_resp r;
     /* Health checks need no key. */
     cJSON_Delete(get(s->port, "/healthz", 200));
     cJSON_Delete(get(s->port, "/readyz", 200));
@@ -1442,38 +981,19 @@ static void test_api_keys(void **state)
     expect_error(s->port, "POST", "/classify", "Authorization: Bearer wrong-key\r\n", body, 401, NULL);
     expect_error(s->port, "POST", "/classify", "Authorization: Basic Zmlyc3Qta2V5\r\n", body, 401, NULL);
     expect_error(s->port, "POST", "/classify", "Authorization: Bearer first-key2\r\n", body, 401, NULL);
-    must_request(s->port, "POST", "/classify", "Authorization: Bearer first-key\r\n", body, &r);
+    http_must_request(s->port, "POST", "/classify", "Authorization: Bearer first-key\r\n", body, &r);
     assert_int_equal(r.status, 200);
-    resp_free(&r);
-    must_request(s->port, "POST", "/classify", "Authorization: Bearer second-key\r\n", body, &r);
+    http_resp_free(&r);
+    http_must_request(s->port, "POST", "/classify", "Authorization: Bearer second-key\r\n", body, &r);
     assert_int_equal(r.status, 200);
-    resp_free(&r);
-    must_request(s->port, "GET", "/metrics", "Authorization: Bearer second-key\r\n", NULL, &r);
+    http_resp_free(&r);
+    http_must_request(s->port, "GET", "/metrics", "Authorization: Bearer second-key\r\n", NULL, &r);
     assert_int_equal(r.status, 200);
     assert_non_null(strstr(r.body.p, "status=\"401\""));
-    resp_free(&r);
+    http_resp_free(&r);
 }
 
 /* ---- bad command lines ------------------------------------------------ */
-
-/* Runs serve with arguments (bounded by timeout(1)); exit status and output. */
-static int run_serve(char **out, const char *args)
-{
-    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd, "timeout 120 %s serve --port 0 %s 2>&1", bin, args);
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    struct buf b = {0};
-    char chunk[4096];
-    size_t n;
-    buf_add(&b, "", 0);
-    while ((n = fread(chunk, 1, sizeof chunk, p)) > 0)
-        buf_add(&b, chunk, n);
-    int status = pclose(p);
-    *out = b.p;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 static void test_bad_command_lines(void **state)
 {
@@ -1511,14 +1031,16 @@ static void test_bad_command_lines(void **state)
             } else {
                 snprintf(args + strlen(args), sizeof args - strlen(args), "%c", *p++);
             }
-        int status = run_serve(&out, args), ok = status == cases[i].status && strstr(out, cases[i].mention);
+        /* Bounded by timeout(1). */
+        int status = proc_run(&out, "timeout 120 '%s' serve --port 0 %s", rrn_bin(), args);
+        int ok = status == cases[i].status && strstr(out, cases[i].mention);
         char shown[4096];
         snprintf(shown, sizeof shown, "%s", out);
         free(out);
         if (!ok)
             fail_msg("serve %s: status %d, output:\n%s", args, status, shown);
     }
-    remove_dir(dir);
+    remove_tree(dir, NULL);
 }
 
 int main(void)
@@ -1538,14 +1060,11 @@ int main(void)
         cmocka_unit_test(test_request_errors),
         cmocka_unit_test(test_size_limits),
         cmocka_unit_test(test_concurrent_clients),
-        cmocka_unit_test_setup_teardown(test_queue_full_and_cancel, setup_small_queue, teardown_server),
-        cmocka_unit_test_setup_teardown(test_sigterm_answers_accepted_requests, setup_term, teardown_server),
-        cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, teardown_server),
+        cmocka_unit_test_setup_teardown(test_queue_full_and_cancel, setup_small_queue, server_teardown),
+        cmocka_unit_test_setup_teardown(test_sigterm_answers_accepted_requests, setup_term, server_teardown),
+        cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),
     };
-    int rc = cmocka_run_group_tests_name("server", tests, setup_main, teardown_server);
-    if (wrapper_errors)
-        fprintf(stderr, "%d wrapped server(s) reported errors\n", wrapper_errors);
-    return rc || wrapper_errors ? 1 : 0;
+    return server_exit_status(cmocka_run_group_tests_name("server", tests, setup_main, server_teardown));
 }

@@ -20,6 +20,8 @@
 
 #include "model.h"
 
+#include "support/proc.h"
+
 static char dir[64];
 
 static int make_dir(void **state)
@@ -46,33 +48,6 @@ static void write_file(const char *name, const char *text)
     assert_non_null(f);
     fputs(text, f);
     fclose(f);
-}
-
-/* Run `rrnserve train ARGS` in dir; stderr (merged) to *out. */
-static int train(char **out, const char *fmt, ...)
-{
-    char args[2048], cmd[4200];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    const char *bin = getenv("RRN_BIN");
-    char abs[1024];
-    snprintf(abs, sizeof abs, "%s%s%s", bin && bin[0] != '/' ? getenv("PWD") : "", bin && bin[0] != '/' ? "/" : "",
-             bin ? bin : "rrnserve");
-    snprintf(cmd, sizeof cmd, "cd %s && %s train %s 2>&1", dir, abs, args);
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t cap = 1 << 16, n = 0, got;
-    char *buf = malloc(cap);
-    assert_non_null(buf);
-    while ((got = fread(buf + n, 1, cap - n - 1, p)) > 0)
-        if ((n += got) + 1 == cap)
-            assert_non_null(buf = realloc(buf, cap *= 2));
-    buf[n] = 0;
-    int status = pclose(p);
-    *out = buf;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 /* The first and last training losses of a run's CSV. */
@@ -128,7 +103,7 @@ static void test_lm_learns(void **state)
     char *out;
     write_corpus();
     write_file("lm.json", lm_config);
-    if (train(&out, "--config lm.json") != 0)
+    if (proc_rrnserve(&out, dir, "train --config lm.json") != 0)
         fail_msg("train failed: %s", out);
     free(out);
     double first = 0, last = 0;
@@ -146,37 +121,49 @@ static void test_lm_learns(void **state)
     model_free(&m);
 }
 
+/* Whether two weight files hold the same tensor bytes (the metadata names
+ * the output file, so it always differs). */
+static int same_weights(const char *a, const char *b)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 %s))):$((8 + $(od -An -t u8 -N8 %s))) %s %s",
+             dir, a, b, a, b);
+    return system(cmd) == 0;
+}
+
 /* Two runs of the same configuration write the same weights, and so does
- * a run resumed from a checkpoint; another seed does not. */
+ * a run resumed from a checkpoint, state resets included; another seed
+ * does not, nor does dropping carried states. */
 static void test_runs_are_reproducible(void **state)
 {
     (void)state;
     char *out;
     write_corpus();
     write_file("lm.json", lm_config);
-    assert_int_equal(train(&out, "--config lm.json --steps 40 --out a.safetensors"), 0);
-    free(out);
-    assert_int_equal(train(&out, "--config lm.json --steps 40 --out b.safetensors"), 0);
-    free(out);
-    assert_int_equal(train(&out, "--config lm.json --steps 40 --seed 2 --out c.safetensors"), 0);
-    free(out);
+    static const char *const runs[] = {
+        "--steps 40 --out a.safetensors",
+        "--steps 40 --out b.safetensors",
+        "--steps 40 --seed 2 --out c.safetensors",
+        "--steps 40 --checkpoint_every 20 --out d.safetensors",
+        "--steps 40 --state_reset 0.5 --out f.safetensors",
+        "--steps 40 --state_reset 0.5 --checkpoint_every 20 --out g.safetensors",
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        if (proc_rrnserve(&out, dir, "train --config lm.json %s", runs[i]) != 0)
+            fail_msg("train %s failed: %s", runs[i], out);
+        free(out);
+    }
     /* Interrupted at step 20 (the checkpoint) and resumed: the same run. */
-    assert_int_equal(train(&out, "--config lm.json --steps 40 --checkpoint_every 20 --out d.safetensors"), 0);
-    free(out);
-    assert_int_equal(train(&out, "--resume d.ckpt.safetensors --out e.safetensors"), 0);
+    assert_int_equal(proc_rrnserve(&out, dir, "train --resume d.ckpt.safetensors --out e.safetensors"), 0);
     assert_non_null(strstr(out, "resuming d.ckpt.safetensors at step 20"));
     free(out);
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 a.safetensors))):$((8 + $(od -An -t u8 -N8 "
-                              "e.safetensors))) a.safetensors e.safetensors", dir);
-    assert_int_equal(system(cmd), 0);
-    /* The weights, not the metadata: it names the output file. */
-    snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 a.safetensors))):$((8 + $(od -An -t u8 -N8 "
-                              "b.safetensors))) a.safetensors b.safetensors", dir);
-    assert_int_equal(system(cmd), 0);
-    snprintf(cmd, sizeof cmd, "cd %s && cmp -s -i $((8 + $(od -An -t u8 -N8 a.safetensors))):$((8 + $(od -An -t u8 -N8 "
-                              "c.safetensors))) a.safetensors c.safetensors", dir);
-    assert_int_not_equal(system(cmd), 0);
+    assert_int_equal(proc_rrnserve(&out, dir, "train --resume g.ckpt.safetensors --out h.safetensors"), 0);
+    free(out);
+    assert_true(same_weights("a.safetensors", "b.safetensors"));
+    assert_true(same_weights("a.safetensors", "e.safetensors"));
+    assert_true(same_weights("f.safetensors", "h.safetensors"));
+    assert_false(same_weights("a.safetensors", "c.safetensors"));
+    assert_false(same_weights("a.safetensors", "f.safetensors"));
 }
 
 /* A classifier on JSONL with a split learns to tell two kinds of text
@@ -198,7 +185,7 @@ static void test_classifier_learns(void **state)
                            " \"data\": {\"train\": \"data.jsonl\", \"split\": {\"mod\": 10, \"test\": 0, \"valid\": 1}},"
                            " \"optim\": {\"lr\": 0.01}, \"epochs\": 5, \"valid_every\": 20, \"keep_best\": true,"
                            " \"out\": \"cls.safetensors\"}");
-    if (train(&out, "--config cls.json") != 0)
+    if (proc_rrnserve(&out, dir, "train --config cls.json") != 0)
         fail_msg("train failed: %s", out);
     const char *kept = strstr(out, "validation accuracy ");
     assert_non_null(kept);
@@ -210,7 +197,7 @@ static void expect_error(const char *config, const char *flags, const char *need
 {
     char *out;
     write_file("bad.json", config);
-    int rc = train(&out, "--config bad.json %s", flags);
+    int rc = proc_rrnserve(&out, dir, "train --config bad.json %s", flags);
     if (rc == 0 || !strstr(out, needle))
         fail_msg("expected an error with \"%s\", got status %d: %s", needle, rc, out);
     free(out);
@@ -237,14 +224,15 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--optimizer.lr 1", "unknown key \"optimizer\"");
     expect_error(lm_config, "--optim.name lbfgs", "optim.name");
     expect_error(lm_config, "--batch_size 0", "batch_size");
+    expect_error(lm_config, "--state_reset 1.5", "state_reset");
     expect_error(lm_config, "--model.cell transformer", "cell");
     expect_error("{\"model\": ", "", "not a JSON object");
     char *o2;
-    assert_int_equal(train(&o2, "--resume nothing.ckpt.safetensors"), 1);
+    assert_int_equal(proc_rrnserve(&o2, dir, "train --resume nothing.ckpt.safetensors"), 1);
     assert_non_null(strstr(o2, "nothing.ckpt.safetensors"));
     free(o2);
     char *out;
-    assert_int_equal(train(&out, ""), 2);
+    assert_int_equal(proc_rrnserve(&out, dir, "train "), 2);
     assert_non_null(strstr(out, "usage"));
     free(out);
 }
