@@ -2,7 +2,8 @@
 #
 #   make            build ./rrnserve (CUDA parts too when nvcc is found; CUDA=0 turns them off)
 #   make deps       install the Debian packages the build, tests and benchmarks need
-#   make test       build and run every test, then again under ASan+UBSan
+#   make test       build and run every test, then again under ASan+UBSan, the fuzz
+#                   targets briefly, and the server tests under valgrind
 #   make bench      run the benchmarks
 #   make bench-server  the HTTP server under load, batching on and off
 #   make serve      build and serve the shipped models
@@ -103,7 +104,7 @@ deps-bench:
 # Every test binary runs from the repository root; RRN_BIN tells the CLI
 # tests which binary to drive.
 test: deps
-	@$(MAKE) --no-print-directory test-plain test-asan test-fuzz
+	@$(MAKE) --no-print-directory test-plain test-asan test-fuzz test-valgrind
 
 test-plain: rrnserve $(call test_bins,$(BUILD))
 	@tests/run_tests.sh $(BUILD) ./rrnserve
