@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "gemm.h"
+#include "pool.h"
 
 /* OpenBLAS's own thread controls; not in every cblas.h. */
 void openblas_set_num_threads(int num_threads);
@@ -108,7 +109,7 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < maxb; i++)
         B[i] = (float)((double)rand() / RAND_MAX - 0.5);
 
-    int pool = gemm_nt_set_threads(0);
+    int pool = pool_set_threads(0);
     int blas_threads = openblas_get_num_threads();
     printf("GFLOP/s, best of %.2f s per cell; gemm_nt pool %d threads, OpenBLAS %d threads\n", seconds, pool,
            blas_threads);
@@ -116,11 +117,11 @@ int main(int argc, char **argv)
            "gemm_nt/1", "BLAS/1", "ratio", "shape");
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const struct shape *s = &shapes[i];
-        gemm_nt_set_threads(0);
+        pool_set_threads(0);
         openblas_set_num_threads(blas_threads);
         double g = gflops(run_gemm_nt, s, A, B, C, seconds);
         double o = gflops(run_sgemm, s, A, B, C, seconds);
-        gemm_nt_set_threads(1);
+        pool_set_threads(1);
         openblas_set_num_threads(1);
         double g1 = gflops(run_gemm_nt, s, A, B, C, seconds);
         double o1 = gflops(run_sgemm, s, A, B, C, seconds);

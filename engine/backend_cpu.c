@@ -13,6 +13,7 @@
 
 #include "backend.h"
 #include "gemm.h"
+#include "pool.h"
 
 static void cpu_destroy(struct backend *be)
 {
@@ -218,7 +219,15 @@ static inline __attribute__((always_inline)) void gru_row(float *restrict out, c
 /* Runs once per layer and step over the whole batch; target_clones builds
  * an AVX2 copy beside the baseline one and picks at load time. */
 __attribute__((target_clones("avx2", "default")))
-static void cpu_cell_step(struct backend *be, const struct cell_step *s)
+/* Scratch floats a worker needs for one row of a cell step: gate
+ * pre-activations (4 H), attention sums, zeros and a cache row. */
+#define CELL_SCRATCH (11 * (size_t)CONFIG_MAX_HIDDEN)
+
+/* Below this many gate values a step is not worth splitting over threads. */
+#define CELL_PARALLEL_MIN 8192
+
+/* Rows i0..i1-1 of a cell step; scratch is the worker's own. */
+static void cell_rows(const struct cell_step *s, int i0, int i1, float *scratch)
 {
     const int H = s->H, R = s->R, K = s->attn_window;
     const int G = s->cell == CELL_LSTM ? 4 : s->cell == CELL_GRU ? 3 : 1;
@@ -228,10 +237,10 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
     float a[CONFIG_MAX_ATTN_WINDOW];
     /* Without a cache to fill, the rows write theirs to scratch: one code
      * path, and the stores stay in L1. */
-    float *pre = be->impl, *att = pre + 4 * (size_t)H, *zero = att + H, *scratch = zero + H;
+    float *pre = scratch, *att = pre + 4 * (size_t)H, *zero = att + H, *row_cache = zero + H;
     memset(zero, 0, (size_t)H * sizeof(float));
     const size_t cw = CELL_CACHE(s->cell, H);
-    for (int i = 0; i < s->n; i++) {
+    for (int i = i0; i < i1; i++) {
         const int slot = s->slot ? s->slot[i] : i;
         const int t = s->t ? s->t[i] : s->t0;
         float *ring = s->ring + (size_t)slot * R * H;
@@ -241,7 +250,7 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
         const float *hg = s->hg + (size_t)i * G * H;
         const float *b = s->b_hh;
         float *out = s->out + (size_t)i * H;
-        float *cache = s->cache ? s->cache + i * cw : scratch;
+        float *cache = s->cache ? s->cache + i * cw : row_cache;
 
         switch (s->cell) {
         case CELL_RNN_TANH:
@@ -279,6 +288,32 @@ static void cpu_cell_step(struct backend *be, const struct cell_step *s)
                 out[k] += hist[s->skip_period][k];
         memcpy(ring + (size_t)(t % R) * H, out, (size_t)H * sizeof(float));
     }
+}
+
+struct cell_job {
+    const struct cell_step *s;
+    float *scratch; /* CELL_SCRATCH floats a worker */
+    int per_task;   /* rows */
+};
+
+static void cell_task(void *ctx, int task, int worker)
+{
+    const struct cell_job *j = ctx;
+    int i0 = task * j->per_task, i1 = j->s->n - i0 < j->per_task ? j->s->n : i0 + j->per_task;
+    cell_rows(j->s, i0, i1, j->scratch + (size_t)worker * CELL_SCRATCH);
+}
+
+/* Rows are independent (each its own slot, state and outputs), so a large
+ * step splits them over the worker pool: the result is the same bits
+ * however they are split. */
+static void cpu_cell_step(struct backend *be, const struct cell_step *s)
+{
+    const int G = s->cell == CELL_LSTM ? 4 : s->cell == CELL_GRU ? 3 : 1;
+    int tasks = 1;
+    if ((size_t)s->n * G * s->H >= CELL_PARALLEL_MIN)
+        tasks = 2 * pool_threads() < s->n ? 2 * pool_threads() : s->n;
+    struct cell_job job = {s, be->impl, (s->n + tasks - 1) / tasks};
+    pool_run((s->n + job.per_task - 1) / job.per_task, cell_task, &job);
 }
 
 static void cpu_pool_mean(struct backend *be, float *dst, const float *src, int width,
@@ -554,9 +589,9 @@ static const struct backend_ops cpu_ops = {
 struct backend *backend_cpu_create(char *err, size_t errlen)
 {
     struct backend *be = calloc(1, sizeof *be);
-    /* impl: scratch for the cell kernels: one row of gate pre-activations,
-     * attention sums, zeros and a cache row (11 H). */
-    if (!be || !(be->impl = malloc(11 * sizeof(float) * CONFIG_MAX_HIDDEN))) {
+    /* impl: the cell kernels' scratch, CELL_SCRATCH floats for each
+     * thread of the pool (pages are only touched up to the model's H). */
+    if (!be || !(be->impl = malloc(CELL_SCRATCH * sizeof(float) * (size_t)pool_size()))) {
         free(be);
         snprintf(err, errlen, "out of memory");
         return NULL;

@@ -19,20 +19,17 @@
  * portable scalar twin below must stay operation-for-operation alike.
  */
 #include "gemm.h"
+#include "pool.h"
 
 #include <assert.h>
 #include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
-#include <sched.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <time.h>
-#include <unistd.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -61,15 +58,6 @@ _Static_assert(FLT_EVAL_METHOD == 0, "gemm.c needs float arithmetic evaluated in
 
 /* Below this many flops (2*M*N*K) waking workers costs more than it saves. */
 #define PARALLEL_MIN_FLOPS 1.5e6
-
-/* Upper bound on the pool; RRN_THREADS is clamped to it. */
-#define MAX_THREADS 64
-#define DEFAULT_MAX_THREADS 16
-
-/* How long an idle worker spins before it sleeps: longer than the pointwise
- * work between two recurrent-step products, short enough not to waste a core
- * when the server is idle. */
-#define SPIN_NS 200000
 
 struct job {
     int M, N, K, lda, ldb, ldc;
@@ -252,7 +240,7 @@ static AVX2_FN void block_avx2(const struct job *jb, int m0, int m1, int n0, int
 #endif
 
 /* ------------------------------------------------------------------------ */
-/* Tasks and the worker pool. */
+/* Tasks: blocks of the product, run on the worker pool (pool.h). */
 
 static atomic_int force_scalar;
 static int have_avx2;
@@ -271,139 +259,26 @@ static void run_task(const struct job *jb, int t)
     block_scalar(jb, m0, m1, n0, n1);
 }
 
-/* The shared job is claimed by CAS on `work`, which packs the next task
- * (low 32 bits) and the task count (high 32 bits).  A task claimed belongs
- * to the job being run: the caller does not finish, and so does not rewrite
- * `job`, until `done` reaches the task count, so a worker reads `job` only
- * after a successful claim. */
-static struct {
-    pthread_once_t once;
-    int size;         /* threads taking part, caller included */
-    atomic_int limit; /* test hook: at most this many take part */
-    atomic_flag busy; /* held by the caller whose job is running */
-    struct job job;
-    _Atomic uint64_t work;
-    atomic_int done;
-    atomic_int sleepers;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-} pool = {
-    .once = PTHREAD_ONCE_INIT,
-    .busy = ATOMIC_FLAG_INIT,
-    .mu = PTHREAD_MUTEX_INITIALIZER,
-    .cv = PTHREAD_COND_INITIALIZER,
-};
+/* Whether this CPU runs the AVX2/FMA kernels, looked up once. */
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static int work_available(int id)
-{
-    uint64_t w = atomic_load(&pool.work);
-    return id < atomic_load_explicit(&pool.limit, memory_order_relaxed) && (uint32_t)w < (uint32_t)(w >> 32);
-}
-
-/* Claims and runs tasks until none is left; returns how many it ran. */
-static int run_tasks(void)
-{
-    int ran = 0;
-    uint64_t w = atomic_load(&pool.work);
-    while ((uint32_t)w < (uint32_t)(w >> 32)) {
-        if (!atomic_compare_exchange_weak(&pool.work, &w, w + 1))
-            continue;
-        run_task(&pool.job, (int)(uint32_t)w);
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
-        ran++;
-        w = atomic_load(&pool.work);
-    }
-    return ran;
-}
-
-static void *worker_main(void *arg)
-{
-    int id = (int)(intptr_t)arg;
-    for (;;) {
-        if (work_available(id) && run_tasks())
-            continue;
-        int64_t deadline = now_ns() + SPIN_NS;
-        int spins = 0;
-        while (!work_available(id)) {
-            cpu_relax();
-            if (++spins % 32 == 0 && now_ns() > deadline)
-                break;
-        }
-        if (work_available(id))
-            continue;
-        /* sleepers is raised before the last look at work, and the caller
-         * publishes work before it looks at sleepers, so a wake-up cannot
-         * fall between them (both sequentially consistent). */
-        pthread_mutex_lock(&pool.mu);
-        atomic_fetch_add(&pool.sleepers, 1);
-        while (!work_available(id))
-            pthread_cond_wait(&pool.cv, &pool.mu);
-        atomic_fetch_sub(&pool.sleepers, 1);
-        pthread_mutex_unlock(&pool.mu);
-    }
-    return NULL;
-}
-
-static void pool_init(void)
+static void cpu_init(void)
 {
 #if GEMM_AVX2
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    if (n > DEFAULT_MAX_THREADS)
-        n = DEFAULT_MAX_THREADS;
-    const char *env = getenv("RRN_THREADS");
-    if (env && *env) {
-        char *end;
-        long v = strtol(env, &end, 10);
-        if (*end == '\0' && v >= 1)
-            n = v;
-    }
-    if (n > MAX_THREADS)
-        n = MAX_THREADS;
-    if (n < 1)
-        n = 1;
+}
 
-    /* Workers take no signals: those belong to the threads that expect them. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int size = 1;
-    pthread_t tid;
-    while (size < n && pthread_create(&tid, NULL, worker_main, (void *)(intptr_t)size) == 0) {
-        pthread_detach(tid);
-        size++;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pool.size = size;
-    atomic_store(&pool.limit, size);
+static void pool_task(void *ctx, int task, int worker)
+{
+    (void)worker;
+    run_task(ctx, task);
 }
 
 void gemm_nt_force_scalar(int on)
 {
     atomic_store(&force_scalar, on != 0);
-}
-
-int gemm_nt_set_threads(int n)
-{
-    pthread_once(&pool.once, pool_init);
-    atomic_store(&pool.limit, n <= 0 || n > pool.size ? pool.size : n);
-    return pool.size;
 }
 
 /* The whole product on the calling thread. */
@@ -422,9 +297,9 @@ void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int l
     assert(M >= 0 && N >= 0 && K >= 0 && lda >= K && ldb >= K && ldc >= N);
     if (M <= 0 || N <= 0)
         return;
-    pthread_once(&pool.once, pool_init);
+    pthread_once(&cpu_once, cpu_init);
 
-    int threads = atomic_load(&pool.limit);
+    int threads = pool_threads();
     struct job jb = {
         .M = M, .N = N, .K = K, .lda = lda, .ldb = ldb, .ldc = ldc, .A = A, .B = B, .C = C,
         .beta = beta != 0.0f,
@@ -443,25 +318,9 @@ void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int l
         per = panel_rows(K);
     jb.task_n = (per + NR - 1) / NR * NR;
     int64_t tasks = (int64_t)(N / jb.task_n + (N % jb.task_n != 0)) * jb.tasks_m;
-    if (tasks > INT_MAX || atomic_flag_test_and_set(&pool.busy)) {
+    if (tasks > INT_MAX) {
         run_serial(&jb);
         return;
     }
-
-    pool.job = jb;
-    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
-    atomic_store(&pool.work, (uint64_t)tasks << 32);
-    if (atomic_load(&pool.sleepers) > 0) {
-        pthread_mutex_lock(&pool.mu);
-        pthread_cond_broadcast(&pool.cv);
-        pthread_mutex_unlock(&pool.mu);
-    }
-    run_tasks();
-    for (long spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < (int)tasks; spins++) {
-        if (spins < 100000)
-            cpu_relax();
-        else
-            sched_yield();
-    }
-    atomic_flag_clear(&pool.busy);
+    pool_run((int)tasks, pool_task, &jb);
 }

@@ -20,20 +20,14 @@
  * as long as the floating-point environment is the default one (round to
  * nearest, no flush-to-zero / denormals-are-zero).
  *
- * Thread-safe.  Large products are split over weight rows (N) across a
- * shared worker pool of RRN_THREADS threads (default: online CPUs, at most
- * 16), started on first use; when another caller holds the pool, the call
- * runs on the calling thread alone instead of waiting for it. */
+ * Thread-safe.  Large products are split over weight rows (N) across the
+ * engine's worker pool (pool.h); when another caller holds the pool, the
+ * call runs on the calling thread alone instead of waiting for it. */
 void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
              int ldc);
 
 /* For tests only: nonzero forces the portable scalar code even where the
  * AVX2/FMA kernels could run (it must give the same bits).  Process-wide. */
 void gemm_nt_force_scalar(int on);
-
-/* For tests only: at most n threads (the caller included, clamped to the
- * pool size) take part in each later call; 0 restores the pool size.
- * Returns the pool size.  Process-wide. */
-int gemm_nt_set_threads(int n);
 
 #endif

@@ -1,7 +1,8 @@
 /* test_engine.c - the engine's API beyond the fixtures: long texts scored in
  * chunks through a slot equal one pass over them, slots run out and come
- * back, and every misuse of the API is refused with a message rather than
- * a crash.
+ * back, every misuse of the API is refused with a message rather than a
+ * crash, and a batch large enough to be split over the worker pool gives
+ * the same bits as on one thread.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,9 +15,13 @@
 #include <string.h>
 
 #include "engine.h"
+#include "pool.h"
 
 #define LM_FIXTURE "tests/fixtures/combo_lstm_lm.safetensors"
 #define CLS_FIXTURE "tests/fixtures/combo_lstm.safetensors"
+/* Large enough (RRA LSTM, 2 x 512) that its cell steps are split over the
+ * pool at batch 8. */
+#define BIG_LM "models/austen.safetensors"
 
 struct env {
     struct model model;
@@ -47,6 +52,11 @@ static int setup_lm(void **state)
 static int setup_cls(void **state)
 {
     return open_env(state, CLS_FIXTURE, 0);
+}
+
+static int setup_big_lm(void **state)
+{
+    return open_env(state, BIG_LM, 8);
 }
 
 static int teardown(void **state)
@@ -166,6 +176,57 @@ static void test_classifier_has_no_slots(void **state)
     assert_non_null(strstr(err, "language model"));
 }
 
+/* A batch of 8 texts of different lengths, forward (logits and attention)
+ * and then 20 steps of the step API, with the whole pool and on one
+ * thread: the same bits.  main() asks for a pool of 3 threads, so the
+ * split happens on any machine. */
+static void test_threads_give_the_same_bits(void **state)
+{
+    struct env *v = *state;
+    enum { N = 8, T = 48, STEPS = 20 };
+    const int V = v->model.vocab, K = v->model.cfg.attn_window, L = v->model.cfg.layers;
+    assert_true(pool_size() >= 2);
+    int32_t tokens[N][T];
+    for (int i = 0; i < N; i++)
+        for (int t = 0; t < T; t++)
+            tokens[i][t] = (int32_t)(1 + (i * 31 + t * 7) % (V - 1));
+    float *out[2][2];
+    const size_t logits_n = (size_t)N * T * V, attn_n = (size_t)N * L * T * K;
+    char err[512];
+    for (int run = 0; run < 2; run++) {
+        pool_set_threads(run == 0 ? 0 : 1);
+        assert_non_null(out[run][0] = calloc(logits_n + (size_t)STEPS * N * V, sizeof(float)));
+        assert_non_null(out[run][1] = calloc(attn_n + (size_t)STEPS * N * L * K, sizeof(float)));
+        struct engine_seq seqs[N];
+        int slots[N];
+        for (int i = 0; i < N; i++) {
+            assert_true((slots[i] = engine_slot_open(v->engine)) >= 0);
+            seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = T - i * 3, .slot = -1,
+                                          .logits = out[run][0] + (size_t)i * T * V,
+                                          .attention = out[run][1] + (size_t)i * L * T * K};
+        }
+        if (engine_forward(v->engine, seqs, N, err, sizeof err) != 0)
+            fail_msg("%s", err);
+        for (int s = 0; s < STEPS; s++) {
+            int32_t next[N];
+            for (int i = 0; i < N; i++)
+                next[i] = tokens[i][s];
+            if (engine_step(v->engine, slots, next, N, out[run][0] + logits_n + (size_t)s * N * V,
+                            out[run][1] + attn_n + (size_t)s * N * L * K, err, sizeof err) != 0)
+                fail_msg("%s", err);
+        }
+        for (int i = 0; i < N; i++)
+            engine_slot_close(v->engine, slots[i]);
+    }
+    pool_set_threads(0);
+    assert_memory_equal(out[0][0], out[1][0], (logits_n + (size_t)STEPS * N * V) * sizeof(float));
+    assert_memory_equal(out[0][1], out[1][1], (attn_n + (size_t)STEPS * N * L * K) * sizeof(float));
+    for (int run = 0; run < 2; run++) {
+        free(out[run][0]);
+        free(out[run][1]);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -175,6 +236,9 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_step_refuses_misuse, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_classifier_has_no_slots, setup_cls, teardown),
+        cmocka_unit_test_setup_teardown(test_threads_give_the_same_bits, setup_big_lm, teardown),
     };
+    /* Before the pool starts: three threads even on a one-core machine. */
+    setenv("RRN_THREADS", "3", 1);
     return cmocka_run_group_tests_name("engine", tests, NULL, NULL);
 }

@@ -23,6 +23,7 @@
 #include <cmocka.h>
 
 #include "gemm.h"
+#include "pool.h"
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
@@ -286,9 +287,9 @@ static void test_threads_and_paths_agree(void **state)
         float *init = xmalloc(nc * sizeof(float));
         memcpy(init, C0, nc * sizeof(float));
 
-        gemm_nt_set_threads(1);
+        pool_set_threads(1);
         gemm_nt(M, N, K, A, K, B, K, 1.0f, C0, N);
-        gemm_nt_set_threads(0);
+        pool_set_threads(0);
         gemm_nt(M, N, K, A, K, B, K, 1.0f, C1, N);
         assert_memory_equal(C0, C1, nc * sizeof(float));
 
@@ -333,9 +334,9 @@ static void test_concurrent_callers(void **state)
     float *want = xmalloc((size_t)M * N * sizeof(float));
     fill(A, (size_t)M * K);
     fill(B, (size_t)N * K);
-    gemm_nt_set_threads(1);
+    pool_set_threads(1);
     gemm_nt(M, N, K, A, K, B, K, 0.0f, want, N);
-    gemm_nt_set_threads(0);
+    pool_set_threads(0);
 
     struct caller callers[NCALLERS];
     pthread_t tid[NCALLERS];
