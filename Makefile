@@ -171,7 +171,10 @@ deps-fuzz:
 
 # The server tests (tests/test_server.c) with every server they start run
 # under valgrind's memcheck: a definite leak or an invalid access fails them.
-VALGRIND := valgrind --tool=memcheck --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99 \
+# valgrind runs one thread at a time; --fair-sched=yes hands the turn round,
+# without it a batcher generating tokens can starve the HTTP threads for
+# minutes.
+VALGRIND := valgrind --tool=memcheck --fair-sched=yes --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99 \
             --suppressions=tests/valgrind.supp --gen-suppressions=all --num-callers=30
 test-valgrind: deps-valgrind rrnserve $(BUILD)/tests/test_server $(BUILD)/tests/test_faults
 	@RRN_SERVER_WRAPPER="$(VALGRIND)" RRN_BIN=./rrnserve $(BUILD)/tests/test_server

@@ -664,7 +664,9 @@ static void test_concurrent_clients(void **state)
     double sum = metric(s->port, "rrnserve_batch_size_sum") - sum0;
     double count = metric(s->port, "rrnserve_batch_size_count") - count0;
     assert_true(count > 0);
-    if (!(sum / count > 1))
+    /* Under valgrind the threads take turns, so whether requests meet in
+     * the queue is chance: that run checks memory, the others batching. */
+    if (!(sum / count > 1) && !server_wrapped())
         fail_msg("mean batch size %g over %g engine calls", sum / count, count);
     cJSON_Delete(cls);
     cJSON_Delete(lm);

@@ -20,7 +20,9 @@
 
 int http_connect(int port, int timeout_s)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    /* Close-on-exec: a server a test starts later must not inherit (and
+     * so keep open) the test's connections to another server. */
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
