@@ -227,8 +227,9 @@ __attribute__((target_clones("avx2", "default")))
 #define CELL_PARALLEL_MIN 8192
 
 /* Rows i0..i1-1 of a cell step; scratch is the worker's own. */
-static void cell_rows(const struct cell_step *s, int i0, int i1, float *scratch)
+static void cell_rows(const void *arg, int i0, int i1, float *scratch)
 {
+    const struct cell_step *s = arg;
     const int H = s->H, R = s->R, K = s->attn_window;
     const int G = s->cell == CELL_LSTM ? 4 : s->cell == CELL_GRU ? 3 : 1;
     /* hist[lag] is h_{t-lag} of the row, or NULL before the sequence start. */
@@ -290,30 +291,40 @@ static void cell_rows(const struct cell_step *s, int i0, int i1, float *scratch)
     }
 }
 
-struct cell_job {
-    const struct cell_step *s;
+/* Rows a..b of a cell kernel; scratch is the running worker's own. */
+typedef void (*rows_fn)(const void *arg, int i0, int i1, float *scratch);
+
+struct rows_job {
+    rows_fn rows;
+    const void *arg;
     float *scratch; /* CELL_SCRATCH floats a worker */
-    int per_task;   /* rows */
+    int n, per_task;
 };
 
-static void cell_task(void *ctx, int task, int worker)
+static void rows_task(void *ctx, int task, int worker)
 {
-    const struct cell_job *j = ctx;
-    int i0 = task * j->per_task, i1 = j->s->n - i0 < j->per_task ? j->s->n : i0 + j->per_task;
-    cell_rows(j->s, i0, i1, j->scratch + (size_t)worker * CELL_SCRATCH);
+    const struct rows_job *j = ctx;
+    int i0 = task * j->per_task, i1 = j->n - i0 < j->per_task ? j->n : i0 + j->per_task;
+    j->rows(j->arg, i0, i1, j->scratch + (size_t)worker * CELL_SCRATCH);
 }
 
-/* Rows are independent (each its own slot, state and outputs), so a large
- * step splits them over the worker pool: the result is the same bits
+/* Runs rows over n rows of width values each: split over the worker pool
+ * when there is enough work and the rows are independent (each its own
+ * slot, state, outputs and gradient rows), so the result is the same bits
  * however they are split. */
+static void run_rows(struct backend *be, int n, size_t width, int independent, rows_fn rows, const void *arg)
+{
+    int tasks = 1;
+    if (independent && (size_t)n * width >= CELL_PARALLEL_MIN)
+        tasks = 2 * pool_threads() < n ? 2 * pool_threads() : n;
+    struct rows_job job = {rows, arg, be->impl, n, (n + tasks - 1) / tasks};
+    pool_run((n + job.per_task - 1) / job.per_task, rows_task, &job);
+}
+
 static void cpu_cell_step(struct backend *be, const struct cell_step *s)
 {
     const int G = s->cell == CELL_LSTM ? 4 : s->cell == CELL_GRU ? 3 : 1;
-    int tasks = 1;
-    if ((size_t)s->n * G * s->H >= CELL_PARALLEL_MIN)
-        tasks = 2 * pool_threads() < s->n ? 2 * pool_threads() : s->n;
-    struct cell_job job = {s, be->impl, (s->n + tasks - 1) / tasks};
-    pool_run((s->n + job.per_task - 1) / job.per_task, cell_task, &job);
+    run_rows(be, s->n, (size_t)G * s->H, 1, cell_rows, s);
 }
 
 static void cpu_pool_mean(struct backend *be, float *dst, const float *src, int width,
@@ -362,15 +373,16 @@ static void cpu_log_softmax_pick(struct backend *be, const float *x, int n, int 
     }
 }
 
-/* The backward twin of cpu_cell_step (see struct cell_grad). */
-static void cpu_cell_step_backward(struct backend *be, const struct cell_grad *g)
+/* Rows i0..i1-1 of the backward twin of cell_rows (see struct cell_grad). */
+static void cell_grad_rows(const void *arg, int i0, int i1, float *scratch)
 {
+    const struct cell_grad *g = arg;
     const int H = g->H, K = g->attn_window, s = g->s;
     const size_t cw = CELL_CACHE(g->cell, H);
     const size_t GH = (size_t)(g->cell == CELL_LSTM ? 4 : g->cell == CELL_GRU ? 3 : 1) * H;
     const float scale = 1.0f / sqrtf((float)H);
-    float *dct = be->impl; /* one row of dL/dc_t, for the attention */
-    for (int i = 0; i < g->n; i++) {
+    float *dct = scratch; /* one row of dL/dc_t, for the attention */
+    for (int i = i0; i < i1; i++) {
         float *dh = g->dh + (size_t)(g->off[s] + i) * H;
         const float *hprev = g->h + (size_t)(g->off[s - 1] + i) * H;
         float *dhprev = g->dh + (size_t)(g->off[s - 1] + i) * H;
@@ -462,6 +474,16 @@ static void cpu_cell_step_backward(struct backend *be, const struct cell_grad *g
         }
         }
     }
+}
+
+/* The peephole and static attention gradients sum over the rows, in row
+ * order: split, they would add in another order and change the bits, so
+ * those models' steps run on one thread. */
+static void cpu_cell_step_backward(struct backend *be, const struct cell_grad *g)
+{
+    const int G = g->cell == CELL_LSTM ? 4 : g->cell == CELL_GRU ? 3 : 1;
+    int shared_sums = g->peephole || (g->attn_window && g->attn_mode == ATTN_STATIC);
+    run_rows(be, g->n, (size_t)G * g->H, !shared_sums, cell_grad_rows, g);
 }
 
 static void cpu_add_column_sums(struct backend *be, float *dst, const float *src, int n, int width)

@@ -2,7 +2,7 @@
  * chunks through a slot equal one pass over them, slots run out and come
  * back, every misuse of the API is refused with a message rather than a
  * crash, and a batch large enough to be split over the worker pool gives
- * the same bits as on one thread.
+ * the same bits as on one thread, in inference and in training.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -227,6 +227,39 @@ static void test_threads_give_the_same_bits(void **state)
     }
 }
 
+/* One training batch of 16 windows (forward, backward, the gradient of
+ * every parameter) with the whole pool and on one thread: the same bits. */
+static void test_training_threads_give_the_same_bits(void **state)
+{
+    struct env *v = *state;
+    enum { N = 16, T = 32 };
+    const int V = v->model.vocab;
+    const size_t P = v->model.n_params;
+    int32_t tokens[N][T + 1];
+    for (int i = 0; i < N; i++)
+        for (int t = 0; t <= T; t++)
+            tokens[i][t] = (int32_t)(1 + (i * 17 + t * 5) % (V - 1));
+    float *grads[2];
+    char err[512];
+    for (int run = 0; run < 2; run++) {
+        pool_set_threads(run == 0 ? 0 : 1);
+        struct engine_seq seqs[N];
+        for (int i = 0; i < N; i++)
+            seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = T, .slot = -1, .next = &tokens[i][T]};
+        const struct train_options opt = {0.1f, 0.0f, 7};
+        struct train_result res = {0};
+        engine_zero_grads(v->engine);
+        if (engine_train_batch(v->engine, seqs, N, NULL, &opt, &res, err, sizeof err) != 0)
+            fail_msg("%s", err);
+        assert_non_null(grads[run] = malloc(P * sizeof(float)));
+        memcpy(grads[run], engine_grads(v->engine), P * sizeof(float));
+    }
+    pool_set_threads(0);
+    assert_memory_equal(grads[0], grads[1], P * sizeof(float));
+    free(grads[0]);
+    free(grads[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -237,6 +270,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_step_refuses_misuse, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_classifier_has_no_slots, setup_cls, teardown),
         cmocka_unit_test_setup_teardown(test_threads_give_the_same_bits, setup_big_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);
