@@ -69,6 +69,7 @@ struct job *job_new(enum job_kind kind, int n_texts)
     atomic_init(&j->cancelled, 0);
     atomic_init(&j->refs, 1);
     j->slot = -1;
+    j->wake_after = -1;
     return j;
 }
 
@@ -130,9 +131,11 @@ int job_wait(struct job *j, int seen_tokens, int timeout_ms)
     }
     pthread_mutex_lock(&j->mu);
     int news;
+    j->wake_after = seen_tokens;
     while (!(news = j->done || (j->kind == JOB_GENERATE && j->n_tokens > seen_tokens)))
         if (pthread_cond_timedwait(&j->cv, &j->mu, &until) != 0)
             break;
+    j->wake_after = -1;
     news = j->done || (j->kind == JOB_GENERATE && j->n_tokens > seen_tokens);
     pthread_mutex_unlock(&j->mu);
     return news;
@@ -314,7 +317,10 @@ static int emit_token(struct batcher *b, struct stream *s, int32_t tok)
     if (j->finish == FINISH_NONE && j->n_tokens >= j->max_tokens)
         j->finish = FINISH_LENGTH;
     int over = j->finish != FINISH_NONE;
-    pthread_cond_broadcast(&j->cv);
+    /* A non-streaming request waits for the end: waking its thread at
+     * every token would cost a context switch a token for nothing. */
+    if (over || j->n_tokens > j->wake_after)
+        pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
     s->last = tok;
     return over;

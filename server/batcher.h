@@ -63,6 +63,7 @@ struct job {
     /* Shared state; use the functions below. */
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    int wake_after;        /* a waiter needs more tokens than this (under mu) */
     atomic_int cancelled;
     atomic_int refs;
     struct job *next;      /* queue link, the batcher's */
