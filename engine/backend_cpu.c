@@ -179,7 +179,7 @@ static void attention_weights(const struct cell_step *s, const float *q, const f
 /* One row of each cell, written as flat, branch-free loops over k that the
  * compiler vectorizes; absent terms come as arrays of zeros.  pre holds
  * the LSTM's gate pre-activations (xg + hg + b_hh). */
-/* always_inline: compiled into each clone of cpu_cell_step, AVX2 included. */
+/* always_inline: compiled into each clone of cell_rows, AVX2 included. */
 static inline __attribute__((always_inline)) void lstm_row(float *restrict out, float *restrict c,
                                                            const float *restrict pre, const float *restrict att,
                                                            const float *restrict peep, float *restrict cache,
@@ -216,9 +216,6 @@ static inline __attribute__((always_inline)) void gru_row(float *restrict out, c
     }
 }
 
-/* Runs once per layer and step over the whole batch; target_clones builds
- * an AVX2 copy beside the baseline one and picks at load time. */
-__attribute__((target_clones("avx2", "default")))
 /* Scratch floats a worker needs for one row of a cell step: gate
  * pre-activations (4 H), attention sums, zeros and a cache row. */
 #define CELL_SCRATCH (11 * (size_t)CONFIG_MAX_HIDDEN)
@@ -226,7 +223,10 @@ __attribute__((target_clones("avx2", "default")))
 /* Below this many gate values a step is not worth splitting over threads. */
 #define CELL_PARALLEL_MIN 8192
 
-/* Rows i0..i1-1 of a cell step; scratch is the worker's own. */
+/* Rows i0..i1-1 of a cell step; scratch is the worker's own.  Runs once
+ * per layer, step and worker; target_clones builds an AVX2 copy beside the
+ * baseline one and picks at load time. */
+__attribute__((target_clones("avx2", "default")))
 static void cell_rows(const void *arg, int i0, int i1, float *scratch)
 {
     const struct cell_step *s = arg;
