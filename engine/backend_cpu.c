@@ -314,9 +314,9 @@ static void rows_task(void *ctx, int task, int worker)
  * however they are split. */
 static void run_rows(struct backend *be, int n, size_t width, int independent, rows_fn rows, const void *arg)
 {
-    int tasks = 1;
-    if (independent && (size_t)n * width >= CELL_PARALLEL_MIN)
-        tasks = 2 * pool_threads() < n ? 2 * pool_threads() : n;
+    int tasks = 1, threads = pool_threads();
+    if (independent && threads > 1 && (size_t)n * width >= CELL_PARALLEL_MIN)
+        tasks = 2 * threads < n ? 2 * threads : n;
     struct rows_job job = {rows, arg, be->impl, n, (n + tasks - 1) / tasks};
     pool_run((n + job.per_task - 1) / job.per_task, rows_task, &job);
 }
