@@ -284,23 +284,34 @@ int engine_layer_step(struct engine *e, const struct layer_run *r)
     return 0;
 }
 
+/* The empty state: h_0 = c_0 = 0 and no history (the step API reads
+ * h_{t-1} from the ring, including at t = 1). */
+static void slot_zero(struct engine *e, int slot)
+{
+    size_t hb = (size_t)e->H * sizeof(float);
+    for (int l = 0; l < e->L; l++) {
+        size_t base = (size_t)l * e->max_slots + slot;
+        e->be->ops->zero(e->be, e->pool_c + base * e->H, hb);
+        e->be->ops->zero(e->be, e->pool_ring + base * e->R * e->H, hb * e->R);
+    }
+}
+
 int engine_slot_open(struct engine *e)
 {
     for (int s = 0; s < e->max_slots; s++) {
         if (e->slot_pos[s] >= 0)
             continue;
-        /* Start from the empty state: h_0 = c_0 = 0 (the step API reads
-         * h_{t-1} from the ring, including at t = 1). */
-        size_t hb = (size_t)e->H * sizeof(float);
-        for (int l = 0; l < e->L; l++) {
-            size_t base = (size_t)l * e->max_slots + s;
-            e->be->ops->zero(e->be, e->pool_c + base * e->H, hb);
-            e->be->ops->zero(e->be, e->pool_ring + base * e->R * e->H, hb * e->R);
-        }
+        slot_zero(e, s);
         e->slot_pos[s] = 0;
         return s;
     }
     return -1;
+}
+
+void engine_slot_clear(struct engine *e, int slot)
+{
+    if (slot >= 0 && slot < e->max_slots && e->slot_pos[slot] >= 0)
+        slot_zero(e, slot);
 }
 
 void engine_slot_close(struct engine *e, int slot)

@@ -66,6 +66,9 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
 int engine_slot_open(struct engine *e);          /* slot id, or -1 when all are taken */
 void engine_slot_close(struct engine *e, int slot);
 int engine_slot_position(const struct engine *e, int slot); /* tokens consumed so far */
+/* Back to the empty state, at the same position, so that the slot still
+ * advances in step with the others of its batch (training's state_reset). */
+void engine_slot_clear(struct engine *e, int slot);
 
 /* The log-probability (as engine_seq.logprob) of each of n token
  * sequences; long ones are run in chunks through a slot, so the engine needs

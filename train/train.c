@@ -536,33 +536,22 @@ static int open_data(struct run *r, char *err, size_t errlen)
  * window drops its carried state with chance state_reset: serving starts
  * every text from the zero state, which carried streams otherwise meet
  * only once a pass.  A batch's slots advance in step, so a dropped state
- * becomes zeros at the stream's position rather than a fresh slot.  The
- * draws depend on the step's seed alone, so a resumed run makes the same
- * ones. */
-static int lm_reset_streams(struct run *r, int new_pass, unsigned long long step_seed)
+ * is cleared in place rather than given a fresh slot.  The draws depend on
+ * the step's seed alone, so a resumed run makes the same ones. */
+static void lm_reset_streams(struct run *r, int new_pass, unsigned long long step_seed)
 {
     if (new_pass) {
         for (int i = 0; i < r->o.batch; i++) {
             engine_slot_close(r->e, r->slots[i]);
             r->slots[i] = engine_slot_open(r->e);
         }
-        return 0;
+        return;
     }
     struct rng g;
     rng_seed(&g, step_seed ^ 0x9e3779b97f4a7c15ULL);
-    float *zeros = NULL;
-    for (int i = 0; i < r->o.batch; i++) {
-        if (rng_uniform(&g) >= r->o.state_reset)
-            continue;
-        if (!zeros && !(zeros = calloc(engine_slot_state_len(r->e), sizeof *zeros)))
-            return -1;
-        if (engine_slot_restore(r->e, r->slots[i], zeros, engine_slot_position(r->e, r->slots[i]))) {
-            free(zeros);
-            return -1;
-        }
-    }
-    free(zeros);
-    return 0;
+    for (int i = 0; i < r->o.batch; i++)
+        if (rng_uniform(&g) < r->o.state_reset)
+            engine_slot_clear(r->e, r->slots[i]);
 }
 
 /* One training step's batch through the engine; adds to res. */
@@ -576,10 +565,7 @@ static int train_step(struct run *r, struct train_result *res, char *err, size_t
         if (!q)
             return error_fmt(err, errlen, "out of memory");
         int new_pass = lm_windows_next(&r->win, r->window);
-        if (lm_reset_streams(r, new_pass, topt.seed)) {
-            free(q);
-            return error_fmt(err, errlen, "cannot reset a stream's state");
-        }
+        lm_reset_streams(r, new_pass, topt.seed);
         if (new_pass)
             r->epoch = r->win.epoch;
         for (int i = 0; i < o->batch; i++) {
