@@ -231,7 +231,7 @@ static void cell_rows(const void *arg, int i0, int i1, float *scratch)
 {
     const struct cell_step *s = arg;
     const int H = s->H, R = s->R, K = s->attn_window;
-    const int G = s->cell == CELL_LSTM ? 4 : s->cell == CELL_GRU ? 3 : 1;
+    const int G = cell_gates(s->cell);
     /* hist[lag] is h_{t-lag} of the row, or NULL before the sequence start. */
     const float *hist[CONFIG_MAX_ATTN_WINDOW + 2 > CONFIG_MAX_SKIP_PERIOD + 1
                       ? CONFIG_MAX_ATTN_WINDOW + 2 : CONFIG_MAX_SKIP_PERIOD + 1];
@@ -323,7 +323,7 @@ static void run_rows(struct backend *be, int n, size_t width, int independent, r
 
 static void cpu_cell_step(struct backend *be, const struct cell_step *s)
 {
-    const int G = s->cell == CELL_LSTM ? 4 : s->cell == CELL_GRU ? 3 : 1;
+    const int G = cell_gates(s->cell);
     run_rows(be, s->n, (size_t)G * s->H, 1, cell_rows, s);
 }
 
@@ -379,7 +379,7 @@ static void cell_grad_rows(const void *arg, int i0, int i1, float *scratch)
     const struct cell_grad *g = arg;
     const int H = g->H, K = g->attn_window, s = g->s;
     const size_t cw = CELL_CACHE(g->cell, H);
-    const size_t GH = (size_t)(g->cell == CELL_LSTM ? 4 : g->cell == CELL_GRU ? 3 : 1) * H;
+    const size_t GH = (size_t)cell_gates(g->cell) * H;
     const float scale = 1.0f / sqrtf((float)H);
     float *dct = scratch; /* one row of dL/dc_t, for the attention */
     for (int i = i0; i < i1; i++) {
@@ -481,7 +481,7 @@ static void cell_grad_rows(const void *arg, int i0, int i1, float *scratch)
  * those models' steps run on one thread. */
 static void cpu_cell_step_backward(struct backend *be, const struct cell_grad *g)
 {
-    const int G = g->cell == CELL_LSTM ? 4 : g->cell == CELL_GRU ? 3 : 1;
+    const int G = cell_gates(g->cell);
     int shared_sums = g->peephole || (g->attn_window && g->attn_mode == ATTN_STATIC);
     run_rows(be, g->n, (size_t)G * g->H, !shared_sums, cell_grad_rows, g);
 }

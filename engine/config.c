@@ -435,7 +435,12 @@ void config_free(struct model_config *cfg)
 
 int config_gates(const struct model_config *cfg)
 {
-    switch (cfg->cell) {
+    return cell_gates(cfg->cell);
+}
+
+int cell_gates(enum cell c)
+{
+    switch (c) {
     case CELL_LSTM:
         return 4;
     case CELL_GRU:

@@ -67,6 +67,7 @@ void config_free(struct model_config *cfg);
 /* Derived sizes, so no caller has to know the rules twice.  A model with
  * vector inputs has no vocabulary (config_vocab is 0). */
 int config_gates(const struct model_config *cfg);      /* G: 1, 4 or 3 */
+int cell_gates(enum cell c);                           /* the same, for a cell */
 int config_directions(const struct model_config *cfg); /* 1 or 2 */
 int config_vocab(const struct model_config *cfg);      /* V */
 int config_layer_input(const struct model_config *cfg, int layer); /* width fed to layer k (0-based) */
