@@ -15,16 +15,25 @@ py=${PYTHON:-/usr/bin/python3}
 
 torch_default=$("$py" bench/bench_torch.py "$dir")
 torch_passive=$(OMP_WAIT_POLICY=PASSIVE "$py" bench/bench_torch.py "$dir")
-engine=$("$1/bench_engine" "$dir")
+coretype=
+if grep -qw avx512bw /proc/cpuinfo && grep -qw avx512dq /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo; then
+    coretype=SkylakeX
+    torch_avx512=$(OMP_WAIT_POLICY=PASSIVE OPENBLAS_CORETYPE=$coretype "$py" bench/bench_torch.py "$dir")
+else
+    torch_avx512=$torch_passive
+fi
+blas_env=(env ${coretype:+OPENBLAS_CORETYPE=$coretype})
+engine=$("${blas_env[@]}" "$1/bench_engine" "$dir")
 echo "gemm_nt (batch-invariant) against OpenBLAS, GFLOP/s:"
-"$1/bench_gemm"
+"${blas_env[@]}" "$1/bench_gemm"
 echo "torch (default threading): $torch_default"
 echo "torch (OMP_WAIT_POLICY=PASSIVE): $torch_passive"
+[ -n "$coretype" ] && echo "torch (OMP_WAIT_POLICY=PASSIVE OPENBLAS_CORETYPE=$coretype): $torch_avx512"
 echo "engine: $engine"
-"$py" - "$torch_default" "$torch_passive" "$engine" <<'PY'
+"$py" - "$torch_default" "$torch_passive" "$torch_avx512" "$engine" <<'PY'
 import json, sys
-td, tp, e = (json.loads(a) for a in sys.argv[1:])
-best = lambda k, higher=True: (max if higher else min)(td[k], tp[k])
+*torch, e = (json.loads(a) for a in sys.argv[1:])
+best = lambda k, higher=True: (max if higher else min)(t[k] for t in torch)
 t_cls, t_s1, t_s32, t_rra = best("classify_seq_per_s"), best("step_ms_b1", False), best("step_ms_b32", False), best("rra_seq_per_s")
 print(f"(a) classify: engine {e['classify_seq_per_s']:.1f} seq/s ({e['classify_gflops']:.0f} GFLOP/s, "
       f"{100 * e['classify_gflops'] / e['sgemm_gflops']:.0f}% of sgemm's {e['sgemm_gflops']:.0f} GFLOP/s), "

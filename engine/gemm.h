@@ -26,8 +26,13 @@
 void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
              int ldc);
 
-/* For tests only: nonzero forces the portable scalar code even where the
- * AVX2/FMA kernels could run (it must give the same bits).  Process-wide. */
-void gemm_nt_force_scalar(int on);
+/* The kernels gemm_nt can run, narrowest first. */
+enum gemm_isa { GEMM_SCALAR, GEMM_AVX2, GEMM_AVX512 };
+
+/* For tests and benchmarks: the widest kernels gemm_nt may use from now on
+ * (by default GEMM_AVX512, i.e. the widest this CPU has); all give the same
+ * bits.  Returns the kernels it will use, narrower than asked where the CPU
+ * lacks them.  Process-wide. */
+enum gemm_isa gemm_nt_limit_isa(enum gemm_isa widest);
 
 #endif
