@@ -35,9 +35,10 @@ import json, sys
 *torch, e = (json.loads(a) for a in sys.argv[1:])
 best = lambda k, higher=True: (max if higher else min)(t[k] for t in torch)
 t_cls, t_s1, t_s32, t_rra = best("classify_seq_per_s"), best("step_ms_b1", False), best("step_ms_b32", False), best("rra_seq_per_s")
-print(f"(a) classify: engine {e['classify_seq_per_s']:.1f} seq/s ({e['classify_gflops']:.0f} GFLOP/s, "
-      f"{100 * e['classify_gflops'] / e['sgemm_gflops']:.0f}% of sgemm's {e['sgemm_gflops']:.0f} GFLOP/s), "
-      f"torch {t_cls:.1f} seq/s")
+lookup = ", layer 0's projection read from token tables" if e["token_tables"] else ""
+print(f"(a) classify: engine {e['classify_seq_per_s']:.1f} seq/s ({e['classify_gflops']:.0f} GFLOP/s performed, "
+      f"{100 * e['classify_gflops'] / e['sgemm_gflops']:.0f}% of sgemm's {e['sgemm_gflops']:.0f} GFLOP/s{lookup}), "
+      f"torch {t_cls:.1f} seq/s (the best of: " + ", ".join(f"{t['classify_seq_per_s']:.1f}" for t in torch) + ")")
 print(f"(b) step latency: batch 1 engine {e['step_ms_b1']:.3f} ms vs torch {t_s1:.3f} ms "
       f"({t_s1 / e['step_ms_b1']:.2f}x); batch 32 engine {e['step_ms_b32']:.3f} ms vs torch {t_s32:.3f} ms "
       f"({t_s32 / e['step_ms_b32']:.2f}x)")

@@ -224,9 +224,10 @@ static inline __attribute__((always_inline)) void gru_row(float *restrict out, c
 #define CELL_PARALLEL_MIN 8192
 
 /* Rows i0..i1-1 of a cell step; scratch is the worker's own.  Runs once
- * per layer, step and worker; target_clones builds an AVX2 copy beside the
- * baseline one and picks at load time. */
-__attribute__((target_clones("avx2", "default")))
+ * per layer, step and worker; target_clones builds AVX-512 and AVX2 copies
+ * beside the baseline one and picks at load time (no operation is fused,
+ * so all three give the same bits). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
 static void cell_rows(const void *arg, int i0, int i1, float *scratch)
 {
     const struct cell_step *s = arg;

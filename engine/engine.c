@@ -87,6 +87,41 @@ static int mirror_weights(struct engine *e, char *err, size_t errlen)
     return 0;
 }
 
+/* Token tables cost V * G * H floats a direction; past this a model with a
+ * large vocabulary (word tokenizers) computes its projection instead. */
+#define TOKEN_TABLE_MAX_BYTES ((size_t)64 << 20)
+
+/* The table is the projection of every embedding row, through the same
+ * code as a forward's projection, so a gathered row has the bits the
+ * forward would compute (gemm_nt's result for a row depends on nothing
+ * else).  Without memory for it the engine runs without it. */
+static void build_token_tables(struct engine *e)
+{
+    size_t row = (size_t)e->G * e->H * sizeof(float);
+    if (!e->w.embedding || (size_t)e->V * e->D * row > TOKEN_TABLE_MAX_BYTES)
+        return;
+    for (int dir = 0; dir < e->D; dir++) {
+        if (!(e->token_xg[dir] = e->be->ops->alloc(e->be, (size_t)e->V * row))) {
+            engine_drop_token_tables(e);
+            return;
+        }
+        engine_input_projection(e, 0, dir, e->w.embedding, e->V, e->token_xg[dir]);
+    }
+}
+
+void engine_drop_token_tables(struct engine *e)
+{
+    for (int dir = 0; dir < 2; dir++) {
+        e->be->ops->free(e->be, e->token_xg[dir]);
+        e->token_xg[dir] = NULL;
+    }
+}
+
+size_t engine_token_table_bytes(const struct engine *e)
+{
+    return e->token_xg[0] ? (size_t)e->D * e->V * e->G * e->H * sizeof(float) : 0;
+}
+
 static int open_slots(struct engine *e, int max_slots, char *err, size_t errlen)
 {
     e->max_slots = max_slots;
@@ -137,6 +172,7 @@ struct engine *engine_create(const struct model *m, struct backend *be, int max_
         engine_destroy(e);
         return NULL;
     }
+    build_token_tables(e);
     return e;
 }
 
@@ -147,6 +183,7 @@ void engine_destroy(struct engine *e)
     struct backend *be = e->be;
     for (int i = 0; i < WS_COUNT; i++)
         be->ops->free(be, e->ws[i]);
+    engine_drop_token_tables(e);
     free_view(e, &e->w);
     free_view(e, &e->g);
     be->ops->free(be, e->pool_c);

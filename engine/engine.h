@@ -116,12 +116,18 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
                        const struct train_options *opt, struct train_result *res, char *err, size_t errlen);
 
 /* The parameters as the engine runs them and their gradients: flat arrays
- * laid out as the model's arena (n_params floats, backend memory). */
+ * laid out as the model's arena (n_params floats, backend memory).  The
+ * caller may change the parameters, so engine_params also drops the
+ * precomputed token tables the engine reads layer 0 from (engine.c). */
 float *engine_params(struct engine *e);
 float *engine_grads(struct engine *e);   /* allocated on first use, zeroed */
 void engine_zero_grads(struct engine *e);
 /* Copy the parameters back into m, the model the engine was made from
  * (before saving it). */
 int engine_params_to_host(struct engine *e, struct model *m);
+
+/* Bytes of backend memory held by the token tables: layer 0's projection
+ * of every token, read instead of computed (0 when the engine has none). */
+size_t engine_token_table_bytes(const struct engine *e);
 
 #endif

@@ -12,7 +12,7 @@ enum ws_buf {
     WS_TOKENS, WS_X0, WS_XREV, WS_XG, WS_HG, WS_Q, WS_HOUT0, WS_HOUT1,
     WS_Y0, WS_Y1, WS_Y2, WS_C, WS_RING, WS_ATTN, WS_POOL, WS_LOGITS,
     WS_TARGET, WS_LOGPROB, WS_REV, WS_LAST, WS_OFF, WS_LEN, WS_SLOT, WS_T,
-    WS_HPREV,
+    WS_HPREV, WS_TOKENS_REV,
     /* training: the tape, then the backward's buffers */
     WS_T_Y, WS_T_XIN, WS_T_H, WS_T_CACHE, WS_T_Q, WS_T_ATTN, WS_T_C0, WS_T_PREFIX, WS_T_OFF,
     WS_DY, WS_DH, WS_DXG, WS_DHG, WS_DC, WS_DQ, WS_DXIN, WS_DXIN2, WS_DLOGITS, WS_LOSS, WS_LABELS,
@@ -38,6 +38,12 @@ struct engine {
     int G, H, D, W, E, V, L, M, K, C, R;
     struct param_view w;         /* the weights on the backend */
     struct param_view g;         /* their gradients (training), or zeros */
+    /* Layer 0's input projection of every token id, per direction ([V][G*H]:
+     * row v is W_ih e_v + b_ih, the bits the projection of token v gets),
+     * so a forward gathers rows instead of embedding and multiplying.  NULL
+     * for vector inputs, tables over TOKEN_TABLE_MAX_BYTES, and engines
+     * whose weights were handed out for writing (engine_params). */
+    float *token_xg[2];
     void *ws[WS_COUNT];
     size_t ws_cap[WS_COUNT];
     /* Step-API slots: per layer, S cell states and S rings of R states. */
@@ -78,6 +84,9 @@ void engine_residual(struct engine *e, int layer, float *y, const float *y2, int
 /* Input projection of n rows: xg = x W_ih^T + b_ih. */
 void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg);
 
+/* Drop the token tables: the weights are about to change. */
+void engine_drop_token_tables(struct engine *e);
+
 /* Host-side plan of one batch. */
 struct plan {
     int n, T, P;
@@ -85,6 +94,7 @@ struct plan {
     int *len;     /* [n] sorted lengths */
     int *off;     /* [T + 1] */
     int *tokens;  /* [P] packed token ids */
+    int *tokens_rev; /* [P] token of the mirrored position (two directions) */
     int *rev;     /* [P] packed row of the mirrored position */
     int *last;    /* [n] packed row of each sequence's last step */
     int *target;  /* [P] next token, or -1 */
@@ -96,7 +106,7 @@ struct plan {
 
 /* Device copies of the plan's index arrays. */
 struct dev_plan {
-    int *tokens, *rev, *last, *off, *len, *target, *slot, *hprev;
+    int *tokens, *tokens_rev, *rev, *last, *off, *len, *target, *slot, *hprev;
     float *inputs;
 };
 

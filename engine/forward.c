@@ -99,7 +99,7 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
     }
     int with_slot = seqs[0].slot >= 0;
     p->pos = with_slot ? engine_slot_position(e, seqs[0].slot) : 0;
-    size_t need = 5 * (size_t)n + (size_t)p->T + 1 + 3 * (size_t)p->P + (size_t)n;
+    size_t need = 5 * (size_t)n + (size_t)p->T + 1 + 4 * (size_t)p->P + (size_t)n;
     int *h = engine_host_ints(e, need);
     if (!h)
         return -1;
@@ -112,7 +112,8 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
     p->tokens = p->off + p->T + 1;
     p->rev = p->tokens + p->P;
     p->target = p->rev + p->P;
-    int *caller_len = p->target + p->P;
+    p->tokens_rev = p->target + p->P;
+    int *caller_len = p->tokens_rev + p->P;
 
     for (int i = 0; i < n; i++)
         caller_len[i] = seqs[i].len;
@@ -151,6 +152,8 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
         }
         p->last[i] = p->off[q->len - 1] + i;
     }
+    for (int row = 0; row < p->P; row++)
+        p->tokens_rev[row] = p->tokens[p->rev[row]];
     return 0;
 }
 
@@ -167,6 +170,7 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
 {
     d->tokens = upload_ints(e, WS_TOKENS, p->tokens, (size_t)p->P);
     d->rev = upload_ints(e, WS_REV, p->rev, (size_t)p->P);
+    d->tokens_rev = e->D == 2 ? upload_ints(e, WS_TOKENS_REV, p->tokens_rev, (size_t)p->P) : NULL;
     d->last = upload_ints(e, WS_LAST, p->last, (size_t)p->n);
     d->off = upload_ints(e, WS_OFF, p->off, (size_t)p->T + 1);
     d->len = upload_ints(e, WS_LEN, p->len, (size_t)p->n);
@@ -180,7 +184,7 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
         if (!d->inputs || e->be->ops->upload(e->be, d->inputs, p->inputs, bytes) != 0)
             return -1;
     }
-    return d->tokens && d->rev && d->last && d->off && d->len && d->target && (d->slot || !p->slot) &&
+    return d->tokens && d->rev && (d->tokens_rev || e->D == 1) && d->last && d->off && d->len && d->target && (d->slot || !p->slot) &&
                    (d->hprev || !p->slot) ? 0 : -1;
 }
 
@@ -211,9 +215,12 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         (!tape && (!ybuf[0] || !ybuf[1] || !ybuf[2])) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
         return NULL;
 
+    /* With token tables layer 0 needs the embedded input y^0 only for the
+     * depth residual. */
+    const int tables = e->token_xg[0] && !tape;
     if (d->inputs)
         be->ops->gather_rows(be, x0, e->E, d->inputs, e->E, NULL, P, e->E);
-    else
+    else if (!tables || (e->m->cfg.residual_depth && e->L > 1))
         be->ops->gather_rows(be, x0, e->E, e->w.embedding, e->E, d->tokens, P, e->E);
     /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
     const float *y_prev2 = NULL, *y_prev = x0;
@@ -234,12 +241,16 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         if (tape && tape->c0)
             be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
         for (int dir = 0; dir < e->D; dir++) {
-            const float *xin = layer_in;
-            if (dir == 1) {
-                be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
-                xin = xrev;
+            if (l == 0 && tables) {
+                be->ops->gather_rows(be, xg, GH, e->token_xg[dir], GH, dir ? d->tokens_rev : d->tokens, P, GH);
+            } else {
+                const float *xin = layer_in;
+                if (dir == 1) {
+                    be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
+                    xin = xrev;
+                }
+                engine_input_projection(e, l, dir, xin, P, xg);
             }
-            engine_input_projection(e, l, dir, xin, P, xg);
             if (!d->slot)
                 be->ops->zero(be, cl, (size_t)n * H * fsz);
             if (p->pos)

@@ -108,13 +108,18 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
         !out || (attention && K && !attn))
         goto oom;
 
-    be->ops->gather_rows(be, x, e->E, e->w.embedding, e->E, d_token, n, e->E);
+    const int tables = e->token_xg[0] != NULL;
+    if (!tables || (e->m->cfg.residual_depth && e->L > 1))
+        be->ops->gather_rows(be, x, e->E, e->w.embedding, e->E, d_token, n, e->E);
     const float *y_prev2 = NULL, *y_prev = x;
     float *y = NULL;
     for (int l = 0; l < e->L; l++) {
         float *ring = e->pool_ring + (size_t)l * S * e->R * H;
         y = ybuf[(l + 1) % 3];
-        engine_input_projection(e, l, 0, y_prev, n, xg);
+        if (l == 0 && tables)
+            be->ops->gather_rows(be, xg, e->G * H, e->token_xg[0], e->G * H, d_token, n, e->G * H);
+        else
+            engine_input_projection(e, l, 0, y_prev, n, xg);
         be->ops->gather_rows(be, hprev, H, ring, H, d_hprev, n, H);
         struct layer_run run = {
             .layer = l,

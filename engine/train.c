@@ -20,6 +20,7 @@
 
 float *engine_params(struct engine *e)
 {
+    engine_drop_token_tables(e);
     return e->w.base;
 }
 

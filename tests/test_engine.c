@@ -1,8 +1,9 @@
 /* test_engine.c - the engine's API beyond the fixtures: long texts scored in
  * chunks through a slot equal one pass over them, slots run out and come
  * back, every misuse of the API is refused with a message rather than a
- * crash, and a batch large enough to be split over the worker pool gives
- * the same bits as on one thread, in inference and in training.
+ * crash, a batch large enough to be split over the worker pool gives the
+ * same bits as on one thread, in inference and in training, and layer 0's
+ * token tables give the bits of the projection they replace.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -260,6 +261,86 @@ static void test_training_threads_give_the_same_bits(void **state)
     free(grads[1]);
 }
 
+enum { TT_N = 3, TT_T = 17, TT_STEPS = 6 };
+
+/* Floats run_tables_case writes for model m. */
+static size_t tables_case_size(const struct model *m)
+{
+    size_t step = 2 * (size_t)m->head_out + 2 * (size_t)m->cfg.layers * m->cfg.attn_window;
+    return (size_t)TT_N * TT_T * m->head_out + (m->cfg.task == TASK_LM ? TT_STEPS * step : 0);
+}
+
+/* Forward logits of three texts of different lengths and, for a language
+ * model, 6 steps of two slots (logits and attention) into out. */
+static void run_tables_case(struct engine *e, const struct model *m, float *out)
+{
+    const int V = m->vocab, C = m->head_out, K = m->cfg.attn_window, L = m->cfg.layers;
+    int32_t tokens[TT_N][TT_T];
+    for (int i = 0; i < TT_N; i++)
+        for (int t = 0; t < TT_T; t++)
+            tokens[i][t] = (int32_t)((i * 13 + t * 5) % V);
+    char err[512];
+    struct engine_seq seqs[TT_N];
+    for (int i = 0; i < TT_N; i++)
+        seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = TT_T - 4 * i, .slot = -1,
+                                      .logits = out + (size_t)i * TT_T * C};
+    if (engine_forward(e, seqs, TT_N, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    if (m->cfg.task != TASK_LM)
+        return;
+    out += (size_t)TT_N * TT_T * C;
+    int slots[2] = {engine_slot_open(e), engine_slot_open(e)};
+    assert_true(slots[0] >= 0 && slots[1] >= 0);
+    for (int s = 0; s < TT_STEPS; s++) {
+        int32_t next[2] = {tokens[0][s], tokens[1][s]};
+        if (engine_step(e, slots, next, 2, out, K ? out + 2 * C : NULL, err, sizeof err) != 0)
+            fail_msg("%s", err);
+        out += 2 * C + 2 * L * K;
+    }
+    engine_slot_close(e, slots[0]);
+    engine_slot_close(e, slots[1]);
+}
+
+/* An engine reads layer 0's projection of each token from a table; one
+ * whose weights were handed out (engine_params) computes it.  Both must
+ * give the same bits: with and without the depth residual (which needs the
+ * embedded input anyway), both directions, forward and steps. */
+static void test_token_tables_give_the_same_bits(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *file;
+        int slots;
+    } cases[] = {
+        {"tests/fixtures/combo_lstm_bi.safetensors", 0},
+        {"tests/fixtures/combo_lstm_lm.safetensors", 2},
+        {"tests/fixtures/plain_gru_l1_bi_last.safetensors", 0},
+        {"tests/fixtures/plain_gru_l1_lm.safetensors", 2},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        void *v[2];
+        float *out[2];
+        size_t n = 0;
+        for (int k = 0; k < 2; k++) {
+            open_env(&v[k], cases[c].file, cases[c].slots);
+            struct env *env = v[k];
+            if (k == 1)
+                engine_params(env->engine);
+            n = tables_case_size(&env->model);
+            assert_non_null(out[k] = calloc(n, sizeof(float)));
+            run_tables_case(env->engine, &env->model, out[k]);
+        }
+        assert_true(engine_token_table_bytes(((struct env *)v[0])->engine) > 0);
+        assert_true(engine_token_table_bytes(((struct env *)v[1])->engine) == 0);
+        if (memcmp(out[0], out[1], n * sizeof(float)) != 0)
+            fail_msg("%s: results with and without token tables differ", cases[c].file);
+        for (int k = 0; k < 2; k++) {
+            free(out[k]);
+            teardown(&v[k]);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -271,6 +352,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_classifier_has_no_slots, setup_cls, teardown),
         cmocka_unit_test_setup_teardown(test_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
+        cmocka_unit_test(test_token_tables_give_the_same_bits),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);
