@@ -5,8 +5,9 @@
  * The loop, each turn: admit queued generation jobs into free slots and
  * prefill their prompts together; advance every running stream by one
  * token with one engine_step; run the queued forward jobs as one batch.
- * Forward jobs wait up to max_wait_us for company only while no stream is
- * running, so batching never delays a stream's next token.
+ * Forward jobs wait up to max_wait_us for company (as many sequences as
+ * the last batch had) only while no stream is running, so batching never
+ * delays a stream's next token.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -217,10 +218,15 @@ static int worth_waiting(const struct batcher *b)
     for (const struct job *j = b->head; j; j = j->next)
         if (j->kind != JOB_GENERATE)
             seqs += sequences_of(j);
-    /* Waiting pays only when company is likely: the last batch had some.
-     * A lone client then pays no max_wait_us on every request, and under
-     * load the wait comes back at once. */
-    return b->n_streams == 0 && seqs > 0 && seqs < b->opt.max_batch && b->last_seqs > 1;
+    /* Waiting pays only when company is likely: the last batch had some,
+     * and only until as many as it had are here.  N clients in a closed
+     * loop then go as one batch of N as soon as all N have asked again,
+     * instead of waiting max_wait_us every round for a full batch that
+     * cannot come; a lone client pays no wait at all; and a growing load
+     * still grows the batches, since requests that arrive while a batch
+     * runs all join the next one. */
+    int want = b->last_seqs < b->opt.max_batch ? b->last_seqs : b->opt.max_batch;
+    return b->n_streams == 0 && seqs > 0 && seqs < want && b->last_seqs > 1;
 }
 
 /* Classify, attention and score jobs as one batch. */

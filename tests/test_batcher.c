@@ -1,7 +1,8 @@
 /* test_batcher.c - the batcher without HTTP: jobs from many threads give
  * what each gives alone, generation with a seed gives the same tokens
- * whatever runs beside it, a cancelled stream stops, and stopping the
- * batcher answers every job it accepted.
+ * whatever runs beside it, clients in a closed loop are not kept waiting
+ * for a full batch, a cancelled stream stops, and stopping the batcher
+ * answers every job it accepted.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,6 +13,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "batcher.h"
 
@@ -22,7 +24,7 @@ struct env {
     struct batcher *b;
 };
 
-static int open_env(void **state, const char *path, int max_batch, int max_queue)
+static int open_env(void **state, const char *path, int max_batch, int max_queue, long max_wait_us)
 {
     char err[512];
     struct env *v = calloc(1, sizeof *v);
@@ -33,7 +35,7 @@ static int open_env(void **state, const char *path, int max_batch, int max_queue
     int slots = v->model.cfg.task == TASK_LM ? max_batch + 1 : 0;
     struct engine *e = engine_create(&v->model, v->be, slots, err, sizeof err);
     assert_non_null(e);
-    struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = 2000, .max_queue = max_queue};
+    struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = max_wait_us, .max_queue = max_queue};
     v->b = batcher_start(&v->model, &v->tk, e, &opt, NULL, err, sizeof err);
     if (!v->b)
         fail_msg("batcher: %s", err);
@@ -43,12 +45,18 @@ static int open_env(void **state, const char *path, int max_batch, int max_queue
 
 static int setup_lm(void **state)
 {
-    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256);
+    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000);
 }
 
 static int setup_cls(void **state)
 {
-    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256);
+    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 2000);
+}
+
+/* A long max_wait_us, for the closed-loop test. */
+static int setup_cls_slow(void **state)
+{
+    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 500000);
 }
 
 static int teardown(void **state)
@@ -178,6 +186,51 @@ static void test_classify_batched_equals_alone(void **state)
     }
 }
 
+enum { LOOP_ROUNDS = 20 };
+
+static void *loop_worker(void *arg)
+{
+    struct worker *w = arg;
+    for (int r = 0; r < LOOP_ROUNDS; r++) {
+        struct job *j = text_job(w->v, JOB_CLASSIFY, prompts[(w->id + r) % 5]);
+        if (batcher_submit(w->v->b, j) == 0)
+            for (int i = 0; i < 600 && !job_wait(j, 0, 50); i++)
+                ;
+        w->id += j->done && !j->failed ? 0 : 1000; /* counts failures */
+        job_release(j);
+    }
+    return NULL;
+}
+
+/* Four clients in a closed loop, each asking again as soon as it is
+ * answered, with max_batch 8 and max_wait_us 500 ms.  A round's batch must
+ * go once the clients of the last batch are back, not after waiting out
+ * 500 ms for a full batch of 8 that cannot come: that would take at least
+ * 20 x 0.5 = 10 s.  Only the last rounds, as clients finish and fewer come
+ * back, may wait it out (a few times 0.5 s). */
+static void test_closed_loop_does_not_wait_for_a_full_batch(void **state)
+{
+    struct env *v = *state;
+    enum { N = 4 };
+    struct worker w[N];
+    pthread_t t[N];
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < N; i++) {
+        w[i] = (struct worker){v, i, NULL};
+        assert_int_equal(pthread_create(&t[i], NULL, loop_worker, &w[i]), 0);
+    }
+    for (int i = 0; i < N; i++)
+        pthread_join(t[i], NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(w[i].id, i);
+    if (secs > 6.0)
+        fail_msg("%d rounds of %d clients took %.1f s: batches waited for company that could not come",
+                 LOOP_ROUNDS, N, secs);
+}
+
 static void test_stop_string_ends_generation(void **state)
 {
     struct env *v = *state;
@@ -243,6 +296,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_generation_is_independent_of_company, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_classify_batched_equals_alone, setup_cls, teardown),
+        cmocka_unit_test_setup_teardown(test_closed_loop_does_not_wait_for_a_full_batch, setup_cls_slow, teardown),
         cmocka_unit_test_setup_teardown(test_stop_string_ends_generation, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
