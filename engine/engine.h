@@ -115,16 +115,17 @@ struct train_options {
 int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const int *labels,
                        const struct train_options *opt, struct train_result *res, char *err, size_t errlen);
 
-/* The parameters as the engine runs them and their gradients: flat arrays
- * laid out as the model's arena (n_params floats, backend memory).  The
- * caller may change the parameters, so engine_params also drops the
- * precomputed token tables the engine reads layer 0 from (engine.c). */
-float *engine_params(struct engine *e);
-float *engine_grads(struct engine *e);   /* allocated on first use, zeroed */
-void engine_zero_grads(struct engine *e);
-/* Copy the parameters back into m, the model the engine was made from
- * (before saving it). */
-int engine_params_to_host(struct engine *e, struct model *m);
+/* The optimizer runs on the host, on arrays laid out as the model's arena
+ * (n_params floats), whatever the backend: engine_grads_to_host copies the
+ * gradients added up since engine_zero_grads into g, and
+ * engine_params_from_host replaces the parameters the engine runs with p
+ * (dropping the token tables, which no longer match them).  On the CPU
+ * these are copies within host memory; on a GPU the only transfers of a
+ * training step.  Each returns 0, or -1 on a backend error (or, for the
+ * gradients, out of memory). */
+int engine_zero_grads(struct engine *e);
+int engine_grads_to_host(struct engine *e, float *g);
+int engine_params_from_host(struct engine *e, const float *p);
 
 /* Bytes of backend memory held by the token tables: layer 0's projection
  * of every token, read instead of computed (0 when the engine has none). */

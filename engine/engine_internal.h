@@ -42,7 +42,7 @@ struct engine {
      * row v is W_ih e_v + b_ih, the bits the projection of token v gets),
      * so a forward gathers rows instead of embedding and multiplying.  NULL
      * for vector inputs, tables over TOKEN_TABLE_MAX_BYTES, and engines
-     * whose weights were handed out for writing (engine_params). */
+     * whose weights were replaced (engine_params_from_host). */
     float *token_xg[2];
     void *ws[WS_COUNT];
     size_t ws_cap[WS_COUNT];

@@ -18,13 +18,9 @@
 
 #include "engine_internal.h"
 
-float *engine_params(struct engine *e)
-{
-    engine_drop_token_tables(e);
-    return e->w.base;
-}
-
-float *engine_grads(struct engine *e)
+/* The gradients' arena, allocated and zeroed on first use; NULL when out
+ * of memory. */
+static float *grads(struct engine *e)
 {
     if (e->g.base)
         return e->g.base;
@@ -40,16 +36,27 @@ float *engine_grads(struct engine *e)
     return base;
 }
 
-void engine_zero_grads(struct engine *e)
+int engine_zero_grads(struct engine *e)
 {
-    if (e->g.base)
-        e->be->ops->zero(e->be, e->g.base, e->m->n_params * sizeof(float));
+    if (!grads(e))
+        return -1;
+    e->be->ops->zero(e->be, e->g.base, e->m->n_params * sizeof(float));
+    return 0;
 }
 
-int engine_params_to_host(struct engine *e, struct model *m)
+int engine_grads_to_host(struct engine *e, float *g)
 {
-    return e->be->ops->download(e->be, m->arena, e->w.base, m->n_params * sizeof(float));
+    if (!grads(e))
+        return -1;
+    return e->be->ops->download(e->be, g, e->g.base, e->m->n_params * sizeof(float));
 }
+
+int engine_params_from_host(struct engine *e, const float *p)
+{
+    engine_drop_token_tables(e);
+    return e->be->ops->upload(e->be, e->w.base, p, e->m->n_params * sizeof(float));
+}
+
 
 /* Device ints from host ones, in scratch buffer which. */
 static int *upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
@@ -399,7 +406,7 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
     struct plan p;
     struct dev_plan d;
     struct pass ps = {.e = e, .p = &p, .d = &d};
-    int rc = engine_grads(e) && engine_make_plan(e, seqs, n, &p) == 0 && engine_upload_plan(e, &p, &d) == 0 &&
+    int rc = grads(e) && engine_make_plan(e, seqs, n, &p) == 0 && engine_upload_plan(e, &p, &d) == 0 &&
                      alloc_tape(&ps, opt) == 0
                  ? 0
                  : -1;

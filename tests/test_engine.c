@@ -249,11 +249,11 @@ static void test_training_threads_give_the_same_bits(void **state)
             seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = T, .slot = -1, .next = &tokens[i][T]};
         const struct train_options opt = {0.1f, 0.0f, 7};
         struct train_result res = {0};
-        engine_zero_grads(v->engine);
+        assert_int_equal(engine_zero_grads(v->engine), 0);
         if (engine_train_batch(v->engine, seqs, N, NULL, &opt, &res, err, sizeof err) != 0)
             fail_msg("%s", err);
         assert_non_null(grads[run] = malloc(P * sizeof(float)));
-        memcpy(grads[run], engine_grads(v->engine), P * sizeof(float));
+        assert_int_equal(engine_grads_to_host(v->engine, grads[run]), 0);
     }
     pool_set_threads(0);
     assert_memory_equal(grads[0], grads[1], P * sizeof(float));
@@ -302,7 +302,7 @@ static void run_tables_case(struct engine *e, const struct model *m, float *out)
 }
 
 /* An engine reads layer 0's projection of each token from a table; one
- * whose weights were handed out (engine_params) computes it.  Both must
+ * whose weights were replaced (engine_params_from_host) computes it.  Both must
  * give the same bits: with and without the depth residual (which needs the
  * embedded input anyway), both directions, forward and steps. */
 static void test_token_tables_give_the_same_bits(void **state)
@@ -325,7 +325,7 @@ static void test_token_tables_give_the_same_bits(void **state)
             open_env(&v[k], cases[c].file, cases[c].slots);
             struct env *env = v[k];
             if (k == 1)
-                engine_params(env->engine);
+                assert_int_equal(engine_params_from_host(env->engine, env->model.arena), 0);
             n = tables_case_size(&env->model);
             assert_non_null(out[k] = calloc(n, sizeof(float)));
             run_tables_case(env->engine, &env->model, out[k]);

@@ -433,6 +433,10 @@ struct run {
     struct backend *be;
     struct engine *e;
     struct optim *opt;
+    /* The optimizer's arrays on the host: the parameters are model.arena
+     * (the engine runs a copy, refreshed after every step), the gradients
+     * this. */
+    float *grads;
     /* lm */
     struct corpus train_c, valid_c;
     struct lm_windows win;
@@ -665,8 +669,6 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
 /* The weight file, with its training configuration and results. */
 static int save_model(struct run *r, const char *path, const struct curve_point *last, char *err, size_t errlen)
 {
-    if (engine_params_to_host(r->e, &r->model) != 0)
-        return error_fmt(err, errlen, "cannot read the weights back from the backend");
     char *config = cJSON_PrintUnformatted(r->o.root);
     char results[512];
     snprintf(results, sizeof results,
@@ -932,6 +934,7 @@ static void run_free(struct run *r)
     for (int i = 0; r->slots && r->e && i < r->o.batch; i++)
         engine_slot_close(r->e, r->slots[i]);
     optim_free(r->opt);
+    free(r->grads);
     engine_destroy(r->e);
     backend_destroy(r->be);
     tokenizer_free(&r->tk);
@@ -994,7 +997,8 @@ static int train(struct run *r, char *err, size_t errlen)
     if (open_data(r, err, errlen))
         return -1;
     o->optim.total_steps = r->total_steps;
-    if (!(r->opt = optim_new(&o->optim, r->model.n_params)) || !engine_grads(r->e))
+    if (!(r->opt = optim_new(&o->optim, r->model.n_params)) ||
+        !(r->grads = malloc(sizeof(float) * r->model.n_params)))
         return error_fmt(err, errlen, "out of memory");
     if (r->resume && restore_checkpoint(r, err, errlen))
         return -1;
@@ -1011,12 +1015,18 @@ static int train(struct run *r, char *err, size_t errlen)
     last.valid_loss = last.valid_metric = NAN;
     while (r->step < r->total_steps) {
         struct train_result res = {0};
-        engine_zero_grads(r->e);
+        if (engine_zero_grads(r->e))
+            return error_fmt(err, errlen, "out of memory for the gradients");
         if (train_step(r, &res, err, errlen))
             return -1;
-        float *params = engine_params(r->e), *grads = engine_grads(r->e);
-        optim_clip(grads, r->model.n_params, o->optim.clip_norm);
-        optim_step(r->opt, params, grads, r->step);
+        if (engine_grads_to_host(r->e, r->grads))
+            return error_fmt(err, errlen, "cannot read the gradients from the %s backend: %s", r->be->ops->name,
+                             r->be->err);
+        optim_clip(r->grads, r->model.n_params, o->optim.clip_norm);
+        optim_step(r->opt, r->model.arena, r->grads, r->step);
+        if (engine_params_from_host(r->e, r->model.arena))
+            return error_fmt(err, errlen, "cannot update the weights on the %s backend: %s", r->be->ops->name,
+                             r->be->err);
         r->step++;
         r->loss_sum += res.loss;
         r->loss_count += res.count;
@@ -1026,7 +1036,7 @@ static int train(struct run *r, char *err, size_t errlen)
         if (o->checkpoint_every && r->step % o->checkpoint_every == 0 && r->step < r->total_steps) {
             char ckpt[4200];
             snprintf(ckpt, sizeof ckpt, "%.*s.ckpt.safetensors", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
-            if (engine_params_to_host(r->e, &r->model) || save_checkpoint(r, ckpt, err, errlen) ||
+            if (save_checkpoint(r, ckpt, err, errlen) ||
                 curve_write_csv(&r->curve, r->csv, err, errlen))
                 return -1;
         }
@@ -1058,7 +1068,7 @@ static int train(struct run *r, char *err, size_t errlen)
             /* Early stopping without stopping: remember the best weights. */
             if (!r->best && !(r->best = malloc(sizeof(float) * r->model.n_params)))
                 return error_fmt(err, errlen, "out of memory");
-            memcpy(r->best, engine_params(r->e), sizeof(float) * r->model.n_params);
+            memcpy(r->best, r->model.arena, sizeof(float) * r->model.n_params);
             r->best_at = pt;
         }
         r->loss_sum = 0;
@@ -1069,7 +1079,10 @@ static int train(struct run *r, char *err, size_t errlen)
         fputc('\n', stderr);
     /* 5. The results. */
     if (r->best) {
-        memcpy(engine_params(r->e), r->best, sizeof(float) * r->model.n_params);
+        memcpy(r->model.arena, r->best, sizeof(float) * r->model.n_params);
+        if (engine_params_from_host(r->e, r->model.arena))
+            return error_fmt(err, errlen, "cannot restore the best weights on the %s backend: %s",
+                             r->be->ops->name, r->be->err);
         last = r->best_at;
         fprintf(stderr, "keeping the weights of step %ld (validation %s %.4f)\n", last.step, r->curve.metric_name,
                 last.valid_metric);
