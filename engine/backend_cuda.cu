@@ -21,6 +21,10 @@ extern "C" {
 struct cuda_impl {
     cudaStream_t stream;
     cublasHandle_t blas;
+    /* Grow-only device scratch for operations that need some (the static
+     * attention's per-row gradients). */
+    float *scratch;
+    size_t scratch_cap; /* floats */
 };
 
 static struct cuda_impl *impl_of(struct backend *be)
@@ -51,6 +55,8 @@ static void cuda_destroy(struct backend *be)
             cublasDestroy(c->blas);
         if (c->stream)
             cudaStreamDestroy(c->stream);
+        if (c->scratch)
+            cudaFree(c->scratch);
         free(c);
     }
     free(be);
@@ -185,7 +191,8 @@ __device__ float block_sum(float v, float *shared)
 #define CELL_THREADS 256
 
 /* One block per row.  The twin of cpu_cell_step: attention weights first
- * (a reduction over H per window entry), then every k of the row. */
+ * (a reduction over H per window entry), then every k of the row; in
+ * training it also fills the row's cache as cell_rows does. */
 __global__ void cell_step_kernel(struct cell_step s)
 {
     __shared__ float red[CELL_THREADS / 32];
@@ -240,20 +247,33 @@ __global__ void cell_step_kernel(struct cell_step s)
     const float *hp = HIST(1);
     float *hnew = ring + (long)(t % R) * H;
     float *c = s.c ? s.c + (long)slot * H : (float *)0;
+    /* Training: what the backward needs (CELL_CACHE). */
+    float *cache = s.cache ? s.cache + (long)i * CELL_CACHE(s.cell, H) : (float *)0;
     for (int k = threadIdx.x; k < H; k += blockDim.x) {
         float h;
         switch (s.cell) {
         case CELL_RNN_TANH:
             h = tanhf(xg[k] + hg[k] + b[k]);
+            if (cache)
+                cache[k] = h;
             break;
         case CELL_RNN_RELU:
             h = fmaxf(0.0f, xg[k] + hg[k] + b[k]);
+            if (cache)
+                cache[k] = h;
             break;
         case CELL_GRU: {
             float r = sigmoid_dev(xg[k] + hg[k] + b[k]);
             float z = sigmoid_dev(xg[H + k] + hg[H + k] + b[H + k]);
-            float nn = tanhf(xg[2 * H + k] + r * (hg[2 * H + k] + b[2 * H + k]));
+            float hn = hg[2 * H + k] + b[2 * H + k];
+            float nn = tanhf(xg[2 * H + k] + r * hn);
             h = (1.0f - z) * nn + z * (hp ? hp[k] : 0.0f);
+            if (cache) {
+                cache[k] = r;
+                cache[H + k] = z;
+                cache[2 * H + k] = nn;
+                cache[3 * H + k] = hn;
+            }
             break;
         }
         default: {
@@ -269,8 +289,16 @@ __global__ void cell_step_kernel(struct cell_step s)
             float po = xg[3 * H + k] + hg[3 * H + k] + b[3 * H + k];
             if (s.peephole)
                 po += s.peephole[k] * cn;
+            float og = sigmoid_dev(po);
             c[k] = cn;
-            h = sigmoid_dev(po) * tanhf(cn);
+            h = og * tanhf(cn);
+            if (cache) {
+                cache[k] = ig;
+                cache[H + k] = fg;
+                cache[2 * H + k] = gg;
+                cache[3 * H + k] = og;
+                cache[4 * H + k] = cn;
+            }
             break;
         }
         }
@@ -378,6 +406,329 @@ static void cuda_log_softmax_pick(struct backend *be, const float *x, int n, int
     log_softmax_pick_kernel<<<n, 256, 0, stream_of(be)>>>(x, width, target, out);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Training: the twins of backend_cpu.c's backward operations.  Sums over
+ * rows (the peephole and static attention gradients, column sums, the
+ * embedding's scatter) run one thread per column over the rows in order,
+ * as the CPU does, rather than with atomics: the result does not depend on
+ * how the blocks were scheduled. */
+
+/* Device scratch of at least n floats, or NULL (the error recorded). */
+static float *scratch_of(struct backend *be, size_t n)
+{
+    struct cuda_impl *c = impl_of(be);
+    if (n <= c->scratch_cap)
+        return c->scratch;
+    /* Nothing queued may still use the old buffer when it goes. */
+    if (check(be, cudaStreamSynchronize(c->stream), "stream") != 0)
+        return NULL;
+    if (c->scratch)
+        cudaFree(c->scratch);
+    c->scratch = NULL;
+    c->scratch_cap = 0;
+    if (check(be, cudaMalloc(&c->scratch, n * sizeof(float)), "cudaMalloc") != 0)
+        return NULL;
+    c->scratch_cap = n;
+    return c->scratch;
+}
+
+/* One block per row: the twin of cell_grad_rows, less the sums over rows
+ * (cell_grad_sums_kernel).  Each thread owns its k of every state it
+ * touches, so the additions into earlier steps' dh need no atomics.
+ * Dynamic shared memory: H floats of dL/dc_t for the attention. */
+__global__ void cell_grad_kernel(struct cell_grad g, float *da_rows)
+{
+    extern __shared__ float dct[];
+    __shared__ float red[CELL_THREADS / 32];
+    __shared__ float da[CONFIG_MAX_ATTN_WINDOW];
+    const int i = blockIdx.x, H = g.H, K = g.attn_window, s = g.s;
+    const int G = g.cell == CELL_LSTM ? 4 : g.cell == CELL_GRU ? 3 : 1;
+    const long cw = CELL_CACHE(g.cell, H), GH = (long)G * H;
+    const float scale = 1.0f / sqrtf((float)H);
+    float *dh = g.dh + (long)(g.off[s] + i) * H;
+    const float *hprev = g.h + (long)(g.off[s - 1] + i) * H;
+    float *dhprev = g.dh + (long)(g.off[s - 1] + i) * H;
+    const float *cache = g.cache + i * cw;
+    float *dxg = g.dxg + i * GH, *dhg = g.dhg + i * GH;
+    float *skip = g.skip_period > 1 && g.t0 % g.skip_period == 0
+                      ? g.dh + (long)(g.off[s - g.skip_period] + i) * H
+                      : (float *)0;
+    for (int k = threadIdx.x; k < H; k += blockDim.x) {
+        if (skip)
+            skip[k] += dh[k];
+        switch (g.cell) {
+        case CELL_RNN_TANH:
+            dxg[k] = dhg[k] = dh[k] * (1.0f - cache[k] * cache[k]);
+            break;
+        case CELL_RNN_RELU:
+            dxg[k] = dhg[k] = cache[k] > 0.0f ? dh[k] : 0.0f;
+            break;
+        case CELL_GRU: {
+            float r = cache[k], z = cache[H + k], n = cache[2 * H + k], hn = cache[3 * H + k];
+            float dn = dh[k] * (1.0f - z) * (1.0f - n * n);
+            float dz = dh[k] * (hprev[k] - n) * z * (1.0f - z);
+            float dr = dn * hn * r * (1.0f - r);
+            dhprev[k] += dh[k] * z;
+            dxg[k] = dhg[k] = dr;
+            dxg[H + k] = dhg[H + k] = dz;
+            dxg[2 * H + k] = dn;
+            dhg[2 * H + k] = dn * r;
+            break;
+        }
+        default: {
+            float *dc = g.dc + (long)i * H;
+            const float *cprev = g.cache_prev ? g.cache_prev + i * cw + 4 * H
+                                 : g.c0       ? g.c0 + (long)i * H
+                                              : (const float *)0;
+            float ig = cache[k], fg = cache[H + k], gg = cache[2 * H + k], og = cache[3 * H + k];
+            float c = cache[4 * H + k], tc = tanhf(c);
+            float dpo = dh[k] * tc * og * (1.0f - og);
+            float d = dc[k] + dh[k] * og * (1.0f - tc * tc);
+            if (g.peephole)
+                d += dpo * g.peephole[k];
+            dct[k] = d;
+            dxg[k] = dhg[k] = d * gg * ig * (1.0f - ig);
+            dxg[H + k] = dhg[H + k] = d * (cprev ? cprev[k] : 0.0f) * fg * (1.0f - fg);
+            dxg[2 * H + k] = dhg[2 * H + k] = d * ig * (1.0f - gg * gg);
+            dxg[3 * H + k] = dhg[3 * H + k] = dpo;
+            dc[k] = d * fg;
+            break;
+        }
+        }
+    }
+    if (g.cell != CELL_LSTM || !K)
+        return;
+    /* c_t += sum_j a_j h_{t-1-j}: the states get a_j dc_t, the weights
+     * dc_t . h_{t-1-j}, then through the softmax. */
+    __syncthreads();
+    const float *a = g.attn + (long)i * K;
+    for (int j = 0; j < K; j++) {
+        const float *hj = g.h + (long)(g.off[s - 2 - j] + i) * H;
+        float *dhj = g.dh + (long)(g.off[s - 2 - j] + i) * H;
+        float part = 0.0f;
+        for (int k = threadIdx.x; k < H; k += blockDim.x) {
+            part += dct[k] * hj[k];
+            dhj[k] += a[j] * dct[k];
+        }
+        float sum = block_sum(part, red);
+        if (threadIdx.x == 0)
+            da[j] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float dot = 0.0f;
+        for (int j = 0; j < K; j++)
+            dot += a[j] * da[j];
+        for (int j = 0; j < K; j++)
+            da[j] = a[j] * (da[j] - dot); /* now d score_j */
+    }
+    __syncthreads();
+    if (g.attn_mode == ATTN_STATIC) {
+        for (int j = threadIdx.x; j < K; j += blockDim.x)
+            da_rows[(long)i * K + j] = da[j];
+        return;
+    }
+    /* score_j = q . h_{t-1-j} / sqrt(H) */
+    const float *q = g.q + (long)i * H;
+    float *dq = g.dq + (long)i * H;
+    for (int k = threadIdx.x; k < H; k += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < K; j++) {
+            const float *hj = g.h + (long)(g.off[s - 2 - j] + i) * H;
+            float *dhj = g.dh + (long)(g.off[s - 2 - j] + i) * H;
+            acc += da[j] * scale * hj[k];
+            dhj[k] += da[j] * scale * q[k];
+        }
+        dq[k] = acc;
+    }
+}
+
+/* The sums over rows of one step: d_peephole[k] (recomputed from the
+ * cache and dh, which cell_grad_kernel leaves as they were for this step's
+ * rows) and the static attention's d_attn_logits[j], rows in order. */
+__global__ void cell_grad_sums_kernel(struct cell_grad g, const float *da_rows)
+{
+    const int H = g.H, K = g.attn_window;
+    const long cw = CELL_CACHE(g.cell, H);
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; g.peephole && k < H; k += gridDim.x * blockDim.x)
+        for (int i = 0; i < g.n; i++) {
+            const float *cache = g.cache + i * cw;
+            float og = cache[3 * H + k], c = cache[4 * H + k];
+            float dpo = g.dh[(long)(g.off[g.s] + i) * H + k] * tanhf(c) * og * (1.0f - og);
+            g.d_peephole[k] += dpo * c;
+        }
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; da_rows && j < K; j += gridDim.x * blockDim.x)
+        for (int i = 0; i < g.n; i++)
+            g.d_attn_logits[j] += da_rows[(long)i * K + j];
+}
+
+static void cuda_cell_step_backward(struct backend *be, const struct cell_grad *g)
+{
+    if (g->n <= 0)
+        return;
+    const int stat = g->cell == CELL_LSTM && g->attn_window && g->attn_mode == ATTN_STATIC;
+    float *da_rows = stat ? scratch_of(be, (size_t)g->n * g->attn_window) : (float *)0;
+    if (stat && !da_rows)
+        return;
+    size_t shared = g->cell == CELL_LSTM ? (size_t)g->H * sizeof(float) : 0;
+    cell_grad_kernel<<<g->n, CELL_THREADS, shared, stream_of(be)>>>(*g, da_rows);
+    if (g->peephole || stat)
+        cell_grad_sums_kernel<<<blocks_for(g->H > g->attn_window ? g->H : g->attn_window, 128), 128, 0,
+                                stream_of(be)>>>(*g, da_rows);
+}
+
+/* dst[k] += sum over rows of src[r][k], rows in order. */
+__global__ void add_column_sums_kernel(float *dst, const float *src, int n, int width)
+{
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < width; k += gridDim.x * blockDim.x) {
+        float sum = dst[k];
+        for (int r = 0; r < n; r++)
+            sum += src[(long)r * width + k];
+        dst[k] = sum;
+    }
+}
+
+static void cuda_add_column_sums(struct backend *be, float *dst, const float *src, int n, int width)
+{
+    if (n > 0 && width > 0)
+        add_column_sums_kernel<<<blocks_for(width, 128), 128, 0, stream_of(be)>>>(dst, src, n, width);
+}
+
+/* Rows in order, one thread per column: repeated indices add up in the
+ * same order as on the CPU. */
+__global__ void scatter_add_rows_kernel(float *dst, int ldd, const float *src, int lds, const int *idx, int n,
+                                        int width)
+{
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < width; k += gridDim.x * blockDim.x)
+        for (int r = 0; r < n; r++)
+            dst[(long)(idx ? idx[r] : r) * ldd + k] += src[(long)r * lds + k];
+}
+
+static void cuda_scatter_add_rows(struct backend *be, float *dst, int ldd, const float *src, int lds,
+                                  const int *idx, int n, int width)
+{
+    if (n > 0 && width > 0)
+        scatter_add_rows_kernel<<<blocks_for(width, 128), 128, 0, stream_of(be)>>>(dst, ldd, src, lds, idx, n,
+                                                                                   width);
+}
+
+/* One block per sequence; each (step, sequence) row is its own. */
+__global__ void pool_mean_backward_kernel(float *dst, const float *src, int width, const int *off,
+                                          const int *len)
+{
+    const int i = blockIdx.x;
+    for (int k = threadIdx.x; k < width; k += blockDim.x) {
+        float v = src[(long)i * width + k] / (float)len[i];
+        for (int s = 0; s < len[i]; s++)
+            dst[(long)(off[s] + i) * width + k] += v;
+    }
+}
+
+static void cuda_pool_mean_backward(struct backend *be, float *dst, const float *src, int width, const int *off,
+                                    const int *len, int n)
+{
+    if (n > 0)
+        pool_mean_backward_kernel<<<n, 256, 0, stream_of(be)>>>(dst, src, width, off, len);
+}
+
+/* The twin of backend_cpu.c's hash_uniform: the same mask on both. */
+__device__ float hash_uniform_dev(unsigned long long seed, unsigned long long i)
+{
+    unsigned long long z = seed + 0x9e3779b97f4a7c15ULL * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    return (float)(z >> 40) * 0x1.0p-24f;
+}
+
+__global__ void dropout_kernel(float *y, const float *x, size_t n, float p, unsigned long long seed)
+{
+    float keep = 1.0f / (1.0f - p);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] = hash_uniform_dev(seed, i) < p ? 0.0f : x[i] * keep;
+}
+
+static void cuda_dropout(struct backend *be, float *y, const float *x, size_t n, float p, unsigned long long seed)
+{
+    if (n > 0)
+        dropout_kernel<<<blocks_for((long)n, 256), 256, 0, stream_of(be)>>>(y, x, n, p, seed);
+}
+
+/* Sum of v over the block in double; every thread gets the result. */
+__device__ double block_sum_double(double v, double *shared)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_down_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0)
+        shared[warp] = v;
+    __syncthreads();
+    double total = 0.0;
+    for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++)
+        total += shared[w];
+    return total;
+}
+
+/* One block per row; sums in double, as the CPU twin. */
+__global__ void softmax_xent_kernel(const float *x, int width, const int *target, float *loss, float *dx,
+                                    float scale)
+{
+    __shared__ float red[8];
+    __shared__ double redd[8];
+    const int r = blockIdx.x;
+    const float *row = x + (long)r * width;
+    float *d = dx + (long)r * width;
+    if (target[r] < 0) {
+        for (int k = threadIdx.x; k < width; k += blockDim.x)
+            d[k] = 0.0f;
+        if (threadIdx.x == 0)
+            loss[r] = 0.0f;
+        return;
+    }
+    float mx = -INFINITY;
+    for (int k = threadIdx.x; k < width; k += blockDim.x)
+        mx = fmaxf(mx, row[k]);
+    mx = block_max(mx, red);
+    double part = 0.0;
+    for (int k = threadIdx.x; k < width; k += blockDim.x)
+        part += exp((double)(row[k] - mx));
+    double sum = block_sum_double(part, redd);
+    for (int k = threadIdx.x; k < width; k += blockDim.x)
+        d[k] = scale * (float)(exp((double)(row[k] - mx)) / sum) - (k == target[r] ? scale : 0.0f);
+    if (threadIdx.x == 0)
+        loss[r] = (float)(log(sum) - (double)(row[target[r]] - mx));
+}
+
+static void cuda_softmax_xent(struct backend *be, const float *x, int n, int width, const int *target, float *loss,
+                              float *dx, float scale)
+{
+    if (n > 0)
+        softmax_xent_kernel<<<n, 256, 0, stream_of(be)>>>(x, width, target, loss, dx, scale);
+}
+
+__global__ void squared_error_kernel(const float *x, const float *y, int width, float *loss, float *dx, float scale)
+{
+    __shared__ double redd[8];
+    const long r = blockIdx.x;
+    double part = 0.0;
+    for (int k = threadIdx.x; k < width; k += blockDim.x) {
+        float e = x[r * width + k] - y[r * width + k];
+        part += (double)e * e;
+        dx[r * width + k] = scale * 2.0f * e;
+    }
+    double sum = block_sum_double(part, redd);
+    if (threadIdx.x == 0)
+        loss[r] = (float)sum;
+}
+
+static void cuda_squared_error(struct backend *be, const float *x, const float *y, int n, int width, float *loss,
+                               float *dx, float scale)
+{
+    if (n > 0)
+        squared_error_kernel<<<n, 256, 0, stream_of(be)>>>(x, y, width, loss, dx, scale);
+}
+
 static int cuda_sync(struct backend *be)
 {
     check(be, cudaStreamSynchronize(stream_of(be)), "stream");
@@ -402,14 +753,13 @@ static const struct backend_ops cuda_ops = {
     cuda_softmax_rows,
     cuda_log_softmax_pick,
     cuda_sync,
-    /* The backward operations: training runs on the CPU backend for now. */
-    nullptr,
-    nullptr,
-    nullptr,
-    nullptr,
-    nullptr,
-    nullptr,
-    nullptr,
+    cuda_cell_step_backward,
+    cuda_add_column_sums,
+    cuda_scatter_add_rows,
+    cuda_pool_mean_backward,
+    cuda_dropout,
+    cuda_softmax_xent,
+    cuda_squared_error,
 };
 
 extern "C" int backend_cuda_available(void)
@@ -437,6 +787,15 @@ extern "C" struct backend *backend_cuda_create(char *err, size_t errlen)
     cudaError_t rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (rc != cudaSuccess) {
         snprintf(err, errlen, "cannot create a CUDA stream: %s", cudaGetErrorString(rc));
+        cuda_destroy(be);
+        return NULL;
+    }
+    /* The backward cell kernel keeps a row of dL/dc in shared memory: more
+     * than the default 48 KB for the largest hidden sizes. */
+    rc = cudaFuncSetAttribute(cell_grad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              CONFIG_MAX_HIDDEN * (int)sizeof(float));
+    if (rc != cudaSuccess) {
+        snprintf(err, errlen, "cannot configure the CUDA kernels: %s", cudaGetErrorString(rc));
         cuda_destroy(be);
         return NULL;
     }

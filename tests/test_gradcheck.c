@@ -1,6 +1,7 @@
 /* test_gradcheck.c - the backward pass against central finite differences,
  * for every fixture model (every cell, connection scheme, head, direction
- * and pooling), on the CPU.
+ * and pooling), on the CPU and, in a binary built with CUDA, on the GPU
+ * (reported as skipped where there is none).
  *
  * The engine computes in float32, so single-weight differences drown in
  * rounding; instead each tensor is checked along a random +-1 direction u:
@@ -37,6 +38,8 @@
 
 struct check {
     char name[128];
+    char label[160];      /* the test's name: the device, then name */
+    enum device_kind device;
     struct model model;
     struct backend *be;
     struct engine *e;
@@ -65,7 +68,10 @@ static int setup(void **state)
         if (model_load(path, &c->model, err, sizeof err) != 0)
             fail_msg("%s: %s", path, err);
     }
-    c->be = backend_cpu_create(err, sizeof err);
+    if (c->device == DEVICE_CUDA && backend_resolve(DEVICE_AUTO) != DEVICE_CUDA)
+        return 0; /* no GPU: the test reports skipped */
+    if (!(c->be = backend_create(c->device, err, sizeof err)))
+        fail_msg("backend: %s", err);
     int lm = c->model.cfg.task == TASK_LM;
     c->e = engine_create(&c->model, c->be, lm ? 3 : 0, err, sizeof err);
     /* ReLU's kinks: a smaller step crosses fewer of them. */
@@ -175,7 +181,10 @@ static void run_check(struct check *c)
 
 static void test_gradient(void **state)
 {
-    run_check(*state);
+    struct check *c = *state;
+    if (!c->e)
+        skip();
+    run_check(c);
 }
 
 static int is_fixture(const struct dirent *d)
@@ -184,47 +193,69 @@ static int is_fixture(const struct dirent *d)
     return n > 12 && strcmp(d->d_name + n - 12, ".safetensors") == 0;
 }
 
+/* The devices every check runs on. */
+static const enum device_kind devices[] = {
+    DEVICE_CPU,
+#ifdef RRN_CUDA
+    DEVICE_CUDA,
+#endif
+};
+#define N_DEVICES (int)(sizeof devices / sizeof devices[0])
+
+/* The synthetic tasks' models: vector inputs and a regression head. */
+static const char *const vector_models[][2] = {
+    {"vector_skip_relu_D", "{\"task\": \"regress\", \"cell\": \"rnn_relu\", \"hidden\": 6, \"outputs\": 2,"
+                           " \"input\": {\"type\": \"vector\", \"dim\": 3}, \"skip\": {\"period\": 2, \"matrices\": 2}}"},
+    {"vector_rra_lstm", "{\"task\": \"regress\", \"cell\": \"lstm\", \"hidden\": 5, \"layers\": 2, \"outputs\": 1,"
+                        " \"input\": {\"type\": \"vector\", \"dim\": 3}, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"}}"},
+    {"vector_gru_bi_mean", "{\"task\": \"regress\", \"cell\": \"gru\", \"hidden\": 4, \"bidirectional\": true,"
+                           " \"pool\": \"mean\", \"outputs\": 2, \"input\": {\"type\": \"vector\", \"dim\": 3}}"},
+};
+#define N_VECTOR (int)(sizeof vector_models / sizeof vector_models[0])
+
+/* One test: check k on device d, named "cpu/NAME" or "cuda/NAME" (with
+ * "/carried" for the second window of a language model). */
+static struct CMUnitTest make_test(struct check *k, enum device_kind d)
+{
+    k->device = d;
+    snprintf(k->label, sizeof k->label, "%s/%s%s", d == DEVICE_CUDA ? "cuda" : "cpu", k->name,
+             k->carried ? "/carried" : "");
+    return (struct CMUnitTest){k->label, test_gradient, setup, teardown, k};
+}
+
 int main(void)
 {
     struct dirent **names;
     int n = scandir(FIXTURE_DIR, &names, is_fixture, alphasort);
     if (n <= 0)
         return 1;
-    struct check *c = calloc(2 * (size_t)n, sizeof *c);
-    struct CMUnitTest *tests = calloc(2 * (size_t)n, sizeof *tests);
+    size_t cap = (size_t)N_DEVICES * (2 * (size_t)n + N_VECTOR);
+    struct check *c = calloc(cap, sizeof *c);
+    struct CMUnitTest *tests = calloc(cap, sizeof *tests);
+    if (!c || !tests)
+        return 1;
     int count = 0;
-    for (int i = 0; i < n; i++) {
-        int lm = strstr(names[i]->d_name, "_lm") != NULL;
-        for (int carried = 0; carried <= lm; carried++) {
-            struct check *k = &c[count];
-            snprintf(k->name, sizeof k->name, "%.*s", (int)strlen(names[i]->d_name) - 12, names[i]->d_name);
-            k->carried = carried;
-            tests[count] = (struct CMUnitTest){carried ? "carried" : k->name, test_gradient, setup, teardown, k};
-            count++;
+    for (int d = 0; d < N_DEVICES; d++) {
+        for (int i = 0; i < n; i++) {
+            int lm = strstr(names[i]->d_name, "_lm") != NULL;
+            for (int carried = 0; carried <= lm; carried++) {
+                struct check *k = &c[count];
+                snprintf(k->name, sizeof k->name, "%.*s", (int)strlen(names[i]->d_name) - 12, names[i]->d_name);
+                k->carried = carried;
+                tests[count++] = make_test(k, devices[d]);
+            }
         }
+        for (int i = 0; i < N_VECTOR; i++) {
+            struct check *k = &c[count];
+            snprintf(k->name, sizeof k->name, "%s", vector_models[i][0]);
+            k->config = vector_models[i][1];
+            tests[count++] = make_test(k, devices[d]);
+        }
+    }
+    for (int i = 0; i < n; i++)
         free(names[i]);
-    }
     free(names);
-    /* The synthetic tasks' models: vector inputs and a regression head. */
-    static const char *const vector_models[][2] = {
-        {"vector_skip_relu_D", "{\"task\": \"regress\", \"cell\": \"rnn_relu\", \"hidden\": 6, \"outputs\": 2,"
-                               " \"input\": {\"type\": \"vector\", \"dim\": 3}, \"skip\": {\"period\": 2, \"matrices\": 2}}"},
-        {"vector_rra_lstm", "{\"task\": \"regress\", \"cell\": \"lstm\", \"hidden\": 5, \"layers\": 2, \"outputs\": 1,"
-                            " \"input\": {\"type\": \"vector\", \"dim\": 3}, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"}}"},
-        {"vector_gru_bi_mean", "{\"task\": \"regress\", \"cell\": \"gru\", \"hidden\": 4, \"bidirectional\": true,"
-                               " \"pool\": \"mean\", \"outputs\": 2, \"input\": {\"type\": \"vector\", \"dim\": 3}}"},
-    };
-    struct check *vc = calloc(3, sizeof *vc);
-    struct CMUnitTest *vt = calloc(3, sizeof *vt);
-    for (int i = 0; vc && vt && i < 3; i++) {
-        snprintf(vc[i].name, sizeof vc[i].name, "%s", vector_models[i][0]);
-        vc[i].config = vector_models[i][1];
-        vt[i] = (struct CMUnitTest){vc[i].name, test_gradient, setup, teardown, &vc[i]};
-    }
-    int failed = _cmocka_run_group_tests("gradcheck", tests, (size_t)count, NULL, NULL) +
-                 _cmocka_run_group_tests("gradcheck_vectors", vt, 3, NULL, NULL);
-    free(vc);
-    free(vt);
+    int failed = _cmocka_run_group_tests("gradcheck", tests, (size_t)count, NULL, NULL);
     free(c);
     free(tests);
     return failed;
