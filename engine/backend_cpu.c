@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cell_grad.h"
 #include "gemm.h"
 #include "pool.h"
 
@@ -405,36 +406,19 @@ static void cell_grad_rows(const void *arg, int i0, int i1, float *scratch)
                 dxg[k] = dhg[k] = cache[k] > 0.0f ? dh[k] : 0.0f;
             break;
         case CELL_GRU:
-            for (int k = 0; k < H; k++) {
-                float r = cache[k], z = cache[H + k], n = cache[2 * H + k], hn = cache[3 * H + k];
-                float dn = dh[k] * (1.0f - z) * (1.0f - n * n);
-                float dz = dh[k] * (hprev[k] - n) * z * (1.0f - z);
-                float dr = dn * hn * r * (1.0f - r);
-                dhprev[k] += dh[k] * z;
-                dxg[k] = dhg[k] = dr;
-                dxg[H + k] = dhg[H + k] = dz;
-                dxg[2 * H + k] = dn;
-                dhg[2 * H + k] = dn * r;
-            }
+            for (int k = 0; k < H; k++)
+                gru_grad_element(H, k, dh[k], cache, hprev[k], &dhprev[k], dxg, dhg);
             break;
         case CELL_LSTM: {
             float *dc = g->dc + (size_t)i * H;
             const float *cprev = g->cache_prev ? g->cache_prev + i * cw + 4 * H : g->c0 ? g->c0 + (size_t)i * H : NULL;
             for (int k = 0; k < H; k++) {
-                float ig = cache[k], fg = cache[H + k], gg = cache[2 * H + k], og = cache[3 * H + k];
-                float c = cache[4 * H + k], tc = tanh_approx(c);
-                float dpo = dh[k] * tc * og * (1.0f - og);
-                float d = dc[k] + dh[k] * og * (1.0f - tc * tc);
-                if (g->peephole) {
-                    d += dpo * g->peephole[k];
+                float c = cache[4 * H + k], dpo;
+                dct[k] = lstm_grad_element(H, k, dh[k], cache, tanh_approx(c), cprev ? cprev[k] : 0.0f,
+                                           g->peephole != NULL, g->peephole ? g->peephole[k] : 0.0f, &dc[k], &dpo,
+                                           dxg, dhg);
+                if (g->peephole)
                     g->d_peephole[k] += dpo * c;
-                }
-                dct[k] = d;
-                dxg[k] = dhg[k] = d * gg * ig * (1.0f - ig);
-                dxg[H + k] = dhg[H + k] = d * (cprev ? cprev[k] : 0.0f) * fg * (1.0f - fg);
-                dxg[2 * H + k] = dhg[2 * H + k] = d * ig * (1.0f - gg * gg);
-                dxg[3 * H + k] = dhg[3 * H + k] = dpo;
-                dc[k] = d * fg;
             }
             if (!K)
                 break;

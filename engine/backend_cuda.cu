@@ -17,6 +17,7 @@
 extern "C" {
 #include "backend.h"
 }
+#include "cell_grad.h"
 
 struct cuda_impl {
     cudaStream_t stream;
@@ -172,20 +173,40 @@ __device__ float sigmoid_dev(float x)
     return 1.0f / (1.0f + expf(-x));
 }
 
-/* Sum of v over the block; every thread gets the result. */
-__device__ float block_sum(float v, float *shared)
+/* op over v of every thread of the block; every thread gets the result.
+ * Warps first, then the warps' results in order. */
+template <typename T, typename Op> __device__ T block_reduce(T v, T *shared, Op op)
 {
     for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_down_sync(0xffffffffu, v, o);
+        v = op(v, __shfl_down_sync(0xffffffffu, v, o));
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();
     if (lane == 0)
         shared[warp] = v;
     __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++)
-        total += shared[w];
+    T total = shared[0];
+    for (int w = 1; w < (int)(blockDim.x + 31) / 32; w++)
+        total = op(total, shared[w]);
     return total;
+}
+
+struct add_op {
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct max_op {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+/* Sums in float for the cell kernels, in double where the CPU twin sums in
+ * double. */
+template <typename T> __device__ T block_sum(T v, T *shared)
+{
+    return block_reduce(v, shared, add_op());
+}
+
+__device__ float block_max(float v, float *shared)
+{
+    return block_reduce(v, shared, max_op());
 }
 
 #define CELL_THREADS 256
@@ -336,21 +357,6 @@ static void cuda_pool_mean(struct backend *be, float *dst, const float *src, int
     pool_mean_kernel<<<n, 256, 0, stream_of(be)>>>(dst, src, width, off, len);
 }
 
-__device__ float block_max(float v, float *shared)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0)
-        shared[warp] = v;
-    __syncthreads();
-    float m = shared[0];
-    for (int w = 1; w < (int)(blockDim.x + 31) / 32; w++)
-        m = fmaxf(m, shared[w]);
-    return m;
-}
-
 /* A row's maximum and sum of exp(x - max), for every thread of the block:
  * what both softmax kernels start from. */
 __device__ void row_max_sumexp(const float *row, int width, float *shared, float *mx, float *sum)
@@ -463,35 +469,17 @@ __global__ void cell_grad_kernel(struct cell_grad g, float *da_rows)
         case CELL_RNN_RELU:
             dxg[k] = dhg[k] = cache[k] > 0.0f ? dh[k] : 0.0f;
             break;
-        case CELL_GRU: {
-            float r = cache[k], z = cache[H + k], n = cache[2 * H + k], hn = cache[3 * H + k];
-            float dn = dh[k] * (1.0f - z) * (1.0f - n * n);
-            float dz = dh[k] * (hprev[k] - n) * z * (1.0f - z);
-            float dr = dn * hn * r * (1.0f - r);
-            dhprev[k] += dh[k] * z;
-            dxg[k] = dhg[k] = dr;
-            dxg[H + k] = dhg[H + k] = dz;
-            dxg[2 * H + k] = dn;
-            dhg[2 * H + k] = dn * r;
+        case CELL_GRU:
+            gru_grad_element(H, k, dh[k], cache, hprev[k], &dhprev[k], dxg, dhg);
             break;
-        }
         default: {
-            float *dc = g.dc + (long)i * H;
             const float *cprev = g.cache_prev ? g.cache_prev + i * cw + 4 * H
                                  : g.c0       ? g.c0 + (long)i * H
                                               : (const float *)0;
-            float ig = cache[k], fg = cache[H + k], gg = cache[2 * H + k], og = cache[3 * H + k];
-            float c = cache[4 * H + k], tc = tanhf(c);
-            float dpo = dh[k] * tc * og * (1.0f - og);
-            float d = dc[k] + dh[k] * og * (1.0f - tc * tc);
-            if (g.peephole)
-                d += dpo * g.peephole[k];
-            dct[k] = d;
-            dxg[k] = dhg[k] = d * gg * ig * (1.0f - ig);
-            dxg[H + k] = dhg[H + k] = d * (cprev ? cprev[k] : 0.0f) * fg * (1.0f - fg);
-            dxg[2 * H + k] = dhg[2 * H + k] = d * ig * (1.0f - gg * gg);
-            dxg[3 * H + k] = dhg[3 * H + k] = dpo;
-            dc[k] = d * fg;
+            float dpo;
+            dct[k] = lstm_grad_element(H, k, dh[k], cache, tanhf(cache[4 * H + k]), cprev ? cprev[k] : 0.0f,
+                                       g.peephole != NULL, g.peephole ? g.peephole[k] : 0.0f,
+                                       g.dc + (long)i * H + k, &dpo, dxg, dhg);
             break;
         }
         }
@@ -654,22 +642,6 @@ static void cuda_dropout(struct backend *be, float *y, const float *x, size_t n,
         dropout_kernel<<<blocks_for((long)n, 256), 256, 0, stream_of(be)>>>(y, x, n, p, seed);
 }
 
-/* Sum of v over the block in double; every thread gets the result. */
-__device__ double block_sum_double(double v, double *shared)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_down_sync(0xffffffffu, v, o);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0)
-        shared[warp] = v;
-    __syncthreads();
-    double total = 0.0;
-    for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++)
-        total += shared[w];
-    return total;
-}
-
 /* One block per row; sums in double, as the CPU twin. */
 __global__ void softmax_xent_kernel(const float *x, int width, const int *target, float *loss, float *dx,
                                     float scale)
@@ -693,7 +665,7 @@ __global__ void softmax_xent_kernel(const float *x, int width, const int *target
     double part = 0.0;
     for (int k = threadIdx.x; k < width; k += blockDim.x)
         part += exp((double)(row[k] - mx));
-    double sum = block_sum_double(part, redd);
+    double sum = block_sum(part, redd);
     for (int k = threadIdx.x; k < width; k += blockDim.x)
         d[k] = scale * (float)(exp((double)(row[k] - mx)) / sum) - (k == target[r] ? scale : 0.0f);
     if (threadIdx.x == 0)
@@ -717,7 +689,7 @@ __global__ void squared_error_kernel(const float *x, const float *y, int width, 
         part += (double)e * e;
         dx[r * width + k] = scale * 2.0f * e;
     }
-    double sum = block_sum_double(part, redd);
+    double sum = block_sum(part, redd);
     if (threadIdx.x == 0)
         loss[r] = (float)sum;
 }
