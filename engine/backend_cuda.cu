@@ -358,17 +358,19 @@ static void cuda_pool_mean(struct backend *be, float *dst, const float *src, int
 }
 
 /* A row's maximum and sum of exp(x - max), for every thread of the block:
- * what both softmax kernels start from. */
-__device__ void row_max_sumexp(const float *row, int width, float *shared, float *mx, float *sum)
+ * what the softmax kernels start from.  T is the sum's type: float, or
+ * double where the CPU twin sums in double. */
+template <typename T> __device__ void row_max_sumexp(const float *row, int width, float *shared, T *shared_t,
+                                                     float *mx, T *sum)
 {
     float m = -INFINITY;
     for (int k = threadIdx.x; k < width; k += blockDim.x)
         m = fmaxf(m, row[k]);
     m = block_max(m, shared);
-    float part = 0.0f;
+    T part = 0;
     for (int k = threadIdx.x; k < width; k += blockDim.x)
-        part += expf(row[k] - m);
-    *sum = block_sum(part, shared);
+        part += exp((T)(row[k] - m));
+    *sum = block_sum(part, shared_t);
     *mx = m;
 }
 
@@ -376,7 +378,7 @@ __global__ void softmax_rows_kernel(float *x, int width)
 {
     __shared__ float red[8];
     float *row = x + (long)blockIdx.x * width, mx, sum;
-    row_max_sumexp(row, width, red, &mx, &sum);
+    row_max_sumexp(row, width, red, red, &mx, &sum);
     for (int k = threadIdx.x; k < width; k += blockDim.x)
         row[k] = expf(row[k] - mx) / sum;
 }
@@ -399,7 +401,7 @@ __global__ void log_softmax_pick_kernel(const float *x, int width, const int *ta
     }
     const float *row = x + (long)r * width;
     float mx, sum;
-    row_max_sumexp(row, width, red, &mx, &sum);
+    row_max_sumexp(row, width, red, red, &mx, &sum);
     if (threadIdx.x == 0)
         out[r] = (row[target[r]] - mx) - logf(sum);
 }
@@ -658,14 +660,9 @@ __global__ void softmax_xent_kernel(const float *x, int width, const int *target
             loss[r] = 0.0f;
         return;
     }
-    float mx = -INFINITY;
-    for (int k = threadIdx.x; k < width; k += blockDim.x)
-        mx = fmaxf(mx, row[k]);
-    mx = block_max(mx, red);
-    double part = 0.0;
-    for (int k = threadIdx.x; k < width; k += blockDim.x)
-        part += exp((double)(row[k] - mx));
-    double sum = block_sum(part, redd);
+    float mx;
+    double sum;
+    row_max_sumexp(row, width, red, redd, &mx, &sum);
     for (int k = threadIdx.x; k < width; k += blockDim.x)
         d[k] = scale * (float)(exp((double)(row[k] - mx)) / sum) - (k == target[r] ? scale : 0.0f);
     if (threadIdx.x == 0)
