@@ -73,7 +73,7 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-bench test test-plain test-asan bench bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+.PHONY: all deps deps-bench test test-plain test-asan bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
 all: rrnserve
 
@@ -119,6 +119,12 @@ fixtures:
 bench: deps-bench
 	@$(MAKE) --no-print-directory rrnserve $(BUILD)/bench/bench_engine $(BUILD)/bench/bench_gemm
 	@bench/run_bench.sh $(BUILD)/bench
+
+# On a machine with a CUDA GPU and a python3 that has PyTorch for it
+# (PYTHON=...): the engine against cuDNN; writes bench/gpu-out/.
+bench-gpu: deps
+	@$(MAKE) --no-print-directory CUDA=1 rrnserve build/cuda/bench/bench_engine build/cuda/bench/loadgen
+	@bench/run_bench_gpu.sh build/cuda/bench bench/gpu-out
 
 # Needs python3-numpy besides the build's packages, for the random models
 # (the script says so when it is missing).

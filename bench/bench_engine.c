@@ -1,15 +1,20 @@
-/* bench_engine.c - the engine's side of `make bench`.
+/* bench_engine.c - the engine's side of `make bench` and `make bench-gpu`.
+ *
+ *   bench_engine DIR [cpu|cuda]
  *
  * Loads the weight files and token inputs bench_torch.py wrote to DIR and
- * times the engine on the same work, printing one JSON object:
+ * times the engine on the same work, on the given backend, printing one
+ * JSON object:
  *   (a) classify throughput, LSTM L=2 H=512 E=256, batch 64, T=128;
  *   (b) generation step latency at batch 1 and 32 (step API);
  *   (c) RRA language model forward, batch 64 and batch 1, T=128;
- * plus the machine's own sgemm rate on a large square product, so the
- * engine's GFLOP/s can be read as a fraction of what the BLAS can do.  The
- * GFLOP/s count the products the engine performs: with token tables, layer
- * 0's input projection is a lookup and is not counted.
+ * on the CPU the machine's own sgemm rate on a large square product, so
+ * the engine's GFLOP/s can be read as a fraction of what the BLAS can do
+ * (the GFLOP/s count the products the engine performs: with token tables,
+ * layer 0's input projection is a lookup and is not counted); on the GPU
+ * also the GRU classifier, steps at batch 8 and 64, and the skip model.
  */
+#include <cjson/cJSON.h>
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,13 +57,13 @@ struct loaded {
     struct engine *engine;
 };
 
-static void load(struct loaded *l, const char *dir, const char *name, int slots)
+static void load(struct loaded *l, const char *dir, const char *name, int slots, enum device_kind dev)
 {
     char path[512], err[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     if (model_load(path, &l->model, err, sizeof err) != 0)
         die(path, err);
-    if (!(l->be = backend_create(DEVICE_CPU, err, sizeof err)) ||
+    if (!(l->be = backend_create(dev, err, sizeof err)) ||
         !(l->engine = engine_create(&l->model, l->be, slots, err, sizeof err)))
         die(path, err);
 }
@@ -140,39 +145,75 @@ static double sgemm_rate(void)
     return best;
 }
 
+static void add(cJSON *o, const char *key, double v)
+{
+    if (!cJSON_AddNumberToObject(o, key, v))
+        die("json", "out of memory");
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 2) {
-        fprintf(stderr, "usage: bench_engine DIR (made by bench_torch.py)\n");
+    int gpu = argc == 3 && strcmp(argv[2], "cuda") == 0;
+    if (argc < 2 || argc > 3 || (argc == 3 && !gpu && strcmp(argv[2], "cpu") != 0)) {
+        fprintf(stderr, "usage: bench_engine DIR [cpu|cuda] (DIR made by bench_torch.py)\n");
         return 2;
     }
     const char *dir = argv[1];
-    struct loaded cls, lm, rra;
-    load(&cls, dir, "lstm_classify.safetensors", 0);
-    load(&lm, dir, "lstm_lm.safetensors", BATCH);
-    load(&rra, dir, "rra_lm.safetensors", 0);
+    const enum device_kind dev = gpu ? DEVICE_CUDA : DEVICE_CPU;
+    cJSON *out = cJSON_CreateObject();
+    if (!out)
+        die("json", "out of memory");
     int32_t *ctok = read_tokens(dir, "classify_tokens.i32"), *rtok = read_tokens(dir, "rra_tokens.i32");
+    struct loaded m;
 
-    const struct model_config *c = &cls.model.cfg;
-    const int tables = engine_token_table_bytes(cls.engine) > 0;
+    load(&m, dir, "lstm_classify.safetensors", 0, dev);
+    const struct model_config *c = &m.model.cfg;
+    const int tables = engine_token_table_bytes(m.engine) > 0;
     double flop = 0;
     for (int l = 0; l < c->layers; l++) {
         int in = l == 0 && tables ? 0 : config_layer_input(c, l);
         flop += 2.0 * BATCH * STEPS * 4 * c->hidden * (double)(in + c->hidden);
     }
-    double cls_rate = forward_rate(cls.engine, ctok, BATCH, 5.0);
-    double s1 = step_ms(lm.engine, 1, 2.0), s32 = step_ms(lm.engine, 32, 2.0);
-    double rra_rate = forward_rate(rra.engine, rtok, BATCH, 5.0);
-    double rra1_rate = forward_rate(rra.engine, rtok, 1, 2.0);
-    double peak = sgemm_rate();
-    printf("{\"classify_seq_per_s\": %.2f, \"classify_gflops\": %.1f, \"step_ms_b1\": %.4f, "
-           "\"step_ms_b32\": %.4f, \"rra_seq_per_s\": %.2f, \"rra1_seq_per_s\": %.2f, \"sgemm_gflops\": %.1f, "
-           "\"token_tables\": %s}\n",
-           cls_rate, cls_rate / BATCH * flop / 1e9, s1, s32, rra_rate, rra1_rate, peak, tables ? "true" : "false");
+    double rate = forward_rate(m.engine, ctok, BATCH, 5.0);
+    add(out, "classify_seq_per_s", rate);
+    add(out, "classify_gflops", rate / BATCH * flop / 1e9);
+    cJSON_AddBoolToObject(out, "token_tables", tables);
+    unload(&m);
+    if (gpu) {
+        load(&m, dir, "gru_classify.safetensors", 0, dev);
+        add(out, "gru_classify_seq_per_s", forward_rate(m.engine, ctok, BATCH, 5.0));
+        unload(&m);
+    }
+
+    load(&m, dir, "lstm_lm.safetensors", BATCH, dev);
+    static const int cpu_batches[] = {1, 32, 0}, gpu_batches[] = {1, 8, 32, 64, 0};
+    for (const int *b = gpu ? gpu_batches : cpu_batches; *b; b++) {
+        char key[32];
+        snprintf(key, sizeof key, "step_ms_b%d", *b);
+        add(out, key, step_ms(m.engine, *b, 2.0));
+    }
+    unload(&m);
+
+    static const char *const lms[][2] = {{"rra", "rra_lm.safetensors"}, {"skip", "skip_lm.safetensors"}};
+    for (int k = 0; k < (gpu ? 2 : 1); k++) {
+        char key[32];
+        load(&m, dir, lms[k][1], 0, dev);
+        snprintf(key, sizeof key, "%s_seq_per_s", lms[k][0]);
+        add(out, key, forward_rate(m.engine, rtok, BATCH, 5.0));
+        snprintf(key, sizeof key, "%s1_seq_per_s", lms[k][0]);
+        add(out, key, forward_rate(m.engine, rtok, 1, 2.0));
+        unload(&m);
+    }
+    if (!gpu)
+        add(out, "sgemm_gflops", sgemm_rate());
+
+    char *text = cJSON_PrintUnformatted(out);
+    if (!text)
+        die("json", "out of memory");
+    printf("%s\n", text);
+    free(text);
+    cJSON_Delete(out);
     free(ctok);
     free(rtok);
-    unload(&cls);
-    unload(&lm);
-    unload(&rra);
     return 0;
 }

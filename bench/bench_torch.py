@@ -1,9 +1,11 @@
-"""bench_torch.py OUTDIR - the PyTorch side of `make bench`.
+"""bench_torch.py OUTDIR [cpu|cuda] - the PyTorch side of `make bench`
+(cpu, the default) and `make bench-gpu` (cuda).
 
 Writes to OUTDIR the weight files and token inputs the C engine's benchmark
 loads, so both sides run the same weights on the same tokens, then times
-PyTorch (2 threads, its defaults otherwise, as a user would have it) on
-them and prints one JSON object with the timings on stdout:
+PyTorch (on the CPU 2 threads, its defaults otherwise, as a user would have
+it; on the GPU cuDNN's LSTM and GRU) on them and prints one JSON object
+with the timings on stdout:
 
   classify  byte LSTM, L=2, H=512, E=256, pool last, 2 classes, batch 64,
             T=128: lstm_classify.safetensors, classify_tokens.i32
@@ -14,6 +16,14 @@ them and prints one JSON object with the timings on stdout:
             and batch 1, T=128, as the eager step loop a PyTorch user would
             write (PyTorch has no such cell): rra_lm.safetensors,
             rra_tokens.i32
+
+and on the GPU also, as issue 5 asks:
+
+  gru       the classify workload with a GRU: gru_classify.safetensors
+  step      at batch 8 and 64 too
+  skip      an lm with temporal skip period 2 and 2 recurrent matrices
+            (version D), batch 64 and 1, T=128, as an eager step loop:
+            skip_lm.safetensors (rra_tokens.i32 as input)
 
 Token files are raw little-endian int32 [64, 128].  Run with the Python
 that has torch (Debian's /usr/bin/python3).
@@ -50,34 +60,39 @@ STEP_SECONDS = 2.0
 class Model(nn.Module):
     """The submodule names are rrnserve's tensor names (MODELS.md)."""
 
-    def __init__(self, vocab, embed, hidden, layers, out):
+    def __init__(self, vocab, embed, hidden, layers, out, cell="lstm"):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embed)
-        self.rnn = nn.LSTM(embed, hidden, layers, batch_first=True)
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.rnn = rnn(embed, hidden, layers, batch_first=True)
         self.head = nn.Linear(hidden, out)
 
 
-def config(task, attention=None, hidden=HIDDEN, layers=LAYERS, embed=EMBED):
-    c = {"task": task, "cell": "lstm", "hidden": hidden, "layers": layers,
+def config(task, attention=None, hidden=HIDDEN, layers=LAYERS, embed=EMBED, cell="lstm", skip=None):
+    c = {"task": task, "cell": cell, "hidden": hidden, "layers": layers,
          "bidirectional": False, "embed_dim": embed,
          "attention": attention, "tokenizer": {"type": "byte"}}
+    if skip:
+        c["skip"] = skip
     if task == "classify":
         c["pool"] = "last"
         c["classes"] = ["neg", "pos"]
     return c
 
 
-def make_model(seed, task, hidden=HIDDEN, layers=LAYERS, embed=EMBED):
+def make_model(seed, task, hidden=HIDDEN, layers=LAYERS, embed=EMBED, cell="lstm"):
     torch.manual_seed(seed)
     out = 2 if task == "classify" else VOCAB
-    return Model(VOCAB, embed, hidden, layers, out).eval()
+    return Model(VOCAB, embed, hidden, layers, out, cell).eval()
 
 
-def make_queries(seed, hidden, layers):
-    """W_q per layer, drawn as PyTorch draws an LSTM's weights."""
+def make_queries(seed, hidden, layers, rows=None):
+    """One extra matrix per layer ([rows or hidden, hidden]: W_q, or a
+    skip model's second recurrent matrix), drawn as PyTorch draws an LSTM's
+    weights."""
     g = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(hidden)
-    return [(torch.rand(hidden, hidden, generator=g) * 2 - 1) * bound
+    return [(torch.rand(rows or hidden, hidden, generator=g) * 2 - 1) * bound
             for _ in range(layers)]
 
 
@@ -88,12 +103,17 @@ def save_tokens(path, seed, shape):
 
 
 def timed(fn, min_seconds, min_iters=1):
-    """Mean seconds per call of fn, after one warm-up call."""
-    fn()
+    """Mean seconds per call of fn, after one warm-up call; on the GPU
+    each call waits for the device to finish."""
+    def call():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    call()
     n = 0
     start = time.perf_counter()
     while True:
-        fn()
+        call()
         n += 1
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds and n >= min_iters:
@@ -145,10 +165,37 @@ def rra_forward(model, queries, tokens, window):
     return model.head(x)
 
 
-def check_rra_against_reference():
-    """Compare the eager loop with tests/fixtures/reference.py (float64
-    numpy, written from MODELS.md) on a tiny model.  Returns True when it
-    matched, None when the reference is not there."""
+def skip_forward(model, extra_hh, tokens, period):
+    """The eager loop of an LSTM with temporal skip: step t uses recurrent
+    matrix (t-1) mod M (weight_hh_l<k> first, then extra_hh[k]) and, when
+    t mod period == 0, adds h_{t-period} to h_t.  Returns lm logits."""
+    batch, steps = tokens.shape
+    x = model.embedding(tokens)
+    for k, extra in enumerate(extra_hh):
+        w_ih = getattr(model.rnn, "weight_ih_l%d" % k)
+        mats = [getattr(model.rnn, "weight_hh_l%d" % k)] + extra
+        bias = getattr(model.rnn, "bias_ih_l%d" % k) + getattr(model.rnn, "bias_hh_l%d" % k)
+        x_proj = torch.addmm(bias, x.reshape(batch * steps, -1), w_ih.t()).view(batch, steps, -1)
+        h = x.new_zeros(batch, mats[0].shape[1])
+        c = torch.zeros_like(h)
+        hs = []
+        for t in range(1, steps + 1):
+            gates = torch.addmm(x_proj[:, t - 1], h, mats[(t - 1) % len(mats)].t())
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            if period > 1 and t % period == 0 and t > period:
+                h = h + hs[t - period - 1]
+            hs.append(h)
+        x = torch.stack(hs, 1)
+    return model.head(x)
+
+
+def check_against_reference(kind):
+    """Compare an eager loop (kind "rra" or "skip") with
+    tests/fixtures/reference.py (float64 numpy, written from MODELS.md) on a
+    tiny model.  Returns True when it matched, None when the reference is
+    not there."""
     path = os.path.join(ROOT, "tests", "fixtures")
     if not os.path.exists(os.path.join(path, "reference.py")):
         return None
@@ -157,18 +204,26 @@ def check_rra_against_reference():
 
     hidden, layers, embed, window, steps = 8, 2, 6, 3, 11
     model = make_model(7, "lm", hidden, layers, embed)
-    queries = make_queries(8, hidden, layers)
+    extra = make_queries(8, hidden, layers, 4 * hidden if kind == "skip" else None)
     ids = np.random.default_rng(9).integers(0, VOCAB, size=steps)
-    with torch.inference_mode():
-        got = rra_forward(model, queries, torch.from_numpy(ids)[None], window)[0].numpy()
+    tokens = torch.from_numpy(ids)[None]
     tensors = {k: v.double().numpy() for k, v in state_dict_tensors(model).items()}
-    for k, w_q in enumerate(queries):
-        tensors["rnn.attention_query_l%d" % k] = w_q.double().numpy()
-    cfg = config("lm", {"window": window, "mode": "dynamic"}, hidden, layers, embed)
+    with torch.inference_mode():
+        if kind == "skip":
+            got = skip_forward(model, [[w] for w in extra], tokens, 2)[0].numpy()
+        else:
+            got = rra_forward(model, extra, tokens, window)[0].numpy()
+    for k, w in enumerate(extra):
+        name = "rnn.weight_hh_l%d_m1" if kind == "skip" else "rnn.attention_query_l%d"
+        tensors[name % k] = w.double().numpy()
+    if kind == "skip":
+        cfg = config("lm", None, hidden, layers, embed, skip={"period": 2, "matrices": 2})
+    else:
+        cfg = config("lm", {"window": window, "mode": "dynamic"}, hidden, layers, embed)
     want = np.array(reference.forward(cfg, tensors, [int(i) for i in ids])["logits"])
     err = float(np.max(np.abs(got - want)))
     if err > 1e-4:
-        raise SystemExit("bench_torch: RRA loop differs from reference.py by %g" % err)
+        raise SystemExit("bench_torch: the %s loop differs from reference.py by %g" % (kind, err))
     return True
 
 
@@ -192,35 +247,57 @@ def lstm_uses_mkldnn(model, tokens):
     return any("mkldnn" in e.name for e in prof.function_events)
 
 
+def save(outdir, name, model, cfg, extra=None):
+    """Write the weight file the engine loads (extra: name -> tensor)."""
+    tensors = state_dict_tensors(model)
+    tensors.update(extra or {})
+    save_rrnserve(os.path.join(outdir, name), tensors, cfg)
+
+
 def main():
-    if len(sys.argv) != 2:
-        sys.stderr.write("usage: bench_torch.py OUTDIR\n")
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in ("cpu", "cuda")):
+        sys.stderr.write("usage: bench_torch.py OUTDIR [cpu|cuda]\n")
         return 2
     outdir = sys.argv[1]
+    gpu = len(sys.argv) == 3 and sys.argv[2] == "cuda"
+    if gpu and not torch.cuda.is_available():
+        sys.stderr.write("bench_torch.py: torch sees no CUDA GPU\n")
+        return 1
+    dev = torch.device("cuda" if gpu else "cpu")
     os.makedirs(outdir, exist_ok=True)
-    torch.set_num_threads(THREADS)
-    result = {"torch_version": torch.__version__, "threads": torch.get_num_threads()}
+    result = {"torch_version": torch.__version__}
+    if gpu:
+        result["device"] = torch.cuda.get_device_name(0)
+        result["cudnn"] = torch.backends.cudnn.version()
+    else:
+        torch.set_num_threads(THREADS)
+        result["threads"] = torch.get_num_threads()
 
-    rra_checked = check_rra_against_reference()
+    rra_checked = check_against_reference("rra")
 
-    # (a) classify throughput.
-    model = make_model(1, "classify")
-    save_rrnserve(os.path.join(outdir, "lstm_classify.safetensors"),
-                  state_dict_tensors(model), config("classify"))
-    tokens = save_tokens(os.path.join(outdir, "classify_tokens.i32"), 2, (BATCH, STEPS))
-    with torch.inference_mode():
-        sec = timed(lambda: classify_forward(model, tokens), MIN_SECONDS)
-        mkldnn_lstm = lstm_uses_mkldnn(model, tokens)
-    result["classify_seq_per_s"] = BATCH / sec
-    result["classify_gflops"] = lstm_gflop(BATCH, STEPS, EMBED, HIDDEN, LAYERS) / sec
+    # (a) classify throughput: the LSTM, and on the GPU the GRU.
+    for cell in ("lstm", "gru") if gpu else ("lstm",):
+        model = make_model(1, "classify", cell=cell)
+        save(outdir, "%s_classify.safetensors" % cell, model, config("classify", cell=cell))
+        tokens = save_tokens(os.path.join(outdir, "classify_tokens.i32"), 2, (BATCH, STEPS))
+        model, tokens = model.to(dev), tokens.to(dev)
+        with torch.inference_mode():
+            sec = timed(lambda: classify_forward(model, tokens), MIN_SECONDS)
+        key = "classify" if cell == "lstm" else "gru_classify"
+        result[key + "_seq_per_s"] = BATCH / sec
+        if cell == "lstm":
+            result["classify_gflops"] = lstm_gflop(BATCH, STEPS, EMBED, HIDDEN, LAYERS) / sec
+            if not gpu:
+                with torch.inference_mode():
+                    result["lstm_uses_mkldnn"] = lstm_uses_mkldnn(model, tokens)
 
     # (b) generation step latency.
     model = make_model(3, "lm")
-    save_rrnserve(os.path.join(outdir, "lstm_lm.safetensors"),
-                  state_dict_tensors(model), config("lm"))
-    for batch in (1, 32):
+    save(outdir, "lstm_lm.safetensors", model, config("lm"))
+    model = model.to(dev)
+    for batch in (1, 8, 32, 64) if gpu else (1, 32):
         step_tokens = torch.from_numpy(
-            np.random.default_rng(4).integers(0, VOCAB, size=(1000, batch, 1)))
+            np.random.default_rng(4).integers(0, VOCAB, size=(1000, batch, 1))).to(dev)
         state = [None]
         pos = [0]
 
@@ -237,32 +314,40 @@ def main():
             sec = timed(step, STEP_SECONDS, min_iters=100)
         result["step_ms_b%d" % batch] = sec * 1e3
 
-    # (c) RRA full forward.
+    # (c) RRA full forward, and on the GPU the skip model's.
+    tokens = save_tokens(os.path.join(outdir, "rra_tokens.i32"), 7, (BATCH, STEPS)).to(dev)
     model = make_model(5, "lm")
     queries = make_queries(6, HIDDEN, LAYERS)
-    tensors = state_dict_tensors(model)
-    for k, w_q in enumerate(queries):
-        tensors["rnn.attention_query_l%d" % k] = w_q
-    save_rrnserve(os.path.join(outdir, "rra_lm.safetensors"), tensors,
-                  config("lm", {"window": WINDOW, "mode": "dynamic"}))
-    tokens = save_tokens(os.path.join(outdir, "rra_tokens.i32"), 7, (BATCH, STEPS))
-    with torch.inference_mode():
-        sec = timed(lambda: rra_forward(model, queries, tokens, WINDOW), MIN_SECONDS)
-    result["rra_seq_per_s"] = BATCH / sec
-    # One sequence alone, the shape of an /attention request: here the
-    # loop's per-step overhead, not the matrix products, sets the pace.
-    with torch.inference_mode():
-        sec = timed(lambda: rra_forward(model, queries, tokens[:1], WINDOW), STEP_SECONDS)
-    result["rra1_seq_per_s"] = 1 / sec
+    save(outdir, "rra_lm.safetensors", model, config("lm", {"window": WINDOW, "mode": "dynamic"}),
+         {"rnn.attention_query_l%d" % k: w for k, w in enumerate(queries)})
+    model, queries = model.to(dev), [w.to(dev) for w in queries]
+    loops = [("rra", lambda t: rra_forward(model, queries, t, WINDOW))]
+    if gpu:
+        skip_model = make_model(10, "lm")
+        second = make_queries(11, HIDDEN, LAYERS, 4 * HIDDEN)
+        save(outdir, "skip_lm.safetensors", skip_model, config("lm", skip={"period": 2, "matrices": 2}),
+             {"rnn.weight_hh_l%d_m1" % k: w for k, w in enumerate(second)})
+        skip_model, second = skip_model.to(dev), [[w.to(dev)] for w in second]
+        loops.append(("skip", lambda t: skip_forward(skip_model, second, t, 2)))
+        result["skip_checked_against_reference"] = check_against_reference("skip")
+    for name, run in loops:
+        with torch.inference_mode():
+            sec = timed(lambda: run(tokens), MIN_SECONDS)
+            result[name + "_seq_per_s"] = BATCH / sec
+            # One sequence alone, the shape of an /attention request: here
+            # the loop's per-step overhead, not the matrix products, sets
+            # the pace.
+            sec = timed(lambda: run(tokens[:1]), STEP_SECONDS)
+            result[name + "1_seq_per_s"] = 1 / sec
     result["rra_checked_against_reference"] = rra_checked
 
-    result["blas"] = blas_info()
-    # Debian's torch runs matmuls on OpenBLAS's own thread pool next to
-    # torch's OpenMP one; how OpenMP threads wait decides how much of the
-    # two cores OpenBLAS gets, so record it with the numbers.
-    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
-    result["mkldnn_enabled"] = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    result["lstm_uses_mkldnn"] = mkldnn_lstm
+    if not gpu:
+        result["blas"] = blas_info()
+        # Debian's torch runs matmuls on OpenBLAS's own thread pool next to
+        # torch's OpenMP one; how OpenMP threads wait decides how much of
+        # the two cores OpenBLAS gets, so record it with the numbers.
+        result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
+        result["mkldnn_enabled"] = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
     print(json.dumps(result))
     return 0
 

@@ -11,7 +11,8 @@
 # (bench/loadgen.c) drives /classify (a different sentence of 60-120
 # characters per request) and /generate (a short prompt, max_tokens 32,
 # temperature 1, a distinct seed per request) with 1, 16, 64 and 256
-# keep-alive clients on 127.0.0.1, BENCH_SECONDS (default 5) seconds each.
+# keep-alive clients on 127.0.0.1, BENCH_SECONDS (default 5) seconds each,
+# on BENCH_DEVICE (default cpu; cuda on a GPU machine).
 #
 # Prints a markdown table, the /classify batching speed-up at 64 clients,
 # and the HTTP and JSON overhead at batch 64: the server's time per
@@ -23,6 +24,7 @@ cd "$(dirname "$0")/.."
 loadgen=${1:?usage: run_bench_server.sh LOADGEN}
 py=${PYTHON:-/usr/bin/python3}
 secs=${BENCH_SECONDS:-5}
+device=${BENCH_DEVICE:-cpu}
 clients_list=${BENCH_CLIENTS:-"1 16 64 256"}
 dir=$(mktemp -d)
 server_pid=
@@ -123,7 +125,7 @@ PY
 # Start the server; sets server_pid and port.
 start_server() {
     : >"$dir/server.log"
-    ./rrnserve serve --models "$dir/models" --port 0 --device cpu "$@" 2>"$dir/server.log" &
+    ./rrnserve serve --models "$dir/models" --port 0 --device "$device" "$@" 2>"$dir/server.log" &
     server_pid=$!
     port=
     for _ in $(seq 1 300); do
@@ -182,7 +184,7 @@ done
 # The engine alone on batches of 64 identical texts (tokenizing and
 # printing included, no HTTP), for comparison.
 t0=$(date +%s.%N)
-./rrnserve run "$dir/models/sentiment.safetensors" --jsonl "$dir/engine.jsonl" --batch 64 --device cpu >/dev/null
+./rrnserve run "$dir/models/sentiment.safetensors" --jsonl "$dir/engine.jsonl" --batch 64 --device "$device" >/dev/null
 t1=$(date +%s.%N)
 
 "$py" - "$dir" "$secs" "$t0" "$t1" <<'PY'

@@ -1,0 +1,63 @@
+"""gpu_results.py TORCH_JSON ENGINE_JSON [SERVER_LOG] - bench/RESULTS.md
+from `tools/gpu-run.sh bench`: the engine on the GPU against PyTorch's
+cuDNN LSTM and GRU and its eager step loops, on the same weights and
+tokens (bench_torch.py and bench_engine.c with the device cuda), with the
+targets of issue 5 beside each figure.  Prints markdown on stdout.
+"""
+import json
+import re
+import sys
+
+
+def main():
+    if len(sys.argv) not in (3, 4):
+        sys.stderr.write("usage: gpu_results.py TORCH_JSON ENGINE_JSON [SERVER_LOG]\n")
+        return 2
+    with open(sys.argv[1]) as f:
+        t = json.load(f)
+    with open(sys.argv[2]) as f:
+        e = json.load(f)
+    rows = []
+
+    def faster(name, key, target):
+        """Throughput: the engine's against torch's, higher is better."""
+        r = e[key] / t[key]
+        rows.append((name, "%.1f seq/s" % e[key], "%.1f seq/s" % t[key], "%.2fx" % r,
+                     "%s (>= %gx)" % ("met" if r >= target else "NOT met", target)))
+
+    def sooner(name, key, target):
+        """Latency: torch's over the engine's, higher is better."""
+        r = t[key] / e[key]
+        rows.append((name, "%.3f ms" % e[key], "%.3f ms" % t[key], "%.2fx" % r,
+                     "%s (>= %gx)" % ("met" if r >= target else "NOT met", target) if target else "-"))
+
+    faster("classify, LSTM 2x512, E=256, batch 64, T=128 (vs cuDNN)", "classify_seq_per_s", 1.0)
+    faster("classify, GRU 2x512, E=256, batch 64, T=128 (vs cuDNN)", "gru_classify_seq_per_s", 1.0)
+    for b in (1, 8, 64):
+        sooner("generation step, LSTM 2x512, batch %d (vs cuDNN)" % b, "step_ms_b%d" % b, 1.0 if b < 64 else None)
+    faster("RRA LM (dynamic, window 8), batch 64 (vs eager loop)", "rra_seq_per_s", 20.0)
+    faster("RRA LM, batch 1 (vs eager loop)", "rra1_seq_per_s", 20.0)
+    faster("skip LM (period 2, 2 matrices), batch 64 (vs eager loop)", "skip_seq_per_s", 20.0)
+    faster("skip LM, batch 1 (vs eager loop)", "skip1_seq_per_s", 20.0)
+
+    print("# GPU benchmarks\n")
+    print("Device: %s; PyTorch %s, cuDNN %s. Made by `tools/gpu-run.sh bench` "
+          "(bench_torch.py and bench_engine.c on the same weights and tokens).\n"
+          % (t.get("device", "?"), t.get("torch_version", "?"), t.get("cudnn", "?")))
+    print("| workload | rrnserve | PyTorch | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print("| %s |" % " | ".join(r))
+    if len(sys.argv) == 4:
+        with open(sys.argv[3]) as f:
+            log = f.read()
+        m = re.search(r"\| /generate \| 64 \| on \(64\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", log)
+        if m:
+            print("\nEnd to end, `/generate` (32 tokens) at 64 concurrent streams on the GPU: %s requests/s, "
+                  "%s tokens/s, p50 %s ms, p99 %s ms (`BENCH_DEVICE=cuda make bench-server`)."
+                  % m.groups())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

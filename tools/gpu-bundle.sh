@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# gpu-bundle.sh - package what a session with a GPU needs to run rrnserve's
+# CUDA tests and benchmarks there, in one `device` call.
+#
+# The GPU machine has the CUDA toolkit, cuBLAS and PyTorch, but none of the
+# Debian libraries rrnserve links (libmicrohttpd, cJSON, OpenBLAS, cmocka,
+# ...), and cannot fetch them.  So everything is built here (nvcc, for
+# sm_80 and sm_90) and this writes .gpu/bundle.tar.xz: ./rrnserve, every
+# test and benchmark binary of build/cuda, and every non-CUDA shared library
+# they load (the CUDA ones are the machine's own).  Then:
+#
+#   tools/gpu-bundle.sh
+#   device run, carry [".gpu"], command "tools/gpu-run.sh"
+#
+# tools/gpu-run.sh, run there, says what it does and what it writes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || {
+    echo "gpu-bundle.sh: no nvcc here: the bundle needs the CUDA build" >&2
+    exit 1
+}
+tests=$(ls tests/test_*.c | sed 's|^tests/\(.*\)\.c$|build/cuda/tests/\1|')
+make -j"$(nproc)" CUDA=1 rrnserve build/cuda/bench/bench_engine build/cuda/bench/loadgen $tests
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/build/cuda/tests" "$stage/build/cuda/bench" "$stage/lib"
+cp rrnserve "$stage/"
+cp $tests "$stage/build/cuda/tests/"
+cp build/cuda/bench/bench_engine build/cuda/bench/loadgen "$stage/build/cuda/bench/"
+# Every library the binaries load, but the C library's and CUDA's own.
+for bin in "$stage/rrnserve" "$stage"/build/cuda/tests/* "$stage"/build/cuda/bench/*; do
+    ldd "$bin" | awk '$3 ~ /^\// { print $3 }'
+done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|ld-linux-x86-64|libstdc\+\+|libgcc_s)\.so|/cuda' |
+    while read -r lib; do cp -L "$lib" "$stage/lib/"; done
+mkdir -p .gpu
+tar -C "$stage" -cf - . | xz -T0 -6 >.gpu/bundle.tar.xz
+echo "gpu-bundle.sh: .gpu/bundle.tar.xz, $(du -h .gpu/bundle.tar.xz | cut -f1)"

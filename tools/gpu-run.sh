@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# gpu-run.sh [tests|bench|train|all] - run on the GPU machine (the `device`
+# tool), from the repository root, with .gpu/bundle.tar.xz carried there
+# (tools/gpu-bundle.sh made it here).  Writes its logs and results to $OUT
+# (or ./gpu-out without one):
+#   tests  every test binary, the CUDA variants included: tests.log
+#   bench  bench_torch.py and bench_engine on cuda, the server's /generate
+#          at 64 streams with --device cuda: torch.json, engine.json,
+#          server.log and RESULTS.md (for bench/RESULTS.md)
+#   train  the shipped sentiment recipe on the GPU, and a few Austen
+#          steps for speed: train.log
+# all runs the three, about 8 minutes; each alone fits one device call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+out=${OUT:-$PWD/gpu-out}
+mkdir -p "$out"
+root=/tmp/rrn
+rm -rf "$root"
+mkdir -p "$root" && xz -dc .gpu/bundle.tar.xz | tar -C "$root" -xf - || {
+    echo "gpu-run.sh: cannot unpack .gpu/bundle.tar.xz (carry .gpu; tools/gpu-bundle.sh makes it)" >&2
+    exit 1
+}
+export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+cp "$root/rrnserve" ./rrnserve
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    ./rrnserve --version
+    ldd ./rrnserve | grep 'not found'
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+run_tests() {
+    # The GPU's own tests first, so a short run still has them.
+    for t in test_fixtures test_gradcheck test_faults; do
+        "$root/build/cuda/tests/$t" >"$out/$t.log" 2>&1
+        echo "$t: exit $?, $(grep -E '^\[  (PASSED|FAILED|SKIPPED) +\] [0-9]+' "$out/$t.log" | tr '\n' ' ')"
+    done
+    tests/run_tests.sh "$root/build/cuda" "$PWD/rrnserve" >"$out/tests.log" 2>&1
+    tail -n 1 "$out/tests.log"
+}
+
+run_bench() {
+    bench/run_bench_gpu.sh "$root/build/cuda/bench" "$out"
+}
+
+run_train() {
+    {
+        time ./rrnserve train --config models/sentiment.json --device cuda --out /tmp/sentiment-gpu.safetensors
+        ./rrnserve run /tmp/sentiment-gpu.safetensors --jsonl tests/fixtures/data/sentiment.test.jsonl --device cuda |
+            head -n 3
+        time ./rrnserve train --config models/austen.json --device cuda --steps 40 --log_every 10 --valid_every 0 \
+            --out /tmp/austen-gpu.safetensors
+    } >"$out/train.log" 2>&1
+    tail -n 20 "$out/train.log"
+}
+
+case $what in
+tests) run_tests ;;
+bench) run_bench ;;
+train) run_train ;;
+all) run_tests; run_bench; run_train ;;
+*) echo "usage: gpu-run.sh [tests|bench|train|all]" >&2; exit 2 ;;
+esac
