@@ -151,6 +151,10 @@ struct backend {
     const struct backend_ops *ops;
     void *impl;
     char err[256];
+    /* Bytes moved by upload and download so far: what crosses between host
+     * and device memory (tests check that a generation step moves only its
+     * tokens and results, never the model). */
+    size_t bytes_up, bytes_down;
 };
 
 enum device_kind { DEVICE_CPU, DEVICE_CUDA, DEVICE_AUTO };

@@ -39,9 +39,17 @@ static void cpu_free(struct backend *be, void *p)
     free(p);
 }
 
-static int cpu_copy(struct backend *be, void *dst, const void *src, size_t bytes)
+static int cpu_upload(struct backend *be, void *dst, const void *src, size_t bytes)
 {
-    (void)be;
+    be->bytes_up += bytes;
+    if (bytes)
+        memcpy(dst, src, bytes);
+    return 0;
+}
+
+static int cpu_download(struct backend *be, void *dst, const void *src, size_t bytes)
+{
+    be->bytes_down += bytes;
     if (bytes)
         memcpy(dst, src, bytes);
     return 0;
@@ -572,8 +580,8 @@ static const struct backend_ops cpu_ops = {
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
-    .upload = cpu_copy,
-    .download = cpu_copy,
+    .upload = cpu_upload,
+    .download = cpu_download,
     .zero = cpu_zero,
     .gemm = cpu_gemm,
     .gather_rows = cpu_gather_rows,

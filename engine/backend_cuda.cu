@@ -80,6 +80,7 @@ static void cuda_free(struct backend *be, void *p)
 
 static int cuda_upload(struct backend *be, void *dst, const void *src, size_t bytes)
 {
+    be->bytes_up += bytes;
     if (!bytes)
         return 0;
     return check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_of(be)), "upload");
@@ -87,6 +88,7 @@ static int cuda_upload(struct backend *be, void *dst, const void *src, size_t by
 
 static int cuda_download(struct backend *be, void *dst, const void *src, size_t bytes)
 {
+    be->bytes_down += bytes;
     if (!bytes)
         return 0;
     if (check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_of(be)), "download") != 0)

@@ -230,6 +230,14 @@ static void *host_scratch(void **buf, size_t *cap, size_t bytes)
     return p;
 }
 
+int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
+{
+    int *d = engine_ws(e, which, n * sizeof(int));
+    if (d && e->be->ops->upload(e->be, d, src, n * sizeof(int)) != 0)
+        return NULL;
+    return d;
+}
+
 int *engine_host_ints(struct engine *e, size_t n)
 {
     return host_scratch(&e->host_ints, &e->host_ints_cap, n * sizeof(int));

@@ -57,6 +57,9 @@ struct engine {
 
 /* A scratch buffer of at least bytes, or NULL when out of memory. */
 void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes);
+/* n ints from the host copied into scratch buffer which; NULL when out of
+ * memory or the copy failed. */
+int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n);
 /* Host int scratch of at least n ints, or NULL. */
 int *engine_host_ints(struct engine *e, size_t n);
 /* Host float scratch of at least n floats, or NULL. */

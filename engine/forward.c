@@ -157,26 +157,17 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
     return 0;
 }
 
-/* Upload n ints to scratch buffer which; NULL when out of memory. */
-static int *upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
-{
-    int *d = engine_ws(e, which, n * sizeof(int));
-    if (d && e->be->ops->upload(e->be, d, src, n * sizeof(int)) != 0)
-        return NULL;
-    return d;
-}
-
 int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d)
 {
-    d->tokens = upload_ints(e, WS_TOKENS, p->tokens, (size_t)p->P);
-    d->rev = upload_ints(e, WS_REV, p->rev, (size_t)p->P);
-    d->tokens_rev = e->D == 2 ? upload_ints(e, WS_TOKENS_REV, p->tokens_rev, (size_t)p->P) : NULL;
-    d->last = upload_ints(e, WS_LAST, p->last, (size_t)p->n);
-    d->off = upload_ints(e, WS_OFF, p->off, (size_t)p->T + 1);
-    d->len = upload_ints(e, WS_LEN, p->len, (size_t)p->n);
-    d->target = upload_ints(e, WS_TARGET, p->target, (size_t)p->P);
-    d->slot = p->slot ? upload_ints(e, WS_SLOT, p->slot, (size_t)p->n) : NULL;
-    d->hprev = p->slot ? upload_ints(e, WS_T, p->hprev, (size_t)p->n) : NULL;
+    d->tokens = engine_upload_ints(e, WS_TOKENS, p->tokens, (size_t)p->P);
+    d->rev = engine_upload_ints(e, WS_REV, p->rev, (size_t)p->P);
+    d->tokens_rev = e->D == 2 ? engine_upload_ints(e, WS_TOKENS_REV, p->tokens_rev, (size_t)p->P) : NULL;
+    d->last = engine_upload_ints(e, WS_LAST, p->last, (size_t)p->n);
+    d->off = engine_upload_ints(e, WS_OFF, p->off, (size_t)p->T + 1);
+    d->len = engine_upload_ints(e, WS_LEN, p->len, (size_t)p->n);
+    d->target = engine_upload_ints(e, WS_TARGET, p->target, (size_t)p->P);
+    d->slot = p->slot ? engine_upload_ints(e, WS_SLOT, p->slot, (size_t)p->n) : NULL;
+    d->hprev = p->slot ? engine_upload_ints(e, WS_T, p->hprev, (size_t)p->n) : NULL;
     d->inputs = NULL;
     if (p->inputs) {
         size_t bytes = sizeof(float) * (size_t)p->P * e->E;

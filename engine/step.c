@@ -74,14 +74,6 @@ static int plan_rows(struct engine *e, const int *slots, const int32_t *tokens, 
     return 0;
 }
 
-static int *upload(struct engine *e, enum ws_buf which, const int *src, int n)
-{
-    int *d = engine_ws(e, which, (size_t)n * sizeof(int));
-    if (d && e->be->ops->upload(e->be, d, src, (size_t)n * sizeof(int)) != 0)
-        return NULL;
-    return d;
-}
-
 int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n,
                 float *logits, float *attention, char *err, size_t errlen)
 {
@@ -93,10 +85,10 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     struct step_rows r;
     if (plan_rows(e, slots, tokens, n, &r) != 0)
         goto oom;
-    int *d_token = upload(e, WS_TOKENS, r.token, n);
-    int *d_slot = upload(e, WS_SLOT, r.slot, n);
-    int *d_t = upload(e, WS_T, r.t, n);
-    int *d_hprev = upload(e, WS_REV, r.hprev, n);
+    int *d_token = engine_upload_ints(e, WS_TOKENS, r.token, (size_t)n);
+    int *d_slot = engine_upload_ints(e, WS_SLOT, r.slot, (size_t)n);
+    int *d_t = engine_upload_ints(e, WS_T, r.t, (size_t)n);
+    int *d_hprev = engine_upload_ints(e, WS_REV, r.hprev, (size_t)n);
     float *x = engine_ws(e, WS_X0, (size_t)n * e->E * fsz);
     float *xg = engine_ws(e, WS_XG, (size_t)n * e->G * H * fsz);
     float *hprev = engine_ws(e, WS_HPREV, (size_t)n * H * fsz);

@@ -58,15 +58,6 @@ int engine_params_from_host(struct engine *e, const float *p)
 }
 
 
-/* Device ints from host ones, in scratch buffer which. */
-static int *upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
-{
-    int *d = engine_ws(e, which, n * sizeof(int));
-    if (d && e->be->ops->upload(e->be, d, src, n * sizeof(int)) != 0)
-        return NULL;
-    return d;
-}
-
 /* The rows of step u >= -R of the tape's h: the prefix's R steps hold all B
  * rows each, then come the packed steps. */
 static int row_of(const struct plan *p, int R, int u)
@@ -123,7 +114,7 @@ static int alloc_tape(struct pass *ps, const struct train_options *opt)
     /* Where each step's rows start, from -R on (the prefix) to T. */
     for (int u = -R; u <= p->T; u++)
         host[u + R] = row_of(p, R, u);
-    int *off_x = upload_ints(e, WS_T_OFF, host, (size_t)R + p->T + 1);
+    int *off_x = engine_upload_ints(e, WS_T_OFF, host, (size_t)R + p->T + 1);
     ps->off_x = off_x ? off_x + R : NULL;
     t->prefix_idx = NULL;
     if (off_x && p->slot) {
@@ -132,7 +123,7 @@ static int alloc_tape(struct pass *ps, const struct train_options *opt)
         for (int u = -R; u < 0; u++)
             for (int i = 0; i < B; i++)
                 host[(u + R) * B + i] = p->slot[i] * R + ((p->pos + 1 + u) % R + R) % R;
-        t->prefix_idx = upload_ints(e, WS_T_PREFIX, host, (size_t)R * B);
+        t->prefix_idx = engine_upload_ints(e, WS_T_PREFIX, host, (size_t)R * B);
     }
     free(host);
     if (!off_x || (p->slot && !t->prefix_idx))
@@ -181,7 +172,7 @@ static int pooled_loss(struct pass *ps, const float *y, const struct engine_seq 
         if (regress)
             memcpy(want + (size_t)i * C, q->target, sizeof(float) * (size_t)C);
     }
-    int *dlabels = rc == 0 && !regress ? upload_ints(e, WS_LABELS, sorted, (size_t)n) : NULL;
+    int *dlabels = rc == 0 && !regress ? engine_upload_ints(e, WS_LABELS, sorted, (size_t)n) : NULL;
     float *dwant = regress ? engine_ws(e, WS_TARGETS, sizeof(float) * (size_t)n * C) : NULL;
     float *pooled = engine_ws(e, WS_POOL, (size_t)n * W * sizeof(float));
     float *logits = engine_ws(e, WS_LOGITS, (size_t)n * C * sizeof(float));

@@ -257,7 +257,9 @@ static void test_forward(void **state)
 
 /* Language models: every text through the step API, text i joining at step
  * i, and also after a prefill of its first half; the logits after each
- * token must equal the forward's. */
+ * token must equal the forward's, and no step may move more between host
+ * and backend than its tokens and results (on the GPU: nothing of the
+ * model is copied in the step loop). */
 static void test_steps(void **state)
 {
     struct fixture *fx = fixture_of(state);
@@ -305,8 +307,15 @@ static void test_steps(void **state)
                 }
             if (!n)
                 continue;
+            size_t up = fx->be->bytes_up, down = fx->be->bytes_down;
             if (engine_step(fx->engine, slots, toks, n, logits, K ? attn : NULL, err, sizeof err) != 0)
                 fail_msg("step: %s", err);
+            /* A step moves its rows' token, slot, position and ring row in
+             * and their logits and attention out: nothing of the model. */
+            if (fx->be->bytes_up - up > 4 * sizeof(int) * (size_t)n ||
+                fx->be->bytes_down - down > sizeof(float) * (size_t)n * (V + L * K))
+                fail_msg("a step of %d rows moved %zu bytes in and %zu out", n, fx->be->bytes_up - up,
+                         fx->be->bytes_down - down);
             for (int k = 0; k < n; k++) {
                 int i = who[k];
                 for (int v = 0; v < V; v++)
