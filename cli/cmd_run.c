@@ -32,7 +32,7 @@ struct item {
     char error[256];
 };
 
-static int runner_open(struct runner *r, const char *path, enum device_kind dev)
+static int runner_open(struct runner *r, const char *path, enum device_kind dev, enum precision prec)
 {
     char err[512];
     memset(r, 0, sizeof *r);
@@ -46,7 +46,7 @@ static int runner_open(struct runner *r, const char *path, enum device_kind dev)
         return -1;
     }
     if (tokenizer_init(&r->tk, &r->model.cfg, err, sizeof err) != 0 ||
-        !(r->be = backend_create(dev, err, sizeof err)) ||
+        !(r->be = backend_create(dev, err, sizeof err)) || backend_set_precision(r->be, prec, err, sizeof err) != 0 ||
         !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? 1 : 0, err, sizeof err))) {
         fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
         return -1;
@@ -255,28 +255,17 @@ static int run_jsonl(struct runner *r, const char *path, int batch)
     return !items || failed || read_error ? 1 : 0;
 }
 
-static int parse_device(const char *s, enum device_kind *dev)
-{
-    if (strcmp(s, "cpu") == 0)
-        *dev = DEVICE_CPU;
-    else if (strcmp(s, "cuda") == 0)
-        *dev = DEVICE_CUDA;
-    else if (strcmp(s, "auto") == 0)
-        *dev = DEVICE_AUTO;
-    else
-        return -1;
-    return 0;
-}
-
 int cmd_run(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"text", required_argument, NULL, 't'},  {"file", required_argument, NULL, 'f'},
         {"jsonl", required_argument, NULL, 'j'}, {"device", required_argument, NULL, 'd'},
-        {"batch", required_argument, NULL, 'b'}, {NULL, 0, NULL, 0},
+        {"batch", required_argument, NULL, 'b'}, {"precision", required_argument, NULL, 'p'},
+        {NULL, 0, NULL, 0},
     };
     const char *text = NULL, *file = NULL, *jsonl = NULL;
     enum device_kind dev = DEVICE_CPU;
+    enum precision prec = PRECISION_FP32;
     int batch = 64, c, sources = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -285,8 +274,14 @@ int cmd_run(int argc, char **argv)
         case 'f': file = optarg; sources++; break;
         case 'j': jsonl = optarg; sources++; break;
         case 'd':
-            if (parse_device(optarg, &dev) != 0) {
+            if (backend_device_parse(optarg, &dev) != 0) {
                 fprintf(stderr, "rrnserve run: --device must be cpu, cuda or auto, not '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'p':
+            if (backend_precision_parse(optarg, &prec) != 0) {
+                fprintf(stderr, "rrnserve run: --precision must be fp32 or tf32, not '%s'\n", optarg);
                 return 2;
             }
             break;
@@ -306,11 +301,11 @@ int cmd_run(int argc, char **argv)
     }
     if (optind != argc - 1 || sources != 1) {
         fprintf(stderr, "usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH) "
-                        "[--device cpu|cuda|auto] [--batch N]\n");
+                        "[--device cpu|cuda|auto] [--precision fp32|tf32] [--batch N]\n");
         return 2;
     }
     struct runner r;
-    if (runner_open(&r, argv[optind], dev) != 0) {
+    if (runner_open(&r, argv[optind], dev, prec) != 0) {
         runner_close(&r);
         return 1;
     }

@@ -5,6 +5,7 @@
  * back to the CPU otherwise.
  */
 #include <stdio.h>
+#include <string.h>
 
 #include "backend.h"
 
@@ -49,4 +50,51 @@ const char *backend_compiled(void)
 #else
     return "cpu";
 #endif
+}
+
+int backend_device_parse(const char *s, enum device_kind *dev)
+{
+    static const struct {
+        const char *name;
+        enum device_kind kind;
+    } kinds[] = {{"auto", DEVICE_AUTO}, {"cpu", DEVICE_CPU}, {"cuda", DEVICE_CUDA}};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (strcmp(s, kinds[i].name) == 0) {
+            *dev = kinds[i].kind;
+            return 0;
+        }
+    return -1;
+}
+
+static const char *const precision_names[] = {"fp32", "tf32"};
+
+int backend_precision_parse(const char *s, enum precision *p)
+{
+    for (int i = 0; i < (int)(sizeof precision_names / sizeof precision_names[0]); i++)
+        if (strcmp(s, precision_names[i]) == 0) {
+            *p = (enum precision)i;
+            return 0;
+        }
+    return -1;
+}
+
+const char *backend_precision_name(enum precision p)
+{
+    return precision_names[p];
+}
+
+int backend_set_precision(struct backend *be, enum precision p, char *err, size_t errlen)
+{
+    if (!be->ops->set_precision) {
+        if (p == PRECISION_FP32)
+            return 0;
+        snprintf(err, errlen, "the %s backend computes in fp32 only; %s needs the cuda device", be->ops->name,
+                 backend_precision_name(p));
+        return -1;
+    }
+    if (be->ops->set_precision(be, p) != 0) {
+        snprintf(err, errlen, "%s", be->err);
+        return -1;
+    }
+    return 0;
 }

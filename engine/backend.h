@@ -93,6 +93,11 @@ struct cell_grad {
 
 struct backend;
 
+/* How the matrix products compute: FP32 throughout (the default), or on
+ * CUDA with TF32 tensor cores (inputs rounded to 10 mantissa bits, sums in
+ * FP32).  The pointwise kernels compute in FP32 either way. */
+enum precision { PRECISION_FP32, PRECISION_TF32 };
+
 struct backend_ops {
     const char *name;
     void (*destroy)(struct backend *be);
@@ -145,6 +150,10 @@ struct backend_ops {
     /* Squared error of n rows: loss[r] = sum_k (x - y)^2; dx = scale * 2 (x - y). */
     void (*squared_error)(struct backend *be, const float *x, const float *y, int n, int width, float *loss,
                           float *dx, float scale);
+
+    /* The arithmetic of the matrix products from now on; 0, or -1 with a
+     * message in err.  NULL: the backend computes in FP32 only. */
+    int (*set_precision)(struct backend *be, enum precision p);
 };
 
 struct backend {
@@ -176,5 +185,15 @@ int backend_cuda_available(void);
 
 /* The backends compiled into this binary, e.g. "cpu cuda". */
 const char *backend_compiled(void);
+
+/* Names on the command line: "auto", "cpu", "cuda"; "fp32", "tf32".  The
+ * parsers return 0, or -1 for a name they do not know. */
+int backend_device_parse(const char *s, enum device_kind *dev);
+int backend_precision_parse(const char *s, enum precision *p);
+const char *backend_precision_name(enum precision p);
+
+/* Set the matrix products' precision; 0, or -1 with a message in err (the
+ * backend has no such mode, or failed to set it). */
+int backend_set_precision(struct backend *be, enum precision p, char *err, size_t errlen);
 
 #endif

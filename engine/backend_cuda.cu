@@ -700,6 +700,20 @@ static void cuda_squared_error(struct backend *be, const float *x, const float *
         squared_error_kernel<<<n, 256, 0, stream_of(be)>>>(x, y, width, loss, dx, scale);
 }
 
+/* TF32 lets cuBLAS run FP32 products on tensor cores; the default keeps
+ * them in FP32. */
+static int cuda_set_precision(struct backend *be, enum precision p)
+{
+    cublasMath_t mode = p == PRECISION_TF32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH;
+    cublasStatus_t st = cublasSetMathMode(impl_of(be)->blas, mode);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        snprintf(be->err, sizeof be->err, "cublasSetMathMode(%s) failed with status %d", backend_precision_name(p),
+                 (int)st);
+        return -1;
+    }
+    return 0;
+}
+
 static int cuda_sync(struct backend *be)
 {
     check(be, cudaStreamSynchronize(stream_of(be)), "stream");
@@ -731,6 +745,7 @@ static const struct backend_ops cuda_ops = {
     cuda_dropout,
     cuda_softmax_xent,
     cuda_squared_error,
+    cuda_set_precision,
 };
 
 extern "C" int backend_cuda_available(void)

@@ -30,6 +30,7 @@ struct served_model {
 struct registry_options {
     const char *dir;
     enum device_kind device;
+    enum precision precision;
     struct batcher_options batch;
     struct metrics *metrics;
 };

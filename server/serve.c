@@ -30,6 +30,7 @@
 struct serve_options {
     const char *models, *host, *api_keys;
     enum device_kind device;
+    enum precision precision;
     long port, max_batch, max_wait_us, max_queue, threads, max_body, max_text_bytes, max_tokens_limit,
         max_connections, timeout_s;
 };
@@ -38,6 +39,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: rrnserve serve [--models DIR] [--host ADDR] [--port N] [--device auto|cpu|cuda]\n"
+            "                      [--precision fp32|tf32]\n"
             "                      [--max-batch N] [--max-wait-us N] [--max-queue N] [--api-keys FILE]\n"
             "                      [--threads N] [--max-body BYTES] [--max-text-bytes N]\n"
             "                      [--max-tokens-limit N] [--max-connections N] [--timeout-s N]\n"
@@ -47,6 +49,7 @@ static void usage(FILE *out)
             "  --host ADDR            address to listen on (default 127.0.0.1)\n"
             "  --port N               port to listen on, 0 for any free one (default 8080)\n"
             "  --device D             auto (CUDA when a GPU is present), cpu or cuda (default auto)\n"
+            "  --precision P          fp32, or tf32 for tensor-core matrix products on cuda (default fp32)\n"
             "  --max-batch N          sequences per engine call (default 32)\n"
             "  --max-wait-us N        how long a batch may wait to fill, microseconds (default 2000)\n"
             "  --max-queue N          jobs waiting per model before answering 503 (default 256)\n"
@@ -73,21 +76,6 @@ static int parse_long(const char *name, const char *value, long lo, long hi, lon
     return 0;
 }
 
-static int parse_device(const char *s, enum device_kind *dev)
-{
-    static const struct {
-        const char *name;
-        enum device_kind kind;
-    } kinds[] = {{"auto", DEVICE_AUTO}, {"cpu", DEVICE_CPU}, {"cuda", DEVICE_CUDA}};
-    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
-        if (strcmp(s, kinds[i].name) == 0) {
-            *dev = kinds[i].kind;
-            return 0;
-        }
-    fprintf(stderr, "rrnserve serve: --device must be auto, cpu or cuda, not '%s'\n", s);
-    return -1;
-}
-
 /* 0, or 2 (the exit status for bad usage), or 1 for --help (exit 0). */
 static int parse_options(int argc, char **argv, struct serve_options *o)
 {
@@ -108,16 +96,18 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
         {"max-connections", 1, 100000, &o->max_connections},
         {"timeout-s", 1, 86400, &o->timeout_s},
     };
-    enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_KEYS, OPT_HELP };
-    struct option opts[N_INTS + 6];
+    enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_PRECISION, OPT_KEYS,
+           OPT_HELP };
+    struct option opts[N_INTS + 7];
     for (int i = 0; i < N_INTS; i++)
         opts[i] = (struct option){ints[i].name, required_argument, NULL, i};
     opts[N_INTS] = (struct option){"models", required_argument, NULL, OPT_MODELS};
     opts[N_INTS + 1] = (struct option){"host", required_argument, NULL, OPT_HOST};
     opts[N_INTS + 2] = (struct option){"device", required_argument, NULL, OPT_DEVICE};
-    opts[N_INTS + 3] = (struct option){"api-keys", required_argument, NULL, OPT_KEYS};
-    opts[N_INTS + 4] = (struct option){"help", no_argument, NULL, OPT_HELP};
-    opts[N_INTS + 5] = (struct option){NULL, 0, NULL, 0};
+    opts[N_INTS + 3] = (struct option){"precision", required_argument, NULL, OPT_PRECISION};
+    opts[N_INTS + 4] = (struct option){"api-keys", required_argument, NULL, OPT_KEYS};
+    opts[N_INTS + 5] = (struct option){"help", no_argument, NULL, OPT_HELP};
+    opts[N_INTS + 6] = (struct option){NULL, 0, NULL, 0};
 
     *o = (struct serve_options){.models = "models", .host = "127.0.0.1", .device = DEVICE_AUTO, .port = 8080,
                                 .max_batch = 32, .max_wait_us = 2000, .max_queue = 256, .threads = 0,
@@ -134,8 +124,15 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
         } else if (c == OPT_HOST) {
             o->host = optarg;
         } else if (c == OPT_DEVICE) {
-            if (parse_device(optarg, &o->device) != 0)
+            if (backend_device_parse(optarg, &o->device) != 0) {
+                fprintf(stderr, "rrnserve serve: --device must be auto, cpu or cuda, not '%s'\n", optarg);
                 return 2;
+            }
+        } else if (c == OPT_PRECISION) {
+            if (backend_precision_parse(optarg, &o->precision) != 0) {
+                fprintf(stderr, "rrnserve serve: --precision must be fp32 or tf32, not '%s'\n", optarg);
+                return 2;
+            }
         } else if (c == OPT_KEYS) {
             o->api_keys = optarg;
         } else if (c == OPT_HELP) {
@@ -236,7 +233,7 @@ int cmd_serve(int argc, char **argv)
                       .lim = {.max_text_bytes = (size_t)o.max_text_bytes, .max_tokens = (int)o.max_tokens_limit}};
     atomic_init(&api.stopping, 0);
     struct registry_options ro = {
-        .dir = o.models, .device = o.device, .metrics = metrics,
+        .dir = o.models, .device = o.device, .precision = o.precision, .metrics = metrics,
         .batch = {.max_batch = (int)o.max_batch, .max_wait_us = (int)o.max_wait_us, .max_queue = (int)o.max_queue},
     };
     if (!metrics) {

@@ -155,6 +155,32 @@ static void test_bad_usage(void **state)
     free(out);
 }
 
+/* TF32 is a mode of the CUDA backend's matrix products: on the CPU each
+ * command refuses it by name, and an unknown precision is a usage error. */
+static void test_precision(void **state)
+{
+    (void)state;
+    char *out;
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --precision fp32"), 0);
+    free(out);
+    assert_int_equal(
+        proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --device cpu --precision tf32"), 1);
+    assert_non_null(strstr(out, "fp32 only"));
+    free(out);
+    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --precision fp8"), 2);
+    assert_non_null(strstr(out, "--precision must be fp32 or tf32"));
+    free(out);
+    assert_int_equal(proc_rrnserve(&out, NULL, "serve --models " FIX " --port 0 --device cpu --precision tf32"), 1);
+    assert_non_null(strstr(out, "tf32 needs the cuda device"));
+    free(out);
+    assert_int_equal(proc_rrnserve(&out, NULL, "serve --port 0 --precision half"), 2);
+    assert_non_null(strstr(out, "--precision"));
+    free(out);
+    assert_int_equal(proc_rrnserve(&out, NULL, "train --config models/sentiment.json --precision fp8 --out /tmp/rrn_cli_never.safetensors"), 1);
+    assert_non_null(strstr(out, "\"precision\" must be"));
+    free(out);
+}
+
 /* A corrupt weight file: CLI names the file and the problem. */
 static void test_corrupt_file(void **state)
 {
@@ -182,6 +208,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_version),      cmocka_unit_test(test_run_classify_text),
         cmocka_unit_test(test_run_lm_file_and_jsonl), cmocka_unit_test(test_info),
+        cmocka_unit_test(test_precision),
         cmocka_unit_test(test_bad_usage),    cmocka_unit_test(test_corrupt_file),
     };
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);

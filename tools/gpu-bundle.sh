@@ -28,6 +28,12 @@ mkdir -p "$stage/build/cuda/tests" "$stage/build/cuda/bench" "$stage/lib"
 cp rrnserve "$stage/"
 cp $tests "$stage/build/cuda/tests/"
 cp build/cuda/bench/bench_engine build/cuda/bench/loadgen "$stage/build/cuda/bench/"
+# The held-out novel the Austen model is scored on (../shared does not
+# travel to the GPU machine), for gpu-run.sh's precision figures.
+mkdir -p "$stage/data"
+if [ -f ../shared/data/austen/persuasion.txt ]; then
+    cp ../shared/data/austen/persuasion.txt "$stage/data/"
+fi
 # Every library the binaries load, but the C library's and CUDA's own.
 for bin in "$stage/rrnserve" "$stage"/build/cuda/tests/* "$stage"/build/cuda/bench/*; do
     ldd "$bin" | awk '$3 ~ /^\// { print $3 }'

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu-run.sh [tests|bench|train|all] - run on the GPU machine (the `device`
+# gpu-run.sh [tests|bench|train|precision|all] - run on the GPU machine (the `device`
 # tool), from the repository root, with .gpu/bundle.tar.xz carried there
 # (tools/gpu-bundle.sh made it here).  Writes its logs and results to $OUT
 # (or ./gpu-out without one):
@@ -9,7 +9,10 @@
 #          server.log and RESULTS.md (for bench/RESULTS.md)
 #   train  the shipped sentiment recipe on the GPU, and a few Austen
 #          steps for speed: train.log
-# all runs the three, about 8 minutes; each alone fits one device call.
+#   precision  what TF32 costs: Austen's bits per character on Persuasion
+#          and the sentiment model's accuracy on its 200 test sentences,
+#          fp32 against tf32: precision.log
+# all runs the four, about 9 minutes; each alone fits one device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -55,10 +58,28 @@ run_train() {
     tail -n 20 "$out/train.log"
 }
 
+run_precision() {
+    for p in fp32 tf32; do
+        echo "== $p"
+        [ -f "$root/data/persuasion.txt" ] &&
+            ./rrnserve run models/austen.safetensors --file "$root/data/persuasion.txt" --device cuda --precision "$p"
+        ./rrnserve run models/sentiment.safetensors --jsonl tests/fixtures/data/sentiment.test.jsonl --device cuda \
+            --precision "$p" >"$out/sentiment-$p.jsonl"
+        python3 - tests/fixtures/data/sentiment.test.jsonl "$out/sentiment-$p.jsonl" <<'PY'
+import json, sys
+want = [json.loads(l)["label"] for l in open(sys.argv[1]) if l.strip()]
+got = [json.loads(l).get("label") for l in open(sys.argv[2]) if l.strip()]
+print("sentiment accuracy: %d/%d" % (sum(a == b for a, b in zip(want, got)), len(want)))
+PY
+    done >"$out/precision.log" 2>&1
+    cat "$out/precision.log"
+}
+
 case $what in
 tests) run_tests ;;
 bench) run_bench ;;
 train) run_train ;;
-all) run_tests; run_bench; run_train ;;
-*) echo "usage: gpu-run.sh [tests|bench|train|all]" >&2; exit 2 ;;
+precision) run_precision ;;
+all) run_tests; run_bench; run_train; run_precision ;;
+*) echo "usage: gpu-run.sh [tests|bench|train|precision|all]" >&2; exit 2 ;;
 esac

@@ -60,6 +60,7 @@ struct options {
     const char *init_from;     /* start from this weight file's weights */
     const char *out;
     enum device_kind device;
+    enum precision precision;
 };
 
 /* Set the value at a dotted path ("optim.lr"), creating objects on the way.
@@ -221,7 +222,7 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     static const char *const keys[] = {"model",       "data",       "optim",   "init",      "vocab",
                                        "batch_size",  "bptt",       "epochs",  "steps",     "dropout",  "dropout_embed", "state_reset",
                                        "seed",        "valid_every", "checkpoint_every", "log_every",
-                                       "keep_best",   "init_from",  "out",        "device"};
+                                       "keep_best",   "init_from",  "out",        "device", "precision"};
     for (const cJSON *k = root->child; k; k = k->next) {
         size_t i = 0;
         while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
@@ -318,6 +319,10 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
         return error_fmt(err, errlen, "config: \"device\" must be \"cpu\" or \"cuda\"");
     if (dev && strcmp(dev->valuestring, "cuda") == 0)
         o->device = DEVICE_CUDA;
+    const cJSON *prec = field(root, "precision");
+    o->precision = PRECISION_FP32;
+    if (prec && !(cJSON_IsString(prec) && backend_precision_parse(prec->valuestring, &o->precision) == 0))
+        return error_fmt(err, errlen, "config: \"precision\" must be \"fp32\" or \"tf32\"");
     return 0;
 }
 
@@ -988,7 +993,8 @@ static int train(struct run *r, char *err, size_t errlen)
             return -1;
         model_init(&r->model, &o->init, o->seed);
     }
-    if (tokenizer_init(&r->tk, &r->model.cfg, err, errlen) || !(r->be = backend_create(o->device, err, errlen)))
+    if (tokenizer_init(&r->tk, &r->model.cfg, err, errlen) || !(r->be = backend_create(o->device, err, errlen)) ||
+        backend_set_precision(r->be, o->precision, err, errlen))
         return -1;
     int slots = is_lm(r) ? o->batch + 1 : 0;
     if (!(r->e = engine_create(&r->model, r->be, slots, err, errlen)))
