@@ -128,31 +128,40 @@ static void test_info(void **state)
     free(out);
 }
 
+/* One command line: its exit status, and a piece of what it printed (or
+ * NULL when any output will do). */
+struct cli_case {
+    const char *args;
+    int status;
+    const char *says;
+};
+
+static void expect_all(const struct cli_case *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        char *out;
+        int status = proc_rrnserve(&out, NULL, "%s", cases[i].args);
+        if (status != cases[i].status || (cases[i].says && !strstr(out, cases[i].says)))
+            fail_msg("rrnserve %s: exit %d, want %d with \"%s\"; printed:\n%s", cases[i].args, status,
+                     cases[i].status, cases[i].says ? cases[i].says : "", out);
+        free(out);
+    }
+}
+
 static void test_bad_usage(void **state)
 {
     (void)state;
-    char *out;
-    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors"), 2);
-    assert_non_null(strstr(out, "usage"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --file b"), 2);
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --device tpu"), 2);
-    assert_non_null(strstr(out, "--device"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "run /nonexistent.safetensors --text a"), 1);
-    assert_non_null(strstr(out, "/nonexistent.safetensors"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "info /nonexistent.safetensors"), 1);
-    assert_non_null(strstr(out, "/nonexistent.safetensors"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "frobnicate"), 2);
-    assert_non_null(strstr(out, "unknown command"));
-    free(out);
-    /* A text with no tokens (the word tokenizer drops punctuation). */
-    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "tok_word.safetensors --text '...'"), 1);
-    assert_non_null(strstr(out, "no tokens"));
-    free(out);
+    static const struct cli_case cases[] = {
+        {"run " FIX "combo_lstm.safetensors", 2, "usage"},
+        {"run " FIX "combo_lstm.safetensors --text a --file b", 2, NULL},
+        {"run " FIX "combo_lstm.safetensors --text a --device tpu", 2, "--device"},
+        {"run /nonexistent.safetensors --text a", 1, "/nonexistent.safetensors"},
+        {"info /nonexistent.safetensors", 1, "/nonexistent.safetensors"},
+        {"frobnicate", 2, "unknown command"},
+        /* A text with no tokens (the word tokenizer drops punctuation). */
+        {"run " FIX "tok_word.safetensors --text '...'", 1, "no tokens"},
+    };
+    expect_all(cases, sizeof cases / sizeof cases[0]);
 }
 
 /* TF32 is a mode of the CUDA backend's matrix products: on the CPU each
@@ -160,25 +169,16 @@ static void test_bad_usage(void **state)
 static void test_precision(void **state)
 {
     (void)state;
-    char *out;
-    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --precision fp32"), 0);
-    free(out);
-    assert_int_equal(
-        proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --device cpu --precision tf32"), 1);
-    assert_non_null(strstr(out, "fp32 only"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --precision fp8"), 2);
-    assert_non_null(strstr(out, "--precision must be fp32 or tf32"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "serve --models " FIX " --port 0 --device cpu --precision tf32"), 1);
-    assert_non_null(strstr(out, "tf32 needs the cuda device"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "serve --port 0 --precision half"), 2);
-    assert_non_null(strstr(out, "--precision"));
-    free(out);
-    assert_int_equal(proc_rrnserve(&out, NULL, "train --config models/sentiment.json --precision fp8 --out /tmp/rrn_cli_never.safetensors"), 1);
-    assert_non_null(strstr(out, "\"precision\" must be"));
-    free(out);
+    static const struct cli_case cases[] = {
+        {"run " FIX "combo_lstm.safetensors --text a --precision fp32", 0, "probabilities"},
+        {"run " FIX "combo_lstm.safetensors --text a --device cpu --precision tf32", 1, "fp32 only"},
+        {"run " FIX "combo_lstm.safetensors --text a --precision fp8", 2, "--precision must be fp32 or tf32"},
+        {"serve --models " FIX " --port 0 --device cpu --precision tf32", 1, "tf32 needs the cuda device"},
+        {"serve --port 0 --precision half", 2, "--precision"},
+        {"train --config models/sentiment.json --precision fp8 --out /tmp/rrn_cli_never.safetensors", 1,
+         "\"precision\" must be"},
+    };
+    expect_all(cases, sizeof cases / sizeof cases[0]);
 }
 
 /* A corrupt weight file: CLI names the file and the problem. */
