@@ -154,6 +154,12 @@ struct backend_ops {
     /* The arithmetic of the matrix products from now on; 0, or -1 with a
      * message in err.  NULL: the backend computes in FP32 only. */
     int (*set_precision)(struct backend *be, enum precision p);
+
+    /* Host memory that uploads and downloads stage through: page-locked on
+     * CUDA, so that copies go straight to and from the device by DMA.  NULL
+     * when out of memory. */
+    void *(*host_alloc)(struct backend *be, size_t bytes);
+    void (*host_free)(struct backend *be, void *p);
 };
 
 struct backend {

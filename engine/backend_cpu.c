@@ -39,6 +39,12 @@ static void cpu_free(struct backend *be, void *p)
     free(p);
 }
 
+static void *cpu_host_alloc(struct backend *be, size_t bytes)
+{
+    (void)be;
+    return malloc(bytes ? bytes : 1);
+}
+
 static int cpu_upload(struct backend *be, void *dst, const void *src, size_t bytes)
 {
     be->bytes_up += bytes;
@@ -599,6 +605,8 @@ static const struct backend_ops cpu_ops = {
     .dropout = cpu_dropout,
     .softmax_xent = cpu_softmax_xent,
     .squared_error = cpu_squared_error,
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_free,
 };
 
 struct backend *backend_cpu_create(char *err, size_t errlen)

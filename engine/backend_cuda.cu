@@ -78,6 +78,21 @@ static void cuda_free(struct backend *be, void *p)
         cudaFree(p);
 }
 
+static void *cuda_host_alloc(struct backend *be, size_t bytes)
+{
+    void *p = NULL;
+    if (check(be, cudaMallocHost(&p, bytes ? bytes : 1), "cudaMallocHost") != 0)
+        return NULL;
+    return p;
+}
+
+static void cuda_host_free(struct backend *be, void *p)
+{
+    (void)be;
+    if (p)
+        cudaFreeHost(p);
+}
+
 static int cuda_upload(struct backend *be, void *dst, const void *src, size_t bytes)
 {
     be->bytes_up += bytes;
@@ -746,6 +761,8 @@ static const struct backend_ops cuda_ops = {
     cuda_softmax_xent,
     cuda_squared_error,
     cuda_set_precision,
+    cuda_host_alloc,
+    cuda_host_free,
 };
 
 extern "C" int backend_cuda_available(void)

@@ -189,8 +189,8 @@ void engine_destroy(struct engine *e)
     be->ops->free(be, e->pool_c);
     be->ops->free(be, e->pool_ring);
     free(e->slot_pos);
-    free(e->host_ints);
-    free(e->host_floats);
+    for (int i = 0; i < HOST_COUNT; i++)
+        be->ops->host_free(be, e->host[i]);
     free(e);
 }
 
@@ -215,21 +215,6 @@ void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes)
     return p;
 }
 
-/* Grow a host scratch buffer to at least bytes, by half again so a slowly
- * rising batch does not reallocate every call. */
-static void *host_scratch(void **buf, size_t *cap, size_t bytes)
-{
-    if (bytes <= *cap && *buf)
-        return *buf;
-    size_t want = bytes + bytes / 2 + 64;
-    void *p = realloc(*buf, want);
-    if (!p)
-        return NULL;
-    *buf = p;
-    *cap = want;
-    return p;
-}
-
 int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
 {
     int *d = engine_ws(e, which, n * sizeof(int));
@@ -238,14 +223,18 @@ int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, siz
     return d;
 }
 
-int *engine_host_ints(struct engine *e, size_t n)
+void *engine_host(struct engine *e, enum host_buf which, size_t bytes)
 {
-    return host_scratch(&e->host_ints, &e->host_ints_cap, n * sizeof(int));
-}
-
-float *engine_host_floats(struct engine *e, size_t n)
-{
-    return host_scratch(&e->host_floats, &e->host_floats_cap, n * sizeof(float));
+    if (bytes <= e->host_cap[which] && e->host[which])
+        return e->host[which];
+    size_t cap = bytes + bytes / 2 + 64;
+    void *p = e->be->ops->host_alloc(e->be, cap);
+    if (!p)
+        return NULL;
+    e->be->ops->host_free(e->be, e->host[which]);
+    e->host[which] = p;
+    e->host_cap[which] = cap;
+    return p;
 }
 
 void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg)

@@ -19,6 +19,10 @@ enum ws_buf {
     WS_INPUTS, WS_TARGETS, WS_COUNT
 };
 
+/* Host scratch buffers: a batch's plan (index arrays), its packed vector
+ * inputs, and the results it downloads. */
+enum host_buf { HOST_PLAN, HOST_INPUTS, HOST_RESULTS, HOST_COUNT };
+
 /* Named pointers into an arena laid out as the model's (struct model):
  * the weights on the backend, or their gradients. */
 struct param_view {
@@ -50,9 +54,10 @@ struct engine {
     int max_slots;
     int *slot_pos;               /* tokens consumed; -1 when free */
     float *pool_c, *pool_ring;
-    /* Host scratch for index arrays and packed vector inputs, grown like ws. */
-    void *host_ints, *host_floats;
-    size_t host_ints_cap, host_floats_cap; /* bytes */
+    /* Host scratch that transfers stage through (backend host memory:
+     * page-locked on CUDA), grown like ws. */
+    void *host[HOST_COUNT];
+    size_t host_cap[HOST_COUNT]; /* bytes */
 };
 
 /* A scratch buffer of at least bytes, or NULL when out of memory. */
@@ -60,10 +65,8 @@ void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes);
 /* n ints from the host copied into scratch buffer which; NULL when out of
  * memory or the copy failed. */
 int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n);
-/* Host int scratch of at least n ints, or NULL. */
-int *engine_host_ints(struct engine *e, size_t n);
-/* Host float scratch of at least n floats, or NULL. */
-float *engine_host_floats(struct engine *e, size_t n);
+/* A host scratch buffer of at least bytes, or NULL when out of memory. */
+void *engine_host(struct engine *e, enum host_buf which, size_t bytes);
 
 /* One layer's recurrent step for rows that are all at step t0 (forward) or
  * at the per-row steps in t (the step API); shared by both paths. */

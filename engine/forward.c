@@ -100,7 +100,7 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
     int with_slot = seqs[0].slot >= 0;
     p->pos = with_slot ? engine_slot_position(e, seqs[0].slot) : 0;
     size_t need = 5 * (size_t)n + (size_t)p->T + 1 + 4 * (size_t)p->P + (size_t)n;
-    int *h = engine_host_ints(e, need);
+    int *h = engine_host(e, HOST_PLAN, need * sizeof(int));
     if (!h)
         return -1;
     p->order = h;
@@ -133,7 +133,7 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
         p->off[s + 1] = p->off[s] + running;
     }
     const int E = e->E;
-    p->inputs = e->m->cfg.input_dim ? engine_host_floats(e, (size_t)p->P * E) : NULL;
+    p->inputs = e->m->cfg.input_dim ? engine_host(e, HOST_INPUTS, (size_t)p->P * E * sizeof(float)) : NULL;
     if (e->m->cfg.input_dim && !p->inputs)
         return -1;
     for (int i = 0; i < n; i++) {
@@ -314,11 +314,9 @@ static int classify_head(struct engine *e, const struct plan *p, const struct de
     const int n = p->n, W = e->W, C = e->C;
     float *pooled = engine_ws(e, WS_POOL, (size_t)n * W * sizeof(float));
     float *logits = engine_ws(e, WS_LOGITS, 2 * (size_t)n * C * sizeof(float));
-    float *host = malloc(2 * (size_t)n * C * sizeof(float));
-    if (!pooled || !logits || !host) {
-        free(host);
+    float *host = engine_host(e, HOST_RESULTS, 2 * (size_t)n * C * sizeof(float));
+    if (!pooled || !logits || !host)
         return -1;
-    }
     engine_classify_logits(e, d, n, y, pooled, logits);
     float *probs = logits + (size_t)n * C;
     be->ops->gather_rows(be, probs, C, logits, C, NULL, n, C);
@@ -331,7 +329,6 @@ static int classify_head(struct engine *e, const struct plan *p, const struct de
         if (q->probs)
             memcpy(q->probs, host + (size_t)(n + i) * C, (size_t)C * sizeof(float));
     }
-    free(host);
     return rc;
 }
 
@@ -349,11 +346,9 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
     float *lp = engine_ws(e, WS_LOGPROB, (size_t)P * sizeof(float));
     float *last = engine_ws(e, WS_POOL, (size_t)n * V * sizeof(float));
     size_t host_n = (size_t)P + (want_logits ? (size_t)P * V : 0) + (want_last ? (size_t)n * V : 0);
-    float *host = malloc(host_n * sizeof(float));
-    if (!logits || !lp || !last || !host) {
-        free(host);
+    float *host = engine_host(e, HOST_RESULTS, host_n * sizeof(float));
+    if (!logits || !lp || !last || !host)
         return -1;
-    }
     be->ops->set_rows(be, logits, V, e->w.head_b, P, V);
     be->ops->gemm(be, 0, 1, P, V, W, 1.0f, y, W, e->w.head_w, W, 1.0f, logits, V);
     be->ops->log_softmax_pick(be, logits, P, V, d->target, lp);
@@ -377,7 +372,6 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
         if (q->last_logits)
             memcpy(q->last_logits, h_last + (size_t)i * V, (size_t)V * sizeof(float));
     }
-    free(host);
     return rc;
 }
 
@@ -387,7 +381,7 @@ static int copy_attention(struct engine *e, const struct plan *p, const float *a
 {
     const int K = e->K, P = p->P;
     size_t total = (size_t)e->L * e->D * P * K;
-    float *host = malloc(total * sizeof(float));
+    float *host = engine_host(e, HOST_RESULTS, total * sizeof(float));
     if (!host)
         return -1;
     int rc = e->be->ops->download(e->be, host, attn, total * sizeof(float));
@@ -404,7 +398,6 @@ static int copy_attention(struct engine *e, const struct plan *p, const float *a
             }
         }
     }
-    free(host);
     return rc;
 }
 

@@ -50,7 +50,7 @@ struct step_rows {
 
 static int plan_rows(struct engine *e, const int *slots, const int32_t *tokens, int n, struct step_rows *r)
 {
-    int *h = engine_host_ints(e, 5 * (size_t)n);
+    int *h = engine_host(e, HOST_PLAN, 5 * (size_t)n * sizeof(int));
     if (!h)
         return -1;
     r->order = h;
@@ -137,7 +137,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     be->ops->gemm(be, 0, 1, n, V, W, 1.0f, y, W, e->w.head_w, W, 1.0f, out, V);
 
     size_t host_n = (size_t)n * V + (attn ? (size_t)e->L * n * K : 0);
-    float *host = malloc(host_n * fsz);
+    float *host = engine_host(e, HOST_RESULTS, host_n * fsz);
     if (!host)
         goto oom;
     float *h_attn = host + (size_t)n * V;
@@ -147,7 +147,6 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     if (rc == 0)
         rc = be->ops->sync(be);
     if (rc != 0) {
-        free(host);
         snprintf(err, errlen, "%s backend: %s", be->ops->name, be->err);
         return -1;
     }
@@ -158,7 +157,6 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
             memcpy(attention + ((size_t)i * e->L + l) * K, h_attn + ((size_t)l * n + k) * K, (size_t)K * fsz);
         e->slot_pos[r.slot[k]]++;
     }
-    free(host);
     return 0;
 oom:
     snprintf(err, errlen, "out of memory for a step of %d sequences", n);
