@@ -165,7 +165,8 @@ static void test_bad_usage(void **state)
 }
 
 /* TF32 is a mode of the CUDA backend's matrix products: on the CPU each
- * command refuses it by name, and an unknown precision is a usage error. */
+ * command refuses it by name, and an unknown precision or device is an
+ * error that names it. */
 static void test_precision(void **state)
 {
     (void)state;
@@ -177,6 +178,8 @@ static void test_precision(void **state)
         {"serve --port 0 --precision half", 2, "--precision"},
         {"train --config models/sentiment.json --precision fp8 --out /tmp/rrn_cli_never.safetensors", 1,
          "\"precision\" must be"},
+        {"train --config models/sentiment.json --device tpu --out /tmp/rrn_cli_never.safetensors", 1,
+         "\"device\" must be \"cpu\", \"cuda\" or \"auto\""},
     };
     expect_all(cases, sizeof cases / sizeof cases[0]);
 }

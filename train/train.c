@@ -315,10 +315,8 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     o->init_from = from ? from->valuestring : NULL;
     const cJSON *dev = field(root, "device");
     o->device = DEVICE_CPU;
-    if (dev && !(cJSON_IsString(dev) && (strcmp(dev->valuestring, "cpu") == 0 || strcmp(dev->valuestring, "cuda") == 0)))
-        return error_fmt(err, errlen, "config: \"device\" must be \"cpu\" or \"cuda\"");
-    if (dev && strcmp(dev->valuestring, "cuda") == 0)
-        o->device = DEVICE_CUDA;
+    if (dev && !(cJSON_IsString(dev) && backend_device_parse(dev->valuestring, &o->device) == 0))
+        return error_fmt(err, errlen, "config: \"device\" must be \"cpu\", \"cuda\" or \"auto\"");
     const cJSON *prec = field(root, "precision");
     o->precision = PRECISION_FP32;
     if (prec && !(cJSON_IsString(prec) && backend_precision_parse(prec->valuestring, &o->precision) == 0))
