@@ -374,6 +374,18 @@ static void cuda_pool_mean(struct backend *be, float *dst, const float *src, int
     pool_mean_kernel<<<n, 256, 0, stream_of(be)>>>(dst, src, width, off, len);
 }
 
+/* exp in the precision of its argument, named so that a float never
+ * widens to double by overload resolution. */
+__device__ float exp_of(float x)
+{
+    return expf(x);
+}
+
+__device__ double exp_of(double x)
+{
+    return exp(x);
+}
+
 /* A row's maximum and sum of exp(x - max), for every thread of the block:
  * what the softmax kernels start from.  T is the sum's type: float, or
  * double where the CPU twin sums in double. */
@@ -386,7 +398,7 @@ template <typename T> __device__ void row_max_sumexp(const float *row, int width
     m = block_max(m, shared);
     T part = 0;
     for (int k = threadIdx.x; k < width; k += blockDim.x)
-        part += exp((T)(row[k] - m));
+        part += exp_of((T)(row[k] - m));
     *sum = block_sum(part, shared_t);
     *mx = m;
 }
