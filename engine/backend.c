@@ -83,6 +83,11 @@ const char *backend_precision_name(enum precision p)
     return precision_names[p];
 }
 
+void backend_clear_error(struct backend *be)
+{
+    be->err[0] = '\0';
+}
+
 int backend_set_precision(struct backend *be, enum precision p, char *err, size_t errlen)
 {
     if (!be->ops->set_precision) {

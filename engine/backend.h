@@ -198,6 +198,12 @@ int backend_device_parse(const char *s, enum device_kind *dev);
 int backend_precision_parse(const char *s, enum precision *p);
 const char *backend_precision_name(enum precision p);
 
+/* Forget an earlier failure recorded in be->err.  The engine calls it as
+ * each forward, step or training batch starts, so that one that failed
+ * (out of device memory, say) does not fail every one after it; a fault
+ * that leaves the device unusable fails them again by itself. */
+void backend_clear_error(struct backend *be);
+
 /* Set the matrix products' precision; 0, or -1 with a message in err (the
  * backend has no such mode, or failed to set it). */
 int backend_set_precision(struct backend *be, enum precision p, char *err, size_t errlen);

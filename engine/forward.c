@@ -405,6 +405,7 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
 {
     if (engine_check_batch(e, seqs, n, err, errlen) != 0)
         return -1;
+    backend_clear_error(e->be);
     struct plan p;
     struct dev_plan d;
     if (engine_make_plan(e, seqs, n, &p) != 0 || engine_upload_plan(e, &p, &d) != 0) {

@@ -79,6 +79,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
 {
     if (check_step(e, slots, tokens, n, err, errlen) != 0)
         return -1;
+    backend_clear_error(e->be);
     struct backend *be = e->be;
     const int H = e->H, W = e->W, V = e->V, K = e->K, S = e->max_slots;
     const size_t fsz = sizeof(float);

@@ -374,6 +374,7 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
                        const struct train_options *opt, struct train_result *res, char *err, size_t errlen)
 {
     struct backend *be = e->be;
+    backend_clear_error(be);
     if (!be->ops->cell_step_backward) {
         snprintf(err, errlen, "the %s backend cannot train yet", be->ops->name);
         return -1;

@@ -2,8 +2,9 @@
  * chunks through a slot equal one pass over them, slots run out and come
  * back, every misuse of the API is refused with a message rather than a
  * crash, a batch large enough to be split over the worker pool gives the
- * same bits as on one thread, in inference and in training, and layer 0's
- * token tables give the bits of the projection they replace.
+ * same bits as on one thread, in inference and in training, layer 0's
+ * token tables give the bits of the projection they replace, and a failure
+ * the backend recorded does not fail the calls after it.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,6 +13,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -261,6 +263,28 @@ static void test_training_threads_give_the_same_bits(void **state)
     free(grads[1]);
 }
 
+/* A failure the backend recorded in an earlier call (a CUDA out-of-memory,
+ * say) must not fail the calls after it. */
+static void test_backend_error_does_not_stick(void **state)
+{
+    struct env *v = *state;
+    char err[512];
+    int32_t tokens[5] = {1, 2, 3, 4, 5};
+    snprintf(v->be->err, sizeof v->be->err, "an earlier call's failure");
+    struct engine_seq q = {.tokens = tokens, .len = 5, .slot = -1};
+    if (engine_forward(v->engine, &q, 1, err, sizeof err) != 0)
+        fail_msg("forward after a recorded failure: %s", err);
+    int slot = engine_slot_open(v->engine);
+    assert_true(slot >= 0);
+    float *logits = malloc(sizeof(float) * (size_t)v->model.head_out);
+    assert_non_null(logits);
+    snprintf(v->be->err, sizeof v->be->err, "an earlier call's failure");
+    if (engine_step(v->engine, &slot, tokens, 1, logits, NULL, err, sizeof err) != 0)
+        fail_msg("step after a recorded failure: %s", err);
+    engine_slot_close(v->engine, slot);
+    free(logits);
+}
+
 enum { TT_N = 3, TT_T = 17, TT_STEPS = 6 };
 
 /* Floats run_tables_case writes for model m. */
@@ -353,6 +377,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test(test_token_tables_give_the_same_bits),
+        cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);
