@@ -94,18 +94,21 @@ static int mirror_weights(struct engine *e, char *err, size_t errlen)
 /* The table is the projection of every embedding row, through the same
  * code as a forward's projection, so a gathered row has the bits the
  * forward would compute (gemm_nt's result for a row depends on nothing
- * else).  Without memory for it the engine runs without it. */
+ * else).  Without memory for it, or if the backend fails making it, the
+ * engine runs without it. */
 static void build_token_tables(struct engine *e)
 {
     size_t row = (size_t)e->G * e->H * sizeof(float);
     if (!e->w.embedding || (size_t)e->V * e->D * row > TOKEN_TABLE_MAX_BYTES)
         return;
     for (int dir = 0; dir < e->D; dir++) {
-        if (!(e->token_xg[dir] = e->be->ops->alloc(e->be, (size_t)e->V * row))) {
-            engine_drop_token_tables(e);
-            return;
-        }
+        if (!(e->token_xg[dir] = e->be->ops->alloc(e->be, (size_t)e->V * row)))
+            break;
         engine_input_projection(e, 0, dir, e->w.embedding, e->V, e->token_xg[dir]);
+    }
+    if (!e->token_xg[e->D - 1] || e->be->ops->sync(e->be) != 0) {
+        engine_drop_token_tables(e);
+        backend_clear_error(e->be);
     }
 }
 
@@ -199,20 +202,28 @@ const struct model *engine_model(const struct engine *e)
     return e->m;
 }
 
-void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes)
+/* *buf grown to at least bytes with the backend's alloc and release (its
+ * device or its host memory); the contents are not kept.  It grows by half
+ * again, so that a slowly rising batch size does not reallocate every
+ * call. */
+static void *grow(struct engine *e, void **buf, size_t *cap, size_t bytes,
+                  void *(*alloc)(struct backend *, size_t), void (*release)(struct backend *, void *))
 {
-    if (bytes <= e->ws_cap[which] && e->ws[which])
-        return e->ws[which];
-    /* Grow by half again so a slowly rising batch size does not reallocate
-     * every call. */
-    size_t cap = bytes + bytes / 2;
-    void *p = e->be->ops->alloc(e->be, cap);
+    if (bytes <= *cap && *buf)
+        return *buf;
+    size_t want = bytes + bytes / 2 + 64;
+    void *p = alloc(e->be, want);
     if (!p)
         return NULL;
-    e->be->ops->free(e->be, e->ws[which]);
-    e->ws[which] = p;
-    e->ws_cap[which] = cap;
+    release(e->be, *buf);
+    *buf = p;
+    *cap = want;
     return p;
+}
+
+void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes)
+{
+    return grow(e, &e->ws[which], &e->ws_cap[which], bytes, e->be->ops->alloc, e->be->ops->free);
 }
 
 int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
@@ -225,16 +236,7 @@ int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, siz
 
 void *engine_host(struct engine *e, enum host_buf which, size_t bytes)
 {
-    if (bytes <= e->host_cap[which] && e->host[which])
-        return e->host[which];
-    size_t cap = bytes + bytes / 2 + 64;
-    void *p = e->be->ops->host_alloc(e->be, cap);
-    if (!p)
-        return NULL;
-    e->be->ops->host_free(e->be, e->host[which]);
-    e->host[which] = p;
-    e->host_cap[which] = cap;
-    return p;
+    return grow(e, &e->host[which], &e->host_cap[which], bytes, e->be->ops->host_alloc, e->be->ops->host_free);
 }
 
 void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg)
