@@ -261,7 +261,7 @@ static char *big_head(int kind, size_t len, size_t *out_len)
     return b.p;
 }
 
-/* Heads past the per-connection memory (128 KiB) are answered 431 (or
+/* Heads past the per-connection memory (32 KiB) are answered 431 (or
  * 414 for a URL) or closed, never crash the server; one well within it
  * is served. */
 static void test_oversized_headers(void **state)
