@@ -120,6 +120,11 @@ void engine_drop_token_tables(struct engine *e)
     }
 }
 
+int engine_needs_embedding(const struct engine *e, int tables)
+{
+    return !tables || (e->m->cfg.residual_depth && e->L > 1);
+}
+
 size_t engine_token_table_bytes(const struct engine *e)
 {
     return e->token_xg[0] ? (size_t)e->D * e->V * e->G * e->H * sizeof(float) : 0;

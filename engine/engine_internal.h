@@ -93,6 +93,12 @@ void engine_input_projection(struct engine *e, int layer, int dir, const float *
 /* Drop the token tables: the weights are about to change. */
 void engine_drop_token_tables(struct engine *e);
 
+/* Whether a pass that reads layer 0's projection from the token tables
+ * (tables nonzero) still needs the embedded input y^0 on the backend: only
+ * for the depth residual, which adds it to layer 2's output.  A pass
+ * without tables always does. */
+int engine_needs_embedding(const struct engine *e, int tables);
+
 /* Host-side plan of one batch. */
 struct plan {
     int n, T, P;

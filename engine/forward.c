@@ -175,8 +175,8 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
         if (!d->inputs || e->be->ops->upload(e->be, d->inputs, p->inputs, bytes) != 0)
             return -1;
     }
-    return d->tokens && d->rev && (d->tokens_rev || e->D == 1) && d->last && d->off && d->len && d->target && (d->slot || !p->slot) &&
-                   (d->hprev || !p->slot) ? 0 : -1;
+    return d->tokens && d->rev && (d->tokens_rev || e->D == 1) && d->last && d->off && d->len && d->target &&
+                   (d->slot || !p->slot) && (d->hprev || !p->slot) ? 0 : -1;
 }
 
 /* Run every layer; returns the last layer's output [P, W] or NULL. */
@@ -206,12 +206,12 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         (!tape && (!ybuf[0] || !ybuf[1] || !ybuf[2])) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
         return NULL;
 
-    /* With token tables layer 0 needs the embedded input y^0 only for the
-     * depth residual. */
+    /* Training keeps the embedded input on its tape, and moves the weights
+     * the tables were made from. */
     const int tables = e->token_xg[0] && !tape;
     if (d->inputs)
         be->ops->gather_rows(be, x0, e->E, d->inputs, e->E, NULL, P, e->E);
-    else if (!tables || (e->m->cfg.residual_depth && e->L > 1))
+    else if (engine_needs_embedding(e, tables))
         be->ops->gather_rows(be, x0, e->E, e->w.embedding, e->E, d->tokens, P, e->E);
     /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
     const float *y_prev2 = NULL, *y_prev = x0;

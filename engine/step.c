@@ -102,7 +102,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
         goto oom;
 
     const int tables = e->token_xg[0] != NULL;
-    if (!tables || (e->m->cfg.residual_depth && e->L > 1))
+    if (engine_needs_embedding(e, tables))
         be->ops->gather_rows(be, x, e->E, e->w.embedding, e->E, d_token, n, e->E);
     const float *y_prev2 = NULL, *y_prev = x;
     float *y = NULL;

@@ -57,7 +57,6 @@ int engine_params_from_host(struct engine *e, const float *p)
     return e->be->ops->upload(e->be, e->w.base, p, e->m->n_params * sizeof(float));
 }
 
-
 /* The rows of step u >= -R of the tape's h: the prefix's R steps hold all B
  * rows each, then come the packed steps. */
 static int row_of(const struct plan *p, int R, int u)
