@@ -85,6 +85,21 @@ static void cpu_gemm(struct backend *be, int trans_a, int trans_b, int M, int N,
                 M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+static void *cpu_pack_weights(struct backend *be, const float *B, int N, int K)
+{
+    float *p = cpu_alloc(be, gemm_pack_floats(N, K) * sizeof(float));
+    if (p)
+        gemm_pack(N, K, B, K, p);
+    return p;
+}
+
+static void cpu_gemm_packed(struct backend *be, int M, int N, int K, const float *A, int lda, const void *packed,
+                            float beta, float *C, int ldc)
+{
+    (void)be;
+    gemm_nt_packed(M, N, K, A, lda, packed, beta, C, ldc);
+}
+
 static void cpu_gather_rows(struct backend *be, float *dst, int ldd, const float *src, int lds,
                             const int *idx, int n, int width)
 {
@@ -608,6 +623,8 @@ static const struct backend_ops cpu_ops = {
     .squared_error = cpu_squared_error,
     .host_alloc = cpu_host_alloc,
     .host_free = cpu_free,
+    .pack_weights = cpu_pack_weights,
+    .gemm_packed = cpu_gemm_packed,
 };
 
 struct backend *backend_cpu_create(char *err, size_t errlen)

@@ -775,6 +775,8 @@ static const struct backend_ops cuda_ops = {
     cuda_set_precision,
     cuda_host_alloc,
     cuda_host_free,
+    NULL, /* pack_weights: cuBLAS reads the plain layout */
+    NULL,
 };
 
 extern "C" int backend_cuda_available(void)

@@ -131,4 +131,8 @@ int engine_params_from_host(struct engine *e, const float *p);
  * of every token, read instead of computed (0 when the engine has none). */
 size_t engine_token_table_bytes(const struct engine *e);
 
+/* Bytes of backend memory held by packed copies of the weight matrices
+ * (0 where the backend does not pack them, or they were dropped). */
+size_t engine_packed_bytes(const struct engine *e);
+
 #endif

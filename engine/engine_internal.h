@@ -48,6 +48,15 @@ struct engine {
      * for vector inputs, tables over TOKEN_TABLE_MAX_BYTES, and engines
      * whose weights were replaced (engine_params_from_host). */
     float *token_xg[2];
+    /* The backend's packed twins (pack_weights) of every matrix a product
+     * multiplies by, found by engine_gemm_weights; none where the backend
+     * does not pack, or the weights were replaced. */
+    struct packed_weight {
+        const float *w;
+        void *packed;
+    } *packed;
+    int n_packed;
+    size_t packed_bytes;
     void *ws[WS_COUNT];
     size_t ws_cap[WS_COUNT];
     /* Step-API slots: per layer, S cell states and S rings of R states. */
@@ -90,8 +99,14 @@ void engine_residual(struct engine *e, int layer, float *y, const float *y2, int
 /* Input projection of n rows: xg = x W_ih^T + b_ih. */
 void engine_input_projection(struct engine *e, int layer, int dir, const float *x, int n, float *xg);
 
-/* Drop the token tables: the weights are about to change. */
-void engine_drop_token_tables(struct engine *e);
+/* y = x W^T + beta y for n rows, W [N][K] one of the model's weight
+ * matrices on the backend: through its packed twin when there is one. */
+void engine_gemm_weights(struct engine *e, int n, int N, int K, const float *x, int ldx, const float *W,
+                         float beta, float *y, int ldy);
+
+/* Drop what the engine derived from the weights (token tables, packed
+ * twins): the weights are about to change. */
+void engine_drop_derived(struct engine *e);
 
 /* Whether a pass that reads layer 0's projection from the token tables
  * (tables nonzero) still needs the embedded input y^0 on the backend: only

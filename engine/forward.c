@@ -304,7 +304,7 @@ void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, c
             be->ops->gather_rows(be, pooled + H, W, y + H, W, NULL, n, H);
     }
     be->ops->set_rows(be, logits, C, e->w.head_b, n, C);
-    be->ops->gemm(be, 0, 1, n, C, W, 1.0f, pooled, W, e->w.head_w, W, 1.0f, logits, C);
+    engine_gemm_weights(e, n, C, W, pooled, W, e->w.head_w, 1.0f, logits, C);
 }
 
 static int classify_head(struct engine *e, const struct plan *p, const struct dev_plan *d, const float *y,
@@ -350,7 +350,7 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
     if (!logits || !lp || !last || !host)
         return -1;
     be->ops->set_rows(be, logits, V, e->w.head_b, P, V);
-    be->ops->gemm(be, 0, 1, P, V, W, 1.0f, y, W, e->w.head_w, W, 1.0f, logits, V);
+    engine_gemm_weights(e, P, V, W, y, W, e->w.head_w, 1.0f, logits, V);
     be->ops->log_softmax_pick(be, logits, P, V, d->target, lp);
     float *h_lp = host, *h_logits = host + P, *h_last = h_logits + (want_logits ? (size_t)P * V : 0);
     int rc = be->ops->download(be, h_lp, lp, (size_t)P * sizeof(float));

@@ -32,6 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -65,6 +66,7 @@ struct job {
     const float *A, *B;
     float *C;
     int beta;
+    int packed;   /* B is in gemm_pack's layout (ldb unused) */
     enum gemm_isa isa;
     int task_n;   /* rows of B per task */
     int tasks_m;  /* tasks along M */
@@ -77,6 +79,21 @@ static int panel_rows(int K)
     return rows < NR_MAX ? NR_MAX : rows > INT_MAX / 2 ? INT_MAX / 2 : (int)rows;
 }
 
+/* Rows of B in one group of the packed layout (gemm_pack). */
+#define PACK_ROWS 8
+
+/* Row j of B.  Plain: B + j * ldb, its k-th value at k.  Packed: groups of
+ * PACK_ROWS rows, K padded with zeros to a multiple of 8, stored block of 8
+ * by block of 8 ([N / 8][K / 8][8 rows][8]), so row j starts at its group
+ * plus 8 * (j % 8) and its block at k (a multiple of 8) is at 8 * k. */
+static const float *b_row(const struct job *jb, int j)
+{
+    if (!jb->packed)
+        return jb->B + (size_t)j * jb->ldb;
+    size_t kpad = ((size_t)jb->K + 7) / 8 * 8;
+    return jb->B + (size_t)(j / PACK_ROWS) * PACK_ROWS * kpad + (size_t)(j % PACK_ROWS) * 8;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Portable scalar twin. */
 
@@ -87,17 +104,19 @@ static float reduce8(const float *lane)
     return (s0 + s2) + (s1 + s3);
 }
 
-static float dot_scalar(const float *a, const float *b, int K)
+/* b is a row of B; its k-th block of 8 starts at b + kmul * k (1 plain, 8
+ * packed; see b_row). */
+static float dot_scalar(const float *a, const float *b, int kmul, int K)
 {
     float lane[8] = {0};
     int k = 0;
     for (; k + 8 <= K; k += 8)
         for (int l = 0; l < 8; l++)
-            lane[l] = fmaf(a[k + l], b[k + l], lane[l]);
+            lane[l] = fmaf(a[k + l], b[kmul * k + l], lane[l]);
     if (k < K)
         for (int l = 0; l < 8; l++) {
             float x = k + l < K ? a[k + l] : 0.0f;
-            float y = k + l < K ? b[k + l] : 0.0f;
+            float y = k + l < K ? b[kmul * k + l] : 0.0f;
             lane[l] = fmaf(x, y, lane[l]);
         }
     return reduce8(lane);
@@ -109,7 +128,7 @@ static void block_scalar(const struct job *jb, int m0, int m1, int n0, int n1)
         const float *a = jb->A + (size_t)i * jb->lda;
         float *c = jb->C + (size_t)i * jb->ldc;
         for (int j = n0; j < n1; j++) {
-            float d = dot_scalar(a, jb->B + (size_t)j * jb->ldb, jb->K);
+            float d = dot_scalar(a, b_row(jb, j), jb->packed ? PACK_ROWS : 1, jb->K);
             c[j] = jb->beta ? d + c[j] : d;
         }
     }
@@ -123,11 +142,16 @@ static void block_scalar(const struct job *jb, int m0, int m1, int n0, int n1)
 typedef void kernel_fn(int K, const float *a, size_t lda, const float *b, size_t ldb, int beta, float *c,
                        size_t ldc);
 
-/* A kernel family: its largest block and one function per (mr, nr), the
- * function for mr x nr at fn[(mr - 1) * nr_max + nr - 1]. */
+/* In the kernels, B's row q starts at b + q * ldb (ldb is PACK_ROWS for a
+ * packed B) and its block of 8 at k lies at kmul * k: kmul is 1 for a plain
+ * B and 8 for a packed one, a constant in each function. */
+
+/* A kernel family: its largest block and one function per (mr, nr) and
+ * layout of B, the function for mr x nr at fn[packed][(mr - 1) * nr_max +
+ * nr - 1]. */
 struct kernels {
     int mr_max, nr_max;
-    kernel_fn *const *fn;
+    kernel_fn *const *fn[2];
 };
 
 #if GEMM_AVX2
@@ -165,7 +189,7 @@ static inline __attribute__((always_inline)) AVX2_FN void store4(int nr, int bet
  * keeps all of them in registers. */
 #define FMA_COL(q, LOAD)                                                                                     \
     if (nr > q) {                                                                                            \
-        __m256 y = LOAD(b##q + k);                                                                           \
+        __m256 y = LOAD(b##q + kmul * k);                                                                    \
         c0##q = _mm256_fmadd_ps(x0, y, c0##q);                                                               \
         if (mr > 1)                                                                                          \
             c1##q = _mm256_fmadd_ps(x1, y, c1##q);                                                           \
@@ -187,9 +211,10 @@ static inline __attribute__((always_inline)) AVX2_FN void store4(int nr, int bet
 
 /* Pointers to rows past mr or nr stay on row 0, in bounds, and are never
  * loaded. */
-static inline __attribute__((always_inline)) AVX2_FN void kernel_avx2(int mr, int nr, int K, const float *a,
-                                                                      size_t lda, const float *b, size_t ldb,
-                                                                      int beta, float *c, size_t ldc)
+static inline __attribute__((always_inline)) AVX2_FN void kernel_avx2(int mr, int nr, int kmul, int K,
+                                                                      const float *a, size_t lda,
+                                                                      const float *b, size_t ldb, int beta,
+                                                                      float *c, size_t ldc)
 {
     const float *a0 = a, *a1 = mr > 1 ? a + lda : a, *a2 = mr > 2 ? a + 2 * lda : a;
     const float *b0 = b, *b1 = nr > 1 ? b + ldb : b, *b2 = nr > 2 ? b + 2 * ldb : b;
@@ -212,22 +237,26 @@ static inline __attribute__((always_inline)) AVX2_FN void kernel_avx2(int mr, in
         store4(nr, beta, c + 2 * ldc, c20, c21, c22, c23);
 }
 
+/* Two functions per block shape: avx2_MxN for a plain B, avx2p_MxN for a
+ * packed one. */
 #define AVX2_KERNEL(mr, nr)                                                                                   \
     static AVX2_FN void avx2_##mr##x##nr(int K, const float *a, size_t lda, const float *b, size_t ldb,    \
                                          int beta, float *c, size_t ldc)                                 \
     {                                                                                                    \
-        kernel_avx2(mr, nr, K, a, lda, b, ldb, beta, c, ldc);                                            \
+        kernel_avx2(mr, nr, 1, K, a, lda, b, ldb, beta, c, ldc);                                         \
+    }                                                                                                    \
+    static AVX2_FN void avx2p_##mr##x##nr(int K, const float *a, size_t lda, const float *b, size_t ldb,   \
+                                          int beta, float *c, size_t ldc)                                \
+    {                                                                                                    \
+        kernel_avx2(mr, nr, PACK_ROWS, K, a, lda, b, ldb, beta, c, ldc);                                 \
     }
-AVX2_KERNEL(1, 1) AVX2_KERNEL(1, 2) AVX2_KERNEL(1, 3) AVX2_KERNEL(1, 4)
-AVX2_KERNEL(2, 1) AVX2_KERNEL(2, 2) AVX2_KERNEL(2, 3) AVX2_KERNEL(2, 4)
-AVX2_KERNEL(3, 1) AVX2_KERNEL(3, 2) AVX2_KERNEL(3, 3) AVX2_KERNEL(3, 4)
+#define AVX2_ROW(mr) AVX2_KERNEL(mr, 1) AVX2_KERNEL(mr, 2) AVX2_KERNEL(mr, 3) AVX2_KERNEL(mr, 4)
+AVX2_ROW(1) AVX2_ROW(2) AVX2_ROW(3)
 
-static kernel_fn *const avx2_fn[] = {
-    avx2_1x1, avx2_1x2, avx2_1x3, avx2_1x4,
-    avx2_2x1, avx2_2x2, avx2_2x3, avx2_2x4,
-    avx2_3x1, avx2_3x2, avx2_3x3, avx2_3x4,
-};
-static const struct kernels avx2_kernels = {3, 4, avx2_fn};
+#define AVX2_NAMES(p, mr) avx2##p##_##mr##x1, avx2##p##_##mr##x2, avx2##p##_##mr##x3, avx2##p##_##mr##x4
+static kernel_fn *const avx2_fn[] = {AVX2_NAMES(, 1), AVX2_NAMES(, 2), AVX2_NAMES(, 3)};
+static kernel_fn *const avx2p_fn[] = {AVX2_NAMES(p, 1), AVX2_NAMES(p, 2), AVX2_NAMES(p, 3)};
+static const struct kernels avx2_kernels = {3, 4, {avx2_fn, avx2p_fn}};
 
 /* AVX-512: 6 rows of A times 8 rows of B.  A zmm register holds the 8-lane
  * accumulators of two elements side by side (B rows 2q and 2q+1 in its
@@ -240,7 +269,9 @@ static const struct kernels avx2_kernels = {3, 4, avx2_fn};
 
 #define FMA_PAIR(q, LOAD)                                                                                    \
     if (nr > 2 * q) {                                                                                        \
-        __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(LOAD(b##q##l + k)), LOAD(b##q##h + k), 1);      \
+        __m512 y = kmul == PACK_ROWS ? _mm512_loadu_ps(b##q##l + kmul * k)                                 \
+                                     : _mm512_insertf32x8(_mm512_castps256_ps512(LOAD(b##q##l + k)),          \
+                                                          LOAD(b##q##h + k), 1);                              \
         c0##q = _mm512_fmadd_ps(x0, y, c0##q);                                                               \
         if (mr > 1)                                                                                          \
             c1##q = _mm512_fmadd_ps(x1, y, c1##q);                                                           \
@@ -268,20 +299,34 @@ static const struct kernels avx2_kernels = {3, 4, avx2_fn};
     } while (0)
 #define LOAD_TAIL512(p) _mm256_maskz_loadu_ps(tail, (p))
 
-/* The outputs of one row of A from its four pair accumulators. */
+/* The outputs of one row of A from its four pair accumulators: the tree
+ * of reduce8 for all eight elements at once, each addition with the
+ * operands in reduce8's order, in 12 vector operations (the four-element
+ * transposes of store4 took three times as many, a tenth of the product's
+ * time at K = 512).  A 128-bit chunk holds 4 lanes; p_q is
+ * [e_2q lanes 0-3, e_2q 4-7, e_2q+1 0-3, e_2q+1 4-7]. */
 static inline __attribute__((always_inline)) AVX512_FN void store8(int nr, int beta, float *c, __m512 p0,
                                                                     __m512 p1, __m512 p2, __m512 p3)
 {
-    store4(nr < 4 ? nr : 4, beta, c, _mm512_castps512_ps256(p0), _mm512_extractf32x8_ps(p0, 1),
-           _mm512_castps512_ps256(p1), _mm512_extractf32x8_ps(p1, 1));
-    if (nr > 4)
-        store4(nr - 4, beta, c + 4, _mm512_castps512_ps256(p2), _mm512_extractf32x8_ps(p2, 1),
-               _mm512_castps512_ps256(p3), _mm512_extractf32x8_ps(p3, 1));
+    /* s_l = lane_l + lane_l+4: chunk k of s03 is element k's s0..s3, and of
+     * s47 element k + 4's. */
+    __m512 s03 = _mm512_add_ps(_mm512_shuffle_f32x4(p0, p1, 0x88), _mm512_shuffle_f32x4(p0, p1, 0xdd));
+    __m512 s47 = _mm512_add_ps(_mm512_shuffle_f32x4(p2, p3, 0x88), _mm512_shuffle_f32x4(p2, p3, 0xdd));
+    /* Chunk k: [s0 + s2, s1 + s3] of element k, then of element k + 4. */
+    __m512 x = _mm512_add_ps(_mm512_shuffle_ps(s03, s47, 0x44), _mm512_shuffle_ps(s03, s47, 0xee));
+    /* (s0 + s2) + (s1 + s3) at positions 0 and 2 of each chunk. */
+    __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xb1));
+    __m256 d = _mm512_castps512_ps256(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), y));
+    const __mmask8 keep = (__mmask8)((1u << nr) - 1);
+    if (beta)
+        d = _mm256_add_ps(d, _mm256_maskz_loadu_ps(keep, c));
+    _mm256_mask_storeu_ps(c, keep, d);
 }
 
 /* Rows of B past nr point at row 0 (in bounds): the upper half of an odd
  * last pair loads it again and its sums are never stored. */
-static inline __attribute__((always_inline)) AVX512_FN void kernel_avx512(int mr, int nr, int K,
+static inline __attribute__((always_inline)) AVX512_FN void kernel_avx512(int mr, int nr, int kmul, int K,
                                                                           const float *a, size_t lda,
                                                                           const float *b, size_t ldb, int beta,
                                                                           float *c, size_t ldc)
@@ -325,29 +370,39 @@ static inline __attribute__((always_inline)) AVX512_FN void kernel_avx512(int mr
     static AVX512_FN void avx512_##mr##x##nr(int K, const float *a, size_t lda, const float *b,           \
                                              size_t ldb, int beta, float *c, size_t ldc)                 \
     {                                                                                                    \
-        kernel_avx512(mr, nr, K, a, lda, b, ldb, beta, c, ldc);                                          \
+        kernel_avx512(mr, nr, 1, K, a, lda, b, ldb, beta, c, ldc);                                       \
+    }                                                                                                    \
+    static AVX512_FN void avx512p_##mr##x##nr(int K, const float *a, size_t lda, const float *b,          \
+                                              size_t ldb, int beta, float *c, size_t ldc)                \
+    {                                                                                                    \
+        kernel_avx512(mr, nr, PACK_ROWS, K, a, lda, b, ldb, beta, c, ldc);                               \
     }
 #define AVX512_ROW(mr)                                                                                        \
     AVX512_KERNEL(mr, 1) AVX512_KERNEL(mr, 2) AVX512_KERNEL(mr, 3) AVX512_KERNEL(mr, 4)                     \
     AVX512_KERNEL(mr, 5) AVX512_KERNEL(mr, 6) AVX512_KERNEL(mr, 7) AVX512_KERNEL(mr, 8)
 AVX512_ROW(1) AVX512_ROW(2) AVX512_ROW(3) AVX512_ROW(4) AVX512_ROW(5) AVX512_ROW(6)
 
-#define AVX512_NAMES(mr)                                                                                      \
-    avx512_##mr##x1, avx512_##mr##x2, avx512_##mr##x3, avx512_##mr##x4, avx512_##mr##x5, avx512_##mr##x6,   \
-        avx512_##mr##x7, avx512_##mr##x8
-static kernel_fn *const avx512_fn[] = {AVX512_NAMES(1), AVX512_NAMES(2), AVX512_NAMES(3), AVX512_NAMES(4),
-                                      AVX512_NAMES(5), AVX512_NAMES(6)};
-static const struct kernels avx512_kernels = {6, 8, avx512_fn};
+#define AVX512_NAMES(p, mr)                                                                                   \
+    avx512##p##_##mr##x1, avx512##p##_##mr##x2, avx512##p##_##mr##x3, avx512##p##_##mr##x4,                 \
+        avx512##p##_##mr##x5, avx512##p##_##mr##x6, avx512##p##_##mr##x7, avx512##p##_##mr##x8
+static kernel_fn *const avx512_fn[] = {AVX512_NAMES(, 1), AVX512_NAMES(, 2), AVX512_NAMES(, 3),
+                                      AVX512_NAMES(, 4), AVX512_NAMES(, 5), AVX512_NAMES(, 6)};
+static kernel_fn *const avx512p_fn[] = {AVX512_NAMES(p, 1), AVX512_NAMES(p, 2), AVX512_NAMES(p, 3),
+                                       AVX512_NAMES(p, 4), AVX512_NAMES(p, 5), AVX512_NAMES(p, 6)};
+static const struct kernels avx512_kernels = {6, 8, {avx512_fn, avx512p_fn}};
 #endif
 
 /* Rows n0..n1 of B in L2-sized panels; within a panel each row block of A
  * stays in L1 while the panel's rows stream past it. */
 static void block_kernels(const struct job *jb, const struct kernels *ks, int m0, int m1, int n0, int n1)
 {
-    size_t lda = (size_t)jb->lda, ldb = (size_t)jb->ldb, ldc = (size_t)jb->ldc;
+    size_t lda = (size_t)jb->lda, ldb = jb->packed ? PACK_ROWS : (size_t)jb->ldb, ldc = (size_t)jb->ldc;
+    kernel_fn *const *fn = ks->fn[jb->packed];
     int panel = panel_rows(jb->K);
     for (int p0 = n0, p1; p0 < n1; p0 = p1) {
         p1 = n1 - p0 < panel ? n1 : p0 + panel;
+        /* A packed B's pairs of rows must not straddle two groups. */
+        assert(!jb->packed || ks->nr_max < PACK_ROWS || p0 % PACK_ROWS == 0);
         for (int i = m0, mr; i < m1; i += mr) {
             /* One row more than a block goes as two smaller blocks: a 1-row
              * kernel is load-bound and would cost as much as a full one. */
@@ -357,8 +412,7 @@ static void block_kernels(const struct job *jb, const struct kernels *ks, int m0
             float *c = jb->C + (size_t)i * ldc;
             for (int j = p0, nr; j < p1; j += nr) {
                 nr = p1 - j < ks->nr_max ? p1 - j : ks->nr_max;
-                ks->fn[(mr - 1) * ks->nr_max + nr - 1](jb->K, a, lda, jb->B + (size_t)j * ldb, ldb, jb->beta,
-                                                       c + j, ldc);
+                fn[(mr - 1) * ks->nr_max + nr - 1](jb->K, a, lda, b_row(jb, j), ldb, jb->beta, c + j, ldc);
             }
         }
     }
@@ -427,35 +481,72 @@ static void run_serial(struct job *jb)
         run_task(jb, t);
 }
 
-void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
-             int ldc)
+/* The product on the worker pool, or serially when small. */
+static void run_job(struct job *jb)
 {
-    assert(beta == 0.0f || beta == 1.0f);
-    assert(M >= 0 && N >= 0 && K >= 0 && lda >= K && ldb >= K && ldc >= N);
+    int M = jb->M, N = jb->N, K = jb->K;
     if (M <= 0 || N <= 0)
         return;
-    int threads = pool_threads();
-    struct job jb = {
-        .M = M, .N = N, .K = K, .lda = lda, .ldb = ldb, .ldc = ldc, .A = A, .B = B, .C = C,
-        .beta = beta != 0.0f,
-        .isa = isa_in_use(),
-    };
-    if (threads < 2 || 2.0 * M * N * K < PARALLEL_MIN_FLOPS) {
-        run_serial(&jb);
+    jb->isa = isa_in_use();
+    if (pool_threads() < 2 || 2.0 * M * N * K < PARALLEL_MIN_FLOPS) {
+        run_serial(jb);
         return;
     }
 
     /* Tasks: TASK_M rows of A times task_n rows of B, task_n a multiple of
      * NR_MAX giving each thread a few tasks so a slow one is not waited for. */
-    jb.tasks_m = M / TASK_M + (M % TASK_M != 0);
-    int per = N / (4 * threads) + 1;
-    if (jb.tasks_m > 1 || per > panel_rows(K))
+    jb->tasks_m = M / TASK_M + (M % TASK_M != 0);
+    int per = N / (4 * pool_threads()) + 1;
+    if (jb->tasks_m > 1 || per > panel_rows(K))
         per = panel_rows(K);
-    jb.task_n = (per + NR_MAX - 1) / NR_MAX * NR_MAX;
-    int64_t tasks = (int64_t)(N / jb.task_n + (N % jb.task_n != 0)) * jb.tasks_m;
+    jb->task_n = (per + NR_MAX - 1) / NR_MAX * NR_MAX;
+    int64_t tasks = (int64_t)(N / jb->task_n + (N % jb->task_n != 0)) * jb->tasks_m;
     if (tasks > INT_MAX) {
-        run_serial(&jb);
+        run_serial(jb);
         return;
     }
-    pool_run((int)tasks, pool_task, &jb);
+    pool_run((int)tasks, pool_task, jb);
+}
+
+void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+             int ldc)
+{
+    assert(beta == 0.0f || beta == 1.0f);
+    assert(M >= 0 && N >= 0 && K >= 0 && lda >= K && ldb >= K && ldc >= N);
+    struct job jb = {
+        .M = M, .N = N, .K = K, .lda = lda, .ldb = ldb, .ldc = ldc, .A = A, .B = B, .C = C,
+        .beta = beta != 0.0f,
+    };
+    run_job(&jb);
+}
+
+size_t gemm_pack_floats(int N, int K)
+{
+    assert(N >= 0 && K >= 0);
+    return ((size_t)N + PACK_ROWS - 1) / PACK_ROWS * PACK_ROWS * (((size_t)K + 7) / 8 * 8);
+}
+
+void gemm_pack(int N, int K, const float *B, int ldb, float *packed)
+{
+    assert(N >= 0 && K >= 0 && ldb >= K);
+    memset(packed, 0, gemm_pack_floats(N, K) * sizeof(float));
+    struct job jb = {.N = N, .K = K, .B = packed, .packed = 1};
+    for (int j = 0; j < N; j++) {
+        float *row = (float *)b_row(&jb, j);
+        for (int k = 0; k < K; k++)
+            row[k / 8 * 8 * PACK_ROWS + k % 8] = B[(size_t)j * ldb + k];
+    }
+}
+
+void gemm_nt_packed(int M, int N, int K, const float *A, int lda, const float *packed, float beta, float *C,
+                    int ldc)
+{
+    assert(beta == 0.0f || beta == 1.0f);
+    assert(M >= 0 && N >= 0 && K >= 0 && lda >= K && ldc >= N);
+    struct job jb = {
+        .M = M, .N = N, .K = K, .lda = lda, .ldc = ldc, .A = A, .B = packed, .C = C,
+        .beta = beta != 0.0f,
+        .packed = 1,
+    };
+    run_job(&jb);
 }

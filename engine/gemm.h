@@ -10,6 +10,8 @@
 #ifndef RRN_GEMM_H
 #define RRN_GEMM_H
 
+#include <stddef.h>
+
 /* Row-major C[i][j] = (beta != 0 ? C[i][j] : 0) + dot(A[i][0:K], B[j][0:K])
  * for 0 <= i < M, 0 <= j < N; A is [M][lda], B is [N][ldb], C is [M][ldc].
  * beta must be 0 or 1; with beta 0, C is only written (it may hold NaNs).
@@ -25,6 +27,15 @@
  * call runs on the calling thread alone instead of waiting for it. */
 void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
              int ldc);
+
+/* The same product with B rearranged once by gemm_pack, for a B that many
+ * products share (a model's weights): the kernels then read it as one
+ * contiguous stream, two rows side by side in each 16-float load, instead of
+ * gathering those pairs from two rows.  The bits are gemm_nt's. */
+size_t gemm_pack_floats(int N, int K);
+void gemm_pack(int N, int K, const float *B, int ldb, float *packed);
+void gemm_nt_packed(int M, int N, int K, const float *A, int lda, const float *packed, float beta, float *C,
+                    int ldc);
 
 /* The kernels gemm_nt can run, narrowest first. */
 enum gemm_isa { GEMM_SCALAR, GEMM_AVX2, GEMM_AVX512 };

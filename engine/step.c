@@ -135,7 +135,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
         y_prev = y;
     }
     be->ops->set_rows(be, out, V, e->w.head_b, n, V);
-    be->ops->gemm(be, 0, 1, n, V, W, 1.0f, y, W, e->w.head_w, W, 1.0f, out, V);
+    engine_gemm_weights(e, n, V, W, y, W, e->w.head_w, 1.0f, out, V);
 
     size_t host_n = (size_t)n * V + (attn ? (size_t)e->L * n * K : 0);
     float *host = engine_host(e, HOST_RESULTS, host_n * fsz);

@@ -53,7 +53,7 @@ int engine_grads_to_host(struct engine *e, float *g)
 
 int engine_params_from_host(struct engine *e, const float *p)
 {
-    engine_drop_token_tables(e);
+    engine_drop_derived(e);
     return e->be->ops->upload(e->be, e->w.base, p, e->m->n_params * sizeof(float));
 }
 

@@ -325,11 +325,12 @@ static void run_tables_case(struct engine *e, const struct model *m, float *out)
     engine_slot_close(e, slots[1]);
 }
 
-/* An engine reads layer 0's projection of each token from a table; one
- * whose weights were replaced (engine_params_from_host) computes it.  Both must
+/* An engine reads layer 0's projection of each token from a table and,
+ * on the CPU, multiplies by packed copies of its weight matrices; one whose
+ * weights were replaced (engine_params_from_host) has neither.  Both must
  * give the same bits: with and without the depth residual (which needs the
  * embedded input anyway), both directions, forward and steps. */
-static void test_token_tables_give_the_same_bits(void **state)
+static void test_derived_weights_give_the_same_bits(void **state)
 {
     (void)state;
     static const struct {
@@ -356,8 +357,10 @@ static void test_token_tables_give_the_same_bits(void **state)
         }
         assert_true(engine_token_table_bytes(((struct env *)v[0])->engine) > 0);
         assert_true(engine_token_table_bytes(((struct env *)v[1])->engine) == 0);
+        assert_true(engine_packed_bytes(((struct env *)v[0])->engine) > 0);
+        assert_true(engine_packed_bytes(((struct env *)v[1])->engine) == 0);
         if (memcmp(out[0], out[1], n * sizeof(float)) != 0)
-            fail_msg("%s: results with and without token tables differ", cases[c].file);
+            fail_msg("%s: results with and without token tables and packed weights differ", cases[c].file);
         for (int k = 0; k < 2; k++) {
             free(out[k]);
             teardown(&v[k]);
@@ -376,7 +379,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_classifier_has_no_slots, setup_cls, teardown),
         cmocka_unit_test_setup_teardown(test_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
-        cmocka_unit_test(test_token_tables_give_the_same_bits),
+        cmocka_unit_test(test_derived_weights_give_the_same_bits),
         cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
     };
     /* Before the pool starts: three threads even on a one-core machine. */

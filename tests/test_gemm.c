@@ -105,7 +105,8 @@ static struct mat mat_new(int rows, int cols, int ld, int off)
 
 /* Runs one gemm_nt of the given shape and checks every element against the
  * spec bitwise and a double reference within rounding error, and that
- * nothing outside C's M x N elements was written. */
+ * nothing outside C's M x N elements was written; then the same product
+ * with B packed (gemm_pack) must leave C's buffer with the same bytes. */
 static void check_case(int M, int N, int K, int pad, int off, float beta)
 {
     struct mat A = mat_new(M, K, K + pad, off), B = mat_new(N, K, K + pad, off);
@@ -119,6 +120,16 @@ static void check_case(int M, int N, int K, int pad, int off, float beta)
     memcpy(old, C.buf, csize * sizeof(float));
 
     gemm_nt(M, N, K, A.p, A.ld, B.p, B.ld, beta, C.p, C.ld);
+
+    float *packed = xmalloc(gemm_pack_floats(N, K) * sizeof(float)), *C2 = xmalloc(csize * sizeof(float));
+    gemm_pack(N, K, B.p, B.ld, packed);
+    memcpy(C2, old, csize * sizeof(float));
+    gemm_nt_packed(M, N, K, A.p, A.ld, packed, beta, C2 + off, C.ld);
+    if (memcmp(C2, C.buf, csize * sizeof(float)) != 0)
+        fail_msg("M=%d N=%d K=%d pad=%d off=%d beta=%g: packed B gives other bytes", M, N, K, pad, off,
+                 (double)beta);
+    free(packed);
+    free(C2);
 
     for (size_t e = 0; e < csize; e++) {
         size_t rel = e - (size_t)off;
