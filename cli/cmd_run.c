@@ -281,7 +281,7 @@ int cmd_run(int argc, char **argv)
             break;
         case 'p':
             if (backend_precision_parse(optarg, &prec) != 0) {
-                fprintf(stderr, "rrnserve run: --precision must be fp32 or tf32, not '%s'\n", optarg);
+                fprintf(stderr, "rrnserve run: --precision must be fp32, tf32 or bf16, not '%s'\n", optarg);
                 return 2;
             }
             break;
@@ -301,7 +301,7 @@ int cmd_run(int argc, char **argv)
     }
     if (optind != argc - 1 || sources != 1) {
         fprintf(stderr, "usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH) "
-                        "[--device cpu|cuda|auto] [--precision fp32|tf32] [--batch N]\n");
+                        "[--device cpu|cuda|auto] [--precision fp32|tf32|bf16] [--batch N]\n");
         return 2;
     }
     struct runner r;

@@ -66,7 +66,7 @@ int backend_device_parse(const char *s, enum device_kind *dev)
     return -1;
 }
 
-static const char *const precision_names[] = {"fp32", "tf32"};
+static const char *const precision_names[] = {"fp32", "tf32", "bf16"};
 
 int backend_precision_parse(const char *s, enum precision *p)
 {

@@ -94,9 +94,10 @@ struct cell_grad {
 struct backend;
 
 /* How the matrix products compute: FP32 throughout (the default), or on
- * CUDA with TF32 tensor cores (inputs rounded to 10 mantissa bits, sums in
- * FP32).  The pointwise kernels compute in FP32 either way. */
-enum precision { PRECISION_FP32, PRECISION_TF32 };
+ * CUDA's tensor cores with inputs rounded to TF32 (10 mantissa bits) or
+ * BF16 (7), sums in FP32.  The pointwise kernels compute in FP32 either
+ * way, and weights and activations stay FP32 in memory. */
+enum precision { PRECISION_FP32, PRECISION_TF32, PRECISION_BF16 };
 
 struct backend_ops {
     const char *name;
@@ -202,7 +203,7 @@ int backend_cuda_available(void);
 /* The backends compiled into this binary, e.g. "cpu cuda". */
 const char *backend_compiled(void);
 
-/* Names on the command line: "auto", "cpu", "cuda"; "fp32", "tf32".  The
+/* Names on the command line: "auto", "cpu", "cuda"; "fp32", "tf32", "bf16".  The
  * parsers return 0, or -1 for a name they do not know. */
 int backend_device_parse(const char *s, enum device_kind *dev);
 int backend_precision_parse(const char *s, enum precision *p);

@@ -22,6 +22,8 @@ extern "C" {
 struct cuda_impl {
     cudaStream_t stream;
     cublasHandle_t blas;
+    /* How cuBLAS computes the products (set_precision). */
+    cublasComputeType_t compute;
     /* Grow-only device scratch for operations that need some (the static
      * attention's per-row gradients). */
     float *scratch;
@@ -125,11 +127,12 @@ static void cuda_gemm(struct backend *be, int trans_a, int trans_b, int M, int N
 {
     if (M <= 0 || N <= 0)
         return;
-    cublasStatus_t st = cublasSgemm(impl_of(be)->blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                    trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb, A, lda, &beta,
-                                    C, ldc);
+    struct cuda_impl *c = impl_of(be);
+    cublasStatus_t st = cublasGemmEx(c->blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                     N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F,
+                                     ldc, c->compute, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS && !be->err[0])
-        snprintf(be->err, sizeof be->err, "cublasSgemm failed with status %d", (int)st);
+        snprintf(be->err, sizeof be->err, "cublasGemmEx failed with status %d", (int)st);
 }
 
 static int blocks_for(long n, int threads)
@@ -727,17 +730,14 @@ static void cuda_squared_error(struct backend *be, const float *x, const float *
         squared_error_kernel<<<n, 256, 0, stream_of(be)>>>(x, y, width, loss, dx, scale);
 }
 
-/* TF32 lets cuBLAS run FP32 products on tensor cores; the default keeps
- * them in FP32. */
+/* The operands stay FP32 in memory whatever the precision: TF32 and BF16
+ * let cuBLAS round them as they enter the tensor cores (to 10 and 7
+ * mantissa bits), summing in FP32; FP32 computes in FP32 throughout. */
 static int cuda_set_precision(struct backend *be, enum precision p)
 {
-    cublasMath_t mode = p == PRECISION_TF32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH;
-    cublasStatus_t st = cublasSetMathMode(impl_of(be)->blas, mode);
-    if (st != CUBLAS_STATUS_SUCCESS) {
-        snprintf(be->err, sizeof be->err, "cublasSetMathMode(%s) failed with status %d", backend_precision_name(p),
-                 (int)st);
-        return -1;
-    }
+    static const cublasComputeType_t compute[] = {CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32,
+                                                  CUBLAS_COMPUTE_32F_FAST_16BF};
+    impl_of(be)->compute = compute[p];
     return 0;
 }
 
@@ -816,6 +816,7 @@ extern "C" struct backend *backend_cuda_create(char *err, size_t errlen)
         cuda_destroy(be);
         return NULL;
     }
+    c->compute = CUBLAS_COMPUTE_32F;
     if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS) {
         snprintf(err, errlen, "cannot initialise cuBLAS");
         cuda_destroy(be);

@@ -39,7 +39,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: rrnserve serve [--models DIR] [--host ADDR] [--port N] [--device auto|cpu|cuda]\n"
-            "                      [--precision fp32|tf32]\n"
+            "                      [--precision fp32|tf32|bf16]\n"
             "                      [--max-batch N] [--max-wait-us N] [--max-queue N] [--api-keys FILE]\n"
             "                      [--threads N] [--max-body BYTES] [--max-text-bytes N]\n"
             "                      [--max-tokens-limit N] [--max-connections N] [--timeout-s N]\n"
@@ -49,7 +49,7 @@ static void usage(FILE *out)
             "  --host ADDR            address to listen on (default 127.0.0.1)\n"
             "  --port N               port to listen on, 0 for any free one (default 8080)\n"
             "  --device D             auto (CUDA when a GPU is present), cpu or cuda (default auto)\n"
-            "  --precision P          fp32, or tf32 for tensor-core matrix products on cuda (default fp32)\n"
+            "  --precision P          fp32, or tf32 or bf16 for tensor-core matrix products on cuda (default fp32)\n"
             "  --max-batch N          sequences per engine call (default 32)\n"
             "  --max-wait-us N        how long a batch may wait to fill, microseconds (default 2000)\n"
             "  --max-queue N          jobs waiting per model before answering 503 (default 256)\n"
@@ -130,7 +130,7 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
             }
         } else if (c == OPT_PRECISION) {
             if (backend_precision_parse(optarg, &o->precision) != 0) {
-                fprintf(stderr, "rrnserve serve: --precision must be fp32 or tf32, not '%s'\n", optarg);
+                fprintf(stderr, "rrnserve serve: --precision must be fp32, tf32 or bf16, not '%s'\n", optarg);
                 return 2;
             }
         } else if (c == OPT_KEYS) {

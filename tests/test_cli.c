@@ -173,8 +173,9 @@ static void test_precision(void **state)
     static const struct cli_case cases[] = {
         {"run " FIX "combo_lstm.safetensors --text a --precision fp32", 0, "probabilities"},
         {"run " FIX "combo_lstm.safetensors --text a --device cpu --precision tf32", 1, "fp32 only"},
-        {"run " FIX "combo_lstm.safetensors --text a --precision fp8", 2, "--precision must be fp32 or tf32"},
+        {"run " FIX "combo_lstm.safetensors --text a --precision fp8", 2, "--precision must be fp32, tf32 or bf16"},
         {"serve --models " FIX " --port 0 --device cpu --precision tf32", 1, "tf32 needs the cuda device"},
+        {"run " FIX "combo_lstm.safetensors --text a --device cpu --precision bf16", 1, "bf16 needs the cuda device"},
         {"serve --port 0 --precision half", 2, "--precision"},
         {"train --config models/sentiment.json --precision fp8 --out /tmp/rrn_cli_never.safetensors", 1,
          "\"precision\" must be"},

@@ -9,9 +9,9 @@
 #          server.log and RESULTS.md (for bench/RESULTS.md)
 #   train  the shipped sentiment recipe on the GPU, and a few Austen
 #          steps for speed: train.log
-#   precision  what TF32 costs: Austen's bits per character on Persuasion
+#   precision  what TF32 and BF16 cost: Austen's bits per character on Persuasion
 #          and the sentiment model's accuracy on its 200 test sentences,
-#          fp32 against tf32: precision.log
+#          fp32 against tf32 and bf16: precision.log
 # all runs the four, about 9 minutes; each alone fits one device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +59,7 @@ run_train() {
 }
 
 run_precision() {
-    for p in fp32 tf32; do
+    for p in fp32 tf32 bf16; do
         echo "== $p"
         [ -f "$root/data/persuasion.txt" ] &&
             ./rrnserve run models/austen.safetensors --file "$root/data/persuasion.txt" --device cuda --precision "$p"

@@ -320,7 +320,7 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     const cJSON *prec = field(root, "precision");
     o->precision = PRECISION_FP32;
     if (prec && !(cJSON_IsString(prec) && backend_precision_parse(prec->valuestring, &o->precision) == 0))
-        return error_fmt(err, errlen, "config: \"precision\" must be \"fp32\" or \"tf32\"");
+        return error_fmt(err, errlen, "config: \"precision\" must be \"fp32\", \"tf32\" or \"bf16\"");
     return 0;
 }
 
