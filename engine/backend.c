@@ -4,10 +4,37 @@
  * (RRN_CUDA); "auto" then takes it when the driver reports a GPU, and falls
  * back to the CPU otherwise.
  */
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend.h"
+
+/* Test hook: while the file RRN_FAULT_FILE names exists, backend_sync
+ * fails as a device fault would, on any backend, so that the tests can
+ * drive how the server copes with a failing device on machines without
+ * one.  Unset, it costs a pointer test. */
+static pthread_once_t fault_once = PTHREAD_ONCE_INIT;
+static const char *fault_file;
+
+static void fault_init(void)
+{
+    const char *f = getenv("RRN_FAULT_FILE");
+    fault_file = f && *f ? f : NULL;
+}
+
+int backend_sync(struct backend *be)
+{
+    pthread_once(&fault_once, fault_init);
+    int rc = be->ops->sync(be);
+    if (rc == 0 && fault_file && access(fault_file, F_OK) == 0) {
+        snprintf(be->err, sizeof be->err, "injected device fault (RRN_FAULT_FILE %s exists)", fault_file);
+        return -1;
+    }
+    return rc;
+}
 
 enum device_kind backend_resolve(enum device_kind kind)
 {

@@ -209,6 +209,10 @@ int backend_device_parse(const char *s, enum device_kind *dev);
 int backend_precision_parse(const char *s, enum precision *p);
 const char *backend_precision_name(enum precision p);
 
+/* Wait for the backend's queued work: 0, or -1 with a message in be->err.
+ * What the engine calls instead of ops->sync (it adds a test hook). */
+int backend_sync(struct backend *be);
+
 /* Forget an earlier failure recorded in be->err.  The engine calls it as
  * each forward, step or training batch starts, so that one that failed
  * (out of device memory, say) does not fail every one after it; a fault

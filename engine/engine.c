@@ -179,7 +179,7 @@ static void build_token_tables(struct engine *e)
             break;
         engine_input_projection(e, 0, dir, e->w.embedding, e->V, e->token_xg[dir]);
     }
-    if (!e->token_xg[e->D - 1] || e->be->ops->sync(e->be) != 0) {
+    if (!e->token_xg[e->D - 1] || backend_sync(e->be) != 0) {
         drop_token_tables(e);
         backend_clear_error(e->be);
     }

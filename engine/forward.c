@@ -429,12 +429,15 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
         rc = e->m->cfg.task == TASK_LM ? lm_head(e, &p, &d, y, seqs) : classify_head(e, &p, &d, y, seqs);
     if (rc == 0 && attn)
         rc = copy_attention(e, &p, attn, seqs);
-    if (rc == 0 && e->be->ops->sync(e->be) != 0) {
-        snprintf(err, errlen, "%s backend: %s", e->be->ops->name, e->be->err);
-        return -1;
-    }
+    if (rc == 0)
+        rc = backend_sync(e->be);
     if (rc != 0) {
-        snprintf(err, errlen, "out of memory running a batch of %d sequences (%d tokens)", n, p.P);
+        /* A failed transfer or kernel leaves its message; else scratch
+         * memory ran out. */
+        if (e->be->err[0])
+            snprintf(err, errlen, "%s backend: %s", e->be->ops->name, e->be->err);
+        else
+            snprintf(err, errlen, "out of memory running a batch of %d sequences (%d tokens)", n, p.P);
         return -1;
     }
     for (int i = 0; i < n && p.slot; i++)

@@ -146,7 +146,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     if (rc == 0 && attn)
         rc = be->ops->download(be, h_attn, attn, (size_t)e->L * n * K * fsz);
     if (rc == 0)
-        rc = be->ops->sync(be);
+        rc = backend_sync(be);
     if (rc != 0) {
         snprintf(err, errlen, "%s backend: %s", be->ops->name, be->err);
         return -1;

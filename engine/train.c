@@ -412,7 +412,7 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
         snprintf(err, errlen, "out of memory training on a batch of %d sequences", n);
         return -1;
     }
-    if (be->ops->sync(be) != 0) {
+    if (backend_sync(be) != 0) {
         snprintf(err, errlen, "%s backend: %s", be->ops->name, be->err);
         return -1;
     }

@@ -869,9 +869,20 @@ void api_readyz(struct api *a, const char *body, size_t len, const struct client
         reply_error(r, 500, "out of memory");
         return;
     }
-    for (int i = 0; i < n; i++)
+    /* A model whose engine keeps failing (a broken device) makes the whole
+     * server unready: a load balancer then sends its traffic elsewhere
+     * until the batcher's probe finds the engine working again. */
+    char failing[640] = "", why[512];
+    for (int i = 0; i < n; i++) {
+        if (!failing[0] && batcher_failing(list[i]->batcher, why, sizeof why))
+            snprintf(failing, sizeof failing, "model %s is failing: %s", list[i]->name, why);
         served_model_release(list[i]);
+    }
     free(list);
+    if (failing[0]) {
+        reply_error(r, 503, "%s", failing);
+        return;
+    }
     if (n == 0) {
         reply_error(r, 503, "no model is loaded");
         return;

@@ -49,6 +49,11 @@ struct batcher {
     int32_t *step_tokens;     /* [max_streams] */
     int max_token_bytes;
     int last_seqs;            /* sequences in the last forward batch */
+    /* The engine's health (batcher_failing): engine calls that failed in a
+     * row, and the last one's error; under mu. */
+    int failures;
+    char last_error[512];
+    float *probe_out;         /* [head_out]: a probe's result, unread */
 };
 
 struct job *job_new(enum job_kind kind, int n_texts)
@@ -229,6 +234,55 @@ static int worth_waiting(const struct batcher *b)
     return b->n_streams == 0 && seqs > 0 && seqs < want && b->last_seqs > 1;
 }
 
+/* Records how an engine call went.  A device that stays broken (a GPU
+ * fault that poisons its context) fails every call after it; a load
+ * balancer should stop sending work here, so after BATCHER_FAILING_AFTER
+ * failures in a row the model counts as failing until a call succeeds. */
+static void note_engine(struct batcher *b, int rc, const char *err)
+{
+    pthread_mutex_lock(&b->mu);
+    int was = b->failures >= BATCHER_FAILING_AFTER;
+    if (rc == 0) {
+        b->failures = 0;
+    } else {
+        b->failures++;
+        snprintf(b->last_error, sizeof b->last_error, "%s", err);
+    }
+    int is = b->failures >= BATCHER_FAILING_AFTER;
+    pthread_mutex_unlock(&b->mu);
+    if (is && !was)
+        log_msg("%d engine calls in a row failed: the model counts as failing (/readyz answers 503) until one "
+                "succeeds; it is probed every %d ms meanwhile",
+                BATCHER_FAILING_AFTER, BATCHER_PROBE_MS);
+    if (was && !is)
+        log_msg("an engine call succeeded again: the model is no longer failing");
+}
+
+int batcher_failing(struct batcher *b, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&b->mu);
+    int failing = b->failures >= BATCHER_FAILING_AFTER;
+    if (failing)
+        snprintf(err, errlen, "%s", b->last_error);
+    pthread_mutex_unlock(&b->mu);
+    return failing;
+}
+
+/* While failing and idle, the batcher tries the smallest engine call it
+ * can make, one token, so that the model recovers without a client's
+ * request being the one to find out. */
+static void probe_engine(struct batcher *b)
+{
+    char err[512];
+    int32_t token = 0;
+    struct engine_seq q = {.tokens = &token, .len = 1, .slot = -1};
+    if (b->m->cfg.task == TASK_LM)
+        q.last_logits = b->probe_out;
+    else
+        q.logits = b->probe_out;
+    note_engine(b, engine_forward(b->e, &q, 1, err, sizeof err), err);
+}
+
 /* Classify, attention and score jobs as one batch. */
 static void run_forward(struct batcher *b, struct job **jobs, int n)
 {
@@ -271,10 +325,13 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
         snprintf(err, sizeof err, "out of memory");
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    const int runs = rc == 0;
     if (rc == 0 && nq)
         rc = engine_forward(b->e, q, nq, err, sizeof err);
     if (rc == 0 && ns)
         rc = engine_score(b->e, stoks, slens, ns, slp, err, sizeof err);
+    if (runs)
+        note_engine(b, rc, err);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     metrics_engine(b->metrics, (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9);
     for (int i = 0, k = 0; i < n; i++) {
@@ -370,7 +427,7 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
                                                .last_logits = b->logits + (size_t)(b->n_streams - 1) * V};
     }
     /* Short prompts together, long ones chunk by chunk. */
-    int rc = batched ? engine_forward(b->e, q, batched, err, sizeof err) : 0;
+    int rc = batched ? engine_forward(b->e, q, batched, err, sizeof err) : 0, calls = batched > 0;
     for (int i = first; rc == 0 && i < b->n_streams; i++) {
         struct job *j = b->streams[i].job;
         for (int at = 0; rc == 0 && j->lens[0] > PREFILL_CHUNK && at < j->lens[0]; at += PREFILL_CHUNK) {
@@ -378,8 +435,11 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
             struct engine_seq one = {.tokens = j->ids[0] + at, .len = len, .slot = b->streams[i].slot,
                                      .last_logits = b->logits + (size_t)i * V};
             rc = engine_forward(b->e, &one, 1, err, sizeof err);
+            calls++;
         }
     }
+    if (calls)
+        note_engine(b, rc, err);
     if (rc == 0)
         metrics_batch(b->metrics, batched);
     for (int i = b->n_streams - 1; i >= first; i--) {
@@ -414,7 +474,9 @@ static void step_streams(struct batcher *b)
         b->step_tokens[i] = b->streams[i].last;
     }
     const int V = b->m->head_out;
-    if (engine_step(b->e, b->step_slots, b->step_tokens, n, b->logits, NULL, err, sizeof err) != 0) {
+    int rc = engine_step(b->e, b->step_slots, b->step_tokens, n, b->logits, NULL, err, sizeof err);
+    note_engine(b, rc, err);
+    if (rc != 0) {
         log_msg("engine error stepping %d streams: %s", n, err);
         while (b->n_streams)
             end_stream(b, b->n_streams - 1, err);
@@ -442,8 +504,22 @@ static void *batcher_main(void *arg)
     struct job **gen = malloc(sizeof *gen * (size_t)cap);
     pthread_mutex_lock(&b->mu);
     for (;;) {
-        while (!b->head && b->n_streams == 0 && !b->stopping)
-            pthread_cond_wait(&b->cv, &b->mu);
+        while (!b->head && b->n_streams == 0 && !b->stopping) {
+            if (b->failures < BATCHER_FAILING_AFTER) {
+                pthread_cond_wait(&b->cv, &b->mu);
+                continue;
+            }
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            long ns = until.tv_nsec + BATCHER_PROBE_MS * 1000000L;
+            until.tv_sec += ns / 1000000000L;
+            until.tv_nsec = ns % 1000000000L;
+            if (pthread_cond_timedwait(&b->cv, &b->mu, &until) != 0 && !b->head && !b->stopping) {
+                pthread_mutex_unlock(&b->mu);
+                probe_engine(b);
+                pthread_mutex_lock(&b->mu);
+            }
+        }
         if (!b->head && b->n_streams == 0)
             break; /* stopping, and nothing left to do */
         if (worth_waiting(b) && !b->stopping) {
@@ -519,6 +595,11 @@ struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk,
             return NULL;
         }
     }
+    if (!(b->probe_out = malloc(sizeof(float) * (size_t)m->head_out))) {
+        snprintf(err, errlen, "out of memory");
+        batcher_stop(b);
+        return NULL;
+    }
     if (pthread_create(&b->thread, NULL, batcher_main, b) != 0) {
         snprintf(err, errlen, "cannot start the batcher thread");
         batcher_stop(b);
@@ -545,6 +626,7 @@ void batcher_stop(struct batcher *b)
     free(b->logits);
     free(b->step_slots);
     free(b->step_tokens);
+    free(b->probe_out);
     pthread_cond_destroy(&b->cv);
     pthread_mutex_destroy(&b->mu);
     free(b);

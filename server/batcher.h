@@ -94,6 +94,15 @@ void batcher_stop(struct batcher *b);
 struct job *job_new(enum job_kind kind, int n_texts);
 void job_release(struct job *j);
 
+/* After this many engine calls in a row have failed, the model counts as
+ * failing until one succeeds; while failing and idle, the batcher probes
+ * the engine with a one-token call every BATCHER_PROBE_MS. */
+#define BATCHER_FAILING_AFTER 3
+#define BATCHER_PROBE_MS 500
+
+/* 1 when the model is failing, with the last engine error in err; else 0. */
+int batcher_failing(struct batcher *b, char *err, size_t errlen);
+
 /* 0: queued; -1: the queue is full; -2: the batcher is stopping. */
 int batcher_submit(struct batcher *b, struct job *j);
 int batcher_queue_depth(struct batcher *b);

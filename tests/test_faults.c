@@ -4,8 +4,9 @@
  * models): clients that reset their connection mid-stream, slow and idle
  * clients against a short --timeout-s, oversized request heads, a flood of
  * connections beyond --max-connections, a model too large for the memory
- * the process may have (reloaded under an address-space limit), and a GPU
- * that is not there.  After each fault the server must go on serving.
+ * the process may have (reloaded under an address-space limit), a GPU
+ * that is not there, and a device that fails while serving (injected).
+ * After each fault the server must go on serving.
  *
  * test_server.c already covers a client that closes mid-stream (its stream
  * is cancelled and the queued request gets the slot), SIGHUP with corrupt
@@ -33,6 +34,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "backend.h"
+#include "batcher.h"
 #include "config.h"
 #include "model.h"
 
@@ -449,15 +452,86 @@ static void test_gpu_unavailable(void **state)
     server_stop(s);
 }
 
-/* A GPU failing while it serves needs a GPU to fail: skipped on machines
- * without one (see docs/reliability.md for what is left to do there). */
-static void test_gpu_error_while_serving(void **state)
+/* ---- a device that fails while serving ---------------------------------- */
+
+/* The status of one request, and whether its body holds want. */
+static int status_with(int port, const char *method, const char *path, const char *body, const char *want)
+{
+    struct http_resp r;
+    int got = request(port, method, path, body, &r);
+    if (got >= 0 && !(r.body.p && strstr(r.body.p, want)))
+        got = -2;
+    http_resp_free(&r);
+    return got;
+}
+
+/* The device fails under a running server: while the file RRN_FAULT_FILE
+ * names exists, every engine call fails at its sync, as every call on a
+ * GPU whose context a fault poisoned does.  Each request then gets a 500
+ * naming the fault (a stream its error event), the process goes on
+ * answering, and after BATCHER_FAILING_AFTER failures in a row /readyz
+ * turns 503 naming the model, so a load balancer drains the machine.
+ * When the fault goes, the batcher's probe finds the engine working:
+ * /readyz is 200 again and requests succeed, without a restart. */
+static void device_fault_case(const char *device)
+{
+    char dir[] = "/tmp/rrn_fault_XXXXXX", fault[64], env_fault[96];
+    assert_non_null(mkdtemp(dir));
+    snprintf(fault, sizeof fault, "%s/fault", dir);
+    snprintf(env_fault, sizeof env_fault, "RRN_FAULT_FILE=%s", fault);
+    const char *const extra[] = {"--device", device, NULL};
+    const char *const env[] = {env_fault, NULL};
+    struct server *s = start(main_models, extra, env);
+    still_serving(s->port);
+    expect_status(s->port, "GET", "/readyz", NULL, 200);
+
+    FILE *f = fopen(fault, "w");
+    assert_non_null(f);
+    fclose(f);
+    for (int i = 0; i < BATCHER_FAILING_AFTER; i++)
+        assert_int_equal(status_with(s->port, "POST", "/classify", CLASSIFY, "injected device fault"), 500);
+    assert_int_equal(status_with(s->port, "POST", "/generate", GENERATE, "injected device fault"), 500);
+    const char *stream = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good\", \"max_tokens\": 4, "
+                         "\"stream\": true}";
+    assert_int_equal(status_with(s->port, "POST", "/generate", stream, "\"code\":500"), 200);
+    assert_int_equal(status_with(s->port, "GET", "/readyz", NULL, "model plain_lstm_l2_bi_last is failing"),
+                     503);
+    expect_status(s->port, "GET", "/healthz", NULL, 200);
+    assert_true(server_wait_log(s, "the model counts as failing", 1) >= 1);
+
+    assert_int_equal(unlink(fault), 0);
+    int ready = 0;
+    for (int tries = 0; tries < 100 && !ready; tries++) {
+        struct http_resp r;
+        ready = request(s->port, "GET", "/readyz", NULL, &r) == 200;
+        http_resp_free(&r);
+        if (!ready)
+            sleep_ms(100);
+    }
+    assert_true(ready);
+    assert_true(server_wait_log(s, "no longer failing", 1) >= 1);
+    still_serving(s->port);
+    server_stop(s);
+    assert_int_equal(rmdir(dir), 0);
+}
+
+static void test_device_fault_cpu(void **state)
 {
     (void)state;
-    struct stat st;
-    fprintf(stderr, "[  INFO    ] %s\n",
-            stat("/dev/nvidia0", &st) != 0 ? "no GPU (/dev/nvidia0): a GPU error while serving is not tested"
-                                           : "a GPU is present, but no GPU fault can be injected yet");
+    device_fault_case("cpu");
+}
+
+/* The same on a GPU, where there is one. */
+static void test_device_fault_cuda(void **state)
+{
+    (void)state;
+#ifdef RRN_CUDA
+    if (backend_cuda_available()) {
+        device_fault_case("cuda");
+        return;
+    }
+#endif
+    fprintf(stderr, "[  INFO    ] no CUDA GPU: the device fault is tested on the CPU only\n");
     skip();
 }
 
@@ -470,7 +544,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_connection_flood, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, server_teardown),
         cmocka_unit_test(test_gpu_unavailable),
-        cmocka_unit_test(test_gpu_error_while_serving),
+        cmocka_unit_test(test_device_fault_cpu),
+        cmocka_unit_test(test_device_fault_cuda),
     };
     return server_exit_status(cmocka_run_group_tests_name("faults", tests, NULL, NULL));
 }
