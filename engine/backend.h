@@ -171,6 +171,17 @@ struct backend_ops {
      * same bits as gemm with trans_b. */
     void (*gemm_packed)(struct backend *be, int M, int N, int K, const float *A, int lda, const void *packed,
                         float beta, float *C, int ldc);
+
+    /* Graphs (CUDA graphs): between capture_begin and capture_end the work
+     * queued is recorded, not run; capture_end returns it as a graph that
+     * replay queues again, the same kernels on the same pointers, at the
+     * cost of one launch.  capture_end returns NULL when the capture failed
+     * (nothing ran; be->err may say why).  NULL ops: the backend runs work
+     * as it is queued (the CPU, where a launch costs nothing). */
+    int (*capture_begin)(struct backend *be);
+    void *(*capture_end)(struct backend *be);
+    int (*replay)(struct backend *be, void *graph);
+    void (*graph_free)(struct backend *be, void *graph);
 };
 
 struct backend {

@@ -741,6 +741,42 @@ static int cuda_set_precision(struct backend *be, enum precision p)
     return 0;
 }
 
+/* Thread-local capture: another model's batcher, on its own stream and
+ * thread, may allocate while this one records. */
+static int cuda_capture_begin(struct backend *be)
+{
+    return check(be, cudaStreamBeginCapture(stream_of(be), cudaStreamCaptureModeThreadLocal), "graph capture");
+}
+
+static void *cuda_capture_end(struct backend *be)
+{
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    cudaError_t rc = cudaStreamEndCapture(stream_of(be), &graph);
+    if (rc == cudaSuccess && graph)
+        rc = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph)
+        cudaGraphDestroy(graph);
+    if (rc != cudaSuccess) {
+        /* A failed capture leaves its error to be read; it is not the
+         * device's, and the caller runs the work without a graph. */
+        cudaGetLastError();
+        return NULL;
+    }
+    return exec;
+}
+
+static int cuda_replay(struct backend *be, void *graph)
+{
+    return check(be, cudaGraphLaunch((cudaGraphExec_t)graph, stream_of(be)), "graph launch");
+}
+
+static void cuda_graph_free(struct backend *be, void *graph)
+{
+    (void)be;
+    cudaGraphExecDestroy((cudaGraphExec_t)graph);
+}
+
 static int cuda_sync(struct backend *be)
 {
     check(be, cudaStreamSynchronize(stream_of(be)), "stream");
@@ -777,6 +813,10 @@ static const struct backend_ops cuda_ops = {
     cuda_host_free,
     NULL, /* pack_weights: cuBLAS reads the plain layout */
     NULL,
+    cuda_capture_begin,
+    cuda_capture_end,
+    cuda_replay,
+    cuda_graph_free,
 };
 
 extern "C" int backend_cuda_available(void)

@@ -187,6 +187,7 @@ static void build_token_tables(struct engine *e)
 
 void engine_drop_derived(struct engine *e)
 {
+    engine_drop_step_graphs(e);
     drop_token_tables(e);
     drop_packed(e);
 }
@@ -300,7 +301,11 @@ static void *grow(struct engine *e, void **buf, size_t *cap, size_t bytes,
 
 void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes)
 {
-    return grow(e, &e->ws[which], &e->ws_cap[which], bytes, e->be->ops->alloc, e->be->ops->free);
+    void *old = e->ws[which], *p = grow(e, &e->ws[which], &e->ws_cap[which], bytes, e->be->ops->alloc,
+                                        e->be->ops->free);
+    if (p != old)
+        e->ws_gen++;
+    return p;
 }
 
 int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)

@@ -59,6 +59,14 @@ struct engine {
     size_t packed_bytes;
     void *ws[WS_COUNT];
     size_t ws_cap[WS_COUNT];
+    unsigned ws_gen;             /* scratch reallocations so far */
+    /* Step graphs (step.c), on backends that record them: the work of a
+     * step of n rows, with or without attention, at [2 n + attention]. */
+    struct step_graph {
+        void *graph;
+        unsigned ws_gen;         /* the scratch its pointers are into */
+        int seen;                /* the shape has run eagerly once */
+    } *step_graphs;
     /* Step-API slots: per layer, S cell states and S rings of R states. */
     int max_slots;
     int *slot_pos;               /* tokens consumed; -1 when free */
@@ -105,8 +113,11 @@ void engine_gemm_weights(struct engine *e, int n, int N, int K, const float *x, 
                          float beta, float *y, int ldy);
 
 /* Drop what the engine derived from the weights (token tables, packed
- * twins): the weights are about to change. */
+ * twins, step graphs): the weights are about to change. */
 void engine_drop_derived(struct engine *e);
+
+/* Free the step graphs (step.c); they are recorded again as steps come. */
+void engine_drop_step_graphs(struct engine *e);
 
 /* Whether a pass that reads layer 0's projection from the token tables
  * (tables nonzero) still needs the embedded input y^0 on the backend: only

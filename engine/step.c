@@ -74,6 +74,117 @@ static int plan_rows(struct engine *e, const int *slots, const int32_t *tokens, 
     return 0;
 }
 
+/* The device buffers of one step. */
+struct step_bufs {
+    int n;
+    const int *d_token, *d_slot, *d_t, *d_hprev, *t_host;
+    float *x, *xg, *hprev, *ybuf[3], *out, *attn;
+};
+
+/* The device work of a step: every layer, then the head's logits into
+ * b->out.  0, or -1 when out of memory. */
+static int step_work(struct engine *e, const struct step_bufs *b)
+{
+    struct backend *be = e->be;
+    const int H = e->H, W = e->W, V = e->V, K = e->K, S = e->max_slots, n = b->n;
+    const int tables = e->token_xg[0] != NULL;
+    if (engine_needs_embedding(e, tables))
+        be->ops->gather_rows(be, b->x, e->E, e->w.embedding, e->E, b->d_token, n, e->E);
+    const float *y_prev2 = NULL, *y_prev = b->x;
+    float *y = NULL;
+    for (int l = 0; l < e->L; l++) {
+        float *ring = e->pool_ring + (size_t)l * S * e->R * H;
+        y = b->ybuf[(l + 1) % 3];
+        if (l == 0 && tables)
+            be->ops->gather_rows(be, b->xg, e->G * H, e->token_xg[0], e->G * H, b->d_token, n, e->G * H);
+        else
+            engine_input_projection(e, l, 0, y_prev, n, b->xg);
+        be->ops->gather_rows(be, b->hprev, H, ring, H, b->d_hprev, n, H);
+        struct layer_run run = {
+            .layer = l,
+            .n = n,
+            .hprev = b->hprev,
+            .xg = b->xg,
+            .c = e->pool_c + (size_t)l * S * H,
+            .ring = ring,
+            .slot = b->d_slot,
+            .t = b->d_t,
+            .t_host = b->t_host,
+            .out = y,
+            .attn = b->attn ? b->attn + (size_t)l * n * K : NULL,
+        };
+        if (engine_layer_step(e, &run) != 0)
+            return -1;
+        if (e->m->cfg.residual_depth && l >= 1)
+            engine_residual(e, l, y, y_prev2, n);
+        y_prev2 = y_prev;
+        y_prev = y;
+    }
+    be->ops->set_rows(be, b->out, V, e->w.head_b, n, V);
+    engine_gemm_weights(e, n, V, W, y, W, e->w.head_w, 1.0f, b->out, V);
+    return 0;
+}
+
+/* A step of a small batch is a dozen short kernels, whose launches cost a
+ * GPU more than they run; on a backend that records graphs each shape's
+ * work is recorded once and replayed after.  Recorded the second time the
+ * shape comes (the first grows the scratch the graph points into) and
+ * only with one recurrent matrix (with several, the rows split into a
+ * number of products that changes from step to step). */
+static int run_step(struct engine *e, const struct step_bufs *b)
+{
+    struct backend *be = e->be;
+    if (!be->ops->capture_begin || e->M != 1)
+        return step_work(e, b);
+    if (!e->step_graphs && !(e->step_graphs = calloc(2 * ((size_t)e->max_slots + 1), sizeof *e->step_graphs)))
+        return step_work(e, b);
+    struct step_graph *g = &e->step_graphs[2 * b->n + (b->attn != NULL)];
+    if (g->graph && g->ws_gen == e->ws_gen)
+        return be->ops->replay(be, g->graph);
+    if (g->graph) {
+        be->ops->graph_free(be, g->graph);
+        g->graph = NULL;
+    }
+    if (g->seen != 1 || be->ops->capture_begin(be) != 0) {
+        g->seen += !g->seen;
+        backend_clear_error(be);
+        return step_work(e, b);
+    }
+    unsigned gen = e->ws_gen;
+    int rc = step_work(e, b);
+    void *graph = be->ops->capture_end(be);
+    if (graph && rc == 0 && e->ws_gen == gen) {
+        g->graph = graph;
+        g->ws_gen = gen;
+        return be->ops->replay(be, graph);
+    }
+    if (graph)
+        be->ops->graph_free(be, graph);
+    /* Nothing ran.  Scratch that grew is stable next time; a capture that
+     * failed otherwise is not tried again for this shape. */
+    if (e->ws_gen == gen)
+        g->seen = -1;
+    backend_clear_error(be);
+    return step_work(e, b);
+}
+
+void engine_drop_step_graphs(struct engine *e)
+{
+    for (int k = 0; e->step_graphs && k < 2 * (e->max_slots + 1); k++)
+        if (e->step_graphs[k].graph)
+            e->be->ops->graph_free(e->be, e->step_graphs[k].graph);
+    free(e->step_graphs);
+    e->step_graphs = NULL;
+}
+
+size_t engine_step_graph_count(const struct engine *e)
+{
+    size_t count = 0;
+    for (int k = 0; e->step_graphs && k < 2 * (e->max_slots + 1); k++)
+        count += e->step_graphs[k].graph != NULL;
+    return count;
+}
+
 int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n,
                 float *logits, float *attention, char *err, size_t errlen)
 {
@@ -81,7 +192,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
         return -1;
     backend_clear_error(e->be);
     struct backend *be = e->be;
-    const int H = e->H, W = e->W, V = e->V, K = e->K, S = e->max_slots;
+    const int H = e->H, W = e->W, V = e->V, K = e->K;
     const size_t fsz = sizeof(float);
     struct step_rows r;
     if (plan_rows(e, slots, tokens, n, &r) != 0)
@@ -100,42 +211,16 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     if (!d_token || !d_slot || !d_t || !d_hprev || !x || !xg || !hprev || !ybuf[0] || !ybuf[1] || !ybuf[2] ||
         !out || (attention && K && !attn))
         goto oom;
-
-    const int tables = e->token_xg[0] != NULL;
-    if (engine_needs_embedding(e, tables))
-        be->ops->gather_rows(be, x, e->E, e->w.embedding, e->E, d_token, n, e->E);
-    const float *y_prev2 = NULL, *y_prev = x;
-    float *y = NULL;
-    for (int l = 0; l < e->L; l++) {
-        float *ring = e->pool_ring + (size_t)l * S * e->R * H;
-        y = ybuf[(l + 1) % 3];
-        if (l == 0 && tables)
-            be->ops->gather_rows(be, xg, e->G * H, e->token_xg[0], e->G * H, d_token, n, e->G * H);
-        else
-            engine_input_projection(e, l, 0, y_prev, n, xg);
-        be->ops->gather_rows(be, hprev, H, ring, H, d_hprev, n, H);
-        struct layer_run run = {
-            .layer = l,
-            .n = n,
-            .hprev = hprev,
-            .xg = xg,
-            .c = e->pool_c + (size_t)l * S * H,
-            .ring = ring,
-            .slot = d_slot,
-            .t = d_t,
-            .t_host = r.t,
-            .out = y,
-            .attn = attn ? attn + (size_t)l * n * K : NULL,
-        };
-        if (engine_layer_step(e, &run) != 0)
+    struct step_bufs b = {
+        .n = n, .d_token = d_token, .d_slot = d_slot, .d_t = d_t, .d_hprev = d_hprev, .t_host = r.t,
+        .x = x, .xg = xg, .hprev = hprev, .ybuf = {ybuf[0], ybuf[1], ybuf[2]}, .out = out, .attn = attn,
+    };
+    if (run_step(e, &b) != 0) {
+        if (!be->err[0])
             goto oom;
-        if (e->m->cfg.residual_depth && l >= 1)
-            engine_residual(e, l, y, y_prev2, n);
-        y_prev2 = y_prev;
-        y_prev = y;
+        snprintf(err, errlen, "%s backend: %s", be->ops->name, be->err);
+        return -1;
     }
-    be->ops->set_rows(be, out, V, e->w.head_b, n, V);
-    engine_gemm_weights(e, n, V, W, y, W, e->w.head_w, 1.0f, out, V);
 
     size_t host_n = (size_t)n * V + (attn ? (size_t)e->L * n * K : 0);
     float *host = engine_host(e, HOST_RESULTS, host_n * fsz);

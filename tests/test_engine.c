@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "engine_internal.h"
 #include "pool.h"
 
 #define LM_FIXTURE "tests/fixtures/combo_lstm_lm.safetensors"
@@ -32,19 +33,25 @@ struct env {
     struct engine *engine;
 };
 
-static int open_env(void **state, const char *path, int slots)
+static int open_env_on(void **state, const char *path, int slots, enum device_kind dev)
 {
     char err[512];
     struct env *v = calloc(1, sizeof *v);
     assert_non_null(v);
     if (model_load(path, &v->model, err, sizeof err) != 0)
         fail_msg("%s: %s", path, err);
-    v->be = backend_cpu_create(err, sizeof err);
+    if (!(v->be = backend_create(dev, err, sizeof err)))
+        fail_msg("backend: %s", err);
     v->engine = engine_create(&v->model, v->be, slots, err, sizeof err);
     if (!v->engine)
         fail_msg("engine: %s", err);
     *state = v;
     return 0;
+}
+
+static int open_env(void **state, const char *path, int slots)
+{
+    return open_env_on(state, path, slots, DEVICE_CPU);
 }
 
 static int setup_lm(void **state)
@@ -368,6 +375,56 @@ static void test_derived_weights_give_the_same_bits(void **state)
     }
 }
 
+/* On CUDA, a step's kernels are recorded as a graph the second time its
+ * shape comes and replayed after: the same kernels on the same pointers,
+ * so the same bits as launching them one by one (an engine whose graphs
+ * are dropped before every step), with attention asked for and not.
+ * Skipped without a GPU. */
+static void test_step_graphs_give_the_same_bits(void **state)
+{
+    (void)state;
+#ifdef RRN_CUDA
+    if (!backend_cuda_available())
+        skip();
+    enum { N = 3, STEPS = 8 };
+    void *v[2];
+    float *out[2];
+    size_t per_step = 0;
+    for (int k = 0; k < 2; k++) {
+        open_env_on(&v[k], "tests/fixtures/rra_dynamic_w3_l2_lm.safetensors", N, DEVICE_CUDA);
+        struct env *env = v[k];
+        const struct model *m = &env->model;
+        const int C = m->head_out, LK = m->cfg.layers * m->cfg.attn_window;
+        per_step = (size_t)N * (C + LK);
+        assert_non_null(out[k] = calloc(STEPS * per_step, sizeof(float)));
+        int slots[N];
+        for (int i = 0; i < N; i++)
+            assert_true((slots[i] = engine_slot_open(env->engine)) >= 0);
+        for (int s = 0; s < STEPS; s++) {
+            int32_t toks[N];
+            for (int i = 0; i < N; i++)
+                toks[i] = (int32_t)((i * 7 + s * 3) % m->vocab);
+            if (k == 1)
+                engine_drop_step_graphs(env->engine);
+            char err[512];
+            float *o = out[k] + s * per_step;
+            if (engine_step(env->engine, slots, toks, N, o, s % 2 ? o + (size_t)N * C : NULL, err, sizeof err) != 0)
+                fail_msg("step %d: %s", s, err);
+        }
+    }
+    assert_true(engine_step_graph_count(((struct env *)v[0])->engine) == 2);
+    assert_true(engine_step_graph_count(((struct env *)v[1])->engine) == 0);
+    if (memcmp(out[0], out[1], STEPS * per_step * sizeof(float)) != 0)
+        fail_msg("steps replayed from graphs differ from steps launched one by one");
+    for (int k = 0; k < 2; k++) {
+        free(out[k]);
+        teardown(&v[k]);
+    }
+#else
+    skip();
+#endif
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -381,6 +438,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test(test_derived_weights_give_the_same_bits),
         cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
+        cmocka_unit_test(test_step_graphs_give_the_same_bits),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);
