@@ -187,7 +187,7 @@ static void build_token_tables(struct engine *e)
 
 void engine_drop_derived(struct engine *e)
 {
-    engine_drop_step_graphs(e);
+    engine_drop_graphs(e);
     drop_token_tables(e);
     drop_packed(e);
 }

@@ -135,8 +135,8 @@ size_t engine_token_table_bytes(const struct engine *e);
  * (0 where the backend does not pack them, or they were dropped). */
 size_t engine_packed_bytes(const struct engine *e);
 
-/* Step shapes whose work the engine replays from a recorded graph (0 on
- * backends that do not record graphs, the CPU). */
-size_t engine_step_graph_count(const struct engine *e);
+/* Shapes of steps and forwards whose work the engine replays from a
+ * recorded graph (0 on backends that do not record graphs, the CPU). */
+size_t engine_graph_count(const struct engine *e);
 
 #endif

@@ -60,13 +60,7 @@ struct engine {
     void *ws[WS_COUNT];
     size_t ws_cap[WS_COUNT];
     unsigned ws_gen;             /* scratch reallocations so far */
-    /* Step graphs (step.c), on backends that record them: the work of a
-     * step of n rows, with or without attention, at [2 n + attention]. */
-    struct step_graph {
-        void *graph;
-        unsigned ws_gen;         /* the scratch its pointers are into */
-        int seen;                /* the shape has run eagerly once */
-    } *step_graphs;
+    struct graph_cache *graphs;  /* recorded device work (graphs.c) */
     /* Step-API slots: per layer, S cell states and S rings of R states. */
     int max_slots;
     int *slot_pos;               /* tokens consumed; -1 when free */
@@ -113,11 +107,20 @@ void engine_gemm_weights(struct engine *e, int n, int N, int K, const float *x, 
                          float beta, float *y, int ldy);
 
 /* Drop what the engine derived from the weights (token tables, packed
- * twins, step graphs): the weights are about to change. */
+ * twins, recorded graphs): the weights are about to change. */
 void engine_drop_derived(struct engine *e);
 
-/* Free the step graphs (step.c); they are recorded again as steps come. */
-void engine_drop_step_graphs(struct engine *e);
+/* Device work that engine_recorded may record: returns its result, a
+ * pointer, or NULL on failure. */
+typedef void *(*engine_work)(struct engine *e, void *arg);
+
+/* work(e, arg), or on backends that record graphs its recording replayed,
+ * for the shapes seen before; key (len bytes) must hold everything on the
+ * host that decides the work's kernels and their arguments (graphs.c). */
+void *engine_recorded(struct engine *e, const void *key, size_t len, engine_work work, void *arg);
+
+/* Free the recorded graphs; shapes are recorded again as they come. */
+void engine_drop_graphs(struct engine *e);
 
 /* Whether a pass that reads layer 0's projection from the token tables
  * (tables nonzero) still needs the embedded input y^0 on the backend: only

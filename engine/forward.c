@@ -401,6 +401,43 @@ static int copy_attention(struct engine *e, const struct plan *p, const float *a
     return rc;
 }
 
+struct layers_args {
+    const struct plan *p;
+    const struct dev_plan *d;
+    float *attn;
+};
+
+static void *layers_work(struct engine *e, void *arg)
+{
+    const struct layers_args *a = arg;
+    return engine_run_layers(e, a->p, a->d, a->attn, NULL);
+}
+
+/* The layers of an inference forward, recorded by shape (graphs.c): the
+ * rows of each step (off), the position slots continue from (the steps'
+ * numbers are kernel arguments), and which inputs and outputs there are. */
+static const float *run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn)
+{
+    struct layers_args a = {p, d, attn};
+    if (!e->be->ops->capture_begin)
+        return layers_work(e, &a);
+    size_t len = (7 + (size_t)p->T + 1) * sizeof(int);
+    int *key = malloc(len);
+    if (!key)
+        return layers_work(e, &a);
+    key[0] = 'F';
+    key[1] = p->n;
+    key[2] = p->T;
+    key[3] = p->pos;
+    key[4] = d->slot != NULL;
+    key[5] = d->inputs != NULL;
+    key[6] = attn != NULL;
+    memcpy(key + 7, p->off, ((size_t)p->T + 1) * sizeof(int));
+    const float *y = engine_recorded(e, key, len, layers_work, &a);
+    free(key);
+    return y;
+}
+
 int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen)
 {
     if (engine_check_batch(e, seqs, n, err, errlen) != 0)
@@ -423,7 +460,7 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
             return -1;
         }
     }
-    const float *y = engine_run_layers(e, &p, &d, attn, NULL);
+    const float *y = run_layers(e, &p, &d, attn);
     int rc = y ? 0 : -1;
     if (rc == 0)
         rc = e->m->cfg.task == TASK_LM ? lm_head(e, &p, &d, y, seqs) : classify_head(e, &p, &d, y, seqs);

@@ -81,10 +81,11 @@ struct step_bufs {
     float *x, *xg, *hprev, *ybuf[3], *out, *attn;
 };
 
-/* The device work of a step: every layer, then the head's logits into
- * b->out.  0, or -1 when out of memory. */
-static int step_work(struct engine *e, const struct step_bufs *b)
+/* The device work of a step (an engine_work): every layer, then the
+ * head's logits into b->out, which it returns; NULL when out of memory. */
+static void *step_work(struct engine *e, void *arg)
 {
+    const struct step_bufs *b = arg;
     struct backend *be = e->be;
     const int H = e->H, W = e->W, V = e->V, K = e->K, S = e->max_slots, n = b->n;
     const int tables = e->token_xg[0] != NULL;
@@ -114,7 +115,7 @@ static int step_work(struct engine *e, const struct step_bufs *b)
             .attn = b->attn ? b->attn + (size_t)l * n * K : NULL,
         };
         if (engine_layer_step(e, &run) != 0)
-            return -1;
+            return NULL;
         if (e->m->cfg.residual_depth && l >= 1)
             engine_residual(e, l, y, y_prev2, n);
         y_prev2 = y_prev;
@@ -122,67 +123,29 @@ static int step_work(struct engine *e, const struct step_bufs *b)
     }
     be->ops->set_rows(be, b->out, V, e->w.head_b, n, V);
     engine_gemm_weights(e, n, V, W, y, W, e->w.head_w, 1.0f, b->out, V);
-    return 0;
+    return b->out;
 }
 
-/* A step of a small batch is a dozen short kernels, whose launches cost a
- * GPU more than they run; on a backend that records graphs each shape's
- * work is recorded once and replayed after.  Recorded the second time the
- * shape comes (the first grows the scratch the graph points into) and
- * only with one recurrent matrix (with several, the rows split into a
- * number of products that changes from step to step). */
-static int run_step(struct engine *e, const struct step_bufs *b)
+/* The step's work, recorded by shape (graphs.c): the rows, whether
+ * attention is wanted, and how many rows use each recurrent matrix (rows
+ * are sorted by matrix, one product for each). */
+static int run_step(struct engine *e, struct step_bufs *b)
 {
-    struct backend *be = e->be;
-    if (!be->ops->capture_begin || e->M != 1)
-        return step_work(e, b);
-    if (!e->step_graphs && !(e->step_graphs = calloc(2 * ((size_t)e->max_slots + 1), sizeof *e->step_graphs)))
-        return step_work(e, b);
-    struct step_graph *g = &e->step_graphs[2 * b->n + (b->attn != NULL)];
-    if (g->graph && g->ws_gen == e->ws_gen)
-        return be->ops->replay(be, g->graph);
-    if (g->graph) {
-        be->ops->graph_free(be, g->graph);
-        g->graph = NULL;
-    }
-    if (g->seen != 1 || be->ops->capture_begin(be) != 0) {
-        g->seen += !g->seen;
-        backend_clear_error(be);
-        return step_work(e, b);
-    }
-    unsigned gen = e->ws_gen;
-    int rc = step_work(e, b);
-    void *graph = be->ops->capture_end(be);
-    if (graph && rc == 0 && e->ws_gen == gen) {
-        g->graph = graph;
-        g->ws_gen = gen;
-        return be->ops->replay(be, graph);
-    }
-    if (graph)
-        be->ops->graph_free(be, graph);
-    /* Nothing ran.  Scratch that grew is stable next time; a capture that
-     * failed otherwise is not tried again for this shape. */
-    if (e->ws_gen == gen)
-        g->seen = -1;
-    backend_clear_error(be);
-    return step_work(e, b);
-}
-
-void engine_drop_step_graphs(struct engine *e)
-{
-    for (int k = 0; e->step_graphs && k < 2 * (e->max_slots + 1); k++)
-        if (e->step_graphs[k].graph)
-            e->be->ops->graph_free(e->be, e->step_graphs[k].graph);
-    free(e->step_graphs);
-    e->step_graphs = NULL;
-}
-
-size_t engine_step_graph_count(const struct engine *e)
-{
-    size_t count = 0;
-    for (int k = 0; e->step_graphs && k < 2 * (e->max_slots + 1); k++)
-        count += e->step_graphs[k].graph != NULL;
-    return count;
+    if (!e->be->ops->capture_begin)
+        return step_work(e, b) ? 0 : -1;
+    int stack[3 + 8], *key = e->M <= 8 ? stack : malloc((3 + (size_t)e->M) * sizeof *key);
+    if (!key)
+        return step_work(e, b) ? 0 : -1;
+    memset(key, 0, (3 + (size_t)e->M) * sizeof *key);
+    key[0] = 'S';
+    key[1] = b->n;
+    key[2] = b->attn != NULL;
+    for (int i = 0; i < b->n; i++)
+        key[3 + (b->t_host[i] - 1) % e->M]++;
+    void *out = engine_recorded(e, key, (3 + (size_t)e->M) * sizeof *key, step_work, b);
+    if (key != stack)
+        free(key);
+    return out ? 0 : -1;
 }
 
 int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n,

@@ -375,28 +375,133 @@ static void test_derived_weights_give_the_same_bits(void **state)
     }
 }
 
-/* On CUDA, a step's kernels are recorded as a graph the second time its
- * shape comes and replayed after: the same kernels on the same pointers,
- * so the same bits as launching them one by one (an engine whose graphs
- * are dropped before every step), with attention asked for and not.
- * Skipped without a GPU. */
-static void test_step_graphs_give_the_same_bits(void **state)
+/* A backend that pretends to record graphs: the work runs as it is queued
+ * (the CPU's ops), capture_end hands out a token, replay does nothing.
+ * It shows what graphs.c decides, not what a GPU computes. */
+static struct {
+    int begins, replays, frees, fail;
+} mock;
+
+static int mock_begin(struct backend *be)
+{
+    (void)be;
+    mock.begins++;
+    return 0;
+}
+
+static void *mock_end(struct backend *be)
+{
+    (void)be;
+    return mock.fail ? NULL : malloc(1);
+}
+
+static int mock_replay(struct backend *be, void *graph)
+{
+    (void)be, (void)graph;
+    mock.replays++;
+    return 0;
+}
+
+static void mock_free(struct backend *be, void *graph)
+{
+    (void)be;
+    free(graph);
+    mock.frees++;
+}
+
+static void forward_n(struct engine *e, int n, int len)
+{
+    int32_t tokens[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    struct engine_seq q[16];
+    char err[512];
+    for (int i = 0; i < n; i++)
+        q[i] = (struct engine_seq){.tokens = tokens, .len = len, .slot = -1};
+    if (engine_forward(e, q, n, err, sizeof err) != 0)
+        fail_msg("forward: %s", err);
+}
+
+/* A shape is recorded the second time it comes and replayed after; scratch
+ * that moves makes it be recorded again; a recording that fails is not
+ * tried again for that shape; every graph is freed. */
+static void test_graph_cache_policy(void **state)
+{
+    struct env *v = *state;
+    static struct backend_ops ops;
+    ops = *v->be->ops;
+    ops.capture_begin = mock_begin;
+    ops.capture_end = mock_end;
+    ops.replay = mock_replay;
+    ops.graph_free = mock_free;
+    memset(&mock, 0, sizeof mock);
+    struct backend *be = v->be;
+    const struct backend_ops *cpu = be->ops;
+    char err[512];
+    be->ops = &ops;
+    struct engine *e = engine_create(&v->model, be, 0, err, sizeof err);
+    assert_non_null(e);
+    for (int i = 0; i < 4; i++)
+        forward_n(e, 2, 5);
+    assert_int_equal(mock.begins, 1);
+    assert_int_equal(mock.replays, 3);
+    assert_int_equal(engine_graph_count(e), 1);
+    forward_n(e, 16, 16); /* grows the scratch: the graph points into old buffers */
+    forward_n(e, 2, 5);
+    assert_int_equal(mock.frees, 1);
+    assert_int_equal(mock.begins, 2);
+    assert_int_equal(mock.replays, 4);
+    forward_n(e, 2, 5);
+    assert_int_equal(mock.begins, 2);
+    assert_int_equal(mock.replays, 5);
+    mock.fail = 1;
+    for (int i = 0; i < 4; i++)
+        forward_n(e, 3, 4);
+    assert_int_equal(mock.begins, 3);
+    assert_int_equal(mock.replays, 5);
+    assert_int_equal(engine_graph_count(e), 1);
+    engine_destroy(e);
+    assert_int_equal(mock.frees, 2);
+    be->ops = cpu;
+}
+
+/* On CUDA, the kernels of a forward or a step are recorded as a graph the
+ * second time their shape comes and replayed after: the same kernels on
+ * the same pointers, so the same bits as launching them one by one (an
+ * engine whose graphs are dropped before every call).  Forwards of three
+ * texts of different lengths, then steps with attention asked for and
+ * not.  Skipped without a GPU. */
+static void test_graphs_give_the_same_bits(void **state)
 {
     (void)state;
 #ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
-    enum { N = 3, STEPS = 8 };
+    enum { N = 3, FORWARDS = 3, STEPS = 8, MAXLEN = 9 };
     void *v[2];
     float *out[2];
-    size_t per_step = 0;
+    size_t per_step = 0, per_forward = 0;
     for (int k = 0; k < 2; k++) {
         open_env_on(&v[k], "tests/fixtures/rra_dynamic_w3_l2_lm.safetensors", N, DEVICE_CUDA);
         struct env *env = v[k];
         const struct model *m = &env->model;
         const int C = m->head_out, LK = m->cfg.layers * m->cfg.attn_window;
         per_step = (size_t)N * (C + LK);
-        assert_non_null(out[k] = calloc(STEPS * per_step, sizeof(float)));
+        per_forward = (size_t)N * MAXLEN * C;
+        assert_non_null(out[k] = calloc(FORWARDS * per_forward + STEPS * per_step, sizeof(float)));
+        char err[512];
+        int32_t tokens[N][MAXLEN];
+        for (int i = 0; i < N; i++)
+            for (int t = 0; t < MAXLEN; t++)
+                tokens[i][t] = (int32_t)((i * 5 + t * 3) % m->vocab);
+        for (int f = 0; f < FORWARDS; f++) {
+            struct engine_seq seqs[N];
+            for (int i = 0; i < N; i++)
+                seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = MAXLEN - 3 * i, .slot = -1,
+                                              .logits = out[k] + f * per_forward + (size_t)i * MAXLEN * C};
+            if (k == 1)
+                engine_drop_graphs(env->engine);
+            if (engine_forward(env->engine, seqs, N, err, sizeof err) != 0)
+                fail_msg("forward %d: %s", f, err);
+        }
         int slots[N];
         for (int i = 0; i < N; i++)
             assert_true((slots[i] = engine_slot_open(env->engine)) >= 0);
@@ -405,17 +510,16 @@ static void test_step_graphs_give_the_same_bits(void **state)
             for (int i = 0; i < N; i++)
                 toks[i] = (int32_t)((i * 7 + s * 3) % m->vocab);
             if (k == 1)
-                engine_drop_step_graphs(env->engine);
-            char err[512];
-            float *o = out[k] + s * per_step;
+                engine_drop_graphs(env->engine);
+            float *o = out[k] + FORWARDS * per_forward + s * per_step;
             if (engine_step(env->engine, slots, toks, N, o, s % 2 ? o + (size_t)N * C : NULL, err, sizeof err) != 0)
                 fail_msg("step %d: %s", s, err);
         }
     }
-    assert_true(engine_step_graph_count(((struct env *)v[0])->engine) == 2);
-    assert_true(engine_step_graph_count(((struct env *)v[1])->engine) == 0);
-    if (memcmp(out[0], out[1], STEPS * per_step * sizeof(float)) != 0)
-        fail_msg("steps replayed from graphs differ from steps launched one by one");
+    assert_true(engine_graph_count(((struct env *)v[0])->engine) == 3);
+    assert_true(engine_graph_count(((struct env *)v[1])->engine) == 0);
+    if (memcmp(out[0], out[1], (FORWARDS * per_forward + STEPS * per_step) * sizeof(float)) != 0)
+        fail_msg("work replayed from graphs differs from work launched one by one");
     for (int k = 0; k < 2; k++) {
         free(out[k]);
         teardown(&v[k]);
@@ -438,7 +542,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test(test_derived_weights_give_the_same_bits),
         cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
-        cmocka_unit_test(test_step_graphs_give_the_same_bits),
+        cmocka_unit_test_setup_teardown(test_graph_cache_policy, setup_lm, teardown),
+        cmocka_unit_test(test_graphs_give_the_same_bits),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);
