@@ -64,6 +64,8 @@ static struct served_model *load_model(struct registry *r, const char *name, con
     const struct model_config *c = &m->model.cfg;
     int slots = c->task == TASK_LM && config_directions(c) == 1 ? r->opt.batch.max_batch + 1 : 0;
     struct engine *e = engine_create(&m->model, m->be, slots, err, errlen);
+    if (e)
+        m->derived_bytes = engine_token_table_bytes(e) + engine_packed_bytes(e);
     if (!e || !(m->batcher = batcher_start(&m->model, &m->tk, e, &r->opt.batch, r->opt.metrics, err, errlen)))
         goto fail;
     return m;
@@ -133,9 +135,10 @@ static int scan(struct registry *r, const struct entry *old, int n_old, struct e
         }
         struct served_model *m = load_model(r, name, path, err, sizeof err);
         if (m) {
-            log_msg("model %s: loaded %s (%s, %s, %zu parameters, sha256 %s)", name, path,
-                    task_name(m->model.cfg.task), cell_name(m->model.cfg.cell), m->model.n_params,
-                    m->model.sha256);
+            log_msg("model %s: loaded %s (%s, %s, %zu parameters, sha256 %s; %.1f MB more for token tables and "
+                    "packed weights)",
+                    name, path, task_name(m->model.cfg.task), cell_name(m->model.cfg.cell), m->model.n_params,
+                    m->model.sha256, (double)m->derived_bytes / 1e6);
             t[n++] = (struct entry){m, st};
         } else {
             failures++;

@@ -24,6 +24,7 @@ struct served_model {
     struct tokenizer tk;
     struct backend *be;
     struct batcher *batcher;
+    size_t derived_bytes; /* what the engine made from the weights (token tables, packed copies) */
     atomic_int refs;
 };
 
