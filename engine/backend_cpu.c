@@ -207,25 +207,31 @@ static void attention_weights(const struct cell_step *s, const float *q, const f
 }
 
 /* One row of each cell, written as flat, branch-free loops over k that the
- * compiler vectorizes; absent terms come as arrays of zeros.  pre holds
- * the LSTM's gate pre-activations (xg + hg + b_hh). */
-/* always_inline: compiled into each clone of cell_rows, AVX2 included. */
-static inline __attribute__((always_inline)) void lstm_row(float *restrict out, float *restrict c,
-                                                           const float *restrict pre, const float *restrict att,
+ * compiler vectorizes.  always_inline: compiled into each clone of
+ * cell_rows, AVX2 included, and specialized for each constant `full`: 0
+ * for inference without attention or peepholes, which reads no attention
+ * sum att or peephole and keeps no training cache, yet still adds their
+ * +0 and multiplies by their 0, so that both forms give the same bits. */
+static inline __attribute__((always_inline)) void lstm_row(int full, float *restrict out, float *restrict c,
+                                                           const float *restrict xg, const float *restrict hg,
+                                                           const float *restrict b, const float *restrict att,
                                                            const float *restrict peep, float *restrict cache,
                                                            int H)
 {
     for (int k = 0; k < H; k++) {
-        float ig = sigmoid_approx(pre[k]), fg = sigmoid_approx(pre[H + k]), gg = tanh_approx(pre[2 * H + k]);
-        float cn = fg * c[k] + ig * gg + att[k];
-        float og = sigmoid_approx(pre[3 * H + k] + peep[k] * cn);
+        float ig = sigmoid_approx(xg[k] + hg[k] + b[k]), fg = sigmoid_approx(xg[H + k] + hg[H + k] + b[H + k]);
+        float gg = tanh_approx(xg[2 * H + k] + hg[2 * H + k] + b[2 * H + k]);
+        float cn = fg * c[k] + ig * gg + (full ? att[k] : 0.0f);
+        float og = sigmoid_approx(xg[3 * H + k] + hg[3 * H + k] + b[3 * H + k] + (full ? peep[k] : 0.0f) * cn);
         c[k] = cn;
         out[k] = og * tanh_approx(cn);
-        cache[k] = ig;
-        cache[H + k] = fg;
-        cache[2 * H + k] = gg;
-        cache[3 * H + k] = og;
-        cache[4 * H + k] = cn;
+        if (full) {
+            cache[k] = ig;
+            cache[H + k] = fg;
+            cache[2 * H + k] = gg;
+            cache[3 * H + k] = og;
+            cache[4 * H + k] = cn;
+        }
     }
 }
 
@@ -269,7 +275,7 @@ static void cell_rows(const void *arg, int i0, int i1, float *scratch)
     float a[CONFIG_MAX_ATTN_WINDOW];
     /* Without a cache to fill, the rows write theirs to scratch: one code
      * path, and the stores stay in L1. */
-    float *pre = scratch, *att = pre + 4 * (size_t)H, *zero = att + H, *row_cache = zero + H;
+    float *att = scratch, *zero = att + H, *row_cache = zero + H;
     memset(zero, 0, (size_t)H * sizeof(float));
     const size_t cw = CELL_CACHE(s->cell, H);
     for (int i = i0; i < i1; i++) {
@@ -297,8 +303,13 @@ static void cell_rows(const void *arg, int i0, int i1, float *scratch)
             gru_row(out, xg, hg, b, hist[1] ? hist[1] : zero, cache, H);
             break;
         case CELL_LSTM: {
-            for (int k = 0; k < 4 * H; k++)
-                pre[k] = xg[k] + hg[k] + b[k];
+            float *c = s->c + (size_t)slot * H;
+            if (!K && !s->peephole && !s->cache) {
+                /* Inference without attention or peepholes: nothing to
+                 * read but the gates and the state, nothing to keep. */
+                lstm_row(0, out, c, xg, hg, b, NULL, NULL, NULL, H);
+                break;
+            }
             memset(att, 0, (size_t)H * sizeof(float));
             if (K) {
                 attention_weights(s, s->q ? s->q + (size_t)i * H : NULL, hist, a);
@@ -309,7 +320,7 @@ static void cell_rows(const void *arg, int i0, int i1, float *scratch)
                         for (int k = 0; k < H; k++)
                             att[k] += a[j] * hist[j + 2][k];
             }
-            lstm_row(out, s->c + (size_t)slot * H, pre, att, s->peephole ? s->peephole : zero, cache, H);
+            lstm_row(1, out, c, xg, hg, b, att, s->peephole ? s->peephole : zero, cache, H);
             break;
         }
         }
