@@ -101,6 +101,11 @@ enum precision { PRECISION_FP32, PRECISION_TF32, PRECISION_BF16 };
 
 struct backend_ops {
     const char *name;
+    /* 1: a forward computes each step's input projection just before the
+     * step (the CPU, where the step's rows then come from cache rather
+     * than from memory); 0: all steps' in one product first (a GPU, for
+     * which one large product beats many small ones). */
+    int project_each_step;
     void (*destroy)(struct backend *be);
     void *(*alloc)(struct backend *be, size_t bytes);
     void (*free)(struct backend *be, void *p);

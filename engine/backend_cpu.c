@@ -632,6 +632,7 @@ static const struct backend_ops cpu_ops = {
     .dropout = cpu_dropout,
     .softmax_xent = cpu_softmax_xent,
     .squared_error = cpu_squared_error,
+    .project_each_step = 1,
     .host_alloc = cpu_host_alloc,
     .host_free = cpu_free,
     .pack_weights = cpu_pack_weights,

@@ -179,6 +179,29 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
                    (d->slot || !p->slot) && (d->hprev || !p->slot) ? 0 : -1;
 }
 
+/* A forward projects each step's inputs just before the step, on backends
+ * that ask for it, when the projections of all steps would not stay in
+ * cache (their trip through memory cost the CPU engine 5% of a batch of
+ * 64 x 128 tokens) and a step has rows enough to share the weights' trip
+ * from cache (at batch 1 that trip, once a step, made the RRA benchmark
+ * 30% slower). */
+#define PROJECT_ALL_MAX_BYTES ((size_t)8 << 20)
+#define PROJECT_STEP_MIN_ROWS 32
+
+/* Layer l's input projection (direction dir) of packed rows row0 ..
+ * row0 + rows - 1 into xg: read from the token tables for layer 0 when the
+ * engine has them, else computed from the layer input xin. */
+static void project_rows(struct engine *e, const struct dev_plan *d, int l, int dir, int tables, const float *xin,
+                         int row0, int rows, float *xg)
+{
+    const int GH = e->G * e->H, in = e->w.layers[l].in;
+    if (l == 0 && tables)
+        e->be->ops->gather_rows(e->be, xg, GH, e->token_xg[dir], GH, (dir ? d->tokens_rev : d->tokens) + row0,
+                                rows, GH);
+    else
+        engine_input_projection(e, l, dir, xin + (size_t)row0 * in, rows, xg);
+}
+
 /* Run every layer; returns the last layer's output [P, W] or NULL. */
 float *engine_run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn,
                          const struct tape *tape)
@@ -189,7 +212,9 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
     int in_max = e->E > W ? e->E : W;
     float *x0 = tape ? tape_y(tape, 0) : engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
     float *xrev = e->D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
-    float *xg = engine_ws(e, WS_XG, (size_t)P * GH * fsz);
+    const int each_step = be->ops->project_each_step && n >= PROJECT_STEP_MIN_ROWS &&
+                          (size_t)P * GH * fsz > PROJECT_ALL_MAX_BYTES;
+    float *xg = engine_ws(e, WS_XG, (size_t)(each_step ? n : P) * GH * fsz);
     float *hout[2] = {NULL, NULL};
     if (e->D == 2 && !tape) {
         hout[0] = engine_ws(e, WS_HOUT0, (size_t)P * H * fsz);
@@ -232,16 +257,13 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         if (tape && tape->c0)
             be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
         for (int dir = 0; dir < e->D; dir++) {
-            if (l == 0 && tables) {
-                be->ops->gather_rows(be, xg, GH, e->token_xg[dir], GH, dir ? d->tokens_rev : d->tokens, P, GH);
-            } else {
-                const float *xin = layer_in;
-                if (dir == 1) {
-                    be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
-                    xin = xrev;
-                }
-                engine_input_projection(e, l, dir, xin, P, xg);
+            const float *xin = layer_in;
+            if (dir == 1 && !(l == 0 && tables)) {
+                be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
+                xin = xrev;
             }
+            if (!each_step)
+                project_rows(e, d, l, dir, tables, xin, 0, P, xg);
             if (!d->slot)
                 be->ops->zero(be, cl, (size_t)n * H * fsz);
             if (p->pos)
@@ -260,12 +282,15 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
                     be->ops->zero(be, pre, (size_t)tape->R * tape->B * H * fsz);
             }
             for (int s = 0; s < p->T; s++) {
+                const int rows = p->off[s + 1] - p->off[s];
+                if (each_step)
+                    project_rows(e, d, l, dir, tables, xin, p->off[s], rows, xg);
                 struct layer_run r = {
                     .layer = l,
                     .dir = dir,
-                    .n = p->off[s + 1] - p->off[s],
+                    .n = rows,
                     .hprev = s ? h + (size_t)p->off[s - 1] * H : hprev0,
-                    .xg = xg + (size_t)p->off[s] * GH,
+                    .xg = each_step ? xg : xg + (size_t)p->off[s] * GH,
                     .c = cl,
                     .ring = rl,
                     .slot = d->slot,

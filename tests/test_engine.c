@@ -375,6 +375,56 @@ static void test_derived_weights_give_the_same_bits(void **state)
     }
 }
 
+/* A batch large enough that a forward projects each step's inputs just
+ * before the step (forward.c: at least 32 rows a step, and more than 8 MB
+ * of projections for the whole batch) gives each text the bits it gets
+ * alone, where the projections of all its steps come from one product:
+ * the RRA language model (its layer 0 read from token tables, layer 1
+ * computed) and a bidirectional classifier of three layers with every
+ * connection scheme (the backward direction's rows gathered). */
+static void test_large_batches_give_each_text_its_bits(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *file;
+        int len0; /* the shortest text; the others up to 40 tokens longer */
+    } cases[] = {{"tests/fixtures/combo_lstm_bi.safetensors", 2300}, {BIG_LM, 20}};
+    enum { N = 40 };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        void *vp;
+        open_env(&vp, cases[c].file, 0);
+        struct env *v = vp;
+        const int V = v->model.vocab, C = v->model.head_out, lm = v->model.cfg.task == TASK_LM;
+        const int maxlen = cases[c].len0 + N + 7;
+        int32_t *tokens = malloc(sizeof(int32_t) * (size_t)maxlen);
+        assert_non_null(tokens);
+        for (int t = 0; t < maxlen; t++)
+            tokens[t] = (int32_t)((t * 7 + t / 5) % V);
+        const size_t per = lm ? (size_t)maxlen * C : (size_t)C;
+        float *batch = calloc(N * per, sizeof(float)), *alone = calloc(per, sizeof(float));
+        assert_true(batch && alone);
+        struct engine_seq seqs[N];
+        char err[512];
+        for (int i = 0; i < N; i++)
+            seqs[i] = (struct engine_seq){.tokens = tokens + i % 7, .len = cases[c].len0 + i, .slot = -1,
+                                          .logits = batch + i * per};
+        if (engine_forward(v->engine, seqs, N, err, sizeof err) != 0)
+            fail_msg("%s", err);
+        for (int i = 0; i < N; i++) {
+            struct engine_seq one = seqs[i];
+            one.logits = alone;
+            if (engine_forward(v->engine, &one, 1, err, sizeof err) != 0)
+                fail_msg("%s", err);
+            if (memcmp(alone, batch + i * per, (lm ? (size_t)one.len * C : (size_t)C) * sizeof(float)) != 0)
+                fail_msg("%s: text %d differs alone and in a batch of %d", cases[c].file, i, N);
+        }
+        free(tokens);
+        free(batch);
+        free(alone);
+        teardown(&vp);
+    }
+}
+
 /* A backend that pretends to record graphs: the work runs as it is queued
  * (the CPU's ops), capture_end hands out a token, replay does nothing.
  * It shows what graphs.c decides, not what a GPU computes. */
@@ -541,6 +591,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test(test_derived_weights_give_the_same_bits),
+        cmocka_unit_test(test_large_batches_give_each_text_its_bits),
         cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_graph_cache_policy, setup_lm, teardown),
         cmocka_unit_test(test_graphs_give_the_same_bits),
