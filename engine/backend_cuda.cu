@@ -40,11 +40,17 @@ static cudaStream_t stream_of(struct backend *be)
     return impl_of(be)->stream;
 }
 
-/* Record the first error; sync reports it. */
+/* Record the first error; sync reports it.  The runtime also keeps a
+ * failed call's error for the thread until cudaGetLastError reads it, and
+ * sync reads it to catch failed launches: it is read here, so that an error
+ * already recorded (and cleared from be->err by the next engine call) does
+ * not fail that next call too.  A fault that leaves the device unusable
+ * comes back by itself. */
 static int check(struct backend *be, cudaError_t rc, const char *what)
 {
     if (rc == cudaSuccess)
         return 0;
+    (void)cudaGetLastError();
     if (!be->err[0])
         snprintf(be->err, sizeof be->err, "%s: %s", what, cudaGetErrorString(rc));
     return -1;
@@ -75,9 +81,8 @@ static void *cuda_alloc(struct backend *be, size_t bytes)
 
 static void cuda_free(struct backend *be, void *p)
 {
-    (void)be;
     if (p)
-        cudaFree(p);
+        check(be, cudaFree(p), "cudaFree");
 }
 
 static void *cuda_host_alloc(struct backend *be, size_t bytes)
@@ -90,9 +95,8 @@ static void *cuda_host_alloc(struct backend *be, size_t bytes)
 
 static void cuda_host_free(struct backend *be, void *p)
 {
-    (void)be;
     if (p)
-        cudaFreeHost(p);
+        check(be, cudaFreeHost(p), "cudaFreeHost");
 }
 
 static int cuda_upload(struct backend *be, void *dst, const void *src, size_t bytes)
@@ -110,8 +114,11 @@ static int cuda_download(struct backend *be, void *dst, const void *src, size_t 
         return 0;
     if (check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_of(be)), "download") != 0)
         return -1;
-    /* The caller reads dst as soon as this returns. */
-    return check(be, cudaStreamSynchronize(stream_of(be)), "download");
+    /* The caller reads dst as soon as this returns, so a launch that failed
+     * before it (which the stream never ran) must fail it too. */
+    if (check(be, cudaStreamSynchronize(stream_of(be)), "download") != 0)
+        return -1;
+    return check(be, cudaGetLastError(), "kernel");
 }
 
 static void cuda_zero(struct backend *be, void *dst, size_t bytes)
@@ -422,9 +429,12 @@ static void cuda_softmax_rows(struct backend *be, float *x, int n, int width)
     softmax_rows_kernel<<<n, 256, 0, stream_of(be)>>>(x, width);
 }
 
+/* Sums in double, as its CPU twin does: over a large vocabulary a float
+ * sum loses digits, and a text's log-probability adds them up. */
 __global__ void log_softmax_pick_kernel(const float *x, int width, const int *target, float *out)
 {
     __shared__ float red[8];
+    __shared__ double redd[8];
     const int r = blockIdx.x;
     if (target[r] < 0) {
         if (threadIdx.x == 0)
@@ -432,10 +442,11 @@ __global__ void log_softmax_pick_kernel(const float *x, int width, const int *ta
         return;
     }
     const float *row = x + (long)r * width;
-    float mx, sum;
-    row_max_sumexp(row, width, red, red, &mx, &sum);
+    float mx;
+    double sum;
+    row_max_sumexp(row, width, red, redd, &mx, &sum);
     if (threadIdx.x == 0)
-        out[r] = (row[target[r]] - mx) - logf(sum);
+        out[r] = (float)((double)(row[target[r]] - mx) - log(sum));
 }
 
 static void cuda_log_softmax_pick(struct backend *be, const float *x, int n, int width, const int *target,
@@ -453,7 +464,9 @@ static void cuda_log_softmax_pick(struct backend *be, const float *x, int n, int
  * as the CPU does, rather than with atomics: the result does not depend on
  * how the blocks were scheduled. */
 
-/* Device scratch of at least n floats, or NULL (the error recorded). */
+/* Device scratch of at least n floats, or NULL (the error recorded).  It
+ * synchronizes and allocates, which a recording (capture_begin) forbids:
+ * only training's backward uses it, and training is never recorded. */
 static float *scratch_of(struct backend *be, size_t n)
 {
     struct cuda_impl *c = impl_of(be);
@@ -773,8 +786,7 @@ static int cuda_replay(struct backend *be, void *graph)
 
 static void cuda_graph_free(struct backend *be, void *graph)
 {
-    (void)be;
-    cudaGraphExecDestroy((cudaGraphExec_t)graph);
+    check(be, cudaGraphExecDestroy((cudaGraphExec_t)graph), "graph free");
 }
 
 static int cuda_sync(struct backend *be)
