@@ -183,11 +183,28 @@ static void softmax_inplace(float *x, int n)
         x[j] /= sum;
 }
 
+/* q . h over n values in 8 lanes, lane l summing k = l (mod 8) in order,
+ * then one fixed tree: written so that the compiler vectorizes it (a plain
+ * running sum is a chain it may not reorder) and every vector width gives
+ * the same bits (nothing is fused: -std=c11 turns contraction off). */
+static inline __attribute__((always_inline)) float dot8(const float *q, const float *h, int n)
+{
+    float lane[8] = {0};
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int l = 0; l < 8; l++)
+            lane[l] += q[k + l] * h[k + l];
+    for (; k < n; k++)
+        lane[k % 8] += q[k] * h[k];
+    return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
 /* The RRA weights a_{t,1..K} of one row: static ones come from the learned
  * logits; dynamic ones from the query against the states h_{t-1-j}.
  * States before the start are zero vectors: their score is 0, and they keep
- * their place in the softmax. */
-static void attention_weights(const struct cell_step *s, const float *q, const float *const *hist, float *a)
+ * their place in the softmax.  Inlined into each clone of cell_rows. */
+static inline __attribute__((always_inline)) void attention_weights(const struct cell_step *s, const float *q,
+                                                                    const float *const *hist, float *a)
 {
     int K = s->attn_window;
     if (s->attn_mode == ATTN_STATIC) {
@@ -196,11 +213,7 @@ static void attention_weights(const struct cell_step *s, const float *q, const f
         float scale = 1.0f / sqrtf((float)s->H);
         for (int j = 0; j < K; j++) {
             const float *h = hist[j + 2];
-            float dot = 0.0f;
-            if (h)
-                for (int k = 0; k < s->H; k++)
-                    dot += q[k] * h[k];
-            a[j] = dot * scale;
+            a[j] = (h ? dot8(q, h, s->H) : 0.0f) * scale;
         }
     }
     softmax_inplace(a, K);
