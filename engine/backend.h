@@ -169,9 +169,10 @@ struct backend_ops {
 
     /* A weight matrix B [N][K] (row stride K) copied into the layout the
      * backend's products x B^T read fastest, made once when a model is
-     * placed; freed with free.  NULL when out of memory.  The op is NULL
-     * where the plain layout is already the fastest (CUDA). */
-    void *(*pack_weights)(struct backend *be, const float *B, int N, int K);
+     * placed; freed with free, *bytes set to its size.  NULL when out of
+     * memory.  The op is NULL where the plain layout is already the
+     * fastest (CUDA). */
+    void *(*pack_weights)(struct backend *be, const float *B, int N, int K, size_t *bytes);
     /* C[M,N] = A B^T + beta C, beta 0 or 1, B packed by pack_weights: the
      * same bits as gemm with trans_b. */
     void (*gemm_packed)(struct backend *be, int M, int N, int K, const float *A, int lda, const void *packed,

@@ -85,9 +85,10 @@ static void cpu_gemm(struct backend *be, int trans_a, int trans_b, int M, int N,
                 M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-static void *cpu_pack_weights(struct backend *be, const float *B, int N, int K)
+static void *cpu_pack_weights(struct backend *be, const float *B, int N, int K, size_t *bytes)
 {
-    float *p = cpu_alloc(be, gemm_pack_floats(N, K) * sizeof(float));
+    *bytes = gemm_pack_floats(N, K) * sizeof(float);
+    float *p = cpu_alloc(be, *bytes);
     if (p)
         gemm_pack(N, K, B, K, p);
     return p;

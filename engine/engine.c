@@ -93,11 +93,12 @@ static void pack_one(struct engine *e, const float *W, int N, int K)
 {
     if (!W)
         return;
-    void *p = e->be->ops->pack_weights(e->be, W, N, K);
+    size_t bytes;
+    void *p = e->be->ops->pack_weights(e->be, W, N, K, &bytes);
     if (!p)
         return;
     e->packed[e->n_packed++] = (struct packed_weight){W, p};
-    e->packed_bytes += (size_t)(N + 7) / 8 * 8 * ((size_t)(K + 7) / 8 * 8) * sizeof(float);
+    e->packed_bytes += bytes;
 }
 
 /* Packed twins of every matrix the forward and the step multiply by: the
