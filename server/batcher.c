@@ -125,16 +125,21 @@ static void finish_job(struct batcher *b, struct job *j, int batch_size, const c
     job_release(j);
 }
 
-int job_wait(struct job *j, int seen_tokens, int timeout_ms)
+/* The time us microseconds from now, on the clock pthread_cond_timedwait
+ * reads. */
+static struct timespec deadline_us(long us)
 {
     struct timespec until;
     clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    long ns = until.tv_nsec + us % 1000000L * 1000L;
+    until.tv_sec += us / 1000000L + ns / 1000000000L;
+    until.tv_nsec = ns % 1000000000L;
+    return until;
+}
+
+int job_wait(struct job *j, int seen_tokens, int timeout_ms)
+{
+    struct timespec until = deadline_us(timeout_ms * 1000L);
     pthread_mutex_lock(&j->mu);
     int news;
     j->wake_after = seen_tokens;
@@ -509,11 +514,7 @@ static void *batcher_main(void *arg)
                 pthread_cond_wait(&b->cv, &b->mu);
                 continue;
             }
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            long ns = until.tv_nsec + BATCHER_PROBE_MS * 1000000L;
-            until.tv_sec += ns / 1000000000L;
-            until.tv_nsec = ns % 1000000000L;
+            struct timespec until = deadline_us(BATCHER_PROBE_MS * 1000L);
             if (pthread_cond_timedwait(&b->cv, &b->mu, &until) != 0 && !b->head && !b->stopping) {
                 pthread_mutex_unlock(&b->mu);
                 probe_engine(b);
@@ -523,11 +524,7 @@ static void *batcher_main(void *arg)
         if (!b->head && b->n_streams == 0)
             break; /* stopping, and nothing left to do */
         if (worth_waiting(b) && !b->stopping) {
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            long ns = until.tv_nsec + (long)b->opt.max_wait_us * 1000L;
-            until.tv_sec += ns / 1000000000L;
-            until.tv_nsec = ns % 1000000000L;
+            struct timespec until = deadline_us(b->opt.max_wait_us);
             while (worth_waiting(b) && !b->stopping && pthread_cond_timedwait(&b->cv, &b->mu, &until) == 0)
                 ;
         }
