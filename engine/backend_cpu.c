@@ -239,13 +239,8 @@ static inline __attribute__((always_inline)) void lstm_row(int full, float *rest
         float og = sigmoid_approx(xg[3 * H + k] + hg[3 * H + k] + b[3 * H + k] + (full ? peep[k] : 0.0f) * cn);
         c[k] = cn;
         out[k] = og * tanh_approx(cn);
-        if (full) {
-            cache[k] = ig;
-            cache[H + k] = fg;
-            cache[2 * H + k] = gg;
-            cache[3 * H + k] = og;
-            cache[4 * H + k] = cn;
-        }
+        if (full)
+            lstm_cache_element(H, k, cache, ig, fg, gg, og, cn);
     }
 }
 
@@ -259,10 +254,7 @@ static inline __attribute__((always_inline)) void gru_row(float *restrict out, c
         float hn = hg[2 * H + k] + b[2 * H + k];
         float nn = tanh_approx(xg[2 * H + k] + r * hn);
         out[k] = (1.0f - z) * nn + z * hp[k];
-        cache[k] = r;
-        cache[H + k] = z;
-        cache[2 * H + k] = nn;
-        cache[3 * H + k] = hn;
+        gru_cache_element(H, k, cache, r, z, nn, hn);
     }
 }
 

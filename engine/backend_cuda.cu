@@ -316,12 +316,8 @@ __global__ void cell_step_kernel(struct cell_step s)
             float hn = hg[2 * H + k] + b[2 * H + k];
             float nn = tanhf(xg[2 * H + k] + r * hn);
             h = (1.0f - z) * nn + z * (hp ? hp[k] : 0.0f);
-            if (cache) {
-                cache[k] = r;
-                cache[H + k] = z;
-                cache[2 * H + k] = nn;
-                cache[3 * H + k] = hn;
-            }
+            if (cache)
+                gru_cache_element(H, k, cache, r, z, nn, hn);
             break;
         }
         default: {
@@ -340,13 +336,8 @@ __global__ void cell_step_kernel(struct cell_step s)
             float og = sigmoid_dev(po);
             c[k] = cn;
             h = og * tanhf(cn);
-            if (cache) {
-                cache[k] = ig;
-                cache[H + k] = fg;
-                cache[2 * H + k] = gg;
-                cache[3 * H + k] = og;
-                cache[4 * H + k] = cn;
-            }
+            if (cache)
+                lstm_cache_element(H, k, cache, ig, fg, gg, og, cn);
             break;
         }
         }

@@ -1,6 +1,7 @@
 /* cell_grad.h - the arithmetic of one element of the GRU's and LSTM's
- * backward step, shared by the CPU backend (backend_cpu.c) and its CUDA
- * twin (backend_cuda.cu).  The backends differ in how they walk the
+ * backward step, and the layout of the cache the forward keeps for it,
+ * shared by the CPU backend (backend_cpu.c) and its CUDA twin
+ * (backend_cuda.cu).  The backends differ in how they walk the
  * elements (a vectorized loop over a row; a thread per element) and in
  * the sums over rows, never in the formulas, which live here once.
  *
@@ -16,6 +17,26 @@
 #else
 #define CELL_GRAD_FN static inline __attribute__((always_inline))
 #endif
+
+/* The forward's side of the cache: element k of the row's GRU (r, z, n,
+ * W_hn h + b_hn) and LSTM (i, f, g, o, c_t) values, as the functions
+ * below read them. */
+CELL_GRAD_FN void gru_cache_element(int H, int k, float *cache, float r, float z, float n, float hn)
+{
+    cache[k] = r;
+    cache[H + k] = z;
+    cache[2 * H + k] = n;
+    cache[3 * H + k] = hn;
+}
+
+CELL_GRAD_FN void lstm_cache_element(int H, int k, float *cache, float ig, float fg, float gg, float og, float c)
+{
+    cache[k] = ig;
+    cache[H + k] = fg;
+    cache[2 * H + k] = gg;
+    cache[3 * H + k] = og;
+    cache[4 * H + k] = c;
+}
 
 /* GRU, cache (r, z, n, W_hn h + b_hn): dh is dL/dh_t at k, hprev h_{t-1}
  * at k; what flows into h_{t-1} through z is added to *dhprev. */
