@@ -24,8 +24,8 @@ struct cuda_impl {
     cublasHandle_t blas;
     /* How cuBLAS computes the products (set_precision). */
     cublasComputeType_t compute;
-    /* Grow-only device scratch for operations that need some (the static
-     * attention's per-row gradients). */
+    /* Grow-only device scratch for operations that need some (the
+     * backward's per-row attention gradients). */
     float *scratch;
     size_t scratch_cap; /* floats */
 };
@@ -142,6 +142,20 @@ static void cuda_gemm(struct backend *be, int trans_a, int trans_b, int M, int N
         snprintf(be->err, sizeof be->err, "cublasGemmEx failed with status %d", (int)st);
 }
 
+/* Queue kernel on the backend's stream, grid blocks of threads threads.
+ * cudaLaunchKernelEx rather than <<< >>>: a launch that cannot start
+ * fails the call that made it, and the kernels also run under the CPU
+ * emulator of tests/cuda_emu, which a C++ compiler builds. */
+template <typename... Params, typename... Args>
+static void launch(struct backend *be, void (*kernel)(Params...), int grid, int threads, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3((unsigned)threads);
+    cfg.stream = stream_of(be);
+    check(be, cudaLaunchKernelEx(&cfg, kernel, args...), "kernel launch");
+}
+
 static int blocks_for(long n, int threads)
 {
     long b = (n + threads - 1) / threads;
@@ -163,8 +177,7 @@ static void cuda_gather_rows(struct backend *be, float *dst, int ldd, const floa
 {
     if (n <= 0)
         return;
-    gather_rows_kernel<<<blocks_for((long)n * width, 256), 256, 0, stream_of(be)>>>(dst, ldd, src, lds, idx, n,
-                                                                                    width);
+    launch(be, gather_rows_kernel, blocks_for((long)n * width, 256), 256, dst, ldd, src, lds, idx, n, width);
 }
 
 __global__ void set_rows_kernel(float *dst, int ldd, const float *bias, int n, int width)
@@ -178,7 +191,7 @@ static void cuda_set_rows(struct backend *be, float *dst, int ldd, const float *
 {
     if (n <= 0)
         return;
-    set_rows_kernel<<<blocks_for((long)n * width, 256), 256, 0, stream_of(be)>>>(dst, ldd, bias, n, width);
+    launch(be, set_rows_kernel, blocks_for((long)n * width, 256), 256, dst, ldd, bias, n, width);
 }
 
 __global__ void add_rows_kernel(float *y, int ldy, const float *x, int ldx, int n, int width)
@@ -192,7 +205,7 @@ static void cuda_add_rows(struct backend *be, float *y, int ldy, const float *x,
 {
     if (n <= 0)
         return;
-    add_rows_kernel<<<blocks_for((long)n * width, 256), 256, 0, stream_of(be)>>>(y, ldy, x, ldx, n, width);
+    launch(be, add_rows_kernel, blocks_for((long)n * width, 256), 256, y, ldy, x, ldx, n, width);
 }
 
 __device__ float sigmoid_dev(float x)
@@ -353,7 +366,7 @@ static void cuda_cell_step(struct backend *be, const struct cell_step *s)
 {
     if (s->n <= 0)
         return;
-    cell_step_kernel<<<s->n, CELL_THREADS, 0, stream_of(be)>>>(*s);
+    launch(be, cell_step_kernel, s->n, CELL_THREADS, *s);
 }
 
 __global__ void pool_mean_kernel(float *dst, const float *src, int width, const int *off, const int *len)
@@ -372,7 +385,7 @@ static void cuda_pool_mean(struct backend *be, float *dst, const float *src, int
 {
     if (n <= 0)
         return;
-    pool_mean_kernel<<<n, 256, 0, stream_of(be)>>>(dst, src, width, off, len);
+    launch(be, pool_mean_kernel, n, 256, dst, src, width, off, len);
 }
 
 /* exp in the precision of its argument, named so that a float never
@@ -417,7 +430,7 @@ static void cuda_softmax_rows(struct backend *be, float *x, int n, int width)
 {
     if (n <= 0)
         return;
-    softmax_rows_kernel<<<n, 256, 0, stream_of(be)>>>(x, width);
+    launch(be, softmax_rows_kernel, n, 256, x, width);
 }
 
 /* Sums in double, as its CPU twin does: over a large vocabulary a float
@@ -445,7 +458,7 @@ static void cuda_log_softmax_pick(struct backend *be, const float *x, int n, int
 {
     if (n <= 0)
         return;
-    log_softmax_pick_kernel<<<n, 256, 0, stream_of(be)>>>(x, width, target, out);
+    launch(be, log_softmax_pick_kernel, n, 256, x, width, target, out);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -479,10 +492,11 @@ static float *scratch_of(struct backend *be, size_t n)
 /* One block per row: the twin of cell_grad_rows, less the sums over rows
  * (cell_grad_sums_kernel).  Each thread owns its k of every state it
  * touches, so the additions into earlier steps' dh need no atomics.
- * Dynamic shared memory: H floats of dL/dc_t for the attention. */
-__global__ void cell_grad_kernel(struct cell_grad g, float *da_rows)
+ * With attention, the row's dL/dc_t goes to dct_rows (H floats a row) for
+ * the attention's terms; each thread reads back only the k it wrote, so
+ * it need not be shared memory, which could not hold the largest H. */
+__global__ void cell_grad_kernel(struct cell_grad g, float *dct_rows, float *da_rows)
 {
-    extern __shared__ float dct[];
     __shared__ float red[CELL_THREADS / 32];
     __shared__ float da[CONFIG_MAX_ATTN_WINDOW];
     const int i = blockIdx.x, H = g.H, K = g.attn_window, s = g.s;
@@ -497,6 +511,7 @@ __global__ void cell_grad_kernel(struct cell_grad g, float *da_rows)
     float *skip = g.skip_period > 1 && g.t0 % g.skip_period == 0
                       ? g.dh + (long)(g.off[s - g.skip_period] + i) * H
                       : (float *)0;
+    float *dct = dct_rows ? dct_rows + (long)i * H : (float *)0;
     for (int k = threadIdx.x; k < H; k += blockDim.x) {
         if (skip)
             skip[k] += dh[k];
@@ -515,9 +530,11 @@ __global__ void cell_grad_kernel(struct cell_grad g, float *da_rows)
                                  : g.c0       ? g.c0 + (long)i * H
                                               : (const float *)0;
             float dpo;
-            dct[k] = lstm_grad_element(H, k, dh[k], cache, tanhf(cache[4 * H + k]), cprev ? cprev[k] : 0.0f,
-                                       g.peephole != NULL, g.peephole ? g.peephole[k] : 0.0f,
-                                       g.dc + (long)i * H + k, &dpo, dxg, dhg);
+            float dc = lstm_grad_element(H, k, dh[k], cache, tanhf(cache[4 * H + k]), cprev ? cprev[k] : 0.0f,
+                                         g.peephole != NULL, g.peephole ? g.peephole[k] : 0.0f,
+                                         g.dc + (long)i * H + k, &dpo, dxg, dhg);
+            if (dct)
+                dct[k] = dc;
             break;
         }
         }
@@ -592,15 +609,17 @@ static void cuda_cell_step_backward(struct backend *be, const struct cell_grad *
 {
     if (g->n <= 0)
         return;
-    const int stat = g->cell == CELL_LSTM && g->attn_window && g->attn_mode == ATTN_STATIC;
-    float *da_rows = stat ? scratch_of(be, (size_t)g->n * g->attn_window) : (float *)0;
-    if (stat && !da_rows)
+    const int attn = g->cell == CELL_LSTM && g->attn_window;
+    const int stat = attn && g->attn_mode == ATTN_STATIC;
+    /* Per row: H floats of dL/dc_t, then the static attention's K. */
+    float *rows = attn ? scratch_of(be, (size_t)g->n * (g->H + g->attn_window)) : (float *)0;
+    if (attn && !rows)
         return;
-    size_t shared = g->cell == CELL_LSTM ? (size_t)g->H * sizeof(float) : 0;
-    cell_grad_kernel<<<g->n, CELL_THREADS, shared, stream_of(be)>>>(*g, da_rows);
+    float *da_rows = stat ? rows + (size_t)g->n * g->H : (float *)0;
+    launch(be, cell_grad_kernel, g->n, CELL_THREADS, *g, rows, da_rows);
     if (g->peephole || stat)
-        cell_grad_sums_kernel<<<blocks_for(g->H > g->attn_window ? g->H : g->attn_window, 128), 128, 0,
-                                stream_of(be)>>>(*g, da_rows);
+        launch(be, cell_grad_sums_kernel, blocks_for(g->H > g->attn_window ? g->H : g->attn_window, 128), 128, *g,
+               (const float *)da_rows);
 }
 
 /* dst[k] += sum over rows of src[r][k], rows in order. */
@@ -617,7 +636,7 @@ __global__ void add_column_sums_kernel(float *dst, const float *src, int n, int 
 static void cuda_add_column_sums(struct backend *be, float *dst, const float *src, int n, int width)
 {
     if (n > 0 && width > 0)
-        add_column_sums_kernel<<<blocks_for(width, 128), 128, 0, stream_of(be)>>>(dst, src, n, width);
+        launch(be, add_column_sums_kernel, blocks_for(width, 128), 128, dst, src, n, width);
 }
 
 /* Rows in order, one thread per column: repeated indices add up in the
@@ -634,8 +653,7 @@ static void cuda_scatter_add_rows(struct backend *be, float *dst, int ldd, const
                                   const int *idx, int n, int width)
 {
     if (n > 0 && width > 0)
-        scatter_add_rows_kernel<<<blocks_for(width, 128), 128, 0, stream_of(be)>>>(dst, ldd, src, lds, idx, n,
-                                                                                   width);
+        launch(be, scatter_add_rows_kernel, blocks_for(width, 128), 128, dst, ldd, src, lds, idx, n, width);
 }
 
 /* One block per sequence; each (step, sequence) row is its own. */
@@ -654,7 +672,7 @@ static void cuda_pool_mean_backward(struct backend *be, float *dst, const float 
                                     const int *len, int n)
 {
     if (n > 0)
-        pool_mean_backward_kernel<<<n, 256, 0, stream_of(be)>>>(dst, src, width, off, len);
+        launch(be, pool_mean_backward_kernel, n, 256, dst, src, width, off, len);
 }
 
 /* The twin of backend_cpu.c's hash_uniform: the same mask on both. */
@@ -677,7 +695,7 @@ __global__ void dropout_kernel(float *y, const float *x, size_t n, float p, unsi
 static void cuda_dropout(struct backend *be, float *y, const float *x, size_t n, float p, unsigned long long seed)
 {
     if (n > 0)
-        dropout_kernel<<<blocks_for((long)n, 256), 256, 0, stream_of(be)>>>(y, x, n, p, seed);
+        launch(be, dropout_kernel, blocks_for((long)n, 256), 256, y, x, n, p, seed);
 }
 
 /* One block per row; sums in double, as the CPU twin. */
@@ -709,7 +727,7 @@ static void cuda_softmax_xent(struct backend *be, const float *x, int n, int wid
                               float *dx, float scale)
 {
     if (n > 0)
-        softmax_xent_kernel<<<n, 256, 0, stream_of(be)>>>(x, width, target, loss, dx, scale);
+        launch(be, softmax_xent_kernel, n, 256, x, width, target, loss, dx, scale);
 }
 
 __global__ void squared_error_kernel(const float *x, const float *y, int width, float *loss, float *dx, float scale)
@@ -731,7 +749,7 @@ static void cuda_squared_error(struct backend *be, const float *x, const float *
                                float *dx, float scale)
 {
     if (n > 0)
-        squared_error_kernel<<<n, 256, 0, stream_of(be)>>>(x, y, width, loss, dx, scale);
+        launch(be, squared_error_kernel, n, 256, x, y, width, loss, dx, scale);
 }
 
 /* The operands stay FP32 in memory whatever the precision: TF32 and BF16
@@ -848,15 +866,6 @@ extern "C" struct backend *backend_cuda_create(char *err, size_t errlen)
     cudaError_t rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (rc != cudaSuccess) {
         snprintf(err, errlen, "cannot create a CUDA stream: %s", cudaGetErrorString(rc));
-        cuda_destroy(be);
-        return NULL;
-    }
-    /* The backward cell kernel keeps a row of dL/dc in shared memory: more
-     * than the default 48 KB for the largest hidden sizes. */
-    rc = cudaFuncSetAttribute(cell_grad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              CONFIG_MAX_HIDDEN * (int)sizeof(float));
-    if (rc != cudaSuccess) {
-        snprintf(err, errlen, "cannot configure the CUDA kernels: %s", cudaGetErrorString(rc));
         cuda_destroy(be);
         return NULL;
     }
