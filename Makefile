@@ -2,8 +2,10 @@
 #
 #   make            build ./rrnserve (CUDA parts too when nvcc is found; CUDA=0 turns them off)
 #   make deps       install the Debian packages the build, tests and benchmarks need
-#   make test       build and run every test, then again under ASan+UBSan, the fuzz
-#                   targets briefly, and the server tests under valgrind
+#   make test       build and run every test, then again under ASan+UBSan, the CUDA
+#                   backend's tests on the CPU emulator, the fuzz targets briefly,
+#                   and the server tests under valgrind
+#   make test-cuda-emu  the CUDA backend's kernels and host code on tests/cuda_emu
 #   make bench      run the benchmarks
 #   make bench-server  the HTTP server under load, batching on and off
 #   make serve      build and serve the shipped models
@@ -73,7 +75,7 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-bench test test-plain test-asan bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+.PHONY: all deps deps-bench test test-plain test-asan test-cuda-emu bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
 all: rrnserve
 
@@ -104,7 +106,7 @@ deps-bench:
 # Every test binary runs from the repository root; RRN_BIN tells the CLI
 # tests which binary to drive.
 test: deps
-	@$(MAKE) --no-print-directory test-plain test-asan test-fuzz test-valgrind
+	@$(MAKE) --no-print-directory test-plain test-asan test-cuda-emu test-fuzz test-valgrind
 
 test-plain: rrnserve $(call test_bins,$(BUILD))
 	@tests/run_tests.sh $(BUILD) ./rrnserve
@@ -139,6 +141,38 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(call lib_objs,$(BUILD))
 serve: deps
 	@$(MAKE) --no-print-directory rrnserve
 	./rrnserve serve
+
+# ---- the CUDA backend on a CPU emulator ------------------------------------
+# engine/backend_cuda.cu built by g++ against the emulated CUDA runtime and
+# cuBLAS of tests/cuda_emu, with ASan and UBSan, so that its kernels and its
+# host code run in the tests of a machine without a GPU: the CUDA variants of
+# the tests that have them (EMU_FILTER).  It checks what a GPU would fault on
+# or silently get wrong; it is not a GPU, and says nothing of speed.
+EMU          := build/emu
+EMU_TESTS    := test_engine test_fixtures test_gradcheck test_faults test_train
+EMU_FILTER   := *cuda*
+EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -Itests/cuda_emu -Iengine -DRRN_CUDA -MMD -MP $(SAN)
+EMU_LIB      := $(ENGINE_SRC:%.c=$(EMU)/%.o) $(SERVER_SRC:%.c=$(EMU)/%.o) $(TRAIN_SRC:%.c=$(EMU)/%.o) \
+                $(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc))
+$(eval $(call objects,$(EMU),$(SAN) -DRRN_CUDA))
+$(EMU)/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	@echo "  CXX     $@"
+	@$(CXX) -x c++ $(EMU_CXXFLAGS) -c $< -o $@
+$(EMU)/%.o: %.cc
+	@mkdir -p $(dir $@)
+	@echo "  CXX     $@"
+	@$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+$(EMU)/rrnserve: $(EMU_LIB) $(call cli_objs,$(EMU))
+	@echo "  LINK    $@"
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lstdc++
+$(EMU_TESTS:%=$(EMU)/tests/%): $(EMU)/tests/%: $(EMU)/tests/%.o $(call support_objs,$(EMU)) $(EMU_LIB)
+	@echo "  LINK    $@"
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lstdc++ -lcmocka -lpng -lssl
+
+test-cuda-emu: $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%)
+	@RRN_TEST_FILTER='$(EMU_FILTER)' ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    tests/run_tests.sh $(EMU) $(EMU)/rrnserve
 
 # ---- fuzzing: libFuzzer with clang, ASan and UBSan, on the CPU build ------
 # Each fuzz/fuzz_NAME.c is a target; fuzz/corpus/NAME/ holds its committed
@@ -223,4 +257,4 @@ uninstall:
 clean:
 	rm -rf build rrnserve
 
--include $(shell find $(BUILD) build/fuzz -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD) $(EMU) build/fuzz -name '*.d' 2>/dev/null)

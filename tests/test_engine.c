@@ -17,9 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
 #include "engine.h"
 #include "engine_internal.h"
+#include "init.h"
 #include "pool.h"
+#include "support/filter.h"
 
 #define LM_FIXTURE "tests/fixtures/combo_lstm_lm.safetensors"
 #define CLS_FIXTURE "tests/fixtures/combo_lstm.safetensors"
@@ -519,7 +522,7 @@ static void test_graph_cache_policy(void **state)
  * engine whose graphs are dropped before every call).  Forwards of three
  * texts of different lengths, then steps with attention asked for and
  * not.  Skipped without a GPU. */
-static void test_graphs_give_the_same_bits(void **state)
+static void test_cuda_graphs_give_the_same_bits(void **state)
 {
     (void)state;
 #ifdef RRN_CUDA
@@ -579,8 +582,144 @@ static void test_graphs_give_the_same_bits(void **state)
 #endif
 }
 
+/* ---- CUDA against the CPU on wide models ---------------------------------- */
+
+/* The fixtures' models are narrow (H <= 32): every reduction of a CUDA
+ * block has one warp's worth of data, so a barrier missing between warps
+ * goes unseen.  These spread H over three warps and a byte vocabulary's
+ * 256 logits over all eight, with every cell and attention mode. */
+static const char *const wide_models[] = {
+    "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 80, \"layers\": 2, \"embed_dim\": 24,"
+    " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 4, \"mode\": \"dynamic\"}}",
+    "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 72, \"embed_dim\": 16, \"peephole\": true,"
+    " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 3, \"mode\": \"static\"}}",
+    "{\"task\": \"lm\", \"cell\": \"rnn_tanh\", \"hidden\": 70, \"embed_dim\": 8,"
+    " \"tokenizer\": {\"type\": \"byte\"}, \"skip\": {\"period\": 2, \"matrices\": 2}}",
+    "{\"task\": \"classify\", \"cell\": \"gru\", \"hidden\": 96, \"bidirectional\": true, \"pool\": \"mean\","
+    " \"embed_dim\": 16, \"classes\": [\"a\", \"b\", \"c\"], \"tokenizer\": {\"type\": \"byte\"}}",
+};
+
+/* Everything one device computed for a wide model. */
+struct wide_run {
+    float *forward;   /* logits (and attention) of a forward of three texts */
+    float *steps;     /* logits and attention of steps after it */
+    float *grads;     /* gradients of a training batch */
+    size_t n_forward, n_steps, n_grads;
+};
+
+enum { WIDE_N = 3, WIDE_STEPS = 5 };
+static const int wide_len[WIDE_N] = {11, 7, 3};
+
+static void wide_run_on(const struct model *m, enum device_kind dev, const int32_t tokens[WIDE_N][16],
+                        struct wide_run *r)
+{
+    char err[512];
+    struct backend *be = backend_create(dev, err, sizeof err);
+    if (!be)
+        fail_msg("backend: %s", err);
+    const int lm = m->cfg.task == TASK_LM, C = m->head_out, V = m->vocab;
+    const int LK = m->cfg.layers * (m->cfg.bidirectional ? 2 : 1) * m->cfg.attn_window;
+    struct engine *e = engine_create(m, be, lm ? WIDE_N : 0, err, sizeof err);
+    if (!e)
+        fail_msg("engine: %s", err);
+    /* Per text: logits (lm: [len][V], else [C]), then attention [LK][len]. */
+    size_t per = lm ? 16 * ((size_t)V + LK) : (size_t)C;
+    r->n_forward = WIDE_N * per;
+    r->n_steps = lm ? (size_t)WIDE_STEPS * WIDE_N * ((size_t)V + m->cfg.layers * m->cfg.attn_window) : 0;
+    r->n_grads = m->n_params;
+    assert_non_null(r->forward = calloc(r->n_forward, sizeof(float)));
+    assert_non_null(r->steps = calloc(r->n_steps + 1, sizeof(float)));
+    assert_non_null(r->grads = calloc(r->n_grads, sizeof(float)));
+
+    struct engine_seq q[WIDE_N];
+    int slots[WIDE_N];
+    for (int i = 0; i < WIDE_N; i++) {
+        float *out = r->forward + i * per;
+        slots[i] = lm ? engine_slot_open(e) : -1;
+        q[i] = (struct engine_seq){.tokens = tokens[i], .len = wide_len[i], .slot = lm ? slots[i] : -1,
+                                   .logits = out,
+                                   .attention = LK ? out + (lm ? 16 * (size_t)V : (size_t)C) : NULL};
+    }
+    if (engine_forward(e, q, lm ? 1 : WIDE_N, err, sizeof err) != 0 ||
+        (lm && engine_forward(e, q + 1, WIDE_N - 1, err, sizeof err) != 0))
+        fail_msg("forward: %s", err);
+    for (int s = 0; lm && s < WIDE_STEPS; s++) {
+        int32_t tok[WIDE_N];
+        for (int i = 0; i < WIDE_N; i++)
+            tok[i] = tokens[i][(s + i) % 16];
+        float *o = r->steps + (size_t)s * WIDE_N * (V + m->cfg.layers * m->cfg.attn_window);
+        if (engine_step(e, slots, tok, WIDE_N, o, m->cfg.attn_window ? o + (size_t)WIDE_N * V : NULL, err,
+                        sizeof err) != 0)
+            fail_msg("step %d: %s", s, err);
+    }
+
+    struct engine_seq t[WIDE_N];
+    int labels[WIDE_N];
+    for (int i = 0; i < WIDE_N; i++) {
+        t[i] = (struct engine_seq){.tokens = tokens[i], .len = wide_len[i], .slot = -1,
+                                   .next = lm ? tokens[i] + wide_len[i] : NULL};
+        labels[i] = i % C;
+    }
+    struct train_result res = {0};
+    const struct train_options no_dropout = {0.0f, 0.0f, 1};
+    if (engine_zero_grads(e) != 0 || engine_train_batch(e, t, WIDE_N, labels, &no_dropout, &res, err, sizeof err) ||
+        engine_grads_to_host(e, r->grads) != 0)
+        fail_msg("training: %s", err);
+    engine_destroy(e);
+    backend_destroy(be);
+}
+
+static void expect_close(const char *model, const char *what, const float *got, const float *want, size_t n,
+                         double tol)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!(fabs((double)got[i] - want[i]) <= tol * (1.0 + fabs((double)want[i]))))
+            fail_msg("%s: %s[%zu] is %.7g on CUDA, %.7g on the CPU", model, what, i, got[i], want[i]);
+}
+
+/* Forwards (logits, attention), steps and a training batch's gradients on
+ * CUDA match the CPU, within 1e-4 (the gradients, summed in other orders
+ * over more terms, within 1e-3).  Skipped without a GPU. */
+static void test_cuda_matches_cpu_on_wide_models(void **state)
+{
+    (void)state;
+#ifdef RRN_CUDA
+    if (!backend_cuda_available())
+        skip();
+    for (size_t k = 0; k < sizeof wide_models / sizeof wide_models[0]; k++) {
+        char err[512];
+        struct model_config cfg;
+        struct model m;
+        if (config_parse(wide_models[k], &cfg, err, sizeof err) || model_alloc(&m, &cfg, err, sizeof err))
+            fail_msg("%s", err);
+        const struct init_options init = {1, 1.0f};
+        model_init(&m, &init, 11 + k);
+        int32_t tokens[WIDE_N][16];
+        for (int i = 0; i < WIDE_N; i++)
+            for (int t = 0; t < 16; t++)
+                tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m.vocab);
+        struct wide_run cpu, gpu;
+        wide_run_on(&m, DEVICE_CPU, tokens, &cpu);
+        wide_run_on(&m, DEVICE_CUDA, tokens, &gpu);
+        expect_close(wide_models[k], "forward", gpu.forward, cpu.forward, cpu.n_forward, 1e-4);
+        expect_close(wide_models[k], "steps", gpu.steps, cpu.steps, cpu.n_steps, 1e-4);
+        expect_close(wide_models[k], "gradients", gpu.grads, cpu.grads, cpu.n_grads, 1e-3);
+        struct wide_run *runs[] = {&cpu, &gpu};
+        for (int d = 0; d < 2; d++) {
+            free(runs[d]->forward);
+            free(runs[d]->steps);
+            free(runs[d]->grads);
+        }
+        model_free(&m);
+    }
+#else
+    skip();
+#endif
+}
+
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_score_long_text_in_chunks, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_forward_refuses_bad_batches, setup_lm, teardown),
@@ -594,7 +733,8 @@ int main(void)
         cmocka_unit_test(test_large_batches_give_each_text_its_bits),
         cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_graph_cache_policy, setup_lm, teardown),
-        cmocka_unit_test(test_graphs_give_the_same_bits),
+        cmocka_unit_test(test_cuda_graphs_give_the_same_bits),
+        cmocka_unit_test(test_cuda_matches_cpu_on_wide_models),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);

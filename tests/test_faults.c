@@ -43,6 +43,7 @@
 #include "support/http.h"
 #include "support/server.h"
 #include "support/timing.h"
+#include "support/filter.h"
 
 /* ---- HTTP ---------------------------------------------------------------- */
 
@@ -537,6 +538,7 @@ static void test_device_fault_cuda(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_reset_mid_stream, setup_main, server_teardown),
         cmocka_unit_test_setup_teardown(test_slow_clients, setup_short_timeout, server_teardown),

@@ -32,6 +32,7 @@
 
 #include "support/files.h"
 #include "support/fixtures.h"
+#include "support/filter.h"
 
 #define FIXTURE_DIR "tests/fixtures"
 
@@ -374,6 +375,7 @@ static int precision_fixture(const char *name)
 
 int main(void)
 {
+    test_filter_from_env();
     struct dirent **names;
     int n = scandir(FIXTURE_DIR, &names, is_fixture, alphasort);
     if (n <= 0) {

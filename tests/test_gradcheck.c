@@ -33,6 +33,7 @@
 #include "engine.h"
 #include "init.h"
 #include "rng.h"
+#include "support/filter.h"
 
 #define FIXTURE_DIR "tests/fixtures"
 
@@ -225,6 +226,7 @@ static struct CMUnitTest make_test(struct check *k, enum device_kind d)
 
 int main(void)
 {
+    test_filter_from_env();
     struct dirent **names;
     int n = scandir(FIXTURE_DIR, &names, is_fixture, alphasort);
     if (n <= 0)

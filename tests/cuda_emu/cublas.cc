@@ -1,0 +1,137 @@
+/* cublas.cc - cublasGemmEx emulated on the CPU (see cublas_v2.h): the
+ * argument checks cuBLAS makes, a check that each operand lies inside one
+ * device allocation (where a GPU would fault or read a neighbour's data),
+ * and the product queued on the handle's stream, run by OpenBLAS.
+ */
+#include "cublas_v2.h"
+
+#include <cblas.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <vector>
+
+struct emu_blas {
+    cudaStream_t stream;
+};
+
+cublasStatus_t cublasCreate(cublasHandle_t *handle)
+{
+    *handle = new emu_blas();
+    (*handle)->stream = NULL;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasDestroy(cublasHandle_t handle)
+{
+    if (!handle)
+        return CUBLAS_STATUS_NOT_INITIALIZED;
+    delete handle;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t s)
+{
+    if (!handle)
+        return CUBLAS_STATUS_NOT_INITIALIZED;
+    handle->stream = s;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+/* The column-major rows x cols matrix at p with leading dimension ld must
+ * lie in one device allocation. */
+static void check_operand(const char *name, const void *p, int rows, int cols, int ld)
+{
+    size_t floats = (size_t)(cols - 1) * ld + rows;
+    if (!cuda_emu::device_range(p, floats * sizeof(float)))
+        cuda_emu::fault("cublasGemmEx: %s (%d x %d, leading dimension %d) at %p does not lie in one device "
+                        "allocation",
+                        name, rows, cols, ld, p);
+}
+
+/* x rounded to the nearest value with `bits` mantissa bits, ties to even:
+ * what TF32 (10) and BF16 (7) keep of an FP32 operand. */
+static float round_mantissa(float x, int bits)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7f800000u) == 0x7f800000u)
+        return x;
+    int drop = 23 - bits;
+    u += ((1u << (drop - 1)) - 1) + ((u >> drop) & 1);
+    u &= ~((1u << drop) - 1);
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* A copy of the operand's stored elements, rounded. */
+static std::vector<float> rounded(const float *p, int rows, int cols, int ld, int bits)
+{
+    std::vector<float> out((size_t)(cols - 1) * ld + rows);
+    for (size_t i = 0; i < out.size(); i++)
+        out[i] = round_mantissa(p[i], bits);
+    return out;
+}
+
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                            int k, const void *alpha, const void *A, cudaDataType_t Atype, int lda, const void *B,
+                            cudaDataType_t Btype, int ldb, const void *beta, void *C, cudaDataType_t Ctype, int ldc,
+                            cublasComputeType_t computeType, cublasGemmAlgo_t algo)
+{
+    (void)algo;
+    if (!handle)
+        return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (Atype != CUDA_R_32F || Btype != CUDA_R_32F || Ctype != CUDA_R_32F)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    int bits;
+    switch (computeType) {
+    case CUBLAS_COMPUTE_32F:
+        bits = 23;
+        break;
+    case CUBLAS_COMPUTE_32F_FAST_TF32:
+        bits = 10;
+        break;
+    case CUBLAS_COMPUTE_32F_FAST_16BF:
+        bits = 7;
+        break;
+    default:
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    if ((transa != CUBLAS_OP_N && transa != CUBLAS_OP_T) || (transb != CUBLAS_OP_N && transb != CUBLAS_OP_T))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    const int a_rows = transa == CUBLAS_OP_N ? m : k, a_cols = transa == CUBLAS_OP_N ? k : m;
+    const int b_rows = transb == CUBLAS_OP_N ? k : n, b_cols = transb == CUBLAS_OP_N ? n : k;
+    if (m < 0 || n < 0 || k < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
+        ldc < (m > 1 ? m : 1) || !alpha || !beta)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (!m || !n)
+        return CUBLAS_STATUS_SUCCESS;
+    if (k) {
+        check_operand("A", A, a_rows, a_cols, lda);
+        check_operand("B", B, b_rows, b_cols, ldb);
+    }
+    check_operand("C", C, m, n, ldc);
+    /* The host scalars are read by the call, as cuBLAS reads them. */
+    const float al = *(const float *)alpha, be = *(const float *)beta;
+    const float *a = (const float *)A, *b = (const float *)B;
+    float *c = (float *)C;
+    cudaError_t rc = cuda_emu::enqueue(handle->stream, [=]() {
+        if (!k) {
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < m; i++)
+                    c[(size_t)j * ldc + i] = be == 0.0f ? 0.0f : be * c[(size_t)j * ldc + i];
+            return;
+        }
+        std::vector<float> ar, br;
+        const float *ap = a, *bp = b;
+        if (bits < 23) {
+            ar = rounded(a, a_rows, a_cols, lda, bits);
+            br = rounded(b, b_rows, b_cols, ldb, bits);
+            ap = ar.data();
+            bp = br.data();
+        }
+        cblas_sgemm(CblasColMajor, transa == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
+                    transb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, al, ap, lda, bp, ldb, be, c, ldc);
+    });
+    return rc == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
+}

@@ -1,0 +1,182 @@
+/* cuda_runtime.h - the part of the CUDA runtime that engine/backend_cuda.cu
+ * uses, emulated on the CPU so that its kernels and its host code run (and
+ * are tested, under ASan and UBSan) on machines without a GPU.
+ *
+ * It is a test tool, not a GPU: it says nothing of speed, and a result
+ * that passes here has still to pass on a device.  What it does check is
+ * what a GPU would fault on or silently get wrong, the things that code
+ * never run on a device gets wrong first:
+ *   - kernels run thread by thread, each CUDA thread a fiber, switching at
+ *     __syncthreads and warp shuffles, with the real semantics: a barrier
+ *     some threads of the block never reach, or a shuffle whose mask is not
+ *     its warp, stops the program with a message;
+ *   - device memory is malloc'ed (so ASan sees every access out of bounds)
+ *     and starts as NaN bytes, not zeros; copies and cuBLAS operands must
+ *     lie inside one allocation of the right kind;
+ *   - streams run their work as late as CUDA allows (at a synchronize, or a
+ *     copy that must complete), so host code that reads a result or reuses
+ *     a pinned buffer before synchronizing sees stale data, as it may on a
+ *     GPU;
+ *   - a stream being captured records its work without running it; the
+ *     calls a capture forbids (allocate, free, synchronize, copies from
+ *     pageable memory) fail and invalidate the capture; a graph replays
+ *     the recorded work, reading its pointers and pinned buffers anew.
+ *
+ * Compiled as C++17 with g++ in place of nvcc (Makefile: test-cuda-emu).
+ */
+#ifndef RRN_CUDA_EMU_RUNTIME_H
+#define RRN_CUDA_EMU_RUNTIME_H
+
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#define __global__
+#define __device__
+#define __host__
+/* Shared by the fibers of a block, which run on one OS thread; apart for
+ * kernels running at once on other threads (other streams). */
+#define __shared__ static thread_local
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
+};
+
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInvalidDevicePointer = 17,
+    cudaErrorInvalidMemcpyDirection = 21,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
+    cudaErrorStreamCaptureWrongThread = 908,
+};
+typedef enum cudaError_t cudaError;
+
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4,
+};
+
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2,
+};
+
+#define cudaStreamDefault 0x0
+#define cudaStreamNonBlocking 0x1
+
+typedef struct emu_stream *cudaStream_t;
+typedef struct emu_graph *cudaGraph_t;
+typedef struct emu_graph *cudaGraphExec_t;
+
+struct cudaLaunchConfig_t {
+    dim3 gridDim;
+    dim3 blockDim;
+    size_t dynamicSmemBytes;
+    cudaStream_t stream;
+    void *attrs;
+    unsigned numAttrs;
+};
+
+const char *cudaGetErrorString(cudaError_t err);
+cudaError_t cudaGetLastError(void);
+cudaError_t cudaGetDeviceCount(int *count);
+
+cudaError_t cudaMalloc(void **p, size_t bytes);
+cudaError_t cudaFree(void *p);
+cudaError_t cudaMallocHost(void **p, size_t bytes);
+cudaError_t cudaFreeHost(void *p);
+template <typename T> static inline cudaError_t cudaMalloc(T **p, size_t bytes)
+{
+    return cudaMalloc((void **)p, bytes);
+}
+template <typename T> static inline cudaError_t cudaMallocHost(T **p, size_t bytes)
+{
+    return cudaMallocHost((void **)p, bytes);
+}
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s);
+cudaError_t cudaMemsetAsync(void *dst, int value, size_t bytes, cudaStream_t s);
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+
+/* ---- what the emulator itself provides to the two headers ------------ */
+namespace cuda_emu {
+
+/* Work queued on a stream: run when the stream is synchronized, or kept
+ * in a graph while it is captured.  Fails with a CUDA error code before
+ * anything is queued when the call itself is invalid. */
+cudaError_t enqueue(cudaStream_t s, std::function<void()> work);
+
+/* Queue a launch of grid x block threads, each calling body(). */
+cudaError_t launch(const cudaLaunchConfig_t *cfg, std::function<void()> body);
+
+
+void syncthreads(void);
+unsigned long long shfl_down(unsigned mask, unsigned long long bits, unsigned delta, int width);
+
+/* The device allocation holding [p, p + bytes), or 0 when there is none;
+ * for the cuBLAS emulation's operand checks. */
+int device_range(const void *p, size_t bytes);
+
+/* Stop the program, naming what the code did that a GPU would not allow. */
+[[noreturn]] void fault(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+} /* namespace cuda_emu */
+
+/* The running CUDA thread's coordinates, set by the scheduler each time it
+ * switches to one. */
+extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+static inline void __syncthreads(void)
+{
+    cuda_emu::syncthreads();
+}
+
+template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32)
+{
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "a shuffle moves at most 8 bytes");
+    unsigned long long bits = 0;
+    memcpy(&bits, &v, sizeof v);
+    bits = cuda_emu::shfl_down(mask, bits, delta, width);
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* Each thread calls the kernel with its own copy of the arguments, as
+ * converted to the kernel's parameter types at the launch. */
+template <typename... Params, typename... Args>
+static inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t *cfg, void (*kernel)(Params...),
+                                             Args &&...args)
+{
+    std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+    return cuda_emu::launch(cfg, [kernel, params]() {
+        std::tuple<std::decay_t<Params>...> mine = params;
+        std::apply(kernel, mine);
+    });
+}
+
+#endif
