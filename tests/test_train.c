@@ -18,8 +18,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "model.h"
 
+#include "support/filter.h"
 #include "support/proc.h"
 
 static char dir[64];
@@ -237,6 +239,43 @@ static void test_bad_configs_and_data(void **state)
     free(out);
 }
 
+/* `rrnserve train --device cuda`: the small language model's loss falls on
+ * the GPU as on the CPU, and a run interrupted at a checkpoint and resumed
+ * writes the weights of the run that was not (the backward kernels sum in
+ * a fixed order, never with atomics).  Skipped without a GPU. */
+static void test_cuda_training_learns_and_resumes(void **state)
+{
+    (void)state;
+#ifdef RRN_CUDA
+    if (!backend_cuda_available())
+        skip();
+    char *out;
+    write_corpus();
+    write_file("lm.json", lm_config);
+    static const char *const runs[] = {
+        "--out a.safetensors",
+        "--checkpoint_every 6 --out b.safetensors",
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        if (proc_rrnserve(&out, dir, "train --config lm.json --device cuda --steps 12 --bptt 16 --log_every 4 %s",
+                          runs[i]) != 0)
+            fail_msg("train %s failed: %s", runs[i], out);
+        if (!strstr(out, " on cuda: "))
+            fail_msg("the log does not name the device: %s", out);
+        free(out);
+    }
+    assert_int_equal(proc_rrnserve(&out, dir, "train --resume b.ckpt.safetensors --out c.safetensors"), 0);
+    assert_non_null(strstr(out, "resuming b.ckpt.safetensors at step 6"));
+    free(out);
+    double first = 0, last = 0;
+    losses("a.csv", &first, &last);
+    assert_true(last < first);
+    assert_true(same_weights("a.safetensors", "c.safetensors"));
+#else
+    skip();
+#endif
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -244,6 +283,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_bad_configs_and_data, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_cuda_training_learns_and_resumes, make_dir, remove_dir),
     };
+    test_filter_from_env();
     return cmocka_run_group_tests_name("train", tests, NULL, NULL);
 }
