@@ -41,7 +41,7 @@
 #define __host__
 /* Shared by the fibers of a block, which run on one OS thread; apart for
  * kernels running at once on other threads (other streams). */
-#define __shared__ static thread_local
+#define __shared__ static __thread
 
 struct dim3 {
     unsigned x, y, z;
@@ -148,8 +148,15 @@ int device_range(const void *p, size_t bytes);
 } /* namespace cuda_emu */
 
 /* The running CUDA thread's coordinates, set by the scheduler each time it
- * switches to one. */
-extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+ * switches to one.  __thread, not thread_local: GCC reaches an extern
+ * thread_local through an initialisation wrapper, which its optimised
+ * sanitizer builds get wrong (a null address); __thread variables have no
+ * dynamic initialisation, so none.  Hence also a plain struct, as CUDA's
+ * uint3. */
+struct uint3 {
+    unsigned x, y, z;
+};
+extern __thread uint3 threadIdx, blockIdx, blockDim, gridDim;
 
 static inline void __syncthreads(void)
 {

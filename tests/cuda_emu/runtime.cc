@@ -36,7 +36,7 @@
 #define FIBER_REUSE(top, size) ((void)(top), (void)(size))
 #endif
 
-thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+__thread uint3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace cuda_emu {
 
@@ -230,7 +230,7 @@ __asm__(".text\n"
 struct fiber {
     void *sp;    /* saved stack pointer while switched out */
     char *stack; /* FIBER_STACK bytes above a guard page */
-    dim3 thread_idx;
+    uint3 thread_idx;
     unsigned linear; /* x + y * bx + z * bx * by */
     bool done;
     void *asan_fake_stack;
@@ -432,13 +432,13 @@ static void run_block(const std::function<void()> &body, dim3 block_idx, dim3 bl
     for (unsigned i = 0; i < b.n; i++) {
         fiber *f = fibers[i] = pool.get(i);
         f->linear = i;
-        f->thread_idx = dim3(i % block_dim.x, i / block_dim.x % block_dim.y, i / (block_dim.x * block_dim.y));
+        f->thread_idx = uint3{i % block_dim.x, i / block_dim.x % block_dim.y, i / (block_dim.x * block_dim.y)};
     }
     block_run *outer = run;
     run = &b;
-    blockIdx = block_idx;
-    blockDim = block_dim;
-    gridDim = grid_dim;
+    blockIdx = uint3{block_idx.x, block_idx.y, block_idx.z};
+    blockDim = uint3{block_dim.x, block_dim.y, block_dim.z};
+    gridDim = uint3{grid_dim.x, grid_dim.y, grid_dim.z};
 
     fiber *first = fibers[0];
     fiber_start(first);
