@@ -64,13 +64,15 @@ static float round_mantissa(float x, int bits)
     return x;
 }
 
-/* A copy of the operand's stored elements, rounded. */
-static std::vector<float> rounded(const float *p, int rows, int cols, int ld, int bits)
+/* A copy of the operand's stored elements, rounded, in out: kept from
+ * product to product, since fresh pages for every product of a weight
+ * matrix cost more than the product. */
+static const float *rounded(std::vector<float> &out, const float *p, int rows, int cols, int ld, int bits)
 {
-    std::vector<float> out((size_t)(cols - 1) * ld + rows);
+    out.resize((size_t)(cols - 1) * ld + rows);
     for (size_t i = 0; i < out.size(); i++)
         out[i] = round_mantissa(p[i], bits);
-    return out;
+    return out.data();
 }
 
 cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
@@ -122,13 +124,11 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                     c[(size_t)j * ldc + i] = be == 0.0f ? 0.0f : be * c[(size_t)j * ldc + i];
             return;
         }
-        std::vector<float> ar, br;
+        static thread_local std::vector<float> ar, br;
         const float *ap = a, *bp = b;
         if (bits < 23) {
-            ar = rounded(a, a_rows, a_cols, lda, bits);
-            br = rounded(b, b_rows, b_cols, ldb, bits);
-            ap = ar.data();
-            bp = br.data();
+            ap = rounded(ar, a, a_rows, a_cols, lda, bits);
+            bp = rounded(br, b, b_rows, b_cols, ldb, bits);
         }
         cblas_sgemm(CblasColMajor, transa == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
                     transb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, al, ap, lda, bp, ldb, be, c, ldc);
