@@ -146,11 +146,14 @@ serve: deps
 # engine/backend_cuda.cu built by g++ against the emulated CUDA runtime and
 # cuBLAS of tests/cuda_emu, with ASan and UBSan, so that its kernels and its
 # host code run in the tests of a machine without a GPU: the CUDA variants of
-# the tests that have them (EMU_FILTER).  It checks what a GPU would fault on
-# or silently get wrong; it is not a GPU, and says nothing of speed.
+# the tests that have them (EMU_FILTER), and the server's tests whole (in
+# this build --device auto finds the emulated GPU).  It checks what a GPU
+# would fault on or silently get wrong; it is not a GPU, and says nothing of
+# speed.
 EMU          := build/emu
 EMU_TESTS    := test_engine test_fixtures test_gradcheck test_faults test_train
 EMU_FILTER   := *cuda*
+EMU_WHOLE    := test_server
 EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -Itests/cuda_emu -Iengine -DRRN_CUDA -MMD -MP $(SAN)
 EMU_LIB      := $(ENGINE_SRC:%.c=$(EMU)/%.o) $(SERVER_SRC:%.c=$(EMU)/%.o) $(TRAIN_SRC:%.c=$(EMU)/%.o) \
                 $(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc))
@@ -166,13 +169,15 @@ $(EMU)/%.o: %.cc
 $(EMU)/rrnserve: $(EMU_LIB) $(call cli_objs,$(EMU))
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lstdc++
-$(EMU_TESTS:%=$(EMU)/tests/%): $(EMU)/tests/%: $(EMU)/tests/%.o $(call support_objs,$(EMU)) $(EMU_LIB)
+$(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%): $(EMU)/tests/%: $(EMU)/tests/%.o $(call support_objs,$(EMU)) \
+                                                                $(EMU_LIB)
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lstdc++ -lcmocka -lpng -lssl
 
-test-cuda-emu: $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%)
-	@RRN_TEST_FILTER='$(EMU_FILTER)' ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-	    tests/run_tests.sh $(EMU) $(EMU)/rrnserve
+test-cuda-emu: $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%)
+	@export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1; \
+	    RRN_TEST_FILTER='$(EMU_FILTER)' tests/run_tests.sh $(EMU) $(EMU)/rrnserve $(EMU_TESTS) && \
+	    tests/run_tests.sh $(EMU) $(EMU)/rrnserve $(EMU_WHOLE)
 
 # ---- fuzzing: libFuzzer with clang, ASan and UBSan, on the CPU build ------
 # Each fuzz/fuzz_NAME.c is a target; fuzz/corpus/NAME/ holds its committed

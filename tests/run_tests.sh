@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# run_tests.sh BUILD_DIR RRNSERVE - run every cmocka test binary in
-# BUILD_DIR/tests from the repository root and print one closing line
-# "N passed, N failed, N skipped" over all of them.  Exits non-zero when any
-# test failed or any binary crashed.
+# run_tests.sh BUILD_DIR RRNSERVE [TEST...] - run every cmocka test binary
+# in BUILD_DIR/tests (or the TESTs named, e.g. test_server) from the
+# repository root and print one closing line "N passed, N failed, N
+# skipped" over all of them.  Exits non-zero when any test failed or any
+# binary crashed.
 set -u
 build=$1
 export RRN_BIN=$2
+shift 2
+tests=("$build"/tests/test_*)
+[ $# -gt 0 ] && tests=("${@/#/$build/tests/}")
 passed=0 failed=0 skipped=0 crashed=0
-for t in "$build"/tests/test_*; do
+for t in "${tests[@]}"; do
     [ -x "$t" ] || continue
     case "$t" in *.o|*.d) continue ;; esac
     out=$("$t" 2>&1); rc=$?
