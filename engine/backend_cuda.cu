@@ -611,7 +611,7 @@ static void cuda_cell_step_backward(struct backend *be, const struct cell_grad *
         return;
     const int attn = g->cell == CELL_LSTM && g->attn_window;
     const int stat = attn && g->attn_mode == ATTN_STATIC;
-    /* Per row: H floats of dL/dc_t, then the static attention's K. */
+    /* n rows of dL/dc_t (H floats each), then n of the static attention's K. */
     float *rows = attn ? scratch_of(be, (size_t)g->n * (g->H + g->attn_window)) : (float *)0;
     if (attn && !rows)
         return;

@@ -9,7 +9,8 @@
  *   - kernels run thread by thread, each CUDA thread a fiber, switching at
  *     __syncthreads and warp shuffles, with the real semantics: a barrier
  *     some threads of the block never reach, or a shuffle whose mask is not
- *     its warp, stops the program with a message;
+ *     its warp, stops the program with a message; warps run in a random
+ *     order and ahead of each other, so that a missing barrier shows;
  *   - device memory is malloc'ed (so ASan sees every access out of bounds)
  *     and starts as NaN bytes, not zeros; copies and cuBLAS operands must
  *     lie inside one allocation of the right kind;

@@ -4,9 +4,9 @@
  * in cuda_runtime.h.
  *
  * A stream's queue runs on the host thread that synchronizes it; a block's
- * threads are fibers that a round-robin scheduler runs until they finish
- * or wait at a barrier.  Under AddressSanitizer the switches are announced
- * to it, so that it knows which stack is live.
+ * threads are fibers, run a warp at a time in a random order until they
+ * finish or wait at a barrier (run_block).  Under AddressSanitizer the
+ * switches are announced to it, so that it knows which stack is live.
  */
 #include "cuda_runtime.h"
 
