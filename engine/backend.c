@@ -110,6 +110,12 @@ const char *backend_precision_name(enum precision p)
     return precision_names[p];
 }
 
+void backend_describe(const char *device, enum precision p, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s%s%s", device, p != PRECISION_FP32 ? ", " : "",
+             p != PRECISION_FP32 ? precision_names[p] : "");
+}
+
 void backend_clear_error(struct backend *be)
 {
     be->err[0] = '\0';

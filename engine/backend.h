@@ -225,6 +225,9 @@ const char *backend_compiled(void);
 int backend_device_parse(const char *s, enum device_kind *dev);
 int backend_precision_parse(const char *s, enum precision *p);
 const char *backend_precision_name(enum precision p);
+/* Where work runs, as the logs say it: the device's name, then the
+ * precision when it is not FP32 ("cuda, tf32"). */
+void backend_describe(const char *device, enum precision p, char *buf, size_t len);
 
 /* Wait for the backend's queued work: 0, or -1 with a message in be->err.
  * What the engine calls instead of ops->sync (it adds a test hook). */

@@ -176,9 +176,7 @@ struct registry *registry_open(const struct registry_options *opt, char *err, si
         free(r);
         return NULL;
     }
-    snprintf(r->device, sizeof r->device, "%s%s%s", r->opt.device == DEVICE_CUDA ? "cuda" : "cpu",
-             opt->precision != PRECISION_FP32 ? ", " : "",
-             opt->precision != PRECISION_FP32 ? backend_precision_name(opt->precision) : "");
+    backend_describe(r->opt.device == DEVICE_CUDA ? "cuda" : "cpu", opt->precision, r->device, sizeof r->device);
     pthread_mutex_init(&r->mu, NULL);
     if (scan(r, NULL, 0, &r->entries, &r->n) < 0) {
         snprintf(err, errlen, "cannot read the models folder %s: %s", opt->dir, strerror(errno));

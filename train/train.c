@@ -1010,9 +1010,9 @@ static int train(struct run *r, char *err, size_t errlen)
     snprintf(r->csv, sizeof r->csv, "%.*s.csv", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
     snprintf(r->svg, sizeof r->svg, "%.*s.svg", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
     /* The device "auto" chose, and the precision when it is not FP32. */
-    fprintf(stderr, "training %s on %s%s%s: %zu parameters, %ld steps of %d %s\n", o->out, r->be->ops->name,
-            o->precision != PRECISION_FP32 ? " in " : "",
-            o->precision != PRECISION_FP32 ? backend_precision_name(o->precision) : "", r->model.n_params,
+    char where[32];
+    backend_describe(r->be->ops->name, o->precision, where, sizeof where);
+    fprintf(stderr, "training %s on %s: %zu parameters, %ld steps of %d %s\n", o->out, where, r->model.n_params,
             r->total_steps, o->batch, is_lm(r) ? "windows" : "texts");
 
     /* 4. The loop. */
