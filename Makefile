@@ -158,6 +158,7 @@ EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -Itests/cuda_emu -Iengin
 EMU_LIB      := $(ENGINE_SRC:%.c=$(EMU)/%.o) $(SERVER_SRC:%.c=$(EMU)/%.o) $(TRAIN_SRC:%.c=$(EMU)/%.o) \
                 $(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc))
 $(eval $(call objects,$(EMU),$(SAN) -DRRN_CUDA))
+# Defined after objects, so that it replaces its nvcc rule in this tree.
 $(EMU)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	@echo "  CXX     $@"

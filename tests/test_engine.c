@@ -622,10 +622,12 @@ static void wide_run_on(const struct model *m, enum device_kind dev, const int32
     struct engine *e = engine_create(m, be, lm ? WIDE_N : 0, err, sizeof err);
     if (!e)
         fail_msg("engine: %s", err);
-    /* Per text: logits (lm: [len][V], else [C]), then attention [LK][len]. */
+    /* Per text: logits (lm: [len][V], else [C]), then attention
+     * ([L][D][len][K]).  Per step: logits [n][V], then attention [n][L][K]. */
     size_t per = lm ? 16 * ((size_t)V + LK) : (size_t)C;
+    size_t per_step = (size_t)WIDE_N * (V + m->cfg.layers * m->cfg.attn_window);
     r->n_forward = WIDE_N * per;
-    r->n_steps = lm ? (size_t)WIDE_STEPS * WIDE_N * ((size_t)V + m->cfg.layers * m->cfg.attn_window) : 0;
+    r->n_steps = lm ? WIDE_STEPS * per_step : 0;
     r->n_grads = m->n_params;
     assert_non_null(r->forward = calloc(r->n_forward, sizeof(float)));
     assert_non_null(r->steps = calloc(r->n_steps + 1, sizeof(float)));
@@ -640,6 +642,8 @@ static void wide_run_on(const struct model *m, enum device_kind dev, const int32
                                    .logits = out,
                                    .attention = LK ? out + (lm ? 16 * (size_t)V : (size_t)C) : NULL};
     }
+    /* A language model's first text alone, then the other two: two batch
+     * shapes. */
     if (engine_forward(e, q, lm ? 1 : WIDE_N, err, sizeof err) != 0 ||
         (lm && engine_forward(e, q + 1, WIDE_N - 1, err, sizeof err) != 0))
         fail_msg("forward: %s", err);
@@ -647,7 +651,7 @@ static void wide_run_on(const struct model *m, enum device_kind dev, const int32
         int32_t tok[WIDE_N];
         for (int i = 0; i < WIDE_N; i++)
             tok[i] = tokens[i][(s + i) % 16];
-        float *o = r->steps + (size_t)s * WIDE_N * (V + m->cfg.layers * m->cfg.attn_window);
+        float *o = r->steps + s * per_step;
         if (engine_step(e, slots, tok, WIDE_N, o, m->cfg.attn_window ? o + (size_t)WIDE_N * V : NULL, err,
                         sizeof err) != 0)
             fail_msg("step %d: %s", s, err);
