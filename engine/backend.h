@@ -188,6 +188,20 @@ struct backend_ops {
     void *(*capture_end)(struct backend *be);
     int (*replay)(struct backend *be, void *graph);
     void (*graph_free)(struct backend *be, void *graph);
+
+    /* Lanes (CUDA streams), so that independent work (the layers of a
+     * forward in a wavefront, the two directions of a layer) runs at once:
+     * work queued after lane_use(k) goes to lane k, 0 <= k < max_lanes,
+     * and is ordered only after the lane's earlier work and what lane_wait
+     * adds: lane_wait(k) makes the current lane's later work wait for all
+     * that lane k has queued so far.  Work goes to lane 0 unless told
+     * otherwise, and sync waits for every lane.  For a recording, a lane's
+     * first work must follow a wait on a lane already in it, and lane 0
+     * must have waited for every other lane before capture_end.  NULL ops
+     * (max_lanes 0): one lane, the CPU's. */
+    int max_lanes;
+    void (*lane_use)(struct backend *be, int lane);
+    void (*lane_wait)(struct backend *be, int lane);
 };
 
 struct backend {

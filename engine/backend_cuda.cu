@@ -2,9 +2,10 @@
  * kernel for each pointwise operation of backend.h.
  *
  * Every kernel here has a CPU twin in backend_cpu.c that computes the same
- * thing the same way; read them side by side.  All work is queued on one
- * stream per backend (one backend per batcher thread), so nothing blocks
- * until a download or sync.  Index arrays reach the device through the
+ * thing the same way; read them side by side.  All work is queued on the
+ * backend's streams (one backend per batcher thread): lane 0, and the
+ * lanes a forward runs layers or directions on at once (lane_use), so
+ * nothing blocks until a download or sync.  Index arrays reach the device through the
  * engine's scratch buffers, uploaded once per call, never per step.
  */
 #include <cublas_v2.h>
@@ -19,9 +20,20 @@ extern "C" {
 }
 #include "cell_grad.h"
 
-struct cuda_impl {
+/* A stream, the event other lanes wait on, and a cuBLAS handle of its own:
+ * one handle's workspace must not serve two streams at once. */
+struct cuda_lane {
     cudaStream_t stream;
+    cudaEvent_t queued;
     cublasHandle_t blas;
+};
+
+#define CUDA_LANES 8
+
+struct cuda_impl {
+    /* Lane 0 is made with the backend, the others when first used. */
+    struct cuda_lane lanes[CUDA_LANES];
+    int lane; /* where work is queued now */
     /* How cuBLAS computes the products (set_precision). */
     cublasComputeType_t compute;
     /* Grow-only device scratch for operations that need some (the
@@ -37,7 +49,8 @@ static struct cuda_impl *impl_of(struct backend *be)
 
 static cudaStream_t stream_of(struct backend *be)
 {
-    return impl_of(be)->stream;
+    struct cuda_impl *c = impl_of(be);
+    return c->lanes[c->lane].stream;
 }
 
 /* Record the first error; sync reports it.  The runtime also keeps a
@@ -60,10 +73,15 @@ static void cuda_destroy(struct backend *be)
 {
     struct cuda_impl *c = impl_of(be);
     if (c) {
-        if (c->blas)
-            cublasDestroy(c->blas);
-        if (c->stream)
-            cudaStreamDestroy(c->stream);
+        for (int k = 0; k < CUDA_LANES; k++) {
+            struct cuda_lane *l = &c->lanes[k];
+            if (l->blas)
+                cublasDestroy(l->blas);
+            if (l->queued)
+                cudaEventDestroy(l->queued);
+            if (l->stream)
+                cudaStreamDestroy(l->stream);
+        }
         if (c->scratch)
             cudaFree(c->scratch);
         free(c);
@@ -135,7 +153,7 @@ static void cuda_gemm(struct backend *be, int trans_a, int trans_b, int M, int N
     if (M <= 0 || N <= 0)
         return;
     struct cuda_impl *c = impl_of(be);
-    cublasStatus_t st = cublasGemmEx(c->blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+    cublasStatus_t st = cublasGemmEx(c->lanes[c->lane].blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                                      N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F,
                                      ldc, c->compute, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS && !be->err[0])
@@ -477,7 +495,7 @@ static float *scratch_of(struct backend *be, size_t n)
     if (n <= c->scratch_cap)
         return c->scratch;
     /* Nothing queued may still use the old buffer when it goes. */
-    if (check(be, cudaStreamSynchronize(c->stream), "stream") != 0)
+    if (check(be, cudaStreamSynchronize(stream_of(be)), "stream") != 0)
         return NULL;
     if (c->scratch)
         cudaFree(c->scratch);
@@ -798,9 +816,56 @@ static void cuda_graph_free(struct backend *be, void *graph)
     check(be, cudaGraphExecDestroy((cudaGraphExec_t)graph), "graph free");
 }
 
+/* Make what lane l lacks of its stream, event and handle; 0, or -1 with a
+ * message in err. */
+static int lane_open(struct cuda_lane *l, char *err, size_t errlen)
+{
+    cudaError_t rc = l->stream ? cudaSuccess : cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking);
+    if (rc == cudaSuccess && !l->queued)
+        rc = cudaEventCreateWithFlags(&l->queued, cudaEventDisableTiming);
+    if (rc != cudaSuccess) {
+        snprintf(err, errlen, "cannot create a CUDA stream: %s", cudaGetErrorString(rc));
+        return -1;
+    }
+    if (!l->blas && cublasCreate(&l->blas) != CUBLAS_STATUS_SUCCESS)
+        l->blas = NULL;
+    if (!l->blas || cublasSetStream(l->blas, l->stream) != CUBLAS_STATUS_SUCCESS) {
+        snprintf(err, errlen, "cannot initialise cuBLAS");
+        return -1;
+    }
+    return 0;
+}
+
+/* A lane that cannot be made leaves its error for sync, and the work in
+ * the lane already in use, where it runs in order. */
+static void cuda_lane_use(struct backend *be, int lane)
+{
+    struct cuda_impl *c = impl_of(be);
+    char err[sizeof be->err];
+    if (!c->lanes[lane].blas && lane_open(&c->lanes[lane], err, sizeof err) != 0) {
+        if (!be->err[0])
+            memcpy(be->err, err, sizeof err);
+        return;
+    }
+    c->lane = lane;
+}
+
+static void cuda_lane_wait(struct backend *be, int lane)
+{
+    struct cuda_impl *c = impl_of(be);
+    struct cuda_lane *l = &c->lanes[lane];
+    if (lane == c->lane || !l->blas)
+        return;
+    if (check(be, cudaEventRecord(l->queued, l->stream), "event") == 0)
+        check(be, cudaStreamWaitEvent(stream_of(be), l->queued, 0), "event");
+}
+
 static int cuda_sync(struct backend *be)
 {
-    check(be, cudaStreamSynchronize(stream_of(be)), "stream");
+    struct cuda_impl *c = impl_of(be);
+    for (int k = 0; k < CUDA_LANES; k++)
+        if (c->lanes[k].blas)
+            check(be, cudaStreamSynchronize(c->lanes[k].stream), "stream");
     check(be, cudaGetLastError(), "kernel");
     return be->err[0] ? -1 : 0;
 }
@@ -839,6 +904,9 @@ static const struct backend_ops cuda_ops = {
     cuda_capture_end,
     cuda_replay,
     cuda_graph_free,
+    CUDA_LANES,
+    cuda_lane_use,
+    cuda_lane_wait,
 };
 
 extern "C" int backend_cuda_available(void)
@@ -863,15 +931,8 @@ extern "C" struct backend *backend_cuda_create(char *err, size_t errlen)
     }
     be->ops = &cuda_ops;
     be->impl = c;
-    cudaError_t rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
-    if (rc != cudaSuccess) {
-        snprintf(err, errlen, "cannot create a CUDA stream: %s", cudaGetErrorString(rc));
-        cuda_destroy(be);
-        return NULL;
-    }
     c->compute = CUBLAS_COMPUTE_32F;
-    if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS) {
-        snprintf(err, errlen, "cannot initialise cuBLAS");
+    if (lane_open(&c->lanes[0], err, errlen) != 0) {
         cuda_destroy(be);
         return NULL;
     }

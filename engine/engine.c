@@ -347,16 +347,12 @@ static int matrix_of(const struct engine *e, int t)
     return (t - 1) % e->M;
 }
 
-int engine_layer_step(struct engine *e, const struct layer_run *r)
+void engine_layer_step(struct engine *e, const struct layer_run *r)
 {
     struct backend *be = e->be;
     const struct layer_dir_params *dp = &e->w.layers[r->layer].dir[r->dir];
     const int H = e->H, GH = e->G * H, n = r->n;
-    float *hg = engine_ws(e, WS_HG, (size_t)n * GH * sizeof(float));
-    const int dynamic = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
-    float *q = !dynamic ? NULL : r->q ? r->q : engine_ws(e, WS_Q, (size_t)n * H * sizeof(float));
-    if (!hg || (dynamic && !q))
-        return -1;
+    float *hg = r->hg, *q = r->q;
     if (!r->hprev) {
         be->ops->zero(be, hg, (size_t)n * GH * sizeof(float));
         if (q)
@@ -400,7 +396,6 @@ int engine_layer_step(struct engine *e, const struct layer_run *r)
         .cache = r->cache,
     };
     be->ops->cell_step(be, &s);
-    return 0;
 }
 
 /* The empty state: h_0 = c_0 = 0 and no history (the step API reads

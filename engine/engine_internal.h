@@ -10,7 +10,7 @@
  * a steady load allocates nothing. */
 enum ws_buf {
     WS_TOKENS, WS_X0, WS_XREV, WS_XG, WS_HG, WS_Q, WS_HOUT0, WS_HOUT1,
-    WS_Y0, WS_Y1, WS_Y2, WS_C, WS_RING, WS_ATTN, WS_POOL, WS_LOGITS,
+    WS_Y, WS_C, WS_RING, WS_ATTN, WS_POOL, WS_LOGITS,
     WS_TARGET, WS_LOGPROB, WS_REV, WS_LAST, WS_OFF, WS_LEN, WS_SLOT, WS_T,
     WS_HPREV, WS_TOKENS_REV,
     /* training: the tape, then the backward's buffers */
@@ -91,9 +91,10 @@ struct layer_run {
     int t0;
     float *out, *attn;
     float *cache;            /* training: the step's rows of the tape's cache */
-    float *q;                /* where to put W_q h_{t-1}, or NULL for scratch */
+    float *hg;               /* [n, G*H] scratch for the recurrent product */
+    float *q;                /* [n, H] for W_q h_{t-1} (dynamic attention), else NULL */
 };
-int engine_layer_step(struct engine *e, const struct layer_run *r);
+void engine_layer_step(struct engine *e, const struct layer_run *r);
 
 /* y (n rows, width W) += the depth residual of layer l from y^{l-2}. */
 void engine_residual(struct engine *e, int layer, float *y, const float *y2, int n);

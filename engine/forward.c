@@ -188,6 +188,15 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
 #define PROJECT_ALL_MAX_BYTES ((size_t)8 << 20)
 #define PROJECT_STEP_MIN_ROWS 32
 
+/* Steps per chunk of a wavefront (backends with lanes): layer l runs
+ * chunk k on lane l while layer l + 1 runs chunk k - 1 on its own, as
+ * cuDNN overlaps layers.  A step's products are too small to fill a GPU
+ * (at batch 64 and H 512, 16 tiles of cuBLAS's on 132 SMs), so layers
+ * running at once cost little more than one; the pipeline fills in L - 1
+ * chunks, and each chunk's input projection is still one product of 8
+ * steps' rows. */
+#define WAVE_CHUNK 8
+
 /* Layer l's input projection (direction dir) of packed rows row0 ..
  * row0 + rows - 1 into xg: read from the token tables for layer 0 when the
  * engine has them, else computed from the layer input xin. */
@@ -202,34 +211,69 @@ static void project_rows(struct engine *e, const struct dev_plan *d, int l, int 
         engine_input_projection(e, l, dir, xin + (size_t)row0 * in, rows, xg);
 }
 
-/* Run every layer; returns the last layer's output [P, W] or NULL. */
+static void lane_use(struct backend *be, int lane)
+{
+    if (be->ops->lane_use && !getenv("NOLANE"))
+        be->ops->lane_use(be, lane);
+}
+
+static void lane_wait(struct backend *be, int lane)
+{
+    if (be->ops->lane_wait && !getenv("NOLANE"))
+        be->ops->lane_wait(be, lane);
+}
+
+/* Run every layer; returns the last layer's output [P, W] or NULL.
+ *
+ * The work is cut into tasks (layer l, chunk k of steps): a layer's input
+ * projection of the chunk, its steps, and its depth residual.  One lane
+ * runs them layer by layer, with chunks of one step (project_each_step)
+ * or of all T.  With lanes, a one-direction model runs them in a
+ * wavefront, chunk by chunk, layer l on lane l, each task waiting for the
+ * lane below; a two-direction model runs its directions on lanes 0 and 1.
+ * So every buffer a task writes is its lane's own, or rows of the chunk. */
 float *engine_run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn,
                          const struct tape *tape)
 {
     struct backend *be = e->be;
-    const int H = e->H, W = e->W, P = p->P, n = p->n, GH = e->G * H;
+    const int H = e->H, W = e->W, P = p->P, n = p->n, GH = e->G * H, L = e->L, D = e->D, T = p->T;
     const size_t fsz = sizeof(float);
-    int in_max = e->E > W ? e->E : W;
-    float *x0 = tape ? tape_y(tape, 0) : engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
-    float *xrev = e->D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
+    const int max_lanes = be->ops->lane_use ? be->ops->max_lanes : 1;
+    const int wave = !tape && D == 1 && L > 1 && L <= max_lanes && T > WAVE_CHUNK;
+    const int lanes = wave ? L : D <= max_lanes ? D : 1;
     const int each_step = be->ops->project_each_step && n >= PROJECT_STEP_MIN_ROWS &&
                           (size_t)P * GH * fsz > PROJECT_ALL_MAX_BYTES;
-    float *xg = engine_ws(e, WS_XG, (size_t)(each_step ? n : P) * GH * fsz);
+    const int chunk = each_step ? 1 : wave ? WAVE_CHUNK : T, chunks = (T + chunk - 1) / chunk;
+    /* The first chunk has the most rows: sequences only end. */
+    const size_t xg_rows = (size_t)p->off[chunk];
+    const int dynamic = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
+    const int nbuf = wave && L > 3 ? L : 3;
+    int in_max = e->E > W ? e->E : W;
+    float *x0 = tape ? tape_y(tape, 0) : engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
+    float *xrev = D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
+    /* Per lane: the chunk's projection, the recurrent product, the
+     * queries, the state carried in, and the cell states and histories
+     * of sequences without slots. */
+    float *xg = engine_ws(e, WS_XG, lanes * xg_rows * GH * fsz);
+    float *hg = engine_ws(e, WS_HG, (size_t)lanes * n * GH * fsz);
+    float *qs = dynamic && !tape ? engine_ws(e, WS_Q, (size_t)lanes * n * H * fsz) : NULL;
+    float *hprev0 = p->pos ? engine_ws(e, WS_HPREV, (size_t)lanes * n * H * fsz) : NULL;
+    float *c = d->slot ? NULL : engine_ws(e, WS_C, (size_t)lanes * n * H * fsz);
+    float *ring = d->slot ? NULL : engine_ws(e, WS_RING, (size_t)lanes * n * e->R * H * fsz);
     float *hout[2] = {NULL, NULL};
-    if (e->D == 2 && !tape) {
+    if (D == 2 && !tape) {
         hout[0] = engine_ws(e, WS_HOUT0, (size_t)P * H * fsz);
         hout[1] = engine_ws(e, WS_HOUT1, (size_t)P * H * fsz);
     }
-    float *ybuf[3] = {NULL, NULL, NULL};
-    for (int k = 0; k < 3 && !tape; k++)
-        ybuf[k] = engine_ws(e, WS_Y0 + k, (size_t)P * W * fsz);
-    /* A continued sequence starts from the last state in its slot. */
-    float *hprev0 = p->pos ? engine_ws(e, WS_HPREV, (size_t)n * H * fsz) : NULL;
-    float *c = d->slot ? NULL : engine_ws(e, WS_C, (size_t)n * H * fsz);
-    float *ring = d->slot ? NULL : engine_ws(e, WS_RING, (size_t)n * e->R * H * fsz);
-    if (!x0 || (e->D == 2 && !xrev) || (e->D == 2 && !tape && (!hout[0] || !hout[1])) || !xg ||
-        (!tape && (!ybuf[0] || !ybuf[1] || !ybuf[2])) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
+    float *ybuf = tape ? NULL : engine_ws(e, WS_Y, (size_t)nbuf * P * W * fsz);
+    if (!x0 || (D == 2 && !xrev) || (D == 2 && !tape && (!hout[0] || !hout[1])) || !xg || !hg ||
+        (dynamic && !tape && !qs) || (!tape && !ybuf) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
         return NULL;
+    /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
+    float *ys[CONFIG_MAX_LAYERS + 1];
+    ys[0] = x0;
+    for (int k = 1; k <= L; k++)
+        ys[k] = tape ? tape_y(tape, k) : ybuf + (size_t)(k % nbuf) * P * W;
 
     /* Training keeps the embedded input on its tape, and moves the weights
      * the tables were made from. */
@@ -238,80 +282,109 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         be->ops->gather_rows(be, x0, e->E, d->inputs, e->E, NULL, P, e->E);
     else if (engine_needs_embedding(e, tables))
         be->ops->gather_rows(be, x0, e->E, e->w.embedding, e->E, d->tokens, P, e->E);
-    /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
-    const float *y_prev2 = NULL, *y_prev = x0;
-    float *y = NULL;
-    for (int l = 0; l < e->L; l++) {
-        const int in = e->w.layers[l].in;
-        y = tape ? tape_y(tape, l + 1) : ybuf[(l + 1) % 3];
-        const float *layer_in = y_prev;
+    const int tasks = L * D * chunks;
+    for (int task = 0; task < tasks; task++) {
+        const int l = wave ? task % L : task / (D * chunks);
+        const int dir = wave ? 0 : task / chunks % D;
+        const int k = wave ? task / L : task % chunks;
+        /* The layer's first and last tasks. */
+        const int first = dir == 0 && k == 0, last = dir == D - 1 && k == chunks - 1;
+        const int s0 = k * chunk, s1 = s0 + chunk < T ? s0 + chunk : T, row0 = p->off[s0];
+        const int in = e->w.layers[l].in, ld = l * D + dir;
+        const int lane = wave ? l : lanes == 2 ? dir : 0;
+        float *y = ys[l + 1];
+        const float *layer_in = ys[l];
         if (tape && tape_dropout(tape, l) > 0.0f) {
             /* Dropout on the input of the recurrence; the depth residual
-             * adds the undropped output. */
+             * adds the undropped output.  (Training runs layer by layer.) */
             float *x = tape->xin + (size_t)l * P * tape->Wmax;
-            be->ops->dropout(be, x, y_prev, (size_t)P * in, tape_dropout(tape, l), tape->seed + (unsigned long long)l);
+            if (first)
+                be->ops->dropout(be, x, ys[l], (size_t)P * in, tape_dropout(tape, l),
+                                 tape->seed + (unsigned long long)l);
             layer_in = x;
         }
-        float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : c;
-        float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H : ring;
-        if (tape && tape->c0)
-            be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
-        for (int dir = 0; dir < e->D; dir++) {
-            const float *xin = layer_in;
-            if (dir == 1 && !(l == 0 && tables)) {
-                be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
-                xin = xrev;
+        if (wave) {
+            lane_use(be, l);
+            if (l > 0)
+                lane_wait(be, l - 1);
+        } else if (lanes == 2) {
+            /* Lane 1 starts the backward direction where lane 0 is. */
+            if (first) {
+                lane_use(be, 1);
+                lane_wait(be, 0);
             }
-            if (!each_step)
-                project_rows(e, d, l, dir, tables, xin, 0, P, xg);
+            lane_use(be, dir);
+        }
+        float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : c + (size_t)lane * n * H;
+        float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H
+                            : ring + (size_t)lane * n * e->R * H;
+        float *hp0 = hprev0 ? hprev0 + (size_t)lane * n * H : NULL;
+        float *xgl = xg + lane * xg_rows * GH;
+        const float *xin = layer_in;
+        if (dir == 1 && !(l == 0 && tables)) {
+            if (k == 0)
+                be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
+            xin = xrev;
+        }
+        /* One direction writes straight into the layer output; two
+         * interleave theirs into it afterwards, and training keeps each
+         * direction's h apart, after its prefix. */
+        float *pre = tape ? tape_h(tape, ld, H) : NULL;
+        float *h = tape ? pre + (size_t)tape->R * tape->B * H : D == 1 ? y : hout[dir];
+        if (k == 0) {
+            if (tape && tape->c0)
+                be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
             if (!d->slot)
                 be->ops->zero(be, cl, (size_t)n * H * fsz);
             if (p->pos)
-                be->ops->gather_rows(be, hprev0, H, rl, H, d->hprev, n, H);
-            /* One direction writes straight into the layer output; two
-             * interleave theirs into it afterwards, and training keeps each
-             * direction's h apart, after its prefix. */
-            float *h = e->D == 1 ? y : hout[dir];
-            const int ld = l * e->D + dir;
-            if (tape) {
-                float *pre = tape_h(tape, ld, H);
-                h = pre + (size_t)tape->R * tape->B * H;
-                if (tape->prefix_idx)
-                    be->ops->gather_rows(be, pre, H, rl, H, tape->prefix_idx, tape->R * tape->B, H);
-                else
-                    be->ops->zero(be, pre, (size_t)tape->R * tape->B * H * fsz);
-            }
-            for (int s = 0; s < p->T; s++) {
-                const int rows = p->off[s + 1] - p->off[s];
-                if (each_step)
-                    project_rows(e, d, l, dir, tables, xin, p->off[s], rows, xg);
-                struct layer_run r = {
-                    .layer = l,
-                    .dir = dir,
-                    .n = rows,
-                    .hprev = s ? h + (size_t)p->off[s - 1] * H : hprev0,
-                    .xg = each_step ? xg : xg + (size_t)p->off[s] * GH,
-                    .c = cl,
-                    .ring = rl,
-                    .slot = d->slot,
-                    .t0 = p->pos + s + 1,
-                    .out = h + (size_t)p->off[s] * H,
-                    .attn = attn ? attn + ((size_t)ld * P + p->off[s]) * e->K : NULL,
-                    .cache = tape ? tape->cache + ((size_t)ld * P + p->off[s]) * tape->CW : NULL,
-                    .q = tape && tape->q ? tape->q + ((size_t)ld * P + p->off[s]) * H : NULL,
-                };
-                if (engine_layer_step(e, &r) != 0)
-                    return NULL;
-            }
-            if (e->D == 2 || tape)
-                be->ops->gather_rows(be, y + dir * H, W, h, H, dir ? d->rev : NULL, P, H);
+                be->ops->gather_rows(be, hp0, H, rl, H, d->hprev, n, H);
+            if (tape && tape->prefix_idx)
+                be->ops->gather_rows(be, pre, H, rl, H, tape->prefix_idx, tape->R * tape->B, H);
+            else if (tape)
+                be->ops->zero(be, pre, (size_t)tape->R * tape->B * H * fsz);
         }
-        if (e->m->cfg.residual_depth && l >= 1)
-            engine_residual(e, l, y, y_prev2, P);
-        y_prev2 = y_prev;
-        y_prev = y;
+        project_rows(e, d, l, dir, tables, xin, row0, p->off[s1] - row0, xgl);
+        for (int s = s0; s < s1; s++) {
+            struct layer_run r = {
+                .layer = l,
+                .dir = dir,
+                .n = p->off[s + 1] - p->off[s],
+                .hprev = s ? h + (size_t)p->off[s - 1] * H : hp0,
+                .xg = xgl + (size_t)(p->off[s] - row0) * GH,
+                .c = cl,
+                .ring = rl,
+                .slot = d->slot,
+                .t0 = p->pos + s + 1,
+                .out = h + (size_t)p->off[s] * H,
+                .attn = attn ? attn + ((size_t)ld * P + p->off[s]) * e->K : NULL,
+                .cache = tape ? tape->cache + ((size_t)ld * P + p->off[s]) * tape->CW : NULL,
+                .hg = hg + (size_t)lane * n * GH,
+                .q = tape && tape->q ? tape->q + ((size_t)ld * P + p->off[s]) * H
+                     : qs            ? qs + (size_t)lane * n * H
+                                     : NULL,
+            };
+            engine_layer_step(e, &r);
+        }
+        if ((D == 2 || tape) && k == chunks - 1)
+            be->ops->gather_rows(be, y + dir * H, W, h, H, dir ? d->rev : NULL, P, H);
+        if (lanes == 2 && last) {
+            lane_use(be, 0);
+            lane_wait(be, 1);
+        }
+        /* The depth residual: of the chunk's rows in a wavefront, else of
+         * all rows once the layer is done. */
+        if (e->m->cfg.residual_depth && l >= 1 && (wave || last)) {
+            const int r0 = wave ? row0 : 0, r1 = wave ? p->off[s1] : P;
+            engine_residual(e, l, y + (size_t)r0 * W, ys[l - 1] + (size_t)r0 * (l == 1 ? e->E : W), r1 - r0);
+        }
     }
-    return y;
+    /* Lane 0 goes on when every lane is done. */
+    if (lanes > 1) {
+        lane_use(be, 0);
+        for (int k = 1; k < lanes; k++)
+            lane_wait(be, k);
+    }
+    return ys[L];
 }
 
 void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, const float *y, float *pooled,

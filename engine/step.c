@@ -78,11 +78,13 @@ static int plan_rows(struct engine *e, const int *slots, const int32_t *tokens, 
 struct step_bufs {
     int n;
     const int *d_token, *d_slot, *d_t, *d_hprev, *t_host;
-    float *x, *xg, *hprev, *ybuf[3], *out, *attn;
+    float *x, *xg, *hprev, *out, *attn;
+    float *y;      /* three outputs [n, W]: y^l, y^{l-1}, y^{l-2} in turn */
+    float *hg, *q; /* engine_layer_step's scratch */
 };
 
 /* The device work of a step (an engine_work): every layer, then the
- * head's logits into b->out, which it returns; NULL when out of memory. */
+ * head's logits into b->out, which it returns. */
 static void *step_work(struct engine *e, void *arg)
 {
     const struct step_bufs *b = arg;
@@ -95,7 +97,7 @@ static void *step_work(struct engine *e, void *arg)
     float *y = NULL;
     for (int l = 0; l < e->L; l++) {
         float *ring = e->pool_ring + (size_t)l * S * e->R * H;
-        y = b->ybuf[(l + 1) % 3];
+        y = b->y + (size_t)((l + 1) % 3) * n * W;
         if (l == 0 && tables)
             be->ops->gather_rows(be, b->xg, e->G * H, e->token_xg[0], e->G * H, b->d_token, n, e->G * H);
         else
@@ -113,9 +115,10 @@ static void *step_work(struct engine *e, void *arg)
             .t_host = b->t_host,
             .out = y,
             .attn = b->attn ? b->attn + (size_t)l * n * K : NULL,
+            .hg = b->hg,
+            .q = b->q,
         };
-        if (engine_layer_step(e, &run) != 0)
-            return NULL;
+        engine_layer_step(e, &run);
         if (e->m->cfg.residual_depth && l >= 1)
             engine_residual(e, l, y, y_prev2, n);
         y_prev2 = y_prev;
@@ -167,16 +170,18 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     float *x = engine_ws(e, WS_X0, (size_t)n * e->E * fsz);
     float *xg = engine_ws(e, WS_XG, (size_t)n * e->G * H * fsz);
     float *hprev = engine_ws(e, WS_HPREV, (size_t)n * H * fsz);
-    float *ybuf[3] = {engine_ws(e, WS_Y0, (size_t)n * W * fsz), engine_ws(e, WS_Y1, (size_t)n * W * fsz),
-                      engine_ws(e, WS_Y2, (size_t)n * W * fsz)};
+    float *y = engine_ws(e, WS_Y, 3 * (size_t)n * W * fsz);
+    float *hg = engine_ws(e, WS_HG, (size_t)n * e->G * H * fsz);
+    const int dynamic = K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
+    float *q = dynamic ? engine_ws(e, WS_Q, (size_t)n * H * fsz) : NULL;
     float *out = engine_ws(e, WS_LOGITS, (size_t)n * V * fsz);
     float *attn = attention && K ? engine_ws(e, WS_ATTN, (size_t)e->L * n * K * fsz) : NULL;
-    if (!d_token || !d_slot || !d_t || !d_hprev || !x || !xg || !hprev || !ybuf[0] || !ybuf[1] || !ybuf[2] ||
-        !out || (attention && K && !attn))
+    if (!d_token || !d_slot || !d_t || !d_hprev || !x || !xg || !hprev || !y || !hg || (dynamic && !q) || !out ||
+        (attention && K && !attn))
         goto oom;
     struct step_bufs b = {
         .n = n, .d_token = d_token, .d_slot = d_slot, .d_t = d_t, .d_hprev = d_hprev, .t_host = r.t,
-        .x = x, .xg = xg, .hprev = hprev, .ybuf = {ybuf[0], ybuf[1], ybuf[2]}, .out = out, .attn = attn,
+        .x = x, .xg = xg, .hprev = hprev, .y = y, .hg = hg, .q = q, .out = out, .attn = attn,
     };
     if (run_step(e, &b) != 0) {
         if (!be->err[0])

@@ -17,11 +17,16 @@
  *   - streams run their work as late as CUDA allows (at a synchronize, or a
  *     copy that must complete), so host code that reads a result or reuses
  *     a pinned buffer before synchronizing sees stale data, as it may on a
- *     GPU;
+ *     GPU; streams that wait on each other's events run their work in a
+ *     random order that keeps only each stream's order and those waits, so
+ *     a wait the code forgot shows;
  *   - a stream being captured records its work without running it; the
  *     calls a capture forbids (allocate, free, synchronize, copies from
- *     pageable memory) fail and invalidate the capture; a graph replays
- *     the recorded work, reading its pointers and pinned buffers anew.
+ *     pageable memory, waits on events from outside it) fail and
+ *     invalidate the capture; streams that join a capture through an event
+ *     must be joined back before it ends; a graph replays the recorded
+ *     work, each node after those it depends on and otherwise in a random
+ *     order, reading its pointers and pinned buffers anew.
  *
  * Compiled as C++17 with g++ in place of nvcc (Makefile: test-cuda-emu).
  */
@@ -60,6 +65,9 @@ enum cudaError_t {
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorStreamCaptureUnsupported = 900,
     cudaErrorStreamCaptureInvalidated = 901,
+    cudaErrorStreamCaptureMerge = 902,
+    cudaErrorStreamCaptureUnjoined = 904,
+    cudaErrorStreamCaptureIsolation = 905,
     cudaErrorStreamCaptureWrongThread = 908,
 };
 typedef enum cudaError_t cudaError;
@@ -80,10 +88,12 @@ enum cudaStreamCaptureMode {
 
 #define cudaStreamDefault 0x0
 #define cudaStreamNonBlocking 0x1
+#define cudaEventDisableTiming 0x2
 
 typedef struct emu_stream *cudaStream_t;
 typedef struct emu_graph *cudaGraph_t;
 typedef struct emu_graph *cudaGraphExec_t;
+typedef struct emu_event *cudaEvent_t;
 
 struct cudaLaunchConfig_t {
     dim3 gridDim;
@@ -116,6 +126,11 @@ cudaError_t cudaMemsetAsync(void *dst, int value, size_t bytes, cudaStream_t s);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
 cudaError_t cudaStreamDestroy(cudaStream_t s);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags);
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
 cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph);

@@ -3,7 +3,8 @@
  * and kernels run one fiber per CUDA thread.  What it checks, and why, is
  * in cuda_runtime.h.
  *
- * A stream's queue runs on the host thread that synchronizes it; a block's
+ * A stream's queue runs on the host thread that synchronizes it (or a
+ * stream of its family: run_until), one item at a time; a block's
  * threads are fibers, run a warp at a time in a random order until they
  * finish or wait at a barrier (run_block).  Under AddressSanitizer the
  * switches are announced to it, so that it knows which stack is live.
@@ -17,7 +18,9 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -102,91 +105,141 @@ static bool pinned_range(const void *p, size_t bytes)
 
 /* ---- streams ------------------------------------------------------------ */
 
-typedef std::vector<std::function<void()>> work_list;
+/* An item of a stream's queue: work to run, or a wait until another stream
+ * has run its first wait_seq items (cudaStreamWaitEvent). */
+struct emu_item {
+    std::function<void()> work;
+    emu_stream *wait_on;
+    uint64_t wait_seq;
+};
+
+/* A recorded graph: each node runs after the nodes it depends on. */
+struct emu_node {
+    std::function<void()> work;
+    std::vector<size_t> deps;
+};
 
 struct emu_graph {
-    work_list work;
+    std::vector<emu_node> nodes;
+};
+
+/* A capture in progress: the stream that began it, and the streams that
+ * joined it by waiting on an event recorded in it. */
+struct emu_capture {
+    emu_graph *graph;
+    bool invalid;
+    pthread_t thread;
+    emu_stream *origin;
+    std::vector<emu_stream *> members;
 };
 
 struct emu_stream {
-    std::mutex mu;
-    work_list queue;
-    emu_graph *capture; /* recording into this graph */
-    bool capture_invalid;
-    pthread_t capture_thread;
+    std::deque<emu_item> queue;
+    uint64_t queued = 0, done = 0; /* items ever queued, and run */
+    /* Streams that ever waited for one another share a family.  Running a
+     * family's work, the emulator picks its next item at random among the
+     * heads of its streams' queues whose waits are met: the orders a GPU
+     * may run them in, so that a wait the program forgot shows. */
+    uint64_t family = 0;
+    emu_capture *capture = NULL;
+    std::vector<size_t> tail; /* capturing: what its next node depends on */
+};
+
+struct emu_event {
+    bool recorded = false;
+    emu_stream *stream = NULL;    /* recorded outside a capture: its first */
+    uint64_t seq = 0;             /* seq items */
+    emu_capture *capture = NULL;  /* recorded in a capture: the nodes the */
+    std::vector<size_t> nodes;    /* stream had recorded */
+    bool capture_ended = false;
 };
 
 namespace cuda_emu {
 
-static std::mutex streams_mu;
+/* Guards every stream, event and capture, and is held while work runs:
+ * the emulated device runs one thing at a time. */
+static std::mutex device_mu;
 static std::set<emu_stream *> streams;
+static std::set<emu_event *> events;
 static emu_stream legacy_stream;
+static uint64_t families;
+static uint64_t order_state = 0x9e3779b97f4a7c15ULL;
 
-/* The stream this thread captures, if any: while it does, the calls a
+/* The capture this thread began, if any: while it lasts, the calls a
  * capture forbids fail and invalidate it. */
-static thread_local emu_stream *capturing;
+static thread_local emu_capture *capturing;
+
+static unsigned next_random(uint64_t *state);
 
 static emu_stream *stream_of(cudaStream_t s)
 {
     if (!s)
         return &legacy_stream;
-    std::lock_guard<std::mutex> lock(streams_mu);
     return streams.count(s) ? s : NULL;
+}
+
+static std::vector<emu_stream *> all_streams(void)
+{
+    std::vector<emu_stream *> all(streams.begin(), streams.end());
+    all.push_back(&legacy_stream);
+    return all;
 }
 
 static cudaError_t forbidden_in_capture(void)
 {
-    std::lock_guard<std::mutex> lock(capturing->mu);
-    capturing->capture_invalid = true;
+    std::lock_guard<std::mutex> lock(device_mu);
+    capturing->invalid = true;
     return fail(cudaErrorStreamCaptureUnsupported);
 }
 
-/* Run everything queued on s, in order. */
-static void flush(emu_stream *s)
+/* Run items of s's family until s has run its first seq; device_mu held. */
+static void run_until(emu_stream *s, uint64_t seq)
 {
-    std::lock_guard<std::mutex> lock(s->mu);
-    work_list work;
-    work.swap(s->queue);
-    for (auto &w : work)
-        w();
+    std::vector<emu_stream *> family, ready;
+    for (emu_stream *t : all_streams())
+        if (t->family == s->family)
+            family.push_back(t);
+    while (s->done < seq) {
+        ready.clear();
+        for (emu_stream *t : family)
+            if (!t->queue.empty() && (!t->queue.front().wait_on || t->queue.front().wait_on->done >= t->queue.front().wait_seq))
+                ready.push_back(t);
+        if (ready.empty())
+            fault("a stream waits for work that was never queued");
+        emu_stream *t = ready[next_random(&order_state) % ready.size()];
+        emu_item item = std::move(t->queue.front());
+        t->queue.pop_front();
+        if (item.work)
+            item.work();
+        t->done++;
+    }
 }
 
 /* What cudaFree and cudaFreeHost do first: wait for every stream. */
 static void flush_all(void)
 {
-    std::vector<emu_stream *> all;
-    {
-        std::lock_guard<std::mutex> lock(streams_mu);
-        all.assign(streams.begin(), streams.end());
-    }
-    all.push_back(&legacy_stream);
-    for (emu_stream *s : all)
-        flush(s);
+    std::lock_guard<std::mutex> lock(device_mu);
+    for (emu_stream *s : all_streams())
+        run_until(s, s->queued);
 }
 
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> work)
 {
+    std::lock_guard<std::mutex> lock(device_mu);
     emu_stream *s = stream_of(stream);
     if (!s)
         return fail(cudaErrorInvalidResourceHandle);
-    std::lock_guard<std::mutex> lock(s->mu);
     if (s->capture) {
-        if (s->capture_invalid)
+        if (s->capture->invalid)
             return fail(cudaErrorStreamCaptureInvalidated);
-        s->capture->work.push_back(std::move(work));
+        std::vector<emu_node> &nodes = s->capture->graph->nodes;
+        nodes.push_back(emu_node{std::move(work), s->tail});
+        s->tail.assign(1, nodes.size() - 1);
     } else {
-        s->queue.push_back(std::move(work));
+        s->queue.push_back(emu_item{std::move(work), NULL, 0});
+        s->queued++;
     }
     return cudaSuccess;
-}
-
-static bool is_capturing(cudaStream_t stream)
-{
-    emu_stream *s = stream_of(stream);
-    if (!s)
-        return false;
-    std::lock_guard<std::mutex> lock(s->mu);
-    return s->capture != NULL;
 }
 
 /* ---- kernels: one fiber per CUDA thread ---------------------------------- */
@@ -404,15 +457,16 @@ unsigned long long shfl_down(unsigned mask, unsigned long long bits, unsigned de
     return out;
 }
 
-/* xorshift64*, seeded per launch (launch), so that a run repeats. */
+/* xorshift64*: the warp scheduler's state is seeded per launch (launch),
+ * the stream scheduler's once, so that a run repeats. */
 static thread_local uint64_t random_state;
 
-static unsigned next_random(void)
+static unsigned next_random(uint64_t *state)
 {
-    random_state ^= random_state >> 12;
-    random_state ^= random_state << 25;
-    random_state ^= random_state >> 27;
-    return (unsigned)((random_state * 0x2545f4914f6cdd1dULL) >> 32);
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (unsigned)((*state * 0x2545f4914f6cdd1dULL) >> 32);
 }
 
 static void run_block(const std::function<void()> &body, dim3 block_idx, dim3 block_dim, dim3 grid_dim)
@@ -469,9 +523,9 @@ static void run_block(const std::function<void()> &body, dim3 block_idx, dim3 bl
                     ready.push_back(w);
             if (ready.empty())
                 break;
-            std::vector<fiber *> &lanes = b.warps[ready[next_random() % ready.size()]].runnable;
+            std::vector<fiber *> &lanes = b.warps[ready[next_random(&random_state) % ready.size()]].runnable;
             while (!lanes.empty()) {
-                size_t pick = next_random() % lanes.size();
+                size_t pick = next_random(&random_state) % lanes.size();
                 fiber *f = lanes[pick];
                 lanes[pick] = lanes.back();
                 lanes.pop_back();
@@ -537,6 +591,12 @@ const char *cudaGetErrorString(cudaError_t err)
         return "operation not permitted when stream is capturing";
     case cudaErrorStreamCaptureInvalidated:
         return "operation failed due to a previous error during capture";
+    case cudaErrorStreamCaptureMerge:
+        return "operation would result in a merge of separate capture sequences";
+    case cudaErrorStreamCaptureUnjoined:
+        return "capture sequence contains a fork that was not joined to the primary stream";
+    case cudaErrorStreamCaptureIsolation:
+        return "dependency created on uncaptured work in another stream";
     case cudaErrorStreamCaptureWrongThread:
         return "attempt to terminate a thread-local capture sequence from another thread";
     }
@@ -652,9 +712,8 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags)
 {
     (void)flags;
     emu_stream *st = new emu_stream();
-    st->capture = NULL;
-    st->capture_invalid = false;
-    std::lock_guard<std::mutex> lock(streams_mu);
+    std::lock_guard<std::mutex> lock(device_mu);
+    st->family = ++families;
     streams.insert(st);
     *s = st;
     return cudaSuccess;
@@ -662,69 +721,192 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags)
 
 cudaError_t cudaStreamDestroy(cudaStream_t s)
 {
+    std::lock_guard<std::mutex> lock(device_mu);
     emu_stream *st = stream_of(s);
     if (!st || st == &legacy_stream)
         return fail(cudaErrorInvalidResourceHandle);
-    /* Work already queued still runs. */
-    flush(st);
-    {
-        std::lock_guard<std::mutex> lock(streams_mu);
-        streams.erase(st);
-    }
-    delete st->capture;
+    /* Work already queued still runs; waits for it are then met. */
+    run_until(st, st->queued);
+    for (emu_stream *t : all_streams())
+        for (emu_item &item : t->queue)
+            if (item.wait_on == st)
+                item.wait_on = NULL;
+    for (emu_event *e : events)
+        if (e->stream == st)
+            e->stream = NULL;
+    streams.erase(st);
     delete st;
     return cudaSuccess;
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
+    if (capturing)
+        return forbidden_in_capture();
+    std::lock_guard<std::mutex> lock(device_mu);
     emu_stream *st = stream_of(s);
     if (!st)
         return fail(cudaErrorInvalidResourceHandle);
-    if (capturing)
-        return forbidden_in_capture();
-    if (is_capturing(s))
+    if (st->capture)
         return fail(cudaErrorStreamCaptureUnsupported);
-    flush(st);
+    run_until(st, st->queued);
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags)
+{
+    (void)flags;
+    emu_event *ev = new emu_event();
+    std::lock_guard<std::mutex> lock(device_mu);
+    events.insert(ev);
+    *e = ev;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t e)
+{
+    std::lock_guard<std::mutex> lock(device_mu);
+    if (!events.erase(e))
+        return fail(cudaErrorInvalidResourceHandle);
+    delete e;
+    return cudaSuccess;
+}
+
+/* The event stands for what s has queued so far: its first items, or in a
+ * capture the nodes the next one would depend on. */
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s)
+{
+    std::lock_guard<std::mutex> lock(device_mu);
+    emu_stream *st = stream_of(s);
+    if (!st || !events.count(e))
+        return fail(cudaErrorInvalidResourceHandle);
+    e->recorded = true;
+    e->capture_ended = false;
+    e->capture = st->capture;
+    e->nodes = st->tail;
+    e->stream = st->capture ? NULL : st;
+    e->seq = st->queued;
+    return cudaSuccess;
+}
+
+/* Joins two families, or a capture: a stream waiting on an event recorded
+ * in a capture is captured too from then on, its next node depending on
+ * the event's nodes. */
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags)
+{
+    (void)flags;
+    std::lock_guard<std::mutex> lock(device_mu);
+    emu_stream *st = stream_of(s);
+    if (!st || !events.count(e))
+        return fail(cudaErrorInvalidResourceHandle);
+    if (e->capture_ended || (st->capture && !e->capture)) {
+        /* A capture's work may depend on nothing outside it but the order
+         * of its own streams. */
+        if (st->capture)
+            st->capture->invalid = true;
+        return fail(cudaErrorStreamCaptureIsolation);
+    }
+    if (!e->recorded)
+        return cudaSuccess;
+    if (e->capture) {
+        if (!st->capture) {
+            st->capture = e->capture;
+            st->tail = e->nodes;
+            e->capture->members.push_back(st);
+        } else if (st->capture == e->capture) {
+            for (size_t n : e->nodes)
+                if (std::find(st->tail.begin(), st->tail.end(), n) == st->tail.end())
+                    st->tail.push_back(n);
+        } else {
+            st->capture->invalid = true;
+            return fail(cudaErrorStreamCaptureMerge);
+        }
+        return cudaSuccess;
+    }
+    if (!e->stream || e->stream == st)
+        return cudaSuccess;
+    st->queue.push_back(emu_item{std::function<void()>(), e->stream, e->seq});
+    st->queued++;
+    uint64_t from = e->stream->family;
+    for (emu_stream *t : all_streams())
+        if (t->family == from)
+            t->family = st->family;
     return cudaSuccess;
 }
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode)
 {
     (void)mode;
+    if (capturing)
+        return forbidden_in_capture();
+    std::lock_guard<std::mutex> lock(device_mu);
     emu_stream *st = stream_of(s);
     if (!s || !st)
         return fail(cudaErrorInvalidResourceHandle);
-    if (capturing)
-        return forbidden_in_capture();
-    std::lock_guard<std::mutex> lock(st->mu);
     if (st->capture)
         return fail(cudaErrorInvalidValue);
-    st->capture = new emu_graph();
-    st->capture_invalid = false;
-    st->capture_thread = pthread_self();
-    capturing = st;
+    emu_capture *c = new emu_capture();
+    c->graph = new emu_graph();
+    c->invalid = false;
+    c->thread = pthread_self();
+    c->origin = st;
+    c->members.push_back(st);
+    st->capture = c;
+    st->tail.clear();
+    capturing = c;
     return cudaSuccess;
 }
 
+/* The nodes deps and everything they depend on, marked in seen. */
+static void mark_ancestors(const emu_graph *g, const std::vector<size_t> &deps, std::vector<bool> &seen)
+{
+    std::vector<size_t> todo(deps);
+    while (!todo.empty()) {
+        size_t n = todo.back();
+        todo.pop_back();
+        if (seen[n])
+            continue;
+        seen[n] = true;
+        todo.insert(todo.end(), g->nodes[n].deps.begin(), g->nodes[n].deps.end());
+    }
+}
+
+/* Ends the capture s began.  Every stream that joined it must have been
+ * joined back: its last node must come before the end of s. */
 cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph)
 {
     *graph = NULL;
+    std::lock_guard<std::mutex> lock(device_mu);
     emu_stream *st = stream_of(s);
     if (!st)
         return fail(cudaErrorInvalidResourceHandle);
-    std::lock_guard<std::mutex> lock(st->mu);
-    if (!st->capture)
+    emu_capture *c = st->capture;
+    if (!c || c->origin != st)
         return fail(cudaErrorInvalidValue);
-    if (!pthread_equal(st->capture_thread, pthread_self()))
+    if (!pthread_equal(c->thread, pthread_self()))
         return fail(cudaErrorStreamCaptureWrongThread);
-    emu_graph *g = st->capture;
-    bool invalid = st->capture_invalid;
-    st->capture = NULL;
+    std::vector<bool> joined(c->graph->nodes.size(), false);
+    mark_ancestors(c->graph, st->tail, joined);
+    bool unjoined = false;
+    for (emu_stream *m : c->members) {
+        for (size_t n : m->tail)
+            unjoined |= !joined[n];
+        m->capture = NULL;
+        m->tail.clear();
+    }
+    for (emu_event *e : events)
+        if (e->capture == c) {
+            e->capture = NULL;
+            e->recorded = false;
+            e->capture_ended = true;
+        }
     capturing = NULL;
-    if (invalid) {
+    emu_graph *g = c->graph;
+    bool invalid = c->invalid;
+    delete c;
+    if (invalid || unjoined) {
         delete g;
-        return fail(cudaErrorStreamCaptureInvalidated);
+        return fail(invalid ? cudaErrorStreamCaptureInvalidated : cudaErrorStreamCaptureUnjoined);
     }
     *graph = g;
     return cudaSuccess;
@@ -748,15 +930,36 @@ cudaError_t cudaGraphDestroy(cudaGraph_t graph)
 }
 
 /* The recorded work runs again as it was recorded: the same pointers and
- * scalars, reading whatever the buffers hold when it runs. */
+ * scalars, reading whatever the buffers hold when it runs, each node after
+ * those it depends on and otherwise in a random order, as branches of a
+ * graph run at once on a GPU. */
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s)
 {
     if (!exec)
         return fail(cudaErrorInvalidValue);
-    work_list work = exec->work;
-    return enqueue(s, [work]() {
-        for (auto &w : work)
-            w();
+    std::vector<emu_node> nodes = exec->nodes;
+    static std::atomic<uint64_t> launches;
+    uint64_t seed = 0x2545f4914f6cdd1dULL * (launches.fetch_add(1) + 1);
+    return enqueue(s, [nodes, seed]() {
+        uint64_t state = seed;
+        std::vector<size_t> waiting(nodes.size()), ready;
+        std::vector<std::vector<size_t>> after(nodes.size());
+        for (size_t n = 0; n < nodes.size(); n++) {
+            waiting[n] = nodes[n].deps.size();
+            for (size_t d : nodes[n].deps)
+                after[d].push_back(n);
+            if (!waiting[n])
+                ready.push_back(n);
+        }
+        while (!ready.empty()) {
+            size_t pick = next_random(&state) % ready.size(), n = ready[pick];
+            ready[pick] = ready.back();
+            ready.pop_back();
+            nodes[n].work();
+            for (size_t m : after[n])
+                if (!--waiting[m])
+                    ready.push_back(m);
+        }
     });
 }
 
