@@ -9,7 +9,7 @@
 /* Scratch buffers on the backend, grown on demand and kept between calls so
  * a steady load allocates nothing. */
 enum ws_buf {
-    WS_TOKENS, WS_X0, WS_XREV, WS_XG, WS_HG, WS_Q, WS_HOUT0, WS_HOUT1,
+    WS_TOKENS, WS_X0, WS_XREV, WS_XG, WS_HG, WS_Q, WS_HOUT,
     WS_Y, WS_C, WS_RING, WS_ATTN, WS_POOL, WS_LOGITS,
     WS_TARGET, WS_LOGPROB, WS_REV, WS_LAST, WS_OFF, WS_LEN, WS_SLOT, WS_T,
     WS_HPREV, WS_TOKENS_REV,

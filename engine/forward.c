@@ -213,13 +213,13 @@ static void project_rows(struct engine *e, const struct dev_plan *d, int l, int 
 
 static void lane_use(struct backend *be, int lane)
 {
-    if (be->ops->lane_use && !getenv("NOLANE"))
+    if (be->ops->lane_use)
         be->ops->lane_use(be, lane);
 }
 
 static void lane_wait(struct backend *be, int lane)
 {
-    if (be->ops->lane_wait && !getenv("NOLANE"))
+    if (be->ops->lane_wait)
         be->ops->lane_wait(be, lane);
 }
 
@@ -260,13 +260,15 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
     float *hprev0 = p->pos ? engine_ws(e, WS_HPREV, (size_t)lanes * n * H * fsz) : NULL;
     float *c = d->slot ? NULL : engine_ws(e, WS_C, (size_t)lanes * n * H * fsz);
     float *ring = d->slot ? NULL : engine_ws(e, WS_RING, (size_t)lanes * n * e->R * H * fsz);
-    float *hout[2] = {NULL, NULL};
-    if (D == 2 && !tape) {
-        hout[0] = engine_ws(e, WS_HOUT0, (size_t)P * H * fsz);
-        hout[1] = engine_ws(e, WS_HOUT1, (size_t)P * H * fsz);
-    }
+    /* The recurrence's h kept apart from the layer output (training keeps
+     * its own): per direction, interleaved into y afterwards, or per lane
+     * in a wavefront with the depth residual, which adds to y chunk by
+     * chunk while the next chunk still reads h. */
+    const int residual = e->m->cfg.residual_depth;
+    const int hsep = tape ? 0 : D == 2 ? 2 : wave && residual ? lanes : 0;
+    float *hout = hsep ? engine_ws(e, WS_HOUT, (size_t)hsep * P * H * fsz) : NULL;
     float *ybuf = tape ? NULL : engine_ws(e, WS_Y, (size_t)nbuf * P * W * fsz);
-    if (!x0 || (D == 2 && !xrev) || (D == 2 && !tape && (!hout[0] || !hout[1])) || !xg || !hg ||
+    if (!x0 || (D == 2 && !xrev) || (hsep && !hout) || !xg || !hg ||
         (dynamic && !tape && !qs) || (!tape && !ybuf) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
         return NULL;
     /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
@@ -326,11 +328,12 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
                 be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
             xin = xrev;
         }
-        /* One direction writes straight into the layer output; two
-         * interleave theirs into it afterwards, and training keeps each
-         * direction's h apart, after its prefix. */
+        /* Training keeps h after its prefix; else h goes straight into
+         * the layer output unless kept apart (hsep). */
         float *pre = tape ? tape_h(tape, ld, H) : NULL;
-        float *h = tape ? pre + (size_t)tape->R * tape->B * H : D == 1 ? y : hout[dir];
+        float *h = tape ? pre + (size_t)tape->R * tape->B * H
+                   : hsep && (D == 2 || l >= 1) ? hout + (size_t)(D == 2 ? dir : lane) * P * H
+                                                : y;
         if (k == 0) {
             if (tape && tape->c0)
                 be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
@@ -365,15 +368,20 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
             };
             engine_layer_step(e, &r);
         }
-        if ((D == 2 || tape) && k == chunks - 1)
-            be->ops->gather_rows(be, y + dir * H, W, h, H, dir ? d->rev : NULL, P, H);
+        /* h kept apart goes into y: the chunk's rows in a wavefront (one
+         * direction), else all rows, the backward direction's reversed. */
+        if (h != y && (wave || k == chunks - 1)) {
+            const int r0 = wave ? row0 : 0, r1 = wave ? p->off[s1] : P;
+            be->ops->gather_rows(be, y + (size_t)r0 * W + dir * H, W, h + (size_t)r0 * H, H, dir ? d->rev : NULL,
+                                 r1 - r0, H);
+        }
         if (lanes == 2 && last) {
             lane_use(be, 0);
             lane_wait(be, 1);
         }
         /* The depth residual: of the chunk's rows in a wavefront, else of
          * all rows once the layer is done. */
-        if (e->m->cfg.residual_depth && l >= 1 && (wave || last)) {
+        if (residual && l >= 1 && (wave || last)) {
             const int r0 = wave ? row0 : 0, r1 = wave ? p->off[s1] : P;
             engine_residual(e, l, y + (size_t)r0 * W, ys[l - 1] + (size_t)r0 * (l == 1 ? e->E : W), r1 - r0);
         }

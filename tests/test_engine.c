@@ -587,7 +587,9 @@ static void test_cuda_graphs_give_the_same_bits(void **state)
 /* The fixtures' models are narrow (H <= 32): every reduction of a CUDA
  * block has one warp's worth of data, so a barrier missing between warps
  * goes unseen.  These spread H over three warps and a byte vocabulary's
- * 256 logits over all eight, with every cell and attention mode. */
+ * 256 logits over all eight, with every cell and attention mode; the last
+ * is deep, so that its 11-token text runs as a wavefront of five layers
+ * over two chunks, with the depth residual projected from the embedding. */
 static const char *const wide_models[] = {
     "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 80, \"layers\": 2, \"embed_dim\": 24,"
     " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 4, \"mode\": \"dynamic\"}}",
@@ -597,6 +599,8 @@ static const char *const wide_models[] = {
     " \"tokenizer\": {\"type\": \"byte\"}, \"skip\": {\"period\": 2, \"matrices\": 2}}",
     "{\"task\": \"classify\", \"cell\": \"gru\", \"hidden\": 96, \"bidirectional\": true, \"pool\": \"mean\","
     " \"embed_dim\": 16, \"classes\": [\"a\", \"b\", \"c\"], \"tokenizer\": {\"type\": \"byte\"}}",
+    "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 40, \"layers\": 5, \"embed_dim\": 16,"
+    " \"residual_depth\": true, \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 2, \"mode\": \"dynamic\"}}",
 };
 
 /* Everything one device computed for a wide model. */
