@@ -77,7 +77,17 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 
 .PHONY: all deps deps-bench test test-plain test-asan test-cuda-emu bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
-all: rrnserve
+# A CUPTI injection library for the GPU machine, where Nsight Systems makes
+# no report (tools/cupti_trace.c; tools/gpu-run.sh profile): built with the
+# CUDA parts when the toolkit has CUPTI.
+CUPTI_TRACE := $(if $(filter 1,$(CUDA)),$(if $(wildcard $(CUDA_HOME)/include/cupti.h),$(BUILD)/tools/libcupti_trace.so))
+
+all: rrnserve $(CUPTI_TRACE)
+
+$(BUILD)/tools/libcupti_trace.so: tools/cupti_trace.c
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	@$(CC) $(CFLAGS) -fPIC -shared -o $@ $< -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti -lpthread
 
 rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
 	@echo "  LINK    $@"
@@ -108,7 +118,7 @@ deps-bench:
 test: deps
 	@$(MAKE) --no-print-directory test-plain test-asan test-cuda-emu test-fuzz test-valgrind
 
-test-plain: rrnserve $(call test_bins,$(BUILD))
+test-plain: rrnserve $(CUPTI_TRACE) $(call test_bins,$(BUILD))
 	@tests/run_tests.sh $(BUILD) ./rrnserve
 
 test-asan: $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan)

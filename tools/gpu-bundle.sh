@@ -20,12 +20,14 @@ command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || {
     exit 1
 }
 tests=$(ls tests/test_*.c | sed 's|^tests/\(.*\)\.c$|build/cuda/tests/\1|')
-make -j"$(nproc)" CUDA=1 rrnserve build/cuda/bench/bench_engine build/cuda/bench/loadgen $tests
+make -j"$(nproc)" CUDA=1 rrnserve build/cuda/bench/bench_engine build/cuda/bench/loadgen build/cuda/tools/libcupti_trace.so \
+    $tests
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage/build/cuda/tests" "$stage/build/cuda/bench" "$stage/lib"
+mkdir -p "$stage/build/cuda/tests" "$stage/build/cuda/bench" "$stage/build/cuda/tools" "$stage/lib"
 cp rrnserve "$stage/"
+cp build/cuda/tools/libcupti_trace.so "$stage/build/cuda/tools/"
 cp $tests "$stage/build/cuda/tests/"
 cp build/cuda/bench/bench_engine build/cuda/bench/loadgen "$stage/build/cuda/bench/"
 # The held-out novel the Austen model is scored on (../shared does not

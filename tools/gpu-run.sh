@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu-run.sh [tests|bench|train|precision|all] - run on the GPU machine (the `device`
+# gpu-run.sh [tests|bench|train|precision|profile|all] - run on the GPU machine (the `device`
 # tool), from the repository root, with .gpu/bundle.tar.xz carried there
 # (tools/gpu-bundle.sh made it here).  Writes its logs and results to $OUT
 # (or ./gpu-out without one):
@@ -12,7 +12,11 @@
 #   precision  what TF32 and BF16 cost: Austen's bits per character on Persuasion
 #          and the sentiment model's accuracy on its 200 test sentences,
 #          fp32 against tf32 and bf16: precision.log
-# all runs the four, about 9 minutes; each alone fits one device call.
+#   profile  bench_engine on cuda under CUPTI (tools/cupti_trace.c): every
+#          distinct copy and how often it ran (nothing of the model may be
+#          copied once a step), and per recorded graph how much of its
+#          kernels' time ran at once on several streams: profile.log
+# all runs the first four, about 9 minutes; each alone fits one device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -24,7 +28,7 @@ mkdir -p "$root" && xz -dc .gpu/bundle.tar.xz | tar -C "$root" -xf - || {
     echo "gpu-run.sh: cannot unpack .gpu/bundle.tar.xz (carry .gpu; tools/gpu-bundle.sh makes it)" >&2
     exit 1
 }
-export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64:/usr/local/cuda/extras/CUPTI/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cp "$root/rrnserve" ./rrnserve
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -75,11 +79,22 @@ PY
     cat "$out/precision.log"
 }
 
+run_profile() {
+    local dir
+    dir=$(mktemp -d)
+    python3 bench/bench_torch.py "$dir" cuda >/dev/null &&
+        CUDA_INJECTION64_PATH="$root/build/cuda/tools/libcupti_trace.so" \
+            "$root/build/cuda/bench/bench_engine" "$dir" cuda >"$out/profile.json" 2>"$out/profile.log"
+    cat "$out/profile.json" "$out/profile.log"
+    rm -rf "$dir"
+}
+
 case $what in
 tests) run_tests ;;
 bench) run_bench ;;
 train) run_train ;;
 precision) run_precision ;;
+profile) run_profile ;;
 all) run_tests; run_bench; run_train; run_precision ;;
-*) echo "usage: gpu-run.sh [tests|bench|train|precision|all]" >&2; exit 2 ;;
+*) echo "usage: gpu-run.sh [tests|bench|train|precision|profile|all]" >&2; exit 2 ;;
 esac
