@@ -368,23 +368,20 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
             };
             engine_layer_step(e, &r);
         }
-        /* h kept apart goes into y: the chunk's rows in a wavefront (one
-         * direction), else all rows, the backward direction's reversed. */
-        if (h != y && (wave || k == chunks - 1)) {
-            const int r0 = wave ? row0 : 0, r1 = wave ? p->off[s1] : P;
-            be->ops->gather_rows(be, y + (size_t)r0 * W + dir * H, W, h + (size_t)r0 * H, H, dir ? d->rev : NULL,
-                                 r1 - r0, H);
-        }
+        /* The rows of y a task completes: the chunk's in a wavefront (one
+         * direction), else all, at the layer's last task.  h kept apart
+         * goes into them (the backward direction's reversed), then the
+         * depth residual. */
+        const int y0 = wave ? row0 : 0, y1 = wave ? p->off[s1] : P;
+        if (h != y && (wave || k == chunks - 1))
+            be->ops->gather_rows(be, y + (size_t)y0 * W + dir * H, W, h + (size_t)y0 * H, H, dir ? d->rev : NULL,
+                                 y1 - y0, H);
         if (lanes == 2 && last) {
             lane_use(be, 0);
             lane_wait(be, 1);
         }
-        /* The depth residual: of the chunk's rows in a wavefront, else of
-         * all rows once the layer is done. */
-        if (residual && l >= 1 && (wave || last)) {
-            const int r0 = wave ? row0 : 0, r1 = wave ? p->off[s1] : P;
-            engine_residual(e, l, y + (size_t)r0 * W, ys[l - 1] + (size_t)r0 * (l == 1 ? e->E : W), r1 - r0);
-        }
+        if (residual && l >= 1 && (wave || last))
+            engine_residual(e, l, y + (size_t)y0 * W, ys[l - 1] + (size_t)y0 * (l == 1 ? e->E : W), y1 - y0);
     }
     /* Lane 0 goes on when every lane is done. */
     if (lanes > 1) {
