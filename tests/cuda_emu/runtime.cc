@@ -3,8 +3,8 @@
  * and kernels run one fiber per CUDA thread.  What it checks, and why, is
  * in cuda_runtime.h.
  *
- * A stream's queue runs on the host thread that synchronizes it (or a
- * stream of its family: run_until), one item at a time; a block's
+ * Queued work runs on the host thread that synchronizes a stream of its
+ * family (run_until), one item at a time under device_mu; a block's
  * threads are fibers, run a warp at a time in a random order until they
  * finish or wait at a barrier (run_block).  Under AddressSanitizer the
  * switches are announced to it, so that it knows which stack is live.
