@@ -45,8 +45,8 @@
 #define __global__
 #define __device__
 #define __host__
-/* Shared by the fibers of a block, which run on one OS thread; apart for
- * kernels running at once on other threads (other streams). */
+/* Shared by the fibers of a block, which run on one OS thread (and one
+ * block at a time: the emulated device runs one thing at a time). */
 #define __shared__ static __thread
 
 struct dim3 {
