@@ -5,8 +5,9 @@
  * thing the same way; read them side by side.  All work is queued on the
  * backend's streams (one backend per batcher thread): lane 0, and the
  * lanes a forward runs layers or directions on at once (lane_use), so
- * nothing blocks until a download or sync.  Index arrays reach the device through the
- * engine's scratch buffers, uploaded once per call, never per step.
+ * nothing blocks until a download or sync.  Index arrays reach the device
+ * through the engine's scratch buffers, uploaded once per call, never per
+ * step.
  */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -153,7 +154,8 @@ static void cuda_gemm(struct backend *be, int trans_a, int trans_b, int M, int N
     if (M <= 0 || N <= 0)
         return;
     struct cuda_impl *c = impl_of(be);
-    cublasStatus_t st = cublasGemmEx(c->lanes[c->lane].blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+    cublasHandle_t blas = c->lanes[c->lane].blas;
+    cublasStatus_t st = cublasGemmEx(blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                                      N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F,
                                      ldc, c->compute, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS && !be->err[0])

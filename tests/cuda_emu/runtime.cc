@@ -201,9 +201,13 @@ static void run_until(emu_stream *s, uint64_t seq)
             family.push_back(t);
     while (s->done < seq) {
         ready.clear();
-        for (emu_stream *t : family)
-            if (!t->queue.empty() && (!t->queue.front().wait_on || t->queue.front().wait_on->done >= t->queue.front().wait_seq))
+        for (emu_stream *t : family) {
+            if (t->queue.empty())
+                continue;
+            const emu_item &head = t->queue.front();
+            if (!head.wait_on || head.wait_on->done >= head.wait_seq)
                 ready.push_back(t);
+        }
         if (ready.empty())
             fault("a stream waits for work that was never queued");
         emu_stream *t = ready[next_random(&order_state) % ready.size()];
