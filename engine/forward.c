@@ -252,8 +252,8 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
     float *x0 = tape ? tape_y(tape, 0) : engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
     float *xrev = D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
     /* Per lane: the chunk's projection, the recurrent product, the
-     * queries, the state carried in, and the cell states and histories
-     * of sequences without slots. */
+     * queries, the h a continued sequence starts from (its slot's last),
+     * and the cell states and histories of sequences without slots. */
     float *xg = engine_ws(e, WS_XG, lanes * xg_rows * GH * fsz);
     float *hg = engine_ws(e, WS_HG, (size_t)lanes * n * GH * fsz);
     float *qs = dynamic && !tape ? engine_ws(e, WS_Q, (size_t)lanes * n * H * fsz) : NULL;
@@ -381,7 +381,7 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
             lane_wait(be, 1);
         }
         if (residual && l >= 1 && (wave || last))
-            engine_residual(e, l, y + (size_t)y0 * W, ys[l - 1] + (size_t)y0 * (l == 1 ? e->E : W), y1 - y0);
+            engine_residual(e, l, y + (size_t)y0 * W, ys[l - 1] + (size_t)y0 * e->w.layers[l - 1].in, y1 - y0);
     }
     /* Lane 0 goes on when every lane is done. */
     if (lanes > 1) {
