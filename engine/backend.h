@@ -208,10 +208,13 @@ struct backend {
     const struct backend_ops *ops;
     void *impl;
     char err[256];
-    /* Bytes moved by upload and download so far: what crosses between host
-     * and device memory (tests check that a generation step moves only its
-     * tokens and results, never the model). */
+    /* Bytes moved by upload and download so far, and in how many copies:
+     * what crosses between host and device memory (tests check that a
+     * generation step moves only its tokens and results, never the model,
+     * and that a call makes one copy each way, since on a GPU each copy
+     * costs microseconds of latency whatever its size). */
     size_t bytes_up, bytes_down;
+    size_t copies_up, copies_down;
 };
 
 enum device_kind { DEVICE_CPU, DEVICE_CUDA, DEVICE_AUTO };

@@ -48,6 +48,7 @@ static void *cpu_host_alloc(struct backend *be, size_t bytes)
 static int cpu_upload(struct backend *be, void *dst, const void *src, size_t bytes)
 {
     be->bytes_up += bytes;
+    be->copies_up++;
     if (bytes)
         memcpy(dst, src, bytes);
     return 0;
@@ -56,6 +57,7 @@ static int cpu_upload(struct backend *be, void *dst, const void *src, size_t byt
 static int cpu_download(struct backend *be, void *dst, const void *src, size_t bytes)
 {
     be->bytes_down += bytes;
+    be->copies_down++;
     if (bytes)
         memcpy(dst, src, bytes);
     return 0;

@@ -121,6 +121,7 @@ static void cuda_host_free(struct backend *be, void *p)
 static int cuda_upload(struct backend *be, void *dst, const void *src, size_t bytes)
 {
     be->bytes_up += bytes;
+    be->copies_up++;
     if (!bytes)
         return 0;
     return check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_of(be)), "upload");
@@ -129,6 +130,7 @@ static int cuda_upload(struct backend *be, void *dst, const void *src, size_t by
 static int cuda_download(struct backend *be, void *dst, const void *src, size_t bytes)
 {
     be->bytes_down += bytes;
+    be->copies_down++;
     if (!bytes)
         return 0;
     if (check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_of(be)), "download") != 0)

@@ -9,10 +9,8 @@
 /* Scratch buffers on the backend, grown on demand and kept between calls so
  * a steady load allocates nothing. */
 enum ws_buf {
-    WS_TOKENS, WS_X0, WS_XREV, WS_XG, WS_HG, WS_Q, WS_HOUT,
-    WS_Y, WS_C, WS_RING, WS_ATTN, WS_POOL, WS_LOGITS,
-    WS_TARGET, WS_LOGPROB, WS_REV, WS_LAST, WS_OFF, WS_LEN, WS_SLOT, WS_T,
-    WS_HPREV, WS_TOKENS_REV,
+    WS_PLAN, WS_X0, WS_XREV, WS_XG, WS_HG, WS_Q, WS_HOUT,
+    WS_Y, WS_C, WS_RING, WS_ATTN, WS_POOL, WS_LOGITS, WS_HPREV,
     /* training: the tape, then the backward's buffers */
     WS_T_Y, WS_T_XIN, WS_T_H, WS_T_CACHE, WS_T_Q, WS_T_ATTN, WS_T_C0, WS_T_PREFIX, WS_T_OFF,
     WS_DY, WS_DH, WS_DXG, WS_DHG, WS_DC, WS_DQ, WS_DXIN, WS_DXIN2, WS_DLOGITS, WS_LOSS, WS_LABELS,
@@ -129,7 +127,8 @@ void engine_drop_graphs(struct engine *e);
  * without tables always does. */
 int engine_needs_embedding(const struct engine *e, int tables);
 
-/* Host-side plan of one batch. */
+/* Host-side plan of one batch; its index arrays share one block of host
+ * memory (engine_make_plan). */
 struct plan {
     int n, T, P;
     int *order;   /* sorted position -> caller's index */
@@ -146,7 +145,8 @@ struct plan {
     float *inputs; /* [P][E] packed vector inputs, or NULL (tokens) */
 };
 
-/* Device copies of the plan's index arrays. */
+/* Device copies of the plan's index arrays, in one scratch buffer laid out
+ * as the host's block. */
 struct dev_plan {
     int *tokens, *tokens_rev, *rev, *last, *off, *len, *target, *slot, *hprev;
     float *inputs;
@@ -189,13 +189,13 @@ static inline float *tape_h(const struct tape *t, int ld, int H)
 int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, int n, char *err, size_t errlen);
 int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, struct plan *p);
 int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d);
+/* A classifier's head: pool y [P, W] into pooled [n, W], then logits [n, C]. */
+void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, const float *y, float *pooled,
+                            float *logits);
 /* Every layer over a planned batch; returns the last layer's output
  * [P, W], or NULL when out of memory.  attn, when not NULL, gets the
  * attention weights [L][D][P][K]; tape, when not NULL, gets what the
  * backward pass needs (and then holds the outputs and weights itself). */
-/* A classifier's head: pool y [P, W] into pooled [n, W], then logits [n, C]. */
-void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, const float *y, float *pooled,
-                            float *logits);
 float *engine_run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn,
                          const struct tape *tape);
 

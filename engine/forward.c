@@ -99,21 +99,24 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
     }
     int with_slot = seqs[0].slot >= 0;
     p->pos = with_slot ? engine_slot_position(e, seqs[0].slot) : 0;
-    size_t need = 5 * (size_t)n + (size_t)p->T + 1 + 4 * (size_t)p->P + (size_t)n;
+    /* One block: what the device reads first, from len to tokens_rev
+     * (engine_upload_plan copies it whole), then order and the lengths in
+     * the caller's order, which only the host reads. */
+    size_t need = 4 * (size_t)n + (size_t)p->T + 1 + 4 * (size_t)p->P + 2 * (size_t)n;
     int *h = engine_host(e, HOST_PLAN, need * sizeof(int));
     if (!h)
         return -1;
-    p->order = h;
-    p->len = h + n;
-    p->last = h + 2 * n;
-    p->slot = with_slot ? h + 3 * n : NULL;
-    p->hprev = with_slot ? h + 4 * n : NULL;
-    p->off = h + 5 * n;
+    p->len = h;
+    p->last = h + n;
+    p->slot = with_slot ? h + 2 * n : NULL;
+    p->hprev = with_slot ? h + 3 * n : NULL;
+    p->off = h + 4 * n;
     p->tokens = p->off + p->T + 1;
     p->rev = p->tokens + p->P;
     p->target = p->rev + p->P;
     p->tokens_rev = p->target + p->P;
-    int *caller_len = p->tokens_rev + p->P;
+    p->order = p->tokens_rev + p->P;
+    int *caller_len = p->order + n;
 
     for (int i = 0; i < n; i++)
         caller_len[i] = seqs[i].len;
@@ -157,17 +160,24 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
     return 0;
 }
 
+/* The plan's index arrays in one copy: a copy to a GPU costs some
+ * microseconds of latency whatever its size, and a forward used to make
+ * nine. */
 int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d)
 {
-    d->tokens = engine_upload_ints(e, WS_TOKENS, p->tokens, (size_t)p->P);
-    d->rev = engine_upload_ints(e, WS_REV, p->rev, (size_t)p->P);
-    d->tokens_rev = e->D == 2 ? engine_upload_ints(e, WS_TOKENS_REV, p->tokens_rev, (size_t)p->P) : NULL;
-    d->last = engine_upload_ints(e, WS_LAST, p->last, (size_t)p->n);
-    d->off = engine_upload_ints(e, WS_OFF, p->off, (size_t)p->T + 1);
-    d->len = engine_upload_ints(e, WS_LEN, p->len, (size_t)p->n);
-    d->target = engine_upload_ints(e, WS_TARGET, p->target, (size_t)p->P);
-    d->slot = p->slot ? engine_upload_ints(e, WS_SLOT, p->slot, (size_t)p->n) : NULL;
-    d->hprev = p->slot ? engine_upload_ints(e, WS_T, p->hprev, (size_t)p->n) : NULL;
+    const int *first = p->len, *end = p->tokens_rev + p->P;
+    int *base = engine_upload_ints(e, WS_PLAN, first, (size_t)(end - first));
+    if (!base)
+        return -1;
+    d->len = base;
+    d->last = base + (p->last - first);
+    d->slot = p->slot ? base + (p->slot - first) : NULL;
+    d->hprev = p->slot ? base + (p->hprev - first) : NULL;
+    d->off = base + (p->off - first);
+    d->tokens = base + (p->tokens - first);
+    d->rev = base + (p->rev - first);
+    d->target = base + (p->target - first);
+    d->tokens_rev = base + (p->tokens_rev - first);
     d->inputs = NULL;
     if (p->inputs) {
         size_t bytes = sizeof(float) * (size_t)p->P * e->E;
@@ -175,8 +185,7 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
         if (!d->inputs || e->be->ops->upload(e->be, d->inputs, p->inputs, bytes) != 0)
             return -1;
     }
-    return d->tokens && d->rev && (d->tokens_rev || e->D == 1) && d->last && d->off && d->len && d->target &&
-                   (d->slot || !p->slot) && (d->hprev || !p->slot) ? 0 : -1;
+    return 0;
 }
 
 /* A forward projects each step's inputs just before the step, on backends
@@ -435,6 +444,11 @@ static int classify_head(struct engine *e, const struct plan *p, const struct de
     return rc;
 }
 
+static size_t round_up(size_t n, size_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
 static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan *d, const float *y,
                    struct engine_seq *seqs)
 {
@@ -445,24 +459,24 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
         want_logits |= seqs[i].logits != NULL;
         want_last |= seqs[i].last_logits != NULL;
     }
-    float *logits = engine_ws(e, WS_LOGITS, (size_t)P * V * sizeof(float));
-    float *lp = engine_ws(e, WS_LOGPROB, (size_t)P * sizeof(float));
-    float *last = engine_ws(e, WS_POOL, (size_t)n * V * sizeof(float));
-    size_t host_n = (size_t)P + (want_logits ? (size_t)P * V : 0) + (want_last ? (size_t)n * V : 0);
-    float *host = engine_host(e, HOST_RESULTS, host_n * sizeof(float));
-    if (!logits || !lp || !last || !host)
+    /* One buffer, [P] log-probabilities, [n][V] last logits, [P][V]
+     * logits, so that one copy brings back what was asked for: a prefix.
+     * Each part starts on a 256-byte boundary, as cudaMalloc's buffers
+     * do, where cuBLAS's vector loads want them. */
+    const size_t at_last = round_up((size_t)P, 64), at_logits = at_last + round_up((size_t)n * V, 64);
+    float *lp = engine_ws(e, WS_LOGITS, (at_logits + (size_t)P * V) * sizeof(float));
+    size_t down = want_logits ? at_logits + (size_t)P * V : want_last ? at_last + (size_t)n * V : (size_t)P;
+    float *host = engine_host(e, HOST_RESULTS, down * sizeof(float));
+    if (!lp || !host)
         return -1;
+    float *last = lp + at_last, *logits = lp + at_logits;
     be->ops->set_rows(be, logits, V, e->w.head_b, P, V);
     engine_gemm_weights(e, P, V, W, y, W, e->w.head_w, 1.0f, logits, V);
     be->ops->log_softmax_pick(be, logits, P, V, d->target, lp);
-    float *h_lp = host, *h_logits = host + P, *h_last = h_logits + (want_logits ? (size_t)P * V : 0);
-    int rc = be->ops->download(be, h_lp, lp, (size_t)P * sizeof(float));
-    if (rc == 0 && want_logits)
-        rc = be->ops->download(be, h_logits, logits, (size_t)P * V * sizeof(float));
-    if (rc == 0 && want_last) {
+    if (want_last || want_logits)
         be->ops->gather_rows(be, last, V, logits, V, d->last, n, V);
-        rc = be->ops->download(be, h_last, last, (size_t)n * V * sizeof(float));
-    }
+    const float *h_lp = host, *h_last = host + at_last, *h_logits = host + at_logits;
+    int rc = be->ops->download(be, host, lp, down * sizeof(float));
     for (int i = 0; rc == 0 && i < n; i++) {
         struct engine_seq *q = &seqs[p->order[i]];
         double sum = 0.0;

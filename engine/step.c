@@ -42,7 +42,8 @@ static int check_step(const struct engine *e, const int *slots, const int32_t *t
     return 0;
 }
 
-/* Host index arrays of one step, in row order. */
+/* Host index arrays of one step, in row order: token, slot, t and hprev
+ * lie one after another, for one copy to the device. */
 struct step_rows {
     int *order; /* row -> caller's index */
     int *token, *slot, *t, *hprev;
@@ -53,11 +54,11 @@ static int plan_rows(struct engine *e, const int *slots, const int32_t *tokens, 
     int *h = engine_host(e, HOST_PLAN, 5 * (size_t)n * sizeof(int));
     if (!h)
         return -1;
-    r->order = h;
-    r->token = h + n;
-    r->slot = h + 2 * n;
-    r->t = h + 3 * n;
-    r->hprev = h + 4 * n;
+    r->token = h;
+    r->slot = h + n;
+    r->t = h + 2 * n;
+    r->hprev = h + 3 * n;
+    r->order = h + 4 * n;
     /* Counting sort by recurrent matrix; with M == 1 the order is unchanged. */
     int row = 0;
     for (int m = 0; m < e->M; m++)
@@ -163,10 +164,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     struct step_rows r;
     if (plan_rows(e, slots, tokens, n, &r) != 0)
         goto oom;
-    int *d_token = engine_upload_ints(e, WS_TOKENS, r.token, (size_t)n);
-    int *d_slot = engine_upload_ints(e, WS_SLOT, r.slot, (size_t)n);
-    int *d_t = engine_upload_ints(e, WS_T, r.t, (size_t)n);
-    int *d_hprev = engine_upload_ints(e, WS_REV, r.hprev, (size_t)n);
+    int *d_token = engine_upload_ints(e, WS_PLAN, r.token, 4 * (size_t)n);
     float *x = engine_ws(e, WS_X0, (size_t)n * e->E * fsz);
     float *xg = engine_ws(e, WS_XG, (size_t)n * e->G * H * fsz);
     float *hprev = engine_ws(e, WS_HPREV, (size_t)n * H * fsz);
@@ -174,14 +172,15 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     float *hg = engine_ws(e, WS_HG, (size_t)n * e->G * H * fsz);
     const int dynamic = K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
     float *q = dynamic ? engine_ws(e, WS_Q, (size_t)n * H * fsz) : NULL;
-    float *out = engine_ws(e, WS_LOGITS, (size_t)n * V * fsz);
-    float *attn = attention && K ? engine_ws(e, WS_ATTN, (size_t)e->L * n * K * fsz) : NULL;
-    if (!d_token || !d_slot || !d_t || !d_hprev || !x || !xg || !hprev || !y || !hg || (dynamic && !q) || !out ||
-        (attention && K && !attn))
+    /* The logits, then the attention weights: one copy back. */
+    const size_t attn_n = attention && K ? (size_t)e->L * n * K : 0;
+    float *out = engine_ws(e, WS_LOGITS, ((size_t)n * V + attn_n) * fsz);
+    if (!d_token || !x || !xg || !hprev || !y || !hg || (dynamic && !q) || !out)
         goto oom;
     struct step_bufs b = {
-        .n = n, .d_token = d_token, .d_slot = d_slot, .d_t = d_t, .d_hprev = d_hprev, .t_host = r.t,
-        .x = x, .xg = xg, .hprev = hprev, .y = y, .hg = hg, .q = q, .out = out, .attn = attn,
+        .n = n, .d_token = d_token, .d_slot = d_token + n, .d_t = d_token + 2 * n, .d_hprev = d_token + 3 * n,
+        .t_host = r.t, .x = x, .xg = xg, .hprev = hprev, .y = y, .hg = hg, .q = q, .out = out,
+        .attn = attn_n ? out + (size_t)n * V : NULL,
     };
     if (run_step(e, &b) != 0) {
         if (!be->err[0])
@@ -190,14 +189,12 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
         return -1;
     }
 
-    size_t host_n = (size_t)n * V + (attn ? (size_t)e->L * n * K : 0);
+    size_t host_n = (size_t)n * V + attn_n;
     float *host = engine_host(e, HOST_RESULTS, host_n * fsz);
     if (!host)
         goto oom;
     float *h_attn = host + (size_t)n * V;
-    int rc = be->ops->download(be, host, out, (size_t)n * V * fsz);
-    if (rc == 0 && attn)
-        rc = be->ops->download(be, h_attn, attn, (size_t)e->L * n * K * fsz);
+    int rc = be->ops->download(be, host, out, host_n * fsz);
     if (rc == 0)
         rc = backend_sync(be);
     if (rc != 0) {
@@ -207,7 +204,7 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
     for (int k = 0; k < n; k++) {
         int i = r.order[k];
         memcpy(logits + (size_t)i * V, host + (size_t)k * V, (size_t)V * fsz);
-        for (int l = 0; attn && l < e->L; l++)
+        for (int l = 0; attn_n && l < e->L; l++)
             memcpy(attention + ((size_t)i * e->L + l) * K, h_attn + ((size_t)l * n + k) * K, (size_t)K * fsz);
         e->slot_pos[r.slot[k]]++;
     }

@@ -172,8 +172,14 @@ static void run_forward(struct fixture *fx, const int *which, int k, struct outp
             .logits = o->logits[i], .attention = o->attn[i],
         };
     }
+    size_t up = fx->be->copies_up, down = fx->be->copies_down;
     if (engine_forward(fx->engine, seqs, k, err, sizeof err) != 0)
         fail_msg("forward: %s", err);
+    /* One copy in (the index arrays), one out (the results), and one more
+     * for the attention weights. */
+    const int attention = fx->model.cfg.attn_mode != ATTN_NONE;
+    if (fx->be->copies_up - up != 1 || fx->be->copies_down - down != 1 + (size_t)attention)
+        fail_msg("a forward made %zu copies in and %zu out", fx->be->copies_up - up, fx->be->copies_down - down);
     for (int j = 0; j < k; j++)
         o->logprob[which[j]] = seqs[j].logprob;
     free(seqs);
@@ -310,14 +316,17 @@ static void test_steps(void **state)
             if (!n)
                 continue;
             size_t up = fx->be->bytes_up, down = fx->be->bytes_down;
+            size_t copies = fx->be->copies_up + fx->be->copies_down;
             if (engine_step(fx->engine, slots, toks, n, logits, K ? attn : NULL, err, sizeof err) != 0)
                 fail_msg("step: %s", err);
             /* A step moves its rows' token, slot, position and ring row in
-             * and their logits and attention out: nothing of the model. */
+             * and their logits and attention out, one copy each way:
+             * nothing of the model. */
             if (fx->be->bytes_up - up > 4 * sizeof(int) * (size_t)n ||
-                fx->be->bytes_down - down > sizeof(float) * (size_t)n * (V + L * K))
-                fail_msg("a step of %d rows moved %zu bytes in and %zu out", n, fx->be->bytes_up - up,
-                         fx->be->bytes_down - down);
+                fx->be->bytes_down - down > sizeof(float) * (size_t)n * (V + L * K) ||
+                fx->be->copies_up + fx->be->copies_down - copies != 2)
+                fail_msg("a step of %d rows moved %zu bytes in and %zu out in %zu copies", n, fx->be->bytes_up - up,
+                         fx->be->bytes_down - down, fx->be->copies_up + fx->be->copies_down - copies);
             for (int k = 0; k < n; k++) {
                 int i = who[k];
                 for (int v = 0; v < V; v++)
