@@ -21,13 +21,21 @@ extern "C" {
 }
 #include "cell_grad.h"
 
-/* A stream, the event other lanes wait on, and a cuBLAS handle of its own:
- * one handle's workspace must not serve two streams at once. */
+/* A stream, the event other lanes wait on, and a cuBLAS handle of its own
+ * with a workspace of its own: one workspace must not serve two streams at
+ * once. */
 struct cuda_lane {
     cudaStream_t stream;
     cudaEvent_t queued;
     cublasHandle_t blas;
+    void *workspace;
 };
+
+/* cuBLAS's advice for a workspace of one's own: 32 MiB on Hopper, 4 MiB
+ * before it; one size serves both.  Without one, a product recorded into
+ * a graph may take its workspace from cudaMallocAsync, putting memory
+ * nodes into the graph: memory that is not the engine's to count. */
+#define CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20)
 
 #define CUDA_LANES 8
 
@@ -78,6 +86,8 @@ static void cuda_destroy(struct backend *be)
             struct cuda_lane *l = &c->lanes[k];
             if (l->blas)
                 cublasDestroy(l->blas);
+            if (l->workspace)
+                cudaFree(l->workspace);
             if (l->queued)
                 cudaEventDestroy(l->queued);
             if (l->stream)
@@ -820,8 +830,8 @@ static void cuda_graph_free(struct backend *be, void *graph)
     check(be, cudaGraphExecDestroy((cudaGraphExec_t)graph), "graph free");
 }
 
-/* Make what lane l lacks of its stream, event and handle; 0, or -1 with a
- * message in err. */
+/* Make what lane l lacks of its stream, event, workspace and handle; 0, or
+ * -1 with a message in err. */
 static int lane_open(struct cuda_lane *l, char *err, size_t errlen)
 {
     cudaError_t rc = l->stream ? cudaSuccess : cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking);
@@ -831,12 +841,23 @@ static int lane_open(struct cuda_lane *l, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create a CUDA stream: %s", cudaGetErrorString(rc));
         return -1;
     }
-    if (!l->blas && cublasCreate(&l->blas) != CUBLAS_STATUS_SUCCESS)
-        l->blas = NULL;
-    if (!l->blas || cublasSetStream(l->blas, l->stream) != CUBLAS_STATUS_SUCCESS) {
+    if (!l->workspace && (rc = cudaMalloc(&l->workspace, CUBLAS_WORKSPACE_BYTES)) != cudaSuccess) {
+        l->workspace = NULL;
+        (void)cudaGetLastError();
+        snprintf(err, errlen, "cannot allocate cuBLAS's workspace: %s", cudaGetErrorString(rc));
+        return -1;
+    }
+    cublasHandle_t blas = NULL;
+    /* cublasSetStream resets the workspace to cuBLAS's own, so it comes
+     * first; the handle is kept only once both are set. */
+    if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(blas, l->stream) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetWorkspace(blas, l->workspace, CUBLAS_WORKSPACE_BYTES) != CUBLAS_STATUS_SUCCESS) {
+        if (blas)
+            cublasDestroy(blas);
         snprintf(err, errlen, "cannot initialise cuBLAS");
         return -1;
     }
+    l->blas = blas;
     return 0;
 }
 

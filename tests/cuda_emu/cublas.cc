@@ -1,7 +1,9 @@
 /* cublas.cc - cublasGemmEx emulated on the CPU (see cublas_v2.h): the
  * argument checks cuBLAS makes, a check that each operand lies inside one
  * device allocation (where a GPU would fault or read a neighbour's data),
- * and the product queued on the handle's stream, run by OpenBLAS.
+ * and the product queued on the handle's stream, run by OpenBLAS.  A
+ * workspace given to cuBLAS must be aligned device memory and serve one
+ * stream only.
  */
 #include "cublas_v2.h"
 
@@ -9,16 +11,25 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <mutex>
+#include <set>
 #include <vector>
 
 struct emu_blas {
     cudaStream_t stream;
+    void *workspace; /* the caller's, or NULL for cuBLAS's own */
 };
+
+/* Every handle given a workspace of the caller's: a workspace that two
+ * handles on different streams hold would be written by both at once. */
+static std::mutex handles_mu;
+static std::set<cublasHandle_t> handles_with_workspace;
 
 cublasStatus_t cublasCreate(cublasHandle_t *handle)
 {
     *handle = new emu_blas();
     (*handle)->stream = NULL;
+    (*handle)->workspace = NULL;
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -26,6 +37,10 @@ cublasStatus_t cublasDestroy(cublasHandle_t handle)
 {
     if (!handle)
         return CUBLAS_STATUS_NOT_INITIALIZED;
+    {
+        std::lock_guard<std::mutex> lock(handles_mu);
+        handles_with_workspace.erase(handle);
+    }
     delete handle;
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -35,6 +50,24 @@ cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t s)
     if (!handle)
         return CUBLAS_STATUS_NOT_INITIALIZED;
     handle->stream = s;
+    handle->workspace = NULL; /* as cuBLAS does: back to its own */
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+/* cuBLAS asks for device memory aligned to 256 bytes, as cudaMalloc's is. */
+cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes)
+{
+    if (!handle)
+        return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (bytes && (!cuda_emu::device_range(workspace, bytes) || (uintptr_t)workspace % 256))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    std::lock_guard<std::mutex> lock(handles_mu);
+    for (cublasHandle_t other : handles_with_workspace)
+        if (other != handle && other->workspace == workspace && other->stream != handle->stream)
+            cuda_emu::fault("cublasSetWorkspace: the workspace at %p already serves another stream's handle",
+                            workspace);
+    handle->workspace = workspace;
+    handles_with_workspace.insert(handle);
     return CUBLAS_STATUS_SUCCESS;
 }
 

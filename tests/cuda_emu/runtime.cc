@@ -627,8 +627,9 @@ static cudaError_t allocate(void **p, size_t bytes, bool device)
     *p = NULL;
     if (capturing)
         return forbidden_in_capture();
-    void *mem = malloc(bytes ? bytes : 1);
-    if (!mem)
+    /* Aligned to 256 bytes, as cudaMalloc's memory is. */
+    void *mem = NULL;
+    if (posix_memalign(&mem, 256, bytes ? bytes : 1) != 0)
         return fail(cudaErrorMemoryAllocation);
     /* A GPU's fresh memory holds whatever was there: here NaN floats and
      * -1 ints, so that reading it before writing shows. */
