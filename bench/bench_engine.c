@@ -12,7 +12,9 @@
  * the engine's GFLOP/s can be read as a fraction of what the BLAS can do
  * (the GFLOP/s count the products the engine performs: with token tables,
  * layer 0's input projection is a lookup and is not counted); on the GPU
- * also the GRU classifier, steps at batch 8 and 64, and the skip model.
+ * also the GRU classifier, steps at batch 8 and 64, and the skip model,
+ * and (a) and (b) again in TF32, under keys ending in _tf32, for cuDNN's
+ * TF32 figures (bench_torch.py says why).
  */
 #include <cjson/cJSON.h>
 #include <cblas.h>
@@ -57,13 +59,14 @@ struct loaded {
     struct engine *engine;
 };
 
-static void load(struct loaded *l, const char *dir, const char *name, int slots, enum device_kind dev)
+static void load(struct loaded *l, const char *dir, const char *name, int slots, enum device_kind dev,
+                 enum precision prec)
 {
     char path[512], err[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     if (model_load(path, &l->model, err, sizeof err) != 0)
         die(path, err);
-    if (!(l->be = backend_create(dev, err, sizeof err)) ||
+    if (!(l->be = backend_create(dev, err, sizeof err)) || backend_set_precision(l->be, prec, err, sizeof err) != 0 ||
         !(l->engine = engine_create(&l->model, l->be, slots, err, sizeof err)))
         die(path, err);
 }
@@ -166,38 +169,47 @@ int main(int argc, char **argv)
     int32_t *ctok = read_tokens(dir, "classify_tokens.i32"), *rtok = read_tokens(dir, "rra_tokens.i32");
     struct loaded m;
 
-    load(&m, dir, "lstm_classify.safetensors", 0, dev);
-    const struct model_config *c = &m.model.cfg;
-    const int tables = engine_token_table_bytes(m.engine) > 0;
-    double flop = 0;
-    for (int l = 0; l < c->layers; l++) {
-        int in = l == 0 && tables ? 0 : config_layer_input(c, l);
-        flop += 2.0 * BATCH * STEPS * 4 * c->hidden * (double)(in + c->hidden);
-    }
-    double rate = forward_rate(m.engine, ctok, BATCH, 5.0);
-    add(out, "classify_seq_per_s", rate);
-    add(out, "classify_gflops", rate / BATCH * flop / 1e9);
-    cJSON_AddBoolToObject(out, "token_tables", tables);
-    unload(&m);
-    if (gpu) {
-        load(&m, dir, "gru_classify.safetensors", 0, dev);
-        add(out, "gru_classify_seq_per_s", forward_rate(m.engine, ctok, BATCH, 5.0));
+    static const enum precision precisions[] = {PRECISION_FP32, PRECISION_TF32};
+    for (int p = 0; p < (gpu ? 2 : 1); p++) {
+        const enum precision prec = precisions[p];
+        const char *suffix = prec == PRECISION_FP32 ? "" : "_tf32";
+        char key[64];
+        load(&m, dir, "lstm_classify.safetensors", 0, dev, prec);
+        double rate = forward_rate(m.engine, ctok, BATCH, 5.0);
+        snprintf(key, sizeof key, "classify_seq_per_s%s", suffix);
+        add(out, key, rate);
+        if (prec == PRECISION_FP32) {
+            const struct model_config *c = &m.model.cfg;
+            const int tables = engine_token_table_bytes(m.engine) > 0;
+            double flop = 0;
+            for (int l = 0; l < c->layers; l++) {
+                int in = l == 0 && tables ? 0 : config_layer_input(c, l);
+                flop += 2.0 * BATCH * STEPS * 4 * c->hidden * (double)(in + c->hidden);
+            }
+            add(out, "classify_gflops", rate / BATCH * flop / 1e9);
+            cJSON_AddBoolToObject(out, "token_tables", tables);
+        }
+        unload(&m);
+        if (gpu) {
+            load(&m, dir, "gru_classify.safetensors", 0, dev, prec);
+            snprintf(key, sizeof key, "gru_classify_seq_per_s%s", suffix);
+            add(out, key, forward_rate(m.engine, ctok, BATCH, 5.0));
+            unload(&m);
+        }
+
+        load(&m, dir, "lstm_lm.safetensors", BATCH, dev, prec);
+        static const int cpu_batches[] = {1, 32, 0}, gpu_batches[] = {1, 8, 32, 64, 0};
+        for (const int *b = gpu ? gpu_batches : cpu_batches; *b; b++) {
+            snprintf(key, sizeof key, "step_ms_b%d%s", *b, suffix);
+            add(out, key, step_ms(m.engine, *b, 2.0));
+        }
         unload(&m);
     }
-
-    load(&m, dir, "lstm_lm.safetensors", BATCH, dev);
-    static const int cpu_batches[] = {1, 32, 0}, gpu_batches[] = {1, 8, 32, 64, 0};
-    for (const int *b = gpu ? gpu_batches : cpu_batches; *b; b++) {
-        char key[32];
-        snprintf(key, sizeof key, "step_ms_b%d", *b);
-        add(out, key, step_ms(m.engine, *b, 2.0));
-    }
-    unload(&m);
 
     static const char *const lms[][2] = {{"rra", "rra_lm.safetensors"}, {"skip", "skip_lm.safetensors"}};
     for (int k = 0; k < (gpu ? 2 : 1); k++) {
         char key[32];
-        load(&m, dir, lms[k][1], 0, dev);
+        load(&m, dir, lms[k][1], 0, dev, PRECISION_FP32);
         snprintf(key, sizeof key, "%s_seq_per_s", lms[k][0]);
         add(out, key, forward_rate(m.engine, rtok, BATCH, 5.0));
         snprintf(key, sizeof key, "%s1_seq_per_s", lms[k][0]);

@@ -25,6 +25,13 @@ and on the GPU also, as issue 5 asks:
             (version D), batch 64 and 1, T=128, as an eager step loop:
             skip_lm.safetensors (rra_tokens.i32 as input)
 
+On the GPU, cuDNN's classify and step figures come twice: in FP32 (keys as
+above) and in TF32 (the same keys ending in _tf32).  PyTorch lets cuDNN
+round FP32 operands to TF32 by default (torch.backends.cudnn.allow_tf32),
+so its default figures are the TF32 ones; the engine is compared with each
+in its own precision (bench_engine.c times both).  The eager loops run in
+FP32, PyTorch's default for matmul.
+
 Token files are raw little-endian int32 [64, 128].  Run with the Python
 that has torch (Debian's /usr/bin/python3).
 """
@@ -227,6 +234,40 @@ def check_against_reference(kind):
     return True
 
 
+def time_cudnn(result, suffix, classifiers, lm, dev, gpu):
+    """(a) classify throughput of each (cell, model, tokens), and (b) the
+    lm's generation step latency, into result under keys ending in
+    suffix."""
+    for cell, model, tokens in classifiers:
+        with torch.inference_mode():
+            sec = timed(lambda: classify_forward(model, tokens), MIN_SECONDS)
+        key = "classify" if cell == "lstm" else "gru_classify"
+        result[key + "_seq_per_s" + suffix] = BATCH / sec
+        if cell == "lstm" and not suffix:
+            result["classify_gflops"] = lstm_gflop(BATCH, STEPS, EMBED, HIDDEN, LAYERS) / sec
+            if not gpu:
+                with torch.inference_mode():
+                    result["lstm_uses_mkldnn"] = lstm_uses_mkldnn(model, tokens)
+    for batch in (1, 8, 32, 64) if gpu else (1, 32):
+        step_tokens = torch.from_numpy(
+            np.random.default_rng(4).integers(0, VOCAB, size=(1000, batch, 1))).to(dev)
+        state = [None]
+        pos = [0]
+
+        def step():
+            tok = step_tokens[pos[0] % len(step_tokens)]
+            pos[0] += 1
+            out, state[0] = lm.rnn(lm.embedding(tok), state[0])
+            return lm.head(out[:, 0])
+
+        with torch.inference_mode():
+            # Warm up past the first step, whose state starts as None.
+            for _ in range(10):
+                step()
+            sec = timed(step, STEP_SECONDS, min_iters=100)
+        result["step_ms_b%d%s" % (batch, suffix)] = sec * 1e3
+
+
 def blas_info():
     """What torch.__config__.show() says about BLAS and oneDNN, and which
     BLAS the process really loaded: Debian's torch says BLAS_INFO=generic
@@ -275,44 +316,26 @@ def main():
 
     rra_checked = check_against_reference("rra")
 
-    # (a) classify throughput: the LSTM, and on the GPU the GRU.
+    classifiers = []
     for cell in ("lstm", "gru") if gpu else ("lstm",):
         model = make_model(1, "classify", cell=cell)
         save(outdir, "%s_classify.safetensors" % cell, model, config("classify", cell=cell))
         tokens = save_tokens(os.path.join(outdir, "classify_tokens.i32"), 2, (BATCH, STEPS))
-        model, tokens = model.to(dev), tokens.to(dev)
-        with torch.inference_mode():
-            sec = timed(lambda: classify_forward(model, tokens), MIN_SECONDS)
-        key = "classify" if cell == "lstm" else "gru_classify"
-        result[key + "_seq_per_s"] = BATCH / sec
-        if cell == "lstm":
-            result["classify_gflops"] = lstm_gflop(BATCH, STEPS, EMBED, HIDDEN, LAYERS) / sec
-            if not gpu:
-                with torch.inference_mode():
-                    result["lstm_uses_mkldnn"] = lstm_uses_mkldnn(model, tokens)
-
-    # (b) generation step latency.
-    model = make_model(3, "lm")
-    save(outdir, "lstm_lm.safetensors", model, config("lm"))
-    model = model.to(dev)
-    for batch in (1, 8, 32, 64) if gpu else (1, 32):
-        step_tokens = torch.from_numpy(
-            np.random.default_rng(4).integers(0, VOCAB, size=(1000, batch, 1))).to(dev)
-        state = [None]
-        pos = [0]
-
-        def step():
-            tok = step_tokens[pos[0] % len(step_tokens)]
-            pos[0] += 1
-            out, state[0] = model.rnn(model.embedding(tok), state[0])
-            return model.head(out[:, 0])
-
-        with torch.inference_mode():
-            # Warm up past the first step, whose state starts as None.
-            for _ in range(10):
-                step()
-            sec = timed(step, STEP_SECONDS, min_iters=100)
-        result["step_ms_b%d" % batch] = sec * 1e3
+        classifiers.append((cell, model.to(dev), tokens.to(dev)))
+    lm = make_model(3, "lm")
+    save(outdir, "lstm_lm.safetensors", lm, config("lm"))
+    lm = lm.to(dev)
+    if gpu:
+        result["cudnn_allow_tf32_default"] = torch.backends.cudnn.allow_tf32
+        result["matmul_allow_tf32_default"] = torch.backends.cuda.matmul.allow_tf32
+    for suffix, tf32 in (("", False), ("_tf32", True)) if gpu else (("", None),):
+        if gpu:
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        time_cudnn(result, suffix, classifiers, lm, dev, gpu)
+    if gpu:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     # (c) RRA full forward, and on the GPU the skip model's.
     tokens = save_tokens(os.path.join(outdir, "rra_tokens.i32"), 7, (BATCH, STEPS)).to(dev)

@@ -2,7 +2,9 @@
 from `tools/gpu-run.sh bench`: the engine on the GPU against PyTorch's
 cuDNN LSTM and GRU and its eager step loops, on the same weights and
 tokens (bench_torch.py and bench_engine.c with the device cuda), with the
-targets of issue 5 beside each figure.  Prints markdown on stdout.
+targets of issue 5 beside each figure.  cuDNN's figures are compared in
+FP32 with the engine's FP32 and in TF32 (PyTorch's default for cuDNN)
+with the engine's TF32.  Prints markdown on stdout.
 """
 import json
 import re
@@ -31,19 +33,25 @@ def main():
         rows.append((name, "%.3f ms" % e[key], "%.3f ms" % t[key], "%.2fx" % r,
                      "%s (>= %gx)" % ("met" if r >= target else "NOT met", target) if target else "-"))
 
-    faster("classify, LSTM 2x512, E=256, batch 64, T=128 (vs cuDNN)", "classify_seq_per_s", 1.0)
-    faster("classify, GRU 2x512, E=256, batch 64, T=128 (vs cuDNN)", "gru_classify_seq_per_s", 1.0)
-    for b in (1, 8, 64):
-        sooner("generation step, LSTM 2x512, batch %d (vs cuDNN)" % b, "step_ms_b%d" % b, 1.0 if b < 64 else None)
-    faster("RRA LM (dynamic, window 8), batch 64 (vs eager loop)", "rra_seq_per_s", 20.0)
-    faster("RRA LM, batch 1 (vs eager loop)", "rra1_seq_per_s", 20.0)
-    faster("skip LM (period 2, 2 matrices), batch 64 (vs eager loop)", "skip_seq_per_s", 20.0)
-    faster("skip LM, batch 1 (vs eager loop)", "skip1_seq_per_s", 20.0)
+    for suffix, prec in (("", "FP32"), ("_tf32", "TF32")):
+        faster("classify, LSTM 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec, "classify_seq_per_s" + suffix,
+               1.0)
+        faster("classify, GRU 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec,
+               "gru_classify_seq_per_s" + suffix, 1.0)
+        for b in (1, 8, 64):
+            sooner("generation step, LSTM 2x512, batch %d, %s (vs cuDNN)" % (b, prec), "step_ms_b%d%s" % (b, suffix),
+                   1.0 if b < 64 else None)
+    faster("RRA LM (dynamic, window 8), batch 64, FP32 (vs eager loop)", "rra_seq_per_s", 20.0)
+    faster("RRA LM, batch 1, FP32 (vs eager loop)", "rra1_seq_per_s", 20.0)
+    faster("skip LM (period 2, 2 matrices), batch 64, FP32 (vs eager loop)", "skip_seq_per_s", 20.0)
+    faster("skip LM, batch 1, FP32 (vs eager loop)", "skip1_seq_per_s", 20.0)
 
     print("# GPU benchmarks\n")
     print("Device: %s; PyTorch %s, cuDNN %s. Made by `tools/gpu-run.sh bench` "
-          "(bench_torch.py and bench_engine.c on the same weights and tokens).\n"
-          % (t.get("device", "?"), t.get("torch_version", "?"), t.get("cudnn", "?")))
+          "(bench_torch.py and bench_engine.c on the same weights and tokens). "
+          "PyTorch's defaults here: cuDNN may use TF32 %s, matmul may use TF32 %s.\n"
+          % (t.get("device", "?"), t.get("torch_version", "?"), t.get("cudnn", "?"),
+             t.get("cudnn_allow_tf32_default", "?"), t.get("matmul_allow_tf32_default", "?")))
     print("| workload | rrnserve | PyTorch | ratio | target |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:

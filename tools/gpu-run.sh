@@ -4,7 +4,8 @@
 # (tools/gpu-bundle.sh made it here).  Writes its logs and results to $OUT
 # (or ./gpu-out without one):
 #   tests  every test binary, the CUDA variants included: tests.log
-#   bench  bench_torch.py and bench_engine on cuda, the server's /generate
+#   bench  bench_torch.py and bench_engine on cuda (cuDNN's figures in FP32
+#          and TF32, each against the engine's own), the server's /generate
 #          at 64 streams with --device cuda: torch.json, engine.json,
 #          server.log and RESULTS.md (for bench/RESULTS.md)
 #   train  the shipped sentiment recipe on the GPU, and a few Austen
@@ -16,7 +17,8 @@
 #          distinct copy and how often it ran (nothing of the model may be
 #          copied once a step), and per recorded graph how much of its
 #          kernels' time ran at once on several streams: profile.log
-# all runs the first four, about 9 minutes; each alone fits one device call.
+# all runs the first four: about 10 minutes by estimate, at the device
+# tool's limit for one call, so run them one call each (each fits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
