@@ -5,7 +5,8 @@
  * Loads the weight files and token inputs bench_torch.py wrote to DIR and
  * times the engine on the same work, on the given backend, printing one
  * JSON object:
- *   (a) classify throughput, LSTM L=2 H=512 E=256, batch 64, T=128;
+ *   (a) classify throughput, LSTM L=2 H=512 E=256, batch 64, T=128, and
+ *       over varied lengths (classify_var, bench_torch.py says how);
  *   (b) generation step latency at batch 1 and 32 (step API);
  *   (c) RRA language model forward, batch 64 and batch 1, T=128;
  * on the CPU the machine's own sgemm rate on a large square product, so
@@ -27,6 +28,8 @@
 
 #define BATCH 64
 #define STEPS 128
+/* Batches of classify_var, each with lengths of its own. */
+#define VAR_BATCHES 64
 
 static double now(void)
 {
@@ -41,14 +44,16 @@ static void die(const char *what, const char *err)
     exit(1);
 }
 
-static int32_t *read_tokens(const char *dir, const char *name)
+/* rows x BATCH int32s from DIR/name: tokens (rows STEPS) or lengths. */
+static int32_t *read_ints(const char *dir, const char *name, int rows)
 {
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     FILE *f = fopen(path, "rb");
-    int32_t *t = malloc(sizeof(int32_t) * BATCH * STEPS);
-    if (!f || !t || fread(t, sizeof(int32_t), BATCH * STEPS, f) != BATCH * STEPS)
-        die(path, "cannot read 64x128 int32 tokens");
+    size_t n = (size_t)rows * BATCH;
+    int32_t *t = malloc(sizeof(int32_t) * n);
+    if (!f || !t || fread(t, sizeof(int32_t), n, f) != n)
+        die(path, "cannot read its int32s");
     fclose(f);
     return t;
 }
@@ -79,23 +84,26 @@ static void unload(struct loaded *l)
 }
 
 /* Sequences per second of full forwards over the first n sequences, for
- * min_s seconds. */
-static double forward_rate(struct engine *e, const int32_t *tokens, int n, double min_s)
+ * min_s seconds: of all STEPS tokens, or with lengths (NULL or
+ * [batches][BATCH]) of each batch in turn. */
+static double forward_rate(struct engine *e, const int32_t *tokens, int n, const int32_t *lengths, int batches,
+                           double min_s)
 {
     char err[512];
     struct engine_seq seqs[BATCH];
     float probs[BATCH][2];
-    for (int i = 0; i < n; i++)
-        seqs[i] = (struct engine_seq){.tokens = tokens + i * STEPS, .len = STEPS, .slot = -1, .probs = probs[i]};
-    if (engine_forward(e, seqs, n, err, sizeof err) != 0) /* warm-up */
-        die("forward", err);
-    int iters = 0;
-    double t0 = now(), t;
+    int iters = -1; /* the first is a warm-up */
+    double t0 = 0, t = 0;
     do {
+        const int32_t *len = lengths ? lengths + (size_t)((iters + 1) % batches) * BATCH : NULL;
+        for (int i = 0; i < n; i++)
+            seqs[i] = (struct engine_seq){
+                .tokens = tokens + i * STEPS, .len = len ? len[i] : STEPS, .slot = -1, .probs = probs[i]};
         if (engine_forward(e, seqs, n, err, sizeof err) != 0)
             die("forward", err);
-        iters++;
-    } while ((t = now() - t0) < min_s);
+        if (++iters == 0)
+            t0 = now();
+    } while (iters < batches || (t = now() - t0) < min_s);
     return iters * n / t;
 }
 
@@ -166,7 +174,8 @@ int main(int argc, char **argv)
     cJSON *out = cJSON_CreateObject();
     if (!out)
         die("json", "out of memory");
-    int32_t *ctok = read_tokens(dir, "classify_tokens.i32"), *rtok = read_tokens(dir, "rra_tokens.i32");
+    int32_t *ctok = read_ints(dir, "classify_tokens.i32", STEPS), *rtok = read_ints(dir, "rra_tokens.i32", STEPS);
+    int32_t *clen = read_ints(dir, "classify_lengths.i32", VAR_BATCHES);
     struct loaded m;
 
     static const enum precision precisions[] = {PRECISION_FP32, PRECISION_TF32};
@@ -175,9 +184,11 @@ int main(int argc, char **argv)
         const char *suffix = prec == PRECISION_FP32 ? "" : "_tf32";
         char key[64];
         load(&m, dir, "lstm_classify.safetensors", 0, dev, prec);
-        double rate = forward_rate(m.engine, ctok, BATCH, 5.0);
+        double rate = forward_rate(m.engine, ctok, BATCH, NULL, 1, 5.0);
         snprintf(key, sizeof key, "classify_seq_per_s%s", suffix);
         add(out, key, rate);
+        snprintf(key, sizeof key, "classify_var_seq_per_s%s", suffix);
+        add(out, key, forward_rate(m.engine, ctok, BATCH, clen, VAR_BATCHES, 5.0));
         if (prec == PRECISION_FP32) {
             const struct model_config *c = &m.model.cfg;
             const int tables = engine_token_table_bytes(m.engine) > 0;
@@ -193,7 +204,7 @@ int main(int argc, char **argv)
         if (gpu) {
             load(&m, dir, "gru_classify.safetensors", 0, dev, prec);
             snprintf(key, sizeof key, "gru_classify_seq_per_s%s", suffix);
-            add(out, key, forward_rate(m.engine, ctok, BATCH, 5.0));
+            add(out, key, forward_rate(m.engine, ctok, BATCH, NULL, 1, 5.0));
             unload(&m);
         }
 
@@ -211,9 +222,9 @@ int main(int argc, char **argv)
         char key[32];
         load(&m, dir, lms[k][1], 0, dev, PRECISION_FP32);
         snprintf(key, sizeof key, "%s_seq_per_s", lms[k][0]);
-        add(out, key, forward_rate(m.engine, rtok, BATCH, 5.0));
+        add(out, key, forward_rate(m.engine, rtok, BATCH, NULL, 1, 5.0));
         snprintf(key, sizeof key, "%s1_seq_per_s", lms[k][0]);
-        add(out, key, forward_rate(m.engine, rtok, 1, 2.0));
+        add(out, key, forward_rate(m.engine, rtok, 1, NULL, 1, 2.0));
         unload(&m);
     }
     if (!gpu)
@@ -227,5 +238,6 @@ int main(int argc, char **argv)
     cJSON_Delete(out);
     free(ctok);
     free(rtok);
+    free(clen);
     return 0;
 }

@@ -9,6 +9,11 @@ with the timings on stdout:
 
   classify  byte LSTM, L=2, H=512, E=256, pool last, 2 classes, batch 64,
             T=128: lstm_classify.safetensors, classify_tokens.i32
+  classify_var  the same, but each sequence of a batch has its own length,
+            16 to 128, as a server's batches do: 64 batches of them in
+            turn, every one a new shape (classify_lengths.i32: int32
+            [64, 64], lengths of classify_tokens.i32's rows), PyTorch
+            running them packed (pack_padded_sequence)
   step      the same LSTM as an lm: one generation step (embedding ->
             one LSTM step with carried (h, c) -> logits) at batch 1 and 32:
             lstm_lm.safetensors
@@ -58,6 +63,8 @@ LAYERS = 2
 BATCH = 64
 STEPS = 128
 WINDOW = 8
+# Batches of the classify_var workload, each with its own lengths.
+VAR_BATCHES = 64
 # Long enough for a steady mean, short enough that the whole script stays
 # near a minute on a 2-core machine.
 MIN_SECONDS = 5.0
@@ -139,6 +146,17 @@ def lstm_gflop(batch, steps, embed, hidden, layers):
 def classify_forward(model, tokens):
     out, _ = model.rnn(model.embedding(tokens))
     return torch.softmax(model.head(out[:, -1]), dim=-1)
+
+
+def classify_var_forward(model, tokens, lengths):
+    """The classifier over sequences of their own lengths (int64 on the
+    CPU, as pack_padded_sequence wants them): the last layer's final state
+    of each is its output at its last token."""
+    packed = nn.utils.rnn.pack_padded_sequence(model.embedding(tokens), lengths, batch_first=True,
+                                               enforce_sorted=False)
+    _, state = model.rnn(packed)
+    h = state[0] if isinstance(state, tuple) else state
+    return torch.softmax(model.head(h[-1]), dim=-1)
 
 
 def rra_forward(model, queries, tokens, window):
@@ -235,10 +253,10 @@ def check_against_reference(kind):
 
 
 def time_cudnn(result, suffix, classifiers, lm, dev, gpu):
-    """(a) classify throughput of each (cell, model, tokens), and (b) the
-    lm's generation step latency, into result under keys ending in
-    suffix."""
-    for cell, model, tokens in classifiers:
+    """(a) classify throughput of each (cell, model, tokens, lengths), the
+    LSTM's also over varied lengths, and (b) the lm's generation step
+    latency, into result under keys ending in suffix."""
+    for cell, model, tokens, lengths in classifiers:
         with torch.inference_mode():
             sec = timed(lambda: classify_forward(model, tokens), MIN_SECONDS)
         key = "classify" if cell == "lstm" else "gru_classify"
@@ -248,6 +266,17 @@ def time_cudnn(result, suffix, classifiers, lm, dev, gpu):
             if not gpu:
                 with torch.inference_mode():
                     result["lstm_uses_mkldnn"] = lstm_uses_mkldnn(model, tokens)
+        if cell == "lstm":
+            turn = [0]
+
+            def next_batch():
+                b = turn[0] % VAR_BATCHES
+                turn[0] += 1
+                return classify_var_forward(model, tokens, lengths[b])
+
+            with torch.inference_mode():
+                sec = timed(next_batch, MIN_SECONDS, min_iters=VAR_BATCHES)
+            result["classify_var_seq_per_s" + suffix] = BATCH / sec
     for batch in (1, 8, 32, 64) if gpu else (1, 32):
         step_tokens = torch.from_numpy(
             np.random.default_rng(4).integers(0, VOCAB, size=(1000, batch, 1))).to(dev)
@@ -321,7 +350,9 @@ def main():
         model = make_model(1, "classify", cell=cell)
         save(outdir, "%s_classify.safetensors" % cell, model, config("classify", cell=cell))
         tokens = save_tokens(os.path.join(outdir, "classify_tokens.i32"), 2, (BATCH, STEPS))
-        classifiers.append((cell, model.to(dev), tokens.to(dev)))
+        lengths = np.random.default_rng(12).integers(16, STEPS + 1, size=(VAR_BATCHES, BATCH))
+        lengths.astype("<i4").tofile(os.path.join(outdir, "classify_lengths.i32"))
+        classifiers.append((cell, model.to(dev), tokens.to(dev), torch.from_numpy(lengths)))
     lm = make_model(3, "lm")
     save(outdir, "lstm_lm.safetensors", lm, config("lm"))
     lm = lm.to(dev)
