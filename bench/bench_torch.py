@@ -11,8 +11,8 @@ with the timings on stdout:
             T=128: lstm_classify.safetensors, classify_tokens.i32
   classify_var  the same, but each sequence of a batch has its own length,
             16 to 128, as a server's batches do: 64 batches of them in
-            turn, every one a new shape (classify_lengths.i32: int32
-            [64, 64], lengths of classify_tokens.i32's rows), PyTorch
+            turn, each with lengths of its own (classify_lengths.i32:
+            int32 [64, 64], lengths of classify_tokens.i32's rows), PyTorch
             running them packed (pack_padded_sequence)
   step      the same LSTM as an lm: one generation step (embedding ->
             one LSTM step with carried (h, c) -> logits) at batch 1 and 32:

@@ -36,7 +36,7 @@ def main():
     for suffix, prec in (("", "FP32"), ("_tf32", "TF32")):
         faster("classify, LSTM 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec, "classify_seq_per_s" + suffix,
                1.0)
-        faster("classify, LSTM, lengths 16-128, each batch a new shape, %s (vs cuDNN, packed)" % prec,
+        faster("classify, LSTM, lengths 16-128, each batch its own, %s (vs cuDNN, packed)" % prec,
                "classify_var_seq_per_s" + suffix, None)
         faster("classify, GRU 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec,
                "gru_classify_seq_per_s" + suffix, 1.0)

@@ -41,7 +41,7 @@ print(f"(b) step latency: batch 1 engine {e['step_ms_b1']:.3f} ms vs torch {t_s1
       f"({t_s1 / e['step_ms_b1']:.2f}x); batch 32 engine {e['step_ms_b32']:.3f} ms vs torch {t_s32:.3f} ms "
       f"({t_s32 / e['step_ms_b32']:.2f}x)")
 t_var = best("classify_var_seq_per_s")
-print(f"(a') classify, lengths 16-128, each batch a new shape: engine {e['classify_var_seq_per_s']:.1f} seq/s vs torch "
+print(f"(a') classify, lengths 16-128, each batch its own: engine {e['classify_var_seq_per_s']:.1f} seq/s vs torch "
       f"(packed) {t_var:.1f} seq/s ({e['classify_var_seq_per_s'] / t_var:.2f}x)")
 t_rra1 = best("rra1_seq_per_s")
 print(f"(c) RRA forward: batch 64 engine {e['rra_seq_per_s']:.1f} seq/s vs torch step loop {t_rra:.1f} seq/s "

@@ -106,6 +106,13 @@ struct backend_ops {
      * than from memory); 0: all steps' in one product first (a GPU, for
      * which one large product beats many small ones). */
     int project_each_step;
+    /* 1: a forward without slots runs every step over all its sequences,
+     * those already ended included (their rows are computed and not read),
+     * and pads its length to a multiple of 8 steps, so that one recorded
+     * graph serves every batch of as many sequences in the same 8 steps of
+     * length (a GPU, whose step takes as long for 40 rows as for 64); 0:
+     * each step over the sequences still running (the CPU). */
+    int pad_steps;
     void (*destroy)(struct backend *be);
     void *(*alloc)(struct backend *be, size_t bytes);
     void (*free)(struct backend *be, void *p);

@@ -641,6 +641,7 @@ static const struct backend_ops cpu_ops = {
     .softmax_xent = cpu_softmax_xent,
     .squared_error = cpu_squared_error,
     .project_each_step = 1,
+    .pad_steps = 0,
     .host_alloc = cpu_host_alloc,
     .host_free = cpu_free,
     .pack_weights = cpu_pack_weights,

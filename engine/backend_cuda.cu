@@ -898,6 +898,7 @@ static int cuda_sync(struct backend *be)
 static const struct backend_ops cuda_ops = {
     "cuda",
     0, /* project_each_step */
+    1, /* pad_steps */
     cuda_destroy,
     cuda_alloc,
     cuda_free,

@@ -187,7 +187,9 @@ static inline float *tape_h(const struct tape *t, int ld, int H)
 }
 
 int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, int n, char *err, size_t errlen);
-int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, struct plan *p);
+/* The plan of a batch; pad: every step over all n sequences, the length
+ * padded to whole chunks (backend_ops.pad_steps). */
+int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int pad, struct plan *p);
 int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d);
 /* A classifier's head: pool y [P, W] into pooled [n, W], then logits [n, C]. */
 void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, const float *y, float *pooled,

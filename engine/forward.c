@@ -7,6 +7,12 @@
  * step, one recurrent GEMM over exactly the running rows; no work is spent
  * on padding and a sequence's result does not depend on its batch.
  *
+ * A GPU backend asks for padding instead (backend_ops.pad_steps): every
+ * step holds all n sequences and the length is rounded up to whole chunks
+ * of steps.  A GPU step costs the same for fewer rows, and the kernels'
+ * shapes then depend on n and the padded length only, so a graph recorded
+ * for one batch replays for the next with other lengths.
+ *
  * The backward direction of a bidirectional layer runs the same code over
  * each sequence reversed within its own length: row (s, i) of the reversed
  * packing is row (len_i - 1 - s, i) of the forward one, a map that is its
@@ -70,6 +76,15 @@ int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, in
     return 0;
 }
 
+/* Steps per chunk of a wavefront (backends with lanes): layer l runs
+ * chunk k on lane l while layer l + 1 runs chunk k - 1 on its own, as
+ * cuDNN overlaps layers.  A step's products are too small to fill a GPU
+ * (at batch 64 and H 512, 16 tiles of cuBLAS's on 132 SMs), so layers
+ * running at once cost little more than one; the pipeline fills in L - 1
+ * chunks, and each chunk's input projection is still one product of 8
+ * steps' rows.  A padded plan's length is whole chunks. */
+#define WAVE_CHUNK 8
+
 /* Indices sorted by length, longest first; stable, so equal batches give
  * equal packings.  qsort has no context argument in C11, and an insertion
  * sort is fast for batches of a few hundred. */
@@ -87,7 +102,7 @@ static void sort_order(int *order, int n, const int *lens)
     }
 }
 
-int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, struct plan *p)
+int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int pad, struct plan *p)
 {
     p->n = n;
     p->T = 0;
@@ -96,6 +111,10 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
         p->P += seqs[i].len;
         if (seqs[i].len > p->T)
             p->T = seqs[i].len;
+    }
+    if (pad) {
+        p->T = (p->T + WAVE_CHUNK - 1) / WAVE_CHUNK * WAVE_CHUNK;
+        p->P = n * p->T;
     }
     int with_slot = seqs[0].slot >= 0;
     p->pos = with_slot ? engine_slot_position(e, seqs[0].slot) : 0;
@@ -128,10 +147,11 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
             p->hprev[i] = p->slot[i] * e->R + p->pos % e->R;
         }
     }
-    /* off[s]: rows before step s; n_s = sequences longer than s. */
+    /* off[s]: rows before step s; n_s = sequences longer than s, or all
+     * of them in a padded plan. */
     p->off[0] = 0;
     for (int s = 0, running = n; s < p->T; s++) {
-        while (running > 0 && p->len[running - 1] <= s)
+        while (!pad && running > 0 && p->len[running - 1] <= s)
             running--;
         p->off[s + 1] = p->off[s] + running;
     }
@@ -152,6 +172,16 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, str
                 p->target[row] = s + 1 < q->len ? q->tokens[s + 1] : q->next ? *q->next : -1;
             }
             p->rev[row] = p->off[q->len - 1 - s] + i;
+        }
+        /* The rows of a padded plan after the sequence's end: a valid
+         * token and input, no target, and in place when reversed. */
+        for (int s = q->len; pad && s < p->T; s++) {
+            int row = p->off[s] + i;
+            if (p->inputs)
+                memset(p->inputs + (size_t)row * E, 0, sizeof(float) * (size_t)E);
+            p->tokens[row] = 0;
+            p->target[row] = -1;
+            p->rev[row] = row;
         }
         p->last[i] = p->off[q->len - 1] + i;
     }
@@ -196,15 +226,6 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
  * 30% slower). */
 #define PROJECT_ALL_MAX_BYTES ((size_t)8 << 20)
 #define PROJECT_STEP_MIN_ROWS 32
-
-/* Steps per chunk of a wavefront (backends with lanes): layer l runs
- * chunk k on lane l while layer l + 1 runs chunk k - 1 on its own, as
- * cuDNN overlaps layers.  A step's products are too small to fill a GPU
- * (at batch 64 and H 512, 16 tiles of cuBLAS's on 132 SMs), so layers
- * running at once cost little more than one; the pipeline fills in L - 1
- * chunks, and each chunk's input projection is still one product of 8
- * steps' rows. */
-#define WAVE_CHUNK 8
 
 /* Layer l's input projection (direction dir) of packed rows row0 ..
  * row0 + rows - 1 into xg: read from the token tables for layer 0 when the
@@ -562,7 +583,9 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
     backend_clear_error(e->be);
     struct plan p;
     struct dev_plan d;
-    if (engine_make_plan(e, seqs, n, &p) != 0 || engine_upload_plan(e, &p, &d) != 0) {
+    /* Slots keep the state at each sequence's end: no padding for them. */
+    const int pad = e->be->ops->pad_steps && seqs[0].slot < 0;
+    if (engine_make_plan(e, seqs, n, pad, &p) != 0 || engine_upload_plan(e, &p, &d) != 0) {
         snprintf(err, errlen, "out of memory for a batch of %d sequences", n);
         return -1;
     }

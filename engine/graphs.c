@@ -20,8 +20,10 @@
 
 #include "engine_internal.h"
 
-/* Shapes remembered per engine, least recently used replaced first. */
-#define GRAPH_SLOTS 16
+/* Shapes remembered per engine, least recently used replaced first: room
+ * for the 16 padded lengths of batches of up to 128 tokens
+ * (backend_ops.pad_steps) and the steps' shapes beside them. */
+#define GRAPH_SLOTS 32
 
 struct graph_entry {
     unsigned char *key;

@@ -397,7 +397,7 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
     struct plan p;
     struct dev_plan d;
     struct pass ps = {.e = e, .p = &p, .d = &d};
-    int rc = grads(e) && engine_make_plan(e, seqs, n, &p) == 0 && engine_upload_plan(e, &p, &d) == 0 &&
+    int rc = grads(e) && engine_make_plan(e, seqs, n, 0, &p) == 0 && engine_upload_plan(e, &p, &d) == 0 &&
                      alloc_tape(&ps, opt) == 0
                  ? 0
                  : -1;

@@ -516,12 +516,51 @@ static void test_graph_cache_policy(void **state)
     be->ops = cpu;
 }
 
+/* Batches of as many texts whose longest lies in the same 8 steps share
+ * one recorded graph where the backend pads (backend_ops.pad_steps, as on
+ * CUDA): the lengths only change the index arrays the kernels read.
+ * Packed, every set of lengths is a shape of its own. */
+static void test_padded_batches_share_a_graph(void **state)
+{
+    struct env *v = *state;
+    static const int lens[][3] = {{9, 3, 12}, {16, 1, 10}, {13, 13, 13}, {9, 15, 2}};
+    int32_t tokens[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    static struct backend_ops ops;
+    const struct backend_ops *cpu = v->be->ops;
+    char err[512];
+    for (int pad = 0; pad < 2; pad++) {
+        ops = *cpu;
+        ops.capture_begin = mock_begin;
+        ops.capture_end = mock_end;
+        ops.replay = mock_replay;
+        ops.graph_free = mock_free;
+        ops.pad_steps = pad;
+        memset(&mock, 0, sizeof mock);
+        v->be->ops = &ops;
+        struct engine *e = engine_create(&v->model, v->be, 0, err, sizeof err);
+        assert_non_null(e);
+        for (int b = 0; b < 4; b++) {
+            struct engine_seq q[3];
+            for (int i = 0; i < 3; i++)
+                q[i] = (struct engine_seq){.tokens = tokens, .len = lens[b][i], .slot = -1};
+            if (engine_forward(e, q, 3, err, sizeof err) != 0)
+                fail_msg("forward: %s", err);
+        }
+        assert_int_equal(mock.begins, pad ? 1 : 0);
+        assert_int_equal(mock.replays, pad ? 3 : 0);
+        engine_destroy(e);
+        v->be->ops = cpu;
+    }
+}
+
 /* On CUDA, the kernels of a forward or a step are recorded as a graph the
  * second time their shape comes and replayed after: the same kernels on
  * the same pointers, so the same bits as launching them one by one (an
  * engine whose graphs are dropped before every call).  Forwards of three
- * texts of different lengths, then steps with attention asked for and
- * not.  Skipped without a GPU. */
+ * texts of different lengths, which change from forward to forward within
+ * one padded length (backend_ops.pad_steps: the third replays the graph
+ * the second recorded), then steps with attention asked for and not.
+ * Skipped without a GPU. */
 static void test_cuda_graphs_give_the_same_bits(void **state)
 {
     (void)state;
@@ -548,7 +587,7 @@ static void test_cuda_graphs_give_the_same_bits(void **state)
         for (int f = 0; f < FORWARDS; f++) {
             struct engine_seq seqs[N];
             for (int i = 0; i < N; i++)
-                seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = MAXLEN - 3 * i, .slot = -1,
+                seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = MAXLEN - 1 - 2 * i - f, .slot = -1,
                                               .logits = out[k] + f * per_forward + (size_t)i * MAXLEN * C};
             if (k == 1)
                 engine_drop_graphs(env->engine);
@@ -741,6 +780,7 @@ int main(void)
         cmocka_unit_test(test_large_batches_give_each_text_its_bits),
         cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_graph_cache_policy, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_padded_batches_share_a_graph, setup_lm, teardown),
         cmocka_unit_test(test_cuda_graphs_give_the_same_bits),
         cmocka_unit_test(test_cuda_matches_cpu_on_wide_models),
     };
