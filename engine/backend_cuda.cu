@@ -288,7 +288,6 @@ __device__ float block_max(float v, float *shared)
  * training it also fills the row's cache as cell_rows does. */
 __global__ void cell_step_kernel(struct cell_step s)
 {
-    __shared__ float red[CELL_THREADS / 32];
     __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
     const int i = blockIdx.x, H = s.H, R = s.R, K = s.attn_window;
     const int G = s.cell == CELL_LSTM ? 4 : s.cell == CELL_GRU ? 3 : 1;
@@ -308,15 +307,20 @@ __global__ void cell_step_kernel(struct cell_step s)
         } else {
             const float *q = s.q + (long)i * H;
             float scale = 1.0f / sqrtf((float)H);
-            for (int j = 0; j < K; j++) {
+            /* A warp per window entry, its lanes striding over H and summing
+             * by shuffles: the entries need no barrier between them, where a
+             * block-wide sum for each took two. */
+            const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+            for (int j = warp; j < K; j += warps) {
                 const float *h = HIST(j + 2);
                 float part = 0.0f;
                 if (h)
-                    for (int k = threadIdx.x; k < H; k += blockDim.x)
+                    for (int k = lane; k < H; k += 32)
                         part += q[k] * h[k];
-                float dot = block_sum(part, red);
-                if (threadIdx.x == 0)
-                    a[j] = dot * scale;
+                for (int o = 16; o > 0; o >>= 1)
+                    part += __shfl_down_sync(0xffffffffu, part, o);
+                if (lane == 0)
+                    a[j] = part * scale;
             }
         }
         __syncthreads();
