@@ -37,7 +37,9 @@ struct cuda_lane {
  * nodes into the graph: memory that is not the engine's to count. */
 #define CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20)
 
-#define CUDA_LANES 8
+/* A wavefront of up to 8 layers takes two lanes a layer, one for its steps
+ * and one for its projections; lanes are made when first used. */
+#define CUDA_LANES 16
 
 struct cuda_impl {
     /* Lane 0 is made with the backend, the others when first used. */

@@ -76,12 +76,14 @@ int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, in
     return 0;
 }
 
-/* Steps per chunk of a wavefront (backends with lanes): layer l runs
- * chunk k on lane l while layer l + 1 runs chunk k - 1 on its own, as
- * cuDNN overlaps layers.  A step's products are too small to fill a GPU
- * (at batch 64 and H 512, 16 tiles of cuBLAS's on 132 SMs), so layers
- * running at once cost little more than one; the pipeline fills in L - 1
- * chunks, and each chunk's input projection is still one product of 8
+/* Steps per chunk of a wavefront (backends with lanes): layer l steps
+ * through chunk k on lane l while layer l + 1 steps through chunk k - 2
+ * and projects chunk k - 1 on lanes of its own, as cuDNN overlaps layers.
+ * A step's products are too small to fill a GPU (at batch 64 and H 512,
+ * 16 tiles of cuBLAS's on 132 SMs), so layers running at once cost little
+ * more than one, and a projection running beside a layer's steps no
+ * longer waits in line before them; the pipeline fills in
+ * 2(L - 1) chunks, and each chunk's projection is still one product of 8
  * steps' rows.  A padded plan's length is whole chunks. */
 #define WAVE_CHUNK 8
 
@@ -227,20 +229,6 @@ int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *
 #define PROJECT_ALL_MAX_BYTES ((size_t)8 << 20)
 #define PROJECT_STEP_MIN_ROWS 32
 
-/* Layer l's input projection (direction dir) of packed rows row0 ..
- * row0 + rows - 1 into xg: read from the token tables for layer 0 when the
- * engine has them, else computed from the layer input xin. */
-static void project_rows(struct engine *e, const struct dev_plan *d, int l, int dir, int tables, const float *xin,
-                         int row0, int rows, float *xg)
-{
-    const int GH = e->G * e->H, in = e->w.layers[l].in;
-    if (l == 0 && tables)
-        e->be->ops->gather_rows(e->be, xg, GH, e->token_xg[dir], GH, (dir ? d->tokens_rev : d->tokens) + row0,
-                                rows, GH);
-    else
-        engine_input_projection(e, l, dir, xin + (size_t)row0 * in, rows, xg);
-}
-
 static void lane_use(struct backend *be, int lane)
 {
     if (be->ops->lane_use)
@@ -253,15 +241,155 @@ static void lane_wait(struct backend *be, int lane)
         be->ops->lane_wait(be, lane);
 }
 
+/* What the tasks of one forward share: the batch, its outputs and the
+ * scratch of every lane. */
+struct layers_run {
+    struct engine *e;
+    const struct plan *p;
+    const struct dev_plan *d;
+    float *attn;
+    const struct tape *tape;
+    int chunk, tables, hsep;
+    float *ys[CONFIG_MAX_LAYERS + 1]; /* y^k, 1-based as in MODELS.md: y^0 is the embedded input */
+    float *xrev, *xg, *hg, *qs, *hprev0, *c, *ring, *hout;
+    size_t xg_rows;
+};
+
+/* Layer l's input: in training with dropout, its dropped-out copy (the
+ * depth residual adds the undropped output). */
+static float *layer_input(const struct layers_run *w, int l)
+{
+    if (w->tape && tape_dropout(w->tape, l) > 0.0f)
+        return w->tape->xin + (size_t)l * w->p->P * w->tape->Wmax;
+    return w->ys[l];
+}
+
+/* Make that copy, before the layer's first task. */
+static void drop_layer_input(const struct layers_run *w, int l)
+{
+    struct engine *e = w->e;
+    if (w->tape && tape_dropout(w->tape, l) > 0.0f)
+        e->be->ops->dropout(e->be, layer_input(w, l), w->ys[l], (size_t)w->p->P * e->w.layers[l].in,
+                            tape_dropout(w->tape, l), w->tape->seed + (unsigned long long)l);
+}
+
+/* The step after chunk k's last. */
+static int chunk_end(const struct layers_run *w, int k)
+{
+    const int s1 = (k + 1) * w->chunk;
+    return s1 < w->p->T ? s1 : w->p->T;
+}
+
+/* Task: layer l's input projection (direction dir) of chunk k into xg:
+ * read from the token tables for layer 0 when the engine has them, else
+ * computed from the layer input. */
+static void project_chunk(const struct layers_run *w, int l, int dir, int k, float *xg)
+{
+    struct engine *e = w->e;
+    const int *off = w->p->off, GH = e->G * e->H, in = e->w.layers[l].in;
+    const int s1 = chunk_end(w, k), row0 = off[k * w->chunk];
+    const float *x = layer_input(w, l);
+    /* The backward direction reads its input reversed, made at its first
+     * chunk. */
+    if (dir == 1 && !(l == 0 && w->tables)) {
+        if (k == 0)
+            e->be->ops->gather_rows(e->be, w->xrev, in, x, in, w->d->rev, w->p->P, in);
+        x = w->xrev;
+    }
+    if (l == 0 && w->tables)
+        e->be->ops->gather_rows(e->be, xg, GH, e->token_xg[dir], GH,
+                                (dir ? w->d->tokens_rev : w->d->tokens) + row0, off[s1] - row0, GH);
+    else
+        engine_input_projection(e, l, dir, x + (size_t)row0 * in, off[s1] - row0, xg);
+}
+
+/* Task: layer l's steps of chunk k (direction dir) on lane's scratch from
+ * the projection xg, then the rows of y they complete: the chunk's when
+ * chunks run as a wavefront (wave), else all of them at the last chunk.
+ * h kept apart (hsep) goes into them, the backward direction's reversed. */
+static void run_chunk(const struct layers_run *w, int l, int dir, int k, int lane, const float *xg, int wave)
+{
+    struct engine *e = w->e;
+    struct backend *be = e->be;
+    const struct plan *p = w->p;
+    const struct dev_plan *d = w->d;
+    const struct tape *tape = w->tape;
+    const int H = e->H, W = e->W, P = p->P, n = p->n, GH = e->G * H, D = e->D, T = p->T;
+    const int s0 = k * w->chunk, s1 = chunk_end(w, k), row0 = p->off[s0];
+    const int ld = l * D + dir, chunks = (T + w->chunk - 1) / w->chunk;
+    float *y = w->ys[l + 1];
+    float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : w->c + (size_t)lane * n * H;
+    float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H
+                        : w->ring + (size_t)lane * n * e->R * H;
+    float *hp0 = w->hprev0 ? w->hprev0 + (size_t)lane * n * H : NULL;
+    /* Training keeps h after its prefix; else h goes straight into the
+     * layer output unless kept apart (hsep). */
+    float *pre = tape ? tape_h(tape, ld, H) : NULL;
+    float *h = tape ? pre + (size_t)tape->R * tape->B * H
+               : w->hsep && (D == 2 || l >= 1) ? w->hout + (size_t)(D == 2 ? dir : lane) * P * H
+                                               : y;
+    if (k == 0) {
+        if (tape && tape->c0)
+            be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
+        if (!d->slot)
+            be->ops->zero(be, cl, (size_t)n * H * sizeof(float));
+        if (p->pos)
+            be->ops->gather_rows(be, hp0, H, rl, H, d->hprev, n, H);
+        if (tape && tape->prefix_idx)
+            be->ops->gather_rows(be, pre, H, rl, H, tape->prefix_idx, tape->R * tape->B, H);
+        else if (tape)
+            be->ops->zero(be, pre, (size_t)tape->R * tape->B * H * sizeof(float));
+    }
+    for (int s = s0; s < s1; s++) {
+        struct layer_run r = {
+            .layer = l,
+            .dir = dir,
+            .n = p->off[s + 1] - p->off[s],
+            .hprev = s ? h + (size_t)p->off[s - 1] * H : hp0,
+            .xg = xg + (size_t)(p->off[s] - row0) * GH,
+            .c = cl,
+            .ring = rl,
+            .slot = d->slot,
+            .t0 = p->pos + s + 1,
+            .out = h + (size_t)p->off[s] * H,
+            .attn = w->attn ? w->attn + ((size_t)ld * P + p->off[s]) * e->K : NULL,
+            .cache = tape ? tape->cache + ((size_t)ld * P + p->off[s]) * tape->CW : NULL,
+            .hg = w->hg + (size_t)lane * n * GH,
+            .q = tape && tape->q ? tape->q + ((size_t)ld * P + p->off[s]) * H
+                 : w->qs         ? w->qs + (size_t)lane * n * H
+                                 : NULL,
+        };
+        engine_layer_step(e, &r);
+    }
+    if (!wave && k < chunks - 1)
+        return;
+    const int y0 = wave ? row0 : 0, y1 = wave ? p->off[s1] : P;
+    if (h != y)
+        be->ops->gather_rows(be, y + (size_t)y0 * W + dir * H, W, h + (size_t)y0 * H, H, dir ? d->rev : NULL,
+                             y1 - y0, H);
+}
+
+/* The depth residual into rows y0 .. y1 - 1 of layer l's output, once
+ * both directions have written them. */
+static void depth_residual(const struct layers_run *w, int l, int y0, int y1)
+{
+    struct engine *e = w->e;
+    if (e->m->cfg.residual_depth && l >= 1)
+        engine_residual(e, l, w->ys[l + 1] + (size_t)y0 * e->W, w->ys[l - 1] + (size_t)y0 * e->w.layers[l - 1].in,
+                        y1 - y0);
+}
+
 /* Run every layer; returns the last layer's output [P, W] or NULL.
  *
- * The work is cut into tasks (layer l, chunk k of steps): a layer's input
- * projection of the chunk, its steps, and its depth residual.  One lane
- * runs them layer by layer, with chunks of one step (project_each_step)
- * or of all T.  With lanes, a one-direction model runs them in a
- * wavefront, chunk by chunk, layer l on lane l, each task waiting for the
- * lane below; a two-direction model runs its directions on lanes 0 and 1.
- * So every buffer a task writes is its lane's own, or rows of the chunk. */
+ * The work is cut into tasks: a layer's input projection of a chunk of
+ * steps, and its steps over the chunk (with the depth residual of the
+ * rows they complete).  One lane runs them layer by layer, with chunks of
+ * one step (project_each_step) or of all T.  With lanes, a two-direction
+ * model runs its directions on lanes 0 and 1, and a one-direction model
+ * runs as a wavefront: layer l's steps on lane l, its projections on lane
+ * L + l, each projection one chunk ahead of the layer's steps and one
+ * behind the steps of the layer below, so that it overlaps both.  So
+ * every buffer a task writes is its lane's own, or rows of the chunk. */
 float *engine_run_layers(struct engine *e, const struct plan *p, const struct dev_plan *d, float *attn,
                          const struct tape *tape)
 {
@@ -269,157 +397,116 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
     const int H = e->H, W = e->W, P = p->P, n = p->n, GH = e->G * H, L = e->L, D = e->D, T = p->T;
     const size_t fsz = sizeof(float);
     const int max_lanes = be->ops->lane_use ? be->ops->max_lanes : 1;
-    const int wave = !tape && D == 1 && L > 1 && L <= max_lanes && T > WAVE_CHUNK;
+    const int wave = !tape && D == 1 && L > 1 && 2 * L <= max_lanes && T > WAVE_CHUNK;
     const int lanes = wave ? L : D <= max_lanes ? D : 1;
     const int each_step = be->ops->project_each_step && n >= PROJECT_STEP_MIN_ROWS &&
                           (size_t)P * GH * fsz > PROJECT_ALL_MAX_BYTES;
     const int chunk = each_step ? 1 : wave ? WAVE_CHUNK : T, chunks = (T + chunk - 1) / chunk;
-    /* The first chunk has the most rows: sequences only end. */
-    const size_t xg_rows = (size_t)p->off[chunk];
     const int dynamic = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
     const int nbuf = wave && L > 3 ? L : 3;
     int in_max = e->E > W ? e->E : W;
+    struct layers_run w = {
+        .e = e, .p = p, .d = d, .attn = attn, .tape = tape, .chunk = chunk,
+        /* Training keeps the embedded input on its tape, and moves the
+         * weights the tables were made from. */
+        .tables = e->token_xg[0] && !tape,
+        /* The first chunk has the most rows: sequences only end. */
+        .xg_rows = (size_t)p->off[chunk],
+        /* The recurrence's h kept apart from the layer output (training
+         * keeps its own): per direction, interleaved into y afterwards, or
+         * per lane in a wavefront with the depth residual, which adds to y
+         * chunk by chunk while the next chunk still reads h. */
+        .hsep = tape ? 0 : D == 2 ? 2 : wave && e->m->cfg.residual_depth ? lanes : 0,
+    };
     float *x0 = tape ? tape_y(tape, 0) : engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
-    float *xrev = D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
-    /* Per lane: the chunk's projection, the recurrent product, the
-     * queries, the h a continued sequence starts from (its slot's last),
-     * and the cell states and histories of sequences without slots. */
-    float *xg = engine_ws(e, WS_XG, lanes * xg_rows * GH * fsz);
-    float *hg = engine_ws(e, WS_HG, (size_t)lanes * n * GH * fsz);
-    float *qs = dynamic && !tape ? engine_ws(e, WS_Q, (size_t)lanes * n * H * fsz) : NULL;
-    float *hprev0 = p->pos ? engine_ws(e, WS_HPREV, (size_t)lanes * n * H * fsz) : NULL;
-    float *c = d->slot ? NULL : engine_ws(e, WS_C, (size_t)lanes * n * H * fsz);
-    float *ring = d->slot ? NULL : engine_ws(e, WS_RING, (size_t)lanes * n * e->R * H * fsz);
-    /* The recurrence's h kept apart from the layer output (training keeps
-     * its own): per direction, interleaved into y afterwards, or per lane
-     * in a wavefront with the depth residual, which adds to y chunk by
-     * chunk while the next chunk still reads h. */
-    const int residual = e->m->cfg.residual_depth;
-    const int hsep = tape ? 0 : D == 2 ? 2 : wave && residual ? lanes : 0;
-    float *hout = hsep ? engine_ws(e, WS_HOUT, (size_t)hsep * P * H * fsz) : NULL;
+    w.xrev = D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
+    /* Per lane: the projection (two per layer in a wavefront, the chunk
+     * being stepped and the next), the recurrent product, the queries, the
+     * h a continued sequence starts from (its slot's last), and the cell
+     * states and histories of sequences without slots. */
+    w.xg = engine_ws(e, WS_XG, (wave ? 2 * L : lanes) * w.xg_rows * GH * fsz);
+    w.hg = engine_ws(e, WS_HG, (size_t)lanes * n * GH * fsz);
+    w.qs = dynamic && !tape ? engine_ws(e, WS_Q, (size_t)lanes * n * H * fsz) : NULL;
+    w.hprev0 = p->pos ? engine_ws(e, WS_HPREV, (size_t)lanes * n * H * fsz) : NULL;
+    w.c = d->slot ? NULL : engine_ws(e, WS_C, (size_t)lanes * n * H * fsz);
+    w.ring = d->slot ? NULL : engine_ws(e, WS_RING, (size_t)lanes * n * e->R * H * fsz);
+    w.hout = w.hsep ? engine_ws(e, WS_HOUT, (size_t)w.hsep * P * H * fsz) : NULL;
     float *ybuf = tape ? NULL : engine_ws(e, WS_Y, (size_t)nbuf * P * W * fsz);
-    if (!x0 || (D == 2 && !xrev) || (hsep && !hout) || !xg || !hg ||
-        (dynamic && !tape && !qs) || (!tape && !ybuf) || (!d->slot && (!c || !ring)) || (p->pos && !hprev0))
+    if (!x0 || (D == 2 && !w.xrev) || (w.hsep && !w.hout) || !w.xg || !w.hg || (dynamic && !tape && !w.qs) ||
+        (!tape && !ybuf) || (!d->slot && (!w.c || !w.ring)) || (p->pos && !w.hprev0))
         return NULL;
-    /* y^k, 1-based as in MODELS.md: y^0 is the embedded input. */
-    float *ys[CONFIG_MAX_LAYERS + 1];
-    ys[0] = x0;
+    w.ys[0] = x0;
     for (int k = 1; k <= L; k++)
-        ys[k] = tape ? tape_y(tape, k) : ybuf + (size_t)(k % nbuf) * P * W;
+        w.ys[k] = tape ? tape_y(tape, k) : ybuf + (size_t)(k % nbuf) * P * W;
 
-    /* Training keeps the embedded input on its tape, and moves the weights
-     * the tables were made from. */
-    const int tables = e->token_xg[0] && !tape;
     if (d->inputs)
         be->ops->gather_rows(be, x0, e->E, d->inputs, e->E, NULL, P, e->E);
-    else if (engine_needs_embedding(e, tables))
+    else if (engine_needs_embedding(e, w.tables))
         be->ops->gather_rows(be, x0, e->E, e->w.embedding, e->E, d->tokens, P, e->E);
-    const int tasks = L * D * chunks;
-    for (int task = 0; task < tasks; task++) {
-        const int l = wave ? task % L : task / (D * chunks);
-        const int dir = wave ? 0 : task / chunks % D;
-        const int k = wave ? task / L : task % chunks;
-        /* The layer's first and last tasks. */
-        const int first = dir == 0 && k == 0, last = dir == D - 1 && k == chunks - 1;
-        const int s0 = k * chunk, s1 = s0 + chunk < T ? s0 + chunk : T, row0 = p->off[s0];
-        const int in = e->w.layers[l].in, ld = l * D + dir;
-        const int lane = wave ? l : lanes == 2 ? dir : 0;
-        float *y = ys[l + 1];
-        const float *layer_in = ys[l];
-        if (tape && tape_dropout(tape, l) > 0.0f) {
-            /* Dropout on the input of the recurrence; the depth residual
-             * adds the undropped output.  (Training runs layer by layer.) */
-            float *x = tape->xin + (size_t)l * P * tape->Wmax;
-            if (first)
-                be->ops->dropout(be, x, ys[l], (size_t)P * in, tape_dropout(tape, l),
-                                 tape->seed + (unsigned long long)l);
-            layer_in = x;
-        }
-        if (wave) {
-            lane_use(be, l);
-            if (l > 0)
-                lane_wait(be, l - 1);
-        } else if (lanes == 2) {
-            /* Lane 1 starts the backward direction where lane 0 is. */
-            if (first) {
-                lane_use(be, 1);
-                lane_wait(be, 0);
+    const size_t xg_size = w.xg_rows * GH;
+    if (wave) {
+        /* Round r: layer l projects chunk r - 2l + 1 and steps chunk
+         * r - 2l, whose projection the round before made.  Lane l waits
+         * for its projections before the next is queued, and the next
+         * waits for the lane below and for lane l's steps of two chunks
+         * back, the last to read its buffer. */
+        for (int r = -1; r < chunks + 2 * (L - 1); r++)
+            for (int l = 0; l < L; l++) {
+                const int kp = r - 2 * l + 1, ks = r - 2 * l;
+                if (ks >= 0 && ks < chunks) {
+                    lane_use(be, l);
+                    lane_wait(be, L + l);
+                }
+                if (kp >= 0 && kp < chunks) {
+                    lane_use(be, L + l);
+                    if (l == 0 || kp >= 2)
+                        lane_wait(be, l);
+                    if (l > 0)
+                        lane_wait(be, l - 1);
+                    project_chunk(&w, l, 0, kp, w.xg + (size_t)(2 * l + kp % 2) * xg_size);
+                }
+                if (ks >= 0 && ks < chunks) {
+                    lane_use(be, l);
+                    run_chunk(&w, l, 0, ks, l, w.xg + (size_t)(2 * l + ks % 2) * xg_size, 1);
+                    depth_residual(&w, l, p->off[ks * chunk], p->off[chunk_end(&w, ks)]);
+                }
             }
-            lane_use(be, dir);
+    } else {
+        for (int task = 0; task < L * D * chunks; task++) {
+            const int l = task / (D * chunks), dir = task / chunks % D, k = task % chunks;
+            const int lane = lanes == 2 ? dir : 0;
+            if (dir == 0 && k == 0)
+                drop_layer_input(&w, l);
+            if (lanes == 2) {
+                /* Lane 1 starts the backward direction where lane 0 is. */
+                if (dir == 0 && k == 0) {
+                    lane_use(be, 1);
+                    lane_wait(be, 0);
+                }
+                lane_use(be, dir);
+            }
+            float *xg = w.xg + (size_t)lane * xg_size;
+            project_chunk(&w, l, dir, k, xg);
+            run_chunk(&w, l, dir, k, lane, xg, 0);
+            if (dir < D - 1 || k < chunks - 1)
+                continue;
+            /* The layer's directions join before its depth residual and
+             * the next layer. */
+            if (lanes == 2) {
+                lane_use(be, 0);
+                lane_wait(be, 1);
+            }
+            depth_residual(&w, l, 0, P);
         }
-        float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : c + (size_t)lane * n * H;
-        float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H
-                            : ring + (size_t)lane * n * e->R * H;
-        float *hp0 = hprev0 ? hprev0 + (size_t)lane * n * H : NULL;
-        float *xgl = xg + lane * xg_rows * GH;
-        const float *xin = layer_in;
-        if (dir == 1 && !(l == 0 && tables)) {
-            if (k == 0)
-                be->ops->gather_rows(be, xrev, in, layer_in, in, d->rev, P, in);
-            xin = xrev;
-        }
-        /* Training keeps h after its prefix; else h goes straight into
-         * the layer output unless kept apart (hsep). */
-        float *pre = tape ? tape_h(tape, ld, H) : NULL;
-        float *h = tape ? pre + (size_t)tape->R * tape->B * H
-                   : hsep && (D == 2 || l >= 1) ? hout + (size_t)(D == 2 ? dir : lane) * P * H
-                                                : y;
-        if (k == 0) {
-            if (tape && tape->c0)
-                be->ops->gather_rows(be, tape->c0 + (size_t)l * n * H, H, cl, H, d->slot, n, H);
-            if (!d->slot)
-                be->ops->zero(be, cl, (size_t)n * H * fsz);
-            if (p->pos)
-                be->ops->gather_rows(be, hp0, H, rl, H, d->hprev, n, H);
-            if (tape && tape->prefix_idx)
-                be->ops->gather_rows(be, pre, H, rl, H, tape->prefix_idx, tape->R * tape->B, H);
-            else if (tape)
-                be->ops->zero(be, pre, (size_t)tape->R * tape->B * H * fsz);
-        }
-        project_rows(e, d, l, dir, tables, xin, row0, p->off[s1] - row0, xgl);
-        for (int s = s0; s < s1; s++) {
-            struct layer_run r = {
-                .layer = l,
-                .dir = dir,
-                .n = p->off[s + 1] - p->off[s],
-                .hprev = s ? h + (size_t)p->off[s - 1] * H : hp0,
-                .xg = xgl + (size_t)(p->off[s] - row0) * GH,
-                .c = cl,
-                .ring = rl,
-                .slot = d->slot,
-                .t0 = p->pos + s + 1,
-                .out = h + (size_t)p->off[s] * H,
-                .attn = attn ? attn + ((size_t)ld * P + p->off[s]) * e->K : NULL,
-                .cache = tape ? tape->cache + ((size_t)ld * P + p->off[s]) * tape->CW : NULL,
-                .hg = hg + (size_t)lane * n * GH,
-                .q = tape && tape->q ? tape->q + ((size_t)ld * P + p->off[s]) * H
-                     : qs            ? qs + (size_t)lane * n * H
-                                     : NULL,
-            };
-            engine_layer_step(e, &r);
-        }
-        /* The rows of y a task completes: the chunk's in a wavefront (one
-         * direction), else all, at the layer's last task.  h kept apart
-         * goes into them (the backward direction's reversed), then the
-         * depth residual. */
-        const int y0 = wave ? row0 : 0, y1 = wave ? p->off[s1] : P;
-        if (h != y && (wave || k == chunks - 1))
-            be->ops->gather_rows(be, y + (size_t)y0 * W + dir * H, W, h + (size_t)y0 * H, H, dir ? d->rev : NULL,
-                                 y1 - y0, H);
-        if (lanes == 2 && last) {
-            lane_use(be, 0);
-            lane_wait(be, 1);
-        }
-        if (residual && l >= 1 && (wave || last))
-            engine_residual(e, l, y + (size_t)y0 * W, ys[l - 1] + (size_t)y0 * e->w.layers[l - 1].in, y1 - y0);
     }
     /* Lane 0 goes on when every lane is done. */
-    if (lanes > 1) {
+    const int used = wave ? 2 * L : lanes;
+    if (used > 1) {
         lane_use(be, 0);
-        for (int k = 1; k < lanes; k++)
+        for (int k = 1; k < used; k++)
             lane_wait(be, k);
     }
-    return ys[L];
+    return w.ys[L];
 }
 
 void engine_classify_logits(struct engine *e, const struct dev_plan *d, int n, const float *y, float *pooled,

@@ -559,7 +559,8 @@ static void test_padded_batches_share_a_graph(void **state)
  * engine whose graphs are dropped before every call).  Forwards of three
  * texts of different lengths, which change from forward to forward within
  * one padded length (backend_ops.pad_steps: the third replays the graph
- * the second recorded), then steps with attention asked for and not.
+ * the second recorded) of two chunks, so that the two layers run as a
+ * wavefront on four streams; then steps with attention asked for and not.
  * Skipped without a GPU. */
 static void test_cuda_graphs_give_the_same_bits(void **state)
 {
@@ -567,7 +568,7 @@ static void test_cuda_graphs_give_the_same_bits(void **state)
 #ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
-    enum { N = 3, FORWARDS = 3, STEPS = 8, MAXLEN = 9 };
+    enum { N = 3, FORWARDS = 3, STEPS = 8, MAXLEN = 13 };
     void *v[2];
     float *out[2];
     size_t per_step = 0, per_forward = 0;
