@@ -137,7 +137,7 @@ static int by_graph_then_start(const void *a, const void *b)
 /* The n kernels of one graph (or of none), sorted by start. */
 static void report_graph(const struct kernel_span *k, size_t n)
 {
-    uint32_t streams[16];
+    uint32_t streams[32];
     size_t n_streams = 0;
     uint64_t summed = 0, busy = 0, busy_end = 0;
     for (size_t i = 0; i < n; i++) {
