@@ -108,8 +108,9 @@ struct backend_ops {
     int project_each_step;
     /* 1: a forward without slots runs every step over all its sequences,
      * those already ended included (their rows are computed and not read),
-     * and pads its length to a multiple of 8 steps, so that one recorded
-     * graph serves every batch of as many sequences in the same 8 steps of
+     * and pads its length to a multiple of 8 steps and its sequences to a
+     * multiple of 8 with fillers, so that one recorded graph serves every
+     * batch of 1 to 8 sequences (9 to 16, ...) in the same 8 steps of
      * length (a GPU, whose step takes as long for 40 rows as for 64); 0:
      * each step over the sequences still running (the CPU). */
     int pad_steps;

@@ -130,7 +130,8 @@ int engine_needs_embedding(const struct engine *e, int tables);
 /* Host-side plan of one batch; its index arrays share one block of host
  * memory (engine_make_plan). */
 struct plan {
-    int n, T, P;
+    int n, T, P;  /* rows per step (sequences), steps, rows */
+    int seqs;     /* the caller's sequences: order[i] >= seqs is a filler */
     int *order;   /* sorted position -> caller's index */
     int *len;     /* [n] sorted lengths */
     int *off;     /* [T + 1] */
@@ -187,8 +188,9 @@ static inline float *tape_h(const struct tape *t, int ld, int H)
 }
 
 int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, int n, char *err, size_t errlen);
-/* The plan of a batch; pad: every step over all n sequences, the length
- * padded to whole chunks (backend_ops.pad_steps). */
+/* The plan of a batch; pad: every step over all sequences, the length
+ * padded to whole chunks and the sequences to whole groups of rows with
+ * fillers (backend_ops.pad_steps). */
 int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int pad, struct plan *p);
 int engine_upload_plan(struct engine *e, const struct plan *p, struct dev_plan *d);
 /* A classifier's head: pool y [P, W] into pooled [n, W], then logits [n, C]. */

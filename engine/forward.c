@@ -8,10 +8,11 @@
  * on padding and a sequence's result does not depend on its batch.
  *
  * A GPU backend asks for padding instead (backend_ops.pad_steps): every
- * step holds all n sequences and the length is rounded up to whole chunks
- * of steps.  A GPU step costs the same for fewer rows, and the kernels'
- * shapes then depend on n and the padded length only, so a graph recorded
- * for one batch replays for the next with other lengths.
+ * step holds all sequences, the length is rounded up to whole chunks of
+ * steps and the sequences to whole groups of rows, with fillers.  A GPU
+ * step costs the same for fewer rows, and the kernels' shapes then depend
+ * on the padded sizes only, so a graph recorded for one batch replays for
+ * the next with other lengths and about as many texts.
  *
  * The backward direction of a bidirectional layer runs the same code over
  * each sequence reversed within its own length: row (s, i) of the reversed
@@ -87,6 +88,10 @@ int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, in
  * steps' rows.  A padded plan's length is whole chunks. */
 #define WAVE_CHUNK 8
 
+/* A padded plan's width is a multiple of this many rows, so that batches
+ * of 1 to 8 texts, 9 to 16 and so on share their recorded graphs. */
+#define PAD_ROWS 8
+
 /* Indices sorted by length, longest first; stable, so equal batches give
  * equal packings.  qsort has no context argument in C11, and an insertion
  * sort is fast for batches of a few hundred. */
@@ -106,7 +111,11 @@ static void sort_order(int *order, int n, const int *lens)
 
 int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int pad, struct plan *p)
 {
-    p->n = n;
+    /* A padded plan also rounds its width up to whole groups of rows,
+     * with filler sequences of one token whose results nobody reads. */
+    const int width = pad ? (n + PAD_ROWS - 1) / PAD_ROWS * PAD_ROWS : n;
+    p->seqs = n;
+    p->n = width;
     p->T = 0;
     p->P = 0;
     for (int i = 0; i < n; i++) {
@@ -116,34 +125,34 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int
     }
     if (pad) {
         p->T = (p->T + WAVE_CHUNK - 1) / WAVE_CHUNK * WAVE_CHUNK;
-        p->P = n * p->T;
+        p->P = width * p->T;
     }
     int with_slot = seqs[0].slot >= 0;
     p->pos = with_slot ? engine_slot_position(e, seqs[0].slot) : 0;
     /* One block: what the device reads first, from len to tokens_rev
      * (engine_upload_plan copies it whole), then order and the lengths in
      * the caller's order, which only the host reads. */
-    size_t need = 4 * (size_t)n + (size_t)p->T + 1 + 4 * (size_t)p->P + 2 * (size_t)n;
+    size_t need = 4 * (size_t)width + (size_t)p->T + 1 + 4 * (size_t)p->P + 2 * (size_t)width;
     int *h = engine_host(e, HOST_PLAN, need * sizeof(int));
     if (!h)
         return -1;
     p->len = h;
-    p->last = h + n;
-    p->slot = with_slot ? h + 2 * n : NULL;
-    p->hprev = with_slot ? h + 3 * n : NULL;
-    p->off = h + 4 * n;
+    p->last = h + width;
+    p->slot = with_slot ? h + 2 * width : NULL;
+    p->hprev = with_slot ? h + 3 * width : NULL;
+    p->off = h + 4 * width;
     p->tokens = p->off + p->T + 1;
     p->rev = p->tokens + p->P;
     p->target = p->rev + p->P;
     p->tokens_rev = p->target + p->P;
     p->order = p->tokens_rev + p->P;
-    int *caller_len = p->order + n;
+    int *caller_len = p->order + width;
 
-    for (int i = 0; i < n; i++)
-        caller_len[i] = seqs[i].len;
-    sort_order(p->order, n, caller_len);
-    for (int i = 0; i < n; i++) {
-        p->len[i] = seqs[p->order[i]].len;
+    for (int i = 0; i < width; i++)
+        caller_len[i] = i < n ? seqs[i].len : 1;
+    sort_order(p->order, width, caller_len);
+    for (int i = 0; i < width; i++) {
+        p->len[i] = caller_len[p->order[i]];
         if (p->slot) {
             p->slot[i] = seqs[p->order[i]].slot;
             p->hprev[i] = p->slot[i] * e->R + p->pos % e->R;
@@ -152,7 +161,7 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int
     /* off[s]: rows before step s; n_s = sequences longer than s, or all
      * of them in a padded plan. */
     p->off[0] = 0;
-    for (int s = 0, running = n; s < p->T; s++) {
+    for (int s = 0, running = width; s < p->T; s++) {
         while (!pad && running > 0 && p->len[running - 1] <= s)
             running--;
         p->off[s + 1] = p->off[s] + running;
@@ -161,9 +170,10 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int
     p->inputs = e->m->cfg.input_dim ? engine_host(e, HOST_INPUTS, (size_t)p->P * E * sizeof(float)) : NULL;
     if (e->m->cfg.input_dim && !p->inputs)
         return -1;
-    for (int i = 0; i < n; i++) {
-        const struct engine_seq *q = &seqs[p->order[i]];
-        for (int s = 0; s < q->len; s++) {
+    for (int i = 0; i < width; i++) {
+        const struct engine_seq *q = p->order[i] < n ? &seqs[p->order[i]] : NULL;
+        const int len = q ? q->len : 0;
+        for (int s = 0; s < len; s++) {
             int row = p->off[s] + i;
             if (p->inputs) {
                 memcpy(p->inputs + (size_t)row * E, q->inputs + (size_t)s * E, sizeof(float) * (size_t)E);
@@ -175,9 +185,10 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int
             }
             p->rev[row] = p->off[q->len - 1 - s] + i;
         }
-        /* The rows of a padded plan after the sequence's end: a valid
-         * token and input, no target, and in place when reversed. */
-        for (int s = q->len; pad && s < p->T; s++) {
+        /* The rows of a padded plan after the sequence's end, and all of a
+         * filler's: a valid token and input, no target, and in place when
+         * reversed. */
+        for (int s = len; pad && s < p->T; s++) {
             int row = p->off[s] + i;
             if (p->inputs)
                 memset(p->inputs + (size_t)row * E, 0, sizeof(float) * (size_t)E);
@@ -185,7 +196,7 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int
             p->target[row] = -1;
             p->rev[row] = row;
         }
-        p->last[i] = p->off[q->len - 1] + i;
+        p->last[i] = p->off[p->len[i] - 1] + i;
     }
     for (int row = 0; row < p->P; row++)
         p->tokens_rev[row] = p->tokens[p->rev[row]];
@@ -543,6 +554,8 @@ static int classify_head(struct engine *e, const struct plan *p, const struct de
     be->ops->softmax_rows(be, probs, n, C);
     int rc = be->ops->download(be, host, logits, 2 * (size_t)n * C * sizeof(float));
     for (int i = 0; rc == 0 && i < n; i++) {
+        if (p->order[i] >= p->seqs)
+            continue; /* a filler */
         struct engine_seq *q = &seqs[p->order[i]];
         if (q->logits)
             memcpy(q->logits, host + (size_t)i * C, (size_t)C * sizeof(float));
@@ -563,7 +576,7 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
     struct backend *be = e->be;
     const int n = p->n, W = e->W, V = e->V, P = p->P;
     int want_logits = 0, want_last = 0;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < p->seqs; i++) {
         want_logits |= seqs[i].logits != NULL;
         want_last |= seqs[i].last_logits != NULL;
     }
@@ -586,6 +599,8 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
     const float *h_lp = host, *h_last = host + at_last, *h_logits = host + at_logits;
     int rc = be->ops->download(be, host, lp, down * sizeof(float));
     for (int i = 0; rc == 0 && i < n; i++) {
+        if (p->order[i] >= p->seqs)
+            continue; /* a filler */
         struct engine_seq *q = &seqs[p->order[i]];
         double sum = 0.0;
         for (int s = 0; s < q->len; s++)
@@ -611,8 +626,8 @@ static int copy_attention(struct engine *e, const struct plan *p, const float *a
         return -1;
     int rc = e->be->ops->download(e->be, host, attn, total * sizeof(float));
     for (int i = 0; rc == 0 && i < p->n; i++) {
-        struct engine_seq *q = &seqs[p->order[i]];
-        if (!q->attention)
+        struct engine_seq *q = p->order[i] < p->seqs ? &seqs[p->order[i]] : NULL;
+        if (!q || !q->attention)
             continue;
         for (int ld = 0; ld < e->L * e->D; ld++) {
             int dir = ld % e->D;

@@ -516,14 +516,15 @@ static void test_graph_cache_policy(void **state)
     be->ops = cpu;
 }
 
-/* Batches of as many texts whose longest lies in the same 8 steps share
+/* Batches of 1 to 8 texts whose longest lies in the same 8 steps share
  * one recorded graph where the backend pads (backend_ops.pad_steps, as on
  * CUDA): the lengths only change the index arrays the kernels read.
  * Packed, every set of lengths is a shape of its own. */
 static void test_padded_batches_share_a_graph(void **state)
 {
     struct env *v = *state;
-    static const int lens[][3] = {{9, 3, 12}, {16, 1, 10}, {13, 13, 13}, {9, 15, 2}};
+    static const int counts[] = {3, 5, 1, 8};
+    static const int lens[][8] = {{9, 3, 12}, {16, 1, 10, 2, 2}, {13}, {9, 15, 2, 4, 5, 6, 7, 16}};
     int32_t tokens[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
     static struct backend_ops ops;
     const struct backend_ops *cpu = v->be->ops;
@@ -540,10 +541,10 @@ static void test_padded_batches_share_a_graph(void **state)
         struct engine *e = engine_create(&v->model, v->be, 0, err, sizeof err);
         assert_non_null(e);
         for (int b = 0; b < 4; b++) {
-            struct engine_seq q[3];
-            for (int i = 0; i < 3; i++)
+            struct engine_seq q[8];
+            for (int i = 0; i < counts[b]; i++)
                 q[i] = (struct engine_seq){.tokens = tokens, .len = lens[b][i], .slot = -1};
-            if (engine_forward(e, q, 3, err, sizeof err) != 0)
+            if (engine_forward(e, q, counts[b], err, sizeof err) != 0)
                 fail_msg("forward: %s", err);
         }
         assert_int_equal(mock.begins, pad ? 1 : 0);
