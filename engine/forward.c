@@ -92,6 +92,18 @@ int engine_check_batch(const struct engine *e, const struct engine_seq *seqs, in
  * of 1 to 8 texts, 9 to 16 and so on share their recorded graphs. */
 #define PAD_ROWS 8
 
+static size_t round_up(size_t n, size_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
+/* The caller's sequence at sorted position i of a plan, or NULL for a
+ * filler (engine_make_plan). */
+static struct engine_seq *seq_at(const struct plan *p, struct engine_seq *seqs, int i)
+{
+    return p->order[i] < p->seqs ? &seqs[p->order[i]] : NULL;
+}
+
 /* Indices sorted by length, longest first; stable, so equal batches give
  * equal packings.  qsort has no context argument in C11, and an insertion
  * sort is fast for batches of a few hundred. */
@@ -113,7 +125,7 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int
 {
     /* A padded plan also rounds its width up to whole groups of rows,
      * with filler sequences of one token whose results nobody reads. */
-    const int width = pad ? (n + PAD_ROWS - 1) / PAD_ROWS * PAD_ROWS : n;
+    const int width = pad ? (int)round_up((size_t)n, PAD_ROWS) : n;
     p->seqs = n;
     p->n = width;
     p->T = 0;
@@ -124,7 +136,7 @@ int engine_make_plan(struct engine *e, const struct engine_seq *seqs, int n, int
             p->T = seqs[i].len;
     }
     if (pad) {
-        p->T = (p->T + WAVE_CHUNK - 1) / WAVE_CHUNK * WAVE_CHUNK;
+        p->T = (int)round_up((size_t)p->T, WAVE_CHUNK);
         p->P = width * p->T;
     }
     int with_slot = seqs[0].slot >= 0;
@@ -260,7 +272,7 @@ struct layers_run {
     const struct dev_plan *d;
     float *attn;
     const struct tape *tape;
-    int chunk, tables, hsep;
+    int chunk, chunks, tables, hsep;
     float *ys[CONFIG_MAX_LAYERS + 1]; /* y^k, 1-based as in MODELS.md: y^0 is the embedded input */
     float *xrev, *xg, *hg, *qs, *hprev0, *c, *ring, *hout;
     size_t xg_rows;
@@ -325,9 +337,9 @@ static void run_chunk(const struct layers_run *w, int l, int dir, int k, int lan
     const struct plan *p = w->p;
     const struct dev_plan *d = w->d;
     const struct tape *tape = w->tape;
-    const int H = e->H, W = e->W, P = p->P, n = p->n, GH = e->G * H, D = e->D, T = p->T;
+    const int H = e->H, W = e->W, P = p->P, n = p->n, GH = e->G * H, D = e->D;
     const int s0 = k * w->chunk, s1 = chunk_end(w, k), row0 = p->off[s0];
-    const int ld = l * D + dir, chunks = (T + w->chunk - 1) / w->chunk;
+    const int ld = l * D + dir;
     float *y = w->ys[l + 1];
     float *cl = d->slot ? e->pool_c + (size_t)l * e->max_slots * H : w->c + (size_t)lane * n * H;
     float *rl = d->slot ? e->pool_ring + (size_t)l * e->max_slots * e->R * H
@@ -372,7 +384,7 @@ static void run_chunk(const struct layers_run *w, int l, int dir, int k, int lan
         };
         engine_layer_step(e, &r);
     }
-    if (!wave && k < chunks - 1)
+    if (!wave && k < w->chunks - 1)
         return;
     const int y0 = wave ? row0 : 0, y1 = wave ? p->off[s1] : P;
     if (h != y)
@@ -417,7 +429,7 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
     const int nbuf = wave && L > 3 ? L : 3;
     int in_max = e->E > W ? e->E : W;
     struct layers_run w = {
-        .e = e, .p = p, .d = d, .attn = attn, .tape = tape, .chunk = chunk,
+        .e = e, .p = p, .d = d, .attn = attn, .tape = tape, .chunk = chunk, .chunks = chunks,
         /* Training keeps the embedded input on its tape, and moves the
          * weights the tables were made from. */
         .tables = e->token_xg[0] && !tape,
@@ -464,11 +476,12 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
         for (int r = -1; r < chunks + 2 * (L - 1); r++)
             for (int l = 0; l < L; l++) {
                 const int kp = r - 2 * l + 1, ks = r - 2 * l;
-                if (ks >= 0 && ks < chunks) {
+                const int projects = kp >= 0 && kp < chunks, steps = ks >= 0 && ks < chunks;
+                if (steps) {
                     lane_use(be, l);
                     lane_wait(be, L + l);
                 }
-                if (kp >= 0 && kp < chunks) {
+                if (projects) {
                     lane_use(be, L + l);
                     if (l == 0 || kp >= 2)
                         lane_wait(be, l);
@@ -476,7 +489,7 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
                         lane_wait(be, l - 1);
                     project_chunk(&w, l, 0, kp, w.xg + (size_t)(2 * l + kp % 2) * xg_size);
                 }
-                if (ks >= 0 && ks < chunks) {
+                if (steps) {
                     lane_use(be, l);
                     run_chunk(&w, l, 0, ks, l, w.xg + (size_t)(2 * l + ks % 2) * xg_size, 1);
                     depth_residual(&w, l, p->off[ks * chunk], p->off[chunk_end(&w, ks)]);
@@ -554,20 +567,15 @@ static int classify_head(struct engine *e, const struct plan *p, const struct de
     be->ops->softmax_rows(be, probs, n, C);
     int rc = be->ops->download(be, host, logits, 2 * (size_t)n * C * sizeof(float));
     for (int i = 0; rc == 0 && i < n; i++) {
-        if (p->order[i] >= p->seqs)
-            continue; /* a filler */
-        struct engine_seq *q = &seqs[p->order[i]];
+        struct engine_seq *q = seq_at(p, seqs, i);
+        if (!q)
+            continue;
         if (q->logits)
             memcpy(q->logits, host + (size_t)i * C, (size_t)C * sizeof(float));
         if (q->probs)
             memcpy(q->probs, host + (size_t)(n + i) * C, (size_t)C * sizeof(float));
     }
     return rc;
-}
-
-static size_t round_up(size_t n, size_t to)
-{
-    return (n + to - 1) / to * to;
 }
 
 static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan *d, const float *y,
@@ -599,9 +607,9 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
     const float *h_lp = host, *h_last = host + at_last, *h_logits = host + at_logits;
     int rc = be->ops->download(be, host, lp, down * sizeof(float));
     for (int i = 0; rc == 0 && i < n; i++) {
-        if (p->order[i] >= p->seqs)
-            continue; /* a filler */
-        struct engine_seq *q = &seqs[p->order[i]];
+        struct engine_seq *q = seq_at(p, seqs, i);
+        if (!q)
+            continue;
         double sum = 0.0;
         for (int s = 0; s < q->len; s++)
             sum += h_lp[p->off[s] + i];
@@ -626,7 +634,7 @@ static int copy_attention(struct engine *e, const struct plan *p, const float *a
         return -1;
     int rc = e->be->ops->download(e->be, host, attn, total * sizeof(float));
     for (int i = 0; rc == 0 && i < p->n; i++) {
-        struct engine_seq *q = p->order[i] < p->seqs ? &seqs[p->order[i]] : NULL;
+        struct engine_seq *q = seq_at(p, seqs, i);
         if (!q || !q->attention)
             continue;
         for (int ld = 0; ld < e->L * e->D; ld++) {
