@@ -18,7 +18,7 @@ mkdir -p "$out"
 cat "$out/torch.json"
 "$bin/bench_engine" "$dir" cuda >"$out/engine.json"
 cat "$out/engine.json"
-BENCH_DEVICE=cuda BENCH_CLIENTS=64 bench/run_bench_server.sh "$bin/loadgen" >"$out/server.log" 2>&1 ||
+PYTHON="$py" BENCH_DEVICE=cuda BENCH_CLIENTS=64 bench/run_bench_server.sh "$bin/loadgen" >"$out/server.log" 2>&1 ||
     echo "run_bench_gpu.sh: the server benchmark failed (see $out/server.log)" >&2
 "$py" bench/gpu_results.py "$out/torch.json" "$out/engine.json" "$out/server.log" >"$out/RESULTS.md"
 cat "$out/RESULTS.md"

@@ -17,7 +17,9 @@
  *     launched outside graphs: kernels, streams, the kernels' summed time
  *     and the time the GPU was busy with at least one of them.  Summed
  *     over busy above 1 means kernels of different streams ran at once:
- *     the forward's wavefront of layers, or two directions.
+ *     the forward's wavefront of layers, or two directions.  Then the
+ *     idle time between its kernels within a replay, and the kernels that
+ *     took most of its time, with their count and mean time.
  */
 #include <cupti.h>
 #include <pthread.h>
@@ -39,6 +41,7 @@ struct copy_count {
 struct kernel_span {
     uint32_t graph, stream;
     uint64_t start, end;
+    const char *name; /* CUPTI's, shared by every record of one kernel */
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -76,10 +79,10 @@ static void note_copy(uint8_t kind, uint64_t bytes, int in_graph)
         copies[n_copies++] = (struct copy_count){kind, bytes, 1, in_graph != 0};
 }
 
-static void note_kernel(uint32_t graph, uint32_t stream, uint64_t start, uint64_t end)
+static void note_kernel(uint32_t graph, uint32_t stream, uint64_t start, uint64_t end, const char *name)
 {
     if (reserve((void **)&kernels, &cap_kernels, n_kernels, sizeof *kernels) == 0)
-        kernels[n_kernels++] = (struct kernel_span){graph, stream, start, end};
+        kernels[n_kernels++] = (struct kernel_span){graph, stream, start, end, name ? name : "?"};
 }
 
 static void CUPTIAPI buffer_requested(uint8_t **buffer, size_t *size, size_t *max_records)
@@ -102,7 +105,7 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t *b
             note_copy(m->copyKind, m->bytes, m->graphId != 0);
         } else if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
             const CUpti_ActivityKernel10 *k = (const CUpti_ActivityKernel10 *)rec;
-            note_kernel(k->graphId, k->streamId, k->start, k->end);
+            note_kernel(k->graphId, k->streamId, k->start, k->end, k->name);
         }
     }
     pthread_mutex_unlock(&mu);
@@ -134,16 +137,38 @@ static int by_graph_then_start(const void *a, const void *b)
     return x->start < y->start ? -1 : x->start > y->start;
 }
 
-/* The n kernels of one graph (or of none), sorted by start. */
+/* Idle time between two kernels shorter than this is counted as a gap
+ * inside one replay (launch latency, a wait between streams); a longer one
+ * is the host's time between replays. */
+#define GAP_NS 20000
+
+struct kernel_name {
+    const char *name;
+    size_t count;
+    uint64_t summed;
+};
+
+static int by_summed(const void *a, const void *b)
+{
+    const struct kernel_name *x = a, *y = b;
+    return x->summed < y->summed ? 1 : x->summed > y->summed ? -1 : 0;
+}
+
+/* The n kernels of one graph (or of none), sorted by start: the line
+ * above, then the kernels that took most of its time, each with how often
+ * it ran and its mean time, so a slow step can be pinned on its kernel. */
 static void report_graph(const struct kernel_span *k, size_t n)
 {
     uint32_t streams[32];
-    size_t n_streams = 0;
-    uint64_t summed = 0, busy = 0, busy_end = 0;
+    struct kernel_name names[64];
+    size_t n_streams = 0, n_names = 0;
+    uint64_t summed = 0, busy = 0, busy_end = 0, gaps = 0;
     for (size_t i = 0; i < n; i++) {
         summed += k[i].end - k[i].start;
         /* The union of the intervals, swept in order of start. */
         if (k[i].end > busy_end) {
+            if (busy_end && k[i].start > busy_end && k[i].start - busy_end < GAP_NS)
+                gaps += k[i].start - busy_end;
             busy += k[i].end - (k[i].start > busy_end ? k[i].start : busy_end);
             busy_end = k[i].end;
         }
@@ -152,14 +177,30 @@ static void report_graph(const struct kernel_span *k, size_t n)
             s++;
         if (s == n_streams && n_streams < sizeof streams / sizeof streams[0])
             streams[n_streams++] = k[i].stream;
+        size_t m = 0;
+        while (m < n_names && strcmp(names[m].name, k[i].name) != 0)
+            m++;
+        if (m == n_names && n_names < sizeof names / sizeof names[0])
+            names[n_names++] = (struct kernel_name){k[i].name, 0, 0};
+        if (m < n_names) {
+            names[m].count++;
+            names[m].summed += k[i].end - k[i].start;
+        }
     }
     char name[32];
     if (k[0].graph)
         snprintf(name, sizeof name, "graph %u", k[0].graph);
     else
         snprintf(name, sizeof name, "outside graphs");
-    fprintf(stderr, "cupti_trace: %-14s %9zu kernels on %zu stream(s): %.3f ms of kernels in %.3f ms busy (%.2fx)\n",
-            name, n, n_streams, (double)summed / 1e6, (double)busy / 1e6, busy ? (double)summed / (double)busy : 0.0);
+    fprintf(stderr,
+            "cupti_trace: %-14s %9zu kernels on %zu stream(s): %.3f ms of kernels in %.3f ms busy (%.2fx), "
+            "%.3f ms idle in gaps under %d us\n",
+            name, n, n_streams, (double)summed / 1e6, (double)busy / 1e6, busy ? (double)summed / (double)busy : 0.0,
+            (double)gaps / 1e6, GAP_NS / 1000);
+    qsort(names, n_names, sizeof names[0], by_summed);
+    for (size_t m = 0; m < n_names && m < 6; m++)
+        fprintf(stderr, "cupti_trace:     %8zu x %8.2f us  %s\n", names[m].count,
+                (double)names[m].summed / (double)names[m].count / 1e3, names[m].name);
 }
 
 static void report(void)

@@ -30,11 +30,12 @@ cp rrnserve "$stage/"
 cp build/cuda/tools/libcupti_trace.so "$stage/build/cuda/tools/"
 cp $tests "$stage/build/cuda/tests/"
 cp build/cuda/bench/bench_engine build/cuda/bench/loadgen "$stage/build/cuda/bench/"
-# The held-out novel the Austen model is scored on (../shared does not
-# travel to the GPU machine), for gpu-run.sh's precision figures.
-mkdir -p "$stage/data"
-if [ -f ../shared/data/austen/persuasion.txt ]; then
-    cp ../shared/data/austen/persuasion.txt "$stage/data/"
+# The training data and the held-out novel the Austen model is scored on
+# (../shared does not travel to the GPU machine), for gpu-run.sh's train
+# and precision runs.
+if [ -d ../shared/data ]; then
+    cp -r ../shared/data "$stage/data"
+    chmod -R u+w "$stage/data" # ../shared is read-only; the trap removes this
 fi
 # Every library the binaries load, but the C library's and CUDA's own.
 for bin in "$stage/rrnserve" "$stage"/build/cuda/tests/* "$stage"/build/cuda/bench/*; do

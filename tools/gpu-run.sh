@@ -32,6 +32,10 @@ mkdir -p "$root" && xz -dc .gpu/bundle.tar.xz | tar -C "$root" -xf - || {
 }
 export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64:/usr/local/cuda/extras/CUPTI/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cp "$root/rrnserve" ./rrnserve
+# The models' recipes read their data from ../shared/data.
+if [ ! -e ../shared/data ] && [ -d "$root/data" ]; then
+    mkdir -p ../shared && ln -s "$root/data" ../shared/data
+fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     ./rrnserve --version
@@ -67,8 +71,9 @@ run_train() {
 run_precision() {
     for p in fp32 tf32 bf16; do
         echo "== $p"
-        [ -f "$root/data/persuasion.txt" ] &&
-            ./rrnserve run models/austen.safetensors --file "$root/data/persuasion.txt" --device cuda --precision "$p"
+        [ -f ../shared/data/austen/persuasion.txt ] &&
+            ./rrnserve run models/austen.safetensors --file ../shared/data/austen/persuasion.txt --device cuda \
+                --precision "$p"
         ./rrnserve run models/sentiment.safetensors --jsonl tests/fixtures/data/sentiment.test.jsonl --device cuda \
             --precision "$p" >"$out/sentiment-$p.jsonl"
         python3 - tests/fixtures/data/sentiment.test.jsonl "$out/sentiment-$p.jsonl" <<'PY'
