@@ -175,14 +175,15 @@ struct backend_ops {
     void *(*host_alloc)(struct backend *be, size_t bytes);
     void (*host_free)(struct backend *be, void *p);
 
-    /* A weight matrix B [N][K] (row stride K) copied into the layout the
-     * backend's products x B^T read fastest, made once when a model is
-     * placed; freed with free, *bytes set to its size.  NULL when out of
-     * memory.  The op is NULL where the plain layout is already the
-     * fastest (CUDA). */
+    /* A weight matrix B [N][K] (row stride K) copied into the form the
+     * backend's products x B^T read best, made once when a model is
+     * placed: the CPU's packed layout, CUDA's BF16 twin in BF16 precision.
+     * Freed with free, *bytes set to its size.  NULL when out of memory or
+     * when the backend multiplies by B as it is (CUDA in FP32 and TF32). */
     void *(*pack_weights)(struct backend *be, const float *B, int N, int K, size_t *bytes);
     /* C[M,N] = A B^T + beta C, beta 0 or 1, B packed by pack_weights: the
-     * same bits as gemm with trans_b. */
+     * same bits as gemm with trans_b on the CPU; on CUDA, A and B rounded
+     * to BF16. */
     void (*gemm_packed)(struct backend *be, int M, int N, int K, const float *A, int lda, const void *packed,
                         float beta, float *C, int ldc);
 

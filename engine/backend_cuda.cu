@@ -10,6 +10,7 @@
  * step.
  */
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -29,6 +30,10 @@ struct cuda_lane {
     cudaEvent_t queued;
     cublasHandle_t blas;
     void *workspace;
+    /* In BF16 precision, the other operand of a product by weights,
+     * rounded to BF16 (gemm_packed); grow-only. */
+    __nv_bfloat16 *bf16;
+    size_t bf16_cap; /* values */
 };
 
 /* cuBLAS's advice for a workspace of one's own: 32 MiB on Hopper, 4 MiB
@@ -46,7 +51,13 @@ struct cuda_impl {
     struct cuda_lane lanes[CUDA_LANES];
     int lane; /* where work is queued now */
     /* How cuBLAS computes the products (set_precision). */
+    enum precision precision;
     cublasComputeType_t compute;
+    /* BF16 scratches that a lane outgrew: graphs recorded before may still
+     * read them, so they stay until the backend goes.  Each is at most
+     * half the next, so a few hold any growth. */
+    __nv_bfloat16 *outgrown[32];
+    int n_outgrown;
     /* Grow-only device scratch for operations that need some (the
      * backward's per-row attention gradients). */
     float *scratch;
@@ -90,6 +101,8 @@ static void cuda_destroy(struct backend *be)
                 cublasDestroy(l->blas);
             if (l->workspace)
                 cudaFree(l->workspace);
+            if (l->bf16)
+                cudaFree(l->bf16);
             if (l->queued)
                 cudaEventDestroy(l->queued);
             if (l->stream)
@@ -97,6 +110,8 @@ static void cuda_destroy(struct backend *be)
         }
         if (c->scratch)
             cudaFree(c->scratch);
+        for (int k = 0; k < c->n_outgrown; k++)
+            cudaFree(c->outgrown[k]);
         free(c);
     }
     free(be);
@@ -790,15 +805,86 @@ static void cuda_squared_error(struct backend *be, const float *x, const float *
         launch(be, squared_error_kernel, n, 256, x, y, width, loss, dx, scale);
 }
 
-/* The operands stay FP32 in memory whatever the precision: TF32 and BF16
- * let cuBLAS round them as they enter the tensor cores (to 10 and 7
- * mantissa bits), summing in FP32; FP32 computes in FP32 throughout. */
+/* FP32 computes in FP32 throughout.  TF32 lets cuBLAS round the FP32
+ * operands as they enter the tensor cores (to 10 mantissa bits), summing
+ * in FP32.  BF16 multiplies by BF16 twins of the weights (pack_weights)
+ * and the other operand rounded to BF16 (gemm_packed), summing in FP32:
+ * asked only to allow BF16 (CUBLAS_COMPUTE_32F_FAST_16BF), cuBLAS 13 ran
+ * its TF32 kernels on an H100, bit for bit (bench/RESULTS.md).  Products
+ * of two activations (training's backward) use TF32 in both. */
 static int cuda_set_precision(struct backend *be, enum precision p)
 {
     static const cublasComputeType_t compute[] = {CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32,
-                                                  CUBLAS_COMPUTE_32F_FAST_16BF};
+                                                  CUBLAS_COMPUTE_32F_FAST_TF32};
+    impl_of(be)->precision = p;
     impl_of(be)->compute = compute[p];
     return 0;
+}
+
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, int rows, int cols, int lds)
+{
+    long total = (long)rows * cols;
+    for (long x = blockIdx.x * (long)blockDim.x + threadIdx.x; x < total; x += (long)gridDim.x * blockDim.x)
+        dst[x] = __float2bfloat16_rn(src[(x / cols) * lds + x % cols]);
+}
+
+/* In BF16 precision, a weight matrix's twin in BF16 (freed with free);
+ * NULL in the others, whose products read the FP32 weights. */
+static void *cuda_pack_weights(struct backend *be, const float *B, int N, int K, size_t *bytes)
+{
+    if (impl_of(be)->precision != PRECISION_BF16)
+        return NULL;
+    *bytes = (size_t)N * K * sizeof(__nv_bfloat16);
+    __nv_bfloat16 *twin = (__nv_bfloat16 *)cuda_alloc(be, *bytes);
+    if (twin)
+        launch(be, to_bf16_kernel, blocks_for((long)N * K, 256), 256, twin, B, N, K, K);
+    return twin;
+}
+
+/* The lane's BF16 scratch of at least n values, or NULL (the error
+ * recorded).  It grows only outside a recording, which cannot allocate:
+ * a shape is recorded the second time it comes, and the first, run as it
+ * was queued, grew the scratch for it. */
+static __nv_bfloat16 *bf16_scratch(struct backend *be, size_t n)
+{
+    struct cuda_impl *c = impl_of(be);
+    struct cuda_lane *l = &c->lanes[c->lane];
+    if (n <= l->bf16_cap)
+        return l->bf16;
+    if (c->n_outgrown == (int)(sizeof c->outgrown / sizeof c->outgrown[0])) {
+        snprintf(be->err, sizeof be->err, "the BF16 scratch grew too often");
+        return NULL;
+    }
+    size_t cap = n > 2 * l->bf16_cap ? n : 2 * l->bf16_cap;
+    void *p = NULL;
+    if (check(be, cudaMalloc(&p, cap * sizeof(__nv_bfloat16)), "cudaMalloc") != 0)
+        return NULL;
+    if (l->bf16)
+        c->outgrown[c->n_outgrown++] = l->bf16;
+    l->bf16 = (__nv_bfloat16 *)p;
+    l->bf16_cap = cap;
+    return l->bf16;
+}
+
+/* C = A B^T + beta C with B's BF16 twin: A rounded to BF16 into the
+ * lane's scratch, then one cuBLAS product of BF16 operands summed in FP32
+ * (see cuda_gemm for the swap of operands). */
+static void cuda_gemm_packed(struct backend *be, int M, int N, int K, const float *A, int lda, const void *packed,
+                             float beta, float *C, int ldc)
+{
+    if (M <= 0 || N <= 0)
+        return;
+    __nv_bfloat16 *a = bf16_scratch(be, (size_t)M * K);
+    if (!a)
+        return;
+    launch(be, to_bf16_kernel, blocks_for((long)M * K, 256), 256, a, A, M, K, lda);
+    struct cuda_impl *c = impl_of(be);
+    const float alpha = 1.0f;
+    cublasStatus_t st = cublasGemmEx(c->lanes[c->lane].blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, packed,
+                                     CUDA_R_16BF, K, a, CUDA_R_16BF, K, &beta, C, CUDA_R_32F, ldc,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS && !be->err[0])
+        snprintf(be->err, sizeof be->err, "cublasGemmEx (BF16) failed with status %d", (int)st);
 }
 
 /* Thread-local capture: another model's batcher, on its own stream and
@@ -930,8 +1016,8 @@ static const struct backend_ops cuda_ops = {
     cuda_set_precision,
     cuda_host_alloc,
     cuda_host_free,
-    NULL, /* pack_weights: cuBLAS reads the plain layout */
-    NULL,
+    cuda_pack_weights,
+    cuda_gemm_packed,
     cuda_capture_begin,
     cuda_capture_end,
     cuda_replay,

@@ -103,8 +103,10 @@ static void pack_one(struct engine *e, const float *W, int N, int K)
 
 /* Packed twins of every matrix the forward and the step multiply by: the
  * recurrent and input matrices, the attention query, the depth residual's
- * projection and the head.  They double the memory of those weights for a
- * product about a tenth faster (bench/bench_gemm). */
+ * projection and the head.  On the CPU they double the memory of those
+ * weights for a product about a tenth faster (bench/bench_gemm); on CUDA
+ * in BF16 precision they are the BF16 weights the tensor cores read, half
+ * as large again. */
 static void pack_weights(struct engine *e)
 {
     if (!e->be->ops->pack_weights)

@@ -655,12 +655,12 @@ struct wide_run {
 enum { WIDE_N = 3, WIDE_STEPS = 5 };
 static const int wide_len[WIDE_N] = {11, 7, 3};
 
-static void wide_run_on(const struct model *m, enum device_kind dev, const int32_t tokens[WIDE_N][16],
-                        struct wide_run *r)
+static void wide_run_on(const struct model *m, enum device_kind dev, enum precision prec,
+                        const int32_t tokens[WIDE_N][16], struct wide_run *r)
 {
     char err[512];
     struct backend *be = backend_create(dev, err, sizeof err);
-    if (!be)
+    if (!be || backend_set_precision(be, prec, err, sizeof err) != 0)
         fail_msg("backend: %s", err);
     const int lm = m->cfg.task == TASK_LM, C = m->head_out, V = m->vocab;
     const int LK = m->cfg.layers * (m->cfg.bidirectional ? 2 : 1) * m->cfg.attn_window;
@@ -748,8 +748,8 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
             for (int t = 0; t < 16; t++)
                 tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m.vocab);
         struct wide_run cpu, gpu;
-        wide_run_on(&m, DEVICE_CPU, tokens, &cpu);
-        wide_run_on(&m, DEVICE_CUDA, tokens, &gpu);
+        wide_run_on(&m, DEVICE_CPU, PRECISION_FP32, tokens, &cpu);
+        wide_run_on(&m, DEVICE_CUDA, PRECISION_FP32, tokens, &gpu);
         expect_close(wide_models[k], "forward", gpu.forward, cpu.forward, cpu.n_forward, 1e-4);
         expect_close(wide_models[k], "steps", gpu.steps, cpu.steps, cpu.n_steps, 1e-4);
         expect_close(wide_models[k], "gradients", gpu.grads, cpu.grads, cpu.n_grads, 1e-3);
@@ -761,6 +761,59 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
         }
         model_free(&m);
     }
+#else
+    skip();
+#endif
+}
+
+/* The largest error of x against want, relative to the size of want. */
+static double largest_error(const float *x, const float *want, size_t n)
+{
+    double most = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)x[i] - want[i]) / (1.0 + fabs((double)want[i]));
+        most = e > most ? e : most;
+    }
+    return most;
+}
+
+/* Each precision rounds as named: TF32 moves a forward's results off FP32,
+ * BF16 (7 mantissa bits to TF32's 10) several times further, and neither
+ * by more than its rounding can explain.  cuBLAS, asked only to allow BF16
+ * on FP32 operands, ran TF32 kernels, so BF16 multiplies BF16 copies of
+ * its operands; this fails where BF16 is TF32 under another name.
+ * Skipped without a GPU. */
+static void test_cuda_precisions_round_as_named(void **state)
+{
+    (void)state;
+#ifdef RRN_CUDA
+    if (!backend_cuda_available())
+        skip();
+    char err[512];
+    struct model_config cfg;
+    struct model m;
+    if (config_parse(wide_models[0], &cfg, err, sizeof err) || model_alloc(&m, &cfg, err, sizeof err))
+        fail_msg("%s", err);
+    const struct init_options init = {1, 1.0f};
+    model_init(&m, &init, 11);
+    int32_t tokens[WIDE_N][16];
+    for (int i = 0; i < WIDE_N; i++)
+        for (int t = 0; t < 16; t++)
+            tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m.vocab);
+    struct wide_run run[3];
+    const enum precision precs[3] = {PRECISION_FP32, PRECISION_TF32, PRECISION_BF16};
+    for (int p = 0; p < 3; p++)
+        wide_run_on(&m, DEVICE_CUDA, precs[p], tokens, &run[p]);
+    double tf32 = largest_error(run[1].forward, run[0].forward, run[0].n_forward);
+    double bf16 = largest_error(run[2].forward, run[0].forward, run[0].n_forward);
+    if (!(tf32 > 0.0 && tf32 < 1e-2 && bf16 > 4.0 * tf32 && bf16 < 1e-1))
+        fail_msg("largest errors against FP32: TF32 %.3g, BF16 %.3g", tf32, bf16);
+    for (int p = 0; p < 3; p++) {
+        free(run[p].forward);
+        free(run[p].steps);
+        free(run[p].grads);
+    }
+    model_free(&m);
 #else
     skip();
 #endif
@@ -785,6 +838,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_padded_batches_share_a_graph, setup_lm, teardown),
         cmocka_unit_test(test_cuda_graphs_give_the_same_bits),
         cmocka_unit_test(test_cuda_matches_cpu_on_wide_models),
+        cmocka_unit_test(test_cuda_precisions_round_as_named),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);

@@ -3,7 +3,9 @@
  * device allocation (where a GPU would fault or read a neighbour's data),
  * and the product queued on the handle's stream, run by OpenBLAS.  A
  * workspace given to cuBLAS must be aligned device memory and serve one
- * stream only.
+ * stream only.  FP32 operands with the TF32 or BF16-allowing compute types
+ * are rounded to TF32 (cuBLAS 13 ran its TF32 kernels for both on an
+ * H100); BF16 operands are widened, the products summed in FP32.
  */
 #include "cublas_v2.h"
 
@@ -73,17 +75,17 @@ cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t
 
 /* The column-major rows x cols matrix at p with leading dimension ld must
  * lie in one device allocation. */
-static void check_operand(const char *name, const void *p, int rows, int cols, int ld)
+static void check_operand(const char *name, const void *p, int rows, int cols, int ld, size_t size)
 {
-    size_t floats = (size_t)(cols - 1) * ld + rows;
-    if (!cuda_emu::device_range(p, floats * sizeof(float)))
+    size_t values = (size_t)(cols - 1) * ld + rows;
+    if (!cuda_emu::device_range(p, values * size))
         cuda_emu::fault("cublasGemmEx: %s (%d x %d, leading dimension %d) at %p does not lie in one device "
                         "allocation",
                         name, rows, cols, ld, p);
 }
 
 /* x rounded to the nearest value with `bits` mantissa bits, ties to even:
- * what TF32 (10) and BF16 (7) keep of an FP32 operand. */
+ * what TF32 keeps of an FP32 operand (10 bits). */
 static float round_mantissa(float x, int bits)
 {
     uint32_t u;
@@ -108,6 +110,17 @@ static const float *rounded(std::vector<float> &out, const float *p, int rows, i
     return out.data();
 }
 
+/* A BF16 operand's stored elements as FP32 (the high half of the bits). */
+static const float *widened(std::vector<float> &out, const uint16_t *p, int rows, int cols, int ld)
+{
+    out.resize((size_t)(cols - 1) * ld + rows);
+    for (size_t i = 0; i < out.size(); i++) {
+        uint32_t u = (uint32_t)p[i] << 16;
+        memcpy(&out[i], &u, sizeof u);
+    }
+    return out.data();
+}
+
 cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
                             int k, const void *alpha, const void *A, cudaDataType_t Atype, int lda, const void *B,
                             cudaDataType_t Btype, int ldb, const void *beta, void *C, cudaDataType_t Ctype, int ldc,
@@ -116,7 +129,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
     (void)algo;
     if (!handle)
         return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (Atype != CUDA_R_32F || Btype != CUDA_R_32F || Ctype != CUDA_R_32F)
+    const bool bf16 = Atype == CUDA_R_16BF;
+    if (Atype != Btype || (Atype != CUDA_R_32F && !bf16) || Ctype != CUDA_R_32F)
         return CUBLAS_STATUS_NOT_SUPPORTED;
     int bits;
     switch (computeType) {
@@ -124,14 +138,15 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
         bits = 23;
         break;
     case CUBLAS_COMPUTE_32F_FAST_TF32:
-        bits = 10;
-        break;
     case CUBLAS_COMPUTE_32F_FAST_16BF:
-        bits = 7;
+        bits = 10;
         break;
     default:
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
+    if (bf16 && bits != 23)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    const size_t size = bf16 ? sizeof(uint16_t) : sizeof(float);
     if ((transa != CUBLAS_OP_N && transa != CUBLAS_OP_T) || (transb != CUBLAS_OP_N && transb != CUBLAS_OP_T))
         return CUBLAS_STATUS_INVALID_VALUE;
     const int a_rows = transa == CUBLAS_OP_N ? m : k, a_cols = transa == CUBLAS_OP_N ? k : m;
@@ -142,13 +157,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
     if (!m || !n)
         return CUBLAS_STATUS_SUCCESS;
     if (k) {
-        check_operand("A", A, a_rows, a_cols, lda);
-        check_operand("B", B, b_rows, b_cols, ldb);
+        check_operand("A", A, a_rows, a_cols, lda, size);
+        check_operand("B", B, b_rows, b_cols, ldb, size);
     }
-    check_operand("C", C, m, n, ldc);
+    check_operand("C", C, m, n, ldc, sizeof(float));
     /* The host scalars are read by the call, as cuBLAS reads them. */
     const float al = *(const float *)alpha, be = *(const float *)beta;
-    const float *a = (const float *)A, *b = (const float *)B;
     float *c = (float *)C;
     cudaError_t rc = cuda_emu::enqueue(handle->stream, [=]() {
         if (!k) {
@@ -158,10 +172,13 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
             return;
         }
         static thread_local std::vector<float> ar, br;
-        const float *ap = a, *bp = b;
-        if (bits < 23) {
-            ap = rounded(ar, a, a_rows, a_cols, lda, bits);
-            bp = rounded(br, b, b_rows, b_cols, ldb, bits);
+        const float *ap = (const float *)A, *bp = (const float *)B;
+        if (bf16) {
+            ap = widened(ar, (const uint16_t *)A, a_rows, a_cols, lda);
+            bp = widened(br, (const uint16_t *)B, b_rows, b_cols, ldb);
+        } else if (bits < 23) {
+            ap = rounded(ar, ap, a_rows, a_cols, lda, bits);
+            bp = rounded(br, bp, b_rows, b_cols, ldb, bits);
         }
         cblas_sgemm(CblasColMajor, transa == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
                     transb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, al, ap, lda, bp, ldb, be, c, ldc);

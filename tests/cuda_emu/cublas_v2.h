@@ -29,7 +29,7 @@ enum cublasComputeType_t {
     CUBLAS_COMPUTE_32F_FAST_TF32 = 77,
 };
 
-enum cudaDataType_t { CUDA_R_32F = 0 };
+enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
 
 enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
 
