@@ -13,6 +13,8 @@
 #   device run, carry [".gpu"], command "tools/gpu-run.sh"
 #
 # tools/gpu-run.sh, run there, says what it does and what it writes.
+# RRN_BENCH_VARIANTS="NAME=PATH ..." adds other builds of bench_engine (a
+# branch's, a tile size's) for gpu-run.sh compare to time beside this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || {
@@ -30,6 +32,10 @@ cp rrnserve "$stage/"
 cp build/cuda/tools/libcupti_trace.so "$stage/build/cuda/tools/"
 cp $tests "$stage/build/cuda/tests/"
 cp build/cuda/bench/bench_engine build/cuda/bench/loadgen "$stage/build/cuda/bench/"
+mkdir -p "$stage/build/cuda/bench/variants"
+for variant in ${RRN_BENCH_VARIANTS:-}; do
+    cp "${variant#*=}" "$stage/build/cuda/bench/variants/${variant%%=*}"
+done
 # The training data and the held-out novel the Austen model is scored on
 # (../shared does not travel to the GPU machine), for gpu-run.sh's train
 # and precision runs.
@@ -38,7 +44,8 @@ if [ -d ../shared/data ]; then
     chmod -R u+w "$stage/data" # ../shared is read-only; the trap removes this
 fi
 # Every library the binaries load, but the C library's and CUDA's own.
-for bin in "$stage/rrnserve" "$stage"/build/cuda/tests/* "$stage"/build/cuda/bench/*; do
+shopt -s nullglob
+for bin in "$stage/rrnserve" "$stage"/build/cuda/tests/* "$stage"/build/cuda/bench/{bench_engine,loadgen,variants/*}; do
     ldd "$bin" | awk '$3 ~ /^\// { print $3 }'
 done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|ld-linux-x86-64|libstdc\+\+|libgcc_s)\.so|/cuda' |
     while read -r lib; do cp -L "$lib" "$stage/lib/"; done

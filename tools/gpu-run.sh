@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu-run.sh [tests|bench|train|precision|profile|all] - run on the GPU machine (the `device`
+# gpu-run.sh [tests|bench|compare|train|precision|profile|all] - run on the GPU machine (the `device`
 # tool), from the repository root, with .gpu/bundle.tar.xz carried there
 # (tools/gpu-bundle.sh made it here).  Writes its logs and results to $OUT
 # (or ./gpu-out without one):
@@ -13,6 +13,10 @@
 #   precision  what TF32 and BF16 cost: Austen's bits per character on Persuasion
 #          and the sentiment model's accuracy on its 200 test sentences,
 #          fp32 against tf32 and bf16: precision.log
+#   compare  bench_engine and every variant the bundle holds (other builds
+#          of it: RRN_BENCH_VARIANTS in tools/gpu-bundle.sh) on the same
+#          weights, one after the other, with cuDNN's and PyTorch's figures:
+#          a table of every figure side by side, compare.txt
 #   profile  bench_engine on cuda under CUPTI (tools/cupti_trace.c): every
 #          distinct copy and how often it ran (nothing of the model may be
 #          copied once a step), and per recorded graph how much of its
@@ -96,12 +100,39 @@ run_profile() {
     rm -rf "$dir"
 }
 
+run_compare() {
+    local dir v
+    dir=$(mktemp -d)
+    python3 bench/bench_torch.py "$dir" cuda >"$out/torch.json" &&
+        "$root/build/cuda/bench/bench_engine" "$dir" cuda >"$out/engine-main.json"
+    for v in "$root"/build/cuda/bench/variants/*; do
+        [ -x "$v" ] && "$v" "$dir" cuda >"$out/engine-$(basename "$v").json"
+    done
+    rm -rf "$dir"
+    python3 - "$out"/torch.json "$out"/engine-*.json <<'PY' | tee "$out/compare.txt"
+import json, os, sys
+runs = []
+for path in sys.argv[1:]:
+    try:
+        runs.append((os.path.basename(path)[:-5], json.load(open(path))))
+    except (OSError, ValueError):
+        print("%s: no figures" % path)
+keys = []
+for _, r in runs:
+    keys += [k for k, v in r.items() if isinstance(v, float) and k not in keys]
+print("%-28s" % "figure" + "".join("%16s" % name for name, _ in runs))
+for k in keys:
+    print("%-28s" % k + "".join("%16s" % ("%.6g" % r[k] if isinstance(r.get(k), float) else "-") for _, r in runs))
+PY
+}
+
 case $what in
 tests) run_tests ;;
+compare) run_compare ;;
 bench) run_bench ;;
 train) run_train ;;
 precision) run_precision ;;
 profile) run_profile ;;
 all) run_tests; run_bench; run_train; run_precision ;;
-*) echo "usage: gpu-run.sh [tests|bench|train|precision|profile|all]" >&2; exit 2 ;;
+*) echo "usage: gpu-run.sh [tests|bench|compare|train|precision|profile|all]" >&2; exit 2 ;;
 esac
