@@ -107,7 +107,7 @@ static void pack_one(struct engine *e, const float *W, int N, int K)
  * weights for a product about a tenth faster (bench/bench_gemm); on CUDA
  * in BF16 precision they are the BF16 weights the tensor cores read, half
  * as large again. */
-static void pack_weights(struct engine *e)
+void engine_pack_weights(struct engine *e)
 {
     if (!e->be->ops->pack_weights)
         return;
@@ -255,7 +255,7 @@ struct engine *engine_create(const struct model *m, struct backend *be, int max_
         engine_destroy(e);
         return NULL;
     }
-    pack_weights(e);
+    engine_pack_weights(e);
     build_token_tables(e);
     return e;
 }

@@ -109,6 +109,11 @@ void engine_gemm_weights(struct engine *e, int n, int N, int K, const float *x, 
  * twins, recorded graphs): the weights are about to change. */
 void engine_drop_derived(struct engine *e);
 
+/* Make the packed twins of the weights (backend_ops.pack_weights), when
+ * the engine is made and again after training changed the weights: on
+ * CUDA in BF16 they are what the products read. */
+void engine_pack_weights(struct engine *e);
+
 /* Device work that engine_recorded may record: returns its result, a
  * pointer, or NULL on failure. */
 typedef void *(*engine_work)(struct engine *e, void *arg);

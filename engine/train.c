@@ -54,7 +54,13 @@ int engine_grads_to_host(struct engine *e, float *g)
 int engine_params_from_host(struct engine *e, const float *p)
 {
     engine_drop_derived(e);
-    return e->be->ops->upload(e->be, e->w.base, p, e->m->n_params * sizeof(float));
+    if (e->be->ops->upload(e->be, e->w.base, p, e->m->n_params * sizeof(float)) != 0)
+        return -1;
+    /* The twins follow the weights, so that training and its validation
+     * multiply in the precision asked for (BF16 on CUDA), as inference
+     * does; on the CPU the packed products give the same bits. */
+    engine_pack_weights(e);
+    return 0;
 }
 
 /* The rows of step u >= -R of the tape's h: the prefix's R steps hold all B

@@ -337,9 +337,10 @@ static void run_tables_case(struct engine *e, const struct model *m, float *out)
 
 /* An engine reads layer 0's projection of each token from a table and,
  * on the CPU, multiplies by packed copies of its weight matrices; one whose
- * weights were replaced (engine_params_from_host) has neither.  Both must
- * give the same bits: with and without the depth residual (which needs the
- * embedded input anyway), both directions, forward and steps. */
+ * weights were replaced (engine_params_from_host) has no table, and none
+ * of the packed copies it makes again when its backend cannot pack.  Both
+ * must give the same bits: with and without the depth residual (which
+ * needs the embedded input anyway), both directions, forward and steps. */
 static void test_derived_weights_give_the_same_bits(void **state)
 {
     (void)state;
@@ -356,11 +357,16 @@ static void test_derived_weights_give_the_same_bits(void **state)
         void *v[2];
         float *out[2];
         size_t n = 0;
+        struct backend_ops unpacked;
         for (int k = 0; k < 2; k++) {
             open_env(&v[k], cases[c].file, cases[c].slots);
             struct env *env = v[k];
-            if (k == 1)
+            if (k == 1) {
+                unpacked = *env->be->ops;
+                unpacked.pack_weights = NULL;
+                env->be->ops = &unpacked;
                 assert_int_equal(engine_params_from_host(env->engine, env->model.arena), 0);
+            }
             n = tables_case_size(&env->model);
             assert_non_null(out[k] = calloc(n, sizeof(float)));
             run_tables_case(env->engine, &env->model, out[k]);
@@ -819,6 +825,50 @@ static void test_cuda_precisions_round_as_named(void **state)
 #endif
 }
 
+/* BF16 outlives a change of the weights: training replaces them every
+ * step (engine_params_from_host), and its forwards and validation must
+ * still multiply BF16 copies, not fall back to FP32 operands.  The same
+ * weights uploaded again give the same bits.  Skipped without a GPU. */
+static void test_cuda_bf16_survives_new_weights(void **state)
+{
+    (void)state;
+#ifdef RRN_CUDA
+    if (!backend_cuda_available())
+        skip();
+    char err[512];
+    struct model_config cfg;
+    struct model m;
+    if (config_parse(wide_models[0], &cfg, err, sizeof err) || model_alloc(&m, &cfg, err, sizeof err))
+        fail_msg("%s", err);
+    const struct init_options init = {1, 1.0f};
+    model_init(&m, &init, 11);
+    struct backend *be = backend_create(DEVICE_CUDA, err, sizeof err);
+    if (!be || backend_set_precision(be, PRECISION_BF16, err, sizeof err) != 0)
+        fail_msg("backend: %s", err);
+    struct engine *e = engine_create(&m, be, 0, err, sizeof err);
+    if (!e)
+        fail_msg("engine: %s", err);
+    int32_t tokens[16];
+    for (int t = 0; t < 16; t++)
+        tokens[t] = (int32_t)((t * 31 + 7) % m.vocab);
+    float out[2][16 * 256];
+    for (int k = 0; k < 2; k++) {
+        if (k == 1)
+            assert_int_equal(engine_params_from_host(e, m.arena), 0);
+        struct engine_seq q = {.tokens = tokens, .len = 16, .slot = -1, .logits = out[k]};
+        if (engine_forward(e, &q, 1, err, sizeof err) != 0)
+            fail_msg("forward: %s", err);
+    }
+    if (memcmp(out[0], out[1], sizeof out[0]) != 0)
+        fail_msg("the same weights uploaded again give other results in BF16");
+    engine_destroy(e);
+    backend_destroy(be);
+    model_free(&m);
+#else
+    skip();
+#endif
+}
+
 int main(void)
 {
     test_filter_from_env();
@@ -839,6 +889,7 @@ int main(void)
         cmocka_unit_test(test_cuda_graphs_give_the_same_bits),
         cmocka_unit_test(test_cuda_matches_cpu_on_wide_models),
         cmocka_unit_test(test_cuda_precisions_round_as_named),
+        cmocka_unit_test(test_cuda_bf16_survives_new_weights),
     };
     /* Before the pool starts: three threads even on a one-core machine. */
     setenv("RRN_THREADS", "3", 1);
