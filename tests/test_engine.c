@@ -732,6 +732,21 @@ static void expect_close(const char *model, const char *what, const float *got, 
             fail_msg("%s: %s[%zu] is %.7g on CUDA, %.7g on the CPU", model, what, i, got[i], want[i]);
 }
 
+/* Wide model k, its weights drawn from seed 11 + k, and the texts that
+ * the wide tests give it. */
+static void wide_model(size_t k, struct model *m, int32_t tokens[WIDE_N][16])
+{
+    char err[512];
+    struct model_config cfg;
+    if (config_parse(wide_models[k], &cfg, err, sizeof err) || model_alloc(m, &cfg, err, sizeof err))
+        fail_msg("%s", err);
+    const struct init_options init = {1, 1.0f};
+    model_init(m, &init, 11 + k);
+    for (int i = 0; i < WIDE_N; i++)
+        for (int t = 0; t < 16; t++)
+            tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m->vocab);
+}
+
 /* Forwards (logits, attention), steps and a training batch's gradients on
  * CUDA match the CPU, within 1e-4 (the gradients, summed in other orders
  * over more terms, within 1e-3).  Skipped without a GPU. */
@@ -742,17 +757,9 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
     if (!backend_cuda_available())
         skip();
     for (size_t k = 0; k < sizeof wide_models / sizeof wide_models[0]; k++) {
-        char err[512];
-        struct model_config cfg;
         struct model m;
-        if (config_parse(wide_models[k], &cfg, err, sizeof err) || model_alloc(&m, &cfg, err, sizeof err))
-            fail_msg("%s", err);
-        const struct init_options init = {1, 1.0f};
-        model_init(&m, &init, 11 + k);
         int32_t tokens[WIDE_N][16];
-        for (int i = 0; i < WIDE_N; i++)
-            for (int t = 0; t < 16; t++)
-                tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m.vocab);
+        wide_model(k, &m, tokens);
         struct wide_run cpu, gpu;
         wide_run_on(&m, DEVICE_CPU, PRECISION_FP32, tokens, &cpu);
         wide_run_on(&m, DEVICE_CUDA, PRECISION_FP32, tokens, &gpu);
@@ -795,17 +802,9 @@ static void test_cuda_precisions_round_as_named(void **state)
 #ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
-    char err[512];
-    struct model_config cfg;
     struct model m;
-    if (config_parse(wide_models[0], &cfg, err, sizeof err) || model_alloc(&m, &cfg, err, sizeof err))
-        fail_msg("%s", err);
-    const struct init_options init = {1, 1.0f};
-    model_init(&m, &init, 11);
     int32_t tokens[WIDE_N][16];
-    for (int i = 0; i < WIDE_N; i++)
-        for (int t = 0; t < 16; t++)
-            tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m.vocab);
+    wide_model(0, &m, tokens);
     struct wide_run run[3];
     const enum precision precs[3] = {PRECISION_FP32, PRECISION_TF32, PRECISION_BF16};
     for (int p = 0; p < 3; p++)
@@ -836,26 +835,20 @@ static void test_cuda_bf16_survives_new_weights(void **state)
     if (!backend_cuda_available())
         skip();
     char err[512];
-    struct model_config cfg;
     struct model m;
-    if (config_parse(wide_models[0], &cfg, err, sizeof err) || model_alloc(&m, &cfg, err, sizeof err))
-        fail_msg("%s", err);
-    const struct init_options init = {1, 1.0f};
-    model_init(&m, &init, 11);
+    int32_t tokens[WIDE_N][16];
+    wide_model(0, &m, tokens);
     struct backend *be = backend_create(DEVICE_CUDA, err, sizeof err);
     if (!be || backend_set_precision(be, PRECISION_BF16, err, sizeof err) != 0)
         fail_msg("backend: %s", err);
     struct engine *e = engine_create(&m, be, 0, err, sizeof err);
     if (!e)
         fail_msg("engine: %s", err);
-    int32_t tokens[16];
-    for (int t = 0; t < 16; t++)
-        tokens[t] = (int32_t)((t * 31 + 7) % m.vocab);
     float out[2][16 * 256];
     for (int k = 0; k < 2; k++) {
         if (k == 1)
             assert_int_equal(engine_params_from_host(e, m.arena), 0);
-        struct engine_seq q = {.tokens = tokens, .len = 16, .slot = -1, .logits = out[k]};
+        struct engine_seq q = {.tokens = tokens[0], .len = 16, .slot = -1, .logits = out[k]};
         if (engine_forward(e, &q, 1, err, sizeof err) != 0)
             fail_msg("forward: %s", err);
     }
