@@ -87,17 +87,36 @@ static int have(const char *program)
     return status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
-/* A port free on 127.0.0.1 now (the system's pick). */
+/* A port free on 127.0.0.1 now, below the range the system hands out for
+ * port 0.  The replicas (--port 0) and every client take theirs from that
+ * range, so none of them can take this one in the second between the
+ * pick and nginx's bind, as one did (nginx: bind() failed, Address already
+ * in use). */
 static int free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        fail_msg("no free port: %s", strerror(errno));
-    close(fd);
-    return ntohs(a.sin_port);
+    int low = 32768;
+    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+    if (f) {
+        if (fscanf(f, "%d", &low) != 1)
+            low = 32768;
+        fclose(f);
+    }
+    if (low <= 11024)
+        fail_msg("the system hands out ports from %d: no room below for a fixed one", low);
+    for (int tries = 0; tries < 200; tries++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0)
+            fail_msg("socket: %s", strerror(errno));
+        int port = 10000 + rand() % (low - 10000);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        int ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+        close(fd);
+        if (ok)
+            return port;
+    }
+    fail_msg("no free port from 10000 to %d", low - 1);
+    return -1;
 }
 
 /* Whether PID is a live process (not a zombie) running `word`. */
@@ -240,6 +259,7 @@ static int setup(void **state)
         print_message("nginx is not installed (Debian package nginx): skipped\n");
         return 0;
     }
+    srand((unsigned)getpid());
     snprintf(S.dir, sizeof S.dir, "/tmp/rrn_replicas_XXXXXX");
     assert_non_null(mkdtemp(S.dir));
     FMT(S.work, "%s/work", S.dir);
