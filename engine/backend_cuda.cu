@@ -175,20 +175,28 @@ static void cuda_zero(struct backend *be, void *dst, size_t bytes)
         check(be, cudaMemsetAsync(dst, 0, bytes, stream_of(be)), "memset");
 }
 
-/* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, so the
- * operands swap places and keep their transpose flags. */
-static void cuda_gemm(struct backend *be, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                      const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc)
+/* Row-major C = alpha op(A) op(B) + beta C, A and B of one type (FP32, or
+ * BF16 in cuda_gemm_packed), C in FP32.  Row-major is column-major C^T =
+ * op(B)^T op(A)^T, so the operands swap places and keep their transpose
+ * flags. */
+static void gemm_ex(struct backend *be, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
+                    int lda, const void *B, int ldb, cudaDataType_t type, float beta, float *C, int ldc,
+                    cublasComputeType_t compute)
 {
     if (M <= 0 || N <= 0)
         return;
     struct cuda_impl *c = impl_of(be);
-    cublasHandle_t blas = c->lanes[c->lane].blas;
-    cublasStatus_t st = cublasGemmEx(blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                     N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F,
-                                     ldc, c->compute, CUBLAS_GEMM_DEFAULT);
+    cublasStatus_t st = cublasGemmEx(c->lanes[c->lane].blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                     trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, type, ldb, A, type, lda,
+                                     &beta, C, CUDA_R_32F, ldc, compute, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS && !be->err[0])
         snprintf(be->err, sizeof be->err, "cublasGemmEx failed with status %d", (int)st);
+}
+
+static void cuda_gemm(struct backend *be, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc)
+{
+    gemm_ex(be, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_32F, beta, C, ldc, impl_of(be)->compute);
 }
 
 /* Queue kernel on the backend's stream, grid blocks of threads threads.
@@ -867,8 +875,7 @@ static __nv_bfloat16 *bf16_scratch(struct backend *be, size_t n)
 }
 
 /* C = A B^T + beta C with B's BF16 twin: A rounded to BF16 into the
- * lane's scratch, then one cuBLAS product of BF16 operands summed in FP32
- * (see cuda_gemm for the swap of operands). */
+ * lane's scratch, then one cuBLAS product of BF16 operands summed in FP32. */
 static void cuda_gemm_packed(struct backend *be, int M, int N, int K, const float *A, int lda, const void *packed,
                              float beta, float *C, int ldc)
 {
@@ -878,13 +885,7 @@ static void cuda_gemm_packed(struct backend *be, int M, int N, int K, const floa
     if (!a)
         return;
     launch(be, to_bf16_kernel, blocks_for((long)M * K, 256), 256, a, A, M, K, lda);
-    struct cuda_impl *c = impl_of(be);
-    const float alpha = 1.0f;
-    cublasStatus_t st = cublasGemmEx(c->lanes[c->lane].blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, packed,
-                                     CUDA_R_16BF, K, a, CUDA_R_16BF, K, &beta, C, CUDA_R_32F, ldc,
-                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (st != CUBLAS_STATUS_SUCCESS && !be->err[0])
-        snprintf(be->err, sizeof be->err, "cublasGemmEx (BF16) failed with status %d", (int)st);
+    gemm_ex(be, 0, 1, M, N, K, 1.0f, a, K, packed, K, CUDA_R_16BF, beta, C, ldc, CUBLAS_COMPUTE_32F);
 }
 
 /* Thread-local capture: another model's batcher, on its own stream and
