@@ -15,10 +15,13 @@
  * layer 0's input projection is a lookup and is not counted); on the GPU
  * also the GRU classifier, steps at batch 8 and 64, and the skip model,
  * and (a) and (b) again in TF32, under keys ending in _tf32, for cuDNN's
- * TF32 figures (bench_torch.py says why).
+ * TF32 figures (bench_torch.py says why).  Each forward workload also
+ * reports its outputs' largest difference from PyTorch's (*_max_error),
+ * and the benchmark fails where they differ by more than rounding.
  */
 #include <cjson/cJSON.h>
 #include <cblas.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,18 +47,23 @@ static void die(const char *what, const char *err)
     exit(1);
 }
 
-/* rows x BATCH int32s from DIR/name: tokens (rows STEPS) or lengths. */
-static int32_t *read_ints(const char *dir, const char *name, int rows)
+/* The bytes of DIR/name, which must hold exactly that many. */
+static void *read_file(const char *dir, const char *name, size_t bytes)
 {
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     FILE *f = fopen(path, "rb");
-    size_t n = (size_t)rows * BATCH;
-    int32_t *t = malloc(sizeof(int32_t) * n);
-    if (!f || !t || fread(t, sizeof(int32_t), n, f) != n)
-        die(path, "cannot read its int32s");
+    char *p = malloc(bytes + 1);
+    if (!f || !p || fread(p, 1, bytes + 1, f) != bytes)
+        die(path, "cannot read it, or it is not the size bench_torch.py writes");
     fclose(f);
-    return t;
+    return p;
+}
+
+/* rows x BATCH int32s from DIR/name: tokens (rows STEPS) or lengths. */
+static int32_t *read_ints(const char *dir, const char *name, int rows)
+{
+    return read_file(dir, name, sizeof(int32_t) * (size_t)rows * BATCH);
 }
 
 struct loaded {
@@ -105,6 +113,46 @@ static double forward_rate(struct engine *e, const int32_t *tokens, int n, const
             t0 = now();
     } while (iters < batches || (t = now() - t0) < min_s);
     return iters * n / t;
+}
+
+/* Past this, an output in FP32 is wrong, not rounded: the timings
+ * beside it would be of work that does not compute the model. */
+#define FP32_MAX_ERROR 1e-3
+
+/* The largest difference between the engine's outputs for the whole batch
+ * (probabilities of a classifier, logits of an lm at every step) and
+ * PyTorch's for the same work, saved in DIR/name; dies past max_error. */
+static double output_error(struct engine *e, const char *dir, const char *name, const int32_t *tokens,
+                           double max_error)
+{
+    char err[512];
+    const struct model *m = engine_model(e);
+    const int lm = m->cfg.task == TASK_LM;
+    const size_t per = (size_t)m->head_out * (lm ? STEPS : 1), n = per * BATCH;
+    float *want = read_file(dir, name, n * sizeof(float)), *got = malloc(n * sizeof(float));
+    if (!got)
+        die(name, "out of memory");
+    struct engine_seq seqs[BATCH];
+    for (int i = 0; i < BATCH; i++) {
+        seqs[i] = (struct engine_seq){.tokens = tokens + i * STEPS, .len = STEPS, .slot = -1};
+        *(lm ? &seqs[i].logits : &seqs[i].probs) = got + i * per;
+    }
+    if (engine_forward(e, seqs, BATCH, err, sizeof err) != 0)
+        die("forward", err);
+    double worst = 0;
+    for (size_t k = 0; k < n && !isnan(worst); k++) {
+        double d = fabs((double)got[k] - want[k]);
+        if (isnan(d) || d > worst)
+            worst = d;
+    }
+    free(want);
+    free(got);
+    if (!(worst <= max_error)) {
+        snprintf(err, sizeof err, "the engine's outputs differ from PyTorch's by %g (at most %g expected)", worst,
+                 max_error);
+        die(name, err);
+    }
+    return worst;
 }
 
 /* Mean milliseconds per generation step at batch n. */
@@ -183,7 +231,11 @@ int main(int argc, char **argv)
         const enum precision prec = precisions[p];
         const char *suffix = prec == PRECISION_FP32 ? "" : "_tf32";
         char key[64];
+        /* Rounded to TF32, probabilities near a half move by some 1e-2. */
+        const double max_error = prec == PRECISION_FP32 ? FP32_MAX_ERROR : 5e-2;
         load(&m, dir, "lstm_classify.safetensors", 0, dev, prec);
+        snprintf(key, sizeof key, "classify_max_error%s", suffix);
+        add(out, key, output_error(m.engine, dir, "lstm_classify_probs.f32", ctok, max_error));
         double rate = forward_rate(m.engine, ctok, BATCH, NULL, 1, 5.0);
         snprintf(key, sizeof key, "classify_seq_per_s%s", suffix);
         add(out, key, rate);
@@ -208,6 +260,8 @@ int main(int argc, char **argv)
         unload(&m);
         if (gpu) {
             load(&m, dir, "gru_classify.safetensors", 0, dev, prec);
+            snprintf(key, sizeof key, "gru_classify_max_error%s", suffix);
+            add(out, key, output_error(m.engine, dir, "gru_classify_probs.f32", ctok, max_error));
             snprintf(key, sizeof key, "gru_classify_seq_per_s%s", suffix);
             add(out, key, forward_rate(m.engine, ctok, BATCH, NULL, 1, 5.0));
             unload(&m);
@@ -225,7 +279,11 @@ int main(int argc, char **argv)
     static const char *const lms[][2] = {{"rra", "rra_lm.safetensors"}, {"skip", "skip_lm.safetensors"}};
     for (int k = 0; k < (gpu ? 2 : 1); k++) {
         char key[32];
+        char name[32];
         load(&m, dir, lms[k][1], 0, dev, PRECISION_FP32);
+        snprintf(key, sizeof key, "%s_max_error", lms[k][0]);
+        snprintf(name, sizeof name, "%s_logits.f32", lms[k][0]);
+        add(out, key, output_error(m.engine, dir, name, rtok, FP32_MAX_ERROR));
         snprintf(key, sizeof key, "%s_seq_per_s", lms[k][0]);
         add(out, key, forward_rate(m.engine, rtok, BATCH, NULL, 1, 5.0));
         snprintf(key, sizeof key, "%s1_seq_per_s", lms[k][0]);

@@ -37,7 +37,11 @@ so its default figures are the TF32 ones; the engine is compared with each
 in its own precision (bench_engine.c times both).  The eager loops run in
 FP32, PyTorch's default for matmul.
 
-Token files are raw little-endian int32 [64, 128].  Run with the Python
+Token files are raw little-endian int32 [64, 128].  Beside them, the
+outputs of the work in FP32 for the engine to match: the classifiers'
+probabilities (lstm_classify_probs.f32, gru_classify_probs.f32: [64, 2])
+and the lms' logits (rra_logits.f32, skip_logits.f32: [64, 128, 256]), raw
+little-endian float32.  Run with the Python
 that has torch (Debian's /usr/bin/python3).
 """
 import json
@@ -317,6 +321,12 @@ def lstm_uses_mkldnn(model, tokens):
     return any("mkldnn" in e.name for e in prof.function_events)
 
 
+def save_reference(outdir, name, out):
+    """What the engine must give for the same work, as raw little-endian
+    float32 (bench_engine.c reports its largest difference from it)."""
+    out.detach().float().cpu().numpy().astype("<f4").tofile(os.path.join(outdir, name))
+
+
 def save(outdir, name, model, cfg, extra=None):
     """Write the weight file the engine loads (extra: name -> tensor)."""
     tensors = state_dict_tensors(model)
@@ -367,6 +377,9 @@ def main():
     if gpu:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.inference_mode():
+        for cell, model, tokens, _ in classifiers:
+            save_reference(outdir, "%s_classify_probs.f32" % cell, classify_forward(model, tokens))
 
     # (c) RRA full forward, and on the GPU the skip model's.
     tokens = save_tokens(os.path.join(outdir, "rra_tokens.i32"), 7, (BATCH, STEPS)).to(dev)
@@ -386,6 +399,7 @@ def main():
         result["skip_checked_against_reference"] = check_against_reference("skip")
     for name, run in loops:
         with torch.inference_mode():
+            save_reference(outdir, name + "_logits.f32", run(tokens))
             sec = timed(lambda: run(tokens), MIN_SECONDS)
             result[name + "_seq_per_s"] = BATCH / sec
             # One sequence alone, the shape of an /attention request: here
