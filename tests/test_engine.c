@@ -658,6 +658,13 @@ struct wide_run {
     size_t n_forward, n_steps, n_grads;
 };
 
+static void wide_run_free(struct wide_run *r)
+{
+    free(r->forward);
+    free(r->steps);
+    free(r->grads);
+}
+
 enum { WIDE_N = 3, WIDE_STEPS = 5 };
 static const int wide_len[WIDE_N] = {11, 7, 3};
 
@@ -732,16 +739,22 @@ static void expect_close(const char *model, const char *what, const float *got, 
             fail_msg("%s: %s[%zu] is %.7g on CUDA, %.7g on the CPU", model, what, i, got[i], want[i]);
 }
 
+/* The model a config describes, its weights drawn from seed. */
+static void model_from_json(const char *json, unsigned long long seed, struct model *m)
+{
+    char err[512];
+    struct model_config cfg;
+    if (config_parse(json, &cfg, err, sizeof err) || model_alloc(m, &cfg, err, sizeof err))
+        fail_msg("%s", err);
+    const struct init_options init = {1, 1.0f};
+    model_init(m, &init, seed);
+}
+
 /* Wide model k, its weights drawn from seed 11 + k, and the texts that
  * the wide tests give it. */
 static void wide_model(size_t k, struct model *m, int32_t tokens[WIDE_N][16])
 {
-    char err[512];
-    struct model_config cfg;
-    if (config_parse(wide_models[k], &cfg, err, sizeof err) || model_alloc(m, &cfg, err, sizeof err))
-        fail_msg("%s", err);
-    const struct init_options init = {1, 1.0f};
-    model_init(m, &init, 11 + k);
+    model_from_json(wide_models[k], 11 + k, m);
     for (int i = 0; i < WIDE_N; i++)
         for (int t = 0; t < 16; t++)
             tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m->vocab);
@@ -766,12 +779,8 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
         expect_close(wide_models[k], "forward", gpu.forward, cpu.forward, cpu.n_forward, 1e-4);
         expect_close(wide_models[k], "steps", gpu.steps, cpu.steps, cpu.n_steps, 1e-4);
         expect_close(wide_models[k], "gradients", gpu.grads, cpu.grads, cpu.n_grads, 1e-3);
-        struct wide_run *runs[] = {&cpu, &gpu};
-        for (int d = 0; d < 2; d++) {
-            free(runs[d]->forward);
-            free(runs[d]->steps);
-            free(runs[d]->grads);
-        }
+        wide_run_free(&cpu);
+        wide_run_free(&gpu);
         model_free(&m);
     }
 #else
@@ -793,16 +802,11 @@ static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
         skip();
     enum { N = 70, LEN = 9, STEPS = 3, K = 3, L = 2 };
     char err[512];
-    struct model_config cfg;
     struct model m;
-    if (config_parse("{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 36, \"layers\": 2, \"embed_dim\": 8,"
-                     " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"},"
-                     " \"skip\": {\"period\": 2, \"matrices\": 2}}",
-                     &cfg, err, sizeof err) ||
-        model_alloc(&m, &cfg, err, sizeof err))
-        fail_msg("%s", err);
-    const struct init_options init = {1, 1.0f};
-    model_init(&m, &init, 23);
+    model_from_json("{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 36, \"layers\": 2, \"embed_dim\": 8,"
+                    " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"},"
+                    " \"skip\": {\"period\": 2, \"matrices\": 2}}",
+                    23, &m);
     const int V = m.vocab;
     static int32_t tokens[N][LEN];
     for (int i = 0; i < N; i++)
@@ -882,11 +886,8 @@ static void test_cuda_precisions_round_as_named(void **state)
     double bf16 = largest_error(run[2].forward, run[0].forward, run[0].n_forward);
     if (!(tf32 > 0.0 && tf32 < 1e-2 && bf16 > 4.0 * tf32 && bf16 < 1e-1))
         fail_msg("largest errors against FP32: TF32 %.3g, BF16 %.3g", tf32, bf16);
-    for (int p = 0; p < 3; p++) {
-        free(run[p].forward);
-        free(run[p].steps);
-        free(run[p].grads);
-    }
+    for (int p = 0; p < 3; p++)
+        wide_run_free(&run[p]);
     model_free(&m);
 #else
     skip();
