@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""sass_mix.py [--source FILE.cu] [--arch sm_90] [--min N] KERNEL - what a
+CUDA kernel compiles to, read without a GPU: its registers and spills (ptxas),
+and for each loop of its machine code (SASS) how many instructions one pass
+runs and of which kinds.
+
+A kernel bound by what it issues runs about as fast as its loops are short:
+this is how the fused recurrent kernel's stage of 64 k's was seen to run
+~1,500 instructions for 320 multiply-adds, and checked after its loads were
+rewritten (516).  It says nothing of memory latency or of how often each loop
+runs; a GPU's profile does.
+
+The toolkit here (CUDA 13) has nvcc but no disassembler, so the script takes
+nvdisasm from Debian's non-free nvidia-cuda-toolkit 11.8 (downloaded once into
+build/tools, its SHA-256 checked).  That nvdisasm knows sm_90's instructions
+but not CUDA 13's cubin header, so the header is rewritten to the older layout
+first (ELF ABI 7: OS/ABI 0x33, the SM in e_flags' low byte); the code is not
+touched.
+
+KERNEL is a substring of the kernel's mangled name (recurrent_cell_kernel).
+"""
+import argparse
+import collections
+import hashlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEB_URL = ("http://deb.debian.org/debian/pool/non-free/n/nvidia-cuda-toolkit/"
+           "nvidia-cuda-toolkit_11.8.89~11.8.0-5~deb12u1_amd64.deb")
+DEB_SHA256 = "d1156026e704fe0368b6295db06224ed00a727966fb13454f34e3f3102db0457"
+TOOLS = os.path.join(ROOT, "build", "tools")
+
+
+def die(msg):
+    sys.exit("sass_mix.py: " + msg)
+
+
+def find_nvdisasm():
+    for path in (os.environ.get("NVDISASM"), shutil.which("nvdisasm"), "/usr/local/cuda/bin/nvdisasm",
+                 os.path.join(TOOLS, "usr", "bin", "nvdisasm")):
+        if path and os.access(path, os.X_OK):
+            return path
+    os.makedirs(TOOLS, exist_ok=True)
+    deb = os.path.join(TOOLS, "nvidia-cuda-toolkit.deb")
+    print("sass_mix.py: fetching nvdisasm from %s" % DEB_URL, file=sys.stderr)
+    with urllib.request.urlopen(DEB_URL, timeout=300) as r, open(deb, "wb") as f:
+        shutil.copyfileobj(r, f)
+    with open(deb, "rb") as f:
+        if hashlib.sha256(f.read()).hexdigest() != DEB_SHA256:
+            os.unlink(deb)
+            die("the downloaded package's SHA-256 is not the expected one")
+    subprocess.run(["dpkg-deb", "-x", deb, TOOLS], check=True)
+    os.unlink(deb)
+    return os.path.join(TOOLS, "usr", "bin", "nvdisasm")
+
+
+def compile_cubin(source, arch, out):
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    cmd = [nvcc, "-O2", "-std=c++17", "-I" + os.path.dirname(os.path.abspath(source)), "-DRRN_CUDA", "-cubin",
+           "-arch", arch, "-Xptxas", "-v", source, "-o", out]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        die("nvcc failed:\n" + r.stderr)
+    return r.stderr
+
+
+def older_header(cubin, arch):
+    """CUDA 13's cubin header in the layout nvdisasm 11.8 reads."""
+    b = bytearray(open(cubin, "rb").read())
+    if b[7] == 0x41:  # CUDA 13: OS/ABI 0x41, ELF ABI version 8
+        sm = int(arch[3:])
+        b[7], b[8] = 0x33, 7
+        # the SM, then EF_CUDA_64BIT_ADDRESS | EF_CUDA_TEXMODE_UNIFIED, then the virtual SM
+        struct.pack_into("<I", b, 48, sm | 0x500 | sm << 16)
+    open(cubin, "wb").write(b)
+
+
+def ptxas_lines(log, kernel):
+    lines, mine = [], False
+    for line in log.splitlines():
+        if "Compiling entry function" in line:
+            mine = kernel in line
+        elif mine and ("registers" in line or "spill" in line):
+            lines.append("ptxas: " + line.split(":", 1)[1].strip() if "ptxas" in line else "ptxas: " + line.strip())
+    return lines
+
+
+def functions(sass):
+    """name -> [(line number, instruction text)] for each function."""
+    out, name = {}, None
+    for n, line in enumerate(sass.splitlines()):
+        m = re.match(r"\s*\.text\.(\S+):", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if name and m:
+            out[name].append((n, m.group(1), None))
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if name and m:
+            out[name].append((n, None, m.group(1)))
+    return out
+
+
+def opcode(text):
+    words = text.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
+def report(name, body, min_len):
+    labels = {label: i for i, (_, _, label) in enumerate(body) if label}
+    code = [(i, t) for i, (_, t, _) in enumerate(body) if t]
+    print("%s: %d instructions" % (name, len(code)))
+    for i, text in code:
+        m = re.search(r"BRA `\(\.(L_x_\d+)\)", text)
+        if not m or labels.get(m.group(1), i) >= i:
+            continue
+        loop = [t for j, t in code if labels[m.group(1)] <= j <= i]
+        if len(loop) < min_len:
+            continue
+        mix = collections.Counter(opcode(t) for t in loop)
+        print("  loop of %d instructions: %s" % (len(loop), ", ".join("%s %d" % kv for kv in mix.most_common(10))))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kernel")
+    ap.add_argument("--source", default=os.path.join(ROOT, "engine", "backend_cuda.cu"))
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--min", type=int, default=30, help="shortest loop to list (instructions)")
+    a = ap.parse_args()
+    if not re.fullmatch(r"sm_\d+", a.arch):
+        die("--arch is sm_NN")
+    nvdisasm = find_nvdisasm()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        log = compile_cubin(a.source, a.arch, cubin)
+        older_header(cubin, a.arch)
+        r = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+        if r.returncode:
+            die("nvdisasm failed: " + r.stderr.strip())
+    found = {n: b for n, b in functions(r.stdout).items() if a.kernel in n}
+    if not found:
+        die("no kernel's name contains %r" % a.kernel)
+    for name, body in found.items():
+        for line in ptxas_lines(log, name):
+            print(line)
+        report(name, body, a.min)
+
+
+if __name__ == "__main__":
+    main()
