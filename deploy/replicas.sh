@@ -15,6 +15,12 @@
 #   RRN_MODELS      the models folder (default: models/ of this repository)
 #   RRN_ARGS        more options for every replica, split at spaces
 #                   (e.g. "--device cpu --threads 2")
+#   RRN_GPUS        the GPUs to spread the replicas over, split at spaces:
+#                   indices as nvidia-smi numbers them, or UUIDs (e.g.
+#                   "0 1 2 3"); replica i runs with CUDA_VISIBLE_DEVICES set
+#                   to the ((i - 1) mod count)-th, so that each uses one GPU
+#                   and together they use all.  Unset, every replica sees
+#                   every GPU, and a CUDA replica uses the first.
 #   RRN_HOST        where nginx listens (default 127.0.0.1)
 #   RRN_TLS_PORT, RRN_TLS_CERT, RRN_TLS_KEY
 #                   also HTTPS on RRN_TLS_PORT with this certificate and key
@@ -173,6 +179,11 @@ start() {
     if ! is_uint "$n" || [ "$n" -lt 1 ] || [ "$n" -gt 64 ]; then die "N must be from 1 to 64, not '$n'"; fi
     if ! is_uint "$port" || [ "$port" -lt 1 ] || [ "$port" -gt 65535 ]; then die "PORT must be from 1 to 65535"; fi
     [[ $work =~ ^[A-Za-z0-9_./-]+$ ]] || die "the work folder '$work' may hold only [A-Za-z0-9_./-]"
+    local gpus=() g
+    read -r -a gpus <<<"${RRN_GPUS:-}"
+    for g in "${gpus[@]}"; do
+        [[ $g =~ ^[A-Za-z0-9-]+$ ]] || die "RRN_GPUS must list GPU indices or UUIDs, not '$g'"
+    done
     local nginx
     nginx=$(find_nginx) || die "nginx not found (Debian package nginx)"
     [ -x "$bin" ] || die "no rrnserve binary at $bin (make rrnserve, or set RRN_BIN)"
@@ -189,8 +200,10 @@ start() {
     : >"$work/replicas"
     local pids=()
     for ((i = 1; i <= n; i++)); do
+        local visible=()
+        [ ${#gpus[@]} -eq 0 ] || visible=("CUDA_VISIBLE_DEVICES=${gpus[(i - 1) % ${#gpus[@]}]}")
         # shellcheck disable=SC2086 # RRN_ARGS is split on purpose
-        "$bin" serve --models "$models" --host 127.0.0.1 --port 0 ${RRN_ARGS:-} \
+        env "${visible[@]}" "$bin" serve --models "$models" --host 127.0.0.1 --port 0 ${RRN_ARGS:-} \
             </dev/null >"$work/replica-$i.log" 2>&1 &
         pids+=($!)
         echo "$i $! 0" >>"$work/replicas"

@@ -9,7 +9,10 @@
  *   - 8 clients send /classify for seconds (each as fast as it is
  *     answered, 1 ms apart) while one replica is killed
  *     (SIGKILL): not one request fails, nginx retries on the others;
- *   - `replicas.sh stop` ends nginx and every replica.
+ *   - `replicas.sh stop` ends nginx and every replica;
+ *   - RRN_GPUS gives two more replicas one GPU each, round robin
+ *     (CUDA_VISIBLE_DEVICES, read back from their environments), and a
+ *     malformed list is refused.
  * Skipped when nginx is not installed (Debian package nginx), the HTTPS test
  * also when openssl is not.  Every loop and wait is bounded, and the script
  * is told this process's pid (RRN_WATCH_PID) so that nothing outlives it.
@@ -221,10 +224,11 @@ static double metric(int port, const char *series)
 
 /* ---- the replicas and nginx ---------------------------------------------- */
 
-static int script(const char *args)
+/* replicas.sh ARGS run with the environment env (S.env for the group's). */
+static int script(const char *env, const char *args)
 {
     char cmd[4096], out[256];
-    FMT(cmd, "%s deploy/replicas.sh %s", S.env, args);
+    FMT(cmd, "%s deploy/replicas.sh %s", env, args);
     FMT(out, "%s/replicas.out", S.dir);
     int rc = run(cmd, out);
     char *text = file_read(out, NULL);
@@ -248,6 +252,18 @@ static void read_replicas(void)
         assert_true(alive(S.pids[i], "serve --models"));
     }
     fclose(f);
+}
+
+/* The environment of replicas.sh for a work folder: the fixture models on
+ * the CPU, nothing left once this process is gone, and extra. */
+static void replicas_env(char *env, size_t size, const char *work, const char *extra)
+{
+    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
+    int n = snprintf(env, size,
+                     "env RRN_WORK='%s' RRN_BIN='%s' RRN_MODELS=tests/fixtures RRN_ARGS='--device cpu --threads 1' "
+                     "RRN_WATCH_PID=%ld %s",
+                     work, bin, (long)getpid(), extra);
+    assert_true(n > 0 && (size_t)n < size);
 }
 
 static int setup(void **state)
@@ -284,13 +300,9 @@ static int setup(void **state)
     } else {
         print_message("openssl is not installed: the HTTPS test is skipped\n");
     }
-    const char *bin = getenv("RRN_BIN") ? getenv("RRN_BIN") : "./rrnserve";
-    FMT(S.env,
-        "env RRN_WORK='%s' RRN_BIN='%s' RRN_MODELS=tests/fixtures RRN_ARGS='--device cpu --threads 1' "
-        "RRN_WATCH_PID=%ld %s",
-        S.work, bin, (long)getpid(), tls);
+    replicas_env(S.env, sizeof S.env, S.work, tls);
     FMT(cmd, "start %d %d", N_REPLICAS, S.port);
-    if (script(cmd) != 0)
+    if (script(S.env, cmd) != 0)
         fail_msg("replicas.sh start failed");
     read_replicas();
     return 0;
@@ -301,7 +313,7 @@ static int teardown(void **state)
     (void)state;
     if (!S.have_nginx)
         return 0;
-    script("stop");
+    script(S.env, "stop");
     remove_tree(S.dir, NULL);
     return 0;
 }
@@ -515,7 +527,7 @@ static void test_stop(void **state)
     pid_t nginx = (pid_t)atol(text);
     free(text);
     assert_true(alive(nginx, "nginx"));
-    assert_int_equal(script("stop"), 0);
+    assert_int_equal(script(S.env, "stop"), 0);
     assert_false(alive(nginx, "nginx"));
     for (int i = 0; i < N_REPLICAS; i++)
         assert_false(alive(S.pids[i], "serve --models"));
@@ -524,7 +536,60 @@ static void test_stop(void **state)
         close(fd);
     assert_true(fd < 0);
     /* Stopping again is harmless. */
-    assert_int_equal(script("stop"), 0);
+    assert_int_equal(script(S.env, "stop"), 0);
+}
+
+/* Whether the environment of process pid holds the variable var exactly
+ * (NAME=VALUE). */
+static int environ_has(pid_t pid, const char *var)
+{
+    char path[64];
+    FMT(path, "/proc/%ld/environ", (long)pid);
+    size_t len = 0;
+    char *env = file_read(path, &len);
+    int found = 0;
+    for (size_t at = 0; env && at < len; at += strlen(env + at) + 1)
+        found |= strcmp(env + at, var) == 0;
+    free(env);
+    return found;
+}
+
+static void test_gpus_round_robin(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    char work[160], env[2048], cmd[64];
+    FMT(work, "%s/gpus", S.dir);
+    int port = free_port();
+    while (port == S.port || port == S.tls_port)
+        port = free_port();
+    FMT(cmd, "start 1 %d", port);
+    replicas_env(env, sizeof env, work, "RRN_GPUS='0 1;x'");
+    assert_int_equal(script(env, cmd), 1);
+    char path[256];
+    FMT(path, "%s/replicas.out", S.dir);
+    char *text = file_must_read(path, NULL);
+    assert_non_null(strstr(text, "RRN_GPUS must list GPU indices or UUIDs, not '1;x'"));
+    free(text);
+
+    replicas_env(env, sizeof env, work, "RRN_GPUS='1 GPU-5fb3c9a2'");
+    FMT(cmd, "start 3 %d", port);
+    assert_int_equal(script(env, cmd), 0);
+    FMT(path, "%s/replicas", work);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    const char *const want[3] = {"CUDA_VISIBLE_DEVICES=1", "CUDA_VISIBLE_DEVICES=GPU-5fb3c9a2",
+                                 "CUDA_VISIBLE_DEVICES=1"};
+    for (int i = 0; i < 3; i++) {
+        int index, replica_port;
+        long pid;
+        assert_int_equal(fscanf(f, "%d %ld %d", &index, &pid, &replica_port), 3);
+        assert_true(alive((pid_t)pid, "serve --models"));
+        if (!environ_has((pid_t)pid, want[i]))
+            fail_msg("replica %d runs without %s", index, want[i]);
+    }
+    fclose(f);
+    assert_int_equal(script(env, "stop"), 0);
 }
 
 int main(void)
@@ -534,6 +599,7 @@ int main(void)
         cmocka_unit_test(test_stream_through_proxy),
         cmocka_unit_test(test_https),
         cmocka_unit_test(test_kill_replica_under_load),
+        cmocka_unit_test(test_gpus_round_robin),
         cmocka_unit_test(test_stop),
     };
     return cmocka_run_group_tests_name("replicas", tests, setup, teardown);
