@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """sass_mix.py [--source FILE.cu] [--arch sm_90] [--min N] KERNEL - what a
 CUDA kernel compiles to, read without a GPU: its registers and spills (ptxas),
-and for each loop of its machine code (SASS) how many instructions one pass
-runs and of which kinds.
+and for each loop of its machine code (SASS) how many instructions it holds
+and of which kinds (both arms of a branch in it count, so for a loop that
+branches it is more than one pass runs).
 
 A kernel bound by what it issues runs about as fast as its loops are short:
 this is how the fused recurrent kernel's stage of 64 k's was seen to run
 ~1,500 instructions for 320 multiply-adds, and checked after its loads were
-rewritten (516).  It says nothing of memory latency or of how often each loop
+rewritten (about 520).  It says nothing of memory latency or of how often each loop
 runs; a GPU's profile does.
 
 The toolkit here (CUDA 13) has nvcc but no disassembler, so the script takes
@@ -15,7 +16,8 @@ nvdisasm from Debian's non-free nvidia-cuda-toolkit 11.8 (downloaded once into
 build/tools, its SHA-256 checked).  That nvdisasm knows sm_90's instructions
 but not CUDA 13's cubin header, so the header is rewritten to the older layout
 first (ELF ABI 7: OS/ABI 0x33, the SM in e_flags' low byte); the code is not
-touched.
+touched.  The loops come from nvdisasm's control-flow graph (-bbcfg): a loop
+is an edge back to an earlier block, with the blocks between.
 
 KERNEL is a substring of the kernel's mangled name (recurrent_cell_kernel).
 """
@@ -25,6 +27,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -92,22 +95,47 @@ def ptxas_lines(log, kernel):
     return lines
 
 
-def functions(sass):
-    """name -> [(line number, instruction text)] for each function."""
-    out, name = {}, None
-    for n, line in enumerate(sass.splitlines()):
-        m = re.match(r"\s*\.text\.(\S+):", line)
+def functions(dot):
+    """name -> (blocks, edges, index) of each function in nvdisasm's
+    control-flow graph (-bbcfg): its basic blocks in address order, each a
+    list of instructions; its edges as (from, to) node names; and each
+    node's place in blocks.  The graph, not the listing's labels: nvdisasm
+    11.8 leaves some labels of CUDA 13's code unprinted."""
+    out, name, node = {}, None, None
+    for line in dot.splitlines():
+        m = re.match(r'subgraph "cluster_(\S+)"', line)
         if m:
             name = m.group(1)
-            out[name] = []
+            out[name] = ([], [], {})
             continue
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
-        if name and m:
-            out[name].append((n, m.group(1), None))
-        m = re.match(r"\s*\.(L_x_\d+):", line)
-        if name and m:
-            out[name].append((n, None, m.group(1)))
+        if name is None:
+            continue
+        blocks, edges, index = out[name]
+        m = re.fullmatch(r'"([^"]+)"', line.strip())
+        if m:
+            node = m.group(1)
+            continue
+        if node and line.startswith("[label="):
+            index[node] = len(blocks)
+            blocks.append(block_code(line))
+            node = None
+            continue
+        m = re.match(r'"([^"]+)"\S* -> "([^"]+)"', line)
+        if m:
+            edges.append((m.group(1), m.group(2)))
     return out
+
+
+def block_code(label):
+    """The instructions of a node's label: a DOT record whose fields are
+    split by | and lines by \\l, its spaces and brackets escaped."""
+    body = label[len('[label="'):label.rindex('"]')].strip("{}")
+    code = []
+    for part in re.split(r"\\l|(?<!\\)\|", body):
+        text = re.sub(r"\\(.)", r"\1", re.sub(r"^<\w+>", "", part)).strip()
+        if text.endswith(";"):
+            code.append(text[:-1].strip())
+    return code
 
 
 def opcode(text):
@@ -115,15 +143,14 @@ def opcode(text):
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
-def report(name, body, min_len):
-    labels = {label: i for i, (_, _, label) in enumerate(body) if label}
-    code = [(i, t) for i, (_, t, _) in enumerate(body) if t]
-    print("%s: %d instructions" % (name, len(code)))
-    for i, text in code:
-        m = re.search(r"BRA `\(\.(L_x_\d+)\)", text)
-        if not m or labels.get(m.group(1), i) >= i:
+def report(name, graph, min_len):
+    blocks, edges, index = graph
+    print("%s: %d instructions" % (name, sum(len(b) for b in blocks)))
+    for a, b in edges:
+        i, j = index.get(a), index.get(b)
+        if i is None or j is None or j > i:
             continue
-        loop = [t for j, t in code if labels[m.group(1)] <= j <= i]
+        loop = [t for block in blocks[j:i + 1] for t in block]
         if len(loop) < min_len:
             continue
         mix = collections.Counter(opcode(t) for t in loop)
@@ -131,6 +158,7 @@ def report(name, body, min_len):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quietly, into head
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kernel")
     ap.add_argument("--source", default=os.path.join(ROOT, "engine", "backend_cuda.cu"))
@@ -144,7 +172,7 @@ def main():
         cubin = os.path.join(tmp, "k.cubin")
         log = compile_cubin(a.source, a.arch, cubin)
         older_header(cubin, a.arch)
-        r = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+        r = subprocess.run([nvdisasm, "-bbcfg", cubin], capture_output=True, text=True)
         if r.returncode:
             die("nvdisasm failed: " + r.stderr.strip())
     found = {n: b for n, b in functions(r.stdout).items() if a.kernel in n}
