@@ -16,11 +16,12 @@
 #   RRN_ARGS        more options for every replica, split at spaces
 #                   (e.g. "--device cpu --threads 2")
 #   RRN_GPUS        the GPUs to spread the replicas over, split at spaces:
-#                   indices as nvidia-smi numbers them, or UUIDs (e.g.
-#                   "0 1 2 3"); replica i runs with CUDA_VISIBLE_DEVICES set
-#                   to the ((i - 1) mod count)-th, so that each uses one GPU
-#                   and together they use all.  Unset, every replica sees
-#                   every GPU, and a CUDA replica uses the first.
+#                   indices as nvidia-smi numbers them, or UUIDs (GPU-...,
+#                   MIG-...), e.g. "0 1 2 3"; replica i runs with
+#                   CUDA_VISIBLE_DEVICES set to the ((i - 1) mod count)-th,
+#                   so that each uses one GPU and together they use all.
+#                   Unset, every replica sees every GPU, and a CUDA replica
+#                   uses the first.
 #   RRN_HOST        where nginx listens (default 127.0.0.1)
 #   RRN_TLS_PORT, RRN_TLS_CERT, RRN_TLS_KEY
 #                   also HTTPS on RRN_TLS_PORT with this certificate and key
@@ -182,7 +183,7 @@ start() {
     local gpus=() g
     read -r -a gpus <<<"${RRN_GPUS:-}"
     for g in "${gpus[@]}"; do
-        [[ $g =~ ^[A-Za-z0-9-]+$ ]] || die "RRN_GPUS must list GPU indices or UUIDs, not '$g'"
+        [[ $g =~ ^[A-Za-z0-9/-]+$ ]] || die "RRN_GPUS must list GPU indices or UUIDs, not '$g'"
     done
     local nginx
     nginx=$(find_nginx) || die "nginx not found (Debian package nginx)"
