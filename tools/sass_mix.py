@@ -6,10 +6,10 @@ and of which kinds (both arms of a branch in it count, so for a loop that
 branches it is more than one pass runs).
 
 A kernel bound by what it issues runs about as fast as its loops are short:
-this is how the fused recurrent kernel's stage of 64 k's was seen to run
-~1,500 instructions for 320 multiply-adds, and checked after its loads were
-rewritten (about 520).  It says nothing of memory latency or of how often each loop
-runs; a GPU's profile does.
+this is how a stage of 64 k's of the fused recurrent kernel (branch
+fused-recurrence) was seen to run ~1,500 instructions for 320 multiply-adds,
+and checked after its loads were rewritten (about 520).  It says nothing of
+memory latency or of how often each loop runs; a GPU's profile does.
 
 The toolkit here (CUDA 13) has nvcc but no disassembler, so the script takes
 nvdisasm from Debian's non-free nvidia-cuda-toolkit 11.8 (downloaded once into
@@ -19,7 +19,7 @@ first (ELF ABI 7: OS/ABI 0x33, the SM in e_flags' low byte); the code is not
 touched.  The loops come from nvdisasm's control-flow graph (-bbcfg): a loop
 is an edge back to an earlier block, with the blocks between.
 
-KERNEL is a substring of the kernel's mangled name (recurrent_cell_kernel).
+KERNEL is a substring of the kernel's mangled name (cell_step_kernel).
 """
 import argparse
 import collections
@@ -91,7 +91,8 @@ def ptxas_lines(log, kernel):
         if "Compiling entry function" in line:
             mine = kernel in line
         elif mine and ("registers" in line or "spill" in line):
-            lines.append("ptxas: " + line.split(":", 1)[1].strip() if "ptxas" in line else "ptxas: " + line.strip())
+            # "ptxas info    : Used 111 registers, ..." or "    32 bytes stack frame, ..."
+            lines.append("ptxas: " + (line.split(":", 1)[1] if "ptxas" in line else line).strip())
     return lines
 
 
