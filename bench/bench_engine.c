@@ -15,7 +15,9 @@
  * layer 0's input projection is a lookup and is not counted); on the GPU
  * also the GRU classifier, steps at batch 8 and 64, and the skip model,
  * and (a) and (b) again in TF32, under keys ending in _tf32, for cuDNN's
- * TF32 figures (bench_torch.py says why).  Each forward workload also
+ * TF32 figures (bench_torch.py says why), and every FP32 workload again
+ * with the recurrence fused (backend_ops.recurrent_step), under keys
+ * ending in _fused.  Each forward workload also
  * reports its outputs' largest difference from PyTorch's (*_max_error),
  * and the benchmark fails where they differ by more than rounding.
  */
@@ -72,14 +74,24 @@ struct loaded {
     struct engine *engine;
 };
 
+/* How the engine computes: its precision and its recurrence, named in
+ * the keys of its figures by suffix. */
+struct mode {
+    enum precision prec;
+    enum recurrence rec;
+    const char *suffix;
+};
+
 static void load(struct loaded *l, const char *dir, const char *name, int slots, enum device_kind dev,
-                 enum precision prec)
+                 const struct mode *mode)
 {
     char path[512], err[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     if (model_load(path, &l->model, err, sizeof err) != 0)
         die(path, err);
-    if (!(l->be = backend_create(dev, err, sizeof err)) || backend_set_precision(l->be, prec, err, sizeof err) != 0 ||
+    if (!(l->be = backend_create(dev, err, sizeof err)) ||
+        backend_set_precision(l->be, mode->prec, err, sizeof err) != 0 ||
+        backend_set_recurrence(l->be, mode->rec, err, sizeof err) != 0 ||
         !(l->engine = engine_create(&l->model, l->be, slots, err, sizeof err)))
         die(path, err);
 }
@@ -226,14 +238,19 @@ int main(int argc, char **argv)
     int32_t *clen = read_ints(dir, "classify_lengths.i32", VAR_BATCHES);
     struct loaded m;
 
-    static const enum precision precisions[] = {PRECISION_FP32, PRECISION_TF32};
-    for (int p = 0; p < (gpu ? 2 : 1); p++) {
-        const enum precision prec = precisions[p];
-        const char *suffix = prec == PRECISION_FP32 ? "" : "_tf32";
+    /* On the GPU, FP32 with the recurrence by cuBLAS's products and fused
+     * (keys ending in _fused), then TF32; the language models in FP32. */
+    static const struct mode modes[] = {{PRECISION_FP32, RECURRENCE_GEMM, ""},
+                                        {PRECISION_FP32, RECURRENCE_FUSED, "_fused"},
+                                        {PRECISION_TF32, RECURRENCE_GEMM, "_tf32"}};
+    for (int p = 0; p < (gpu ? 3 : 1); p++) {
+        const struct mode *mode = &modes[p];
+        const enum precision prec = mode->prec;
+        const char *suffix = mode->suffix;
         char key[64];
         /* Rounded to TF32, probabilities near a half move by some 1e-2. */
         const double max_error = prec == PRECISION_FP32 ? FP32_MAX_ERROR : 5e-2;
-        load(&m, dir, "lstm_classify.safetensors", 0, dev, prec);
+        load(&m, dir, "lstm_classify.safetensors", 0, dev, mode);
         snprintf(key, sizeof key, "classify_max_error%s", suffix);
         add(out, key, output_error(m.engine, dir, "lstm_classify_probs.f32", ctok, max_error));
         double rate = forward_rate(m.engine, ctok, BATCH, NULL, 1, 5.0);
@@ -246,7 +263,7 @@ int main(int argc, char **argv)
          * not. */
         snprintf(key, sizeof key, "classify_var_graphs%s", suffix);
         add(out, key, (double)engine_graph_count(m.engine));
-        if (prec == PRECISION_FP32) {
+        if (p == 0) {
             const struct model_config *c = &m.model.cfg;
             const int tables = engine_token_table_bytes(m.engine) > 0;
             double flop = 0;
@@ -259,7 +276,7 @@ int main(int argc, char **argv)
         }
         unload(&m);
         if (gpu) {
-            load(&m, dir, "gru_classify.safetensors", 0, dev, prec);
+            load(&m, dir, "gru_classify.safetensors", 0, dev, mode);
             snprintf(key, sizeof key, "gru_classify_max_error%s", suffix);
             add(out, key, output_error(m.engine, dir, "gru_classify_probs.f32", ctok, max_error));
             snprintf(key, sizeof key, "gru_classify_seq_per_s%s", suffix);
@@ -267,7 +284,7 @@ int main(int argc, char **argv)
             unload(&m);
         }
 
-        load(&m, dir, "lstm_lm.safetensors", BATCH, dev, prec);
+        load(&m, dir, "lstm_lm.safetensors", BATCH, dev, mode);
         static const int cpu_batches[] = {1, 32, 0}, gpu_batches[] = {1, 8, 32, 64, 0};
         for (const int *b = gpu ? gpu_batches : cpu_batches; *b; b++) {
             snprintf(key, sizeof key, "step_ms_b%d%s", *b, suffix);
@@ -277,16 +294,17 @@ int main(int argc, char **argv)
     }
 
     static const char *const lms[][2] = {{"rra", "rra_lm.safetensors"}, {"skip", "skip_lm.safetensors"}};
-    for (int k = 0; k < (gpu ? 2 : 1); k++) {
-        char key[32];
+    for (int k = 0; k < (gpu ? 4 : 1); k++) {
+        const char *lm = lms[k % 2][0], *suffix = modes[k / 2].suffix;
+        char key[64];
         char name[32];
-        load(&m, dir, lms[k][1], 0, dev, PRECISION_FP32);
-        snprintf(key, sizeof key, "%s_max_error", lms[k][0]);
-        snprintf(name, sizeof name, "%s_logits.f32", lms[k][0]);
+        load(&m, dir, lms[k % 2][1], 0, dev, &modes[k / 2]);
+        snprintf(key, sizeof key, "%s_max_error%s", lm, suffix);
+        snprintf(name, sizeof name, "%s_logits.f32", lm);
         add(out, key, output_error(m.engine, dir, name, rtok, FP32_MAX_ERROR));
-        snprintf(key, sizeof key, "%s_seq_per_s", lms[k][0]);
+        snprintf(key, sizeof key, "%s_seq_per_s%s", lm, suffix);
         add(out, key, forward_rate(m.engine, rtok, BATCH, NULL, 1, 5.0));
-        snprintf(key, sizeof key, "%s1_seq_per_s", lms[k][0]);
+        snprintf(key, sizeof key, "%s1_seq_per_s%s", lm, suffix);
         add(out, key, forward_rate(m.engine, rtok, 1, NULL, 1, 2.0));
         unload(&m);
     }

@@ -94,20 +94,41 @@ int backend_device_parse(const char *s, enum device_kind *dev)
 }
 
 static const char *const precision_names[] = {"fp32", "tf32", "bf16"};
+static const char *const recurrence_names[] = {"gemm", "fused"};
+
+/* The index of s in names[n], or -1. */
+static int name_index(const char *const *names, int n, const char *s)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(s, names[i]) == 0)
+            return i;
+    return -1;
+}
 
 int backend_precision_parse(const char *s, enum precision *p)
 {
-    for (int i = 0; i < (int)(sizeof precision_names / sizeof precision_names[0]); i++)
-        if (strcmp(s, precision_names[i]) == 0) {
-            *p = (enum precision)i;
-            return 0;
-        }
-    return -1;
+    int i = name_index(precision_names, (int)(sizeof precision_names / sizeof precision_names[0]), s);
+    if (i >= 0)
+        *p = (enum precision)i;
+    return i >= 0 ? 0 : -1;
 }
 
 const char *backend_precision_name(enum precision p)
 {
     return precision_names[p];
+}
+
+int backend_recurrence_parse(const char *s, enum recurrence *r)
+{
+    int i = name_index(recurrence_names, (int)(sizeof recurrence_names / sizeof recurrence_names[0]), s);
+    if (i >= 0)
+        *r = (enum recurrence)i;
+    return i >= 0 ? 0 : -1;
+}
+
+const char *backend_recurrence_name(enum recurrence r)
+{
+    return recurrence_names[r];
 }
 
 void backend_describe(const char *device, enum precision p, char *buf, size_t len)
@@ -134,5 +155,15 @@ int backend_set_precision(struct backend *be, enum precision p, char *err, size_
         snprintf(err, errlen, "%s", be->err);
         return -1;
     }
+    return 0;
+}
+
+int backend_set_recurrence(struct backend *be, enum recurrence r, char *err, size_t errlen)
+{
+    if (r == RECURRENCE_FUSED && !be->ops->recurrent_step) {
+        snprintf(err, errlen, "the %s backend has no fused recurrence; it needs the cuda device", be->ops->name);
+        return -1;
+    }
+    be->recurrence = r;
     return 0;
 }

@@ -33,7 +33,7 @@ struct cell_step {
     enum cell cell;
     int n, H;
     const float *xg;          /* [n, G*H] */
-    const float *hg;          /* [n, G*H] */
+    float *hg;                /* [n, G*H]; scratch to recurrent_step */
     const float *b_hh;        /* [G*H] */
     const float *peephole;    /* [H] or NULL */
     float *c;                 /* lstm: per-slot cell state */
@@ -98,6 +98,11 @@ struct backend;
  * BF16 (7), sums in FP32.  The pointwise kernels compute in FP32 either
  * way, and weights and activations stay FP32 in memory. */
 enum precision { PRECISION_FP32, PRECISION_TF32, PRECISION_BF16 };
+
+/* How a step's recurrent product is computed: by the backend's matrix
+ * product and then cell_step (the default), or fused with the cell in one
+ * kernel (recurrent_step; CUDA in FP32). */
+enum recurrence { RECURRENCE_GEMM, RECURRENCE_FUSED };
 
 struct backend_ops {
     const char *name;
@@ -211,6 +216,16 @@ struct backend_ops {
     int max_lanes;
     void (*lane_use)(struct backend *be, int lane);
     void (*lane_wait)(struct backend *be, int lane);
+
+    /* The recurrent product and cell_step in one pass, when be->recurrence
+     * asks for it: hg = hprev w^T (hprev [n][H], w [G*H][H]) is computed
+     * inside rather than read from s->hg, so the gates never go through
+     * memory and a step is one launch.  s->hg is scratch it may use (with
+     * dynamic attention, the rows' weights, worked out first from the
+     * whole query).  Returns 0, having queued nothing, where it computes
+     * the step by gemm and cell_step instead: the answer depends on the
+     * settings and the model's shape, never on the rows.  NULL: never. */
+    int (*recurrent_step)(struct backend *be, const struct cell_step *s, const float *hprev, const float *w);
 };
 
 struct backend {
@@ -224,6 +239,7 @@ struct backend {
      * costs microseconds of latency whatever its size). */
     size_t bytes_up, bytes_down;
     size_t copies_up, copies_down;
+    enum recurrence recurrence; /* backend_set_recurrence */
 };
 
 enum device_kind { DEVICE_CPU, DEVICE_CUDA, DEVICE_AUTO };
@@ -251,6 +267,9 @@ const char *backend_compiled(void);
 int backend_device_parse(const char *s, enum device_kind *dev);
 int backend_precision_parse(const char *s, enum precision *p);
 const char *backend_precision_name(enum precision p);
+/* "gemm", "fused". */
+int backend_recurrence_parse(const char *s, enum recurrence *r);
+const char *backend_recurrence_name(enum recurrence r);
 /* Where work runs, as the logs say it: the device's name, then the
  * precision when it is not FP32 ("cuda, tf32"). */
 void backend_describe(const char *device, enum precision p, char *buf, size_t len);
@@ -268,5 +287,9 @@ void backend_clear_error(struct backend *be);
 /* Set the matrix products' precision; 0, or -1 with a message in err (the
  * backend has no such mode, or failed to set it). */
 int backend_set_precision(struct backend *be, enum precision p, char *err, size_t errlen);
+
+/* Set how steps compute their recurrent product; 0, or -1 with a message
+ * in err (the backend has no fused recurrence). */
+int backend_set_recurrence(struct backend *be, enum recurrence r, char *err, size_t errlen);
 
 #endif

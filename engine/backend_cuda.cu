@@ -1,5 +1,6 @@
 /* backend_cuda.cu - the CUDA backend: cuBLAS for matrix products, one
- * kernel for each pointwise operation of backend.h.
+ * kernel for each pointwise operation of backend.h, and a step's recurrent
+ * product fused with its cell (recurrent_step_kernel).
  *
  * Every kernel here has a CPU twin in backend_cpu.c that computes the same
  * thing the same way; read them side by side.  All work is queued on the
@@ -13,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,119 +310,178 @@ __device__ float block_max(float v, float *shared)
 
 #define CELL_THREADS 256
 
+static __host__ __device__ int gates_of(enum cell cell)
+{
+    return cell == CELL_LSTM ? 4 : cell == CELL_GRU ? 3 : 1;
+}
+
+/* Where row i of a cell_step keeps its state, and its step. */
+struct cell_row {
+    int t;           /* 1-based step */
+    float *ring;     /* the slot's history of h */
+    float *c;        /* the slot's cell state (LSTM), or NULL */
+    const float *xg; /* the row's input projection, G*H floats */
+    float *out;
+    float *cache;    /* training: the row's CELL_CACHE floats, or NULL */
+};
+
+__device__ cell_row cell_row_of(const cell_step &s, int i)
+{
+    const int slot = s.slot ? s.slot[i] : i;
+    cell_row r;
+    r.t = s.t ? s.t[i] : s.t0;
+    r.ring = s.ring + (long)slot * s.R * s.H;
+    r.c = s.c ? s.c + (long)slot * s.H : (float *)0;
+    r.xg = s.xg + (long)i * gates_of(s.cell) * s.H;
+    r.out = s.out + (long)i * s.H;
+    r.cache = s.cache ? s.cache + (long)i * CELL_CACHE(s.cell, s.H) : (float *)0;
+    return r;
+}
+
+/* The row's h_{t-lag}, or NULL before its first step. */
+__device__ const float *cell_hist(const cell_step &s, const cell_row &r, int lag)
+{
+    return r.t - lag >= 1 ? r.ring + (long)((r.t - lag) % s.R) * s.H : (const float *)0;
+}
+
+/* The softmax of a window's K scores, in place, by one thread; copied to
+ * out (K floats) unless it is NULL. */
+__device__ void window_softmax(float *a, int K, float *out)
+{
+    float mx = a[0], sum = 0.0f;
+    for (int j = 1; j < K; j++)
+        mx = fmaxf(mx, a[j]);
+    for (int j = 0; j < K; j++) {
+        a[j] = expf(a[j] - mx);
+        sum += a[j];
+    }
+    for (int j = 0; j < K; j++) {
+        a[j] /= sum;
+        if (out)
+            out[j] = a[j];
+    }
+}
+
+/* Every thread of the block: the attention weights of row i into a (K
+ * floats of shared memory), and into s.attn when asked.  The twin of
+ * backend_cpu.c's attention_weights. */
+__device__ void attention_weights(const cell_step &s, const cell_row &r, int i, float *a)
+{
+    const int K = s.attn_window, H = s.H;
+    if (s.attn_mode == ATTN_STATIC) {
+        for (int j = threadIdx.x; j < K; j += blockDim.x)
+            a[j] = s.attn_logits[j];
+    } else {
+        const float *q = s.q + (long)i * H;
+        float scale = 1.0f / sqrtf((float)H);
+        /* A warp per window entry, its lanes striding over H and summing
+         * by shuffles: the entries need no barrier between them, where a
+         * block-wide sum for each took two. */
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+        for (int j = warp; j < K; j += warps) {
+            const float *h = cell_hist(s, r, j + 2);
+            float part = 0.0f;
+            if (h)
+                for (int k = lane; k < H; k += 32)
+                    part += q[k] * h[k];
+            for (int o = 16; o > 0; o >>= 1)
+                part += __shfl_down_sync(0xffffffffu, part, o);
+            if (lane == 0)
+                a[j] = part * scale;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        window_softmax(a, K, s.attn ? s.attn + (long)i * K : (float *)0);
+    __syncthreads();
+}
+
+/* Unit k of a row: the cell of MODELS.md from its gates' input projections
+ * (r.xg) and recurrent products hv[g] (b_hh not included), the attention
+ * term with weights a (NULL: none) and the temporal skip.  It writes h to
+ * the output and the ring, the LSTM's c to the slot, and what the
+ * backward needs to the cache; it reads only element k of every state,
+ * so the units of a row need no barrier between them. */
+__device__ void cell_unit(const cell_step &s, const cell_row &r, int k, const float *hv, const float *a)
+{
+    const int H = s.H, t = r.t;
+    const float *xg = r.xg, *b = s.b_hh;
+    float h;
+    switch (s.cell) {
+    case CELL_RNN_TANH:
+        h = tanhf(xg[k] + hv[0] + b[k]);
+        if (r.cache)
+            r.cache[k] = h;
+        break;
+    case CELL_RNN_RELU:
+        h = fmaxf(0.0f, xg[k] + hv[0] + b[k]);
+        if (r.cache)
+            r.cache[k] = h;
+        break;
+    case CELL_GRU: {
+        const float *hp = cell_hist(s, r, 1);
+        float rg = sigmoid_dev(xg[k] + hv[0] + b[k]);
+        float z = sigmoid_dev(xg[H + k] + hv[1] + b[H + k]);
+        float hn = hv[2] + b[2 * H + k];
+        float nn = tanhf(xg[2 * H + k] + rg * hn);
+        h = (1.0f - z) * nn + z * (hp ? hp[k] : 0.0f);
+        if (r.cache)
+            gru_cache_element(H, k, r.cache, rg, z, nn, hn);
+        break;
+    }
+    default: {
+        float ig = sigmoid_dev(xg[k] + hv[0] + b[k]);
+        float fg = sigmoid_dev(xg[H + k] + hv[1] + b[H + k]);
+        float gg = tanhf(xg[2 * H + k] + hv[2] + b[2 * H + k]);
+        float cn = fg * r.c[k] + ig * gg;
+        for (int j = 0; a && j < s.attn_window; j++) {
+            const float *hj = cell_hist(s, r, j + 2);
+            if (hj)
+                cn += a[j] * hj[k];
+        }
+        float po = xg[3 * H + k] + hv[3] + b[3 * H + k];
+        if (s.peephole)
+            po += s.peephole[k] * cn;
+        float og = sigmoid_dev(po);
+        r.c[k] = cn;
+        h = og * tanhf(cn);
+        if (r.cache)
+            lstm_cache_element(H, k, r.cache, ig, fg, gg, og, cn);
+        break;
+    }
+    }
+    const float *skip = s.skip_period > 1 && t % s.skip_period == 0 ? cell_hist(s, r, s.skip_period)
+                                                                     : (const float *)0;
+    if (skip)
+        h += skip[k];
+    r.out[k] = h;
+    r.ring[(long)(t % s.R) * H + k] = h;
+}
+
+/* Whether the cell adds an attention term. */
+__host__ __device__ static int attends(const cell_step &s)
+{
+    return s.cell == CELL_LSTM && s.attn_window > 0;
+}
+
 /* One block per row.  The twin of cpu_cell_step: attention weights first
- * (a reduction over H per window entry), then every k of the row; in
- * training it also fills the row's cache as cell_rows does. */
+ * (a reduction over H per window entry), then every k of the row from the
+ * recurrent products in hg; in training it also fills the row's cache as
+ * cell_rows does. */
 __global__ void cell_step_kernel(struct cell_step s)
 {
     __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
-    const int i = blockIdx.x, H = s.H, R = s.R, K = s.attn_window;
-    const int G = s.cell == CELL_LSTM ? 4 : s.cell == CELL_GRU ? 3 : 1;
-    const int slot = s.slot ? s.slot[i] : i;
-    const int t = s.t ? s.t[i] : s.t0;
-    float *ring = s.ring + (long)slot * R * H;
-#define HIST(lag) (t - (lag) >= 1 ? ring + (long)((t - (lag)) % R) * H : (const float *)0)
-    const float *xg = s.xg + (long)i * G * H;
+    const int i = blockIdx.x, H = s.H, G = gates_of(s.cell);
+    const cell_row r = cell_row_of(s, i);
+    if (attends(s))
+        attention_weights(s, r, i, a);
     const float *hg = s.hg + (long)i * G * H;
-    const float *b = s.b_hh;
-    float *out = s.out + (long)i * H;
-
-    if (s.cell == CELL_LSTM && K) {
-        if (s.attn_mode == ATTN_STATIC) {
-            for (int j = threadIdx.x; j < K; j += blockDim.x)
-                a[j] = s.attn_logits[j];
-        } else {
-            const float *q = s.q + (long)i * H;
-            float scale = 1.0f / sqrtf((float)H);
-            /* A warp per window entry, its lanes striding over H and summing
-             * by shuffles: the entries need no barrier between them, where a
-             * block-wide sum for each took two. */
-            const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-            for (int j = warp; j < K; j += warps) {
-                const float *h = HIST(j + 2);
-                float part = 0.0f;
-                if (h)
-                    for (int k = lane; k < H; k += 32)
-                        part += q[k] * h[k];
-                for (int o = 16; o > 0; o >>= 1)
-                    part += __shfl_down_sync(0xffffffffu, part, o);
-                if (lane == 0)
-                    a[j] = part * scale;
-            }
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float mx = a[0], sum = 0.0f;
-            for (int j = 1; j < K; j++)
-                mx = fmaxf(mx, a[j]);
-            for (int j = 0; j < K; j++) {
-                a[j] = expf(a[j] - mx);
-                sum += a[j];
-            }
-            for (int j = 0; j < K; j++) {
-                a[j] /= sum;
-                if (s.attn)
-                    s.attn[(long)i * K + j] = a[j];
-            }
-        }
-        __syncthreads();
-    }
-    const float *skip = s.skip_period > 1 && t % s.skip_period == 0 ? HIST(s.skip_period) : (const float *)0;
-    const float *hp = HIST(1);
-    float *hnew = ring + (long)(t % R) * H;
-    float *c = s.c ? s.c + (long)slot * H : (float *)0;
-    /* Training: what the backward needs (CELL_CACHE). */
-    float *cache = s.cache ? s.cache + (long)i * CELL_CACHE(s.cell, H) : (float *)0;
     for (int k = threadIdx.x; k < H; k += blockDim.x) {
-        float h;
-        switch (s.cell) {
-        case CELL_RNN_TANH:
-            h = tanhf(xg[k] + hg[k] + b[k]);
-            if (cache)
-                cache[k] = h;
-            break;
-        case CELL_RNN_RELU:
-            h = fmaxf(0.0f, xg[k] + hg[k] + b[k]);
-            if (cache)
-                cache[k] = h;
-            break;
-        case CELL_GRU: {
-            float r = sigmoid_dev(xg[k] + hg[k] + b[k]);
-            float z = sigmoid_dev(xg[H + k] + hg[H + k] + b[H + k]);
-            float hn = hg[2 * H + k] + b[2 * H + k];
-            float nn = tanhf(xg[2 * H + k] + r * hn);
-            h = (1.0f - z) * nn + z * (hp ? hp[k] : 0.0f);
-            if (cache)
-                gru_cache_element(H, k, cache, r, z, nn, hn);
-            break;
-        }
-        default: {
-            float ig = sigmoid_dev(xg[k] + hg[k] + b[k]);
-            float fg = sigmoid_dev(xg[H + k] + hg[H + k] + b[H + k]);
-            float gg = tanhf(xg[2 * H + k] + hg[2 * H + k] + b[2 * H + k]);
-            float cn = fg * c[k] + ig * gg;
-            for (int j = 0; j < K; j++) {
-                const float *hj = HIST(j + 2);
-                if (hj)
-                    cn += a[j] * hj[k];
-            }
-            float po = xg[3 * H + k] + hg[3 * H + k] + b[3 * H + k];
-            if (s.peephole)
-                po += s.peephole[k] * cn;
-            float og = sigmoid_dev(po);
-            c[k] = cn;
-            h = og * tanhf(cn);
-            if (cache)
-                lstm_cache_element(H, k, cache, ig, fg, gg, og, cn);
-            break;
-        }
-        }
-        if (skip)
-            h += skip[k];
-        out[k] = h;
-        hnew[k] = h;
+        float hv[4];
+        for (int g = 0; g < G; g++)
+            hv[g] = hg[g * H + k];
+        cell_unit(s, r, k, hv, attends(s) ? a : (const float *)0);
     }
-#undef HIST
 }
 
 static void cuda_cell_step(struct backend *be, const struct cell_step *s)
@@ -428,6 +489,180 @@ static void cuda_cell_step(struct backend *be, const struct cell_step *s)
     if (s->n <= 0)
         return;
     launch(be, cell_step_kernel, s->n, CELL_THREADS, *s);
+}
+
+/* ---- the recurrence fused: product and cell in one kernel --------------
+ *
+ * cuBLAS's product for a step of a batch (64 x 512 by 2048 x 512 in the
+ * benchmark) is a split-K pair of kernels on an H100, 19.6 us at 6.8
+ * TFLOP/s, with the gates then written out and read back by the cell
+ * kernel.  Fused, a block takes FUSED_ROWS rows and the units of one tile,
+ * all G gates of each (FUSED_COLS columns of the product), and runs their
+ * cell as soon as its sums are done: one launch a step, and the gates
+ * never leave the block.  Its 256 threads split the sum over H into four
+ * quarters; each thread holds 4 rows by 4 columns of it, from one float4
+ * of h and one of W per row and column every 4 k, so 16 loads from
+ * shared memory feed 64 multiply-adds.  Its rows are rg + 16 j and its
+ * columns cg + 4 c, which keeps the shared-memory loads of a quarter warp
+ * on distinct banks.  It computes in FP32 only: in TF32 and BF16 the
+ * tensor cores' products are cuBLAS's. */
+#define FUSED_ROWS 64
+#define FUSED_COLS 16
+#define FUSED_KC 64 /* k of h and W staged at a time, a quarter each */
+#define FUSED_LD (FUSED_KC + 4)
+
+/* Up to 4 floats of p, those past avail zero: one 16-byte load where the
+ * row allows it (vec: H a multiple of 4 and aligned pointers). */
+__device__ float4 load4(const float *p, int avail, bool vec)
+{
+    if (vec && avail >= 4)
+        return *(const float4 *)p;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (avail > 0)
+        v.x = p[0];
+    if (avail > 1)
+        v.y = p[1];
+    if (avail > 2)
+        v.z = p[2];
+    if (avail > 3)
+        v.w = p[3];
+    return v;
+}
+
+/* The units a tile of FUSED_COLS columns holds: 4 of the LSTM, 5 of the
+ * GRU (one column unused), 16 of a plain RNN. */
+static __host__ __device__ int fused_units(int G)
+{
+    return FUSED_COLS / G;
+}
+
+template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_kernel(struct cell_step s,
+                                                                                     const float *hprev,
+                                                                                     const float *w)
+{
+    constexpr int U = FUSED_COLS / G;
+    __shared__ __align__(16) float hs[FUSED_ROWS * FUSED_LD];
+    __shared__ __align__(16) float ws[FUSED_COLS * FUSED_LD];
+    __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
+    const int H = s.H, n = s.n, tid = threadIdx.x;
+    const int unit_tiles = (H + U - 1) / U;
+    const int u0 = blockIdx.x % unit_tiles * U, r0 = blockIdx.x / unit_tiles * FUSED_ROWS;
+    const int quarter = tid / 64, rg = tid % 64 / 4, cg = tid % 4;
+    const bool vec = H % 4 == 0 && (uintptr_t)hprev % 16 == 0 && (uintptr_t)w % 16 == 0;
+    const bool dynamic = attends(s) && s.attn_mode == ATTN_DYNAMIC;
+
+    /* Static attention: the same weights for every row. */
+    if (attends(s) && !dynamic) {
+        for (int j = tid; j < s.attn_window; j += blockDim.x)
+            a[j] = s.attn_logits[j];
+        __syncthreads();
+        if (tid == 0)
+            window_softmax(a, s.attn_window, (float *)0);
+        __syncthreads();
+        if (s.attn && u0 == 0)
+            for (int x = tid; x < FUSED_ROWS * s.attn_window; x += blockDim.x) {
+                const int i = r0 + x / s.attn_window;
+                if (i < n)
+                    s.attn[(long)i * s.attn_window + x % s.attn_window] = a[x % s.attn_window];
+            }
+    }
+
+    /* Each thread stages 4 float4s of h and one of W a stage: the next
+     * stage's are loaded into registers while this one's products run, so
+     * that the latency of global memory hides behind them. */
+    static_assert(FUSED_ROWS * FUSED_KC / 4 == 4 * CELL_THREADS && FUSED_COLS * FUSED_KC / 4 == CELL_THREADS,
+                  "a thread stages 4 float4s of h and one of W");
+    float4 hnext[4], wnext;
+    auto fetch = [&](int k0) {
+        for (int m = 0; m < 4; m++) {
+            const int x = tid + m * CELL_THREADS, row = x / (FUSED_KC / 4), k = 4 * (x % (FUSED_KC / 4));
+            const int i = r0 + row;
+            hnext[m] = load4(hprev + (long)i * H + k0 + k, i < n ? H - k0 - k : 0, vec);
+        }
+        /* Gate g of unit u0 + u is W's row g H + u0 + u. */
+        const int col = tid / (FUSED_KC / 4), k = 4 * (tid % (FUSED_KC / 4));
+        const int g = col / U, unit = u0 + col % U;
+        const bool real = g < G && unit < H;
+        wnext = load4(w + (real ? (long)(g * H + unit) * H : 0) + k0 + k, real ? H - k0 - k : 0, vec);
+    };
+    fetch(0);
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < H; k0 += FUSED_KC) {
+        for (int m = 0; m < 4; m++) {
+            const int x = tid + m * CELL_THREADS;
+            *(float4 *)&hs[x / (FUSED_KC / 4) * FUSED_LD + 4 * (x % (FUSED_KC / 4))] = hnext[m];
+        }
+        *(float4 *)&ws[tid / (FUSED_KC / 4) * FUSED_LD + 4 * (tid % (FUSED_KC / 4))] = wnext;
+        __syncthreads();
+        if (k0 + FUSED_KC < H)
+            fetch(k0 + FUSED_KC);
+        const int kq = quarter * (FUSED_KC / 4), kn = H - k0;
+        for (int k = kq; k < kq + FUSED_KC / 4 && k < kn; k += 4) {
+            float4 hv[4], wv[4];
+            for (int j = 0; j < 4; j++)
+                hv[j] = *(const float4 *)&hs[(rg + 16 * j) * FUSED_LD + k];
+            for (int c = 0; c < 4; c++)
+                wv[c] = *(const float4 *)&ws[(cg + 4 * c) * FUSED_LD + k];
+            for (int j = 0; j < 4; j++)
+                for (int c = 0; c < 4; c++) {
+                    float v = acc[j][c];
+                    v = fmaf(hv[j].x, wv[c].x, v);
+                    v = fmaf(hv[j].y, wv[c].y, v);
+                    v = fmaf(hv[j].z, wv[c].z, v);
+                    acc[j][c] = fmaf(hv[j].w, wv[c].w, v);
+                }
+        }
+        __syncthreads();
+    }
+
+    /* The quarters' sums meet in hs, now free: [quarter][row][column]. */
+    float *sums = hs;
+    for (int j = 0; j < 4; j++)
+        for (int c = 0; c < 4; c++)
+            sums[(quarter * FUSED_ROWS + rg + 16 * j) * FUSED_COLS + cg + 4 * c] = acc[j][c];
+    __syncthreads();
+    for (int x = tid; x < FUSED_ROWS * U; x += blockDim.x) {
+        const int row = x / U, u = x % U, i = r0 + row, k = u0 + u;
+        if (i >= n || k >= H)
+            continue;
+        float hv[4];
+        for (int g = 0; g < G; g++) {
+            const float *col = sums + row * FUSED_COLS + g * U + u;
+            hv[g] = col[0] + col[FUSED_ROWS * FUSED_COLS] + col[2 * FUSED_ROWS * FUSED_COLS] +
+                    col[3 * FUSED_ROWS * FUSED_COLS];
+        }
+        /* Dynamic weights were left in the row's hg by attention_kernel. */
+        const float *aw = !attends(s) ? (const float *)0 : dynamic ? s.hg + (long)i * G * H : a;
+        cell_unit(s, cell_row_of(s, i), k, hv, aw);
+    }
+}
+
+/* Dynamic attention before a fused step: each row's weights need its
+ * whole query, which no tile of the fused kernel has, so a block per row
+ * works them out first, into the first K floats of the row's hg. */
+__global__ void attention_kernel(struct cell_step s)
+{
+    __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
+    const int i = blockIdx.x;
+    attention_weights(s, cell_row_of(s, i), i, a);
+    for (int j = threadIdx.x; j < s.attn_window; j += blockDim.x)
+        s.hg[(long)i * gates_of(s.cell) * s.H + j] = a[j];
+}
+
+static int cuda_recurrent_step(struct backend *be, const struct cell_step *s, const float *hprev, const float *w)
+{
+    const int G = gates_of(s->cell);
+    if (be->recurrence != RECURRENCE_FUSED || impl_of(be)->precision != PRECISION_FP32 ||
+        (attends(*s) && s->attn_window > G * s->H))
+        return 0;
+    if (s->n <= 0)
+        return 1;
+    if (attends(*s) && s->attn_mode == ATTN_DYNAMIC)
+        launch(be, attention_kernel, s->n, CELL_THREADS, *s);
+    const int blocks = (s->H + fused_units(G) - 1) / fused_units(G) * ((s->n + FUSED_ROWS - 1) / FUSED_ROWS);
+    launch(be, G == 4 ? recurrent_step_kernel<4> : G == 3 ? recurrent_step_kernel<3> : recurrent_step_kernel<1>,
+           blocks, CELL_THREADS, *s, hprev, w);
+    return 1;
 }
 
 __global__ void pool_mean_kernel(float *dst, const float *src, int width, const int *off, const int *len)
@@ -1026,6 +1261,7 @@ static const struct backend_ops cuda_ops = {
     CUDA_LANES,
     cuda_lane_use,
     cuda_lane_wait,
+    cuda_recurrent_step,
 };
 
 extern "C" int backend_cuda_available(void)

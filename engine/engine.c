@@ -349,37 +349,51 @@ static int matrix_of(const struct engine *e, int t)
     return (t - 1) % e->M;
 }
 
+/* Rows are ordered so that those using the same recurrent matrix are
+ * adjacent: the run of rows from i that share one, its end returned and
+ * its matrix in *m. */
+static int run_end(const struct engine *e, const struct layer_run *r, int i, int *m)
+{
+    *m = matrix_of(e, r->t_host ? r->t_host[i] : r->t0);
+    int j = i + 1;
+    while (j < r->n && matrix_of(e, r->t_host ? r->t_host[j] : r->t0) == *m)
+        j++;
+    return j;
+}
+
+/* Rows i .. i + n - 1 of a step, as a step of their own. */
+static struct cell_step step_rows(const struct engine *e, const struct cell_step *s, int i, int n)
+{
+    struct cell_step sub = *s;
+    const size_t GH = (size_t)e->G * e->H;
+    sub.n = n;
+    sub.xg += i * GH;
+    sub.hg += i * GH;
+    sub.out += (size_t)i * e->H;
+    if (sub.q)
+        sub.q += (size_t)i * e->H;
+    if (sub.attn)
+        sub.attn += (size_t)i * e->K;
+    if (sub.cache)
+        sub.cache += (size_t)i * CELL_CACHE(s->cell, e->H);
+    if (sub.slot)
+        sub.slot += i;
+    if (sub.t)
+        sub.t += i;
+    return sub;
+}
+
 void engine_layer_step(struct engine *e, const struct layer_run *r)
 {
     struct backend *be = e->be;
     const struct layer_dir_params *dp = &e->w.layers[r->layer].dir[r->dir];
     const int H = e->H, GH = e->G * H, n = r->n;
-    float *hg = r->hg, *q = r->q;
-    if (!r->hprev) {
-        be->ops->zero(be, hg, (size_t)n * GH * sizeof(float));
-        if (q)
-            be->ops->zero(be, q, (size_t)n * H * sizeof(float));
-    } else {
-        /* Rows are ordered so that those using the same recurrent matrix are
-         * adjacent: one GEMM per run of rows. */
-        for (int i = 0; i < n;) {
-            int m = matrix_of(e, r->t_host ? r->t_host[i] : r->t0);
-            int j = i + 1;
-            while (j < n && matrix_of(e, r->t_host ? r->t_host[j] : r->t0) == m)
-                j++;
-            engine_gemm_weights(e, j - i, GH, H, r->hprev + (size_t)i * H, H, dp->w_hh[m], 0.0f,
-                                hg + (size_t)i * GH, GH);
-            i = j;
-        }
-        if (q)
-            engine_gemm_weights(e, n, H, H, r->hprev, H, dp->attn_query, 0.0f, q, H);
-    }
     struct cell_step s = {
         .cell = e->m->cfg.cell,
         .n = n,
         .H = H,
         .xg = r->xg,
-        .hg = hg,
+        .hg = r->hg,
         .b_hh = dp->b_hh,
         .peephole = dp->peephole,
         .c = r->c,
@@ -392,11 +406,37 @@ void engine_layer_step(struct engine *e, const struct layer_run *r)
         .attn_mode = e->m->cfg.attn_mode,
         .attn_window = e->K,
         .attn_logits = dp->attn_logits,
-        .q = q,
+        .q = r->q,
         .attn = r->attn,
         .out = r->out,
         .cache = r->cache,
     };
+    if (!r->hprev) {
+        be->ops->zero(be, r->hg, (size_t)n * GH * sizeof(float));
+        if (r->q)
+            be->ops->zero(be, r->q, (size_t)n * H * sizeof(float));
+        be->ops->cell_step(be, &s);
+        return;
+    }
+    if (r->q)
+        engine_gemm_weights(e, n, H, H, r->hprev, H, dp->attn_query, 0.0f, r->q, H);
+    /* Fused: one pass per run of rows; the backend's answer is the same
+     * for every run, so only the first can decline. */
+    int fused = be->ops->recurrent_step != NULL;
+    for (int i = 0, m; fused && i < n;) {
+        int j = run_end(e, r, i, &m);
+        struct cell_step rows = step_rows(e, &s, i, j - i);
+        fused = be->ops->recurrent_step(be, &rows, r->hprev + (size_t)i * H, dp->w_hh[m]);
+        i = j;
+    }
+    if (fused)
+        return;
+    for (int i = 0, m; i < n;) {
+        int j = run_end(e, r, i, &m);
+        engine_gemm_weights(e, j - i, GH, H, r->hprev + (size_t)i * H, H, dp->w_hh[m], 0.0f, r->hg + (size_t)i * GH,
+                            GH);
+        i = j;
+    }
     be->ops->cell_step(be, &s);
 }
 

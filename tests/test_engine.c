@@ -668,12 +668,13 @@ static void wide_run_free(struct wide_run *r)
 enum { WIDE_N = 3, WIDE_STEPS = 5 };
 static const int wide_len[WIDE_N] = {11, 7, 3};
 
-static void wide_run_on(const struct model *m, enum device_kind dev, enum precision prec,
+static void wide_run_on(const struct model *m, enum device_kind dev, enum precision prec, enum recurrence rec,
                         const int32_t tokens[WIDE_N][16], struct wide_run *r)
 {
     char err[512];
     struct backend *be = backend_create(dev, err, sizeof err);
-    if (!be || backend_set_precision(be, prec, err, sizeof err) != 0)
+    if (!be || backend_set_precision(be, prec, err, sizeof err) != 0 ||
+        backend_set_recurrence(be, rec, err, sizeof err) != 0)
         fail_msg("backend: %s", err);
     const int lm = m->cfg.task == TASK_LM, C = m->head_out, V = m->vocab;
     const int LK = m->cfg.layers * (m->cfg.bidirectional ? 2 : 1) * m->cfg.attn_window;
@@ -762,7 +763,11 @@ static void wide_model(size_t k, struct model *m, int32_t tokens[WIDE_N][16])
 
 /* Forwards (logits, attention), steps and a training batch's gradients on
  * CUDA match the CPU, within 1e-4 (the gradients, summed in other orders
- * over more terms, within 1e-3).  Skipped without a GPU. */
+ * over more terms, within 1e-3), with the recurrence computed by cuBLAS's
+ * products and fused.  The fused kernel's tiles meet every edge here: H
+ * over two stages of 64 k (80, 72, 96), H not a multiple of 4 (70: no
+ * 16-byte loads), a GRU's tiles of 5 units with the last one short (96),
+ * and the skip's two matrices.  Skipped without a GPU. */
 static void test_cuda_matches_cpu_on_wide_models(void **state)
 {
     (void)state;
@@ -774,13 +779,17 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
         int32_t tokens[WIDE_N][16];
         wide_model(k, &m, tokens);
         struct wide_run cpu, gpu;
-        wide_run_on(&m, DEVICE_CPU, PRECISION_FP32, tokens, &cpu);
-        wide_run_on(&m, DEVICE_CUDA, PRECISION_FP32, tokens, &gpu);
-        expect_close(wide_models[k], "forward", gpu.forward, cpu.forward, cpu.n_forward, 1e-4);
-        expect_close(wide_models[k], "steps", gpu.steps, cpu.steps, cpu.n_steps, 1e-4);
-        expect_close(wide_models[k], "gradients", gpu.grads, cpu.grads, cpu.n_grads, 1e-3);
+        wide_run_on(&m, DEVICE_CPU, PRECISION_FP32, RECURRENCE_GEMM, tokens, &cpu);
+        for (int rec = RECURRENCE_GEMM; rec <= RECURRENCE_FUSED; rec++) {
+            char what[256];
+            snprintf(what, sizeof what, "%s, %s", wide_models[k], backend_recurrence_name((enum recurrence)rec));
+            wide_run_on(&m, DEVICE_CUDA, PRECISION_FP32, (enum recurrence)rec, tokens, &gpu);
+            expect_close(what, "forward", gpu.forward, cpu.forward, cpu.n_forward, 1e-4);
+            expect_close(what, "steps", gpu.steps, cpu.steps, cpu.n_steps, 1e-4);
+            expect_close(what, "gradients", gpu.grads, cpu.grads, cpu.n_grads, 1e-3);
+            wide_run_free(&gpu);
+        }
         wide_run_free(&cpu);
-        wide_run_free(&gpu);
         model_free(&m);
     }
 #else
@@ -792,8 +801,9 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
  * rows), on a model with every term of an LSTM cell (dynamic attention,
  * the temporal skip, two recurrent matrices): a forward of 70 texts of
  * their own lengths, then steps of 70 slots of which half started a step
- * ahead, so that a step's rows use both matrices.  On CUDA the logits and
- * attention weights match the CPU's within 1e-4.  Skipped without a GPU. */
+ * ahead, so that a step's rows use both matrices.  On CUDA, with the
+ * recurrence by products and fused, the logits and attention weights
+ * match the CPU's within 1e-4.  Skipped without a GPU. */
 static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
 {
     (void)state;
@@ -814,11 +824,14 @@ static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
             tokens[i][t] = (int32_t)((i * 89 + t * 37 + 5) % V);
     /* Per text: logits [LEN][V]; per step: logits [N][V], attention [N][L][K]. */
     const size_t per_step = (size_t)N * (V + L * K), n_out = (size_t)N * LEN * V + (STEPS + 1) * per_step;
-    float *out[2];
-    const enum device_kind devices[2] = {DEVICE_CPU, DEVICE_CUDA};
-    for (int d = 0; d < 2; d++) {
+    float *out[3];
+    const enum device_kind devices[3] = {DEVICE_CPU, DEVICE_CUDA, DEVICE_CUDA};
+    const enum recurrence recs[3] = {RECURRENCE_GEMM, RECURRENCE_GEMM, RECURRENCE_FUSED};
+    for (int d = 0; d < 3; d++) {
         struct backend *be = backend_create(devices[d], err, sizeof err);
-        struct engine *e = be ? engine_create(&m, be, N, err, sizeof err) : NULL;
+        struct engine *e = be && backend_set_recurrence(be, recs[d], err, sizeof err) == 0
+                               ? engine_create(&m, be, N, err, sizeof err)
+                               : NULL;
         if (!e)
             fail_msg("%s", err);
         assert_non_null(out[d] = calloc(n_out, sizeof(float)));
@@ -844,8 +857,9 @@ static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
         backend_destroy(be);
     }
     expect_close("70 rows", "forward and steps", out[1], out[0], n_out, 1e-4);
-    free(out[0]);
-    free(out[1]);
+    expect_close("70 rows, fused", "forward and steps", out[2], out[0], n_out, 1e-4);
+    for (int d = 0; d < 3; d++)
+        free(out[d]);
     model_free(&m);
 #else
     skip();
@@ -881,7 +895,7 @@ static void test_cuda_precisions_round_as_named(void **state)
     struct wide_run run[3];
     const enum precision precs[3] = {PRECISION_FP32, PRECISION_TF32, PRECISION_BF16};
     for (int p = 0; p < 3; p++)
-        wide_run_on(&m, DEVICE_CUDA, precs[p], tokens, &run[p]);
+        wide_run_on(&m, DEVICE_CUDA, precs[p], RECURRENCE_GEMM, tokens, &run[p]);
     double tf32 = largest_error(run[1].forward, run[0].forward, run[0].n_forward);
     double bf16 = largest_error(run[2].forward, run[0].forward, run[0].n_forward);
     if (!(tf32 > 0.0 && tf32 < 1e-2 && bf16 > 4.0 * tf32 && bf16 < 1e-1))

@@ -8,7 +8,8 @@
  * joining at different steps, gives the forward's logits at every step.
  *
  * Every test runs on each backend: the CPU, and CUDA when this binary was
- * built with it.  Without a GPU the CUDA tests report skipped.  On the GPU
+ * built with it, its recurrence by cuBLAS's products and fused (cuda_fused),
+ * and in TF32 and BF16.  Without a GPU the CUDA tests report skipped.  On the GPU
  * the fixtures hold within 1e-4 (cuBLAS and the device's exp/tanh round
  * differently) and alone-vs-batch within 1e-5 (cuBLAS picks its algorithm
  * by matrix size, so it is not batch-invariant to the bit).
@@ -40,6 +41,7 @@ struct fixture {
     char name[128];
     enum device_kind device;
     enum precision precision;
+    enum recurrence recurrence;
     double tol, batch_tol;
     cJSON *json;
     struct model model;
@@ -82,7 +84,8 @@ static int fixture_setup(void **state)
     if (tokenizer_init(&fx->tk, &fx->model.cfg, err, sizeof err) != 0)
         fail_msg("tokenizer: %s", err);
     fx->be = backend_create(fx->device, err, sizeof err);
-    if (!fx->be || backend_set_precision(fx->be, fx->precision, err, sizeof err) != 0)
+    if (!fx->be || backend_set_precision(fx->be, fx->precision, err, sizeof err) != 0 ||
+        backend_set_recurrence(fx->be, fx->recurrence, err, sizeof err) != 0)
         fail_msg("backend: %s", err);
     int slots = fx->model.cfg.task == TASK_LM ? 8 : 0;
     fx->engine = engine_create(&fx->model, fx->be, slots, err, sizeof err);
@@ -423,12 +426,14 @@ int main(void)
         const char *name;
         enum device_kind device;
         enum precision precision;
+        enum recurrence recurrence;
         double tol, batch_tol;
     } devices[] = {
-        {"cpu", DEVICE_CPU, PRECISION_FP32, 1e-5, 0},
-        {"cuda", DEVICE_CUDA, PRECISION_FP32, 1e-4, 1e-5},
-        {"cuda_tf32", DEVICE_CUDA, PRECISION_TF32, 2e-2, 2e-2},
-        {"cuda_bf16", DEVICE_CUDA, PRECISION_BF16, 1e-1, 1e-1},
+        {"cpu", DEVICE_CPU, PRECISION_FP32, RECURRENCE_GEMM, 1e-5, 0},
+        {"cuda", DEVICE_CUDA, PRECISION_FP32, RECURRENCE_GEMM, 1e-4, 1e-5},
+        {"cuda_fused", DEVICE_CUDA, PRECISION_FP32, RECURRENCE_FUSED, 1e-4, 1e-5},
+        {"cuda_tf32", DEVICE_CUDA, PRECISION_TF32, RECURRENCE_GEMM, 2e-2, 2e-2},
+        {"cuda_bf16", DEVICE_CUDA, PRECISION_BF16, RECURRENCE_GEMM, 1e-1, 1e-1},
     };
     const int n_dev = sizeof devices / sizeof devices[0];
     static void (*const fns[3])(void **) = {test_tokens, test_forward, test_steps};
@@ -448,6 +453,7 @@ int main(void)
                 continue;
             f->device = devices[d].device;
             f->precision = devices[d].precision;
+            f->recurrence = devices[d].recurrence;
             f->tol = devices[d].tol;
             f->batch_tol = devices[d].batch_tol;
             int kinds_here = is_lm(f->name) ? 3 : 2; /* steps only for language models */

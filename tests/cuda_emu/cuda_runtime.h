@@ -48,6 +48,19 @@
 /* Shared by the fibers of a block, which run on one OS thread (and one
  * block at a time: the emulated device runs one thing at a time). */
 #define __shared__ static __thread
+#define __align__(n) __attribute__((aligned(n)))
+/* A hint to nvcc's register allocation; nothing to the emulator. */
+#define __launch_bounds__(...)
+
+/* CUDA's vector type, aligned as on the device, so that a 16-byte load
+ * from a misaligned address faults here too (UBSan's alignment check). */
+struct __attribute__((aligned(16))) float4 {
+    float x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w)
+{
+    return float4{x, y, z, w};
+}
 
 struct dim3 {
     unsigned x, y, z;
