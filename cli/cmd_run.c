@@ -32,7 +32,8 @@ struct item {
     char error[256];
 };
 
-static int runner_open(struct runner *r, const char *path, enum device_kind dev, enum precision prec)
+static int runner_open(struct runner *r, const char *path, enum device_kind dev, enum precision prec,
+                       enum recurrence rec)
 {
     char err[512];
     memset(r, 0, sizeof *r);
@@ -47,6 +48,7 @@ static int runner_open(struct runner *r, const char *path, enum device_kind dev,
     }
     if (tokenizer_init(&r->tk, &r->model.cfg, err, sizeof err) != 0 ||
         !(r->be = backend_create(dev, err, sizeof err)) || backend_set_precision(r->be, prec, err, sizeof err) != 0 ||
+        backend_set_recurrence(r->be, rec, err, sizeof err) != 0 ||
         !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? 1 : 0, err, sizeof err))) {
         fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
         return -1;
@@ -261,11 +263,12 @@ int cmd_run(int argc, char **argv)
         {"text", required_argument, NULL, 't'},  {"file", required_argument, NULL, 'f'},
         {"jsonl", required_argument, NULL, 'j'}, {"device", required_argument, NULL, 'd'},
         {"batch", required_argument, NULL, 'b'}, {"precision", required_argument, NULL, 'p'},
-        {NULL, 0, NULL, 0},
+        {"recurrence", required_argument, NULL, 'r'}, {NULL, 0, NULL, 0},
     };
     const char *text = NULL, *file = NULL, *jsonl = NULL;
     enum device_kind dev = DEVICE_CPU;
     enum precision prec = PRECISION_FP32;
+    enum recurrence rec = RECURRENCE_GEMM;
     int batch = 64, c, sources = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -285,6 +288,12 @@ int cmd_run(int argc, char **argv)
                 return 2;
             }
             break;
+        case 'r':
+            if (backend_recurrence_parse(optarg, &rec) != 0) {
+                fprintf(stderr, "rrnserve run: --recurrence must be gemm or fused, not '%s'\n", optarg);
+                return 2;
+            }
+            break;
         case 'b': {
             char *end;
             long v = strtol(optarg, &end, 10);
@@ -301,11 +310,12 @@ int cmd_run(int argc, char **argv)
     }
     if (optind != argc - 1 || sources != 1) {
         fprintf(stderr, "usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH) "
-                        "[--device cpu|cuda|auto] [--precision fp32|tf32|bf16] [--batch N]\n");
+                        "[--device cpu|cuda|auto] [--precision fp32|tf32|bf16] [--recurrence gemm|fused] "
+                        "[--batch N]\n");
         return 2;
     }
     struct runner r;
-    if (runner_open(&r, argv[optind], dev, prec) != 0) {
+    if (runner_open(&r, argv[optind], dev, prec, rec) != 0) {
         runner_close(&r);
         return 1;
     }

@@ -23,7 +23,7 @@ static void usage(FILE *out)
             "commands:\n"
             "  info FILE                      print a weight file's config, tensors and checksum status\n"
             "  run FILE (--text T | --file PATH | --jsonl PATH) [--device cpu|cuda|auto]\n"
-            "      [--precision fp32|tf32|bf16] [--batch N]\n"
+            "      [--precision fp32|tf32|bf16] [--recurrence gemm|fused] [--batch N]\n"
             "                                 classify or score text with a model, printing JSON\n"
             "  serve [--models DIR] [--host ADDR] [--port N] [OPTIONS]\n"
             "                                 serve every model of DIR over HTTP (serve --help for options)\n"

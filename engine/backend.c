@@ -131,10 +131,10 @@ const char *backend_recurrence_name(enum recurrence r)
     return recurrence_names[r];
 }
 
-void backend_describe(const char *device, enum precision p, char *buf, size_t len)
+void backend_describe(const char *device, enum precision p, enum recurrence r, char *buf, size_t len)
 {
-    snprintf(buf, len, "%s%s%s", device, p != PRECISION_FP32 ? ", " : "",
-             p != PRECISION_FP32 ? precision_names[p] : "");
+    snprintf(buf, len, "%s%s%s%s%s", device, p != PRECISION_FP32 ? ", " : "", p != PRECISION_FP32 ? precision_names[p] : "",
+             r != RECURRENCE_GEMM ? ", " : "", r != RECURRENCE_GEMM ? recurrence_names[r] : "");
 }
 
 void backend_clear_error(struct backend *be)

@@ -271,8 +271,9 @@ const char *backend_precision_name(enum precision p);
 int backend_recurrence_parse(const char *s, enum recurrence *r);
 const char *backend_recurrence_name(enum recurrence r);
 /* Where work runs, as the logs say it: the device's name, then the
- * precision when it is not FP32 ("cuda, tf32"). */
-void backend_describe(const char *device, enum precision p, char *buf, size_t len);
+ * precision when it is not FP32 and the recurrence when fused ("cuda,
+ * tf32", "cuda, fused"). */
+void backend_describe(const char *device, enum precision p, enum recurrence r, char *buf, size_t len);
 
 /* Wait for the backend's queued work: 0, or -1 with a message in be->err.
  * What the engine calls instead of ops->sync (it adds a test hook). */

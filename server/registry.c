@@ -25,7 +25,7 @@ struct entry {
 struct registry {
     struct registry_options opt;
     char *dir;
-    char device[16];
+    char device[32];
     pthread_mutex_t mu;
     struct entry *entries; /* sorted by name */
     int n;
@@ -59,7 +59,8 @@ static struct served_model *load_model(struct registry *r, const char *name, con
     atomic_init(&m->refs, 1);
     if (model_load(path, &m->model, err, errlen) != 0 || tokenizer_init(&m->tk, &m->model.cfg, err, errlen) != 0 ||
         !(m->be = backend_create(r->opt.device, err, errlen)) ||
-        backend_set_precision(m->be, r->opt.precision, err, errlen) != 0)
+        backend_set_precision(m->be, r->opt.precision, err, errlen) != 0 ||
+        backend_set_recurrence(m->be, r->opt.recurrence, err, errlen) != 0)
         goto fail;
     const struct model_config *c = &m->model.cfg;
     int slots = c->task == TASK_LM && config_directions(c) == 1 ? r->opt.batch.max_batch + 1 : 0;
@@ -169,14 +170,17 @@ struct registry *registry_open(const struct registry_options *opt, char *err, si
     r->opt.dir = r->dir;
     /* Decide "auto" once, so every model lands on the same device. */
     r->opt.device = backend_resolve(opt->device);
-    if (r->opt.device != DEVICE_CUDA && opt->precision != PRECISION_FP32) {
-        snprintf(err, errlen, "precision %s needs the cuda device, and models would run on the cpu",
-                 backend_precision_name(opt->precision));
+    if (r->opt.device != DEVICE_CUDA && (opt->precision != PRECISION_FP32 || opt->recurrence != RECURRENCE_GEMM)) {
+        snprintf(err, errlen, "%s %s needs the cuda device, and models would run on the cpu",
+                 opt->precision != PRECISION_FP32 ? "precision" : "recurrence",
+                 opt->precision != PRECISION_FP32 ? backend_precision_name(opt->precision)
+                                                  : backend_recurrence_name(opt->recurrence));
         free(r->dir);
         free(r);
         return NULL;
     }
-    backend_describe(r->opt.device == DEVICE_CUDA ? "cuda" : "cpu", opt->precision, r->device, sizeof r->device);
+    backend_describe(r->opt.device == DEVICE_CUDA ? "cuda" : "cpu", opt->precision, opt->recurrence, r->device,
+                     sizeof r->device);
     pthread_mutex_init(&r->mu, NULL);
     if (scan(r, NULL, 0, &r->entries, &r->n) < 0) {
         snprintf(err, errlen, "cannot read the models folder %s: %s", opt->dir, strerror(errno));

@@ -32,6 +32,7 @@ struct registry_options {
     const char *dir;
     enum device_kind device;
     enum precision precision;
+    enum recurrence recurrence;
     struct batcher_options batch;
     struct metrics *metrics;
 };

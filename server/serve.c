@@ -31,6 +31,7 @@ struct serve_options {
     const char *models, *host, *api_keys;
     enum device_kind device;
     enum precision precision;
+    enum recurrence recurrence;
     long port, max_batch, max_wait_us, max_queue, threads, max_body, max_text_bytes, max_tokens_limit,
         max_connections, timeout_s;
 };
@@ -39,7 +40,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: rrnserve serve [--models DIR] [--host ADDR] [--port N] [--device auto|cpu|cuda]\n"
-            "                      [--precision fp32|tf32|bf16]\n"
+            "                      [--precision fp32|tf32|bf16] [--recurrence gemm|fused]\n"
             "                      [--max-batch N] [--max-wait-us N] [--max-queue N] [--api-keys FILE]\n"
             "                      [--threads N] [--max-body BYTES] [--max-text-bytes N]\n"
             "                      [--max-tokens-limit N] [--max-connections N] [--timeout-s N]\n"
@@ -50,6 +51,8 @@ static void usage(FILE *out)
             "  --port N               port to listen on, 0 for any free one (default 8080)\n"
             "  --device D             auto (CUDA when a GPU is present), cpu or cuda (default auto)\n"
             "  --precision P          fp32, or tf32 or bf16 for tensor-core matrix products on cuda (default fp32)\n"
+            "  --recurrence R         gemm, or fused: each step's recurrent product inside its cell kernel,\n"
+            "                         on cuda in fp32 (default gemm)\n"
             "  --max-batch N          sequences per engine call (default 32)\n"
             "  --max-wait-us N        how long a batch may wait to fill, microseconds (default 2000)\n"
             "  --max-queue N          jobs waiting per model before answering 503 (default 256)\n"
@@ -96,18 +99,19 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
         {"max-connections", 1, 100000, &o->max_connections},
         {"timeout-s", 1, 86400, &o->timeout_s},
     };
-    enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_PRECISION, OPT_KEYS,
-           OPT_HELP };
-    struct option opts[N_INTS + 7];
+    enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_PRECISION, OPT_RECURRENCE,
+           OPT_KEYS, OPT_HELP };
+    struct option opts[N_INTS + 8];
     for (int i = 0; i < N_INTS; i++)
         opts[i] = (struct option){ints[i].name, required_argument, NULL, i};
     opts[N_INTS] = (struct option){"models", required_argument, NULL, OPT_MODELS};
     opts[N_INTS + 1] = (struct option){"host", required_argument, NULL, OPT_HOST};
     opts[N_INTS + 2] = (struct option){"device", required_argument, NULL, OPT_DEVICE};
     opts[N_INTS + 3] = (struct option){"precision", required_argument, NULL, OPT_PRECISION};
-    opts[N_INTS + 4] = (struct option){"api-keys", required_argument, NULL, OPT_KEYS};
-    opts[N_INTS + 5] = (struct option){"help", no_argument, NULL, OPT_HELP};
-    opts[N_INTS + 6] = (struct option){NULL, 0, NULL, 0};
+    opts[N_INTS + 4] = (struct option){"recurrence", required_argument, NULL, OPT_RECURRENCE};
+    opts[N_INTS + 5] = (struct option){"api-keys", required_argument, NULL, OPT_KEYS};
+    opts[N_INTS + 6] = (struct option){"help", no_argument, NULL, OPT_HELP};
+    opts[N_INTS + 7] = (struct option){NULL, 0, NULL, 0};
 
     *o = (struct serve_options){.models = "models", .host = "127.0.0.1", .device = DEVICE_AUTO, .port = 8080,
                                 .max_batch = 32, .max_wait_us = 2000, .max_queue = 256, .threads = 0,
@@ -131,6 +135,11 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
         } else if (c == OPT_PRECISION) {
             if (backend_precision_parse(optarg, &o->precision) != 0) {
                 fprintf(stderr, "rrnserve serve: --precision must be fp32, tf32 or bf16, not '%s'\n", optarg);
+                return 2;
+            }
+        } else if (c == OPT_RECURRENCE) {
+            if (backend_recurrence_parse(optarg, &o->recurrence) != 0) {
+                fprintf(stderr, "rrnserve serve: --recurrence must be gemm or fused, not '%s'\n", optarg);
                 return 2;
             }
         } else if (c == OPT_KEYS) {
@@ -233,7 +242,7 @@ int cmd_serve(int argc, char **argv)
                       .lim = {.max_text_bytes = (size_t)o.max_text_bytes, .max_tokens = (int)o.max_tokens_limit}};
     atomic_init(&api.stopping, 0);
     struct registry_options ro = {
-        .dir = o.models, .device = o.device, .precision = o.precision, .metrics = metrics,
+        .dir = o.models, .device = o.device, .precision = o.precision, .recurrence = o.recurrence, .metrics = metrics,
         .batch = {.max_batch = (int)o.max_batch, .max_wait_us = (int)o.max_wait_us, .max_queue = (int)o.max_queue},
     };
     if (!metrics) {

@@ -164,9 +164,10 @@ static void test_bad_usage(void **state)
     expect_all(cases, sizeof cases / sizeof cases[0]);
 }
 
-/* TF32 is a mode of the CUDA backend's matrix products: on the CPU each
- * command refuses it by name, and an unknown precision or device is an
- * error that names it. */
+/* TF32 is a mode of the CUDA backend's matrix products, and the fused
+ * recurrence a kernel of its own: on the CPU each command refuses them by
+ * name, and an unknown precision, recurrence or device is an error that
+ * names it. */
 static void test_precision(void **state)
 {
     (void)state;
@@ -181,6 +182,16 @@ static void test_precision(void **state)
          "\"precision\" must be"},
         {"train --config models/sentiment.json --device tpu --out /tmp/rrn_cli_never.safetensors", 1,
          "\"device\" must be \"cpu\", \"cuda\" or \"auto\""},
+        {"run " FIX "combo_lstm.safetensors --text a --recurrence gemm", 0, "probabilities"},
+        {"run " FIX "combo_lstm.safetensors --text a --device cpu --recurrence fused", 1,
+         "no fused recurrence; it needs the cuda device"},
+        {"run " FIX "combo_lstm.safetensors --text a --recurrence loop", 2, "--recurrence must be gemm or fused"},
+        {"serve --models " FIX " --port 0 --device cpu --recurrence fused", 1, "recurrence fused needs the cuda device"},
+        {"serve --port 0 --recurrence loop", 2, "--recurrence must be gemm or fused"},
+        {"train --config models/sentiment.json --device cpu --recurrence fused --out /tmp/rrn_cli_never.safetensors",
+         1, "no fused recurrence"},
+        {"train --config models/sentiment.json --recurrence loop --out /tmp/rrn_cli_never.safetensors", 1,
+         "\"recurrence\" must be \"gemm\" or \"fused\""},
     };
     expect_all(cases, sizeof cases / sizeof cases[0]);
 }

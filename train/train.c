@@ -61,6 +61,7 @@ struct options {
     const char *out;
     enum device_kind device;
     enum precision precision;
+    enum recurrence recurrence;
 };
 
 /* Set the value at a dotted path ("optim.lr"), creating objects on the way.
@@ -222,7 +223,8 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     static const char *const keys[] = {"model",       "data",       "optim",   "init",      "vocab",
                                        "batch_size",  "bptt",       "epochs",  "steps",     "dropout",  "dropout_embed", "state_reset",
                                        "seed",        "valid_every", "checkpoint_every", "log_every",
-                                       "keep_best",   "init_from",  "out",        "device", "precision"};
+                                       "keep_best",   "init_from",  "out",        "device", "precision",
+                                       "recurrence"};
     for (const cJSON *k = root->child; k; k = k->next) {
         size_t i = 0;
         while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
@@ -321,6 +323,10 @@ static int parse_options(cJSON *root, struct options *o, char *err, size_t errle
     o->precision = PRECISION_FP32;
     if (prec && !(cJSON_IsString(prec) && backend_precision_parse(prec->valuestring, &o->precision) == 0))
         return error_fmt(err, errlen, "config: \"precision\" must be \"fp32\", \"tf32\" or \"bf16\"");
+    const cJSON *rec = field(root, "recurrence");
+    o->recurrence = RECURRENCE_GEMM;
+    if (rec && !(cJSON_IsString(rec) && backend_recurrence_parse(rec->valuestring, &o->recurrence) == 0))
+        return error_fmt(err, errlen, "config: \"recurrence\" must be \"gemm\" or \"fused\"");
     return 0;
 }
 
@@ -992,7 +998,8 @@ static int train(struct run *r, char *err, size_t errlen)
         model_init(&r->model, &o->init, o->seed);
     }
     if (tokenizer_init(&r->tk, &r->model.cfg, err, errlen) || !(r->be = backend_create(o->device, err, errlen)) ||
-        backend_set_precision(r->be, o->precision, err, errlen))
+        backend_set_precision(r->be, o->precision, err, errlen) ||
+        backend_set_recurrence(r->be, o->recurrence, err, errlen))
         return -1;
     int slots = is_lm(r) ? o->batch + 1 : 0;
     if (!(r->e = engine_create(&r->model, r->be, slots, err, errlen)))
@@ -1009,9 +1016,10 @@ static int train(struct run *r, char *err, size_t errlen)
     r->curve.metric_name = is_lm(r) ? "bpc" : r->model.cfg.task == TASK_REGRESS ? "mse" : "accuracy";
     snprintf(r->csv, sizeof r->csv, "%.*s.csv", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
     snprintf(r->svg, sizeof r->svg, "%.*s.svg", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
-    /* The device "auto" chose, and the precision when it is not FP32. */
-    char where[32];
-    backend_describe(r->be->ops->name, o->precision, where, sizeof where);
+    /* The device "auto" chose, the precision when it is not FP32 and the
+     * recurrence when fused. */
+    char where[48];
+    backend_describe(r->be->ops->name, o->precision, o->recurrence, where, sizeof where);
     fprintf(stderr, "training %s on %s: %zu parameters, %ld steps of %d %s\n", o->out, where, r->model.n_params,
             r->total_steps, o->batch, is_lm(r) ? "windows" : "texts");
 
