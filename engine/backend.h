@@ -46,7 +46,8 @@ struct cell_step {
     enum attn_mode attn_mode;
     int attn_window;          /* K */
     const float *attn_logits; /* [K] (static) */
-    const float *q;           /* [n, H] (dynamic): W_q h_{t-1} */
+    float *q;                 /* [n, H] (dynamic): W_q h_{t-1}, which
+                                 recurrent_step computes itself */
     float *attn;              /* [n, K] weights out, or NULL */
     float *out;               /* [n, H] */
     float *cache;             /* training: [n, CELL_CACHE(cell, H)] what the
@@ -220,12 +221,14 @@ struct backend_ops {
     /* The recurrent product and cell_step in one pass, when be->recurrence
      * asks for it: hg = hprev w^T (hprev [n][H], w [G*H][H]) is computed
      * inside rather than read from s->hg, so the gates never go through
-     * memory and a step is one launch.  s->hg is scratch it may use (with
-     * dynamic attention, the rows' weights, worked out first from the
-     * whole query).  Returns 0, having queued nothing, where it computes
+     * memory and a step is one launch.  With dynamic attention it also
+     * computes the queries s->q = hprev w_q^T first (w_q [H][H]), and s->hg
+     * is scratch it may use (the rows' weights, worked out from their
+     * whole queries).  Returns 0, having queued nothing, where it computes
      * the step by gemm and cell_step instead: the answer depends on the
      * settings and the model's shape, never on the rows.  NULL: never. */
-    int (*recurrent_step)(struct backend *be, const struct cell_step *s, const float *hprev, const float *w);
+    int (*recurrent_step)(struct backend *be, const struct cell_step *s, const float *hprev, const float *w,
+                          const float *w_q);
 };
 
 struct backend {

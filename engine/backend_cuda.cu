@@ -499,13 +499,10 @@ static void cuda_cell_step(struct backend *be, const struct cell_step *s)
  * kernel.  Fused, a block takes FUSED_ROWS rows and the units of one tile,
  * all G gates of each (FUSED_COLS columns of the product), and runs their
  * cell as soon as its sums are done: one launch a step, and the gates
- * never leave the block.  Its 256 threads split the sum over H into four
- * quarters; each thread holds 4 rows by 4 columns of it, from one float4
- * of h and one of W per row and column every 4 k, so 16 loads from
- * shared memory feed 64 multiply-adds.  Its rows are rg + 16 j and its
- * columns cg + 4 c, which keeps the shared-memory loads of a quarter warp
- * on distinct banks.  It computes in FP32 only: in TF32 and BF16 the
- * tensor cores' products are cuBLAS's. */
+ * never leave the block.  Dynamic attention adds two launches before it:
+ * the query's product, by tiles the same way, and the weights, a block
+ * per row, since each needs its row's whole query.  It computes in FP32
+ * only: in TF32 and BF16 the tensor cores' products are cuBLAS's. */
 #define FUSED_ROWS 64
 #define FUSED_COLS 16
 #define FUSED_KC 64 /* k of h and W staged at a time, a quarter each */
@@ -529,61 +526,36 @@ __device__ float4 load4(const float *p, int avail, bool vec)
     return v;
 }
 
-/* The units a tile of FUSED_COLS columns holds: 4 of the LSTM, 5 of the
- * GRU (one column unused), 16 of a plain RNN. */
-static __host__ __device__ int fused_units(int G)
+/* Every thread of the block: rows r0 .. r0 + FUSED_ROWS - 1 of hprev (n
+ * rows, H wide) times the FUSED_COLS rows of w that the tile's columns
+ * name (w_row(c), or -1 for a column of zeros), summed over H.  Returns
+ * shared memory holding the sums of four quarters of H apart, for
+ * tile_sum.  The 256 threads split the sum over H into those quarters;
+ * each thread holds 4 rows by 4 columns of it, from one float4 of h and
+ * one of W per row and column every 4 k, so 8 loads of 16 bytes from
+ * shared memory feed 64 multiply-adds; its rows are rg + 16 j and its
+ * columns cg + 4 c, which keeps a quarter warp's loads on distinct banks.
+ * The next stage of 64 k is loaded into registers while this one's
+ * products run, so that global memory's latency hides behind them. */
+template <typename WRow> __device__ const float *tile_product(const float *hprev, int n, int H, int r0,
+                                                               const float *w, WRow w_row)
 {
-    return FUSED_COLS / G;
-}
-
-template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_kernel(struct cell_step s,
-                                                                                     const float *hprev,
-                                                                                     const float *w)
-{
-    constexpr int U = FUSED_COLS / G;
     __shared__ __align__(16) float hs[FUSED_ROWS * FUSED_LD];
     __shared__ __align__(16) float ws[FUSED_COLS * FUSED_LD];
-    __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
-    const int H = s.H, n = s.n, tid = threadIdx.x;
-    const int unit_tiles = (H + U - 1) / U;
-    const int u0 = blockIdx.x % unit_tiles * U, r0 = blockIdx.x / unit_tiles * FUSED_ROWS;
-    const int quarter = tid / 64, rg = tid % 64 / 4, cg = tid % 4;
-    const bool vec = H % 4 == 0 && (uintptr_t)hprev % 16 == 0 && (uintptr_t)w % 16 == 0;
-    const bool dynamic = attends(s) && s.attn_mode == ATTN_DYNAMIC;
-
-    /* Static attention: the same weights for every row. */
-    if (attends(s) && !dynamic) {
-        for (int j = tid; j < s.attn_window; j += blockDim.x)
-            a[j] = s.attn_logits[j];
-        __syncthreads();
-        if (tid == 0)
-            window_softmax(a, s.attn_window, (float *)0);
-        __syncthreads();
-        if (s.attn && u0 == 0)
-            for (int x = tid; x < FUSED_ROWS * s.attn_window; x += blockDim.x) {
-                const int i = r0 + x / s.attn_window;
-                if (i < n)
-                    s.attn[(long)i * s.attn_window + x % s.attn_window] = a[x % s.attn_window];
-            }
-    }
-
-    /* Each thread stages 4 float4s of h and one of W a stage: the next
-     * stage's are loaded into registers while this one's products run, so
-     * that the latency of global memory hides behind them. */
     static_assert(FUSED_ROWS * FUSED_KC / 4 == 4 * CELL_THREADS && FUSED_COLS * FUSED_KC / 4 == CELL_THREADS,
                   "a thread stages 4 float4s of h and one of W");
+    static_assert(4 * FUSED_ROWS * FUSED_COLS <= FUSED_ROWS * FUSED_LD, "the quarters' sums fit where h was");
+    const int tid = threadIdx.x, quarter = tid / 64, rg = tid % 64 / 4, cg = tid % 4;
+    const bool vec = H % 4 == 0 && (uintptr_t)hprev % 16 == 0 && (uintptr_t)w % 16 == 0;
+    const int col = tid / (FUSED_KC / 4), wr = w_row(col);
     float4 hnext[4], wnext;
     auto fetch = [&](int k0) {
         for (int m = 0; m < 4; m++) {
-            const int x = tid + m * CELL_THREADS, row = x / (FUSED_KC / 4), k = 4 * (x % (FUSED_KC / 4));
-            const int i = r0 + row;
+            const int x = tid + m * CELL_THREADS, i = r0 + x / (FUSED_KC / 4), k = 4 * (x % (FUSED_KC / 4));
             hnext[m] = load4(hprev + (long)i * H + k0 + k, i < n ? H - k0 - k : 0, vec);
         }
-        /* Gate g of unit u0 + u is W's row g H + u0 + u. */
-        const int col = tid / (FUSED_KC / 4), k = 4 * (tid % (FUSED_KC / 4));
-        const int g = col / U, unit = u0 + col % U;
-        const bool real = g < G && unit < H;
-        wnext = load4(w + (real ? (long)(g * H + unit) * H : 0) + k0 + k, real ? H - k0 - k : 0, vec);
+        const int k = 4 * (tid % (FUSED_KC / 4));
+        wnext = load4(w + (wr >= 0 ? (long)wr * H : 0) + k0 + k, wr >= 0 ? H - k0 - k : 0, vec);
     };
     fetch(0);
     float acc[4][4] = {};
@@ -592,7 +564,7 @@ template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_
             const int x = tid + m * CELL_THREADS;
             *(float4 *)&hs[x / (FUSED_KC / 4) * FUSED_LD + 4 * (x % (FUSED_KC / 4))] = hnext[m];
         }
-        *(float4 *)&ws[tid / (FUSED_KC / 4) * FUSED_LD + 4 * (tid % (FUSED_KC / 4))] = wnext;
+        *(float4 *)&ws[col * FUSED_LD + 4 * (tid % (FUSED_KC / 4))] = wnext;
         __syncthreads();
         if (k0 + FUSED_KC < H)
             fetch(k0 + FUSED_KC);
@@ -614,32 +586,110 @@ template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_
         }
         __syncthreads();
     }
-
     /* The quarters' sums meet in hs, now free: [quarter][row][column]. */
-    float *sums = hs;
     for (int j = 0; j < 4; j++)
         for (int c = 0; c < 4; c++)
-            sums[(quarter * FUSED_ROWS + rg + 16 * j) * FUSED_COLS + cg + 4 * c] = acc[j][c];
+            hs[(quarter * FUSED_ROWS + rg + 16 * j) * FUSED_COLS + cg + 4 * c] = acc[j][c];
     __syncthreads();
+    return hs;
+}
+
+/* A row and column of a tile's product: its quarters added in order. */
+__device__ float tile_sum(const float *sums, int row, int col)
+{
+    const float *x = sums + row * FUSED_COLS + col;
+    const int q = FUSED_ROWS * FUSED_COLS;
+    return x[0] + x[q] + x[2 * q] + x[3 * q];
+}
+
+/* A product over n rows and some units, per_tile units a tile (their
+ * gates FUSED_COLS columns at most): the block's first row and unit, and
+ * how many blocks the product takes. */
+__device__ void tile_of_block(int units, int per_tile, int *r0, int *u0)
+{
+    const int unit_tiles = (units + per_tile - 1) / per_tile;
+    *u0 = blockIdx.x % unit_tiles * per_tile;
+    *r0 = blockIdx.x / unit_tiles * FUSED_ROWS;
+}
+
+static int tile_blocks(int n, int units, int per_tile)
+{
+    return (units + per_tile - 1) / per_tile * ((n + FUSED_ROWS - 1) / FUSED_ROWS);
+}
+
+/* The units a tile of FUSED_COLS columns holds: 4 of the LSTM, 5 of the
+ * GRU (one column unused), 16 of a plain RNN. */
+static __host__ __device__ int fused_units(int G)
+{
+    return FUSED_COLS / G;
+}
+
+/* The cell kernel with the recurrent product done inside: each tile's
+ * (row, unit) runs cell_unit from its gates' sums, as cell_step_kernel
+ * does from hg in memory. */
+template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_kernel(struct cell_step s,
+                                                                                     const float *hprev,
+                                                                                     const float *w)
+{
+    constexpr int U = FUSED_COLS / G;
+    __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
+    const int H = s.H, n = s.n, tid = threadIdx.x;
+    int r0, u0;
+    tile_of_block(H, U, &r0, &u0);
+    const bool dynamic = attends(s) && s.attn_mode == ATTN_DYNAMIC;
+
+    /* Static attention: the same weights for every row. */
+    if (attends(s) && !dynamic) {
+        for (int j = tid; j < s.attn_window; j += blockDim.x)
+            a[j] = s.attn_logits[j];
+        __syncthreads();
+        if (tid == 0)
+            window_softmax(a, s.attn_window, (float *)0);
+        __syncthreads();
+        if (s.attn && u0 == 0)
+            for (int x = tid; x < FUSED_ROWS * s.attn_window; x += blockDim.x) {
+                const int i = r0 + x / s.attn_window;
+                if (i < n)
+                    s.attn[(long)i * s.attn_window + x % s.attn_window] = a[x % s.attn_window];
+            }
+    }
+    /* Column c is gate c / U of unit u0 + c % U: W's row g H + u0 + u. */
+    const float *sums = tile_product(hprev, n, H, r0, w, [&](int c) {
+        const int g = c / U, unit = u0 + c % U;
+        return g < G && unit < H ? g * H + unit : -1;
+    });
     for (int x = tid; x < FUSED_ROWS * U; x += blockDim.x) {
         const int row = x / U, u = x % U, i = r0 + row, k = u0 + u;
         if (i >= n || k >= H)
             continue;
         float hv[4];
-        for (int g = 0; g < G; g++) {
-            const float *col = sums + row * FUSED_COLS + g * U + u;
-            hv[g] = col[0] + col[FUSED_ROWS * FUSED_COLS] + col[2 * FUSED_ROWS * FUSED_COLS] +
-                    col[3 * FUSED_ROWS * FUSED_COLS];
-        }
+        for (int g = 0; g < G; g++)
+            hv[g] = tile_sum(sums, row, g * U + u);
         /* Dynamic weights were left in the row's hg by attention_kernel. */
         const float *aw = !attends(s) ? (const float *)0 : dynamic ? s.hg + (long)i * G * H : a;
         cell_unit(s, cell_row_of(s, i), k, hv, aw);
     }
 }
 
-/* Dynamic attention before a fused step: each row's weights need its
- * whole query, which no tile of the fused kernel has, so a block per row
- * works them out first, into the first K floats of the row's hg. */
+/* Dynamic attention's queries, q = hprev W_q^T, by the tiles of the
+ * recurrent product: FUSED_COLS units of q a tile. */
+__global__ void __launch_bounds__(CELL_THREADS) query_kernel(struct cell_step s, const float *hprev,
+                                                              const float *w_q)
+{
+    const int H = s.H;
+    int r0, u0;
+    tile_of_block(H, FUSED_COLS, &r0, &u0);
+    const float *sums = tile_product(hprev, s.n, H, r0, w_q, [&](int c) { return u0 + c < H ? u0 + c : -1; });
+    for (int x = threadIdx.x; x < FUSED_ROWS * FUSED_COLS; x += blockDim.x) {
+        const int row = x / FUSED_COLS, c = x % FUSED_COLS, i = r0 + row;
+        if (i < s.n && u0 + c < H)
+            s.q[(long)i * H + u0 + c] = tile_sum(sums, row, c);
+    }
+}
+
+/* Then the weights: each row's needs its whole query, which no tile has,
+ * so a block per row works them out, into the first K floats of the
+ * row's hg, which the fused step does not otherwise use. */
 __global__ void attention_kernel(struct cell_step s)
 {
     __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
@@ -649,19 +699,21 @@ __global__ void attention_kernel(struct cell_step s)
         s.hg[(long)i * gates_of(s.cell) * s.H + j] = a[j];
 }
 
-static int cuda_recurrent_step(struct backend *be, const struct cell_step *s, const float *hprev, const float *w)
+static int cuda_recurrent_step(struct backend *be, const struct cell_step *s, const float *hprev, const float *w,
+                               const float *w_q)
 {
-    const int G = gates_of(s->cell);
+    const int G = gates_of(s->cell), U = fused_units(G);
     if (be->recurrence != RECURRENCE_FUSED || impl_of(be)->precision != PRECISION_FP32 ||
         (attends(*s) && s->attn_window > G * s->H))
         return 0;
     if (s->n <= 0)
         return 1;
-    if (attends(*s) && s->attn_mode == ATTN_DYNAMIC)
+    if (attends(*s) && s->attn_mode == ATTN_DYNAMIC) {
+        launch(be, query_kernel, tile_blocks(s->n, s->H, FUSED_COLS), CELL_THREADS, *s, hprev, w_q);
         launch(be, attention_kernel, s->n, CELL_THREADS, *s);
-    const int blocks = (s->H + fused_units(G) - 1) / fused_units(G) * ((s->n + FUSED_ROWS - 1) / FUSED_ROWS);
+    }
     launch(be, G == 4 ? recurrent_step_kernel<4> : G == 3 ? recurrent_step_kernel<3> : recurrent_step_kernel<1>,
-           blocks, CELL_THREADS, *s, hprev, w);
+           tile_blocks(s->n, s->H, U), CELL_THREADS, *s, hprev, w);
     return 1;
 }
 

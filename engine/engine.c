@@ -418,19 +418,19 @@ void engine_layer_step(struct engine *e, const struct layer_run *r)
         be->ops->cell_step(be, &s);
         return;
     }
-    if (r->q)
-        engine_gemm_weights(e, n, H, H, r->hprev, H, dp->attn_query, 0.0f, r->q, H);
     /* Fused: one pass per run of rows; the backend's answer is the same
      * for every run, so only the first can decline. */
     int fused = be->ops->recurrent_step != NULL;
     for (int i = 0, m; fused && i < n;) {
         int j = run_end(e, r, i, &m);
         struct cell_step rows = step_rows(e, &s, i, j - i);
-        fused = be->ops->recurrent_step(be, &rows, r->hprev + (size_t)i * H, dp->w_hh[m]);
+        fused = be->ops->recurrent_step(be, &rows, r->hprev + (size_t)i * H, dp->w_hh[m], dp->attn_query);
         i = j;
     }
     if (fused)
         return;
+    if (r->q)
+        engine_gemm_weights(e, n, H, H, r->hprev, H, dp->attn_query, 0.0f, r->q, H);
     for (int i = 0, m; i < n;) {
         int j = run_end(e, r, i, &m);
         engine_gemm_weights(e, j - i, GH, H, r->hprev + (size_t)i * H, H, dp->w_hh[m], 0.0f, r->hg + (size_t)i * GH,

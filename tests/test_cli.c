@@ -188,8 +188,6 @@ static void test_precision(void **state)
         {"run " FIX "combo_lstm.safetensors --text a --recurrence loop", 2, "--recurrence must be gemm or fused"},
         {"serve --models " FIX " --port 0 --device cpu --recurrence fused", 1, "recurrence fused needs the cuda device"},
         {"serve --port 0 --recurrence loop", 2, "--recurrence must be gemm or fused"},
-        {"train --config models/sentiment.json --device cpu --recurrence fused --out /tmp/rrn_cli_never.safetensors",
-         1, "no fused recurrence"},
         {"train --config models/sentiment.json --recurrence loop --out /tmp/rrn_cli_never.safetensors", 1,
          "\"recurrence\" must be \"gemm\" or \"fused\""},
     };
