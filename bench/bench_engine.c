@@ -43,9 +43,27 @@ static double now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* The figures so far, printed by die too: a mode that fails on a GPU (a
+ * kernel that faults leaves the device unusable) then costs its own
+ * figures and those after it, not those measured before.  The modes most
+ * likely to fail run last. */
+static cJSON *results;
+
+static void print_results(void)
+{
+    char *text = results ? cJSON_PrintUnformatted(results) : NULL;
+    if (text)
+        printf("%s\n", text);
+    free(text);
+}
+
 static void die(const char *what, const char *err)
 {
     fprintf(stderr, "bench_engine: %s: %s\n", what, err);
+    if (results) {
+        cJSON_AddStringToObject(results, "error", err);
+        print_results();
+    }
     exit(1);
 }
 
@@ -222,6 +240,85 @@ static void add(cJSON *o, const char *key, double v)
         die("json", "out of memory");
 }
 
+/* The token inputs bench_torch.py wrote: classify's and the language
+ * models' tokens, and classify_var's lengths. */
+struct inputs {
+    const char *dir;
+    enum device_kind dev;
+    int gpu;
+    int32_t *ctok, *rtok, *clen;
+};
+
+/* Every workload in one mode, its keys ending in mode->suffix: the
+ * classifiers and the steps, and in FP32 the language models. */
+static void bench_mode(cJSON *out, const struct inputs *in, const struct mode *mode, int first)
+{
+    const char *dir = in->dir, *suffix = mode->suffix;
+    const enum device_kind dev = in->dev;
+    const int gpu = in->gpu;
+    struct loaded m;
+    char key[64];
+    /* Rounded to TF32, probabilities near a half move by some 1e-2. */
+    const double max_error = mode->prec == PRECISION_FP32 ? FP32_MAX_ERROR : 5e-2;
+    load(&m, dir, "lstm_classify.safetensors", 0, dev, mode);
+    snprintf(key, sizeof key, "classify_max_error%s", suffix);
+    add(out, key, output_error(m.engine, dir, "lstm_classify_probs.f32", in->ctok, max_error));
+    double rate = forward_rate(m.engine, in->ctok, BATCH, NULL, 1, 5.0);
+    snprintf(key, sizeof key, "classify_seq_per_s%s", suffix);
+    add(out, key, rate);
+    snprintf(key, sizeof key, "classify_var_seq_per_s%s", suffix);
+    add(out, key, forward_rate(m.engine, in->ctok, BATCH, in->clen, VAR_BATCHES, 5.0));
+    /* How many shapes the 64 sets of lengths came to: one or two where
+     * the backend pads (backend_ops.pad_steps), none recorded where
+     * not. */
+    snprintf(key, sizeof key, "classify_var_graphs%s", suffix);
+    add(out, key, (double)engine_graph_count(m.engine));
+    if (first) {
+        const struct model_config *c = &m.model.cfg;
+        const int tables = engine_token_table_bytes(m.engine) > 0;
+        double flop = 0;
+        for (int l = 0; l < c->layers; l++) {
+            int in_dim = l == 0 && tables ? 0 : config_layer_input(c, l);
+            flop += 2.0 * BATCH * STEPS * 4 * c->hidden * (double)(in_dim + c->hidden);
+        }
+        add(out, "classify_gflops", rate / BATCH * flop / 1e9);
+        cJSON_AddBoolToObject(out, "token_tables", tables);
+    }
+    unload(&m);
+    if (gpu) {
+        load(&m, dir, "gru_classify.safetensors", 0, dev, mode);
+        snprintf(key, sizeof key, "gru_classify_max_error%s", suffix);
+        add(out, key, output_error(m.engine, dir, "gru_classify_probs.f32", in->ctok, max_error));
+        snprintf(key, sizeof key, "gru_classify_seq_per_s%s", suffix);
+        add(out, key, forward_rate(m.engine, in->ctok, BATCH, NULL, 1, 5.0));
+        unload(&m);
+    }
+
+    load(&m, dir, "lstm_lm.safetensors", BATCH, dev, mode);
+    static const int cpu_batches[] = {1, 32, 0}, gpu_batches[] = {1, 8, 32, 64, 0};
+    for (const int *b = gpu ? gpu_batches : cpu_batches; *b; b++) {
+        snprintf(key, sizeof key, "step_ms_b%d%s", *b, suffix);
+        add(out, key, step_ms(m.engine, *b, 2.0));
+    }
+    unload(&m);
+
+    if (mode->prec != PRECISION_FP32)
+        return;
+    static const char *const lms[][2] = {{"rra", "rra_lm.safetensors"}, {"skip", "skip_lm.safetensors"}};
+    for (int k = 0; k < (gpu ? 2 : 1); k++) {
+        char name[32];
+        load(&m, dir, lms[k][1], 0, dev, mode);
+        snprintf(key, sizeof key, "%s_max_error%s", lms[k][0], suffix);
+        snprintf(name, sizeof name, "%s_logits.f32", lms[k][0]);
+        add(out, key, output_error(m.engine, dir, name, in->rtok, FP32_MAX_ERROR));
+        snprintf(key, sizeof key, "%s_seq_per_s%s", lms[k][0], suffix);
+        add(out, key, forward_rate(m.engine, in->rtok, BATCH, NULL, 1, 5.0));
+        snprintf(key, sizeof key, "%s1_seq_per_s%s", lms[k][0], suffix);
+        add(out, key, forward_rate(m.engine, in->rtok, 1, NULL, 1, 2.0));
+        unload(&m);
+    }
+}
+
 int main(int argc, char **argv)
 {
     int gpu = argc == 3 && strcmp(argv[2], "cuda") == 0;
@@ -230,95 +327,26 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *dir = argv[1];
-    const enum device_kind dev = gpu ? DEVICE_CUDA : DEVICE_CPU;
-    cJSON *out = cJSON_CreateObject();
-    if (!out)
+    struct inputs in = {dir, gpu ? DEVICE_CUDA : DEVICE_CPU, gpu, read_ints(dir, "classify_tokens.i32", STEPS),
+                        read_ints(dir, "rra_tokens.i32", STEPS), read_ints(dir, "classify_lengths.i32", VAR_BATCHES)};
+    if (!(results = cJSON_CreateObject()))
         die("json", "out of memory");
-    int32_t *ctok = read_ints(dir, "classify_tokens.i32", STEPS), *rtok = read_ints(dir, "rra_tokens.i32", STEPS);
-    int32_t *clen = read_ints(dir, "classify_lengths.i32", VAR_BATCHES);
-    struct loaded m;
 
-    /* On the GPU, FP32 with the recurrence by cuBLAS's products and fused
-     * (keys ending in _fused), then TF32; the language models in FP32. */
+    /* On the GPU, FP32 with the recurrence by cuBLAS's products, TF32,
+     * then FP32 with the recurrence fused (keys ending in _fused), last
+     * since it is the newest. */
     static const struct mode modes[] = {{PRECISION_FP32, RECURRENCE_GEMM, ""},
-                                        {PRECISION_FP32, RECURRENCE_FUSED, "_fused"},
-                                        {PRECISION_TF32, RECURRENCE_GEMM, "_tf32"}};
-    for (int p = 0; p < (gpu ? 3 : 1); p++) {
-        const struct mode *mode = &modes[p];
-        const enum precision prec = mode->prec;
-        const char *suffix = mode->suffix;
-        char key[64];
-        /* Rounded to TF32, probabilities near a half move by some 1e-2. */
-        const double max_error = prec == PRECISION_FP32 ? FP32_MAX_ERROR : 5e-2;
-        load(&m, dir, "lstm_classify.safetensors", 0, dev, mode);
-        snprintf(key, sizeof key, "classify_max_error%s", suffix);
-        add(out, key, output_error(m.engine, dir, "lstm_classify_probs.f32", ctok, max_error));
-        double rate = forward_rate(m.engine, ctok, BATCH, NULL, 1, 5.0);
-        snprintf(key, sizeof key, "classify_seq_per_s%s", suffix);
-        add(out, key, rate);
-        snprintf(key, sizeof key, "classify_var_seq_per_s%s", suffix);
-        add(out, key, forward_rate(m.engine, ctok, BATCH, clen, VAR_BATCHES, 5.0));
-        /* How many shapes the 64 sets of lengths came to: one or two where
-         * the backend pads (backend_ops.pad_steps), none recorded where
-         * not. */
-        snprintf(key, sizeof key, "classify_var_graphs%s", suffix);
-        add(out, key, (double)engine_graph_count(m.engine));
-        if (p == 0) {
-            const struct model_config *c = &m.model.cfg;
-            const int tables = engine_token_table_bytes(m.engine) > 0;
-            double flop = 0;
-            for (int l = 0; l < c->layers; l++) {
-                int in = l == 0 && tables ? 0 : config_layer_input(c, l);
-                flop += 2.0 * BATCH * STEPS * 4 * c->hidden * (double)(in + c->hidden);
-            }
-            add(out, "classify_gflops", rate / BATCH * flop / 1e9);
-            cJSON_AddBoolToObject(out, "token_tables", tables);
-        }
-        unload(&m);
-        if (gpu) {
-            load(&m, dir, "gru_classify.safetensors", 0, dev, mode);
-            snprintf(key, sizeof key, "gru_classify_max_error%s", suffix);
-            add(out, key, output_error(m.engine, dir, "gru_classify_probs.f32", ctok, max_error));
-            snprintf(key, sizeof key, "gru_classify_seq_per_s%s", suffix);
-            add(out, key, forward_rate(m.engine, ctok, BATCH, NULL, 1, 5.0));
-            unload(&m);
-        }
-
-        load(&m, dir, "lstm_lm.safetensors", BATCH, dev, mode);
-        static const int cpu_batches[] = {1, 32, 0}, gpu_batches[] = {1, 8, 32, 64, 0};
-        for (const int *b = gpu ? gpu_batches : cpu_batches; *b; b++) {
-            snprintf(key, sizeof key, "step_ms_b%d%s", *b, suffix);
-            add(out, key, step_ms(m.engine, *b, 2.0));
-        }
-        unload(&m);
-    }
-
-    static const char *const lms[][2] = {{"rra", "rra_lm.safetensors"}, {"skip", "skip_lm.safetensors"}};
-    for (int k = 0; k < (gpu ? 4 : 1); k++) {
-        const char *lm = lms[k % 2][0], *suffix = modes[k / 2].suffix;
-        char key[64];
-        char name[32];
-        load(&m, dir, lms[k % 2][1], 0, dev, &modes[k / 2]);
-        snprintf(key, sizeof key, "%s_max_error%s", lm, suffix);
-        snprintf(name, sizeof name, "%s_logits.f32", lm);
-        add(out, key, output_error(m.engine, dir, name, rtok, FP32_MAX_ERROR));
-        snprintf(key, sizeof key, "%s_seq_per_s%s", lm, suffix);
-        add(out, key, forward_rate(m.engine, rtok, BATCH, NULL, 1, 5.0));
-        snprintf(key, sizeof key, "%s1_seq_per_s%s", lm, suffix);
-        add(out, key, forward_rate(m.engine, rtok, 1, NULL, 1, 2.0));
-        unload(&m);
-    }
+                                        {PRECISION_TF32, RECURRENCE_GEMM, "_tf32"},
+                                        {PRECISION_FP32, RECURRENCE_FUSED, "_fused"}};
+    for (int p = 0; p < (gpu ? 3 : 1); p++)
+        bench_mode(results, &in, &modes[p], p == 0);
     if (!gpu)
-        add(out, "sgemm_gflops", sgemm_rate());
+        add(results, "sgemm_gflops", sgemm_rate());
 
-    char *text = cJSON_PrintUnformatted(out);
-    if (!text)
-        die("json", "out of memory");
-    printf("%s\n", text);
-    free(text);
-    cJSON_Delete(out);
-    free(ctok);
-    free(rtok);
-    free(clen);
+    print_results();
+    cJSON_Delete(results);
+    free(in.ctok);
+    free(in.rtok);
+    free(in.clen);
     return 0;
 }

@@ -70,6 +70,8 @@ def main():
     if errors:
         print("\nEvery FP32 workload's outputs were checked against PyTorch's for the same batch (the benchmark "
               "fails past 1e-3); the largest differences: %s." % ", ".join("%s %.2g" % kv for kv in errors))
+    if "error" in e:
+        print("\n**The benchmark stopped early**, its figures above are those measured before: %s" % e["error"])
     if "classify_var_graphs" in e:
         print("\nThe varied-lengths batches ran from %d recorded graph(s) in FP32 and %d in TF32 (one or two is what "
               "padding is for: the longest of 64 lengths up to 128 nearly always pads to 128; packed, none is recorded)." % (e["classify_var_graphs"], e.get("classify_var_graphs_tf32", -1)))
