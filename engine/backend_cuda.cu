@@ -496,17 +496,33 @@ static void cuda_cell_step(struct backend *be, const struct cell_step *s)
  * cuBLAS's product for a step of a batch (64 x 512 by 2048 x 512 in the
  * benchmark) is a split-K pair of kernels on an H100, 19.6 us at 6.8
  * TFLOP/s, with the gates then written out and read back by the cell
- * kernel.  Fused, a block takes FUSED_ROWS rows and the units of one tile,
+ * kernel.  Fused, a block takes a tile of rows and the units of one tile,
  * all G gates of each (FUSED_COLS columns of the product), and runs their
  * cell as soon as its sums are done: one launch a step, and the gates
  * never leave the block.  Dynamic attention adds two launches before it:
  * the query's product, by tiles the same way, and the weights, a block
  * per row, since each needs its row's whole query.  It computes in FP32
  * only: in TF32 and BF16 the tensor cores' products are cuBLAS's. */
-#define FUSED_ROWS 64
 #define FUSED_COLS 16
-#define FUSED_KC 64 /* k of h and W staged at a time, a quarter each */
-#define FUSED_LD (FUSED_KC + 4)
+
+/* A tile of ROWS rows by FUSED_COLS columns: 64 rows, or 8 for a step of
+ * a few rows, which would otherwise multiply 56 rows of zeros.  The 256
+ * threads split the sum over H into SLICES groups of ROWS threads, each
+ * thread holding 4 rows by 4 columns of it; H is staged KC at a time, KS
+ * of it a slice, every thread bringing H4 float4s of h and W4 of W. */
+template <int ROWS> struct tile_shape {
+    static constexpr int SLICES = CELL_THREADS / ROWS;
+    static constexpr int KC = 4 * SLICES > 64 ? 4 * SLICES : 64;
+    static constexpr int KS = KC / SLICES;
+    static constexpr int LD = KC + 4; /* a row of the staged h and W */
+    static constexpr int H4 = ROWS * KC / 4 / CELL_THREADS;
+    static constexpr int W4 = FUSED_COLS * KC / 4 / CELL_THREADS;
+    static constexpr int STAGED = (ROWS + FUSED_COLS) * LD, SUMS = SLICES * ROWS * FUSED_COLS;
+    static constexpr int SHARED = STAGED > SUMS ? STAGED : SUMS; /* floats */
+    static_assert(ROWS % 4 == 0 && KS % 4 == 0, "a thread's rows and k come 4 at a time");
+    static_assert(H4 * CELL_THREADS * 4 == ROWS * KC && W4 * CELL_THREADS * 4 == FUSED_COLS * KC,
+                  "every thread stages whole float4s");
+};
 
 /* Up to 4 floats of p, those past avail zero: one 16-byte load where the
  * row allows it (vec: H a multiple of 4 and aligned pointers). */
@@ -526,55 +542,55 @@ __device__ float4 load4(const float *p, int avail, bool vec)
     return v;
 }
 
-/* Every thread of the block: rows r0 .. r0 + FUSED_ROWS - 1 of hprev (n
- * rows, H wide) times the FUSED_COLS rows of w that the tile's columns
- * name (w_row(c), or -1 for a column of zeros), summed over H.  Returns
- * shared memory holding the sums of four quarters of H apart, for
- * tile_sum.  The 256 threads split the sum over H into those quarters;
- * each thread holds 4 rows by 4 columns of it, from one float4 of h and
- * one of W per row and column every 4 k, so 8 loads of 16 bytes from
- * shared memory feed 64 multiply-adds; its rows are rg + 16 j and its
- * columns cg + 4 c, which keeps a quarter warp's loads on distinct banks.
- * The next stage of 64 k is loaded into registers while this one's
- * products run, so that global memory's latency hides behind them. */
-template <typename WRow> __device__ const float *tile_product(const float *hprev, int n, int H, int r0,
-                                                               const float *w, WRow w_row)
+/* Every thread of the block: rows r0 .. r0 + ROWS - 1 of hprev (n rows, H
+ * wide) times the FUSED_COLS rows of w that the tile's columns name
+ * (w_row(c), or -1 for a column of zeros), summed over H: returns shared
+ * memory holding row r, column c at r FUSED_COLS + c.  A thread's rows
+ * are rg + ROWS/4 j and its columns cg + 4 c, which keeps the loads of a
+ * quarter warp on distinct banks; one float4 of h and one of W per row
+ * and column every 4 k, so 8 loads of 16 bytes from shared memory feed 64
+ * multiply-adds.  The next stage is loaded into registers while this
+ * one's products run, so that global memory's latency hides behind them. */
+template <int ROWS, typename WRow> __device__ const float *tile_product(const float *hprev, int n, int H, int r0,
+                                                                         const float *w, WRow w_row)
 {
-    __shared__ __align__(16) float hs[FUSED_ROWS * FUSED_LD];
-    __shared__ __align__(16) float ws[FUSED_COLS * FUSED_LD];
-    static_assert(FUSED_ROWS * FUSED_KC / 4 == 4 * CELL_THREADS && FUSED_COLS * FUSED_KC / 4 == CELL_THREADS,
-                  "a thread stages 4 float4s of h and one of W");
-    static_assert(4 * FUSED_ROWS * FUSED_COLS <= FUSED_ROWS * FUSED_LD, "the quarters' sums fit where h was");
-    const int tid = threadIdx.x, quarter = tid / 64, rg = tid % 64 / 4, cg = tid % 4;
+    using T = tile_shape<ROWS>;
+    __shared__ __align__(16) float shared[T::SHARED];
+    float *hs = shared, *ws = shared + ROWS * T::LD;
+    const int tid = threadIdx.x, slice = tid / ROWS, rg = tid % ROWS / 4, cg = tid % 4;
     const bool vec = H % 4 == 0 && (uintptr_t)hprev % 16 == 0 && (uintptr_t)w % 16 == 0;
-    const int col = tid / (FUSED_KC / 4), wr = w_row(col);
-    float4 hnext[4], wnext;
+    float4 hnext[T::H4], wnext[T::W4];
     auto fetch = [&](int k0) {
-        for (int m = 0; m < 4; m++) {
-            const int x = tid + m * CELL_THREADS, i = r0 + x / (FUSED_KC / 4), k = 4 * (x % (FUSED_KC / 4));
+        for (int m = 0; m < T::H4; m++) {
+            const int x = tid + m * CELL_THREADS, i = r0 + x / (T::KC / 4), k = 4 * (x % (T::KC / 4));
             hnext[m] = load4(hprev + (long)i * H + k0 + k, i < n ? H - k0 - k : 0, vec);
         }
-        const int k = 4 * (tid % (FUSED_KC / 4));
-        wnext = load4(w + (wr >= 0 ? (long)wr * H : 0) + k0 + k, wr >= 0 ? H - k0 - k : 0, vec);
+        for (int m = 0; m < T::W4; m++) {
+            const int x = tid + m * CELL_THREADS, wr = w_row(x / (T::KC / 4)), k = 4 * (x % (T::KC / 4));
+            wnext[m] = load4(w + (wr >= 0 ? (long)wr * H : 0) + k0 + k, wr >= 0 ? H - k0 - k : 0, vec);
+        }
     };
     fetch(0);
     float acc[4][4] = {};
-    for (int k0 = 0; k0 < H; k0 += FUSED_KC) {
-        for (int m = 0; m < 4; m++) {
+    for (int k0 = 0; k0 < H; k0 += T::KC) {
+        for (int m = 0; m < T::H4; m++) {
             const int x = tid + m * CELL_THREADS;
-            *(float4 *)&hs[x / (FUSED_KC / 4) * FUSED_LD + 4 * (x % (FUSED_KC / 4))] = hnext[m];
+            *(float4 *)&hs[x / (T::KC / 4) * T::LD + 4 * (x % (T::KC / 4))] = hnext[m];
         }
-        *(float4 *)&ws[col * FUSED_LD + 4 * (tid % (FUSED_KC / 4))] = wnext;
+        for (int m = 0; m < T::W4; m++) {
+            const int x = tid + m * CELL_THREADS;
+            *(float4 *)&ws[x / (T::KC / 4) * T::LD + 4 * (x % (T::KC / 4))] = wnext[m];
+        }
         __syncthreads();
-        if (k0 + FUSED_KC < H)
-            fetch(k0 + FUSED_KC);
-        const int kq = quarter * (FUSED_KC / 4), kn = H - k0;
-        for (int k = kq; k < kq + FUSED_KC / 4 && k < kn; k += 4) {
+        if (k0 + T::KC < H)
+            fetch(k0 + T::KC);
+        const int ks = slice * T::KS, kn = H - k0;
+        for (int k = ks; k < ks + T::KS && k < kn; k += 4) {
             float4 hv[4], wv[4];
             for (int j = 0; j < 4; j++)
-                hv[j] = *(const float4 *)&hs[(rg + 16 * j) * FUSED_LD + k];
+                hv[j] = *(const float4 *)&hs[(rg + ROWS / 4 * j) * T::LD + k];
             for (int c = 0; c < 4; c++)
-                wv[c] = *(const float4 *)&ws[(cg + 4 * c) * FUSED_LD + k];
+                wv[c] = *(const float4 *)&ws[(cg + 4 * c) * T::LD + k];
             for (int j = 0; j < 4; j++)
                 for (int c = 0; c < 4; c++) {
                     float v = acc[j][c];
@@ -586,56 +602,50 @@ template <typename WRow> __device__ const float *tile_product(const float *hprev
         }
         __syncthreads();
     }
-    /* The quarters' sums meet in hs, now free: [quarter][row][column]. */
+    /* The slices' sums, where h and W were ([slice][row][column]), then
+     * added in order into the first slice's place, every thread taking
+     * its share of the tile. */
     for (int j = 0; j < 4; j++)
         for (int c = 0; c < 4; c++)
-            hs[(quarter * FUSED_ROWS + rg + 16 * j) * FUSED_COLS + cg + 4 * c] = acc[j][c];
+            shared[(slice * ROWS + rg + ROWS / 4 * j) * FUSED_COLS + cg + 4 * c] = acc[j][c];
     __syncthreads();
-    return hs;
-}
-
-/* A row and column of a tile's product: its quarters added in order. */
-__device__ float tile_sum(const float *sums, int row, int col)
-{
-    const float *x = sums + row * FUSED_COLS + col;
-    const int q = FUSED_ROWS * FUSED_COLS;
-    return x[0] + x[q] + x[2 * q] + x[3 * q];
+    for (int x = tid; x < ROWS * FUSED_COLS; x += CELL_THREADS) {
+        float v = shared[x];
+        for (int q = 1; q < T::SLICES; q++)
+            v += shared[q * ROWS * FUSED_COLS + x];
+        shared[x] = v;
+    }
+    __syncthreads();
+    return shared;
 }
 
 /* A product over n rows and some units, per_tile units a tile (their
  * gates FUSED_COLS columns at most): the block's first row and unit, and
  * how many blocks the product takes. */
-__device__ void tile_of_block(int units, int per_tile, int *r0, int *u0)
+template <int ROWS> __device__ void tile_of_block(int units, int per_tile, int *r0, int *u0)
 {
     const int unit_tiles = (units + per_tile - 1) / per_tile;
     *u0 = blockIdx.x % unit_tiles * per_tile;
-    *r0 = blockIdx.x / unit_tiles * FUSED_ROWS;
+    *r0 = blockIdx.x / unit_tiles * ROWS;
 }
 
-static int tile_blocks(int n, int units, int per_tile)
+static int tile_blocks(int n, int rows, int units, int per_tile)
 {
-    return (units + per_tile - 1) / per_tile * ((n + FUSED_ROWS - 1) / FUSED_ROWS);
-}
-
-/* The units a tile of FUSED_COLS columns holds: 4 of the LSTM, 5 of the
- * GRU (one column unused), 16 of a plain RNN. */
-static __host__ __device__ int fused_units(int G)
-{
-    return FUSED_COLS / G;
+    return (units + per_tile - 1) / per_tile * ((n + rows - 1) / rows);
 }
 
 /* The cell kernel with the recurrent product done inside: each tile's
  * (row, unit) runs cell_unit from its gates' sums, as cell_step_kernel
- * does from hg in memory. */
-template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_kernel(struct cell_step s,
-                                                                                     const float *hprev,
-                                                                                     const float *w)
+ * does from hg in memory.  A tile holds FUSED_COLS / G units: 4 of the
+ * LSTM, 5 of the GRU (one column unused), 16 of a plain RNN. */
+template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
+    recurrent_step_kernel(struct cell_step s, const float *hprev, const float *w)
 {
     constexpr int U = FUSED_COLS / G;
     __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
     const int H = s.H, n = s.n, tid = threadIdx.x;
     int r0, u0;
-    tile_of_block(H, U, &r0, &u0);
+    tile_of_block<ROWS>(H, U, &r0, &u0);
     const bool dynamic = attends(s) && s.attn_mode == ATTN_DYNAMIC;
 
     /* Static attention: the same weights for every row. */
@@ -647,24 +657,24 @@ template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_
             window_softmax(a, s.attn_window, (float *)0);
         __syncthreads();
         if (s.attn && u0 == 0)
-            for (int x = tid; x < FUSED_ROWS * s.attn_window; x += blockDim.x) {
+            for (int x = tid; x < ROWS * s.attn_window; x += blockDim.x) {
                 const int i = r0 + x / s.attn_window;
                 if (i < n)
                     s.attn[(long)i * s.attn_window + x % s.attn_window] = a[x % s.attn_window];
             }
     }
     /* Column c is gate c / U of unit u0 + c % U: W's row g H + u0 + u. */
-    const float *sums = tile_product(hprev, n, H, r0, w, [&](int c) {
+    const float *sums = tile_product<ROWS>(hprev, n, H, r0, w, [&](int c) {
         const int g = c / U, unit = u0 + c % U;
         return g < G && unit < H ? g * H + unit : -1;
     });
-    for (int x = tid; x < FUSED_ROWS * U; x += blockDim.x) {
+    for (int x = tid; x < ROWS * U; x += blockDim.x) {
         const int row = x / U, u = x % U, i = r0 + row, k = u0 + u;
         if (i >= n || k >= H)
             continue;
         float hv[4];
         for (int g = 0; g < G; g++)
-            hv[g] = tile_sum(sums, row, g * U + u);
+            hv[g] = sums[row * FUSED_COLS + g * U + u];
         /* Dynamic weights were left in the row's hg by attention_kernel. */
         const float *aw = !attends(s) ? (const float *)0 : dynamic ? s.hg + (long)i * G * H : a;
         cell_unit(s, cell_row_of(s, i), k, hv, aw);
@@ -673,17 +683,18 @@ template <int G> __global__ void __launch_bounds__(CELL_THREADS) recurrent_step_
 
 /* Dynamic attention's queries, q = hprev W_q^T, by the tiles of the
  * recurrent product: FUSED_COLS units of q a tile. */
-__global__ void __launch_bounds__(CELL_THREADS) query_kernel(struct cell_step s, const float *hprev,
-                                                              const float *w_q)
+template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
+    query_kernel(struct cell_step s, const float *hprev, const float *w_q)
 {
     const int H = s.H;
     int r0, u0;
-    tile_of_block(H, FUSED_COLS, &r0, &u0);
-    const float *sums = tile_product(hprev, s.n, H, r0, w_q, [&](int c) { return u0 + c < H ? u0 + c : -1; });
-    for (int x = threadIdx.x; x < FUSED_ROWS * FUSED_COLS; x += blockDim.x) {
+    tile_of_block<ROWS>(H, FUSED_COLS, &r0, &u0);
+    const float *sums =
+        tile_product<ROWS>(hprev, s.n, H, r0, w_q, [&](int c) { return u0 + c < H ? u0 + c : -1; });
+    for (int x = threadIdx.x; x < ROWS * FUSED_COLS; x += blockDim.x) {
         const int row = x / FUSED_COLS, c = x % FUSED_COLS, i = r0 + row;
         if (i < s.n && u0 + c < H)
-            s.q[(long)i * H + u0 + c] = tile_sum(sums, row, c);
+            s.q[(long)i * H + u0 + c] = sums[x];
     }
 }
 
@@ -699,21 +710,31 @@ __global__ void attention_kernel(struct cell_step s)
         s.hg[(long)i * gates_of(s.cell) * s.H + j] = a[j];
 }
 
+template <int ROWS> static void fused_step(struct backend *be, const struct cell_step *s, const float *hprev,
+                                           const float *w, const float *w_q)
+{
+    const int G = gates_of(s->cell), U = FUSED_COLS / G;
+    if (attends(*s) && s->attn_mode == ATTN_DYNAMIC) {
+        launch(be, query_kernel<ROWS>, tile_blocks(s->n, ROWS, s->H, FUSED_COLS), CELL_THREADS, *s, hprev, w_q);
+        launch(be, attention_kernel, s->n, CELL_THREADS, *s);
+    }
+    launch(be,
+           G == 4   ? recurrent_step_kernel<4, ROWS>
+           : G == 3 ? recurrent_step_kernel<3, ROWS>
+                    : recurrent_step_kernel<1, ROWS>,
+           tile_blocks(s->n, ROWS, s->H, U), CELL_THREADS, *s, hprev, w);
+}
+
 static int cuda_recurrent_step(struct backend *be, const struct cell_step *s, const float *hprev, const float *w,
                                const float *w_q)
 {
-    const int G = gates_of(s->cell), U = fused_units(G);
     if (be->recurrence != RECURRENCE_FUSED || impl_of(be)->precision != PRECISION_FP32 ||
-        (attends(*s) && s->attn_window > G * s->H))
+        (attends(*s) && s->attn_window > gates_of(s->cell) * s->H))
         return 0;
-    if (s->n <= 0)
-        return 1;
-    if (attends(*s) && s->attn_mode == ATTN_DYNAMIC) {
-        launch(be, query_kernel, tile_blocks(s->n, s->H, FUSED_COLS), CELL_THREADS, *s, hprev, w_q);
-        launch(be, attention_kernel, s->n, CELL_THREADS, *s);
-    }
-    launch(be, G == 4 ? recurrent_step_kernel<4> : G == 3 ? recurrent_step_kernel<3> : recurrent_step_kernel<1>,
-           tile_blocks(s->n, s->H, U), CELL_THREADS, *s, hprev, w);
+    if (s->n > 8)
+        fused_step<64>(be, s, hprev, w, w_q);
+    else if (s->n > 0)
+        fused_step<8>(be, s, hprev, w, w_q);
     return 1;
 }
 

@@ -634,9 +634,11 @@ static void test_cuda_graphs_give_the_same_bits(void **state)
 /* The fixtures' models are narrow (H <= 32): every reduction of a CUDA
  * block has one warp's worth of data, so a barrier missing between warps
  * goes unseen.  These spread H over three warps and a byte vocabulary's
- * 256 logits over all eight, with every cell and attention mode; the last
- * is deep, so that its 11-token text runs as a wavefront of five layers
- * over two chunks, with the depth residual projected from the embedding. */
+ * 256 logits over all eight, with every cell and attention mode; the
+ * fifth is deep, so that its 11-token text runs as a wavefront of five
+ * layers over two chunks, with the depth residual projected from the
+ * embedding; the last is narrow, its attention window wider than its
+ * gates. */
 static const char *const wide_models[] = {
     "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 80, \"layers\": 2, \"embed_dim\": 24,"
     " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 4, \"mode\": \"dynamic\"}}",
@@ -644,10 +646,12 @@ static const char *const wide_models[] = {
     " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 3, \"mode\": \"static\"}}",
     "{\"task\": \"lm\", \"cell\": \"rnn_tanh\", \"hidden\": 70, \"embed_dim\": 8,"
     " \"tokenizer\": {\"type\": \"byte\"}, \"skip\": {\"period\": 2, \"matrices\": 2}}",
-    "{\"task\": \"classify\", \"cell\": \"gru\", \"hidden\": 96, \"bidirectional\": true, \"pool\": \"mean\","
+    "{\"task\": \"classify\", \"cell\": \"gru\", \"hidden\": 132, \"bidirectional\": true, \"pool\": \"mean\","
     " \"embed_dim\": 16, \"classes\": [\"a\", \"b\", \"c\"], \"tokenizer\": {\"type\": \"byte\"}}",
     "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 40, \"layers\": 5, \"embed_dim\": 16,"
     " \"residual_depth\": true, \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 2, \"mode\": \"dynamic\"}}",
+    "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 2, \"embed_dim\": 8, \"tokenizer\": {\"type\": \"byte\"},"
+    " \"attention\": {\"window\": 10, \"mode\": \"dynamic\"}}",
 };
 
 /* Everything one device computed for a wide model. */
@@ -764,10 +768,12 @@ static void wide_model(size_t k, struct model *m, int32_t tokens[WIDE_N][16])
 /* Forwards (logits, attention), steps and a training batch's gradients on
  * CUDA match the CPU, within 1e-4 (the gradients, summed in other orders
  * over more terms, within 1e-3), with the recurrence computed by cuBLAS's
- * products and fused.  The fused kernel's tiles meet every edge here: H
- * over two stages of 64 k (80, 72, 96), H not a multiple of 4 (70: no
- * 16-byte loads), a GRU's tiles of 5 units with the last one short (96),
- * and the skip's two matrices.  Skipped without a GPU. */
+ * products and fused.  The fused kernel's tiles of 8 rows (batches of at
+ * most 8) meet every edge here: H over two stages of 128 k (132), H not a
+ * multiple of 4 (70: no 16-byte loads), a GRU's tiles of 5 units with the
+ * last one short (132), the skip's two matrices, and a window wider than
+ * the row's gates (10 > 4 x 2), which the fused step leaves to the
+ * products.  Skipped without a GPU. */
 static void test_cuda_matches_cpu_on_wide_models(void **state)
 {
     (void)state;
@@ -798,7 +804,8 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
 }
 
 /* A batch wider than one tile of 64 rows (the CUDA kernels' unit of
- * rows), on a model with every term of an LSTM cell (dynamic attention,
+ * rows; H over two stages of 64 k of the fused kernel's), on a model with
+ * every term of an LSTM cell (dynamic attention,
  * the temporal skip, two recurrent matrices): a forward of 70 texts of
  * their own lengths, then steps of 70 slots of which half started a step
  * ahead, so that a step's rows use both matrices.  On CUDA, with the
@@ -813,7 +820,7 @@ static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
     enum { N = 70, LEN = 9, STEPS = 3, K = 3, L = 2 };
     char err[512];
     struct model m;
-    model_from_json("{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 36, \"layers\": 2, \"embed_dim\": 8,"
+    model_from_json("{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 100, \"layers\": 2, \"embed_dim\": 8,"
                     " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"},"
                     " \"skip\": {\"period\": 2, \"matrices\": 2}}",
                     23, &m);
