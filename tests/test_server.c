@@ -29,6 +29,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "support/buf.h"
 #include "support/files.h"
 #include "support/fixtures.h"
@@ -316,6 +317,35 @@ static void test_attention_equals_fixture(void **state)
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetArrayItem(layers, 2), "directions")), 1);
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "tokens")), 8);
     cJSON_Delete(got);
+}
+
+/* ---- the CUDA backend with its recurrence fused ------------------------- */
+
+/* A server of the main models with --device cuda --recurrence fused; no
+ * server (and the test skipped) without a GPU. */
+static int setup_fused(void **state)
+{
+    *state = NULL;
+#ifdef RRN_CUDA
+    static const char *const extra[] = {"--device", "cuda", "--recurrence", "fused", NULL};
+    if (backend_cuda_available())
+        *state = server_start(&(struct server_opts){.models = main_models, .args = extra});
+#endif
+    return 0;
+}
+
+/* What a user of --recurrence fused gets over HTTP: the fixtures'
+ * probabilities, log-probabilities and attention weights, as the CPU's
+ * server gives them, and a log that names the recurrence. */
+static void test_fused_recurrence_equals_fixtures(void **state)
+{
+    struct server *s = *state;
+    if (!s)
+        skip();
+    assert_int_equal(server_wait_log(s, "on device cuda, fused", 1), 1);
+    test_classify_equals_fixture(state);
+    test_score_equals_fixture(state);
+    test_attention_equals_fixture(state);
 }
 
 static cJSON *generate(int port, const char *model, const char *more)
@@ -1065,6 +1095,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_queue_full_and_cancel, setup_small_queue, server_teardown),
         cmocka_unit_test_setup_teardown(test_sigterm_answers_accepted_requests, setup_term, server_teardown),
         cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
+        cmocka_unit_test_setup_teardown(test_fused_recurrence_equals_fixtures, setup_fused, server_teardown),
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),
     };

@@ -5,7 +5,8 @@
 # (or ./gpu-out without one):
 #   tests  every test binary, the CUDA variants included: tests.log
 #   bench  bench_torch.py and bench_engine on cuda (cuDNN's figures in FP32
-#          and TF32, each against the engine's own), the server's /generate
+#          and TF32, each against the engine's own, and the engine's FP32
+#          again with --recurrence fused), the server's /generate
 #          at 64 streams with --device cuda: torch.json, engine.json,
 #          server.log and RESULTS.md (for bench/RESULTS.md)
 #   train  the shipped sentiment recipe on the GPU, and a few Austen
