@@ -310,6 +310,7 @@ __device__ float block_max(float v, float *shared)
 
 #define CELL_THREADS 256
 
+/* cell_gates of config.c, for device code. */
 static __host__ __device__ int gates_of(enum cell cell)
 {
     return cell == CELL_LSTM ? 4 : cell == CELL_GRU ? 3 : 1;
@@ -869,7 +870,7 @@ __global__ void cell_grad_kernel(struct cell_grad g, float *dct_rows, float *da_
     __shared__ float red[CELL_THREADS / 32];
     __shared__ float da[CONFIG_MAX_ATTN_WINDOW];
     const int i = blockIdx.x, H = g.H, K = g.attn_window, s = g.s;
-    const int G = g.cell == CELL_LSTM ? 4 : g.cell == CELL_GRU ? 3 : 1;
+    const int G = gates_of(g.cell);
     const long cw = CELL_CACHE(g.cell, H), GH = (long)G * H;
     const float scale = 1.0f / sqrtf((float)H);
     float *dh = g.dh + (long)(g.off[s] + i) * H;
