@@ -345,22 +345,27 @@ __device__ const float *cell_hist(const cell_step &s, const cell_row &r, int lag
     return r.t - lag >= 1 ? r.ring + (long)((r.t - lag) % s.R) * s.H : (const float *)0;
 }
 
-/* The softmax of a window's K scores, in place, by one thread; copied to
- * out (K floats) unless it is NULL. */
-__device__ void window_softmax(float *a, int K, float *out)
+/* Every thread of the block, once the window's K scores are in a (shared
+ * memory): they become their softmax, by one thread, copied to out (K
+ * floats) unless it is NULL. */
+__device__ void window_weights(float *a, int K, float *out)
 {
-    float mx = a[0], sum = 0.0f;
-    for (int j = 1; j < K; j++)
-        mx = fmaxf(mx, a[j]);
-    for (int j = 0; j < K; j++) {
-        a[j] = expf(a[j] - mx);
-        sum += a[j];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float mx = a[0], sum = 0.0f;
+        for (int j = 1; j < K; j++)
+            mx = fmaxf(mx, a[j]);
+        for (int j = 0; j < K; j++) {
+            a[j] = expf(a[j] - mx);
+            sum += a[j];
+        }
+        for (int j = 0; j < K; j++) {
+            a[j] /= sum;
+            if (out)
+                out[j] = a[j];
+        }
     }
-    for (int j = 0; j < K; j++) {
-        a[j] /= sum;
-        if (out)
-            out[j] = a[j];
-    }
+    __syncthreads();
 }
 
 /* Every thread of the block: the attention weights of row i into a (K
@@ -391,10 +396,7 @@ __device__ void attention_weights(const cell_step &s, const cell_row &r, int i, 
                 a[j] = part * scale;
         }
     }
-    __syncthreads();
-    if (threadIdx.x == 0)
-        window_softmax(a, K, s.attn ? s.attn + (long)i * K : (float *)0);
-    __syncthreads();
+    window_weights(a, K, s.attn ? s.attn + (long)i * K : (float *)0);
 }
 
 /* Unit k of a row: the cell of MODELS.md from its gates' input projections
@@ -653,10 +655,7 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
     if (attends(s) && !dynamic) {
         for (int j = tid; j < s.attn_window; j += blockDim.x)
             a[j] = s.attn_logits[j];
-        __syncthreads();
-        if (tid == 0)
-            window_softmax(a, s.attn_window, (float *)0);
-        __syncthreads();
+        window_weights(a, s.attn_window, (float *)0);
         if (s.attn && u0 == 0)
             for (int x = tid; x < ROWS * s.attn_window; x += blockDim.x) {
                 const int i = r0 + x / s.attn_window;
