@@ -161,7 +161,7 @@ serve: deps
 # would fault on or silently get wrong; it is not a GPU, and says nothing of
 # speed.
 EMU          := build/emu
-EMU_TESTS    := test_engine test_fixtures test_gradcheck test_faults test_train
+EMU_TESTS    := test_engine test_fixtures test_gradcheck test_faults test_train test_optim
 EMU_FILTER   := *cuda*
 EMU_WHOLE    := test_server
 EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -Itests/cuda_emu -Iengine -DRRN_CUDA -MMD -MP $(SAN)

@@ -16,6 +16,7 @@
 #include <stddef.h>
 
 #include "config.h"
+#include "optim_update.h"
 
 /* One fused pointwise step of one layer in one direction, for n rows
  * (sequences).  Row i is the i-th row of xg, hg, q, out and attn; its
@@ -170,6 +171,15 @@ struct backend_ops {
     /* Squared error of n rows: loss[r] = sum_k (x - y)^2; dx = scale * 2 (x - y). */
     void (*squared_error)(struct backend *be, const float *x, const float *y, int n, int width, float *loss,
                           float *dx, float scale);
+    /* One optimizer step over n parameters (optim_update.h), done where
+     * they live so that neither they nor their gradients cross to the host:
+     * grad scaled to an L2 norm of at most u->clip_norm when that is > 0
+     * (its squares summed in double), then each parameter updated by u's
+     * rule, its state in state (optim_state_arrays arrays of n floats).
+     * The same bits on every backend, but for the clipping's sum, which
+     * each adds in its own order. */
+    void (*optim_step)(struct backend *be, const struct optim_update *u, float *params, const float *grad,
+                       float *state, size_t n);
 
     /* The arithmetic of the matrix products from now on; 0, or -1 with a
      * message in err.  NULL: the backend computes in FP32 only. */

@@ -609,6 +609,41 @@ static void cpu_squared_error(struct backend *be, const float *x, const float *y
     }
 }
 
+/* The optimizer walks the parameters in chunks of this many, the chunks
+ * split over the worker pool as rows are: each parameter's update is its
+ * own, so the split changes no bit. */
+#define OPTIM_CHUNK 4096
+
+struct optim_job {
+    struct optim_update u;
+    float *p;
+    const float *grad;
+    float *state;
+    size_t n;
+    double scale; /* clipping's */
+};
+
+static void optim_chunks(const void *arg, int c0, int c1, float *scratch)
+{
+    const struct optim_job *j = arg;
+    const struct optim_update u = j->u;
+    const size_t end = (size_t)c1 * OPTIM_CHUNK < j->n ? (size_t)c1 * OPTIM_CHUNK : j->n;
+    (void)scratch;
+    for (size_t i = (size_t)c0 * OPTIM_CHUNK; i < end; i++)
+        optim_update_element(u, j->n, i, j->p + i, (float)(j->grad[i] * j->scale), j->state);
+}
+
+static void cpu_optim_step(struct backend *be, const struct optim_update *u, float *params, const float *grad,
+                           float *state, size_t n)
+{
+    double sum = 0.0;
+    for (size_t i = 0; u->clip_norm > 0.0f && i < n; i++)
+        sum += (double)grad[i] * grad[i];
+    const struct optim_job job = {*u, params, grad, state, n, optim_clip_scale(sum, u->clip_norm)};
+    if (n > 0)
+        run_rows(be, (int)((n + OPTIM_CHUNK - 1) / OPTIM_CHUNK), OPTIM_CHUNK, 1, optim_chunks, &job);
+}
+
 /* Work is done when an operation returns; what is left to report is an
  * error an operation recorded, as the CUDA backend's sync reports its. */
 static int cpu_sync(struct backend *be)
@@ -640,6 +675,7 @@ static const struct backend_ops cpu_ops = {
     .dropout = cpu_dropout,
     .softmax_xent = cpu_softmax_xent,
     .squared_error = cpu_squared_error,
+    .optim_step = cpu_optim_step,
     .project_each_step = 1,
     .pad_steps = 0,
     .host_alloc = cpu_host_alloc,

@@ -1121,6 +1121,60 @@ static void cuda_squared_error(struct backend *be, const float *x, const float *
         launch(be, squared_error_kernel, n, 256, x, y, width, loss, dx, scale);
 }
 
+/* Clipping's sum of squares: SUM_BLOCKS blocks each add the squares of
+ * their grid-strided elements, then one block adds the blocks' sums, both
+ * in double and in a fixed order, so that a step's bits do not depend on
+ * how the blocks were scheduled. */
+#define SUM_BLOCKS 256
+
+__global__ void sum_squares_kernel(const float *x, size_t n, double *partial)
+{
+    __shared__ double red[8];
+    double part = 0.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        part += (double)x[i] * x[i];
+    part = block_sum(part, red);
+    if (threadIdx.x == 0)
+        partial[blockIdx.x] = part;
+}
+
+__global__ void sum_partials_kernel(const double *partial, int n, double *total)
+{
+    __shared__ double red[8];
+    double part = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        part += partial[i];
+    part = block_sum(part, red);
+    if (threadIdx.x == 0)
+        *total = part;
+}
+
+/* A thread per parameter; sum_squares is NULL when nothing is clipped. */
+__global__ void optim_step_kernel(struct optim_update u, float *params, const float *grad, float *state, size_t n,
+                                  const double *sum_squares)
+{
+    const double scale = sum_squares ? optim_clip_scale(*sum_squares, u.clip_norm) : 1.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        optim_update_element(u, n, i, params + i, (float)(grad[i] * scale), state);
+}
+
+static void cuda_optim_step(struct backend *be, const struct optim_update *u, float *params, const float *grad,
+                            float *state, size_t n)
+{
+    if (n == 0)
+        return;
+    double *sums = NULL;
+    if (u->clip_norm > 0.0f) {
+        /* SUM_BLOCKS partial sums and their total, as doubles. */
+        if (!(sums = (double *)scratch_of(be, 2 * (SUM_BLOCKS + 1))))
+            return;
+        launch(be, sum_squares_kernel, SUM_BLOCKS, 256, grad, n, sums);
+        launch(be, sum_partials_kernel, 1, 256, (const double *)sums, SUM_BLOCKS, sums + SUM_BLOCKS);
+    }
+    launch(be, optim_step_kernel, blocks_for((long)n, 256), 256, *u, params, grad, state, n,
+           (const double *)(sums ? sums + SUM_BLOCKS : NULL));
+}
+
 /* FP32 computes in FP32 throughout.  TF32 lets cuBLAS round the FP32
  * operands as they enter the tensor cores (to 10 mantissa bits), summing
  * in FP32.  BF16 multiplies by BF16 twins of the weights (pack_weights)
@@ -1322,6 +1376,7 @@ static const struct backend_ops cuda_ops = {
     cuda_dropout,
     cuda_softmax_xent,
     cuda_squared_error,
+    cuda_optim_step,
     cuda_set_precision,
     cuda_host_alloc,
     cuda_host_free,

@@ -270,6 +270,7 @@ void engine_destroy(struct engine *e)
     engine_drop_derived(e);
     free_view(e, &e->w);
     free_view(e, &e->g);
+    be->ops->free(be, e->optim_state);
     be->ops->free(be, e->pool_c);
     be->ops->free(be, e->pool_ring);
     free(e->slot_pos);

@@ -115,17 +115,25 @@ struct train_options {
 int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const int *labels,
                        const struct train_options *opt, struct train_result *res, char *err, size_t errlen);
 
-/* The optimizer runs on the host, on arrays laid out as the model's arena
- * (n_params floats), whatever the backend: engine_grads_to_host copies the
- * gradients added up since engine_zero_grads into g, and
- * engine_params_from_host replaces the parameters the engine runs with p
- * (dropping the token tables, which no longer match them).  On the CPU
- * these are copies within host memory; on a GPU the only transfers of a
- * training step.  Each returns 0, or -1 on a backend error (or, for the
- * gradients, out of memory). */
+/* The optimizer runs where the weights are, on the backend, so that a
+ * training step moves nothing of the model between host and device:
+ * engine_optim_step applies one step (optim_update.h) of the gradients
+ * added up since engine_zero_grads to the weights the engine runs (and
+ * drops the token tables, which no longer match them), keeping the
+ * optimizer's state beside them: len = optim_state_arrays() * n_params
+ * floats, zeros until the first step or engine_optim_state_from_host.
+ * The rest copies between the backend and host arrays laid out as the
+ * model's arena (n_params floats): the gradients (for tests), the weights
+ * (to save them, or to start again from saved ones) and the optimizer's
+ * state (checkpoints).  Each returns 0, or -1 on a backend error or out of
+ * memory. */
 int engine_zero_grads(struct engine *e);
+int engine_optim_step(struct engine *e, const struct optim_update *u);
 int engine_grads_to_host(struct engine *e, float *g);
+int engine_params_to_host(struct engine *e, float *p);
 int engine_params_from_host(struct engine *e, const float *p);
+int engine_optim_state_to_host(struct engine *e, float *s, size_t len);
+int engine_optim_state_from_host(struct engine *e, const float *s, size_t len);
 
 /* Bytes of backend memory held by the token tables: layer 0's projection
  * of every token, read instead of computed (0 when the engine has none). */

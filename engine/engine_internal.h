@@ -40,6 +40,8 @@ struct engine {
     int G, H, D, W, E, V, L, M, K, C, R;
     struct param_view w;         /* the weights on the backend */
     struct param_view g;         /* their gradients (training), or zeros */
+    float *optim_state;          /* the optimizer's (engine_optim_step), or NULL */
+    size_t optim_len;            /* its floats */
     /* Layer 0's input projection of every token id, per direction ([V][G*H]:
      * row v is W_ih e_v + b_ih, the bits the projection of token v gets),
      * so a forward gathers rows instead of embedding and multiplying.  NULL

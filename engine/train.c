@@ -51,16 +51,70 @@ int engine_grads_to_host(struct engine *e, float *g)
     return e->be->ops->download(e->be, g, e->g.base, e->m->n_params * sizeof(float));
 }
 
-int engine_params_from_host(struct engine *e, const float *p)
+/* After the weights changed on the backend: the token tables and graphs
+ * go, and the twins follow the weights, so that training and its
+ * validation multiply in the precision asked for (BF16 on CUDA), as
+ * inference does; on the CPU the packed products give the same bits. */
+static void weights_changed(struct engine *e)
 {
     engine_drop_derived(e);
-    if (e->be->ops->upload(e->be, e->w.base, p, e->m->n_params * sizeof(float)) != 0)
-        return -1;
-    /* The twins follow the weights, so that training and its validation
-     * multiply in the precision asked for (BF16 on CUDA), as inference
-     * does; on the CPU the packed products give the same bits. */
     engine_pack_weights(e);
-    return 0;
+}
+
+int engine_params_from_host(struct engine *e, const float *p)
+{
+    int rc = e->be->ops->upload(e->be, e->w.base, p, e->m->n_params * sizeof(float));
+    weights_changed(e);
+    return rc;
+}
+
+int engine_params_to_host(struct engine *e, float *p)
+{
+    return e->be->ops->download(e->be, p, e->w.base, e->m->n_params * sizeof(float));
+}
+
+/* The optimizer's state of len floats, zeroed when first asked for (or for
+ * another length: another optimizer); NULL when out of memory, or when
+ * len is 0. */
+static float *optim_state(struct engine *e, size_t len)
+{
+    struct backend *be = e->be;
+    if (len == e->optim_len)
+        return e->optim_state;
+    be->ops->free(be, e->optim_state);
+    e->optim_state = NULL;
+    e->optim_len = 0;
+    if (len == 0 || len > (size_t)-1 / sizeof(float) || !(e->optim_state = be->ops->alloc(be, len * sizeof(float))))
+        return NULL;
+    be->ops->zero(be, e->optim_state, len * sizeof(float));
+    e->optim_len = len;
+    return e->optim_state;
+}
+
+int engine_optim_step(struct engine *e, const struct optim_update *u)
+{
+    struct backend *be = e->be;
+    const size_t n = e->m->n_params, len = (size_t)optim_state_arrays(u->kind, u->momentum) * n;
+    backend_clear_error(be);
+    if (!grads(e) || (len > 0 && !optim_state(e, len)))
+        return -1;
+    be->ops->optim_step(be, u, e->w.base, e->g.base, e->optim_state, n);
+    weights_changed(e);
+    return backend_sync(be);
+}
+
+int engine_optim_state_to_host(struct engine *e, float *s, size_t len)
+{
+    if (len > 0 && !optim_state(e, len))
+        return -1;
+    return len ? e->be->ops->download(e->be, s, e->optim_state, len * sizeof(float)) : 0;
+}
+
+int engine_optim_state_from_host(struct engine *e, const float *s, size_t len)
+{
+    if (len > 0 && !optim_state(e, len))
+        return -1;
+    return len ? e->be->ops->upload(e->be, e->optim_state, s, len * sizeof(float)) : 0;
 }
 
 /* The rows of step u >= -R of the tape's h: the prefix's R steps hold all B

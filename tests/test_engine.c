@@ -915,10 +915,12 @@ static void test_cuda_precisions_round_as_named(void **state)
 #endif
 }
 
-/* BF16 outlives a change of the weights: training replaces them every
- * step (engine_params_from_host), and its forwards and validation must
- * still multiply BF16 copies, not fall back to FP32 operands.  The same
- * weights uploaded again give the same bits.  Skipped without a GPU. */
+/* BF16 outlives a change of the weights: training changes them every
+ * step (engine_optim_step) and may put saved ones back
+ * (engine_params_from_host), and its forwards and validation must still
+ * multiply BF16 copies, not fall back to FP32 operands.  The same weights
+ * uploaded again, or left as they were by a step of zero gradients, give
+ * the same bits.  Skipped without a GPU. */
 static void test_cuda_bf16_survives_new_weights(void **state)
 {
     (void)state;
@@ -935,16 +937,21 @@ static void test_cuda_bf16_survives_new_weights(void **state)
     struct engine *e = engine_create(&m, be, 0, err, sizeof err);
     if (!e)
         fail_msg("engine: %s", err);
-    float out[2][16 * 256];
-    for (int k = 0; k < 2; k++) {
+    float out[3][16 * 256];
+    struct optim_update sgd = {.kind = OPTIM_SGD, .neg_lr = -0.1f};
+    for (int k = 0; k < 3; k++) {
         if (k == 1)
             assert_int_equal(engine_params_from_host(e, m.arena), 0);
+        if (k == 2)
+            assert_int_equal(engine_zero_grads(e) || engine_optim_step(e, &sgd), 0);
         struct engine_seq q = {.tokens = tokens[0], .len = 16, .slot = -1, .logits = out[k]};
         if (engine_forward(e, &q, 1, err, sizeof err) != 0)
             fail_msg("forward: %s", err);
     }
     if (memcmp(out[0], out[1], sizeof out[0]) != 0)
         fail_msg("the same weights uploaded again give other results in BF16");
+    if (memcmp(out[0], out[2], sizeof out[0]) != 0)
+        fail_msg("weights an optimizer step left as they were give other results in BF16");
     engine_destroy(e);
     backend_destroy(be);
     model_free(&m);

@@ -1,5 +1,6 @@
 /* test_optim.c - the optimizers against PyTorch, the learning-rate
- * schedule and gradient clipping.
+ * schedule and gradient clipping, on the CPU backend and on CUDA (whose
+ * tests are skipped without a GPU, and run on the emulator's build).
  *
  * tests/fixtures/optim_expected.json holds five steps of torch.optim for
  * every optimizer (tests/fixtures/make_optim_fixtures.py); each case names
@@ -17,16 +18,18 @@
 #include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "backend.h"
 #include "optim.h"
 
 #include "support/files.h"
+#include "support/filter.h"
 
 #define FIXTURE "tests/fixtures/optim_expected.json"
 #define MAX_PARAMS 16
 #define MAX_STEPS 8
 
 /* PyTorch's CPU kernels fuse p + alpha * d into one rounding where they
- * are built for FMA (AVX2, AVX-512) and optim.c rounds twice: up to an ulp
+ * are built for FMA (AVX2, AVX-512) and optim_update.h rounds twice: up to an ulp
  * of the operands' size (parameters and steps around 1) apart. */
 #define TOL 2.4e-7
 
@@ -117,9 +120,68 @@ static void assert_params(const char *name, int step, const float *got, const cJ
     }
 }
 
-static void test_matches_pytorch(void **state)
+/* One optimizer's arrays on a backend: parameters, gradients, state. */
+struct run {
+    struct backend *be;
+    float *p, *g, *state;
+    size_t n, state_len;
+};
+
+/* NULL be, and the test skipped, where the device is CUDA and there is no
+ * GPU. */
+static void run_open(struct run *r, enum device_kind dev, const struct optim_config *cfg, const float *init,
+                     size_t n)
 {
-    const struct fixture *fx = *state;
+    char err[256];
+#ifdef RRN_CUDA
+    if (dev == DEVICE_CUDA && !backend_cuda_available())
+        skip();
+#else
+    if (dev == DEVICE_CUDA)
+        skip();
+#endif
+    memset(r, 0, sizeof *r);
+    if (!(r->be = backend_create(dev, err, sizeof err)))
+        fail_msg("backend: %s", err);
+    r->n = n;
+    r->state_len = (size_t)optim_state_arrays(cfg->kind, cfg->momentum) * n;
+    assert_non_null(r->p = r->be->ops->alloc(r->be, n * sizeof(float)));
+    assert_non_null(r->g = r->be->ops->alloc(r->be, n * sizeof(float)));
+    assert_int_equal(r->be->ops->upload(r->be, r->p, init, n * sizeof(float)), 0);
+    if (r->state_len) {
+        assert_non_null(r->state = r->be->ops->alloc(r->be, r->state_len * sizeof(float)));
+        r->be->ops->zero(r->be, r->state, r->state_len * sizeof(float));
+    }
+}
+
+static void run_close(struct run *r)
+{
+    r->be->ops->free(r->be, r->p);
+    r->be->ops->free(r->be, r->g);
+    r->be->ops->free(r->be, r->state);
+    backend_destroy(r->be);
+}
+
+/* Step s (0-based) of cfg with the gradients grad. */
+static void run_step(struct run *r, const struct optim_config *cfg, long s, const float *grad)
+{
+    struct optim_update u;
+    optim_update_at(cfg, s, &u);
+    assert_int_equal(r->be->ops->upload(r->be, r->g, grad, r->n * sizeof(float)), 0);
+    r->be->ops->optim_step(r->be, &u, r->p, r->g, r->state, r->n);
+    if (backend_sync(r->be) != 0)
+        fail_msg("optim_step: %s", r->be->err);
+}
+
+static void run_params(struct run *r, float *p)
+{
+    assert_int_equal(r->be->ops->download(r->be, p, r->p, r->n * sizeof(float)), 0);
+}
+
+/* Five steps of every optimizer, each plain and with its options, match
+ * PyTorch's. */
+static void matches_pytorch(const struct fixture *fx, enum device_kind dev)
+{
     const cJSON *c;
     int cases = 0;
 
@@ -127,54 +189,115 @@ static void test_matches_pytorch(void **state)
         const char *name = cJSON_GetStringValue(cJSON_GetObjectItem(c, "name"));
         const cJSON *expected = cJSON_GetObjectItem(c, "expected");
         struct optim_config cfg;
+        struct run r;
         float p[MAX_PARAMS];
 
         case_config(c, &cfg);
         assert_int_equal(cJSON_GetArraySize(expected), fx->steps);
-        memcpy(p, fx->init, sizeof p);
-        struct optim *o = optim_new(&cfg, (size_t)fx->n);
-        assert_non_null(o);
+        run_open(&r, dev, &cfg, fx->init, (size_t)fx->n);
         for (int s = 0; s < fx->steps; s++) {
-            optim_step(o, p, fx->grads[s], s);
+            run_step(&r, &cfg, s, fx->grads[s]);
+            run_params(&r, p);
             assert_params(name, s, p, cJSON_GetArrayItem(expected, s), fx->n);
         }
-        optim_free(o);
+        run_close(&r);
         cases++;
     }
-    /* Every optimizer, each plain and with its options. */
     assert_int_equal(cases, 11);
 }
 
-/* Stopping after two steps and going on from a copy of the state, as a
- * checkpoint does, gives the same parameters as running straight through. */
-static void test_state_restores(void **state)
+static void test_matches_pytorch(void **state)
 {
-    const struct fixture *fx = *state;
+    matches_pytorch(*state, DEVICE_CPU);
+}
+
+static void test_cuda_matches_pytorch(void **state)
+{
+    matches_pytorch(*state, DEVICE_CUDA);
+}
+
+/* Stopping after two steps and going on from a copy of the state (read
+ * back to the host and put on another backend, as a checkpoint does)
+ * gives the same parameters as running straight through. */
+static void state_restores(const struct fixture *fx, enum device_kind dev)
+{
     const cJSON *c;
 
     cJSON_ArrayForEach(c, cJSON_GetObjectItem(fx->json, "cases")) {
         struct optim_config cfg;
-        float straight[MAX_PARAMS], resumed[MAX_PARAMS];
+        struct run a, b;
+        float straight[MAX_PARAMS], resumed[MAX_PARAMS], saved[2 * MAX_PARAMS];
 
         case_config(c, &cfg);
-        memcpy(straight, fx->init, sizeof straight);
-        struct optim *a = optim_new(&cfg, (size_t)fx->n);
-        struct optim *b = optim_new(&cfg, (size_t)fx->n);
-        assert_non_null(a);
-        assert_non_null(b);
+        run_open(&a, dev, &cfg, fx->init, (size_t)fx->n);
         for (int s = 0; s < 2; s++)
-            optim_step(a, straight, fx->grads[s], s);
-        memcpy(resumed, straight, sizeof resumed);
-        assert_int_equal(optim_state_len(a), optim_state_len(b));
-        if (optim_state_len(a) > 0)
-            memcpy(optim_state(b), optim_state(a), optim_state_len(a) * sizeof(float));
-        for (int s = 2; s < fx->steps; s++) {
-            optim_step(a, straight, fx->grads[s], s);
-            optim_step(b, resumed, fx->grads[s], s);
+            run_step(&a, &cfg, s, fx->grads[s]);
+        run_params(&a, straight);
+        run_open(&b, dev, &cfg, straight, (size_t)fx->n);
+        assert_true(a.state_len <= 2 * MAX_PARAMS);
+        if (a.state_len > 0) {
+            assert_int_equal(a.be->ops->download(a.be, saved, a.state, a.state_len * sizeof(float)), 0);
+            assert_int_equal(b.be->ops->upload(b.be, b.state, saved, b.state_len * sizeof(float)), 0);
         }
+        for (int s = 2; s < fx->steps; s++) {
+            run_step(&a, &cfg, s, fx->grads[s]);
+            run_step(&b, &cfg, s, fx->grads[s]);
+        }
+        run_params(&a, straight);
+        run_params(&b, resumed);
         assert_memory_equal(straight, resumed, (size_t)fx->n * sizeof(float));
-        optim_free(a);
-        optim_free(b);
+        run_close(&a);
+        run_close(&b);
+    }
+}
+
+static void test_state_restores(void **state)
+{
+    state_restores(*state, DEVICE_CPU);
+}
+
+static void test_cuda_state_restores(void **state)
+{
+    state_restores(*state, DEVICE_CUDA);
+}
+
+/* A GPU updates every parameter to the CPU's bits (no multiply fused into
+ * an add where the CPU rounds twice), over many blocks of threads and
+ * every rule with its options; with clipping, whose sum of squares each
+ * adds in its own order, within an ulp or two. */
+static void test_cuda_gives_the_cpus_bits(void **state)
+{
+    const struct fixture *fx = *state;
+    enum { N = 100003, STEPS = 3 };
+    static float init[N], grads[STEPS][N], got[N], want[N];
+    for (int i = 0; i < N; i++) {
+        init[i] = (float)((i * 7919L) % 2001 - 1000) / 1000.0f;
+        for (int s = 0; s < STEPS; s++)
+            grads[s][i] = (float)((i * 104729L + s * 31) % 1999 - 999) / 3000.0f;
+    }
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(fx->json, "cases")) {
+        const char *name = cJSON_GetStringValue(cJSON_GetObjectItem(c, "name"));
+        for (int clip = 0; clip < 2; clip++) {
+            struct optim_config cfg;
+            struct run cpu, gpu;
+            case_config(c, &cfg);
+            cfg.clip_norm = clip ? 10.0f : 0.0f;
+            run_open(&gpu, DEVICE_CUDA, &cfg, init, N);
+            run_open(&cpu, DEVICE_CPU, &cfg, init, N);
+            for (int s = 0; s < STEPS; s++) {
+                run_step(&cpu, &cfg, s, grads[s]);
+                run_step(&gpu, &cfg, s, grads[s]);
+            }
+            run_params(&cpu, want);
+            run_params(&gpu, got);
+            for (int i = 0; i < N; i++)
+                if (clip ? !(fabsf(got[i] - want[i]) <= 2.4e-7f * fmaxf(1.0f, fabsf(want[i]))) : got[i] != want[i])
+                    fail_msg("%s%s: parameter %d is %.9g on CUDA, %.9g on the CPU", name, clip ? ", clipped" : "",
+                             i, got[i], want[i]);
+            run_close(&cpu);
+            run_close(&gpu);
+        }
     }
 }
 
@@ -184,22 +307,13 @@ static void test_state_len(void **state)
     const struct {
         enum optim_kind kind;
         float momentum;
-        size_t arrays;
+        int arrays;
     } want[] = {
         {OPTIM_SGD, 0.0f, 0},     {OPTIM_SGD, 0.9f, 1},   {OPTIM_RMSPROP, 0.0f, 1}, {OPTIM_RMSPROP, 0.9f, 2},
         {OPTIM_ADAM, 0.0f, 2},    {OPTIM_ADAMW, 0.0f, 2}, {OPTIM_ADADELTA, 0.0f, 2},
     };
-    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
-        struct optim_config cfg;
-        optim_defaults(&cfg, want[i].kind);
-        cfg.momentum = want[i].momentum;
-        struct optim *o = optim_new(&cfg, 10);
-        assert_non_null(o);
-        assert_int_equal(optim_state_len(o), want[i].arrays * 10);
-        for (size_t j = 0; j < optim_state_len(o); j++)
-            assert_true(optim_state(o)[j] == 0.0f);
-        optim_free(o);
-    }
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        assert_int_equal(optim_state_arrays(want[i].kind, want[i].momentum), want[i].arrays);
 }
 
 static void test_names_and_defaults(void **state)
@@ -303,42 +417,74 @@ static double norm_of(const float *g, size_t n)
     return sqrt(s);
 }
 
-static void test_clip(void **state)
+/* The gradients g as a step clipped them, seen through SGD with lr 1 from
+ * zeros: p = 0 - 1 * g, exactly, and 0 - p is g (+0 where g is 0). */
+static void clipped(enum device_kind dev, const float *g, size_t n, float max_norm, float *out)
 {
-    (void)state;
+    struct optim_config cfg;
+    struct run r;
+    float *zeros = calloc(n, sizeof *zeros);
+    assert_non_null(zeros);
+    optim_defaults(&cfg, OPTIM_SGD);
+    cfg.lr = 1.0f;
+    cfg.clip_norm = max_norm;
+    run_open(&r, dev, &cfg, zeros, n);
+    run_step(&r, &cfg, 0, g);
+    run_params(&r, out);
+    for (size_t i = 0; i < n; i++)
+        out[i] = 0.0f - out[i];
+    run_close(&r);
+    free(zeros);
+}
+
+static void clip(enum device_kind dev)
+{
     enum { N = 1000 };
     static float g[N], orig[N];
     for (int i = 0; i < N; i++)
         orig[i] = (float)(((i * 37) % 101) - 50) / 7.0f;
     double want = norm_of(orig, N);
 
-    /* Over the limit: the norm before is returned, the norm after is the
-     * limit and the direction is kept. */
-    memcpy(g, orig, sizeof g);
-    double got = optim_clip(g, N, 10.0f);
-    assert_true(fabs(got - want) <= 1e-12 * want);
+    /* Over the limit: the norm after is the limit and the direction is
+     * kept. */
     assert_true(want > 10.0);
+    clipped(dev, orig, N, 10.0f, g);
     assert_true(fabs(norm_of(g, N) - 10.0) <= 1e-5);
     for (int i = 0; i < N; i++)
         assert_true(fabsf(g[i] - (float)(orig[i] * (10.0 / want))) <= 1e-7f);
 
     /* Under the limit, or no limit: untouched. */
-    memcpy(g, orig, sizeof g);
-    assert_true(optim_clip(g, N, (float)(want * 2)) == got);
+    clipped(dev, orig, N, (float)(want * 2), g);
     assert_memory_equal(g, orig, sizeof g);
-    assert_true(optim_clip(g, N, 0.0f) == got);
+    clipped(dev, orig, N, 0.0f, g);
     assert_memory_equal(g, orig, sizeof g);
 
     /* The sum is in double: after a 1, a float sum drops each square of
-     * 2^-13 (2^-26, under half an ulp of 1) and would return 1. */
+     * 2^-13 (2^-26, under half an ulp of 1), finds a norm of 1 and would
+     * not clip to 1. */
     enum { BIG = (1 << 20) + 1 };
-    float *tiny = malloc(BIG * sizeof *tiny);
+    float *tiny = malloc(BIG * sizeof *tiny), *out = malloc(BIG * sizeof *out);
     assert_non_null(tiny);
+    assert_non_null(out);
     tiny[0] = 1.0f;
     for (int i = 1; i < BIG; i++)
         tiny[i] = 0x1p-13f;
-    assert_true(optim_clip(tiny, BIG, 0.0f) == sqrt(1.0 + 0x1p-6));
+    clipped(dev, tiny, BIG, 1.0f, out);
+    assert_true(out[0] == (float)(1.0 / sqrt(1.0 + 0x1p-6)));
     free(tiny);
+    free(out);
+}
+
+static void test_clip(void **state)
+{
+    (void)state;
+    clip(DEVICE_CPU);
+}
+
+static void test_cuda_clip(void **state)
+{
+    (void)state;
+    clip(DEVICE_CUDA);
 }
 
 int main(void)
@@ -350,6 +496,11 @@ int main(void)
         cmocka_unit_test(test_names_and_defaults),
         cmocka_unit_test(test_schedule),
         cmocka_unit_test(test_clip),
+        cmocka_unit_test(test_cuda_matches_pytorch),
+        cmocka_unit_test(test_cuda_state_restores),
+        cmocka_unit_test(test_cuda_clip),
+        cmocka_unit_test(test_cuda_gives_the_cpus_bits),
     };
+    test_filter_from_env();
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,19 +1,20 @@
-/* optim.h - optimizers, learning-rate schedule and gradient clipping over a
- * model's parameters as one flat float array (struct model keeps every
- * parameter in one arena, and the trainer keeps the gradients in an arena
- * of the same layout).
+/* optim.h - the optimizers' options, the learning-rate schedule and
+ * gradient clipping, and the scalars of each step's update.
  *
  * Optimizers: SGD with (optionally Nesterov) momentum, RMSprop, Adam, AdamW
  * (decoupled weight decay) and Adadelta, with PyTorch's update rules and
- * defaults, so a configuration ported from PyTorch behaves the same.
- * Everything is deterministic: the same gradients give the same bits.
+ * defaults, so a configuration ported from PyTorch behaves the same.  The
+ * update runs where the weights are, on the engine's backend
+ * (engine_optim_step), over the model's parameters as one flat array;
+ * everything is deterministic: the same gradients give the same bits, on
+ * the CPU and on a GPU alike.
  */
 #ifndef RRN_OPTIM_H
 #define RRN_OPTIM_H
 
 #include <stddef.h>
 
-enum optim_kind { OPTIM_SGD, OPTIM_RMSPROP, OPTIM_ADAM, OPTIM_ADAMW, OPTIM_ADADELTA };
+#include "optim_update.h"
 enum lr_decay { DECAY_NONE, DECAY_LINEAR, DECAY_COSINE, DECAY_STEP };
 
 struct optim_config {
@@ -41,25 +42,11 @@ void optim_defaults(struct optim_config *c, enum optim_kind kind);
 int optim_kind_from_name(const char *name);
 const char *optim_kind_name(enum optim_kind kind);
 
-struct optim;
-
-struct optim *optim_new(const struct optim_config *c, size_t n_params);
-void optim_free(struct optim *o);
-
 /* The learning rate at step (0-based) under the schedule. */
 float optim_lr(const struct optim_config *c, long step);
 
-/* Scale grad so its L2 norm is at most max_norm (when max_norm > 0);
- * returns the norm before clipping (in double). */
-double optim_clip(float *grad, size_t n, float max_norm);
-
-/* One update of params from grad at the given step (0-based). */
-void optim_step(struct optim *o, float *params, const float *grad, long step);
-
-/* The optimizer's state (moment estimates and the like) as a flat float
- * array, for checkpoints: its length, a pointer to read it and a way to
- * restore it. */
-size_t optim_state_len(const struct optim *o);
-float *optim_state(struct optim *o);
+/* The update of step (0-based): its learning rate by the schedule, its
+ * bias corrections, the clipping. */
+void optim_update_at(const struct optim_config *c, long step, struct optim_update *u);
 
 #endif

@@ -440,12 +440,10 @@ struct run {
     struct model model;
     struct tokenizer tk;
     struct backend *be;
+    /* The engine holds the weights that training changes, their gradients
+     * and the optimizer's state; model.arena is brought up to date from it
+     * only to be saved (sync_weights). */
     struct engine *e;
-    struct optim *opt;
-    /* The optimizer's arrays on the host: the parameters are model.arena
-     * (the engine runs a copy, refreshed after every step), the gradients
-     * this. */
-    float *grads;
     /* lm */
     struct corpus train_c, valid_c;
     struct lm_windows win;
@@ -765,13 +763,37 @@ static char *state_path(const char *ckpt)
     return p;
 }
 
+/* Floats of the optimizer's state: its arrays of one float a parameter. */
+static size_t optim_len(const struct run *r)
+{
+    return (size_t)optim_state_arrays(r->o.optim.kind, r->o.optim.momentum) * r->model.n_params;
+}
+
+/* model.arena made the weights the engine has trained, for saving. */
+static int sync_weights(struct run *r, char *err, size_t errlen)
+{
+    if (engine_params_to_host(r->e, r->model.arena) != 0)
+        return error_fmt(err, errlen, "cannot read the weights back from the %s backend: %s", r->be->ops->name,
+                         r->be->err);
+    return 0;
+}
+
 static int save_checkpoint(struct run *r, const char *path, char *err, size_t errlen)
 {
     const size_t n_params = r->model.n_params, slot_len = is_lm(r) ? engine_slot_state_len(r->e) : 0;
+    const size_t moments_len = optim_len(r);
     cJSON *st = cJSON_CreateObject(), *curve = cJSON_CreateArray(), *slot_pos = cJSON_CreateArray();
     float *slots = slot_len ? malloc(sizeof(float) * slot_len * r->o.batch) : NULL;
+    float *moments = moments_len ? malloc(sizeof(float) * moments_len) : NULL;
     char *path2 = state_path(path), *json = NULL;
-    int rc = st && curve && slot_pos && path2 && (!slot_len || slots) ? 0 : error_fmt(err, errlen, "out of memory");
+    int rc = st && curve && slot_pos && path2 && (!slot_len || slots) && (!moments_len || moments)
+                 ? 0
+                 : error_fmt(err, errlen, "out of memory");
+    if (rc == 0)
+        rc = sync_weights(r, err, errlen);
+    if (rc == 0 && engine_optim_state_to_host(r->e, moments, moments_len) != 0)
+        rc = error_fmt(err, errlen, "cannot read the optimizer's state back from the %s backend: %s",
+                       r->be->ops->name, r->be->err[0] ? r->be->err : "out of memory");
     for (int i = 0; rc == 0 && i < r->curve.n; i++)
         cJSON_AddItemToArray(curve, point_json(&r->curve.p[i]));
     for (int i = 0; rc == 0 && slot_len && i < r->o.batch; i++) {
@@ -813,7 +835,7 @@ static int save_checkpoint(struct run *r, const char *path, char *err, size_t er
     if (rc == 0) {
         struct st_write_tensor t[3];
         int nt = 0;
-        t[nt++] = (struct st_write_tensor){"optim", 1, {(int64_t)optim_state_len(r->opt)}, optim_state(r->opt)};
+        t[nt++] = (struct st_write_tensor){"optim", 1, {(int64_t)moments_len}, moments};
         if (slot_len)
             t[nt++] = (struct st_write_tensor){"slots", 2, {r->o.batch, (int64_t)slot_len}, slots};
         if (r->best)
@@ -835,6 +857,7 @@ static int save_checkpoint(struct run *r, const char *path, char *err, size_t er
     cJSON_Delete(slot_pos);
     free(json);
     free(slots);
+    free(moments);
     free(path2);
     return rc;
 }
@@ -854,13 +877,19 @@ static int restore_checkpoint(struct run *r, char *err, size_t errlen)
     cJSON *st = cJSON_Parse(st_meta_get(&f, "training_state"));
     const struct st_tensor *optim = st_find(&f, "optim"), *slots = st_find(&f, "slots"), *best = st_find(&f, "best");
     const size_t slot_len = is_lm(r) ? engine_slot_state_len(r->e) : 0;
-    int rc = st && optim && (size_t)optim->numel == optim_state_len(r->opt) &&
+    int rc = st && optim && (size_t)optim->numel == optim_len(r) &&
                      (!slot_len || (slots && (size_t)slots->numel == slot_len * r->o.batch)) &&
                      (!best || (size_t)best->numel == r->model.n_params)
                  ? 0
                  : error_fmt(err, errlen, "%s.state does not match this run (another model or batch size?)", r->resume);
+    float *moments = rc == 0 && optim->numel ? malloc(sizeof(float) * optim_len(r)) : NULL;
+    if (rc == 0 && optim->numel && !moments)
+        rc = error_fmt(err, errlen, "out of memory");
     if (rc == 0) {
-        st_to_f32(optim, optim_state(r->opt));
+        st_to_f32(optim, moments);
+        if (engine_optim_state_from_host(r->e, moments, optim_len(r)) != 0)
+            rc = error_fmt(err, errlen, "cannot put the optimizer's state on the %s backend: %s", r->be->ops->name,
+                           r->be->err[0] ? r->be->err : "out of memory");
         r->step = (long)cJSON_GetObjectItem(st, "step")->valuedouble;
         r->epoch = (long)cJSON_GetObjectItem(st, "epoch")->valuedouble;
         r->next_batch = (int)cJSON_GetObjectItem(st, "next_batch")->valuedouble;
@@ -912,6 +941,7 @@ static int restore_checkpoint(struct run *r, char *err, size_t errlen)
         }
         free(all);
     }
+    free(moments);
     cJSON_Delete(st);
     st_close(&f);
     if (rc == 0)
@@ -942,8 +972,6 @@ static void run_free(struct run *r)
 {
     for (int i = 0; r->slots && r->e && i < r->o.batch; i++)
         engine_slot_close(r->e, r->slots[i]);
-    optim_free(r->opt);
-    free(r->grads);
     engine_destroy(r->e);
     backend_destroy(r->be);
     tokenizer_free(&r->tk);
@@ -1008,9 +1036,6 @@ static int train(struct run *r, char *err, size_t errlen)
     if (open_data(r, err, errlen))
         return -1;
     o->optim.total_steps = r->total_steps;
-    if (!(r->opt = optim_new(&o->optim, r->model.n_params)) ||
-        !(r->grads = malloc(sizeof(float) * r->model.n_params)))
-        return error_fmt(err, errlen, "out of memory");
     if (r->resume && restore_checkpoint(r, err, errlen))
         return -1;
     r->curve.metric_name = is_lm(r) ? "bpc" : r->model.cfg.task == TASK_REGRESS ? "mse" : "accuracy";
@@ -1034,14 +1059,11 @@ static int train(struct run *r, char *err, size_t errlen)
             return error_fmt(err, errlen, "out of memory for the gradients");
         if (train_step(r, &res, err, errlen))
             return -1;
-        if (engine_grads_to_host(r->e, r->grads))
-            return error_fmt(err, errlen, "cannot read the gradients from the %s backend: %s", r->be->ops->name,
-                             r->be->err);
-        optim_clip(r->grads, r->model.n_params, o->optim.clip_norm);
-        optim_step(r->opt, r->model.arena, r->grads, r->step);
-        if (engine_params_from_host(r->e, r->model.arena))
+        struct optim_update u;
+        optim_update_at(&o->optim, r->step, &u);
+        if (engine_optim_step(r->e, &u))
             return error_fmt(err, errlen, "cannot update the weights on the %s backend: %s", r->be->ops->name,
-                             r->be->err);
+                             r->be->err[0] ? r->be->err : "out of memory");
         r->step++;
         r->loss_sum += res.loss;
         r->loss_count += res.count;
@@ -1083,7 +1105,9 @@ static int train(struct run *r, char *err, size_t errlen)
             /* Early stopping without stopping: remember the best weights. */
             if (!r->best && !(r->best = malloc(sizeof(float) * r->model.n_params)))
                 return error_fmt(err, errlen, "out of memory");
-            memcpy(r->best, r->model.arena, sizeof(float) * r->model.n_params);
+            if (engine_params_to_host(r->e, r->best) != 0)
+                return error_fmt(err, errlen, "cannot read the weights back from the %s backend: %s",
+                                 r->be->ops->name, r->be->err);
             r->best_at = pt;
         }
         r->loss_sum = 0;
@@ -1095,12 +1119,11 @@ static int train(struct run *r, char *err, size_t errlen)
     /* 5. The results. */
     if (r->best) {
         memcpy(r->model.arena, r->best, sizeof(float) * r->model.n_params);
-        if (engine_params_from_host(r->e, r->model.arena))
-            return error_fmt(err, errlen, "cannot restore the best weights on the %s backend: %s",
-                             r->be->ops->name, r->be->err);
         last = r->best_at;
         fprintf(stderr, "keeping the weights of step %ld (validation %s %.4f)\n", last.step, r->curve.metric_name,
                 last.valid_metric);
+    } else if (sync_weights(r, err, errlen) != 0) {
+        return -1;
     }
     if (save_model(r, o->out, &last, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen) ||
         curve_write_svg(&r->curve, r->svg, o->out, err, errlen))
