@@ -50,7 +50,7 @@ cat "$out/env.txt"
 
 run_tests() {
     # The GPU's own tests first, so a short run still has them.
-    for t in test_fixtures test_gradcheck test_engine test_train test_faults; do
+    for t in test_fixtures test_gradcheck test_engine test_optim test_train test_faults; do
         RRN_TEST_FILTER='*cuda*' RRN_BIN="$PWD/rrnserve" "$root/build/cuda/tests/$t" >"$out/$t.log" 2>&1
         echo "$t: exit $?, $(grep -E '^\[  (PASSED|FAILED|SKIPPED) +\] [0-9]+' "$out/$t.log" | tr '\n' ' ')"
     done
