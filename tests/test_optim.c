@@ -127,12 +127,10 @@ struct run {
     size_t n, state_len;
 };
 
-/* NULL be, and the test skipped, where the device is CUDA and there is no
- * GPU. */
-static void run_open(struct run *r, enum device_kind dev, const struct optim_config *cfg, const float *init,
-                     size_t n)
+/* The test skipped where the device is CUDA and there is no GPU: each
+ * test asks first, before it allocates what skipping would leak. */
+static void need(enum device_kind dev)
 {
-    char err[256];
 #ifdef RRN_CUDA
     if (dev == DEVICE_CUDA && !backend_cuda_available())
         skip();
@@ -140,6 +138,12 @@ static void run_open(struct run *r, enum device_kind dev, const struct optim_con
     if (dev == DEVICE_CUDA)
         skip();
 #endif
+}
+
+static void run_open(struct run *r, enum device_kind dev, const struct optim_config *cfg, const float *init,
+                     size_t n)
+{
+    char err[256];
     memset(r, 0, sizeof *r);
     if (!(r->be = backend_create(dev, err, sizeof err)))
         fail_msg("backend: %s", err);
@@ -184,6 +188,7 @@ static void matches_pytorch(const struct fixture *fx, enum device_kind dev)
 {
     const cJSON *c;
     int cases = 0;
+    need(dev);
 
     cJSON_ArrayForEach(c, cJSON_GetObjectItem(fx->json, "cases")) {
         const char *name = cJSON_GetStringValue(cJSON_GetObjectItem(c, "name"));
@@ -222,6 +227,7 @@ static void test_cuda_matches_pytorch(void **state)
 static void state_restores(const struct fixture *fx, enum device_kind dev)
 {
     const cJSON *c;
+    need(dev);
 
     cJSON_ArrayForEach(c, cJSON_GetObjectItem(fx->json, "cases")) {
         struct optim_config cfg;
@@ -269,6 +275,7 @@ static void test_cuda_gives_the_cpus_bits(void **state)
 {
     const struct fixture *fx = *state;
     enum { N = 100003, STEPS = 3 };
+    need(DEVICE_CUDA);
     static float init[N], grads[STEPS][N], got[N], want[N];
     for (int i = 0; i < N; i++) {
         init[i] = (float)((i * 7919L) % 2001 - 1000) / 1000.0f;
@@ -440,6 +447,7 @@ static void clipped(enum device_kind dev, const float *g, size_t n, float max_no
 static void clip(enum device_kind dev)
 {
     enum { N = 1000 };
+    need(dev);
     static float g[N], orig[N];
     for (int i = 0; i < N; i++)
         orig[i] = (float)(((i * 37) % 101) - 50) / 7.0f;
