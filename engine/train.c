@@ -131,7 +131,45 @@ struct pass {
     struct tape t;
     const int *off_x;      /* device: row_of(u) for u >= -R, indexable from -R */
     float *dy;             /* [L + 1][P][Wmax]: dL/dy^k */
+    /* The recurrent weights' gradients are one product over all steps
+     * once a layer's steps are walked, not a small one a step: each step's
+     * dL/d(recurrent product) rows (and dL/dq) go to rows goff[s].. of
+     * buffers of P rows grouped by the recurrent matrix the step used,
+     * matrix m's rows at group[m] .. group[m + 1] - 1 (steps in order
+     * within), and hprev_rows names the tape's row of each one's h_{t-1}. */
+    int *goff;             /* host: [T] */
+    int group[CONFIG_MAX_SKIP_MATRICES + 1];
+    const int *hprev_rows; /* device: [P] */
 };
+
+/* The grouped layout of struct pass: 0, or -1 when out of memory. */
+static int group_steps(struct pass *ps)
+{
+    const struct plan *p = ps->p;
+    const int M = ps->e->M, R = ps->e->R;
+    int *rows = malloc((size_t)p->P * sizeof *rows);
+    if (!(ps->goff = malloc((size_t)p->T * sizeof *ps->goff)) || !rows) {
+        free(rows);
+        return -1;
+    }
+    int next = 0;
+    for (int m = 0; m < M; m++) {
+        ps->group[m] = next;
+        for (int s = 0; s < p->T; s++) {
+            const int n = p->off[s + 1] - p->off[s];
+            if ((p->pos + s) % M != m)
+                continue;
+            ps->goff[s] = next;
+            for (int i = 0; i < n; i++)
+                rows[next + i] = row_of(p, R, s - 1) + i;
+            next += n;
+        }
+    }
+    ps->group[M] = next;
+    ps->hprev_rows = engine_upload_ints(ps->e, WS_G_ROWS, rows, (size_t)p->P);
+    free(rows);
+    return ps->hprev_rows ? 0 : -1;
+}
 
 static float *dy_of(const struct pass *ps, int k)
 {
@@ -312,16 +350,19 @@ static int bptt(struct pass *ps, int l, int dir, float *dh, float *dxg)
     const struct plan *p = ps->p;
     const int H = e->H, GH = e->G * H, B = p->n, R = e->R, ld = l * e->D + dir;
     const struct layer_dir_params *w = &e->w.layers[l].dir[dir], *g = &e->g.layers[l].dir[dir];
-    float *dhg = engine_ws(e, WS_DHG, (size_t)B * GH * sizeof(float));
+    const int P = p->P, dynamic = e->m->cfg.attn_mode == ATTN_DYNAMIC;
+    float *dhg_all = engine_ws(e, WS_DHG, (size_t)P * GH * sizeof(float));
     float *dc = engine_ws(e, WS_DC, (size_t)B * H * sizeof(float));
-    float *dq = e->m->cfg.attn_mode == ATTN_DYNAMIC ? engine_ws(e, WS_DQ, (size_t)B * H * sizeof(float)) : NULL;
-    if (!dhg || !dc || (e->m->cfg.attn_mode == ATTN_DYNAMIC && !dq))
+    float *dq_all = dynamic ? engine_ws(e, WS_DQ, (size_t)P * H * sizeof(float)) : NULL;
+    float *hprev_all = engine_ws(e, WS_G_HPREV, (size_t)P * H * sizeof(float));
+    if (!dhg_all || !dc || (dynamic && !dq_all) || !hprev_all)
         return -1;
     be->ops->zero(be, dc, (size_t)B * H * sizeof(float));
     const float *h = tape_h(&ps->t, ld, H);
     for (int s = p->T - 1; s >= 0; s--) {
         const int n = p->off[s + 1] - p->off[s], t0 = p->pos + s + 1, m = (t0 - 1) % e->M;
         const size_t at = (size_t)ld * p->P + p->off[s];
+        float *dhg = dhg_all + (size_t)ps->goff[s] * GH, *dq = dq_all ? dq_all + (size_t)ps->goff[s] * H : NULL;
         struct cell_grad cg = {
             .cell = e->m->cfg.cell,
             .n = n,
@@ -348,19 +389,25 @@ static int bptt(struct pass *ps, int l, int dir, float *dh, float *dxg)
             .dq = dq,
         };
         be->ops->cell_step_backward(be, &cg);
-        /* Through W_hh (and W_q) to h_{t-1}, and the weights' gradients. */
-        const float *hprev = h + (size_t)row_of(p, R, s - 1) * H;
+        /* Through W_hh (and W_q) to h_{t-1}. */
         float *dhprev = dh + (size_t)row_of(p, R, s - 1) * H;
-        be->ops->gemm(be, 1, 0, GH, H, n, 1.0f, dhg, GH, hprev, H, 1.0f, g->w_hh[m], H);
-        be->ops->add_column_sums(be, g->b_hh, dhg, n, GH);
-        if (s > 0)
+        if (s > 0) {
             be->ops->gemm(be, 0, 0, n, H, GH, 1.0f, dhg, GH, w->w_hh[m], H, 1.0f, dhprev, H);
-        if (dq) {
-            be->ops->gemm(be, 1, 0, H, H, n, 1.0f, dq, H, hprev, H, 1.0f, g->attn_query, H);
-            if (s > 0)
+            if (dq)
                 be->ops->gemm(be, 0, 0, n, H, H, 1.0f, dq, H, w->attn_query, H, 1.0f, dhprev, H);
         }
     }
+    /* The weights' gradients: each matrix's over all its steps at once. */
+    be->ops->gather_rows(be, hprev_all, H, h, H, ps->hprev_rows, P, H);
+    for (int m = 0; m < e->M; m++) {
+        const int r0 = ps->group[m], rows = ps->group[m + 1] - r0;
+        if (rows > 0)
+            be->ops->gemm(be, 1, 0, GH, H, rows, 1.0f, dhg_all + (size_t)r0 * GH, GH, hprev_all + (size_t)r0 * H, H,
+                          1.0f, g->w_hh[m], H);
+    }
+    be->ops->add_column_sums(be, g->b_hh, dhg_all, P, GH);
+    if (dq_all)
+        be->ops->gemm(be, 1, 0, H, H, P, 1.0f, dq_all, H, hprev_all, H, 1.0f, g->attn_query, H);
     return 0;
 }
 
@@ -467,7 +514,8 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
     if (rc == 0)
         rc = e->m->cfg.task == TASK_LM ? lm_loss(&ps, y, res) : pooled_loss(&ps, y, seqs, labels, res);
     if (rc == 0)
-        rc = backward_layers(&ps);
+        rc = group_steps(&ps) == 0 ? backward_layers(&ps) : -1;
+    free(ps.goff);
     if (rc != 0) {
         snprintf(err, errlen, "out of memory training on a batch of %d sequences", n);
         return -1;
