@@ -9,6 +9,8 @@
  *       over varied lengths (classify_var, bench_torch.py says how);
  *   (b) generation step latency at batch 1 and 32 (step API);
  *   (c) RRA language model forward, batch 64 and batch 1, T=128;
+ *   (d) training steps of (b)'s language model (tokens per second), and
+ *       the first step's loss against PyTorch's;
  * on the CPU the machine's own sgemm rate on a large square product, so
  * the engine's GFLOP/s can be read as a fraction of what the BLAS can do
  * (the GFLOP/s count the products the engine performs: with token tables,
@@ -30,11 +32,14 @@
 #include <time.h>
 
 #include "engine.h"
+#include "optim.h"
 
 #define BATCH 64
 #define STEPS 128
 /* Batches of classify_var, each with lengths of its own. */
 #define VAR_BATCHES 64
+/* Windows of a training step. */
+#define TRAIN_BATCH 32
 
 static double now(void)
 {
@@ -210,6 +215,48 @@ static double step_ms(struct engine *e, int n, double min_s)
     return 1e3 * t / (steps - 10);
 }
 
+/* Tokens per second of training steps, as bench_torch.py's: the first
+ * TRAIN_BATCH rows of tokens, each predicting its STEPS - 1 next tokens
+ * from the zero state; gradients clipped to norm 1, then Adam (lr 1e-3).
+ * *loss_error gets the first step's mean loss's difference from PyTorch's,
+ * at the same weights (dies past FP32_MAX_ERROR). */
+static double train_rate(struct loaded *m, const char *dir, const int32_t *tokens, double min_s, double *loss_error)
+{
+    char err[512];
+    struct engine_seq seqs[TRAIN_BATCH];
+    for (int i = 0; i < TRAIN_BATCH; i++)
+        seqs[i] = (struct engine_seq){.tokens = tokens + i * STEPS, .len = STEPS - 1, .slot = -1,
+                                      .next = tokens + i * STEPS + STEPS - 1};
+    struct optim_config c;
+    optim_defaults(&c, OPTIM_ADAM);
+    c.clip_norm = 1.0f;
+    const struct train_options no_dropout = {0.0f, 0.0f, 1};
+    float *want = read_file(dir, "lm_train_loss.f32", sizeof(float));
+    int steps = -1; /* the first is a warm-up, and its loss is checked */
+    double t0 = 0, t = 0;
+    do {
+        struct train_result res = {0};
+        struct optim_update u;
+        optim_update_at(&c, steps + 1, &u);
+        if (engine_zero_grads(m->engine) != 0 ||
+            engine_train_batch(m->engine, seqs, TRAIN_BATCH, NULL, &no_dropout, &res, err, sizeof err) != 0)
+            die("train", err[0] ? err : "out of memory");
+        if (engine_optim_step(m->engine, &u) != 0)
+            die("optimizer step", m->be->err[0] ? m->be->err : "out of memory");
+        if (steps++ == -1) {
+            *loss_error = fabs(res.loss / (double)res.count - *want);
+            if (!(*loss_error <= FP32_MAX_ERROR)) {
+                snprintf(err, sizeof err, "the first step's loss is %.7g, PyTorch's %.7g",
+                         res.loss / (double)res.count, *want);
+                die("train", err);
+            }
+            t0 = now();
+        }
+    } while (steps < 1 || (t = now() - t0) < min_s);
+    free(want);
+    return (double)steps * TRAIN_BATCH * (STEPS - 1) / t;
+}
+
 /* GFLOP/s of a 2048^3 sgemm, best of a few. */
 static double sgemm_rate(void)
 {
@@ -301,6 +348,13 @@ static void bench_mode(cJSON *out, const struct inputs *in, const struct mode *m
         add(out, key, step_ms(m.engine, *b, 2.0));
     }
     unload(&m);
+    if (first) {
+        double loss_error;
+        load(&m, dir, "lstm_lm.safetensors", 0, dev, mode);
+        add(out, "train_tok_per_s", train_rate(&m, dir, in->rtok, 5.0, &loss_error));
+        add(out, "train_loss_error", loss_error);
+        unload(&m);
+    }
 
     if (mode->prec != PRECISION_FP32)
         return;

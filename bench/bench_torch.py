@@ -21,6 +21,11 @@ with the timings on stdout:
             and batch 1, T=128, as the eager step loop a PyTorch user would
             write (PyTorch has no such cell): rra_lm.safetensors,
             rra_tokens.i32
+  train     training steps of the step workload's lm (lstm_lm.safetensors)
+            on the first 32 rows of rra_tokens.i32, each predicting its
+            127 next tokens: forward, backward, gradients clipped to norm
+            1, Adam (lr 1e-3); tokens per second, and the first step's mean
+            loss for the engine to match (lm_train_loss.f32)
 
 and on the GPU also, as issue 5 asks:
 
@@ -67,6 +72,8 @@ LAYERS = 2
 BATCH = 64
 STEPS = 128
 WINDOW = 8
+# Windows of a training step.
+TRAIN_BATCH = 32
 # Batches of the classify_var workload, each with its own lengths.
 VAR_BATCHES = 64
 # Long enough for a steady mean, short enough that the whole script stays
@@ -256,6 +263,28 @@ def check_against_reference(kind):
     return True
 
 
+def time_training(result, outdir, tokens, dev):
+    """(d) Training throughput: the lm from its saved weights (seed 3, as
+    lstm_lm.safetensors), whole windows from the zero state, the mean
+    cross-entropy over every next token."""
+    model = make_model(3, "lm").to(dev).train()
+    inputs, targets = tokens[:TRAIN_BATCH, :-1], tokens[:TRAIN_BATCH, 1:].reshape(-1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        out, _ = model.rnn(model.embedding(inputs))
+        loss = nn.functional.cross_entropy(model.head(out).reshape(-1, VOCAB), targets)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.detach()
+
+    save_reference(outdir, "lm_train_loss.f32", step())
+    sec = timed(step, MIN_SECONDS)
+    result["train_tok_per_s"] = inputs.numel() / sec
+
+
 def time_cudnn(result, suffix, classifiers, lm, dev, gpu):
     """(a) classify throughput of each (cell, model, tokens, lengths), the
     LSTM's also over varied lengths, and (b) the lm's generation step
@@ -408,6 +437,7 @@ def main():
             sec = timed(lambda: run(tokens[:1]), STEP_SECONDS)
             result[name + "1_seq_per_s"] = 1 / sec
     result["rra_checked_against_reference"] = rra_checked
+    time_training(result, outdir, tokens, dev)
 
     if not gpu:
         result["blas"] = blas_info()

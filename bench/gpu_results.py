@@ -21,12 +21,12 @@ def main():
         e = json.load(f)
     rows = []
 
-    def faster(name, key, target, suffix=""):
+    def faster(name, key, target, suffix="", unit="seq/s"):
         """Throughput: the engine's key + suffix against torch's key,
         higher is better."""
-        if key + suffix in e:
+        if key + suffix in e and key in t:
             r = e[key + suffix] / t[key]
-            rows.append((name, "%.1f seq/s" % e[key + suffix], "%.1f seq/s" % t[key], "%.2fx" % r,
+            rows.append((name, "%.1f %s" % (e[key + suffix], unit), "%.1f %s" % (t[key], unit), "%.2fx" % r,
                          "%s (>= %gx)" % ("met" if r >= target else "NOT met", target) if target else "-"))
 
     def sooner(name, key, target, suffix=""):
@@ -55,6 +55,8 @@ def main():
         faster("skip LM (period 2, 2 matrices), batch 64, %s (vs eager loop)" % prec, "skip_seq_per_s", 20.0,
                suffix)
         faster("skip LM, batch 1, %s (vs eager loop)" % prec, "skip1_seq_per_s", 20.0, suffix)
+    faster("training, LSTM LM 2x512, 32 windows of 127 tokens, clipping and Adam, FP32 (vs cuDNN)",
+           "train_tok_per_s", None, unit="tok/s")
 
     print("# GPU benchmarks\n")
     print("Device: %s; PyTorch %s, cuDNN %s. Made by `tools/gpu-run.sh bench` "
@@ -70,6 +72,8 @@ def main():
     if errors:
         print("\nEvery FP32 workload's outputs were checked against PyTorch's for the same batch (the benchmark "
               "fails past 1e-3); the largest differences: %s." % ", ".join("%s %.2g" % kv for kv in errors))
+    if "train_loss_error" in e:
+        print("\nThe first training step's mean loss differed from PyTorch's by %.2g." % e["train_loss_error"])
     if "error" in e:
         print("\n**The benchmark stopped early**, its figures above are those measured before: %s" % e["error"])
     if "classify_var_graphs" in e:

@@ -47,6 +47,10 @@ t_rra1 = best("rra1_seq_per_s")
 print(f"(c) RRA forward: batch 64 engine {e['rra_seq_per_s']:.1f} seq/s vs torch step loop {t_rra:.1f} seq/s "
       f"({e['rra_seq_per_s'] / t_rra:.2f}x); batch 1 engine {e['rra1_seq_per_s']:.1f} seq/s vs "
       f"{t_rra1:.1f} seq/s ({e['rra1_seq_per_s'] / t_rra1:.2f}x)")
+t_train = best("train_tok_per_s")
+print(f"(d) training (2x512 LSTM lm, 32 windows of 127 tokens, clipping and Adam): engine "
+      f"{e['train_tok_per_s']:.0f} tok/s vs torch {t_train:.0f} tok/s ({e['train_tok_per_s'] / t_train:.2f}x); "
+      f"first step's loss {e['train_loss_error']:.2g} from torch's")
 print(f"outputs against PyTorch's, largest difference: classify probabilities {e['classify_max_error']:.2g}, "
       f"RRA logits {e['rra_max_error']:.2g}")
 print(f"classify throughput vs PyTorch: {e['classify_seq_per_s'] / t_cls:.2f}x")

@@ -6,7 +6,8 @@
 #   tests  every test binary, the CUDA variants included: tests.log
 #   bench  bench_torch.py and bench_engine on cuda (cuDNN's figures in FP32
 #          and TF32, each against the engine's own, and the engine's FP32
-#          again with --recurrence fused), the server's /generate
+#          again with --recurrence fused; a training step against
+#          cuDNN's), the server's /generate
 #          at 64 streams with --device cuda: torch.json, engine.json,
 #          server.log and RESULTS.md (for bench/RESULTS.md)
 #   train  the shipped sentiment recipe on the GPU, and a few Austen
