@@ -241,8 +241,11 @@ static double train_rate(struct loaded *m, const char *dir, const int32_t *token
         if (engine_zero_grads(m->engine) != 0 ||
             engine_train_batch(m->engine, seqs, TRAIN_BATCH, NULL, &no_dropout, &res, err, sizeof err) != 0)
             die("train", err[0] ? err : "out of memory");
-        if (engine_optim_step(m->engine, &u) != 0)
+        double grad_norm;
+        if (engine_optim_step(m->engine, &u, &grad_norm) != 0)
             die("optimizer step", m->be->err[0] ? m->be->err : "out of memory");
+        if (!isfinite(grad_norm))
+            die("optimizer step", "the gradients are not finite");
         if (steps++ == -1) {
             *loss_error = fabs(res.loss / (double)res.count - *want);
             if (!(*loss_error <= FP32_MAX_ERROR)) {
@@ -349,7 +352,7 @@ static void bench_mode(cJSON *out, const struct inputs *in, const struct mode *m
     }
     unload(&m);
     if (first) {
-        double loss_error;
+        double loss_error = NAN;
         load(&m, dir, "lstm_lm.safetensors", 0, dev, mode);
         add(out, "train_tok_per_s", train_rate(&m, dir, in->rtok, 5.0, &loss_error));
         add(out, "train_loss_error", loss_error);

@@ -173,13 +173,15 @@ struct backend_ops {
                           float *dx, float scale);
     /* One optimizer step over n parameters (optim_update.h), done where
      * they live so that neither they nor their gradients cross to the host:
-     * grad scaled to an L2 norm of at most u->clip_norm when that is > 0
-     * (its squares summed in double), then each parameter updated by u's
-     * rule, its state in state (optim_state_arrays arrays of n floats).
-     * The same bits on every backend, but for the clipping's sum, which
+     * the sum of grad's squares (in double) goes to *sum_squares, in
+     * backend memory; when it is not finite (a gradient is Inf or NaN),
+     * nothing else changes.  Otherwise grad is scaled to an L2 norm of at
+     * most u->clip_norm when that is > 0, then each parameter updated by
+     * u's rule, its state in state (optim_state_arrays arrays of n floats).
+     * The same bits on every backend, but for the sum of squares, which
      * each adds in its own order. */
     void (*optim_step)(struct backend *be, const struct optim_update *u, float *params, const float *grad,
-                       float *state, size_t n);
+                       float *state, size_t n, double *sum_squares);
 
     /* The arithmetic of the matrix products from now on; 0, or -1 with a
      * message in err.  NULL: the backend computes in FP32 only. */

@@ -634,13 +634,14 @@ static void optim_chunks(const void *arg, int c0, int c1, float *scratch)
 }
 
 static void cpu_optim_step(struct backend *be, const struct optim_update *u, float *params, const float *grad,
-                           float *state, size_t n)
+                           float *state, size_t n, double *sum_squares)
 {
     double sum = 0.0;
-    for (size_t i = 0; u->clip_norm > 0.0f && i < n; i++)
+    for (size_t i = 0; i < n; i++)
         sum += (double)grad[i] * grad[i];
+    *sum_squares = sum;
     const struct optim_job job = {*u, params, grad, state, n, optim_clip_scale(sum, u->clip_norm)};
-    if (n > 0)
+    if (n > 0 && isfinite(sum))
         run_rows(be, (int)((n + OPTIM_CHUNK - 1) / OPTIM_CHUNK), OPTIM_CHUNK, 1, optim_chunks, &job);
 }
 

@@ -1121,10 +1121,10 @@ static void cuda_squared_error(struct backend *be, const float *x, const float *
         launch(be, squared_error_kernel, n, 256, x, y, width, loss, dx, scale);
 }
 
-/* Clipping's sum of squares: SUM_BLOCKS blocks each add the squares of
- * their grid-strided elements, then one block adds the blocks' sums, both
- * in double and in a fixed order, so that a step's bits do not depend on
- * how the blocks were scheduled. */
+/* The gradients' sum of squares: SUM_BLOCKS blocks each add the squares
+ * of their grid-strided elements, then one block adds the blocks' sums,
+ * both in double and in a fixed order, so that a step's bits do not depend
+ * on how the blocks were scheduled. */
 #define SUM_BLOCKS 256
 
 __global__ void sum_squares_kernel(const float *x, size_t n, double *partial)
@@ -1149,30 +1149,33 @@ __global__ void sum_partials_kernel(const double *partial, int n, double *total)
         *total = part;
 }
 
-/* A thread per parameter; sum_squares is NULL when nothing is clipped. */
+/* A thread per parameter; none changes when the gradients are not all
+ * finite. */
 __global__ void optim_step_kernel(struct optim_update u, float *params, const float *grad, float *state, size_t n,
                                   const double *sum_squares)
 {
-    const double scale = sum_squares ? optim_clip_scale(*sum_squares, u.clip_norm) : 1.0;
+    if (!isfinite(*sum_squares))
+        return;
+    const double scale = optim_clip_scale(*sum_squares, u.clip_norm);
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         optim_update_element(u, n, i, params + i, (float)(grad[i] * scale), state);
 }
 
 static void cuda_optim_step(struct backend *be, const struct optim_update *u, float *params, const float *grad,
-                            float *state, size_t n)
+                            float *state, size_t n, double *sum_squares)
 {
-    if (n == 0)
+    if (n == 0) {
+        cuda_zero(be, sum_squares, sizeof *sum_squares);
         return;
-    double *sums = NULL;
-    if (u->clip_norm > 0.0f) {
-        /* SUM_BLOCKS partial sums and their total, as doubles. */
-        if (!(sums = (double *)scratch_of(be, 2 * (SUM_BLOCKS + 1))))
-            return;
-        launch(be, sum_squares_kernel, SUM_BLOCKS, 256, grad, n, sums);
-        launch(be, sum_partials_kernel, 1, 256, (const double *)sums, SUM_BLOCKS, sums + SUM_BLOCKS);
     }
+    /* SUM_BLOCKS partial sums, as doubles. */
+    double *partial = (double *)scratch_of(be, 2 * SUM_BLOCKS);
+    if (!partial)
+        return;
+    launch(be, sum_squares_kernel, SUM_BLOCKS, 256, grad, n, partial);
+    launch(be, sum_partials_kernel, 1, 256, (const double *)partial, SUM_BLOCKS, sum_squares);
     launch(be, optim_step_kernel, blocks_for((long)n, 256), 256, *u, params, grad, state, n,
-           (const double *)(sums ? sums + SUM_BLOCKS : NULL));
+           (const double *)sum_squares);
 }
 
 /* FP32 computes in FP32 throughout.  TF32 lets cuBLAS round the FP32

@@ -122,13 +122,15 @@ int engine_train_batch(struct engine *e, struct engine_seq *seqs, int n, const i
  * drops the token tables, which no longer match them), keeping the
  * optimizer's state beside them: len = optim_state_arrays() * n_params
  * floats, zeros until the first step or engine_optim_state_from_host.
+ * *grad_norm gets the gradients' L2 norm before clipping; where it is not
+ * finite (the training diverged), the step changed nothing.
  * The rest copies between the backend and host arrays laid out as the
  * model's arena (n_params floats): the gradients (for tests), the weights
  * (to save them, or to start again from saved ones) and the optimizer's
  * state (checkpoints).  Each returns 0, or -1 on a backend error or out of
  * memory. */
 int engine_zero_grads(struct engine *e);
-int engine_optim_step(struct engine *e, const struct optim_update *u);
+int engine_optim_step(struct engine *e, const struct optim_update *u, double *grad_norm);
 int engine_grads_to_host(struct engine *e, float *g);
 int engine_params_to_host(struct engine *e, float *p);
 int engine_params_from_host(struct engine *e, const float *p);

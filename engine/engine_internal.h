@@ -14,7 +14,7 @@ enum ws_buf {
     /* training: the tape, then the backward's buffers */
     WS_T_Y, WS_T_XIN, WS_T_H, WS_T_CACHE, WS_T_Q, WS_T_ATTN, WS_T_C0, WS_T_PREFIX, WS_T_OFF,
     WS_DY, WS_DH, WS_DXG, WS_DHG, WS_DC, WS_DQ, WS_DXIN, WS_DXIN2, WS_DLOGITS, WS_LOSS, WS_LABELS,
-    WS_G_ROWS, WS_G_HPREV,
+    WS_G_ROWS, WS_G_HPREV, WS_GRAD_SQUARES,
     WS_INPUTS, WS_TARGETS, WS_COUNT
 };
 

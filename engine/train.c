@@ -12,6 +12,7 @@
  * gradients of the input projections are one GEMM per layer over all
  * steps; those of the recurrent matrices one small GEMM per step.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,16 +92,20 @@ static float *optim_state(struct engine *e, size_t len)
     return e->optim_state;
 }
 
-int engine_optim_step(struct engine *e, const struct optim_update *u)
+int engine_optim_step(struct engine *e, const struct optim_update *u, double *grad_norm)
 {
     struct backend *be = e->be;
     const size_t n = e->m->n_params, len = (size_t)optim_state_arrays(u->kind, u->momentum) * n;
+    double *squares = engine_ws(e, WS_GRAD_SQUARES, sizeof(double)), sum = NAN;
     backend_clear_error(be);
-    if (!grads(e) || (len > 0 && !optim_state(e, len)))
+    if (!grads(e) || (len > 0 && !optim_state(e, len)) || !squares)
         return -1;
-    be->ops->optim_step(be, u, e->w.base, e->g.base, e->optim_state, n);
-    weights_changed(e);
-    return backend_sync(be);
+    be->ops->optim_step(be, u, e->w.base, e->g.base, e->optim_state, n, squares);
+    int rc = be->ops->download(be, &sum, squares, sizeof sum) == 0 ? backend_sync(be) : -1;
+    *grad_norm = sqrt(sum);
+    if (rc != 0 || isfinite(sum))
+        weights_changed(e);
+    return rc;
 }
 
 int engine_optim_state_to_host(struct engine *e, float *s, size_t len)

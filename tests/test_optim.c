@@ -120,10 +120,12 @@ static void assert_params(const char *name, int step, const float *got, const cJ
     }
 }
 
-/* One optimizer's arrays on a backend: parameters, gradients, state. */
+/* One optimizer's arrays on a backend: parameters, gradients, state, and
+ * where a step leaves the gradients' sum of squares. */
 struct run {
     struct backend *be;
     float *p, *g, *state;
+    double *squares;
     size_t n, state_len;
 };
 
@@ -151,6 +153,7 @@ static void run_open(struct run *r, enum device_kind dev, const struct optim_con
     r->state_len = (size_t)optim_state_arrays(cfg->kind, cfg->momentum) * n;
     assert_non_null(r->p = r->be->ops->alloc(r->be, n * sizeof(float)));
     assert_non_null(r->g = r->be->ops->alloc(r->be, n * sizeof(float)));
+    assert_non_null(r->squares = r->be->ops->alloc(r->be, sizeof(double)));
     assert_int_equal(r->be->ops->upload(r->be, r->p, init, n * sizeof(float)), 0);
     if (r->state_len) {
         assert_non_null(r->state = r->be->ops->alloc(r->be, r->state_len * sizeof(float)));
@@ -163,18 +166,22 @@ static void run_close(struct run *r)
     r->be->ops->free(r->be, r->p);
     r->be->ops->free(r->be, r->g);
     r->be->ops->free(r->be, r->state);
+    r->be->ops->free(r->be, r->squares);
     backend_destroy(r->be);
 }
 
-/* Step s (0-based) of cfg with the gradients grad. */
-static void run_step(struct run *r, const struct optim_config *cfg, long s, const float *grad)
+/* Step s (0-based) of cfg with the gradients grad; returns the sum of
+ * their squares the step reported. */
+static double run_step(struct run *r, const struct optim_config *cfg, long s, const float *grad)
 {
     struct optim_update u;
+    double squares;
     optim_update_at(cfg, s, &u);
     assert_int_equal(r->be->ops->upload(r->be, r->g, grad, r->n * sizeof(float)), 0);
-    r->be->ops->optim_step(r->be, &u, r->p, r->g, r->state, r->n);
-    if (backend_sync(r->be) != 0)
+    r->be->ops->optim_step(r->be, &u, r->p, r->g, r->state, r->n, r->squares);
+    if (r->be->ops->download(r->be, &squares, r->squares, sizeof squares) != 0 || backend_sync(r->be) != 0)
         fail_msg("optim_step: %s", r->be->err);
+    return squares;
 }
 
 static void run_params(struct run *r, float *p)
@@ -265,6 +272,55 @@ static void test_state_restores(void **state)
 static void test_cuda_state_restores(void **state)
 {
     state_restores(*state, DEVICE_CUDA);
+}
+
+/* A step whose gradients are not all finite reports so and changes
+ * neither the parameters nor the state, whatever the rule; one whose
+ * gradients are finite reports their sum of squares. */
+static void nonfinite_changes_nothing(const struct fixture *fx, enum device_kind dev)
+{
+    const cJSON *c;
+    need(dev);
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(fx->json, "cases")) {
+        const char *name = cJSON_GetStringValue(cJSON_GetObjectItem(c, "name"));
+        struct optim_config cfg;
+        struct run r;
+        float before[MAX_PARAMS], after[MAX_PARAMS], bad[MAX_PARAMS];
+        float state_before[2 * MAX_PARAMS], state_after[2 * MAX_PARAMS];
+        case_config(c, &cfg);
+        run_open(&r, dev, &cfg, fx->init, (size_t)fx->n);
+        double want = 0;
+        for (int i = 0; i < fx->n; i++)
+            want += (double)fx->grads[0][i] * fx->grads[0][i];
+        if (!(fabs(run_step(&r, &cfg, 0, fx->grads[0]) - want) <= 1e-12 * want))
+            fail_msg("%s: the sum of squares is not the gradients'", name);
+        run_params(&r, before);
+        if (r.state_len)
+            assert_int_equal(r.be->ops->download(r.be, state_before, r.state, r.state_len * sizeof(float)), 0);
+        for (int k = 0; k < 2; k++) {
+            memcpy(bad, fx->grads[1], sizeof bad);
+            bad[fx->n / 2] = k ? NAN : INFINITY;
+            if (isfinite(run_step(&r, &cfg, 1, bad)))
+                fail_msg("%s: a step with a %s gradient reports a finite sum", name, k ? "NaN" : "infinite");
+            run_params(&r, after);
+            assert_memory_equal(before, after, (size_t)fx->n * sizeof(float));
+            if (r.state_len) {
+                assert_int_equal(r.be->ops->download(r.be, state_after, r.state, r.state_len * sizeof(float)), 0);
+                assert_memory_equal(state_before, state_after, r.state_len * sizeof(float));
+            }
+        }
+        run_close(&r);
+    }
+}
+
+static void test_nonfinite_changes_nothing(void **state)
+{
+    nonfinite_changes_nothing(*state, DEVICE_CPU);
+}
+
+static void test_cuda_nonfinite_changes_nothing(void **state)
+{
+    nonfinite_changes_nothing(*state, DEVICE_CUDA);
 }
 
 /* A GPU updates every parameter to the CPU's bits (no multiply fused into
@@ -504,9 +560,11 @@ int main(void)
         cmocka_unit_test(test_names_and_defaults),
         cmocka_unit_test(test_schedule),
         cmocka_unit_test(test_clip),
+        cmocka_unit_test(test_nonfinite_changes_nothing),
         cmocka_unit_test(test_cuda_matches_pytorch),
         cmocka_unit_test(test_cuda_state_restores),
         cmocka_unit_test(test_cuda_clip),
+        cmocka_unit_test(test_cuda_nonfinite_changes_nothing),
         cmocka_unit_test(test_cuda_gives_the_cpus_bits),
     };
     test_filter_from_env();

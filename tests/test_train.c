@@ -239,6 +239,28 @@ static void test_bad_configs_and_data(void **state)
     free(out);
 }
 
+/* A run whose loss or gradients stop being finite (a ReLU network at a
+ * learning rate of 1000) stops at once, with a message that names the
+ * step and what to change, and writes no weights: an update from such
+ * gradients would have made every weight NaN. */
+static void test_divergence_stops_the_run(void **state)
+{
+    (void)state;
+    char *out;
+    write_corpus();
+    write_file("relu.json", "{\"model\": {\"task\": \"lm\", \"cell\": \"rnn_relu\", \"hidden\": 32,"
+                            " \"embed_dim\": 16, \"tokenizer\": {\"type\": \"byte\"}},"
+                            " \"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"name\": \"sgd\", \"lr\": 1000},"
+                            " \"batch_size\": 4, \"bptt\": 32, \"steps\": 50, \"out\": \"relu.safetensors\"}");
+    int rc = proc_rrnserve(&out, dir, "train --config relu.json");
+    if (rc != 1 || !strstr(out, "the training diverged at step ") || !strstr(out, "lower optim.lr"))
+        fail_msg("expected the run to stop as diverged, got status %d: %s", rc, out);
+    free(out);
+    char path[256];
+    snprintf(path, sizeof path, "%s/relu.safetensors", dir);
+    assert_int_equal(access(path, F_OK), -1);
+}
+
 /* `rrnserve train --device cuda`: the small language model's loss falls on
  * the GPU as on the CPU, and a run interrupted at a checkpoint and resumed
  * writes the weights of the run that was not (the backward kernels sum in
@@ -283,6 +305,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_bad_configs_and_data, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_divergence_stops_the_run, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_cuda_training_learns_and_resumes, make_dir, remove_dir),
     };
     test_filter_from_env();

@@ -1060,10 +1060,23 @@ static int train(struct run *r, char *err, size_t errlen)
         if (train_step(r, &res, err, errlen))
             return -1;
         struct optim_update u;
+        double grad_norm = NAN;
         optim_update_at(&o->optim, r->step, &u);
-        if (engine_optim_step(r->e, &u))
+        if (isfinite(res.loss) && engine_optim_step(r->e, &u, &grad_norm))
             return error_fmt(err, errlen, "cannot update the weights on the %s backend: %s", r->be->ops->name,
                              r->be->err[0] ? r->be->err : "out of memory");
+        /* A step that is not finite would leave weights no checkpoint can
+         * mend: it stops the run, the weights as the step before left
+         * them. */
+        if (!isfinite(res.loss) || !isfinite(grad_norm)) {
+            const double v = isfinite(res.loss) ? grad_norm : res.loss;
+            return error_fmt(err, errlen,
+                             "the training diverged at step %ld: its %s is %s, and the weights were left as they "
+                             "were; lower optim.lr, or set optim.clip_norm or optim.warmup_steps, and start again "
+                             "or --resume from a checkpoint with the new setting",
+                             r->step + 1, isfinite(res.loss) ? "gradients' norm" : "loss",
+                             isnan(v) ? "not a number" : "infinite");
+        }
         r->step++;
         r->loss_sum += res.loss;
         r->loss_count += res.count;
