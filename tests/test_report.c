@@ -29,9 +29,9 @@ static int teardown(void **state)
 }
 
 static void add(struct curve *c, long step, double epoch, double train, double valid, double metric, double lr,
-                double tps)
+                double tps, double grad_norm)
 {
-    const struct curve_point p = {step, epoch, train, valid, metric, lr, tps};
+    const struct curve_point p = {step, epoch, train, valid, metric, lr, tps, grad_norm};
     assert_int_equal(curve_add(c, &p), 0);
 }
 
@@ -40,7 +40,7 @@ static void test_curve_add(void **state)
     (void)state;
     struct curve c = {0};
     for (int i = 0; i < 1000; i++)
-        add(&c, i, i / 100.0, 1.0 / (i + 1), NAN, NAN, 0.01, 100.0);
+        add(&c, i, i / 100.0, 1.0 / (i + 1), NAN, NAN, 0.01, 100.0, 1.0);
     assert_int_equal(c.n, 1000);
     assert_true(c.cap >= 1000);
     for (int i = 0; i < 1000; i++) {
@@ -60,19 +60,19 @@ static void test_csv(void **state)
     struct curve c = {.metric_name = "bpc"};
     char path[256], err[256] = "";
 
-    add(&c, 0, 0.0, 2.5, NAN, NAN, 0.0, NAN);
-    add(&c, 100, 0.25, 1.75, 1.8125, 2.6, 0.001, 12345.5);
-    add(&c, 200, 0.5, 1.0 / 3.0, NAN, NAN, 5e-4, 13000.0);
-    add(&c, 300, 0.1, 0.1, 1e-30, 123456789.0, 3e-7, INFINITY);
+    add(&c, 0, 0.0, 2.5, NAN, NAN, 0.0, NAN, NAN);
+    add(&c, 100, 0.25, 1.75, 1.8125, 2.6, 0.001, 12345.5, 0.75);
+    add(&c, 200, 0.5, 1.0 / 3.0, NAN, NAN, 5e-4, 13000.0, 1.5);
+    add(&c, 300, 0.1, 0.1, 1e-30, 123456789.0, 3e-7, INFINITY, 2e-3);
     snprintf(path, sizeof path, "%s/curve.csv", scratch_dir);
     if (curve_write_csv(&c, path, err, sizeof err) != 0)
         fail_msg("curve_write_csv: %s", err);
     char *text = file_must_read(path, NULL);
-    assert_string_equal(text, "step,epoch,train_loss,valid_loss,bpc,lr,tokens_per_s\n"
-                              "0,0,2.5,,,0,\n"
-                              "100,0.25,1.75,1.8125,2.6,0.001,12345.5\n"
-                              "200,0.5,0.3333333333333333,,,0.0005,13000\n"
-                              "300,0.1,0.1,1e-30,123456789,3e-07,inf\n");
+    assert_string_equal(text, "step,epoch,train_loss,valid_loss,bpc,lr,tokens_per_s,grad_norm\n"
+                              "0,0,2.5,,,0,,\n"
+                              "100,0.25,1.75,1.8125,2.6,0.001,12345.5,0.75\n"
+                              "200,0.5,0.3333333333333333,,,0.0005,13000,1.5\n"
+                              "300,0.1,0.1,1e-30,123456789,3e-07,inf,0.002\n");
     free(text);
 
     /* No metric: the column is still there, under a plain name. */
@@ -81,7 +81,7 @@ static void test_csv(void **state)
     snprintf(path, sizeof path, "%s/plain.csv", scratch_dir);
     assert_int_equal(curve_write_csv(&c, path, err, sizeof err), 0);
     text = file_must_read(path, NULL);
-    assert_string_equal(text, "step,epoch,train_loss,valid_loss,metric,lr,tokens_per_s\n0,0,2.5,,,0,\n");
+    assert_string_equal(text, "step,epoch,train_loss,valid_loss,metric,lr,tokens_per_s,grad_norm\n0,0,2.5,,,0,,\n");
     free(text);
     curve_free(&c);
 }
@@ -211,7 +211,7 @@ static void test_svg(void **state)
     /* 30 training points, validation at every 10th. */
     for (int i = 1; i <= 30; i++)
         add(&c, i * 50, i / 30.0, 2.0 / sqrt(i), i % 10 ? NAN : 2.2 / sqrt(i), i % 10 ? NAN : 0.5 + i / 100.0,
-            0.001, 5000.0);
+            0.001, 5000.0, 1.0);
     snprintf(path, sizeof path, "%s/curve.svg", scratch_dir);
     if (curve_write_svg(&c, path, "GRU & <friends>", err, sizeof err) != 0)
         fail_msg("curve_write_svg: %s", err);
@@ -238,7 +238,7 @@ static void test_svg(void **state)
 
     /* No points, or one: still a picture, without a NaN in it. */
     struct curve none = {0}, one = {0};
-    add(&one, 7, 0.0, 3.0, NAN, NAN, 0.0, 0.0);
+    add(&one, 7, 0.0, 3.0, NAN, NAN, 0.0, 0.0, 1.0);
     const struct {
         struct curve *c;
         const char *name;
@@ -263,7 +263,7 @@ static void test_write_error(void **state)
     struct curve c = {0};
     char path[256], tmp[300], err[256] = "";
 
-    add(&c, 1, 0.0, 1.0, NAN, NAN, 0.0, 0.0);
+    add(&c, 1, 0.0, 1.0, NAN, NAN, 0.0, 0.0, 1.0);
     snprintf(path, sizeof path, "%s/no/such/dir/curve.csv", scratch_dir);
     assert_int_equal(curve_write_csv(&c, path, err, sizeof err), -1);
     assert_non_null(strstr(err, path));

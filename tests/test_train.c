@@ -52,18 +52,23 @@ static void write_file(const char *name, const char *text)
     fclose(f);
 }
 
-/* The first and last training losses of a run's CSV. */
+/* The first and last training losses of a run's CSV; every row must also
+ * hold the gradients' mean norm. */
 static void losses(const char *csv, double *first, double *last)
 {
     char path[256], line[512];
     snprintf(path, sizeof path, "%s/%s", dir, csv);
     FILE *f = fopen(path, "r");
     assert_non_null(f);
-    assert_non_null(fgets(line, sizeof line, f)); /* header */
+    assert_non_null(fgets(line, sizeof line, f));
+    assert_non_null(strstr(line, ",grad_norm\n"));
     int rows = 0;
     while (fgets(line, sizeof line, f)) {
         double step, epoch, loss;
         assert_int_equal(sscanf(line, "%lf,%lf,%lf", &step, &epoch, &loss), 3);
+        /* Every point has the gradients' mean norm since the last. */
+        double norm = atof(strrchr(line, ',') + 1);
+        assert_true(isfinite(norm) && norm > 0);
         if (rows++ == 0)
             *first = loss;
         *last = loss;

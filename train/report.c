@@ -113,10 +113,12 @@ int curve_write_csv(const struct curve *c, const char *path, char *err, size_t e
 
     if (out_open(&o, path, err, errlen) != 0)
         return -1;
-    fprintf(o.f, "step,epoch,train_loss,valid_loss,%s,lr,tokens_per_s\n", c->metric_name ? c->metric_name : "metric");
+    fprintf(o.f, "step,epoch,train_loss,valid_loss,%s,lr,tokens_per_s,grad_norm\n",
+            c->metric_name ? c->metric_name : "metric");
     for (int i = 0; i < c->n; i++) {
         const struct curve_point *p = &c->p[i];
-        const double fields[] = {p->epoch, p->train_loss, p->valid_loss, p->valid_metric, p->lr, p->tokens_per_s};
+        const double fields[] = {p->epoch, p->train_loss, p->valid_loss, p->valid_metric, p->lr, p->tokens_per_s,
+                                 p->grad_norm};
         fprintf(o.f, "%ld", p->step);
         for (size_t k = 0; k < sizeof fields / sizeof fields[0]; k++) {
             fputc(',', o.f);

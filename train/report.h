@@ -14,6 +14,8 @@ struct curve_point {
     double valid_metric; /* accuracy or bits per character; NAN when none */
     double lr;
     double tokens_per_s;
+    double grad_norm;    /* mean over the steps since the last point of the
+                            gradients' L2 norm before clipping; NAN if none */
 };
 
 struct curve {
@@ -25,7 +27,7 @@ struct curve {
 int curve_add(struct curve *c, const struct curve_point *p);
 void curve_free(struct curve *c);
 
-/* CSV with a header line: step,epoch,train_loss,valid_loss,<metric>,lr,tokens_per_s
+/* CSV with a header line: step,epoch,train_loss,valid_loss,<metric>,lr,tokens_per_s,grad_norm
  * (empty fields where NAN). */
 int curve_write_csv(const struct curve *c, const char *path, char *err, size_t errlen);
 

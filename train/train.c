@@ -460,6 +460,8 @@ struct run {
     float *best;               /* keep_best: the weights at the best validation */
     double loss_sum;           /* training loss since the last curve point */
     long loss_count, tokens;
+    double norm_sum;           /* the gradients' norms since then, of norm_steps steps */
+    long norm_steps;
     struct curve_point best_at;
 };
 
@@ -742,16 +744,18 @@ static void doubles_from_json(const cJSON *a, double *v, int n)
 
 static cJSON *point_json(const struct curve_point *p)
 {
-    const double v[7] = {(double)p->step, p->epoch, p->train_loss, p->valid_loss, p->valid_metric, p->lr,
-                         p->tokens_per_s};
-    return doubles_json(v, 7);
+    const double v[8] = {(double)p->step, p->epoch, p->train_loss, p->valid_loss, p->valid_metric, p->lr,
+                         p->tokens_per_s, p->grad_norm};
+    return doubles_json(v, 8);
 }
 
+/* A checkpoint's point; one from before the gradients' norm was kept has
+ * none (NAN). */
 static void point_from_json(const cJSON *a, struct curve_point *p)
 {
-    double v[7];
-    doubles_from_json(a, v, 7);
-    *p = (struct curve_point){(long)v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
+    double v[8];
+    doubles_from_json(a, v, 8);
+    *p = (struct curve_point){(long)v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
 }
 
 static char *state_path(const char *ckpt)
@@ -806,8 +810,9 @@ static int save_checkpoint(struct run *r, const char *path, char *err, size_t er
         cJSON_AddNumberToObject(st, "epoch", (double)r->epoch);
         cJSON_AddItemToObject(st, "rng", rng_json(&r->epoch_rng));
         cJSON_AddNumberToObject(st, "next_batch", r->next_batch);
-        const double acc[3] = {r->loss_sum, (double)r->loss_count, (double)r->tokens};
-        cJSON_AddItemToObject(st, "since_last_point", doubles_json(acc, 3));
+        const double acc[5] = {r->loss_sum, (double)r->loss_count, (double)r->tokens, r->norm_sum,
+                               (double)r->norm_steps};
+        cJSON_AddItemToObject(st, "since_last_point", doubles_json(acc, 5));
         cJSON_AddItemToObject(st, "curve", curve);
         cJSON_AddItemToObject(st, "slot_pos", slot_pos);
         curve = slot_pos = NULL;
@@ -893,11 +898,14 @@ static int restore_checkpoint(struct run *r, char *err, size_t errlen)
         r->step = (long)cJSON_GetObjectItem(st, "step")->valuedouble;
         r->epoch = (long)cJSON_GetObjectItem(st, "epoch")->valuedouble;
         r->next_batch = (int)cJSON_GetObjectItem(st, "next_batch")->valuedouble;
-        double acc[3];
-        doubles_from_json(cJSON_GetObjectItem(st, "since_last_point"), acc, 3);
+        double acc[5];
+        doubles_from_json(cJSON_GetObjectItem(st, "since_last_point"), acc, 5);
         r->loss_sum = acc[0];
         r->loss_count = (long)acc[1];
         r->tokens = (long)acc[2];
+        /* A checkpoint from before the norms were kept has none. */
+        r->norm_sum = isnan(acc[3]) ? 0.0 : acc[3];
+        r->norm_steps = isnan(acc[4]) ? 0 : (long)acc[4];
         const cJSON *p;
         cJSON_ArrayForEach(p, cJSON_GetObjectItem(st, "curve"))
         {
@@ -961,11 +969,12 @@ static int better(const struct run *r, const struct curve_point *p)
     return p->valid_metric > b->valid_metric || (p->valid_metric == b->valid_metric && p->valid_loss < b->valid_loss);
 }
 
-static void progress(const struct run *r, double loss, double tok_s, double elapsed, int tty)
+static void progress(const struct run *r, const struct curve_point *pt, double elapsed, int tty)
 {
     double eta = r->step ? elapsed / (double)r->step * (double)(r->total_steps - r->step) : 0;
-    fprintf(stderr, "%sstep %ld/%ld  epoch %ld  loss %.4f  %.0f tok/s  eta %.0fs%s", tty ? "\r" : "", r->step,
-            r->total_steps, r->epoch, loss, tok_s, eta, tty ? "   " : "\n");
+    fprintf(stderr, "%sstep %ld/%ld  epoch %ld  loss %.4f  grad norm %.3g  %.0f tok/s  eta %.0fs%s", tty ? "\r" : "",
+            r->step, r->total_steps, r->epoch, pt->train_loss, pt->grad_norm, pt->tokens_per_s, eta,
+            tty ? "   " : "\n");
 }
 
 static void run_free(struct run *r)
@@ -1080,6 +1089,8 @@ static int train(struct run *r, char *err, size_t errlen)
         r->step++;
         r->loss_sum += res.loss;
         r->loss_count += res.count;
+        r->norm_sum += grad_norm;
+        r->norm_steps++;
         r->tokens += res.tokens;
         int log_now = r->step % o->log_every == 0 || r->step == r->total_steps;
         int valid_now = (o->valid_every && r->step % o->valid_every == 0) || r->step == r->total_steps;
@@ -1102,8 +1113,9 @@ static int train(struct run *r, char *err, size_t errlen)
             .valid_metric = NAN,
             .lr = optim_lr(&o->optim, r->step - 1),
             .tokens_per_s = (double)r->tokens / (t - since),
+            .grad_norm = r->norm_steps ? r->norm_sum / (double)r->norm_steps : NAN,
         };
-        progress(r, pt.train_loss, pt.tokens_per_s, t - start, tty);
+        progress(r, &pt, t - start, tty);
         if (valid_now) {
             if (validate(r, &pt.valid_loss, &pt.valid_metric, err, errlen))
                 return -1;
@@ -1123,8 +1135,8 @@ static int train(struct run *r, char *err, size_t errlen)
                                  r->be->ops->name, r->be->err);
             r->best_at = pt;
         }
-        r->loss_sum = 0;
-        r->loss_count = r->tokens = 0;
+        r->loss_sum = r->norm_sum = 0;
+        r->loss_count = r->tokens = r->norm_steps = 0;
         since = now();
     }
     if (tty)
