@@ -120,6 +120,18 @@ static void assert_params(const char *name, int step, const float *got, const cJ
     }
 }
 
+/* A check's two tests, test_CHECK on the CPU and test_cuda_CHECK on CUDA
+ * (skipped without a GPU; the emulator's build runs those named *cuda*). */
+#define ON_BOTH_BACKENDS(check)                                                                                   \
+    static void test_##check(void **state)                                                                       \
+    {                                                                                                             \
+        check(*state, DEVICE_CPU);                                                                               \
+    }                                                                                                             \
+    static void test_cuda_##check(void **state)                                                                  \
+    {                                                                                                             \
+        check(*state, DEVICE_CUDA);                                                                              \
+    }
+
 /* One optimizer's arrays on a backend: parameters, gradients, state, and
  * where a step leaves the gradients' sum of squares. */
 struct run {
@@ -218,15 +230,7 @@ static void matches_pytorch(const struct fixture *fx, enum device_kind dev)
     assert_int_equal(cases, 11);
 }
 
-static void test_matches_pytorch(void **state)
-{
-    matches_pytorch(*state, DEVICE_CPU);
-}
-
-static void test_cuda_matches_pytorch(void **state)
-{
-    matches_pytorch(*state, DEVICE_CUDA);
-}
+ON_BOTH_BACKENDS(matches_pytorch)
 
 /* Stopping after two steps and going on from a copy of the state (read
  * back to the host and put on another backend, as a checkpoint does)
@@ -264,15 +268,7 @@ static void state_restores(const struct fixture *fx, enum device_kind dev)
     }
 }
 
-static void test_state_restores(void **state)
-{
-    state_restores(*state, DEVICE_CPU);
-}
-
-static void test_cuda_state_restores(void **state)
-{
-    state_restores(*state, DEVICE_CUDA);
-}
+ON_BOTH_BACKENDS(state_restores)
 
 /* A step whose gradients are not all finite reports so and changes
  * neither the parameters nor the state, whatever the rule; one whose
@@ -313,15 +309,7 @@ static void nonfinite_changes_nothing(const struct fixture *fx, enum device_kind
     }
 }
 
-static void test_nonfinite_changes_nothing(void **state)
-{
-    nonfinite_changes_nothing(*state, DEVICE_CPU);
-}
-
-static void test_cuda_nonfinite_changes_nothing(void **state)
-{
-    nonfinite_changes_nothing(*state, DEVICE_CUDA);
-}
+ON_BOTH_BACKENDS(nonfinite_changes_nothing)
 
 /* A GPU updates every parameter to the CPU's bits (no multiply fused into
  * an add where the CPU rounds twice), over many blocks of threads and
@@ -500,9 +488,10 @@ static void clipped(enum device_kind dev, const float *g, size_t n, float max_no
     free(zeros);
 }
 
-static void clip(enum device_kind dev)
+static void clip(const struct fixture *fx, enum device_kind dev)
 {
     enum { N = 1000 };
+    (void)fx;
     need(dev);
     static float g[N], orig[N];
     for (int i = 0; i < N; i++)
@@ -539,17 +528,7 @@ static void clip(enum device_kind dev)
     free(out);
 }
 
-static void test_clip(void **state)
-{
-    (void)state;
-    clip(DEVICE_CPU);
-}
-
-static void test_cuda_clip(void **state)
-{
-    (void)state;
-    clip(DEVICE_CUDA);
-}
+ON_BOTH_BACKENDS(clip)
 
 int main(void)
 {
