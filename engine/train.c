@@ -9,8 +9,9 @@
  * buffer laid out as the tape's h, so whatever reaches a state from later
  * steps (the recurrence, the attention over past states, the temporal
  * skip) is in place before that state's step is processed.  Weight
- * gradients of the input projections are one GEMM per layer over all
- * steps; those of the recurrent matrices one small GEMM per step.
+ * gradients are one GEMM per matrix over all of a layer's steps: the input
+ * projections' from the packed inputs, the recurrent matrices' after the
+ * walk, from each step's rows kept grouped by matrix (struct pass).
  */
 #include <math.h>
 #include <stdio.h>

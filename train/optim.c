@@ -118,14 +118,15 @@ void optim_update_at(const struct optim_config *c, long step, struct optim_updat
     const double lr = decimal(optim_lr(c, step));
     const long t = step + 1; /* Adam's 1-based step count */
     const int adam = c->kind == OPTIM_ADAM || c->kind == OPTIM_ADAMW;
-    const double decay = decimal(adam ? c->beta1 : c->kind == OPTIM_RMSPROP ? c->alpha : c->rho);
+    const float rate = adam ? c->beta1 : c->kind == OPTIM_RMSPROP ? c->alpha : c->rho;
+    const double decay = decimal(rate);
 
     *u = (struct optim_update){
         .kind = c->kind,
         .nesterov = c->nesterov,
         .neg_lr = (float)-lr,
         .momentum = c->momentum,
-        .decay = adam ? c->beta1 : c->kind == OPTIM_RMSPROP ? c->alpha : c->rho,
+        .decay = rate,
         .one_minus = (float)(1.0 - decay),
         .decay2 = c->beta2,
         .one_minus2 = (float)(1.0 - decimal(c->beta2)),

@@ -15,6 +15,7 @@
 #include <stddef.h>
 
 #include "optim_update.h"
+
 enum lr_decay { DECAY_NONE, DECAY_LINEAR, DECAY_COSINE, DECAY_STEP };
 
 struct optim_config {
