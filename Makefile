@@ -6,6 +6,7 @@
 #                   backend's tests on the CPU emulator, the fuzz targets briefly,
 #                   and the server tests under valgrind
 #   make test-cuda-emu  the CUDA backend's kernels and host code on tests/cuda_emu
+#   make emu-rrnserve   build/emu-nosan/rrnserve: rrnserve on that emulator, unsanitized
 #   make bench      run the benchmarks
 #   make bench-server  the HTTP server under load, batching on and off
 #   make serve      build and serve the shipped models
@@ -75,7 +76,7 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-bench test test-plain test-asan test-cuda-emu bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+.PHONY: all deps deps-bench test test-plain test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
 # A CUPTI injection library for the GPU machine, where Nsight Systems makes
 # no report (tools/cupti_trace.c; tools/gpu-run.sh profile): built with the
@@ -184,6 +185,11 @@ $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%): $(EMU)/tests/%: $(E
                                                                 $(EMU_LIB)
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lstdc++ -lcmocka -lpng -lssl
+
+# The same without the sanitizers, fast enough to run whole workloads
+# through the CUDA backend's arithmetic (tools/precision.sh).
+emu-rrnserve:
+	@$(MAKE) --no-print-directory SAN= EMU=build/emu-nosan build/emu-nosan/rrnserve
 
 test-cuda-emu: $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%)
 	@export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1; \

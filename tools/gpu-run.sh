@@ -75,20 +75,7 @@ run_train() {
 }
 
 run_precision() {
-    for p in fp32 tf32 bf16; do
-        echo "== $p"
-        [ -f ../shared/data/austen/persuasion.txt ] &&
-            ./rrnserve run models/austen.safetensors --file ../shared/data/austen/persuasion.txt --device cuda \
-                --precision "$p"
-        ./rrnserve run models/sentiment.safetensors --jsonl tests/fixtures/data/sentiment.test.jsonl --device cuda \
-            --precision "$p" >"$out/sentiment-$p.jsonl"
-        python3 - tests/fixtures/data/sentiment.test.jsonl "$out/sentiment-$p.jsonl" <<'PY'
-import json, sys
-want = [json.loads(l)["label"] for l in open(sys.argv[1]) if l.strip()]
-got = [json.loads(l).get("label") for l in open(sys.argv[2]) if l.strip()]
-print("sentiment accuracy: %d/%d" % (sum(a == b for a, b in zip(want, got)), len(want)))
-PY
-    done >"$out/precision.log" 2>&1
+    tools/precision.sh ./rrnserve "$out" >"$out/precision.log" 2>&1
     cat "$out/precision.log"
 }
 
