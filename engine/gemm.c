@@ -55,9 +55,6 @@ _Static_assert(FLT_EVAL_METHOD == 0, "gemm.c needs float arithmetic evaluated in
 /* Bytes of B held in L2 while every row block of A streams past it. */
 #define PANEL_BYTES (192 * 1024)
 
-/* Below this many flops (2*M*N*K) waking workers costs more than it saves. */
-#define PARALLEL_MIN_FLOPS 1.5e6
-
 /* The widest register block of any kernel, for the panel's row rounding. */
 #define NR_MAX 8
 
@@ -488,7 +485,7 @@ static void run_job(struct job *jb)
     if (M <= 0 || N <= 0)
         return;
     jb->isa = isa_in_use();
-    if (pool_threads() < 2 || 2.0 * M * N * K < PARALLEL_MIN_FLOPS) {
+    if (pool_threads() < 2 || 2.0 * M * N * K < POOL_MIN_FLOPS) {
         run_serial(jb);
         return;
     }

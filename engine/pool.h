@@ -11,6 +11,10 @@
 #ifndef RRN_POOL_H
 #define RRN_POOL_H
 
+/* Below this many flops (2 M N K) a matrix product runs on one thread:
+ * waking the workers would cost more than they save. */
+#define POOL_MIN_FLOPS 1.5e6
+
 /* fn(ctx, task, worker) runs one task; worker (0 .. pool_threads()-1)
  * names the thread running it, the same for no two tasks of one pool_run
  * that run at once, so a caller can give each worker its own scratch. */

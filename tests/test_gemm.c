@@ -22,6 +22,7 @@
 
 #include <cmocka.h>
 
+#include "backend.h"
 #include "gemm.h"
 #include "pool.h"
 
@@ -385,6 +386,66 @@ static void test_concurrent_callers(void **state)
     free(want);
 }
 
+/* The CPU backend's other products (its gemm op, where it is not x W^T
+ * with alpha 1: training's gradients), OpenBLAS split over the pool in
+ * bands of C's rows or columns: every form of op(A) op(B), against a double
+ * reference, nothing written outside C, and the same bits on one thread as
+ * split. */
+static void test_backend_products(void **state)
+{
+    (void)state;
+    char err[256];
+    struct backend *be = backend_cpu_create(err, sizeof err);
+    assert_non_null(be);
+    /* Bands of rows, of columns, and a product too small to split. */
+    const int shapes[][3] = {{300, 40, 70}, {40, 300, 70}, {9, 7, 5}};
+    const float alpha = 0.5f, betas[] = {0.0f, 1.0f, 0.25f};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int form = 0; form < 4; form++)
+            for (size_t b = 0; b < sizeof betas / sizeof betas[0]; b++) {
+                const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], ta = form & 1, tb = form >> 1;
+                const int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 3, ldc = N + 3;
+                const float beta = betas[b];
+                struct mat A = mat_new(ta ? K : M, ta ? M : K, lda, 0), B = mat_new(tb ? N : K, tb ? K : N, ldb, 0);
+                struct mat C = mat_new(M, N, ldc, 0);
+                const size_t cn = (size_t)M * ldc;
+                float *init = xmalloc(cn * sizeof(float)), *one = xmalloc(cn * sizeof(float));
+                memcpy(init, C.p, cn * sizeof(float));
+                memcpy(one, C.p, cn * sizeof(float));
+                pool_set_threads(1);
+                be->ops->gemm(be, ta, tb, M, N, K, alpha, A.p, lda, B.p, ldb, beta, one, ldc);
+                pool_set_threads(0);
+                be->ops->gemm(be, ta, tb, M, N, K, alpha, A.p, lda, B.p, ldb, beta, C.p, ldc);
+                if (memcmp(C.p, one, cn * sizeof(float)) != 0)
+                    fail_msg("M=%d N=%d K=%d form %d beta %g: other bits when split", M, N, K, form, (double)beta);
+                for (int i = 0; i < M; i++)
+                    for (int j = 0; j < ldc; j++) {
+                        const size_t at = (size_t)i * ldc + j;
+                        if (j >= N) {
+                            if (!same_bits(C.p[at], init[at]))
+                                fail_msg("M=%d N=%d K=%d form %d wrote past row %d", M, N, K, form, i);
+                            continue;
+                        }
+                        double want = (double)beta * init[at], mag = fabs(want);
+                        for (int k = 0; k < K; k++) {
+                            const double x = ta ? A.p[(size_t)k * lda + i] : A.p[(size_t)i * lda + k];
+                            const double y = tb ? B.p[(size_t)j * ldb + k] : B.p[(size_t)k * ldb + j];
+                            want += alpha * x * y;
+                            mag += fabs(alpha * x * y);
+                        }
+                        if (fabs(C.p[at] - want) > 1e-5 * mag)
+                            fail_msg("M=%d N=%d K=%d form %d beta %g: C[%d][%d] = %g, want %g", M, N, K, form,
+                                     (double)beta, i, j, (double)C.p[at], want);
+                    }
+                free(A.buf);
+                free(B.buf);
+                free(C.buf);
+                free(init);
+                free(one);
+            }
+    backend_destroy(be);
+}
+
 int main(void)
 {
     /* More threads than this machine may have cores, so the pool splits
@@ -400,6 +461,7 @@ int main(void)
         cmocka_unit_test(test_batch_invariance_large),
         cmocka_unit_test(test_threads_and_paths_agree),
         cmocka_unit_test(test_concurrent_callers),
+        cmocka_unit_test(test_backend_products),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
