@@ -9,7 +9,7 @@
 # or the emulator's (`make emu-rrnserve`, build/emu-nosan/rrnserve), which
 # rounds the products' operands as the GPU's TF32 and BF16 modes do and sums
 # in FP32, so that its figures are the GPU's arithmetic on a machine without
-# one; there Austen takes about 20 minutes a precision on 2 cores.
+# one; there Austen takes about 40 minutes a precision on 2 cores.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:?usage: precision.sh RRNSERVE [OUTDIR] [PRECISION ...]}
