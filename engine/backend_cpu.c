@@ -7,6 +7,7 @@
  */
 #include <cblas.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,6 +108,13 @@ static void blas_task(void *ctx, int task, int worker)
     cblas_sgemm(CblasRowMajor, j->trans_a ? CblasTrans : CblasNoTrans, j->trans_b ? CblasTrans : CblasNoTrans,
                 j->by_rows ? n : j->M, j->by_rows ? j->N : n, j->K, j->alpha, A, j->lda, B, j->ldb, j->beta, C,
                 j->ldc);
+}
+
+/* blas_task's calls are the pool's threads; OpenBLAS gets none of its own.
+ * Once a process, since a server creates backends as it loads models. */
+static void blas_single_threaded(void)
+{
+    openblas_set_num_threads(1);
 }
 
 static void cpu_gemm(struct backend *be, int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -739,7 +747,7 @@ struct backend *backend_cpu_create(char *err, size_t errlen)
         return NULL;
     }
     be->ops = &cpu_ops;
-    /* blas_task's calls are the pool's threads; OpenBLAS gets none. */
-    openblas_set_num_threads(1);
+    static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
+    pthread_once(&blas_once, blas_single_threaded);
     return be;
 }
