@@ -1,6 +1,6 @@
 /* pool.h - the CPU engine's worker threads: a parallel for loop over tasks,
- * shared by the matrix product (gemm.c) and the cell kernels
- * (backend_cpu.c).
+ * shared by the matrix products (gemm.c, and OpenBLAS's in bands) and the
+ * cell kernels (backend_cpu.c).
  *
  * One process-wide pool of RRN_THREADS threads (default: the online CPUs,
  * at most 16), started on first use.  Between two calls its workers spin

@@ -1,5 +1,6 @@
 /* test_gemm.c - gemm_nt: accuracy, the exact arithmetic it promises, and
- * batch invariance.
+ * batch invariance; and the CPU backend's other products, OpenBLAS's split
+ * over the pool (test_backend_products).
  *
  * gemm_nt replaces BLAS because a row's result must not depend on the batch
  * around it.  Besides checking results against a double-precision reference
