@@ -40,11 +40,16 @@ CLI_SRC    := $(wildcard cli/*.c)
 TEST_SRC   := $(wildcard tests/test_*.c)
 SUPPORT_SRC := $(wildcard tests/support/*.c)
 
+# Extra -D flags for engine/*.cu alone (CUDA_DEFS=-DFUSED_ROWS_MAX=32: the
+# benchmark's tile variants, built by tools/gpu-bundle.sh into a BUILD or
+# EMU folder of their own).
+CUDA_DEFS ?=
+
 ifeq ($(CUDA),1)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 CFLAGS  += -DRRN_CUDA -I$(CUDA_HOME)/include
 LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++
-NVFLAGS := -O2 -std=c++17 -Iengine -DRRN_CUDA -MMD -MP --compiler-options -Wall,-Wextra,-Werror \
+NVFLAGS := -O2 -std=c++17 -Iengine -DRRN_CUDA $(CUDA_DEFS) -MMD -MP --compiler-options -Wall,-Wextra,-Werror \
            -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80
 endif
 
@@ -173,7 +178,7 @@ $(eval $(call objects,$(EMU),$(SAN) -DRRN_CUDA))
 $(EMU)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	@echo "  CXX     $@"
-	@$(CXX) -x c++ $(EMU_CXXFLAGS) -c $< -o $@
+	@$(CXX) -x c++ $(EMU_CXXFLAGS) $(CUDA_DEFS) -c $< -o $@
 $(EMU)/%.o: %.cc
 	@mkdir -p $(dir $@)
 	@echo "  CXX     $@"

@@ -1,6 +1,6 @@
 /* bench_engine.c - the engine's side of `make bench` and `make bench-gpu`.
  *
- *   bench_engine DIR [cpu|cuda]
+ *   bench_engine DIR [cpu|cuda [MODE]]
  *
  * Loads the weight files and token inputs bench_torch.py wrote to DIR and
  * times the engine on the same work, on the given backend, printing one
@@ -19,7 +19,9 @@
  * and (a) and (b) again in TF32, under keys ending in _tf32, for cuDNN's
  * TF32 figures (bench_torch.py says why), and every FP32 workload again
  * with the recurrence fused (backend_ops.recurrent_step), under keys
- * ending in _fused.  Each forward workload also
+ * ending in _fused.  MODE (fp32, tf32 or fused) runs that mode alone,
+ * without training's figures (run_bench_gpu.sh times another build's
+ * fused kernels so).  Each forward workload also
  * reports its outputs' largest difference from PyTorch's (*_max_error),
  * and the benchmark fails where they differ by more than rounding.
  */
@@ -100,6 +102,7 @@ struct loaded {
 /* How the engine computes: its precision and its recurrence, named in
  * the keys of its figures by suffix. */
 struct mode {
+    const char *name;
     enum precision prec;
     enum recurrence rec;
     const char *suffix;
@@ -379,11 +382,29 @@ static void bench_mode(cJSON *out, const struct inputs *in, const struct mode *m
     }
 }
 
+/* On the GPU, FP32 with the recurrence by cuBLAS's products, TF32, then
+ * FP32 with the recurrence fused (keys ending in _fused), last since it
+ * is the newest; on the CPU the first alone. */
+static const struct mode modes[] = {{"fp32", PRECISION_FP32, RECURRENCE_GEMM, ""},
+                                    {"tf32", PRECISION_TF32, RECURRENCE_GEMM, "_tf32"},
+                                    {"fused", PRECISION_FP32, RECURRENCE_FUSED, "_fused"}};
+#define MODES (int)(sizeof modes / sizeof modes[0])
+
+/* The index of the mode named name, or -1. */
+static int mode_named(const char *name)
+{
+    for (int p = 0; p < MODES; p++)
+        if (strcmp(modes[p].name, name) == 0)
+            return p;
+    return -1;
+}
+
 int main(int argc, char **argv)
 {
-    int gpu = argc == 3 && strcmp(argv[2], "cuda") == 0;
-    if (argc < 2 || argc > 3 || (argc == 3 && !gpu && strcmp(argv[2], "cpu") != 0)) {
-        fprintf(stderr, "usage: bench_engine DIR [cpu|cuda] (DIR made by bench_torch.py)\n");
+    int gpu = argc >= 3 && strcmp(argv[2], "cuda") == 0;
+    int only = argc == 4 && gpu ? mode_named(argv[3]) : -1;
+    if (argc < 2 || argc > 4 || (argc >= 3 && !gpu && strcmp(argv[2], "cpu") != 0) || (argc == 4 && only < 0)) {
+        fprintf(stderr, "usage: bench_engine DIR [cpu|cuda [fp32|tf32|fused]] (DIR made by bench_torch.py)\n");
         return 2;
     }
     const char *dir = argv[1];
@@ -392,14 +413,11 @@ int main(int argc, char **argv)
     if (!(results = cJSON_CreateObject()))
         die("json", "out of memory");
 
-    /* On the GPU, FP32 with the recurrence by cuBLAS's products, TF32,
-     * then FP32 with the recurrence fused (keys ending in _fused), last
-     * since it is the newest. */
-    static const struct mode modes[] = {{PRECISION_FP32, RECURRENCE_GEMM, ""},
-                                        {PRECISION_TF32, RECURRENCE_GEMM, "_tf32"},
-                                        {PRECISION_FP32, RECURRENCE_FUSED, "_fused"}};
-    for (int p = 0; p < (gpu ? 3 : 1); p++)
-        bench_mode(results, &in, &modes[p], p == 0);
+    if (only >= 0)
+        bench_mode(results, &in, &modes[only], 0);
+    else
+        for (int p = 0; p < (gpu ? MODES : 1); p++)
+            bench_mode(results, &in, &modes[p], p == 0);
     if (!gpu)
         add(results, "sgemm_gflops", sgemm_rate());
 

@@ -1,60 +1,81 @@
-"""gpu_results.py TORCH_JSON ENGINE_JSON [SERVER_LOG] - bench/RESULTS.md
-from `tools/gpu-run.sh bench`: the engine on the GPU against PyTorch's
-cuDNN LSTM and GRU and its eager step loops, on the same weights and
-tokens (bench_torch.py and bench_engine.c with the device cuda), with the
-targets of issue 5 beside each figure.  cuDNN's figures are compared in
-FP32 with the engine's FP32 (its recurrence by cuBLAS's products, and
-fused) and in TF32 (PyTorch's default for cuDNN) with the engine's TF32.  Prints markdown on stdout.
+"""gpu_results.py TORCH_JSON ENGINE_JSON [SERVER_LOG [VARIANT_JSON ...]] -
+bench/RESULTS.md from `tools/gpu-run.sh bench`: the engine on the GPU
+against PyTorch's cuDNN LSTM and GRU and its eager step loops, on the same
+weights and tokens (bench_torch.py and bench_engine.c with the device
+cuda), with the targets of issue 5 beside each figure.  cuDNN's figures
+are compared in FP32 with the engine's FP32 (its recurrence by cuBLAS's
+products, and fused) and in TF32 (PyTorch's default for cuDNN) with the
+engine's TF32.  Each VARIANT_JSON, engine-NAME.json, is another build's
+fused figures (run_bench_gpu.sh), in rows of their own named NAME.
+Prints markdown on stdout.
 """
 import json
+import os
 import re
 import sys
 
 
 def main():
-    if len(sys.argv) not in (3, 4):
-        sys.stderr.write("usage: gpu_results.py TORCH_JSON ENGINE_JSON [SERVER_LOG]\n")
+    if len(sys.argv) < 3:
+        sys.stderr.write("usage: gpu_results.py TORCH_JSON ENGINE_JSON [SERVER_LOG [VARIANT_JSON ...]]\n")
         return 2
     with open(sys.argv[1]) as f:
         t = json.load(f)
     with open(sys.argv[2]) as f:
         e = json.load(f)
+    variants = []
+    for path in sys.argv[4:]:
+        with open(path) as f:
+            variants.append((re.sub(r"^engine-|\.json$", "", os.path.basename(path)), json.load(f)))
     rows = []
 
-    def faster(name, key, target, suffix="", unit="seq/s"):
+    def faster(name, key, target, suffix="", unit="seq/s", eng=e):
         """Throughput: the engine's key + suffix against torch's key,
         higher is better."""
-        if key + suffix in e and key in t:
-            r = e[key + suffix] / t[key]
-            rows.append((name, "%.1f %s" % (e[key + suffix], unit), "%.1f %s" % (t[key], unit), "%.2fx" % r,
+        if key + suffix in eng and key in t:
+            r = eng[key + suffix] / t[key]
+            rows.append((name, "%.1f %s" % (eng[key + suffix], unit), "%.1f %s" % (t[key], unit), "%.2fx" % r,
                          "%s (>= %gx)" % ("met" if r >= target else "NOT met", target) if target else "-"))
 
-    def sooner(name, key, target, suffix=""):
+    def sooner(name, key, target, suffix="", eng=e):
         """Latency: torch's key over the engine's key + suffix, higher is
         better."""
-        if key + suffix in e:
-            r = t[key] / e[key + suffix]
-            rows.append((name, "%.3f ms" % e[key + suffix], "%.3f ms" % t[key], "%.2fx" % r,
+        if key + suffix in eng:
+            r = t[key] / eng[key + suffix]
+            rows.append((name, "%.3f ms" % eng[key + suffix], "%.3f ms" % t[key], "%.2fx" % r,
                          "%s (>= %gx)" % ("met" if r >= target else "NOT met", target) if target else "-"))
+
+    def against_cudnn(tsuffix, suffix, prec, eng=e, batches=(1, 8, 64)):
+        faster("classify, LSTM 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec, "classify_seq_per_s" + tsuffix,
+               1.0, suffix, eng=eng)
+        faster("classify, LSTM, lengths 16-128, each batch its own, %s (vs cuDNN, packed)" % prec,
+               "classify_var_seq_per_s" + tsuffix, None, suffix, eng=eng)
+        faster("classify, GRU 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec,
+               "gru_classify_seq_per_s" + tsuffix, 1.0, suffix, eng=eng)
+        for b in batches:
+            sooner("generation step, LSTM 2x512, batch %d, %s (vs cuDNN)" % (b, prec),
+                   "step_ms_b%d%s" % (b, tsuffix), 1.0 if b < 64 else None, suffix, eng=eng)
+
+    def against_eager(suffix, prec, eng=e, batch1=True):
+        faster("RRA LM (dynamic, window 8), batch 64, %s (vs eager loop)" % prec, "rra_seq_per_s", 20.0, suffix,
+               eng=eng)
+        if batch1:
+            faster("RRA LM, batch 1, %s (vs eager loop)" % prec, "rra1_seq_per_s", 20.0, suffix, eng=eng)
+        faster("skip LM (period 2, 2 matrices), batch 64, %s (vs eager loop)" % prec, "skip_seq_per_s", 20.0,
+               suffix, eng=eng)
+        if batch1:
+            faster("skip LM, batch 1, %s (vs eager loop)" % prec, "skip1_seq_per_s", 20.0, suffix, eng=eng)
 
     # The engine's FP32 with the recurrence by cuBLAS's products, then
     # fused, both against cuDNN in FP32; then TF32 against cuDNN in TF32.
     for tsuffix, suffix, prec in (("", "", "FP32"), ("", "_fused", "FP32, fused"), ("_tf32", "", "TF32")):
-        faster("classify, LSTM 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec, "classify_seq_per_s" + tsuffix,
-               1.0, suffix)
-        faster("classify, LSTM, lengths 16-128, each batch its own, %s (vs cuDNN, packed)" % prec,
-               "classify_var_seq_per_s" + tsuffix, None, suffix)
-        faster("classify, GRU 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec,
-               "gru_classify_seq_per_s" + tsuffix, 1.0, suffix)
-        for b in (1, 8, 64):
-            sooner("generation step, LSTM 2x512, batch %d, %s (vs cuDNN)" % (b, prec),
-                   "step_ms_b%d%s" % (b, tsuffix), 1.0 if b < 64 else None, suffix)
+        against_cudnn(tsuffix, suffix, prec)
     for suffix, prec in (("", "FP32"), ("_fused", "FP32, fused")):
-        faster("RRA LM (dynamic, window 8), batch 64, %s (vs eager loop)" % prec, "rra_seq_per_s", 20.0, suffix)
-        faster("RRA LM, batch 1, %s (vs eager loop)" % prec, "rra1_seq_per_s", 20.0, suffix)
-        faster("skip LM (period 2, 2 matrices), batch 64, %s (vs eager loop)" % prec, "skip_seq_per_s", 20.0,
-               suffix)
-        faster("skip LM, batch 1, %s (vs eager loop)" % prec, "skip1_seq_per_s", 20.0, suffix)
+        against_eager(suffix, prec)
+    # A variant's tiles differ from this build's only past 16 rows.
+    for name, v in variants:
+        against_cudnn("", "_fused", "FP32, fused, " + name, eng=v, batches=(64,))
+        against_eager("_fused", "FP32, fused, " + name, eng=v, batch1=False)
     faster("training, LSTM LM 2x512, 32 windows of 127 tokens, clipping and Adam, FP32 (vs cuDNN)",
            "train_tok_per_s", None, unit="tok/s")
 
@@ -79,7 +100,10 @@ def main():
     if "classify_var_graphs" in e:
         print("\nThe varied-lengths batches ran from %d recorded graph(s) in FP32 and %d in TF32 (one or two is what "
               "padding is for: the longest of 64 lengths up to 128 nearly always pads to 128; packed, none is recorded)." % (e["classify_var_graphs"], e.get("classify_var_graphs_tf32", -1)))
-    if len(sys.argv) == 4:
+    for name, v in variants:
+        if "error" in v:
+            print("\n**The %s variant stopped early**: %s" % (name, v["error"]))
+    if len(sys.argv) >= 4:
         with open(sys.argv[3]) as f:
             log = f.read()
         m = re.search(r"\| /generate \| 64 \| on \(64\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", log)

@@ -5,6 +5,9 @@
 # and the server's /generate at 64 streams with --device cuda.  Writes
 # torch.json, engine.json, server.log and RESULTS.md (the table for
 # bench/RESULTS.md, targets beside the figures) to OUT_DIR and prints them.
+# Every other build of bench_engine in BENCH_DIR/variants (tools/gpu-bundle.sh
+# puts the fused kernel's tile variants there) times its fused mode too,
+# into engine-NAME.json and rows of the table of their own.
 # Needs a CUDA GPU and a python3 with PyTorch built for it (PYTHON=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +23,15 @@ cat "$out/torch.json"
 # error) in engine.json, and the table is made of what there is.
 "$bin/bench_engine" "$dir" cuda >"$out/engine.json" || echo "run_bench_gpu.sh: bench_engine failed" >&2
 cat "$out/engine.json"
+variants=()
+for v in "$bin"/variants/*; do
+    [ -x "$v" ] || continue
+    json="$out/engine-$(basename "$v").json"
+    "$v" "$dir" cuda fused >"$json" || echo "run_bench_gpu.sh: $v failed" >&2
+    cat "$json"
+    variants+=("$json")
+done
 PYTHON="$py" BENCH_DEVICE=cuda BENCH_CLIENTS=64 bench/run_bench_server.sh "$bin/loadgen" >"$out/server.log" 2>&1 ||
     echo "run_bench_gpu.sh: the server benchmark failed (see $out/server.log)" >&2
-"$py" bench/gpu_results.py "$out/torch.json" "$out/engine.json" "$out/server.log" >"$out/RESULTS.md"
+"$py" bench/gpu_results.py "$out/torch.json" "$out/engine.json" "$out/server.log" "${variants[@]}" >"$out/RESULTS.md"
 cat "$out/RESULTS.md"

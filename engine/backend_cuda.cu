@@ -508,8 +508,9 @@ static void cuda_cell_step(struct backend *be, const struct cell_step *s)
  * only: in TF32 and BF16 the tensor cores' products are cuBLAS's. */
 #define FUSED_COLS 16
 
-/* A tile of ROWS rows by FUSED_COLS columns: 64 rows, or 8 for a step of
- * a few rows, which would otherwise multiply 56 rows of zeros.  The 256
+/* A tile of ROWS rows by FUSED_COLS columns: 8, 16, 32 or 64 rows, the
+ * fewest that hold a step's rows (fused_rows), so that a small batch does
+ * not multiply rows of zeros.  The 256
  * threads split the sum over H into SLICES groups of ROWS threads, each
  * thread holding 4 rows by 4 columns of it; H is staged KC at a time, KS
  * of it a slice, every thread bringing H4 float4s of h and W4 of W. */
@@ -725,16 +726,48 @@ template <int ROWS> static void fused_step(struct backend *be, const struct cell
            tile_blocks(s->n, ROWS, s->H, U), CELL_THREADS, *s, hprev, w);
 }
 
+/* The most rows a tile takes; a step of more takes several tiles.  64
+ * unless built otherwise: tools/gpu-bundle.sh builds the benchmark with 32
+ * and 16 too, for tools/gpu-run.sh bench to time the trade between a
+ * tile's reuse of each W it loads (more rows) and the blocks a step
+ * spreads over the SMs (fewer). */
+#ifndef FUSED_ROWS_MAX
+#define FUSED_ROWS_MAX 64
+#endif
+static_assert(FUSED_ROWS_MAX == 8 || FUSED_ROWS_MAX == 16 || FUSED_ROWS_MAX == 32 || FUSED_ROWS_MAX == 64,
+              "a tile has 8, 16, 32 or 64 rows");
+
+/* The rows of a tile for a step of n rows. */
+static int fused_rows(int n)
+{
+    int rows = 8;
+    while (rows < n && rows < FUSED_ROWS_MAX)
+        rows *= 2;
+    return rows;
+}
+
 static int cuda_recurrent_step(struct backend *be, const struct cell_step *s, const float *hprev, const float *w,
                                const float *w_q)
 {
     if (be->recurrence != RECURRENCE_FUSED || impl_of(be)->precision != PRECISION_FP32 ||
         (attends(*s) && s->attn_window > gates_of(s->cell) * s->H))
         return 0;
-    if (s->n > 8)
-        fused_step<64>(be, s, hprev, w, w_q);
-    else if (s->n > 0)
+    if (s->n <= 0)
+        return 1;
+    switch (fused_rows(s->n)) {
+    case 8:
         fused_step<8>(be, s, hprev, w, w_q);
+        break;
+    case 16:
+        fused_step<16>(be, s, hprev, w, w_q);
+        break;
+    case 32:
+        fused_step<32>(be, s, hprev, w, w_q);
+        break;
+    default:
+        fused_step<64>(be, s, hprev, w, w_q);
+        break;
+    }
     return 1;
 }
 

@@ -808,16 +808,18 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
  * every term of an LSTM cell (dynamic attention,
  * the temporal skip, two recurrent matrices): a forward of 70 texts of
  * their own lengths, then steps of 70 slots of which half started a step
- * ahead, so that a step's rows use both matrices.  On CUDA, with the
- * recurrence by products and fused, the logits and attention weights
- * match the CPU's within 1e-4.  Skipped without a GPU. */
+ * ahead, so that a step's rows use both matrices, and steps of 12, 24 and
+ * 40 of them, which the fused kernel takes in tiles of 16, 32 and 64 rows.
+ * On CUDA, with the recurrence by products and fused, the logits and
+ * attention weights match the CPU's within 1e-4.  Skipped without a GPU. */
 static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
 {
     (void)state;
 #ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
-    enum { N = 70, LEN = 9, STEPS = 3, K = 3, L = 2 };
+    enum { N = 70, LEN = 9, STEPS = 5, K = 3, L = 2 };
+    static const int step_rows[STEPS + 1] = {N / 2, N, 12, 24, 40, N};
     char err[512];
     struct model m;
     model_from_json("{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 100, \"layers\": 2, \"embed_dim\": 8,"
@@ -853,7 +855,7 @@ static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
             assert_true((slots[i] = engine_slot_open(e)) >= 0);
         float *o = out[d] + (size_t)N * LEN * V;
         for (int s = 0; s <= STEPS; s++, o += per_step) {
-            const int n = s ? N : N / 2;
+            const int n = step_rows[s];
             int32_t tok[N];
             for (int i = 0; i < n; i++)
                 tok[i] = tokens[i][(s + i) % LEN];

@@ -13,8 +13,11 @@
 #   device run, carry [".gpu"], command "tools/gpu-run.sh"
 #
 # tools/gpu-run.sh, run there, says what it does and what it writes.
-# RRN_BENCH_VARIANTS="NAME=PATH ..." adds other builds of bench_engine (a
-# branch's, a tile size's) for gpu-run.sh compare to time beside this one.
+# The bundle holds two other builds of bench_engine, rows32 and rows16: the
+# fused recurrence with tiles of at most 32 and 16 rows (FUSED_ROWS_MAX in
+# engine/backend_cuda.cu; this build's is 64), which gpu-run.sh bench times
+# beside it.  RRN_BENCH_VARIANTS="NAME=PATH ..." adds others (a branch's)
+# for gpu-run.sh compare to time beside this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || {
@@ -24,6 +27,12 @@ command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || {
 tests=$(ls tests/test_*.c | sed 's|^tests/\(.*\)\.c$|build/cuda/tests/\1|')
 make -j"$(nproc)" CUDA=1 rrnserve build/cuda/bench/bench_engine build/cuda/bench/loadgen build/cuda/tools/libcupti_trace.so \
     $tests
+variants=${RRN_BENCH_VARIANTS:-}
+for rows in 32 16; do
+    make -j"$(nproc)" CUDA=1 BUILD=build/cuda-rows$rows CUDA_DEFS=-DFUSED_ROWS_MAX=$rows \
+        build/cuda-rows$rows/bench/bench_engine
+    variants="$variants rows$rows=build/cuda-rows$rows/bench/bench_engine"
+done
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -33,7 +42,7 @@ cp build/cuda/tools/libcupti_trace.so "$stage/build/cuda/tools/"
 cp $tests "$stage/build/cuda/tests/"
 cp build/cuda/bench/bench_engine build/cuda/bench/loadgen "$stage/build/cuda/bench/"
 mkdir -p "$stage/build/cuda/bench/variants"
-for variant in ${RRN_BENCH_VARIANTS:-}; do
+for variant in $variants; do
     cp "${variant#*=}" "$stage/build/cuda/bench/variants/${variant%%=*}"
 done
 # The training data and the held-out novel the Austen model is scored on

@@ -7,16 +7,19 @@
 #   bench  bench_torch.py and bench_engine on cuda (cuDNN's figures in FP32
 #          and TF32, each against the engine's own, and the engine's FP32
 #          again with --recurrence fused; a training step against
-#          cuDNN's), the server's /generate
+#          cuDNN's), the fused recurrence again in the bundle's tile
+#          variants (rows32, rows16), the server's /generate
 #          at 64 streams with --device cuda: torch.json, engine.json,
-#          server.log and RESULTS.md (for bench/RESULTS.md)
+#          engine-rows32.json, engine-rows16.json, server.log and
+#          RESULTS.md (for bench/RESULTS.md)
 #   train  the shipped sentiment recipe on the GPU, and a few Austen
 #          steps for speed: train.log
 #   precision  what TF32 and BF16 cost: Austen's bits per character on Persuasion
 #          and the sentiment model's accuracy on its 200 test sentences,
 #          fp32 against tf32 and bf16: precision.log
 #   compare  bench_engine and every variant the bundle holds (other builds
-#          of it: RRN_BENCH_VARIANTS in tools/gpu-bundle.sh) on the same
+#          of it: the tile variants and RRN_BENCH_VARIANTS's,
+#          tools/gpu-bundle.sh) in every mode, on the same
 #          weights, one after the other, with cuDNN's and PyTorch's figures:
 #          a table of every figure side by side, compare.txt
 #   profile  bench_engine on cuda under CUPTI (tools/cupti_trace.c): every
