@@ -23,10 +23,16 @@ def main():
         t = json.load(f)
     with open(sys.argv[2]) as f:
         e = json.load(f)
+    # A variant that crashed before printing leaves no JSON: its rows are
+    # lost, not the table.
     variants = []
     for path in sys.argv[4:]:
-        with open(path) as f:
-            variants.append((re.sub(r"^engine-|\.json$", "", os.path.basename(path)), json.load(f)))
+        try:
+            with open(path) as f:
+                v = json.load(f)
+        except (OSError, ValueError):
+            v = {"error": "no figures in %s" % path}
+        variants.append((re.sub(r"^engine-|\.json$", "", os.path.basename(path)), v))
     rows = []
 
     def faster(name, key, target, suffix="", unit="seq/s", eng=e):
@@ -45,25 +51,25 @@ def main():
             rows.append((name, "%.3f ms" % eng[key + suffix], "%.3f ms" % t[key], "%.2fx" % r,
                          "%s (>= %gx)" % ("met" if r >= target else "NOT met", target) if target else "-"))
 
-    def against_cudnn(tsuffix, suffix, prec, eng=e, batches=(1, 8, 64)):
+    def against_cudnn(tsuffix, suffix, prec, eng=e, wide_only=False):
         faster("classify, LSTM 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec, "classify_seq_per_s" + tsuffix,
                1.0, suffix, eng=eng)
         faster("classify, LSTM, lengths 16-128, each batch its own, %s (vs cuDNN, packed)" % prec,
                "classify_var_seq_per_s" + tsuffix, None, suffix, eng=eng)
         faster("classify, GRU 2x512, E=256, batch 64, T=128, %s (vs cuDNN)" % prec,
                "gru_classify_seq_per_s" + tsuffix, 1.0, suffix, eng=eng)
-        for b in batches:
+        for b in (64,) if wide_only else (1, 8, 64):
             sooner("generation step, LSTM 2x512, batch %d, %s (vs cuDNN)" % (b, prec),
                    "step_ms_b%d%s" % (b, tsuffix), 1.0 if b < 64 else None, suffix, eng=eng)
 
-    def against_eager(suffix, prec, eng=e, batch1=True):
+    def against_eager(suffix, prec, eng=e, wide_only=False):
         faster("RRA LM (dynamic, window 8), batch 64, %s (vs eager loop)" % prec, "rra_seq_per_s", 20.0, suffix,
                eng=eng)
-        if batch1:
+        if not wide_only:
             faster("RRA LM, batch 1, %s (vs eager loop)" % prec, "rra1_seq_per_s", 20.0, suffix, eng=eng)
         faster("skip LM (period 2, 2 matrices), batch 64, %s (vs eager loop)" % prec, "skip_seq_per_s", 20.0,
                suffix, eng=eng)
-        if batch1:
+        if not wide_only:
             faster("skip LM, batch 1, %s (vs eager loop)" % prec, "skip1_seq_per_s", 20.0, suffix, eng=eng)
 
     # The engine's FP32 with the recurrence by cuBLAS's products, then
@@ -74,8 +80,8 @@ def main():
         against_eager(suffix, prec)
     # A variant's tiles differ from this build's only past 16 rows.
     for name, v in variants:
-        against_cudnn("", "_fused", "FP32, fused, " + name, eng=v, batches=(64,))
-        against_eager("_fused", "FP32, fused, " + name, eng=v, batch1=False)
+        against_cudnn("", "_fused", "FP32, fused, " + name, eng=v, wide_only=True)
+        against_eager("_fused", "FP32, fused, " + name, eng=v, wide_only=True)
     faster("training, LSTM LM 2x512, 32 windows of 127 tokens, clipping and Adam, FP32 (vs cuDNN)",
            "train_tok_per_s", None, unit="tok/s")
 
