@@ -345,26 +345,31 @@ __device__ const float *cell_hist(const cell_step &s, const cell_row &r, int lag
     return r.t - lag >= 1 ? r.ring + (long)((r.t - lag) % s.R) * s.H : (const float *)0;
 }
 
+/* One thread: a window's K scores in a become their softmax, copied to
+ * out (K floats) unless it is NULL. */
+__device__ void softmax_window(float *a, int K, float *out)
+{
+    float mx = a[0], sum = 0.0f;
+    for (int j = 1; j < K; j++)
+        mx = fmaxf(mx, a[j]);
+    for (int j = 0; j < K; j++) {
+        a[j] = expf(a[j] - mx);
+        sum += a[j];
+    }
+    for (int j = 0; j < K; j++) {
+        a[j] /= sum;
+        if (out)
+            out[j] = a[j];
+    }
+}
+
 /* Every thread of the block, once the window's K scores are in a (shared
- * memory): they become their softmax, by one thread, copied to out (K
- * floats) unless it is NULL. */
+ * memory): they become their softmax, by one thread. */
 __device__ void window_weights(float *a, int K, float *out)
 {
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float mx = a[0], sum = 0.0f;
-        for (int j = 1; j < K; j++)
-            mx = fmaxf(mx, a[j]);
-        for (int j = 0; j < K; j++) {
-            a[j] = expf(a[j] - mx);
-            sum += a[j];
-        }
-        for (int j = 0; j < K; j++) {
-            a[j] /= sum;
-            if (out)
-                out[j] = a[j];
-        }
-    }
+    if (threadIdx.x == 0)
+        softmax_window(a, K, out);
     __syncthreads();
 }
 
@@ -502,11 +507,16 @@ static void cuda_cell_step(struct backend *be, const struct cell_step *s)
  * kernel.  Fused, a block takes a tile of rows and the units of one tile,
  * all G gates of each (FUSED_COLS columns of the product), and runs their
  * cell as soon as its sums are done: one launch a step, and the gates
- * never leave the block.  Dynamic attention adds two launches before it:
- * the query's product, by tiles the same way, and the weights, a block
- * per row, since each needs its row's whole query.  It computes in FP32
- * only: in TF32 and BF16 the tensor cores' products are cuBLAS's. */
+ * never leave the block.  Dynamic attention adds a launch before it: the
+ * query's product, by tiles the same way, since a row's weights need its
+ * whole query (query_kernel).  It computes in FP32 only: in TF32 and BF16
+ * the tensor cores' products are cuBLAS's. */
 #define FUSED_COLS 16
+
+/* The widest window of dynamic attention the fused step takes: a block
+ * keeps each of its rows' K weights in shared memory.  Wider windows take
+ * the products' path. */
+#define FUSED_WINDOW 32
 
 /* A tile of ROWS rows by FUSED_COLS columns: 8, 16, 32 or 64 rows, the
  * fewest that hold a step's rows (fused_rows), so that a small batch does
@@ -646,22 +656,46 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
     recurrent_step_kernel(struct cell_step s, const float *hprev, const float *w)
 {
     constexpr int U = FUSED_COLS / G;
-    __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
-    const int H = s.H, n = s.n, tid = threadIdx.x;
+    static_assert(8 * FUSED_WINDOW >= CONFIG_MAX_ATTN_WINDOW, "a static window fits the smallest tile's weights");
+    __shared__ float a[ROWS * FUSED_WINDOW];
+    const int H = s.H, n = s.n, K = s.attn_window, tid = threadIdx.x;
     int r0, u0;
     tile_of_block<ROWS>(H, U, &r0, &u0);
     const bool dynamic = attends(s) && s.attn_mode == ATTN_DYNAMIC;
 
-    /* Static attention: the same weights for every row. */
-    if (attends(s) && !dynamic) {
-        for (int j = tid; j < s.attn_window; j += blockDim.x)
+    if (dynamic) {
+        /* Row i's score j: the query kernel's parts of it, one a tile of
+         * the query, added in the tiles' order; then each row's softmax,
+         * a thread a row.  Every block of the row's tile works them out
+         * for itself. */
+        const int tiles = (H + FUSED_COLS - 1) / FUSED_COLS;
+        const float scale = 1.0f / sqrtf((float)H);
+        for (int x = tid; x < ROWS * K; x += blockDim.x) {
+            const int i = r0 + x / K;
+            float score = 0.0f;
+            if (i < n) {
+                const float *part = s.hg + (long)i * G * H + x % K * tiles;
+                for (int q = 0; q < tiles; q++)
+                    score += part[q];
+            }
+            a[x] = score * scale;
+        }
+        __syncthreads();
+        for (int row = tid; row < ROWS; row += blockDim.x) {
+            const int i = r0 + row;
+            softmax_window(a + row * K, K, s.attn && u0 == 0 && i < n ? s.attn + (long)i * K : (float *)0);
+        }
+        __syncthreads();
+    } else if (attends(s)) {
+        /* Static attention: the same weights for every row. */
+        for (int j = tid; j < K; j += blockDim.x)
             a[j] = s.attn_logits[j];
-        window_weights(a, s.attn_window, (float *)0);
+        window_weights(a, K, (float *)0);
         if (s.attn && u0 == 0)
-            for (int x = tid; x < ROWS * s.attn_window; x += blockDim.x) {
-                const int i = r0 + x / s.attn_window;
+            for (int x = tid; x < ROWS * K; x += blockDim.x) {
+                const int i = r0 + x / K;
                 if (i < n)
-                    s.attn[(long)i * s.attn_window + x % s.attn_window] = a[x % s.attn_window];
+                    s.attn[(long)i * K + x % K] = a[x % K];
             }
     }
     /* Column c is gate c / U of unit u0 + c % U: W's row g H + u0 + u. */
@@ -676,18 +710,23 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
         float hv[4];
         for (int g = 0; g < G; g++)
             hv[g] = sums[row * FUSED_COLS + g * U + u];
-        /* Dynamic weights were left in the row's hg by attention_kernel. */
-        const float *aw = !attends(s) ? (const float *)0 : dynamic ? s.hg + (long)i * G * H : a;
+        const float *aw = !attends(s) ? (const float *)0 : dynamic ? a + row * K : a;
         cell_unit(s, cell_row_of(s, i), k, hv, aw);
     }
 }
 
 /* Dynamic attention's queries, q = hprev W_q^T, by the tiles of the
- * recurrent product: FUSED_COLS units of q a tile. */
+ * recurrent product: FUSED_COLS units of q a tile.  A row's scores need
+ * its whole query, which no tile has, so each tile also leaves its part of
+ * them, q . h_{t-1-j} over its units alone, in the row's hg (which the
+ * fused step does not otherwise use): K parts a tile, at j tiles + tile,
+ * for recurrent_step_kernel to add up in order.  Added in a fixed order
+ * rather than by atomics, the scores do not depend on how the blocks
+ * ran. */
 template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
     query_kernel(struct cell_step s, const float *hprev, const float *w_q)
 {
-    const int H = s.H;
+    const int H = s.H, K = s.attn_window, tiles = (H + FUSED_COLS - 1) / FUSED_COLS;
     int r0, u0;
     tile_of_block<ROWS>(H, FUSED_COLS, &r0, &u0);
     const float *sums =
@@ -697,28 +736,25 @@ template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
         if (i < s.n && u0 + c < H)
             s.q[(long)i * H + u0 + c] = sums[x];
     }
-}
-
-/* Then the weights: each row's needs its whole query, which no tile has,
- * so a block per row works them out, into the first K floats of the
- * row's hg, which the fused step does not otherwise use. */
-__global__ void attention_kernel(struct cell_step s)
-{
-    __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
-    const int i = blockIdx.x;
-    attention_weights(s, cell_row_of(s, i), i, a);
-    for (int j = threadIdx.x; j < s.attn_window; j += blockDim.x)
-        s.hg[(long)i * gates_of(s.cell) * s.H + j] = a[j];
+    const int cols = H - u0 < FUSED_COLS ? H - u0 : FUSED_COLS;
+    for (int x = threadIdx.x; x < ROWS * K; x += blockDim.x) {
+        const int row = x / K, j = x % K, i = r0 + row;
+        if (i >= s.n)
+            continue;
+        const float *h = cell_hist(s, cell_row_of(s, i), j + 2);
+        float part = 0.0f;
+        for (int c = 0; h && c < cols; c++)
+            part += sums[row * FUSED_COLS + c] * h[u0 + c];
+        s.hg[(long)i * gates_of(s.cell) * H + j * tiles + u0 / FUSED_COLS] = part;
+    }
 }
 
 template <int ROWS> static void fused_step(struct backend *be, const struct cell_step *s, const float *hprev,
                                            const float *w, const float *w_q)
 {
     const int G = gates_of(s->cell), U = FUSED_COLS / G;
-    if (attends(*s) && s->attn_mode == ATTN_DYNAMIC) {
+    if (attends(*s) && s->attn_mode == ATTN_DYNAMIC)
         launch(be, query_kernel<ROWS>, tile_blocks(s->n, ROWS, s->H, FUSED_COLS), CELL_THREADS, *s, hprev, w_q);
-        launch(be, attention_kernel, s->n, CELL_THREADS, *s);
-    }
     launch(be,
            G == 4   ? recurrent_step_kernel<4, ROWS>
            : G == 3 ? recurrent_step_kernel<3, ROWS>
@@ -749,8 +785,12 @@ static int fused_rows(int n)
 static int cuda_recurrent_step(struct backend *be, const struct cell_step *s, const float *hprev, const float *w,
                                const float *w_q)
 {
+    /* Dynamic attention's parts of scores, K a tile of the query, must fit
+     * the row's hg, and its weights the block's shared memory. */
+    const int parts = s->attn_window * ((s->H + FUSED_COLS - 1) / FUSED_COLS);
     if (be->recurrence != RECURRENCE_FUSED || impl_of(be)->precision != PRECISION_FP32 ||
-        (attends(*s) && s->attn_window > gates_of(s->cell) * s->H))
+        (attends(*s) && s->attn_mode == ATTN_DYNAMIC &&
+         (s->attn_window > FUSED_WINDOW || parts > gates_of(s->cell) * s->H)))
         return 0;
     if (s->n <= 0)
         return 1;
