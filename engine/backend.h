@@ -235,8 +235,8 @@ struct backend_ops {
      * inside rather than read from s->hg, so the gates never go through
      * memory and a step is one launch.  With dynamic attention it also
      * computes the queries s->q = hprev w_q^T first (w_q [H][H]), and s->hg
-     * is scratch it may use (the rows' weights, worked out from their
-     * whole queries).  Returns 0, having queued nothing, where it computes
+     * is scratch it may use (each row's attention scores in parts, one a
+     * tile of its query).  Returns 0, having queued nothing, where it computes
      * the step by gemm and cell_step instead: the answer depends on the
      * settings and the model's shape, never on the rows.  NULL: never. */
     int (*recurrent_step)(struct backend *be, const struct cell_step *s, const float *hprev, const float *w,

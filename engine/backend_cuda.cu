@@ -442,10 +442,18 @@ __device__ void cell_unit(const cell_step &s, const cell_row &r, int k, const fl
         float fg = sigmoid_dev(xg[H + k] + hv[1] + b[H + k]);
         float gg = tanhf(xg[2 * H + k] + hv[2] + b[2 * H + k]);
         float cn = fg * r.c[k] + ig * gg;
-        for (int j = 0; a && j < s.attn_window; j++) {
-            const float *hj = cell_hist(s, r, j + 2);
-            if (hj)
-                cn += a[j] * hj[k];
+        if (a) {
+            /* The window's states that exist, h_{t-2} back to h_{t-1-K}
+             * (cell_hist's), whose places in the ring run down from
+             * (t - 2) mod R: counted down rather than each found by a
+             * division, and without a branch a state, so that the loads
+             * of several can be in flight at once. */
+            const int have = t - 2 < s.attn_window ? t - 2 : s.attn_window;
+            int place = have > 0 ? (t - 2) % s.R : 0;
+            for (int j = 0; j < have; j++) {
+                cn += a[j] * r.ring[(long)place * H + k];
+                place = place > 0 ? place - 1 : s.R - 1;
+            }
         }
         float po = xg[3 * H + k] + hv[3] + b[3 * H + k];
         if (s.peephole)
@@ -472,11 +480,16 @@ __host__ __device__ static int attends(const cell_step &s)
     return s.cell == CELL_LSTM && s.attn_window > 0;
 }
 
+/* The threads of cell_step_kernel's blocks: a thread a unit, up to this
+ * many, so that a row's units are not done one after another by a thread
+ * each waiting on its loads. */
+#define CELL_STEP_THREADS 512
+
 /* One block per row.  The twin of cpu_cell_step: attention weights first
  * (a reduction over H per window entry), then every k of the row from the
  * recurrent products in hg; in training it also fills the row's cache as
  * cell_rows does. */
-__global__ void cell_step_kernel(struct cell_step s)
+__global__ void __launch_bounds__(CELL_STEP_THREADS) cell_step_kernel(struct cell_step s)
 {
     __shared__ float a[CONFIG_MAX_ATTN_WINDOW];
     const int i = blockIdx.x, H = s.H, G = gates_of(s.cell);
@@ -496,7 +509,8 @@ static void cuda_cell_step(struct backend *be, const struct cell_step *s)
 {
     if (s->n <= 0)
         return;
-    launch(be, cell_step_kernel, s->n, CELL_THREADS, *s);
+    const int threads = (s->H + 31) / 32 * 32;
+    launch(be, cell_step_kernel, s->n, threads < CELL_STEP_THREADS ? threads : CELL_STEP_THREADS, *s);
 }
 
 /* ---- the recurrence fused: product and cell in one kernel --------------
