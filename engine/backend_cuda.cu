@@ -684,13 +684,21 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
          * for itself. */
         const int tiles = (H + FUSED_COLS - 1) / FUSED_COLS;
         const float scale = 1.0f / sqrtf((float)H);
+        /* By 16-byte loads where every score's parts start aligned: a
+         * thread's loads are what the step waits on here. */
+        const bool vec = tiles % 4 == 0 && (uintptr_t)s.hg % 16 == 0;
         for (int x = tid; x < ROWS * K; x += blockDim.x) {
             const int i = r0 + x / K;
             float score = 0.0f;
             if (i < n) {
                 const float *part = s.hg + (long)i * G * H + x % K * tiles;
-                for (int q = 0; q < tiles; q++)
-                    score += part[q];
+                for (int q = 0; q < tiles; q += 4) {
+                    const float4 p = load4(part + q, tiles - q, vec);
+                    score += p.x;
+                    score += p.y;
+                    score += p.z;
+                    score += p.w;
+                }
             }
             a[x] = score * scale;
         }
@@ -750,15 +758,20 @@ template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
         if (i < s.n && u0 + c < H)
             s.q[(long)i * H + u0 + c] = sums[x];
     }
-    const int cols = H - u0 < FUSED_COLS ? H - u0 : FUSED_COLS;
+    const bool vec = H % 4 == 0 && (uintptr_t)s.ring % 16 == 0;
     for (int x = threadIdx.x; x < ROWS * K; x += blockDim.x) {
         const int row = x / K, j = x % K, i = r0 + row;
         if (i >= s.n)
             continue;
-        const float *h = cell_hist(s, cell_row_of(s, i), j + 2);
+        const float *h = cell_hist(s, cell_row_of(s, i), j + 2), *q = sums + row * FUSED_COLS;
         float part = 0.0f;
-        for (int c = 0; h && c < cols; c++)
-            part += sums[row * FUSED_COLS + c] * h[u0 + c];
+        for (int c = 0; h && c < FUSED_COLS; c += 4) {
+            const float4 hv = load4(h + u0 + c, H - u0 - c, vec);
+            part += q[c] * hv.x;
+            part += q[c + 1] * hv.y;
+            part += q[c + 2] * hv.z;
+            part += q[c + 3] * hv.w;
+        }
         s.hg[(long)i * gates_of(s.cell) * H + j * tiles + u0 / FUSED_COLS] = part;
     }
 }
