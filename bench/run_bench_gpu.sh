@@ -6,7 +6,8 @@
 # torch.json, engine.json, server.log and RESULTS.md (the table for
 # bench/RESULTS.md, targets beside the figures) to OUT_DIR and prints them.
 # Every other build of bench_engine in BENCH_DIR/variants (tools/gpu-bundle.sh
-# puts the fused kernel's tile variants there) times its fused mode too,
+# puts the fused kernel's variants there: its tiles, its launches) times its
+# fused mode too,
 # into engine-NAME.json and rows of the table of their own.
 # Needs a CUDA GPU and a python3 with PyTorch built for it (PYTHON=...).
 set -euo pipefail

@@ -64,6 +64,10 @@ struct cuda_impl {
      * backward's per-row attention gradients). */
     float *scratch;
     size_t scratch_cap; /* floats */
+    /* Whether the fused steps of a forward may overlap each other
+     * (inputs_ready): the device has programmatic dependent launch, and
+     * the build did not turn it off. */
+    bool overlap;
 };
 
 static struct cuda_impl *impl_of(struct backend *be)
@@ -201,18 +205,33 @@ static void cuda_gemm(struct backend *be, int trans_a, int trans_b, int M, int N
     gemm_ex(be, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_32F, beta, C, ldc, impl_of(be)->compute);
 }
 
-/* Queue kernel on the backend's stream, grid blocks of threads threads.
+/* Queue kernel on the backend's stream, grid blocks of threads threads;
+ * with overlap, allowed to start before the kernel before it in the
+ * stream ends (programmatic dependent launch): only for kernels that call
+ * inputs_ready before they read or write what that one may have.
  * cudaLaunchKernelEx rather than <<< >>>: a launch that cannot start
  * fails the call that made it, and the kernels also run under the CPU
  * emulator of tests/cuda_emu, which a C++ compiler builds. */
 template <typename... Params, typename... Args>
-static void launch(struct backend *be, void (*kernel)(Params...), int grid, int threads, Args... args)
+static void launch_on(struct backend *be, bool overlap, void (*kernel)(Params...), int grid, int threads,
+                      Args... args)
 {
+    cudaLaunchAttribute attr = {};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)grid);
     cfg.blockDim = dim3((unsigned)threads);
     cfg.stream = stream_of(be);
+    cfg.attrs = &attr;
+    cfg.numAttrs = overlap ? 1 : 0;
     check(be, cudaLaunchKernelEx(&cfg, kernel, args...), "kernel launch");
+}
+
+template <typename... Params, typename... Args>
+static void launch(struct backend *be, void (*kernel)(Params...), int grid, int threads, Args... args)
+{
+    launch_on(be, false, kernel, grid, threads, args...);
 }
 
 static int blocks_for(long n, int threads)
@@ -573,14 +592,17 @@ __device__ float4 load4(const float *p, int avail, bool vec)
 /* Every thread of the block: rows r0 .. r0 + ROWS - 1 of hprev (n rows, H
  * wide) times the FUSED_COLS rows of w that the tile's columns name
  * (w_row(c), or -1 for a column of zeros), summed over H: returns shared
- * memory holding row r, column c at r FUSED_COLS + c.  A thread's rows
+ * memory holding row r, column c at r FUSED_COLS + c.  The first stage of
+ * w is loaded before ready() is called, and nothing else is read before
+ * it: ready is where a kernel waits for the one before it (inputs_ready).  A thread's rows
  * are rg + ROWS/4 j and its columns cg + 4 c, which keeps the loads of a
  * quarter warp on distinct banks; one float4 of h and one of W per row
  * and column every 4 k, so 8 loads of 16 bytes from shared memory feed 64
  * multiply-adds.  The next stage is loaded into registers while this
  * one's products run, so that global memory's latency hides behind them. */
-template <int ROWS, typename WRow> __device__ const float *tile_product(const float *hprev, int n, int H, int r0,
-                                                                         const float *w, WRow w_row)
+template <int ROWS, typename WRow, typename Ready>
+__device__ const float *tile_product(const float *hprev, int n, int H, int r0, const float *w, WRow w_row,
+                                     Ready ready)
 {
     using T = tile_shape<ROWS>;
     __shared__ __align__(16) float shared[T::SHARED];
@@ -588,17 +610,21 @@ template <int ROWS, typename WRow> __device__ const float *tile_product(const fl
     const int tid = threadIdx.x, slice = tid / ROWS, rg = tid % ROWS / 4, cg = tid % 4;
     const bool vec = H % 4 == 0 && (uintptr_t)hprev % 16 == 0 && (uintptr_t)w % 16 == 0;
     float4 hnext[T::H4], wnext[T::W4];
-    auto fetch = [&](int k0) {
+    auto fetch_h = [&](int k0) {
         for (int m = 0; m < T::H4; m++) {
             const int x = tid + m * CELL_THREADS, i = r0 + x / (T::KC / 4), k = 4 * (x % (T::KC / 4));
             hnext[m] = load4(hprev + (long)i * H + k0 + k, i < n ? H - k0 - k : 0, vec);
         }
+    };
+    auto fetch_w = [&](int k0) {
         for (int m = 0; m < T::W4; m++) {
             const int x = tid + m * CELL_THREADS, wr = w_row(x / (T::KC / 4)), k = 4 * (x % (T::KC / 4));
             wnext[m] = load4(w + (wr >= 0 ? (long)wr * H : 0) + k0 + k, wr >= 0 ? H - k0 - k : 0, vec);
         }
     };
-    fetch(0);
+    fetch_w(0);
+    ready();
+    fetch_h(0);
     float acc[4][4] = {};
     for (int k0 = 0; k0 < H; k0 += T::KC) {
         for (int m = 0; m < T::H4; m++) {
@@ -610,8 +636,10 @@ template <int ROWS, typename WRow> __device__ const float *tile_product(const fl
             *(float4 *)&ws[x / (T::KC / 4) * T::LD + 4 * (x % (T::KC / 4))] = wnext[m];
         }
         __syncthreads();
-        if (k0 + T::KC < H)
-            fetch(k0 + T::KC);
+        if (k0 + T::KC < H) {
+            fetch_h(k0 + T::KC);
+            fetch_w(k0 + T::KC);
+        }
         const int ks = slice * T::KS, kn = H - k0;
         for (int k = ks; k < ks + T::KS && k < kn; k += 4) {
             float4 hv[4], wv[4];
@@ -662,22 +690,29 @@ static int tile_blocks(int n, int rows, int units, int per_tile)
     return (units + per_tile - 1) / per_tile * ((n + rows - 1) / rows);
 }
 
-/* The cell kernel with the recurrent product done inside: each tile's
- * (row, unit) runs cell_unit from its gates' sums, as cell_step_kernel
- * does from hg in memory.  A tile holds FUSED_COLS / G units: 4 of the
- * LSTM, 5 of the GRU (one column unused), 16 of a plain RNN. */
-template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
-    recurrent_step_kernel(struct cell_step s, const float *hprev, const float *w)
+/* Every thread of a fused kernel, before it touches anything but the
+ * weights.  Where the kernel was launched to overlap the one before it in
+ * its stream (programmatic dependent launch, sm_90 on; launch_on), it
+ * waits here until that one has finished and its writes are seen, and then
+ * lets the next such kernel start: a layer's steps are a chain of them, so
+ * that each step's blocks are scheduled and load their first weights while
+ * the step before still runs, instead of after it.  Launched otherwise,
+ * both calls return at once. */
+__device__ void inputs_ready()
 {
-    constexpr int U = FUSED_COLS / G;
-    static_assert(8 * FUSED_WINDOW >= CONFIG_MAX_ATTN_WINDOW, "a static window fits the smallest tile's weights");
-    __shared__ float a[ROWS * FUSED_WINDOW];
-    const int H = s.H, n = s.n, K = s.attn_window, tid = threadIdx.x;
-    int r0, u0;
-    tile_of_block<ROWS>(H, U, &r0, &u0);
-    const bool dynamic = attends(s) && s.attn_mode == ATTN_DYNAMIC;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    cudaGridDependencySynchronize();
+    cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
 
-    if (dynamic) {
+/* Every thread of the block: the attention weights of the tile's rows
+ * into a, each row's K at row K (dynamic) or one window for every row
+ * (static), and to s.attn from the blocks of the first units. */
+template <int ROWS, int G> __device__ void tile_attention(const cell_step &s, int r0, int u0, float *a)
+{
+    const int H = s.H, n = s.n, K = s.attn_window, tid = threadIdx.x;
+    if (s.attn_mode == ATTN_DYNAMIC) {
         /* Row i's score j: the query kernel's parts of it, one a tile of
          * the query, added in the tiles' order; then each row's softmax,
          * a thread a row.  Every block of the row's tile works them out
@@ -708,8 +743,7 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
             softmax_window(a + row * K, K, s.attn && u0 == 0 && i < n ? s.attn + (long)i * K : (float *)0);
         }
         __syncthreads();
-    } else if (attends(s)) {
-        /* Static attention: the same weights for every row. */
+    } else {
         for (int j = tid; j < K; j += blockDim.x)
             a[j] = s.attn_logits[j];
         window_weights(a, K, (float *)0);
@@ -720,11 +754,33 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
                     s.attn[(long)i * K + x % K] = a[x % K];
             }
     }
+}
+
+/* The cell kernel with the recurrent product done inside: each tile's
+ * (row, unit) runs cell_unit from its gates' sums, as cell_step_kernel
+ * does from hg in memory.  A tile holds FUSED_COLS / G units: 4 of the
+ * LSTM, 5 of the GRU (one column unused), 16 of a plain RNN. */
+template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
+    recurrent_step_kernel(struct cell_step s, const float *hprev, const float *w)
+{
+    constexpr int U = FUSED_COLS / G;
+    static_assert(8 * FUSED_WINDOW >= CONFIG_MAX_ATTN_WINDOW, "a static window fits the smallest tile's weights");
+    __shared__ float a[ROWS * FUSED_WINDOW];
+    const int H = s.H, n = s.n, K = s.attn_window, tid = threadIdx.x;
+    int r0, u0;
+    tile_of_block<ROWS>(H, U, &r0, &u0);
     /* Column c is gate c / U of unit u0 + c % U: W's row g H + u0 + u. */
-    const float *sums = tile_product<ROWS>(hprev, n, H, r0, w, [&](int c) {
-        const int g = c / U, unit = u0 + c % U;
-        return g < G && unit < H ? g * H + unit : -1;
-    });
+    const float *sums = tile_product<ROWS>(
+        hprev, n, H, r0, w,
+        [&](int c) {
+            const int g = c / U, unit = u0 + c % U;
+            return g < G && unit < H ? g * H + unit : -1;
+        },
+        [&] {
+            inputs_ready();
+            if (attends(s))
+                tile_attention<ROWS, G>(s, r0, u0, a);
+        });
     for (int x = tid; x < ROWS * U; x += blockDim.x) {
         const int row = x / U, u = x % U, i = r0 + row, k = u0 + u;
         if (i >= n || k >= H)
@@ -732,7 +788,7 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
         float hv[4];
         for (int g = 0; g < G; g++)
             hv[g] = sums[row * FUSED_COLS + g * U + u];
-        const float *aw = !attends(s) ? (const float *)0 : dynamic ? a + row * K : a;
+        const float *aw = !attends(s) ? (const float *)0 : s.attn_mode == ATTN_DYNAMIC ? a + row * K : a;
         cell_unit(s, cell_row_of(s, i), k, hv, aw);
     }
 }
@@ -751,8 +807,8 @@ template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
     const int H = s.H, K = s.attn_window, tiles = (H + FUSED_COLS - 1) / FUSED_COLS;
     int r0, u0;
     tile_of_block<ROWS>(H, FUSED_COLS, &r0, &u0);
-    const float *sums =
-        tile_product<ROWS>(hprev, s.n, H, r0, w_q, [&](int c) { return u0 + c < H ? u0 + c : -1; });
+    const float *sums = tile_product<ROWS>(
+        hprev, s.n, H, r0, w_q, [&](int c) { return u0 + c < H ? u0 + c : -1; }, [] { inputs_ready(); });
     for (int x = threadIdx.x; x < ROWS * FUSED_COLS; x += blockDim.x) {
         const int row = x / FUSED_COLS, c = x % FUSED_COLS, i = r0 + row;
         if (i < s.n && u0 + c < H)
@@ -776,17 +832,23 @@ template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
     }
 }
 
+/* Both kernels read the weights before inputs_ready, so they overlap the
+ * kernel before them only where nothing can have just written the weights:
+ * in training the optimizer rewrites them between batches, in inference
+ * nothing does. */
 template <int ROWS> static void fused_step(struct backend *be, const struct cell_step *s, const float *hprev,
                                            const float *w, const float *w_q)
 {
     const int G = gates_of(s->cell), U = FUSED_COLS / G;
+    const bool overlap = impl_of(be)->overlap && !s->cache;
     if (attends(*s) && s->attn_mode == ATTN_DYNAMIC)
-        launch(be, query_kernel<ROWS>, tile_blocks(s->n, ROWS, s->H, FUSED_COLS), CELL_THREADS, *s, hprev, w_q);
-    launch(be,
-           G == 4   ? recurrent_step_kernel<4, ROWS>
-           : G == 3 ? recurrent_step_kernel<3, ROWS>
-                    : recurrent_step_kernel<1, ROWS>,
-           tile_blocks(s->n, ROWS, s->H, U), CELL_THREADS, *s, hprev, w);
+        launch_on(be, overlap, query_kernel<ROWS>, tile_blocks(s->n, ROWS, s->H, FUSED_COLS), CELL_THREADS, *s,
+                  hprev, w_q);
+    launch_on(be, overlap,
+              G == 4   ? recurrent_step_kernel<4, ROWS>
+              : G == 3 ? recurrent_step_kernel<3, ROWS>
+                       : recurrent_step_kernel<1, ROWS>,
+              tile_blocks(s->n, ROWS, s->H, U), CELL_THREADS, *s, hprev, w);
 }
 
 /* The most rows a tile takes; a step of more takes several tiles.  64
@@ -796,6 +858,12 @@ template <int ROWS> static void fused_step(struct backend *be, const struct cell
  * spreads over the SMs (fewer). */
 #ifndef FUSED_ROWS_MAX
 #define FUSED_ROWS_MAX 64
+#endif
+
+/* 0 builds the fused steps without overlapping launches (inputs_ready),
+ * for tools/gpu-run.sh bench to time what they buy. */
+#ifndef FUSED_OVERLAP
+#define FUSED_OVERLAP 1
 #endif
 static_assert(FUSED_ROWS_MAX == 8 || FUSED_ROWS_MAX == 16 || FUSED_ROWS_MAX == 32 || FUSED_ROWS_MAX == 64,
               "a tile has 8, 16, 32 or 64 rows");
@@ -1518,6 +1586,9 @@ extern "C" struct backend *backend_cuda_create(char *err, size_t errlen)
     be->ops = &cuda_ops;
     be->impl = c;
     c->compute = CUBLAS_COMPUTE_32F;
+    int dev = 0, major = 0;
+    c->overlap = FUSED_OVERLAP && cudaGetDevice(&dev) == cudaSuccess &&
+                 cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
     if (lane_open(&c->lanes[0], err, errlen) != 0) {
         cuda_destroy(be);
         return NULL;

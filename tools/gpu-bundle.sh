@@ -13,10 +13,11 @@
 #   device run, carry [".gpu"], command "tools/gpu-run.sh"
 #
 # tools/gpu-run.sh, run there, says what it does and what it writes.
-# The bundle holds two other builds of bench_engine, rows32 and rows16: the
-# fused recurrence with tiles of at most 32 and 16 rows (FUSED_ROWS_MAX in
-# engine/backend_cuda.cu; this build's is 64), which gpu-run.sh bench times
-# beside it.  RRN_BENCH_VARIANTS="NAME=PATH ..." adds others (a branch's)
+# The bundle holds three other builds of bench_engine, which gpu-run.sh
+# bench times beside it: rows32 and rows16, the fused recurrence with tiles
+# of at most 32 and 16 rows (FUSED_ROWS_MAX in engine/backend_cuda.cu; this
+# build's is 64), and nooverlap, its steps launched without programmatic
+# dependent launch (FUSED_OVERLAP).  RRN_BENCH_VARIANTS="NAME=PATH ..." adds others (a branch's)
 # for gpu-run.sh compare to time beside this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +29,10 @@ tests=$(ls tests/test_*.c | sed 's|^tests/\(.*\)\.c$|build/cuda/tests/\1|')
 make -j"$(nproc)" CUDA=1 rrnserve build/cuda/bench/bench_engine build/cuda/bench/loadgen build/cuda/tools/libcupti_trace.so \
     $tests
 variants=${RRN_BENCH_VARIANTS:-}
-for rows in 32 16; do
-    make -j"$(nproc)" CUDA=1 BUILD=build/cuda-rows$rows CUDA_DEFS=-DFUSED_ROWS_MAX=$rows \
-        build/cuda-rows$rows/bench/bench_engine
-    variants="$variants rows$rows=build/cuda-rows$rows/bench/bench_engine"
+for spec in rows32:-DFUSED_ROWS_MAX=32 rows16:-DFUSED_ROWS_MAX=16 nooverlap:-DFUSED_OVERLAP=0; do
+    name=${spec%%:*}
+    make -j"$(nproc)" CUDA=1 BUILD=build/cuda-$name CUDA_DEFS="${spec#*:}" build/cuda-$name/bench/bench_engine
+    variants="$variants $name=build/cuda-$name/bench/bench_engine"
 done
 
 stage=$(mktemp -d)

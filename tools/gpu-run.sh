@@ -7,10 +7,10 @@
 #   bench  bench_torch.py and bench_engine on cuda (cuDNN's figures in FP32
 #          and TF32, each against the engine's own, and the engine's FP32
 #          again with --recurrence fused; a training step against
-#          cuDNN's), the fused recurrence again in the bundle's tile
-#          variants (rows32, rows16), the server's /generate
+#          cuDNN's), the fused recurrence again in the bundle's
+#          variants (rows32, rows16, nooverlap), the server's /generate
 #          at 64 streams with --device cuda: torch.json, engine.json,
-#          engine-rows32.json, engine-rows16.json, server.log and
+#          engine-NAME.json for each variant, server.log and
 #          RESULTS.md (for bench/RESULTS.md)
 #   train  the shipped sentiment recipe on the GPU, and a few Austen
 #          steps for speed: train.log

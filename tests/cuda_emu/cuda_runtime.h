@@ -108,18 +108,40 @@ typedef struct emu_graph *cudaGraph_t;
 typedef struct emu_graph *cudaGraphExec_t;
 typedef struct emu_event *cudaEvent_t;
 
+/* Of the launch attributes, programmatic dependent launch only: the
+ * kernel may start before the one before it in the stream ends, and must
+ * wait for it with cudaGridDependencySynchronize (below). */
+enum cudaLaunchAttributeID {
+    cudaLaunchAttributeProgrammaticStreamSerialization = 6,
+};
+
+struct cudaLaunchAttribute {
+    cudaLaunchAttributeID id;
+    union {
+        int programmaticStreamSerializationAllowed;
+    } val;
+};
+
 struct cudaLaunchConfig_t {
     dim3 gridDim;
     dim3 blockDim;
     size_t dynamicSmemBytes;
     cudaStream_t stream;
-    void *attrs;
+    cudaLaunchAttribute *attrs;
     unsigned numAttrs;
+};
+
+enum cudaDeviceAttr {
+    cudaDevAttrComputeCapabilityMajor = 75,
 };
 
 const char *cudaGetErrorString(cudaError_t err);
 cudaError_t cudaGetLastError(void);
 cudaError_t cudaGetDeviceCount(int *count);
+cudaError_t cudaGetDevice(int *device);
+/* The emulated device is of compute capability 9.0, a Hopper's, so that
+ * the code for one runs here. */
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device);
 
 cudaError_t cudaMalloc(void **p, size_t bytes);
 cudaError_t cudaFree(void *p);
@@ -165,6 +187,9 @@ cudaError_t launch(const cudaLaunchConfig_t *cfg, std::function<void()> body);
 
 
 void syncthreads(void);
+/* A thread of a launch waited for the kernel before it: every thread of a
+ * launch with programmatic dependent launch must, once (launch checks). */
+void grid_dependency_wait(void);
 unsigned long long shfl_down(unsigned mask, unsigned long long bits, unsigned delta, int width);
 
 /* The device allocation holding [p, p + bytes), or 0 when there is none;
@@ -191,6 +216,16 @@ static inline void __syncthreads(void)
 {
     cuda_emu::syncthreads();
 }
+
+/* Kernels run one after another here, so the wait has nothing to wait
+ * for; it is counted, so that a kernel launched to overlap whose thread
+ * never waits stops the program. */
+static inline void cudaGridDependencySynchronize(void)
+{
+    cuda_emu::grid_dependency_wait();
+}
+
+static inline void cudaTriggerProgrammaticLaunchCompletion(void) {}
 
 template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32)
 {

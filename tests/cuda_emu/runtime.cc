@@ -473,6 +473,15 @@ static unsigned next_random(uint64_t *state)
     return (unsigned)((*state * 0x2545f4914f6cdd1dULL) >> 32);
 }
 
+/* cudaGridDependencySynchronize's calls in the launch running on this
+ * host thread. */
+static __thread unsigned long long grid_waits;
+
+void grid_dependency_wait(void)
+{
+    grid_waits++;
+}
+
 static void run_block(const std::function<void()> &body, dim3 block_idx, dim3 block_dim, dim3 grid_dim)
 {
     block_run b;
@@ -555,14 +564,26 @@ cudaError_t launch(const cudaLaunchConfig_t *cfg, std::function<void()> body)
         return fail(cudaErrorInvalidConfiguration);
     if (cfg->dynamicSmemBytes)
         fault("dynamic shared memory is not emulated");
+    bool overlap = false;
+    for (unsigned a = 0; a < cfg->numAttrs; a++) {
+        if (cfg->attrs[a].id != cudaLaunchAttributeProgrammaticStreamSerialization)
+            fault("launch attribute %d is not emulated", (int)cfg->attrs[a].id);
+        overlap = cfg->attrs[a].val.programmaticStreamSerializationAllowed != 0;
+    }
     static std::atomic<uint64_t> launches;
     uint64_t seed = 0x9e3779b97f4a7c15ULL * (launches.fetch_add(1) + 1);
-    return enqueue(cfg->stream, [g, t, body, seed]() {
+    return enqueue(cfg->stream, [g, t, body, seed, overlap, threads]() {
         random_state = seed;
+        grid_waits = 0;
         for (unsigned z = 0; z < g.z; z++)
             for (unsigned y = 0; y < g.y; y++)
                 for (unsigned x = 0; x < g.x; x++)
                     run_block(body, dim3(x, y, z), t, g);
+        const unsigned long long all = threads * g.x * g.y * g.z;
+        if (overlap && grid_waits != all)
+            fault("a kernel launched to overlap the one before it waited for it in %llu of its %llu threads, "
+                  "not in each once (cudaGridDependencySynchronize)",
+                  grid_waits, all);
     });
 }
 
@@ -620,6 +641,23 @@ cudaError_t cudaGetDeviceCount(int *count)
     const char *visible = getenv("CUDA_VISIBLE_DEVICES");
     *count = !visible || (visible[0] && strcmp(visible, "-1") != 0);
     return *count ? cudaSuccess : fail(cudaErrorNoDevice);
+}
+
+cudaError_t cudaGetDevice(int *device)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess)
+        return cudaErrorNoDevice;
+    *device = 0;
+    return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device)
+{
+    if (!value || device != 0 || attr != cudaDevAttrComputeCapabilityMajor)
+        return fail(cudaErrorInvalidValue);
+    *value = 9;
+    return cudaSuccess;
 }
 
 static cudaError_t allocate(void **p, size_t bytes, bool device)
