@@ -430,14 +430,23 @@ void engine_layer_step(struct engine *e, const struct layer_run *r)
     }
     if (fused)
         return;
-    if (r->q)
+    if (r->q) {
+        if (r->q_lane) {
+            be->ops->lane_use(be, r->q_lane);
+            be->ops->lane_wait(be, r->lane);
+        }
         engine_gemm_weights(e, n, H, H, r->hprev, H, dp->attn_query, 0.0f, r->q, H);
+        if (r->q_lane)
+            be->ops->lane_use(be, r->lane);
+    }
     for (int i = 0, m; i < n;) {
         int j = run_end(e, r, i, &m);
         engine_gemm_weights(e, j - i, GH, H, r->hprev + (size_t)i * H, H, dp->w_hh[m], 0.0f, r->hg + (size_t)i * GH,
                             GH);
         i = j;
     }
+    if (r->q && r->q_lane)
+        be->ops->lane_wait(be, r->q_lane);
     be->ops->cell_step(be, &s);
 }
 

@@ -94,6 +94,10 @@ struct layer_run {
     float *cache;            /* training: the step's rows of the tape's cache */
     float *hg;               /* [n, G*H] scratch for the recurrent product */
     float *q;                /* [n, H] for W_q h_{t-1} (dynamic attention), else NULL */
+    /* Backends with lanes: the lane the step runs on, and another for the
+     * queries' product to run on beside the recurrent product (both read
+     * only h_{t-1}), or 0 for none. */
+    int lane, q_lane;
 };
 void engine_layer_step(struct engine *e, const struct layer_run *r);
 

@@ -273,6 +273,7 @@ struct layers_run {
     float *attn;
     const struct tape *tape;
     int chunk, chunks, tables, hsep;
+    int q_lanes; /* lane q_lanes + k runs the queries' product of lane k's steps; 0: none */
     float *ys[CONFIG_MAX_LAYERS + 1]; /* y^k, 1-based as in MODELS.md: y^0 is the embedded input */
     float *xrev, *xg, *hg, *qs, *hprev0, *c, *ring, *hout;
     size_t xg_rows;
@@ -381,6 +382,8 @@ static void run_chunk(const struct layers_run *w, int l, int dir, int k, int lan
             .q = tape && tape->q ? tape->q + ((size_t)ld * P + p->off[s]) * H
                  : w->qs         ? w->qs + (size_t)lane * n * H
                                  : NULL,
+            .lane = lane,
+            .q_lane = w->q_lanes ? w->q_lanes + lane : 0,
         };
         engine_layer_step(e, &r);
     }
@@ -427,6 +430,10 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
     const int chunk = each_step ? 1 : wave ? WAVE_CHUNK : T, chunks = (T + chunk - 1) / chunk;
     const int dynamic = e->K && e->m->cfg.attn_mode == ATTN_DYNAMIC;
     const int nbuf = wave && L > 3 ? L : 3;
+    /* The lanes that step (wave: one a layer; else one a direction), and
+     * with dynamic attention as many again for their queries, past those
+     * in use, where there are that many. */
+    const int stepping = wave ? L : lanes, in_use = wave ? 2 * L : lanes;
     int in_max = e->E > W ? e->E : W;
     struct layers_run w = {
         .e = e, .p = p, .d = d, .attn = attn, .tape = tape, .chunk = chunk, .chunks = chunks,
@@ -440,6 +447,7 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
          * per lane in a wavefront with the depth residual, which adds to y
          * chunk by chunk while the next chunk still reads h. */
         .hsep = tape ? 0 : D == 2 ? 2 : wave && e->m->cfg.residual_depth ? lanes : 0,
+        .q_lanes = dynamic && be->ops->lane_use && in_use + stepping <= max_lanes ? in_use : 0,
     };
     float *x0 = tape ? tape_y(tape, 0) : engine_ws(e, WS_X0, (size_t)P * e->E * fsz);
     w.xrev = D == 2 ? engine_ws(e, WS_XREV, (size_t)P * in_max * fsz) : NULL;
@@ -523,11 +531,11 @@ float *engine_run_layers(struct engine *e, const struct plan *p, const struct de
             depth_residual(&w, l, 0, P);
         }
     }
-    /* Lane 0 goes on when every lane is done. */
-    const int used = wave ? 2 * L : lanes;
-    if (used > 1) {
+    /* Lane 0 goes on when every lane is done (the queries' lanes are
+     * each step's cell's to wait for). */
+    if (in_use > 1) {
         lane_use(be, 0);
-        for (int k = 1; k < used; k++)
+        for (int k = 1; k < in_use; k++)
             lane_wait(be, k);
     }
     return w.ys[L];

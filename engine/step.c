@@ -118,6 +118,8 @@ static void *step_work(struct engine *e, void *arg)
             .attn = b->attn ? b->attn + (size_t)l * n * K : NULL,
             .hg = b->hg,
             .q = b->q,
+            /* Steps run on lane 0. */
+            .q_lane = b->q && be->ops->lane_use ? 1 : 0,
         };
         engine_layer_step(e, &run);
         if (e->m->cfg.residual_depth && l >= 1)
