@@ -159,7 +159,7 @@ serve: deps
 	./rrnserve serve
 
 # ---- the CUDA backend on a CPU emulator ------------------------------------
-# engine/backend_cuda.cu built by g++ against the emulated CUDA runtime and
+# engine/*.cu built by g++ against the emulated CUDA runtime and
 # cuBLAS of tests/cuda_emu, with ASan and UBSan, so that its kernels and its
 # host code run in the tests of a machine without a GPU: the CUDA variants of
 # the tests that have them (EMU_FILTER), and the server's tests whole (in

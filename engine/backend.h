@@ -4,8 +4,9 @@
  * when, how sequences are packed, where states live.  A backend only knows
  * how to allocate memory it can compute on, move bytes in and out of it, and
  * run a dozen primitive operations on it.  The CPU backend (backend_cpu.c,
- * OpenBLAS) and the CUDA backend (backend_cuda.cu, cuBLAS) implement the
- * same operations, so the same tests run on both.
+ * OpenBLAS) and the CUDA backend (backend_cuda.cu, cuda_fused.cu,
+ * cuda_train.cu; cuBLAS) implement the same operations, so the same tests
+ * run on both.
  *
  * All pointers given to an operation are backend ("device") pointers,
  * index arrays included.  Matrices are row-major.

@@ -3,7 +3,8 @@
  *
  * "Device" memory is ordinary heap memory here, so upload and download are
  * memcpy.  Each operation is the reference twin of a CUDA kernel in
- * backend_cuda.cu; keep the two reading alike.
+ * backend_cuda.cu, cuda_fused.cu or cuda_train.cu; keep the two reading
+ * alike.
  */
 #include <cblas.h>
 #include <math.h>

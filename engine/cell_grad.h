@@ -1,9 +1,10 @@
 /* cell_grad.h - the arithmetic of one element of the GRU's and LSTM's
  * backward step, and the layout of the cache the forward keeps for it,
  * shared by the CPU backend (backend_cpu.c) and its CUDA twin
- * (backend_cuda.cu).  The backends differ in how they walk the
- * elements (a vectorized loop over a row; a thread per element) and in
- * the sums over rows, never in the formulas, which live here once.
+ * (cuda_train.cu; backend_cuda.cuh for the forward's cache).  The
+ * backends differ in how they walk the elements (a vectorized loop over a
+ * row; a thread per element) and in the sums over rows, never in the
+ * formulas, which live here once.
  *
  * cache is the row's cache as the forward wrote it (CELL_CACHE in
  * backend.h), dxg and dhg the row's gate gradients; element k of gate q

@@ -1,6 +1,6 @@
 /* optim_update.h - the arithmetic of one optimizer step for one parameter,
  * shared by the CPU backend (backend_cpu.c) and its CUDA twin
- * (backend_cuda.cu), so that the weights a training step leaves do not
+ * (cuda_train.cu), so that the weights a training step leaves do not
  * depend on where it ran: the backends differ in how they walk the
  * parameters (a loop; a thread each) and how they sum the gradients'
  * squares for clipping, never in the formulas, which live here once.

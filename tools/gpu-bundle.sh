@@ -15,7 +15,7 @@
 # tools/gpu-run.sh, run there, says what it does and what it writes.
 # The bundle holds three other builds of bench_engine, which gpu-run.sh
 # bench times beside it: rows32 and rows16, the fused recurrence with tiles
-# of at most 32 and 16 rows (FUSED_ROWS_MAX in engine/backend_cuda.cu; this
+# of at most 32 and 16 rows (FUSED_ROWS_MAX in engine/cuda_fused.cu; this
 # build's is 64), and nooverlap, its steps launched without programmatic
 # dependent launch (FUSED_OVERLAP).  RRN_BENCH_VARIANTS="NAME=PATH ..." adds others (a branch's)
 # for gpu-run.sh compare to time beside this one.

@@ -23,6 +23,7 @@ KERNEL is a substring of the kernel's mangled name (cell_step_kernel).
 """
 import argparse
 import collections
+import glob
 import hashlib
 import os
 import re
@@ -162,27 +163,32 @@ def main():
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quietly, into head
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kernel")
-    ap.add_argument("--source", default=os.path.join(ROOT, "engine", "backend_cuda.cu"))
+    ap.add_argument("--source", help="one .cu file (default: every engine/*.cu)")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--min", type=int, default=30, help="shortest loop to list (instructions)")
     a = ap.parse_args()
     if not re.fullmatch(r"sm_\d+", a.arch):
         die("--arch is sm_NN")
     nvdisasm = find_nvdisasm()
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        log = compile_cubin(a.source, a.arch, cubin)
-        older_header(cubin, a.arch)
-        r = subprocess.run([nvdisasm, "-bbcfg", cubin], capture_output=True, text=True)
-        if r.returncode:
-            die("nvdisasm failed: " + r.stderr.strip())
-    found = {n: b for n, b in functions(r.stdout).items() if a.kernel in n}
+    sources = [a.source] if a.source else sorted(glob.glob(os.path.join(ROOT, "engine", "*.cu")))
+    found = 0
+    for source in sources:
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "k.cubin")
+            log = compile_cubin(source, a.arch, cubin)
+            older_header(cubin, a.arch)
+            r = subprocess.run([nvdisasm, "-bbcfg", cubin], capture_output=True, text=True)
+            if r.returncode:
+                die("nvdisasm failed: " + r.stderr.strip())
+        for name, body in functions(r.stdout).items():
+            if a.kernel not in name:
+                continue
+            found += 1
+            for line in ptxas_lines(log, name):
+                print(line)
+            report(name, body, a.min)
     if not found:
         die("no kernel's name contains %r" % a.kernel)
-    for name, body in found.items():
-        for line in ptxas_lines(log, name):
-            print(line)
-        report(name, body, a.min)
 
 
 if __name__ == "__main__":

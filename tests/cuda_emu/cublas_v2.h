@@ -1,9 +1,10 @@
-/* cublas_v2.h - the part of cuBLAS that engine/backend_cuda.cu uses,
- * emulated on the CPU (see cuda_runtime.h beside it): cublasGemmEx checks
- * its arguments as cuBLAS does, checks that every operand it will read or
- * write lies inside one device allocation, and queues the product on the
- * handle's stream; it runs in OpenBLAS, with the operands rounded to TF32
- * or BF16 first when the compute type asks for it.
+/* cublas_v2.h - the part of cuBLAS that the CUDA backend (engine's .cu
+ * files) uses, emulated on the CPU (see cuda_runtime.h beside it):
+ * cublasGemmEx checks its arguments as cuBLAS does, checks that every
+ * operand it will read or write lies inside one device allocation, and
+ * queues the product on the handle's stream; it runs in OpenBLAS, with the
+ * operands rounded to TF32 or BF16 first when the compute type asks for
+ * it.
  */
 #ifndef RRN_CUDA_EMU_CUBLAS_H
 #define RRN_CUDA_EMU_CUBLAS_H

@@ -1,6 +1,6 @@
-/* cuda_bf16.h - the part of CUDA's bfloat16 header that
- * engine/backend_cuda.cu uses, for the CPU emulator (see cuda_runtime.h):
- * the type, and FP32 to BF16 rounded to the nearest, ties to even, NaN
+/* cuda_bf16.h - the part of CUDA's bfloat16 header that the CUDA backend
+ * (engine's .cu files) uses, for the CPU emulator (see cuda_runtime.h): the
+ * type, and FP32 to BF16 rounded to the nearest, ties to even, NaN
  * kept a NaN, as __float2bfloat16_rn does. */
 #ifndef RRN_CUDA_EMU_BF16_H
 #define RRN_CUDA_EMU_BF16_H

@@ -1,6 +1,7 @@
-/* cuda_runtime.h - the part of the CUDA runtime that engine/backend_cuda.cu
- * uses, emulated on the CPU so that its kernels and its host code run (and
- * are tested, under ASan and UBSan) on machines without a GPU.
+/* cuda_runtime.h - the part of the CUDA runtime that the CUDA backend
+ * (engine's .cu files) uses, emulated on the CPU so that its kernels and
+ * its host code run (and are tested, under ASan and UBSan) on machines
+ * without a GPU.
  *
  * It is a test tool, not a GPU: it says nothing of speed, and a result
  * that passes here has still to pass on a device.  What it does check is
