@@ -7,8 +7,7 @@
 # bench/RESULTS.md, targets beside the figures) to OUT_DIR and prints them.
 # Every other build of bench_engine in BENCH_DIR/variants (tools/gpu-bundle.sh
 # puts the fused kernel's variants there: its tiles, its launches) times its
-# fused mode too,
-# into engine-NAME.json and rows of the table of their own.
+# fused mode too, into engine-NAME.json and rows of the table of their own.
 # Needs a CUDA GPU and a python3 with PyTorch built for it (PYTHON=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -24,6 +24,20 @@
  * the products' path. */
 #define FUSED_WINDOW 32
 
+/* Dynamic attention's scores go from query_kernel to recurrent_step_kernel
+ * in parts, one for each tile of FUSED_COLS units of the query:
+ * query_tiles(H) parts a score, those of row i's score j one after
+ * another at score_parts(s, i, j), in the row's hg. */
+static inline __host__ __device__ int query_tiles(int H)
+{
+    return (H + FUSED_COLS - 1) / FUSED_COLS;
+}
+
+inline __device__ float *score_parts(const cell_step &s, int i, int j)
+{
+    return s.hg + (long)i * gates_of(s.cell) * s.H + (long)j * query_tiles(s.H);
+}
+
 /* A tile of ROWS rows by FUSED_COLS columns: 8, 16, 32 or 64 rows, the
  * fewest that hold a step's rows (fused_rows), so that a small batch does
  * not multiply rows of zeros.  The 256
@@ -182,7 +196,7 @@ __device__ void inputs_ready()
 /* Every thread of the block: the attention weights of the tile's rows
  * into a, each row's K at row K (dynamic) or one window for every row
  * (static), and to s.attn from the blocks of the first units. */
-template <int ROWS, int G> __device__ void tile_attention(const cell_step &s, int r0, int u0, float *a)
+template <int ROWS> __device__ void tile_attention(const cell_step &s, int r0, int u0, float *a)
 {
     const int H = s.H, n = s.n, K = s.attn_window, tid = threadIdx.x;
     if (s.attn_mode == ATTN_DYNAMIC) {
@@ -190,7 +204,7 @@ template <int ROWS, int G> __device__ void tile_attention(const cell_step &s, in
          * the query, added in the tiles' order; then each row's softmax,
          * a thread a row.  Every block of the row's tile works them out
          * for itself. */
-        const int tiles = (H + FUSED_COLS - 1) / FUSED_COLS;
+        const int tiles = query_tiles(H);
         const float scale = 1.0f / sqrtf((float)H);
         /* By 16-byte loads where every score's parts start aligned: a
          * thread's loads are what the step waits on here. */
@@ -199,7 +213,7 @@ template <int ROWS, int G> __device__ void tile_attention(const cell_step &s, in
             const int i = r0 + x / K;
             float score = 0.0f;
             if (i < n) {
-                const float *part = s.hg + (long)i * G * H + x % K * tiles;
+                const float *part = score_parts(s, i, x % K);
                 for (int q = 0; q < tiles; q += 4) {
                     const float4 p = load4(part + q, tiles - q, vec);
                     score += p.x;
@@ -252,7 +266,7 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
         [&] {
             inputs_ready();
             if (attends(s))
-                tile_attention<ROWS, G>(s, r0, u0, a);
+                tile_attention<ROWS>(s, r0, u0, a);
         });
     for (int x = tid; x < ROWS * U; x += blockDim.x) {
         const int row = x / U, u = x % U, i = r0 + row, k = u0 + u;
@@ -270,14 +284,14 @@ template <int G, int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
  * recurrent product: FUSED_COLS units of q a tile.  A row's scores need
  * its whole query, which no tile has, so each tile also leaves its part of
  * them, q . h_{t-1-j} over its units alone, in the row's hg (which the
- * fused step does not otherwise use): K parts a tile, at j tiles + tile,
- * for recurrent_step_kernel to add up in order.  Added in a fixed order
+ * fused step does not otherwise use; score_parts), for
+ * recurrent_step_kernel to add up in order.  Added in a fixed order
  * rather than by atomics, the scores do not depend on how the blocks
  * ran. */
 template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
     query_kernel(struct cell_step s, const float *hprev, const float *w_q)
 {
-    const int H = s.H, K = s.attn_window, tiles = (H + FUSED_COLS - 1) / FUSED_COLS;
+    const int H = s.H, K = s.attn_window;
     int r0, u0;
     tile_of_block<ROWS>(H, FUSED_COLS, &r0, &u0);
     const float *sums = tile_product<ROWS>(
@@ -301,7 +315,7 @@ template <int ROWS> __global__ void __launch_bounds__(CELL_THREADS)
             part += q[c + 2] * hv.z;
             part += q[c + 3] * hv.w;
         }
-        s.hg[(long)i * gates_of(s.cell) * H + j * tiles + u0 / FUSED_COLS] = part;
+        score_parts(s, i, j)[u0 / FUSED_COLS] = part;
     }
 }
 
@@ -346,11 +360,11 @@ static int fused_rows(int n)
 }
 
 int cuda_recurrent_step(struct backend *be, const struct cell_step *s, const float *hprev, const float *w,
-                               const float *w_q)
+                        const float *w_q)
 {
     /* Dynamic attention's parts of scores, K a tile of the query, must fit
      * the row's hg, and its weights the block's shared memory. */
-    const int parts = s->attn_window * ((s->H + FUSED_COLS - 1) / FUSED_COLS);
+    const int parts = s->attn_window * query_tiles(s->H);
     if (be->recurrence != RECURRENCE_FUSED || impl_of(be)->precision != PRECISION_FP32 ||
         (attends(*s) && s->attn_mode == ATTN_DYNAMIC &&
          (s->attn_window > FUSED_WINDOW || parts > gates_of(s->cell) * s->H)))

@@ -633,12 +633,12 @@ static void test_cuda_graphs_give_the_same_bits(void **state)
 
 /* The fixtures' models are narrow (H <= 32): every reduction of a CUDA
  * block has one warp's worth of data, so a barrier missing between warps
- * goes unseen.  These spread H over three warps or more and a byte vocabulary's
- * 256 logits over all eight, with every cell and attention mode; the
- * fifth is deep, so that its 11-token text runs as a wavefront of five
- * layers over two chunks, with the depth residual projected from the
- * embedding; the last two are narrow, with attention windows wider than
- * their gates and than the fused step's limit of 32. */
+ * goes unseen.  These spread H over three warps or more and a byte
+ * vocabulary's 256 logits over all eight, with every cell and attention
+ * mode; the fifth is deep, so that its 11-token text runs as a wavefront
+ * of five layers over two chunks, with the depth residual projected from
+ * the embedding; the last two are narrow, with attention windows wider
+ * than their gates and than the fused step's limit of 32. */
 static const char *const wide_models[] = {
     "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 128, \"layers\": 2, \"embed_dim\": 24,"
     " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 4, \"mode\": \"dynamic\"}}",
@@ -775,9 +775,9 @@ static void wide_model(size_t k, struct model *m, int32_t tokens[WIDE_N][16])
  * multiple of 4 (70: no 16-byte loads), a GRU's tiles of 5 units with the
  * last one short (132), the skip's two matrices, dynamic attention's
  * scores in parts from tiles of the query (8 of 16 units, read 16 bytes
- * at a time; 3 with the last one short), and what the fused step leaves to the products: parts that
- * would not fit the row's gates (10 windows x 1 tile > 4 x 2) and a
- * window of 40.  Skipped without a GPU. */
+ * at a time; 3 with the last one short), and what the fused step leaves
+ * to the products: parts that would not fit the row's gates (10 windows x
+ * 1 tile > 4 x 2) and a window of 40.  Skipped without a GPU. */
 static void test_cuda_matches_cpu_on_wide_models(void **state)
 {
     (void)state;

@@ -17,8 +17,8 @@
 # bench times beside it: rows32 and rows16, the fused recurrence with tiles
 # of at most 32 and 16 rows (FUSED_ROWS_MAX in engine/cuda_fused.cu; this
 # build's is 64), and nooverlap, its steps launched without programmatic
-# dependent launch (FUSED_OVERLAP).  RRN_BENCH_VARIANTS="NAME=PATH ..." adds others (a branch's)
-# for gpu-run.sh compare to time beside this one.
+# dependent launch (FUSED_OVERLAP).  RRN_BENCH_VARIANTS="NAME=PATH ..."
+# adds others (a branch's) for gpu-run.sh compare to time beside this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || {
