@@ -2,9 +2,9 @@
 #
 #   make            build ./rrnserve (CUDA parts too when nvcc is found; CUDA=0 turns them off)
 #   make deps       install the Debian packages the build, tests and benchmarks need
-#   make test       build and run every test, then again under ASan+UBSan, the CUDA
-#                   backend's tests on the CPU emulator, the fuzz targets briefly,
-#                   and the server tests under valgrind
+#   make test       build and run every test, then again in a build without CUDA and
+#                   under ASan+UBSan, the CUDA backend's tests on the CPU emulator,
+#                   the fuzz targets briefly, and the server tests under valgrind
 #   make test-cuda-emu  the CUDA backend's kernels and host code on tests/cuda_emu
 #   make emu-rrnserve   build/emu-nosan/rrnserve: rrnserve on that emulator, unsanitized
 #   make bench      run the benchmarks
@@ -81,7 +81,7 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-bench test test-plain test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+.PHONY: all rrnserve deps deps-bench test test-plain test-cpu-only test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
 # A CUPTI injection library for the GPU machine, where Nsight Systems makes
 # no report (tools/cupti_trace.c; tools/gpu-run.sh profile): built with the
@@ -95,9 +95,13 @@ $(BUILD)/tools/libcupti_trace.so: tools/cupti_trace.c
 	@echo "  CC      $@"
 	@$(CC) $(CFLAGS) -fPIC -shared -o $@ $< -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti -lpthread
 
-rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
+# Each build's binary in its folder; ./rrnserve is a copy of the one this
+# make chose (phony, so that switching CUDA= always switches it).
+$(BUILD)/rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+rrnserve: $(BUILD)/rrnserve
+	@cmp -s $< $@ || cp $< $@
 
 # Static pattern rules: a bare $(BUILD)/tests/% would also offer itself
 # for the support objects below tests/.
@@ -122,10 +126,19 @@ deps-bench:
 # Every test binary runs from the repository root; RRN_BIN tells the CLI
 # tests which binary to drive.
 test: deps
-	@$(MAKE) --no-print-directory test-plain test-asan test-cuda-emu test-fuzz test-valgrind
+	@$(MAKE) --no-print-directory test-plain test-cpu-only test-asan test-cuda-emu test-fuzz test-valgrind
 
 test-plain: rrnserve $(CUPTI_TRACE) $(call test_bins,$(BUILD))
 	@tests/run_tests.sh $(BUILD) ./rrnserve
+
+# With CUDA, the build without it too, its tests run on its binary: what
+# RRN_CUDA leaves out must still build and pass on a machine without the
+# toolkit.  Without CUDA, test-plain is that build already.
+test-cpu-only:
+ifeq ($(CUDA),1)
+	@$(MAKE) --no-print-directory CUDA=0 build/cpu/rrnserve $(call test_bins,build/cpu)
+	@tests/run_tests.sh build/cpu build/cpu/rrnserve
+endif
 
 test-asan: $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan)
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \

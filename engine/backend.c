@@ -36,13 +36,18 @@ int backend_sync(struct backend *be)
     return rc;
 }
 
+#ifndef RRN_CUDA
+int backend_cuda_available(void)
+{
+    return 0;
+}
+#endif
+
 enum device_kind backend_resolve(enum device_kind kind)
 {
-#ifdef RRN_CUDA
     if (kind == DEVICE_AUTO)
         return backend_cuda_available() ? DEVICE_CUDA : DEVICE_CPU;
-#endif
-    return kind == DEVICE_AUTO ? DEVICE_CPU : kind;
+    return kind;
 }
 
 struct backend *backend_create(enum device_kind kind, char *err, size_t errlen)

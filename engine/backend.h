@@ -272,8 +272,11 @@ void backend_destroy(struct backend *be);
 struct backend *backend_cpu_create(char *err, size_t errlen);
 #ifdef RRN_CUDA
 struct backend *backend_cuda_create(char *err, size_t errlen);
-int backend_cuda_available(void);
 #endif
+/* 1 when the driver reports a GPU; always 0 in a build without CUDA, so
+ * that callers (and the CUDA tests, which skip) need not ask which build
+ * they are in. */
+int backend_cuda_available(void);
 
 /* The backends compiled into this binary, e.g. "cpu cuda". */
 const char *backend_compiled(void);

@@ -572,7 +572,6 @@ static void test_padded_batches_share_a_graph(void **state)
 static void test_cuda_graphs_give_the_same_bits(void **state)
 {
     (void)state;
-#ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
     enum { N = 3, FORWARDS = 3, STEPS = 8, MAXLEN = 13 };
@@ -624,9 +623,6 @@ static void test_cuda_graphs_give_the_same_bits(void **state)
         free(out[k]);
         teardown(&v[k]);
     }
-#else
-    skip();
-#endif
 }
 
 /* ---- CUDA against the CPU on wide models ---------------------------------- */
@@ -781,7 +777,6 @@ static void wide_model(size_t k, struct model *m, int32_t tokens[WIDE_N][16])
 static void test_cuda_matches_cpu_on_wide_models(void **state)
 {
     (void)state;
-#ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
     for (size_t k = 0; k < sizeof wide_models / sizeof wide_models[0]; k++) {
@@ -802,9 +797,6 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
         wide_run_free(&cpu);
         model_free(&m);
     }
-#else
-    skip();
-#endif
 }
 
 /* A batch wider than one tile of 64 rows (the CUDA kernels' unit of
@@ -819,7 +811,6 @@ static void test_cuda_matches_cpu_on_wide_models(void **state)
 static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
 {
     (void)state;
-#ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
     enum { N = 70, LEN = 9, STEPS = 5, K = 3, L = 2 };
@@ -874,9 +865,6 @@ static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
     for (int d = 0; d < 3; d++)
         free(out[d]);
     model_free(&m);
-#else
-    skip();
-#endif
 }
 
 /* The largest error of x against want, relative to the size of want. */
@@ -899,7 +887,6 @@ static double largest_error(const float *x, const float *want, size_t n)
 static void test_cuda_precisions_round_as_named(void **state)
 {
     (void)state;
-#ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
     struct model m;
@@ -916,9 +903,6 @@ static void test_cuda_precisions_round_as_named(void **state)
     for (int p = 0; p < 3; p++)
         wide_run_free(&run[p]);
     model_free(&m);
-#else
-    skip();
-#endif
 }
 
 /* BF16 outlives a change of the weights: training changes them every
@@ -930,7 +914,6 @@ static void test_cuda_precisions_round_as_named(void **state)
 static void test_cuda_bf16_survives_new_weights(void **state)
 {
     (void)state;
-#ifdef RRN_CUDA
     if (!backend_cuda_available())
         skip();
     char err[512];
@@ -964,9 +947,6 @@ static void test_cuda_bf16_survives_new_weights(void **state)
     engine_destroy(e);
     backend_destroy(be);
     model_free(&m);
-#else
-    skip();
-#endif
 }
 
 int main(void)

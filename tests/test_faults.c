@@ -526,12 +526,10 @@ static void test_device_fault_cpu(void **state)
 static void test_device_fault_cuda(void **state)
 {
     (void)state;
-#ifdef RRN_CUDA
     if (backend_cuda_available()) {
         device_fault_case("cuda");
         return;
     }
-#endif
     fprintf(stderr, "[  INFO    ] no CUDA GPU: the device fault is tested on the CPU only\n");
     skip();
 }

@@ -60,22 +60,13 @@ static void assert_close(double got, double want, double tol, const char *what, 
         fail_msg("%s [%d][%d]: got %.9g, want %.9g", what, i, j, got, want);
 }
 
-static int gpu_present(void)
-{
-#ifdef RRN_CUDA
-    return backend_cuda_available();
-#else
-    return 0;
-#endif
-}
-
 static int fixture_setup(void **state)
 {
     struct fixture *fx = *state;
     char path[256], err[512];
     memset(&fx->model, 0, sizeof fx->model);
     memset(&fx->tk, 0, sizeof fx->tk);
-    if (fx->device == DEVICE_CUDA && !gpu_present())
+    if (fx->device == DEVICE_CUDA && !backend_cuda_available())
         return 0; /* the test reports skipped */
     fx->json = fixture_json(fx->name);
     snprintf(path, sizeof path, FIXTURE_DIR "/%s.safetensors", fx->name);

@@ -201,12 +201,7 @@ static int is_fixture(const struct dirent *d)
 }
 
 /* The devices every check runs on. */
-static const enum device_kind devices[] = {
-    DEVICE_CPU,
-#ifdef RRN_CUDA
-    DEVICE_CUDA,
-#endif
-};
+static const enum device_kind devices[] = {DEVICE_CPU, DEVICE_CUDA};
 #define N_DEVICES (int)(sizeof devices / sizeof devices[0])
 
 /* The synthetic tasks' models: vector inputs and a regression head. */

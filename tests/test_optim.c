@@ -145,13 +145,8 @@ struct run {
  * test asks first, before it allocates what skipping would leak. */
 static void need(enum device_kind dev)
 {
-#ifdef RRN_CUDA
     if (dev == DEVICE_CUDA && !backend_cuda_available())
         skip();
-#else
-    if (dev == DEVICE_CUDA)
-        skip();
-#endif
 }
 
 static void run_open(struct run *r, enum device_kind dev, const struct optim_config *cfg, const float *init,

@@ -326,11 +326,9 @@ static void test_attention_equals_fixture(void **state)
 static int setup_fused(void **state)
 {
     *state = NULL;
-#ifdef RRN_CUDA
     static const char *const extra[] = {"--device", "cuda", "--recurrence", "fused", NULL};
     if (backend_cuda_available())
         *state = server_start(&(struct server_opts){.models = main_models, .args = extra});
-#endif
     return 0;
 }
 
