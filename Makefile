@@ -28,7 +28,7 @@ CFLAGS  ?= -O3 -g
 # it GCC will not vectorize a loop holding a float comparison (the cell
 # kernels clamp before exp).  It changes no result.
 CFLAGS  += -std=c11 -D_POSIX_C_SOURCE=200809L -fno-trapping-math $(WARN) -Iengine -Iserver -Itrain -MMD -MP
-LDLIBS  := -lmicrohttpd -lcjson -lcrypto -lopenblas -lunistring -lm -lpthread
+LDLIBS  := -lmicrohttpd -lcjson -lcrypto -lopenblas -llapacke -lunistring -lm -lpthread
 
 # CPU-only and CUDA builds live apart, so switching CUDA= never links
 # objects compiled for the other.
@@ -222,7 +222,7 @@ FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 FUZZ_CFLAGS  := -O1 -g -std=c11 -D_POSIX_C_SOURCE=200809L $(WARN) -Iengine -Iserver -Itrain -MMD -MP $(FUZZ_SAN)
-FUZZ_LDLIBS  := -lmicrohttpd -lcjson -lcrypto -lopenblas -lunistring -lm -lpthread
+FUZZ_LDLIBS  := -lmicrohttpd -lcjson -lcrypto -lopenblas -llapacke -lunistring -lm -lpthread
 FUZZ_NAMES   := $(patsubst fuzz/fuzz_%.c,%,$(wildcard fuzz/fuzz_*.c))
 FUZZ_BINS    := $(FUZZ_NAMES:%=build/fuzz/fuzz_%)
 FUZZ_LIB     := $(ENGINE_SRC:%.c=build/fuzz/%.o) $(SERVER_SRC:%.c=build/fuzz/%.o) $(TRAIN_SRC:%.c=build/fuzz/%.o)

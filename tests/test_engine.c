@@ -750,7 +750,7 @@ static void model_from_json(const char *json, unsigned long long seed, struct mo
     if (config_parse(json, &cfg, err, sizeof err) || model_alloc(m, &cfg, err, sizeof err))
         fail_msg("%s", err);
     const struct init_options init = {1, 1.0f};
-    model_init(m, &init, seed);
+    assert_int_equal(model_init(m, &init, seed), 0);
 }
 
 /* Wide model k, its weights drawn from seed 11 + k, and the texts that

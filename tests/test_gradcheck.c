@@ -63,7 +63,7 @@ static int setup(void **state)
         if (config_parse(c->config, &cfg, err, sizeof err) || model_alloc(&c->model, &cfg, err, sizeof err))
             fail_msg("%s: %s", c->name, err);
         const struct init_options init = {1, 1.0f};
-        model_init(&c->model, &init, 3);
+        assert_int_equal(model_init(&c->model, &init, 3), 0);
     } else {
         snprintf(path, sizeof path, FIXTURE_DIR "/%s.safetensors", c->name);
         if (model_load(path, &c->model, err, sizeof err) != 0)

@@ -6,7 +6,7 @@
 # skipping the ones already installed so it costs nothing on a machine that
 # has them.  Uses sudo when not run as root.
 set -euo pipefail
-pkgs=(build-essential pkg-config libcjson-dev libssl-dev libcmocka-dev libopenblas-dev
+pkgs=(build-essential pkg-config libcjson-dev libssl-dev libcmocka-dev libopenblas-dev liblapacke-dev
       libopenblas0-pthread libunistring-dev libmicrohttpd-dev libpng-dev chromium
       nginx openssl systemd python3 python3-yaml)
 for opt in "$@"; do

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <lapacke.h>
+
 #include "init.h"
 #include "rng.h"
 
@@ -20,40 +22,41 @@ static double normal(struct rng *r)
     return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
 }
 
-/* An H x H orthogonal matrix into a block of rows with stride ld: a
- * Gaussian matrix orthonormalised row by row (modified Gram-Schmidt, in
- * double), which is how torch.nn.init.orthogonal_ draws one. */
+/* An H x H orthogonal matrix into a block of rows with stride ld, drawn as
+ * torch.nn.init.orthogonal_ draws one: the orthogonal factor of a Gaussian
+ * matrix's QR factorisation (LAPACK, in double), each of its vectors
+ * times the sign of R's diagonal there, which makes it uniform over the
+ * orthogonal matrices (LAPACK's own signs would not).  LAPACK reads the
+ * row-major draw A as the column-major A^T = QR, so the rows written, Q's
+ * columns, are A's rows orthonormalised in order, as Gram-Schmidt gives
+ * them. */
 static int orthogonal(float *x, int H, int ld, struct rng *r)
 {
-    double *q = malloc(sizeof(double) * (size_t)H * H);
-    if (!q)
-        return -1;
+    double *a = malloc(sizeof(double) * (size_t)H * H), *tau = malloc(sizeof(double) * (size_t)H);
+    signed char *sign = malloc((size_t)H);
+    int rc = -1;
+    if (!a || !tau || !sign)
+        goto out;
     for (size_t i = 0; i < (size_t)H * H; i++)
-        q[i] = normal(r);
-    for (int i = 0; i < H; i++) {
-        double *qi = q + (size_t)i * H;
-        for (int j = 0; j < i; j++) {
-            const double *qj = q + (size_t)j * H;
-            double dot = 0;
-            for (int k = 0; k < H; k++)
-                dot += qi[k] * qj[k];
-            for (int k = 0; k < H; k++)
-                qi[k] -= dot * qj[k];
-        }
-        double norm = 0;
+        a[i] = normal(r);
+    if (LAPACKE_dgeqrf(LAPACK_COL_MAJOR, H, H, a, H, tau))
+        goto out;
+    for (int i = 0; i < H; i++)
+        sign[i] = a[(size_t)i * H + i] < 0 ? -1 : 1;
+    if (LAPACKE_dorgqr(LAPACK_COL_MAJOR, H, H, H, a, H, tau))
+        goto out;
+    for (int i = 0; i < H; i++)
         for (int k = 0; k < H; k++)
-            norm += qi[k] * qi[k];
-        norm = sqrt(norm);
-        for (int k = 0; k < H; k++) {
-            qi[k] /= norm;
-            x[(size_t)i * ld + k] = (float)qi[k];
-        }
-    }
-    free(q);
-    return 0;
+            x[(size_t)i * ld + k] = (float)(sign[i] * a[(size_t)i * H + k]);
+    rc = 0;
+out:
+    free(a);
+    free(tau);
+    free(sign);
+    return rc;
 }
 
-void model_init(struct model *m, const struct init_options *o, uint64_t seed)
+int model_init(struct model *m, const struct init_options *o, uint64_t seed)
 {
     const struct model_config *c = &m->cfg;
     const int H = c->hidden, G = config_gates(c), D = config_directions(c);
@@ -71,10 +74,9 @@ void model_init(struct model *m, const struct init_options *o, uint64_t seed)
             uniform(p->b_hh, (size_t)G * H, bound, &r);
             for (int j = 0; j < c->skip_matrices; j++) {
                 uniform(p->w_hh[j], (size_t)G * H * H, bound, &r);
-                /* Orthogonality is a best effort: out of memory leaves the
-                 * uniform draw, a valid start. */
                 for (int g = 0; o->orthogonal && g < G; g++)
-                    orthogonal(p->w_hh[j] + (size_t)g * H * H, H, H, &r);
+                    if (orthogonal(p->w_hh[j] + (size_t)g * H * H, H, H, &r))
+                        return -1;
             }
             if (c->cell == CELL_LSTM)
                 for (int k = 0; k < H; k++)
@@ -93,4 +95,5 @@ void model_init(struct model *m, const struct init_options *o, uint64_t seed)
     int W = config_output_width(c);
     uniform(m->head_w, (size_t)m->head_out * W, 1.0f / sqrtf((float)W), &r);
     uniform(m->head_b, (size_t)m->head_out, 1.0f / sqrtf((float)W), &r);
+    return 0;
 }

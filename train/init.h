@@ -20,6 +20,7 @@ struct init_options {
     float forget_bias;  /* added to b_ih's forget gate (LSTM) */
 };
 
-void model_init(struct model *m, const struct init_options *o, uint64_t seed);
+/* 0, or -1 when out of memory (the orthogonal factorisations' buffers). */
+int model_init(struct model *m, const struct init_options *o, uint64_t seed);
 
 #endif

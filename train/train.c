@@ -1032,7 +1032,8 @@ static int train(struct run *r, char *err, size_t errlen)
     } else {
         if (model_alloc(&r->model, &cfg, err, errlen))
             return -1;
-        model_init(&r->model, &o->init, o->seed);
+        if (model_init(&r->model, &o->init, o->seed))
+            return error_fmt(err, errlen, "out of memory drawing the starting weights");
     }
     if (tokenizer_init(&r->tk, &r->model.cfg, err, errlen) || !(r->be = backend_create(o->device, err, errlen)) ||
         backend_set_precision(r->be, o->precision, err, errlen) ||
