@@ -2,7 +2,8 @@
  * each recurrent matrix's H x H gate blocks orthogonal, drawn uniformly
  * over the orthogonal matrices as torch.nn.init.orthogonal_ draws them,
  * for every cell, direction and skip matrix; left as the uniform draw when
- * the config says "orthogonal": false.
+ * the config says "orthogonal": false; and every other tensor drawn as
+ * PyTorch draws the same module's.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -116,11 +117,78 @@ static void test_uniform_blocks_without_orthogonal(void **state)
     model_free(&m);
 }
 
+/* x[0..n) lie in [lo, hi] and fill it: some within a tenth of its width
+ * of each end, so that a tensor left at zero, or drawn narrower or wider,
+ * fails. */
+static void expect_spread(const char *what, const float *x, size_t n, double lo, double hi)
+{
+    double min = x[0], max = x[0];
+    for (size_t i = 1; i < n; i++) {
+        min = fmin(min, x[i]);
+        max = fmax(max, x[i]);
+    }
+    const double slack = (hi - lo) / 10;
+    if (!(min >= lo && max <= hi && min < lo + slack && max > hi - slack))
+        fail_msg("%s: from %g to %g, not over [%g, %g]", what, min, max, lo, hi);
+}
+
+/* As torch.nn.LSTM, nn.Embedding and nn.Linear start: recurrent weights
+ * and biases uniform in +-1/sqrt(H), the forget gate's input bias moved
+ * up by forget_bias, the embedding N(0, 1), the head uniform in
+ * +-1/sqrt(fan_in); attention's query as the recurrent weights, a static
+ * window's logits 0. */
+static void test_other_tensors_start_as_pytorch(void **state)
+{
+    (void)state;
+    static const char *const json[] = {
+        "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 64, \"layers\": 2, \"embed_dim\": 16, \"peephole\": true,"
+        " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 4, \"mode\": \"dynamic\"}}",
+        "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 64, \"embed_dim\": 16,"
+        " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 4, \"mode\": \"static\"}}",
+    };
+    for (size_t k = 0; k < sizeof json / sizeof *json; k++) {
+        struct model m;
+        model_from(json[k], 1, &m);
+        const struct model_config *c = &m.cfg;
+        const int H = c->hidden, G = config_gates(c), W = config_output_width(c);
+        const double b = 1.0 / sqrt(H), fb = 1.0; /* model_from's forget_bias */
+        const size_t ne = (size_t)m.vocab * c->embed_dim;
+        double sum = 0, sq = 0;
+        for (size_t i = 0; i < ne; i++) {
+            sum += m.embedding[i];
+            sq += (double)m.embedding[i] * m.embedding[i];
+        }
+        /* 4,096 draws: the mean's standard deviation 0.016, the
+         * variance's 0.022. */
+        const double mean = sum / ne, var = sq / ne - mean * mean;
+        if (!(fabs(mean) < 0.08 && fabs(var - 1.0) < 0.11))
+            fail_msg("embedding: mean %g, variance %g, not N(0, 1)", mean, var);
+        for (int l = 0; l < c->layers; l++) {
+            const struct layer_dir_params *p = &m.layers[l].dir[0];
+            expect_spread("w_ih", p->w_ih, (size_t)G * H * m.layers[l].in, -b, b);
+            expect_spread("b_hh", p->b_hh, (size_t)G * H, -b, b);
+            expect_spread("b_ih input gate", p->b_ih, (size_t)H, -b, b);
+            expect_spread("b_ih forget gate", p->b_ih + H, (size_t)H, fb - b, fb + b);
+            expect_spread("b_ih cell and output gates", p->b_ih + 2 * H, (size_t)2 * H, -b, b);
+            if (p->peephole)
+                expect_spread("peephole", p->peephole, (size_t)H, -b, b);
+            if (p->attn_query)
+                expect_spread("attention query", p->attn_query, (size_t)H * H, -b, b);
+            for (int j = 0; p->attn_logits && j < c->attn_window; j++)
+                assert_true(p->attn_logits[j] == 0.0f);
+        }
+        expect_spread("head_w", m.head_w, (size_t)m.head_out * W, -1.0 / sqrt(W), 1.0 / sqrt(W));
+        expect_spread("head_b", m.head_b, (size_t)m.head_out, -1.0 / sqrt(W), 1.0 / sqrt(W));
+        model_free(&m);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_recurrent_blocks_are_orthogonal),
         cmocka_unit_test(test_uniform_blocks_without_orthogonal),
+        cmocka_unit_test(test_other_tensors_start_as_pytorch),
     };
     test_filter_from_env();
     return cmocka_run_group_tests(tests, NULL, NULL);
