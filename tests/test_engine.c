@@ -20,9 +20,9 @@
 #include "config.h"
 #include "engine.h"
 #include "engine_internal.h"
-#include "init.h"
 #include "pool.h"
 #include "support/filter.h"
+#include "support/model_json.h"
 
 #define LM_FIXTURE "tests/fixtures/combo_lstm_lm.safetensors"
 #define CLS_FIXTURE "tests/fixtures/combo_lstm.safetensors"
@@ -742,22 +742,11 @@ static void expect_close(const char *model, const char *what, const float *got, 
             fail_msg("%s: %s[%zu] is %.7g on CUDA, %.7g on the CPU", model, what, i, got[i], want[i]);
 }
 
-/* The model a config describes, its weights drawn from seed. */
-static void model_from_json(const char *json, unsigned long long seed, struct model *m)
-{
-    char err[512];
-    struct model_config cfg;
-    if (config_parse(json, &cfg, err, sizeof err) || model_alloc(m, &cfg, err, sizeof err))
-        fail_msg("%s", err);
-    const struct init_options init = {1, 1.0f};
-    assert_int_equal(model_init(m, &init, seed), 0);
-}
-
 /* Wide model k, its weights drawn from seed 11 + k, and the texts that
  * the wide tests give it. */
 static void wide_model(size_t k, struct model *m, int32_t tokens[WIDE_N][16])
 {
-    model_from_json(wide_models[k], 11 + k, m);
+    model_from_json(wide_models[k], 1, 11 + k, m);
     for (int i = 0; i < WIDE_N; i++)
         for (int t = 0; t < 16; t++)
             tokens[i][t] = (int32_t)((i * 97 + t * 31 + 7) % m->vocab);
@@ -820,7 +809,7 @@ static void test_cuda_matches_cpu_past_one_tile_of_rows(void **state)
     model_from_json("{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 100, \"layers\": 2, \"embed_dim\": 8,"
                     " \"tokenizer\": {\"type\": \"byte\"}, \"attention\": {\"window\": 3, \"mode\": \"dynamic\"},"
                     " \"skip\": {\"period\": 2, \"matrices\": 2}}",
-                    23, &m);
+                    1, 23, &m);
     const int V = m.vocab;
     static int32_t tokens[N][LEN];
     for (int i = 0; i < N; i++)

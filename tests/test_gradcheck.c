@@ -31,9 +31,9 @@
 #include <string.h>
 
 #include "engine.h"
-#include "init.h"
 #include "rng.h"
 #include "support/filter.h"
+#include "support/model_json.h"
 
 #define FIXTURE_DIR "tests/fixtures"
 
@@ -59,11 +59,7 @@ static int setup(void **state)
     struct check *c = *state;
     char path[256], err[512];
     if (c->config) {
-        struct model_config cfg;
-        if (config_parse(c->config, &cfg, err, sizeof err) || model_alloc(&c->model, &cfg, err, sizeof err))
-            fail_msg("%s: %s", c->name, err);
-        const struct init_options init = {1, 1.0f};
-        assert_int_equal(model_init(&c->model, &init, 3), 0);
+        model_from_json(c->config, 1, 3, &c->model);
     } else {
         snprintf(path, sizeof path, FIXTURE_DIR "/%s.safetensors", c->name);
         if (model_load(path, &c->model, err, sizeof err) != 0)

@@ -15,10 +15,10 @@
 #include <cmocka.h>
 
 #include "config.h"
-#include "init.h"
 #include "model.h"
 
 #include "support/filter.h"
+#include "support/model_json.h"
 
 /* Three gates (GRU), two directions and two recurrent matrices: every
  * block model_init makes orthogonal is in one of these. */
@@ -28,16 +28,6 @@ static const char *const configs[] = {
     "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 32, \"embed_dim\": 8,"
     " \"skip\": {\"period\": 2, \"matrices\": 2}, \"tokenizer\": {\"type\": \"byte\"}}",
 };
-
-static void model_from(const char *json, int orthogonal, struct model *m)
-{
-    char err[256];
-    struct model_config cfg;
-    if (config_parse(json, &cfg, err, sizeof err) || model_alloc(m, &cfg, err, sizeof err))
-        fail_msg("%s", err);
-    const struct init_options o = {orthogonal, 1.0f};
-    assert_int_equal(model_init(m, &o, 7), 0);
-}
 
 /* The largest |(B B^T)_ij - I_ij| of the H x H block b. */
 static double off_identity(const float *b, int H)
@@ -88,7 +78,7 @@ static void test_recurrent_blocks_are_orthogonal(void **state)
     const int want_blocks[] = {2 * 2 * 3, 2 * 4};
     for (size_t k = 0; k < sizeof configs / sizeof *configs; k++) {
         struct model m;
-        model_from(configs[k], 1, &m);
+        model_from_json(configs[k], 1, 7, &m);
         struct tally t = {0};
         each_block(&m, count_block, &t);
         assert_int_equal(t.blocks, want_blocks[k]);
@@ -107,7 +97,7 @@ static void test_uniform_blocks_without_orthogonal(void **state)
 {
     (void)state;
     struct model m;
-    model_from(configs[1], 0, &m);
+    model_from_json(configs[1], 0, 7, &m);
     struct tally t = {0};
     each_block(&m, count_block, &t);
     /* Entries uniform in +-1/sqrt(H): each row's squared norm is about
@@ -148,10 +138,10 @@ static void test_other_tensors_start_as_pytorch(void **state)
     };
     for (size_t k = 0; k < sizeof json / sizeof *json; k++) {
         struct model m;
-        model_from(json[k], 1, &m);
+        model_from_json(json[k], 1, 7, &m);
         const struct model_config *c = &m.cfg;
         const int H = c->hidden, G = config_gates(c), W = config_output_width(c);
-        const double b = 1.0 / sqrt(H), fb = 1.0; /* model_from's forget_bias */
+        const double b = 1.0 / sqrt(H), fb = 1.0; /* model_from_json's forget_bias */
         const size_t ne = (size_t)m.vocab * c->embed_dim;
         double sum = 0, sq = 0;
         for (size_t i = 0; i < ne; i++) {
