@@ -128,8 +128,15 @@ deps-bench:
 test: deps
 	@$(MAKE) --no-print-directory test-plain test-cpu-only test-asan test-cuda-emu test-fuzz test-valgrind
 
+# OpenBLAS picks its kernels by the CPU, or by OPENBLAS_CORETYPE where it is
+# set, and the bits of a training product follow them: the tests of bits run
+# again with the other of this CPU's own kernels and the AVX2 ones.
 test-plain: rrnserve $(CUPTI_TRACE) $(call test_bins,$(BUILD))
 	@tests/run_tests.sh $(BUILD) ./rrnserve
+	@if [ -n "$$OPENBLAS_CORETYPE" ]; then set -- env -u OPENBLAS_CORETYPE; \
+	elif grep -qw avx2 /proc/cpuinfo; then set -- env OPENBLAS_CORETYPE=Haswell; else set -- env; fi; \
+	out=$$(RRN_TEST_FILTER='*_bits' "$$@" tests/run_tests.sh $(BUILD) ./rrnserve test_gemm test_engine); rc=$$?; \
+	if [ $$rc -ne 0 ]; then printf '%s\n' "$$out"; fi; echo "the tests of bits again ($$*): $${out##*: }"; exit $$rc
 
 # With CUDA, the build without it too, its tests run on its binary: what
 # RRN_CUDA leaves out must still build and pass on a machine without the

@@ -77,7 +77,21 @@ static void cpu_zero(struct backend *be, void *dst, size_t bytes)
  * With OpenBLAS's own threads, they spun on after each product against the
  * pool's, which runs the cell kernels in between, every step: 14-17% of a
  * training profile on 2 cores was their sched_yield.  No band splits the
- * sum over K, so each element's sum is one call's. */
+ * sum over K, so each element's sum is one call's.
+ *
+ * The bands follow from the product's shape alone, never from the number
+ * of threads: OpenBLAS's bits for an element depend on the extent of the
+ * call it is in (its AVX2 kernels take other paths for the last columns of
+ * a call, its AVX-512 ones a small-matrix kernel below 1e6 multiply-adds),
+ * so only the same bands give a training run the same bits on any number
+ * of threads.  Each call packs the other operand anew, so a band costs
+ * more the more there are: at most BLAS_BANDS, none narrower than
+ * BLAS_BAND_MIN rows or columns nor of fewer than POOL_MIN_FLOPS.  On 2
+ * cores, against 2 bands: the recurrent matrix's gradient (2048 x 512 over
+ * 4,064 tokens) takes 5% longer in 8 bands and 13% in 16 of 128 rows. */
+#define BLAS_BANDS 8
+#define BLAS_BAND_MIN 128
+
 struct blas_job {
     int trans_a, trans_b, M, N, K;
     float alpha, beta;
@@ -95,8 +109,8 @@ static void blas_task(void *ctx, int task, int worker)
 {
     (void)worker;
     const struct blas_job *j = ctx;
-    const int lo = task * j->per_task, bands = j->by_rows ? j->M : j->N;
-    const int n = bands - lo < j->per_task ? bands - lo : j->per_task;
+    const int lo = task * j->per_task, extent = j->by_rows ? j->M : j->N;
+    const int n = extent - lo < j->per_task ? extent - lo : j->per_task;
     const float *A = j->A, *B = j->B;
     float *C = j->C;
     if (j->by_rows) {
@@ -131,12 +145,14 @@ static void cpu_gemm(struct backend *be, int trans_a, int trans_b, int M, int N,
         gemm_nt(M, N, K, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    const int by_rows = M >= N, bands = by_rows ? M : N, threads = pool_threads();
-    int per_task = bands;
-    if (threads > 1 && 2.0 * M * N * K >= POOL_MIN_FLOPS)
-        per_task = ((bands + threads - 1) / threads + 15) / 16 * 16;
+    const int by_rows = M >= N, extent = by_rows ? M : N;
+    double most = 2.0 * M * N * K / POOL_MIN_FLOPS;
+    if (most > extent / BLAS_BAND_MIN)
+        most = extent / BLAS_BAND_MIN;
+    const int bands = most < 1 ? 1 : most > BLAS_BANDS ? BLAS_BANDS : (int)most;
+    const int per_task = ((extent + bands - 1) / bands + 15) / 16 * 16;
     struct blas_job j = {trans_a, trans_b, M, N, K, alpha, beta, A, lda, B, ldb, C, ldc, by_rows, per_task};
-    pool_run((bands + per_task - 1) / per_task, blas_task, &j);
+    pool_run((extent + per_task - 1) / per_task, blas_task, &j);
 }
 
 static void *cpu_pack_weights(struct backend *be, const float *B, int N, int K, size_t *bytes)

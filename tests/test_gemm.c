@@ -1,6 +1,6 @@
 /* test_gemm.c - gemm_nt: accuracy, the exact arithmetic it promises, and
  * batch invariance; and the CPU backend's other products, OpenBLAS's split
- * over the pool (test_backend_products).
+ * over the pool (test_backend_products_and_their_bits).
  *
  * gemm_nt replaces BLAS because a row's result must not depend on the batch
  * around it.  Besides checking results against a double-precision reference
@@ -26,6 +26,7 @@
 #include "backend.h"
 #include "gemm.h"
 #include "pool.h"
+#include "support/filter.h"
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
@@ -391,15 +392,18 @@ static void test_concurrent_callers(void **state)
  * with alpha 1: training's gradients), OpenBLAS split over the pool in
  * bands of C's rows or columns: every form of op(A) op(B), against a double
  * reference, nothing written outside C, and the same bits on one thread as
- * split. */
-static void test_backend_products(void **state)
+ * on the pool, with OpenBLAS's kernels for this CPU and for AVX2
+ * (OPENBLAS_CORETYPE=Haswell, as make test also runs it). */
+static void test_backend_products_and_their_bits(void **state)
 {
     (void)state;
     char err[256];
     struct backend *be = backend_cpu_create(err, sizeof err);
     assert_non_null(be);
-    /* Bands of rows, of columns, and a product too small to split. */
-    const int shapes[][3] = {{300, 40, 70}, {40, 300, 70}, {9, 7, 5}};
+    /* Bands of rows, of columns, products just over OpenBLAS's AVX-512
+     * small-matrix limit (1e6 multiply-adds), which halves would be under,
+     * and one too small to split. */
+    const int shapes[][3] = {{600, 40, 200}, {40, 600, 200}, {300, 40, 100}, {40, 300, 100}, {9, 7, 5}};
     const float alpha = 0.5f, betas[] = {0.0f, 1.0f, 0.25f};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int form = 0; form < 4; form++)
@@ -452,6 +456,7 @@ int main(void)
     /* More threads than this machine may have cores, so the pool splits
      * every product that is large enough, several ways. */
     setenv("RRN_THREADS", "4", 1);
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_scalar_twin_matches_reference),
         cmocka_unit_test(test_avx2_matches_reference),
@@ -462,7 +467,7 @@ int main(void)
         cmocka_unit_test(test_batch_invariance_large),
         cmocka_unit_test(test_threads_and_paths_agree),
         cmocka_unit_test(test_concurrent_callers),
-        cmocka_unit_test(test_backend_products),
+        cmocka_unit_test(test_backend_products_and_their_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
