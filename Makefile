@@ -187,7 +187,9 @@ serve: deps
 # would fault on or silently get wrong; it is not a GPU, and says nothing of
 # speed.
 EMU          := build/emu
-EMU_TESTS    := test_engine test_fixtures test_gradcheck test_faults test_train test_optim
+# Longest first: they run two at a time (RRN_TEST_JOBS), since each computes
+# alone on one core and times nothing; the server's tests then run alone.
+EMU_TESTS    := test_fixtures test_gradcheck test_train test_optim test_engine test_faults
 EMU_FILTER   := *cuda*
 EMU_WHOLE    := test_server
 EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -Itests/cuda_emu -Iengine -DRRN_CUDA -MMD -MP $(SAN)
@@ -218,7 +220,7 @@ emu-rrnserve:
 
 test-cuda-emu: $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%)
 	@export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1; \
-	    RRN_TEST_FILTER='$(EMU_FILTER)' tests/run_tests.sh $(EMU) $(EMU)/rrnserve $(EMU_TESTS) && \
+	    RRN_TEST_JOBS=2 RRN_TEST_FILTER='$(EMU_FILTER)' tests/run_tests.sh $(EMU) $(EMU)/rrnserve $(EMU_TESTS) && \
 	    tests/run_tests.sh $(EMU) $(EMU)/rrnserve $(EMU_WHOLE)
 
 # ---- fuzzing: libFuzzer with clang, ASan and UBSan, on the CPU build ------
