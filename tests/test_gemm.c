@@ -400,9 +400,9 @@ static void test_backend_products_and_their_bits(void **state)
     char err[256];
     struct backend *be = backend_cpu_create(err, sizeof err);
     assert_non_null(be);
-    /* Bands of rows, of columns, products just over OpenBLAS's AVX-512
-     * small-matrix limit (1e6 multiply-adds), which halves would be under,
-     * and one too small to split. */
+    /* Bands of rows, of columns, products whose halves OpenBLAS's AVX-512
+     * kernels give other bits than the whole (300 x 40 x 100), and one too
+     * small to split. */
     const int shapes[][3] = {{600, 40, 200}, {40, 600, 200}, {300, 40, 100}, {40, 300, 100}, {9, 7, 5}};
     const float alpha = 0.5f, betas[] = {0.0f, 1.0f, 0.25f};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
