@@ -134,7 +134,8 @@ test: deps
 test-plain: rrnserve $(CUPTI_TRACE) $(call test_bins,$(BUILD))
 	@tests/run_tests.sh $(BUILD) ./rrnserve
 	@if [ -n "$$OPENBLAS_CORETYPE" ]; then set -- env -u OPENBLAS_CORETYPE; \
-	elif grep -qw avx2 /proc/cpuinfo; then set -- env OPENBLAS_CORETYPE=Haswell; else set -- env; fi; \
+	elif grep -qw avx2 /proc/cpuinfo; then set -- env OPENBLAS_CORETYPE=Haswell; \
+	else echo "the tests of bits again: no other OpenBLAS kernels on this CPU"; exit 0; fi; \
 	out=$$(RRN_TEST_FILTER='*_bits' "$$@" tests/run_tests.sh $(BUILD) ./rrnserve test_gemm test_engine); rc=$$?; \
 	if [ $$rc -ne 0 ]; then printf '%s\n' "$$out"; fi; echo "the tests of bits again ($$*): $${out##*: }"; exit $$rc
 
