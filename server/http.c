@@ -1,6 +1,7 @@
 /* http.c - the libmicrohttpd daemon behind `rrnserve serve` (see http.h):
  * body accumulation under a size limit, routing, API keys, error bodies,
- * Server-Sent Events, the request log and the request metrics.
+ * Server-Sent Events, request ids, the request log and the request
+ * metrics.
  *
  * The daemon runs one thread per connection, so a handler may block while
  * its model's batcher works; the connection limit and the idle timeout keep
@@ -30,6 +31,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "page.h"
+#include "request_id.h"
 
 /* Per-connection memory for the request headers and the read buffer;
  * bodies are copied out as they arrive, so this bounds headers only.
@@ -94,6 +96,7 @@ struct http_server {
     int in_flight;
     int timeout_s;
     struct watched *watched; /* every open connection */
+    struct request_ids ids;
     pthread_t watchdog;
     int watchdog_running;
     int watchdog_stop;
@@ -105,6 +108,7 @@ struct request {
     struct http_server *s;
     struct MHD_Connection *conn;
     struct timespec start;
+    char id[REQUEST_ID_MAX + 1];
     enum endpoint ep;
     char method[16];
     char path[128];
@@ -229,6 +233,7 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
     int closing = s->closing;
     pthread_mutex_unlock(&s->mu);
     int rc = add_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    rc |= add_header(resp, REQUEST_ID_HEADER, rq->id);
     if (r->stream)
         rc |= add_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
     if (r->retry_after)
@@ -287,6 +292,7 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
     rq->batch_size = -1;
     rq->ep = route_of(url);
     clock_gettime(CLOCK_MONOTONIC, &rq->start);
+    request_id_take(&s->ids, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, REQUEST_ID_HEADER), rq->id);
     log_copy(rq->method, sizeof rq->method, method);
     log_copy(rq->path, sizeof rq->path, url);
     pthread_mutex_lock(&s->mu);
@@ -468,7 +474,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     char batch[16] = "-";
     if (rq->batch_size > 0)
         snprintf(batch, sizeof batch, "%d", rq->batch_size);
-    log_msg("%s %s %d %.2fms batch=%s", rq->method, rq->path, status, seconds * 1e3, batch);
+    log_msg("%s %s %d %.2fms batch=%s id=%s", rq->method, rq->path, status, seconds * 1e3, batch, rq->id);
     set_handling(s, conn, 0);
     metrics_request(s->metrics, rq->ep, status, seconds);
     free(rq->body);
@@ -521,6 +527,11 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->idle, NULL);
     pthread_cond_init(&s->wake, NULL);
+    if (request_ids_init(&s->ids) != 0) {
+        snprintf(err, errlen, "no random bytes for request ids (OpenSSL's RAND_bytes failed)");
+        http_stop(s);
+        return NULL;
+    }
     if (pthread_create(&s->watchdog, NULL, watchdog_main, s) != 0) {
         snprintf(err, errlen, "cannot start a thread");
         http_stop(s);

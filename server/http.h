@@ -1,7 +1,8 @@
 /* http.h - the HTTP front door: a libmicrohttpd daemon (one thread per
  * connection) that reads request bodies up to a size limit, routes by path
  * and method, checks API keys, hands requests to the endpoint handlers of
- * api.h, sends their replies, and logs and counts every request.
+ * api.h, sends their replies with each request's id (request_id.h), and
+ * logs and counts every request.
  *
  * Handlers never see libmicrohttpd: they fill a struct reply, and ask a
  * struct client whether the client is still there.

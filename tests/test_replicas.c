@@ -3,6 +3,8 @@
  * fixture models and nginx from deploy/nginx.conf, all on 127.0.0.1.
  *   - answers through nginx equal the replicas' own, /generate streams come
  *     through unbuffered-marked (X-Accel-Buffering: no) and whole;
+ *   - a request's id (X-Request-Id, the client's or nginx's) is the same in
+ *     the answer, nginx's access log and the one replica log that has it;
  *   - HTTPS: a self-signed certificate made with `openssl req -x509`, nginx
  *     with deploy/nginx-tls.conf, spoken to with libssl (certificate and
  *     host name verified), the same /classify answer;
@@ -52,6 +54,7 @@
 #define LOAD_AFTER_KILL_MS 2500
 #define LOAD_LIMIT_S 120
 #define MAX_REQUESTS_PER_CLIENT 100000
+#define LOG_WAIT_MS 5000
 
 /* snprintf into an array, which must not cut. */
 #define FMT(buf, ...) assert_true(snprintf(buf, sizeof buf, __VA_ARGS__) < (int)sizeof buf)
@@ -371,6 +374,64 @@ static void test_stream_through_proxy(void **state)
     http_resp_free(&proxied);
 }
 
+/* How many of the files work/<names[i]> hold needle, waiting up to
+ * LOG_WAIT_MS for one to: a replica logs a request once it has answered
+ * it, so its line may come after the answer has reached the client. */
+static int logs_holding(const char *const *names, int n, const char *needle)
+{
+    for (int waited = 0;; waited += 20) {
+        int found = 0;
+        for (int i = 0; i < n; i++) {
+            char path[256];
+            FMT(path, "%s/%s", S.work, names[i]);
+            char *text = file_read(path, NULL);
+            found += text && strstr(text, needle);
+            free(text);
+        }
+        if (found || waited >= LOG_WAIT_MS)
+            return found;
+        sleep_ms(20);
+    }
+}
+
+/* One request id follows a request through nginx's log and its replica's:
+ * the client's when plausible, else nginx's own (32 hex digits), which the
+ * replica keeps and answers. */
+static void test_request_ids_through_proxy(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    static const char *const nginx_log = "access.log";
+    static const char *const replica_logs[N_REPLICAS] = {"replica-1.log", "replica-2.log", "replica-3.log"};
+    static const struct {
+        const char *header, *kept; /* kept: NULL when nginx's id replaces it */
+    } cases[] = {
+        {"X-Request-Id: trace-lb-1\r\n", "trace-lb-1"},
+        {"", NULL},
+        {"X-Request-Id: two words\r\n", NULL},
+        {"X-Request-Id: \"quoted\"\r\n", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct http_resp r;
+        char id[256], needle[300];
+        assert_int_equal(http_request(S.port, "POST", "/classify", cases[i].header, classify_body,
+                                      strlen(classify_body), &r), 0);
+        assert_int_equal(r.status, 200);
+        http_header(&r, "X-Request-Id", id, sizeof id);
+        http_resp_free(&r);
+        if (cases[i].kept)
+            assert_string_equal(id, cases[i].kept);
+        else if (strlen(id) != 32 || strspn(id, "0123456789abcdef") != 32)
+            fail_msg("\"%s\" answered with the id \"%s\", not nginx's", cases[i].header, id);
+        FMT(needle, "id=%s\n", id);
+        if (logs_holding(&nginx_log, 1, needle) != 1)
+            fail_msg("nginx's access.log has no \"id=%s\"", id);
+        int replicas = logs_holding(replica_logs, N_REPLICAS, needle);
+        if (replicas != 1)
+            fail_msg("%d replica logs have \"id=%s\", not 1", replicas, id);
+    }
+}
+
 static void test_https(void **state)
 {
     (void)state;
@@ -597,6 +658,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_proxy_equals_direct),
         cmocka_unit_test(test_stream_through_proxy),
+        cmocka_unit_test(test_request_ids_through_proxy),
         cmocka_unit_test(test_https),
         cmocka_unit_test(test_kill_replica_under_load),
         cmocka_unit_test(test_gpus_round_robin),

@@ -3,8 +3,8 @@
  * on a temporary folder of fixture models, and is spoken to with plain
  * sockets.  Every endpoint and every error status; results equal to the
  * fixtures; seeded and streamed generation; 64 concurrent clients; queue
- * limits and clients that leave; SIGTERM under load, SIGHUP reloads and
- * API keys.
+ * limits and clients that leave; request ids; SIGTERM under load, SIGHUP
+ * reloads and API keys.
  *
  * Every wait is bounded (socket timeouts, polling counts), nothing asserts
  * how fast anything is, and each child is killed in its teardown even when
@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "request_id.h"
 #include "support/buf.h"
 #include "support/files.h"
 #include "support/fixtures.h"
@@ -507,6 +508,72 @@ static void test_routing_errors(void **state)
     assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "GET");
     http_resp_free(&r);
     expect_error(s->port, "DELETE", "/healthz", "", NULL, 405, NULL);
+}
+
+/* The X-Request-Id a request is answered with, into id; fails unless the
+ * status is `status` and the request's log line carries the id. */
+static void request_id_of(struct server *s, const char *method, const char *path, const char *headers,
+                          const char *body, int status, char id[REQUEST_ID_MAX + 1])
+{
+    struct http_resp r;
+    http_must_request(s->port, method, path, headers, body, &r);
+    if (r.status != status)
+        fail_msg("%s %s: status %d, not %d: %s", method, path, r.status, status, r.body.p);
+    if (!http_header(&r, REQUEST_ID_HEADER, id, REQUEST_ID_MAX + 1)[0])
+        fail_msg("%s %s: no %s header in\n%s", method, path, REQUEST_ID_HEADER, r.head);
+    http_resp_free(&r);
+    char line[REQUEST_ID_MAX + 8];
+    snprintf(line, sizeof line, "id=%s\n", id);
+    assert_int_equal(server_wait_log(s, line, 1), 1);
+}
+
+static int made_here(const char *id)
+{
+    return strlen(id) == 32 && strspn(id, "0123456789abcdef") == 32;
+}
+
+static void test_request_ids(void **state)
+{
+    struct server *s = *state;
+    char id[REQUEST_ID_MAX + 1], other[REQUEST_ID_MAX + 1], headers[REQUEST_ID_MAX + 64];
+    char *classify = body_with("plain_lstm_l2_bi_last", "text", "good day!", NULL);
+    char *stream = body_with("combo_lstm_lm", "prompt", "the ", "\"max_tokens\": 3, \"stream\": true");
+
+    /* Kept as sent: on a success, a stream, an error. */
+    request_id_of(s, "POST", "/classify", "X-Request-Id: trace-7f3a:1/2\r\n", classify, 200, id);
+    assert_string_equal(id, "trace-7f3a:1/2");
+    request_id_of(s, "POST", "/generate", "x-request-id: Root=1-67891233-abcdef\r\n", stream, 200, id);
+    assert_string_equal(id, "Root=1-67891233-abcdef");
+    request_id_of(s, "GET", "/nope", "X-Request-Id: lost-1\r\n", NULL, 404, id);
+    assert_string_equal(id, "lost-1");
+    memset(id, 'x', REQUEST_ID_MAX);
+    id[REQUEST_ID_MAX] = 0;
+    snprintf(headers, sizeof headers, "X-Request-Id: %s\r\n", id);
+    request_id_of(s, "GET", "/models", headers, NULL, 200, other);
+    assert_string_equal(other, id);
+
+    /* Made here when absent, a new one each time. */
+    request_id_of(s, "GET", "/models", "", NULL, 200, id);
+    request_id_of(s, "GET", "/models", "", NULL, 200, other);
+    assert_true(made_here(id) && made_here(other));
+    assert_string_not_equal(id, other);
+
+    /* Made here in place of ids that could break a log line or a header. */
+    static const char *const implausible[] = {
+        "X-Request-Id: two words\r\n", "X-Request-Id: \"quoted\"\r\n", "X-Request-Id: back\\slash\r\n",
+        "X-Request-Id: caf\xc3\xa9\r\n", "X-Request-Id:\r\n", NULL,
+    };
+    for (int i = 0; implausible[i]; i++) {
+        request_id_of(s, "GET", "/models", implausible[i], NULL, 200, id);
+        if (!made_here(id))
+            fail_msg("%s answered with \"%s\"", implausible[i], id);
+    }
+    memset(id, 'x', REQUEST_ID_MAX + 1);
+    snprintf(headers, sizeof headers, "X-Request-Id: %.*s\r\n", REQUEST_ID_MAX + 1, id);
+    request_id_of(s, "GET", "/models", headers, NULL, 200, id);
+    assert_true(made_here(id));
+    free(classify);
+    free(stream);
 }
 
 static void test_request_errors(void **state)
@@ -1087,6 +1154,7 @@ int main(void)
         cmocka_unit_test(test_generate_seeded),
         cmocka_unit_test(test_generate_stream_equals_plain),
         cmocka_unit_test(test_routing_errors),
+        cmocka_unit_test(test_request_ids),
         cmocka_unit_test(test_request_errors),
         cmocka_unit_test(test_size_limits),
         cmocka_unit_test(test_concurrent_clients),
