@@ -2,7 +2,8 @@
  * model and a small classifier learn (their loss falls by a stated margin
  * within a few hundred steps), a run is reproducible to the bit, the
  * outputs (weight file, CSV, SVG) are written and load, and bad
- * configurations and data are refused with messages naming the problem.
+ * configurations and data, and damaged checkpoints, are refused with
+ * messages naming the problem.
  * RRN_BIN names the binary (tests/run_tests.sh sets it).
  */
 #include <setjmp.h>
@@ -11,6 +12,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +23,7 @@
 #include "backend.h"
 #include "model.h"
 
+#include "support/files.h"
 #include "support/filter.h"
 #include "support/proc.h"
 
@@ -244,6 +247,122 @@ static void test_bad_configs_and_data(void **state)
     free(out);
 }
 
+/* A copy of dir/from, a checkpoint's .state file, as dir/to with the value
+ * at `at` in its training state ("windows.start.0": a key, or an index in
+ * an array) replaced by the JSON `json`, or removed when json is NULL. */
+static void state_with(const char *from, const char *to, const char *at, const char *json)
+{
+    char path[256], key[64];
+    size_t len;
+    snprintf(path, sizeof path, "%s/%s", dir, from);
+    unsigned char *file = file_must_read(path, &len);
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--)
+        n = n << 8 | file[i];
+    assert_true(len >= 8 && n <= len - 8);
+    cJSON *header = cJSON_ParseWithLength((const char *)file + 8, (size_t)n);
+    cJSON *meta = cJSON_GetObjectItem(header, "__metadata__");
+    cJSON *state = cJSON_Parse(cJSON_GetStringValue(cJSON_GetObjectItem(meta, "training_state")));
+    assert_non_null(state);
+    cJSON *parent = state;
+    for (const char *dot; (dot = strchr(at, '.')); at = dot + 1) {
+        snprintf(key, sizeof key, "%.*s", (int)(dot - at), at);
+        parent = cJSON_IsArray(parent) ? cJSON_GetArrayItem(parent, atoi(key)) : cJSON_GetObjectItem(parent, key);
+        assert_non_null(parent);
+    }
+    cJSON *value = json ? cJSON_Parse(json) : NULL;
+    assert_true(!json || value);
+    if (cJSON_IsArray(parent))
+        assert_true(json ? cJSON_ReplaceItemInArray(parent, atoi(at), value)
+                         : (cJSON_DeleteItemFromArray(parent, atoi(at)), 1));
+    else if (json)
+        assert_true(cJSON_GetObjectItem(parent, at) ? cJSON_ReplaceItemInObject(parent, at, value)
+                                                    : cJSON_AddItemToObject(parent, at, value));
+    else
+        cJSON_DeleteItemFromObject(parent, at);
+    char *text = cJSON_PrintUnformatted(state);
+    assert_true(cJSON_ReplaceItemInObject(meta, "training_state", cJSON_CreateString(text)));
+    char *head = cJSON_PrintUnformatted(header);
+    size_t m = strlen(head), padded = (m + 7) / 8 * 8;
+    unsigned char *out = malloc(8 + padded + (len - 8 - n));
+    assert_non_null(out);
+    for (int i = 0; i < 8; i++)
+        out[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    memcpy(out + 8, head, m);
+    memset(out + 8 + m, ' ', padded - m);
+    memcpy(out + 8 + padded, file + 8 + n, len - 8 - n);
+    snprintf(path, sizeof path, "%s/%s", dir, to);
+    file_write(path, out, 8 + padded + (len - 8 - n));
+    free(out);
+    free(head);
+    free(text);
+    cJSON_Delete(state);
+    cJSON_Delete(header);
+    free(file);
+}
+
+/* A checkpoint whose state is damaged, cut short or of another run is
+ * refused with a message naming the state file and what is wrong, never a
+ * crash nor a run from positions outside the data.  The damaged states
+ * are the checkpoint's own with one value changed. */
+static void test_damaged_checkpoints_are_refused(void **state)
+{
+    (void)state;
+    char *out, cmd[512], weights[256], copy[256];
+    write_corpus();
+    write_file("lm.json", lm_config);
+    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 8 --checkpoint_every 5 --out d.safetensors") != 0)
+        fail_msg("train failed: %s", out);
+    free(out);
+    snprintf(weights, sizeof weights, "%s/d.ckpt.safetensors", dir);
+    snprintf(copy, sizeof copy, "%s/bad.ckpt.safetensors", dir);
+    file_copy(weights, copy);
+    static const struct {
+        const char *at, *json, *named; /* json NULL: the value removed */
+    } damage[] = {
+        {"step", NULL, "\"step\""},
+        {"step", "-1", "\"step\""},
+        {"step", "1e300", "\"step\""},
+        {"epoch", "\"one\"", "\"epoch\""},
+        {"rng.0", "\"zz\"", "\"rng\""},
+        {"rng", "[]", "\"rng\""},
+        {"since_last_point", "[\"0x1p+0\"]", "\"since_last_point\""},
+        {"since_last_point.1", "\"nan\"", "\"since_last_point\""},
+        {"curve", "5", "\"curve\""},
+        {"curve", "[[\"0x1p+0\"]]", "\"curve\""},
+        {"windows", NULL, "\"windows\""},
+        {"windows.pos", "3", "\"windows\""},
+        {"windows.pos", "1e12", "\"windows\""},
+        {"windows.start.0", "1e12", "\"windows\""},
+        {"windows.start.1", "0", "\"windows\""},
+        {"windows.start.0", NULL, "\"windows\""},
+        {"slot_pos", NULL, "\"slot_pos\""},
+        {"slot_pos.0", "-1", "\"slot_pos\""},
+        {"slot_pos.0", "1e300", "\"slot_pos\""},
+    };
+    for (size_t i = 0; i < sizeof damage / sizeof damage[0]; i++) {
+        state_with("d.ckpt.safetensors.state", "bad.ckpt.safetensors.state", damage[i].at, damage[i].json);
+        int rc = proc_rrnserve(&out, dir, "train --resume bad.ckpt.safetensors --out z.safetensors");
+        if (rc != 1 || !strstr(out, "bad.ckpt.safetensors.state") || !strstr(out, damage[i].named))
+            fail_msg("%s set to %s: status %d, not 1 with a message naming %s: %s", damage[i].at,
+                     damage[i].json ? damage[i].json : "nothing", rc, damage[i].named, out);
+        free(out);
+    }
+    /* The state of another batch size, and one cut short. */
+    assert_int_equal(proc_rrnserve(&out, dir, "train --resume d.ckpt.safetensors --batch_size 4 --out z.safetensors"), 1);
+    assert_non_null(strstr(out, "does not match this run"));
+    free(out);
+    snprintf(cmd, sizeof cmd, "cd %s && head -c 1000 d.ckpt.safetensors.state > bad.ckpt.safetensors.state", dir);
+    assert_int_equal(system(cmd), 0);
+    assert_int_equal(proc_rrnserve(&out, dir, "train --resume bad.ckpt.safetensors --out z.safetensors"), 1);
+    assert_non_null(strstr(out, "bad.ckpt.safetensors.state"));
+    free(out);
+    /* The undamaged state still resumes. */
+    assert_int_equal(proc_rrnserve(&out, dir, "train --resume d.ckpt.safetensors --out z.safetensors"), 0);
+    assert_non_null(strstr(out, "resuming d.ckpt.safetensors at step 5"));
+    free(out);
+}
+
 /* A run whose loss or gradients stop being finite (a ReLU network at a
  * learning rate of 1000) stops at once, with a message that names the
  * step and what to change, and writes no weights: an update from such
@@ -306,6 +425,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_bad_configs_and_data, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_damaged_checkpoints_are_refused, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_divergence_stops_the_run, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_cuda_training_learns_and_resumes, make_dir, remove_dir),
     };

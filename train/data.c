@@ -311,6 +311,21 @@ int lm_windows_next(struct lm_windows *w, int32_t *window)
     return fresh;
 }
 
+int lm_windows_restore(struct lm_windows *w, size_t pos, long epoch, const struct rng *rng, const size_t *start)
+{
+    const size_t T = (size_t)w->T, used = windows_per_epoch(w) * T + 1;
+    if (pos % T || pos > windows_per_epoch(w) * T)
+        return -1;
+    for (int b = 0; b < w->B; b++)
+        if (start[b] < (size_t)b * w->part || start[b] - (size_t)b * w->part > w->part - used)
+            return -1;
+    memcpy(w->start, start, sizeof *start * (size_t)w->B);
+    w->pos = pos;
+    w->epoch = epoch;
+    w->rng = *rng;
+    return 0;
+}
+
 long lm_windows_per_epoch(const struct lm_windows *w)
 {
     return (long)windows_per_epoch(w);

@@ -55,6 +55,11 @@ void lm_windows_free(struct lm_windows *w);
 /* Fills window [B][T+1]; returns 1 when this window starts a new epoch
  * (the trainer resets its carried state), else 0. */
 int lm_windows_next(struct lm_windows *w, int32_t *window);
+/* Puts back where a checkpointed w was: its offset, epoch, generator and
+ * each stream's start; -1 (w unchanged) when they could not have come
+ * from windows of this corpus, batch and length, so that no window is read
+ * outside the corpus. */
+int lm_windows_restore(struct lm_windows *w, size_t pos, long epoch, const struct rng *rng, const size_t *start);
 long lm_windows_per_epoch(const struct lm_windows *w);
 
 /* ---- Examples for classification and regression. */
