@@ -234,7 +234,9 @@ try:
     b, a = scrape(f"{d}/metrics_before.txt"), scrape(f"{d}/metrics_after.txt")
 except OSError:
     sys.exit(0)
-delta = lambda k: a.get(k, 0) - b.get(k, 0)
+# A series, or a metric summed over its series (every model's).
+total = lambda m, k: sum(v for s, v in m.items() if s == k or s.startswith(k + "{"))
+delta = lambda k: total(a, k) - total(b, k)
 batches = delta("rrnserve_engine_seconds_count")
 eng = delta("rrnserve_engine_seconds_sum")
 seqs = delta("rrnserve_batch_size_sum")

@@ -32,7 +32,7 @@ struct batcher {
     const struct tokenizer *tk;
     struct engine *e;
     struct batcher_options opt;
-    struct metrics *metrics;
+    struct model_metrics *metrics;
     pthread_t thread;
     int started;
     pthread_mutex_t mu;
@@ -169,6 +169,11 @@ int batcher_submit(struct batcher *b, struct job *j)
     }
     pthread_mutex_unlock(&b->mu);
     return rc;
+}
+
+struct model_metrics *batcher_metrics(struct batcher *b)
+{
+    return b->metrics;
 }
 
 int batcher_queue_depth(struct batcher *b)
@@ -557,19 +562,19 @@ static void *batcher_main(void *arg)
 }
 
 struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk, struct engine *e,
-                              const struct batcher_options *opt, struct metrics *metrics, char *err,
-                              size_t errlen)
+                              const struct batcher_options *opt, char *err, size_t errlen)
 {
     struct batcher *b = calloc(1, sizeof *b);
-    if (!b) {
+    if (!b || !(b->metrics = model_metrics_new())) {
         snprintf(err, errlen, "out of memory");
+        free(b);
+        engine_destroy(e);
         return NULL;
     }
     b->m = m;
     b->tk = tk;
     b->e = e;
     b->opt = *opt;
-    b->metrics = metrics;
     pthread_mutex_init(&b->mu, NULL);
     pthread_cond_init(&b->cv, NULL);
     int generates = m->cfg.task == TASK_LM && config_directions(&m->cfg) == 1;
@@ -624,6 +629,7 @@ void batcher_stop(struct batcher *b)
     free(b->step_slots);
     free(b->step_tokens);
     free(b->probe_out);
+    model_metrics_free(b->metrics);
     pthread_cond_destroy(&b->cv);
     pthread_mutex_destroy(&b->mu);
     free(b);

@@ -77,15 +77,13 @@ struct batcher_options {
 };
 
 struct batcher;
-struct metrics;
 
 /* Starts the batcher thread.  The batcher owns the engine from then on,
  * even when it fails to start; not the model or tokenizer, which must
  * outlive it.  The engine needs max_batch + 1 slots for a unidirectional
  * language model (the streams and one for scoring long texts). */
 struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk, struct engine *e,
-                              const struct batcher_options *opt, struct metrics *metrics, char *err,
-                              size_t errlen);
+                              const struct batcher_options *opt, char *err, size_t errlen);
 /* Finishes every job already queued or running, then stops the thread and
  * frees the batcher and its engine. */
 void batcher_stop(struct batcher *b);
@@ -106,6 +104,8 @@ int batcher_failing(struct batcher *b, char *err, size_t errlen);
 /* 0: queued; -1: the queue is full; -2: the batcher is stopping. */
 int batcher_submit(struct batcher *b, struct job *j);
 int batcher_queue_depth(struct batcher *b);
+/* The model's series of metrics.h, which the batcher records. */
+struct model_metrics *batcher_metrics(struct batcher *b);
 
 /* Wait until the job is done or, for generation, until it has more than
  * seen_tokens tokens; at most timeout_ms.  Returns 1 when there is news. */

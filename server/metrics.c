@@ -1,13 +1,15 @@
 /* metrics.c - Prometheus counters and histograms for the server (see
- * metrics.h).  One mutex guards everything: each update is a handful of
- * additions, far cheaper than the request around it, and a single lock
- * makes every rendered snapshot consistent (a histogram's buckets always
- * add up to its count).
+ * metrics.h).  One mutex guards the HTTP series and one each model's: an
+ * update is a handful of additions, far cheaper than the request or the
+ * engine call around it, and a lock per set makes every rendered snapshot
+ * of it consistent (a histogram's buckets always add up to its count).
  */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
+#include "batcher.h"
 #include "metrics.h"
 #include "registry.h"
 
@@ -41,14 +43,22 @@ struct histogram {
 struct counters {
     unsigned long long requests[EP_COUNT][STATUS_MAX - STATUS_MIN + 1];
     struct histogram latency[EP_COUNT];
-    struct histogram batch;
-    struct histogram engine;
-    unsigned long long tokens;
 };
 
 struct metrics {
     pthread_mutex_t mu;
     struct counters c;
+};
+
+struct model_counters {
+    struct histogram batch;
+    struct histogram engine;
+    unsigned long long tokens;
+};
+
+struct model_metrics {
+    pthread_mutex_t mu;
+    struct model_counters c;
 };
 
 const char *endpoint_path(enum endpoint e)
@@ -72,6 +82,24 @@ void metrics_free(struct metrics *m)
         return;
     pthread_mutex_destroy(&m->mu);
     free(m);
+}
+
+struct model_metrics *model_metrics_new(void)
+{
+    struct model_metrics *mm = calloc(1, sizeof *mm);
+    if (mm && pthread_mutex_init(&mm->mu, NULL) != 0) {
+        free(mm);
+        return NULL;
+    }
+    return mm;
+}
+
+void model_metrics_free(struct model_metrics *mm)
+{
+    if (!mm)
+        return;
+    pthread_mutex_destroy(&mm->mu);
+    free(mm);
 }
 
 static void observe(struct histogram *h, const double *bounds, size_t n, double v)
@@ -98,87 +126,144 @@ void metrics_request(struct metrics *m, enum endpoint e, int status, double seco
     pthread_mutex_unlock(&m->mu);
 }
 
-void metrics_batch(struct metrics *m, int batch_size)
+void metrics_batch(struct model_metrics *mm, int batch_size)
 {
-    if (!m || batch_size <= 0)
+    if (!mm || batch_size <= 0)
         return;
-    pthread_mutex_lock(&m->mu);
-    observe(&m->c.batch, batch_bounds, N_BATCH, batch_size);
-    pthread_mutex_unlock(&m->mu);
+    pthread_mutex_lock(&mm->mu);
+    observe(&mm->c.batch, batch_bounds, N_BATCH, batch_size);
+    pthread_mutex_unlock(&mm->mu);
 }
 
-void metrics_engine(struct metrics *m, double seconds)
+void metrics_engine(struct model_metrics *mm, double seconds)
 {
-    if (!m || seconds < 0)
+    if (!mm || seconds < 0)
         return;
-    pthread_mutex_lock(&m->mu);
-    observe(&m->c.engine, engine_bounds, N_ENGINE, seconds);
-    pthread_mutex_unlock(&m->mu);
+    pthread_mutex_lock(&mm->mu);
+    observe(&mm->c.engine, engine_bounds, N_ENGINE, seconds);
+    pthread_mutex_unlock(&mm->mu);
 }
 
-void metrics_tokens(struct metrics *m, int n)
+void metrics_tokens(struct model_metrics *mm, int n)
 {
-    if (!m || n <= 0)
+    if (!mm || n <= 0)
         return;
-    pthread_mutex_lock(&m->mu);
-    m->c.tokens += (unsigned long long)n;
-    pthread_mutex_unlock(&m->mu);
+    pthread_mutex_lock(&mm->mu);
+    mm->c.tokens += (unsigned long long)n;
+    pthread_mutex_unlock(&mm->mu);
 }
 
-/* A label value in Prometheus' escaping: backslash, quote and newline. */
-static void put_label(FILE *f, const char *s)
+/* `model="NAME"`, the name in Prometheus' escaping (backslash, quote,
+ * newline); malloc'd. */
+static char *model_label(const char *name)
 {
-    for (; *s; s++) {
-        if (*s == '\\' || *s == '"')
-            fputc('\\', f);
-        if (*s == '\n')
-            fputs("\\n", f);
-        else
-            fputc(*s, f);
+    char *label = malloc(2 * strlen(name) + sizeof "model=\"\""), *p = label;
+    if (!label)
+        return NULL;
+    p += sprintf(p, "model=\"");
+    for (const char *c = name; *c; c++) {
+        if (*c == '\\' || *c == '"' || *c == '\n')
+            *p++ = '\\';
+        *p++ = *c == '\n' ? 'n' : *c;
     }
+    strcpy(p, "\"");
+    return label;
 }
 
-/* The series of one histogram; label is "" or `name="value"`. */
+/* The series of one histogram; label is `name="value"`. */
 static void put_histogram(FILE *f, const char *name, const char *label, const struct histogram *h,
                           const double *bounds, size_t n)
 {
-    const char *sep = *label ? "," : "";
     unsigned long long cum = 0;
     for (size_t b = 0; b <= n; b++) {
         cum += h->buckets[b];
         if (b < n)
-            fprintf(f, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, label, sep, bounds[b], cum);
+            fprintf(f, "%s_bucket{%s,le=\"%g\"} %llu\n", name, label, bounds[b], cum);
         else
-            fprintf(f, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, label, sep, cum);
+            fprintf(f, "%s_bucket{%s,le=\"+Inf\"} %llu\n", name, label, cum);
     }
-    const char *open = *label ? "{" : "", *close = *label ? "}" : "";
-    fprintf(f, "%s_sum%s%s%s %.17g\n", name, open, label, close, h->sum);
-    fprintf(f, "%s_count%s%s%s %llu\n", name, open, label, close, h->count);
+    fprintf(f, "%s_sum{%s} %.17g\n", name, label, h->sum);
+    fprintf(f, "%s_count{%s} %llu\n", name, label, h->count);
 }
 
-static void put_queue_depths(FILE *f, struct registry *r)
+/* What the models' series show: one model's, read at once. */
+struct model_snapshot {
+    char *label;
+    struct model_counters c;
+    int depth;
+};
+
+/* The models' series, each family's series together as the format wants. */
+static void put_models(FILE *f, const struct model_snapshot *ms, int n)
+{
+    fputs("# HELP rrnserve_batch_size Sequences per engine call.\n"
+          "# TYPE rrnserve_batch_size histogram\n", f);
+    for (int i = 0; i < n; i++)
+        put_histogram(f, "rrnserve_batch_size", ms[i].label, &ms[i].c.batch, batch_bounds, N_BATCH);
+    fputs("# HELP rrnserve_engine_seconds Engine time of each classify/score/attention batch.\n"
+          "# TYPE rrnserve_engine_seconds histogram\n", f);
+    for (int i = 0; i < n; i++)
+        put_histogram(f, "rrnserve_engine_seconds", ms[i].label, &ms[i].c.engine, engine_bounds, N_ENGINE);
+    fputs("# HELP rrnserve_tokens_generated_total Tokens sampled by /generate.\n"
+          "# TYPE rrnserve_tokens_generated_total counter\n", f);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "rrnserve_tokens_generated_total{%s} %llu\n", ms[i].label, ms[i].c.tokens);
+    fputs("# HELP rrnserve_queue_depth Jobs waiting in a model's queue.\n"
+          "# TYPE rrnserve_queue_depth gauge\n", f);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "rrnserve_queue_depth{%s} %d\n", ms[i].label, ms[i].depth);
+}
+
+/* Snapshots of the registry's models (none when r is NULL); -1 when out
+ * of memory. */
+static int snapshot_models(struct registry *r, struct model_snapshot **out, int *n_out)
 {
     struct served_model **list = NULL;
     int n = 0;
-    fputs("# HELP rrnserve_queue_depth Jobs waiting in a model's queue.\n"
-          "# TYPE rrnserve_queue_depth gauge\n", f);
-    if (!r || registry_list(r, &list, &n) != 0)
-        return;
+    *out = NULL;
+    *n_out = 0;
+    if (!r)
+        return 0;
+    if (registry_list(r, &list, &n) != 0)
+        return -1;
+    struct model_snapshot *ms = calloc((size_t)(n ? n : 1), sizeof *ms);
+    int rc = ms ? 0 : -1;
     for (int i = 0; i < n; i++) {
-        fputs("rrnserve_queue_depth{model=\"", f);
-        put_label(f, list[i]->name);
-        fprintf(f, "\"} %d\n", batcher_queue_depth(list[i]->batcher));
+        if (rc == 0 && !(ms[i].label = model_label(list[i]->name)))
+            rc = -1;
+        if (rc == 0) {
+            struct model_metrics *mm = batcher_metrics(list[i]->batcher);
+            pthread_mutex_lock(&mm->mu);
+            ms[i].c = mm->c;
+            pthread_mutex_unlock(&mm->mu);
+            ms[i].depth = batcher_queue_depth(list[i]->batcher);
+        }
         served_model_release(list[i]);
     }
     free(list);
+    *out = ms;
+    *n_out = n;
+    return rc;
+}
+
+static void free_snapshots(struct model_snapshot *ms, int n)
+{
+    for (int i = 0; ms && i < n; i++)
+        free(ms[i].label);
+    free(ms);
 }
 
 char *metrics_render(struct metrics *m, struct registry *r)
 {
-    /* Render from a snapshot, so the lock is not held while formatting. */
+    /* Render from snapshots, so no lock is held while formatting. */
     struct counters *snap = malloc(sizeof *snap);
-    if (!snap)
+    struct model_snapshot *models = NULL;
+    int n_models = 0;
+    if (!snap || snapshot_models(r, &models, &n_models) != 0) {
+        free(snap);
+        free_snapshots(models, n_models);
         return NULL;
+    }
     pthread_mutex_lock(&m->mu);
     *snap = m->c;
     pthread_mutex_unlock(&m->mu);
@@ -188,6 +273,7 @@ char *metrics_render(struct metrics *m, struct registry *r)
     FILE *f = open_memstream(&text, &len);
     if (!f) {
         free(snap);
+        free_snapshots(models, n_models);
         return NULL;
     }
     fputs("# HELP rrnserve_requests_total HTTP requests by endpoint and status.\n"
@@ -206,16 +292,7 @@ char *metrics_render(struct metrics *m, struct registry *r)
             put_histogram(f, "rrnserve_request_duration_seconds", label, &snap->latency[e], latency_bounds,
                           N_LATENCY);
     }
-    fputs("# HELP rrnserve_batch_size Sequences per engine call.\n"
-          "# TYPE rrnserve_batch_size histogram\n", f);
-    put_histogram(f, "rrnserve_batch_size", "", &snap->batch, batch_bounds, N_BATCH);
-    fputs("# HELP rrnserve_engine_seconds Engine time of each classify/score/attention batch.\n"
-          "# TYPE rrnserve_engine_seconds histogram\n", f);
-    put_histogram(f, "rrnserve_engine_seconds", "", &snap->engine, engine_bounds, N_ENGINE);
-    fprintf(f, "# HELP rrnserve_tokens_generated_total Tokens sampled by /generate.\n"
-               "# TYPE rrnserve_tokens_generated_total counter\n"
-               "rrnserve_tokens_generated_total %llu\n", snap->tokens);
-    put_queue_depths(f, r);
+    put_models(f, models, n_models);
     int failed = ferror(f);
     /* fclose publishes text and len; a stream that failed is discarded. */
     if (fclose(f) != 0 || failed) {
@@ -223,5 +300,6 @@ char *metrics_render(struct metrics *m, struct registry *r)
         text = NULL;
     }
     free(snap);
+    free_snapshots(models, n_models);
     return text;
 }

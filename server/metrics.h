@@ -1,7 +1,8 @@
 /* metrics.h - the server's Prometheus metrics: requests by endpoint and
- * status, request latency per endpoint, engine batch sizes, engine time of
- * whole-sequence batches, tokens generated, and (read at render time) each
- * model's queue depth.
+ * status and request latency per endpoint (struct metrics, the HTTP
+ * threads'), and per model its engine batch sizes, engine time of
+ * whole-sequence batches, tokens generated (struct model_metrics, its
+ * batcher's) and queue depth (read at render time).
  *
  * Every function is thread-safe: HTTP threads record requests, batcher
  * threads record batches and tokens, and /metrics renders concurrently.
@@ -32,6 +33,7 @@ enum endpoint {
 const char *endpoint_path(enum endpoint e);
 
 struct metrics;
+struct model_metrics;
 struct registry;
 
 struct metrics *metrics_new(void);
@@ -39,17 +41,23 @@ void metrics_free(struct metrics *m);
 
 /* One finished request: its HTTP status (100..599) and latency. */
 void metrics_request(struct metrics *m, enum endpoint e, int status, double seconds);
-/* One engine call over batch_size sequences (called by the batchers). */
-void metrics_batch(struct metrics *m, int batch_size);
-/* The engine time of one classify/score/attention batch (called by the
- * batchers; generation prefills and steps are not counted). */
-void metrics_engine(struct metrics *m, double seconds);
-/* n tokens sampled (called by the batchers). */
-void metrics_tokens(struct metrics *m, int n);
 
-/* The metrics in Prometheus' text exposition format, queue depths read
- * from the registry's models (r may be NULL).  A malloc'd string, or NULL
- * when out of memory. */
+/* A model's series, rendered with its name as the label `model`.  A model
+ * reloaded with a new file starts them from zero again, which Prometheus
+ * reads as a counter reset; one removed takes its series with it. */
+struct model_metrics *model_metrics_new(void);
+void model_metrics_free(struct model_metrics *mm);
+/* One engine call over batch_size sequences. */
+void metrics_batch(struct model_metrics *mm, int batch_size);
+/* The engine time of one classify/score/attention batch (generation
+ * prefills and steps are not counted). */
+void metrics_engine(struct model_metrics *mm, double seconds);
+/* n tokens sampled. */
+void metrics_tokens(struct model_metrics *mm, int n);
+
+/* The metrics in Prometheus' text exposition format, the models' series
+ * read from the registry's models (r may be NULL).  A malloc'd string, or
+ * NULL when out of memory. */
 char *metrics_render(struct metrics *m, struct registry *r);
 
 #endif

@@ -67,7 +67,7 @@ static struct served_model *load_model(struct registry *r, const char *name, con
     struct engine *e = engine_create(&m->model, m->be, slots, err, errlen);
     if (e)
         m->derived_bytes = engine_token_table_bytes(e) + engine_packed_bytes(e);
-    if (!e || !(m->batcher = batcher_start(&m->model, &m->tk, e, &r->opt.batch, r->opt.metrics, err, errlen)))
+    if (!e || !(m->batcher = batcher_start(&m->model, &m->tk, e, &r->opt.batch, err, errlen)))
         goto fail;
     return m;
 fail:

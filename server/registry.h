@@ -34,7 +34,6 @@ struct registry_options {
     enum precision precision;
     enum recurrence recurrence;
     struct batcher_options batch;
-    struct metrics *metrics;
 };
 
 struct registry;

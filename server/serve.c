@@ -242,7 +242,7 @@ int cmd_serve(int argc, char **argv)
                       .lim = {.max_text_bytes = (size_t)o.max_text_bytes, .max_tokens = (int)o.max_tokens_limit}};
     atomic_init(&api.stopping, 0);
     struct registry_options ro = {
-        .dir = o.models, .device = o.device, .precision = o.precision, .recurrence = o.recurrence, .metrics = metrics,
+        .dir = o.models, .device = o.device, .precision = o.precision, .recurrence = o.recurrence,
         .batch = {.max_batch = (int)o.max_batch, .max_wait_us = (int)o.max_wait_us, .max_queue = (int)o.max_queue},
     };
     if (!metrics) {

@@ -36,7 +36,7 @@ static int open_env(void **state, const char *path, int max_batch, int max_queue
     struct engine *e = engine_create(&v->model, v->be, slots, err, sizeof err);
     assert_non_null(e);
     struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = max_wait_us, .max_queue = max_queue};
-    v->b = batcher_start(&v->model, &v->tk, e, &opt, NULL, err, sizeof err);
+    v->b = batcher_start(&v->model, &v->tk, e, &opt, err, sizeof err);
     if (!v->b)
         fail_msg("batcher: %s", err);
     *state = v;

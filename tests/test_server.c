@@ -110,16 +110,20 @@ static void expect_error(int port, const char *method, const char *path, const c
     http_resp_free(&r);
 }
 
-/* A Prometheus sample value by its full series name, or -1. */
+/* The value of a Prometheus series by its full name, or -1 when there is
+ * none; a name ending in '{' ("rrnserve_batch_size_sum{") sums every
+ * series of that metric (each model's). */
 static double metric(int port, const char *series)
 {
     struct http_resp r;
     http_must_request(port, "GET", "/metrics", "", NULL, &r);
     assert_int_equal(r.status, 200);
+    const int all = series[strlen(series) - 1] == '{';
     char want[256];
-    snprintf(want, sizeof want, "\n%s ", series);
-    const char *at = strstr(r.body.p, want);
-    double v = at ? strtod(at + strlen(want), NULL) : -1;
+    snprintf(want, sizeof want, all ? "\n%s" : "\n%s ", series);
+    double v = -1;
+    for (const char *at = strstr(r.body.p, want); at; at = all ? strstr(at + 1, want) : NULL)
+        v = (v < 0 ? 0 : v) + strtod(all ? strchr(at, '}') + 1 : at + strlen(want), NULL);
     http_resp_free(&r);
     return v;
 }
@@ -174,8 +178,21 @@ static void test_health_and_metrics(void **state)
     assert_non_null(strstr(r.body.p, "rrnserve_request_duration_seconds_bucket{endpoint=\"/readyz\",le=\"+Inf\"} "));
     assert_non_null(strstr(r.body.p, "# TYPE rrnserve_batch_size histogram"));
     assert_non_null(strstr(r.body.p, "rrnserve_queue_depth{model=\"combo_lstm_lm\"} 0"));
-    assert_non_null(strstr(r.body.p, "rrnserve_tokens_generated_total "));
+    assert_non_null(strstr(r.body.p, "rrnserve_tokens_generated_total{model=\"combo_lstm_lm\"} 0\n"));
     http_resp_free(&r);
+
+    /* A model's batches count under its name only. */
+    static const char *const used = "rrnserve_batch_size_count{model=\"plain_lstm_l2_bi_last\"}",
+                             *const timed = "rrnserve_engine_seconds_count{model=\"plain_lstm_l2_bi_last\"}",
+                             *const idle = "rrnserve_batch_size_count{model=\"rra_dynamic_w3_l2_bi\"}";
+    double used0 = metric(s->port, used), timed0 = metric(s->port, timed), idle0 = metric(s->port, idle);
+    assert_true(used0 >= 0 && timed0 >= 0 && idle0 >= 0);
+    char *body = body_with("plain_lstm_l2_bi_last", "text", "good day!", NULL);
+    cJSON_Delete(post(s->port, "/classify", 200, body));
+    free(body);
+    assert_true(metric(s->port, used) == used0 + 1);
+    assert_true(metric(s->port, timed) == timed0 + 1);
+    assert_true(metric(s->port, idle) == idle0);
 }
 
 static void test_models(void **state)
@@ -739,7 +756,8 @@ static void test_concurrent_clients(void **state)
         assert_int_equal(http_request(s->port, "POST", c->path, "", c->body, strlen(c->body), &c->alone), 0);
         assert_int_equal(c->alone.status, 200);
     }
-    double sum0 = metric(s->port, "rrnserve_batch_size_sum"), count0 = metric(s->port, "rrnserve_batch_size_count");
+    double sum0 = metric(s->port, "rrnserve_batch_size_sum{");
+    double count0 = metric(s->port, "rrnserve_batch_size_count{");
     pthread_t threads[N_CLIENTS];
     for (int i = 0; i < N_CLIENTS; i++)
         assert_int_equal(pthread_create(&threads[i], NULL, client_main, &calls[i]), 0);
@@ -756,8 +774,8 @@ static void test_concurrent_clients(void **state)
         http_resp_free(&c->together);
         free(c->body);
     }
-    double sum = metric(s->port, "rrnserve_batch_size_sum") - sum0;
-    double count = metric(s->port, "rrnserve_batch_size_count") - count0;
+    double sum = metric(s->port, "rrnserve_batch_size_sum{") - sum0;
+    double count = metric(s->port, "rrnserve_batch_size_count{") - count0;
     assert_true(count > 0);
     /* Under valgrind the threads take turns, so whether requests meet in
      * the queue is chance: that run checks memory, the others batching. */
@@ -836,13 +854,14 @@ static void test_queue_full_and_cancel(void **state)
     int d = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(d >= 0);
     assert_int_equal(http_send_request(d, "POST", "/generate", "", endless, strlen(endless)), 0);
-    double tokens0 = metric(s->port, "rrnserve_tokens_generated_total");
-    for (int i = 0; i < 10000 && metric(s->port, "rrnserve_tokens_generated_total") < tokens0 + 100; i++)
+    static const char *const tokens = "rrnserve_tokens_generated_total{model=\"combo_lstm_lm\"}";
+    double tokens0 = metric(s->port, tokens);
+    for (int i = 0; i < 10000 && metric(s->port, tokens) < tokens0 + 100; i++)
         sleep_ms(1);
     close(d);
     cJSON_Delete(post(s->port, "/generate", 200, body));
     assert_int_equal(server_wait_log(s, "POST /generate 499", 2), 2);
-    assert_true(metric(s->port, "rrnserve_tokens_generated_total") < 1000000);
+    assert_true(metric(s->port, tokens) < 1000000);
     free(endless);
     free(body);
 }
