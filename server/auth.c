@@ -1,7 +1,10 @@
 /* auth.c - loading the API-key hash file and checking bearer keys (see
  * auth.h).  Only hashes are kept: a leaked file or core dump gives no key.
+ * A reload swaps the whole list under a write lock, so a check sees the
+ * old keys or the new ones, never a mix.
  */
 #include <openssl/crypto.h>
+#include <pthread.h>
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,9 +15,14 @@
 
 #define HASH_LEN 32
 
-struct auth {
+struct hashes {
     int n;
-    unsigned char (*hashes)[HASH_LEN];
+    unsigned char (*h)[HASH_LEN];
+};
+
+struct auth {
+    pthread_rwlock_t lock;
+    struct hashes keys;
 };
 
 static int hex_value(int c)
@@ -57,30 +65,29 @@ static const char *trim(char *line, size_t *len)
     return line;
 }
 
-static int add_hash(struct auth *a, const unsigned char h[HASH_LEN])
+static int add_hash(struct hashes *k, const unsigned char h[HASH_LEN])
 {
-    unsigned char(*more)[HASH_LEN] = realloc(a->hashes, (size_t)(a->n + 1) * sizeof *more);
+    unsigned char(*more)[HASH_LEN] = realloc(k->h, (size_t)(k->n + 1) * sizeof *more);
     if (!more)
         return -1;
-    a->hashes = more;
-    memcpy(a->hashes[a->n++], h, HASH_LEN);
+    k->h = more;
+    memcpy(k->h[k->n++], h, HASH_LEN);
     return 0;
 }
 
-struct auth *auth_load(const char *path, char *err, size_t errlen)
+/* The hashes of the file at path into k (empty before); -1 with a message
+ * in err, and k emptied, when it is not a good key file. */
+static int read_hashes(const char *path, struct hashes *k, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(err, errlen, "cannot open the API key file %s", path);
-        return NULL;
+        return -1;
     }
-    struct auth *a = calloc(1, sizeof *a);
     char *line = NULL;
     size_t cap = 0;
     long lineno = 0;
-    int rc = a ? 0 : -1;
-    if (!a)
-        snprintf(err, errlen, "out of memory");
+    int rc = 0;
     while (rc == 0 && getline(&line, &cap, f) >= 0) {
         size_t len;
         unsigned char h[HASH_LEN];
@@ -91,7 +98,7 @@ struct auth *auth_load(const char *path, char *err, size_t errlen)
         if (parse_hash(s, len, h) != 0) {
             snprintf(err, errlen, "%s line %ld: expected a SHA-256 hash as 64 hex digits", path, lineno);
             rc = -1;
-        } else if (add_hash(a, h) != 0) {
+        } else if (add_hash(k, h) != 0) {
             snprintf(err, errlen, "out of memory");
             rc = -1;
         }
@@ -100,33 +107,67 @@ struct auth *auth_load(const char *path, char *err, size_t errlen)
         snprintf(err, errlen, "error reading the API key file %s", path);
         rc = -1;
     }
-    if (rc == 0 && a->n == 0) {
+    if (rc == 0 && k->n == 0) {
         snprintf(err, errlen, "the API key file %s holds no key hash", path);
         rc = -1;
     }
     free(line);
     fclose(f);
     if (rc != 0) {
+        free(k->h);
+        *k = (struct hashes){0};
+    }
+    return rc;
+}
+
+struct auth *auth_load(const char *path, char *err, size_t errlen)
+{
+    struct auth *a = calloc(1, sizeof *a);
+    if (!a || pthread_rwlock_init(&a->lock, NULL) != 0) {
+        snprintf(err, errlen, "out of memory");
+        free(a);
+        return NULL;
+    }
+    if (read_hashes(path, &a->keys, err, errlen) != 0) {
         auth_free(a);
         return NULL;
     }
     return a;
 }
 
+int auth_reload(struct auth *a, const char *path, char *err, size_t errlen)
+{
+    struct hashes k = {0};
+    if (read_hashes(path, &k, err, errlen) != 0)
+        return -1;
+    pthread_rwlock_wrlock(&a->lock);
+    struct hashes old = a->keys;
+    a->keys = k;
+    pthread_rwlock_unlock(&a->lock);
+    free(old.h);
+    return k.n;
+}
+
 void auth_free(struct auth *a)
 {
     if (!a)
         return;
-    free(a->hashes);
+    pthread_rwlock_destroy(&a->lock);
+    free(a->keys.h);
     free(a);
 }
 
-int auth_count(const struct auth *a)
+int auth_count(struct auth *a)
 {
-    return a ? a->n : 0;
+    if (!a)
+        return 0;
+    pthread_rwlock_rdlock(&a->lock);
+    int n = a->keys.n;
+    pthread_rwlock_unlock(&a->lock);
+    return n;
 }
 
-int auth_check(const struct auth *a, const char *authorization)
+int auth_check(struct auth *a, const char *authorization)
 {
     static const char scheme[] = "Bearer ";
     const size_t slen = sizeof scheme - 1;
@@ -141,7 +182,9 @@ int auth_check(const struct auth *a, const char *authorization)
         return 0;
     /* No early exit: every entry is compared whatever matched before. */
     int match = 0;
-    for (int i = 0; i < a->n; i++)
-        match |= CRYPTO_memcmp(h, a->hashes[i], HASH_LEN) == 0;
+    pthread_rwlock_rdlock(&a->lock);
+    for (int i = 0; i < a->keys.n; i++)
+        match |= CRYPTO_memcmp(h, a->keys.h[i], HASH_LEN) == 0;
+    pthread_rwlock_unlock(&a->lock);
     return match;
 }

@@ -1,7 +1,9 @@
 /* auth.h - API keys: `--api-keys FILE` holds one hex SHA-256 hash of a key
  * per line ('#' starts a comment, blank lines are skipped), so the file
  * never holds a key itself.  A request is let in when the SHA-256 of the
- * key in its `Authorization: Bearer KEY` header matches one of them.
+ * key in its `Authorization: Bearer KEY` header matches one of them.  The
+ * file can be read again while requests are checked (SIGHUP), so keys
+ * are added and revoked without a restart.
  */
 #ifndef RRN_AUTH_H
 #define RRN_AUTH_H
@@ -13,13 +15,16 @@ struct auth;
 /* NULL with a message (naming the line) in err when the file cannot be
  * read, a line is not a 64-digit hex hash, or there is no hash at all. */
 struct auth *auth_load(const char *path, char *err, size_t errlen);
+/* Replaces the keys with those of the file at path: their number, or -1
+ * with a message in err (as auth_load's) and the keys left as they were. */
+int auth_reload(struct auth *a, const char *path, char *err, size_t errlen);
 void auth_free(struct auth *a);
 
-int auth_count(const struct auth *a);
+int auth_count(struct auth *a);
 
 /* 1 when the Authorization header value (may be NULL) carries a known key.
  * The hash is compared in constant time against every entry, so neither
  * the timing nor the position of a match tells anything about the keys. */
-int auth_check(const struct auth *a, const char *authorization);
+int auth_check(struct auth *a, const char *authorization);
 
 #endif

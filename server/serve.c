@@ -4,7 +4,8 @@
  * Signals are blocked in every thread (the mask is set before any thread
  * starts, and threads inherit it) and taken synchronously by the main
  * thread with sigwait, so their handling may lock, log and reload freely:
- *   SIGHUP           re-read the models folder (registry_reload);
+ *   SIGHUP           re-read the models folder (registry_reload) and the
+ *                    API key file (auth_reload);
  *   SIGTERM, SIGINT  stop accepting, answer every request already accepted,
  *                    finish the batchers' queues, exit 0.
  */
@@ -176,8 +177,21 @@ static void log_ready(struct registry *reg)
         log_msg("serving %d model(s) on device %s", n, registry_device(reg));
 }
 
+/* The API key file read again; a file that fails to read leaves the keys
+ * as they were, since refusing every request would be worse. */
+static void reload_keys(struct auth *auth, const char *path)
+{
+    char err[512];
+    int n = auth_reload(auth, path, err, sizeof err);
+    if (n < 0)
+        log_msg("cannot reload the API keys: %s; keeping the %d key hash(es) loaded before", err, auth_count(auth));
+    else
+        log_msg("reloaded the API keys: %d key hash(es) from %s", n, path);
+}
+
 /* Takes signals until SIGTERM or SIGINT; returns that signal. */
-static int wait_for_stop(const sigset_t *set, struct registry *reg, const char *dir)
+static int wait_for_stop(const sigset_t *set, struct registry *reg, const char *dir, struct auth *auth,
+                         const char *keys)
 {
     for (;;) {
         int sig;
@@ -187,6 +201,8 @@ static int wait_for_stop(const sigset_t *set, struct registry *reg, const char *
             return sig;
         log_msg("SIGHUP: reloading the models of %s", dir);
         notify_reloading();
+        if (auth)
+            reload_keys(auth, keys);
         registry_reload(reg);
         notify_send("READY=1");
     }
@@ -270,7 +286,7 @@ int cmd_serve(int argc, char **argv)
     log_msg("listening on http://%s%s%s:%d", br, o.host, ket, http_port(http));
     notify_send("READY=1");
 
-    int sig = wait_for_stop(&set, reg, o.models);
+    int sig = wait_for_stop(&set, reg, o.models, auth, o.api_keys);
     notify_send("STOPPING=1");
     atomic_store(&api.stopping, 1);
     http_quiesce(http);

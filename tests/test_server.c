@@ -1107,6 +1107,36 @@ static void test_api_keys(void **state)
     assert_int_equal(r.status, 200);
     assert_non_null(strstr(r.body.p, "status=\"401\""));
     http_resp_free(&r);
+
+    /* SIGHUP reads the file again: the first key revoked, a third added;
+     * a file that fails to read keeps the keys as they were. */
+    char h2[65], h3[65];
+    sha256_hex("second-key", h2);
+    sha256_hex("third-key", h3);
+    FILE *f = fopen(keys_file, "w");
+    assert_non_null(f);
+    fprintf(f, "%s\n%s\n", h2, h3);
+    fclose(f);
+    assert_int_equal(kill(s->pid, SIGHUP), 0);
+    assert_int_equal(server_wait_log(s, "reloaded the API keys: 2 key hash(es)", 1), 1);
+    expect_error(s->port, "POST", "/classify", "Authorization: Bearer first-key\r\n", body, 401, "API key");
+    static const char *const kept[] = {"Authorization: Bearer second-key\r\n", "Authorization: Bearer third-key\r\n"};
+    for (int i = 0; i < 2; i++) {
+        http_must_request(s->port, "POST", "/classify", kept[i], body, &r);
+        assert_int_equal(r.status, 200);
+        http_resp_free(&r);
+    }
+    assert_non_null(f = fopen(keys_file, "w"));
+    fprintf(f, "not a hash\n");
+    fclose(f);
+    assert_int_equal(kill(s->pid, SIGHUP), 0);
+    assert_int_equal(server_wait_log(s, "cannot reload the API keys", 1), 1);
+    assert_true(server_log_has(s, "line 1: expected a SHA-256 hash"));
+    for (int i = 0; i < 2; i++) {
+        http_must_request(s->port, "POST", "/classify", kept[i], body, &r);
+        assert_int_equal(r.status, 200);
+        http_resp_free(&r);
+    }
 }
 
 /* ---- bad command lines ------------------------------------------------ */
