@@ -29,6 +29,7 @@ struct runner {
 struct item {
     int32_t *ids;
     size_t n;
+    long lineno; /* its line of a JSONL file, 0 for --text and --file */
     char error[256];
 };
 
@@ -127,7 +128,10 @@ static int run_batch(struct runner *r, struct item *items, int n)
         if (items[i].error[0])
             continue;
         if (items[i].n == 0) {
-            snprintf(items[i].error, sizeof items[i].error, "the text has no tokens");
+            if (items[i].lineno)
+                snprintf(items[i].error, sizeof items[i].error, "line %ld: the text has no tokens", items[i].lineno);
+            else
+                snprintf(items[i].error, sizeof items[i].error, "the text has no tokens");
             continue;
         }
         tokens[ok] = items[i].ids;
@@ -206,6 +210,7 @@ static void parse_line(struct runner *r, struct item *it, const char *line, size
 {
     cJSON *o = cJSON_ParseWithLength(line, len);
     const cJSON *text = o ? cJSON_GetObjectItemCaseSensitive(o, "text") : NULL;
+    it->lineno = lineno;
     if (!o)
         snprintf(it->error, sizeof it->error, "line %ld: not valid JSON", lineno);
     else if (!cJSON_IsObject(o))

@@ -58,9 +58,10 @@ static void test_run_classify_text(void **state)
     free(out);
 }
 
-/* The lm texts as a file (one text) and as JSONL with a bad line between
- * good ones: each good line gives the fixture's log-probability, the bad
- * one an error line in its place, and the exit status is 1. */
+/* The lm texts as a file (one text) and as JSONL with bad lines between
+ * good ones: each good line gives the fixture's log-probability, each bad
+ * one an error line in its place naming its line, and the exit status is
+ * 1. */
 static void test_run_lm_file_and_jsonl(void **state)
 {
     (void)state;
@@ -90,7 +91,7 @@ static void test_run_lm_file_and_jsonl(void **state)
         cJSON *line = cJSON_CreateObject();
         cJSON_AddStringToObject(line, "text", cJSON_GetArrayItem(texts, i)->valuestring);
         char *s = cJSON_PrintUnformatted(line);
-        fprintf(f, "%s\n%s", s, i == 1 ? "{\"text\": 42}\n\n" : "");
+        fprintf(f, "%s\n%s", s, i == 1 ? "{\"text\": 42}\n\n{\"text\": \"\"}\n" : "");
         free(s);
         cJSON_Delete(line);
     }
@@ -98,12 +99,13 @@ static void test_run_lm_file_and_jsonl(void **state)
     assert_int_equal(
         proc_rrnserve(&out, NULL, "run " FIX "combo_lstm_lm.safetensors --batch 2 --jsonl %s 2>/dev/null", path), 1);
     char *save, *line = strtok_r(out, "\n", &save);
-    for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts); i++, line = strtok_r(NULL, "\n", &save)) {
+    for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts) + 1; i++, line = strtok_r(NULL, "\n", &save)) {
         assert_non_null(line);
         cJSON *r = cJSON_Parse(line);
         assert_non_null(r);
-        if (i == 2) {
-            assert_non_null(strstr(cJSON_GetObjectItem(r, "error")->valuestring, "line 3"));
+        if (i == 2 || i == 3) {
+            const char *e = cJSON_GetObjectItem(r, "error")->valuestring;
+            assert_non_null(strstr(e, i == 2 ? "line 3: \"text\" must be a string" : "line 5: the text has no tokens"));
         } else {
             assert_true(fabs(cJSON_GetObjectItem(r, "logprob")->valuedouble - cJSON_GetArrayItem(lp, k)->valuedouble) <
                         1e-4);
