@@ -471,10 +471,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     }
     /* A request that ended without a complete answer: its client left. */
     int status = rq->status && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? rq->status : HTTP_CLIENT_GONE;
-    char batch[16] = "-";
-    if (rq->batch_size > 0)
-        snprintf(batch, sizeof batch, "%d", rq->batch_size);
-    log_msg("%s %s %d %.2fms batch=%s id=%s", rq->method, rq->path, status, seconds * 1e3, batch, rq->id);
+    log_request(&(struct log_request){.method = rq->method, .path = rq->path, .id = rq->id, .status = status,
+                                      .ms = seconds * 1e3, .batch = rq->batch_size});
     set_handling(s, conn, 0);
     metrics_request(s->metrics, rq->ep, status, seconds);
     free(rq->body);

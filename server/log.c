@@ -1,27 +1,107 @@
-/* log.c - timestamped log lines on stderr (see log.h). */
+/* log.c - timestamped log lines on stderr, as text or JSON (see log.h). */
+#include <cjson/cJSON.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "log.h"
 
-void log_msg(const char *fmt, ...)
+/* A line of text is cut at this length; JSON escaping may lengthen it. */
+#define LINE_MAX_BYTES 2048
+
+static enum log_format format = LOG_TEXT;
+
+void log_set_format(enum log_format f)
 {
-    char line[2048];
+    format = f;
+}
+
+/* The UTC time to the millisecond, as RFC 3339 has it. */
+static void now_utc(char out[32])
+{
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    size_t n = strftime(line, sizeof line, "%Y-%m-%dT%H:%M:%S", &tm);
-    n += (size_t)snprintf(line + n, sizeof line - n, ".%03ldZ ", ts.tv_nsec / 1000000);
+    size_t n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(out + n, 32 - n, ".%03ldZ", ts.tv_nsec / 1000000);
+}
+
+/* One writev(2) per line keeps concurrent lines whole. */
+static void write_line(const char *text)
+{
+    struct iovec v[2] = {{(void *)text, strlen(text)}, {(void *)"\n", 1}};
+    if (writev(STDERR_FILENO, v, 2) < 0)
+        return;
+}
+
+/* o as one line with "time" first; o is freed.  Without the memory for
+ * JSON the line goes out as text instead of not at all. */
+static void write_json(cJSON *o, const char *fallback)
+{
+    char *text = o ? cJSON_PrintUnformatted(o) : NULL;
+    write_line(text ? text : fallback);
+    free(text);
+    cJSON_Delete(o);
+}
+
+static cJSON *json_line(const char *time)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (o && !cJSON_AddStringToObject(o, "time", time)) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
+}
+
+void log_msg(const char *fmt, ...)
+{
+    char time[32], msg[LINE_MAX_BYTES - 64], text[LINE_MAX_BYTES];
     va_list ap;
     va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof line - n - 1, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    n = m < 0 ? n : n + (size_t)m < sizeof line - 1 ? n + (size_t)m : sizeof line - 2;
-    line[n++] = '\n';
-    /* One write(2) per line keeps concurrent lines whole. */
-    if (write(STDERR_FILENO, line, n) < 0)
+    now_utc(time);
+    snprintf(text, sizeof text, "%s %s", time, msg);
+    if (format == LOG_TEXT) {
+        write_line(text);
         return;
+    }
+    cJSON *o = json_line(time);
+    if (o && !cJSON_AddStringToObject(o, "msg", msg)) {
+        cJSON_Delete(o);
+        o = NULL;
+    }
+    write_json(o, text);
+}
+
+void log_request(const struct log_request *r)
+{
+    char time[32], batch[16] = "-", text[LINE_MAX_BYTES];
+    now_utc(time);
+    if (r->batch > 0)
+        snprintf(batch, sizeof batch, "%d", r->batch);
+    snprintf(text, sizeof text, "%s %s %s %d %.2fms batch=%s id=%s", time, r->method, r->path, r->status, r->ms,
+             batch, r->id);
+    if (format == LOG_TEXT) {
+        write_line(text);
+        return;
+    }
+    cJSON *o = json_line(time);
+    if (o && !(cJSON_AddStringToObject(o, "method", r->method) && cJSON_AddStringToObject(o, "path", r->path) &&
+               cJSON_AddNumberToObject(o, "status", r->status) &&
+               cJSON_AddNumberToObject(o, "ms", round(r->ms * 100) / 100) &&
+               (r->batch > 0 ? cJSON_AddNumberToObject(o, "batch", r->batch) != NULL
+                             : cJSON_AddNullToObject(o, "batch") != NULL) &&
+               cJSON_AddStringToObject(o, "id", r->id))) {
+        cJSON_Delete(o);
+        o = NULL;
+    }
+    write_json(o, text);
 }

@@ -30,6 +30,7 @@
 
 struct serve_options {
     const char *models, *host, *api_keys;
+    enum log_format log_format;
     enum device_kind device;
     enum precision precision;
     enum recurrence recurrence;
@@ -45,6 +46,7 @@ static void usage(FILE *out)
             "                      [--max-batch N] [--max-wait-us N] [--max-queue N] [--api-keys FILE]\n"
             "                      [--threads N] [--max-body BYTES] [--max-text-bytes N]\n"
             "                      [--max-tokens-limit N] [--max-connections N] [--timeout-s N]\n"
+            "                      [--log-format text|json]\n"
             "\n"
             "Serves every *.safetensors file of DIR (default: models) over HTTP; see api.md.\n"
             "  --models DIR           the models folder; each file is a model named by its file name\n"
@@ -64,7 +66,8 @@ static void usage(FILE *out)
             "  --max-tokens-limit N   largest max_tokens a request may ask for (default 1024)\n"
             "  --max-connections N    simultaneous connections (default 512)\n"
             "  --timeout-s N          a connection idle this long, or a request still arriving after\n"
-            "                         this long, is closed (seconds, default 30)\n");
+            "                         this long, is closed (seconds, default 30)\n"
+            "  --log-format F         text, or json: each log line a JSON object (default text)\n");
 }
 
 /* An integer option within [lo, hi]; 0 or -1 after a message. */
@@ -101,8 +104,8 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
         {"timeout-s", 1, 86400, &o->timeout_s},
     };
     enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_PRECISION, OPT_RECURRENCE,
-           OPT_KEYS, OPT_HELP };
-    struct option opts[N_INTS + 8];
+           OPT_KEYS, OPT_LOG_FORMAT, OPT_HELP };
+    struct option opts[N_INTS + 9];
     for (int i = 0; i < N_INTS; i++)
         opts[i] = (struct option){ints[i].name, required_argument, NULL, i};
     opts[N_INTS] = (struct option){"models", required_argument, NULL, OPT_MODELS};
@@ -111,8 +114,9 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
     opts[N_INTS + 3] = (struct option){"precision", required_argument, NULL, OPT_PRECISION};
     opts[N_INTS + 4] = (struct option){"recurrence", required_argument, NULL, OPT_RECURRENCE};
     opts[N_INTS + 5] = (struct option){"api-keys", required_argument, NULL, OPT_KEYS};
-    opts[N_INTS + 6] = (struct option){"help", no_argument, NULL, OPT_HELP};
-    opts[N_INTS + 7] = (struct option){NULL, 0, NULL, 0};
+    opts[N_INTS + 6] = (struct option){"log-format", required_argument, NULL, OPT_LOG_FORMAT};
+    opts[N_INTS + 7] = (struct option){"help", no_argument, NULL, OPT_HELP};
+    opts[N_INTS + 8] = (struct option){NULL, 0, NULL, 0};
 
     *o = (struct serve_options){.models = "models", .host = "127.0.0.1", .device = DEVICE_AUTO, .port = 8080,
                                 .max_batch = 32, .max_wait_us = 2000, .max_queue = 256, .threads = 0,
@@ -145,6 +149,12 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
             }
         } else if (c == OPT_KEYS) {
             o->api_keys = optarg;
+        } else if (c == OPT_LOG_FORMAT) {
+            if (strcmp(optarg, "text") != 0 && strcmp(optarg, "json") != 0) {
+                fprintf(stderr, "rrnserve serve: --log-format must be text or json, not '%s'\n", optarg);
+                return 2;
+            }
+            o->log_format = strcmp(optarg, "json") == 0 ? LOG_JSON : LOG_TEXT;
         } else if (c == OPT_HELP) {
             usage(stdout);
             return 1;
@@ -223,6 +233,7 @@ int cmd_serve(int argc, char **argv)
     int rc = parse_options(argc, argv, &o);
     if (rc != 0)
         return rc == 1 ? 0 : rc;
+    log_set_format(o.log_format);
 
     /* Before any thread exists, so that every thread inherits the mask. */
     sigset_t set;

@@ -3,8 +3,8 @@
  * on a temporary folder of fixture models, and is spoken to with plain
  * sockets.  Every endpoint and every error status; results equal to the
  * fixtures; seeded and streamed generation; 64 concurrent clients; queue
- * limits and clients that leave; request ids; SIGTERM under load, SIGHUP
- * reloads and API keys.
+ * limits and clients that leave; request ids; the log as JSON; SIGTERM
+ * under load, SIGHUP reloads and API keys.
  *
  * Every wait is bounded (socket timeouts, polling counts), nothing asserts
  * how fast anything is, and each child is killed in its teardown even when
@@ -107,6 +107,18 @@ static void expect_error(int port, const char *method, const char *path, const c
     struct http_resp r;
     http_must_request(port, method, path, headers, body, &r);
     check_error(&r, status, mention);
+    http_resp_free(&r);
+}
+
+/* A request whose answer must have the given status; the answer is
+ * dropped. */
+static void expect_status(int port, const char *method, const char *path, const char *headers, const char *body,
+                          int status)
+{
+    struct http_resp r;
+    http_must_request(port, method, path, headers, body, &r);
+    if (r.status != status)
+        fail_msg("%s %s: status %d, not %d: %s", method, path, r.status, status, r.body.p);
     http_resp_free(&r);
 }
 
@@ -982,6 +994,70 @@ static void test_sigterm_answers_accepted_requests(void **state)
     free(body);
 }
 
+/* ---- the log as JSON ---------------------------------------------------- */
+
+static int setup_json_log(void **state)
+{
+    static const char *const models[] = {"plain_lstm_l2_bi_last", NULL};
+    static const char *const extra[] = {"--device", "cpu", "--log-format", "json", NULL};
+    *state = server_start(&(struct server_opts){.models = models, .args = extra});
+    return 0;
+}
+
+/* With --log-format json every line the server writes is one JSON object
+ * with its time: events as "msg", requests as their fields, a quote in a
+ * path escaped.  (Lines of valgrind's own, "==PID== ...", are not the
+ * server's.) */
+static void test_json_log(void **state)
+{
+    struct server *s = *state;
+    char *body = body_with("plain_lstm_l2_bi_last", "text", "good day!", NULL);
+    expect_status(s->port, "POST", "/classify", "X-Request-Id: json-1\r\n", body, 200);
+    expect_status(s->port, "GET", "/a%22b", "X-Request-Id: json-2\r\n", NULL, 404);
+    free(body);
+    assert_int_equal(server_wait_log(s, "\"id\":\"json-2\"", 1), 1);
+
+    pthread_mutex_lock(&s->mu);
+    char *log = strdup(s->log.p);
+    pthread_mutex_unlock(&s->mu);
+    assert_non_null(log);
+    int events = 0, requests = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(log, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        if (strncmp(line, "==", 2) == 0)
+            continue;
+        cJSON *o = cJSON_Parse(line);
+        if (!cJSON_IsObject(o) || !cJSON_IsString(cJSON_GetObjectItem(o, "time")))
+            fail_msg("not a JSON log line with a time: %s", line);
+        if (cJSON_IsString(cJSON_GetObjectItem(o, "msg"))) {
+            events++;
+        } else {
+            const char *id = cJSON_GetStringValue(cJSON_GetObjectItem(o, "id"));
+            const char *path = cJSON_GetStringValue(cJSON_GetObjectItem(o, "path"));
+            assert_non_null(id);
+            assert_non_null(path);
+            assert_true(cJSON_IsNumber(cJSON_GetObjectItem(o, "ms")));
+            int status = cJSON_GetObjectItem(o, "status")->valueint;
+            const cJSON *batch = cJSON_GetObjectItem(o, "batch");
+            if (strcmp(id, "json-1") == 0) {
+                assert_string_equal(path, "/classify");
+                assert_int_equal(status, 200);
+                assert_int_equal(batch->valueint, 1);
+                requests++;
+            } else if (strcmp(id, "json-2") == 0) {
+                assert_string_equal(path, "/a\"b");
+                assert_int_equal(status, 404);
+                assert_true(cJSON_IsNull(batch));
+                requests++;
+            }
+        }
+        cJSON_Delete(o);
+    }
+    free(log);
+    assert_true(events >= 2); /* the model loaded, listening */
+    assert_int_equal(requests, 2);
+}
+
 /* ---- SIGHUP reload ----------------------------------------------------- */
 
 static int setup_reload(void **state)
@@ -1097,12 +1173,8 @@ static void test_api_keys(void **state)
     expect_error(s->port, "POST", "/classify", "Authorization: Bearer wrong-key\r\n", body, 401, NULL);
     expect_error(s->port, "POST", "/classify", "Authorization: Basic Zmlyc3Qta2V5\r\n", body, 401, NULL);
     expect_error(s->port, "POST", "/classify", "Authorization: Bearer first-key2\r\n", body, 401, NULL);
-    http_must_request(s->port, "POST", "/classify", "Authorization: Bearer first-key\r\n", body, &r);
-    assert_int_equal(r.status, 200);
-    http_resp_free(&r);
-    http_must_request(s->port, "POST", "/classify", "Authorization: Bearer second-key\r\n", body, &r);
-    assert_int_equal(r.status, 200);
-    http_resp_free(&r);
+    expect_status(s->port, "POST", "/classify", "Authorization: Bearer first-key\r\n", body, 200);
+    expect_status(s->port, "POST", "/classify", "Authorization: Bearer second-key\r\n", body, 200);
     http_must_request(s->port, "GET", "/metrics", "Authorization: Bearer second-key\r\n", NULL, &r);
     assert_int_equal(r.status, 200);
     assert_non_null(strstr(r.body.p, "status=\"401\""));
@@ -1121,22 +1193,16 @@ static void test_api_keys(void **state)
     assert_int_equal(server_wait_log(s, "reloaded the API keys: 2 key hash(es)", 1), 1);
     expect_error(s->port, "POST", "/classify", "Authorization: Bearer first-key\r\n", body, 401, "API key");
     static const char *const kept[] = {"Authorization: Bearer second-key\r\n", "Authorization: Bearer third-key\r\n"};
-    for (int i = 0; i < 2; i++) {
-        http_must_request(s->port, "POST", "/classify", kept[i], body, &r);
-        assert_int_equal(r.status, 200);
-        http_resp_free(&r);
-    }
+    for (int i = 0; i < 2; i++)
+        expect_status(s->port, "POST", "/classify", kept[i], body, 200);
     assert_non_null(f = fopen(keys_file, "w"));
     fprintf(f, "not a hash\n");
     fclose(f);
     assert_int_equal(kill(s->pid, SIGHUP), 0);
     assert_int_equal(server_wait_log(s, "cannot reload the API keys", 1), 1);
     assert_true(server_log_has(s, "line 1: expected a SHA-256 hash"));
-    for (int i = 0; i < 2; i++) {
-        http_must_request(s->port, "POST", "/classify", kept[i], body, &r);
-        assert_int_equal(r.status, 200);
-        http_resp_free(&r);
-    }
+    for (int i = 0; i < 2; i++)
+        expect_status(s->port, "POST", "/classify", kept[i], body, 200);
 }
 
 /* ---- bad command lines ------------------------------------------------ */
@@ -1153,6 +1219,7 @@ static void test_bad_command_lines(void **state)
         {"--port 70000", 2, "--port"},
         {"--max-batch 0", 2, "--max-batch"},
         {"--device tpu", 2, "--device"},
+        {"--log-format xml", 2, "--log-format must be text or json"},
         {"--bogus", 2, "usage"},
         {"extra", 2, "extra"},
         {"--models /nonexistent/folder", 1, "/nonexistent/folder"},
@@ -1210,6 +1277,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_queue_full_and_cancel, setup_small_queue, server_teardown),
         cmocka_unit_test_setup_teardown(test_sigterm_answers_accepted_requests, setup_term, server_teardown),
         cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
+        cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
         cmocka_unit_test_setup_teardown(test_fused_recurrence_equals_fixtures, setup_fused, server_teardown),
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),
