@@ -4,6 +4,8 @@
 #ifndef RRN_COMMANDS_H
 #define RRN_COMMANDS_H
 
+#define RRN_VERSION "0.1.0"
+
 int cmd_info(int argc, char **argv);
 int cmd_run(int argc, char **argv);
 int cmd_train(int argc, char **argv);

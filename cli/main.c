@@ -13,8 +13,6 @@
 #include "backend.h"
 #include "commands.h"
 
-#define RRN_VERSION "0.1.0"
-
 static void usage(FILE *out)
 {
     fprintf(out,

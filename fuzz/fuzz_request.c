@@ -75,7 +75,7 @@ static void open_registry(void)
             exit(1);
         }
     }
-    api.metrics = metrics_new();
+    api.metrics = metrics_new("fuzz");
     struct registry_options ro = {.dir = dir, .device = DEVICE_CPU,
                                   .batch = {.max_batch = 8, .max_wait_us = 0, .max_queue = 64}};
     api.lim = (struct api_limits){.max_text_bytes = 4096, .max_tokens = 16};

@@ -48,6 +48,7 @@ struct counters {
 struct metrics {
     pthread_mutex_t mu;
     struct counters c;
+    const char *version;
 };
 
 struct model_counters {
@@ -66,13 +67,15 @@ const char *endpoint_path(enum endpoint e)
     return (unsigned)e < EP_COUNT ? paths[e] : paths[EP_OTHER];
 }
 
-struct metrics *metrics_new(void)
+struct metrics *metrics_new(const char *version)
 {
     struct metrics *m = calloc(1, sizeof *m);
     if (m && pthread_mutex_init(&m->mu, NULL) != 0) {
         free(m);
         return NULL;
     }
+    if (m)
+        m->version = version;
     return m;
 }
 
@@ -191,6 +194,8 @@ struct model_snapshot {
     char *label;
     struct model_counters c;
     int depth;
+    const char *task;
+    char sha256[65];
 };
 
 /* The models' series, each family's series together as the format wants. */
@@ -212,6 +217,11 @@ static void put_models(FILE *f, const struct model_snapshot *ms, int n)
           "# TYPE rrnserve_queue_depth gauge\n", f);
     for (int i = 0; i < n; i++)
         fprintf(f, "rrnserve_queue_depth{%s} %d\n", ms[i].label, ms[i].depth);
+    fputs("# HELP rrnserve_model_info The weights each model serves: their task and the SHA-256 of their file's "
+          "data.\n"
+          "# TYPE rrnserve_model_info gauge\n", f);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "rrnserve_model_info{%s,task=\"%s\",sha256=\"%s\"} 1\n", ms[i].label, ms[i].task, ms[i].sha256);
 }
 
 /* Snapshots of the registry's models (none when r is NULL); -1 when out
@@ -237,6 +247,8 @@ static int snapshot_models(struct registry *r, struct model_snapshot **out, int 
             ms[i].c = mm->c;
             pthread_mutex_unlock(&mm->mu);
             ms[i].depth = batcher_queue_depth(list[i]->batcher);
+            ms[i].task = task_name(list[i]->model.cfg.task);
+            memcpy(ms[i].sha256, list[i]->model.sha256, sizeof ms[i].sha256);
         }
         served_model_release(list[i]);
     }
@@ -276,6 +288,10 @@ char *metrics_render(struct metrics *m, struct registry *r)
         free_snapshots(models, n_models);
         return NULL;
     }
+    fprintf(f, "# HELP rrnserve_build_info The server's version and the device its models run on.\n"
+               "# TYPE rrnserve_build_info gauge\n"
+               "rrnserve_build_info{version=\"%s\",device=\"%s\"} 1\n",
+            m->version, r ? registry_device(r) : "none");
     fputs("# HELP rrnserve_requests_total HTTP requests by endpoint and status.\n"
           "# TYPE rrnserve_requests_total counter\n", f);
     for (int e = 0; e < EP_COUNT; e++)

@@ -2,7 +2,8 @@
  * status and request latency per endpoint (struct metrics, the HTTP
  * threads'), and per model its engine batch sizes, engine time of
  * whole-sequence batches, tokens generated (struct model_metrics, its
- * batcher's) and queue depth (read at render time).
+ * batcher's), queue depth and weights (read at render time); and the
+ * server's version and device.
  *
  * Every function is thread-safe: HTTP threads record requests, batcher
  * threads record batches and tokens, and /metrics renders concurrently.
@@ -36,7 +37,8 @@ struct metrics;
 struct model_metrics;
 struct registry;
 
-struct metrics *metrics_new(void);
+/* version: the server's, for rrnserve_build_info. */
+struct metrics *metrics_new(const char *version);
 void metrics_free(struct metrics *m);
 
 /* One finished request: its HTTP status (100..599) and latency. */
@@ -56,8 +58,9 @@ void metrics_engine(struct model_metrics *mm, double seconds);
 void metrics_tokens(struct model_metrics *mm, int n);
 
 /* The metrics in Prometheus' text exposition format, the models' series
- * read from the registry's models (r may be NULL).  A malloc'd string, or
- * NULL when out of memory. */
+ * (and rrnserve_model_info, the weights each serves) read from the
+ * registry's models (r may be NULL).  A malloc'd string, or NULL when out
+ * of memory. */
 char *metrics_render(struct metrics *m, struct registry *r);
 
 #endif

@@ -262,7 +262,7 @@ int cmd_serve(int argc, char **argv)
         fprintf(stderr, "rrnserve serve: %s\n", err);
         return 1;
     }
-    struct metrics *metrics = metrics_new();
+    struct metrics *metrics = metrics_new(RRN_VERSION);
     struct registry *reg = NULL;
     struct http_server *http = NULL;
     struct api api = {.metrics = metrics,

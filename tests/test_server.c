@@ -29,6 +29,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../cli/commands.h"
 #include "backend.h"
 #include "request_id.h"
 #include "support/buf.h"
@@ -223,9 +224,16 @@ static void test_models(void **state)
         assert_string_equal(cJSON_GetObjectItem(m, "task")->valuestring, tasks[i]);
         assert_string_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(m, "config"), "task")->valuestring, tasks[i]);
         assert_true(cJSON_GetObjectItem(m, "parameters")->valuedouble > 0);
-        assert_int_equal(strlen(cJSON_GetObjectItem(m, "sha256")->valuestring), 64);
+        const char *sha256 = cJSON_GetObjectItem(m, "sha256")->valuestring;
+        assert_int_equal(strlen(sha256), 64);
+        /* The same weights named in /metrics, for telling replicas apart. */
+        char info[256];
+        snprintf(info, sizeof info, "rrnserve_model_info{model=\"%s\",task=\"%s\",sha256=\"%s\"}", names[i],
+                 tasks[i], sha256);
+        assert_true(metric(s->port, info) == 1);
     }
     cJSON_Delete(j);
+    assert_true(metric(s->port, "rrnserve_build_info{version=\"" RRN_VERSION "\",device=\"cpu\"}") == 1);
 }
 
 static void check_probabilities(const cJSON *got, const cJSON *classes, const cJSON *want)
