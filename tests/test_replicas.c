@@ -5,6 +5,7 @@
  *     through unbuffered-marked (X-Accel-Buffering: no) and whole;
  *   - a request's id (X-Request-Id, the client's or nginx's) is the same in
  *     the answer, nginx's access log and the one replica log that has it;
+ *   - JSON answers gzipped for clients that accept it, streams never;
  *   - HTTPS: a self-signed certificate made with `openssl req -x509`, nginx
  *     with deploy/nginx-tls.conf, spoken to with libssl (certificate and
  *     host name verified), the same /classify answer;
@@ -432,6 +433,44 @@ static void test_request_ids_through_proxy(void **state)
     }
 }
 
+/* Through nginx, JSON answers come gzip-compressed to a client that
+ * accepts it and decompress to the replica's own answer; to one that does
+ * not, and event streams always, they come as they are. */
+static void test_gzip_through_proxy(void **state)
+{
+    (void)state;
+    NEED_NGINX();
+    static const char *const gz = "Accept-Encoding: gzip\r\n";
+    char value[64], path[256], cmd[1024], out[256];
+    char *direct = must_get_body(S.ports[0], "GET", "/models", NULL);
+    struct http_resp r;
+    assert_int_equal(http_request(S.port, "GET", "/models", gz, NULL, 0, &r), 0);
+    assert_int_equal(r.status, 200);
+    assert_string_equal(http_header(&r, "Content-Encoding", value, sizeof value), "gzip");
+    print_message("GET /models through nginx: %zu bytes gzipped, %zu as JSON\n", r.body.len, strlen(direct));
+    assert_true(r.body.len < strlen(direct) / 2);
+    FMT(path, "%s/models.gz", S.dir);
+    file_write(path, r.body.p, r.body.len);
+    http_resp_free(&r);
+    FMT(cmd, "gzip -dc '%s/models.gz'", S.dir);
+    FMT(out, "%s/models.json", S.dir);
+    assert_int_equal(run(cmd, out), 0);
+    char *unzipped = file_read(out, NULL);
+    assert_non_null(unzipped);
+    assert_string_equal(unzipped, direct);
+    free(unzipped);
+    free(direct);
+
+    assert_int_equal(http_request(S.port, "GET", "/models", "", NULL, 0, &r), 0);
+    assert_string_equal(http_header(&r, "Content-Encoding", value, sizeof value), "");
+    http_resp_free(&r);
+    assert_int_equal(http_request(S.port, "POST", "/generate", gz, stream_body, strlen(stream_body), &r), 0);
+    assert_int_equal(r.status, 200);
+    assert_string_equal(http_header(&r, "Content-Encoding", value, sizeof value), "");
+    assert_non_null(strstr(r.body.p, "data: [DONE]"));
+    http_resp_free(&r);
+}
+
 static void test_https(void **state)
 {
     (void)state;
@@ -659,6 +698,7 @@ int main(void)
         cmocka_unit_test(test_proxy_equals_direct),
         cmocka_unit_test(test_stream_through_proxy),
         cmocka_unit_test(test_request_ids_through_proxy),
+        cmocka_unit_test(test_gzip_through_proxy),
         cmocka_unit_test(test_https),
         cmocka_unit_test(test_kill_replica_under_load),
         cmocka_unit_test(test_gpus_round_robin),
