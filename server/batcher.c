@@ -7,7 +7,9 @@
  * token with one engine_step; run the queued forward jobs as one batch.
  * Forward jobs wait up to max_wait_us for company (as many sequences as
  * the last batch had) only while no stream is running, so batching never
- * delays a stream's next token.
+ * delays a stream's next token.  A stream's prompt starts from the longest
+ * prefix of it in the model's prompt cache (prompt_cache.h); the states
+ * after each prompt and each ended stream go into it.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,8 +19,12 @@
 #include "batcher.h"
 #include "log.h"
 #include "metrics.h"
+#include "prompt_cache.h"
 
 #define PREFILL_CHUNK 4096 /* prompt tokens per engine call */
+/* Shorter sequences are not cached: running the model over them costs
+ * about what restoring a state does. */
+#define PROMPT_CACHE_MIN 16
 
 struct stream {
     struct job *job;
@@ -49,6 +55,8 @@ struct batcher {
     int32_t *step_tokens;     /* [max_streams] */
     int max_token_bytes;
     int last_seqs;            /* sequences in the last forward batch */
+    struct prompt_cache *cache; /* NULL when off */
+    float *cache_state;       /* [engine_slot_state_len] */
     /* The engine's health (batcher_failing): engine calls that failed in a
      * row, and the last one's error; under mu. */
     int failures;
@@ -399,12 +407,65 @@ static int emit_token(struct batcher *b, struct stream *s, int32_t tok)
     return over;
 }
 
+/* Keeps the state stream i's slot has reached, after tokens[0..n), with
+ * the logits the stream last sampled from (row i of b->logits).  A state
+ * the cache has no memory for is not kept: that costs a later prompt
+ * time, not its result. */
+static void cache_state(struct batcher *b, int i, const int32_t *tokens, int n)
+{
+    struct stream *s = &b->streams[i];
+    if (b->cache && n >= PROMPT_CACHE_MIN && engine_slot_save(b->e, s->slot, b->cache_state) == 0)
+        prompt_cache_put(b->cache, tokens, n, b->cache_state, engine_slot_position(b->e, s->slot),
+                         b->logits + (size_t)i * b->m->head_out);
+}
+
+/* A stream that ended well leaves the state after its prompt and every
+ * token it generated but the last (sampled, never run through the model),
+ * which a request continuing the conversation begins with. */
+static void cache_ended_stream(struct batcher *b, int i)
+{
+    const struct job *j = b->streams[i].job;
+    int n = j->lens[0] + j->n_tokens - 1;
+    if (!b->cache || j->n_tokens < 2 || n < PROMPT_CACHE_MIN)
+        return;
+    int32_t *seq = malloc(sizeof *seq * (size_t)n);
+    if (!seq)
+        return;
+    memcpy(seq, j->ids[0], sizeof *seq * (size_t)j->lens[0]);
+    memcpy(seq + j->lens[0], j->tokens, sizeof *seq * (size_t)(j->n_tokens - 1));
+    cache_state(b, i, seq, n);
+    free(seq);
+}
+
 static void end_stream(struct batcher *b, int i, const char *error)
 {
     struct stream *s = &b->streams[i];
+    if (!error)
+        cache_ended_stream(b, i);
     engine_slot_close(b->e, s->slot);
     finish_job(b, s->job, 0, error);
     b->streams[i] = b->streams[--b->n_streams];
+}
+
+/* Restores the longest cached prefix of stream i's prompt into its slot
+ * (and its logits into row i when it is the whole prompt): how many of the
+ * prompt's tokens it covers. */
+static int restore_prefix(struct batcher *b, int i)
+{
+    struct stream *s = &b->streams[i];
+    const struct job *j = s->job;
+    int position;
+    if (!b->cache)
+        return 0;
+    int have = prompt_cache_find(b->cache, j->ids[0], j->lens[0], b->cache_state, &position,
+                                 b->logits + (size_t)i * b->m->head_out);
+    if (have && engine_slot_restore(b->e, s->slot, b->cache_state, position) != 0) {
+        engine_slot_clear(b->e, s->slot);
+        return 0;
+    }
+    if (have)
+        metrics_prompt_cache(b->metrics, have);
+    return have;
 }
 
 /* Prefill the prompts of new streams and sample their first tokens. */
@@ -414,6 +475,7 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
     const int V = b->m->head_out;
     int first = b->n_streams;
     struct engine_seq *q = calloc((size_t)n, sizeof *q);
+    int *have = calloc((size_t)n, sizeof *have); /* prompt tokens from the cache, by stream - first */
     int batched = 0;
     for (int i = 0; i < n; i++) {
         struct job *j = jobs[i];
@@ -428,19 +490,21 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
         if (j->text)
             j->text[0] = 0;
         pthread_mutex_unlock(&j->mu);
-        if (!q || s->slot < 0 || !j->tokens || !j->text) {
+        if (!q || !have || s->slot < 0 || !j->tokens || !j->text) {
             end_stream(b, b->n_streams - 1, "out of memory starting a stream");
             continue;
         }
-        if (j->lens[0] <= PREFILL_CHUNK)
-            q[batched++] = (struct engine_seq){.tokens = j->ids[0], .len = j->lens[0], .slot = s->slot,
+        int k = b->n_streams - 1 - first, from = have[k] = restore_prefix(b, b->n_streams - 1);
+        if (from < j->lens[0] && j->lens[0] - from <= PREFILL_CHUNK)
+            q[batched++] = (struct engine_seq){.tokens = j->ids[0] + from, .len = j->lens[0] - from, .slot = s->slot,
                                                .last_logits = b->logits + (size_t)(b->n_streams - 1) * V};
     }
     /* Short prompts together, long ones chunk by chunk. */
     int rc = batched ? engine_forward(b->e, q, batched, err, sizeof err) : 0, calls = batched > 0;
     for (int i = first; rc == 0 && i < b->n_streams; i++) {
         struct job *j = b->streams[i].job;
-        for (int at = 0; rc == 0 && j->lens[0] > PREFILL_CHUNK && at < j->lens[0]; at += PREFILL_CHUNK) {
+        int from = have[i - first];
+        for (int at = from; rc == 0 && j->lens[0] - from > PREFILL_CHUNK && at < j->lens[0]; at += PREFILL_CHUNK) {
             int len = j->lens[0] - at < PREFILL_CHUNK ? j->lens[0] - at : PREFILL_CHUNK;
             struct engine_seq one = {.tokens = j->ids[0] + at, .len = len, .slot = b->streams[i].slot,
                                      .last_logits = b->logits + (size_t)i * V};
@@ -458,6 +522,8 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
             end_stream(b, i, err);
             continue;
         }
+        if (have[i - first] < s->job->lens[0])
+            cache_state(b, i, s->job->ids[0], s->job->lens[0]);
         s->job->batch_size = batched;
         int tok = sample_token(&b->sampler, b->logits + (size_t)i * V, &s->job->sample, &s->rng);
         metrics_tokens(b->metrics, 1);
@@ -467,6 +533,7 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
     if (rc != 0)
         log_msg("engine error prefilling %d prompts: %s", n, err);
     free(q);
+    free(have);
 }
 
 /* One token for every running stream. */
@@ -596,6 +663,14 @@ struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk,
             batcher_stop(b);
             return NULL;
         }
+        size_t state_len = engine_slot_state_len(e);
+        if (opt->prompt_cache_bytes &&
+            (!(b->cache = prompt_cache_new(opt->prompt_cache_bytes, state_len, m->head_out)) ||
+             !(b->cache_state = malloc(sizeof(float) * state_len)))) {
+            snprintf(err, errlen, "out of memory for the prompt cache");
+            batcher_stop(b);
+            return NULL;
+        }
     }
     if (!(b->probe_out = malloc(sizeof(float) * (size_t)m->head_out))) {
         snprintf(err, errlen, "out of memory");
@@ -629,6 +704,8 @@ void batcher_stop(struct batcher *b)
     free(b->step_slots);
     free(b->step_tokens);
     free(b->probe_out);
+    prompt_cache_free(b->cache);
+    free(b->cache_state);
     model_metrics_free(b->metrics);
     pthread_cond_destroy(&b->cv);
     pthread_mutex_destroy(&b->mu);

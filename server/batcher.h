@@ -74,6 +74,7 @@ struct batcher_options {
     int max_batch;         /* sequences per engine call */
     int max_wait_us;       /* how long a batch may wait to fill */
     int max_queue;         /* jobs waiting beyond which submit refuses */
+    size_t prompt_cache_bytes; /* generation: prompt_cache.h's limit, 0 for none */
 };
 
 struct batcher;

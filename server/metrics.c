@@ -55,6 +55,7 @@ struct model_counters {
     struct histogram batch;
     struct histogram engine;
     unsigned long long tokens;
+    unsigned long long cached_tokens;
 };
 
 struct model_metrics {
@@ -131,7 +132,7 @@ void metrics_request(struct metrics *m, enum endpoint e, int status, double seco
 
 void metrics_batch(struct model_metrics *mm, int batch_size)
 {
-    if (!mm || batch_size <= 0)
+    if (batch_size <= 0)
         return;
     pthread_mutex_lock(&mm->mu);
     observe(&mm->c.batch, batch_bounds, N_BATCH, batch_size);
@@ -140,20 +141,31 @@ void metrics_batch(struct model_metrics *mm, int batch_size)
 
 void metrics_engine(struct model_metrics *mm, double seconds)
 {
-    if (!mm || seconds < 0)
+    if (seconds < 0)
         return;
     pthread_mutex_lock(&mm->mu);
     observe(&mm->c.engine, engine_bounds, N_ENGINE, seconds);
     pthread_mutex_unlock(&mm->mu);
 }
 
-void metrics_tokens(struct model_metrics *mm, int n)
+/* Adds n to one of mm's counters. */
+static void count(struct model_metrics *mm, unsigned long long *counter, int n)
 {
-    if (!mm || n <= 0)
+    if (n <= 0)
         return;
     pthread_mutex_lock(&mm->mu);
-    mm->c.tokens += (unsigned long long)n;
+    *counter += (unsigned long long)n;
     pthread_mutex_unlock(&mm->mu);
+}
+
+void metrics_tokens(struct model_metrics *mm, int n)
+{
+    count(mm, &mm->c.tokens, n);
+}
+
+void metrics_prompt_cache(struct model_metrics *mm, int n)
+{
+    count(mm, &mm->c.cached_tokens, n);
 }
 
 /* `model="NAME"`, the name in Prometheus' escaping (backslash, quote,
@@ -213,6 +225,10 @@ static void put_models(FILE *f, const struct model_snapshot *ms, int n)
           "# TYPE rrnserve_tokens_generated_total counter\n", f);
     for (int i = 0; i < n; i++)
         fprintf(f, "rrnserve_tokens_generated_total{%s} %llu\n", ms[i].label, ms[i].c.tokens);
+    fputs("# HELP rrnserve_prompt_cache_tokens_total Prompt tokens whose state came from the prompt cache.\n"
+          "# TYPE rrnserve_prompt_cache_tokens_total counter\n", f);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "rrnserve_prompt_cache_tokens_total{%s} %llu\n", ms[i].label, ms[i].c.cached_tokens);
     fputs("# HELP rrnserve_queue_depth Jobs waiting in a model's queue.\n"
           "# TYPE rrnserve_queue_depth gauge\n", f);
     for (int i = 0; i < n; i++)

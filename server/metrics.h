@@ -56,6 +56,8 @@ void metrics_batch(struct model_metrics *mm, int batch_size);
 void metrics_engine(struct model_metrics *mm, double seconds);
 /* n tokens sampled. */
 void metrics_tokens(struct model_metrics *mm, int n);
+/* n prompt tokens whose state came from the prompt cache. */
+void metrics_prompt_cache(struct model_metrics *mm, int n);
 
 /* The metrics in Prometheus' text exposition format, the models' series
  * (and rrnserve_model_info, the weights each serves) read from the

@@ -35,7 +35,7 @@ struct serve_options {
     enum precision precision;
     enum recurrence recurrence;
     long port, max_batch, max_wait_us, max_queue, threads, max_body, max_text_bytes, max_tokens_limit,
-        max_connections, timeout_s;
+        max_connections, timeout_s, prompt_cache_mb;
 };
 
 static void usage(FILE *out)
@@ -46,7 +46,7 @@ static void usage(FILE *out)
             "                      [--max-batch N] [--max-wait-us N] [--max-queue N] [--api-keys FILE]\n"
             "                      [--threads N] [--max-body BYTES] [--max-text-bytes N]\n"
             "                      [--max-tokens-limit N] [--max-connections N] [--timeout-s N]\n"
-            "                      [--log-format text|json]\n"
+            "                      [--prompt-cache-mb N] [--log-format text|json]\n"
             "\n"
             "Serves every *.safetensors file of DIR (default: models) over HTTP; see api.md.\n"
             "  --models DIR           the models folder; each file is a model named by its file name\n"
@@ -67,6 +67,9 @@ static void usage(FILE *out)
             "  --max-connections N    simultaneous connections (default 512)\n"
             "  --timeout-s N          a connection idle this long, or a request still arriving after\n"
             "                         this long, is closed (seconds, default 30)\n"
+            "  --prompt-cache-mb N    per language model, the states after prompts and generations kept\n"
+            "                         so that a prompt beginning with one skips its tokens; 0 for none\n"
+            "                         (default 64)\n"
             "  --log-format F         text, or json: each log line a JSON object (default text)\n");
 }
 
@@ -102,6 +105,7 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
         {"max-tokens-limit", 1, 1000000, &o->max_tokens_limit},
         {"max-connections", 1, 100000, &o->max_connections},
         {"timeout-s", 1, 86400, &o->timeout_s},
+        {"prompt-cache-mb", 0, 1L << 20, &o->prompt_cache_mb},
     };
     enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_PRECISION, OPT_RECURRENCE,
            OPT_KEYS, OPT_LOG_FORMAT, OPT_HELP };
@@ -121,7 +125,7 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
     *o = (struct serve_options){.models = "models", .host = "127.0.0.1", .device = DEVICE_AUTO, .port = 8080,
                                 .max_batch = 32, .max_wait_us = 2000, .max_queue = 256, .threads = 0,
                                 .max_body = 1L << 20, .max_text_bytes = 100000, .max_tokens_limit = 1024,
-                                .max_connections = 512, .timeout_s = 30};
+                                .max_connections = 512, .timeout_s = 30, .prompt_cache_mb = 64};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -270,7 +274,8 @@ int cmd_serve(int argc, char **argv)
     atomic_init(&api.stopping, 0);
     struct registry_options ro = {
         .dir = o.models, .device = o.device, .precision = o.precision, .recurrence = o.recurrence,
-        .batch = {.max_batch = (int)o.max_batch, .max_wait_us = (int)o.max_wait_us, .max_queue = (int)o.max_queue},
+        .batch = {.max_batch = (int)o.max_batch, .max_wait_us = (int)o.max_wait_us, .max_queue = (int)o.max_queue,
+                  .prompt_cache_bytes = (size_t)o.prompt_cache_mb << 20},
     };
     if (!metrics) {
         fprintf(stderr, "rrnserve serve: out of memory\n");

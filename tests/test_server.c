@@ -3,8 +3,8 @@
  * on a temporary folder of fixture models, and is spoken to with plain
  * sockets.  Every endpoint and every error status; results equal to the
  * fixtures; seeded and streamed generation; 64 concurrent clients; queue
- * limits and clients that leave; request ids; the log as JSON; SIGTERM
- * under load, SIGHUP reloads and API keys.
+ * limits and clients that leave; request ids; the log as JSON; the prompt
+ * cache; SIGTERM under load, SIGHUP reloads and API keys.
  *
  * Every wait is bounded (socket timeouts, polling counts), nothing asserts
  * how fast anything is, and each child is killed in its teardown even when
@@ -1002,6 +1002,83 @@ static void test_sigterm_answers_accepted_requests(void **state)
     free(body);
 }
 
+/* ---- the prompt cache ---------------------------------------------------- */
+
+static const char *const cache_models[] = {"combo_lstm_lm", "rra_dynamic_w3_l2_lm", "tok_word_lm", NULL};
+
+static int setup_prompt_cache(void **state)
+{
+    static const char *const extra[] = {"--device", "cpu", NULL};
+    *state = server_start(&(struct server_opts){.models = cache_models, .args = extra});
+    return 0;
+}
+
+/* A seeded generation on port: its text (to be freed) and prompt tokens. */
+static char *generated(int port, const char *model, const char *prompt, const char *more, int *prompt_tokens)
+{
+    char *body = body_with(model, "prompt", prompt, more);
+    cJSON *got = post(port, "/generate", 200, body);
+    free(body);
+    char *text = strdup(cJSON_GetObjectItem(got, "text")->valuestring);
+    *prompt_tokens = cJSON_GetObjectItem(got, "prompt_tokens")->valueint;
+    cJSON_Delete(got);
+    assert_non_null(text);
+    return text;
+}
+
+/* With the prompt cache (on by default), a prompt seen before, and one
+ * that continues a generation with its text, start from the state the
+ * model reached, as /metrics counts, and give the very text a server
+ * without the cache gives: for an RRA model too, whose state holds a ring
+ * of past states and a position. */
+static void test_prompt_cache(void **state)
+{
+    struct server *s = *state;
+    static const char *const extra[] = {"--device", "cpu", "--prompt-cache-mb", "0", NULL};
+    struct server *plain = server_start(&(struct server_opts){.models = cache_models, .args = extra});
+    struct buf prompt = {0};
+    for (int i = 0; i < 12; i++)
+        buf_printf(&prompt, "the good day ");
+    for (int m = 0; cache_models[m]; m++) {
+        const char *name = cache_models[m];
+        const int chars = strcmp(name, "tok_word_lm") != 0; /* a token a character */
+        char series[128];
+        snprintf(series, sizeof series, "rrnserve_prompt_cache_tokens_total{model=\"%s\"}", name);
+        int n, n_plain;
+        double cached0 = metric(s->port, series);
+
+        /* The first time the whole prompt runs; the second it is cached. */
+        char *first = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n);
+        assert_true(metric(s->port, series) == cached0);
+        char *again = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n);
+        assert_true(metric(s->port, series) == cached0 + n);
+        char *want = generated(plain->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n_plain);
+        assert_string_equal(first, want);
+        assert_string_equal(again, want);
+
+        /* A conversation goes on: the prompt, what was generated, more. */
+        struct buf next = {0};
+        buf_printf(&next, "%s%s%sgood day", prompt.p, first, chars ? "" : " ");
+        double cached1 = metric(s->port, series);
+        char *reply = generated(s->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n);
+        char *reply_plain = generated(plain->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n_plain);
+        assert_string_equal(reply, reply_plain);
+        if (chars) /* all but the last generated token ran through the model */
+            assert_true(metric(s->port, series) == cached1 + n_plain - (int)strlen("good day") - 1);
+        else
+            assert_true(metric(s->port, series) > cached1);
+        free(first);
+        free(again);
+        free(want);
+        free(reply);
+        free(reply_plain);
+        free(next.p);
+    }
+    assert_true(metric(plain->port, "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}") == 0);
+    free(prompt.p);
+    server_stop(plain);
+}
+
 /* ---- the log as JSON ---------------------------------------------------- */
 
 static int setup_json_log(void **state)
@@ -1286,6 +1363,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_sigterm_answers_accepted_requests, setup_term, server_teardown),
         cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
+        cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_fused_recurrence_equals_fixtures, setup_fused, server_teardown),
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),

@@ -1,0 +1,42 @@
+/* prompt_cache.h - the states a model's generation streams reached, kept
+ * so that a prompt which begins with a sequence seen before starts from
+ * its state instead of running the model over those tokens again.
+ *
+ * A recurrent model's state after any number of tokens has one size (the
+ * engine's slot state: each layer's cell and attention ring), so a cached
+ * sequence costs the same few kilobytes however long it is, where a
+ * transformer's key-value cache grows with it.  An entry is a token
+ * sequence, the state after it, the slot's position, and the logits of the
+ * token after it.  The batcher keeps the state after each prompt it
+ * prefills and after each stream that ends (its prompt and the tokens it
+ * generated), so a request that repeats a prompt, or that continues a
+ * conversation with the text generated before, skips the tokens seen.
+ * Least recently used entries go first when the bytes pass the limit.
+ * Only the batcher's thread uses a model's cache: there is no lock.
+ */
+#ifndef RRN_PROMPT_CACHE_H
+#define RRN_PROMPT_CACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct prompt_cache;
+
+/* A cache of at most max_bytes, its entries states of state_len floats and
+ * logits of vocab; NULL when out of memory. */
+struct prompt_cache *prompt_cache_new(size_t max_bytes, size_t state_len, int vocab);
+void prompt_cache_free(struct prompt_cache *pc);
+
+/* The longest entry that is a prefix of tokens[0..n): its length, with its
+ * state and position copied out, and its logits too when it is all n
+ * tokens; 0 when there is none (or out of memory). */
+int prompt_cache_find(struct prompt_cache *pc, const int32_t *tokens, int n, float *state, int *position,
+                      float *logits);
+/* Keeps tokens[0..n) with the state after it; nothing when the entry is
+ * there already or would not fit the limit alone.  -1 when out of
+ * memory. */
+int prompt_cache_put(struct prompt_cache *pc, const int32_t *tokens, int n, const float *state, int position,
+                     const float *logits);
+size_t prompt_cache_bytes(const struct prompt_cache *pc);
+
+#endif
