@@ -1026,16 +1026,21 @@ static char *generated(int port, const char *model, const char *prompt, const ch
     return text;
 }
 
-/* With the prompt cache (on by default), a prompt seen before, and one
- * that continues a generation with its text, start from the state the
- * model reached, as /metrics counts, and give the very text a server
- * without the cache gives: for an RRA model too, whose state holds a ring
- * of past states and a position. */
-static void test_prompt_cache(void **state)
+static int setup_prompt_cache_cuda(void **state)
 {
-    struct server *s = *state;
-    static const char *const extra[] = {"--device", "cpu", "--prompt-cache-mb", "0", NULL};
-    struct server *plain = server_start(&(struct server_opts){.models = cache_models, .args = extra});
+    *state = NULL;
+    static const char *const extra[] = {"--device", "cuda", NULL};
+    if (backend_cuda_available())
+        *state = server_start(&(struct server_opts){.models = cache_models, .args = extra});
+    return 0;
+}
+
+/* A prompt sent again gives the same text from the cached state and
+ * logits; one that continues a generation with its text starts from the
+ * state the generation reached: /metrics counts both.  With plain, a
+ * server without the cache, the texts equal its own. */
+static void check_prompt_cache(struct server *s, struct server *plain)
+{
     struct buf prompt = {0};
     for (int i = 0; i < 12; i++)
         buf_printf(&prompt, "the good day ");
@@ -1052,31 +1057,54 @@ static void test_prompt_cache(void **state)
         assert_true(metric(s->port, series) == cached0);
         char *again = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n);
         assert_true(metric(s->port, series) == cached0 + n);
-        char *want = generated(plain->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n_plain);
-        assert_string_equal(first, want);
-        assert_string_equal(again, want);
+        assert_string_equal(again, first);
+        if (plain) {
+            char *want = generated(plain->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n_plain);
+            assert_string_equal(first, want);
+            free(want);
+        }
 
         /* A conversation goes on: the prompt, what was generated, more. */
         struct buf next = {0};
         buf_printf(&next, "%s%s%sgood day", prompt.p, first, chars ? "" : " ");
         double cached1 = metric(s->port, series);
         char *reply = generated(s->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n);
-        char *reply_plain = generated(plain->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n_plain);
-        assert_string_equal(reply, reply_plain);
         if (chars) /* all but the last generated token ran through the model */
-            assert_true(metric(s->port, series) == cached1 + n_plain - (int)strlen("good day") - 1);
+            assert_true(metric(s->port, series) == cached1 + n - (int)strlen("good day") - 1);
         else
             assert_true(metric(s->port, series) > cached1);
+        if (plain) {
+            char *want = generated(plain->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n_plain);
+            assert_string_equal(reply, want);
+            free(want);
+        }
         free(first);
         free(again);
-        free(want);
         free(reply);
-        free(reply_plain);
         free(next.p);
     }
-    assert_true(metric(plain->port, "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}") == 0);
     free(prompt.p);
+}
+
+/* On the CPU, to the bit what a server without the cache answers: for an
+ * RRA model too, whose state holds a ring of past states and a position. */
+static void test_prompt_cache(void **state)
+{
+    static const char *const extra[] = {"--device", "cpu", "--prompt-cache-mb", "0", NULL};
+    struct server *plain = server_start(&(struct server_opts){.models = cache_models, .args = extra});
+    check_prompt_cache(*state, plain);
+    assert_true(metric(plain->port, "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}") == 0);
     server_stop(plain);
+}
+
+/* On CUDA the states go to and from the device.  A longer or shorter
+ * prefill may multiply in another order there, so only a repeated prompt
+ * is held to the same text. */
+static void test_prompt_cache_cuda(void **state)
+{
+    if (!*state)
+        skip();
+    check_prompt_cache(*state, NULL);
 }
 
 /* ---- the log as JSON ---------------------------------------------------- */
@@ -1364,6 +1392,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
+        cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),
         cmocka_unit_test_setup_teardown(test_fused_recurrence_equals_fixtures, setup_fused, server_teardown),
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),
