@@ -414,9 +414,11 @@ static int emit_token(struct batcher *b, struct stream *s, int32_t tok)
 static void cache_state(struct batcher *b, int i, const int32_t *tokens, int n)
 {
     struct stream *s = &b->streams[i];
-    if (b->cache && n >= PROMPT_CACHE_MIN && engine_slot_save(b->e, s->slot, b->cache_state) == 0)
-        prompt_cache_put(b->cache, tokens, n, b->cache_state, engine_slot_position(b->e, s->slot),
-                         b->logits + (size_t)i * b->m->head_out);
+    if (!b->cache || n < PROMPT_CACHE_MIN || engine_slot_save(b->e, s->slot, b->cache_state) != 0)
+        return;
+    prompt_cache_put(b->cache, tokens, n, b->cache_state, engine_slot_position(b->e, s->slot),
+                     b->logits + (size_t)i * b->m->head_out);
+    metrics_prompt_cache_bytes(b->metrics, prompt_cache_bytes(b->cache));
 }
 
 /* A stream that ended well leaves the state after its prompt and every

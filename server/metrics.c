@@ -56,6 +56,7 @@ struct model_counters {
     struct histogram engine;
     unsigned long long tokens;
     unsigned long long cached_tokens;
+    size_t cache_bytes;
 };
 
 struct model_metrics {
@@ -168,6 +169,13 @@ void metrics_prompt_cache(struct model_metrics *mm, int n)
     count(mm, &mm->c.cached_tokens, n);
 }
 
+void metrics_prompt_cache_bytes(struct model_metrics *mm, size_t bytes)
+{
+    pthread_mutex_lock(&mm->mu);
+    mm->c.cache_bytes = bytes;
+    pthread_mutex_unlock(&mm->mu);
+}
+
 /* `model="NAME"`, the name in Prometheus' escaping (backslash, quote,
  * newline); malloc'd. */
 static char *model_label(const char *name)
@@ -229,6 +237,10 @@ static void put_models(FILE *f, const struct model_snapshot *ms, int n)
           "# TYPE rrnserve_prompt_cache_tokens_total counter\n", f);
     for (int i = 0; i < n; i++)
         fprintf(f, "rrnserve_prompt_cache_tokens_total{%s} %llu\n", ms[i].label, ms[i].c.cached_tokens);
+    fputs("# HELP rrnserve_prompt_cache_bytes Bytes of states the prompt cache holds.\n"
+          "# TYPE rrnserve_prompt_cache_bytes gauge\n", f);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "rrnserve_prompt_cache_bytes{%s} %zu\n", ms[i].label, ms[i].c.cache_bytes);
     fputs("# HELP rrnserve_queue_depth Jobs waiting in a model's queue.\n"
           "# TYPE rrnserve_queue_depth gauge\n", f);
     for (int i = 0; i < n; i++)

@@ -58,6 +58,8 @@ void metrics_engine(struct model_metrics *mm, double seconds);
 void metrics_tokens(struct model_metrics *mm, int n);
 /* n prompt tokens whose state came from the prompt cache. */
 void metrics_prompt_cache(struct model_metrics *mm, int n);
+/* The bytes the prompt cache holds now. */
+void metrics_prompt_cache_bytes(struct model_metrics *mm, size_t bytes);
 
 /* The metrics in Prometheus' text exposition format, the models' series
  * (and rrnserve_model_info, the weights each serves) read from the

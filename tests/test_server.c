@@ -1090,10 +1090,13 @@ static void check_prompt_cache(struct server *s, struct server *plain)
  * RRA model too, whose state holds a ring of past states and a position. */
 static void test_prompt_cache(void **state)
 {
+    struct server *s = *state;
     static const char *const extra[] = {"--device", "cpu", "--prompt-cache-mb", "0", NULL};
     struct server *plain = server_start(&(struct server_opts){.models = cache_models, .args = extra});
-    check_prompt_cache(*state, plain);
+    check_prompt_cache(s, plain);
+    assert_true(metric(s->port, "rrnserve_prompt_cache_bytes{model=\"combo_lstm_lm\"}") > 0);
     assert_true(metric(plain->port, "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}") == 0);
+    assert_true(metric(plain->port, "rrnserve_prompt_cache_bytes{model=\"combo_lstm_lm\"}") == 0);
     server_stop(plain);
 }
 
