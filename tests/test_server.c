@@ -1046,6 +1046,10 @@ static void check_prompt_cache(struct server *s, struct server *plain)
         buf_printf(&prompt, "the good day ");
     for (int m = 0; cache_models[m]; m++) {
         const char *name = cache_models[m];
+        /* Under valgrind, which makes every request slow, the RRA model
+         * alone: its state is the most there is to restore. */
+        if (server_wrapped() && strncmp(name, "rra_", 4) != 0)
+            continue;
         const int chars = strcmp(name, "tok_word_lm") != 0; /* a token a character */
         char series[128];
         snprintf(series, sizeof series, "rrnserve_prompt_cache_tokens_total{model=\"%s\"}", name);
@@ -1094,7 +1098,7 @@ static void test_prompt_cache(void **state)
     static const char *const extra[] = {"--device", "cpu", "--prompt-cache-mb", "0", NULL};
     struct server *plain = server_start(&(struct server_opts){.models = cache_models, .args = extra});
     check_prompt_cache(s, plain);
-    assert_true(metric(s->port, "rrnserve_prompt_cache_bytes{model=\"combo_lstm_lm\"}") > 0);
+    assert_true(metric(s->port, "rrnserve_prompt_cache_bytes{model=\"rra_dynamic_w3_l2_lm\"}") > 0);
     assert_true(metric(plain->port, "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}") == 0);
     assert_true(metric(plain->port, "rrnserve_prompt_cache_bytes{model=\"combo_lstm_lm\"}") == 0);
     server_stop(plain);
