@@ -3,15 +3,16 @@
  * its state instead of running the model over those tokens again.
  *
  * A recurrent model's state after any number of tokens has one size (the
- * engine's slot state: each layer's cell and attention ring), so a cached
- * sequence costs the same few kilobytes however long it is, where a
- * transformer's key-value cache grows with it.  An entry is a token
+ * engine's slot state: each layer's cell and attention ring, 37 KB for
+ * models/austen), so a cached sequence costs the same however long it is,
+ * where a transformer's key-value cache grows with it.  An entry is a token
  * sequence, the state after it, the slot's position, and the logits of the
  * token after it.  The batcher keeps the state after each prompt it
  * prefills and after each stream that ends (its prompt and the tokens it
  * generated), so a request that repeats a prompt, or that continues a
  * conversation with the text generated before, skips the tokens seen.
- * Least recently used entries go first when the bytes pass the limit.
+ * When the bytes pass the limit, entries go least recently used first,
+ * those never found again before those found again (prompt_cache.c).
  * Only the batcher's thread uses a model's cache: there is no lock.
  */
 #ifndef RRN_PROMPT_CACHE_H

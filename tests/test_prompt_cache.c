@@ -1,8 +1,9 @@
 /* test_prompt_cache.c - the prompt-state cache of server/prompt_cache.c on
  * its own: the longest cached prefix is found (and only a true prefix),
  * logits come out only for a whole match, an entry is kept once, the
- * least recently used entries go when the bytes pass the limit, and an
- * entry larger than the limit is not kept.
+ * least recently used entries go when the bytes pass the limit, entries
+ * found again outlast any number of one-off ones (up to their share), and
+ * an entry larger than the limit is not kept.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -119,11 +120,51 @@ static void test_least_recently_used_go_first(void **unused)
     prompt_cache_free(small);
 }
 
+/* Entries found again are protected: a stream of one-off entries (ended
+ * generations nobody continues) cannot push them out, up to the protected
+ * share of the bytes, beyond which the least recently found go back on
+ * probation and out first. */
+static void test_entries_found_again_stay(void **unused)
+{
+    (void)unused;
+    struct prompt_cache *probe = prompt_cache_new(1 << 20, STATE, VOCAB);
+    assert_non_null(probe);
+    size_t one = entry_bytes(probe, 4);
+    prompt_cache_free(probe);
+
+    /* Room for 5 entries of 4 tokens, 4 of them protected. */
+    struct prompt_cache *pc = prompt_cache_new(5 * one + one / 2, STATE, VOCAB);
+    assert_non_null(pc);
+    float st[STATE], lg[VOCAB];
+    int pos;
+    const int32_t *kept = tokens; /* tokens[0..4) */
+    assert_int_equal(prompt_cache_put(pc, kept, 4, state_a, 1, logits_a), 0);
+    assert_int_equal(prompt_cache_find(pc, kept, 4, st, &pos, lg), 4);
+    for (int i = 1; i < 9; i++) /* 8 one-off entries, each of tokens[4i..4i+4) */
+        assert_int_equal(prompt_cache_put(pc, tokens + 4 * i, 4, state_b, 0, logits_b), 0);
+    assert_int_equal(prompt_cache_find(pc, kept, 4, st, &pos, lg), 4);
+    assert_int_equal(pos, 1);
+    assert_int_equal(prompt_cache_find(pc, tokens + 4, 4, st, &pos, lg), 0);  /* long gone */
+    assert_int_equal(prompt_cache_find(pc, tokens + 32, 4, st, &pos, lg), 4); /* the newest */
+
+    /* Found again, five entries: the least recently found of them goes back
+     * on probation, and then out before the other four. */
+    for (int i = 5; i < 9; i++)
+        assert_int_equal(prompt_cache_find(pc, tokens + 4 * i, 4, st, &pos, lg), 4);
+    assert_int_equal(prompt_cache_put(pc, tokens + 4, 4, state_b, 0, logits_b), 0);
+    assert_int_equal(prompt_cache_put(pc, tokens + 8, 4, state_b, 0, logits_b), 0);
+    assert_int_equal(prompt_cache_find(pc, kept, 4, st, &pos, lg), 0);
+    for (int i = 5; i < 9; i++)
+        assert_int_equal(prompt_cache_find(pc, tokens + 4 * i, 4, st, &pos, lg), 4);
+    prompt_cache_free(pc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_finds_the_longest_prefix),
         cmocka_unit_test(test_least_recently_used_go_first),
+        cmocka_unit_test(test_entries_found_again_stay),
     };
     test_filter_from_env();
     return cmocka_run_group_tests_name("prompt_cache", tests, setup, NULL);
