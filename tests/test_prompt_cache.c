@@ -32,12 +32,15 @@ static int setup(void **state)
     return 0;
 }
 
-/* An entry's bytes, as the cache counts them, for a sequence of n. */
-static size_t entry_bytes(struct prompt_cache *pc, int n)
+/* An entry's bytes, as a cache counts them, for a sequence of n. */
+static size_t entry_bytes(int n)
 {
-    size_t before = prompt_cache_bytes(pc);
-    assert_int_equal(prompt_cache_put(pc, tokens + N - n, n, state_a, 0, logits_a), 0);
-    return prompt_cache_bytes(pc) - before;
+    struct prompt_cache *probe = prompt_cache_new(1 << 20, STATE, VOCAB);
+    assert_non_null(probe);
+    assert_int_equal(prompt_cache_put(probe, tokens, n, state_a, 0, logits_a), 0);
+    size_t bytes = prompt_cache_bytes(probe);
+    prompt_cache_free(probe);
+    return bytes;
 }
 
 static void test_finds_the_longest_prefix(void **unused)
@@ -86,10 +89,7 @@ static void test_finds_the_longest_prefix(void **unused)
 static void test_least_recently_used_go_first(void **unused)
 {
     (void)unused;
-    struct prompt_cache *probe = prompt_cache_new(1 << 20, STATE, VOCAB);
-    assert_non_null(probe);
-    size_t one = entry_bytes(probe, 10);
-    prompt_cache_free(probe);
+    size_t one = entry_bytes(10);
 
     /* Room for two entries of 10 tokens. */
     struct prompt_cache *pc = prompt_cache_new(2 * one + one / 2, STATE, VOCAB);
@@ -127,10 +127,7 @@ static void test_least_recently_used_go_first(void **unused)
 static void test_entries_found_again_stay(void **unused)
 {
     (void)unused;
-    struct prompt_cache *probe = prompt_cache_new(1 << 20, STATE, VOCAB);
-    assert_non_null(probe);
-    size_t one = entry_bytes(probe, 4);
-    prompt_cache_free(probe);
+    size_t one = entry_bytes(4);
 
     /* Room for 5 entries of 4 tokens, 4 of them protected. */
     struct prompt_cache *pc = prompt_cache_new(5 * one + one / 2, STATE, VOCAB);
