@@ -260,9 +260,10 @@ static const char *restore_progress(struct run *r, const cJSON *st, int has_best
     return NULL;
 }
 
-/* A language model's windows and its streams' carried states (all, B of
- * slot_len floats); the name of the first field found damaged, or NULL. */
-static const char *restore_streams(struct run *r, const cJSON *st, const float *all, size_t slot_len)
+/* A language model's windows, put back into r->win, and its streams'
+ * positions into positions[B] (starts[B] is room for the windows' starts);
+ * the name of the first field found damaged, or NULL. */
+static const char *restore_windows(struct run *r, const cJSON *st, size_t *starts, int *positions)
 {
     const int B = r->o.batch;
     const cJSON *w = field(st, "windows"), *start = field(w, "start"), *pos = field(st, "slot_pos"), *x;
@@ -271,31 +272,23 @@ static const char *restore_streams(struct run *r, const cJSON *st, const float *
     if (!cJSON_IsObject(w) || get_whole(w, "pos", STATE_MAX, &at) || get_whole(w, "epoch", STATE_MAX, &epoch) ||
         rng_from_json(field(w, "rng"), &g) || !cJSON_IsArray(start) || cJSON_GetArraySize(start) != B)
         return "windows";
-    if (!cJSON_IsArray(pos) || cJSON_GetArraySize(pos) != B)
-        return "slot_pos";
-    size_t *starts = malloc(sizeof *starts * (size_t)B);
-    if (!starts)
-        return "windows (out of memory)";
     int i = 0;
     cJSON_ArrayForEach(x, start)
     {
         if (!cJSON_IsNumber(x) || !whole(x->valuedouble, STATE_MAX))
-            break;
+            return "windows";
         starts[i++] = (size_t)x->valuedouble;
     }
-    int ok = i == B && lm_windows_restore(&r->win, (size_t)at, (long)epoch, &g, starts) == 0;
-    free(starts);
-    if (!ok)
+    if (lm_windows_restore(&r->win, (size_t)at, (long)epoch, &g, starts) != 0)
         return "windows";
+    if (!cJSON_IsArray(pos) || cJSON_GetArraySize(pos) != B)
+        return "slot_pos";
     i = 0;
     cJSON_ArrayForEach(x, pos)
     {
         if (!cJSON_IsNumber(x) || !whole(x->valuedouble, INT_MAX))
             return "slot_pos";
-        r->slots[i] = engine_slot_open(r->e);
-        if (engine_slot_restore(r->e, r->slots[i], all + (size_t)i * slot_len, (int)x->valuedouble))
-            return "slots (cannot restore a stream's state)";
-        i++;
+        positions[i++] = (int)x->valuedouble;
     }
     return NULL;
 }
@@ -314,6 +307,8 @@ int checkpoint_restore(struct run *r, const char *path, char *err, size_t errlen
     const struct st_tensor *optim = st_find(&f, "optim"), *slots = st_find(&f, "slots"), *best = st_find(&f, "best");
     const size_t slot_len = run_is_lm(r) ? engine_slot_state_len(r->e) : 0, moments_len = optim_len(r);
     float *moments = NULL, *all = NULL;
+    size_t *starts = NULL;
+    int *positions = NULL;
     const char *bad = NULL;
     int rc = 0;
     if (!optim || (size_t)optim->numel != moments_len ||
@@ -322,7 +317,9 @@ int checkpoint_restore(struct run *r, const char *path, char *err, size_t errlen
         rc = error_fmt(err, errlen, "%s does not match this run (another model or batch size?)", path2);
     } else if ((moments_len && !(moments = malloc(sizeof(float) * moments_len))) ||
                (best && !(r->best = malloc(sizeof(float) * r->model.n_params))) ||
-               (slot_len && !(all = malloc(sizeof(float) * slot_len * (size_t)r->o.batch)))) {
+               (slot_len && (!(all = malloc(sizeof(float) * slot_len * (size_t)r->o.batch)) ||
+                             !(starts = malloc(sizeof *starts * (size_t)r->o.batch)) ||
+                             !(positions = malloc(sizeof *positions * (size_t)r->o.batch))))) {
         rc = error_fmt(err, errlen, "out of memory");
     } else if (!cJSON_IsObject(st)) {
         bad = "training_state";
@@ -343,14 +340,23 @@ int checkpoint_restore(struct run *r, const char *path, char *err, size_t errlen
             else if (r->next_batch > r->n_batches)
                 bad = "next_batch";
         }
+        if (rc == 0 && !bad && slot_len)
+            bad = restore_windows(r, st, starts, positions);
         if (rc == 0 && !bad && slot_len) {
             st_to_f32(slots, all);
-            bad = restore_streams(r, st, all, slot_len);
+            for (int i = 0; rc == 0 && i < r->o.batch; i++) {
+                r->slots[i] = engine_slot_open(r->e);
+                if (engine_slot_restore(r->e, r->slots[i], all + (size_t)i * slot_len, positions[i]) != 0)
+                    rc = error_fmt(err, errlen, "cannot put a stream's state on the %s backend: %s",
+                                   r->be->ops->name, r->be->err[0] ? r->be->err : "no free slot");
+            }
         }
     }
     if (bad)
         rc = error_fmt(err, errlen, "%s: its training state is damaged or not of this run (at \"%s\")", path2, bad);
     free(all);
+    free(starts);
+    free(positions);
     free(moments);
     free(path2);
     cJSON_Delete(st);
