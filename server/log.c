@@ -40,16 +40,21 @@ static void write_line(const char *text)
         return;
 }
 
-/* o as one line with "time" first; o is freed.  Without the memory for
- * JSON the line goes out as text instead of not at all. */
-static void write_json(cJSON *o, const char *fallback)
+/* o, which built says was made whole, as one line; o is freed.  -1, and
+ * nothing written, when it was not or printing it ran out of memory: the
+ * caller then writes the line as text rather than not at all. */
+static int write_json(cJSON *o, int built)
 {
-    char *text = o ? cJSON_PrintUnformatted(o) : NULL;
-    write_line(text ? text : fallback);
-    free(text);
+    char *text = o && built ? cJSON_PrintUnformatted(o) : NULL;
     cJSON_Delete(o);
+    if (!text)
+        return -1;
+    write_line(text);
+    free(text);
+    return 0;
 }
 
+/* A JSON line with its "time" first. */
 static cJSON *json_line(const char *time)
 {
     cJSON *o = cJSON_CreateObject();
@@ -68,40 +73,33 @@ void log_msg(const char *fmt, ...)
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     now_utc(time);
+    if (format == LOG_JSON) {
+        cJSON *o = json_line(time);
+        if (write_json(o, o && cJSON_AddStringToObject(o, "msg", msg)) == 0)
+            return;
+    }
     snprintf(text, sizeof text, "%s %s", time, msg);
-    if (format == LOG_TEXT) {
-        write_line(text);
-        return;
-    }
-    cJSON *o = json_line(time);
-    if (o && !cJSON_AddStringToObject(o, "msg", msg)) {
-        cJSON_Delete(o);
-        o = NULL;
-    }
-    write_json(o, text);
+    write_line(text);
 }
 
 void log_request(const struct log_request *r)
 {
     char time[32], batch[16] = "-", text[LINE_MAX_BYTES];
     now_utc(time);
+    if (format == LOG_JSON) {
+        cJSON *o = json_line(time);
+        int built = o && cJSON_AddStringToObject(o, "method", r->method) &&
+                    cJSON_AddStringToObject(o, "path", r->path) && cJSON_AddNumberToObject(o, "status", r->status) &&
+                    cJSON_AddNumberToObject(o, "ms", round(r->ms * 100) / 100) &&
+                    (r->batch > 0 ? cJSON_AddNumberToObject(o, "batch", r->batch) != NULL
+                                  : cJSON_AddNullToObject(o, "batch") != NULL) &&
+                    cJSON_AddStringToObject(o, "id", r->id);
+        if (write_json(o, built) == 0)
+            return;
+    }
     if (r->batch > 0)
         snprintf(batch, sizeof batch, "%d", r->batch);
     snprintf(text, sizeof text, "%s %s %s %d %.2fms batch=%s id=%s", time, r->method, r->path, r->status, r->ms,
              batch, r->id);
-    if (format == LOG_TEXT) {
-        write_line(text);
-        return;
-    }
-    cJSON *o = json_line(time);
-    if (o && !(cJSON_AddStringToObject(o, "method", r->method) && cJSON_AddStringToObject(o, "path", r->path) &&
-               cJSON_AddNumberToObject(o, "status", r->status) &&
-               cJSON_AddNumberToObject(o, "ms", round(r->ms * 100) / 100) &&
-               (r->batch > 0 ? cJSON_AddNumberToObject(o, "batch", r->batch) != NULL
-                             : cJSON_AddNullToObject(o, "batch") != NULL) &&
-               cJSON_AddStringToObject(o, "id", r->id))) {
-        cJSON_Delete(o);
-        o = NULL;
-    }
-    write_json(o, text);
+    write_line(text);
 }
