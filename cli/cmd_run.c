@@ -128,10 +128,10 @@ static int run_batch(struct runner *r, struct item *items, int n)
         if (items[i].error[0])
             continue;
         if (items[i].n == 0) {
+            char where[32] = "";
             if (items[i].lineno)
-                snprintf(items[i].error, sizeof items[i].error, "line %ld: the text has no tokens", items[i].lineno);
-            else
-                snprintf(items[i].error, sizeof items[i].error, "the text has no tokens");
+                snprintf(where, sizeof where, "line %ld: ", items[i].lineno);
+            snprintf(items[i].error, sizeof items[i].error, "%sthe text has no tokens", where);
             continue;
         }
         tokens[ok] = items[i].ids;

@@ -84,8 +84,9 @@ static void cpu_zero(struct backend *be, void *dst, size_t bytes)
  * call it is in (0.3.21, measured: with its AVX2 kernels, bands of rows
  * that are not multiples of 12 and any bands of columns; with its AVX-512
  * kernels, 600 x 40 x 200 in bands of 160 rows against whole), so only the
- * same bands give a training run the same bits on any number of threads.  Each call packs the other operand anew, so a band costs
- * more the more there are: at most BLAS_BANDS, none narrower than
+ * same bands give a training run the same bits on any number of threads.
+ * Each call packs the other operand anew, so a band costs more the more
+ * there are: at most BLAS_BANDS, none narrower than
  * BLAS_BAND_MIN rows or columns nor of fewer than POOL_MIN_FLOPS.  On 2
  * cores, against 2 bands: the recurrent matrix's gradient (2048 x 512 over
  * 4,064 tokens) takes 5% longer in 8 bands and 13% in 16 of 128 rows. */

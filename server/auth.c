@@ -4,8 +4,8 @@
  * old keys or the new ones, never a mix.
  */
 #include <openssl/crypto.h>
-#include <pthread.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

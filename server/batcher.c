@@ -496,9 +496,10 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
             end_stream(b, b->n_streams - 1, "out of memory starting a stream");
             continue;
         }
-        int k = b->n_streams - 1 - first, from = have[k] = restore_prefix(b, b->n_streams - 1);
+        int from = have[b->n_streams - 1 - first] = restore_prefix(b, b->n_streams - 1);
         if (from < j->lens[0] && j->lens[0] - from <= PREFILL_CHUNK)
-            q[batched++] = (struct engine_seq){.tokens = j->ids[0] + from, .len = j->lens[0] - from, .slot = s->slot,
+            q[batched++] = (struct engine_seq){.tokens = j->ids[0] + from, .len = j->lens[0] - from,
+                                               .slot = s->slot,
                                                .last_logits = b->logits + (size_t)(b->n_streams - 1) * V};
     }
     /* Short prompts together, long ones chunk by chunk. */
