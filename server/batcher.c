@@ -351,7 +351,10 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     if (runs)
         note_engine(b, rc, err);
     clock_gettime(CLOCK_MONOTONIC, &t1);
+    /* Counted before any job is answered, so that a client that has its
+     * answer finds its batch in /metrics. */
     metrics_engine(b->metrics, (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9);
+    metrics_batch(b->metrics, seqs);
     for (int i = 0, k = 0; i < n; i++) {
         struct job *j = jobs[i];
         for (int t = 0; rc == 0 && j->kind == JOB_SCORE && t < j->n_texts; t++)
@@ -360,7 +363,6 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     }
     if (rc != 0)
         log_msg("engine error on a batch of %d sequences: %s", seqs, err);
-    metrics_batch(b->metrics, seqs);
     b->last_seqs = seqs;
     free(q);
     free(stoks);
