@@ -738,14 +738,49 @@ static void *client_main(void *arg)
     return NULL;
 }
 
+/* Sends every call at once (a barrier releases the threads) and checks
+ * each answer against the one it got alone; returns the mean batch size
+ * of the engine calls the round made. */
+static double concurrent_round(int port, struct client_call *calls)
+{
+    double sum0 = metric(port, "rrnserve_batch_size_sum{");
+    double count0 = metric(port, "rrnserve_batch_size_count{");
+    pthread_barrier_t start;
+    pthread_barrier_init(&start, NULL, N_CLIENTS);
+    pthread_t threads[N_CLIENTS];
+    for (int i = 0; i < N_CLIENTS; i++) {
+        calls[i].start = &start;
+        assert_int_equal(pthread_create(&threads[i], NULL, client_main, &calls[i]), 0);
+    }
+    for (int i = 0; i < N_CLIENTS; i++)
+        pthread_join(threads[i], NULL);
+    pthread_barrier_destroy(&start);
+    for (int i = 0; i < N_CLIENTS; i++) {
+        struct client_call *c = &calls[i];
+        assert_true(c->ok);
+        assert_int_equal(c->together.status, 200);
+        if (strcmp(c->alone.body.p, c->together.body.p) != 0)
+            fail_msg("%s %s\nalone:    %s\ntogether: %s", c->path, c->body, c->alone.body.p, c->together.body.p);
+        http_resp_free(&c->together);
+    }
+    double count = metric(port, "rrnserve_batch_size_count{") - count0;
+    assert_true(count > 0);
+    return (metric(port, "rrnserve_batch_size_sum{") - sum0) / count;
+}
+
+/* Whether 64 clients at once meet in batches is up to the scheduler: on a
+ * loaded 2-core machine under AddressSanitizer each request was once
+ * answered before the next arrived, all 304 engine calls alone.  Every
+ * round checks the answers; batching must show in one of a few rounds.
+ * Under valgrind the threads take turns, so that run checks memory only. */
+#define CONCURRENT_ROUNDS 5
+
 static void test_concurrent_clients(void **state)
 {
     struct server *s = *state;
     cJSON *cls = fixture_json("plain_lstm_l2_bi_last"), *lm = fixture_json("tok_word_lm");
     cJSON *cls_texts = cJSON_GetObjectItem(cls, "texts"), *lm_texts = cJSON_GetObjectItem(lm, "texts");
     static struct client_call calls[N_CLIENTS];
-    pthread_barrier_t start;
-    pthread_barrier_init(&start, NULL, N_CLIENTS);
     for (int i = 0; i < N_CLIENTS; i++) {
         struct client_call *c = &calls[i];
         const char *ct = cJSON_GetArrayItem(cls_texts, i % 4)->valuestring;
@@ -753,7 +788,6 @@ static void test_concurrent_clients(void **state)
         char more[96];
         memset(c, 0, sizeof *c);
         c->port = s->port;
-        c->start = &start;
         switch (i % 4) {
         case 0:
             c->path = "/classify";
@@ -776,33 +810,18 @@ static void test_concurrent_clients(void **state)
         assert_int_equal(http_request(s->port, "POST", c->path, "", c->body, strlen(c->body), &c->alone), 0);
         assert_int_equal(c->alone.status, 200);
     }
-    double sum0 = metric(s->port, "rrnserve_batch_size_sum{");
-    double count0 = metric(s->port, "rrnserve_batch_size_count{");
-    pthread_t threads[N_CLIENTS];
-    for (int i = 0; i < N_CLIENTS; i++)
-        assert_int_equal(pthread_create(&threads[i], NULL, client_main, &calls[i]), 0);
-    for (int i = 0; i < N_CLIENTS; i++)
-        pthread_join(threads[i], NULL);
-    pthread_barrier_destroy(&start);
-    for (int i = 0; i < N_CLIENTS; i++) {
-        struct client_call *c = &calls[i];
-        assert_true(c->ok);
-        assert_int_equal(c->together.status, 200);
-        if (strcmp(c->alone.body.p, c->together.body.p) != 0)
-            fail_msg("%s %s\nalone:    %s\ntogether: %s", c->path, c->body, c->alone.body.p, c->together.body.p);
-        http_resp_free(&c->alone);
-        http_resp_free(&c->together);
-        free(c->body);
-    }
-    double sum = metric(s->port, "rrnserve_batch_size_sum{") - sum0;
-    double count = metric(s->port, "rrnserve_batch_size_count{") - count0;
-    assert_true(count > 0);
-    /* Under valgrind the threads take turns, so whether requests meet in
-     * the queue is chance: that run checks memory, the others batching. */
-    if (!(sum / count > 1) && !server_wrapped())
-        fail_msg("mean batch size %g over %g engine calls", sum / count, count);
     cJSON_Delete(cls);
     cJSON_Delete(lm);
+    double mean = 1;
+    int rounds = server_wrapped() ? 1 : CONCURRENT_ROUNDS;
+    for (int round = 0; round < rounds && !(mean > 1); round++)
+        mean = concurrent_round(s->port, calls);
+    if (!(mean > 1) && !server_wrapped())
+        fail_msg("mean batch size %g in each of %d rounds of %d clients", mean, rounds, N_CLIENTS);
+    for (int i = 0; i < N_CLIENTS; i++) {
+        http_resp_free(&calls[i].alone);
+        free(calls[i].body);
+    }
 }
 
 /* ---- queue limit and clients that leave ------------------------------- */
