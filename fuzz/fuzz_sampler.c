@@ -7,7 +7,10 @@
  * brought into the ranges POST /generate lets through (temperature finite
  * and >= 0, top_k >= 0, top_p in (0, 1]), as api.c checks them.  The
  * sampled id must be in the vocabulary, greedy must be the first maximum
- * and, with finite logits, the same seed must give the same id.
+ * and, with finite logits, the same seed must give the same id.  Then
+ * token_logprobs for that id with top_k (at most 20, as the API allows)
+ * alternatives: with finite logits every log-probability is <= 0, the
+ * alternatives come in order and the first is the greedy token.
  */
 #include <math.h>
 #include <stdint.h>
@@ -65,6 +68,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (a != best)
             abort();
     }
+    struct token_logprob top[20];
+    int k = p.top_k % 21 < (int)V ? p.top_k % 21 : (int)V;
+    float lp = token_logprobs(logits, (int)V, a, k, top);
+    for (int i = 0; finite && i < k; i++)
+        if (top[i].id < 0 || top[i].id >= (int)V || !(top[i].logprob <= 0) ||
+            (i > 0 && !(top[i].logprob <= top[i - 1].logprob)) ||
+            (i == 0 && sample_token(&s, logits, &(struct sample_params){.top_p = 1.0f}, &r1) != top[0].id))
+            abort();
+    if (finite && !(lp <= 0))
+        abort();
     sampler_free(&s);
     free(logits);
     return 0;

@@ -188,6 +188,20 @@ static int get_number(const cJSON *req, const char *name, double *out, struct re
     return 0;
 }
 
+/* An optional true or false, left at its default when absent. */
+static int get_bool(const cJSON *req, const char *name, int *out, struct reply *r)
+{
+    const cJSON *f = field(req, name);
+    if (!f)
+        return 0;
+    if (!cJSON_IsBool(f)) {
+        reply_error(r, 400, "\"%s\" must be true or false", name);
+        return -1;
+    }
+    *out = cJSON_IsTrue(f);
+    return 0;
+}
+
 /* The model the request names, of the task the endpoint needs (task < 0:
  * any); NULL with a 400, 404 or 422 in r. */
 static struct served_model *get_model(struct api *a, const cJSON *req, const char *endpoint, int task,
@@ -515,6 +529,8 @@ struct gen_request {
     struct sample_params sample;
     long long max_tokens;
     int stream;
+    int logprobs;
+    long long top_logprobs;
     const char *stop[JOB_MAX_STOP];
     int n_stop;
 };
@@ -566,13 +582,20 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
 {
     double temperature = 1.0, top_p = 1.0;
     long long top_k = 0, seed = -1;
-    const cJSON *stream = field(req, "stream");
     g->max_tokens = a->lim.max_tokens < DEFAULT_MAX_TOKENS ? a->lim.max_tokens : DEFAULT_MAX_TOKENS;
+    g->stream = g->logprobs = 0;
+    g->top_logprobs = 0;
     if (get_int(req, "max_tokens", 1, a->lim.max_tokens, &g->max_tokens, r) != 0 ||
         get_number(req, "temperature", &temperature, r) != 0 || get_number(req, "top_p", &top_p, r) != 0 ||
         get_int(req, "top_k", 0, INT_MAX, &top_k, r) != 0 || get_int(req, "seed", 0, (long long)MAX_SEED, &seed, r) != 0 ||
-        get_stops(a, req, g, r) != 0)
+        get_stops(a, req, g, r) != 0 || get_bool(req, "stream", &g->stream, r) != 0 ||
+        get_bool(req, "logprobs", &g->logprobs, r) != 0 ||
+        get_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &g->top_logprobs, r) != 0)
         return -1;
+    if (g->top_logprobs > 0 && !g->logprobs) {
+        reply_error(r, 422, "\"top_logprobs\" needs \"logprobs\": true");
+        return -1;
+    }
     if (temperature < 0) {
         reply_error(r, 422, "\"temperature\" must be 0 (greedy) or more");
         return -1;
@@ -581,11 +604,6 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
         reply_error(r, 422, "\"top_p\" must be more than 0 and at most 1");
         return -1;
     }
-    if (stream && !cJSON_IsBool(stream)) {
-        reply_error(r, 400, "\"stream\" must be true or false");
-        return -1;
-    }
-    g->stream = cJSON_IsTrue(stream);
     g->sample = (struct sample_params){.temperature = (float)temperature, .top_k = (int)top_k, .top_p = (float)top_p};
     if (seed >= 0) {
         g->sample.seed = (uint64_t)seed;
@@ -599,6 +617,41 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
 static const char *finish_name(enum finish_reason f)
 {
     return f == FINISH_STOP ? "stop" : "length";
+}
+
+/* Token i's alternatives, most probable first, as "top_logprobs" of o
+ * when the request asked for them. */
+static int put_top_logprobs(cJSON *o, const struct tokenizer *tk, const struct job *j, int i)
+{
+    if (j->top_logprobs == 0)
+        return 0;
+    cJSON *top = cJSON_CreateArray();
+    int failed = !top;
+    for (int k = 0; k < j->top_logprobs && !failed; k++) {
+        const struct token_logprob *t = &j->top[(size_t)i * j->top_logprobs + k];
+        cJSON *e = cJSON_CreateObject();
+        int bad = put(e, "token", token_label(tk, t->id));
+        bad |= put(e, "id", cJSON_CreateNumber(t->id));
+        bad |= put(e, "logprob", cJSON_CreateNumber(t->logprob));
+        failed |= put(top, NULL, built(e, bad));
+    }
+    return put(o, "top_logprobs", built(top, failed));
+}
+
+/* "logprobs" of a non-streaming answer: each sampled token's entry. */
+static cJSON *logprobs_list(const struct tokenizer *tk, const struct job *j)
+{
+    cJSON *list = cJSON_CreateArray();
+    int failed = !list;
+    for (int i = 0; i < j->n_tokens && !failed; i++) {
+        cJSON *e = cJSON_CreateObject();
+        int bad = put(e, "token", token_label(tk, j->tokens[i]));
+        bad |= put(e, "id", cJSON_CreateNumber(j->tokens[i]));
+        bad |= put(e, "logprob", cJSON_CreateNumber(j->token_logprob[i]));
+        bad |= put_top_logprobs(e, tk, j, i);
+        failed |= put(list, NULL, built(e, bad));
+    }
+    return built(list, failed);
 }
 
 /* The outcome of a finished generation: the non-streaming response and the
@@ -632,6 +685,8 @@ static struct job *generation_job(const struct api *a, const struct served_model
     }
     j->sample = g->sample;
     j->max_tokens = (int)g->max_tokens;
+    j->logprobs = g->logprobs;
+    j->top_logprobs = g->top_logprobs < m->tk.vocab ? (int)g->top_logprobs : m->tk.vocab;
     for (int i = 0; i < g->n_stop; i++)
         if (!(j->stop[j->n_stop++] = strdup(g->stop[i]))) {
             reply_error(r, 500, "out of memory");
@@ -700,6 +755,10 @@ static int token_event(struct api_stream *s, int32_t id, int index)
     int failed = put(o, "token", cJSON_CreateString(s->clean));
     failed |= put(o, "id", cJSON_CreateNumber(id));
     failed |= put(o, "index", cJSON_CreateNumber(index));
+    if (s->j->logprobs) {
+        failed |= put(o, "logprob", cJSON_CreateNumber(s->j->token_logprob[index]));
+        failed |= put_top_logprobs(o, &s->m->tk, s->j, index);
+    }
     return add_event(s, built(o, failed));
 }
 
@@ -806,7 +865,12 @@ void api_generate(struct api *a, const char *body, size_t len, const struct clie
         m = NULL; /* the stream's now */
         j = NULL;
     } else if (j && !g.stream && run_job(m, j, c, r) == 0) {
-        reply_json(r, 200, generation_result(j));
+        cJSON *res = generation_result(j);
+        if (res && j->logprobs && put(res, "logprobs", logprobs_list(&m->tk, j)) != 0) {
+            cJSON_Delete(res);
+            res = NULL;
+        }
+        reply_json(r, 200, res);
     }
     job_release(j);
     if (m)

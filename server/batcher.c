@@ -101,6 +101,8 @@ void job_release(struct job *j)
     free(j->logprob);
     free(j->attention);
     free(j->tokens);
+    free(j->token_logprob);
+    free(j->top);
     free(j->text);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
@@ -370,14 +372,22 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     free(slp);
 }
 
-/* Append a sampled token to its job; returns 1 when the stream is over. */
-static int emit_token(struct batcher *b, struct stream *s, int32_t tok)
+/* Samples stream s's next token from its logits and appends it to its job
+ * (with its log-probabilities when asked); returns 1 when the stream is
+ * over. */
+static int next_token(struct batcher *b, struct stream *s, const float *logits)
 {
     struct job *j = s->job;
+    const int32_t tok = sample_token(&b->sampler, logits, &j->sample, &s->rng);
     char buf[8];
     size_t len = 0;
     const char *piece = tokenizer_token(b->tk, tok, buf, &len);
     pthread_mutex_lock(&j->mu);
+    /* Written before n_tokens grows, under mu: a reader that saw the
+     * count finds them. */
+    if (j->logprobs)
+        j->token_logprob[j->n_tokens] = token_logprobs(logits, b->m->head_out, tok, j->top_logprobs,
+                                                       j->top + (size_t)j->n_tokens * j->top_logprobs);
     j->tokens[j->n_tokens++] = tok;
     /* Words are separated by a space; bytes and characters join as they are. */
     if (b->tk->type == TOKENIZER_WORD && j->text_len)
@@ -493,8 +503,13 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
         j->text = malloc(text_cap);
         if (j->text)
             j->text[0] = 0;
+        if (j->logprobs) {
+            j->token_logprob = malloc(sizeof(float) * (size_t)j->max_tokens);
+            /* One more, so that no alternatives is not a malloc of 0. */
+            j->top = malloc(sizeof *j->top * ((size_t)j->max_tokens * (size_t)j->top_logprobs + 1));
+        }
         pthread_mutex_unlock(&j->mu);
-        if (!q || !have || s->slot < 0 || !j->tokens || !j->text) {
+        if (!q || !have || s->slot < 0 || !j->tokens || !j->text || (j->logprobs && (!j->token_logprob || !j->top))) {
             end_stream(b, b->n_streams - 1, "out of memory starting a stream");
             continue;
         }
@@ -530,9 +545,8 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
         if (have[i - first] < s->job->lens[0])
             cache_state(b, i, s->job->ids[0], s->job->lens[0]);
         s->job->batch_size = batched;
-        int tok = sample_token(&b->sampler, b->logits + (size_t)i * V, &s->job->sample, &s->rng);
         metrics_tokens(b->metrics, 1);
-        if (emit_token(b, s, tok))
+        if (next_token(b, s, b->logits + (size_t)i * V))
             end_stream(b, i, NULL);
     }
     if (rc != 0)
@@ -572,8 +586,7 @@ static void step_streams(struct batcher *b)
         struct stream *s = &b->streams[i];
         if (s->job->batch_size < n)
             s->job->batch_size = n;
-        int tok = sample_token(&b->sampler, b->logits + (size_t)i * V, &s->job->sample, &s->rng);
-        if (emit_token(b, s, tok))
+        if (next_token(b, s, b->logits + (size_t)i * V))
             end_stream(b, i, NULL);
     }
 }

@@ -30,6 +30,7 @@ enum job_kind { JOB_CLASSIFY, JOB_SCORE, JOB_ATTENTION, JOB_GENERATE };
 enum finish_reason { FINISH_NONE, FINISH_LENGTH, FINISH_STOP };
 
 #define JOB_MAX_STOP 4
+#define JOB_MAX_TOP_LOGPROBS 20
 
 struct job {
     enum job_kind kind;
@@ -42,6 +43,8 @@ struct job {
     int max_tokens;
     char *stop[JOB_MAX_STOP]; /* stop strings, or NULL */
     int n_stop;
+    int logprobs;          /* 1: record each sampled token's log-probability */
+    int top_logprobs;      /* with logprobs, the most probable tokens kept a step */
 
     /* Output, valid once done.  Generation fills tokens and text as it
      * goes: read n_tokens and text_len under mu; the arrays are allocated
@@ -51,6 +54,8 @@ struct job {
     double *logprob;       /* score: [n_texts] */
     float *attention;      /* attention: [L][D][len][K] */
     int32_t *tokens;       /* generate: sampled tokens */
+    float *token_logprob;  /* generate with logprobs: ln p of each token (sampler.h) */
+    struct token_logprob *top; /* and [n_tokens][top_logprobs] alternatives */
     int n_tokens;
     char *text;            /* generate: decoded text so far (NUL-terminated) */
     size_t text_len;

@@ -1,7 +1,8 @@
 /* test_sampler.c - the sampler's generator and filters: the generator
  * matches xoshiro256**'s published outputs, greedy picks the argmax,
  * temperature sampling follows the softmax, top-k and top-p keep exactly
- * the tokens they should, and a seed reproduces its draws.
+ * the tokens they should, and a seed reproduces its draws; log-
+ * probabilities are the log-softmax, their top k in order.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -118,6 +119,44 @@ static void test_same_seed_same_draws(void **state)
     sampler_free(&s);
 }
 
+/* Against the log-softmax computed here in long double, on logits whose
+ * largest term is near 1 (ln p near 0) and far apart (no overflow). */
+static void test_token_logprobs_are_the_log_softmax(void **state)
+{
+    (void)state;
+    enum { V = 300 };
+    float logits[V];
+    for (int v = 0; v < V; v++)
+        logits[v] = (float)((v * 37 % 101) - 50) * 0.25f; /* 12.5 the largest, at 30, 131 and 232 */
+    logits[123] = 90.0f; /* p(123) = 1 - 4e-9: ln p must keep its digits */
+    logits[7] = 70.0f;   /* a tie with 8, which must follow it */
+    logits[8] = 70.0f;
+    long double sum = 0;
+    for (int v = 0; v < V; v++)
+        sum += expl((long double)logits[v]);
+    const long double lse = logl(sum);
+    struct token_logprob top[5];
+    const int toks[] = {123, 7, 0, 30, 299};
+    for (size_t i = 0; i < sizeof toks / sizeof *toks; i++) {
+        const long double want = logits[toks[i]] - lse;
+        const float lp = token_logprobs(logits, V, toks[i], 5, top);
+        if (!(fabsl(lp - want) <= 1e-6L * fabsl(want)))
+            fail_msg("token %d: ln p %.9g, want %.9Lg", toks[i], lp, want);
+    }
+    assert_true(logits[123] - lse > -5e-9L && logits[123] - lse < -4e-9L);
+    const int want_ids[5] = {123, 7, 8, 30, 131};
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(top[i].id, want_ids[i]);
+        const long double want = logits[want_ids[i]] - lse;
+        assert_true(fabsl(top[i].logprob - want) <= 1e-6L * fabsl(want));
+    }
+    /* Only what is asked for is written. */
+    top[1].id = -1;
+    token_logprobs(logits, V, 0, 1, top);
+    assert_int_equal(top[0].id, 123);
+    assert_int_equal(top[1].id, -1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -126,6 +165,7 @@ int main(void)
         cmocka_unit_test(test_temperature_follows_softmax),
         cmocka_unit_test(test_top_k_and_top_p_keep_the_right_tokens),
         cmocka_unit_test(test_same_seed_same_draws),
+        cmocka_unit_test(test_token_logprobs_are_the_log_softmax),
     };
     return cmocka_run_group_tests_name("sampler", tests, NULL, NULL);
 }

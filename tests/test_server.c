@@ -465,8 +465,9 @@ static void test_generate_seeded(void **state)
 }
 
 /* The events of a whole SSE body: the token texts joined, their count,
- * and the final event.  Checks the indexes and the closing [DONE]. */
-static cJSON *parse_events(const char *body, struct buf *joined, int *n_tokens)
+ * and the final event; the token events themselves added to `tokens`
+ * unless it is NULL.  Checks the indexes and the closing [DONE]. */
+static cJSON *parse_events(const char *body, struct buf *joined, int *n_tokens, cJSON *tokens)
 {
     cJSON *last = NULL;
     int done = 0;
@@ -487,7 +488,10 @@ static cJSON *parse_events(const char *body, struct buf *joined, int *n_tokens)
             assert_int_equal(cJSON_GetObjectItem(e, "index")->valueint, *n_tokens);
             buf_add(joined, str_of(e, "token"), strlen(str_of(e, "token")));
             ++*n_tokens;
-            cJSON_Delete(e);
+            if (tokens)
+                cJSON_AddItemToArray(tokens, e);
+            else
+                cJSON_Delete(e);
         } else {
             assert_null(last);
             last = e;
@@ -512,7 +516,7 @@ static void test_generate_stream_equals_plain(void **state)
         assert_string_equal(http_header(&r, "Content-Type", type, sizeof type), "text/event-stream");
         struct buf joined = {0};
         int n;
-        cJSON *last = parse_events(r.body.p, &joined, &n);
+        cJSON *last = parse_events(r.body.p, &joined, &n, NULL);
         assert_int_equal(n, 25);
         assert_string_equal(joined.p, str_of(plain, "text"));
         assert_string_equal(str_of(last, "text"), str_of(plain, "text"));
@@ -525,6 +529,86 @@ static void test_generate_stream_equals_plain(void **state)
         free(body);
         cJSON_Delete(plain);
     }
+}
+
+static double logprob_of(const cJSON *o)
+{
+    const cJSON *v = cJSON_GetObjectItem(o, "logprob");
+    assert_true(cJSON_IsNumber(v));
+    return v->valuedouble;
+}
+
+/* What /score gives a text: ln p of its tokens after the first. */
+static double score_of(int port, const char *text)
+{
+    char *body = body_with("combo_lstm_lm", "text", text, NULL);
+    cJSON *o = post(port, "/score", 200, body);
+    double lp = logprob_of(o);
+    cJSON_Delete(o);
+    free(body);
+    return lp;
+}
+
+/* The log-probabilities beside generated tokens are the model's own: the
+ * greedy token is the first of the alternatives, which come most probable
+ * first; a seeded sample's add up to what /score finds for the text after
+ * the prompt (another code path: the whole text in one forward); and a
+ * stream carries the same numbers. */
+static void test_generate_logprobs(void **state)
+{
+    struct server *s = *state;
+    cJSON *greedy = generate(s->port, "combo_lstm_lm",
+                             "\"max_tokens\": 12, \"temperature\": 0, \"logprobs\": true, \"top_logprobs\": 3");
+    const cJSON *list = cJSON_GetObjectItem(greedy, "logprobs");
+    assert_int_equal(cJSON_GetArraySize(list), 12);
+    for (const cJSON *e = list->child; e; e = e->next) {
+        const cJSON *top = cJSON_GetObjectItem(e, "top_logprobs");
+        assert_int_equal(cJSON_GetArraySize(top), 3);
+        assert_int_equal(cJSON_GetObjectItem(top->child, "id")->valueint, cJSON_GetObjectItem(e, "id")->valueint);
+        assert_string_equal(str_of(top->child, "token"), str_of(e, "token"));
+        assert_true(logprob_of(top->child) == logprob_of(e));
+        for (const cJSON *t = top->child; t->next; t = t->next)
+            assert_true(logprob_of(t) >= logprob_of(t->next) && logprob_of(t->next) > -100);
+        assert_true(logprob_of(e) <= 0);
+    }
+    cJSON_Delete(greedy);
+
+    const char *more = "\"max_tokens\": 30, \"seed\": 5, \"temperature\": 0.7, \"logprobs\": true";
+    cJSON *sampled = generate(s->port, "combo_lstm_lm", more);
+    list = cJSON_GetObjectItem(sampled, "logprobs");
+    assert_int_equal(cJSON_GetArraySize(list), 30);
+    double sum = 0;
+    for (const cJSON *e = list->child; e; e = e->next) {
+        assert_null(cJSON_GetObjectItem(e, "top_logprobs"));
+        sum += logprob_of(e);
+    }
+    char whole[128];
+    snprintf(whole, sizeof whole, "good day%s", str_of(sampled, "text"));
+    const double want = score_of(s->port, whole) - score_of(s->port, "good day");
+    if (!(fabs(sum - want) <= 1e-4 * fabs(want)))
+        fail_msg("the tokens' log-probabilities add up to %.7f; /score says %.7f", sum, want);
+
+    char stream_more[128];
+    snprintf(stream_more, sizeof stream_more, "%s, \"stream\": true", more);
+    char *body = body_with("combo_lstm_lm", "prompt", "good day", stream_more);
+    struct http_resp r;
+    http_must_request(s->port, "POST", "/generate", "", body, &r);
+    assert_int_equal(r.status, 200);
+    struct buf joined = {0};
+    int n;
+    cJSON *events = cJSON_CreateArray();
+    cJSON *last = parse_events(r.body.p, &joined, &n, events);
+    assert_int_equal(n, 30);
+    const cJSON *e = list->child;
+    for (const cJSON *ev = events->child; ev; ev = ev->next, e = e->next)
+        assert_true(logprob_of(ev) == logprob_of(e));
+    assert_null(cJSON_GetObjectItem(last, "logprobs"));
+    cJSON_Delete(events);
+    cJSON_Delete(last);
+    free(joined.p);
+    http_resp_free(&r);
+    free(body);
+    cJSON_Delete(sampled);
 }
 
 static void test_routing_errors(void **state)
@@ -660,6 +744,12 @@ static void test_request_errors(void **state)
          422, "stop"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"stop\": \"\"}", 422, "stop"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"stream\": \"yes\"}", 400, "stream"},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"logprobs\": 1}", 400, "logprobs"},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"top_logprobs\": 2}", 422, "\"logprobs\": true"},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"logprobs\": true, \"top_logprobs\": 21}", 422,
+         "top_logprobs"},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"logprobs\": true, \"top_logprobs\": 1.5}", 400,
+         "top_logprobs"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         expect_error(s->port, "POST", cases[i].path, "", cases[i].body, cases[i].status, cases[i].mention);
@@ -1004,7 +1094,7 @@ static void test_sigterm_answers_accepted_requests(void **state)
         assert_int_equal(r.status, 200);
         struct buf joined = {0};
         int n;
-        cJSON *last = parse_events(r.body.p, &joined, &n);
+        cJSON *last = parse_events(r.body.p, &joined, &n, NULL);
         assert_int_equal(n, 20000);
         assert_string_equal(str_of(last, "finish_reason"), "length");
         cJSON_Delete(last);
@@ -1408,6 +1498,7 @@ int main(void)
         cmocka_unit_test(test_attention_equals_fixture),
         cmocka_unit_test(test_generate_seeded),
         cmocka_unit_test(test_generate_stream_equals_plain),
+        cmocka_unit_test(test_generate_logprobs),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_request_ids),
         cmocka_unit_test(test_request_errors),
