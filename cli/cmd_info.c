@@ -75,9 +75,11 @@ static void print_tensors(const struct st_file *f)
 
 int cmd_info(int argc, char **argv)
 {
-    if (argc != 2) {
-        fprintf(stderr, "usage: rrnserve info FILE\n");
-        return 2;
+    const int help = argc == 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0);
+    if (argc != 2 || help) {
+        fprintf(help ? stdout : stderr, "usage: rrnserve info FILE\n"
+                                        "Prints a weight file's config, its tensors and whether its checksum holds.\n");
+        return help ? 0 : 2;
     }
     const char *path = argv[1];
     char err[512];

@@ -180,9 +180,10 @@ static int encode(struct runner *r, struct item *it, const char *text, size_t le
     return 0;
 }
 
+/* The whole of a file, or of standard input for "-". */
 static char *read_whole(const char *path, size_t *len)
 {
-    FILE *f = fopen(path, "rb");
+    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
     if (!f)
         return NULL;
     size_t cap = 1 << 16, n = 0;
@@ -200,7 +201,8 @@ static char *read_whole(const char *path, size_t *len)
         free(buf);
         buf = NULL;
     }
-    fclose(f);
+    if (f != stdin)
+        fclose(f);
     *len = n;
     return buf;
 }
@@ -262,13 +264,31 @@ static int run_jsonl(struct runner *r, const char *path, int batch)
     return !items || failed || read_error ? 1 : 0;
 }
 
+static void run_usage(FILE *out)
+{
+    fputs("usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH) [--device cpu|cuda|auto]\n"
+          "                    [--precision fp32|tf32|bf16] [--recurrence gemm|fused] [--batch N]\n"
+          "\n"
+          "Applies the model of FILE (a .safetensors weight file) to text and prints JSON: a\n"
+          "classifier's label and probabilities, a language model's log-probability and bits per char.\n"
+          "  --text T        one text\n"
+          "  --file PATH     the whole of a file as one text (- for standard input)\n"
+          "  --jsonl PATH    one {\"text\": ...} object a line (- for standard input), one result line each\n"
+          "  --device D      cpu (default), cuda, or auto (CUDA when a GPU is present)\n"
+          "  --precision P   fp32 (default), or tf32 or bf16 for tensor-core matrix products on cuda\n"
+          "  --recurrence R  gemm (default), or fused: each step's recurrent product in its cell kernel\n"
+          "  --batch N       texts of a --jsonl file per engine call (default 64)\n",
+          out);
+}
+
 int cmd_run(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"text", required_argument, NULL, 't'},  {"file", required_argument, NULL, 'f'},
         {"jsonl", required_argument, NULL, 'j'}, {"device", required_argument, NULL, 'd'},
         {"batch", required_argument, NULL, 'b'}, {"precision", required_argument, NULL, 'p'},
-        {"recurrence", required_argument, NULL, 'r'}, {NULL, 0, NULL, 0},
+        {"recurrence", required_argument, NULL, 'r'}, {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     const char *text = NULL, *file = NULL, *jsonl = NULL;
     enum device_kind dev = DEVICE_CPU;
@@ -309,14 +329,16 @@ int cmd_run(int argc, char **argv)
             batch = (int)v;
             break;
         }
+        case 'h':
+            run_usage(stdout);
+            return 0;
         default:
+            run_usage(stderr);
             return 2;
         }
     }
     if (optind != argc - 1 || sources != 1) {
-        fprintf(stderr, "usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH) "
-                        "[--device cpu|cuda|auto] [--precision fp32|tf32|bf16] [--recurrence gemm|fused] "
-                        "[--batch N]\n");
+        run_usage(stderr);
         return 2;
     }
     struct runner r;

@@ -82,6 +82,11 @@ static void test_run_lm_file_and_jsonl(void **state)
     assert_int_equal(N, (int)strlen(cJSON_GetArrayItem(texts, 2)->valuestring) - 1);
     assert_true(fabs(cJSON_GetObjectItem(got, "bits_per_char")->valuedouble - (-L / log(2.0) / N)) < 1e-9);
     cJSON_Delete(got);
+    /* The same text from standard input. */
+    char *piped;
+    assert_int_equal(proc_rrnserve(&piped, NULL, "run " FIX "combo_lstm_lm.safetensors --file - < %s", path), 0);
+    assert_string_equal(piped, out);
+    free(piped);
     free(out);
     unlink(path);
 
@@ -150,6 +155,21 @@ static void expect_all(const struct cli_case *cases, size_t n)
     }
 }
 
+/* Each command's --help: its usage on standard output, and exit 0. */
+static void test_help(void **state)
+{
+    (void)state;
+    static const struct cli_case cases[] = {
+        {"--help", 0, "usage: rrnserve COMMAND"},
+        {"run --help", 0, "--jsonl PATH"},
+        {"info --help", 0, "usage: rrnserve info FILE"},
+        {"serve --help", 0, "--prompt-cache-mb"},
+        {"train --help", 0, "usage: rrnserve train"},
+        {"run --help 2>/dev/null", 0, "usage: rrnserve run"},
+    };
+    expect_all(cases, sizeof cases / sizeof cases[0]);
+}
+
 static void test_bad_usage(void **state)
 {
     (void)state;
@@ -157,6 +177,7 @@ static void test_bad_usage(void **state)
         {"run " FIX "combo_lstm.safetensors", 2, "usage"},
         {"run " FIX "combo_lstm.safetensors --text a --file b", 2, NULL},
         {"run " FIX "combo_lstm.safetensors --text a --device tpu", 2, "--device"},
+        {"run " FIX "combo_lstm.safetensors --text a --bogus", 2, "usage: rrnserve run"},
         {"run /nonexistent.safetensors --text a", 1, "/nonexistent.safetensors"},
         {"info /nonexistent.safetensors", 1, "/nonexistent.safetensors"},
         {"frobnicate", 2, "unknown command"},
@@ -224,6 +245,7 @@ int main(void)
         cmocka_unit_test(test_version),      cmocka_unit_test(test_run_classify_text),
         cmocka_unit_test(test_run_lm_file_and_jsonl), cmocka_unit_test(test_info),
         cmocka_unit_test(test_precision),
+        cmocka_unit_test(test_help),
         cmocka_unit_test(test_bad_usage),    cmocka_unit_test(test_corrupt_file),
     };
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);
