@@ -55,6 +55,7 @@ struct batcher {
     int32_t *step_tokens;     /* [max_streams] */
     int max_token_bytes;
     int last_seqs;            /* sequences in the last forward batch */
+    int streams_shown;        /* n_streams as metrics_streams last had it */
     struct prompt_cache *cache; /* NULL when off */
     float *cache_state;       /* [engine_slot_state_len] */
     /* The engine's health (batcher_failing): engine calls that failed in a
@@ -147,6 +148,11 @@ static struct timespec deadline_us(long us)
     return until;
 }
 
+static double seconds_between(const struct timespec *from, const struct timespec *to)
+{
+    return (double)(to->tv_sec - from->tv_sec) + (double)(to->tv_nsec - from->tv_nsec) * 1e-9;
+}
+
 int job_wait(struct job *j, int seen_tokens, int timeout_ms)
 {
     struct timespec until = deadline_us(timeout_ms * 1000L);
@@ -168,6 +174,7 @@ int batcher_submit(struct batcher *b, struct job *j)
     int rc = b->stopping ? -2 : b->depth >= b->opt.max_queue ? -1 : 0;
     if (rc == 0) {
         atomic_fetch_add(&j->refs, 1); /* the batcher's */
+        clock_gettime(CLOCK_MONOTONIC, &j->submitted);
         j->next = NULL;
         if (b->tail)
             b->tail->next = j;
@@ -345,6 +352,8 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
         snprintf(err, sizeof err, "out of memory");
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < n; i++)
+        metrics_time(b->metrics, TIME_QUEUE_WAIT, seconds_between(&jobs[i]->submitted, &t0));
     const int runs = rc == 0;
     if (rc == 0 && nq)
         rc = engine_forward(b->e, q, nq, err, sizeof err);
@@ -355,7 +364,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     /* Counted before any job is answered, so that a client that has its
      * answer finds its batch in /metrics. */
-    metrics_engine(b->metrics, (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9);
+    metrics_time(b->metrics, TIME_ENGINE, seconds_between(&t0, &t1));
     metrics_batch(b->metrics, seqs);
     for (int i = 0, k = 0; i < n; i++) {
         struct job *j = jobs[i];
@@ -379,6 +388,10 @@ static int next_token(struct batcher *b, struct stream *s, const float *logits)
 {
     struct job *j = s->job;
     const int32_t tok = sample_token(&b->sampler, logits, &j->sample, &s->rng);
+    if (j->n_tokens == 0) {
+        clock_gettime(CLOCK_MONOTONIC, &j->first_token);
+        metrics_time(b->metrics, TIME_FIRST_TOKEN, seconds_between(&j->submitted, &j->first_token));
+    }
     char buf[8];
     size_t len = 0;
     const char *piece = tokenizer_token(b->tk, tok, buf, &len);
@@ -456,6 +469,12 @@ static void end_stream(struct batcher *b, int i, const char *error)
     struct stream *s = &b->streams[i];
     if (!error)
         cache_ended_stream(b, i);
+    if (!error && s->job->n_tokens >= 2) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        metrics_time(b->metrics, TIME_TOKEN_INTERVAL,
+                     seconds_between(&s->job->first_token, &now) / (s->job->n_tokens - 1));
+    }
     engine_slot_close(b->e, s->slot);
     finish_job(b, s->job, 0, error);
     b->streams[i] = b->streams[--b->n_streams];
@@ -478,7 +497,7 @@ static int restore_prefix(struct batcher *b, int i)
         return 0;
     }
     if (have)
-        metrics_prompt_cache(b->metrics, have);
+        metrics_count(b->metrics, COUNT_CACHED_TOKENS, have);
     return have;
 }
 
@@ -491,6 +510,12 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
     struct engine_seq *q = calloc((size_t)n, sizeof *q);
     int *have = calloc((size_t)n, sizeof *have); /* prompt tokens from the cache, by stream - first */
     int batched = 0;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    for (int i = 0; i < n; i++) {
+        metrics_time(b->metrics, TIME_QUEUE_WAIT, seconds_between(&jobs[i]->submitted, &now));
+        metrics_count(b->metrics, COUNT_PROMPT_TOKENS, jobs[i]->lens[0]);
+    }
     for (int i = 0; i < n; i++) {
         struct job *j = jobs[i];
         struct stream *s = &b->streams[b->n_streams++];
@@ -545,7 +570,7 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
         if (have[i - first] < s->job->lens[0])
             cache_state(b, i, s->job->ids[0], s->job->lens[0]);
         s->job->batch_size = batched;
-        metrics_tokens(b->metrics, 1);
+        metrics_count(b->metrics, COUNT_TOKENS, 1);
         if (next_token(b, s, b->logits + (size_t)i * V))
             end_stream(b, i, NULL);
     }
@@ -579,7 +604,7 @@ static void step_streams(struct batcher *b)
         return;
     }
     metrics_batch(b->metrics, n);
-    metrics_tokens(b->metrics, n);
+    metrics_count(b->metrics, COUNT_TOKENS, n);
     /* Backwards, so that ending stream i moves an already-sampled one into
      * its place. */
     for (int i = n - 1; i >= 0; i--) {
@@ -638,6 +663,8 @@ static void *batcher_main(void *arg)
         step_streams(b);
         if (n_fwd)
             run_forward(b, fwd, n_fwd);
+        if (b->n_streams != b->streams_shown)
+            metrics_streams(b->metrics, b->streams_shown = b->n_streams);
         pthread_mutex_lock(&b->mu);
     }
     pthread_mutex_unlock(&b->mu);

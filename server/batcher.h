@@ -20,6 +20,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "engine.h"
 #include "sampler.h"
@@ -73,6 +74,7 @@ struct job {
     atomic_int refs;
     struct job *next;      /* queue link, the batcher's */
     int slot;              /* generation slot, the batcher's */
+    struct timespec submitted, first_token; /* the batcher's, for metrics.h */
 };
 
 struct batcher_options {

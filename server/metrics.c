@@ -53,10 +53,35 @@ struct metrics {
 
 struct model_counters {
     struct histogram batch;
-    struct histogram engine;
-    unsigned long long tokens;
-    unsigned long long cached_tokens;
+    struct histogram times[TIME_COUNT];
+    unsigned long long counts[COUNT_COUNT];
     size_t cache_bytes;
+    int streams;
+};
+
+/* The families of enum model_time and enum model_count, in their order.
+ * Those of generation are left out for classifiers, where they would only
+ * ever be zero (a server of many models would send thousands of lines of
+ * zeros a scrape). */
+static const struct family {
+    const char *name, *help;
+    int lm_only;
+} time_families[TIME_COUNT] = {
+    [TIME_ENGINE] = {"rrnserve_engine_seconds", "Engine time of each classify/score/attention batch.", 0},
+    [TIME_QUEUE_WAIT] = {"rrnserve_queue_wait_seconds",
+                         "Time from a job's submission to the engine call that took it.", 0},
+    [TIME_FIRST_TOKEN] = {"rrnserve_time_to_first_token_seconds",
+                          "Time from a generation's submission to its first token.", 1},
+    [TIME_TOKEN_INTERVAL] = {"rrnserve_time_per_output_token_seconds",
+                             "Mean time between the tokens after the first, per ended generation of 2 or more "
+                             "tokens.",
+                             1},
+}, count_families[COUNT_COUNT] = {
+    [COUNT_TOKENS] = {"rrnserve_tokens_generated_total", "Tokens sampled by /generate.", 1},
+    [COUNT_PROMPT_TOKENS] = {"rrnserve_prompt_tokens_total",
+                             "Prompt tokens of the generations started, cached ones included.", 1},
+    [COUNT_CACHED_TOKENS] = {"rrnserve_prompt_cache_tokens_total",
+                             "Prompt tokens whose state came from the prompt cache.", 1},
 };
 
 struct model_metrics {
@@ -140,33 +165,29 @@ void metrics_batch(struct model_metrics *mm, int batch_size)
     pthread_mutex_unlock(&mm->mu);
 }
 
-void metrics_engine(struct model_metrics *mm, double seconds)
+void metrics_time(struct model_metrics *mm, enum model_time t, double seconds)
 {
-    if (seconds < 0)
+    if ((unsigned)t >= TIME_COUNT || seconds < 0)
         return;
     pthread_mutex_lock(&mm->mu);
-    observe(&mm->c.engine, engine_bounds, N_ENGINE, seconds);
+    observe(&mm->c.times[t], engine_bounds, N_ENGINE, seconds);
     pthread_mutex_unlock(&mm->mu);
 }
 
-/* Adds n to one of mm's counters. */
-static void count(struct model_metrics *mm, unsigned long long *counter, int n)
+void metrics_count(struct model_metrics *mm, enum model_count c, int n)
 {
-    if (n <= 0)
+    if ((unsigned)c >= COUNT_COUNT || n <= 0)
         return;
     pthread_mutex_lock(&mm->mu);
-    *counter += (unsigned long long)n;
+    mm->c.counts[c] += (unsigned long long)n;
     pthread_mutex_unlock(&mm->mu);
 }
 
-void metrics_tokens(struct model_metrics *mm, int n)
+void metrics_streams(struct model_metrics *mm, int n)
 {
-    count(mm, &mm->c.tokens, n);
-}
-
-void metrics_prompt_cache(struct model_metrics *mm, int n)
-{
-    count(mm, &mm->c.cached_tokens, n);
+    pthread_mutex_lock(&mm->mu);
+    mm->c.streams = n;
+    pthread_mutex_unlock(&mm->mu);
 }
 
 void metrics_prompt_cache_bytes(struct model_metrics *mm, size_t bytes)
@@ -214,6 +235,7 @@ struct model_snapshot {
     char *label;
     struct model_counters c;
     int depth;
+    int lm;
     const char *task;
     char sha256[65];
 };
@@ -225,22 +247,30 @@ static void put_models(FILE *f, const struct model_snapshot *ms, int n)
           "# TYPE rrnserve_batch_size histogram\n", f);
     for (int i = 0; i < n; i++)
         put_histogram(f, "rrnserve_batch_size", ms[i].label, &ms[i].c.batch, batch_bounds, N_BATCH);
-    fputs("# HELP rrnserve_engine_seconds Engine time of each classify/score/attention batch.\n"
-          "# TYPE rrnserve_engine_seconds histogram\n", f);
+    for (int t = 0; t < TIME_COUNT; t++) {
+        fprintf(f, "# HELP %s %s\n# TYPE %s histogram\n", time_families[t].name, time_families[t].help,
+                time_families[t].name);
+        for (int i = 0; i < n; i++)
+            if (ms[i].lm || !time_families[t].lm_only)
+                put_histogram(f, time_families[t].name, ms[i].label, &ms[i].c.times[t], engine_bounds, N_ENGINE);
+    }
+    for (int c = 0; c < COUNT_COUNT; c++) {
+        fprintf(f, "# HELP %s %s\n# TYPE %s counter\n", count_families[c].name, count_families[c].help,
+                count_families[c].name);
+        for (int i = 0; i < n; i++)
+            if (ms[i].lm || !count_families[c].lm_only)
+                fprintf(f, "%s{%s} %llu\n", count_families[c].name, ms[i].label, ms[i].c.counts[c]);
+    }
+    fputs("# HELP rrnserve_streams_running Generations running now.\n"
+          "# TYPE rrnserve_streams_running gauge\n", f);
     for (int i = 0; i < n; i++)
-        put_histogram(f, "rrnserve_engine_seconds", ms[i].label, &ms[i].c.engine, engine_bounds, N_ENGINE);
-    fputs("# HELP rrnserve_tokens_generated_total Tokens sampled by /generate.\n"
-          "# TYPE rrnserve_tokens_generated_total counter\n", f);
-    for (int i = 0; i < n; i++)
-        fprintf(f, "rrnserve_tokens_generated_total{%s} %llu\n", ms[i].label, ms[i].c.tokens);
-    fputs("# HELP rrnserve_prompt_cache_tokens_total Prompt tokens whose state came from the prompt cache.\n"
-          "# TYPE rrnserve_prompt_cache_tokens_total counter\n", f);
-    for (int i = 0; i < n; i++)
-        fprintf(f, "rrnserve_prompt_cache_tokens_total{%s} %llu\n", ms[i].label, ms[i].c.cached_tokens);
+        if (ms[i].lm)
+            fprintf(f, "rrnserve_streams_running{%s} %d\n", ms[i].label, ms[i].c.streams);
     fputs("# HELP rrnserve_prompt_cache_bytes Bytes of states the prompt cache holds.\n"
           "# TYPE rrnserve_prompt_cache_bytes gauge\n", f);
     for (int i = 0; i < n; i++)
-        fprintf(f, "rrnserve_prompt_cache_bytes{%s} %zu\n", ms[i].label, ms[i].c.cache_bytes);
+        if (ms[i].lm)
+            fprintf(f, "rrnserve_prompt_cache_bytes{%s} %zu\n", ms[i].label, ms[i].c.cache_bytes);
     fputs("# HELP rrnserve_queue_depth Jobs waiting in a model's queue.\n"
           "# TYPE rrnserve_queue_depth gauge\n", f);
     for (int i = 0; i < n; i++)
@@ -276,6 +306,7 @@ static int snapshot_models(struct registry *r, struct model_snapshot **out, int 
             pthread_mutex_unlock(&mm->mu);
             ms[i].depth = batcher_queue_depth(list[i]->batcher);
             ms[i].task = task_name(list[i]->model.cfg.task);
+            ms[i].lm = list[i]->model.cfg.task == TASK_LM;
             memcpy(ms[i].sha256, list[i]->model.sha256, sizeof ms[i].sha256);
         }
         served_model_release(list[i]);

@@ -1,9 +1,10 @@
 /* metrics.h - the server's Prometheus metrics: requests by endpoint and
  * status and request latency per endpoint (struct metrics, the HTTP
  * threads'), and per model its engine batch sizes, engine time of
- * whole-sequence batches, tokens generated (struct model_metrics, its
- * batcher's), queue depth and weights (read at render time); and the
- * server's version and device.
+ * whole-sequence batches, time in the queue, a generation's time to its
+ * first token and between tokens, tokens generated and prompt tokens read
+ * (struct model_metrics, its batcher's), queue depth and weights (read at
+ * render time); and the server's version and device.
  *
  * Every function is thread-safe: HTTP threads record requests, batcher
  * threads record batches and tokens, and /metrics renders concurrently.
@@ -51,13 +52,32 @@ struct model_metrics *model_metrics_new(void);
 void model_metrics_free(struct model_metrics *mm);
 /* One engine call over batch_size sequences. */
 void metrics_batch(struct model_metrics *mm, int batch_size);
-/* The engine time of one classify/score/attention batch (generation
- * prefills and steps are not counted). */
-void metrics_engine(struct model_metrics *mm, double seconds);
-/* n tokens sampled. */
-void metrics_tokens(struct model_metrics *mm, int n);
-/* n prompt tokens whose state came from the prompt cache. */
-void metrics_prompt_cache(struct model_metrics *mm, int n);
+
+/* A model's time histograms (buckets from 0.1 ms to 10 s). */
+enum model_time {
+    TIME_ENGINE,         /* one classify/score/attention batch's engine call (not
+                          * a generation's prefills and steps) */
+    TIME_QUEUE_WAIT,     /* a job's, from its submission to the engine call that
+                          * took it (a generation: its prefill, so the wait for a
+                          * free slot counts) */
+    TIME_FIRST_TOKEN,    /* a generation's, from its submission to its first token */
+    TIME_TOKEN_INTERVAL, /* a generation of 2 or more tokens that ended: the mean
+                          * time between its tokens after the first */
+    TIME_COUNT
+};
+void metrics_time(struct model_metrics *mm, enum model_time t, double seconds);
+
+/* A model's counters. */
+enum model_count {
+    COUNT_TOKENS,        /* tokens sampled */
+    COUNT_PROMPT_TOKENS, /* prompt tokens of the generations started, cached ones too */
+    COUNT_CACHED_TOKENS, /* prompt tokens whose state came from the prompt cache */
+    COUNT_COUNT
+};
+void metrics_count(struct model_metrics *mm, enum model_count c, int n);
+
+/* The generations running now. */
+void metrics_streams(struct model_metrics *mm, int n);
 /* The bytes the prompt cache holds now. */
 void metrics_prompt_cache_bytes(struct model_metrics *mm, size_t bytes);
 

@@ -192,6 +192,10 @@ static void test_health_and_metrics(void **state)
     assert_non_null(strstr(r.body.p, "# TYPE rrnserve_batch_size histogram"));
     assert_non_null(strstr(r.body.p, "rrnserve_queue_depth{model=\"combo_lstm_lm\"} 0"));
     assert_non_null(strstr(r.body.p, "rrnserve_tokens_generated_total{model=\"combo_lstm_lm\"} 0\n"));
+    /* A classifier has the series of batches, not those of generation. */
+    assert_non_null(strstr(r.body.p, "rrnserve_queue_wait_seconds_count{model=\"plain_lstm_l2_bi_last\"} "));
+    assert_null(strstr(r.body.p, "rrnserve_time_to_first_token_seconds_count{model=\"plain_lstm_l2_bi_last\"}"));
+    assert_null(strstr(r.body.p, "rrnserve_streams_running{model=\"plain_lstm_l2_bi_last\"}"));
     http_resp_free(&r);
 
     /* A model's batches count under its name only. */
@@ -611,6 +615,41 @@ static void test_generate_logprobs(void **state)
     cJSON_Delete(sampled);
 }
 
+/* A generation's latencies are in /metrics under its model: one time to
+ * its first token, within the request's own time; one mean time between
+ * its tokens when it had 2 or more; its queue wait; its prompt's tokens;
+ * and no stream left running after it. */
+static void test_generation_metrics(void **state)
+{
+    struct server *s = *state;
+#define GEN_SERIES(name) "rrnserve_" name "{model=\"combo_lstm_lm\"}"
+    static const char *const series[] = {
+        GEN_SERIES("time_to_first_token_seconds_count"), GEN_SERIES("time_to_first_token_seconds_sum"),
+        GEN_SERIES("time_per_output_token_seconds_count"), GEN_SERIES("time_per_output_token_seconds_sum"),
+        GEN_SERIES("queue_wait_seconds_count"), GEN_SERIES("prompt_tokens_total"),
+        GEN_SERIES("tokens_generated_total"),
+    };
+    enum { TTFT_N, TTFT_SUM, TPOT_N, TPOT_SUM, QUEUE_N, PROMPT, TOKENS, N_SERIES };
+    double before[N_SERIES], after[N_SERIES];
+    for (int i = 0; i < N_SERIES; i++)
+        assert_true((before[i] = metric(s->port, series[i])) >= 0);
+    const double t0 = now_s();
+    cJSON_Delete(generate(s->port, "combo_lstm_lm", "\"max_tokens\": 6, \"seed\": 2"));
+    const double took = now_s() - t0;
+    cJSON_Delete(generate(s->port, "combo_lstm_lm", "\"max_tokens\": 1, \"seed\": 2"));
+    for (int i = 0; i < N_SERIES; i++)
+        after[i] = metric(s->port, series[i]) - before[i];
+    assert_true(after[TTFT_N] == 2);
+    assert_true(after[TTFT_SUM] > 0 && after[TTFT_SUM] < took + 10);
+    assert_true(after[TPOT_N] == 1); /* the one-token generation has no interval */
+    assert_true(after[TPOT_SUM] > 0 && after[TPOT_SUM] < took);
+    assert_true(after[QUEUE_N] == 2);
+    assert_true(after[PROMPT] == 2 * 8); /* "good day" */
+    assert_true(after[TOKENS] == 7);
+    assert_true(metric(s->port, GEN_SERIES("streams_running")) == 0);
+#undef GEN_SERIES
+}
+
 static void test_routing_errors(void **state)
 {
     struct server *s = *state;
@@ -950,14 +989,21 @@ static void test_queue_full_and_cancel(void **state)
     const char *depth = "rrnserve_queue_depth{model=\"combo_lstm_lm\"}";
     /* A: a long stream holds the only generation slot. */
     int a = open_stream(s->port, ENDLESS ", \"stream\": true");
+    const char *running = "rrnserve_streams_running{model=\"combo_lstm_lm\"}",
+               *waited = "rrnserve_queue_wait_seconds_sum{model=\"combo_lstm_lm\"}";
+    for (int i = 0; i < 10000 && metric(s->port, running) != 1; i++)
+        sleep_ms(1);
+    assert_true(metric(s->port, running) == 1);
     /* B: waits in the queue (of one). */
     char *body = body_with("combo_lstm_lm", "prompt", "good day", "\"max_tokens\": 5, \"seed\": 3");
     int b = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(b >= 0);
+    const double waited0 = metric(s->port, waited);
     assert_int_equal(http_send_request(b, "POST", "/generate", "", body, strlen(body)), 0);
     for (int i = 0; i < 10000 && metric(s->port, depth) != 1; i++)
         sleep_ms(1);
     assert_true(metric(s->port, depth) == 1);
+    const double b_queued_by = now_s(); /* B was submitted by now */
     /* C: the queue is full. */
     struct http_resp r;
     char retry[16];
@@ -966,7 +1012,10 @@ static void test_queue_full_and_cancel(void **state)
     assert_string_equal(http_header(&r, "Retry-After", retry, sizeof retry), "1");
     http_resp_free(&r);
 
-    /* A's client leaves: its stream is cancelled, so B gets the slot. */
+    /* A's client leaves: its stream is cancelled, so B gets the slot; B's
+     * wait for it counts as queue time. */
+    sleep_ms(50);
+    const double b_queued = now_s() - b_queued_by;
     close(a);
     struct buf raw = {0};
     http_read_all(b, &raw);
@@ -976,6 +1025,7 @@ static void test_queue_full_and_cancel(void **state)
     http_resp_free(&r);
     free(raw.p);
     assert_int_equal(server_wait_log(s, "POST /generate 499", 1), 1);
+    assert_true(metric(s->port, waited) - waited0 >= b_queued);
 
     /* A non-streaming request whose client leaves is cancelled too: the
      * next one gets the slot long before a million tokens. */
@@ -1499,6 +1549,7 @@ int main(void)
         cmocka_unit_test(test_generate_seeded),
         cmocka_unit_test(test_generate_stream_equals_plain),
         cmocka_unit_test(test_generate_logprobs),
+        cmocka_unit_test(test_generation_metrics),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_request_ids),
         cmocka_unit_test(test_request_errors),
