@@ -139,13 +139,18 @@ test-plain: rrnserve $(CUPTI_TRACE) $(call test_bins,$(BUILD))
 	out=$$(RRN_TEST_FILTER='*_bits' "$$@" tests/run_tests.sh $(BUILD) ./rrnserve test_gemm test_engine); rc=$$?; \
 	if [ $$rc -ne 0 ]; then printf '%s\n' "$$out"; fi; echo "the tests of bits again ($$*): $${out##*: }"; exit $$rc
 
-# With CUDA, the build without it too, its tests run on its binary: what
-# RRN_CUDA leaves out must still build and pass on a machine without the
-# toolkit.  Without CUDA, test-plain is that build already.
+# With CUDA, the build without it too: what RRN_CUDA leaves out must still
+# build, every test binary included, and work on a machine without the
+# toolkit.  RRN_CUDA changes only engine/backend.c (the CUDA backend
+# compiled in or not), so what runs there are the tests of what it
+# decides: the command line (--version, --device), a server asked for
+# cuda or auto, and the server whole; the rest is test-plain's code to
+# the byte.  Without CUDA, test-plain is that build already.
+CPU_ONLY_TESTS := test_cli test_faults test_server
 test-cpu-only:
 ifeq ($(CUDA),1)
 	@$(MAKE) --no-print-directory CUDA=0 build/cpu/rrnserve $(call test_bins,build/cpu)
-	@tests/run_tests.sh build/cpu build/cpu/rrnserve
+	@tests/run_tests.sh build/cpu build/cpu/rrnserve $(CPU_ONLY_TESTS)
 endif
 
 test-asan: $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan)
