@@ -23,6 +23,7 @@
 
 #define MAX_TEXTS 256
 #define DEFAULT_MAX_TOKENS 64
+#define MAX_CHOICES 16 /* generations a /generate request may ask for ("n") */
 /* How often a waiting handler looks at its client's connection. */
 #define WAIT_SLICE_MS 50
 /* Seeds travel as JSON numbers, which hold integers exactly up to 2^53. */
@@ -345,21 +346,35 @@ static int submit(const struct served_model *m, struct job *j, struct reply *r)
     return rc == 0 ? 0 : -1;
 }
 
-/* Submits the job and waits for it: 0 when it ran, else -1 with r set. */
-static int run_job(const struct served_model *m, struct job *j, const struct client *c, struct reply *r)
+/* Submits n jobs and waits for them all: 0 when they ran, else -1 with r
+ * set.  All or none are queued: when the queue takes only some, those are
+ * cancelled, and a client that leaves cancels what has not finished. */
+static int run_jobs(const struct served_model *m, struct job **jobs, int n, const struct client *c,
+                    struct reply *r)
 {
-    if (submit(m, j, r) != 0)
-        return -1;
-    if (wait_job(j, INT_MAX, c) != 0) {
-        r->status = HTTP_CLIENT_GONE;
-        return -1;
+    int queued = 0, rc = 0;
+    while (queued < n && submit(m, jobs[queued], r) == 0)
+        queued++;
+    if (queued < n)
+        rc = -1;
+    for (int i = 0; i < queued; i++) {
+        if (rc != 0) {
+            job_cancel(jobs[i]);
+            continue;
+        }
+        if (wait_job(jobs[i], INT_MAX, c) != 0) {
+            r->status = HTTP_CLIENT_GONE;
+            rc = -1;
+            continue;
+        }
+        if (jobs[i]->batch_size > r->batch_size)
+            r->batch_size = jobs[i]->batch_size;
+        if (jobs[i]->failed) {
+            reply_error(r, 500, "the engine failed: %s", jobs[i]->error);
+            rc = -1;
+        }
     }
-    r->batch_size = j->batch_size;
-    if (j->failed) {
-        reply_error(r, 500, "the engine failed: %s", j->error);
-        return -1;
-    }
-    return 0;
+    return rc;
 }
 
 /* ---- classify, score, attention ---------------------------------------- */
@@ -500,7 +515,7 @@ static void forward(const struct forward_endpoint *ep, struct api *a, const char
         reply_error(r, 500, "out of memory");
         ok = 0;
     }
-    if (ok && tokenize(a, m, &t, j, r) == 0 && run_job(m, j, c, r) == 0)
+    if (ok && tokenize(a, m, &t, j, r) == 0 && run_jobs(m, &j, 1, c, r) == 0)
         reply_json(r, 200, forward_results(ep, m, j, t.many));
     job_release(j);
     if (m)
@@ -531,6 +546,7 @@ struct gen_request {
     int stream;
     int logprobs;
     long long top_logprobs;
+    long long n;
     const char *stop[JOB_MAX_STOP];
     int n_stop;
 };
@@ -585,13 +601,19 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
     g->max_tokens = a->lim.max_tokens < DEFAULT_MAX_TOKENS ? a->lim.max_tokens : DEFAULT_MAX_TOKENS;
     g->stream = g->logprobs = 0;
     g->top_logprobs = 0;
+    g->n = 1;
     if (get_int(req, "max_tokens", 1, a->lim.max_tokens, &g->max_tokens, r) != 0 ||
         get_number(req, "temperature", &temperature, r) != 0 || get_number(req, "top_p", &top_p, r) != 0 ||
         get_int(req, "top_k", 0, INT_MAX, &top_k, r) != 0 || get_int(req, "seed", 0, (long long)MAX_SEED, &seed, r) != 0 ||
         get_stops(a, req, g, r) != 0 || get_bool(req, "stream", &g->stream, r) != 0 ||
         get_bool(req, "logprobs", &g->logprobs, r) != 0 ||
-        get_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &g->top_logprobs, r) != 0)
+        get_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &g->top_logprobs, r) != 0 ||
+        get_int(req, "n", 1, MAX_CHOICES, &g->n, r) != 0)
         return -1;
+    if (g->n > 1 && g->stream) {
+        reply_error(r, 422, "\"n\" above 1 cannot be streamed; ask with \"stream\": false");
+        return -1;
+    }
     if (g->top_logprobs > 0 && !g->logprobs) {
         reply_error(r, 422, "\"top_logprobs\" needs \"logprobs\": true");
         return -1;
@@ -855,24 +877,50 @@ static int start_stream(struct served_model *m, struct job *j, const struct clie
     return 0;
 }
 
+/* A finished generation's answer: generation_result, and the tokens'
+ * log-probabilities when they were asked for. */
+static cJSON *generation_answer(const struct served_model *m, const struct job *j)
+{
+    cJSON *o = generation_result(j);
+    if (o && j->logprobs && put(o, "logprobs", logprobs_list(&m->tk, j)) != 0) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
+}
+
+/* n > 1 generations: {"results": [...]}, one answer each. */
+static cJSON *generation_answers(const struct served_model *m, struct job **jobs, int n)
+{
+    cJSON *o = cJSON_CreateObject(), *results = cJSON_CreateArray();
+    int failed = 0;
+    for (int i = 0; i < n; i++)
+        failed |= put(results, NULL, generation_answer(m, jobs[i]));
+    failed |= put(o, "results", results);
+    return built(o, failed);
+}
+
 void api_generate(struct api *a, const char *body, size_t len, const struct client *c, struct reply *r)
 {
-    struct gen_request g;
+    struct gen_request g = {.n = 1};
+    struct job *jobs[MAX_CHOICES] = {0};
     cJSON *req = parse_request(body, len, r);
     struct served_model *m = req ? get_model(a, req, "/generate", TASK_LM, r) : NULL;
-    struct job *j = m ? generation_job(a, m, req, &g, r) : NULL;
-    if (j && g.stream && start_stream(m, j, c, r) == 0) {
+    int n = 0;
+    /* "n": as many jobs, their seeds following the first's, so that each
+     * is the generation one request with that seed would give. */
+    do {
+        if (m && (jobs[n] = generation_job(a, m, req, &g, r)) != NULL && n > 0)
+            jobs[n]->sample.seed = (jobs[0]->sample.seed + (uint64_t)n) & MAX_SEED;
+    } while (jobs[n] && ++n < g.n);
+    if (n == g.n && g.stream && start_stream(m, jobs[0], c, r) == 0) {
         m = NULL; /* the stream's now */
-        j = NULL;
-    } else if (j && !g.stream && run_job(m, j, c, r) == 0) {
-        cJSON *res = generation_result(j);
-        if (res && j->logprobs && put(res, "logprobs", logprobs_list(&m->tk, j)) != 0) {
-            cJSON_Delete(res);
-            res = NULL;
-        }
-        reply_json(r, 200, res);
+        jobs[0] = NULL;
+    } else if (n == g.n && !g.stream && run_jobs(m, jobs, n, c, r) == 0) {
+        reply_json(r, 200, n == 1 ? generation_answer(m, jobs[0]) : generation_answers(m, jobs, n));
     }
-    job_release(j);
+    for (int i = 0; i < n; i++)
+        job_release(jobs[i]);
     if (m)
         served_model_release(m);
     cJSON_Delete(req);

@@ -650,6 +650,39 @@ static void test_generation_metrics(void **state)
 #undef GEN_SERIES
 }
 
+/* "n" generations are each the one a request with its seed gives (seeds
+ * following the first's), log-probabilities and all. */
+static void test_generate_n(void **state)
+{
+    struct server *s = *state;
+    cJSON *three = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 12, \"seed\": 7, \"n\": 3, \"logprobs\": true");
+    const cJSON *results = cJSON_GetObjectItem(three, "results");
+    assert_int_equal(cJSON_GetArraySize(results), 3);
+    int differ = 0;
+    for (int i = 0; i < 3; i++) {
+        char more[96];
+        snprintf(more, sizeof more, "\"max_tokens\": 12, \"seed\": %d, \"logprobs\": true", 7 + i);
+        cJSON *one = generate(s->port, "combo_lstm_lm", more);
+        const cJSON *got = cJSON_GetArrayItem(results, i);
+        assert_string_equal(str_of(got, "text"), str_of(one, "text"));
+        assert_int_equal(cJSON_GetObjectItem(got, "seed")->valueint, 7 + i);
+        assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "logprobs")), 12);
+        assert_true(logprob_of(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "logprobs"), 11)) ==
+                    logprob_of(cJSON_GetArrayItem(cJSON_GetObjectItem(one, "logprobs"), 11)));
+        differ |= i > 0 && strcmp(str_of(got, "text"), str_of(cJSON_GetArrayItem(results, 0), "text")) != 0;
+        cJSON_Delete(one);
+    }
+    assert_true(differ);
+    cJSON_Delete(three);
+    /* Without a seed, one is drawn and the others follow it. */
+    cJSON *two = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 2, \"n\": 2");
+    results = cJSON_GetObjectItem(two, "results");
+    assert_true(cJSON_GetObjectItem(cJSON_GetArrayItem(results, 1), "seed")->valuedouble ==
+                cJSON_GetObjectItem(cJSON_GetArrayItem(results, 0), "seed")->valuedouble + 1 ||
+                cJSON_GetObjectItem(cJSON_GetArrayItem(results, 1), "seed")->valuedouble == 0);
+    cJSON_Delete(two);
+}
+
 static void test_routing_errors(void **state)
 {
     struct server *s = *state;
@@ -784,6 +817,10 @@ static void test_request_errors(void **state)
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"stop\": \"\"}", 422, "stop"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"stream\": \"yes\"}", 400, "stream"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"logprobs\": 1}", 400, "logprobs"},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"n\": 0}", 422, "\"n\""},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"n\": 17}", 422, "\"n\""},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"n\": \"2\"}", 400, "\"n\""},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"n\": 2, \"stream\": true}", 422, "stream"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"top_logprobs\": 2}", 422, "\"logprobs\": true"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"logprobs\": true, \"top_logprobs\": 21}", 422,
          "top_logprobs"},
@@ -994,6 +1031,17 @@ static void test_queue_full_and_cancel(void **state)
     for (int i = 0; i < 10000 && metric(s->port, running) != 1; i++)
         sleep_ms(1);
     assert_true(metric(s->port, running) == 1);
+    /* Two generations in one request, where the queue has room for one:
+     * neither is queued (the one that was is taken back). */
+    char *pair = body_with("combo_lstm_lm", "prompt", "good day", "\"max_tokens\": 5, \"n\": 2");
+    struct http_resp r;
+    http_must_request(s->port, "POST", "/generate", "", pair, &r);
+    check_error(&r, 503, "queue");
+    http_resp_free(&r);
+    free(pair);
+    for (int i = 0; i < 10000 && metric(s->port, depth) != 0; i++)
+        sleep_ms(1);
+    assert_true(metric(s->port, depth) == 0);
     /* B: waits in the queue (of one). */
     char *body = body_with("combo_lstm_lm", "prompt", "good day", "\"max_tokens\": 5, \"seed\": 3");
     int b = http_connect(s->port, HTTP_TIMEOUT_S);
@@ -1005,7 +1053,6 @@ static void test_queue_full_and_cancel(void **state)
     assert_true(metric(s->port, depth) == 1);
     const double b_queued_by = now_s(); /* B was submitted by now */
     /* C: the queue is full. */
-    struct http_resp r;
     char retry[16];
     http_must_request(s->port, "POST", "/generate", "", body, &r);
     check_error(&r, 503, "queue");
@@ -1550,6 +1597,7 @@ int main(void)
         cmocka_unit_test(test_generate_stream_equals_plain),
         cmocka_unit_test(test_generate_logprobs),
         cmocka_unit_test(test_generation_metrics),
+        cmocka_unit_test(test_generate_n),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_request_ids),
         cmocka_unit_test(test_request_errors),
