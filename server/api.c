@@ -333,10 +333,10 @@ static int wait_job(struct job *j, int seen, const struct client *c)
     return 0;
 }
 
-/* 0 when the batcher took the job, else -1 with a 503 in r. */
-static int submit(const struct served_model *m, struct job *j, struct reply *r)
+/* 0 when the batcher took the n jobs, else -1 with a 503 in r. */
+static int submit(const struct served_model *m, struct job *const *jobs, int n, struct reply *r)
 {
-    int rc = batcher_submit(m->batcher, j);
+    int rc = batcher_submit(m->batcher, jobs, n);
     if (rc == -1) {
         reply_error(r, 503, "model \"%s\" has too many requests queued; retry later", m->name);
         r->retry_after = 1;
@@ -347,17 +347,15 @@ static int submit(const struct served_model *m, struct job *j, struct reply *r)
 }
 
 /* Submits n jobs and waits for them all: 0 when they ran, else -1 with r
- * set.  All or none are queued: when the queue takes only some, those are
- * cancelled, and a client that leaves cancels what has not finished. */
+ * set.  A client that leaves cancels what has not finished, and a job that
+ * fails the ones not yet waited for. */
 static int run_jobs(const struct served_model *m, struct job **jobs, int n, const struct client *c,
                     struct reply *r)
 {
-    int queued = 0, rc = 0;
-    while (queued < n && submit(m, jobs[queued], r) == 0)
-        queued++;
-    if (queued < n)
-        rc = -1;
-    for (int i = 0; i < queued; i++) {
+    if (submit(m, jobs, n, r) != 0)
+        return -1;
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
         if (rc != 0) {
             job_cancel(jobs[i]);
             continue;
@@ -866,7 +864,7 @@ static int start_stream(struct served_model *m, struct job *j, const struct clie
         reply_error(r, 500, "out of memory");
         return -1;
     }
-    if (submit(m, j, r) != 0) {
+    if (submit(m, &j, 1, r) != 0) {
         free(s);
         free(ids);
         return -1;

@@ -168,13 +168,16 @@ int job_wait(struct job *j, int seen_tokens, int timeout_ms)
     return news;
 }
 
-int batcher_submit(struct batcher *b, struct job *j)
+int batcher_submit(struct batcher *b, struct job *const *jobs, int n)
 {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
     pthread_mutex_lock(&b->mu);
-    int rc = b->stopping ? -2 : b->depth >= b->opt.max_queue ? -1 : 0;
-    if (rc == 0) {
+    int rc = b->stopping ? -2 : b->depth > b->opt.max_queue - n ? -1 : 0;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        struct job *j = jobs[i];
         atomic_fetch_add(&j->refs, 1); /* the batcher's */
-        clock_gettime(CLOCK_MONOTONIC, &j->submitted);
+        j->submitted = now;
         j->next = NULL;
         if (b->tail)
             b->tail->next = j;
@@ -182,8 +185,9 @@ int batcher_submit(struct batcher *b, struct job *j)
             b->head = j;
         b->tail = j;
         b->depth++;
-        pthread_cond_signal(&b->cv);
     }
+    if (rc == 0)
+        pthread_cond_signal(&b->cv);
     pthread_mutex_unlock(&b->mu);
     return rc;
 }
@@ -206,9 +210,27 @@ static int sequences_of(const struct job *j)
     return j->kind == JOB_GENERATE ? 1 : j->n_texts;
 }
 
+/* Whether generation job j has the prompt of one of the n jobs taken this
+ * turn, and should wait a turn for it (mu held).  With a prompt cache the
+ * first's state after the prompt is kept when it starts, and the others
+ * then start from it instead of each running the same prompt: the
+ * generations of one request's "n" above all.  Short prompts cost about
+ * as much to run as to restore, and are not cached. */
+static int prompt_taken(const struct batcher *b, const struct job *j, struct job *const *gen, int n)
+{
+    if (!b->cache || j->lens[0] < PROMPT_CACHE_MIN)
+        return 0;
+    for (int i = 0; i < n; i++)
+        if (gen[i]->lens[0] == j->lens[0] &&
+            memcmp(gen[i]->ids[0], j->ids[0], sizeof *j->ids[0] * (size_t)j->lens[0]) == 0)
+            return 1;
+    return 0;
+}
+
 /* Take queued jobs (mu held): generation jobs while slots are free, forward
  * jobs up to max_batch sequences (a larger job runs alone).  Cancelled jobs
- * are dropped here.  Jobs that do not fit stay queued, in order. */
+ * are dropped here.  Jobs that do not fit, or wait for a prompt taken
+ * before them, stay queued, in order. */
 static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct job **gen, int *n_gen)
 {
     struct job **link = &b->head, *prev = NULL;
@@ -220,7 +242,7 @@ static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct jo
         if (cancelled(j))
             take = 2;
         else if (j->kind == JOB_GENERATE)
-            take = *n_gen < free_slots;
+            take = *n_gen < free_slots && !prompt_taken(b, j, gen, *n_gen);
         else
             take = seqs == 0 || seqs + sequences_of(j) <= b->opt.max_batch;
         if (!take) {

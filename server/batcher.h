@@ -109,8 +109,10 @@ void job_release(struct job *j);
 /* 1 when the model is failing, with the last engine error in err; else 0. */
 int batcher_failing(struct batcher *b, char *err, size_t errlen);
 
-/* 0: queued; -1: the queue is full; -2: the batcher is stopping. */
-int batcher_submit(struct batcher *b, struct job *j);
+/* Queues n jobs at once, all or none, so that the batcher finds them
+ * together.  0: queued; -1: the queue has no room for n more; -2: the
+ * batcher is stopping. */
+int batcher_submit(struct batcher *b, struct job *const *jobs, int n);
 int batcher_queue_depth(struct batcher *b);
 /* The model's series of metrics.h, which the batcher records. */
 struct model_metrics *batcher_metrics(struct batcher *b);

@@ -90,7 +90,7 @@ static struct job *gen_job(struct env *v, const char *prompt, uint64_t seed, int
 
 static void run_to_end(struct env *v, struct job *j)
 {
-    assert_int_equal(batcher_submit(v->b, j), 0);
+    assert_int_equal(batcher_submit(v->b, &j, 1), 0);
     for (int i = 0; i < 6000 && !job_wait(j, 1 << 30, 10); i++)
         ;
     assert_true(j->done);
@@ -108,7 +108,7 @@ static void *gen_worker(void *arg)
 {
     struct worker *w = arg;
     w->j = gen_job(w->v, prompts[w->id % 5], (uint64_t)w->id, 12 + w->id % 7);
-    if (batcher_submit(w->v->b, w->j) == 0)
+    if (batcher_submit(w->v->b, &w->j, 1) == 0)
         while (!job_wait(w->j, 1 << 30, 50))
             ;
     return NULL;
@@ -123,7 +123,7 @@ static void test_generation_is_independent_of_company(void **state)
     struct env *v = *state;
     enum { N = 24 };
     struct job *company = gen_job(v, "a", 999, 1000000);
-    assert_int_equal(batcher_submit(v->b, company), 0);
+    assert_int_equal(batcher_submit(v->b, &company, 1), 0);
     while (!job_wait(company, 0, 50))
         ;
     struct worker w[N];
@@ -158,7 +158,7 @@ static void *cls_worker(void *arg)
 {
     struct worker *w = arg;
     w->j = text_job(w->v, JOB_CLASSIFY, prompts[w->id % 5]);
-    if (batcher_submit(w->v->b, w->j) == 0)
+    if (batcher_submit(w->v->b, &w->j, 1) == 0)
         while (!job_wait(w->j, 0, 50))
             ;
     return NULL;
@@ -193,7 +193,7 @@ static void *loop_worker(void *arg)
     struct worker *w = arg;
     for (int r = 0; r < LOOP_ROUNDS; r++) {
         struct job *j = text_job(w->v, JOB_CLASSIFY, prompts[(w->id + r) % 5]);
-        if (batcher_submit(w->v->b, j) == 0)
+        if (batcher_submit(w->v->b, &j, 1) == 0)
             for (int i = 0; i < 600 && !job_wait(j, 0, 50); i++)
                 ;
         w->id += j->done && !j->failed ? 0 : 1000; /* counts failures */
@@ -256,7 +256,7 @@ static void test_cancelled_stream_stops(void **state)
 {
     struct env *v = *state;
     struct job *j = gen_job(v, "a", 5, 1000000);
-    assert_int_equal(batcher_submit(v->b, j), 0);
+    assert_int_equal(batcher_submit(v->b, &j, 1), 0);
     while (!job_wait(j, 3, 50))
         ;
     job_cancel(j);
@@ -275,7 +275,7 @@ static void test_stop_answers_every_accepted_job(void **state)
     struct job *jobs[N];
     for (int i = 0; i < N; i++) {
         jobs[i] = i % 2 ? gen_job(v, prompts[i % 5], (uint64_t)i, 30) : text_job(v, JOB_SCORE, prompts[i % 5]);
-        assert_int_equal(batcher_submit(v->b, jobs[i]), 0);
+        assert_int_equal(batcher_submit(v->b, &jobs[i], 1), 0);
     }
     batcher_stop(v->b);
     v->b = NULL;

@@ -674,6 +674,23 @@ static void test_generate_n(void **state)
     }
     assert_true(differ);
     cJSON_Delete(three);
+    /* A prompt long enough for the prompt cache runs once: the others
+     * start from its state, and give what they give alone. */
+    const char *cached = "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}";
+    const double cached0 = metric(s->port, cached);
+    char *body = body_with("combo_lstm_lm", "prompt", "twins, twins and more twins", "\"max_tokens\": 6, \"seed\": 3, \"n\": 4");
+    cJSON *four = post(s->port, "/generate", 200, body);
+    results = cJSON_GetObjectItem(four, "results");
+    const int prompt_tokens = cJSON_GetObjectItem(cJSON_GetArrayItem(results, 0), "prompt_tokens")->valueint;
+    assert_int_equal(prompt_tokens, 27);
+    assert_true(metric(s->port, cached) - cached0 == 3 * prompt_tokens);
+    char *alone = body_with("combo_lstm_lm", "prompt", "twins, twins and more twins", "\"max_tokens\": 6, \"seed\": 6");
+    cJSON *last = post(s->port, "/generate", 200, alone);
+    assert_string_equal(str_of(last, "text"), str_of(cJSON_GetArrayItem(results, 3), "text"));
+    cJSON_Delete(last);
+    cJSON_Delete(four);
+    free(alone);
+    free(body);
     /* Without a seed, one is drawn and the others follow it. */
     cJSON *two = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 2, \"n\": 2");
     results = cJSON_GetObjectItem(two, "results");
@@ -1032,7 +1049,7 @@ static void test_queue_full_and_cancel(void **state)
         sleep_ms(1);
     assert_true(metric(s->port, running) == 1);
     /* Two generations in one request, where the queue has room for one:
-     * neither is queued (the one that was is taken back). */
+     * neither is queued. */
     char *pair = body_with("combo_lstm_lm", "prompt", "good day", "\"max_tokens\": 5, \"n\": 2");
     struct http_resp r;
     http_must_request(s->port, "POST", "/generate", "", pair, &r);
