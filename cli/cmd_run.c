@@ -144,7 +144,7 @@ static int run_batch(struct runner *r, struct item *items, int n)
         which[ok++] = i;
     }
     if (rc == 0 && ok)
-        rc = r->model.cfg.task == TASK_LM ? engine_score(r->engine, tokens, lens, ok, logprob, err, sizeof err)
+        rc = r->model.cfg.task == TASK_LM ? engine_score(r->engine, tokens, lens, ok, logprob, NULL, err, sizeof err)
                                           : engine_forward(r->engine, seqs, ok, err, sizeof err);
     for (int i = 0, k = 0; i < n; i++) {
         cJSON *o;

@@ -43,6 +43,10 @@ struct engine_seq {
     double logprob;          /* lm, out: sum over t = 1..len-1 of
                                 ln p(token t+1 | tokens 1..t), plus
                                 ln p(next | tokens) when next is given */
+    float *token_logprobs;   /* lm, out when not NULL: [len], the terms of
+                                that sum: entry t-1 is ln p(token t+1 |
+                                tokens 1..t), the last ln p(next | tokens),
+                                or 0 without next */
 };
 
 /* The attention weights of layer l, direction d, at the step that consumed
@@ -71,10 +75,11 @@ int engine_slot_position(const struct engine *e, int slot); /* tokens consumed s
 void engine_slot_clear(struct engine *e, int slot);
 
 /* The log-probability (as engine_seq.logprob) of each of n token
- * sequences; long ones are run in chunks through a slot, so the engine needs
- * one free slot. */
+ * sequences, and when token_logprobs is not NULL its terms (as
+ * engine_seq.token_logprobs: token_logprobs[i] holds lens[i]); long ones
+ * are run in chunks through a slot, so the engine needs one free slot. */
 int engine_score(struct engine *e, const int32_t *const *tokens, const int *lens, int n, double *logprob,
-                 char *err, size_t errlen);
+                 float *const *token_logprobs, char *err, size_t errlen);
 
 /* A slot's whole state as a flat array of engine_slot_state_len floats,
  * to keep (a training checkpoint) and to put back into an open slot with

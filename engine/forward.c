@@ -622,6 +622,9 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
         for (int s = 0; s < q->len; s++)
             sum += h_lp[p->off[s] + i];
         q->logprob = sum;
+        if (q->token_logprobs)
+            for (int s = 0; s < q->len; s++)
+                q->token_logprobs[s] = h_lp[p->off[s] + i];
         if (q->logits)
             for (int s = 0; s < q->len; s++)
                 memcpy(q->logits + (size_t)s * V, h_logits + (size_t)(p->off[s] + i) * V, (size_t)V * sizeof(float));

@@ -15,7 +15,8 @@
 #define SCORE_CHUNK 4096        /* tokens of one long text per forward */
 #define SCORE_BATCH_TOKENS 16384 /* tokens of short texts per forward */
 
-static int score_long(struct engine *e, const int32_t *tokens, int len, double *logprob, char *err, size_t errlen)
+static int score_long(struct engine *e, const int32_t *tokens, int len, double *logprob, float *token_logprobs,
+                      char *err, size_t errlen)
 {
     int slot = engine_slot_open(e);
     if (slot < 0) {
@@ -31,6 +32,7 @@ static int score_long(struct engine *e, const int32_t *tokens, int len, double *
             .len = n,
             .slot = slot,
             .next = at + n < len ? tokens + at + n : NULL,
+            .token_logprobs = token_logprobs ? token_logprobs + at : NULL,
         };
         rc = engine_forward(e, &q, 1, err, errlen);
         sum += q.logprob;
@@ -41,7 +43,7 @@ static int score_long(struct engine *e, const int32_t *tokens, int len, double *
 }
 
 int engine_score(struct engine *e, const int32_t *const *tokens, const int *lens, int n, double *logprob,
-                 char *err, size_t errlen)
+                 float *const *token_logprobs, char *err, size_t errlen)
 {
     struct engine_seq *seqs = calloc((size_t)n, sizeof *seqs);
     int *which = malloc((size_t)n * sizeof *which);
@@ -50,13 +52,15 @@ int engine_score(struct engine *e, const int32_t *const *tokens, const int *lens
         snprintf(err, errlen, "out of memory");
     for (int i = 0; rc == 0 && i < n;) {
         if (lens[i] > SCORE_CHUNK) {
-            rc = score_long(e, tokens[i], lens[i], &logprob[i], err, errlen);
+            rc = score_long(e, tokens[i], lens[i], &logprob[i], token_logprobs ? token_logprobs[i] : NULL, err,
+                            errlen);
             i++;
             continue;
         }
         int k = 0, total = 0;
         while (i < n && lens[i] <= SCORE_CHUNK && (k == 0 || total + lens[i] <= SCORE_BATCH_TOKENS)) {
-            seqs[k] = (struct engine_seq){.tokens = tokens[i], .len = lens[i], .slot = -1};
+            seqs[k] = (struct engine_seq){.tokens = tokens[i], .len = lens[i], .slot = -1,
+                                          .token_logprobs = token_logprobs ? token_logprobs[i] : NULL};
             which[k++] = i;
             total += lens[i++];
         }

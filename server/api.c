@@ -375,6 +375,66 @@ static int run_jobs(const struct served_model *m, struct job **jobs, int n, cons
     return rc;
 }
 
+/* ---- tokens and their log-probabilities -------------------------------- */
+
+/* A token as people read it: its text, or <0xNN> for a byte that is not
+ * text on its own (a piece of a multi-byte character, or NUL). */
+static cJSON *token_label(const struct tokenizer *tk, int32_t id)
+{
+    char raw[8], label[16];
+    size_t len = 0;
+    const char *piece = tokenizer_token(tk, id, raw, &len);
+    if (!piece)
+        return cJSON_CreateString("");
+    if (len == 1 && ((unsigned char)piece[0] >= 0x80 || piece[0] == 0)) {
+        snprintf(label, sizeof label, "<0x%02X>", (unsigned char)piece[0]);
+        return cJSON_CreateString(label);
+    }
+    return text_string(piece, len);
+}
+
+/* {"token", "id", "logprob"}, NULL when out of memory. */
+static cJSON *logprob_entry(const struct tokenizer *tk, int32_t id, float logprob)
+{
+    cJSON *e = cJSON_CreateObject();
+    int failed = put(e, "token", token_label(tk, id));
+    failed |= put(e, "id", cJSON_CreateNumber(id));
+    failed |= put(e, "logprob", cJSON_CreateNumber(logprob));
+    return built(e, failed);
+}
+
+/* Token i's alternatives, most probable first, as "top_logprobs" of o
+ * when the request asked for them. */
+static int put_top_logprobs(cJSON *o, const struct tokenizer *tk, const struct job *j, int i)
+{
+    if (j->top_logprobs == 0)
+        return 0;
+    cJSON *top = cJSON_CreateArray();
+    int failed = !top;
+    for (int k = 0; k < j->top_logprobs && !failed; k++) {
+        const struct token_logprob *t = &j->top[(size_t)i * j->top_logprobs + k];
+        failed |= put(top, NULL, logprob_entry(tk, t->id, t->logprob));
+    }
+    return put(o, "top_logprobs", built(top, failed));
+}
+
+/* "logprobs": an entry for each of n tokens, ids[k] with its
+ * log-probability lps[k] and, when top is a generation that asked for
+ * them, its alternatives. */
+static cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n,
+                            const struct job *top)
+{
+    cJSON *list = cJSON_CreateArray();
+    int failed = !list;
+    for (int k = 0; k < n && !failed; k++) {
+        cJSON *e = logprob_entry(tk, ids[k], lps[k]);
+        if (e && top)
+            failed |= put_top_logprobs(e, tk, top, k);
+        failed |= put(list, NULL, e);
+    }
+    return built(list, failed);
+}
+
 /* ---- classify, score, attention ---------------------------------------- */
 
 static cJSON *classify_result(const struct served_model *m, const struct job *j, int i)
@@ -397,7 +457,6 @@ static cJSON *classify_result(const struct served_model *m, const struct job *j,
 /* As `rrnserve run` reports it: tokens 2..n scored given their prefixes. */
 static cJSON *score_result(const struct served_model *m, const struct job *j, int i)
 {
-    (void)m;
     const double logprob = j->logprob[i];
     const int scored = j->lens[i] - 1;
     cJSON *o = cJSON_CreateObject();
@@ -405,23 +464,14 @@ static cJSON *score_result(const struct served_model *m, const struct job *j, in
     failed |= put(o, "tokens", cJSON_CreateNumber(scored));
     failed |= put(o, "bits_per_char",
                   scored ? cJSON_CreateNumber(-logprob / log(2.0) / scored) : cJSON_CreateNull());
-    return built(o, failed);
-}
-
-/* A token as people read it: its text, or <0xNN> for a byte that is not
- * text on its own (a piece of a multi-byte character, or NUL). */
-static cJSON *token_label(const struct tokenizer *tk, int32_t id)
-{
-    char raw[8], label[16];
-    size_t len = 0;
-    const char *piece = tokenizer_token(tk, id, raw, &len);
-    if (!piece)
-        return cJSON_CreateString("");
-    if (len == 1 && ((unsigned char)piece[0] >= 0x80 || piece[0] == 0)) {
-        snprintf(label, sizeof label, "<0x%02X>", (unsigned char)piece[0]);
-        return cJSON_CreateString(label);
+    if (j->logprobs) {
+        /* Tokens 2..n, each with the term of the sum it added. */
+        size_t at = 0;
+        for (int k = 0; k < i; k++)
+            at += (size_t)j->lens[k];
+        failed |= put(o, "logprobs", logprobs_list(&m->tk, j->ids[i] + 1, j->token_logprob + at, scored, NULL));
     }
-    return text_string(piece, len);
+    return built(o, failed);
 }
 
 /* One direction of one layer: per step (token position p), the K weights
@@ -508,11 +558,15 @@ static void forward(const struct forward_endpoint *ep, struct api *a, const char
         reply_error(r, 422, "model \"%s\" has no attention (its config has no \"attention\")", m->name);
         ok = 0;
     }
-    ok = ok && get_texts(req, "text", ep->many, &t, r) == 0;
+    int logprobs = 0;
+    ok = ok && get_texts(req, "text", ep->many, &t, r) == 0 &&
+         (ep->kind != JOB_SCORE || get_bool(req, "logprobs", &logprobs, r) == 0);
     if (ok && !(j = job_new(ep->kind, t.n))) {
         reply_error(r, 500, "out of memory");
         ok = 0;
     }
+    if (j)
+        j->logprobs = logprobs;
     if (ok && tokenize(a, m, &t, j, r) == 0 && run_jobs(m, &j, 1, c, r) == 0)
         reply_json(r, 200, forward_results(ep, m, j, t.many));
     job_release(j);
@@ -637,41 +691,6 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
 static const char *finish_name(enum finish_reason f)
 {
     return f == FINISH_STOP ? "stop" : "length";
-}
-
-/* Token i's alternatives, most probable first, as "top_logprobs" of o
- * when the request asked for them. */
-static int put_top_logprobs(cJSON *o, const struct tokenizer *tk, const struct job *j, int i)
-{
-    if (j->top_logprobs == 0)
-        return 0;
-    cJSON *top = cJSON_CreateArray();
-    int failed = !top;
-    for (int k = 0; k < j->top_logprobs && !failed; k++) {
-        const struct token_logprob *t = &j->top[(size_t)i * j->top_logprobs + k];
-        cJSON *e = cJSON_CreateObject();
-        int bad = put(e, "token", token_label(tk, t->id));
-        bad |= put(e, "id", cJSON_CreateNumber(t->id));
-        bad |= put(e, "logprob", cJSON_CreateNumber(t->logprob));
-        failed |= put(top, NULL, built(e, bad));
-    }
-    return put(o, "top_logprobs", built(top, failed));
-}
-
-/* "logprobs" of a non-streaming answer: each sampled token's entry. */
-static cJSON *logprobs_list(const struct tokenizer *tk, const struct job *j)
-{
-    cJSON *list = cJSON_CreateArray();
-    int failed = !list;
-    for (int i = 0; i < j->n_tokens && !failed; i++) {
-        cJSON *e = cJSON_CreateObject();
-        int bad = put(e, "token", token_label(tk, j->tokens[i]));
-        bad |= put(e, "id", cJSON_CreateNumber(j->tokens[i]));
-        bad |= put(e, "logprob", cJSON_CreateNumber(j->token_logprob[i]));
-        bad |= put_top_logprobs(e, tk, j, i);
-        failed |= put(list, NULL, built(e, bad));
-    }
-    return built(list, failed);
 }
 
 /* The outcome of a finished generation: the non-streaming response and the
@@ -880,7 +899,8 @@ static int start_stream(struct served_model *m, struct job *j, const struct clie
 static cJSON *generation_answer(const struct served_model *m, const struct job *j)
 {
     cJSON *o = generation_result(j);
-    if (o && j->logprobs && put(o, "logprobs", logprobs_list(&m->tk, j)) != 0) {
+    if (o && j->logprobs &&
+        put(o, "logprobs", logprobs_list(&m->tk, j->tokens, j->token_logprob, j->n_tokens, j)) != 0) {
         cJSON_Delete(o);
         return NULL;
     }

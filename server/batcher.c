@@ -346,19 +346,27 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     const int32_t **stoks = calloc((size_t)scores + 1, sizeof *stoks);
     int *slens = calloc((size_t)scores + 1, sizeof *slens);
     double *slp = calloc((size_t)scores + 1, sizeof *slp);
+    float **sterms = calloc((size_t)scores + 1, sizeof *sterms); /* NULL: not asked for */
     const int C = b->m->head_out, K = b->m->cfg.attn_mode == ATTN_NONE ? 0 : b->m->cfg.attn_window;
     const int LDK = b->m->cfg.layers * config_directions(&b->m->cfg) * K;
-    int rc = q && stoks && slens && slp ? 0 : -1, nq = 0, ns = 0;
+    int rc = q && stoks && slens && slp && sterms ? 0 : -1, nq = 0, ns = 0, terms = 0;
     for (int i = 0; rc == 0 && i < n; i++) {
         struct job *j = jobs[i];
+        size_t tokens = 0;
+        for (int t = 0; t < j->n_texts; t++)
+            tokens += (size_t)j->lens[t];
         if (j->kind == JOB_CLASSIFY && !(j->probs = malloc(sizeof(float) * (size_t)j->n_texts * C)))
             rc = -1;
         if (j->kind == JOB_SCORE && !(j->logprob = calloc((size_t)j->n_texts, sizeof(double))))
             rc = -1;
+        if (j->kind == JOB_SCORE && j->logprobs && !(j->token_logprob = malloc(sizeof(float) * tokens)))
+            rc = -1;
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
-        for (int t = 0; rc == 0 && t < j->n_texts; t++) {
+        for (int t = 0, at = 0; rc == 0 && t < j->n_texts; at += j->lens[t++]) {
             if (j->kind == JOB_SCORE) {
+                terms |= j->logprobs;
+                sterms[ns] = j->logprobs ? j->token_logprob + at : NULL;
                 stoks[ns] = j->ids[t];
                 slens[ns++] = j->lens[t];
                 continue;
@@ -380,7 +388,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     if (rc == 0 && nq)
         rc = engine_forward(b->e, q, nq, err, sizeof err);
     if (rc == 0 && ns)
-        rc = engine_score(b->e, stoks, slens, ns, slp, err, sizeof err);
+        rc = engine_score(b->e, stoks, slens, ns, slp, terms ? sterms : NULL, err, sizeof err);
     if (runs)
         note_engine(b, rc, err);
     clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -401,6 +409,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     free(stoks);
     free(slens);
     free(slp);
+    free(sterms);
 }
 
 /* Samples stream s's next token from its logits and appends it to its job

@@ -44,8 +44,9 @@ struct job {
     int max_tokens;
     char *stop[JOB_MAX_STOP]; /* stop strings, or NULL */
     int n_stop;
-    int logprobs;          /* 1: record each sampled token's log-probability */
-    int top_logprobs;      /* with logprobs, the most probable tokens kept a step */
+    int logprobs;          /* 1: record each token's log-probability (generate:
+                              those sampled; score: each text's, engine_score's terms) */
+    int top_logprobs;      /* generate with logprobs: the most probable tokens kept a step */
 
     /* Output, valid once done.  Generation fills tokens and text as it
      * goes: read n_tokens and text_len under mu; the arrays are allocated
@@ -55,7 +56,8 @@ struct job {
     double *logprob;       /* score: [n_texts] */
     float *attention;      /* attention: [L][D][len][K] */
     int32_t *tokens;       /* generate: sampled tokens */
-    float *token_logprob;  /* generate with logprobs: ln p of each token (sampler.h) */
+    float *token_logprob;  /* with logprobs: generate, ln p of each token (sampler.h);
+                              score, [lens[0] + lens[1] + ...], the texts' terms */
     struct token_logprob *top; /* and [n_tokens][top_logprobs] alternatives */
     int n_tokens;
     char *text;            /* generate: decoded text so far (NUL-terminated) */

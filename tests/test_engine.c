@@ -83,26 +83,38 @@ static int teardown(void **state)
 }
 
 /* A text of 10,000 tokens: engine_score runs it in chunks of 4096 through a
- * slot; one forward over the whole text must give the same log-probability. */
+ * slot; one forward over the whole text must give the same log-probability,
+ * and the same term for every token, those across the chunks' seams too. */
 static void test_score_long_text_in_chunks(void **state)
 {
     struct env *v = *state;
     char err[512];
     const int n = 10000;
     int32_t *tok = malloc(n * sizeof *tok);
-    assert_non_null(tok);
+    float *whole_terms = malloc(n * sizeof *whole_terms), *terms = malloc(n * sizeof *terms);
+    assert_true(tok && whole_terms && terms);
     srand(7);
     for (int i = 0; i < n; i++)
         tok[i] = rand() % v->model.vocab;
-    struct engine_seq whole = {.tokens = tok, .len = n, .slot = -1};
+    struct engine_seq whole = {.tokens = tok, .len = n, .slot = -1, .token_logprobs = whole_terms};
     assert_int_equal(engine_forward(v->engine, &whole, 1, err, sizeof err), 0);
     double chunked;
     const int32_t *toks[1] = {tok};
     int lens[1] = {n};
-    if (engine_score(v->engine, toks, lens, 1, &chunked, err, sizeof err) != 0)
+    if (engine_score(v->engine, toks, lens, 1, &chunked, &terms, err, sizeof err) != 0)
         fail_msg("score: %s", err);
     assert_true(whole.logprob < -1000.0); /* it scored every token */
     assert_true(fabs(chunked - whole.logprob) <= 1e-5 * fabs(whole.logprob));
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        if (!(fabsf(terms[i] - whole_terms[i]) <= 1e-4f))
+            fail_msg("token %d: ln p %g in chunks, %g in one pass", i + 1, terms[i], whole_terms[i]);
+        assert_true(i == n - 1 ? terms[i] == 0 : terms[i] <= 0);
+        sum += terms[i];
+    }
+    assert_true(fabs(sum - chunked) <= 1e-9 * fabs(chunked));
+    free(terms);
+    free(whole_terms);
     /* The slot it borrowed is free again. */
     for (int i = 0; i < 4; i++)
         assert_true(engine_slot_open(v->engine) >= 0);

@@ -118,7 +118,7 @@ static int fixture_teardown(void **state)
 
 /* Outputs of one forward, one block per text. */
 struct outputs {
-    float **probs, **logits, **attn;
+    float **probs, **logits, **attn, **terms;
     double *logprob;
 };
 
@@ -130,10 +130,12 @@ static void outputs_alloc(const struct fixture *fx, struct outputs *o)
     o->logits = calloc((size_t)fx->n, sizeof *o->logits);
     o->attn = calloc((size_t)fx->n, sizeof *o->attn);
     o->logprob = calloc((size_t)fx->n, sizeof *o->logprob);
+    o->terms = calloc((size_t)fx->n, sizeof *o->terms);
     for (int i = 0; i < fx->n; i++) {
         size_t rows = c->task == TASK_LM ? (size_t)fx->lens[i] : 1;
         o->probs[i] = calloc((size_t)fx->model.head_out, sizeof(float));
         o->logits[i] = calloc(rows * fx->model.head_out, sizeof(float));
+        o->terms[i] = calloc(rows, sizeof(float));
         if (K)
             o->attn[i] = calloc((size_t)c->layers * config_directions(c) * fx->lens[i] * K, sizeof(float));
     }
@@ -145,10 +147,12 @@ static void outputs_free(const struct fixture *fx, struct outputs *o)
         free(o->probs[i]);
         free(o->logits[i]);
         free(o->attn[i]);
+        free(o->terms[i]);
     }
     free(o->probs);
     free(o->logits);
     free(o->attn);
+    free(o->terms);
     free(o->logprob);
 }
 
@@ -164,6 +168,7 @@ static void run_forward(struct fixture *fx, const int *which, int k, struct outp
             .tokens = fx->ids[i], .len = fx->lens[i], .slot = -1,
             .probs = fx->model.cfg.task == TASK_CLASSIFY ? o->probs[i] : NULL,
             .logits = o->logits[i], .attention = o->attn[i],
+            .token_logprobs = fx->model.cfg.task == TASK_LM ? o->terms[i] : NULL,
         };
     }
     size_t up = fx->be->copies_up, down = fx->be->copies_down;
@@ -190,6 +195,26 @@ static void compare_nested(const cJSON *want, const float *got, size_t *at, cons
     (*at)++;
 }
 
+/* A language model's log-probability of each next token: the fixture's
+ * logits after token t, log-softmaxed, at token t + 1 (the last, with no
+ * token after it, 0). */
+static void check_terms(const struct fixture *fx, int i, const cJSON *logits, const float *terms)
+{
+    for (int t = 0; t < fx->lens[i]; t++) {
+        double want = 0;
+        if (t + 1 < fx->lens[i]) {
+            const cJSON *row = cJSON_GetArrayItem(logits, t);
+            double max = -INFINITY, sum = 0;
+            for (const cJSON *x = row->child; x; x = x->next)
+                max = fmax(max, x->valuedouble);
+            for (const cJSON *x = row->child; x; x = x->next)
+                sum += exp(x->valuedouble - max);
+            want = cJSON_GetArrayItem(row, fx->ids[i][t + 1])->valuedouble - max - log(sum);
+        }
+        assert_close(terms[t], want, fx->tol, "token log-probability", i, t);
+    }
+}
+
 static void check_against_fixture(struct fixture *fx, const struct outputs *o)
 {
     const cJSON *logits = cJSON_GetObjectItem(fx->json, "logits");
@@ -204,6 +229,7 @@ static void check_against_fixture(struct fixture *fx, const struct outputs *o)
             compare_nested(cJSON_GetArrayItem(probs, i), o->probs[i], &at, "probabilities", i, fx->tol);
         } else {
             assert_close(o->logprob[i], cJSON_GetArrayItem(logprob, i)->valuedouble, fx->tol, "logprob", i, 0);
+            check_terms(fx, i, cJSON_GetArrayItem(logits, i), o->terms[i]);
         }
         if (cJSON_IsArray(attn)) {
             at = 0;

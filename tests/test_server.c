@@ -591,6 +591,24 @@ static void test_generate_logprobs(void **state)
     const double want = score_of(s->port, whole) - score_of(s->port, "good day");
     if (!(fabs(sum - want) <= 1e-4 * fabs(want)))
         fail_msg("the tokens' log-probabilities add up to %.7f; /score says %.7f", sum, want);
+    /* /score's own terms: tokens 2..n, adding up to its logprob, and from
+     * the prompt's last on, the generation's. */
+    char *score_body = body_with("combo_lstm_lm", "text", whole, "\"logprobs\": true");
+    cJSON *scored = post(s->port, "/score", 200, score_body);
+    const cJSON *terms = cJSON_GetObjectItem(scored, "logprobs");
+    assert_int_equal(cJSON_GetArraySize(terms), 8 + 30 - 1);
+    double terms_sum = 0;
+    for (const cJSON *t = terms->child; t; t = t->next)
+        terms_sum += logprob_of(t);
+    assert_true(fabs(terms_sum - logprob_of(scored)) <= 1e-6 * fabs(logprob_of(scored)));
+    assert_string_equal(str_of(cJSON_GetArrayItem(terms, 0), "token"), "o"); /* "good": the second token */
+    const cJSON *t = cJSON_GetArrayItem(terms, 8 - 1); /* the first generated token, 9th of the text */
+    for (const cJSON *e = list->child; e; e = e->next, t = t->next) {
+        assert_int_equal(cJSON_GetObjectItem(t, "id")->valueint, cJSON_GetObjectItem(e, "id")->valueint);
+        assert_true(fabs(logprob_of(t) - logprob_of(e)) <= 1e-5 * (1 + fabs(logprob_of(e))));
+    }
+    cJSON_Delete(scored);
+    free(score_body);
 
     char stream_more[128];
     snprintf(stream_more, sizeof stream_more, "%s, \"stream\": true", more);
@@ -834,6 +852,7 @@ static void test_request_errors(void **state)
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"stop\": \"\"}", 422, "stop"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"stream\": \"yes\"}", 400, "stream"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"logprobs\": 1}", 400, "logprobs"},
+        {"/score", "{\"model\": \"tok_word_lm\", \"text\": \"good day\", \"logprobs\": \"yes\"}", 400, "logprobs"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"n\": 0}", 422, "\"n\""},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"n\": 17}", 422, "\"n\""},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"n\": \"2\"}", 400, "\"n\""},

@@ -298,7 +298,7 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
         const int32_t *toks[1] = {r->valid_c.ids};
         int lens[1] = {(int)r->valid_c.n};
         double lp;
-        if (engine_score(r->e, toks, lens, 1, &lp, err, errlen))
+        if (engine_score(r->e, toks, lens, 1, &lp, NULL, err, errlen))
             return -1;
         *loss = -lp / (double)(r->valid_c.n - 1);
         *metric = *loss / log(2.0);
