@@ -1,8 +1,8 @@
 /* test_batcher.c - the batcher without HTTP: jobs from many threads give
  * what each gives alone, generation with a seed gives the same tokens
  * whatever runs beside it, clients in a closed loop are not kept waiting
- * for a full batch, a cancelled stream stops, and stopping the batcher
- * answers every job it accepted.
+ * for a full batch, a cancelled stream stops, a request's jobs are queued
+ * all or none, and stopping the batcher answers every job it accepted.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -268,6 +268,43 @@ static void test_cancelled_stream_stops(void **state)
     job_release(j);
 }
 
+/* One generation slot, room for two jobs in the queue. */
+static int setup_lm_one_slot(void **state)
+{
+    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 1, 2, 2000);
+}
+
+/* A request's jobs are queued all or none: while a stream holds the only
+ * slot, three for a queue of two are refused and leave it as it was, two
+ * go in, and run once the slot is free. */
+static void test_submit_is_all_or_none(void **state)
+{
+    struct env *v = *state;
+    struct job *busy = gen_job(v, "a", 1, 1000000);
+    assert_int_equal(batcher_submit(v->b, &busy, 1), 0);
+    for (int i = 0; i < 6000 && !job_wait(busy, 0, 10); i++)
+        ;
+    assert_true(busy->n_tokens > 0);
+    struct job *three[3];
+    for (int i = 0; i < 3; i++)
+        three[i] = gen_job(v, "good day", (uint64_t)i, 4);
+    assert_int_equal(batcher_submit(v->b, three, 3), -1);
+    assert_int_equal(batcher_queue_depth(v->b), 0);
+    assert_int_equal(batcher_submit(v->b, three, 2), 0);
+    assert_int_equal(batcher_queue_depth(v->b), 2);
+    job_cancel(busy);
+    for (int i = 0; i < 2; i++) {
+        for (int k = 0; k < 6000 && !job_wait(three[i], 1 << 30, 10); k++)
+            ;
+        assert_true(three[i]->done && !three[i]->failed);
+        assert_int_equal(three[i]->n_tokens, 4);
+    }
+    assert_false(three[2]->done);
+    for (int i = 0; i < 3; i++)
+        job_release(three[i]);
+    job_release(busy);
+}
+
 static void test_stop_answers_every_accepted_job(void **state)
 {
     struct env *v = *state;
@@ -299,6 +336,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_closed_loop_does_not_wait_for_a_full_batch, setup_cls_slow, teardown),
         cmocka_unit_test_setup_teardown(test_stop_string_ends_generation, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
     };
     return cmocka_run_group_tests_name("batcher", tests, NULL, NULL);
