@@ -656,7 +656,8 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
     g->n = 1;
     if (get_int(req, "max_tokens", 1, a->lim.max_tokens, &g->max_tokens, r) != 0 ||
         get_number(req, "temperature", &temperature, r) != 0 || get_number(req, "top_p", &top_p, r) != 0 ||
-        get_int(req, "top_k", 0, INT_MAX, &top_k, r) != 0 || get_int(req, "seed", 0, (long long)MAX_SEED, &seed, r) != 0 ||
+        get_int(req, "top_k", 0, INT_MAX, &top_k, r) != 0 ||
+        get_int(req, "seed", 0, (long long)MAX_SEED, &seed, r) != 0 ||
         get_stops(a, req, g, r) != 0 || get_bool(req, "stream", &g->stream, r) != 0 ||
         get_bool(req, "logprobs", &g->logprobs, r) != 0 ||
         get_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &g->top_logprobs, r) != 0 ||
@@ -711,18 +712,17 @@ static cJSON *generation_result(const struct job *j)
 }
 
 /* The job for a generation request; NULL with r set. */
-static struct job *generation_job(const struct api *a, const struct served_model *m, const cJSON *req,
-                                  struct gen_request *g, struct reply *r)
+/* The request's settings into job j (NULL: out of memory), with seed; j
+ * is released when they cannot be.  j, or NULL with r set. */
+static struct job *set_generation(struct job *j, const struct served_model *m, const struct gen_request *g,
+                                  uint64_t seed, struct reply *r)
 {
-    struct texts t;
-    if (get_texts(req, "prompt", 0, &t, r) != 0 || get_generation(a, req, g, r) != 0)
-        return NULL;
-    struct job *j = job_new(JOB_GENERATE, 1);
     if (!j) {
         reply_error(r, 500, "out of memory");
         return NULL;
     }
     j->sample = g->sample;
+    j->sample.seed = seed & MAX_SEED;
     j->max_tokens = (int)g->max_tokens;
     j->logprobs = g->logprobs;
     j->top_logprobs = g->top_logprobs < m->tk.vocab ? (int)g->top_logprobs : m->tk.vocab;
@@ -732,11 +732,30 @@ static struct job *generation_job(const struct api *a, const struct served_model
             job_release(j);
             return NULL;
         }
-    if (tokenize(a, m, &t, j, r) != 0) {
-        job_release(j);
-        return NULL;
-    }
     return j;
+}
+
+/* The jobs of a generation request, g->n of them, the prompt tokenized
+ * once and shared; their seeds follow the first's, so that each is the
+ * generation one request with that seed would give.  0, or -1 with r set
+ * and no job left. */
+static int generation_jobs(const struct api *a, const struct served_model *m, const cJSON *req,
+                           struct gen_request *g, struct job **jobs, struct reply *r)
+{
+    struct texts t;
+    if (get_texts(req, "prompt", 0, &t, r) != 0 || get_generation(a, req, g, r) != 0 ||
+        !(jobs[0] = set_generation(job_new(JOB_GENERATE, 1), m, g, g->sample.seed, r)))
+        return -1;
+    int n = tokenize(a, m, &t, jobs[0], r) == 0;
+    while (n > 0 && n < g->n && (jobs[n] = set_generation(job_twin(jobs[0]), m, g, g->sample.seed + (uint64_t)n, r)))
+        n++;
+    if (n == g->n)
+        return 0;
+    for (int i = 0; i < g->n; i++) {
+        job_release(jobs[i]);
+        jobs[i] = NULL;
+    }
+    return -1;
 }
 
 /* ---- Server-Sent Events ----------------------------------------------- */
@@ -924,17 +943,12 @@ void api_generate(struct api *a, const char *body, size_t len, const struct clie
     struct job *jobs[MAX_CHOICES] = {0};
     cJSON *req = parse_request(body, len, r);
     struct served_model *m = req ? get_model(a, req, "/generate", TASK_LM, r) : NULL;
-    int n = 0;
-    /* "n": as many jobs, their seeds following the first's, so that each
-     * is the generation one request with that seed would give. */
-    do {
-        if (m && (jobs[n] = generation_job(a, m, req, &g, r)) != NULL && n > 0)
-            jobs[n]->sample.seed = (jobs[0]->sample.seed + (uint64_t)n) & MAX_SEED;
-    } while (jobs[n] && ++n < g.n);
-    if (n == g.n && g.stream && start_stream(m, jobs[0], c, r) == 0) {
+    const int made = m && generation_jobs(a, m, req, &g, jobs, r) == 0;
+    const int n = made ? (int)g.n : 0;
+    if (made && g.stream && start_stream(m, jobs[0], c, r) == 0) {
         m = NULL; /* the stream's now */
         jobs[0] = NULL;
-    } else if (n == g.n && !g.stream && run_jobs(m, jobs, n, c, r) == 0) {
+    } else if (made && !g.stream && run_jobs(m, jobs, n, c, r) == 0) {
         reply_json(r, 200, n == 1 ? generation_answer(m, jobs[0]) : generation_answers(m, jobs, n));
     }
     for (int i = 0; i < n; i++)

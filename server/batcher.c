@@ -88,16 +88,35 @@ struct job *job_new(enum job_kind kind, int n_texts)
     return j;
 }
 
+struct job *job_twin(struct job *j)
+{
+    struct job *t = job_new(j->kind, 1);
+    if (!t)
+        return NULL;
+    free(t->ids);
+    free(t->lens);
+    t->n_texts = j->n_texts;
+    t->ids = j->ids;
+    t->lens = j->lens;
+    t->input_of = j;
+    atomic_fetch_add(&j->refs, 1);
+    return t;
+}
+
 void job_release(struct job *j)
 {
     if (!j || atomic_fetch_sub(&j->refs, 1) != 1)
         return;
-    for (int i = 0; i < j->n_texts; i++)
-        free(j->ids[i]);
+    if (j->input_of) {
+        job_release(j->input_of);
+    } else {
+        for (int i = 0; i < j->n_texts; i++)
+            free(j->ids[i]);
+        free(j->ids);
+        free(j->lens);
+    }
     for (int i = 0; i < j->n_stop; i++)
         free(j->stop[i]);
-    free(j->ids);
-    free(j->lens);
     free(j->probs);
     free(j->logprob);
     free(j->attention);

@@ -37,8 +37,10 @@ struct job {
     enum job_kind kind;
     /* Input, set before batcher_submit and not touched after. */
     int n_texts;           /* classify and score: >= 1; attention, generate: 1 */
-    int32_t **ids;         /* n_texts token arrays (owned by the job) */
+    int32_t **ids;         /* n_texts token arrays (owned by the job, or by
+                              input_of when the job is its twin) */
     int *lens;
+    struct job *input_of;  /* job_twin's: whose ids and lens these are */
     /* Generation: the prompt is ids[0] (at least one token). */
     struct sample_params sample;
     int max_tokens;
@@ -100,6 +102,10 @@ void batcher_stop(struct batcher *b);
 
 /* A new job with one reference held by the caller. */
 struct job *job_new(enum job_kind kind, int n_texts);
+/* A new job of j's kind with j's input, its token arrays shared (one copy
+ * of a prompt for a request's several generations); it holds a reference
+ * to j until released.  Everything else is the caller's to set. */
+struct job *job_twin(struct job *j);
 void job_release(struct job *j);
 
 /* After this many engine calls in a row have failed, the model counts as

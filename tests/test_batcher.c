@@ -268,6 +268,27 @@ static void test_cancelled_stream_stops(void **state)
     job_release(j);
 }
 
+/* A twin shares its original's prompt, which outlives the original's own
+ * release (under ASan, a freed prompt would be caught), and generates what
+ * a job of its own with the same seed does. */
+static void test_twin_shares_the_prompt(void **state)
+{
+    struct env *v = *state;
+    struct job *first = gen_job(v, "the good day", 3, 1), *twin = job_twin(first);
+    assert_non_null(twin);
+    assert_ptr_equal(twin->ids, first->ids);
+    twin->sample = (struct sample_params){.temperature = 1.0f, .top_p = 1.0f, .seed = 9};
+    twin->max_tokens = 12;
+    job_release(first);
+    struct job *own = gen_job(v, "the good day", 9, 12);
+    run_to_end(v, twin);
+    run_to_end(v, own);
+    assert_int_equal(twin->n_tokens, 12);
+    assert_memory_equal(twin->tokens, own->tokens, 12 * sizeof *own->tokens);
+    job_release(twin);
+    job_release(own);
+}
+
 /* One generation slot, room for two jobs in the queue. */
 static int setup_lm_one_slot(void **state)
 {
@@ -336,6 +357,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_closed_loop_does_not_wait_for_a_full_batch, setup_cls_slow, teardown),
         cmocka_unit_test_setup_teardown(test_stop_string_ends_generation, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_twin_shares_the_prompt, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
     };
