@@ -229,27 +229,27 @@ static int sequences_of(const struct job *j)
     return j->kind == JOB_GENERATE ? 1 : j->n_texts;
 }
 
-/* Whether generation job j has the prompt of one of the n jobs taken this
- * turn, and should wait a turn for it (mu held).  With a prompt cache the
- * first's state after the prompt is kept when it starts, and the others
- * then start from it instead of each running the same prompt: the
- * generations of one request's "n" above all.  Short prompts cost about
- * as much to run as to restore, and are not cached. */
+/* Whether generation job j shares its prompt (job_twin) with one of the n
+ * jobs taken this turn, and should wait a turn for it (mu held).  With a
+ * prompt cache the first's state after the prompt is kept when it starts,
+ * and the others then start from it instead of each running the same
+ * prompt: the generations of one request's "n".  Short prompts cost about
+ * as much to run as to restore, and are not cached.  Twins are known by
+ * their shared tokens, so this costs no comparison of prompts under mu. */
 static int prompt_taken(const struct batcher *b, const struct job *j, struct job *const *gen, int n)
 {
     if (!b->cache || j->lens[0] < PROMPT_CACHE_MIN)
         return 0;
     for (int i = 0; i < n; i++)
-        if (gen[i]->lens[0] == j->lens[0] &&
-            memcmp(gen[i]->ids[0], j->ids[0], sizeof *j->ids[0] * (size_t)j->lens[0]) == 0)
+        if (gen[i]->ids == j->ids)
             return 1;
     return 0;
 }
 
 /* Take queued jobs (mu held): generation jobs while slots are free, forward
  * jobs up to max_batch sequences (a larger job runs alone).  Cancelled jobs
- * are dropped here.  Jobs that do not fit, or wait for a prompt taken
- * before them, stay queued, in order. */
+ * are dropped here.  Jobs that do not fit, or wait for their twin's
+ * prompt, stay queued, in order. */
 static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct job **gen, int *n_gen)
 {
     struct job **link = &b->head, *prev = NULL;
