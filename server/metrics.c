@@ -235,6 +235,7 @@ struct model_snapshot {
     char *label;
     struct model_counters c;
     int depth;
+    int failing;
     int lm;
     const char *task;
     char sha256[65];
@@ -275,6 +276,10 @@ static void put_models(FILE *f, const struct model_snapshot *ms, int n)
           "# TYPE rrnserve_queue_depth gauge\n", f);
     for (int i = 0; i < n; i++)
         fprintf(f, "rrnserve_queue_depth{%s} %d\n", ms[i].label, ms[i].depth);
+    fputs("# HELP rrnserve_model_failing 1 while a model's engine calls keep failing (as /readyz reports).\n"
+          "# TYPE rrnserve_model_failing gauge\n", f);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "rrnserve_model_failing{%s} %d\n", ms[i].label, ms[i].failing);
     fputs("# HELP rrnserve_model_info The weights each model serves: their task and the SHA-256 of their file's "
           "data.\n"
           "# TYPE rrnserve_model_info gauge\n", f);
@@ -305,6 +310,7 @@ static int snapshot_models(struct registry *r, struct model_snapshot **out, int 
             ms[i].c = mm->c;
             pthread_mutex_unlock(&mm->mu);
             ms[i].depth = batcher_queue_depth(list[i]->batcher);
+            ms[i].failing = batcher_failing(list[i]->batcher, NULL, 0);
             ms[i].task = task_name(list[i]->model.cfg.task);
             ms[i].lm = list[i]->model.cfg.task == TASK_LM;
             memcpy(ms[i].sha256, list[i]->model.sha256, sizeof ms[i].sha256);

@@ -499,6 +499,9 @@ static void device_fault_case(const char *device)
                      503);
     expect_status(s->port, "GET", "/healthz", NULL, 200);
     assert_true(server_wait_log(s, "the model counts as failing", 1) >= 1);
+    assert_int_equal(status_with(s->port, "GET", "/metrics", NULL,
+                                 "rrnserve_model_failing{model=\"plain_lstm_l2_bi_last\"} 1\n"),
+                     200);
 
     assert_int_equal(unlink(fault), 0);
     int ready = 0;
@@ -511,6 +514,9 @@ static void device_fault_case(const char *device)
     }
     assert_true(ready);
     assert_true(server_wait_log(s, "no longer failing", 1) >= 1);
+    assert_int_equal(status_with(s->port, "GET", "/metrics", NULL,
+                                 "rrnserve_model_failing{model=\"plain_lstm_l2_bi_last\"} 0\n"),
+                     200);
     still_serving(s->port);
     server_stop(s);
     assert_int_equal(rmdir(dir), 0);
