@@ -14,7 +14,10 @@
  *     unit's ExecStart, run as systemd would with the installed options,
  *     reaching READY=1;
  *   - the Kubernetes manifests of deploy/k8s, checked by tests/check_k8s.py
- *     (skipped when no python3 with the yaml module is found).
+ *     (skipped when no python3 with the yaml module is found);
+ *   - deploy/prometheus: promtool checks the config and rules and runs the
+ *     alerts' unit test, and every series the alerts read is one a server
+ *     exports (skipped without promtool, Debian package prometheus).
  *
  * Every wait is bounded (socket timeouts, polling counts) and every child is
  * killed when this process dies (PR_SET_PDEATHSIG).
@@ -44,7 +47,9 @@
 #include "notify.h"
 
 #include "support/files.h"
+#include "support/http.h"
 #include "support/proc.h"
+#include "support/server.h"
 #include "support/timing.h"
 
 /* Hang guards only: no test asserts how fast anything is. */
@@ -562,6 +567,63 @@ static void test_k8s_manifests(void **state)
     free(out);
 }
 
+/* A renamed or removed metric would silence the alerts that read it, so
+ * each rrnserve_ name in alerts.yml (a histogram's _bucket read as its
+ * family) must be a family in a server's /metrics: one serving a language
+ * model and a classifier, whose series together are all there are. */
+static void check_alerts_read_real_series(void)
+{
+    static const char *const models[] = {"combo_lstm_lm", "plain_lstm_l2_bi_last", NULL};
+    static const char *const args[] = {"--device", "cpu", "--threads", "1", NULL};
+    struct server *s = server_start(&(struct server_opts){.models = models, .args = args});
+    struct http_resp r;
+    http_must_request(s->port, "GET", "/metrics", "", NULL, &r);
+    assert_int_equal(r.status, 200);
+    char *rules = file_read("deploy/prometheus/alerts.yml", NULL);
+    assert_non_null(rules);
+    int names = 0;
+    for (const char *p = rules; (p = strstr(p, "rrnserve_")) != NULL; names++) {
+        size_t n = strspn(p, "abcdefghijklmnopqrstuvwxyz_");
+        char name[96], want[128];
+        snprintf(name, sizeof name, "%.*s", (int)n, p);
+        p += n;
+        static const char *const parts[] = {"_bucket", "_sum", "_count"};
+        for (size_t k = 0; k < sizeof parts / sizeof *parts; k++) {
+            size_t len = strlen(name), plen = strlen(parts[k]);
+            if (len > plen && strcmp(name + len - plen, parts[k]) == 0)
+                name[len - plen] = 0;
+        }
+        snprintf(want, sizeof want, "\n# TYPE %s ", name);
+        if (!strstr(r.body.p, want))
+            fail_msg("deploy/prometheus/alerts.yml reads %s, which /metrics does not export", name);
+    }
+    assert_true(names >= 8);
+    free(rules);
+    http_resp_free(&r);
+    server_stop(s);
+}
+
+static void test_prometheus_rules(void **state)
+{
+    (void)state;
+    if (proc_run(NULL, "command -v promtool") != 0) {
+        print_message("no promtool (Debian package prometheus): skipped\n");
+        skip();
+    }
+    static const char *const cmds[] = {
+        "promtool check config deploy/prometheus/prometheus.yml",
+        "promtool test rules deploy/prometheus/alerts_test.yml",
+    };
+    for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++) {
+        char *out = NULL;
+        int rc = proc_run(&out, "%s", cmds[i]);
+        if (rc != 0)
+            fail_msg("%s: status %d\n%s", cmds[i], rc, out);
+        free(out);
+    }
+    check_alerts_read_real_series();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -569,6 +631,7 @@ int main(void)
         cmocka_unit_test(test_server_notifies),
         cmocka_unit_test(test_install_and_verify),
         cmocka_unit_test(test_k8s_manifests),
+        cmocka_unit_test(test_prometheus_rules),
     };
     return cmocka_run_group_tests_name("deploy", tests, NULL, NULL);
 }

@@ -8,7 +8,7 @@
 set -euo pipefail
 pkgs=(build-essential pkg-config libcjson-dev libssl-dev libcmocka-dev libopenblas-dev liblapacke-dev
       libopenblas0-pthread libunistring-dev libmicrohttpd-dev libpng-dev chromium
-      nginx openssl systemd python3 python3-yaml)
+      nginx openssl systemd python3 python3-yaml prometheus)
 for opt in "$@"; do
     case "$opt" in
     --bench) pkgs+=(python3 python3-numpy python3-torch) ;;
