@@ -340,6 +340,8 @@ static int submit(const struct served_model *m, struct job *const *jobs, int n, 
     if (rc == -1) {
         reply_error(r, 503, "model \"%s\" has too many requests queued; retry later", m->name);
         r->retry_after = 1;
+    } else if (rc == -3) {
+        reply_error(r, 422, "%d generations are more than model \"%s\"'s queue holds (--max-queue)", n, m->name);
     } else if (rc != 0) {
         reply_error(r, 503, "the server is shutting down");
     }

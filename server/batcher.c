@@ -192,7 +192,7 @@ int batcher_submit(struct batcher *b, struct job *const *jobs, int n)
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     pthread_mutex_lock(&b->mu);
-    int rc = b->stopping ? -2 : b->depth > b->opt.max_queue - n ? -1 : 0;
+    int rc = b->stopping ? -2 : n > b->opt.max_queue ? -3 : b->depth > b->opt.max_queue - n ? -1 : 0;
     for (int i = 0; rc == 0 && i < n; i++) {
         struct job *j = jobs[i];
         atomic_fetch_add(&j->refs, 1); /* the batcher's */

@@ -119,7 +119,7 @@ int batcher_failing(struct batcher *b, char *err, size_t errlen);
 
 /* Queues n jobs at once, all or none, so that the batcher finds them
  * together.  0: queued; -1: the queue has no room for n more; -2: the
- * batcher is stopping. */
+ * batcher is stopping; -3: n is more than the queue ever holds. */
 int batcher_submit(struct batcher *b, struct job *const *jobs, int n);
 int batcher_queue_depth(struct batcher *b);
 /* The model's series of metrics.h, which the batcher records. */

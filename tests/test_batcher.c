@@ -296,8 +296,9 @@ static int setup_lm_one_slot(void **state)
 }
 
 /* A request's jobs are queued all or none: while a stream holds the only
- * slot, three for a queue of two are refused and leave it as it was, two
- * go in, and run once the slot is free. */
+ * slot and one job waits in a queue of two, two more are refused and
+ * leave it as it was, three never fit; once the slot is free the waiting
+ * job runs, and then the two go in together. */
 static void test_submit_is_all_or_none(void **state)
 {
     struct env *v = *state;
@@ -306,23 +307,28 @@ static void test_submit_is_all_or_none(void **state)
     for (int i = 0; i < 6000 && !job_wait(busy, 0, 10); i++)
         ;
     assert_true(busy->n_tokens > 0);
-    struct job *three[3];
-    for (int i = 0; i < 3; i++)
-        three[i] = gen_job(v, "good day", (uint64_t)i, 4);
-    assert_int_equal(batcher_submit(v->b, three, 3), -1);
-    assert_int_equal(batcher_queue_depth(v->b), 0);
-    assert_int_equal(batcher_submit(v->b, three, 2), 0);
-    assert_int_equal(batcher_queue_depth(v->b), 2);
+    struct job *jobs[4];
+    for (int i = 0; i < 4; i++)
+        jobs[i] = gen_job(v, "good day", (uint64_t)i, 4);
+    assert_int_equal(batcher_submit(v->b, jobs, 1), 0);
+    assert_int_equal(batcher_submit(v->b, jobs + 1, 2), -1);
+    assert_int_equal(batcher_queue_depth(v->b), 1);
+    assert_int_equal(batcher_submit(v->b, jobs + 1, 3), -3);
+    assert_int_equal(batcher_queue_depth(v->b), 1);
     job_cancel(busy);
-    for (int i = 0; i < 2; i++) {
-        for (int k = 0; k < 6000 && !job_wait(three[i], 1 << 30, 10); k++)
+    for (int k = 0; k < 6000 && !job_wait(jobs[0], 1 << 30, 10); k++)
+        ;
+    assert_true(jobs[0]->done && !jobs[0]->failed);
+    assert_int_equal(batcher_submit(v->b, jobs + 1, 2), 0);
+    for (int i = 1; i < 3; i++) {
+        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
             ;
-        assert_true(three[i]->done && !three[i]->failed);
-        assert_int_equal(three[i]->n_tokens, 4);
+        assert_true(jobs[i]->done && !jobs[i]->failed);
+        assert_int_equal(jobs[i]->n_tokens, 4);
     }
-    assert_false(three[2]->done);
-    for (int i = 0; i < 3; i++)
-        job_release(three[i]);
+    assert_false(jobs[3]->done);
+    for (int i = 0; i < 4; i++)
+        job_release(jobs[i]);
     job_release(busy);
 }
 
