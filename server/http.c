@@ -200,6 +200,14 @@ static int add_header(struct MHD_Response *resp, const char *name, const char *v
     return MHD_add_response_header(resp, name, value) == MHD_YES ? 0 : -1;
 }
 
+/* Set in a connection's thread when its client went away before its
+ * answer: libmicrohttpd then logs the MHD_NO that closes the connection
+ * as "Application reported internal error", from the same thread (one per
+ * connection), and on_mhd_log drops that line, since the request's own
+ * log line already says 499.  An operator should not read each client
+ * that gave up as an error of the server. */
+static _Thread_local int client_gone;
+
 /* Queues r's answer (taking its body); MHD_NO closes the connection. */
 static enum MHD_Result send_reply(struct request *rq, struct reply *r)
 {
@@ -208,6 +216,7 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
     rq->batch_size = r->batch_size;
     if (r->status == HTTP_CLIENT_GONE) {
         free(r->body);
+        client_gone = 1;
         return MHD_NO;
     }
     struct MHD_Response *resp;
@@ -491,6 +500,10 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
     size_t n = strlen(msg);
     while (n && msg[n - 1] == '\n')
         msg[--n] = 0;
+    if (client_gone && strstr(msg, "Application reported internal error")) {
+        client_gone = 0;
+        return;
+    }
     log_msg("http: %s", msg);
 }
 

@@ -6,9 +6,9 @@
 #
 # Build first: make rrnserve build/cpu/bench/loadgen (or build/cuda/...).
 # 64 keep-alive clients in all, five bench/loadgen processes at once:
-# /classify 16 clients, /generate 12, /generate streamed 12, /score 12,
-# /attention 12, on fixture models (and models/sentiment.safetensors when it
-# exists).  --max-queue 16 makes the server refuse some work with 503 under
+# /classify 16 clients, /generate 12 (some with n 4 and log-probabilities),
+# /generate streamed 12, /score 12, /attention 12, on fixture models (and
+# models/sentiment.safetensors when it exists).  --max-queue 16 makes the server refuse some work with 503 under
 # this load, so the refusal path is soaked too; every other error status is
 # a failure.  Every 10 s it samples the server's VmRSS, open fds and
 # threads (/proc/PID) into SOAK_OUT/samples.csv (SOAK_OUT defaults to a
@@ -53,14 +53,15 @@ EOF
 cat >"$out/generate.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": "the ", "max_tokens": 32, "seed": {{seq}}, "temperature": 0.8, "top_k": 20}
 {"model": "tok_word_lm", "prompt": "hello world", "max_tokens": 16, "seed": {{seq}}, "top_p": 0.9, "stop": "x"}
+{"model": "combo_lstm_lm", "prompt": "four of one prompt, {{seq}}, sharing it", "max_tokens": 8, "seed": {{seq}}, "n": 4, "logprobs": true, "top_logprobs": 3}
 EOF
 cat >"$out/stream.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": "good day", "max_tokens": 48, "seed": {{seq}}, "stream": true}
-{"model": "tok_word_lm", "prompt": "it is a good", "max_tokens": 24, "seed": {{seq}}, "stream": true}
+{"model": "tok_word_lm", "prompt": "it is a good", "max_tokens": 24, "seed": {{seq}}, "stream": true, "logprobs": true, "top_logprobs": 2}
 EOF
 cat >"$out/score.txt" <<'EOF'
 {"model": "tok_word_lm", "text": "the world is a good place {{seq}}"}
-{"model": "combo_lstm_lm", "texts": ["good day", "a nice day", "{{seq}} and more"]}
+{"model": "combo_lstm_lm", "texts": ["good day", "a nice day", "{{seq}} and more"], "logprobs": true}
 EOF
 cat >"$out/attention.txt" <<'EOF'
 {"model": "rra_dynamic_w3_l2_bi", "text": "a nice day for a walk {{seq}}"}
