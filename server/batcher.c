@@ -167,11 +167,6 @@ static struct timespec deadline_us(long us)
     return until;
 }
 
-static double seconds_between(const struct timespec *from, const struct timespec *to)
-{
-    return (double)(to->tv_sec - from->tv_sec) + (double)(to->tv_nsec - from->tv_nsec) * 1e-9;
-}
-
 int job_wait(struct job *j, int seen_tokens, int timeout_ms)
 {
     struct timespec until = deadline_us(timeout_ms * 1000L);
@@ -371,8 +366,8 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     int rc = q && stoks && slens && slp && sterms ? 0 : -1, nq = 0, ns = 0, terms = 0;
     for (int i = 0; rc == 0 && i < n; i++) {
         struct job *j = jobs[i];
-        size_t tokens = 0;
-        for (int t = 0; t < j->n_texts; t++)
+        size_t tokens = 0; /* a score job's terms, when asked for */
+        for (int t = 0; j->kind == JOB_SCORE && j->logprobs && t < j->n_texts; t++)
             tokens += (size_t)j->lens[t];
         if (j->kind == JOB_CLASSIFY && !(j->probs = malloc(sizeof(float) * (size_t)j->n_texts * C)))
             rc = -1;
@@ -402,7 +397,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int i = 0; i < n; i++)
-        metrics_time(b->metrics, TIME_QUEUE_WAIT, seconds_between(&jobs[i]->submitted, &t0));
+        metrics_time(b->metrics, TIME_QUEUE_WAIT, metrics_elapsed(&jobs[i]->submitted, &t0));
     const int runs = rc == 0;
     if (rc == 0 && nq)
         rc = engine_forward(b->e, q, nq, err, sizeof err);
@@ -413,7 +408,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     /* Counted before any job is answered, so that a client that has its
      * answer finds its batch in /metrics. */
-    metrics_time(b->metrics, TIME_ENGINE, seconds_between(&t0, &t1));
+    metrics_time(b->metrics, TIME_ENGINE, metrics_elapsed(&t0, &t1));
     metrics_batch(b->metrics, seqs);
     for (int i = 0, k = 0; i < n; i++) {
         struct job *j = jobs[i];
@@ -440,7 +435,7 @@ static int next_token(struct batcher *b, struct stream *s, const float *logits)
     const int32_t tok = sample_token(&b->sampler, logits, &j->sample, &s->rng);
     if (j->n_tokens == 0) {
         clock_gettime(CLOCK_MONOTONIC, &j->first_token);
-        metrics_time(b->metrics, TIME_FIRST_TOKEN, seconds_between(&j->submitted, &j->first_token));
+        metrics_time(b->metrics, TIME_FIRST_TOKEN, metrics_elapsed(&j->submitted, &j->first_token));
     }
     char buf[8];
     size_t len = 0;
@@ -523,7 +518,7 @@ static void end_stream(struct batcher *b, int i, const char *error)
         struct timespec now;
         clock_gettime(CLOCK_MONOTONIC, &now);
         metrics_time(b->metrics, TIME_TOKEN_INTERVAL,
-                     seconds_between(&s->job->first_token, &now) / (s->job->n_tokens - 1));
+                     metrics_elapsed(&s->job->first_token, &now) / (s->job->n_tokens - 1));
     }
     engine_slot_close(b->e, s->slot);
     finish_job(b, s->job, 0, error);
@@ -563,12 +558,10 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     for (int i = 0; i < n; i++) {
-        metrics_time(b->metrics, TIME_QUEUE_WAIT, seconds_between(&jobs[i]->submitted, &now));
-        metrics_count(b->metrics, COUNT_PROMPT_TOKENS, jobs[i]->lens[0]);
-    }
-    for (int i = 0; i < n; i++) {
         struct job *j = jobs[i];
         struct stream *s = &b->streams[b->n_streams++];
+        metrics_time(b->metrics, TIME_QUEUE_WAIT, metrics_elapsed(&j->submitted, &now));
+        metrics_count(b->metrics, COUNT_PROMPT_TOKENS, j->lens[0]);
         s->job = j;
         s->slot = engine_slot_open(b->e);
         rng_seed(&s->rng, j->sample.seed);

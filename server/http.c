@@ -473,7 +473,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     *con_cls = NULL;
     struct timespec end;
     clock_gettime(CLOCK_MONOTONIC, &end);
-    double seconds = (double)(end.tv_sec - rq->start.tv_sec) + (double)(end.tv_nsec - rq->start.tv_nsec) * 1e-9;
+    double seconds = metrics_elapsed(&rq->start, &end);
     if (rq->stream) {
         rq->batch_size = api_stream_batch_size(rq->stream);
         api_stream_free(rq->stream);

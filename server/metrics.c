@@ -132,6 +132,11 @@ void model_metrics_free(struct model_metrics *mm)
     free(mm);
 }
 
+double metrics_elapsed(const struct timespec *from, const struct timespec *to)
+{
+    return (double)(to->tv_sec - from->tv_sec) + (double)(to->tv_nsec - from->tv_nsec) * 1e-9;
+}
+
 static void observe(struct histogram *h, const double *bounds, size_t n, double v)
 {
     size_t b = 0;

@@ -13,6 +13,7 @@
 #define RRN_METRICS_H
 
 #include <stddef.h>
+#include <time.h>
 
 /* The endpoints, in routing order.  EP_OTHER counts every path that is not
  * an endpoint, so a scanner cannot grow the label set without bound. */
@@ -41,6 +42,10 @@ struct registry;
 /* version: the server's, for rrnserve_build_info. */
 struct metrics *metrics_new(const char *version);
 void metrics_free(struct metrics *m);
+
+/* The seconds from one reading of CLOCK_MONOTONIC to a later one: how the
+ * latencies below are measured. */
+double metrics_elapsed(const struct timespec *from, const struct timespec *to);
 
 /* One finished request: its HTTP status (100..599) and latency. */
 void metrics_request(struct metrics *m, enum endpoint e, int status, double seconds);
