@@ -704,6 +704,7 @@ static cJSON *generation_result(const struct job *j)
     int failed = put(o, "text", text_string(j->text ? j->text : "", j->text ? j->text_len : 0));
     failed |= put(o, "tokens", cJSON_CreateNumber(j->n_tokens));
     failed |= put(o, "prompt_tokens", cJSON_CreateNumber(j->lens[0]));
+    failed |= put(o, "cached_tokens", cJSON_CreateNumber(j->cached_tokens));
     failed |= put(o, "finish_reason", cJSON_CreateString(finish_name(j->finish)));
     /* Raw digits: cJSON prints a large number with 15 significant digits
      * when that is within a rounding error, which would lose the seed. */

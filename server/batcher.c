@@ -9,7 +9,9 @@
  * the last batch had) only while no stream is running, so batching never
  * delays a stream's next token.  A stream's prompt starts from the longest
  * prefix of it in the model's prompt cache (prompt_cache.h); the states
- * after each prompt and each ended stream go into it.
+ * after each prompt and each ended stream go into it, and a job whose
+ * prompt another job admitted in the same turn is running waits a turn to
+ * start from its state (prompt_taken).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -186,6 +188,12 @@ int batcher_submit(struct batcher *b, struct job *const *jobs, int n)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
+    /* Before taking mu: a prompt of 100,000 tokens takes a while to hash.
+     * A twin's prompt is its original's, hashed already. */
+    for (int i = 0; i < n; i++)
+        if (jobs[i]->kind == JOB_GENERATE && b->cache && jobs[i]->lens[0] >= PROMPT_CACHE_MIN)
+            jobs[i]->prompt_hash = jobs[i]->input_of ? jobs[i]->input_of->prompt_hash
+                                                      : prompt_cache_hash(jobs[i]->ids[0], jobs[i]->lens[0]);
     pthread_mutex_lock(&b->mu);
     int rc = b->stopping ? -2 : n > b->opt.max_queue ? -3 : b->depth > b->opt.max_queue - n ? -1 : 0;
     for (int i = 0; rc == 0 && i < n; i++) {
@@ -224,20 +232,23 @@ static int sequences_of(const struct job *j)
     return j->kind == JOB_GENERATE ? 1 : j->n_texts;
 }
 
-/* Whether generation job j shares its prompt (job_twin) with one of the n
- * jobs taken this turn, and should wait a turn for it (mu held).  With a
- * prompt cache the first's state after the prompt is kept when it starts,
- * and the others then start from it instead of each running the same
- * prompt: the generations of one request's "n".  Short prompts cost about
- * as much to run as to restore, and are not cached.  Twins are known by
- * their shared tokens, so this costs no comparison of prompts under mu. */
-static int prompt_taken(const struct batcher *b, const struct job *j, struct job *const *gen, int n)
+/* Whether generation job j should wait a turn for a job taken this turn
+ * with the same prompt (mu held).  With a prompt cache the state after the
+ * prompt is kept when that job runs it, and j then starts from it instead
+ * of running the same prompt beside it: the generations of one request's
+ * "n", or clients sending one prompt at once.  Prompts are told apart by
+ * the hash batcher_submit took, so nothing is compared under mu; two
+ * prompts with one hash cost a turn's wait, not a wrong state, since the
+ * cache compares tokens.  A job waits once: those that waited start
+ * together the next turn, from the state the first left.  Short prompts
+ * cost about as much to run as to restore, and are not cached. */
+static int prompt_taken(const struct batcher *b, struct job *j, struct job *const *gen, int n)
 {
-    if (!b->cache || j->lens[0] < PROMPT_CACHE_MIN)
+    if (!b->cache || j->lens[0] < PROMPT_CACHE_MIN || j->prompt_waited)
         return 0;
     for (int i = 0; i < n; i++)
-        if (gen[i]->ids == j->ids)
-            return 1;
+        if (!gen[i]->prompt_waited && gen[i]->lens[0] == j->lens[0] && gen[i]->prompt_hash == j->prompt_hash)
+            return j->prompt_waited = 1;
     return 0;
 }
 
@@ -581,7 +592,7 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
             end_stream(b, b->n_streams - 1, "out of memory starting a stream");
             continue;
         }
-        int from = have[b->n_streams - 1 - first] = restore_prefix(b, b->n_streams - 1);
+        int from = j->cached_tokens = have[b->n_streams - 1 - first] = restore_prefix(b, b->n_streams - 1);
         if (from < j->lens[0] && j->lens[0] - from <= PREFILL_CHUNK)
             q[batched++] = (struct engine_seq){.tokens = j->ids[0] + from, .len = j->lens[0] - from,
                                                .slot = s->slot,

@@ -66,6 +66,7 @@ struct job {
     size_t text_len;
     enum finish_reason finish;
     int batch_size;        /* sequences in the engine call that ran it */
+    int cached_tokens;     /* generate: prompt tokens the prompt cache supplied */
     int failed;            /* 1: error holds the reason (an engine error: HTTP 500) */
     char error[256];
     int done;
@@ -78,6 +79,8 @@ struct job {
     atomic_int refs;
     struct job *next;      /* queue link, the batcher's */
     int slot;              /* generation slot, the batcher's */
+    uint64_t prompt_hash;  /* generate: its prompt's, when worth caching (the batcher's) */
+    int prompt_waited;     /* generate: waited a turn for its prompt's state (the batcher's) */
     struct timespec submitted, first_token; /* the batcher's, for metrics.h */
 };
 
@@ -118,7 +121,7 @@ void job_release(struct job *j);
 int batcher_failing(struct batcher *b, char *err, size_t errlen);
 
 /* Queues n jobs at once, all or none, so that the batcher finds them
- * together.  0: queued; -1: the queue has no room for n more; -2: the
+ * together (a twin with or after its original).  0: queued; -1: the queue has no room for n more; -2: the
  * batcher is stopping; -3: n is more than the queue ever holds. */
 int batcher_submit(struct batcher *b, struct job *const *jobs, int n);
 int batcher_queue_depth(struct batcher *b);

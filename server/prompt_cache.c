@@ -65,7 +65,7 @@ static uint64_t hash_more(uint64_t h, int32_t token)
     return h;
 }
 
-static uint64_t hash_of(const int32_t *tokens, int n)
+uint64_t prompt_cache_hash(const int32_t *tokens, int n)
 {
     uint64_t h = FNV_OFFSET;
     for (int i = 0; i < n; i++)
@@ -204,7 +204,7 @@ int prompt_cache_put(struct prompt_cache *pc, const int32_t *tokens, int n, cons
                    sizeof *state * (pc->state_len + (size_t)pc->vocab);
     if (n < 1 || bytes > pc->max_bytes)
         return 0;
-    const uint64_t hash = hash_of(tokens, n);
+    const uint64_t hash = prompt_cache_hash(tokens, n);
     if (search(pc, tokens, n, hash, NULL))
         return 0;
     if (pc->count == pc->cap) {

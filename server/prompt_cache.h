@@ -39,5 +39,8 @@ int prompt_cache_find(struct prompt_cache *pc, const int32_t *tokens, int n, flo
 int prompt_cache_put(struct prompt_cache *pc, const int32_t *tokens, int n, const float *state, int position,
                      const float *logits);
 size_t prompt_cache_bytes(const struct prompt_cache *pc);
+/* The hash a lookup gives tokens[0..n) (FNV-1a), for telling sequences
+ * apart without comparing them. */
+uint64_t prompt_cache_hash(const int32_t *tokens, int n);
 
 #endif

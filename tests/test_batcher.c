@@ -24,7 +24,8 @@ struct env {
     struct batcher *b;
 };
 
-static int open_env(void **state, const char *path, int max_batch, int max_queue, long max_wait_us)
+static int open_env(void **state, const char *path, int max_batch, int max_queue, long max_wait_us,
+                    size_t prompt_cache_bytes)
 {
     char err[512];
     struct env *v = calloc(1, sizeof *v);
@@ -35,7 +36,8 @@ static int open_env(void **state, const char *path, int max_batch, int max_queue
     int slots = v->model.cfg.task == TASK_LM ? max_batch + 1 : 0;
     struct engine *e = engine_create(&v->model, v->be, slots, err, sizeof err);
     assert_non_null(e);
-    struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = max_wait_us, .max_queue = max_queue};
+    struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = max_wait_us, .max_queue = max_queue,
+                                  .prompt_cache_bytes = prompt_cache_bytes};
     v->b = batcher_start(&v->model, &v->tk, e, &opt, err, sizeof err);
     if (!v->b)
         fail_msg("batcher: %s", err);
@@ -45,18 +47,18 @@ static int open_env(void **state, const char *path, int max_batch, int max_queue
 
 static int setup_lm(void **state)
 {
-    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000);
+    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 0);
 }
 
 static int setup_cls(void **state)
 {
-    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 2000);
+    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 2000, 0);
 }
 
 /* A long max_wait_us, for the closed-loop test. */
 static int setup_cls_slow(void **state)
 {
-    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 500000);
+    return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 500000, 0);
 }
 
 static int teardown(void **state)
@@ -289,10 +291,40 @@ static void test_twin_shares_the_prompt(void **state)
     job_release(own);
 }
 
+/* With a prompt cache of 1 MB. */
+static int setup_lm_cached(void **state)
+{
+    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 1 << 20);
+}
+
+/* Jobs of different requests with one prompt, queued at once, run it once:
+ * the first runs it and the other waits a turn and starts from its state.
+ * A prompt of the same length but other tokens is run beside the first. */
+static void test_one_prompt_runs_once(void **state)
+{
+    struct env *v = *state;
+    const char *prompt = "the good day, the good day", *other = "the good day, the good dax";
+    struct job *jobs[3] = {gen_job(v, prompt, 1, 4), gen_job(v, prompt, 2, 4), gen_job(v, other, 3, 4)};
+    assert_int_equal(jobs[0]->lens[0], jobs[2]->lens[0]);
+    assert_true(jobs[0]->lens[0] >= 16); /* what the cache keeps */
+    assert_int_equal(batcher_submit(v->b, jobs, 3), 0);
+    for (int i = 0; i < 3; i++) {
+        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
+            ;
+        assert_true(jobs[i]->done && !jobs[i]->failed);
+    }
+    assert_int_equal(jobs[0]->cached_tokens, 0);
+    assert_int_equal(jobs[1]->cached_tokens, jobs[1]->lens[0]);
+    assert_int_equal(jobs[2]->cached_tokens, 0);
+    assert_true(jobs[1]->prompt_waited && !jobs[2]->prompt_waited);
+    for (int i = 0; i < 3; i++)
+        job_release(jobs[i]);
+}
+
 /* One generation slot, room for two jobs in the queue. */
 static int setup_lm_one_slot(void **state)
 {
-    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 1, 2, 2000);
+    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 1, 2, 2000, 0);
 }
 
 /* A request's jobs are queued all or none: while a stream holds the only
@@ -364,6 +396,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_stop_string_ends_generation, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_twin_shares_the_prompt, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_one_prompt_runs_once, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
     };

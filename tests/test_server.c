@@ -693,15 +693,21 @@ static void test_generate_n(void **state)
     assert_true(differ);
     cJSON_Delete(three);
     /* A prompt long enough for the prompt cache runs once: the others
-     * start from its state, and give what they give alone. */
-    const char *cached = "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}";
-    const double cached0 = metric(s->port, cached);
+     * start from its state, all in the turn after it (so the engine runs
+     * one prefill and six steps), and give what they give alone. */
+    const char *cached = "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}",
+               *calls = "rrnserve_batch_size_count{model=\"combo_lstm_lm\"}";
+    const double cached0 = metric(s->port, cached), calls0 = metric(s->port, calls);
     char *body = body_with("combo_lstm_lm", "prompt", "twins, twins and more twins", "\"max_tokens\": 6, \"seed\": 3, \"n\": 4");
     cJSON *four = post(s->port, "/generate", 200, body);
     results = cJSON_GetObjectItem(four, "results");
     const int prompt_tokens = cJSON_GetObjectItem(cJSON_GetArrayItem(results, 0), "prompt_tokens")->valueint;
     assert_int_equal(prompt_tokens, 27);
     assert_true(metric(s->port, cached) - cached0 == 3 * prompt_tokens);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(results, i), "cached_tokens")->valueint,
+                         i ? prompt_tokens : 0);
+    assert_true(metric(s->port, calls) - calls0 == 1 + 6);
     char *alone = body_with("combo_lstm_lm", "prompt", "twins, twins and more twins", "\"max_tokens\": 6, \"seed\": 6");
     cJSON *last = post(s->port, "/generate", 200, alone);
     assert_string_equal(str_of(last, "text"), str_of(cJSON_GetArrayItem(results, 3), "text"));
@@ -1255,14 +1261,18 @@ static int setup_prompt_cache(void **state)
     return 0;
 }
 
-/* A seeded generation on port: its text (to be freed) and prompt tokens. */
-static char *generated(int port, const char *model, const char *prompt, const char *more, int *prompt_tokens)
+/* A seeded generation on port: its text (to be freed), its prompt tokens,
+ * and how many of those the prompt cache supplied (NULL: not wanted). */
+static char *generated(int port, const char *model, const char *prompt, const char *more, int *prompt_tokens,
+                       int *cached_tokens)
 {
     char *body = body_with(model, "prompt", prompt, more);
     cJSON *got = post(port, "/generate", 200, body);
     free(body);
     char *text = strdup(cJSON_GetObjectItem(got, "text")->valuestring);
     *prompt_tokens = cJSON_GetObjectItem(got, "prompt_tokens")->valueint;
+    if (cached_tokens)
+        *cached_tokens = cJSON_GetObjectItem(got, "cached_tokens")->valueint;
     cJSON_Delete(got);
     assert_non_null(text);
     return text;
@@ -1295,17 +1305,19 @@ static void check_prompt_cache(struct server *s, struct server *plain)
         const int chars = strcmp(name, "tok_word_lm") != 0; /* a token a character */
         char series[128];
         snprintf(series, sizeof series, "rrnserve_prompt_cache_tokens_total{model=\"%s\"}", name);
-        int n, n_plain;
+        int n, n_plain, cached;
         double cached0 = metric(s->port, series);
 
         /* The first time the whole prompt runs; the second it is cached. */
-        char *first = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n);
+        char *first = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n, &cached);
         assert_true(metric(s->port, series) == cached0);
-        char *again = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n);
+        assert_int_equal(cached, 0);
+        char *again = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n, &cached);
         assert_true(metric(s->port, series) == cached0 + n);
+        assert_int_equal(cached, n);
         assert_string_equal(again, first);
         if (plain) {
-            char *want = generated(plain->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n_plain);
+            char *want = generated(plain->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n_plain, NULL);
             assert_string_equal(first, want);
             free(want);
         }
@@ -1314,13 +1326,12 @@ static void check_prompt_cache(struct server *s, struct server *plain)
         struct buf next = {0};
         buf_printf(&next, "%s%s%sgood day", prompt.p, first, chars ? "" : " ");
         double cached1 = metric(s->port, series);
-        char *reply = generated(s->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n);
+        char *reply = generated(s->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n, &cached);
         if (chars) /* all but the last generated token ran through the model */
-            assert_true(metric(s->port, series) == cached1 + n - (int)strlen("good day") - 1);
-        else
-            assert_true(metric(s->port, series) > cached1);
+            assert_int_equal(cached, n - (int)strlen("good day") - 1);
+        assert_true(cached > 0 && metric(s->port, series) == cached1 + cached);
         if (plain) {
-            char *want = generated(plain->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n_plain);
+            char *want = generated(plain->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n_plain, NULL);
             assert_string_equal(reply, want);
             free(want);
         }
