@@ -81,7 +81,7 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: all rrnserve deps deps-bench test test-plain test-cpu-only test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+.PHONY: all rrnserve deps deps-bench test test-builds test-plain test-cpu-only test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
 # A CUPTI injection library for the GPU machine, where Nsight Systems makes
 # no report (tools/cupti_trace.c; tools/gpu-run.sh profile): built with the
@@ -124,8 +124,13 @@ deps-bench:
 	@tools/install-deps.sh --bench
 
 # Every test binary runs from the repository root; RRN_BIN tells the CLI
-# tests which binary to drive.
-test: deps
+# tests which binary to drive.  Everything is built first, on every core
+# (five builds of the sources: nvcc's, without CUDA, ASan's, the emulator's
+# and clang's for fuzzing), then the tests run one phase at a time, since
+# some of them time what they see.
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+test: deps deps-fuzz deps-valgrind
+	@$(MAKE) --no-print-directory -j$(NPROC) test-builds
 	@$(MAKE) --no-print-directory test-plain test-cpu-only test-asan test-cuda-emu test-fuzz test-valgrind
 
 # OpenBLAS picks its kernels by the CPU, or by OPENBLAS_CORETYPE where it is
@@ -263,6 +268,14 @@ test-fuzz: deps-fuzz
 
 deps-fuzz:
 	@tools/install-deps.sh --fuzz
+
+# What `make test` builds before it runs anything (after the variables of
+# every build above are set).
+test-builds: rrnserve $(CUPTI_TRACE) $(call test_bins,$(BUILD)) $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan) \
+             $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%) $(FUZZ_BINS)
+ifeq ($(CUDA),1)
+	@$(MAKE) --no-print-directory CUDA=0 build/cpu/rrnserve $(call test_bins,build/cpu)
+endif
 
 # The server tests (tests/test_server.c) with every server they start run
 # under valgrind's memcheck: a definite leak or an invalid access fails them.
