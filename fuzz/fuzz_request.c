@@ -1,7 +1,9 @@
 /* fuzz_request.c - libFuzzer target for the request parsing of every
  * endpoint: the input's first byte picks the handler of server/api.c
- * (byte % 8: classify, score, attention, generate, models, healthz,
- * readyz, metrics) and the rest is the request body.
+ * ((byte - '0') % 10, so that the seeds begin with a digit: classify,
+ * score, attention, generate, models, healthz, readyz, metrics,
+ * completions, the completions API's models) and the rest is the request
+ * body.
  *
  * The handlers run as the server runs them, on a registry opened once over
  * a temporary folder of links to five fixtures of tests/fixtures (so run
@@ -27,8 +29,8 @@ static const char *const models[] = {"plain_lstm_l2_bi_last", "rra_dynamic_w3_l2
                                      "tok_byte"};
 #define N_MODELS (sizeof models / sizeof models[0])
 
-static api_handler *const handlers[] = {api_classify, api_score,   api_attention, api_generate,
-                                        api_models,   api_healthz, api_readyz,    api_metrics};
+static api_handler *const handlers[] = {api_classify, api_score,  api_attention, api_generate,    api_models,
+                                        api_healthz,  api_readyz, api_metrics,   api_completions, api_openai_models};
 
 static char dir[64];
 static struct api api;
@@ -93,8 +95,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size < 1)
         return 0;
     struct reply r = {.batch_size = -1};
-    struct client c = {never_gone, NULL};
-    handlers[data[0] % (sizeof handlers / sizeof handlers[0])](&api, (const char *)data + 1, size - 1, &c, &r);
+    struct client c = {never_gone, NULL, "fuzz"};
+    api_handler *handler = handlers[(uint8_t)(data[0] - '0') % (sizeof handlers / sizeof handlers[0])];
+    handler(&api, (const char *)data + 1, size - 1, &c, &r);
     if (r.status < 200 || r.status > 599 || (!r.stream && !r.body))
         abort();
     if (r.stream) {

@@ -14,15 +14,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistr.h>
 
 #include "api.h"
 #include "batcher.h"
 #include "metrics.h"
 #include "registry.h"
+#include "request_id.h"
 
 #define MAX_TEXTS 256
 #define DEFAULT_MAX_TOKENS 64
+#define OPENAI_DEFAULT_MAX_TOKENS 16 /* the completions API's */
 #define MAX_CHOICES 16 /* generations a /generate request may ask for ("n") */
 /* How often a waiting handler looks at its client's connection. */
 #define WAIT_SLICE_MS 50
@@ -594,7 +597,23 @@ void api_attention(struct api *a, const char *body, size_t len, const struct cli
 
 /* ---- generate ------------------------------------------------------------ */
 
+/* The two ways to ask for a generation: rrnserve's own /generate, and
+ * /v1/completions, the shape of OpenAI's completions API that many clients
+ * and tools speak.  Both make the same jobs and run them the same way;
+ * they differ in a few fields and defaults and in the shape of answers and
+ * stream events. */
+enum dialect { DIALECT_NATIVE, DIALECT_OPENAI };
+
+/* How a generation's answer is shaped: what a stream keeps of its request. */
+struct gen_shape {
+    enum dialect dialect;
+    int include_usage;     /* openai, streaming: a last event with the usage */
+    char id[REQUEST_ID_MAX + 8]; /* openai: the answer's "id", from the request id */
+    long long created;     /* openai: when the request came, in Unix seconds */
+};
+
 struct gen_request {
+    struct gen_shape shape;
     struct sample_params sample;
     long long max_tokens;
     int stream;
@@ -647,12 +666,72 @@ static int get_stops(const struct api *a, const cJSON *req, struct gen_request *
     return 0;
 }
 
+/* "logprobs" and "top_logprobs" (native), or the completions API's
+ * "logprobs": k, the sampled tokens' log-probabilities with the k most
+ * probable tokens beside them. */
+static int get_logprobs(const cJSON *req, struct gen_request *g, struct reply *r)
+{
+    if (g->shape.dialect == DIALECT_NATIVE)
+        return get_bool(req, "logprobs", &g->logprobs, r) != 0 ||
+                       get_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &g->top_logprobs, r) != 0
+                   ? -1
+                   : 0;
+    long long k = -1;
+    if (get_int(req, "logprobs", 0, JOB_MAX_TOP_LOGPROBS, &k, r) != 0)
+        return -1;
+    g->logprobs = k >= 0;
+    g->top_logprobs = k > 0 ? k : 0;
+    return 0;
+}
+
+/* Fields of the completions API that would change the answer and that the
+ * server does not do: refused by name rather than ignored. */
+static int get_openai_extras(const cJSON *req, struct gen_request *g, struct reply *r)
+{
+    static const char *const penalties[] = {"presence_penalty", "frequency_penalty"};
+    const cJSON *echo = field(req, "echo"), *bias = field(req, "logit_bias"), *opts = field(req, "stream_options");
+    long long best_of = g->n;
+    if (echo && !cJSON_IsFalse(echo)) {
+        reply_error(r, 422, "\"echo\" is not supported: the answer holds the generated text only");
+        return -1;
+    }
+    if (field(req, "suffix")) {
+        reply_error(r, 422, "\"suffix\" is not supported: a recurrent model reads its text in one direction");
+        return -1;
+    }
+    for (size_t i = 0; i < sizeof penalties / sizeof *penalties; i++) {
+        double v = 0;
+        if (get_number(req, penalties[i], &v, r) != 0)
+            return -1;
+        if (v != 0) {
+            reply_error(r, 422, "\"%s\" is not supported; leave it out or 0", penalties[i]);
+            return -1;
+        }
+    }
+    if (bias && (!cJSON_IsObject(bias) || bias->child)) {
+        reply_error(r, 422, "\"logit_bias\" is not supported; leave it out or {}");
+        return -1;
+    }
+    if (get_int(req, "best_of", 1, MAX_CHOICES, &best_of, r) != 0)
+        return -1;
+    if (best_of != g->n) {
+        reply_error(r, 422, "\"best_of\" is not supported apart from \"n\"; leave it out or equal to \"n\"");
+        return -1;
+    }
+    if (opts && !cJSON_IsObject(opts)) {
+        reply_error(r, 400, "\"stream_options\" must be an object");
+        return -1;
+    }
+    return opts ? get_bool(opts, "include_usage", &g->shape.include_usage, r) : 0;
+}
+
 /* The sampling fields, with their defaults.  0, or -1 with r set. */
 static int get_generation(const struct api *a, const cJSON *req, struct gen_request *g, struct reply *r)
 {
     double temperature = 1.0, top_p = 1.0;
     long long top_k = 0, seed = -1;
-    g->max_tokens = a->lim.max_tokens < DEFAULT_MAX_TOKENS ? a->lim.max_tokens : DEFAULT_MAX_TOKENS;
+    const int max_tokens = g->shape.dialect == DIALECT_OPENAI ? OPENAI_DEFAULT_MAX_TOKENS : DEFAULT_MAX_TOKENS;
+    g->max_tokens = a->lim.max_tokens < max_tokens ? a->lim.max_tokens : max_tokens;
     g->stream = g->logprobs = 0;
     g->top_logprobs = 0;
     g->n = 1;
@@ -661,9 +740,8 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
         get_int(req, "top_k", 0, INT_MAX, &top_k, r) != 0 ||
         get_int(req, "seed", 0, (long long)MAX_SEED, &seed, r) != 0 ||
         get_stops(a, req, g, r) != 0 || get_bool(req, "stream", &g->stream, r) != 0 ||
-        get_bool(req, "logprobs", &g->logprobs, r) != 0 ||
-        get_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &g->top_logprobs, r) != 0 ||
-        get_int(req, "n", 1, MAX_CHOICES, &g->n, r) != 0)
+        get_logprobs(req, g, r) != 0 || get_int(req, "n", 1, MAX_CHOICES, &g->n, r) != 0 ||
+        (g->shape.dialect == DIALECT_OPENAI && get_openai_extras(req, g, r) != 0))
         return -1;
     if (g->n > 1 && g->stream) {
         reply_error(r, 422, "\"n\" above 1 cannot be streamed; ask with \"stream\": false");
@@ -738,6 +816,28 @@ static struct job *set_generation(struct job *j, const struct served_model *m, c
     return j;
 }
 
+/* "prompt": a string; the completions API's may also be an array of one
+ * (an array of several prompts, or of token ids, is refused). */
+static int get_prompt(const cJSON *req, enum dialect d, struct texts *t, struct reply *r)
+{
+    const cJSON *f = field(req, "prompt");
+    if (d == DIALECT_NATIVE || !cJSON_IsArray(f))
+        return get_texts(req, "prompt", 0, t, r);
+    if (cJSON_GetArraySize(f) != 1) {
+        reply_error(r, 422, "\"prompt\" must be one string (or an array of one): one prompt a request");
+        return -1;
+    }
+    if (!cJSON_IsString(f->child)) {
+        reply_error(r, 400, "\"prompt[0]\" must be a string");
+        return -1;
+    }
+    t->field = "prompt";
+    t->many = 0;
+    t->n = 1;
+    t->s[0] = f->child->valuestring;
+    return 0;
+}
+
 /* The jobs of a generation request, g->n of them, the prompt tokenized
  * once and shared; their seeds follow the first's, so that each is the
  * generation one request with that seed would give.  0, or -1 with r set
@@ -746,7 +846,7 @@ static int generation_jobs(const struct api *a, const struct served_model *m, co
                            struct gen_request *g, struct job **jobs, struct reply *r)
 {
     struct texts t;
-    if (get_texts(req, "prompt", 0, &t, r) != 0 || get_generation(a, req, g, r) != 0 ||
+    if (get_prompt(req, g->shape.dialect, &t, r) != 0 || get_generation(a, req, g, r) != 0 ||
         !(jobs[0] = set_generation(job_new(JOB_GENERATE, 1), m, g, g->sample.seed, r)))
         return -1;
     int n = tokenize(a, m, &t, jobs[0], r) == 0;
@@ -761,11 +861,107 @@ static int generation_jobs(const struct api *a, const struct served_model *m, co
     return -1;
 }
 
+/* ---- the completions API's shapes (DIALECT_OPENAI) -------------------- */
+
+/* What every answer and stream event of a completion begins with. */
+static cJSON *openai_head(const struct gen_shape *g, const char *model)
+{
+    cJSON *o = cJSON_CreateObject();
+    int failed = put(o, "id", cJSON_CreateString(g->id));
+    failed |= put(o, "object", cJSON_CreateString("text_completion"));
+    failed |= put(o, "created", cJSON_CreateNumber((double)g->created));
+    failed |= put(o, "model", cJSON_CreateString(model));
+    return built(o, failed);
+}
+
+/* A choice's "logprobs": of tokens ids[from..from+n) of job j,
+ * {"tokens", "token_logprobs", "top_logprobs"} with each step's
+ * alternatives as {token: logprob}; null when they were not asked for. */
+static cJSON *openai_logprobs(const struct tokenizer *tk, const struct job *j, const int32_t *ids, int from, int n)
+{
+    if (!j->logprobs)
+        return cJSON_CreateNull();
+    cJSON *o = cJSON_CreateObject(), *tokens = cJSON_CreateArray(), *lps = cJSON_CreateArray(),
+          *tops = j->top_logprobs ? cJSON_CreateArray() : cJSON_CreateNull();
+    int failed = !tokens || !lps || !tops;
+    for (int i = from; i < from + n && !failed; i++) {
+        failed |= put(tokens, NULL, token_label(tk, ids[i]));
+        failed |= put(lps, NULL, cJSON_CreateNumber(j->token_logprob[i]));
+        cJSON *top = j->top_logprobs ? cJSON_CreateObject() : NULL;
+        for (int k = 0; top && k < j->top_logprobs && !failed; k++) {
+            const struct token_logprob *t = &j->top[(size_t)i * j->top_logprobs + k];
+            cJSON *label = token_label(tk, t->id);
+            failed |= !label || put(top, label->valuestring, cJSON_CreateNumber(t->logprob));
+            cJSON_Delete(label);
+        }
+        if (j->top_logprobs)
+            failed |= put(tops, NULL, top);
+    }
+    failed |= put(o, "tokens", tokens);
+    failed |= put(o, "token_logprobs", lps);
+    failed |= put(o, "top_logprobs", tops);
+    return built(o, failed);
+}
+
+/* One choice: its index, text (consumed), logprobs (consumed) and finish
+ * reason (NULL: null, the stream's events before the last). */
+static cJSON *openai_choice(int index, cJSON *text, cJSON *logprobs, const char *finish)
+{
+    cJSON *o = cJSON_CreateObject();
+    int failed = put(o, "text", text);
+    failed |= put(o, "index", cJSON_CreateNumber(index));
+    failed |= put(o, "logprobs", logprobs);
+    failed |= put(o, "finish_reason", finish ? cJSON_CreateString(finish) : cJSON_CreateNull());
+    return built(o, failed);
+}
+
+/* "usage" of the n generations of one prompt: the prompt counted once, as
+ * the completions API counts it, and how much of it the cache supplied. */
+static cJSON *openai_usage(struct job *const *jobs, int n)
+{
+    int generated = 0;
+    for (int i = 0; i < n; i++)
+        generated += jobs[i]->n_tokens;
+    cJSON *o = cJSON_CreateObject(), *details = cJSON_CreateObject();
+    int failed = put(o, "prompt_tokens", cJSON_CreateNumber(jobs[0]->lens[0]));
+    failed |= put(o, "completion_tokens", cJSON_CreateNumber(generated));
+    failed |= put(o, "total_tokens", cJSON_CreateNumber(jobs[0]->lens[0] + generated));
+    failed |= put(details, "cached_tokens", cJSON_CreateNumber(jobs[0]->cached_tokens));
+    failed |= put(o, "prompt_tokens_details", details);
+    return built(o, failed);
+}
+
+/* head + "choices" (consumed) + "usage" when jobs is not NULL. */
+static cJSON *openai_object(const struct gen_shape *g, const char *model, cJSON *choices, struct job *const *jobs,
+                            int n)
+{
+    cJSON *o = openai_head(g, model);
+    int failed = put(o, "choices", choices);
+    if (jobs)
+        failed |= put(o, "usage", openai_usage(jobs, n));
+    return built(o, failed);
+}
+
+/* The answer to a completions request that ran its n jobs. */
+static cJSON *openai_answer(const struct served_model *m, const struct gen_shape *g, struct job *const *jobs, int n)
+{
+    cJSON *choices = cJSON_CreateArray();
+    int failed = !choices;
+    for (int i = 0; i < n && !failed; i++) {
+        const struct job *j = jobs[i];
+        failed |= put(choices, NULL,
+                      openai_choice(i, text_string(j->text ? j->text : "", j->text ? j->text_len : 0),
+                                    openai_logprobs(&m->tk, j, j->tokens, 0, j->n_tokens), finish_name(j->finish)));
+    }
+    return failed ? built(choices, 1) : openai_object(g, m->name, choices, jobs, n);
+}
+
 /* ---- Server-Sent Events ----------------------------------------------- */
 
 struct api_stream {
     struct served_model *m;
     struct job *j;
+    struct gen_shape shape;
     struct client client;
     int seen;             /* tokens already turned into events */
     int ended;            /* the last events are in out */
@@ -791,6 +987,19 @@ static int add_event(struct api_stream *s, cJSON *o)
     return rc;
 }
 
+/* A completions stream's event: one choice (consumed, NULL: none, for the
+ * usage event), and the usage when there is no choice. */
+static cJSON *openai_event(const struct api_stream *s, cJSON *choice)
+{
+    cJSON *choices = cJSON_CreateArray();
+    int failed = !choices || (choice && put(choices, NULL, choice));
+    if (failed) {
+        cJSON_Delete(choices);
+        return NULL;
+    }
+    return openai_object(&s->shape, s->m->name, choices, choice ? NULL : &s->j, 1);
+}
+
 /* The event of token `index`: its text joins the text before it as the
  * batcher joins them (words with a space), and a character split over
  * several byte tokens is sent whole with the last of them. */
@@ -812,6 +1021,9 @@ static int token_event(struct api_stream *s, int32_t id, int index)
     size_t used = utf8_clean(s->raw.p, s->raw.len, 0, s->clean, &clean_len);
     memmove(s->raw.p, s->raw.p + used, s->raw.len - used);
     s->raw.len -= used;
+    if (s->shape.dialect == DIALECT_OPENAI)
+        return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(s->clean),
+                                                          openai_logprobs(&s->m->tk, s->j, s->ids, index, 1), NULL)));
     cJSON *o = cJSON_CreateObject();
     int failed = put(o, "token", cJSON_CreateString(s->clean));
     failed |= put(o, "id", cJSON_CreateNumber(id));
@@ -821,6 +1033,30 @@ static int token_event(struct api_stream *s, int32_t id, int index)
         failed |= put_top_logprobs(o, &s->m->tk, s->j, index);
     }
     return add_event(s, built(o, failed));
+}
+
+/* The events after a generation's last token: its outcome and "[DONE]". */
+static int last_events(struct api_stream *s)
+{
+    const struct job *j = s->j;
+    int rc = 0;
+    if (j->failed) {
+        char msg[320];
+        snprintf(msg, sizeof msg, "the engine failed: %s", j->error);
+        cJSON *e = cJSON_CreateObject(), *last = cJSON_CreateObject();
+        int failed = put(e, "code", cJSON_CreateNumber(500));
+        failed |= put(e, "message", cJSON_CreateString(msg));
+        failed |= put(last, "error", e);
+        rc = add_event(s, built(last, failed));
+    } else if (s->shape.dialect == DIALECT_OPENAI) {
+        rc = add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(""), cJSON_CreateNull(),
+                                                        finish_name(j->finish))));
+        if (rc == 0 && s->shape.include_usage)
+            rc = add_event(s, openai_event(s, NULL));
+    } else {
+        rc = add_event(s, generation_result(j));
+    }
+    return rc == 0 && buf_add(&s->out, "data: [DONE]\n\n", 14) == 0 ? 0 : -1;
 }
 
 /* Turns what the job has produced since the last call into events. */
@@ -840,22 +1076,7 @@ static int stream_collect(struct api_stream *s)
     /* Done: the batcher writes nothing more, so the job reads freely. */
     s->ended = 1;
     s->batch_size = j->batch_size;
-    cJSON *last;
-    if (j->failed) {
-        char msg[320];
-        snprintf(msg, sizeof msg, "the engine failed: %s", j->error);
-        cJSON *e = cJSON_CreateObject();
-        last = cJSON_CreateObject();
-        int failed = put(e, "code", cJSON_CreateNumber(500));
-        failed |= put(e, "message", cJSON_CreateString(msg));
-        failed |= put(last, "error", e);
-        last = built(last, failed);
-    } else {
-        last = generation_result(j);
-    }
-    if (add_event(s, last) != 0 || buf_add(&s->out, "data: [DONE]\n\n", 14) != 0)
-        return -1;
-    return 0;
+    return last_events(s);
 }
 
 ssize_t api_stream_read(struct api_stream *s, char *buf, size_t max)
@@ -895,7 +1116,8 @@ void api_stream_free(struct api_stream *s)
 
 /* Submits the job and hands the stream to r; the stream takes over the
  * references to m and j.  0, or -1 with r set (m and j still the caller's). */
-static int start_stream(struct served_model *m, struct job *j, const struct client *c, struct reply *r)
+static int start_stream(struct served_model *m, struct job *j, const struct gen_shape *shape, const struct client *c,
+                        struct reply *r)
 {
     struct api_stream *s = calloc(1, sizeof *s);
     int32_t *ids = malloc(sizeof *ids * (size_t)j->max_tokens);
@@ -910,7 +1132,7 @@ static int start_stream(struct served_model *m, struct job *j, const struct clie
         free(ids);
         return -1;
     }
-    *s = (struct api_stream){.m = m, .j = j, .client = *c, .batch_size = -1, .ids = ids};
+    *s = (struct api_stream){.m = m, .j = j, .shape = *shape, .client = *c, .batch_size = -1, .ids = ids};
     r->status = 200;
     r->stream = s;
     return 0;
@@ -940,25 +1162,43 @@ static cJSON *generation_answers(const struct served_model *m, struct job **jobs
     return built(o, failed);
 }
 
-void api_generate(struct api *a, const char *body, size_t len, const struct client *c, struct reply *r)
+/* /generate and /v1/completions: the jobs, run or streamed, and the
+ * answer in the request's dialect. */
+static void generate(struct api *a, struct gen_request *g, const char *endpoint, const char *body, size_t len,
+                     const struct client *c, struct reply *r)
 {
-    struct gen_request g = {.n = 1};
     struct job *jobs[MAX_CHOICES] = {0};
     cJSON *req = parse_request(body, len, r);
-    struct served_model *m = req ? get_model(a, req, "/generate", TASK_LM, r) : NULL;
-    const int made = m && generation_jobs(a, m, req, &g, jobs, r) == 0;
-    const int n = made ? (int)g.n : 0;
-    if (made && g.stream && start_stream(m, jobs[0], c, r) == 0) {
+    struct served_model *m = req ? get_model(a, req, endpoint, TASK_LM, r) : NULL;
+    const int made = m && generation_jobs(a, m, req, g, jobs, r) == 0;
+    const int n = made ? (int)g->n : 0;
+    if (made && g->stream && start_stream(m, jobs[0], &g->shape, c, r) == 0) {
         m = NULL; /* the stream's now */
         jobs[0] = NULL;
-    } else if (made && !g.stream && run_jobs(m, jobs, n, c, r) == 0) {
-        reply_json(r, 200, n == 1 ? generation_answer(m, jobs[0]) : generation_answers(m, jobs, n));
+    } else if (made && !g->stream && run_jobs(m, jobs, n, c, r) == 0) {
+        reply_json(r, 200, g->shape.dialect == DIALECT_OPENAI ? openai_answer(m, &g->shape, jobs, n)
+                           : n == 1                         ? generation_answer(m, jobs[0])
+                                                            : generation_answers(m, jobs, n));
     }
     for (int i = 0; i < n; i++)
         job_release(jobs[i]);
     if (m)
         served_model_release(m);
     cJSON_Delete(req);
+}
+
+void api_generate(struct api *a, const char *body, size_t len, const struct client *c, struct reply *r)
+{
+    struct gen_request g = {.shape.dialect = DIALECT_NATIVE};
+    generate(a, &g, "/generate", body, len, c, r);
+}
+
+/* The answer's id is the request's, which the log and X-Request-Id carry. */
+void api_completions(struct api *a, const char *body, size_t len, const struct client *c, struct reply *r)
+{
+    struct gen_request g = {.shape = {.dialect = DIALECT_OPENAI, .created = (long long)time(NULL)}};
+    snprintf(g.shape.id, sizeof g.shape.id, "cmpl-%s", c->request_id ? c->request_id : "");
+    generate(a, &g, "/v1/completions", body, len, c, r);
 }
 
 /* ---- models, health, metrics ------------------------------------------- */
@@ -993,6 +1233,34 @@ void api_models(struct api *a, const char *body, size_t len, const struct client
     }
     free(list);
     failed |= put(o, "models", models);
+    reply_json(r, 200, built(o, failed));
+}
+
+/* GET /v1/models: the completions API's list, {"object": "list", "data":
+ * [{"id", "object": "model", "created", "owned_by"}]}, for clients that
+ * look a model up before they use it. */
+void api_openai_models(struct api *a, const char *body, size_t len, const struct client *c, struct reply *r)
+{
+    (void)body, (void)len, (void)c;
+    struct served_model **list = NULL;
+    int n = 0;
+    if (registry_list(a->reg, &list, &n) != 0) {
+        reply_error(r, 500, "out of memory");
+        return;
+    }
+    cJSON *o = cJSON_CreateObject(), *data = cJSON_CreateArray();
+    int failed = put(o, "object", cJSON_CreateString("list"));
+    for (int i = 0; i < n; i++) {
+        cJSON *e = cJSON_CreateObject();
+        int bad = put(e, "id", cJSON_CreateString(list[i]->name));
+        bad |= put(e, "object", cJSON_CreateString("model"));
+        bad |= put(e, "created", cJSON_CreateNumber((double)list[i]->modified));
+        bad |= put(e, "owned_by", cJSON_CreateString("rrnserve"));
+        failed |= put(data, NULL, built(e, bad));
+        served_model_release(list[i]);
+    }
+    free(list);
+    failed |= put(o, "data", data);
     reply_json(r, 200, built(o, failed));
 }
 

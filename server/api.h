@@ -32,10 +32,10 @@ typedef void api_handler(struct api *a, const char *body, size_t len, const stru
                          struct reply *r);
 
 api_handler api_classify, api_generate, api_attention, api_score, api_models, api_healthz, api_readyz,
-    api_metrics;
+    api_metrics, api_completions, api_openai_models;
 
-/* A generation streamed as Server-Sent Events (POST /generate with
- * "stream": true): the HTTP layer pulls its bytes with api_stream_read. */
+/* A generation streamed as Server-Sent Events (POST /generate or
+ * /v1/completions with "stream": true): the HTTP layer pulls its bytes with api_stream_read. */
 
 /* Up to max bytes of the stream into buf, blocking until there are some:
  * the number of bytes, 0 at the end, or -1 when the client went away. */

@@ -71,7 +71,8 @@ static const struct route routes[EP_COUNT] = {
     [EP_ATTENTION] = {"POST", api_attention, 0}, [EP_SCORE] = {"POST", api_score, 0},
     [EP_MODELS] = {"GET", api_models, 0},        [EP_HEALTHZ] = {"GET", api_healthz, 1},
     [EP_READYZ] = {"GET", api_readyz, 1},        [EP_METRICS] = {"GET", api_metrics, 0},
-    [EP_INDEX] = {"GET", serve_page, 1},
+    [EP_INDEX] = {"GET", serve_page, 1},         [EP_COMPLETIONS] = {"POST", api_completions, 0},
+    [EP_OPENAI_MODELS] = {"GET", api_openai_models, 0},
 };
 
 /* A connection, from its accept to its close, for the watchdog. */
@@ -458,7 +459,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (rq->refusal)
         return send_error(rq, 500, "out of memory");
     struct reply r = {.batch_size = -1};
-    struct client client = {connection_gone, conn};
+    struct client client = {connection_gone, conn, rq->id};
     routes[rq->ep].handler(s->api, rq->body ? rq->body : "", rq->body_len, &client, &r);
     return send_reply(rq, &r);
 }

@@ -34,6 +34,7 @@ struct reply {
 struct client {
     int (*gone)(void *arg);
     void *arg;
+    const char *request_id; /* the request's (request_id.h), or NULL */
 };
 
 /* reply_json takes ownership of body (NULL means out of memory: a 500). */

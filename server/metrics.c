@@ -20,7 +20,7 @@ static const char *const paths[EP_COUNT] = {
     [EP_CLASSIFY] = "/classify", [EP_GENERATE] = "/generate", [EP_ATTENTION] = "/attention",
     [EP_SCORE] = "/score",       [EP_MODELS] = "/models",     [EP_HEALTHZ] = "/healthz",
     [EP_READYZ] = "/readyz",     [EP_METRICS] = "/metrics",   [EP_INDEX] = "/",
-    [EP_OTHER] = "other",
+    [EP_COMPLETIONS] = "/v1/completions", [EP_OPENAI_MODELS] = "/v1/models", [EP_OTHER] = "other",
 };
 
 /* Upper bounds of the histogram buckets; +Inf is implied. */

@@ -27,6 +27,8 @@ enum endpoint {
     EP_READYZ,
     EP_METRICS,
     EP_INDEX,
+    EP_COMPLETIONS,
+    EP_OPENAI_MODELS,
     EP_OTHER,
     EP_COUNT
 };

@@ -136,6 +136,7 @@ static int scan(struct registry *r, const struct entry *old, int n_old, struct e
         }
         struct served_model *m = load_model(r, name, path, err, sizeof err);
         if (m) {
+            m->modified = st.st_mtime;
             log_msg("model %s: loaded %s (%s, %s, %zu parameters, sha256 %s; %.1f MB more for token tables and "
                     "packed weights)",
                     name, path, task_name(m->model.cfg.task), cell_name(m->model.cfg.cell), m->model.n_params,

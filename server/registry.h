@@ -11,6 +11,7 @@
 #define RRN_REGISTRY_H
 
 #include <stdatomic.h>
+#include <time.h>
 
 #include "backend.h"
 #include "batcher.h"
@@ -25,6 +26,7 @@ struct served_model {
     struct backend *be;
     struct batcher *batcher;
     size_t derived_bytes; /* what the engine made from the weights (token tables, packed copies) */
+    time_t modified;      /* when its weight file was last written */
     atomic_int refs;
 };
 

@@ -27,6 +27,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../cli/commands.h"
@@ -722,6 +723,171 @@ static void test_generate_n(void **state)
                 cJSON_GetObjectItem(cJSON_GetArrayItem(results, 0), "seed")->valuedouble + 1 ||
                 cJSON_GetObjectItem(cJSON_GetArrayItem(results, 1), "seed")->valuedouble == 0);
     cJSON_Delete(two);
+}
+
+/* The completions API's shape of an answer, with what a /generate answer
+ * with the same fields gives. */
+static void check_completion(const cJSON *got, const cJSON *want, int index, const char *model)
+{
+    const cJSON *choice = cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), index);
+    assert_int_equal(strncmp(str_of(got, "id"), "cmpl-", 5), 0);
+    assert_string_equal(str_of(got, "object"), "text_completion");
+    assert_string_equal(str_of(got, "model"), model);
+    assert_true(fabs(cJSON_GetObjectItem(got, "created")->valuedouble - (double)time(NULL)) < 600);
+    assert_int_equal(cJSON_GetObjectItem(choice, "index")->valueint, index);
+    assert_string_equal(str_of(choice, "text"), str_of(want, "text"));
+    assert_string_equal(str_of(choice, "finish_reason"), str_of(want, "finish_reason"));
+}
+
+/* POST /v1/completions: OpenAI's completions API over the same generation,
+ * so a client of that API gets what /generate gives: texts, n, logprobs
+ * with their alternatives, usage, a stream of chunks; and what it cannot
+ * do is refused by name.  GET /v1/models lists the models. */
+static void test_completions(void **state)
+{
+    struct server *s = *state;
+    /* The API's default max_tokens is 16. */
+    char *body = body_with("combo_lstm_lm", "prompt", "good day", "\"seed\": 7, \"n\": 2, \"logprobs\": 2");
+    cJSON *got = post(s->port, "/v1/completions", 200, body);
+    const cJSON *usage = cJSON_GetObjectItem(got, "usage");
+    assert_int_equal(cJSON_GetObjectItem(usage, "prompt_tokens")->valueint, 8);
+    assert_int_equal(cJSON_GetObjectItem(usage, "completion_tokens")->valueint, 2 * 16);
+    assert_int_equal(cJSON_GetObjectItem(usage, "total_tokens")->valueint, 8 + 2 * 16);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "choices")), 2);
+    for (int i = 0; i < 2; i++) {
+        char more[128];
+        snprintf(more, sizeof more, "\"max_tokens\": 16, \"seed\": %d, \"logprobs\": true, \"top_logprobs\": 2", 7 + i);
+        cJSON *want = generate(s->port, "combo_lstm_lm", more);
+        check_completion(got, want, i, "combo_lstm_lm");
+        const cJSON *lp = cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), i), "logprobs");
+        const cJSON *tokens = cJSON_GetObjectItem(lp, "tokens"), *lps = cJSON_GetObjectItem(lp, "token_logprobs"),
+                    *tops = cJSON_GetObjectItem(lp, "top_logprobs"), *w = cJSON_GetObjectItem(want, "logprobs")->child;
+        assert_int_equal(cJSON_GetArraySize(tokens), 16);
+        assert_int_equal(cJSON_GetArraySize(lps), 16);
+        assert_int_equal(cJSON_GetArraySize(tops), 16);
+        for (int k = 0; k < 16; k++, w = w->next) {
+            assert_string_equal(cJSON_GetArrayItem(tokens, k)->valuestring, str_of(w, "token"));
+            assert_true(cJSON_GetArrayItem(lps, k)->valuedouble == logprob_of(w));
+            const cJSON *top = cJSON_GetArrayItem(tops, k), *wt = cJSON_GetObjectItem(w, "top_logprobs");
+            assert_int_equal(cJSON_GetArraySize(top), 2);
+            for (const cJSON *t = wt->child; t; t = t->next)
+                assert_true(cJSON_GetObjectItem(top, str_of(t, "token"))->valuedouble == logprob_of(t));
+        }
+        cJSON_Delete(want);
+    }
+    cJSON_Delete(got);
+    free(body);
+
+    /* The answer's id is the request's. */
+    struct http_resp idr;
+    http_must_request(s->port, "POST", "/v1/completions", "X-Request-Id: trace-42\r\n",
+                      "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"max_tokens\": 1}", &idr);
+    got = json_of(&idr);
+    assert_string_equal(str_of(got, "id"), "cmpl-trace-42");
+    cJSON_Delete(got);
+    http_resp_free(&idr);
+
+    /* Without logprobs, null; a prompt as an array of one string. */
+    got = post(s->port, "/v1/completions", 200,
+               "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"good day\"], \"max_tokens\": 25, \"seed\": 11, "
+               "\"presence_penalty\": 0, \"best_of\": 1, \"echo\": false, \"logit_bias\": {}}");
+    cJSON *want = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 25, \"seed\": 11");
+    check_completion(got, want, 0, "combo_lstm_lm");
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), 0), "logprobs")));
+
+    /* Streamed: a chunk a token, one with the finish reason, the usage
+     * when asked for, and [DONE]. */
+    struct http_resp r;
+    http_must_request(s->port, "POST", "/v1/completions", "",
+                      "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 25, \"seed\": 11, "
+                      "\"stream\": true, \"stream_options\": {\"include_usage\": true}}",
+                      &r);
+    assert_int_equal(r.status, 200);
+    struct buf joined = {0};
+    int chunks = 0, usages = 0, done = 0;
+    const char *finish = NULL;
+    cJSON *events = cJSON_CreateArray();
+    for (const char *p = r.body.p; (p = strstr(p, "data: ")); p += 6) {
+        const char *end = strstr(p, "\n\n");
+        assert_non_null(end);
+        assert_false(done);
+        if (strncmp(p + 6, "[DONE]", 6) == 0) {
+            done = 1;
+            continue;
+        }
+        cJSON *e = cJSON_ParseWithLength(p + 6, (size_t)(end - p - 6));
+        assert_non_null(e);
+        cJSON_AddItemToArray(events, e);
+        assert_string_equal(str_of(e, "id"), str_of(events->child, "id"));
+        const cJSON *choice = cJSON_GetArrayItem(cJSON_GetObjectItem(e, "choices"), 0);
+        if (!choice) {
+            usages++;
+            assert_non_null(finish);
+            assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(e, "usage"), "completion_tokens")->valueint, 25);
+            continue;
+        }
+        assert_null(finish);
+        assert_int_equal(usages, 0);
+        buf_add(&joined, str_of(choice, "text"), strlen(str_of(choice, "text")));
+        if (cJSON_IsString(cJSON_GetObjectItem(choice, "finish_reason")))
+            finish = str_of(choice, "finish_reason");
+        else
+            chunks++;
+    }
+    assert_true(done);
+    assert_int_equal(chunks, 25);
+    assert_int_equal(usages, 1);
+    assert_string_equal(finish, "length");
+    assert_string_equal(joined.p, str_of(want, "text"));
+    free(joined.p);
+    cJSON_Delete(events);
+    http_resp_free(&r);
+    cJSON_Delete(want);
+    cJSON_Delete(got);
+
+    /* What the API has and the server does not do. */
+    static const struct {
+        const char *more;
+        int status;
+        const char *mention;
+    } refused[] = {
+        {"\"echo\": true", 422, "\"echo\""},
+        {"\"suffix\": \"end\"", 422, "\"suffix\""},
+        {"\"presence_penalty\": 0.5", 422, "\"presence_penalty\""},
+        {"\"frequency_penalty\": -1", 422, "\"frequency_penalty\""},
+        {"\"logit_bias\": {\"1\": 5}", 422, "\"logit_bias\""},
+        {"\"best_of\": 2", 422, "\"best_of\""},
+        {"\"logprobs\": 21", 422, "\"logprobs\""},
+        {"\"logprobs\": true", 400, "\"logprobs\""},
+        {"\"stream_options\": 1", 400, "\"stream_options\""},
+        {"\"stream_options\": {\"include_usage\": 1}", 400, "\"include_usage\""},
+        {"\"n\": 2, \"stream\": true", 422, "\"n\""},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        char *b = body_with("combo_lstm_lm", "prompt", "good day", refused[i].more);
+        expect_error(s->port, "POST", "/v1/completions", "", b, refused[i].status, refused[i].mention);
+        free(b);
+    }
+    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"a\", \"b\"]}",
+                 422, "\"prompt\"");
+    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"combo_lstm_lm\", \"prompt\": [1]}", 400,
+                 "\"prompt[0]\"");
+    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"rra_dynamic_w3_l2_bi\", \"prompt\": \"a\"}",
+                 422, "/v1/completions");
+    expect_error(s->port, "GET", "/v1/completions", "", NULL, 405, NULL);
+    assert_true(metric(s->port, "rrnserve_requests_total{endpoint=\"/v1/completions\",status=\"200\"}") >= 3);
+
+    cJSON *models = get(s->port, "/v1/models", 200);
+    assert_string_equal(str_of(models, "object"), "list");
+    int found = 0;
+    for (const cJSON *m = cJSON_GetObjectItem(models, "data")->child; m; m = m->next) {
+        assert_string_equal(str_of(m, "object"), "model");
+        assert_string_equal(str_of(m, "owned_by"), "rrnserve");
+        assert_true(cJSON_GetObjectItem(m, "created")->valuedouble > 0);
+        found += strcmp(str_of(m, "id"), "combo_lstm_lm") == 0;
+    }
+    assert_int_equal(found, 1);
+    cJSON_Delete(models);
 }
 
 static void test_routing_errors(void **state)
@@ -1645,6 +1811,7 @@ int main(void)
         cmocka_unit_test(test_generate_logprobs),
         cmocka_unit_test(test_generation_metrics),
         cmocka_unit_test(test_generate_n),
+        cmocka_unit_test(test_completions),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_request_ids),
         cmocka_unit_test(test_request_errors),
