@@ -1,0 +1,354 @@
+/* handler.c - what the endpoint handlers are made of (see handler.h).
+ *
+ * Every handler follows the same path: parse the body, look the model up
+ * (a counted reference, released when the request ends), validate and
+ * tokenize, build its jobs, submit them to the model's batcher and wait,
+ * checking between short waits whether the client is still there, then
+ * turn the jobs' outputs into JSON.  Handlers never run a model.
+ */
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistr.h>
+
+#include "handler.h"
+
+/* How often a waiting handler looks at its client's connection. */
+#define WAIT_SLICE_MS 50
+
+/* ---- JSON building: every allocation checked ------------------------- */
+
+int json_put(cJSON *o, const char *key, cJSON *v)
+{
+    if (v && (key ? cJSON_AddItemToObject(o, key, v) : cJSON_AddItemToArray(o, v)))
+        return 0;
+    cJSON_Delete(v);
+    return 1;
+}
+
+cJSON *json_built(cJSON *o, int failed)
+{
+    if (failed || !o) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
+}
+
+/* ---- UTF-8 ------------------------------------------------------------ */
+
+size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen)
+{
+    size_t i = 0, o = 0;
+    while (i < n) {
+        ucs4_t uc;
+        int k = u8_mbtoucr(&uc, (const uint8_t *)in + i, n - i);
+        if (k == -2 && !final)
+            break;
+        if (k > 0 && uc != 0) {
+            memcpy(out + o, in + i, (size_t)k);
+            o += (size_t)k;
+            i += (size_t)k;
+        } else {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        }
+    }
+    out[o] = 0;
+    *outlen = o;
+    return i;
+}
+
+cJSON *json_text(const char *text, size_t n)
+{
+    char *clean = malloc(3 * n + 1);
+    size_t len;
+    if (!clean)
+        return NULL;
+    utf8_clean(text, n, 1, clean, &len);
+    cJSON *s = cJSON_CreateString(clean);
+    free(clean);
+    return s;
+}
+
+/* ---- request parsing ---------------------------------------------------- */
+
+cJSON *request_parse(const char *body, size_t len, struct reply *r)
+{
+    const char *end = NULL;
+    cJSON *req = cJSON_ParseWithLengthOpts(body, len, &end, 0);
+    if (req && end)
+        while (end < body + len && strchr(" \t\r\n", *end))
+            end++;
+    if (!req || end != body + len) {
+        reply_error(r, 400, "the body is not valid JSON");
+    } else if (!cJSON_IsObject(req)) {
+        reply_error(r, 400, "the body must be a JSON object");
+    } else {
+        return req;
+    }
+    cJSON_Delete(req);
+    return NULL;
+}
+
+const cJSON *request_field(const cJSON *req, const char *name)
+{
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(req, name);
+    return cJSON_IsNull(f) ? NULL : f;
+}
+
+int request_int(const cJSON *req, const char *name, long long lo, long long hi, long long *out, struct reply *r)
+{
+    const cJSON *f = request_field(req, name);
+    if (!f)
+        return 0;
+    if (!cJSON_IsNumber(f) || f->valuedouble != floor(f->valuedouble)) {
+        reply_error(r, 400, "\"%s\" must be an integer", name);
+        return -1;
+    }
+    if (f->valuedouble < (double)lo || f->valuedouble > (double)hi) {
+        reply_error(r, 422, "\"%s\" must be from %lld to %lld", name, lo, hi);
+        return -1;
+    }
+    *out = (long long)f->valuedouble;
+    return 0;
+}
+
+int request_number(const cJSON *req, const char *name, double *out, struct reply *r)
+{
+    const cJSON *f = request_field(req, name);
+    if (!f)
+        return 0;
+    if (!cJSON_IsNumber(f) || !isfinite(f->valuedouble)) {
+        reply_error(r, 400, "\"%s\" must be a number", name);
+        return -1;
+    }
+    *out = f->valuedouble;
+    return 0;
+}
+
+int request_bool(const cJSON *req, const char *name, int *out, struct reply *r)
+{
+    const cJSON *f = request_field(req, name);
+    if (!f)
+        return 0;
+    if (!cJSON_IsBool(f)) {
+        reply_error(r, 400, "\"%s\" must be true or false", name);
+        return -1;
+    }
+    *out = cJSON_IsTrue(f);
+    return 0;
+}
+
+struct served_model *request_model(struct api *a, const cJSON *req, const char *endpoint, int task,
+                                   struct reply *r)
+{
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(req, "model");
+    if (!cJSON_IsString(f)) {
+        reply_error(r, 400, "\"model\" must be a string naming a model (GET /models lists them)");
+        return NULL;
+    }
+    struct served_model *m = registry_get(a->reg, f->valuestring);
+    if (!m) {
+        reply_error(r, 404, "there is no model named \"%.200s\" (GET /models lists them)", f->valuestring);
+        return NULL;
+    }
+    if (m->model.cfg.input_dim) {
+        reply_error(r, 422, "model \"%s\" reads vectors, not text; %s needs a model with a tokenizer", m->name,
+                    endpoint);
+        served_model_release(m);
+        return NULL;
+    }
+    if (task >= 0 && (int)m->model.cfg.task != task) {
+        reply_error(r, 422, "model \"%s\" has task \"%s\"; %s needs a model with task \"%s\"", m->name,
+                    task_name(m->model.cfg.task), endpoint, task_name((enum task)task));
+        served_model_release(m);
+        return NULL;
+    }
+    return m;
+}
+
+/* The field name of text i, for messages: "text", "texts[3]", "prompt". */
+static void text_field(const struct texts *t, int i, char *out, size_t len)
+{
+    if (t->many)
+        snprintf(out, len, "%ss[%d]", t->field, i);
+    else
+        snprintf(out, len, "%s", t->field);
+}
+
+int request_texts(const cJSON *req, const char *name, int many_ok, struct texts *t, struct reply *r)
+{
+    char plural[32];
+    snprintf(plural, sizeof plural, "%ss", name);
+    const cJSON *one = request_field(req, name), *many = many_ok ? request_field(req, plural) : NULL;
+    t->field = name;
+    t->many = many != NULL;
+    if (one && many) {
+        reply_error(r, 400, "give either \"%s\" or \"%s\", not both", name, plural);
+        return -1;
+    }
+    if (one) {
+        if (!cJSON_IsString(one)) {
+            reply_error(r, 400, "\"%s\" must be a string", name);
+            return -1;
+        }
+        t->n = 1;
+        t->s[0] = one->valuestring;
+        return 0;
+    }
+    if (!many) {
+        if (many_ok)
+            reply_error(r, 400, "\"%s\" (a string) or \"%s\" (an array of strings) is required", name, plural);
+        else
+            reply_error(r, 400, "\"%s\" (a string) is required", name);
+        return -1;
+    }
+    if (!cJSON_IsArray(many)) {
+        reply_error(r, 400, "\"%s\" must be an array of strings", plural);
+        return -1;
+    }
+    int n = cJSON_GetArraySize(many);
+    if (n < 1 || n > MAX_TEXTS) {
+        reply_error(r, 422, "\"%s\" must hold from 1 to %d texts, not %d", plural, MAX_TEXTS, n);
+        return -1;
+    }
+    t->n = 0;
+    for (const cJSON *e = many->child; e; e = e->next) {
+        if (!cJSON_IsString(e)) {
+            reply_error(r, 400, "\"%s[%d]\" must be a string", plural, t->n);
+            return -1;
+        }
+        t->s[t->n++] = e->valuestring;
+    }
+    return 0;
+}
+
+int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, struct job *j,
+                     struct reply *r)
+{
+    for (int i = 0; i < t->n; i++) {
+        char name[48];
+        size_t len = strlen(t->s[i]), n = 0;
+        text_field(t, i, name, sizeof name);
+        if (len > a->lim.max_text_bytes) {
+            reply_error(r, 422, "\"%s\" is %zu bytes long; the limit is %zu", name, len, a->lim.max_text_bytes);
+            return -1;
+        }
+        if (tokenizer_encode(&m->tk, t->s[i], len, &j->ids[i], &n) != 0) {
+            reply_error(r, 500, "out of memory tokenizing \"%s\"", name);
+            return -1;
+        }
+        if (n == 0) {
+            reply_error(r, 422, "\"%s\" has no tokens for the tokenizer of model \"%s\"", name, m->name);
+            return -1;
+        }
+        j->lens[i] = (int)n;
+    }
+    return 0;
+}
+
+/* ---- running jobs ------------------------------------------------------- */
+
+int job_wait_client(struct job *j, int seen, const struct client *c)
+{
+    while (!job_wait(j, seen, WAIT_SLICE_MS))
+        if (c->gone(c->arg)) {
+            job_cancel(j);
+            return -1;
+        }
+    return 0;
+}
+
+int jobs_submit(const struct served_model *m, struct job *const *jobs, int n, struct reply *r)
+{
+    int rc = batcher_submit(m->batcher, jobs, n);
+    if (rc == -1) {
+        reply_error(r, 503, "model \"%s\" has too many requests queued; retry later", m->name);
+        r->retry_after = 1;
+    } else if (rc == -3) {
+        reply_error(r, 422, "%d generations are more than model \"%s\"'s queue holds (--max-queue)", n, m->name);
+    } else if (rc != 0) {
+        reply_error(r, 503, "the server is shutting down");
+    }
+    return rc == 0 ? 0 : -1;
+}
+
+int jobs_run(const struct served_model *m, struct job **jobs, int n, const struct client *c, struct reply *r)
+{
+    if (jobs_submit(m, jobs, n, r) != 0)
+        return -1;
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        if (rc != 0) {
+            job_cancel(jobs[i]);
+            continue;
+        }
+        if (job_wait_client(jobs[i], INT_MAX, c) != 0) {
+            r->status = HTTP_CLIENT_GONE;
+            rc = -1;
+            continue;
+        }
+        if (jobs[i]->batch_size > r->batch_size)
+            r->batch_size = jobs[i]->batch_size;
+        if (jobs[i]->failed) {
+            reply_error(r, 500, "the engine failed: %s", jobs[i]->error);
+            rc = -1;
+        }
+    }
+    return rc;
+}
+
+/* ---- tokens and their log-probabilities -------------------------------- */
+
+cJSON *token_label(const struct tokenizer *tk, int32_t id)
+{
+    char raw[8], label[16];
+    size_t len = 0;
+    const char *piece = tokenizer_token(tk, id, raw, &len);
+    if (!piece)
+        return cJSON_CreateString("");
+    if (len == 1 && ((unsigned char)piece[0] >= 0x80 || piece[0] == 0)) {
+        snprintf(label, sizeof label, "<0x%02X>", (unsigned char)piece[0]);
+        return cJSON_CreateString(label);
+    }
+    return json_text(piece, len);
+}
+
+cJSON *logprob_entry(const struct tokenizer *tk, int32_t id, float logprob)
+{
+    cJSON *e = cJSON_CreateObject();
+    int failed = json_put(e, "token", token_label(tk, id));
+    failed |= json_put(e, "id", cJSON_CreateNumber(id));
+    failed |= json_put(e, "logprob", cJSON_CreateNumber(logprob));
+    return json_built(e, failed);
+}
+
+int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct job *j, int i)
+{
+    if (j->top_logprobs == 0)
+        return 0;
+    cJSON *top = cJSON_CreateArray();
+    int failed = !top;
+    for (int k = 0; k < j->top_logprobs && !failed; k++) {
+        const struct token_logprob *t = &j->top[(size_t)i * j->top_logprobs + k];
+        failed |= json_put(top, NULL, logprob_entry(tk, t->id, t->logprob));
+    }
+    return json_put(o, "top_logprobs", json_built(top, failed));
+}
+
+cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n, const struct job *top)
+{
+    cJSON *list = cJSON_CreateArray();
+    int failed = !list;
+    for (int k = 0; k < n && !failed; k++) {
+        cJSON *e = logprob_entry(tk, ids[k], lps[k]);
+        if (e && top)
+            failed |= top_logprobs_put(e, tk, top, k);
+        failed |= json_put(list, NULL, e);
+    }
+    return json_built(list, failed);
+}

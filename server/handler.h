@@ -1,0 +1,95 @@
+/* handler.h - what the endpoint handlers of api.c and generate.c are made
+ * of: JSON built with every allocation checked, the request's fields read
+ * and checked (a 400 or 422 naming the field at fault otherwise), texts
+ * tokenized, jobs handed to a model's batcher and waited for while the
+ * client is still there, and tokens with their log-probabilities as JSON.
+ */
+#ifndef RRN_HANDLER_H
+#define RRN_HANDLER_H
+
+#include <cjson/cJSON.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "api.h"
+#include "batcher.h"
+#include "registry.h"
+
+#define MAX_TEXTS 256
+
+/* The texts of a request, borrowed from its parsed JSON. */
+struct texts {
+    int n;
+    int many;               /* given as an array ("texts"), not one string */
+    const char *field;      /* "text" or "prompt" */
+    const char *s[MAX_TEXTS];
+};
+
+/* ---- JSON building ---- */
+
+/* Adds v (NULL when its allocation failed) to object o under key, or to
+ * array o when key is NULL; on failure v is freed.  Returns 0 or 1 (failed),
+ * so callers can OR the results and check once. */
+int json_put(cJSON *o, const char *key, cJSON *v);
+/* o when nothing failed, else NULL (o freed). */
+cJSON *json_built(cJSON *o, int failed);
+/* Writes the UTF-8 of in[0..n) to out with every invalid byte, and NUL,
+ * replaced by U+FFFD, so any text is a valid JSON string.  An incomplete
+ * sequence at the end is left for the next call unless final.  out needs
+ * room for 3n + 1 bytes.  Returns the number of input bytes consumed. */
+size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen);
+/* A JSON string of n bytes of text, cleaned as utf8_clean does. */
+cJSON *json_text(const char *text, size_t n);
+
+/* ---- the request's fields: 0, or -1 with the error in r ---- */
+
+/* The request object, or NULL with a 400 in r. */
+cJSON *request_parse(const char *body, size_t len, struct reply *r);
+/* An optional field: NULL when absent or null. */
+const cJSON *request_field(const cJSON *req, const char *name);
+/* Optional fields, left at their defaults when absent: an integer in
+ * [lo, hi] (400 when not an integer, 422 out of range), a finite number
+ * (the caller checks its range), true or false. */
+int request_int(const cJSON *req, const char *name, long long lo, long long hi, long long *out, struct reply *r);
+int request_number(const cJSON *req, const char *name, double *out, struct reply *r);
+int request_bool(const cJSON *req, const char *name, int *out, struct reply *r);
+/* The model the request names, of the task the endpoint needs (task < 0:
+ * any), a reference for the caller to release; NULL with a 400, 404 or 422
+ * in r. */
+struct served_model *request_model(struct api *a, const cJSON *req, const char *endpoint, int task,
+                                   struct reply *r);
+/* The request's text: the string field `name`, or when many_ok, instead an
+ * array of 1..MAX_TEXTS strings under `name` + "s". */
+int request_texts(const cJSON *req, const char *name, int many_ok, struct texts *t, struct reply *r);
+/* Tokenizes every text into the job's inputs (422: too long, no tokens). */
+int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, struct job *j,
+                     struct reply *r);
+
+/* ---- running jobs ---- */
+
+/* Waits for news of job j (job_wait), cancelling it and returning -1 when
+ * the client goes away meanwhile. */
+int job_wait_client(struct job *j, int seen, const struct client *c);
+/* 0 when the model's batcher took the n jobs, else -1 with a 503 (or 422:
+ * more than its queue ever holds) in r. */
+int jobs_submit(const struct served_model *m, struct job *const *jobs, int n, struct reply *r);
+/* Submits n jobs and waits for them all: 0 when they ran, else -1 with r
+ * set.  A client that leaves cancels what has not finished, and a job that
+ * fails the ones not yet waited for. */
+int jobs_run(const struct served_model *m, struct job **jobs, int n, const struct client *c, struct reply *r);
+
+/* ---- tokens and their log-probabilities ---- */
+
+/* A token as people read it: its text, or <0xNN> for a byte that is not
+ * text on its own (a piece of a multi-byte character, or NUL). */
+cJSON *token_label(const struct tokenizer *tk, int32_t id);
+/* {"token", "id", "logprob"}, NULL when out of memory. */
+cJSON *logprob_entry(const struct tokenizer *tk, int32_t id, float logprob);
+/* Generated token i's alternatives, most probable first, as
+ * "top_logprobs" of o when job j asked for them. */
+int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct job *j, int i);
+/* An entry for each of n tokens, ids[k] with its log-probability lps[k]
+ * and, when top is a generation that asked for them, its alternatives. */
+cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n, const struct job *top);
+
+#endif
