@@ -5,9 +5,10 @@
 # docs/reliability.md.
 #
 # Build first: make rrnserve build/cpu/bench/loadgen (or build/cuda/...).
-# 64 keep-alive clients in all, five bench/loadgen processes at once:
+# 72 keep-alive clients in all, six bench/loadgen processes at once:
 # /classify 16 clients, /generate 12 (some with n 4 and log-probabilities),
-# /generate streamed 12, /score 12, /attention 12, on fixture models (and
+# /generate streamed 12, /v1/completions 8 (whole and streamed), /score
+# 12, /attention 12, on fixture models (and
 # models/sentiment.safetensors when it exists).  --max-queue 16 makes the server refuse some work with 503 under
 # this load, so the refusal path is soaked too; every other error status is
 # a failure.  Every 10 s it samples the server's VmRSS, open fds and
@@ -58,6 +59,10 @@ EOF
 cat >"$out/stream.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": "good day", "max_tokens": 48, "seed": {{seq}}, "stream": true}
 {"model": "tok_word_lm", "prompt": "it is a good", "max_tokens": 24, "seed": {{seq}}, "stream": true, "logprobs": true, "top_logprobs": 2}
+EOF
+cat >"$out/completions.txt" <<'EOF'
+{"model": "combo_lstm_lm", "prompt": ["the "], "max_tokens": 24, "seed": {{seq}}, "n": 2, "logprobs": 2}
+{"model": "tok_word_lm", "prompt": "hello world", "max_tokens": 12, "seed": {{seq}}, "stream": true, "stream_options": {"include_usage": true}}
 EOF
 cat >"$out/score.txt" <<'EOF'
 {"model": "tok_word_lm", "text": "the world is a good place {{seq}}"}
@@ -111,6 +116,8 @@ run generate generate 12
 pids="$pids $!"
 run stream generate 12
 pids="$pids $!"
+run completions v1/completions 8
+pids="$pids $!"
 run score score 12
 pids="$pids $!"
 run attention attention 12
@@ -134,7 +141,7 @@ server_pid=
 wait "$filter_pid"
 
 echo "loadgen results:"
-for n in classify generate stream score attention; do
+for n in classify generate stream completions score attention; do
     printf '  %-9s %s\n' "$n" "$(cat "$out/$n.json")"
 done
 echo "server log, requests by status:"
