@@ -9,10 +9,12 @@
  * the last batch had) only while no stream is running, so batching never
  * delays a stream's next token.  A stream's prompt starts from the longest
  * prefix of it in the model's prompt cache (prompt_cache.h); the states
- * after each prompt and each ended stream go into it, and a job whose
+ * after each prompt (and at its block boundaries, prefill_stop) and each
+ * ended stream go into it, and a job whose
  * prompt another job admitted in the same turn is running waits a turn to
  * start from its state (prompt_taken).
  */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +25,8 @@
 #include "metrics.h"
 #include "prompt_cache.h"
 
-#define PREFILL_CHUNK 4096 /* prompt tokens per engine call */
+#define PREFILL_CHUNK 4096 /* prompt tokens per engine call, at most */
+#define PREFIX_BLOCK 256   /* and at first, so that the cache keeps states there */
 /* Shorter sequences are not cached: running the model over them costs
  * about what restoring a state does. */
 #define PROMPT_CACHE_MIN 16
@@ -557,6 +560,61 @@ static int restore_prefix(struct batcher *b, int i)
     return have;
 }
 
+/* Where the prefill of a prompt of len tokens stops next after position
+ * at: the next point whose state the prompt cache keeps, every
+ * PREFIX_BLOCK tokens up to PREFILL_CHUNK and every PREFILL_CHUNK after, so
+ * that prompts which begin alike and end apart (a long instruction or a
+ * few examples, then each its own question) find the state where their
+ * common beginning ends, give or take a block.  Each stop costs an engine
+ * call, and a long prompt keeps an entry at each. */
+static int prefill_stop(int at, int len)
+{
+    const int block = at < PREFILL_CHUNK ? PREFIX_BLOCK : PREFILL_CHUNK;
+    const int stop = (at / block + 1) * block;
+    return stop < len ? stop : len;
+}
+
+/* Runs the prompts of streams first.. from where each stands (at[i -
+ * first] tokens in, restored from the cache or not) to its end, keeping
+ * the state at each stop, and leaves each stream's logits after its prompt
+ * in its row.  An engine call takes slots that are all at one position, so
+ * each round runs the prompts that stand at the lowest position left, up
+ * to their next stops: prompts from the start go together, block by
+ * block, and one restored midway joins them at its first stop.  0, or the
+ * engine's error. */
+static int prefill(struct batcher *b, int first, int *at, struct engine_seq *q, int *runs, char *err, size_t errlen)
+{
+    const int V = b->m->head_out;
+    for (;;) {
+        int pos = INT_MAX, n = 0;
+        for (int i = first; i < b->n_streams; i++)
+            if (at[i - first] < b->streams[i].job->lens[0] && at[i - first] < pos)
+                pos = at[i - first];
+        if (pos == INT_MAX)
+            return 0;
+        for (int i = first; i < b->n_streams; i++) {
+            const struct job *j = b->streams[i].job;
+            if (at[i - first] != pos || pos >= j->lens[0])
+                continue;
+            runs[n] = i;
+            q[n++] = (struct engine_seq){.tokens = j->ids[0] + pos, .len = prefill_stop(pos, j->lens[0]) - pos,
+                                         .slot = b->streams[i].slot, .last_logits = b->logits + (size_t)i * V};
+        }
+        int rc = engine_forward(b->e, q, n, err, errlen);
+        note_engine(b, rc, err);
+        if (rc != 0)
+            return rc;
+        metrics_batch(b->metrics, n);
+        for (int k = 0; k < n; k++) {
+            struct job *j = b->streams[runs[k]].job;
+            at[runs[k] - first] += q[k].len;
+            cache_state(b, runs[k], j->ids[0], at[runs[k] - first]);
+            if (j->batch_size < n)
+                j->batch_size = n;
+        }
+    }
+}
+
 /* Prefill the prompts of new streams and sample their first tokens. */
 static void start_streams(struct batcher *b, struct job **jobs, int n)
 {
@@ -564,8 +622,7 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
     const int V = b->m->head_out;
     int first = b->n_streams;
     struct engine_seq *q = calloc((size_t)n, sizeof *q);
-    int *have = calloc((size_t)n, sizeof *have); /* prompt tokens from the cache, by stream - first */
-    int batched = 0;
+    int *at = calloc((size_t)n, sizeof *at), *runs = calloc((size_t)n, sizeof *runs);
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     for (int i = 0; i < n; i++) {
@@ -588,42 +645,20 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
             j->top = malloc(sizeof *j->top * ((size_t)j->max_tokens * (size_t)j->top_logprobs + 1));
         }
         pthread_mutex_unlock(&j->mu);
-        if (!q || !have || s->slot < 0 || !j->tokens || !j->text || (j->logprobs && (!j->token_logprob || !j->top))) {
+        if (!q || !at || !runs || s->slot < 0 || !j->tokens || !j->text ||
+            (j->logprobs && (!j->token_logprob || !j->top))) {
             end_stream(b, b->n_streams - 1, "out of memory starting a stream");
             continue;
         }
-        int from = j->cached_tokens = have[b->n_streams - 1 - first] = restore_prefix(b, b->n_streams - 1);
-        if (from < j->lens[0] && j->lens[0] - from <= PREFILL_CHUNK)
-            q[batched++] = (struct engine_seq){.tokens = j->ids[0] + from, .len = j->lens[0] - from,
-                                               .slot = s->slot,
-                                               .last_logits = b->logits + (size_t)(b->n_streams - 1) * V};
+        j->cached_tokens = at[b->n_streams - 1 - first] = restore_prefix(b, b->n_streams - 1);
     }
-    /* Short prompts together, long ones chunk by chunk. */
-    int rc = batched ? engine_forward(b->e, q, batched, err, sizeof err) : 0, calls = batched > 0;
-    for (int i = first; rc == 0 && i < b->n_streams; i++) {
-        struct job *j = b->streams[i].job;
-        int from = have[i - first];
-        for (int at = from; rc == 0 && j->lens[0] - from > PREFILL_CHUNK && at < j->lens[0]; at += PREFILL_CHUNK) {
-            int len = j->lens[0] - at < PREFILL_CHUNK ? j->lens[0] - at : PREFILL_CHUNK;
-            struct engine_seq one = {.tokens = j->ids[0] + at, .len = len, .slot = b->streams[i].slot,
-                                     .last_logits = b->logits + (size_t)i * V};
-            rc = engine_forward(b->e, &one, 1, err, sizeof err);
-            calls++;
-        }
-    }
-    if (calls)
-        note_engine(b, rc, err);
-    if (rc == 0)
-        metrics_batch(b->metrics, batched);
+    int rc = b->n_streams > first ? prefill(b, first, at, q, runs, err, sizeof err) : 0;
     for (int i = b->n_streams - 1; i >= first; i--) {
         struct stream *s = &b->streams[i];
         if (rc != 0) {
             end_stream(b, i, err);
             continue;
         }
-        if (have[i - first] < s->job->lens[0])
-            cache_state(b, i, s->job->ids[0], s->job->lens[0]);
-        s->job->batch_size = batched;
         metrics_count(b->metrics, COUNT_TOKENS, 1);
         if (next_token(b, s, b->logits + (size_t)i * V))
             end_stream(b, i, NULL);
@@ -631,7 +666,8 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
     if (rc != 0)
         log_msg("engine error prefilling %d prompts: %s", n, err);
     free(q);
-    free(have);
+    free(at);
+    free(runs);
 }
 
 /* One token for every running stream. */

@@ -8,9 +8,11 @@
  * where a transformer's key-value cache grows with it.  An entry is a token
  * sequence, the state after it, the slot's position, and the logits of the
  * token after it.  The batcher keeps the state after each prompt it
- * prefills and after each stream that ends (its prompt and the tokens it
- * generated), so a request that repeats a prompt, or that continues a
- * conversation with the text generated before, skips the tokens seen.
+ * prefills, at block boundaries on the way through a long one, and after
+ * each stream that ends (its prompt and the tokens it generated), so a
+ * request that repeats a prompt, continues a conversation with the text
+ * generated before, or begins as another prompt did, skips the tokens
+ * seen.
  * When the bytes pass the limit, entries go least recently used first,
  * those never found again before those found again (prompt_cache.c).
  * Only the batcher's thread uses a model's cache: there is no lock.

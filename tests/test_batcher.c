@@ -321,6 +321,36 @@ static void test_one_prompt_runs_once(void **state)
         job_release(jobs[i]);
 }
 
+/* A prompt that continues a cached one and a new prompt, started in the
+ * same turn, are prefilled from different positions: each gives what it
+ * gives alone. */
+static void test_prefill_from_different_positions(void **state)
+{
+    struct env *v = *state;
+    const char *first = "the good day, the good day", *more = "the good day, the good day and a nice day";
+    struct job *warm = gen_job(v, first, 1, 1);
+    run_to_end(v, warm);
+    struct job *jobs[2] = {gen_job(v, more, 2, 6), gen_job(v, "a nice day, a nice day!", 3, 6)};
+    assert_int_equal(batcher_submit(v->b, jobs, 2), 0);
+    for (int i = 0; i < 2; i++) {
+        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
+            ;
+        assert_true(jobs[i]->done);
+        if (jobs[i]->failed)
+            fail_msg("job %d failed: %s", i, jobs[i]->error);
+    }
+    assert_int_equal(jobs[0]->cached_tokens, warm->lens[0]);
+    assert_int_equal(jobs[1]->cached_tokens, 0);
+    for (int i = 0; i < 2; i++) {
+        struct job *alone = gen_job(v, i ? "a nice day, a nice day!" : more, (uint64_t)(2 + i), 6);
+        run_to_end(v, alone);
+        assert_memory_equal(alone->tokens, jobs[i]->tokens, 6 * sizeof *alone->tokens);
+        job_release(alone);
+        job_release(jobs[i]);
+    }
+    job_release(warm);
+}
+
 /* One generation slot, room for two jobs in the queue. */
 static int setup_lm_one_slot(void **state)
 {
@@ -397,6 +427,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_twin_shares_the_prompt, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_one_prompt_runs_once, setup_lm_cached, teardown),
+        cmocka_unit_test_setup_teardown(test_prefill_from_different_positions, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
     };

@@ -1501,6 +1501,28 @@ static void check_prompt_cache(struct server *s, struct server *plain)
             assert_string_equal(reply, want);
             free(want);
         }
+        /* Two prompts that begin alike and end apart: the second starts
+         * from the state at the last block boundary (256 tokens) within
+         * their common beginning, which the first left on its way. */
+        struct buf common = {0}, one = {0}, other = {0};
+        for (int i = 0; i < 24; i++)
+            buf_printf(&common, "a nice %s day ", m % 2 ? "long" : "fine");
+        buf_printf(&one, "%sthe end", common.p);
+        buf_printf(&other, "%swhat a day", common.p);
+        char *text_one = generated(s->port, name, one.p, "\"max_tokens\": 8, \"seed\": 5", &n, &cached);
+        char *text_other = generated(s->port, name, other.p, "\"max_tokens\": 8, \"seed\": 5", &n, &cached);
+        if (chars)
+            assert_int_equal(cached, 256);
+        if (plain) {
+            char *want = generated(plain->port, name, other.p, "\"max_tokens\": 8, \"seed\": 5", &n_plain, NULL);
+            assert_string_equal(text_other, want);
+            free(want);
+        }
+        free(text_one);
+        free(text_other);
+        free(common.p);
+        free(one.p);
+        free(other.p);
         free(first);
         free(again);
         free(reply);
