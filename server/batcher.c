@@ -3,16 +3,15 @@
  * generation (see batcher.h for the contract).
  *
  * The loop, each turn: admit queued generation jobs into free slots and
- * prefill their prompts together; advance every running stream by one
- * token with one engine_step; run the queued forward jobs as one batch.
- * Forward jobs wait up to max_wait_us for company (as many sequences as
- * the last batch had) only while no stream is running, so batching never
- * delays a stream's next token.  A stream's prompt starts from the longest
- * prefix of it in the model's prompt cache (prompt_cache.h); the states
- * after each prompt (and at its block boundaries, prefill_stop) and each
- * ended stream go into it, and a job whose
- * prompt another job admitted in the same turn is running waits a turn to
- * start from its state (prompt_taken).
+ * prefill their prompts together; advance every running stream by one token
+ * with one engine_step; run the queued forward jobs as one batch.  Forward
+ * jobs wait up to max_wait_us for company (as many sequences as the last
+ * batch had) only while no stream is running, so batching never delays a
+ * stream's next token.  A stream's prompt starts from the longest prefix of
+ * it in the model's prompt cache (prompt_cache.h); the states after each
+ * prompt (and at its block boundaries, prefill_stop) and each ended stream
+ * go into it, and a job whose prompt another job admitted in the same turn
+ * is running waits a turn to start from its state (prompt_taken).
  */
 #include <limits.h>
 #include <stdio.h>
