@@ -1,21 +1,27 @@
 /* cmd_run.c - `rrnserve run`: a model applied to text from the command line.
  *
  * Prints one JSON object per text: for a classifier the label and the class
- * probabilities, for a regression its outputs, for a language model the log-probability of the text
- * (tokens 2..n given their prefixes), the number of tokens scored and bits
- * per token.  --jsonl reads {"text": ...} lines and runs them through the
- * engine in batches, one result line per input line; a bad line gets an
- * {"error": ...} line in its place, and the exit status says so.
+ * probabilities, for a regression its outputs, for a language model the
+ * log-probability of the text (tokens 2..n given their prefixes), the
+ * number of tokens scored and bits per token.  --jsonl reads {"text": ...}
+ * lines and runs them through the engine in batches, one result line per
+ * input line; a bad line gets an {"error": ...} line in its place, and the
+ * exit status says so.  --generate samples text after a prompt through the
+ * model's batcher, as the server does, so that a seed gives the text that
+ * POST /generate gives.
  */
 #include <cjson/cJSON.h>
 #include <getopt.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "batcher.h"
 #include "commands.h"
 #include "engine.h"
+#include "handler.h"
 #include "tokenizer.h"
 
 struct runner {
@@ -50,7 +56,9 @@ static int runner_open(struct runner *r, const char *path, enum device_kind dev,
     if (tokenizer_init(&r->tk, &r->model.cfg, err, sizeof err) != 0 ||
         !(r->be = backend_create(dev, err, sizeof err)) || backend_set_precision(r->be, prec, err, sizeof err) != 0 ||
         backend_set_recurrence(r->be, rec, err, sizeof err) != 0 ||
-        !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? 1 : 0, err, sizeof err))) {
+        /* Language models: a slot for long texts, and one for --generate's
+         * batcher (one stream and its long-text slot). */
+        !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? 2 : 0, err, sizeof err))) {
         fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
         return -1;
     }
@@ -264,16 +272,112 @@ static int run_jsonl(struct runner *r, const char *path, int batch)
     return !items || failed || read_error ? 1 : 0;
 }
 
+/* --generate's settings, the fields of POST /generate. */
+struct generation {
+    struct sample_params sample;
+    int seeded;
+    int max_tokens;
+    const char *stop[JOB_MAX_STOP];
+    int n_stop;
+};
+
+/* A generation's answer, as POST /generate gives it. */
+static cJSON *generation_result(const struct job *j)
+{
+    char seed[24];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)j->sample.seed);
+    cJSON *o = cJSON_CreateObject();
+    int failed = json_put(o, "text", json_text(j->text, j->text_len));
+    failed |= json_put(o, "tokens", cJSON_CreateNumber(j->n_tokens));
+    failed |= json_put(o, "prompt_tokens", cJSON_CreateNumber(j->lens[0]));
+    failed |= json_put(o, "finish_reason", cJSON_CreateString(j->finish == FINISH_STOP ? "stop" : "length"));
+    failed |= json_put(o, "seed", cJSON_CreateRaw(seed));
+    return json_built(o, failed);
+}
+
+/* Samples text after prompt with the model's batcher (one stream, no
+ * prompt cache), which takes the engine over; prints the answer.  0, or 1
+ * with the reason on standard error. */
+static int run_generate(struct runner *r, const char *prompt, struct generation *g)
+{
+    char err[512] = "";
+    struct job *j = NULL;
+    struct batcher *b = NULL;
+    if (r->model.cfg.task != TASK_LM || config_directions(&r->model.cfg) != 1) {
+        snprintf(err, sizeof err, "--generate needs a language model that reads one way (this one: task %s%s)",
+                 task_name(r->model.cfg.task), r->model.cfg.task == TASK_LM ? ", bidirectional" : "");
+    } else if (!g->seeded && sample_seed_random(&g->sample.seed) != 0) {
+        snprintf(err, sizeof err, "no random seed could be drawn");
+    } else if (!(j = job_new(JOB_GENERATE, 1))) {
+        snprintf(err, sizeof err, "out of memory");
+    } else {
+        size_t n = 0;
+        if (tokenizer_encode(&r->tk, prompt, strlen(prompt), &j->ids[0], &n) != 0)
+            snprintf(err, sizeof err, "out of memory tokenizing the prompt");
+        else if (n == 0)
+            snprintf(err, sizeof err, "the prompt has no tokens");
+        j->lens[0] = (int)n;
+        j->sample = g->sample;
+        j->max_tokens = g->max_tokens;
+        for (int i = 0; !err[0] && i < g->n_stop; i++)
+            if (!(j->stop[j->n_stop++] = strdup(g->stop[i])))
+                snprintf(err, sizeof err, "out of memory");
+    }
+    if (!err[0]) {
+        struct batcher_options opt = {.max_batch = 1, .max_wait_us = 0, .max_queue = 1};
+        b = batcher_start(&r->model, &r->tk, r->engine, &opt, err, sizeof err);
+        r->engine = NULL; /* the batcher's, even when it did not start */
+    }
+    if (b && batcher_submit(b, &j, 1) != 0)
+        snprintf(err, sizeof err, "the model refused the generation");
+    else if (b)
+        while (!job_wait(j, INT_MAX, 1000))
+            ;
+    if (!err[0] && j->failed)
+        snprintf(err, sizeof err, "%s", j->error);
+    cJSON *o = err[0] ? NULL : generation_result(j);
+    if (!err[0] && !o)
+        snprintf(err, sizeof err, "out of memory");
+    if (o)
+        print_json(o);
+    else
+        fprintf(stderr, "rrnserve run: %s\n", err);
+    job_release(j);
+    batcher_stop(b);
+    return o ? 0 : 1;
+}
+
+/* A number option in [lo, hi]: 0, or -1 with the reason on standard
+ * error (integer: whole numbers only). */
+static int number_option(const char *name, const char *arg, double lo, double hi, int integer, double *out)
+{
+    char *end;
+    double v = strtod(arg, &end);
+    if (end == arg || *end || !isfinite(v) || v < lo || v > hi || (integer && v != floor(v))) {
+        fprintf(stderr, "rrnserve run: --%s must be %s from %g to %g, not '%s'\n", name,
+                integer ? "an integer" : "a number", lo, hi, arg);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 static void run_usage(FILE *out)
 {
-    fputs("usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH) [--device cpu|cuda|auto]\n"
-          "                    [--precision fp32|tf32|bf16] [--recurrence gemm|fused] [--batch N]\n"
+    fputs("usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH | --generate PROMPT)\n"
+          "                    [--device cpu|cuda|auto] [--precision fp32|tf32|bf16] [--recurrence gemm|fused]\n"
+          "                    [--batch N] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
+          "                    [--seed S] [--stop STRING]...\n"
           "\n"
           "Applies the model of FILE (a .safetensors weight file) to text and prints JSON: a\n"
-          "classifier's label and probabilities, a language model's log-probability and bits per char.\n"
+          "classifier's label and probabilities, a language model's log-probability and bits per char,\n"
+          "or text a language model generates after a prompt (as POST /generate answers: api.md).\n"
           "  --text T        one text\n"
           "  --file PATH     the whole of a file as one text (- for standard input)\n"
           "  --jsonl PATH    one {\"text\": ...} object a line (- for standard input), one result line each\n"
+          "  --generate P    sample text after the prompt P; with --max-tokens (default 64),\n"
+          "                  --temperature (1; 0 is greedy), --top-k (0: all), --top-p (1), --seed\n"
+          "                  (default: random, printed) and up to 4 --stop strings\n"
           "  --device D      cpu (default), cuda, or auto (CUDA when a GPU is present)\n"
           "  --precision P   fp32 (default), or tf32 or bf16 for tensor-core matrix products on cuda\n"
           "  --recurrence R  gemm (default), or fused: each step's recurrent product in its cell kernel\n"
@@ -288,9 +392,15 @@ int cmd_run(int argc, char **argv)
         {"jsonl", required_argument, NULL, 'j'}, {"device", required_argument, NULL, 'd'},
         {"batch", required_argument, NULL, 'b'}, {"precision", required_argument, NULL, 'p'},
         {"recurrence", required_argument, NULL, 'r'}, {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"generate", required_argument, NULL, 'g'}, {"max-tokens", required_argument, NULL, 'm'},
+        {"temperature", required_argument, NULL, 'T'}, {"top-k", required_argument, NULL, 'k'},
+        {"top-p", required_argument, NULL, 'P'}, {"seed", required_argument, NULL, 's'},
+        {"stop", required_argument, NULL, 'S'}, {NULL, 0, NULL, 0},
     };
-    const char *text = NULL, *file = NULL, *jsonl = NULL;
+    const char *text = NULL, *file = NULL, *jsonl = NULL, *prompt = NULL;
+    struct generation g = {.sample = {.temperature = 1.0f, .top_p = 1.0f}, .max_tokens = 64};
+    int sampling = 0; /* options that only --generate reads */
+    double v;
     enum device_kind dev = DEVICE_CPU;
     enum precision prec = PRECISION_FP32;
     enum recurrence rec = RECURRENCE_GEMM;
@@ -301,6 +411,46 @@ int cmd_run(int argc, char **argv)
         case 't': text = optarg; sources++; break;
         case 'f': file = optarg; sources++; break;
         case 'j': jsonl = optarg; sources++; break;
+        case 'g': prompt = optarg; sources++; break;
+        case 'm':
+            if (number_option("max-tokens", optarg, 1, 1 << 20, 1, &v) != 0)
+                return 2;
+            g.max_tokens = (int)v;
+            sampling++;
+            break;
+        case 'T':
+            if (number_option("temperature", optarg, 0, 1e6, 0, &v) != 0)
+                return 2;
+            g.sample.temperature = (float)v;
+            sampling++;
+            break;
+        case 'k':
+            if (number_option("top-k", optarg, 0, INT_MAX, 1, &v) != 0)
+                return 2;
+            g.sample.top_k = (int)v;
+            sampling++;
+            break;
+        case 'P':
+            if (number_option("top-p", optarg, 1e-9, 1, 0, &v) != 0)
+                return 2;
+            g.sample.top_p = (float)v;
+            sampling++;
+            break;
+        case 's':
+            if (number_option("seed", optarg, 0, (double)SAMPLE_SEED_MAX, 1, &v) != 0)
+                return 2;
+            g.sample.seed = (uint64_t)v;
+            g.seeded = 1;
+            sampling++;
+            break;
+        case 'S':
+            if (g.n_stop == JOB_MAX_STOP || !optarg[0]) {
+                fprintf(stderr, "rrnserve run: up to %d --stop strings, none empty\n", JOB_MAX_STOP);
+                return 2;
+            }
+            g.stop[g.n_stop++] = optarg;
+            sampling++;
+            break;
         case 'd':
             if (backend_device_parse(optarg, &dev) != 0) {
                 fprintf(stderr, "rrnserve run: --device must be cpu, cuda or auto, not '%s'\n", optarg);
@@ -319,16 +469,11 @@ int cmd_run(int argc, char **argv)
                 return 2;
             }
             break;
-        case 'b': {
-            char *end;
-            long v = strtol(optarg, &end, 10);
-            if (*end || v < 1 || v > 4096) {
-                fprintf(stderr, "rrnserve run: --batch must be an integer from 1 to 4096\n");
+        case 'b':
+            if (number_option("batch", optarg, 1, 4096, 1, &v) != 0)
                 return 2;
-            }
             batch = (int)v;
             break;
-        }
         case 'h':
             run_usage(stdout);
             return 0;
@@ -341,13 +486,20 @@ int cmd_run(int argc, char **argv)
         run_usage(stderr);
         return 2;
     }
+    if (sampling && !prompt) {
+        fprintf(stderr, "rrnserve run: --max-tokens, --temperature, --top-k, --top-p, --seed and --stop "
+                        "go with --generate\n");
+        return 2;
+    }
     struct runner r;
     if (runner_open(&r, argv[optind], dev, prec, rec) != 0) {
         runner_close(&r);
         return 1;
     }
     int status;
-    if (jsonl) {
+    if (prompt) {
+        status = run_generate(&r, prompt, &g);
+    } else if (jsonl) {
         status = run_jsonl(&r, jsonl, batch);
     } else {
         struct item it = {0};

@@ -1,7 +1,7 @@
 /* main.c - the rrnserve command line: one binary, a subcommand each job.
  *
  *   rrnserve info FILE            what a weight file holds
- *   rrnserve run FILE ...         run a model on text from the command line
+ *   rrnserve run FILE ...         run a model on text, or generate text, from the command line
  *   rrnserve serve ...            serve models over HTTP
  *   rrnserve train ...            train a model
  *   rrnserve serve [OPTIONS]      serve a folder of models over HTTP (api.md)
@@ -20,9 +20,9 @@ static void usage(FILE *out)
             "\n"
             "commands:\n"
             "  info FILE                      print a weight file's config, tensors and checksum status\n"
-            "  run FILE (--text T | --file PATH | --jsonl PATH) [--device cpu|cuda|auto]\n"
-            "      [--precision fp32|tf32|bf16] [--recurrence gemm|fused] [--batch N]\n"
-            "                                 classify or score text with a model, printing JSON\n"
+            "  run FILE (--text T | --file PATH | --jsonl PATH | --generate PROMPT) [OPTIONS]\n"
+            "                                 classify or score text with a model, or generate text\n"
+            "                                 after a prompt, printing JSON (run --help for options)\n"
             "  serve [--models DIR] [--host ADDR] [--port N] [OPTIONS]\n"
             "                                 serve every model of DIR over HTTP (serve --help for options)\n"
             "  train --config FILE.json [--KEY VALUE ...]\n"

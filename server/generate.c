@@ -7,7 +7,6 @@
  */
 #include <cjson/cJSON.h>
 #include <limits.h>
-#include <openssl/rand.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,8 +19,6 @@
 #define DEFAULT_MAX_TOKENS 64
 #define OPENAI_DEFAULT_MAX_TOKENS 16 /* the completions API's */
 #define MAX_CHOICES 16 /* generations a request may ask for ("n") */
-/* Seeds travel as JSON numbers, which hold integers exactly up to 2^53. */
-#define MAX_SEED ((UINT64_C(1) << 53) - 1)
 
 /* The two ways to ask for a generation: rrnserve's own /generate, and
  * /v1/completions, the shape of OpenAI's completions API that many clients
@@ -49,18 +46,6 @@ struct gen_request {
     const char *stop[JOB_MAX_STOP];
     int n_stop;
 };
-
-static int random_seed(uint64_t *seed)
-{
-    unsigned char b[8];
-    if (RAND_bytes(b, sizeof b) != 1)
-        return -1;
-    uint64_t v = 0;
-    for (size_t i = 0; i < sizeof b; i++)
-        v = v << 8 | b[i];
-    *seed = v & MAX_SEED;
-    return 0;
-}
 
 /* "stop": a string or an array of up to JOB_MAX_STOP strings, none empty. */
 static int get_stops(const struct api *a, const cJSON *req, struct gen_request *g, struct reply *r)
@@ -164,7 +149,7 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
     if (request_int(req, "max_tokens", 1, a->lim.max_tokens, &g->max_tokens, r) != 0 ||
         request_number(req, "temperature", &temperature, r) != 0 || request_number(req, "top_p", &top_p, r) != 0 ||
         request_int(req, "top_k", 0, INT_MAX, &top_k, r) != 0 ||
-        request_int(req, "seed", 0, (long long)MAX_SEED, &seed, r) != 0 ||
+        request_int(req, "seed", 0, (long long)SAMPLE_SEED_MAX, &seed, r) != 0 ||
         get_stops(a, req, g, r) != 0 || request_bool(req, "stream", &g->stream, r) != 0 ||
         get_logprobs(req, g, r) != 0 || request_int(req, "n", 1, MAX_CHOICES, &g->n, r) != 0 ||
         (g->shape.dialect == DIALECT_OPENAI && get_openai_extras(req, g, r) != 0))
@@ -188,7 +173,7 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
     g->sample = (struct sample_params){.temperature = (float)temperature, .top_k = (int)top_k, .top_p = (float)top_p};
     if (seed >= 0) {
         g->sample.seed = (uint64_t)seed;
-    } else if (random_seed(&g->sample.seed) != 0) {
+    } else if (sample_seed_random(&g->sample.seed) != 0) {
         reply_error(r, 500, "no random seed could be drawn");
         return -1;
     }
@@ -228,7 +213,7 @@ static struct job *set_generation(struct job *j, const struct served_model *m, c
         return NULL;
     }
     j->sample = g->sample;
-    j->sample.seed = seed & MAX_SEED;
+    j->sample.seed = seed & SAMPLE_SEED_MAX;
     j->max_tokens = (int)g->max_tokens;
     j->logprobs = g->logprobs;
     j->top_logprobs = g->top_logprobs < m->tk.vocab ? (int)g->top_logprobs : m->tk.vocab;

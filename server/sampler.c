@@ -6,9 +6,22 @@
  * the candidates in that fixed order, so a seed reproduces its text.
  */
 #include <math.h>
+#include <openssl/rand.h>
 #include <stdlib.h>
 
 #include "sampler.h"
+
+int sample_seed_random(uint64_t *seed)
+{
+    unsigned char b[8];
+    if (RAND_bytes(b, sizeof b) != 1)
+        return -1;
+    uint64_t v = 0;
+    for (size_t i = 0; i < sizeof b; i++)
+        v = v << 8 | b[i];
+    *seed = v & SAMPLE_SEED_MAX;
+    return 0;
+}
 
 int sampler_init(struct sampler *s, int V)
 {

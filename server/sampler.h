@@ -14,12 +14,19 @@
 
 #include "rng.h"
 
+/* Seeds travel as JSON numbers, which hold integers exactly up to 2^53. */
+#define SAMPLE_SEED_MAX ((UINT64_C(1) << 53) - 1)
+
 struct sample_params {
     float temperature;  /* >= 0; 0 is greedy */
     int top_k;          /* 0: no limit */
     float top_p;        /* (0, 1]; 1: no limit */
     uint64_t seed;
 };
+
+/* A seed drawn at random (OpenSSL's RAND_bytes), for a request that gave
+ * none: 0, or -1 when none could be drawn. */
+int sample_seed_random(uint64_t *seed);
 
 /* Scratch for sample_token, sized for a vocabulary of V. */
 struct sampler {

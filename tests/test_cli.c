@@ -183,6 +183,20 @@ static void test_bad_usage(void **state)
         {"frobnicate", 2, "unknown command"},
         /* A text with no tokens (the word tokenizer drops punctuation). */
         {"run " FIX "tok_word.safetensors --text '...'", 1, "no tokens"},
+        /* --generate: a language model that reads one way, a prompt with
+         * tokens, its settings in range and with it alone. */
+        {"run " FIX "plain_lstm_l2_bi_last.safetensors --generate a", 1, "task classify"},
+        {"run " FIX "combo_lstm_bi.safetensors --generate a", 1, "--generate needs"},
+        {"run " FIX "tok_word_lm.safetensors --generate '...'", 1, "the prompt has no tokens"},
+        {"run " FIX "combo_lstm_lm.safetensors --generate a --text b", 2, "usage"},
+        {"run " FIX "combo_lstm_lm.safetensors --text a --seed 3", 2, "go with --generate"},
+        {"run " FIX "combo_lstm_lm.safetensors --generate a --max-tokens 0", 2, "--max-tokens"},
+        {"run " FIX "combo_lstm_lm.safetensors --generate a --temperature -1", 2, "--temperature"},
+        {"run " FIX "combo_lstm_lm.safetensors --generate a --top-p 1.5", 2, "--top-p"},
+        {"run " FIX "combo_lstm_lm.safetensors --generate a --seed 1.5", 2, "--seed"},
+        {"run " FIX "combo_lstm_lm.safetensors --generate a --stop ''", 2, "--stop"},
+        {"run " FIX "combo_lstm_lm.safetensors --generate a --stop 1 --stop 2 --stop 3 --stop 4 --stop 5", 2,
+         "--stop"},
     };
     expect_all(cases, sizeof cases / sizeof cases[0]);
 }

@@ -469,6 +469,50 @@ static void test_generate_seeded(void **state)
     cJSON_Delete(b);
 }
 
+/* `rrnserve run --generate` runs the server's batcher: with the same
+ * settings it answers what /generate answers, and with no seed it prints
+ * the one it drew, which gives the server the same text. */
+static void test_cli_generate_equals_server(void **state)
+{
+    struct server *s = *state;
+    static const struct {
+        const char *model, *prompt, *args, *more;
+    } cases[] = {
+        {"combo_lstm_lm", "good day", "--max-tokens 25 --seed 11 --temperature 0.7 --top-k 5",
+         "\"max_tokens\": 25, \"seed\": 11, \"temperature\": 0.7, \"top_k\": 5"},
+        {"combo_lstm_lm", "the good day", "--max-tokens 30 --temperature 0 --stop za --stop qq --seed 1",
+         "\"max_tokens\": 30, \"temperature\": 0, \"stop\": [\"za\", \"qq\"], \"seed\": 1"},
+        {"tok_word_lm", "hello world", "--max-tokens 12 --seed 3 --top-p 0.9",
+         "\"max_tokens\": 12, \"seed\": 3, \"top_p\": 0.9"},
+        {"tok_word_lm", "hello world", "--max-tokens 6", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char *out;
+        if (proc_rrnserve(&out, NULL, "run " FIXTURES_DIR "/%s.safetensors --generate '%s' %s 2>/dev/null",
+                          cases[i].model, cases[i].prompt, cases[i].args) != 0)
+            fail_msg("rrnserve run --generate '%s' %s failed:\n%s", cases[i].prompt, cases[i].args, out);
+        cJSON *cli = cJSON_Parse(out);
+        assert_non_null(cli);
+        char more[160];
+        if (!cases[i].more)
+            snprintf(more, sizeof more, "\"max_tokens\": 6, \"seed\": %.0f",
+                     cJSON_GetObjectItem(cli, "seed")->valuedouble);
+        char *body = body_with(cases[i].model, "prompt", cases[i].prompt, cases[i].more ? cases[i].more : more);
+        cJSON *want = post(s->port, "/generate", 200, body);
+        static const char *const keys[] = {"text", "tokens", "prompt_tokens", "finish_reason", "seed"};
+        for (size_t k = 0; k < sizeof keys / sizeof *keys; k++)
+            if (!cJSON_Compare(cJSON_GetObjectItem(cli, keys[k]), cJSON_GetObjectItem(want, keys[k]), 1))
+                fail_msg("%s %s: the command line says %s, the server %s", cases[i].model, cases[i].args, out,
+                         cJSON_PrintUnformatted(want));
+        if (i == 1)
+            assert_string_equal(str_of(cli, "finish_reason"), "stop");
+        cJSON_Delete(want);
+        cJSON_Delete(cli);
+        free(body);
+        free(out);
+    }
+}
+
 /* The events of a whole SSE body: the token texts joined, their count,
  * and the final event; the token events themselves added to `tokens`
  * unless it is NULL.  Checks the indexes and the closing [DONE]. */
@@ -1834,6 +1878,7 @@ int main(void)
         cmocka_unit_test(test_generation_metrics),
         cmocka_unit_test(test_generate_n),
         cmocka_unit_test(test_completions),
+        cmocka_unit_test(test_cli_generate_equals_server),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_request_ids),
         cmocka_unit_test(test_request_errors),
