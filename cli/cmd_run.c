@@ -18,10 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api.h"
 #include "batcher.h"
 #include "commands.h"
 #include "engine.h"
-#include "handler.h"
 #include "tokenizer.h"
 
 struct runner {
@@ -280,20 +280,6 @@ struct generation {
     const char *stop[JOB_MAX_STOP];
     int n_stop;
 };
-
-/* A generation's answer, as POST /generate gives it. */
-static cJSON *generation_result(const struct job *j)
-{
-    char seed[24];
-    snprintf(seed, sizeof seed, "%llu", (unsigned long long)j->sample.seed);
-    cJSON *o = cJSON_CreateObject();
-    int failed = json_put(o, "text", json_text(j->text, j->text_len));
-    failed |= json_put(o, "tokens", cJSON_CreateNumber(j->n_tokens));
-    failed |= json_put(o, "prompt_tokens", cJSON_CreateNumber(j->lens[0]));
-    failed |= json_put(o, "finish_reason", cJSON_CreateString(j->finish == FINISH_STOP ? "stop" : "length"));
-    failed |= json_put(o, "seed", cJSON_CreateRaw(seed));
-    return json_built(o, failed);
-}
 
 /* Samples text after prompt with the model's batcher (one stream, no
  * prompt cache), which takes the engine over; prints the answer.  0, or 1

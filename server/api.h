@@ -34,6 +34,13 @@ typedef void api_handler(struct api *a, const char *body, size_t len, const stru
 api_handler api_classify, api_generate, api_attention, api_score, api_models, api_healthz, api_readyz,
     api_metrics, api_completions, api_openai_models;
 
+struct job;
+/* The outcome of a finished generation as POST /generate answers it (text,
+ * tokens, prompt_tokens, cached_tokens, finish_reason, seed): the response
+ * and the last event of a stream alike, and `rrnserve run --generate`'s
+ * output; NULL when out of memory. */
+cJSON *generation_result(const struct job *j);
+
 /* A generation streamed as Server-Sent Events (POST /generate or
  * /v1/completions with "stream": true): the HTTP layer pulls its bytes with api_stream_read. */
 

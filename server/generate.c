@@ -185,9 +185,7 @@ static const char *finish_name(enum finish_reason f)
     return f == FINISH_STOP ? "stop" : "length";
 }
 
-/* The outcome of a finished generation: the non-streaming response and the
- * last event of a stream alike. */
-static cJSON *generation_result(const struct job *j)
+cJSON *generation_result(const struct job *j)
 {
     cJSON *o = cJSON_CreateObject();
     int failed = json_put(o, "text", json_text(j->text ? j->text : "", j->text ? j->text_len : 0));
