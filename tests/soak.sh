@@ -6,7 +6,8 @@
 #
 # Build first: make rrnserve build/cpu/bench/loadgen (or build/cuda/...).
 # 72 keep-alive clients in all, six bench/loadgen processes at once:
-# /classify 16 clients, /generate 12 (some with n 4 and log-probabilities),
+# /classify 16 clients, /generate 12 (some with n 4 and log-probabilities,
+# some with a 300-character beginning in common, found in the prompt cache),
 # /generate streamed 12, /v1/completions 8 (whole and streamed), /score
 # 12, /attention 12, on fixture models (and
 # models/sentiment.safetensors when it exists).  --max-queue 16 makes the server refuse some work with 503 under
@@ -55,6 +56,7 @@ cat >"$out/generate.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": "the ", "max_tokens": 32, "seed": {{seq}}, "temperature": 0.8, "top_k": 20}
 {"model": "tok_word_lm", "prompt": "hello world", "max_tokens": 16, "seed": {{seq}}, "top_p": 0.9, "stop": "x"}
 {"model": "combo_lstm_lm", "prompt": "four of one prompt, {{seq}}, sharing it", "max_tokens": 8, "seed": {{seq}}, "n": 4, "logprobs": true, "top_logprobs": 3}
+{"model": "combo_lstm_lm", "prompt": "one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, then each its own: {{seq}}", "max_tokens": 8, "seed": {{seq}}}
 EOF
 cat >"$out/stream.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": "good day", "max_tokens": 48, "seed": {{seq}}, "stream": true}
