@@ -7,7 +7,8 @@
 # Build first: make rrnserve build/cpu/bench/loadgen (or build/cuda/...).
 # 72 keep-alive clients in all, six bench/loadgen processes at once:
 # /classify 16 clients, /generate 12 (some with n 4 and log-probabilities,
-# some with a 300-character beginning in common, found in the prompt cache),
+# some with a 315-character beginning in common, found in the prompt cache
+# at its 256-token boundary, on models/austen when it is there),
 # /generate streamed 12, /v1/completions 8 (whole and streamed), /score
 # 12, /attention 12, on fixture models (and
 # models/sentiment.safetensors when it exists).  --max-queue 16 makes the server refuse some work with 503 under
@@ -36,6 +37,13 @@ if [ -f models/sentiment.safetensors ]; then
     cp models/sentiment.safetensors "$out/models/"
     cls_model=sentiment
 fi
+# Prompts that share a long beginning and end in their request's number
+# need a model whose tokens include digits: austen's.
+shared_model=combo_lstm_lm
+if [ -f models/austen.safetensors ]; then
+    cp models/austen.safetensors "$out/models/"
+    shared_model=austen
+fi
 
 server_pid=
 cleanup() {
@@ -56,8 +64,10 @@ cat >"$out/generate.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": "the ", "max_tokens": 32, "seed": {{seq}}, "temperature": 0.8, "top_k": 20}
 {"model": "tok_word_lm", "prompt": "hello world", "max_tokens": 16, "seed": {{seq}}, "top_p": 0.9, "stop": "x"}
 {"model": "combo_lstm_lm", "prompt": "four of one prompt, {{seq}}, sharing it", "max_tokens": 8, "seed": {{seq}}, "n": 4, "logprobs": true, "top_logprobs": 3}
-{"model": "combo_lstm_lm", "prompt": "one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, one long beginning that many prompts share, then each its own: {{seq}}", "max_tokens": 8, "seed": {{seq}}}
 EOF
+shared=$(printf 'one long beginning that many prompts share, %.0s' 1 2 3 4 5 6 7)
+echo "{\"model\": \"$shared_model\", \"prompt\": \"${shared}then each its own: {{seq}}\", \"max_tokens\": 8, \"seed\": {{seq}}}" \
+    >>"$out/generate.txt"
 cat >"$out/stream.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": "good day", "max_tokens": 48, "seed": {{seq}}, "stream": true}
 {"model": "tok_word_lm", "prompt": "it is a good", "max_tokens": 24, "seed": {{seq}}, "stream": true, "logprobs": true, "top_logprobs": 2}
@@ -137,6 +147,7 @@ failed=0
 for p in $pids; do wait "$p" || failed=1; done
 sleep 2
 sample "$(( $(date +%s) - start ))"
+cached=$(curl -s "http://127.0.0.1:$port/metrics" | grep "^rrnserve_prompt_cache_tokens_total{model=\"$shared_model\"}" || true)
 kill "$server_pid"
 wait "$server_pid" || { echo "soak.sh: the server did not stop cleanly" >&2; failed=1; }
 server_pid=
@@ -146,6 +157,7 @@ echo "loadgen results:"
 for n in classify generate stream completions score attention; do
     printf '  %-9s %s\n' "$n" "$(cat "$out/$n.json")"
 done
+echo "prompt tokens from the cache: ${cached:-none}"
 echo "server log, requests by status:"
 sort -rn "$out/requests.txt" | sed 's/^/  /'
 echo "samples (seconds, VmRSS kB, fds, threads):"
