@@ -123,13 +123,11 @@ static int run_batch(struct runner *r, struct item *items, int n)
 {
     char err[512] = "";
     int ok = 0, failed = 0;
-    const int32_t **tokens = calloc((size_t)n, sizeof *tokens);
-    int *lens = calloc((size_t)n, sizeof *lens);
+    struct engine_text *texts = calloc((size_t)n, sizeof *texts);
     int *which = calloc((size_t)n, sizeof *which);
-    double *logprob = calloc((size_t)n, sizeof *logprob);
     float *probs = calloc((size_t)n * r->model.head_out, sizeof *probs);
     struct engine_seq *seqs = calloc((size_t)n, sizeof *seqs);
-    int rc = tokens && lens && which && logprob && probs && seqs ? 0 : -1;
+    int rc = texts && which && probs && seqs ? 0 : -1;
     if (rc != 0)
         snprintf(err, sizeof err, "out of memory");
     for (int i = 0; rc == 0 && i < n; i++) {
@@ -142,8 +140,7 @@ static int run_batch(struct runner *r, struct item *items, int n)
             snprintf(items[i].error, sizeof items[i].error, "%sthe text has no tokens", where);
             continue;
         }
-        tokens[ok] = items[i].ids;
-        lens[ok] = (int)items[i].n;
+        texts[ok] = (struct engine_text){.tokens = items[i].ids, .len = (int)items[i].n};
         /* A classifier's probabilities, or a regression's prediction. */
         float *out = probs + (size_t)ok * r->model.head_out;
         int regress = r->model.cfg.task == TASK_REGRESS;
@@ -152,13 +149,13 @@ static int run_batch(struct runner *r, struct item *items, int n)
         which[ok++] = i;
     }
     if (rc == 0 && ok)
-        rc = r->model.cfg.task == TASK_LM ? engine_score(r->engine, tokens, lens, ok, logprob, NULL, err, sizeof err)
+        rc = r->model.cfg.task == TASK_LM ? engine_score(r->engine, texts, ok, err, sizeof err)
                                           : engine_forward(r->engine, seqs, ok, err, sizeof err);
     for (int i = 0, k = 0; i < n; i++) {
         cJSON *o;
         if (rc == 0 && k < ok && which[k] == i) {
             const float *out = probs + (size_t)k * r->model.head_out;
-            o = r->model.cfg.task == TASK_LM        ? score_result(logprob[k], items[i].n)
+            o = r->model.cfg.task == TASK_LM        ? score_result(texts[k].logprob, items[i].n)
                 : r->model.cfg.task == TASK_REGRESS ? regress_result(out, r->model.head_out)
                                                     : classify_result(&r->model, out);
             k++;
@@ -170,10 +167,8 @@ static int run_batch(struct runner *r, struct item *items, int n)
         }
         print_json(o);
     }
-    free(tokens);
-    free(lens);
+    free(texts);
     free(which);
-    free(logprob);
     free(probs);
     free(seqs);
     return failed;

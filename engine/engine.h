@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "logprob.h"
 #include "model.h"
 
 struct engine;
@@ -74,12 +75,26 @@ int engine_slot_position(const struct engine *e, int slot); /* tokens consumed s
  * advances in step with the others of its batch (training's state_reset). */
 void engine_slot_clear(struct engine *e, int slot);
 
-/* The log-probability (as engine_seq.logprob) of each of n token
- * sequences, and when token_logprobs is not NULL its terms (as
- * engine_seq.token_logprobs: token_logprobs[i] holds lens[i]); long ones
- * are run in chunks through a slot, so the engine needs one free slot. */
-int engine_score(struct engine *e, const int32_t *const *tokens, const int *lens, int n, double *logprob,
-                 float *const *token_logprobs, char *err, size_t errlen);
+/* A text to score. */
+struct engine_text {
+    const int32_t *tokens;
+    int len;                     /* >= 1 */
+    double logprob;              /* out, as engine_seq.logprob */
+    float *token_logprobs;       /* out when not NULL: [len], its terms, as
+                                    engine_seq.token_logprobs */
+    int top_k;                   /* >= 1 with top */
+    struct token_logprob *top;   /* out when not NULL: [len][top_k], at position
+                                    t the top_k most probable tokens to follow
+                                    tokens 1..t+1, most probable first; then
+                                    the terms are computed as these are
+                                    (logprob.h), and may differ from those
+                                    without top in their last digits */
+};
+
+/* The log-probability of each of n texts, and what else each asks for;
+ * long ones are run in chunks through a slot, so the engine needs one free
+ * slot. */
+int engine_score(struct engine *e, struct engine_text *texts, int n, char *err, size_t errlen);
 
 /* A slot's whole state as a flat array of engine_slot_state_len floats,
  * to keep (a training checkpoint) and to put back into an open slot with

@@ -42,11 +42,14 @@ static cJSON *score_result(const struct served_model *m, const struct job *j, in
     failed |= json_put(o, "bits_per_char",
                   scored ? cJSON_CreateNumber(-logprob / log(2.0) / scored) : cJSON_CreateNull());
     if (j->logprobs) {
-        /* Tokens 2..n, each with the term of the sum it added. */
+        /* Tokens 2..n, each with the term of the sum it added and the
+         * tokens the model held likelier there. */
         size_t at = 0;
         for (int k = 0; k < i; k++)
             at += (size_t)j->lens[k];
-        failed |= json_put(o, "logprobs", logprobs_list(&m->tk, j->ids[i] + 1, j->token_logprob + at, scored, NULL));
+        failed |= json_put(o, "logprobs", logprobs_list(&m->tk, j->ids[i] + 1, j->token_logprob + at, scored,
+                                                        j->top ? j->top + at * (size_t)j->top_logprobs : NULL,
+                                                        j->top_logprobs));
     }
     return json_built(o, failed);
 }
@@ -136,15 +139,19 @@ static void forward(const struct forward_endpoint *ep, struct api *a, const char
         ok = 0;
     }
     int logprobs = 0;
+    long long top = 0;
     ok = ok && request_texts(req, "text", ep->many, &t, r) == 0 &&
-         (ep->kind != JOB_SCORE || request_bool(req, "logprobs", &logprobs, r) == 0);
+         (ep->kind != JOB_SCORE || request_logprobs(req, &logprobs, &top, r) == 0);
     if (ok && !(j = job_new(ep->kind, t.n))) {
         reply_error(r, 500, "out of memory");
         ok = 0;
     }
-    if (j)
+    if (j) {
         j->logprobs = logprobs;
-    if (ok && request_tokenize(a, m, &t, j, r) == 0 && jobs_run(m, &j, 1, c, r) == 0)
+        j->top_logprobs = top < m->tk.vocab ? (int)top : m->tk.vocab;
+    }
+    if (ok && request_tokenize(a, m, &t, 0, j, r) == 0 && request_alternatives_fit(j, r) == 0 &&
+        jobs_run(m, &j, 1, c, r) == 0)
         reply_json(r, 200, forward_results(ep, m, j, t.many));
     job_release(j);
     if (m)

@@ -370,13 +370,10 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             scores += jobs[i]->n_texts;
     }
     struct engine_seq *q = calloc((size_t)seqs, sizeof *q);
-    const int32_t **stoks = calloc((size_t)scores + 1, sizeof *stoks);
-    int *slens = calloc((size_t)scores + 1, sizeof *slens);
-    double *slp = calloc((size_t)scores + 1, sizeof *slp);
-    float **sterms = calloc((size_t)scores + 1, sizeof *sterms); /* NULL: not asked for */
+    struct engine_text *st = calloc((size_t)scores + 1, sizeof *st);
     const int C = b->m->head_out, K = b->m->cfg.attn_mode == ATTN_NONE ? 0 : b->m->cfg.attn_window;
     const int LDK = b->m->cfg.layers * config_directions(&b->m->cfg) * K;
-    int rc = q && stoks && slens && slp && sterms ? 0 : -1, nq = 0, ns = 0, terms = 0;
+    int rc = q && st ? 0 : -1, nq = 0, ns = 0;
     for (int i = 0; rc == 0 && i < n; i++) {
         struct job *j = jobs[i];
         size_t tokens = 0; /* a score job's terms, when asked for */
@@ -388,14 +385,18 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             rc = -1;
         if (j->kind == JOB_SCORE && j->logprobs && !(j->token_logprob = malloc(sizeof(float) * tokens)))
             rc = -1;
+        if (j->kind == JOB_SCORE && j->top_logprobs &&
+            !(j->top = malloc(sizeof *j->top * tokens * (size_t)j->top_logprobs)))
+            rc = -1;
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
         for (int t = 0, at = 0; rc == 0 && t < j->n_texts; at += j->lens[t++]) {
             if (j->kind == JOB_SCORE) {
-                terms |= j->logprobs;
-                sterms[ns] = j->logprobs ? j->token_logprob + at : NULL;
-                stoks[ns] = j->ids[t];
-                slens[ns++] = j->lens[t];
+                st[ns++] = (struct engine_text){
+                    .tokens = j->ids[t], .len = j->lens[t],
+                    .token_logprobs = j->logprobs ? j->token_logprob + at : NULL,
+                    .top_k = j->top_logprobs, .top = j->top ? j->top + (size_t)at * j->top_logprobs : NULL,
+                };
                 continue;
             }
             q[nq++] = (struct engine_seq){
@@ -415,7 +416,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     if (rc == 0 && nq)
         rc = engine_forward(b->e, q, nq, err, sizeof err);
     if (rc == 0 && ns)
-        rc = engine_score(b->e, stoks, slens, ns, slp, terms ? sterms : NULL, err, sizeof err);
+        rc = engine_score(b->e, st, ns, err, sizeof err);
     if (runs)
         note_engine(b, rc, err);
     clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -426,17 +427,14 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     for (int i = 0, k = 0; i < n; i++) {
         struct job *j = jobs[i];
         for (int t = 0; rc == 0 && j->kind == JOB_SCORE && t < j->n_texts; t++)
-            j->logprob[t] = slp[k++];
+            j->logprob[t] = st[k++].logprob;
         finish_job(b, j, seqs, rc == 0 ? NULL : err);
     }
     if (rc != 0)
         log_msg("engine error on a batch of %d sequences: %s", seqs, err);
     b->last_seqs = seqs;
     free(q);
-    free(stoks);
-    free(slens);
-    free(slp);
-    free(sterms);
+    free(st);
 }
 
 /* Samples stream s's next token from its logits and appends it to its job
@@ -458,7 +456,7 @@ static int next_token(struct batcher *b, struct stream *s, const float *logits)
      * count finds them. */
     if (j->logprobs)
         j->token_logprob[j->n_tokens] = token_logprobs(logits, b->m->head_out, tok, j->top_logprobs,
-                                                       j->top + (size_t)j->n_tokens * j->top_logprobs);
+                                                       j->top ? j->top + (size_t)j->n_tokens * j->top_logprobs : NULL);
     j->tokens[j->n_tokens++] = tok;
     /* Words are separated by a space; bytes and characters join as they are. */
     if (b->tk->type == TOKENIZER_WORD && j->text_len)

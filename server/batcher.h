@@ -48,7 +48,7 @@ struct job {
     int n_stop;
     int logprobs;          /* 1: record each token's log-probability (generate:
                               those sampled; score: each text's, engine_score's terms) */
-    int top_logprobs;      /* generate with logprobs: the most probable tokens kept a step */
+    int top_logprobs;      /* with logprobs: the most probable tokens kept beside each token */
 
     /* Output, valid once done.  Generation fills tokens and text as it
      * goes: read n_tokens and text_len under mu; the arrays are allocated
@@ -60,7 +60,7 @@ struct job {
     int32_t *tokens;       /* generate: sampled tokens */
     float *token_logprob;  /* with logprobs: generate, ln p of each token (sampler.h);
                               score, [lens[0] + lens[1] + ...], the texts' terms */
-    struct token_logprob *top; /* and [n_tokens][top_logprobs] alternatives */
+    struct token_logprob *top; /* and their alternatives, [token][top_logprobs] as token_logprob */
     int n_tokens;
     char *text;            /* generate: decoded text so far (NUL-terminated) */
     size_t text_len;

@@ -18,7 +18,8 @@
 
 #define DEFAULT_MAX_TOKENS 64
 #define OPENAI_DEFAULT_MAX_TOKENS 16 /* the completions API's */
-#define MAX_CHOICES 16 /* generations a request may ask for ("n") */
+#define MAX_CHOICES 16 /* generations of one prompt a request may ask for ("n") */
+#define MAX_JOBS MAX_TEXTS /* completions: prompts times n */
 
 /* The two ways to ask for a generation: rrnserve's own /generate, and
  * /v1/completions, the shape of OpenAI's completions API that many clients
@@ -43,6 +44,8 @@ struct gen_request {
     int logprobs;
     long long top_logprobs;
     long long n;
+    int echo;              /* openai: the prompt, and its tokens' log-probabilities,
+                              before each completion */
     const char *stop[JOB_MAX_STOP];
     int n_stop;
 };
@@ -83,10 +86,7 @@ static int get_stops(const struct api *a, const cJSON *req, struct gen_request *
 static int get_logprobs(const cJSON *req, struct gen_request *g, struct reply *r)
 {
     if (g->shape.dialect == DIALECT_NATIVE)
-        return request_bool(req, "logprobs", &g->logprobs, r) != 0 ||
-                       request_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, &g->top_logprobs, r) != 0
-                   ? -1
-                   : 0;
+        return request_logprobs(req, &g->logprobs, &g->top_logprobs, r);
     long long k = -1;
     if (request_int(req, "logprobs", 0, JOB_MAX_TOP_LOGPROBS, &k, r) != 0)
         return -1;
@@ -100,12 +100,8 @@ static int get_logprobs(const cJSON *req, struct gen_request *g, struct reply *r
 static int get_openai_extras(const cJSON *req, struct gen_request *g, struct reply *r)
 {
     static const char *const penalties[] = {"presence_penalty", "frequency_penalty"};
-    const cJSON *echo = request_field(req, "echo"), *bias = request_field(req, "logit_bias"), *opts = request_field(req, "stream_options");
+    const cJSON *bias = request_field(req, "logit_bias"), *opts = request_field(req, "stream_options");
     long long best_of = g->n;
-    if (echo && !cJSON_IsFalse(echo)) {
-        reply_error(r, 422, "\"echo\" is not supported: the answer holds the generated text only");
-        return -1;
-    }
     if (request_field(req, "suffix")) {
         reply_error(r, 422, "\"suffix\" is not supported: a recurrent model reads its text in one direction");
         return -1;
@@ -143,10 +139,12 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
     long long top_k = 0, seed = -1;
     const int max_tokens = g->shape.dialect == DIALECT_OPENAI ? OPENAI_DEFAULT_MAX_TOKENS : DEFAULT_MAX_TOKENS;
     g->max_tokens = a->lim.max_tokens < max_tokens ? a->lim.max_tokens : max_tokens;
-    g->stream = g->logprobs = 0;
+    g->stream = g->logprobs = g->echo = 0;
     g->top_logprobs = 0;
     g->n = 1;
-    if (request_int(req, "max_tokens", 1, a->lim.max_tokens, &g->max_tokens, r) != 0 ||
+    /* With echo, max_tokens 0 asks for the prompt's log-probabilities alone. */
+    if ((g->shape.dialect == DIALECT_OPENAI && request_bool(req, "echo", &g->echo, r) != 0) ||
+        request_int(req, "max_tokens", g->echo ? 0 : 1, a->lim.max_tokens, &g->max_tokens, r) != 0 ||
         request_number(req, "temperature", &temperature, r) != 0 || request_number(req, "top_p", &top_p, r) != 0 ||
         request_int(req, "top_k", 0, INT_MAX, &top_k, r) != 0 ||
         request_int(req, "seed", 0, (long long)SAMPLE_SEED_MAX, &seed, r) != 0 ||
@@ -158,8 +156,8 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
         reply_error(r, 422, "\"n\" above 1 cannot be streamed; ask with \"stream\": false");
         return -1;
     }
-    if (g->top_logprobs > 0 && !g->logprobs) {
-        reply_error(r, 422, "\"top_logprobs\" needs \"logprobs\": true");
+    if (g->echo && g->stream) {
+        reply_error(r, 422, "\"echo\" cannot be streamed; ask with \"stream\": false");
         return -1;
     }
     if (temperature < 0) {
@@ -201,6 +199,12 @@ cJSON *generation_result(const struct job *j)
     return json_built(o, failed);
 }
 
+/* The alternatives a token gets: as many as asked, at most the vocabulary. */
+static int top_logprobs_of(const struct gen_request *g, const struct served_model *m)
+{
+    return g->top_logprobs < m->tk.vocab ? (int)g->top_logprobs : m->tk.vocab;
+}
+
 /* The request's settings into job j (NULL: out of memory), with seed; j
  * is released when they cannot be.  j, or NULL with r set. */
 static struct job *set_generation(struct job *j, const struct served_model *m, const struct gen_request *g,
@@ -214,7 +218,7 @@ static struct job *set_generation(struct job *j, const struct served_model *m, c
     j->sample.seed = seed & SAMPLE_SEED_MAX;
     j->max_tokens = (int)g->max_tokens;
     j->logprobs = g->logprobs;
-    j->top_logprobs = g->top_logprobs < m->tk.vocab ? (int)g->top_logprobs : m->tk.vocab;
+    j->top_logprobs = top_logprobs_of(g, m);
     for (int i = 0; i < g->n_stop; i++)
         if (!(j->stop[j->n_stop++] = strdup(g->stop[i]))) {
             reply_error(r, 500, "out of memory");
@@ -224,48 +228,81 @@ static struct job *set_generation(struct job *j, const struct served_model *m, c
     return j;
 }
 
-/* "prompt": a string; the completions API's may also be an array of one
- * (an array of several prompts, or of token ids, is refused). */
+/* "prompt": a string; the completions API's may also be an array of up to
+ * MAX_TEXTS strings, each prompt its own completions.  (Not token ids:
+ * this server's are its tokenizers', which clients do not have.) */
 static int get_prompt(const cJSON *req, enum dialect d, struct texts *t, struct reply *r)
 {
     const cJSON *f = request_field(req, "prompt");
     if (d == DIALECT_NATIVE || !cJSON_IsArray(f))
         return request_texts(req, "prompt", 0, t, r);
-    if (cJSON_GetArraySize(f) != 1) {
-        reply_error(r, 422, "\"prompt\" must be one string (or an array of one): one prompt a request");
-        return -1;
-    }
-    if (!cJSON_IsString(f->child)) {
-        reply_error(r, 400, "\"prompt[0]\" must be a string");
+    const int n = cJSON_GetArraySize(f);
+    if (n < 1 || n > MAX_TEXTS) {
+        reply_error(r, 422, "\"prompt\" must hold from 1 to %d prompts, not %d", MAX_TEXTS, n);
         return -1;
     }
     t->field = "prompt";
-    t->many = 0;
-    t->n = 1;
-    t->s[0] = f->child->valuestring;
+    snprintf(t->list, sizeof t->list, "prompt");
+    t->many = 1;
+    t->n = 0;
+    for (const cJSON *e = f->child; e; e = e->next) {
+        if (!cJSON_IsString(e)) {
+            reply_error(r, 400, "\"prompt[%d]\" must be a string (token ids are not taken)", t->n);
+            return -1;
+        }
+        t->s[t->n++] = e->valuestring;
+    }
     return 0;
 }
 
-/* The jobs of a generation request, g->n of them, the prompt tokenized
- * once and shared; their seeds follow the first's, so that each is the
- * generation one request with that seed would give.  0, or -1 with r set
- * and no job left. */
+/* The jobs of a generation request.  First the generations, g->n of each
+ * prompt (none when max_tokens is 0): prompt p's i-th at jobs[p * g->n + i],
+ * a twin of the first sharing its tokens, with the first's seed + i, so
+ * that it is the generation one request with that prompt and seed would
+ * give.  Then, with echo, a score job holding every prompt's tokens, whose
+ * terms and alternatives the answer echoes.  How many jobs, or -1 with r
+ * set and no job left. */
 static int generation_jobs(const struct api *a, const struct served_model *m, const cJSON *req,
-                           struct gen_request *g, struct job **jobs, struct reply *r)
+                           struct gen_request *g, struct texts *t, struct job **jobs, struct reply *r)
 {
-    struct texts t;
-    if (get_prompt(req, g->shape.dialect, &t, r) != 0 || get_generation(a, req, g, r) != 0 ||
-        !(jobs[0] = set_generation(job_new(JOB_GENERATE, 1), m, g, g->sample.seed, r)))
+    if (get_prompt(req, g->shape.dialect, t, r) != 0 || get_generation(a, req, g, r) != 0)
         return -1;
-    int n = request_tokenize(a, m, &t, jobs[0], r) == 0;
-    while (n > 0 && n < g->n && (jobs[n] = set_generation(job_twin(jobs[0]), m, g, g->sample.seed + (uint64_t)n, r)))
-        n++;
-    if (n == g->n)
-        return 0;
-    for (int i = 0; i < g->n; i++) {
-        job_release(jobs[i]);
-        jobs[i] = NULL;
+    if (t->n * g->n > MAX_JOBS) {
+        reply_error(r, 422, "%d prompts of %lld completions each are more than the %d a request may ask for", t->n,
+                    g->n, MAX_JOBS);
+        return -1;
     }
+    if (t->n > 1 && g->stream) {
+        reply_error(r, 422, "several prompts cannot be streamed; ask with \"stream\": false");
+        return -1;
+    }
+    const int per = g->max_tokens > 0 ? (int)g->n : 0;
+    int made = 0, ok = 1;
+    for (int p = 0; ok && p < t->n && per; p++) {
+        struct job *first = set_generation(job_new(JOB_GENERATE, 1), m, g, g->sample.seed, r);
+        if ((ok = first != NULL)) {
+            jobs[made++] = first;
+            ok = request_tokenize(a, m, t, p, first, r) == 0;
+        }
+        for (int i = 1; ok && i < per; i++)
+            if ((ok = (jobs[made] = set_generation(job_twin(first), m, g, g->sample.seed + (uint64_t)i, r)) != NULL))
+                made++;
+    }
+    if (ok && g->echo) {
+        struct job *e = job_new(JOB_SCORE, t->n);
+        if ((ok = e != NULL)) {
+            jobs[made++] = e;
+            e->logprobs = g->logprobs;
+            e->top_logprobs = top_logprobs_of(g, m);
+            ok = request_tokenize(a, m, t, 0, e, r) == 0 && request_alternatives_fit(e, r) == 0;
+        } else {
+            reply_error(r, 500, "out of memory");
+        }
+    }
+    if (ok)
+        return made;
+    for (int i = 0; i < made; i++)
+        job_release(jobs[i]);
     return -1;
 }
 
@@ -282,33 +319,93 @@ static cJSON *openai_head(const struct gen_shape *g, const char *model)
     return json_built(o, failed);
 }
 
-/* A choice's "logprobs": of tokens ids[from..from+n) of job j,
- * {"tokens", "token_logprobs", "top_logprobs"} with each step's
- * alternatives as {token: logprob}; null when they were not asked for. */
-static cJSON *openai_logprobs(const struct tokenizer *tk, const struct job *j, const int32_t *ids, int from, int n)
+/* A choice's "logprobs" as the API has them: parallel lists "tokens",
+ * "token_logprobs" and "top_logprobs" (each token's alternatives as
+ * {token: logprob}; null as a whole without alternatives), built a run of
+ * tokens at a time. */
+struct lp_lists {
+    cJSON *o, *tokens, *lps, *tops;
+    int k;
+    int failed;
+};
+
+static void lp_lists_init(struct lp_lists *l, int k)
 {
-    if (!j->logprobs)
-        return cJSON_CreateNull();
-    cJSON *o = cJSON_CreateObject(), *tokens = cJSON_CreateArray(), *lps = cJSON_CreateArray(),
-          *tops = j->top_logprobs ? cJSON_CreateArray() : cJSON_CreateNull();
-    int failed = !tokens || !lps || !tops;
-    for (int i = from; i < from + n && !failed; i++) {
-        failed |= json_put(tokens, NULL, token_label(tk, ids[i]));
-        failed |= json_put(lps, NULL, cJSON_CreateNumber(j->token_logprob[i]));
-        cJSON *top = j->top_logprobs ? cJSON_CreateObject() : NULL;
-        for (int k = 0; top && k < j->top_logprobs && !failed; k++) {
-            const struct token_logprob *t = &j->top[(size_t)i * j->top_logprobs + k];
+    *l = (struct lp_lists){.o = cJSON_CreateObject(), .tokens = cJSON_CreateArray(), .lps = cJSON_CreateArray(),
+                           .tops = k ? cJSON_CreateArray() : cJSON_CreateNull(), .k = k};
+    l->failed = !l->o || !l->tokens || !l->lps || !l->tops;
+}
+
+/* Tokens ids[0..n) with their log-probabilities lps and alternatives
+ * top[i*k ...]; lps NULL: null for both, as the API gives an echoed
+ * prompt's first token, which nothing predicts. */
+static void lp_lists_add(struct lp_lists *l, const struct tokenizer *tk, const int32_t *ids, const float *lps,
+                         const struct token_logprob *top, int n)
+{
+    for (int i = 0; i < n && !l->failed; i++) {
+        l->failed |= json_put(l->tokens, NULL, token_label(tk, ids[i]));
+        l->failed |= json_put(l->lps, NULL, lps ? cJSON_CreateNumber(lps[i]) : cJSON_CreateNull());
+        if (!l->k)
+            continue;
+        cJSON *alt = lps ? cJSON_CreateObject() : cJSON_CreateNull();
+        for (int a = 0; lps && alt && a < l->k && !l->failed; a++) {
+            const struct token_logprob *t = &top[(size_t)i * l->k + a];
             cJSON *label = token_label(tk, t->id);
-            failed |= !label || json_put(top, label->valuestring, cJSON_CreateNumber(t->logprob));
+            l->failed |= !label || json_put(alt, label->valuestring, cJSON_CreateNumber(t->logprob));
             cJSON_Delete(label);
         }
-        if (j->top_logprobs)
-            failed |= json_put(tops, NULL, top);
+        l->failed |= json_put(l->tops, NULL, alt);
     }
-    failed |= json_put(o, "tokens", tokens);
-    failed |= json_put(o, "token_logprobs", lps);
-    failed |= json_put(o, "top_logprobs", tops);
-    return json_built(o, failed);
+}
+
+static cJSON *lp_lists_done(struct lp_lists *l)
+{
+    int failed = l->failed;
+    failed |= json_put(l->o, "tokens", l->tokens);
+    failed |= json_put(l->o, "token_logprobs", l->lps);
+    failed |= json_put(l->o, "top_logprobs", l->tops);
+    return json_built(l->o, failed);
+}
+
+/* An echoed prompt: its text as the request gave it, its tokens, and when
+ * they were asked for, their terms and alternatives from the score job
+ * (entry t-1 is token t's). */
+struct echo {
+    const char *text;
+    const int32_t *ids;
+    int len;
+    const float *terms;
+    const struct token_logprob *top;
+};
+
+/* Prompt p of the score job e. */
+static struct echo echo_of(const struct texts *t, const struct job *e, int p)
+{
+    size_t at = 0;
+    for (int i = 0; i < p; i++)
+        at += (size_t)e->lens[i];
+    return (struct echo){.text = t->s[p], .ids = e->ids[p], .len = e->lens[p],
+                         .terms = e->token_logprob ? e->token_logprob + at : NULL,
+                         .top = e->top ? e->top + at * (size_t)e->top_logprobs : NULL};
+}
+
+/* A choice's "logprobs", null when not asked for: the echoed prompt's
+ * tokens (echo not NULL), then generated tokens n of job j from token
+ * `from` on (j NULL: none). */
+static cJSON *openai_logprobs(const struct tokenizer *tk, int want, int k, const struct echo *echo,
+                              const struct job *j, const int32_t *ids, int from, int n)
+{
+    if (!want)
+        return cJSON_CreateNull();
+    struct lp_lists l;
+    lp_lists_init(&l, k);
+    if (echo) {
+        lp_lists_add(&l, tk, echo->ids, NULL, NULL, 1);
+        lp_lists_add(&l, tk, echo->ids + 1, echo->terms, echo->top, echo->len - 1);
+    }
+    if (j && n)
+        lp_lists_add(&l, tk, ids + from, j->token_logprob + from, k ? j->top + (size_t)from * k : NULL, n);
+    return lp_lists_done(&l);
 }
 
 /* One choice: its index, text (consumed), logprobs (consumed) and finish
@@ -323,45 +420,82 @@ static cJSON *openai_choice(int index, cJSON *text, cJSON *logprobs, const char 
     return json_built(o, failed);
 }
 
-/* "usage" of the n generations of one prompt: the prompt counted once, as
- * the completions API counts it, and how much of it the cache supplied. */
-static cJSON *openai_usage(struct job *const *jobs, int n)
+/* "usage" of a request's prompts and their generations (per each, in
+ * jobs as generation_jobs lays them out; echo, the score job, when per is
+ * 0): each prompt counted once, as the completions API counts it, and how
+ * much of them the cache supplied. */
+static cJSON *openai_usage(struct job *const *jobs, int prompts, int per, const struct job *echo)
 {
-    int generated = 0;
-    for (int i = 0; i < n; i++)
-        generated += jobs[i]->n_tokens;
+    int prompt_tokens = 0, generated = 0, cached = 0;
+    for (int p = 0; p < prompts; p++) {
+        prompt_tokens += per ? jobs[p * per]->lens[0] : echo->lens[p];
+        cached += per ? jobs[p * per]->cached_tokens : 0;
+        for (int i = 0; i < per; i++)
+            generated += jobs[p * per + i]->n_tokens;
+    }
     cJSON *o = cJSON_CreateObject(), *details = cJSON_CreateObject();
-    int failed = json_put(o, "prompt_tokens", cJSON_CreateNumber(jobs[0]->lens[0]));
+    int failed = json_put(o, "prompt_tokens", cJSON_CreateNumber(prompt_tokens));
     failed |= json_put(o, "completion_tokens", cJSON_CreateNumber(generated));
-    failed |= json_put(o, "total_tokens", cJSON_CreateNumber(jobs[0]->lens[0] + generated));
-    failed |= json_put(details, "cached_tokens", cJSON_CreateNumber(jobs[0]->cached_tokens));
+    failed |= json_put(o, "total_tokens", cJSON_CreateNumber(prompt_tokens + generated));
+    failed |= json_put(details, "cached_tokens", cJSON_CreateNumber(cached));
     failed |= json_put(o, "prompt_tokens_details", details);
     return json_built(o, failed);
 }
 
-/* head + "choices" (consumed) + "usage" when jobs is not NULL. */
-static cJSON *openai_object(const struct gen_shape *g, const char *model, cJSON *choices, struct job *const *jobs,
-                            int n)
+/* head + "choices" + "usage" (both consumed; usage NULL: none). */
+static cJSON *openai_object(const struct gen_shape *g, const char *model, cJSON *choices, cJSON *usage)
 {
     cJSON *o = openai_head(g, model);
     int failed = json_put(o, "choices", choices);
-    if (jobs)
-        failed |= json_put(o, "usage", openai_usage(jobs, n));
+    if (usage)
+        failed |= json_put(o, "usage", usage);
     return json_built(o, failed);
 }
 
-/* The answer to a completions request that ran its n jobs. */
-static cJSON *openai_answer(const struct served_model *m, const struct gen_shape *g, struct job *const *jobs, int n)
+/* A choice's text: with echo, the prompt before the generated text (and
+ * a space between them for a word model, whose words the generation
+ * joins with spaces). */
+static cJSON *openai_text(const struct tokenizer *tk, const struct echo *echo, const struct job *j)
 {
+    const char *gen = j && j->text ? j->text : "";
+    const size_t gen_len = j && j->text ? j->text_len : 0;
+    if (!echo)
+        return json_text(gen, gen_len);
+    const size_t prompt_len = strlen(echo->text);
+    const int space = tk->type == TOKENIZER_WORD && prompt_len && gen_len;
+    char *both = malloc(prompt_len + space + gen_len + 1);
+    if (!both)
+        return NULL;
+    memcpy(both, echo->text, prompt_len);
+    if (space)
+        both[prompt_len] = ' ';
+    memcpy(both + prompt_len + space, gen, gen_len);
+    cJSON *o = json_text(both, prompt_len + space + gen_len);
+    free(both);
+    return o;
+}
+
+/* The answer to a completions request whose jobs ran: a choice for each of
+ * the n generations of each prompt (n echoes alone with max_tokens 0). */
+static cJSON *openai_answer(const struct served_model *m, const struct gen_request *g, const struct texts *t,
+                            struct job *const *jobs)
+{
+    const int per = g->max_tokens > 0 ? (int)g->n : 0, n = (int)g->n, k = top_logprobs_of(g, m);
+    const struct job *e = g->echo ? jobs[t->n * per] : NULL;
     cJSON *choices = cJSON_CreateArray();
     int failed = !choices;
-    for (int i = 0; i < n && !failed; i++) {
-        const struct job *j = jobs[i];
+    for (int c = 0; c < t->n * n && !failed; c++) {
+        const struct job *j = per ? jobs[c] : NULL;
+        const struct echo echo = e ? echo_of(t, e, c / n) : (struct echo){0};
+        const struct echo *ep = e ? &echo : NULL;
         failed |= json_put(choices, NULL,
-                      openai_choice(i, json_text(j->text ? j->text : "", j->text ? j->text_len : 0),
-                                    openai_logprobs(&m->tk, j, j->tokens, 0, j->n_tokens), finish_name(j->finish)));
+                           openai_choice(c, openai_text(&m->tk, ep, j),
+                                         openai_logprobs(&m->tk, g->logprobs, k, ep, j, j ? j->tokens : NULL, 0,
+                                                         j ? j->n_tokens : 0),
+                                         j ? finish_name(j->finish) : "length"));
     }
-    return failed ? json_built(choices, 1) : openai_object(g, m->name, choices, jobs, n);
+    return failed ? json_built(choices, 1)
+                  : openai_object(&g->shape, m->name, choices, openai_usage(jobs, t->n, per, e));
 }
 
 /* ---- Server-Sent Events ----------------------------------------------- */
@@ -429,7 +563,7 @@ static cJSON *openai_event(const struct api_stream *s, cJSON *choice)
         cJSON_Delete(choices);
         return NULL;
     }
-    return openai_object(&s->shape, s->m->name, choices, choice ? NULL : &s->j, 1);
+    return openai_object(&s->shape, s->m->name, choices, choice ? NULL : openai_usage(&s->j, 1, 1, NULL));
 }
 
 /* The event of token `index`: its text joins the text before it as the
@@ -453,16 +587,19 @@ static int token_event(struct api_stream *s, int32_t id, int index)
     size_t used = utf8_clean(s->raw.p, s->raw.len, 0, s->clean, &clean_len);
     memmove(s->raw.p, s->raw.p + used, s->raw.len - used);
     s->raw.len -= used;
-    if (s->shape.dialect == DIALECT_OPENAI)
-        return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(s->clean),
-                                                          openai_logprobs(&s->m->tk, s->j, s->ids, index, 1), NULL)));
+    if (s->shape.dialect == DIALECT_OPENAI) {
+        const struct job *j = s->j;
+        cJSON *lps = openai_logprobs(&s->m->tk, j->logprobs, j->top_logprobs, NULL, j, s->ids, index, 1);
+        return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(s->clean), lps, NULL)));
+    }
     cJSON *o = cJSON_CreateObject();
     int failed = json_put(o, "token", cJSON_CreateString(s->clean));
     failed |= json_put(o, "id", cJSON_CreateNumber(id));
     failed |= json_put(o, "index", cJSON_CreateNumber(index));
     if (s->j->logprobs) {
         failed |= json_put(o, "logprob", cJSON_CreateNumber(s->j->token_logprob[index]));
-        failed |= top_logprobs_put(o, &s->m->tk, s->j, index);
+        failed |= top_logprobs_put(o, &s->m->tk, s->j->top ? s->j->top + (size_t)index * s->j->top_logprobs : NULL,
+                                   s->j->top_logprobs);
     }
     return add_event(s, json_built(o, failed));
 }
@@ -576,7 +713,8 @@ static cJSON *generation_answer(const struct served_model *m, const struct job *
 {
     cJSON *o = generation_result(j);
     if (o && j->logprobs &&
-        json_put(o, "logprobs", logprobs_list(&m->tk, j->tokens, j->token_logprob, j->n_tokens, j)) != 0) {
+        json_put(o, "logprobs", logprobs_list(&m->tk, j->tokens, j->token_logprob, j->n_tokens, j->top,
+                                             j->top_logprobs)) != 0) {
         cJSON_Delete(o);
         return NULL;
     }
@@ -599,16 +737,18 @@ static cJSON *generation_answers(const struct served_model *m, struct job **jobs
 static void generate(struct api *a, struct gen_request *g, const char *endpoint, const char *body, size_t len,
                      const struct client *c, struct reply *r)
 {
-    struct job *jobs[MAX_CHOICES] = {0};
+    struct job *jobs[MAX_JOBS + 1] = {0};
+    struct texts t;
     cJSON *req = request_parse(body, len, r);
     struct served_model *m = req ? request_model(a, req, endpoint, TASK_LM, r) : NULL;
-    const int made = m && generation_jobs(a, m, req, g, jobs, r) == 0;
-    const int n = made ? (int)g->n : 0;
-    if (made && g->stream && start_stream(m, jobs[0], &g->shape, c, r) == 0) {
+    const int n = m ? generation_jobs(a, m, req, g, &t, jobs, r) : -1;
+    /* Without logprobs the echo job only holds the prompts' tokens. */
+    const int run = n - (g->echo && !g->logprobs);
+    if (n > 0 && g->stream && start_stream(m, jobs[0], &g->shape, c, r) == 0) {
         m = NULL; /* the stream's now */
         jobs[0] = NULL;
-    } else if (made && !g->stream && jobs_run(m, jobs, n, c, r) == 0) {
-        reply_json(r, 200, g->shape.dialect == DIALECT_OPENAI ? openai_answer(m, &g->shape, jobs, n)
+    } else if (n > 0 && !g->stream && (run == 0 || jobs_run(m, jobs, run, c, r) == 0)) {
+        reply_json(r, 200, g->shape.dialect == DIALECT_OPENAI ? openai_answer(m, g, &t, jobs)
                            : n == 1                         ? generation_answer(m, jobs[0])
                                                             : generation_answers(m, jobs, n));
     }

@@ -143,6 +143,18 @@ int request_bool(const cJSON *req, const char *name, int *out, struct reply *r)
     return 0;
 }
 
+int request_logprobs(const cJSON *req, int *logprobs, long long *top, struct reply *r)
+{
+    if (request_bool(req, "logprobs", logprobs, r) != 0 ||
+        request_int(req, "top_logprobs", 0, JOB_MAX_TOP_LOGPROBS, top, r) != 0)
+        return -1;
+    if (*top > 0 && !*logprobs) {
+        reply_error(r, 422, "\"top_logprobs\" needs \"logprobs\": true");
+        return -1;
+    }
+    return 0;
+}
+
 struct served_model *request_model(struct api *a, const cJSON *req, const char *endpoint, int task,
                                    struct reply *r)
 {
@@ -175,17 +187,18 @@ struct served_model *request_model(struct api *a, const cJSON *req, const char *
 static void text_field(const struct texts *t, int i, char *out, size_t len)
 {
     if (t->many)
-        snprintf(out, len, "%ss[%d]", t->field, i);
+        snprintf(out, len, "%s[%d]", t->list, i);
     else
         snprintf(out, len, "%s", t->field);
 }
 
 int request_texts(const cJSON *req, const char *name, int many_ok, struct texts *t, struct reply *r)
 {
-    char plural[32];
+    char plural[sizeof t->list];
     snprintf(plural, sizeof plural, "%ss", name);
     const cJSON *one = request_field(req, name), *many = many_ok ? request_field(req, plural) : NULL;
     t->field = name;
+    memcpy(t->list, plural, sizeof plural);
     t->many = many != NULL;
     if (one && many) {
         reply_error(r, 400, "give either \"%s\" or \"%s\", not both", name, plural);
@@ -227,18 +240,18 @@ int request_texts(const cJSON *req, const char *name, int many_ok, struct texts 
     return 0;
 }
 
-int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, struct job *j,
-                     struct reply *r)
+int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, int first,
+                     struct job *j, struct reply *r)
 {
-    for (int i = 0; i < t->n; i++) {
+    for (int i = 0; i < j->n_texts; i++) {
         char name[48];
-        size_t len = strlen(t->s[i]), n = 0;
-        text_field(t, i, name, sizeof name);
+        size_t len = strlen(t->s[first + i]), n = 0;
+        text_field(t, first + i, name, sizeof name);
         if (len > a->lim.max_text_bytes) {
             reply_error(r, 422, "\"%s\" is %zu bytes long; the limit is %zu", name, len, a->lim.max_text_bytes);
             return -1;
         }
-        if (tokenizer_encode(&m->tk, t->s[i], len, &j->ids[i], &n) != 0) {
+        if (tokenizer_encode(&m->tk, t->s[first + i], len, &j->ids[i], &n) != 0) {
             reply_error(r, 500, "out of memory tokenizing \"%s\"", name);
             return -1;
         }
@@ -249,6 +262,18 @@ int request_tokenize(const struct api *a, const struct served_model *m, const st
         j->lens[i] = (int)n;
     }
     return 0;
+}
+
+int request_alternatives_fit(const struct job *j, struct reply *r)
+{
+    long long tokens = 0;
+    for (int i = 0; i < j->n_texts; i++)
+        tokens += j->lens[i];
+    if (tokens * j->top_logprobs <= MAX_ALTERNATIVES)
+        return 0;
+    reply_error(r, 422, "%lld tokens with %d alternatives each are more than the %d alternatives an answer may hold",
+                tokens, j->top_logprobs, MAX_ALTERNATIVES);
+    return -1;
 }
 
 /* ---- running jobs ------------------------------------------------------- */
@@ -327,27 +352,26 @@ cJSON *logprob_entry(const struct tokenizer *tk, int32_t id, float logprob)
     return json_built(e, failed);
 }
 
-int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct job *j, int i)
+int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct token_logprob *top, int k)
 {
-    if (j->top_logprobs == 0)
+    if (k == 0)
         return 0;
-    cJSON *top = cJSON_CreateArray();
-    int failed = !top;
-    for (int k = 0; k < j->top_logprobs && !failed; k++) {
-        const struct token_logprob *t = &j->top[(size_t)i * j->top_logprobs + k];
-        failed |= json_put(top, NULL, logprob_entry(tk, t->id, t->logprob));
-    }
-    return json_put(o, "top_logprobs", json_built(top, failed));
+    cJSON *list = cJSON_CreateArray();
+    int failed = !list;
+    for (int i = 0; i < k && !failed; i++)
+        failed |= json_put(list, NULL, logprob_entry(tk, top[i].id, top[i].logprob));
+    return json_put(o, "top_logprobs", json_built(list, failed));
 }
 
-cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n, const struct job *top)
+cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n,
+                     const struct token_logprob *top, int k)
 {
     cJSON *list = cJSON_CreateArray();
     int failed = !list;
-    for (int k = 0; k < n && !failed; k++) {
-        cJSON *e = logprob_entry(tk, ids[k], lps[k]);
-        if (e && top)
-            failed |= top_logprobs_put(e, tk, top, k);
+    for (int i = 0; i < n && !failed; i++) {
+        cJSON *e = logprob_entry(tk, ids[i], lps[i]);
+        if (e)
+            failed |= top_logprobs_put(e, tk, k ? top + (size_t)i * k : NULL, k);
         failed |= json_put(list, NULL, e);
     }
     return json_built(list, failed);

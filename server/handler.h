@@ -20,8 +20,10 @@
 /* The texts of a request, borrowed from its parsed JSON. */
 struct texts {
     int n;
-    int many;               /* given as an array ("texts"), not one string */
-    const char *field;      /* "text" or "prompt" */
+    int many;               /* given as an array, not one string */
+    const char *field;      /* the string's field: "text" or "prompt" */
+    char list[16];          /* the array's field: "texts", or the completions
+                               API's "prompt" */
     const char *s[MAX_TEXTS];
 };
 
@@ -53,6 +55,9 @@ const cJSON *request_field(const cJSON *req, const char *name);
 int request_int(const cJSON *req, const char *name, long long lo, long long hi, long long *out, struct reply *r);
 int request_number(const cJSON *req, const char *name, double *out, struct reply *r);
 int request_bool(const cJSON *req, const char *name, int *out, struct reply *r);
+/* "logprobs" (true or false) and "top_logprobs" (0 to JOB_MAX_TOP_LOGPROBS,
+ * only with logprobs). */
+int request_logprobs(const cJSON *req, int *logprobs, long long *top, struct reply *r);
 /* The model the request names, of the task the endpoint needs (task < 0:
  * any), a reference for the caller to release; NULL with a 400, 404 or 422
  * in r. */
@@ -61,9 +66,16 @@ struct served_model *request_model(struct api *a, const cJSON *req, const char *
 /* The request's text: the string field `name`, or when many_ok, instead an
  * array of 1..MAX_TEXTS strings under `name` + "s". */
 int request_texts(const cJSON *req, const char *name, int many_ok, struct texts *t, struct reply *r);
-/* Tokenizes every text into the job's inputs (422: too long, no tokens). */
-int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, struct job *j,
-                     struct reply *r);
+/* Tokenizes texts first.. into the job's j->n_texts inputs (422: too long,
+ * no tokens). */
+int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, int first,
+                     struct job *j, struct reply *r);
+
+/* 422 when a score job asks for more than MAX_ALTERNATIVES alternatives
+ * (its tokens times top_logprobs): each is some 40 bytes of answer, so
+ * that a request cannot ask for gigabytes. */
+#define MAX_ALTERNATIVES (1 << 20)
+int request_alternatives_fit(const struct job *j, struct reply *r);
 
 /* ---- running jobs ---- */
 
@@ -85,11 +97,12 @@ int jobs_run(const struct served_model *m, struct job **jobs, int n, const struc
 cJSON *token_label(const struct tokenizer *tk, int32_t id);
 /* {"token", "id", "logprob"}, NULL when out of memory. */
 cJSON *logprob_entry(const struct tokenizer *tk, int32_t id, float logprob);
-/* Generated token i's alternatives, most probable first, as
- * "top_logprobs" of o when job j asked for them. */
-int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct job *j, int i);
-/* An entry for each of n tokens, ids[k] with its log-probability lps[k]
- * and, when top is a generation that asked for them, its alternatives. */
-cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n, const struct job *top);
+/* A token's k alternatives top[0..k), most probable first, as
+ * "top_logprobs" of o (nothing when k is 0). */
+int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct token_logprob *top, int k);
+/* An entry for each of n tokens, ids[i] with its log-probability lps[i]
+ * and its k alternatives top[i*k ...] (k may be 0). */
+cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n,
+                     const struct token_logprob *top, int k);
 
 #endif

@@ -3,8 +3,8 @@
  * Temperature scaling, then top-k, then top-p (nucleus) filtering, then a
  * draw from the renormalised distribution with the stream's own random
  * generator, so the same seed and parameters give the same tokens whatever
- * else the server is doing.  temperature 0 means greedy (argmax).  And the
- * log-probabilities a client may ask for beside the tokens.
+ * else the server is doing.  temperature 0 means greedy (argmax).  The
+ * log-probabilities a client may ask for beside the tokens are logprob.h's.
  */
 #ifndef RRN_SAMPLER_H
 #define RRN_SAMPLER_H
@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "logprob.h"
 #include "rng.h"
 
 /* Seeds travel as JSON numbers, which hold integers exactly up to 2^53. */
@@ -42,16 +43,5 @@ void sampler_free(struct sampler *s);
 
 /* The sampled token id for logits[0..V-1]. */
 int sample_token(struct sampler *s, const float *logits, const struct sample_params *p, struct rng *r);
-
-struct token_logprob {
-    int id;
-    float logprob;
-};
-
-/* ln p(tok) under the model's own distribution, softmax(logits) (not the
- * one the sampling parameters shaped, so that it means the same whatever
- * they were), and its k most probable tokens in top[0..k-1], most
- * probable first, ties by token id. */
-float token_logprobs(const float *logits, int V, int tok, int k, struct token_logprob *top);
 
 #endif

@@ -1,8 +1,9 @@
 /* test_engine.c - the engine's API beyond the fixtures: long texts scored in
- * chunks through a slot equal one pass over them, slots run out and come
- * back, every misuse of the API is refused with a message rather than a
- * crash, a batch large enough to be split over the worker pool gives the
- * same bits as on one thread, in inference and in training, layer 0's
+ * chunks through a slot equal one pass over them, the most probable tokens
+ * at each position of a scored text are the log-softmax's, slots run out
+ * and come back, every misuse of the API is refused with a message rather
+ * than a crash, a batch large enough to be split over the worker pool gives
+ * the same bits as on one thread, in inference and in training, layer 0's
  * token tables give the bits of the projection they replace, and a failure
  * the backend recorded does not fail the calls after it.
  */
@@ -98,11 +99,10 @@ static void test_score_long_text_in_chunks(void **state)
         tok[i] = rand() % v->model.vocab;
     struct engine_seq whole = {.tokens = tok, .len = n, .slot = -1, .token_logprobs = whole_terms};
     assert_int_equal(engine_forward(v->engine, &whole, 1, err, sizeof err), 0);
-    double chunked;
-    const int32_t *toks[1] = {tok};
-    int lens[1] = {n};
-    if (engine_score(v->engine, toks, lens, 1, &chunked, &terms, err, sizeof err) != 0)
+    struct engine_text t = {.tokens = tok, .len = n, .token_logprobs = terms};
+    if (engine_score(v->engine, &t, 1, err, sizeof err) != 0)
         fail_msg("score: %s", err);
+    const double chunked = t.logprob;
     assert_true(whole.logprob < -1000.0); /* it scored every token */
     assert_true(fabs(chunked - whole.logprob) <= 1e-5 * fabs(whole.logprob));
     double sum = 0;
@@ -120,6 +120,105 @@ static void test_score_long_text_in_chunks(void **state)
         assert_true(engine_slot_open(v->engine) >= 0);
     assert_int_equal(engine_slot_open(v->engine), -1);
     free(tok);
+}
+
+/* Log-probabilities computed two ways: the fixtures' random weights make
+ * some of them large, so the tolerance grows with them. */
+static int near(double a, double b)
+{
+    return fabs(a - b) <= 1e-4 * (1 + fabs(b));
+}
+
+/* engine_score's alternatives, on device dev: at each position of a text
+ * long enough to run in chunks, the top_k of the log-softmax of the logits
+ * one forward over the whole text gives (across the chunks' seams too),
+ * most probable first with nothing left out larger, and the terms those of
+ * the forward; texts with and without alternatives in one call each get
+ * what they asked for. */
+static void check_score_alternatives(enum device_kind dev)
+{
+    struct env *v;
+    open_env_on((void **)&v, LM_FIXTURE, 4, dev);
+    char err[512];
+    enum { N = 5000, K = 3, SHORT = 100 };
+    const int V = v->model.vocab;
+    int32_t *tok = malloc(N * sizeof *tok);
+    float *logits = malloc(sizeof *logits * (size_t)N * V), *whole_terms = malloc(N * sizeof *whole_terms);
+    float *terms = malloc(N * sizeof *terms), *short_terms = malloc(SHORT * sizeof *short_terms);
+    struct token_logprob *top = malloc(sizeof *top * N * K), *top1 = malloc(sizeof *top1 * SHORT);
+    assert_true(tok && logits && whole_terms && terms && short_terms && top && top1);
+    srand(11);
+    for (int i = 0; i < N; i++)
+        tok[i] = rand() % V;
+    struct engine_seq whole = {.tokens = tok, .len = N, .slot = -1, .logits = logits, .token_logprobs = whole_terms};
+    if (engine_forward(v->engine, &whole, 1, err, sizeof err) != 0)
+        fail_msg("forward: %s", err);
+    struct engine_text texts[3] = {
+        {.tokens = tok, .len = N, .token_logprobs = terms, .top_k = K, .top = top},
+        {.tokens = tok, .len = SHORT, .token_logprobs = short_terms},
+        {.tokens = tok, .len = SHORT / 2, .top_k = 1, .top = top1},
+    };
+    if (engine_score(v->engine, texts, 3, err, sizeof err) != 0)
+        fail_msg("score: %s", err);
+    for (int s = 0; s < N; s++) {
+        const float *l = logits + (size_t)s * V;
+        double max = l[0], sum = 0;
+        for (int t = 1; t < V; t++)
+            max = l[t] > max ? l[t] : max;
+        for (int t = 0; t < V; t++)
+            sum += exp(l[t] - max);
+        const double lse = max + log(sum);
+        const struct token_logprob *a = top + (size_t)s * K;
+        for (int k = 0; k < K; k++) {
+            assert_true(a[k].id >= 0 && a[k].id < V);
+            if (!near(a[k].logprob, l[a[k].id] - lse))
+                fail_msg("position %d, alternative %d: ln p %g, the logits say %g", s, k, a[k].logprob,
+                         l[a[k].id] - lse);
+            assert_true(k == 0 || (a[k].logprob <= a[k - 1].logprob && a[k].id != a[k - 1].id));
+        }
+        int larger = 0;
+        for (int t = 0; t < V; t++)
+            larger += l[t] - lse > a[K - 1].logprob && !near(l[t] - lse, a[K - 1].logprob);
+        assert_true(larger < K);
+        if (!(s == N - 1 ? terms[s] == 0 : near(terms[s], whole_terms[s])))
+            fail_msg("position %d: term %g, the forward's %g", s, terms[s], whole_terms[s]);
+    }
+    double sum = 0;
+    for (int s = 0; s < N; s++)
+        sum += terms[s];
+    assert_true(fabs(texts[0].logprob - sum) <= 1e-9 * fabs(sum));
+    /* The short texts, beginnings of the long one: the first's terms are
+     * its, but for the last (no next token is given); the other's one
+     * alternative is its first. */
+    for (int s = 0; s < SHORT - 1; s++)
+        assert_true(near(short_terms[s], whole_terms[s]));
+    for (int s = 0; s < SHORT / 2; s++) {
+        assert_int_equal(top1[s].id, top[(size_t)s * K].id);
+        assert_true(near(top1[s].logprob, top[(size_t)s * K].logprob));
+    }
+    assert_true(short_terms[SHORT - 1] == 0);
+    free(tok);
+    free(logits);
+    free(whole_terms);
+    free(terms);
+    free(short_terms);
+    free(top);
+    free(top1);
+    teardown((void **)&v);
+}
+
+static void test_score_alternatives(void **state)
+{
+    (void)state;
+    check_score_alternatives(DEVICE_CPU);
+}
+
+static void test_score_alternatives_cuda(void **state)
+{
+    (void)state;
+    if (!backend_cuda_available())
+        skip();
+    check_score_alternatives(DEVICE_CUDA);
 }
 
 static void test_forward_refuses_bad_batches(void **state)
@@ -955,6 +1054,8 @@ int main(void)
     test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_score_long_text_in_chunks, setup_lm, teardown),
+        cmocka_unit_test(test_score_alternatives),
+        cmocka_unit_test(test_score_alternatives_cuda),
         cmocka_unit_test_setup_teardown(test_forward_refuses_bad_batches, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_slots_at_different_positions_cannot_share_a_forward, setup_lm,
                                         teardown),

@@ -678,6 +678,79 @@ static void test_generate_logprobs(void **state)
     cJSON_Delete(sampled);
 }
 
+/* /score's alternatives: at each position the most probable tokens, most
+ * probable first, the scored token's term equal to its own entry there to
+ * the bit (so that a client can tell whether a text is what greedy
+ * decoding gives), the terms those of /score without alternatives, and
+ * the alternatives those that a generation from the same prefix gets
+ * (another code path: one step at a time). */
+static void test_score_alternatives(void **state)
+{
+    struct server *s = *state;
+    cJSON *greedy = generate(s->port, "combo_lstm_lm",
+                             "\"max_tokens\": 12, \"temperature\": 0, \"logprobs\": true, \"top_logprobs\": 3");
+    char whole[128];
+    snprintf(whole, sizeof whole, "good day%s", str_of(greedy, "text"));
+    char *with_body = body_with("combo_lstm_lm", "text", whole, "\"logprobs\": true, \"top_logprobs\": 3");
+    char *plain_body = body_with("combo_lstm_lm", "text", whole, "\"logprobs\": true");
+    cJSON *with = post(s->port, "/score", 200, with_body), *plain = post(s->port, "/score", 200, plain_body);
+    const cJSON *terms = cJSON_GetObjectItem(with, "logprobs"), *plain_terms = cJSON_GetObjectItem(plain, "logprobs");
+    assert_int_equal(cJSON_GetArraySize(terms), 8 + 12 - 1);
+    double sum = 0;
+    int firsts = 0;
+    const cJSON *pt = plain_terms->child;
+    for (const cJSON *t = terms->child; t; t = t->next, pt = pt->next) {
+        const cJSON *top = cJSON_GetObjectItem(t, "top_logprobs");
+        assert_int_equal(cJSON_GetArraySize(top), 3);
+        for (const cJSON *a = top->child; a->next; a = a->next)
+            assert_true(logprob_of(a) >= logprob_of(a->next));
+        for (const cJSON *a = top->child; a; a = a->next)
+            if (cJSON_GetObjectItem(a, "id")->valueint == cJSON_GetObjectItem(t, "id")->valueint) {
+                assert_true(logprob_of(a) == logprob_of(t));
+                firsts += a == top->child;
+            }
+        assert_true(fabs(logprob_of(t) - logprob_of(pt)) <= 1e-5 * (1 + fabs(logprob_of(pt))));
+        assert_null(cJSON_GetObjectItem(pt, "top_logprobs"));
+        sum += logprob_of(t);
+    }
+    assert_true(fabs(sum - logprob_of(with)) <= 1e-6 * fabs(logprob_of(with)));
+    assert_true(firsts >= 12); /* the greedy tokens at least */
+    /* The generated tokens' alternatives: the first generated token is the
+     * text's 9th, whose term is entry 7. */
+    const cJSON *t = cJSON_GetArrayItem(terms, 8 - 1);
+    for (const cJSON *e = cJSON_GetObjectItem(greedy, "logprobs")->child; e; e = e->next, t = t->next) {
+        const cJSON *a = cJSON_GetObjectItem(t, "top_logprobs")->child;
+        for (const cJSON *b = cJSON_GetObjectItem(e, "top_logprobs")->child; b; b = b->next, a = a->next) {
+            assert_int_equal(cJSON_GetObjectItem(a, "id")->valueint, cJSON_GetObjectItem(b, "id")->valueint);
+            assert_true(fabs(logprob_of(a) - logprob_of(b)) <= 1e-5 * (1 + fabs(logprob_of(b))));
+        }
+    }
+    cJSON_Delete(with);
+    cJSON_Delete(plain);
+    free(with_body);
+    free(plain_body);
+    cJSON_Delete(greedy);
+    char *b = body_with("combo_lstm_lm", "text", "good day", "\"top_logprobs\": 2");
+    expect_error(s->port, "POST", "/score", "", b, 422, "\"logprobs\"");
+    free(b);
+    b = body_with("combo_lstm_lm", "text", "good day", "\"logprobs\": true, \"top_logprobs\": 21");
+    expect_error(s->port, "POST", "/score", "", b, 422, "\"top_logprobs\"");
+    free(b);
+    /* 60,000 tokens with 20 alternatives each: more than an answer holds
+     * (2^20), through /score and through an echo. */
+    char *text = malloc(60001);
+    assert_non_null(text);
+    memset(text, 'a', 60000);
+    text[60000] = 0;
+    b = body_with("combo_lstm_lm", "text", text, "\"logprobs\": true, \"top_logprobs\": 20");
+    expect_error(s->port, "POST", "/score", "", b, 422, "alternatives");
+    free(b);
+    b = body_with("combo_lstm_lm", "prompt", text, "\"echo\": true, \"max_tokens\": 0, \"logprobs\": 20");
+    expect_error(s->port, "POST", "/v1/completions", "", b, 422, "alternatives");
+    free(b);
+    free(text);
+}
+
 /* A generation's latencies are in /metrics under its model: one time to
  * its first token, within the request's own time; one mean time between
  * its tokens when it had 2 or more; its queue wait; its prompt's tokens;
@@ -895,7 +968,9 @@ static void test_completions(void **state)
         int status;
         const char *mention;
     } refused[] = {
-        {"\"echo\": true", 422, "\"echo\""},
+        {"\"echo\": true, \"stream\": true", 422, "\"echo\""},
+        {"\"max_tokens\": 0", 422, "\"max_tokens\""},
+        {"\"echo\": 1", 400, "\"echo\""},
         {"\"suffix\": \"end\"", 422, "\"suffix\""},
         {"\"presence_penalty\": 0.5", 422, "\"presence_penalty\""},
         {"\"frequency_penalty\": -1", 422, "\"frequency_penalty\""},
@@ -912,10 +987,14 @@ static void test_completions(void **state)
         expect_error(s->port, "POST", "/v1/completions", "", b, refused[i].status, refused[i].mention);
         free(b);
     }
-    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"a\", \"b\"]}",
-                 422, "\"prompt\"");
-    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"combo_lstm_lm\", \"prompt\": [1]}", 400,
-                 "\"prompt[0]\"");
+    expect_error(s->port, "POST", "/v1/completions", "",
+                 "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"a\", \"b\"], \"stream\": true}", 422, "prompts");
+    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"combo_lstm_lm\", \"prompt\": []}", 422,
+                 "\"prompt\"");
+    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"a\", 1]}",
+                 400, "\"prompt[1]\"");
+    expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"a\", \"\"]}",
+                 422, "\"prompt[1]\"");
     expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"rra_dynamic_w3_l2_bi\", \"prompt\": \"a\"}",
                  422, "/v1/completions");
     expect_error(s->port, "GET", "/v1/completions", "", NULL, 405, NULL);
@@ -932,6 +1011,137 @@ static void test_completions(void **state)
     }
     assert_int_equal(found, 1);
     cJSON_Delete(models);
+}
+
+/* A choice's logprobs lists, and the number of tokens they hold. */
+static int choice_logprobs(const cJSON *got, int index, const cJSON **tokens, const cJSON **lps, const cJSON **tops)
+{
+    const cJSON *lp = cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), index), "logprobs");
+    *tokens = cJSON_GetObjectItem(lp, "tokens");
+    *lps = cJSON_GetObjectItem(lp, "token_logprobs");
+    *tops = cJSON_GetObjectItem(lp, "top_logprobs");
+    assert_int_equal(cJSON_GetArraySize(*lps), cJSON_GetArraySize(*tokens));
+    return cJSON_GetArraySize(*tokens);
+}
+
+/* The completions API as evaluation harnesses use it: several prompts in
+ * one request, each choice what its own request gives; "echo", the prompt
+ * before the completion with its tokens' log-probabilities (the first
+ * null: nothing predicts it) equal to /score's, alternatives included;
+ * and max_tokens 0 with echo, the prompts scored alone. */
+static void test_completions_echo_and_prompts(void **state)
+{
+    struct server *s = *state;
+    static const char *const prompts[] = {"good day", "the "};
+    cJSON *got = post(s->port, "/v1/completions", 200,
+                      "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"good day\", \"the \"], \"n\": 2, \"seed\": 7, "
+                      "\"max_tokens\": 5, \"logprobs\": 1}");
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "choices")), 4);
+    int prompt_tokens = 0;
+    for (int c = 0; c < 4; c++) {
+        char more[160];
+        snprintf(more, sizeof more, "\"max_tokens\": 5, \"seed\": %d, \"logprobs\": true, \"top_logprobs\": 1", 7 + c % 2);
+        char *body = body_with("combo_lstm_lm", "prompt", prompts[c / 2], more);
+        cJSON *want = post(s->port, "/generate", 200, body);
+        check_completion(got, want, c, "combo_lstm_lm");
+        const cJSON *tokens, *lps, *tops;
+        assert_int_equal(choice_logprobs(got, c, &tokens, &lps, &tops), 5);
+        const cJSON *w = cJSON_GetObjectItem(want, "logprobs")->child;
+        for (int k = 0; k < 5; k++, w = w->next)
+            assert_true(cJSON_GetArrayItem(lps, k)->valuedouble == logprob_of(w));
+        prompt_tokens += c % 2 ? 0 : cJSON_GetObjectItem(want, "prompt_tokens")->valueint;
+        cJSON_Delete(want);
+        free(body);
+    }
+    const cJSON *usage = cJSON_GetObjectItem(got, "usage");
+    assert_int_equal(cJSON_GetObjectItem(usage, "prompt_tokens")->valueint, prompt_tokens);
+    assert_int_equal(prompt_tokens, 8 + 4);
+    assert_int_equal(cJSON_GetObjectItem(usage, "completion_tokens")->valueint, 4 * 5);
+    cJSON_Delete(got);
+
+    /* echo: the prompt's text and tokens, then the completion's. */
+    got = post(s->port, "/v1/completions", 200,
+               "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"echo\": true, \"max_tokens\": 6, "
+               "\"seed\": 3, \"logprobs\": 2}");
+    cJSON *want = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 6, \"seed\": 3, \"logprobs\": true, \"top_logprobs\": 2");
+    char *score_body = body_with("combo_lstm_lm", "text", "good day", "\"logprobs\": true, \"top_logprobs\": 2");
+    cJSON *scored = post(s->port, "/score", 200, score_body);
+    const cJSON *choice = cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), 0);
+    char text[64];
+    snprintf(text, sizeof text, "good day%s", str_of(want, "text"));
+    assert_string_equal(str_of(choice, "text"), text);
+    const cJSON *tokens, *lps, *tops;
+    assert_int_equal(choice_logprobs(got, 0, &tokens, &lps, &tops), 8 + 6);
+    assert_string_equal(cJSON_GetArrayItem(tokens, 0)->valuestring, "g");
+    assert_true(cJSON_IsNull(cJSON_GetArrayItem(lps, 0)) && cJSON_IsNull(cJSON_GetArrayItem(tops, 0)));
+    const cJSON *w = cJSON_GetObjectItem(scored, "logprobs")->child;
+    for (int k = 1; k < 8 + 6; k++, w = w->next) {
+        if (k == 8)
+            w = cJSON_GetObjectItem(want, "logprobs")->child; /* the completion's */
+        assert_string_equal(cJSON_GetArrayItem(tokens, k)->valuestring, str_of(w, "token"));
+        assert_true(cJSON_GetArrayItem(lps, k)->valuedouble == logprob_of(w));
+        const cJSON *top = cJSON_GetArrayItem(tops, k);
+        assert_int_equal(cJSON_GetArraySize(top), 2);
+        for (const cJSON *t = cJSON_GetObjectItem(w, "top_logprobs")->child; t; t = t->next)
+            assert_true(cJSON_GetObjectItem(top, str_of(t, "token"))->valuedouble == logprob_of(t));
+    }
+    assert_null(w);
+    cJSON_Delete(scored);
+    free(score_body);
+    cJSON_Delete(want);
+    cJSON_Delete(got);
+
+    /* max_tokens 0: each prompt scored, its terms adding up to /score's;
+     * a word model's echo keeps its prompt as given. */
+    got = post(s->port, "/v1/completions", 200,
+               "{\"model\": \"combo_lstm_lm\", \"prompt\": [\"good day\", \"the \"], \"echo\": true, \"max_tokens\": 0, "
+               "\"logprobs\": 0}");
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "choices")), 2);
+    for (int c = 0; c < 2; c++) {
+        choice = cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), c);
+        assert_string_equal(str_of(choice, "text"), prompts[c]);
+        assert_string_equal(str_of(choice, "finish_reason"), "length");
+        const int n = choice_logprobs(got, c, &tokens, &lps, &tops);
+        assert_int_equal(n, (int)strlen(prompts[c]));
+        assert_true(cJSON_IsNull(tops));
+        double sum = 0;
+        for (const cJSON *l = lps->child->next; l; l = l->next)
+            sum += l->valuedouble;
+        const double want_lp = score_of(s->port, prompts[c]);
+        assert_true(fabs(sum - want_lp) <= 1e-6 * fabs(want_lp));
+    }
+    usage = cJSON_GetObjectItem(got, "usage");
+    assert_int_equal(cJSON_GetObjectItem(usage, "prompt_tokens")->valueint, 12);
+    assert_int_equal(cJSON_GetObjectItem(usage, "completion_tokens")->valueint, 0);
+    cJSON_Delete(got);
+    got = post(s->port, "/v1/completions", 200,
+               "{\"model\": \"tok_word_lm\", \"prompt\": \"Hello world\", \"echo\": true, \"max_tokens\": 3, \"seed\": 1}");
+    char *word_body = body_with("tok_word_lm", "prompt", "Hello world", "\"max_tokens\": 3, \"seed\": 1");
+    want = post(s->port, "/generate", 200, word_body);
+    free(word_body);
+    snprintf(text, sizeof text, "Hello world %s", str_of(want, "text"));
+    assert_string_equal(str_of(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), 0), "text"), text);
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), 0), "logprobs")));
+    cJSON_Delete(want);
+    cJSON_Delete(got);
+
+    /* How many: 256 prompts at most, and prompts times n as many. */
+    struct buf many = {0};
+    const char *head = "{\"model\": \"combo_lstm_lm\", \"max_tokens\": 1, \"prompt\": [\"a\"";
+    buf_add(&many, head, strlen(head));
+    for (int i = 1; i < 257; i++)
+        buf_add(&many, ", \"a\"", 5);
+    buf_add(&many, "]}", 2);
+    expect_error(s->port, "POST", "/v1/completions", "", many.p, 422, "\"prompt\"");
+    free(many.p);
+    memset(&many, 0, sizeof many);
+    head = "{\"model\": \"combo_lstm_lm\", \"max_tokens\": 1, \"n\": 16, \"prompt\": [\"a\"";
+    buf_add(&many, head, strlen(head));
+    for (int i = 1; i < 17; i++)
+        buf_add(&many, ", \"a\"", 5);
+    buf_add(&many, "]}", 2);
+    expect_error(s->port, "POST", "/v1/completions", "", many.p, 422, "17 prompts of 16");
+    free(many.p);
 }
 
 static void test_routing_errors(void **state)
@@ -1877,7 +2087,9 @@ int main(void)
         cmocka_unit_test(test_generate_logprobs),
         cmocka_unit_test(test_generation_metrics),
         cmocka_unit_test(test_generate_n),
+        cmocka_unit_test(test_score_alternatives),
         cmocka_unit_test(test_completions),
+        cmocka_unit_test(test_completions_echo_and_prompts),
         cmocka_unit_test(test_cli_generate_equals_server),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_request_ids),

@@ -295,12 +295,10 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
     if (run_is_lm(r)) {
         if (!r->valid_c.n)
             return 0;
-        const int32_t *toks[1] = {r->valid_c.ids};
-        int lens[1] = {(int)r->valid_c.n};
-        double lp;
-        if (engine_score(r->e, toks, lens, 1, &lp, NULL, err, errlen))
+        struct engine_text t = {.tokens = r->valid_c.ids, .len = (int)r->valid_c.n};
+        if (engine_score(r->e, &t, 1, err, errlen))
             return -1;
-        *loss = -lp / (double)(r->valid_c.n - 1);
+        *loss = -t.logprob / (double)(r->valid_c.n - 1);
         *metric = *loss / log(2.0);
         return 0;
     }
