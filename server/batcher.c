@@ -2,16 +2,20 @@
  * calls: dynamic batching for whole-sequence work, continuous batching for
  * generation (see batcher.h for the contract).
  *
- * The loop, each turn: admit queued generation jobs into free slots and
- * prefill their prompts together; advance every running stream by one token
- * with one engine_step; run the queued forward jobs as one batch.  Forward
- * jobs wait up to max_wait_us for company (as many sequences as the last
- * batch had) only while no stream is running, so batching never delays a
- * stream's next token.  A stream's prompt starts from the longest prefix of
- * it in the model's prompt cache (prompt_cache.h); the states after each
- * prompt (and at its block boundaries, prefill_stop) and each ended stream
- * go into it, and a job whose prompt another job admitted in the same turn
- * is running waits a turn to start from its state (prompt_taken).
+ * The loop, each turn: admit queued generation jobs into free slots; run
+ * up to PREFILL_TURN tokens of the prompts not yet run, together, and draw
+ * the first token of each prompt that is all in; advance every stream past
+ * its prompt by one token with one engine_step; run the queued forward
+ * jobs as one batch.  A long prompt thus runs over several turns while the
+ * others' tokens keep coming, a step each turn, instead of stopping every
+ * stream until it is in.  Forward jobs wait up to max_wait_us for company
+ * (as many sequences as the last batch had) only while no stream is
+ * running, so batching never delays a stream's next token.  A stream's
+ * prompt starts from the longest prefix of it in the model's prompt cache
+ * (prompt_cache.h); the states after each prompt (and at its block
+ * boundaries, prefill_stop) and each ended stream go into it, and a job
+ * whose prompt another job is running (admitted in the same turn, or still
+ * running its prompt) waits to start from its state (prompt_taken).
  */
 #include <limits.h>
 #include <stdio.h>
@@ -24,8 +28,15 @@
 #include "metrics.h"
 #include "prompt_cache.h"
 
-#define PREFILL_CHUNK 4096 /* prompt tokens per engine call, at most */
-#define PREFIX_BLOCK 256   /* and at first, so that the cache keeps states there */
+/* The prompt cache keeps a prompt's state every PREFIX_BLOCK tokens of its
+ * first PREFIX_SPAN and every PREFIX_SPAN after (prefill_stop). */
+#define PREFIX_BLOCK 256
+#define PREFIX_SPAN 4096
+/* Prompt tokens a turn runs (at least one round), and a round's length
+ * past the first PREFIX_SPAN: what bounds the time a long prompt holds
+ * the other streams' next tokens, some 100 ms of a single 512-wide
+ * prompt on two CPU cores. */
+#define PREFILL_TURN 1024
 /* Shorter sequences are not cached: running the model over them costs
  * about what restoring a state does. */
 #define PROMPT_CACHE_MIN 16
@@ -33,7 +44,12 @@
 struct stream {
     struct job *job;
     int slot;
+    int at;                   /* prompt tokens its slot has consumed: from
+                                 lens[0] on, it generates */
+    unsigned long admitted;   /* the order streams came in */
     int32_t last;
+    const float *sampled_from; /* the logits of its last token, until the
+                                  next engine call */
     struct rng rng;
 };
 
@@ -57,6 +73,9 @@ struct batcher {
     float *logits;            /* [max_streams][V] */
     int *step_slots;          /* [max_streams] */
     int32_t *step_tokens;     /* [max_streams] */
+    int *step_streams;        /* [max_streams]: the stream of each step row */
+    unsigned long admissions; /* streams admitted so far */
+    unsigned long turns;      /* turns so far (prefill_turn) */
     int max_token_bytes;
     int last_seqs;            /* sequences in the last forward batch */
     int streams_shown;        /* n_streams as metrics_streams last had it */
@@ -234,22 +253,34 @@ static int sequences_of(const struct job *j)
     return j->kind == JOB_GENERATE ? 1 : j->n_texts;
 }
 
-/* Whether generation job j should wait a turn for a job taken this turn
- * with the same prompt (mu held).  With a prompt cache the state after the
- * prompt is kept when that job runs it, and j then starts from it instead
- * of running the same prompt beside it: the generations of one request's
- * "n", or clients sending one prompt at once.  Prompts are told apart by
- * the hash batcher_submit took, so nothing is compared under mu; two
- * prompts with one hash cost a turn's wait, not a wrong state, since the
- * cache compares tokens.  A job waits once: those that waited start
- * together the next turn, from the state the first left.  Short prompts
- * cost about as much to run as to restore, and are not cached. */
+static int same_prompt(const struct job *a, const struct job *b)
+{
+    return a->lens[0] == b->lens[0] && a->prompt_hash == b->prompt_hash;
+}
+
+/* Whether generation job j should wait for another job with the same
+ * prompt (mu held): one taken this turn, or a stream still running its
+ * prompt.  With a prompt cache the state after the prompt is kept when
+ * that job has run it, and j then starts from it instead of running the
+ * same prompt beside it: the generations of one request's "n", or clients
+ * sending one prompt at once.  Prompts are told apart by the hash
+ * batcher_submit took, so nothing is compared under mu; two prompts with
+ * one hash cost a wait, not a wrong state, since the cache compares
+ * tokens.  A job waits for those of its turn once (those that waited start
+ * together the next turn, from the state the first left), and for a
+ * stream's prompt until it is in.  Short prompts cost about as much to run
+ * as to restore, and are not cached. */
 static int prompt_taken(const struct batcher *b, struct job *j, struct job *const *gen, int n)
 {
-    if (!b->cache || j->lens[0] < PROMPT_CACHE_MIN || j->prompt_waited)
+    if (!b->cache || j->lens[0] < PROMPT_CACHE_MIN)
+        return 0;
+    for (int i = 0; i < b->n_streams; i++)
+        if (b->streams[i].at < b->streams[i].job->lens[0] && same_prompt(b->streams[i].job, j))
+            return 1;
+    if (j->prompt_waited)
         return 0;
     for (int i = 0; i < n; i++)
-        if (!gen[i]->prompt_waited && gen[i]->lens[0] == j->lens[0] && gen[i]->prompt_hash == j->prompt_hash)
+        if (!gen[i]->prompt_waited && same_prompt(gen[i], j))
             return j->prompt_waited = 1;
     return 0;
 }
@@ -485,20 +516,19 @@ static int next_token(struct batcher *b, struct stream *s, const float *logits)
         pthread_cond_broadcast(&j->cv);
     pthread_mutex_unlock(&j->mu);
     s->last = tok;
+    s->sampled_from = logits;
     return over;
 }
 
 /* Keeps the state stream i's slot has reached, after tokens[0..n), with
- * the logits the stream last sampled from (row i of b->logits).  A state
- * the cache has no memory for is not kept: that costs a later prompt
- * time, not its result. */
-static void cache_state(struct batcher *b, int i, const int32_t *tokens, int n)
+ * the logits after them.  A state the cache has no memory for is not kept:
+ * that costs a later prompt time, not its result. */
+static void cache_state(struct batcher *b, int i, const int32_t *tokens, int n, const float *logits)
 {
     struct stream *s = &b->streams[i];
     if (!b->cache || n < PROMPT_CACHE_MIN || engine_slot_save(b->e, s->slot, b->cache_state) != 0)
         return;
-    prompt_cache_put(b->cache, tokens, n, b->cache_state, engine_slot_position(b->e, s->slot),
-                     b->logits + (size_t)i * b->m->head_out);
+    prompt_cache_put(b->cache, tokens, n, b->cache_state, engine_slot_position(b->e, s->slot), logits);
     metrics_prompt_cache_bytes(b->metrics, prompt_cache_bytes(b->cache));
 }
 
@@ -516,7 +546,7 @@ static void cache_ended_stream(struct batcher *b, int i)
         return;
     memcpy(seq, j->ids[0], sizeof *seq * (size_t)j->lens[0]);
     memcpy(seq + j->lens[0], j->tokens, sizeof *seq * (size_t)(j->n_tokens - 1));
-    cache_state(b, i, seq, n);
+    cache_state(b, i, seq, n, b->streams[i].sampled_from);
     free(seq);
 }
 
@@ -558,40 +588,64 @@ static int restore_prefix(struct batcher *b, int i)
 }
 
 /* Where the prefill of a prompt of len tokens stops next after position
- * at: the next point whose state the prompt cache keeps, every
- * PREFIX_BLOCK tokens up to PREFILL_CHUNK and every PREFILL_CHUNK after, so
- * that prompts which begin alike and end apart (a long instruction or a
- * few examples, then each its own question) find the state where their
- * common beginning ends, give or take a block.  Each stop costs an engine
- * call, and a long prompt keeps an entry at each. */
+ * at: every PREFIX_BLOCK tokens up to PREFIX_SPAN and every PREFILL_TURN
+ * after.  Each stop costs an engine call; the cache keeps the state at
+ * those of cached_stop, so that prompts which begin alike and end apart
+ * (a long instruction or a few examples, then each its own question) find
+ * the state where their common beginning ends, give or take a block, and a
+ * long prompt keeps an entry every PREFIX_SPAN tokens. */
 static int prefill_stop(int at, int len)
 {
-    const int block = at < PREFILL_CHUNK ? PREFIX_BLOCK : PREFILL_CHUNK;
+    const int block = at < PREFIX_SPAN ? PREFIX_BLOCK : PREFILL_TURN;
     const int stop = (at / block + 1) * block;
     return stop < len ? stop : len;
 }
 
-/* Runs the prompts of streams first.. from where each stands (at[i -
- * first] tokens in, restored from the cache or not) to its end, keeping
- * the state at each stop, and leaves each stream's logits after its prompt
- * in its row.  An engine call takes slots that are all at one position, so
- * each round runs the prompts that stand at the lowest position left, up
- * to their next stops: prompts from the start go together, block by
- * block, and one restored midway joins them at its first stop.  0, or the
+static int cached_stop(int at, int len)
+{
+    return at == len || at % (at <= PREFIX_SPAN ? PREFIX_BLOCK : PREFIX_SPAN) == 0;
+}
+
+/* The position of the next prefill round: the lowest a prompt not yet in
+ * stands at, or, when oldest, that of the first admitted of them. */
+static int round_position(const struct batcher *b, int oldest)
+{
+    int pos = INT_MAX;
+    unsigned long first = ULONG_MAX;
+    for (int i = 0; i < b->n_streams; i++) {
+        const struct stream *s = &b->streams[i];
+        if (s->at < s->job->lens[0] && (oldest ? s->admitted < first : s->at < pos)) {
+            pos = s->at;
+            first = s->admitted;
+        }
+    }
+    return pos;
+}
+
+/* Runs the prompts not yet in, from where each stands (restored from the
+ * cache or not), in rounds until PREFILL_TURN tokens have run this turn or
+ * none are left, keeping the state at each stop and leaving each stream's
+ * logits after its last round in its row of b->logits.  An engine call
+ * takes slots that are all at one position, so each round runs the prompts
+ * that stand at one position, up to their next stops: prompts from the
+ * start go together, block by block, and one restored midway joins them at
+ * its first stop.  A round takes the lowest position, so that a short
+ * prompt that comes while a long one is halfway runs first; but every
+ * other turn's first round takes the prompt admitted first, so that a long
+ * prompt moves on however many short ones keep coming.  0, or the
  * engine's error. */
-static int prefill(struct batcher *b, int first, int *at, struct engine_seq *q, int *runs, char *err, size_t errlen)
+static int prefill_turn(struct batcher *b, struct engine_seq *q, int *runs, char *err, size_t errlen)
 {
     const int V = b->m->head_out;
-    for (;;) {
-        int pos = INT_MAX, n = 0;
-        for (int i = first; i < b->n_streams; i++)
-            if (at[i - first] < b->streams[i].job->lens[0] && at[i - first] < pos)
-                pos = at[i - first];
+    const int oldest = b->turns++ % 2;
+    for (int budget = PREFILL_TURN, round = 0; budget > 0; round++) {
+        const int pos = round_position(b, oldest && round == 0);
+        int n = 0;
         if (pos == INT_MAX)
             return 0;
-        for (int i = first; i < b->n_streams; i++) {
+        for (int i = 0; i < b->n_streams; i++) {
             const struct job *j = b->streams[i].job;
-            if (at[i - first] != pos || pos >= j->lens[0])
+            if (b->streams[i].at != pos || pos >= j->lens[0])
                 continue;
             runs[n] = i;
             q[n++] = (struct engine_seq){.tokens = j->ids[0] + pos, .len = prefill_stop(pos, j->lens[0]) - pos,
@@ -603,23 +657,22 @@ static int prefill(struct batcher *b, int first, int *at, struct engine_seq *q, 
             return rc;
         metrics_batch(b->metrics, n);
         for (int k = 0; k < n; k++) {
-            struct job *j = b->streams[runs[k]].job;
-            at[runs[k] - first] += q[k].len;
-            cache_state(b, runs[k], j->ids[0], at[runs[k] - first]);
-            if (j->batch_size < n)
-                j->batch_size = n;
+            struct stream *s = &b->streams[runs[k]];
+            s->at += q[k].len;
+            budget -= q[k].len;
+            if (cached_stop(s->at, s->job->lens[0]))
+                cache_state(b, runs[k], s->job->ids[0], s->at, q[k].last_logits);
+            if (s->job->batch_size < n)
+                s->job->batch_size = n;
         }
     }
+    return 0;
 }
 
-/* Prefill the prompts of new streams and sample their first tokens. */
-static void start_streams(struct batcher *b, struct job **jobs, int n)
+/* Gives new streams their slots, from the longest cached prefix of their
+ * prompts. */
+static void admit_streams(struct batcher *b, struct job **jobs, int n)
 {
-    char err[512];
-    const int V = b->m->head_out;
-    int first = b->n_streams;
-    struct engine_seq *q = calloc((size_t)n, sizeof *q);
-    int *at = calloc((size_t)n, sizeof *at), *runs = calloc((size_t)n, sizeof *runs);
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     for (int i = 0; i < n; i++) {
@@ -627,8 +680,7 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
         struct stream *s = &b->streams[b->n_streams++];
         metrics_time(b->metrics, TIME_QUEUE_WAIT, metrics_elapsed(&j->submitted, &now));
         metrics_count(b->metrics, COUNT_PROMPT_TOKENS, j->lens[0]);
-        s->job = j;
-        s->slot = engine_slot_open(b->e);
+        *s = (struct stream){.job = j, .slot = engine_slot_open(b->e), .admitted = b->admissions++};
         rng_seed(&s->rng, j->sample.seed);
         size_t text_cap = (size_t)j->max_tokens * ((size_t)b->max_token_bytes + 1) + 1;
         pthread_mutex_lock(&j->mu);
@@ -642,63 +694,81 @@ static void start_streams(struct batcher *b, struct job **jobs, int n)
             j->top = malloc(sizeof *j->top * ((size_t)j->max_tokens * (size_t)j->top_logprobs + 1));
         }
         pthread_mutex_unlock(&j->mu);
-        if (!q || !at || !runs || s->slot < 0 || !j->tokens || !j->text ||
-            (j->logprobs && (!j->token_logprob || !j->top))) {
+        if (s->slot < 0 || !j->tokens || !j->text || (j->logprobs && (!j->token_logprob || !j->top))) {
             end_stream(b, b->n_streams - 1, "out of memory starting a stream");
             continue;
         }
-        j->cached_tokens = at[b->n_streams - 1 - first] = restore_prefix(b, b->n_streams - 1);
+        j->cached_tokens = s->at = restore_prefix(b, b->n_streams - 1);
     }
-    int rc = b->n_streams > first ? prefill(b, first, at, q, runs, err, sizeof err) : 0;
-    for (int i = b->n_streams - 1; i >= first; i--) {
+}
+
+/* This turn's share of the prompts still to run (prefill_turn), and the
+ * first token of each stream whose prompt is all in. */
+static void start_streams(struct batcher *b)
+{
+    char err[512];
+    const int V = b->m->head_out;
+    struct engine_seq *q = calloc((size_t)b->max_streams, sizeof *q);
+    int *runs = calloc((size_t)b->max_streams, sizeof *runs);
+    int rc = q && runs ? prefill_turn(b, q, runs, err, sizeof err) : -1;
+    if (!q || !runs)
+        snprintf(err, sizeof err, "out of memory running prompts");
+    if (rc != 0)
+        log_msg("engine error running the prompts of %d streams: %s", b->n_streams, err);
+    /* Backwards, so that ending stream i moves one already seen into its
+     * place. */
+    for (int i = b->n_streams - 1; i >= 0; i--) {
         struct stream *s = &b->streams[i];
+        if (s->job->n_tokens > 0)
+            continue;
         if (rc != 0) {
             end_stream(b, i, err);
-            continue;
+        } else if (s->at == s->job->lens[0]) {
+            metrics_count(b->metrics, COUNT_TOKENS, 1);
+            if (next_token(b, s, b->logits + (size_t)i * V))
+                end_stream(b, i, NULL);
         }
-        metrics_count(b->metrics, COUNT_TOKENS, 1);
-        if (next_token(b, s, b->logits + (size_t)i * V))
-            end_stream(b, i, NULL);
     }
-    if (rc != 0)
-        log_msg("engine error prefilling %d prompts: %s", n, err);
     free(q);
-    free(at);
     free(runs);
 }
 
-/* One token for every running stream. */
+/* One token for every stream past its prompt. */
 static void step_streams(struct batcher *b)
 {
     for (int i = b->n_streams - 1; i >= 0; i--)
         if (cancelled(b->streams[i].job))
             end_stream(b, i, "cancelled");
-    int n = b->n_streams;
+    int n = 0;
+    for (int i = 0; i < b->n_streams; i++) {
+        if (b->streams[i].job->n_tokens == 0)
+            continue; /* still running its prompt */
+        b->step_streams[n] = i;
+        b->step_slots[n] = b->streams[i].slot;
+        b->step_tokens[n++] = b->streams[i].last;
+    }
     if (n == 0)
         return;
     char err[512];
-    for (int i = 0; i < n; i++) {
-        b->step_slots[i] = b->streams[i].slot;
-        b->step_tokens[i] = b->streams[i].last;
-    }
     const int V = b->m->head_out;
     int rc = engine_step(b->e, b->step_slots, b->step_tokens, n, b->logits, NULL, err, sizeof err);
     note_engine(b, rc, err);
     if (rc != 0) {
         log_msg("engine error stepping %d streams: %s", n, err);
-        while (b->n_streams)
-            end_stream(b, b->n_streams - 1, err);
+        for (int k = n - 1; k >= 0; k--)
+            end_stream(b, b->step_streams[k], err);
         return;
     }
     metrics_batch(b->metrics, n);
     metrics_count(b->metrics, COUNT_TOKENS, n);
-    /* Backwards, so that ending stream i moves an already-sampled one into
-     * its place. */
-    for (int i = n - 1; i >= 0; i--) {
+    /* Backwards, so that ending stream i moves one already sampled (or
+     * still running its prompt) into its place. */
+    for (int k = n - 1; k >= 0; k--) {
+        const int i = b->step_streams[k];
         struct stream *s = &b->streams[i];
         if (s->job->batch_size < n)
             s->job->batch_size = n;
-        if (next_token(b, s, b->logits + (size_t)i * V))
+        if (next_token(b, s, b->logits + (size_t)k * V))
             end_stream(b, i, NULL);
     }
 }
@@ -746,7 +816,8 @@ static void *batcher_main(void *arg)
         }
         pthread_mutex_unlock(&b->mu);
         if (n_gen)
-            start_streams(b, gen, n_gen);
+            admit_streams(b, gen, n_gen);
+        start_streams(b);
         step_streams(b);
         if (n_fwd)
             run_forward(b, fwd, n_fwd);
@@ -789,7 +860,8 @@ struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk,
         b->logits = malloc(sizeof(float) * (size_t)b->max_streams * m->head_out);
         b->step_slots = malloc(sizeof(int) * (size_t)b->max_streams);
         b->step_tokens = malloc(sizeof(int32_t) * (size_t)b->max_streams);
-        if (!b->streams || !b->logits || !b->step_slots || !b->step_tokens ||
+        b->step_streams = malloc(sizeof(int) * (size_t)b->max_streams);
+        if (!b->streams || !b->logits || !b->step_slots || !b->step_tokens || !b->step_streams ||
             sampler_init(&b->sampler, m->head_out) != 0) {
             snprintf(err, errlen, "out of memory for %d generation streams", b->max_streams);
             batcher_stop(b);
@@ -835,6 +907,7 @@ void batcher_stop(struct batcher *b)
     free(b->logits);
     free(b->step_slots);
     free(b->step_tokens);
+    free(b->step_streams);
     free(b->probe_out);
     prompt_cache_free(b->cache);
     free(b->cache_state);

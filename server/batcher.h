@@ -7,10 +7,11 @@
  *    of up to max_batch sequences, waiting at most max_wait_us for the
  *    batch to fill once the first job is there (dynamic batching);
  *  - runs generation with continuous batching: each stream holds a slot,
- *    new streams join between steps (their prompts prefilled together),
- *    finished or abandoned ones leave, and every step advances all of them
- *    with one engine call, each keeping its own sampling parameters and
- *    random generator.
+ *    new streams join between steps (their prompts run together, a
+ *    bounded share each turn, so that a long prompt does not stop the
+ *    others' tokens), finished or abandoned ones leave, and every step
+ *    advances all of them with one engine call, each keeping its own
+ *    sampling parameters and random generator.
  * A full queue refuses new jobs (the HTTP layer answers 503); a cancelled
  * job (its client went away) is dropped from its batch at the next chance.
  */

@@ -9,8 +9,9 @@
 # /classify 16 clients, /generate 12 (some with n 4 and log-probabilities,
 # some with a 315-character beginning in common, found in the prompt cache
 # at its 256-token boundary, on models/austen when it is there),
-# /generate streamed 12, /v1/completions 8 (whole and streamed), /score
-# 12, /attention 12, on fixture models (and
+# /generate streamed 12, /v1/completions 8 (whole, streamed, and several
+# prompts echoed with their log-probabilities), /score 12 (some with each
+# position's alternatives), /attention 12, on fixture models (and
 # models/sentiment.safetensors when it exists).  --max-queue 16 makes the server refuse some work with 503 under
 # this load, so the refusal path is soaked too; every other error status is
 # a failure.  Every 10 s it samples the server's VmRSS, open fds and
@@ -75,10 +76,13 @@ EOF
 cat >"$out/completions.txt" <<'EOF'
 {"model": "combo_lstm_lm", "prompt": ["the "], "max_tokens": 24, "seed": {{seq}}, "n": 2, "logprobs": 2}
 {"model": "tok_word_lm", "prompt": "hello world", "max_tokens": 12, "seed": {{seq}}, "stream": true, "stream_options": {"include_usage": true}}
+{"model": "combo_lstm_lm", "prompt": ["good day {{seq}}", "the end", "a nice day"], "echo": true, "max_tokens": 0, "logprobs": 1}
+{"model": "tok_word_lm", "prompt": ["it is a good {{seq}}", "hello"], "echo": true, "max_tokens": 3, "n": 2, "seed": {{seq}}, "logprobs": 2}
 EOF
 cat >"$out/score.txt" <<'EOF'
 {"model": "tok_word_lm", "text": "the world is a good place {{seq}}"}
 {"model": "combo_lstm_lm", "texts": ["good day", "a nice day", "{{seq}} and more"], "logprobs": true}
+{"model": "combo_lstm_lm", "text": "good day and {{seq}} more", "logprobs": true, "top_logprobs": 5}
 EOF
 cat >"$out/attention.txt" <<'EOF'
 {"model": "rra_dynamic_w3_l2_bi", "text": "a nice day for a walk {{seq}}"}

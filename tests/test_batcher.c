@@ -351,6 +351,61 @@ static void test_prefill_from_different_positions(void **state)
     job_release(warm);
 }
 
+/* With a prompt cache of 64 MB: room for a long prompt's states. */
+static int setup_lm_big_cache(void **state)
+{
+    return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 64 << 20);
+}
+
+/* A long prompt runs a share a turn while the streams past their prompts
+ * keep stepping: a stream queued with a 60,000-token prompt (some 60
+ * turns) and starting from its whole prompt in the cache takes its 10
+ * steps alone, all before the long prompt is in (run in one turn, the
+ * long prompt would step beside it).  A job with the same long prompt,
+ * queued with it, waits until it is all in and starts from its state (not
+ * from a state halfway, and not running the rest beside it); and the long
+ * prompt's generation is what it gives alone. */
+static void test_long_prompt_shares_turns(void **state)
+{
+    struct env *v = *state;
+    const char *short_prompt = "the good day, the good day";
+    struct job *warm = gen_job(v, short_prompt, 1, 1);
+    run_to_end(v, warm);
+    enum { LONG = 60000 };
+    char *prompt = malloc(LONG + 1);
+    assert_non_null(prompt);
+    for (int i = 0; i < LONG; i++)
+        prompt[i] = "a nice day. "[i % 12];
+    prompt[LONG] = 0;
+    struct job *jobs[3] = {gen_job(v, short_prompt, 5, 10), gen_job(v, prompt, 2, 3), gen_job(v, prompt, 2, 3)};
+    assert_int_equal(jobs[1]->lens[0], LONG);
+    assert_int_equal(batcher_submit(v->b, jobs, 3), 0);
+    for (int i = 0; i < 3; i++) {
+        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
+            ;
+        assert_true(jobs[i]->done && !jobs[i]->failed);
+    }
+    assert_int_equal(jobs[0]->cached_tokens, warm->lens[0]);
+    assert_int_equal(jobs[0]->n_tokens, 10);
+    if (jobs[0]->batch_size != 1)
+        fail_msg("the short stream stepped beside %d others", jobs[0]->batch_size - 1);
+    assert_int_equal(jobs[1]->cached_tokens, 0);
+    assert_int_equal(jobs[2]->cached_tokens, LONG);
+    assert_memory_equal(jobs[2]->tokens, jobs[1]->tokens, 3 * sizeof *jobs[1]->tokens);
+    /* Alone, in a batcher without a cache. */
+    struct env *plain;
+    open_env((void **)&plain, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 0);
+    struct job *alone = gen_job(plain, prompt, 2, 3);
+    run_to_end(plain, alone);
+    assert_memory_equal(alone->tokens, jobs[1]->tokens, 3 * sizeof *alone->tokens);
+    job_release(alone);
+    teardown((void **)&plain);
+    for (int i = 0; i < 3; i++)
+        job_release(jobs[i]);
+    job_release(warm);
+    free(prompt);
+}
+
 /* One generation slot, room for two jobs in the queue. */
 static int setup_lm_one_slot(void **state)
 {
@@ -428,6 +483,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_twin_shares_the_prompt, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_one_prompt_runs_once, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_prefill_from_different_positions, setup_lm_cached, teardown),
+        cmocka_unit_test_setup_teardown(test_long_prompt_shares_turns, setup_lm_big_cache, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
     };
