@@ -7,7 +7,8 @@
 # Build first: make rrnserve build/cpu/bench/loadgen (or build/cuda/...).
 # 72 keep-alive clients in all, six bench/loadgen processes at once:
 # /classify 16 clients, /generate 12 (some with n 4 and log-probabilities,
-# some with a 315-character beginning in common, found in the prompt cache
+# some with 6,240-character prompts, run over several turns, some with a
+# 315-character beginning in common, found in the prompt cache
 # at its 256-token boundary, on models/austen when it is there),
 # /generate streamed 12, /v1/completions 8 (whole, streamed, and several
 # prompts echoed with their log-probabilities), /score 12 (some with each
@@ -66,6 +67,9 @@ cat >"$out/generate.txt" <<'EOF'
 {"model": "tok_word_lm", "prompt": "hello world", "max_tokens": 16, "seed": {{seq}}, "top_p": 0.9, "stop": "x"}
 {"model": "combo_lstm_lm", "prompt": "four of one prompt, {{seq}}, sharing it", "max_tokens": 8, "seed": {{seq}}, "n": 4, "logprobs": true, "top_logprobs": 3}
 EOF
+long=$(printf 'a prompt long enough to run over several turns. %.0s' $(seq 130))
+echo "{\"model\": \"combo_lstm_lm\", \"prompt\": \"${long}{{seq}}\", \"max_tokens\": 4, \"seed\": {{seq}}}" \
+    >>"$out/generate.txt"
 shared=$(printf 'one long beginning that many prompts share, %.0s' 1 2 3 4 5 6 7)
 echo "{\"model\": \"$shared_model\", \"prompt\": \"${shared}then each its own: {{seq}}\", \"max_tokens\": 8, \"seed\": {{seq}}}" \
     >>"$out/generate.txt"

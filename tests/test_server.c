@@ -1024,6 +1024,21 @@ static int choice_logprobs(const cJSON *got, int index, const cJSON **tokens, co
     return cJSON_GetArraySize(*tokens);
 }
 
+/* A completions request of n prompts "a" (and more fields before them),
+ * refused with a 422 that mentions what it says. */
+static void expect_many_prompts(int port, const char *more, int n, const char *mention)
+{
+    struct buf body = {0};
+    char head[160];
+    snprintf(head, sizeof head, "{\"model\": \"combo_lstm_lm\", \"max_tokens\": 1, %s\"prompt\": [\"a\"", more);
+    buf_add(&body, head, strlen(head));
+    for (int i = 1; i < n; i++)
+        buf_add(&body, ", \"a\"", 5);
+    buf_add(&body, "]}", 2);
+    expect_error(port, "POST", "/v1/completions", "", body.p, 422, mention);
+    free(body.p);
+}
+
 /* The completions API as evaluation harnesses use it: several prompts in
  * one request, each choice what its own request gives; "echo", the prompt
  * before the completion with its tokens' log-probabilities (the first
@@ -1126,22 +1141,8 @@ static void test_completions_echo_and_prompts(void **state)
     cJSON_Delete(got);
 
     /* How many: 256 prompts at most, and prompts times n as many. */
-    struct buf many = {0};
-    const char *head = "{\"model\": \"combo_lstm_lm\", \"max_tokens\": 1, \"prompt\": [\"a\"";
-    buf_add(&many, head, strlen(head));
-    for (int i = 1; i < 257; i++)
-        buf_add(&many, ", \"a\"", 5);
-    buf_add(&many, "]}", 2);
-    expect_error(s->port, "POST", "/v1/completions", "", many.p, 422, "\"prompt\"");
-    free(many.p);
-    memset(&many, 0, sizeof many);
-    head = "{\"model\": \"combo_lstm_lm\", \"max_tokens\": 1, \"n\": 16, \"prompt\": [\"a\"";
-    buf_add(&many, head, strlen(head));
-    for (int i = 1; i < 17; i++)
-        buf_add(&many, ", \"a\"", 5);
-    buf_add(&many, "]}", 2);
-    expect_error(s->port, "POST", "/v1/completions", "", many.p, 422, "17 prompts of 16");
-    free(many.p);
+    expect_many_prompts(s->port, "", 257, "\"prompt\"");
+    expect_many_prompts(s->port, "\"n\": 16, ", 17, "17 prompts of 16");
 }
 
 static void test_routing_errors(void **state)
