@@ -58,7 +58,7 @@ static int runner_open(struct runner *r, const char *path, enum device_kind dev,
         backend_set_recurrence(r->be, rec, err, sizeof err) != 0 ||
         /* Language models: a slot for long texts, and one for --generate's
          * batcher (one stream and its long-text slot). */
-        !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? 2 : 0, err, sizeof err))) {
+        !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? batcher_slots(1) : 0, err, sizeof err))) {
         fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
         return -1;
     }

@@ -82,6 +82,12 @@ struct engine_text {
     double logprob;              /* out, as engine_seq.logprob */
     float *token_logprobs;       /* out when not NULL: [len], its terms, as
                                     engine_seq.token_logprobs */
+    int carry;                   /* 1: the text continues the sequence held
+                                    in slot and leaves its state there, and
+                                    next, when not NULL, is the token after
+                                    it (its last term); 0: a whole text */
+    int slot;
+    const int32_t *next;
     int top_k;                   /* >= 1 with top */
     struct token_logprob *top;   /* out when not NULL: [len][top_k], at position
                                     t the top_k most probable tokens to follow
@@ -93,7 +99,7 @@ struct engine_text {
 
 /* The log-probability of each of n texts, and what else each asks for;
  * long ones are run in chunks through a slot, so the engine needs one free
- * slot. */
+ * slot (besides those the texts carry on in). */
 int engine_score(struct engine *e, struct engine_text *texts, int n, char *err, size_t errlen);
 
 /* A slot's whole state as a flat array of engine_slot_state_len floats,

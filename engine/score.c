@@ -6,7 +6,8 @@
  * their total token count.  A text longer than one chunk runs chunk by
  * chunk through a slot, its state carried from one chunk to the next, so
  * memory stays bounded for a whole novel while the result is the same as
- * one pass over it.  The alternatives need every position's logits on the
+ * one pass over it; a text may also carry on a sequence a slot holds, a
+ * part of a long text at a time.  The alternatives need every position's logits on the
  * host, [tokens][V] floats, so texts that ask for them run in chunks and
  * batches bounded by SCORE_LOGITS floats instead, apart from the others.
  */
@@ -58,9 +59,12 @@ static double seq_result(const struct engine *e, const struct engine_text *t, co
                             t->token_logprobs ? t->token_logprobs + at : NULL, t->top + (size_t)at * t->top_k);
 }
 
-static int score_long(struct engine *e, struct engine_text *t, int chunk, float *logits, char *err, size_t errlen)
+/* A text through a slot, chunk tokens a forward: its own, or the one it
+ * carries on in. */
+static int score_in_slot(struct engine *e, struct engine_text *t, int chunk, float *logits, char *err,
+                         size_t errlen)
 {
-    int slot = engine_slot_open(e);
+    const int slot = t->carry ? t->slot : engine_slot_open(e);
     if (slot < 0) {
         snprintf(err, errlen, "no free slot to score a text of %d tokens", t->len);
         return -1;
@@ -73,7 +77,7 @@ static int score_long(struct engine *e, struct engine_text *t, int chunk, float 
             .tokens = t->tokens + at,
             .len = n,
             .slot = slot,
-            .next = at + n < t->len ? t->tokens + at + n : NULL,
+            .next = at + n < t->len ? t->tokens + at + n : t->carry ? t->next : NULL,
             .token_logprobs = t->token_logprobs && !t->top ? t->token_logprobs + at : NULL,
             .logits = t->top ? logits : NULL,
         };
@@ -81,7 +85,8 @@ static int score_long(struct engine *e, struct engine_text *t, int chunk, float 
         if (rc == 0)
             sum += seq_result(e, t, &q, at);
     }
-    engine_slot_close(e, slot);
+    if (!t->carry)
+        engine_slot_close(e, slot);
     t->logprob = sum;
     return rc;
 }
@@ -103,14 +108,14 @@ int engine_score(struct engine *e, struct engine_text *texts, int n, char *err, 
         snprintf(err, errlen, "out of memory");
     for (int i = 0; rc == 0 && i < n;) {
         const int chunk = score_chunk(e, &texts[i]), want = texts[i].top != NULL;
-        if (texts[i].len > chunk) {
-            rc = score_long(e, &texts[i], chunk, logits, err, errlen);
+        if (texts[i].len > chunk || texts[i].carry) {
+            rc = score_in_slot(e, &texts[i], chunk, logits, err, errlen);
             i++;
             continue;
         }
         const int batch = want ? chunk : SCORE_BATCH_TOKENS;
         int k = 0, total = 0;
-        while (i < n && (texts[i].top != NULL) == want && texts[i].len <= chunk &&
+        while (i < n && (texts[i].top != NULL) == want && texts[i].len <= chunk && !texts[i].carry &&
                (k == 0 || total + texts[i].len <= batch)) {
             const struct engine_text *t = &texts[i];
             seqs[k] = (struct engine_seq){.tokens = t->tokens, .len = t->len, .slot = -1,

@@ -6,7 +6,8 @@
  * up to PREFILL_TURN tokens of the prompts not yet run, together, and draw
  * the first token of each prompt that is all in; advance every stream past
  * its prompt by one token with one engine_step; run the queued forward
- * jobs as one batch.  A long prompt thus runs over several turns while the
+ * jobs as one batch, but for a score job of more than PREFILL_TURN tokens
+ * while streams run, which runs PREFILL_TURN tokens a turn (score_turn).  A long prompt thus runs over several turns while the
  * others' tokens keep coming, a step each turn, instead of stopping every
  * stream until it is in.  Forward jobs wait up to max_wait_us for company
  * (as many sequences as the last batch had) only while no stream is
@@ -75,6 +76,8 @@ struct batcher {
     int32_t *step_tokens;     /* [max_streams] */
     int *step_streams;        /* [max_streams]: the stream of each step row */
     unsigned long admissions; /* streams admitted so far */
+    /* Score jobs run a share a turn (score_turn), linked by next. */
+    struct job *shared_head, *shared_tail;
     unsigned long turns;      /* turns so far (prefill_turn) */
     int max_token_bytes;
     int last_seqs;            /* sequences in the last forward batch */
@@ -338,7 +341,7 @@ static int worth_waiting(const struct batcher *b)
      * still grows the batches, since requests that arrive while a batch
      * runs all join the next one. */
     int want = b->last_seqs < b->opt.max_batch ? b->last_seqs : b->opt.max_batch;
-    return b->n_streams == 0 && seqs > 0 && seqs < want && b->last_seqs > 1;
+    return b->n_streams == 0 && !b->shared_head && seqs > 0 && seqs < want && b->last_seqs > 1;
 }
 
 /* Records how an engine call went.  A device that stays broken (a GPU
@@ -390,6 +393,89 @@ static void probe_engine(struct batcher *b)
     note_engine(b, engine_forward(b->e, &q, 1, err, sizeof err), err);
 }
 
+static long score_tokens(const struct job *j)
+{
+    long n = 0;
+    for (int t = 0; t < j->n_texts; t++)
+        n += j->lens[t];
+    return n;
+}
+
+/* Queues score job j to run a share a turn, its outputs allocated. */
+static void share_job(struct batcher *b, struct job *j)
+{
+    j->next = NULL;
+    j->part_text = j->part_at = 0;
+    j->slot = -1;
+    if (b->shared_tail)
+        b->shared_tail->next = j;
+    else
+        b->shared_head = j;
+    b->shared_tail = j;
+}
+
+/* Ends the first shared job, with an error or not. */
+static void unshare_job(struct batcher *b, const char *error)
+{
+    struct job *j = b->shared_head;
+    if (j->slot >= 0)
+        engine_slot_close(b->e, j->slot);
+    if (!(b->shared_head = j->next))
+        b->shared_tail = NULL;
+    finish_job(b, j, 1, error);
+}
+
+/* Runs up to PREFILL_TURN tokens of the shared score jobs, in order, a
+ * part of a text an engine call: each text carries on through a slot from
+ * where it stood, so its terms are those of one pass over it. */
+static void score_turn(struct batcher *b)
+{
+    char err[512];
+    for (int budget = PREFILL_TURN; budget > 0 && b->shared_head;) {
+        struct job *j = b->shared_head;
+        if (cancelled(j)) {
+            unshare_job(b, "cancelled");
+            continue;
+        }
+        if (j->slot < 0 && (j->slot = engine_slot_open(b->e)) < 0) {
+            unshare_job(b, "no free slot to score a text");
+            continue;
+        }
+        const int t = j->part_text, len = j->lens[t], at = j->part_at;
+        const int n = len - at < budget ? len - at : budget;
+        size_t from = (size_t)at;
+        for (int i = 0; i < t; i++)
+            from += (size_t)j->lens[i];
+        struct engine_text part = {
+            .tokens = j->ids[t] + at, .len = n, .carry = 1, .slot = j->slot,
+            .next = at + n < len ? j->ids[t] + at + n : NULL,
+            .token_logprobs = j->logprobs ? j->token_logprob + from : NULL,
+            .top_k = j->top_logprobs, .top = j->top ? j->top + from * (size_t)j->top_logprobs : NULL,
+        };
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        const int rc = engine_score(b->e, &part, 1, err, sizeof err);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        note_engine(b, rc, err);
+        metrics_time(b->metrics, TIME_ENGINE, metrics_elapsed(&t0, &t1));
+        metrics_batch(b->metrics, 1);
+        if (rc != 0) {
+            log_msg("engine error scoring a text: %s", err);
+            unshare_job(b, err);
+            continue;
+        }
+        budget -= n;
+        j->logprob[t] += part.logprob;
+        if ((j->part_at += n) < len)
+            continue;
+        engine_slot_close(b->e, j->slot);
+        j->slot = -1;
+        j->part_at = 0;
+        if (++j->part_text == j->n_texts)
+            unshare_job(b, NULL);
+    }
+}
+
 /* Classify, attention and score jobs as one batch. */
 static void run_forward(struct batcher *b, struct job **jobs, int n)
 {
@@ -402,6 +488,9 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     }
     struct engine_seq *q = calloc((size_t)seqs, sizeof *q);
     struct engine_text *st = calloc((size_t)scores + 1, sizeof *st);
+    /* Scoring more than a turn's tokens while streams run would hold back
+     * their next tokens as long: such a job runs a share a turn instead. */
+    const int streams = b->n_streams > 0;
     const int C = b->m->head_out, K = b->m->cfg.attn_mode == ATTN_NONE ? 0 : b->m->cfg.attn_window;
     const int LDK = b->m->cfg.layers * config_directions(&b->m->cfg) * K;
     int rc = q && st ? 0 : -1, nq = 0, ns = 0;
@@ -421,7 +510,8 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             rc = -1;
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
-        for (int t = 0, at = 0; rc == 0 && t < j->n_texts; at += j->lens[t++]) {
+        j->shared = rc == 0 && streams && j->kind == JOB_SCORE && score_tokens(j) > PREFILL_TURN;
+        for (int t = 0, at = 0; rc == 0 && !j->shared && t < j->n_texts; at += j->lens[t++]) {
             if (j->kind == JOB_SCORE) {
                 st[ns++] = (struct engine_text){
                     .tokens = j->ids[t], .len = j->lens[t],
@@ -457,6 +547,10 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     metrics_batch(b->metrics, seqs);
     for (int i = 0, k = 0; i < n; i++) {
         struct job *j = jobs[i];
+        if (rc == 0 && j->shared) {
+            share_job(b, j);
+            continue;
+        }
         for (int t = 0; rc == 0 && j->kind == JOB_SCORE && t < j->n_texts; t++)
             j->logprob[t] = st[k++].logprob;
         finish_job(b, j, seqs, rc == 0 ? NULL : err);
@@ -781,7 +875,7 @@ static void *batcher_main(void *arg)
     struct job **gen = malloc(sizeof *gen * (size_t)cap);
     pthread_mutex_lock(&b->mu);
     for (;;) {
-        while (!b->head && b->n_streams == 0 && !b->stopping) {
+        while (!b->head && b->n_streams == 0 && !b->shared_head && !b->stopping) {
             if (b->failures < BATCHER_FAILING_AFTER) {
                 pthread_cond_wait(&b->cv, &b->mu);
                 continue;
@@ -793,7 +887,7 @@ static void *batcher_main(void *arg)
                 pthread_mutex_lock(&b->mu);
             }
         }
-        if (!b->head && b->n_streams == 0)
+        if (!b->head && b->n_streams == 0 && !b->shared_head)
             break; /* stopping, and nothing left to do */
         if (worth_waiting(b) && !b->stopping) {
             struct timespec until = deadline_us(b->opt.max_wait_us);
@@ -821,6 +915,7 @@ static void *batcher_main(void *arg)
         step_streams(b);
         if (n_fwd)
             run_forward(b, fwd, n_fwd);
+        score_turn(b);
         if (b->n_streams != b->streams_shown)
             metrics_streams(b->metrics, b->streams_shown = b->n_streams);
         pthread_mutex_lock(&b->mu);
@@ -829,6 +924,11 @@ static void *batcher_main(void *arg)
     free(fwd);
     free(gen);
     return NULL;
+}
+
+int batcher_slots(int max_batch)
+{
+    return max_batch + 2;
 }
 
 struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk, struct engine *e,

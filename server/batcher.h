@@ -5,7 +5,8 @@
  * and wait; they never run the model.  The batcher thread
  *  - gathers forward jobs (classify, score, attention) into one engine call
  *    of up to max_batch sequences, waiting at most max_wait_us for the
- *    batch to fill once the first job is there (dynamic batching);
+ *    batch to fill once the first job is there (dynamic batching); a long
+ *    score job that comes while streams run goes a bounded share a turn;
  *  - runs generation with continuous batching: each stream holds a slot,
  *    new streams join between steps (their prompts run together, a
  *    bounded share each turn, so that a long prompt does not stop the
@@ -79,7 +80,8 @@ struct job {
     atomic_int cancelled;
     atomic_int refs;
     struct job *next;      /* queue link, the batcher's */
-    int slot;              /* generation slot, the batcher's */
+    int shared;            /* score: runs a share a turn (the batcher's) */
+    int slot, part_text, part_at; /* and where it stands: its slot, text and token */
     uint64_t prompt_hash;  /* generate: its prompt's, when worth caching (the batcher's) */
     int prompt_waited;     /* generate: waited a turn for its prompt's state (the batcher's) */
     struct timespec submitted, first_token; /* the batcher's, for metrics.h */
@@ -96,10 +98,13 @@ struct batcher;
 
 /* Starts the batcher thread.  The batcher owns the engine from then on,
  * even when it fails to start; not the model or tokenizer, which must
- * outlive it.  The engine needs max_batch + 1 slots for a unidirectional
- * language model (the streams and one for scoring long texts). */
+ * outlive it.  The engine needs batcher_slots(max_batch) slots for a
+ * unidirectional language model. */
 struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk, struct engine *e,
                               const struct batcher_options *opt, char *err, size_t errlen);
+/* The streams', one for a score job run a share a turn, and one for
+ * engine_score's long texts. */
+int batcher_slots(int max_batch);
 /* Finishes every job already queued or running, then stops the thread and
  * frees the batcher and its engine. */
 void batcher_stop(struct batcher *b);

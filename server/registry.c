@@ -63,7 +63,7 @@ static struct served_model *load_model(struct registry *r, const char *name, con
         backend_set_recurrence(m->be, r->opt.recurrence, err, errlen) != 0)
         goto fail;
     const struct model_config *c = &m->model.cfg;
-    int slots = c->task == TASK_LM && config_directions(c) == 1 ? r->opt.batch.max_batch + 1 : 0;
+    int slots = c->task == TASK_LM && config_directions(c) == 1 ? batcher_slots(r->opt.batch.max_batch) : 0;
     struct engine *e = engine_create(&m->model, m->be, slots, err, errlen);
     if (e)
         m->derived_bytes = engine_token_table_bytes(e) + engine_packed_bytes(e);

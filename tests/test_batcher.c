@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,7 +34,7 @@ static int open_env(void **state, const char *path, int max_batch, int max_queue
     if (model_load(path, &v->model, err, sizeof err) != 0 || tokenizer_init(&v->tk, &v->model.cfg, err, sizeof err))
         fail_msg("%s: %s", path, err);
     v->be = backend_cpu_create(err, sizeof err);
-    int slots = v->model.cfg.task == TASK_LM ? max_batch + 1 : 0;
+    int slots = v->model.cfg.task == TASK_LM ? batcher_slots(max_batch) : 0;
     struct engine *e = engine_create(&v->model, v->be, slots, err, sizeof err);
     assert_non_null(e);
     struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = max_wait_us, .max_queue = max_queue,
@@ -406,6 +407,73 @@ static void test_long_prompt_shares_turns(void **state)
     free(prompt);
 }
 
+static int tokens_of(struct job *j)
+{
+    pthread_mutex_lock(&j->mu);
+    int n = j->n_tokens;
+    pthread_mutex_unlock(&j->mu);
+    return n;
+}
+
+/* A score job of three texts, 100,000 tokens and two of 600, with each
+ * token's term and 2 alternatives. */
+static struct job *long_score_job(struct env *v)
+{
+    static const int lens[3] = {100000, 600, 600};
+    struct job *j = job_new(JOB_SCORE, 3);
+    assert_non_null(j);
+    srand(5);
+    for (int t = 0; t < 3; t++) {
+        assert_non_null(j->ids[t] = malloc(sizeof *j->ids[t] * (size_t)lens[t]));
+        for (int i = 0; i < lens[t]; i++)
+            j->ids[t][i] = rand() % v->model.vocab;
+        j->lens[t] = lens[t];
+    }
+    j->logprobs = 1;
+    j->top_logprobs = 2;
+    return j;
+}
+
+/* Scoring a long text while a stream runs goes a share a turn: the stream
+ * keeps getting a token every turn meanwhile (the text takes some 100
+ * turns; run whole, the stream would get none until it is done), and the
+ * texts' log-probabilities, terms and alternatives are those of a batcher
+ * with no stream, which runs the job whole. */
+static void test_long_score_shares_turns(void **state)
+{
+    struct env *v = *state;
+    struct job *stream = gen_job(v, "a", 1, 1 << 20);
+    assert_int_equal(batcher_submit(v->b, &stream, 1), 0);
+    for (int k = 0; k < 6000 && !job_wait(stream, 0, 10); k++)
+        ;
+    struct job *shared = long_score_job(v);
+    const int before = tokens_of(stream);
+    run_to_end(v, shared);
+    const int during = tokens_of(stream) - before;
+    assert_false(shared->failed);
+    if (during < 90)
+        fail_msg("the stream got %d tokens while 101,200 tokens were scored", during);
+    job_cancel(stream);
+    for (int k = 0; k < 6000 && !job_wait(stream, 1 << 30, 10); k++)
+        ;
+    struct env *plain;
+    open_env((void **)&plain, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 0);
+    struct job *whole = long_score_job(plain);
+    run_to_end(plain, whole);
+    assert_false(whole->failed);
+    for (int t = 0; t < 3; t++)
+        assert_true(fabs(shared->logprob[t] - whole->logprob[t]) <= 1e-5 * fabs(whole->logprob[t]));
+    for (int i = 0; i < 100000 + 1200; i++) {
+        if (!(fabsf(shared->token_logprob[i] - whole->token_logprob[i]) <= 1e-4f * (1 + fabsf(whole->token_logprob[i]))))
+            fail_msg("term %d: %g shared, %g whole", i, shared->token_logprob[i], whole->token_logprob[i]);
+        assert_int_equal(shared->top[2 * i].id, whole->top[2 * i].id);
+    }
+    job_release(whole);
+    teardown((void **)&plain);
+    job_release(shared);
+    job_release(stream);
+}
+
 /* One generation slot, room for two jobs in the queue. */
 static int setup_lm_one_slot(void **state)
 {
@@ -484,6 +552,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_one_prompt_runs_once, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_prefill_from_different_positions, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_long_prompt_shares_turns, setup_lm_big_cache, teardown),
+        cmocka_unit_test_setup_teardown(test_long_score_shares_turns, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
     };
