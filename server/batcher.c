@@ -38,6 +38,10 @@
  * the other streams' next tokens, some 100 ms of a single 512-wide
  * prompt on two CPU cores. */
 #define PREFILL_TURN 1024
+/* Tokens of forward jobs a turn takes while streams run (at least one
+ * job): batched, short texts run some three times faster a token than
+ * one prompt does (on the CPU). */
+#define FORWARD_TURN 4096
 /* Shorter sequences are not cached: running the model over them costs
  * about what restoring a state does. */
 #define PROMPT_CACHE_MIN 16
@@ -288,14 +292,33 @@ static int prompt_taken(const struct batcher *b, struct job *j, struct job *cons
     return 0;
 }
 
+static long job_tokens(const struct job *j)
+{
+    long n = 0;
+    for (int t = 0; t < j->n_texts; t++)
+        n += j->lens[t];
+    return n;
+}
+
+/* The tokens forward job j adds to a turn's batch while streams run: none
+ * for a score job that will run a share a turn (run_forward). */
+static long turn_tokens(const struct job *j)
+{
+    const long n = job_tokens(j);
+    return j->kind == JOB_SCORE && n > PREFILL_TURN ? 0 : n;
+}
+
 /* Take queued jobs (mu held): generation jobs while slots are free, forward
- * jobs up to max_batch sequences (a larger job runs alone).  Cancelled jobs
+ * jobs up to max_batch sequences (a larger job runs alone) and, while
+ * streams run, FORWARD_TURN tokens, so that a batch holds their next
+ * tokens back no longer than a prompt's share does.  Cancelled jobs
  * are dropped here.  Jobs that do not fit, or wait for their twin's
  * prompt, stay queued, in order. */
 static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct job **gen, int *n_gen)
 {
     struct job **link = &b->head, *prev = NULL;
     int seqs = 0, free_slots = b->max_streams - b->n_streams;
+    long tokens = 0;
     *n_fwd = *n_gen = 0;
     while (*link) {
         struct job *j = *link;
@@ -305,7 +328,8 @@ static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct jo
         else if (j->kind == JOB_GENERATE)
             take = *n_gen < free_slots && !prompt_taken(b, j, gen, *n_gen);
         else
-            take = seqs == 0 || seqs + sequences_of(j) <= b->opt.max_batch;
+            take = seqs == 0 || (seqs + sequences_of(j) <= b->opt.max_batch &&
+                                 (b->n_streams == 0 || tokens + turn_tokens(j) <= FORWARD_TURN));
         if (!take) {
             prev = j;
             link = &j->next;
@@ -322,6 +346,7 @@ static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct jo
         } else {
             fwd[(*n_fwd)++] = j;
             seqs += sequences_of(j);
+            tokens += turn_tokens(j);
         }
     }
 }
@@ -391,14 +416,6 @@ static void probe_engine(struct batcher *b)
     else
         q.logits = b->probe_out;
     note_engine(b, engine_forward(b->e, &q, 1, err, sizeof err), err);
-}
-
-static long score_tokens(const struct job *j)
-{
-    long n = 0;
-    for (int t = 0; t < j->n_texts; t++)
-        n += j->lens[t];
-    return n;
 }
 
 /* Queues score job j to run a share a turn, its outputs allocated. */
@@ -510,7 +527,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             rc = -1;
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
-        j->shared = rc == 0 && streams && j->kind == JOB_SCORE && score_tokens(j) > PREFILL_TURN;
+        j->shared = rc == 0 && streams && j->kind == JOB_SCORE && job_tokens(j) > PREFILL_TURN;
         for (int t = 0, at = 0; rc == 0 && !j->shared && t < j->n_texts; at += j->lens[t++]) {
             if (j->kind == JOB_SCORE) {
                 st[ns++] = (struct engine_text){

@@ -474,6 +474,43 @@ static void test_long_score_shares_turns(void **state)
     job_release(stream);
 }
 
+/* While a stream runs, a turn's forward batch holds at most 4,096 tokens:
+ * eight score jobs of 600 tokens queued at once run six and two (together,
+ * with no stream). */
+static void test_forward_turn_is_bounded(void **state)
+{
+    struct env *v = *state;
+    for (int busy = 1; busy >= 0; busy--) {
+        struct job *stream = gen_job(v, "a", 1, 1 << 20);
+        if (busy) {
+            assert_int_equal(batcher_submit(v->b, &stream, 1), 0);
+            for (int k = 0; k < 6000 && !job_wait(stream, 0, 10); k++)
+                ;
+        }
+        struct job *jobs[8];
+        for (int i = 0; i < 8; i++) {
+            jobs[i] = job_new(JOB_SCORE, 1);
+            assert_non_null(jobs[i] && (jobs[i]->ids[0] = calloc(600, sizeof *jobs[i]->ids[0])));
+            jobs[i]->lens[0] = 600;
+        }
+        assert_int_equal(batcher_submit(v->b, jobs, 8), 0);
+        int largest = 0;
+        for (int i = 0; i < 8; i++) {
+            for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
+                ;
+            assert_true(jobs[i]->done && !jobs[i]->failed);
+            largest = jobs[i]->batch_size > largest ? jobs[i]->batch_size : largest;
+            job_release(jobs[i]);
+        }
+        assert_int_equal(largest, busy ? 6 : 8);
+        job_cancel(stream);
+        if (busy)
+            for (int k = 0; k < 6000 && !job_wait(stream, 1 << 30, 10); k++)
+                ;
+        job_release(stream);
+    }
+}
+
 /* One generation slot, room for two jobs in the queue. */
 static int setup_lm_one_slot(void **state)
 {
@@ -553,6 +590,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_prefill_from_different_positions, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_long_prompt_shares_turns, setup_lm_big_cache, teardown),
         cmocka_unit_test_setup_teardown(test_long_score_shares_turns, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_forward_turn_is_bounded, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
     };
