@@ -175,7 +175,8 @@ static void finish_job(struct batcher *b, struct job *j, int batch_size, const c
     pthread_mutex_lock(&j->mu);
     if (error) {
         j->failed = 1;
-        snprintf(j->error, sizeof j->error, "%s", error);
+        /* Engine errors are longer than a job keeps: cut, by intent. */
+        snprintf(j->error, sizeof j->error, "%.*s", (int)sizeof j->error - 1, error);
     }
     if (batch_size > j->batch_size)
         j->batch_size = batch_size;
