@@ -156,8 +156,8 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
         reply_error(r, 422, "\"n\" above 1 cannot be streamed; ask with \"stream\": false");
         return -1;
     }
-    if (g->echo && g->stream) {
-        reply_error(r, 422, "\"echo\" cannot be streamed; ask with \"stream\": false");
+    if (g->echo && g->stream && g->max_tokens == 0) {
+        reply_error(r, 422, "\"max_tokens\" 0 cannot be streamed; ask with \"stream\": false");
         return -1;
     }
     if (temperature < 0) {
@@ -530,6 +530,8 @@ struct api_stream {
     struct gen_shape shape;
     struct client client;
     int seen;             /* tokens already turned into events */
+    int after_prompt;     /* an echoed prompt went first (a word model's first
+                             token then takes a space, as openai_text joins them) */
     int ended;            /* the last events are in out */
     int batch_size;
     int32_t *ids;         /* tokens copied out of the job */
@@ -574,7 +576,7 @@ static int token_event(struct api_stream *s, int32_t id, int index)
     char raw[8];
     size_t len = 0, clean_len;
     const char *piece = tokenizer_token(&s->m->tk, id, raw, &len);
-    if ((s->m->tk.type == TOKENIZER_WORD && index > 0 && buf_add(&s->raw, " ", 1) != 0) ||
+    if ((s->m->tk.type == TOKENIZER_WORD && (index > 0 || s->after_prompt) && buf_add(&s->raw, " ", 1) != 0) ||
         (piece && buf_add(&s->raw, piece, len) != 0))
         return -1;
     if (3 * s->raw.len + 1 > s->clean_cap) {
@@ -683,28 +685,52 @@ void api_stream_free(struct api_stream *s)
     free(s);
 }
 
-/* Submits the job and hands the stream to r; the stream takes over the
+/* Submits the job and hands the stream to r, its first event first (an
+ * echoed prompt, consumed; NULL: none); the stream takes over the
  * references to m and j.  0, or -1 with r set (m and j still the caller's). */
 static int start_stream(struct served_model *m, struct job *j, const struct gen_shape *shape, const struct client *c,
-                        struct reply *r)
+                        cJSON *first, struct reply *r)
 {
     struct api_stream *s = calloc(1, sizeof *s);
     int32_t *ids = malloc(sizeof *ids * (size_t)j->max_tokens);
-    if (!s || !ids) {
+    if (!s || !ids || jobs_submit(m, &j, 1, r) != 0) {
+        if (!s || !ids)
+            reply_error(r, 500, "out of memory");
         free(s);
         free(ids);
-        reply_error(r, 500, "out of memory");
+        cJSON_Delete(first);
         return -1;
     }
-    if (jobs_submit(m, &j, 1, r) != 0) {
-        free(s);
-        free(ids);
-        return -1;
-    }
-    *s = (struct api_stream){.m = m, .j = j, .shape = *shape, .client = *c, .batch_size = -1, .ids = ids};
+    *s = (struct api_stream){.m = m, .j = j, .shape = *shape, .client = *c, .batch_size = -1, .ids = ids,
+                             .after_prompt = first != NULL};
+    if (first && add_event(s, first) != 0)
+        job_cancel(j); /* out of memory: the stream ends at its first read */
     r->status = 200;
     r->stream = s;
     return 0;
+}
+
+/* A stream's first event with echo: the prompt, and with logprobs its
+ * tokens', for which the score job e runs first.  NULL with r set when it
+ * cannot be made. */
+static cJSON *echo_event(const struct served_model *m, const struct gen_request *g, const struct texts *t,
+                         struct job *e, const struct client *c, struct reply *r)
+{
+    if (g->logprobs && jobs_run(m, &e, 1, c, r) != 0)
+        return NULL;
+    const struct echo echo = echo_of(t, e, 0);
+    cJSON *choices = cJSON_CreateArray(), *o = NULL;
+    if (choices &&
+        json_put(choices, NULL,
+                 openai_choice(0, openai_text(&m->tk, &echo, NULL),
+                               openai_logprobs(&m->tk, g->logprobs, top_logprobs_of(g, m), &echo, NULL, NULL, 0, 0),
+                               NULL)) == 0)
+        o = openai_object(&g->shape, m->name, choices, NULL);
+    else
+        cJSON_Delete(choices);
+    if (!o)
+        reply_error(r, 500, "out of memory");
+    return o;
 }
 
 /* A finished generation's answer: generation_result, and the tokens'
@@ -744,7 +770,8 @@ static void generate(struct api *a, struct gen_request *g, const char *endpoint,
     const int n = m ? generation_jobs(a, m, req, g, &t, jobs, r) : -1;
     /* Without logprobs the echo job only holds the prompts' tokens. */
     const int run = n - (g->echo && !g->logprobs);
-    if (n > 0 && g->stream && start_stream(m, jobs[0], &g->shape, c, r) == 0) {
+    cJSON *first = n > 0 && g->stream && g->echo ? echo_event(m, g, &t, jobs[n - 1], c, r) : NULL;
+    if (n > 0 && g->stream && (first || !g->echo) && start_stream(m, jobs[0], &g->shape, c, first, r) == 0) {
         m = NULL; /* the stream's now */
         jobs[0] = NULL;
     } else if (n > 0 && !g->stream && (run == 0 || jobs_run(m, jobs, run, c, r) == 0)) {

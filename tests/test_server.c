@@ -968,7 +968,7 @@ static void test_completions(void **state)
         int status;
         const char *mention;
     } refused[] = {
-        {"\"echo\": true, \"stream\": true", 422, "\"echo\""},
+        {"\"echo\": true, \"stream\": true, \"max_tokens\": 0", 422, "\"max_tokens\""},
         {"\"max_tokens\": 0", 422, "\"max_tokens\""},
         {"\"echo\": 1", 400, "\"echo\""},
         {"\"suffix\": \"end\"", 422, "\"suffix\""},
@@ -1022,6 +1022,32 @@ static int choice_logprobs(const cJSON *got, int index, const cJSON **tokens, co
     *tops = cJSON_GetObjectItem(lp, "top_logprobs");
     assert_int_equal(cJSON_GetArraySize(*lps), cJSON_GetArraySize(*tokens));
     return cJSON_GetArraySize(*tokens);
+}
+
+/* A completions stream: its events' texts joined, and its first event. */
+static char *streamed_completion(int port, const char *body, cJSON **first)
+{
+    struct http_resp r;
+    http_must_request(port, "POST", "/v1/completions", "", body, &r);
+    assert_int_equal(r.status, 200);
+    struct buf joined = {0};
+    buf_add(&joined, "", 0);
+    *first = NULL;
+    for (const char *p = r.body.p; (p = strstr(p, "data: ")) && strncmp(p + 6, "[DONE]", 6) != 0; p += 6) {
+        const char *end = strstr(p, "\n\n");
+        assert_non_null(end);
+        cJSON *e = cJSON_ParseWithLength(p + 6, (size_t)(end - p - 6));
+        assert_non_null(e);
+        const cJSON *choice = cJSON_GetArrayItem(cJSON_GetObjectItem(e, "choices"), 0);
+        if (choice)
+            buf_add(&joined, str_of(choice, "text"), strlen(str_of(choice, "text")));
+        if (*first)
+            cJSON_Delete(e);
+        else
+            *first = e;
+    }
+    http_resp_free(&r);
+    return joined.p;
 }
 
 /* A completions request of n prompts "a" (and more fields before them),
@@ -1101,6 +1127,21 @@ static void test_completions_echo_and_prompts(void **state)
             assert_true(cJSON_GetObjectItem(top, str_of(t, "token"))->valuedouble == logprob_of(t));
     }
     assert_null(w);
+    /* Streamed: the prompt first, its tokens' log-probabilities with it,
+     * then the completion's, joined as the whole answer's text. */
+    cJSON *first;
+    char *joined = streamed_completion(s->port,
+                                       "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"echo\": true, "
+                                       "\"max_tokens\": 6, \"seed\": 3, \"logprobs\": 2, \"stream\": true}",
+                                       &first);
+    assert_string_equal(joined, text);
+    const cJSON *first_tokens, *first_lps, *first_tops;
+    assert_int_equal(choice_logprobs(first, 0, &first_tokens, &first_lps, &first_tops), 8);
+    assert_true(cJSON_IsNull(first_lps->child));
+    for (int k = 1; k < 8; k++)
+        assert_true(cJSON_GetArrayItem(first_lps, k)->valuedouble == cJSON_GetArrayItem(lps, k)->valuedouble);
+    free(joined);
+    cJSON_Delete(first);
     cJSON_Delete(scored);
     free(score_body);
     cJSON_Delete(want);
@@ -1137,6 +1178,13 @@ static void test_completions_echo_and_prompts(void **state)
     snprintf(text, sizeof text, "Hello world %s", str_of(want, "text"));
     assert_string_equal(str_of(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), 0), "text"), text);
     assert_true(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(got, "choices"), 0), "logprobs")));
+    joined = streamed_completion(s->port,
+                                 "{\"model\": \"tok_word_lm\", \"prompt\": \"Hello world\", \"echo\": true, "
+                                 "\"max_tokens\": 3, \"seed\": 1, \"stream\": true}",
+                                 &first);
+    assert_string_equal(joined, text);
+    free(joined);
+    cJSON_Delete(first);
     cJSON_Delete(want);
     cJSON_Delete(got);
 

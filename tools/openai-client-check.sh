@@ -3,8 +3,8 @@
 # with OpenAI's own client library (the `openai` package of the npm
 # registry, for Node.js), to check that a client of that API reads what the
 # server answers: the model list, a completion of n 2 with logprobs, a
-# stream with its usage, two prompts echoed and scored, and an error's
-# message.  Not part of `make test`:
+# stream with its usage, two prompts echoed and scored, a stream echoing
+# its prompt, and an error's message.  Not part of `make test`:
 # it fetches the package from the registry.  Needs node and npm
 # (`apt-get install nodejs npm`).  Prints what the client read; exits
 # non-zero when any of it is wrong.
@@ -45,11 +45,18 @@ assert.deepEqual(scored.choices.map(x => x.text), ['good day', 'the ']);
 assert.equal(scored.choices[1].logprobs.token_logprobs.length, 4);
 assert.equal(scored.choices[1].logprobs.token_logprobs[0], null);
 const lp = scored.choices[0].logprobs.token_logprobs.slice(1).reduce((a, b) => a + b, 0);
+let echoed = '';
+for await (const chunk of await client.completions.create({ model: 'combo_lstm_lm', prompt: 'good day', max_tokens: 5,
+                                                            seed: 7, stream: true, echo: true })) {
+  if (chunk.choices.length) echoed += chunk.choices[0].text;
+}
+assert.equal(echoed, 'good day' + c.choices[0].text);
 await assert.rejects(client.completions.create({ model: 'combo_lstm_lm', prompt: 'x', suffix: 'y' }),
                      e => e.status === 422 && e.message.includes('suffix'));
 console.log('openai ' + (await import('openai/version')).VERSION + ': ' + models.data.length + ' models; ' +
             JSON.stringify(c.choices.map(x => x.text)) + ', ' + c.usage.total_tokens + ' tokens; stream ' +
             JSON.stringify(text) + ' (' + finish + ', usage ' + usage.completion_tokens + '); echoed ' +
-            JSON.stringify(scored.choices.map(x => x.text)) + ', ln p ' + lp.toFixed(4) + '; suffix refused');
+            JSON.stringify(scored.choices.map(x => x.text)) + ', ln p ' + lp.toFixed(4) + '; a stream echoed ' +
+            JSON.stringify(echoed) + '; suffix refused');
 JS
 node "$work/check.mjs"
