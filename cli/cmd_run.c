@@ -56,8 +56,8 @@ static int runner_open(struct runner *r, const char *path, enum device_kind dev,
     if (tokenizer_init(&r->tk, &r->model.cfg, err, sizeof err) != 0 ||
         !(r->be = backend_create(dev, err, sizeof err)) || backend_set_precision(r->be, prec, err, sizeof err) != 0 ||
         backend_set_recurrence(r->be, rec, err, sizeof err) != 0 ||
-        /* Language models: a slot for long texts, and one for --generate's
-         * batcher (one stream and its long-text slot). */
+        /* Language models: the slots --generate's batcher of one stream
+         * needs, among them one for engine_score's long texts. */
         !(r->engine = engine_create(&r->model, r->be, r->model.cfg.task == TASK_LM ? batcher_slots(1) : 0, err, sizeof err))) {
         fprintf(stderr, "rrnserve run: %s: %s\n", path, err);
         return -1;

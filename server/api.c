@@ -44,12 +44,9 @@ static cJSON *score_result(const struct served_model *m, const struct job *j, in
     if (j->logprobs) {
         /* Tokens 2..n, each with the term of the sum it added and the
          * tokens the model held likelier there. */
-        size_t at = 0;
-        for (int k = 0; k < i; k++)
-            at += (size_t)j->lens[k];
+        const size_t at = job_text_at(j, i);
         failed |= json_put(o, "logprobs", logprobs_list(&m->tk, j->ids[i] + 1, j->token_logprob + at, scored,
-                                                        j->top ? j->top + at * (size_t)j->top_logprobs : NULL,
-                                                        j->top_logprobs));
+                                                        job_top(j, at), j->top_logprobs));
     }
     return json_built(o, failed);
 }
@@ -148,7 +145,7 @@ static void forward(const struct forward_endpoint *ep, struct api *a, const char
     }
     if (j) {
         j->logprobs = logprobs;
-        j->top_logprobs = top < m->tk.vocab ? (int)top : m->tk.vocab;
+        j->top_logprobs = top_logprobs_for(m, top);
     }
     if (ok && request_tokenize(a, m, &t, 0, j, r) == 0 && request_alternatives_fit(j, r) == 0 &&
         jobs_run(m, &j, 1, c, r) == 0)

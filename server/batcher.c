@@ -118,6 +118,19 @@ struct job *job_new(enum job_kind kind, int n_texts)
     return j;
 }
 
+size_t job_text_at(const struct job *j, int t)
+{
+    size_t at = 0;
+    for (int i = 0; i < t; i++)
+        at += (size_t)j->lens[i];
+    return at;
+}
+
+struct token_logprob *job_top(const struct job *j, size_t i)
+{
+    return j->top ? j->top + i * (size_t)j->top_logprobs : NULL;
+}
+
 struct job *job_twin(struct job *j)
 {
     struct job *t = job_new(j->kind, 1);
@@ -293,20 +306,12 @@ static int prompt_taken(const struct batcher *b, struct job *j, struct job *cons
     return 0;
 }
 
-static long job_tokens(const struct job *j)
-{
-    long n = 0;
-    for (int t = 0; t < j->n_texts; t++)
-        n += j->lens[t];
-    return n;
-}
-
 /* The tokens forward job j adds to a turn's batch while streams run: none
  * for a score job that will run a share a turn (run_forward). */
 static long turn_tokens(const struct job *j)
 {
-    const long n = job_tokens(j);
-    return j->kind == JOB_SCORE && n > PREFILL_TURN ? 0 : n;
+    const size_t n = job_text_at(j, j->n_texts);
+    return j->kind == JOB_SCORE && n > PREFILL_TURN ? 0 : (long)n;
 }
 
 /* Take queued jobs (mu held): generation jobs while slots are free, forward
@@ -461,14 +466,12 @@ static void score_turn(struct batcher *b)
         }
         const int t = j->part_text, len = j->lens[t], at = j->part_at;
         const int n = len - at < budget ? len - at : budget;
-        size_t from = (size_t)at;
-        for (int i = 0; i < t; i++)
-            from += (size_t)j->lens[i];
+        const size_t from = job_text_at(j, t) + (size_t)at;
         struct engine_text part = {
             .tokens = j->ids[t] + at, .len = n, .carry = 1, .slot = j->slot,
             .next = at + n < len ? j->ids[t] + at + n : NULL,
             .token_logprobs = j->logprobs ? j->token_logprob + from : NULL,
-            .top_k = j->top_logprobs, .top = j->top ? j->top + from * (size_t)j->top_logprobs : NULL,
+            .top_k = j->top_logprobs, .top = job_top(j, from),
         };
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -514,9 +517,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     int rc = q && st ? 0 : -1, nq = 0, ns = 0;
     for (int i = 0; rc == 0 && i < n; i++) {
         struct job *j = jobs[i];
-        size_t tokens = 0; /* a score job's terms, when asked for */
-        for (int t = 0; j->kind == JOB_SCORE && j->logprobs && t < j->n_texts; t++)
-            tokens += (size_t)j->lens[t];
+        const size_t tokens = job_text_at(j, j->n_texts); /* a score job's terms, when asked for */
         if (j->kind == JOB_CLASSIFY && !(j->probs = malloc(sizeof(float) * (size_t)j->n_texts * C)))
             rc = -1;
         if (j->kind == JOB_SCORE && !(j->logprob = calloc((size_t)j->n_texts, sizeof(double))))
@@ -528,13 +529,13 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             rc = -1;
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
-        j->shared = rc == 0 && streams && j->kind == JOB_SCORE && job_tokens(j) > PREFILL_TURN;
+        j->shared = rc == 0 && streams && j->kind == JOB_SCORE && tokens > PREFILL_TURN;
         for (int t = 0, at = 0; rc == 0 && !j->shared && t < j->n_texts; at += j->lens[t++]) {
             if (j->kind == JOB_SCORE) {
                 st[ns++] = (struct engine_text){
                     .tokens = j->ids[t], .len = j->lens[t],
                     .token_logprobs = j->logprobs ? j->token_logprob + at : NULL,
-                    .top_k = j->top_logprobs, .top = j->top ? j->top + (size_t)at * j->top_logprobs : NULL,
+                    .top_k = j->top_logprobs, .top = job_top(j, (size_t)at),
                 };
                 continue;
             }
@@ -599,7 +600,7 @@ static int next_token(struct batcher *b, struct stream *s, const float *logits)
      * count finds them. */
     if (j->logprobs)
         j->token_logprob[j->n_tokens] = token_logprobs(logits, b->m->head_out, tok, j->top_logprobs,
-                                                       j->top ? j->top + (size_t)j->n_tokens * j->top_logprobs : NULL);
+                                                       job_top(j, (size_t)j->n_tokens));
     j->tokens[j->n_tokens++] = tok;
     /* Words are separated by a space; bytes and characters join as they are. */
     if (b->tk->type == TOKENIZER_WORD && j->text_len)

@@ -109,6 +109,14 @@ int batcher_slots(int max_batch);
  * frees the batcher and its engine. */
 void batcher_stop(struct batcher *b);
 
+/* Where text t's tokens start among the job's texts (t = n_texts: how
+ * many tokens it holds in all), as its terms and alternatives are laid out
+ * for a score job. */
+size_t job_text_at(const struct job *j, int t);
+/* The alternatives of the job's token i (generate: the i-th generated;
+ * score: as job_text_at counts), or NULL when it keeps none. */
+struct token_logprob *job_top(const struct job *j, size_t i);
+
 /* A new job with one reference held by the caller. */
 struct job *job_new(enum job_kind kind, int n_texts);
 /* A new job of j's kind with j's input, its token arrays shared (one copy

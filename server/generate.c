@@ -199,12 +199,6 @@ cJSON *generation_result(const struct job *j)
     return json_built(o, failed);
 }
 
-/* The alternatives a token gets: as many as asked, at most the vocabulary. */
-static int top_logprobs_of(const struct gen_request *g, const struct served_model *m)
-{
-    return g->top_logprobs < m->tk.vocab ? (int)g->top_logprobs : m->tk.vocab;
-}
-
 /* The request's settings into job j (NULL: out of memory), with seed; j
  * is released when they cannot be.  j, or NULL with r set. */
 static struct job *set_generation(struct job *j, const struct served_model *m, const struct gen_request *g,
@@ -218,7 +212,7 @@ static struct job *set_generation(struct job *j, const struct served_model *m, c
     j->sample.seed = seed & SAMPLE_SEED_MAX;
     j->max_tokens = (int)g->max_tokens;
     j->logprobs = g->logprobs;
-    j->top_logprobs = top_logprobs_of(g, m);
+    j->top_logprobs = top_logprobs_for(m, g->top_logprobs);
     for (int i = 0; i < g->n_stop; i++)
         if (!(j->stop[j->n_stop++] = strdup(g->stop[i]))) {
             reply_error(r, 500, "out of memory");
@@ -293,7 +287,7 @@ static int generation_jobs(const struct api *a, const struct served_model *m, co
         if ((ok = e != NULL)) {
             jobs[made++] = e;
             e->logprobs = g->logprobs;
-            e->top_logprobs = top_logprobs_of(g, m);
+            e->top_logprobs = top_logprobs_for(m, g->top_logprobs);
             ok = request_tokenize(a, m, t, 0, e, r) == 0 && request_alternatives_fit(e, r) == 0;
         } else {
             reply_error(r, 500, "out of memory");
@@ -381,12 +375,9 @@ struct echo {
 /* Prompt p of the score job e. */
 static struct echo echo_of(const struct texts *t, const struct job *e, int p)
 {
-    size_t at = 0;
-    for (int i = 0; i < p; i++)
-        at += (size_t)e->lens[i];
+    const size_t at = job_text_at(e, p);
     return (struct echo){.text = t->s[p], .ids = e->ids[p], .len = e->lens[p],
-                         .terms = e->token_logprob ? e->token_logprob + at : NULL,
-                         .top = e->top ? e->top + at * (size_t)e->top_logprobs : NULL};
+                         .terms = e->token_logprob ? e->token_logprob + at : NULL, .top = job_top(e, at)};
 }
 
 /* A choice's "logprobs", null when not asked for: the echoed prompt's
@@ -404,7 +395,7 @@ static cJSON *openai_logprobs(const struct tokenizer *tk, int want, int k, const
         lp_lists_add(&l, tk, echo->ids + 1, echo->terms, echo->top, echo->len - 1);
     }
     if (j && n)
-        lp_lists_add(&l, tk, ids + from, j->token_logprob + from, k ? j->top + (size_t)from * k : NULL, n);
+        lp_lists_add(&l, tk, ids + from, j->token_logprob + from, job_top(j, (size_t)from), n);
     return lp_lists_done(&l);
 }
 
@@ -480,7 +471,7 @@ static cJSON *openai_text(const struct tokenizer *tk, const struct echo *echo, c
 static cJSON *openai_answer(const struct served_model *m, const struct gen_request *g, const struct texts *t,
                             struct job *const *jobs)
 {
-    const int per = g->max_tokens > 0 ? (int)g->n : 0, n = (int)g->n, k = top_logprobs_of(g, m);
+    const int per = g->max_tokens > 0 ? (int)g->n : 0, n = (int)g->n, k = top_logprobs_for(m, g->top_logprobs);
     const struct job *e = g->echo ? jobs[t->n * per] : NULL;
     cJSON *choices = cJSON_CreateArray();
     int failed = !choices;
@@ -600,8 +591,7 @@ static int token_event(struct api_stream *s, int32_t id, int index)
     failed |= json_put(o, "index", cJSON_CreateNumber(index));
     if (s->j->logprobs) {
         failed |= json_put(o, "logprob", cJSON_CreateNumber(s->j->token_logprob[index]));
-        failed |= top_logprobs_put(o, &s->m->tk, s->j->top ? s->j->top + (size_t)index * s->j->top_logprobs : NULL,
-                                   s->j->top_logprobs);
+        failed |= top_logprobs_put(o, &s->m->tk, job_top(s->j, (size_t)index), s->j->top_logprobs);
     }
     return add_event(s, json_built(o, failed));
 }
@@ -723,7 +713,7 @@ static cJSON *echo_event(const struct served_model *m, const struct gen_request 
     if (choices &&
         json_put(choices, NULL,
                  openai_choice(0, openai_text(&m->tk, &echo, NULL),
-                               openai_logprobs(&m->tk, g->logprobs, top_logprobs_of(g, m), &echo, NULL, NULL, 0, 0),
+                               openai_logprobs(&m->tk, g->logprobs, top_logprobs_for(m, g->top_logprobs), &echo, NULL, NULL, 0, 0),
                                NULL)) == 0)
         o = openai_object(&g->shape, m->name, choices, NULL);
     else

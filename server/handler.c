@@ -264,11 +264,14 @@ int request_tokenize(const struct api *a, const struct served_model *m, const st
     return 0;
 }
 
+int top_logprobs_for(const struct served_model *m, long long asked)
+{
+    return asked < m->tk.vocab ? (int)asked : m->tk.vocab;
+}
+
 int request_alternatives_fit(const struct job *j, struct reply *r)
 {
-    long long tokens = 0;
-    for (int i = 0; i < j->n_texts; i++)
-        tokens += j->lens[i];
+    const long long tokens = (long long)job_text_at(j, j->n_texts);
     if (tokens * j->top_logprobs <= MAX_ALTERNATIVES)
         return 0;
     reply_error(r, 422, "%lld tokens with %d alternatives each are more than the %d alternatives an answer may hold",

@@ -71,6 +71,9 @@ int request_texts(const cJSON *req, const char *name, int many_ok, struct texts 
 int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, int first,
                      struct job *j, struct reply *r);
 
+/* The alternatives a token gets for top_logprobs `asked`: at most the
+ * model's vocabulary. */
+int top_logprobs_for(const struct served_model *m, long long asked);
 /* 422 when a score job asks for more than MAX_ALTERNATIVES alternatives
  * (its tokens times top_logprobs): each is some 40 bytes of answer, so
  * that a request cannot ask for gigabytes. */
