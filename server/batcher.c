@@ -79,6 +79,8 @@ struct batcher {
     int *step_slots;          /* [max_streams] */
     int32_t *step_tokens;     /* [max_streams] */
     int *step_streams;        /* [max_streams]: the stream of each step row */
+    struct engine_seq *prefill_seqs; /* [max_streams]: a prefill round's sequences */
+    int *prefill_streams;     /* [max_streams]: and their streams */
     unsigned long admissions; /* streams admitted so far */
     /* Score jobs run a share a turn (score_turn), linked by next. */
     struct job *shared_head, *shared_tail;
@@ -747,9 +749,11 @@ static int round_position(const struct batcher *b, int oldest)
  * other turn's first round takes the prompt admitted first, so that a long
  * prompt moves on however many short ones keep coming.  0, or the
  * engine's error. */
-static int prefill_turn(struct batcher *b, struct engine_seq *q, int *runs, char *err, size_t errlen)
+static int prefill_turn(struct batcher *b, char *err, size_t errlen)
 {
     const int V = b->m->head_out;
+    struct engine_seq *q = b->prefill_seqs;
+    int *runs = b->prefill_streams;
     const int oldest = b->turns++ % 2;
     for (int budget = PREFILL_TURN, round = 0; budget > 0; round++) {
         const int pos = round_position(b, oldest && round == 0);
@@ -821,11 +825,7 @@ static void start_streams(struct batcher *b)
 {
     char err[512];
     const int V = b->m->head_out;
-    struct engine_seq *q = calloc((size_t)b->max_streams, sizeof *q);
-    int *runs = calloc((size_t)b->max_streams, sizeof *runs);
-    int rc = q && runs ? prefill_turn(b, q, runs, err, sizeof err) : -1;
-    if (!q || !runs)
-        snprintf(err, sizeof err, "out of memory running prompts");
+    const int rc = prefill_turn(b, err, sizeof err);
     if (rc != 0)
         log_msg("engine error running the prompts of %d streams: %s", b->n_streams, err);
     /* Backwards, so that ending stream i moves one already seen into its
@@ -842,8 +842,6 @@ static void start_streams(struct batcher *b)
                 end_stream(b, i, NULL);
         }
     }
-    free(q);
-    free(runs);
 }
 
 /* One token for every stream past its prompt. */
@@ -980,7 +978,10 @@ struct batcher *batcher_start(const struct model *m, const struct tokenizer *tk,
         b->step_slots = malloc(sizeof(int) * (size_t)b->max_streams);
         b->step_tokens = malloc(sizeof(int32_t) * (size_t)b->max_streams);
         b->step_streams = malloc(sizeof(int) * (size_t)b->max_streams);
+        b->prefill_seqs = malloc(sizeof *b->prefill_seqs * (size_t)b->max_streams);
+        b->prefill_streams = malloc(sizeof(int) * (size_t)b->max_streams);
         if (!b->streams || !b->logits || !b->step_slots || !b->step_tokens || !b->step_streams ||
+            !b->prefill_seqs || !b->prefill_streams ||
             sampler_init(&b->sampler, m->head_out) != 0) {
             snprintf(err, errlen, "out of memory for %d generation streams", b->max_streams);
             batcher_stop(b);
@@ -1027,6 +1028,8 @@ void batcher_stop(struct batcher *b)
     free(b->step_slots);
     free(b->step_tokens);
     free(b->step_streams);
+    free(b->prefill_seqs);
+    free(b->prefill_streams);
     free(b->probe_out);
     prompt_cache_free(b->cache);
     free(b->cache_state);
