@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """stream_interference.py URL MODEL TEXT [--tokens 400] [--long 100000] [--seconds 20]
-       [--loads prompt,score,batch]
+       [--loads prompt,score,attention,batch]
 
 How much other work on a language model holds back the tokens of a
 generation it is streaming: a running server is sent one stream (a short
@@ -9,6 +9,7 @@ prompt, --tokens tokens) and, meanwhile, each of three loads in turn:
   prompt   a generation whose prompt is the first --long characters of
            TEXT, and 300-character prompts one after another beside it
   score    /score of the first --long characters of TEXT
+  attention  /attention of the same characters (a model with attention)
   batch    32 clients scoring 900-character pieces of TEXT one after
            another, for --seconds
 
@@ -86,8 +87,8 @@ def run_load(a, text, name):
     conn = http.client.HTTPConnection(a.host, a.port, timeout=600)
     if name == "prompt":
         json.load(post(conn, "/generate", {"model": a.model, "prompt": text[:a.long], "max_tokens": 1, "seed": 2}))
-    elif name == "score":
-        json.load(post(conn, "/score", {"model": a.model, "text": text[:a.long]}))
+    elif name in ("score", "attention"):
+        json.load(post(conn, "/" + name, {"model": a.model, "text": text[:a.long]}))
     else:
         time.sleep(a.seconds)
     t1 = time.monotonic()
@@ -96,14 +97,14 @@ def run_load(a, text, name):
         c.join()
     s.join()
     gaps = s.gaps(t0, t1)
-    line = (f"{name:6}  stream: largest wait {gaps[-1] * 1000:6.0f} ms, 99th percentile "
+    line = (f"{name:9}  stream: largest wait {gaps[-1] * 1000:6.0f} ms, 99th percentile "
             f"{gaps[int(len(gaps) * 0.99)] * 1000:6.0f} ms;  ")
     if name == "prompt":
         done.sort()
         line += (f"the {a.long}-character prompt {t1 - t0:.2f} s, {len(done)} 300-character prompts beside it "
                  f"(median {done[len(done) // 2] * 1000:.0f} ms, at most {done[-1] * 1000:.0f} ms)")
-    elif name == "score":
-        line += f"/score of {a.long} characters {t1 - t0:.2f} s"
+    elif name in ("score", "attention"):
+        line += f"/{name} of {a.long} characters {t1 - t0:.2f} s"
     else:
         line += f"{len(done) / (t1 - t0):.1f} scores a second"
     print(line, flush=True)
@@ -117,7 +118,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=400, help="the stream's tokens (more than the loads last)")
     ap.add_argument("--seconds", type=float, default=20, help="how long the batch load runs")
     ap.add_argument("--long", type=int, default=100000, help="characters of the long prompt and score")
-    ap.add_argument("--loads", default="prompt,score,batch")
+    ap.add_argument("--loads", default="prompt,score,attention,batch")
     a = ap.parse_args()
     u = urllib.parse.urlsplit(a.url)
     a.host, a.port = u.hostname, u.port or 80

@@ -40,7 +40,11 @@ struct engine_seq {
                                 lm: [len, V] */
     const float *target;     /* regress, training: [O] */
     float *last_logits;      /* lm: [V], the logits after the last token */
-    float *attention;        /* RRA: [L][D][len][K]; see below */
+    float *attention;        /* RRA: [L][D][rows][K]; see below */
+    int attention_rows;      /* positions between one layer's (and
+                                direction's) weights and the next's: len
+                                when 0, a whole text's length when this
+                                sequence is a part of it */
     double logprob;          /* lm, out: sum over t = 1..len-1 of
                                 ln p(token t+1 | tokens 1..t), plus
                                 ln p(next | tokens) when next is given */
@@ -51,7 +55,7 @@ struct engine_seq {
 };
 
 /* The attention weights of layer l, direction d, at the step that consumed
- * token position p (0-based), are attention[((l*D + d)*len + p)*K + j - 1]
+ * token position p (0-based), are attention[((l*D + d)*rows + p)*K + j - 1]
  * for j = 1..K: the weight of the state produced at position p-1-j in the
  * forward direction, p+1+j in the backward one.  Positions outside the
  * sequence are the zero states before its start. */
@@ -95,11 +99,16 @@ struct engine_text {
                                     the terms are computed as these are
                                     (logprob.h), and may differ from those
                                     without top in their last digits */
+    float *attention;            /* RRA, out when not NULL: the attention
+                                    weights, as engine_seq's (one direction) */
+    int attention_rows;          /* as engine_seq's */
 };
 
 /* The log-probability of each of n texts, and what else each asks for;
  * long ones are run in chunks through a slot, so the engine needs one free
- * slot (besides those the texts carry on in). */
+ * slot (besides those the texts carry on in).  A language model's
+ * attention maps come this way too, in memory bounded by a chunk however
+ * long the text. */
 int engine_score(struct engine *e, struct engine_text *texts, int n, char *err, size_t errlen);
 
 /* A slot's whole state as a flat array of engine_slot_state_len floats,

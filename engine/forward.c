@@ -635,7 +635,7 @@ static int lm_head(struct engine *e, const struct plan *p, const struct dev_plan
 }
 
 /* Rearrange the packed attention weights [L][D][P][K] into each sequence's
- * [L][D][len][K], by token position. */
+ * [L][D][rows][K], by token position. */
 static int copy_attention(struct engine *e, const struct plan *p, const float *attn, struct engine_seq *seqs)
 {
     const int K = e->K, P = p->P;
@@ -648,11 +648,12 @@ static int copy_attention(struct engine *e, const struct plan *p, const float *a
         struct engine_seq *q = seq_at(p, seqs, i);
         if (!q || !q->attention)
             continue;
+        const size_t rows = q->attention_rows ? (size_t)q->attention_rows : (size_t)q->len;
         for (int ld = 0; ld < e->L * e->D; ld++) {
             int dir = ld % e->D;
             for (int pos = 0; pos < q->len; pos++) {
                 int step = dir ? q->len - 1 - pos : pos;
-                memcpy(q->attention + ((size_t)ld * q->len + pos) * K,
+                memcpy(q->attention + ((size_t)ld * rows + pos) * K,
                        host + ((size_t)ld * P + p->off[step] + i) * K, (size_t)K * sizeof(float));
             }
         }

@@ -7,9 +7,11 @@
  * chunk through a slot, its state carried from one chunk to the next, so
  * memory stays bounded for a whole novel while the result is the same as
  * one pass over it; a text may also carry on a sequence a slot holds, a
- * part of a long text at a time.  The alternatives need every position's logits on the
- * host, [tokens][V] floats, so texts that ask for them run in chunks and
- * batches bounded by SCORE_LOGITS floats instead, apart from the others.
+ * part of a long text at a time.  The alternatives need every position's
+ * logits on the host, [tokens][V] floats, so texts that ask for them run in
+ * chunks and batches bounded by SCORE_LOGITS floats instead, apart from the
+ * others.  Attention maps go the same way: a chunk writes its positions'
+ * weights straight into the text's, whose rows are the whole text's.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +71,7 @@ static int score_in_slot(struct engine *e, struct engine_text *t, int chunk, flo
         snprintf(err, errlen, "no free slot to score a text of %d tokens", t->len);
         return -1;
     }
+    const int K = engine_model(e)->cfg.attn_window;
     double sum = 0.0;
     int rc = 0;
     for (int at = 0; at < t->len && rc == 0; at += chunk) {
@@ -80,6 +83,8 @@ static int score_in_slot(struct engine *e, struct engine_text *t, int chunk, flo
             .next = at + n < t->len ? t->tokens + at + n : t->carry ? t->next : NULL,
             .token_logprobs = t->token_logprobs && !t->top ? t->token_logprobs + at : NULL,
             .logits = t->top ? logits : NULL,
+            .attention = t->attention ? t->attention + (size_t)at * K : NULL,
+            .attention_rows = t->attention_rows ? t->attention_rows : t->len,
         };
         rc = engine_forward(e, &q, 1, err, errlen);
         if (rc == 0)
@@ -120,7 +125,8 @@ int engine_score(struct engine *e, struct engine_text *texts, int n, char *err, 
             const struct engine_text *t = &texts[i];
             seqs[k] = (struct engine_seq){.tokens = t->tokens, .len = t->len, .slot = -1,
                                           .token_logprobs = want ? NULL : t->token_logprobs,
-                                          .logits = want ? logits + (size_t)total * V : NULL};
+                                          .logits = want ? logits + (size_t)total * V : NULL,
+                                          .attention = t->attention, .attention_rows = t->attention_rows};
             which[k++] = i;
             total += texts[i++].len;
         }

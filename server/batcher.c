@@ -6,10 +6,11 @@
  * up to PREFILL_TURN tokens of the prompts not yet run, together, and draw
  * the first token of each prompt that is all in; advance every stream past
  * its prompt by one token with one engine_step; run the queued forward
- * jobs as one batch, but for a score job of more than PREFILL_TURN tokens
- * while streams run, which runs PREFILL_TURN tokens a turn (score_turn).  A long prompt thus runs over several turns while the
- * others' tokens keep coming, a step each turn, instead of stopping every
- * stream until it is in.  Forward jobs wait up to max_wait_us for company
+ * jobs as one batch, but for a score job (or a language model's attention
+ * map) of more than PREFILL_TURN tokens while streams run, which runs
+ * PREFILL_TURN tokens a turn (score_turn).  A long prompt thus runs over
+ * several turns while the others' tokens keep coming, a step each turn,
+ * instead of stopping every stream until it is in.  Forward jobs wait up to max_wait_us for company
  * (as many sequences as the last batch had) only while no stream is
  * running, so batching never delays a stream's next token.  A stream's
  * prompt starts from the longest prefix of it in the model's prompt cache
@@ -82,7 +83,7 @@ struct batcher {
     struct engine_seq *prefill_seqs; /* [max_streams]: a prefill round's sequences */
     int *prefill_streams;     /* [max_streams]: and their streams */
     unsigned long admissions; /* streams admitted so far */
-    /* Score jobs run a share a turn (score_turn), linked by next. */
+    /* Scored jobs run a share a turn (score_turn), linked by next. */
     struct job *shared_head, *shared_tail;
     unsigned long turns;      /* turns so far (prefill_turn) */
     int max_token_bytes;
@@ -308,12 +309,20 @@ static int prompt_taken(const struct batcher *b, struct job *j, struct job *cons
     return 0;
 }
 
+/* Whether forward job j runs through engine_score: scoring, and a
+ * language model's attention maps, which like a score go through a slot a
+ * part at a time however long the text. */
+static int scored(const struct batcher *b, const struct job *j)
+{
+    return j->kind == JOB_SCORE || (j->kind == JOB_ATTENTION && b->m->cfg.task == TASK_LM);
+}
+
 /* The tokens forward job j adds to a turn's batch while streams run: none
- * for a score job that will run a share a turn (run_forward). */
-static long turn_tokens(const struct job *j)
+ * for a scored job that will run a share a turn (run_forward). */
+static long turn_tokens(const struct batcher *b, const struct job *j)
 {
     const size_t n = job_text_at(j, j->n_texts);
-    return j->kind == JOB_SCORE && n > PREFILL_TURN ? 0 : (long)n;
+    return scored(b, j) && n > PREFILL_TURN ? 0 : (long)n;
 }
 
 /* Take queued jobs (mu held): generation jobs while slots are free, forward
@@ -337,7 +346,7 @@ static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct jo
             take = *n_gen < free_slots && !prompt_taken(b, j, gen, *n_gen);
         else
             take = seqs == 0 || (seqs + sequences_of(j) <= b->opt.max_batch &&
-                                 (b->n_streams == 0 || tokens + turn_tokens(j) <= FORWARD_TURN));
+                                 (b->n_streams == 0 || tokens + turn_tokens(b, j) <= FORWARD_TURN));
         if (!take) {
             prev = j;
             link = &j->next;
@@ -354,7 +363,7 @@ static void take_jobs(struct batcher *b, struct job **fwd, int *n_fwd, struct jo
         } else {
             fwd[(*n_fwd)++] = j;
             seqs += sequences_of(j);
-            tokens += turn_tokens(j);
+            tokens += turn_tokens(b, j);
         }
     }
 }
@@ -426,7 +435,7 @@ static void probe_engine(struct batcher *b)
     note_engine(b, engine_forward(b->e, &q, 1, err, sizeof err), err);
 }
 
-/* Queues score job j to run a share a turn, its outputs allocated. */
+/* Queues scored job j to run a share a turn, its outputs allocated. */
 static void share_job(struct batcher *b, struct job *j)
 {
     j->next = NULL;
@@ -450,7 +459,7 @@ static void unshare_job(struct batcher *b, const char *error)
     finish_job(b, j, 1, error);
 }
 
-/* Runs up to PREFILL_TURN tokens of the shared score jobs, in order, a
+/* Runs up to PREFILL_TURN tokens of the shared scored jobs, in order, a
  * part of a text an engine call: each text carries on through a slot from
  * where it stood, so its terms are those of one pass over it. */
 static void score_turn(struct batcher *b)
@@ -474,6 +483,8 @@ static void score_turn(struct batcher *b)
             .next = at + n < len ? j->ids[t] + at + n : NULL,
             .token_logprobs = j->logprobs ? j->token_logprob + from : NULL,
             .top_k = j->top_logprobs, .top = job_top(j, from),
+            .attention = j->attention ? j->attention + (size_t)at * b->m->cfg.attn_window : NULL,
+            .attention_rows = len,
         };
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -488,7 +499,8 @@ static void score_turn(struct batcher *b)
             continue;
         }
         budget -= n;
-        j->logprob[t] += part.logprob;
+        if (j->logprob)
+            j->logprob[t] += part.logprob;
         if ((j->part_at += n) < len)
             continue;
         engine_slot_close(b->e, j->slot);
@@ -506,7 +518,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     int seqs = 0, scores = 0;
     for (int i = 0; i < n; i++) {
         seqs += sequences_of(jobs[i]);
-        if (jobs[i]->kind == JOB_SCORE)
+        if (scored(b, jobs[i]))
             scores += jobs[i]->n_texts;
     }
     struct engine_seq *q = calloc((size_t)seqs, sizeof *q);
@@ -531,13 +543,14 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             rc = -1;
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
-        j->shared = rc == 0 && streams && j->kind == JOB_SCORE && tokens > PREFILL_TURN;
+        j->shared = rc == 0 && streams && scored(b, j) && tokens > PREFILL_TURN;
         for (int t = 0, at = 0; rc == 0 && !j->shared && t < j->n_texts; at += j->lens[t++]) {
-            if (j->kind == JOB_SCORE) {
+            if (scored(b, j)) {
                 st[ns++] = (struct engine_text){
                     .tokens = j->ids[t], .len = j->lens[t],
                     .token_logprobs = j->logprobs ? j->token_logprob + at : NULL,
                     .top_k = j->top_logprobs, .top = job_top(j, (size_t)at),
+                    .attention = j->attention, .attention_rows = j->lens[t],
                 };
                 continue;
             }
@@ -572,8 +585,9 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             share_job(b, j);
             continue;
         }
-        for (int t = 0; rc == 0 && j->kind == JOB_SCORE && t < j->n_texts; t++)
-            j->logprob[t] = st[k++].logprob;
+        for (int t = 0; rc == 0 && scored(b, j) && t < j->n_texts; t++, k++)
+            if (j->logprob)
+                j->logprob[t] = st[k].logprob;
         finish_job(b, j, seqs, rc == 0 ? NULL : err);
     }
     if (rc != 0)

@@ -6,7 +6,8 @@
  *  - gathers forward jobs (classify, score, attention) into one engine call
  *    of up to max_batch sequences, waiting at most max_wait_us for the
  *    batch to fill once the first job is there (dynamic batching); a long
- *    score job that comes while streams run goes a bounded share a turn;
+ *    score job (or a language model's attention map) that comes while
+ *    streams run goes a bounded share a turn;
  *  - runs generation with continuous batching: each stream holds a slot,
  *    new streams join between steps (their prompts run together, a
  *    bounded share each turn, so that a long prompt does not stop the
@@ -80,7 +81,7 @@ struct job {
     atomic_int cancelled;
     atomic_int refs;
     struct job *next;      /* queue link, the batcher's */
-    int shared;            /* score: runs a share a turn (the batcher's) */
+    int shared;            /* score, lm attention: runs a share a turn (the batcher's) */
     int slot, part_text, part_at; /* and where it stands: its slot, text and token */
     uint64_t prompt_hash;  /* generate: its prompt's, when worth caching (the batcher's) */
     int prompt_waited;     /* generate: waited a turn for its prompt's state (the batcher's) */

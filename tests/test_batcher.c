@@ -417,61 +417,83 @@ static int tokens_of(struct job *j)
 
 /* A score job of three texts, 100,000 tokens and two of 600, with each
  * token's term and 2 alternatives. */
-static struct job *long_score_job(struct env *v)
+/* A score job of three texts, 101,200 tokens with their terms and two
+ * alternatives each, or an attention job of the first text alone. */
+static struct job *long_job(struct env *v, enum job_kind kind)
 {
     static const int lens[3] = {100000, 600, 600};
-    struct job *j = job_new(JOB_SCORE, 3);
+    const int n = kind == JOB_SCORE ? 3 : 1;
+    struct job *j = job_new(kind, n);
     assert_non_null(j);
     srand(5);
-    for (int t = 0; t < 3; t++) {
+    for (int t = 0; t < n; t++) {
         assert_non_null(j->ids[t] = malloc(sizeof *j->ids[t] * (size_t)lens[t]));
         for (int i = 0; i < lens[t]; i++)
             j->ids[t][i] = rand() % v->model.vocab;
         j->lens[t] = lens[t];
     }
-    j->logprobs = 1;
-    j->top_logprobs = 2;
+    j->logprobs = kind == JOB_SCORE;
+    j->top_logprobs = kind == JOB_SCORE ? 2 : 0;
     return j;
 }
 
-/* Scoring a long text while a stream runs goes a share a turn: the stream
- * keeps getting a token every turn meanwhile (the text takes some 100
- * turns; run whole, the stream would get none until it is done), and the
- * texts' log-probabilities, terms and alternatives are those of a batcher
- * with no stream, which runs the job whole. */
-static void test_long_score_shares_turns(void **state)
+/* Scoring a long text, or its attention map, while a stream runs goes a
+ * share a turn: the stream keeps getting a token every turn meanwhile (the
+ * text takes some 100 turns; run whole, the stream would get none until it
+ * is done), and the results (log-probabilities, terms and alternatives, or
+ * attention weights) are those of a batcher with no stream, which runs the
+ * job whole. */
+static void check_long_job_shares_turns(struct env *v, enum job_kind kind)
 {
-    struct env *v = *state;
     struct job *stream = gen_job(v, "a", 1, 1 << 20);
     assert_int_equal(batcher_submit(v->b, &stream, 1), 0);
     for (int k = 0; k < 6000 && !job_wait(stream, 0, 10); k++)
         ;
-    struct job *shared = long_score_job(v);
+    struct job *shared = long_job(v, kind);
     const int before = tokens_of(stream);
     run_to_end(v, shared);
     const int during = tokens_of(stream) - before;
     assert_false(shared->failed);
     if (during < 90)
-        fail_msg("the stream got %d tokens while 101,200 tokens were scored", during);
+        fail_msg("the stream got %d tokens while the long job ran", during);
     job_cancel(stream);
     for (int k = 0; k < 6000 && !job_wait(stream, 1 << 30, 10); k++)
         ;
     struct env *plain;
     open_env((void **)&plain, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 0);
-    struct job *whole = long_score_job(plain);
+    struct job *whole = long_job(plain, kind);
     run_to_end(plain, whole);
     assert_false(whole->failed);
-    for (int t = 0; t < 3; t++)
-        assert_true(fabs(shared->logprob[t] - whole->logprob[t]) <= 1e-5 * fabs(whole->logprob[t]));
-    for (int i = 0; i < 100000 + 1200; i++) {
-        if (!(fabsf(shared->token_logprob[i] - whole->token_logprob[i]) <= 1e-4f * (1 + fabsf(whole->token_logprob[i]))))
-            fail_msg("term %d: %g shared, %g whole", i, shared->token_logprob[i], whole->token_logprob[i]);
-        assert_int_equal(shared->top[2 * i].id, whole->top[2 * i].id);
+    if (kind == JOB_SCORE) {
+        for (int t = 0; t < 3; t++)
+            assert_true(fabs(shared->logprob[t] - whole->logprob[t]) <= 1e-5 * fabs(whole->logprob[t]));
+        for (int i = 0; i < 100000 + 1200; i++) {
+            if (!(fabsf(shared->token_logprob[i] - whole->token_logprob[i]) <=
+                  1e-4f * (1 + fabsf(whole->token_logprob[i]))))
+                fail_msg("term %d: %g shared, %g whole", i, shared->token_logprob[i], whole->token_logprob[i]);
+            assert_int_equal(shared->top[2 * i].id, whole->top[2 * i].id);
+        }
+    } else {
+        const struct model_config *cfg = &v->model.cfg;
+        const size_t weights = (size_t)cfg->layers * 100000 * cfg->attn_window;
+        for (size_t i = 0; i < weights; i++)
+            if (!(fabsf(shared->attention[i] - whole->attention[i]) <= 1e-5f))
+                fail_msg("weight %zu: %g shared, %g whole", i, shared->attention[i], whole->attention[i]);
     }
     job_release(whole);
     teardown((void **)&plain);
     job_release(shared);
     job_release(stream);
+}
+
+static void test_long_score_shares_turns(void **state)
+{
+    check_long_job_shares_turns(*state, JOB_SCORE);
+}
+
+static void test_long_attention_shares_turns(void **state)
+{
+    check_long_job_shares_turns(*state, JOB_ATTENTION);
 }
 
 /* While a stream runs, a turn's forward batch holds at most 4,096 tokens:
@@ -590,6 +612,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_prefill_from_different_positions, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_long_prompt_shares_turns, setup_lm_big_cache, teardown),
         cmocka_unit_test_setup_teardown(test_long_score_shares_turns, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_long_attention_shares_turns, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_forward_turn_is_bounded, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),

@@ -221,6 +221,84 @@ static void test_score_alternatives_cuda(void **state)
     check_score_alternatives(DEVICE_CUDA);
 }
 
+/* A language model's attention maps through engine_score, on device dev:
+ * a text long enough to run in chunks, a short one batched beside it, and
+ * the long one again in two parts carried through a slot, each part
+ * writing its rows into the whole text's map; every weight is the one a
+ * forward over the whole text gives. */
+static void check_score_attention(enum device_kind dev)
+{
+    struct env *v;
+    open_env_on((void **)&v, LM_FIXTURE, 4, dev);
+    char err[512];
+    enum { N = 5000, SHORT = 100, CUT = 1700 };
+    const int V = v->model.vocab, L = v->model.cfg.layers, K = v->model.cfg.attn_window;
+    assert_true(K > 0);
+    const size_t map = (size_t)L * N * K;
+    int32_t *tok = malloc(N * sizeof *tok);
+    float *whole_map = calloc(map, sizeof(float)), *chunked = calloc(map, sizeof(float));
+    float *parts = calloc(map, sizeof(float)), *short_map = calloc((size_t)L * SHORT * K, sizeof(float));
+    assert_true(tok && whole_map && chunked && parts && short_map);
+    srand(13);
+    for (int i = 0; i < N; i++)
+        tok[i] = rand() % V;
+    struct engine_seq whole = {.tokens = tok, .len = N, .slot = -1, .attention = whole_map};
+    if (engine_forward(v->engine, &whole, 1, err, sizeof err) != 0)
+        fail_msg("forward: %s", err);
+    struct engine_text texts[2] = {
+        {.tokens = tok, .len = N, .attention = chunked, .attention_rows = N},
+        {.tokens = tok, .len = SHORT, .attention = short_map},
+    };
+    if (engine_score(v->engine, texts, 2, err, sizeof err) != 0)
+        fail_msg("score: %s", err);
+    const int slot = engine_slot_open(v->engine);
+    assert_true(slot >= 0);
+    struct engine_text part = {.tokens = tok, .len = CUT, .carry = 1, .slot = slot, .next = tok + CUT,
+                               .attention = parts, .attention_rows = N};
+    if (engine_score(v->engine, &part, 1, err, sizeof err) != 0)
+        fail_msg("first part: %s", err);
+    part = (struct engine_text){.tokens = tok + CUT, .len = N - CUT, .carry = 1, .slot = slot,
+                                .attention = parts + (size_t)CUT * K, .attention_rows = N};
+    if (engine_score(v->engine, &part, 1, err, sizeof err) != 0)
+        fail_msg("second part: %s", err);
+    engine_slot_close(v->engine, slot);
+    double mass = 0;
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < N; p++)
+            for (int k = 0; k < K; k++) {
+                const size_t i = ((size_t)l * N + p) * K + k;
+                const float w = whole_map[i];
+                mass += w;
+                if (!(fabsf(chunked[i] - w) <= 1e-5f && fabsf(parts[i] - w) <= 1e-5f))
+                    fail_msg("layer %d, position %d, weight %d: %g in chunks, %g in parts, %g in one pass", l, p,
+                             k + 1, chunked[i], parts[i], w);
+                if (p < SHORT && !(fabsf(short_map[((size_t)l * SHORT + p) * K + k] - w) <= 1e-5f))
+                    fail_msg("layer %d, position %d: the short text's weight %d is %g, not %g", l, p, k + 1,
+                             short_map[((size_t)l * SHORT + p) * K + k], w);
+            }
+    assert_true(mass > 0.5 * L * N); /* the maps were written */
+    free(tok);
+    free(whole_map);
+    free(chunked);
+    free(parts);
+    free(short_map);
+    teardown((void **)&v);
+}
+
+static void test_score_attention(void **state)
+{
+    (void)state;
+    check_score_attention(DEVICE_CPU);
+}
+
+static void test_score_attention_cuda(void **state)
+{
+    (void)state;
+    if (!backend_cuda_available())
+        skip();
+    check_score_attention(DEVICE_CUDA);
+}
+
 static void test_forward_refuses_bad_batches(void **state)
 {
     struct env *v = *state;
@@ -1056,6 +1134,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_score_long_text_in_chunks, setup_lm, teardown),
         cmocka_unit_test(test_score_alternatives),
         cmocka_unit_test(test_score_alternatives_cuda),
+        cmocka_unit_test(test_score_attention),
+        cmocka_unit_test(test_score_attention_cuda),
         cmocka_unit_test_setup_teardown(test_forward_refuses_bad_batches, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_slots_at_different_positions_cannot_share_a_forward, setup_lm,
                                         teardown),
