@@ -9,8 +9,9 @@
  * a temporary folder of links to five fixtures of tests/fixtures (so run
  * from the repository root), on the CPU, with small limits (4096-byte
  * texts, 16 tokens) so that valid requests are cheap.  A streamed
- * generation is read to its end.  Every reply must carry a status and, but
- * for a stream, a body.
+ * generation, and an answer written as it is sent (lazy_json.h), is read
+ * to its end, the latter parsed as JSON.  Every reply must carry a status
+ * and a body, a stream or a lazy answer.
  */
 #include <limits.h>
 #include <stdint.h>
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include "api.h"
+#include "lazy_json.h"
 #include "metrics.h"
 #include "registry.h"
 
@@ -88,6 +90,27 @@ static void open_registry(void)
     }
 }
 
+/* Reads a lazy answer to its end, which must be one JSON value, and frees
+ * it. */
+static void read_lazy(struct lazy_json *z)
+{
+    size_t len = 0, cap = 1 << 16;
+    char *text = malloc(cap);
+    ssize_t n = 0;
+    while (text && (n = lazy_json_read(z, text + len, cap - len - 1)) > 0)
+        if ((len += (size_t)n) + 1 == cap)
+            text = realloc(text, cap *= 2);
+    if (!text || n < 0)
+        abort();
+    text[len] = 0;
+    cJSON *parsed = cJSON_Parse(text);
+    if (!parsed)
+        abort();
+    cJSON_Delete(parsed);
+    free(text);
+    lazy_json_free(z);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (!api.reg)
@@ -98,8 +121,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct client c = {never_gone, NULL, "fuzz"};
     api_handler *handler = handlers[(uint8_t)(data[0] - '0') % (sizeof handlers / sizeof handlers[0])];
     handler(&api, (const char *)data + 1, size - 1, &c, &r);
-    if (r.status < 200 || r.status > 599 || (!r.stream && !r.body))
+    if (r.status < 200 || r.status > 599 || (!r.stream && !r.lazy && !r.body))
         abort();
+    if (r.lazy)
+        read_lazy(r.lazy);
     if (r.stream) {
         char buf[4096];
         ssize_t n;

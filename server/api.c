@@ -10,12 +10,14 @@
 #include <stdlib.h>
 
 #include "handler.h"
+#include "lazy_json.h"
 #include "metrics.h"
 
 /* ---- classify, score, attention ---------------------------------------- */
 
-static cJSON *classify_result(const struct served_model *m, const struct job *j, int i)
+static cJSON *classify_result(const struct served_model *m, const struct job *j, int i, struct lazy_json *z)
 {
+    (void)z;
     const struct model_config *cfg = &m->model.cfg;
     const int C = m->model.head_out;
     const float *p = j->probs + (size_t)i * C;
@@ -32,7 +34,7 @@ static cJSON *classify_result(const struct served_model *m, const struct job *j,
 }
 
 /* As `rrnserve run` reports it: tokens 2..n scored given their prefixes. */
-static cJSON *score_result(const struct served_model *m, const struct job *j, int i)
+static cJSON *score_result(const struct served_model *m, const struct job *j, int i, struct lazy_json *z)
 {
     const double logprob = j->logprob[i];
     const int scored = j->lens[i] - 1;
@@ -45,50 +47,67 @@ static cJSON *score_result(const struct served_model *m, const struct job *j, in
         /* Tokens 2..n, each with the term of the sum it added and the
          * tokens the model held likelier there. */
         const size_t at = job_text_at(j, i);
-        failed |= json_put(o, "logprobs", logprobs_list(&m->tk, j->ids[i] + 1, j->token_logprob + at, scored,
-                                                        job_top(j, at), j->top_logprobs));
+        const struct logprobs_of l = {&m->tk, j->ids[i] + 1, j->token_logprob + at, job_top(j, at),
+                                      j->top_logprobs};
+        failed |= json_put(o, "logprobs", lazy_json_array(z, logprobs_item, &l, sizeof l, (size_t)scored));
     }
     return json_built(o, failed);
 }
 
-/* One direction of one layer: per step (token position p), the K weights
- * and the position of the state each weighs (see engine.h). */
-static cJSON *attention_direction(const float *w, int d, int len, int K)
+/* A token of a text as a string (a lazy_item). */
+struct labels_of {
+    const struct tokenizer *tk;
+    const int32_t *ids;
+};
+
+static cJSON *label_item(const void *ctx, size_t p)
 {
-    cJSON *o = cJSON_CreateObject(), *steps = cJSON_CreateArray();
-    int failed = json_put(o, "direction", cJSON_CreateString(d == 0 ? "forward" : "backward"));
-    for (int p = 0; p < len && !failed; p++) {
-        cJSON *step = cJSON_CreateObject(), *weights = cJSON_CreateArray(), *pos = cJSON_CreateArray();
-        failed |= json_put(step, "position", cJSON_CreateNumber(p));
-        for (int k = 1; k <= K; k++) {
-            failed |= json_put(weights, NULL, cJSON_CreateNumber(w[(size_t)p * K + k - 1]));
-            failed |= json_put(pos, NULL, cJSON_CreateNumber(d == 0 ? p - 1 - k : p + 1 + k));
-        }
-        failed |= json_put(step, "weights", weights);
-        failed |= json_put(step, "positions", pos);
-        failed |= json_put(steps, NULL, step);
-    }
-    failed |= json_put(o, "steps", steps);
-    return json_built(o, failed);
+    const struct labels_of *l = ctx;
+    return token_label(l->tk, l->ids[p]);
 }
 
-static cJSON *attention_result(const struct served_model *m, const struct job *j, int i)
+/* One direction of one layer's weights (see engine.h). */
+struct steps_of {
+    const float *w; /* [len][K] */
+    int d, K;
+};
+
+/* Step p (a lazy_item): the K weights and the position of the state each
+ * weighs. */
+static cJSON *step_item(const void *ctx, size_t p)
+{
+    const struct steps_of *s = ctx;
+    cJSON *step = cJSON_CreateObject(), *weights = cJSON_CreateArray(), *pos = cJSON_CreateArray();
+    int failed = json_put(step, "position", cJSON_CreateNumber((double)p));
+    for (int k = 1; k <= s->K; k++) {
+        failed |= json_put(weights, NULL, cJSON_CreateNumber(s->w[p * s->K + k - 1]));
+        failed |= json_put(pos, NULL, cJSON_CreateNumber(s->d == 0 ? (double)p - 1 - k : (double)p + 1 + k));
+    }
+    failed |= json_put(step, "weights", weights);
+    failed |= json_put(step, "positions", pos);
+    return json_built(step, failed);
+}
+
+static cJSON *attention_result(const struct served_model *m, const struct job *j, int i, struct lazy_json *z)
 {
     (void)i;
     const struct model_config *cfg = &m->model.cfg;
     const int L = cfg->layers, D = config_directions(cfg), K = cfg->attn_window, len = j->lens[0];
-    cJSON *o = cJSON_CreateObject(), *tokens = cJSON_CreateArray(), *layers = cJSON_CreateArray();
-    int failed = 0;
-    for (int p = 0; p < len; p++)
-        failed |= json_put(tokens, NULL, token_label(&m->tk, j->ids[0][p]));
-    failed |= json_put(o, "tokens", tokens);
+    const struct labels_of labels = {&m->tk, j->ids[0]};
+    cJSON *o = cJSON_CreateObject(), *layers = cJSON_CreateArray();
+    int failed = json_put(o, "tokens", lazy_json_array(z, label_item, &labels, sizeof labels, (size_t)len));
     failed |= json_put(o, "mode", cJSON_CreateString(cfg->attn_mode == ATTN_STATIC ? "static" : "dynamic"));
     failed |= json_put(o, "window", cJSON_CreateNumber(K));
     for (int l = 0; l < L && !failed; l++) {
         cJSON *layer = cJSON_CreateObject(), *dirs = cJSON_CreateArray();
         failed |= json_put(layer, "layer", cJSON_CreateNumber(l));
-        for (int d = 0; d < D; d++)
-            failed |= json_put(dirs, NULL, attention_direction(j->attention + ((size_t)l * D + d) * len * K, d, len, K));
+        for (int d = 0; d < D; d++) {
+            const struct steps_of steps = {j->attention + ((size_t)l * D + d) * len * K, d, K};
+            cJSON *dir = cJSON_CreateObject();
+            int bad = json_put(dir, "direction", cJSON_CreateString(d == 0 ? "forward" : "backward"));
+            bad |= json_put(dir, "steps", lazy_json_array(z, step_item, &steps, sizeof steps, (size_t)len));
+            failed |= json_put(dirs, NULL, json_built(dir, bad));
+        }
         failed |= json_put(layer, "directions", dirs);
         failed |= json_put(layers, NULL, layer);
     }
@@ -102,7 +121,8 @@ struct forward_endpoint {
     const char *path;
     int task;       /* the task the model must have, or -1 */
     int many;       /* accepts "texts" as well as "text" */
-    cJSON *(*result)(const struct served_model *m, const struct job *j, int i);
+    /* Text i's result; its long arrays are z's (written as they are sent). */
+    cJSON *(*result)(const struct served_model *m, const struct job *j, int i, struct lazy_json *z);
 };
 
 static const struct forward_endpoint classify_ep = {JOB_CLASSIFY, "/classify", TASK_CLASSIFY, 1, classify_result};
@@ -111,16 +131,49 @@ static const struct forward_endpoint attention_ep = {JOB_ATTENTION, "/attention"
 
 /* One result for "text", {"results": [...]} for "texts". */
 static cJSON *forward_results(const struct forward_endpoint *ep, const struct served_model *m,
-                              const struct job *j, int many)
+                              const struct job *j, int many, struct lazy_json *z)
 {
     if (!many)
-        return ep->result(m, j, 0);
+        return ep->result(m, j, 0, z);
     cJSON *o = cJSON_CreateObject(), *results = cJSON_CreateArray();
     int failed = 0;
     for (int i = 0; i < j->n_texts; i++)
-        failed |= json_put(results, NULL, ep->result(m, j, i));
+        failed |= json_put(results, NULL, ep->result(m, j, i, z));
     failed |= json_put(o, "results", results);
     return json_built(o, failed);
+}
+
+/* A finished job and its model, held until its answer is sent. */
+struct held {
+    struct served_model *m;
+    struct job *j;
+};
+
+static void release_held(void *p)
+{
+    struct held *h = p;
+    job_release(h->j);
+    served_model_release(h->m);
+    free(h);
+}
+
+/* Answers finished job j, taking it and m. */
+static void forward_answer(const struct forward_endpoint *ep, struct served_model *m, struct job *j, int many,
+                           struct reply *r)
+{
+    struct held *h = malloc(sizeof *h);
+    if (h) {
+        *h = (struct held){m, j};
+    } else {
+        job_release(j);
+        served_model_release(m);
+    }
+    struct lazy_json *z = h ? lazy_json_new(release_held, h) : NULL;
+    if (!z) {
+        reply_error(r, 500, "out of memory");
+        return;
+    }
+    reply_lazy_json(r, 200, forward_results(ep, m, j, many, z), z);
 }
 
 static void forward(const struct forward_endpoint *ep, struct api *a, const char *body, size_t len,
@@ -148,8 +201,11 @@ static void forward(const struct forward_endpoint *ep, struct api *a, const char
         j->top_logprobs = top_logprobs_for(m, top);
     }
     if (ok && request_tokenize(a, m, &t, 0, j, r) == 0 && request_alternatives_fit(j, r) == 0 &&
-        jobs_run(m, &j, 1, c, r) == 0)
-        reply_json(r, 200, forward_results(ep, m, j, t.many));
+        jobs_run(m, &j, 1, c, r) == 0) {
+        forward_answer(ep, m, j, t.many, r);
+        j = NULL;
+        m = NULL;
+    }
     job_release(j);
     if (m)
         served_model_release(m);

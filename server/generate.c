@@ -728,9 +728,8 @@ static cJSON *echo_event(const struct served_model *m, const struct gen_request 
 static cJSON *generation_answer(const struct served_model *m, const struct job *j)
 {
     cJSON *o = generation_result(j);
-    if (o && j->logprobs &&
-        json_put(o, "logprobs", logprobs_list(&m->tk, j->tokens, j->token_logprob, j->n_tokens, j->top,
-                                             j->top_logprobs)) != 0) {
+    const struct logprobs_of l = {&m->tk, j->tokens, j->token_logprob, j->top, j->top_logprobs};
+    if (o && j->logprobs && json_put(o, "logprobs", logprobs_list(&l, j->n_tokens)) != 0) {
         cJSON_Delete(o);
         return NULL;
     }

@@ -366,16 +366,22 @@ int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct token_lo
     return json_put(o, "top_logprobs", json_built(list, failed));
 }
 
-cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n,
-                     const struct token_logprob *top, int k)
+cJSON *logprobs_item(const void *ctx, size_t i)
+{
+    const struct logprobs_of *l = ctx;
+    cJSON *e = logprob_entry(l->tk, l->ids[i], l->lps[i]);
+    if (e && top_logprobs_put(e, l->tk, l->k ? l->top + i * (size_t)l->k : NULL, l->k) != 0) {
+        cJSON_Delete(e);
+        return NULL;
+    }
+    return e;
+}
+
+cJSON *logprobs_list(const struct logprobs_of *l, int n)
 {
     cJSON *list = cJSON_CreateArray();
     int failed = !list;
-    for (int i = 0; i < n && !failed; i++) {
-        cJSON *e = logprob_entry(tk, ids[i], lps[i]);
-        if (e)
-            failed |= top_logprobs_put(e, tk, k ? top + (size_t)i * k : NULL, k);
-        failed |= json_put(list, NULL, e);
-    }
+    for (int i = 0; i < n && !failed; i++)
+        failed |= json_put(list, NULL, logprobs_item(l, (size_t)i));
     return json_built(list, failed);
 }

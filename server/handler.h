@@ -103,9 +103,18 @@ cJSON *logprob_entry(const struct tokenizer *tk, int32_t id, float logprob);
 /* A token's k alternatives top[0..k), most probable first, as
  * "top_logprobs" of o (nothing when k is 0). */
 int top_logprobs_put(cJSON *o, const struct tokenizer *tk, const struct token_logprob *top, int k);
-/* An entry for each of n tokens, ids[i] with its log-probability lps[i]
- * and its k alternatives top[i*k ...] (k may be 0). */
-cJSON *logprobs_list(const struct tokenizer *tk, const int32_t *ids, const float *lps, int n,
-                     const struct token_logprob *top, int k);
+/* Tokens ids[i] with their log-probabilities lps[i] and k alternatives
+ * each, top[i*k ...] (k may be 0). */
+struct logprobs_of {
+    const struct tokenizer *tk;
+    const int32_t *ids;
+    const float *lps;
+    const struct token_logprob *top;
+    int k;
+};
+/* Token i's entry (a lazy_item, lazy_json.h), NULL when out of memory. */
+cJSON *logprobs_item(const void *ctx, size_t i);
+/* The entries of the first n tokens. */
+cJSON *logprobs_list(const struct logprobs_of *l, int n);
 
 #endif

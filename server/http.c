@@ -28,6 +28,7 @@
 #include "api.h"
 #include "auth.h"
 #include "http.h"
+#include "lazy_json.h"
 #include "log.h"
 #include "metrics.h"
 #include "page.h"
@@ -41,6 +42,8 @@
  * larger than clients send (nginx's default limit is 8 KiB a line). */
 #define CONNECTION_MEMORY (32 * 1024)
 #define SSE_BLOCK 4096
+/* The buffer a lazily written JSON answer (lazy_json.h) is sent through. */
+#define LAZY_BLOCK 65536
 #define BODY_TOO_LARGE "the body is larger than the limit of %zu bytes"
 
 struct route {
@@ -119,6 +122,7 @@ struct request {
     char *body;
     size_t body_len, body_cap;
     struct api_stream *stream;
+    struct lazy_json *lazy;
 };
 
 /* ---- replies ------------------------------------------------------------ */
@@ -136,6 +140,25 @@ void reply_json(struct reply *r, int status, cJSON *body)
     r->status = status;
     r->body = text;
     r->content_type = NULL;
+}
+
+void reply_lazy_json(struct reply *r, int status, cJSON *body, struct lazy_json *z)
+{
+    if (lazy_json_arrays(z) == 0) {
+        reply_json(r, status, body);
+        lazy_json_free(z);
+        return;
+    }
+    if (lazy_json_finish(z, body) != 0) {
+        lazy_json_free(z);
+        reply_error(r, 500, "out of memory");
+        return;
+    }
+    free(r->body);
+    r->body = NULL;
+    r->status = status;
+    r->content_type = NULL;
+    r->lazy = z;
 }
 
 void reply_error(struct reply *r, int status, const char *fmt, ...)
@@ -196,6 +219,13 @@ static ssize_t read_stream(void *cls, uint64_t pos, char *buf, size_t max)
     return n > 0 ? n : n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
 }
 
+static ssize_t read_lazy(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    (void)pos;
+    ssize_t n = lazy_json_read(cls, buf, max);
+    return n > 0 ? n : n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
+}
+
 static int add_header(struct MHD_Response *resp, const char *name, const char *value)
 {
     return MHD_add_response_header(resp, name, value) == MHD_YES ? 0 : -1;
@@ -217,6 +247,7 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
     rq->batch_size = r->batch_size;
     if (r->status == HTTP_CLIENT_GONE) {
         free(r->body);
+        lazy_json_free(r->lazy);
         client_gone = 1;
         return MHD_NO;
     }
@@ -228,6 +259,9 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
         rq->stream = r->stream;
         resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, SSE_BLOCK, read_stream, rq->stream, NULL);
         type = "text/event-stream";
+    } else if (r->lazy) {
+        rq->lazy = r->lazy;
+        resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, LAZY_BLOCK, read_lazy, rq->lazy, NULL);
     } else {
         resp = MHD_create_response_from_buffer(r->body ? strlen(r->body) : 0, r->body ? r->body : "",
                                                r->body ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
@@ -479,6 +513,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         rq->batch_size = api_stream_batch_size(rq->stream);
         api_stream_free(rq->stream);
     }
+    lazy_json_free(rq->lazy);
     /* A request that ended without a complete answer: its client left. */
     int status = rq->status && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? rq->status : HTTP_CLIENT_GONE;
     log_request(&(struct log_request){.method = rq->method, .path = rq->path, .id = rq->id, .status = status,

@@ -19,6 +19,7 @@
 #define HTTP_CLIENT_GONE 499
 
 struct api_stream;
+struct lazy_json;
 
 /* What a handler answers. */
 struct reply {
@@ -28,6 +29,7 @@ struct reply {
     int retry_after;          /* seconds for a Retry-After header, 0 for none */
     int batch_size;           /* engine batch that ran the request, -1 for none */
     struct api_stream *stream;/* Server-Sent Events instead of a body (api.h) */
+    struct lazy_json *lazy;   /* or a JSON body written as it is sent (lazy_json.h) */
 };
 
 /* The connection a request came on, for noticing that its client left. */
@@ -39,6 +41,9 @@ struct client {
 
 /* reply_json takes ownership of body (NULL means out of memory: a 500). */
 void reply_json(struct reply *r, int status, cJSON *body);
+/* The same for a body with lazy arrays made by z (lazy_json.h), which it
+ * takes too: sent as it is written when it has any. */
+void reply_lazy_json(struct reply *r, int status, cJSON *body, struct lazy_json *z);
 /* {"error": {"code": status, "message": ...}} */
 void reply_error(struct reply *r, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 

@@ -98,38 +98,59 @@ static int setup_main(void **state)
     return 0;
 }
 
-/* Streams of a million tokens whose clients vanish with a TCP reset (not
- * the orderly close test_server.c uses) after their first event, all at
- * once: each is logged as 499 and its slot freed. */
-static void test_reset_mid_stream(void **state)
+/* n clients send body to path, read their answers until needle, and all
+ * vanish at once with a TCP reset (not the orderly close test_server.c
+ * uses): each is logged as 499 (log line "POST path 499"), and the server
+ * goes on serving. */
+static void reset_after(struct server *s, const char *path, const char *body, const char *needle, int n)
 {
-    struct server *s = *state;
-    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
-                       "\"stream\": true}";
     char head[256];
-    int hn = snprintf(head, sizeof head,
-                      "POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\n\r\n%s", strlen(body),
-                      body);
+    int hn = snprintf(head, sizeof head, "POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\n\r\n",
+                      path, strlen(body));
     int fds[N_RESETS];
-    for (int i = 0; i < N_RESETS; i++) {
+    assert_true(n <= N_RESETS);
+    for (int i = 0; i < n; i++) {
         fds[i] = http_connect(s->port, HTTP_TIMEOUT_S);
         assert_true(fds[i] >= 0);
         assert_int_equal(http_send_all(fds[i], head, (size_t)hn), 0);
+        assert_int_equal(http_send_all(fds[i], body, strlen(body)), 0);
     }
-    for (int i = 0; i < N_RESETS; i++) {
+    for (int i = 0; i < n; i++) {
         struct buf raw = {0};
-        http_read_until(fds[i], &raw, "\"index\":0");
+        http_read_until(fds[i], &raw, needle);
         assert_non_null(raw.p);
-        assert_non_null(strstr(raw.p, "\"index\":0"));
+        assert_non_null(strstr(raw.p, needle));
         free(raw.p);
     }
-    for (int i = 0; i < N_RESETS; i++) {
+    for (int i = 0; i < n; i++) {
         struct linger l = {.l_onoff = 1, .l_linger = 0};
         assert_int_equal(setsockopt(fds[i], SOL_SOCKET, SO_LINGER, &l, sizeof l), 0);
         close(fds[i]);
     }
-    assert_int_equal(server_wait_log(s, "POST /generate 499", N_RESETS), N_RESETS);
+    char line[64];
+    snprintf(line, sizeof line, "POST %s 499", path);
+    assert_int_equal(server_wait_log(s, line, n), n);
     still_serving(s->port);
+}
+
+/* Streams of a million tokens whose clients vanish after their first
+ * event; then attention maps of 90,000 characters (some 30 MB of JSON
+ * each, written as they are sent) whose clients vanish a thousand steps
+ * in. */
+static void test_reset_mid_stream(void **state)
+{
+    struct server *s = *state;
+    reset_after(s, "/generate",
+                "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
+                "\"stream\": true}",
+                "\"index\":0", N_RESETS);
+    struct buf body = {0};
+    buf_printf(&body, "{\"model\": \"combo_lstm_lm\", \"text\": \"");
+    for (int i = 0; i < 9000; i++)
+        buf_printf(&body, "good day! ");
+    buf_printf(&body, "\"}");
+    reset_after(s, "/attention", body.p, "{\"position\":1000,", 4);
+    free(body.p);
 }
 
 /* ---- slow and idle clients ------------------------------------------------ */
