@@ -143,32 +143,11 @@ static cJSON *forward_results(const struct forward_endpoint *ep, const struct se
     return json_built(o, failed);
 }
 
-/* A finished job and its model, held until its answer is sent. */
-struct held {
-    struct served_model *m;
-    struct job *j;
-};
-
-static void release_held(void *p)
-{
-    struct held *h = p;
-    job_release(h->j);
-    served_model_release(h->m);
-    free(h);
-}
-
 /* Answers finished job j, taking it and m. */
 static void forward_answer(const struct forward_endpoint *ep, struct served_model *m, struct job *j, int many,
                            struct reply *r)
 {
-    struct held *h = malloc(sizeof *h);
-    if (h) {
-        *h = (struct held){m, j};
-    } else {
-        job_release(j);
-        served_model_release(m);
-    }
-    struct lazy_json *z = h ? lazy_json_new(release_held, h) : NULL;
+    struct lazy_json *z = answer_holding(m, &j, 1);
     if (!z) {
         reply_error(r, 500, "out of memory");
         return;

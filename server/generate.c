@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "handler.h"
+#include "lazy_json.h"
 #include "request_id.h"
 
 #define DEFAULT_MAX_TOKENS 64
@@ -313,52 +314,65 @@ static cJSON *openai_head(const struct gen_shape *g, const char *model)
     return json_built(o, failed);
 }
 
-/* A choice's "logprobs" as the API has them: parallel lists "tokens",
- * "token_logprobs" and "top_logprobs" (each token's alternatives as
- * {token: logprob}; null as a whole without alternatives), built a run of
- * tokens at a time. */
-struct lp_lists {
-    cJSON *o, *tokens, *lps, *tops;
+/* The tokens of a choice's "logprobs": an echoed prompt's (echo_len of
+ * them, the first with no log-probability: nothing predicts it; token t
+ * with echo_terms[t-1] and its alternatives), then n generated ones. */
+struct lp_source {
+    const struct tokenizer *tk;
     int k;
-    int failed;
+    const int32_t *echo_ids;
+    const float *echo_terms;
+    const struct token_logprob *echo_top;
+    int echo_len;
+    const int32_t *ids;
+    const float *lps;
+    const struct token_logprob *top;
 };
 
-static void lp_lists_init(struct lp_lists *l, int k)
+/* Token i of a choice's: its id, and its log-probability and alternatives
+ * (NULL for an echoed prompt's first token). */
+static int32_t lp_at(const struct lp_source *s, size_t i, const float **lp, const struct token_logprob **top)
 {
-    *l = (struct lp_lists){.o = cJSON_CreateObject(), .tokens = cJSON_CreateArray(), .lps = cJSON_CreateArray(),
-                           .tops = k ? cJSON_CreateArray() : cJSON_CreateNull(), .k = k};
-    l->failed = !l->o || !l->tokens || !l->lps || !l->tops;
+    const int echoed = i < (size_t)s->echo_len;
+    const size_t g = echoed ? i - 1 : i - (size_t)s->echo_len;
+    *lp = echoed && i == 0 ? NULL : echoed ? &s->echo_terms[g] : &s->lps[g];
+    *top = !*lp || !s->k ? NULL : (echoed ? s->echo_top : s->top) + g * (size_t)s->k;
+    return echoed ? s->echo_ids[i] : s->ids[g];
 }
 
-/* Tokens ids[0..n) with their log-probabilities lps and alternatives
- * top[i*k ...]; lps NULL: null for both, as the API gives an echoed
- * prompt's first token, which nothing predicts. */
-static void lp_lists_add(struct lp_lists *l, const struct tokenizer *tk, const int32_t *ids, const float *lps,
-                         const struct token_logprob *top, int n)
+/* The API's three parallel lists, an item each (lazy_item). */
+static cJSON *lp_token_item(const void *ctx, size_t i)
 {
-    for (int i = 0; i < n && !l->failed; i++) {
-        l->failed |= json_put(l->tokens, NULL, token_label(tk, ids[i]));
-        l->failed |= json_put(l->lps, NULL, lps ? cJSON_CreateNumber(lps[i]) : cJSON_CreateNull());
-        if (!l->k)
-            continue;
-        cJSON *alt = lps ? cJSON_CreateObject() : cJSON_CreateNull();
-        for (int a = 0; lps && alt && a < l->k && !l->failed; a++) {
-            const struct token_logprob *t = &top[(size_t)i * l->k + a];
-            cJSON *label = token_label(tk, t->id);
-            l->failed |= !label || json_put(alt, label->valuestring, cJSON_CreateNumber(t->logprob));
-            cJSON_Delete(label);
-        }
-        l->failed |= json_put(l->tops, NULL, alt);
+    const float *lp;
+    const struct token_logprob *top;
+    return token_label(((const struct lp_source *)ctx)->tk, lp_at(ctx, i, &lp, &top));
+}
+
+static cJSON *lp_logprob_item(const void *ctx, size_t i)
+{
+    const float *lp;
+    const struct token_logprob *top;
+    lp_at(ctx, i, &lp, &top);
+    return lp ? cJSON_CreateNumber(*lp) : cJSON_CreateNull();
+}
+
+/* A token's alternatives as {token: logprob}. */
+static cJSON *lp_top_item(const void *ctx, size_t i)
+{
+    const struct lp_source *s = ctx;
+    const float *lp;
+    const struct token_logprob *top;
+    lp_at(s, i, &lp, &top);
+    if (!lp)
+        return cJSON_CreateNull();
+    cJSON *alt = cJSON_CreateObject();
+    int failed = !alt;
+    for (int a = 0; a < s->k && !failed; a++) {
+        cJSON *label = token_label(s->tk, top[a].id);
+        failed |= !label || json_put(alt, label->valuestring, cJSON_CreateNumber(top[a].logprob));
+        cJSON_Delete(label);
     }
-}
-
-static cJSON *lp_lists_done(struct lp_lists *l)
-{
-    int failed = l->failed;
-    failed |= json_put(l->o, "tokens", l->tokens);
-    failed |= json_put(l->o, "token_logprobs", l->lps);
-    failed |= json_put(l->o, "top_logprobs", l->tops);
-    return json_built(l->o, failed);
+    return json_built(alt, failed);
 }
 
 /* An echoed prompt: its text as the request gave it, its tokens, and when
@@ -382,21 +396,28 @@ static struct echo echo_of(const struct texts *t, const struct job *e, int p)
 
 /* A choice's "logprobs", null when not asked for: the echoed prompt's
  * tokens (echo not NULL), then generated tokens n of job j from token
- * `from` on (j NULL: none). */
+ * `from` on (j NULL: none); the lists are z's (lazy_json.h), or made now
+ * with z NULL.  Without alternatives "top_logprobs" is null. */
 static cJSON *openai_logprobs(const struct tokenizer *tk, int want, int k, const struct echo *echo,
-                              const struct job *j, const int32_t *ids, int from, int n)
+                              const struct job *j, const int32_t *ids, int from, int n, struct lazy_json *z)
 {
     if (!want)
         return cJSON_CreateNull();
-    struct lp_lists l;
-    lp_lists_init(&l, k);
-    if (echo) {
-        lp_lists_add(&l, tk, echo->ids, NULL, NULL, 1);
-        lp_lists_add(&l, tk, echo->ids + 1, echo->terms, echo->top, echo->len - 1);
+    struct lp_source s = {.tk = tk, .k = k};
+    if (echo)
+        s = (struct lp_source){.tk = tk, .k = k, .echo_ids = echo->ids, .echo_terms = echo->terms,
+                               .echo_top = echo->top, .echo_len = echo->len};
+    if (j && n) {
+        s.ids = ids + from;
+        s.lps = j->token_logprob + from;
+        s.top = job_top(j, (size_t)from);
     }
-    if (j && n)
-        lp_lists_add(&l, tk, ids + from, j->token_logprob + from, job_top(j, (size_t)from), n);
-    return lp_lists_done(&l);
+    const size_t len = (size_t)s.echo_len + (size_t)(j ? n : 0);
+    cJSON *o = cJSON_CreateObject();
+    int failed = json_put(o, "tokens", lazy_json_array(z, lp_token_item, &s, sizeof s, len));
+    failed |= json_put(o, "token_logprobs", lazy_json_array(z, lp_logprob_item, &s, sizeof s, len));
+    failed |= json_put(o, "top_logprobs", k ? lazy_json_array(z, lp_top_item, &s, sizeof s, len) : cJSON_CreateNull());
+    return json_built(o, failed);
 }
 
 /* One choice: its index, text (consumed), logprobs (consumed) and finish
@@ -467,9 +488,10 @@ static cJSON *openai_text(const struct tokenizer *tk, const struct echo *echo, c
 }
 
 /* The answer to a completions request whose jobs ran: a choice for each of
- * the n generations of each prompt (n echoes alone with max_tokens 0). */
+ * the n generations of each prompt (n echoes alone with max_tokens 0), the
+ * lists of their tokens z's. */
 static cJSON *openai_answer(const struct served_model *m, const struct gen_request *g, const struct texts *t,
-                            struct job *const *jobs)
+                            struct job *const *jobs, struct lazy_json *z)
 {
     const int per = g->max_tokens > 0 ? (int)g->n : 0, n = (int)g->n, k = top_logprobs_for(m, g->top_logprobs);
     const struct job *e = g->echo ? jobs[t->n * per] : NULL;
@@ -482,7 +504,7 @@ static cJSON *openai_answer(const struct served_model *m, const struct gen_reque
         failed |= json_put(choices, NULL,
                            openai_choice(c, openai_text(&m->tk, ep, j),
                                          openai_logprobs(&m->tk, g->logprobs, k, ep, j, j ? j->tokens : NULL, 0,
-                                                         j ? j->n_tokens : 0),
+                                                         j ? j->n_tokens : 0, z),
                                          j ? finish_name(j->finish) : "length"));
     }
     return failed ? json_built(choices, 1)
@@ -582,7 +604,7 @@ static int token_event(struct api_stream *s, int32_t id, int index)
     s->raw.len -= used;
     if (s->shape.dialect == DIALECT_OPENAI) {
         const struct job *j = s->j;
-        cJSON *lps = openai_logprobs(&s->m->tk, j->logprobs, j->top_logprobs, NULL, j, s->ids, index, 1);
+        cJSON *lps = openai_logprobs(&s->m->tk, j->logprobs, j->top_logprobs, NULL, j, s->ids, index, 1, NULL);
         return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(s->clean), lps, NULL)));
     }
     cJSON *o = cJSON_CreateObject();
@@ -713,7 +735,8 @@ static cJSON *echo_event(const struct served_model *m, const struct gen_request 
     if (choices &&
         json_put(choices, NULL,
                  openai_choice(0, openai_text(&m->tk, &echo, NULL),
-                               openai_logprobs(&m->tk, g->logprobs, top_logprobs_for(m, g->top_logprobs), &echo, NULL, NULL, 0, 0),
+                               openai_logprobs(&m->tk, g->logprobs, top_logprobs_for(m, g->top_logprobs), &echo,
+                                               NULL, NULL, 0, 0, NULL),
                                NULL)) == 0)
         o = openai_object(&g->shape, m->name, choices, NULL);
     else
@@ -729,7 +752,8 @@ static cJSON *generation_answer(const struct served_model *m, const struct job *
 {
     cJSON *o = generation_result(j);
     const struct logprobs_of l = {&m->tk, j->tokens, j->token_logprob, j->top, j->top_logprobs};
-    if (o && j->logprobs && json_put(o, "logprobs", logprobs_list(&l, j->n_tokens)) != 0) {
+    if (o && j->logprobs &&
+        json_put(o, "logprobs", lazy_json_array(NULL, logprobs_item, &l, sizeof l, (size_t)j->n_tokens)) != 0) {
         cJSON_Delete(o);
         return NULL;
     }
@@ -764,9 +788,19 @@ static void generate(struct api *a, struct gen_request *g, const char *endpoint,
         m = NULL; /* the stream's now */
         jobs[0] = NULL;
     } else if (n > 0 && !g->stream && (run == 0 || jobs_run(m, jobs, run, c, r) == 0)) {
-        reply_json(r, 200, g->shape.dialect == DIALECT_OPENAI ? openai_answer(m, g, &t, jobs)
-                           : n == 1                         ? generation_answer(m, jobs[0])
-                                                            : generation_answers(m, jobs, n));
+        if (g->shape.dialect == DIALECT_OPENAI) {
+            /* With echo and logprobs, as evaluation harnesses ask, the
+             * answer grows with the prompts: written as it is sent. */
+            struct lazy_json *z = answer_holding(m, jobs, n);
+            if (z)
+                reply_lazy_json(r, 200, openai_answer(m, g, &t, jobs, z), z);
+            else
+                reply_error(r, 500, "out of memory");
+            m = NULL;
+            memset(jobs, 0, sizeof jobs);
+        } else {
+            reply_json(r, 200, n == 1 ? generation_answer(m, jobs[0]) : generation_answers(m, jobs, n));
+        }
     }
     for (int i = 0; i < n; i++)
         job_release(jobs[i]);

@@ -14,6 +14,7 @@
 #include <unistr.h>
 
 #include "handler.h"
+#include "lazy_json.h"
 
 /* How often a waiting handler looks at its client's connection. */
 #define WAIT_SLICE_MS 50
@@ -377,11 +378,33 @@ cJSON *logprobs_item(const void *ctx, size_t i)
     return e;
 }
 
-cJSON *logprobs_list(const struct logprobs_of *l, int n)
+/* Finished jobs and their model, held until their answer is sent. */
+struct held {
+    struct served_model *m;
+    int n;
+    struct job *jobs[];
+};
+
+static void release_held(void *p)
 {
-    cJSON *list = cJSON_CreateArray();
-    int failed = !list;
-    for (int i = 0; i < n && !failed; i++)
-        failed |= json_put(list, NULL, logprobs_item(l, (size_t)i));
-    return json_built(list, failed);
+    struct held *h = p;
+    for (int i = 0; i < h->n; i++)
+        job_release(h->jobs[i]);
+    served_model_release(h->m);
+    free(h);
+}
+
+struct lazy_json *answer_holding(struct served_model *m, struct job *const *jobs, int n)
+{
+    struct held *h = malloc(sizeof *h + sizeof *jobs * (size_t)n);
+    if (!h) {
+        for (int i = 0; i < n; i++)
+            job_release(jobs[i]);
+        served_model_release(m);
+        return NULL;
+    }
+    h->m = m;
+    h->n = n;
+    memcpy(h->jobs, jobs, sizeof *jobs * (size_t)n);
+    return lazy_json_new(release_held, h);
 }

@@ -114,7 +114,10 @@ struct logprobs_of {
 };
 /* Token i's entry (a lazy_item, lazy_json.h), NULL when out of memory. */
 cJSON *logprobs_item(const void *ctx, size_t i);
-/* The entries of the first n tokens. */
-cJSON *logprobs_list(const struct logprobs_of *l, int n);
+
+/* An answer (lazy_json.h) made from n finished jobs of model m, which it
+ * holds (taking them) until it is sent; NULL when out of memory, the jobs
+ * and m released. */
+struct lazy_json *answer_holding(struct served_model *m, struct job *const *jobs, int n);
 
 #endif

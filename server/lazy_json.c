@@ -51,8 +51,25 @@ struct lazy_json *lazy_json_new(void (*release)(void *owner), void *owner)
     return z;
 }
 
+/* The array made now, for lazy_json_array without an answer. */
+static cJSON *array_now(lazy_item *item, const void *ctx, size_t n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; a && i < n; i++) {
+        cJSON *e = item(ctx, i);
+        if (!e || !cJSON_AddItemToArray(a, e)) {
+            cJSON_Delete(e);
+            cJSON_Delete(a);
+            return NULL;
+        }
+    }
+    return a;
+}
+
 cJSON *lazy_json_array(struct lazy_json *z, lazy_item *item, const void *ctx, size_t ctx_size, size_t n)
 {
+    if (!z)
+        return array_now(item, ctx, n);
     char mark[24];
     snprintf(mark, sizeof mark, "%c%d%c", MARK_START, z->n_arrays, MARK_END);
     struct lazy_array *grown = realloc(z->arrays, sizeof *grown * (size_t)(z->n_arrays + 1));

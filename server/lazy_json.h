@@ -29,8 +29,9 @@ typedef cJSON *lazy_item(const void *ctx, size_t i);
  * runs when the answer is freed (or right away when out of memory). */
 struct lazy_json *lazy_json_new(void (*release)(void *owner), void *owner);
 /* A node for the answer's tree standing for an array of n elements, each
- * item(ctx copy, i), in order; ctx (ctx_size bytes) is copied.  NULL when
- * out of memory. */
+ * item(ctx copy, i), in order; ctx (ctx_size bytes) is copied.  With z
+ * NULL, the array itself, made now (an answer small enough to hold, or a
+ * stream's event).  NULL when out of memory. */
 cJSON *lazy_json_array(struct lazy_json *z, lazy_item *item, const void *ctx, size_t ctx_size, size_t n);
 /* How many lazy arrays the answer has. */
 int lazy_json_arrays(const struct lazy_json *z);

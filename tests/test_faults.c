@@ -136,7 +136,8 @@ static void reset_after(struct server *s, const char *path, const char *body, co
 /* Streams of a million tokens whose clients vanish after their first
  * event; then attention maps of 90,000 characters (some 30 MB of JSON
  * each, written as they are sent) whose clients vanish a thousand steps
- * in. */
+ * in, and completions echoing and scoring such a prompt whose clients
+ * vanish past its tokens' list. */
 static void test_reset_mid_stream(void **state)
 {
     struct server *s = *state;
@@ -150,6 +151,13 @@ static void test_reset_mid_stream(void **state)
         buf_printf(&body, "good day! ");
     buf_printf(&body, "\"}");
     reset_after(s, "/attention", body.p, "{\"position\":1000,", 4);
+    free(body.p);
+    body = (struct buf){0};
+    buf_printf(&body, "{\"model\": \"combo_lstm_lm\", \"echo\": true, \"max_tokens\": 0, \"logprobs\": 3, \"prompt\": \"");
+    for (int i = 0; i < 9000; i++)
+        buf_printf(&body, "good day! ");
+    buf_printf(&body, "\"}");
+    reset_after(s, "/v1/completions", body.p, "\"token_logprobs\":[null,", 4);
     free(body.p);
 }
 

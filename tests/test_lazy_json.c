@@ -2,8 +2,9 @@
  * is sent (server/lazy_json.c): the bytes read, in pieces of any size,
  * are those of the whole tree printed at once; an element that cannot be
  * made ends the answer with an error; what the answer holds is released
- * once, when it is freed; and reply_lazy_json sends an answer without
- * lazy arrays as an ordinary body. */
+ * once, when it is freed; without an answer an array is made at once;
+ * and reply_lazy_json sends an answer without lazy arrays as an ordinary
+ * body. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -141,6 +142,22 @@ static void test_an_element_that_cannot_be_made_ends_with_an_error(void **state)
     assert_int_equal(releases, 1);
 }
 
+/* Without an answer, lazy_json_array makes the array now: the same
+ * elements, or NULL when one cannot be made. */
+static void test_an_array_without_an_answer_is_made_now(void **state)
+{
+    (void)state;
+    const struct items all = {(size_t)-1}, third_fails = {2};
+    cJSON *now = lazy_json_array(NULL, item, &all, sizeof all, 4), *want = cJSON_CreateArray();
+    for (size_t i = 0; i < 4; i++)
+        cJSON_AddItemToArray(want, item(&all, i));
+    assert_non_null(now);
+    assert_true(cJSON_Compare(now, want, 1));
+    cJSON_Delete(now);
+    cJSON_Delete(want);
+    assert_null(lazy_json_array(NULL, item, &third_fails, sizeof third_fails, 4));
+}
+
 static void test_reply_sends_an_answer_without_lazy_arrays_as_a_body(void **state)
 {
     (void)state;
@@ -189,6 +206,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_read_equals_the_whole_print),
         cmocka_unit_test(test_an_element_that_cannot_be_made_ends_with_an_error),
+        cmocka_unit_test(test_an_array_without_an_answer_is_made_now),
         cmocka_unit_test(test_reply_sends_an_answer_without_lazy_arrays_as_a_body),
     };
     return cmocka_run_group_tests_name("lazy_json", tests, NULL, NULL);
