@@ -312,6 +312,16 @@ void *engine_ws(struct engine *e, enum ws_buf which, size_t bytes)
     return p;
 }
 
+size_t engine_scratch_bytes(const struct engine *e)
+{
+    size_t n = 0;
+    for (int i = 0; i < WS_COUNT; i++)
+        n += e->ws_cap[i];
+    for (int i = 0; i < HOST_COUNT; i++)
+        n += e->host_cap[i];
+    return n;
+}
+
 int *engine_upload_ints(struct engine *e, enum ws_buf which, const int *src, size_t n)
 {
     int *d = engine_ws(e, which, n * sizeof(int));

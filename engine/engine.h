@@ -180,6 +180,10 @@ size_t engine_token_table_bytes(const struct engine *e);
  * (0 where the backend does not pack them, or they were dropped). */
 size_t engine_packed_bytes(const struct engine *e);
 
+/* Bytes of scratch memory the engine holds, on its backend and the host:
+ * each buffer grows to what the largest call so far needed, and stays. */
+size_t engine_scratch_bytes(const struct engine *e);
+
 /* Shapes of steps and forwards whose work the engine replays from a
  * recorded graph (0 on backends that do not record graphs, the CPU). */
 size_t engine_graph_count(const struct engine *e);

@@ -43,6 +43,13 @@
  * job): batched, short texts run some three times faster a token than
  * one prompt does (on the CPU). */
 #define FORWARD_TURN 4096
+/* Tokens of whole sequences an engine call takes (at least one sequence):
+ * the engine's scratch memory grows with a call's tokens and keeps the
+ * largest, so a batch of 256 texts of 4,000 characters would leave the
+ * model holding what a million tokens need; calls of this size already
+ * keep the matrix products busy (as engine_score's batches of short
+ * texts do). */
+#define FORWARD_CALL_TOKENS 16384
 /* Shorter sequences are not cached: running the model over them costs
  * about what restoring a state does. */
 #define PROMPT_CACHE_MIN 16
@@ -89,6 +96,7 @@ struct batcher {
     int max_token_bytes;
     int last_seqs;            /* sequences in the last forward batch */
     int streams_shown;        /* n_streams as metrics_streams last had it */
+    size_t scratch_shown;     /* engine_scratch_bytes as metrics last had it */
     struct prompt_cache *cache; /* NULL when off */
     float *cache_state;       /* [engine_slot_state_len] */
     /* The engine's health (batcher_failing): engine calls that failed in a
@@ -435,6 +443,14 @@ static void probe_engine(struct batcher *b)
     note_engine(b, engine_forward(b->e, &q, 1, err, sizeof err), err);
 }
 
+/* Tells the metrics what the engine's scratch memory grew to, if it did. */
+static void show_scratch(struct batcher *b)
+{
+    const size_t bytes = engine_scratch_bytes(b->e);
+    if (bytes != b->scratch_shown)
+        metrics_scratch_bytes(b->metrics, b->scratch_shown = bytes);
+}
+
 /* Queues scored job j to run a share a turn, its outputs allocated. */
 static void share_job(struct batcher *b, struct job *j)
 {
@@ -568,8 +584,12 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     for (int i = 0; i < n; i++)
         metrics_time(b->metrics, TIME_QUEUE_WAIT, metrics_elapsed(&jobs[i]->submitted, &t0));
     const int runs = rc == 0;
-    if (rc == 0 && nq)
-        rc = engine_forward(b->e, q, nq, err, sizeof err);
+    for (int from = 0, to; rc == 0 && from < nq; from = to) {
+        long tokens = q[from].len;
+        for (to = from + 1; to < nq && tokens + q[to].len <= FORWARD_CALL_TOKENS; to++)
+            tokens += q[to].len;
+        rc = engine_forward(b->e, q + from, to - from, err, sizeof err);
+    }
     if (rc == 0 && ns)
         rc = engine_score(b->e, st, ns, err, sizeof err);
     if (runs)
@@ -579,6 +599,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
      * answer finds its batch in /metrics. */
     metrics_time(b->metrics, TIME_ENGINE, metrics_elapsed(&t0, &t1));
     metrics_batch(b->metrics, seqs);
+    show_scratch(b);
     for (int i = 0, k = 0; i < n; i++) {
         struct job *j = jobs[i];
         if (rc == 0 && j->shared) {
@@ -949,6 +970,7 @@ static void *batcher_main(void *arg)
         score_turn(b);
         if (b->n_streams != b->streams_shown)
             metrics_streams(b->metrics, b->streams_shown = b->n_streams);
+        show_scratch(b);
         pthread_mutex_lock(&b->mu);
     }
     pthread_mutex_unlock(&b->mu);

@@ -56,6 +56,7 @@ struct model_counters {
     struct histogram times[TIME_COUNT];
     unsigned long long counts[COUNT_COUNT];
     size_t cache_bytes;
+    size_t scratch_bytes;
     int streams;
 };
 
@@ -202,6 +203,13 @@ void metrics_prompt_cache_bytes(struct model_metrics *mm, size_t bytes)
     pthread_mutex_unlock(&mm->mu);
 }
 
+void metrics_scratch_bytes(struct model_metrics *mm, size_t bytes)
+{
+    pthread_mutex_lock(&mm->mu);
+    mm->c.scratch_bytes = bytes;
+    pthread_mutex_unlock(&mm->mu);
+}
+
 /* `model="NAME"`, the name in Prometheus' escaping (backslash, quote,
  * newline); malloc'd. */
 static char *model_label(const char *name)
@@ -277,6 +285,11 @@ static void put_models(FILE *f, const struct model_snapshot *ms, int n)
     for (int i = 0; i < n; i++)
         if (ms[i].lm)
             fprintf(f, "rrnserve_prompt_cache_bytes{%s} %zu\n", ms[i].label, ms[i].c.cache_bytes);
+    fputs("# HELP rrnserve_engine_scratch_bytes Bytes of scratch memory a model's engine holds (the largest "
+          "call's so far).\n"
+          "# TYPE rrnserve_engine_scratch_bytes gauge\n", f);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "rrnserve_engine_scratch_bytes{%s} %zu\n", ms[i].label, ms[i].c.scratch_bytes);
     fputs("# HELP rrnserve_queue_depth Jobs waiting in a model's queue.\n"
           "# TYPE rrnserve_queue_depth gauge\n", f);
     for (int i = 0; i < n; i++)

@@ -87,6 +87,8 @@ void metrics_count(struct model_metrics *mm, enum model_count c, int n);
 void metrics_streams(struct model_metrics *mm, int n);
 /* The bytes the prompt cache holds now. */
 void metrics_prompt_cache_bytes(struct model_metrics *mm, size_t bytes);
+/* The bytes of scratch memory the model's engine holds now. */
+void metrics_scratch_bytes(struct model_metrics *mm, size_t bytes);
 
 /* The metrics in Prometheus' text exposition format, the models' series
  * (and rrnserve_model_info, the weights each serves) read from the

@@ -368,6 +368,37 @@ static void test_attention_equals_fixture(void **state)
     check_attention_fixture(s->port, "combo_lstm_lm");
 }
 
+/* A classify request's texts go to the engine in calls of at most 16,384
+ * tokens, so four texts of 15,000 characters leave the engine's scratch
+ * memory (which keeps its largest call's) where one of them left it. */
+static void test_forward_calls_are_bounded(void **state)
+{
+    struct server *s = *state;
+    const char *series = "rrnserve_engine_scratch_bytes{model=\"plain_lstm_l2_bi_last\"}";
+    enum { LEN = 15000 };
+    char *text = malloc(LEN + 1);
+    assert_non_null(text);
+    for (int i = 0; i < LEN; i++)
+        text[i] = "good day, "[i % 10];
+    text[LEN] = 0;
+    const double before = metric(s->port, series);
+    struct buf one = {0}, four = {0};
+    buf_printf(&one, "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"%s\"}", text);
+    buf_printf(&four, "{\"model\": \"plain_lstm_l2_bi_last\", \"texts\": [\"%s\", \"%s\", \"%s\", \"%s\"]}", text,
+               text, text, text);
+    cJSON_Delete(post(s->port, "/classify", 200, one.p));
+    const double after_one = metric(s->port, series);
+    cJSON *got = post(s->port, "/classify", 200, four.p);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "results")), 4);
+    const double after_four = metric(s->port, series);
+    if (!(before >= 0 && after_one > before && after_four == after_one))
+        fail_msg("scratch bytes %.0f before, %.0f after one text, %.0f after four", before, after_one, after_four);
+    cJSON_Delete(got);
+    free(one.p);
+    free(four.p);
+    free(text);
+}
+
 /* ---- the CUDA backend with its recurrence fused ------------------------- */
 
 /* A server of the main models with --device cuda --recurrence fused; no
@@ -2137,6 +2168,7 @@ int main(void)
         cmocka_unit_test(test_classify_equals_fixture),
         cmocka_unit_test(test_score_equals_fixture),
         cmocka_unit_test(test_attention_equals_fixture),
+        cmocka_unit_test(test_forward_calls_are_bounded),
         cmocka_unit_test(test_generate_seeded),
         cmocka_unit_test(test_generate_stream_equals_plain),
         cmocka_unit_test(test_generate_logprobs),
