@@ -7,10 +7,12 @@
  * the first token of each prompt that is all in; advance every stream past
  * its prompt by one token with one engine_step; run the queued forward
  * jobs as one batch, but for a score job (or a language model's attention
- * map) of more than PREFILL_TURN tokens while streams run, which runs
- * PREFILL_TURN tokens a turn (score_turn).  A long prompt thus runs over
- * several turns while the others' tokens keep coming, a step each turn,
- * instead of stopping every stream until it is in.  Forward jobs wait up to max_wait_us for company
+ * map) longer than a turn's share, which runs a share a turn (score_turn):
+ * PREFILL_TURN tokens while streams run, FORWARD_TURN while none do, so
+ * that a stream which comes while a long score runs waits a turn for it,
+ * not the whole score.  A long prompt thus runs over several turns while
+ * the others' tokens keep coming, a step each turn, instead of stopping
+ * every stream until it is in.  Forward jobs wait up to max_wait_us for company
  * (as many sequences as the last batch had) only while no stream is
  * running, so batching never delays a stream's next token.  A stream's
  * prompt starts from the longest prefix of it in the model's prompt cache
@@ -475,13 +477,21 @@ static void unshare_job(struct batcher *b, const char *error)
     finish_job(b, j, 1, error);
 }
 
-/* Runs up to PREFILL_TURN tokens of the shared scored jobs, in order, a
- * part of a text an engine call: each text carries on through a slot from
- * where it stood, so its terms are those of one pass over it. */
+/* The tokens of shared scored jobs a turn runs: a prompt's share while
+ * streams run, and while none do as many as a forward batch takes beside
+ * them, the longest a stream that comes meanwhile waits. */
+static int score_share(const struct batcher *b)
+{
+    return b->n_streams ? PREFILL_TURN : FORWARD_TURN;
+}
+
+/* Runs score_share tokens of the shared scored jobs, in order, a part of
+ * a text an engine call: each text carries on through a slot from where it
+ * stood, so its terms are those of one pass over it. */
 static void score_turn(struct batcher *b)
 {
     char err[512];
-    for (int budget = PREFILL_TURN; budget > 0 && b->shared_head;) {
+    for (int budget = score_share(b); budget > 0 && b->shared_head;) {
         struct job *j = b->shared_head;
         if (cancelled(j)) {
             unshare_job(b, "cancelled");
@@ -539,9 +549,9 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     }
     struct engine_seq *q = calloc((size_t)seqs, sizeof *q);
     struct engine_text *st = calloc((size_t)scores + 1, sizeof *st);
-    /* Scoring more than a turn's tokens while streams run would hold back
-     * their next tokens as long: such a job runs a share a turn instead. */
-    const int streams = b->n_streams > 0;
+    /* Scoring more than a turn's share would hold back the streams' next
+     * tokens as long, those of streams that come meanwhile too: such a job
+     * runs a share a turn instead. */
     const int C = b->m->head_out, K = b->m->cfg.attn_mode == ATTN_NONE ? 0 : b->m->cfg.attn_window;
     const int LDK = b->m->cfg.layers * config_directions(&b->m->cfg) * K;
     int rc = q && st ? 0 : -1, nq = 0, ns = 0;
@@ -559,7 +569,7 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
             rc = -1;
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
-        j->shared = rc == 0 && streams && scored(b, j) && tokens > PREFILL_TURN;
+        j->shared = rc == 0 && scored(b, j) && tokens > (size_t)score_share(b);
         for (int t = 0, at = 0; rc == 0 && !j->shared && t < j->n_texts; at += j->lens[t++]) {
             if (scored(b, j)) {
                 st[ns++] = (struct engine_text){

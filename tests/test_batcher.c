@@ -441,8 +441,7 @@ static struct job *long_job(struct env *v, enum job_kind kind)
  * share a turn: the stream keeps getting a token every turn meanwhile (the
  * text takes some 100 turns; run whole, the stream would get none until it
  * is done), and the results (log-probabilities, terms and alternatives, or
- * attention weights) are those of a batcher with no stream, which runs the
- * job whole. */
+ * attention weights) are those the engine gives the texts whole. */
 static void check_long_job_shares_turns(struct env *v, enum job_kind kind)
 {
     struct job *stream = gen_job(v, "a", 1, 1 << 20);
@@ -459,29 +458,48 @@ static void check_long_job_shares_turns(struct env *v, enum job_kind kind)
     job_cancel(stream);
     for (int k = 0; k < 6000 && !job_wait(stream, 1 << 30, 10); k++)
         ;
-    struct env *plain;
-    open_env((void **)&plain, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 0);
-    struct job *whole = long_job(plain, kind);
-    run_to_end(plain, whole);
-    assert_false(whole->failed);
+    /* The reference: an engine of its own, the texts in one call each. */
+    char err[512];
+    struct backend *be = backend_cpu_create(err, sizeof err);
+    struct engine *e = be ? engine_create(&v->model, be, 2, err, sizeof err) : NULL;
+    if (!e)
+        fail_msg("reference engine: %s", err);
+    struct job *whole = long_job(v, kind);
+    const size_t tokens = job_text_at(whole, whole->n_texts), K = (size_t)v->model.cfg.attn_window;
     if (kind == JOB_SCORE) {
-        for (int t = 0; t < 3; t++)
-            assert_true(fabs(shared->logprob[t] - whole->logprob[t]) <= 1e-5 * fabs(whole->logprob[t]));
-        for (int i = 0; i < 100000 + 1200; i++) {
-            if (!(fabsf(shared->token_logprob[i] - whole->token_logprob[i]) <=
-                  1e-4f * (1 + fabsf(whole->token_logprob[i]))))
-                fail_msg("term %d: %g shared, %g whole", i, shared->token_logprob[i], whole->token_logprob[i]);
-            assert_int_equal(shared->top[2 * i].id, whole->top[2 * i].id);
+        float *terms = malloc(sizeof *terms * tokens);
+        struct token_logprob *top = malloc(sizeof *top * tokens * 2);
+        assert_true(terms && top);
+        for (int t = 0; t < 3; t++) {
+            const size_t at = job_text_at(whole, t);
+            struct engine_text text = {.tokens = whole->ids[t], .len = whole->lens[t], .token_logprobs = terms + at,
+                                       .top_k = 2, .top = top + 2 * at};
+            if (engine_score(e, &text, 1, err, sizeof err) != 0)
+                fail_msg("reference score: %s", err);
+            assert_true(fabs(shared->logprob[t] - text.logprob) <= 1e-5 * fabs(text.logprob));
         }
+        for (size_t i = 0; i < tokens; i++) {
+            if (!(fabsf(shared->token_logprob[i] - terms[i]) <= 1e-4f * (1 + fabsf(terms[i]))))
+                fail_msg("term %zu: %g shared, %g whole", i, shared->token_logprob[i], terms[i]);
+            assert_int_equal(shared->top[2 * i].id, top[2 * i].id);
+        }
+        free(terms);
+        free(top);
     } else {
-        const struct model_config *cfg = &v->model.cfg;
-        const size_t weights = (size_t)cfg->layers * 100000 * cfg->attn_window;
+        const size_t weights = (size_t)v->model.cfg.layers * tokens * K;
+        float *map = malloc(sizeof *map * weights);
+        assert_non_null(map);
+        struct engine_seq q = {.tokens = whole->ids[0], .len = whole->lens[0], .slot = -1, .attention = map};
+        if (engine_forward(e, &q, 1, err, sizeof err) != 0)
+            fail_msg("reference forward: %s", err);
         for (size_t i = 0; i < weights; i++)
-            if (!(fabsf(shared->attention[i] - whole->attention[i]) <= 1e-5f))
-                fail_msg("weight %zu: %g shared, %g whole", i, shared->attention[i], whole->attention[i]);
+            if (!(fabsf(shared->attention[i] - map[i]) <= 1e-5f))
+                fail_msg("weight %zu: %g shared, %g whole", i, shared->attention[i], map[i]);
+        free(map);
     }
     job_release(whole);
-    teardown((void **)&plain);
+    engine_destroy(e);
+    backend_destroy(be);
     job_release(shared);
     job_release(stream);
 }
@@ -494,6 +512,29 @@ static void test_long_score_shares_turns(void **state)
 static void test_long_attention_shares_turns(void **state)
 {
     check_long_job_shares_turns(*state, JOB_ATTENTION);
+}
+
+/* A long score taken while no stream runs goes a share a turn too (4,096
+ * tokens): a stream that comes meanwhile has its 10 tokens while the score
+ * still has turns to go, instead of waiting for all of it. */
+static void test_stream_that_comes_during_a_long_score(void **state)
+{
+    struct env *v = *state;
+    struct job *score = long_job(v, JOB_SCORE);
+    assert_int_equal(batcher_submit(v->b, &score, 1), 0);
+    for (int k = 0; k < 6000 && batcher_queue_depth(v->b) > 0; k++)
+        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+    assert_int_equal(batcher_queue_depth(v->b), 0); /* taken while no stream ran */
+    struct job *stream = gen_job(v, "a", 1, 10);
+    run_to_end(v, stream);
+    assert_int_equal(stream->n_tokens, 10);
+    if (job_wait(score, 1 << 30, 0))
+        fail_msg("the score of 101,200 tokens was done before a stream that came after it had its 10 tokens");
+    for (int k = 0; k < 6000 && !job_wait(score, 1 << 30, 10); k++)
+        ;
+    assert_true(score->done && !score->failed);
+    job_release(stream);
+    job_release(score);
 }
 
 /* While a stream runs, a turn's forward batch holds at most 4,096 tokens:
@@ -613,6 +654,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_long_prompt_shares_turns, setup_lm_big_cache, teardown),
         cmocka_unit_test_setup_teardown(test_long_score_shares_turns, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_long_attention_shares_turns, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_stream_that_comes_during_a_long_score, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_forward_turn_is_bounded, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
