@@ -485,54 +485,86 @@ static int score_share(const struct batcher *b)
     return b->n_streams ? PREFILL_TURN : FORWARD_TURN;
 }
 
-/* Runs score_share tokens of the shared scored jobs, in order, a part of
- * a text an engine call: each text carries on through a slot from where it
- * stood, so its terms are those of one pass over it. */
+/* Text t of scored job j from token at, n tokens of it: the whole text
+ * (carry 0: at is 0 and n its length), or a part carried on through j's
+ * slot. */
+static struct engine_text job_text(const struct batcher *b, const struct job *j, int t, int at, int n, int carry)
+{
+    const int len = j->lens[t];
+    const size_t from = job_text_at(j, t) + (size_t)at;
+    return (struct engine_text){
+        .tokens = j->ids[t] + at, .len = n, .carry = carry, .slot = carry ? j->slot : -1,
+        .next = carry && at + n < len ? j->ids[t] + at + n : NULL,
+        .token_logprobs = j->logprobs ? j->token_logprob + from : NULL,
+        .top_k = j->top_logprobs, .top = job_top(j, from),
+        .attention = j->attention ? j->attention + (size_t)at * b->m->cfg.attn_window : NULL,
+        .attention_rows = len,
+    };
+}
+
+/* Whole texts of a shared job one engine call of score_turn takes. */
+#define SHARED_TEXTS 64
+
+/* Runs score_share steps of the shared scored jobs, in order: a part of a
+ * long text an engine call, each part carrying on through a slot from
+ * where the last stood, so that its terms are those of one pass over it;
+ * and whole texts together, each no longer than the steps left, as many
+ * as SHARED_TEXTS and a forward batch's tokens (FORWARD_TURN beside
+ * streams, FORWARD_CALL_TOKENS without).  A call takes about as long as
+ * its longest text's steps, batched as they are, and that is what it
+ * costs the turn. */
 static void score_turn(struct batcher *b)
 {
     char err[512];
+    struct engine_text texts[SHARED_TEXTS];
     for (int budget = score_share(b); budget > 0 && b->shared_head;) {
         struct job *j = b->shared_head;
         if (cancelled(j)) {
             unshare_job(b, "cancelled");
             continue;
         }
-        if (j->slot < 0 && (j->slot = engine_slot_open(b->e)) < 0) {
+        const int t = j->part_text, len = j->lens[t], at = j->part_at, whole = at == 0 && len <= budget;
+        if (!whole && j->slot < 0 && (j->slot = engine_slot_open(b->e)) < 0) {
             unshare_job(b, "no free slot to score a text");
             continue;
         }
-        const int t = j->part_text, len = j->lens[t], at = j->part_at;
-        const int n = len - at < budget ? len - at : budget;
-        const size_t from = job_text_at(j, t) + (size_t)at;
-        struct engine_text part = {
-            .tokens = j->ids[t] + at, .len = n, .carry = 1, .slot = j->slot,
-            .next = at + n < len ? j->ids[t] + at + n : NULL,
-            .token_logprobs = j->logprobs ? j->token_logprob + from : NULL,
-            .top_k = j->top_logprobs, .top = job_top(j, from),
-            .attention = j->attention ? j->attention + (size_t)at * b->m->cfg.attn_window : NULL,
-            .attention_rows = len,
-        };
+        const int batch = b->n_streams ? FORWARD_TURN : FORWARD_CALL_TOKENS;
+        int n = 0, tokens = 0, steps = 0;
+        if (whole) {
+            for (int l; n < SHARED_TEXTS && t + n < j->n_texts && (l = j->lens[t + n]) <= budget &&
+                        (n == 0 || tokens + l <= batch);
+                 n++) {
+                texts[n] = job_text(b, j, t + n, 0, l, 0);
+                tokens += l;
+                steps = l > steps ? l : steps;
+            }
+        } else {
+            steps = tokens = len - at < budget ? len - at : budget;
+            texts[n++] = job_text(b, j, t, at, tokens, 1);
+        }
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        const int rc = engine_score(b->e, &part, 1, err, sizeof err);
+        const int rc = engine_score(b->e, texts, n, err, sizeof err);
         clock_gettime(CLOCK_MONOTONIC, &t1);
         note_engine(b, rc, err);
         metrics_time(b->metrics, TIME_ENGINE, metrics_elapsed(&t0, &t1));
-        metrics_batch(b->metrics, 1);
+        metrics_batch(b->metrics, n);
         if (rc != 0) {
             log_msg("engine error scoring a text: %s", err);
             unshare_job(b, err);
             continue;
         }
-        budget -= n;
-        if (j->logprob)
-            j->logprob[t] += part.logprob;
-        if ((j->part_at += n) < len)
+        budget -= steps;
+        for (int i = 0; i < n && j->logprob; i++)
+            j->logprob[t + i] += texts[i].logprob;
+        if (!whole && (j->part_at += tokens) < len)
             continue;
-        engine_slot_close(b->e, j->slot);
-        j->slot = -1;
-        j->part_at = 0;
-        if (++j->part_text == j->n_texts)
+        if (!whole) {
+            engine_slot_close(b->e, j->slot);
+            j->slot = -1;
+            j->part_at = 0;
+        }
+        if ((j->part_text += n) == j->n_texts)
             unshare_job(b, NULL);
     }
 }
@@ -570,14 +602,9 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
         if (j->kind == JOB_ATTENTION && !(j->attention = calloc((size_t)LDK * j->lens[0] + 1, sizeof(float))))
             rc = -1;
         j->shared = rc == 0 && scored(b, j) && tokens > (size_t)score_share(b);
-        for (int t = 0, at = 0; rc == 0 && !j->shared && t < j->n_texts; at += j->lens[t++]) {
+        for (int t = 0; rc == 0 && !j->shared && t < j->n_texts; t++) {
             if (scored(b, j)) {
-                st[ns++] = (struct engine_text){
-                    .tokens = j->ids[t], .len = j->lens[t],
-                    .token_logprobs = j->logprobs ? j->token_logprob + at : NULL,
-                    .top_k = j->top_logprobs, .top = job_top(j, (size_t)at),
-                    .attention = j->attention, .attention_rows = j->lens[t],
-                };
+                st[ns++] = job_text(b, j, t, 0, j->lens[t], 0);
                 continue;
             }
             q[nq++] = (struct engine_seq){

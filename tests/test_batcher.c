@@ -417,12 +417,15 @@ static int tokens_of(struct job *j)
 
 /* A score job of three texts, 100,000 tokens and two of 600, with each
  * token's term and 2 alternatives. */
-/* A score job of three texts, 101,200 tokens with their terms and two
- * alternatives each, or an attention job of the first text alone. */
+/* A score job of seven texts, 106,500 tokens with their terms and two
+ * alternatives each (short texts after the long one, which a turn takes
+ * together, and a longer one it takes in parts), or an attention job of
+ * the first text alone. */
+#define LONG_TEXTS 7
 static struct job *long_job(struct env *v, enum job_kind kind)
 {
-    static const int lens[3] = {100000, 600, 600};
-    const int n = kind == JOB_SCORE ? 3 : 1;
+    static const int lens[LONG_TEXTS] = {100000, 600, 300, 300, 200, 100, 5000};
+    const int n = kind == JOB_SCORE ? LONG_TEXTS : 1;
     struct job *j = job_new(kind, n);
     assert_non_null(j);
     srand(5);
@@ -470,7 +473,7 @@ static void check_long_job_shares_turns(struct env *v, enum job_kind kind)
         float *terms = malloc(sizeof *terms * tokens);
         struct token_logprob *top = malloc(sizeof *top * tokens * 2);
         assert_true(terms && top);
-        for (int t = 0; t < 3; t++) {
+        for (int t = 0; t < LONG_TEXTS; t++) {
             const size_t at = job_text_at(whole, t);
             struct engine_text text = {.tokens = whole->ids[t], .len = whole->lens[t], .token_logprobs = terms + at,
                                        .top_k = 2, .top = top + 2 * at};
@@ -529,7 +532,7 @@ static void test_stream_that_comes_during_a_long_score(void **state)
     run_to_end(v, stream);
     assert_int_equal(stream->n_tokens, 10);
     if (job_wait(score, 1 << 30, 0))
-        fail_msg("the score of 101,200 tokens was done before a stream that came after it had its 10 tokens");
+        fail_msg("the score of 106,500 tokens was done before a stream that came after it had its 10 tokens");
     for (int k = 0; k < 6000 && !job_wait(score, 1 << 30, 10); k++)
         ;
     assert_true(score->done && !score->failed);
