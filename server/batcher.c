@@ -12,9 +12,9 @@
  * that a stream which comes while a long score runs waits a turn for it,
  * not the whole score.  A long prompt thus runs over several turns while
  * the others' tokens keep coming, a step each turn, instead of stopping
- * every stream until it is in.  Forward jobs wait up to max_wait_us for company
- * (as many sequences as the last batch had) only while no stream is
- * running, so batching never delays a stream's next token.  A stream's
+ * every stream until it is in.  Forward jobs wait up to max_wait_us for
+ * company (as many sequences as the last batch had) only while no stream
+ * is running, so batching never delays a stream's next token.  A stream's
  * prompt starts from the longest prefix of it in the model's prompt cache
  * (prompt_cache.h); the states after each prompt (and at its block
  * boundaries, prefill_stop) and each ended stream go into it, and a job
@@ -477,7 +477,7 @@ static void unshare_job(struct batcher *b, const char *error)
     finish_job(b, j, 1, error);
 }
 
-/* The tokens of shared scored jobs a turn runs: a prompt's share while
+/* The steps of shared scored jobs a turn runs: a prompt's share while
  * streams run, and while none do as many as a forward batch takes beside
  * them, the longest a stream that comes meanwhile waits. */
 static int score_share(const struct batcher *b)

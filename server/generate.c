@@ -316,7 +316,8 @@ static cJSON *openai_head(const struct gen_shape *g, const char *model)
 
 /* The tokens of a choice's "logprobs": an echoed prompt's (echo_len of
  * them, the first with no log-probability: nothing predicts it; token t
- * with echo_terms[t-1] and its alternatives), then n generated ones. */
+ * with echo_terms[t-1] and its alternatives), then the generated ones
+ * (ids, with lps and top). */
 struct lp_source {
     const struct tokenizer *tk;
     int k;

@@ -212,18 +212,23 @@ static int connection_gone(void *arg)
     return recv(ci->connect_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) <= 0;
 }
 
+/* What a pull of n bytes of a body made as it is sent tells libmicrohttpd:
+ * the bytes, its end (0), or an error that closes the connection (< 0). */
+static ssize_t content_read(ssize_t n)
+{
+    return n > 0 ? n : n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
+}
+
 static ssize_t read_stream(void *cls, uint64_t pos, char *buf, size_t max)
 {
     (void)pos;
-    ssize_t n = api_stream_read(cls, buf, max);
-    return n > 0 ? n : n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
+    return content_read(api_stream_read(cls, buf, max));
 }
 
 static ssize_t read_lazy(void *cls, uint64_t pos, char *buf, size_t max)
 {
     (void)pos;
-    ssize_t n = lazy_json_read(cls, buf, max);
-    return n > 0 ? n : n == 0 ? MHD_CONTENT_READER_END_OF_STREAM : MHD_CONTENT_READER_END_WITH_ERROR;
+    return content_read(lazy_json_read(cls, buf, max));
 }
 
 static int add_header(struct MHD_Response *resp, const char *name, const char *value)
