@@ -133,6 +133,18 @@ static void reset_after(struct server *s, const char *path, const char *body, co
     still_serving(s->port);
 }
 
+/* A request body to combo_lstm_lm: fields (each followed by ", "), then
+ * 90,000 characters as key. */
+static char *long_body(const char *fields, const char *key)
+{
+    struct buf b = {0};
+    buf_printf(&b, "{\"model\": \"combo_lstm_lm\", %s\"%s\": \"", fields, key);
+    for (int i = 0; i < 9000; i++)
+        buf_printf(&b, "good day! ");
+    buf_printf(&b, "\"}");
+    return b.p;
+}
+
 /* Streams of a million tokens whose clients vanish after their first
  * event; then attention maps of 90,000 characters (some 30 MB of JSON
  * each, written as they are sent) whose clients vanish a thousand steps
@@ -145,20 +157,12 @@ static void test_reset_mid_stream(void **state)
                 "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
                 "\"stream\": true}",
                 "\"index\":0", N_RESETS);
-    struct buf body = {0};
-    buf_printf(&body, "{\"model\": \"combo_lstm_lm\", \"text\": \"");
-    for (int i = 0; i < 9000; i++)
-        buf_printf(&body, "good day! ");
-    buf_printf(&body, "\"}");
-    reset_after(s, "/attention", body.p, "{\"position\":1000,", 4);
-    free(body.p);
-    body = (struct buf){0};
-    buf_printf(&body, "{\"model\": \"combo_lstm_lm\", \"echo\": true, \"max_tokens\": 0, \"logprobs\": 3, \"prompt\": \"");
-    for (int i = 0; i < 9000; i++)
-        buf_printf(&body, "good day! ");
-    buf_printf(&body, "\"}");
-    reset_after(s, "/v1/completions", body.p, "\"token_logprobs\":[null,", 4);
-    free(body.p);
+    char *body = long_body("", "text");
+    reset_after(s, "/attention", body, "{\"position\":1000,", 4);
+    free(body);
+    body = long_body("\"echo\": true, \"max_tokens\": 0, \"logprobs\": 3, ", "prompt");
+    reset_after(s, "/v1/completions", body, "\"token_logprobs\":[null,", 4);
+    free(body);
 }
 
 /* ---- slow and idle clients ------------------------------------------------ */
