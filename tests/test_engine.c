@@ -231,7 +231,7 @@ static void check_score_attention(enum device_kind dev)
     struct env *v;
     open_env_on((void **)&v, LM_FIXTURE, 4, dev);
     char err[512];
-    enum { N = 5000, SHORT = 100, CUT = 1700 };
+    enum { N = 4500, SHORT = 100, CUT = 1700 };
     const int V = v->model.vocab, L = v->model.cfg.layers, K = v->model.cfg.attn_window;
     assert_true(K > 0);
     const size_t map = (size_t)L * N * K;
