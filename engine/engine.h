@@ -5,7 +5,7 @@
  * run it.  It is not thread-safe: one thread (a batcher) drives an engine.
  *
  * Two ways to run it:
- *  - engine_forward: a batch of whole sequences of any lengths, in one call
+ *  - engine_forward: a batch of whole sequences of any lengths
  *    (classification, scoring, attention maps, and prompt prefill).  Each
  *    sequence's results are the same alone or in any batch.
  *  - engine_step: language models advance a batch of independent sequences
@@ -66,6 +66,12 @@ struct engine *engine_create(const struct model *m, struct backend *be, int max_
 void engine_destroy(struct engine *e);
 const struct model *engine_model(const struct engine *e);
 
+/* A batch runs in calls of at most ENGINE_CALL_TOKENS tokens (a longer
+ * sequence alone): the engine's scratch memory grows with a call's tokens
+ * and keeps the largest, so that a batch of 256 texts of 4,000 characters
+ * would leave the model holding what a million tokens need, while calls of
+ * this size already keep the matrix products busy. */
+#define ENGINE_CALL_TOKENS 16384
 int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen);
 
 /* Slots for the step API (lm, unidirectional).  A freshly opened slot holds

@@ -698,10 +698,9 @@ static const float *run_layers(struct engine *e, const struct plan *p, const str
     return y;
 }
 
-int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen)
+/* One call of engine_forward: the batch in one plan. */
+static int forward_call(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen)
 {
-    if (engine_check_batch(e, seqs, n, err, errlen) != 0)
-        return -1;
     backend_clear_error(e->be);
     struct plan p;
     struct dev_plan d;
@@ -742,4 +741,18 @@ int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, 
     for (int i = 0; i < n && p.slot; i++)
         e->slot_pos[p.slot[i]] += p.len[i];
     return 0;
+}
+
+int engine_forward(struct engine *e, struct engine_seq *seqs, int n, char *err, size_t errlen)
+{
+    if (engine_check_batch(e, seqs, n, err, errlen) != 0)
+        return -1;
+    int rc = 0;
+    for (int from = 0, to; rc == 0 && from < n; from = to) {
+        long tokens = seqs[from].len;
+        for (to = from + 1; to < n && tokens + seqs[to].len <= ENGINE_CALL_TOKENS; to++)
+            tokens += seqs[to].len;
+        rc = forward_call(e, seqs + from, to - from, err, errlen);
+    }
+    return rc;
 }

@@ -2,15 +2,14 @@
  * however long they are, and on request the most probable tokens at each
  * position.
  *
- * Short texts go through engine_forward together, in batches bounded by
- * their total token count.  A text longer than one chunk runs chunk by
- * chunk through a slot, its state carried from one chunk to the next, so
- * memory stays bounded for a whole novel while the result is the same as
- * one pass over it; a text may also carry on a sequence a slot holds, a
- * part of a long text at a time.  The alternatives need every position's
- * logits on the host, [tokens][V] floats, so texts that ask for them run in
- * chunks and batches bounded by SCORE_LOGITS floats instead, apart from the
- * others.  Attention maps go the same way: a chunk writes its positions'
+ * Short texts go through engine_forward together, which bounds its calls'
+ * tokens.  A text longer than one chunk runs chunk by chunk through a
+ * slot, its state carried from one chunk to the next, so memory stays
+ * bounded for a whole novel while the result is the same as one pass over
+ * it; a text may also carry on a sequence a slot holds, a part of a long
+ * text at a time.  The alternatives need every position's logits on the
+ * host, [tokens][V] floats, so texts that ask for them run in chunks and
+ * batches bounded by SCORE_LOGITS floats instead, apart from the others.  Attention maps go the same way: a chunk writes its positions'
  * weights straight into the text's, whose rows are the whole text's.
  */
 #include <stdio.h>
@@ -19,7 +18,6 @@
 #include "engine.h"
 
 #define SCORE_CHUNK 4096         /* tokens of one long text per forward */
-#define SCORE_BATCH_TOKENS 16384 /* tokens of short texts per forward */
 #define SCORE_LOGITS (1 << 22)   /* floats of logits a forward brings back (16 MB) */
 
 /* Tokens of one text a forward takes, for texts like t. */
@@ -118,10 +116,9 @@ int engine_score(struct engine *e, struct engine_text *texts, int n, char *err, 
             i++;
             continue;
         }
-        const int batch = want ? chunk : SCORE_BATCH_TOKENS;
         int k = 0, total = 0;
         while (i < n && (texts[i].top != NULL) == want && texts[i].len <= chunk && !texts[i].carry &&
-               (k == 0 || total + texts[i].len <= batch)) {
+               (k == 0 || !want || total + texts[i].len <= chunk)) {
             const struct engine_text *t = &texts[i];
             seqs[k] = (struct engine_seq){.tokens = t->tokens, .len = t->len, .slot = -1,
                                           .token_logprobs = want ? NULL : t->token_logprobs,

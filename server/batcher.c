@@ -45,13 +45,6 @@
  * job): batched, short texts run some three times faster a token than
  * one prompt does (on the CPU). */
 #define FORWARD_TURN 4096
-/* Tokens of whole sequences an engine call takes (at least one sequence):
- * the engine's scratch memory grows with a call's tokens and keeps the
- * largest, so a batch of 256 texts of 4,000 characters would leave the
- * model holding what a million tokens need; calls of this size already
- * keep the matrix products busy (as engine_score's batches of short
- * texts do). */
-#define FORWARD_CALL_TOKENS 16384
 /* Shorter sequences are not cached: running the model over them costs
  * about what restoring a state does. */
 #define PROMPT_CACHE_MIN 16
@@ -510,7 +503,7 @@ static struct engine_text job_text(const struct batcher *b, const struct job *j,
  * where the last stood, so that its terms are those of one pass over it;
  * and whole texts together, each no longer than the steps left, as many
  * as SHARED_TEXTS and a forward batch's tokens (FORWARD_TURN beside
- * streams, FORWARD_CALL_TOKENS without).  A call takes about as long as
+ * streams, an engine call's without).  A call takes about as long as
  * its longest text's steps, batched as they are, and that is what it
  * costs the turn. */
 static void score_turn(struct batcher *b)
@@ -528,7 +521,7 @@ static void score_turn(struct batcher *b)
             unshare_job(b, "no free slot to score a text");
             continue;
         }
-        const int batch = b->n_streams ? FORWARD_TURN : FORWARD_CALL_TOKENS;
+        const int batch = b->n_streams ? FORWARD_TURN : ENGINE_CALL_TOKENS;
         int n = 0, tokens = 0, steps = 0;
         if (whole) {
             for (int l; n < SHARED_TEXTS && t + n < j->n_texts && (l = j->lens[t + n]) <= budget &&
@@ -621,12 +614,8 @@ static void run_forward(struct batcher *b, struct job **jobs, int n)
     for (int i = 0; i < n; i++)
         metrics_time(b->metrics, TIME_QUEUE_WAIT, metrics_elapsed(&jobs[i]->submitted, &t0));
     const int runs = rc == 0;
-    for (int from = 0, to; rc == 0 && from < nq; from = to) {
-        long tokens = q[from].len;
-        for (to = from + 1; to < nq && tokens + q[to].len <= FORWARD_CALL_TOKENS; to++)
-            tokens += q[to].len;
-        rc = engine_forward(b->e, q + from, to - from, err, sizeof err);
-    }
+    if (rc == 0 && nq)
+        rc = engine_forward(b->e, q, nq, err, sizeof err);
     if (rc == 0 && ns)
         rc = engine_score(b->e, st, ns, err, sizeof err);
     if (runs)

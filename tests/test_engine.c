@@ -37,13 +37,10 @@ struct env {
     struct engine *engine;
 };
 
-static int open_env_on(void **state, const char *path, int slots, enum device_kind dev)
+/* An engine of the model v holds, on device dev. */
+static int env_start(void **state, struct env *v, int slots, enum device_kind dev)
 {
     char err[512];
-    struct env *v = calloc(1, sizeof *v);
-    assert_non_null(v);
-    if (model_load(path, &v->model, err, sizeof err) != 0)
-        fail_msg("%s: %s", path, err);
     if (!(v->be = backend_create(dev, err, sizeof err)))
         fail_msg("backend: %s", err);
     v->engine = engine_create(&v->model, v->be, slots, err, sizeof err);
@@ -51,6 +48,25 @@ static int open_env_on(void **state, const char *path, int slots, enum device_ki
         fail_msg("engine: %s", err);
     *state = v;
     return 0;
+}
+
+static int open_env_on(void **state, const char *path, int slots, enum device_kind dev)
+{
+    char err[512];
+    struct env *v = calloc(1, sizeof *v);
+    assert_non_null(v);
+    if (model_load(path, &v->model, err, sizeof err) != 0)
+        fail_msg("%s: %s", path, err);
+    return env_start(state, v, slots, dev);
+}
+
+/* A model of the config json, its weights drawn from seed 1. */
+static int open_env_json(void **state, const char *json, int slots)
+{
+    struct env *v = calloc(1, sizeof *v);
+    assert_non_null(v);
+    model_from_json(json, 1, 1, &v->model);
+    return env_start(state, v, slots, DEVICE_CPU);
 }
 
 static int open_env(void **state, const char *path, int slots)
@@ -575,22 +591,33 @@ static void test_derived_weights_give_the_same_bits(void **state)
 
 /* A batch large enough that a forward projects each step's inputs just
  * before the step (forward.c: at least 32 rows a step, and more than 8 MB
- * of projections for the whole batch) gives each text the bits it gets
- * alone, where the projections of all its steps come from one product:
- * the RRA language model (its layer 0 read from token tables, layer 1
- * computed) and a bidirectional classifier of three layers with every
- * connection scheme (the backward direction's rows gathered). */
+ * of projections for the whole batch, in one engine call) gives each text
+ * the bits it gets alone, where the projections of all its steps come
+ * from one product: the RRA language model (its layer 0 read from token
+ * tables, layer 1 computed) and a bidirectional classifier of three layers
+ * with every connection scheme (the backward direction's rows gathered). */
 static void test_large_batches_give_each_text_its_bits(void **state)
 {
     (void)state;
     static const struct {
-        const char *file;
+        const char *file, *json;
         int len0; /* the shortest text; the others up to 40 tokens longer */
-    } cases[] = {{"tests/fixtures/combo_lstm_bi.safetensors", 2300}, {BIG_LM, 20}};
+    } cases[] = {
+        {NULL,
+         "{\"task\": \"classify\", \"cell\": \"lstm\", \"hidden\": 40, \"layers\": 3, \"bidirectional\": true,"
+         " \"embed_dim\": 5, \"peephole\": true, \"skip\": {\"period\": 2, \"matrices\": 2}, \"residual_depth\": true,"
+         " \"attention\": {\"window\": 3, \"mode\": \"dynamic\"}, \"pool\": \"mean\", \"classes\": [\"a\", \"b\", \"c\"],"
+         " \"tokenizer\": {\"type\": \"byte\"}}",
+         380},
+        {BIG_LM, NULL, 20},
+    };
     enum { N = 40 };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         void *vp;
-        open_env(&vp, cases[c].file, 0);
+        if (cases[c].file)
+            open_env(&vp, cases[c].file, 0);
+        else
+            open_env_json(&vp, cases[c].json, 0);
         struct env *v = vp;
         const int V = v->model.vocab, C = v->model.head_out, lm = v->model.cfg.task == TASK_LM;
         const int maxlen = cases[c].len0 + N + 7;
@@ -614,13 +641,44 @@ static void test_large_batches_give_each_text_its_bits(void **state)
             if (engine_forward(v->engine, &one, 1, err, sizeof err) != 0)
                 fail_msg("%s", err);
             if (memcmp(alone, batch + i * per, (lm ? (size_t)one.len * C : (size_t)C) * sizeof(float)) != 0)
-                fail_msg("%s: text %d differs alone and in a batch of %d", cases[c].file, i, N);
+                fail_msg("case %zu: text %d differs alone and in a batch of %d", c, i, N);
         }
         free(tokens);
         free(batch);
         free(alone);
         teardown(&vp);
     }
+}
+
+/* engine_forward runs a batch in calls of at most ENGINE_CALL_TOKENS
+ * tokens: four texts of which no two fit one call leave the engine's
+ * scratch memory (which keeps its largest call's) where one of them left
+ * it, and each text gets what it gets alone. */
+static void test_forward_calls_are_bounded(void **state)
+{
+    struct env *v = *state;
+    enum { N = 4, LEN = ENGINE_CALL_TOKENS / 2 + 1 };
+    const int V = v->model.vocab;
+    int32_t *tok = malloc(sizeof *tok * (LEN + N));
+    assert_non_null(tok);
+    for (int t = 0; t < LEN + N; t++)
+        tok[t] = (int32_t)((t * 7 + t / 5) % V);
+    char err[512];
+    struct engine_seq seqs[N];
+    for (int i = 0; i < N; i++)
+        seqs[i] = (struct engine_seq){.tokens = tok + i, .len = LEN, .slot = -1};
+    struct engine_seq one = seqs[N - 1];
+    if (engine_forward(v->engine, &one, 1, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    const size_t after_one = engine_scratch_bytes(v->engine);
+    if (engine_forward(v->engine, seqs, N, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    if (engine_scratch_bytes(v->engine) != after_one)
+        fail_msg("scratch bytes %zu after one text, %zu after four", after_one, engine_scratch_bytes(v->engine));
+    assert_true(one.logprob < -1000.0);
+    assert_true(seqs[N - 1].logprob == one.logprob);
+    assert_true(seqs[0].logprob != one.logprob);
+    free(tok);
 }
 
 /* A backend that pretends to record graphs: the work runs as it is queued
@@ -1145,6 +1203,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test(test_derived_weights_give_the_same_bits),
         cmocka_unit_test(test_large_batches_give_each_text_its_bits),
+        cmocka_unit_test_setup_teardown(test_forward_calls_are_bounded, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_backend_error_does_not_stick, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_graph_cache_policy, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_padded_batches_share_a_graph, setup_lm, teardown),
