@@ -36,6 +36,7 @@ struct lazy_json {
     size_t out_len;
     char *owned;           /* out, when it is an element's printed text */
     char punct;            /* out, when it is "[", "," or "]" */
+    int comma_out;         /* the comma before element next is out */
 };
 
 struct lazy_json *lazy_json_new(void (*release)(void *owner), void *owner)
@@ -141,7 +142,8 @@ static int make_more(struct lazy_json *z)
         set_punct(z, ']');
         return 1;
     }
-    if (z->next > 0 && z->punct != ',') {
+    if (z->next > 0 && !z->comma_out) {
+        z->comma_out = 1;
         set_punct(z, ',');
         return 1;
     }
@@ -151,7 +153,7 @@ static int make_more(struct lazy_json *z)
     if (!z->owned)
         return -1;
     z->next++;
-    z->punct = 0;
+    z->comma_out = 0;
     set_out(z, z->owned, strlen(z->owned));
     return 1;
 }
