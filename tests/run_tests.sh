@@ -6,7 +6,7 @@
 # binary crashed.  RRN_TEST_JOBS=N runs up to N binaries at once (default
 # 1), for binaries that compute alone and time nothing (the emulated CUDA
 # tests); each binary's output is printed whole, in the order named, as
-# soon as it and those before it have finished.
+# soon as it and those before it have finished, with the seconds it took.
 set -u
 build=$1
 export RRN_BIN=$2
@@ -27,6 +27,7 @@ report() {
     out=$(cat "$dir/$1.out")
     rc=$(cat "$dir/$1.rc")
     printf '%s\n' "$out"
+    echo "${names[$1]}: $(cat "$dir/$1.s") s"
     count() { sed -n "s/^\[  $1 *\] \([0-9][0-9]*\) test(s).*/\1/p" <<<"$out" | head -1; }
     p=$(count PASSED); f=$(count FAILED); s=$(count SKIPPED)
     p=${p:-0}; f=${f:-0}; s=${s:-0}
@@ -53,7 +54,8 @@ for t in "${tests[@]}"; do
         flush
     done
     names[$started]=$t
-    ( "$t" >"$dir/$started.out" 2>&1; echo $? >"$dir/$started.tmp"; mv "$dir/$started.tmp" "$dir/$started.rc" ) &
+    ( t0=$SECONDS; "$t" >"$dir/$started.out" 2>&1; echo $? >"$dir/$started.tmp"
+      echo "$((SECONDS - t0))" >"$dir/$started.s"; mv "$dir/$started.tmp" "$dir/$started.rc" ) &
     started=$((started + 1))
 done
 while [ "$reported" -lt "$started" ]; do

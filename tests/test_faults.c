@@ -271,7 +271,8 @@ static int send_raw(int port, const char *bytes, size_t len)
     return status;
 }
 
-/* A head of len bytes: one long header, many short ones, or a long URL. */
+/* A head of len bytes: one long header, many short ones, or a long URL;
+ * the connection closed after its answer, which send_raw reads to the end. */
 static char *big_head(int kind, size_t len, size_t *out_len)
 {
     struct buf b = {0};
@@ -279,9 +280,9 @@ static char *big_head(int kind, size_t len, size_t *out_len)
         buf_add(&b, "GET /", 5);
         while (b.len < len)
             buf_add(&b, "a", 1);
-        buf_add(&b, " HTTP/1.1\r\nHost: 127.0.0.1\r\n", 28);
+        buf_add(&b, " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n", 47);
     } else {
-        buf_add(&b, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n", 40);
+        buf_add(&b, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n", 59);
         if (kind == 0)
             buf_add(&b, "X-Big: ", 7);
         while (b.len < len) {

@@ -99,6 +99,17 @@ int http_read_all(int fd, struct buf *raw)
     return n == 0;
 }
 
+/* The "\r\n" at or after p, before stop, or NULL.  memchr, bounded by
+ * stop, rather than strstr: AddressSanitizer's strstr measures the whole
+ * rest of the answer at each call, once a chunk for a stream's answers. */
+static const char *crlf(const char *p, const char *stop)
+{
+    for (const char *cr; (cr = memchr(p, '\r', (size_t)(stop - p))) && cr + 1 < stop; p = cr + 1)
+        if (cr[1] == '\n')
+            return cr;
+    return NULL;
+}
+
 int http_parse(const struct buf *raw, struct http_resp *r)
 {
     memset(r, 0, sizeof *r);
@@ -120,7 +131,7 @@ int http_parse(const struct buf *raw, struct http_resp *r)
     for (;;) {
         char *next;
         unsigned long size = strtoul(p, &next, 16);
-        const char *data = strstr(next, "\r\n");
+        const char *data = next < stop ? crlf(next, stop) : NULL;
         if (!data || size == 0 || data + 2 + size > stop)
             return size == 0 ? 0 : -1;
         buf_add(&r->body, data + 2, size);
