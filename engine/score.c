@@ -9,8 +9,9 @@
  * it; a text may also carry on a sequence a slot holds, a part of a long
  * text at a time.  The alternatives need every position's logits on the
  * host, [tokens][V] floats, so texts that ask for them run in chunks and
- * batches bounded by SCORE_LOGITS floats instead, apart from the others.  Attention maps go the same way: a chunk writes its positions'
- * weights straight into the text's, whose rows are the whole text's.
+ * batches bounded by SCORE_LOGITS floats instead, apart from the others.
+ * Attention maps go the same way: a chunk writes its positions' weights
+ * straight into the text's, whose rows are the whole text's.
  */
 #include <stdio.h>
 #include <stdlib.h>
