@@ -551,9 +551,6 @@ static void test_cli_generate_equals_server(void **state)
     }
 }
 
-/* The events of a whole SSE body: the token texts joined, their count,
- * and the final event; the token events themselves added to `tokens`
- * unless it is NULL.  Checks the indexes and the closing [DONE]. */
 /* The "\n\n" that ends the event at p, or NULL.  memchr, bounded by
  * stop, rather than strstr: AddressSanitizer's strstr measures the whole
  * rest of the body at each call, which made reading 160,000 events take
@@ -566,6 +563,9 @@ static const char *event_end(const char *p, const char *stop)
     return NULL;
 }
 
+/* The events of a whole SSE body: the token texts joined, their count,
+ * and the final event; the token events themselves added to `tokens`
+ * unless it is NULL.  Checks the indexes and the closing [DONE]. */
 static cJSON *parse_events(const char *body, struct buf *joined, int *n_tokens, cJSON *tokens)
 {
     cJSON *last = NULL;
