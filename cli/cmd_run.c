@@ -8,7 +8,7 @@
  * input line; a bad line gets an {"error": ...} line in its place, and the
  * exit status says so.  --generate samples text after a prompt through the
  * model's batcher, as the server does, so that a seed gives the text that
- * POST /generate gives.
+ * POST /generate gives; with --stream it prints that text as it comes.
  */
 #include <cjson/cJSON.h>
 #include <getopt.h>
@@ -22,6 +22,7 @@
 #include "batcher.h"
 #include "commands.h"
 #include "engine.h"
+#include "handler.h"
 #include "tokenizer.h"
 
 struct runner {
@@ -274,7 +275,56 @@ struct generation {
     int max_tokens;
     const char *stop[JOB_MAX_STOP];
     int n_stop;
+    int stream;   /* print the text as it comes, not the JSON answer */
 };
+
+/* --stream: prints the job's text as it is generated, then a newline.
+ * The last bytes, as many as a stop string less one, wait for the next
+ * token, since a stop string ending there would take them back; and the
+ * text is cleaned of invalid UTF-8 as the JSON answer's is, a character
+ * split over byte tokens printed whole.  0, or -1 out of memory. */
+static int stream_generation(struct job *j, const struct generation *g)
+{
+    size_t hold = 0;
+    for (int i = 0; i < g->n_stop; i++)
+        if (strlen(g->stop[i]) - 1 > hold)
+            hold = strlen(g->stop[i]) - 1;
+    char *raw = NULL, *clean = NULL;
+    size_t raw_len = 0, taken = 0; /* bytes of j->text in raw or printed */
+    int done = 0, seen = 0, rc = 0;
+    while (!done && rc == 0) {
+        job_wait(j, seen, 1000);
+        pthread_mutex_lock(&j->mu);
+        done = j->done;
+        seen = j->n_tokens;
+        const size_t upto = done ? j->text_len : j->text_len > hold ? j->text_len - hold : 0;
+        const size_t n = upto > taken ? upto - taken : 0;
+        char *grown = n ? realloc(raw, raw_len + n) : NULL;
+        if (grown) {
+            memcpy(grown + raw_len, j->text + taken, n);
+            raw = grown;
+            raw_len += n;
+            taken += n;
+        }
+        pthread_mutex_unlock(&j->mu);
+        char *c = !n || grown ? realloc(clean, 3 * raw_len + 1) : NULL;
+        if (!c) {
+            rc = -1;
+            break;
+        }
+        clean = c;
+        size_t clean_len;
+        const size_t used = utf8_clean(raw, raw_len, done, clean, &clean_len);
+        fwrite(clean, 1, clean_len, stdout);
+        fflush(stdout);
+        memmove(raw, raw + used, raw_len - used);
+        raw_len -= used;
+    }
+    putchar('\n');
+    free(raw);
+    free(clean);
+    return rc;
+}
 
 /* Samples text after prompt with the model's batcher (one stream, no
  * prompt cache), which takes the engine over; prints the answer.  0, or 1
@@ -309,23 +359,29 @@ static int run_generate(struct runner *r, const char *prompt, struct generation 
         b = batcher_start(&r->model, &r->tk, r->engine, &opt, err, sizeof err);
         r->engine = NULL; /* the batcher's, even when it did not start */
     }
-    if (b && batcher_submit(b, &j, 1) != 0)
+    if (b && batcher_submit(b, &j, 1) != 0) {
         snprintf(err, sizeof err, "the model refused the generation");
-    else if (b)
+    } else if (b && g->stream) {
+        if (!g->seeded)
+            fprintf(stderr, "rrnserve run: seed %llu\n", (unsigned long long)g->sample.seed);
+        if (stream_generation(j, g) != 0)
+            snprintf(err, sizeof err, "out of memory");
+    } else if (b) {
         while (!job_wait(j, INT_MAX, 1000))
             ;
+    }
     if (!err[0] && j->failed)
         snprintf(err, sizeof err, "%s", j->error);
-    cJSON *o = err[0] ? NULL : generation_result(j);
-    if (!err[0] && !o)
+    cJSON *o = err[0] || g->stream ? NULL : generation_result(j);
+    if (!err[0] && !g->stream && !o)
         snprintf(err, sizeof err, "out of memory");
     if (o)
         print_json(o);
-    else
+    if (err[0])
         fprintf(stderr, "rrnserve run: %s\n", err);
     job_release(j);
     batcher_stop(b);
-    return o ? 0 : 1;
+    return err[0] ? 1 : 0;
 }
 
 /* A number option in [lo, hi]: 0, or -1 with the reason on standard
@@ -348,7 +404,7 @@ static void run_usage(FILE *out)
     fputs("usage: rrnserve run FILE (--text T | --file PATH | --jsonl PATH | --generate PROMPT)\n"
           "                    [--device cpu|cuda|auto] [--precision fp32|tf32|bf16] [--recurrence gemm|fused]\n"
           "                    [--batch N] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
-          "                    [--seed S] [--stop STRING]...\n"
+          "                    [--seed S] [--stop STRING]... [--stream]\n"
           "\n"
           "Applies the model of FILE (a .safetensors weight file) to text and prints JSON: a\n"
           "classifier's label and probabilities, a language model's log-probability and bits per char,\n"
@@ -359,6 +415,8 @@ static void run_usage(FILE *out)
           "  --generate P    sample text after the prompt P; with --max-tokens (default 64),\n"
           "                  --temperature (1; 0 is greedy), --top-k (0: all), --top-p (1), --seed\n"
           "                  (default: random, printed) and up to 4 --stop strings\n"
+          "  --stream        with --generate: print the text as it comes (and a random seed on\n"
+          "                  standard error), not the JSON answer\n"
           "  --device D      cpu (default), cuda, or auto (CUDA when a GPU is present)\n"
           "  --precision P   fp32 (default), or tf32 or bf16 for tensor-core matrix products on cuda\n"
           "  --recurrence R  gemm (default), or fused: each step's recurrent product in its cell kernel\n"
@@ -376,7 +434,8 @@ int cmd_run(int argc, char **argv)
         {"generate", required_argument, NULL, 'g'}, {"max-tokens", required_argument, NULL, 'm'},
         {"temperature", required_argument, NULL, 'T'}, {"top-k", required_argument, NULL, 'k'},
         {"top-p", required_argument, NULL, 'P'}, {"seed", required_argument, NULL, 's'},
-        {"stop", required_argument, NULL, 'S'}, {NULL, 0, NULL, 0},
+        {"stop", required_argument, NULL, 'S'}, {"stream", no_argument, NULL, 'O'},
+        {NULL, 0, NULL, 0},
     };
     const char *text = NULL, *file = NULL, *jsonl = NULL, *prompt = NULL;
     struct generation g = {.sample = {.temperature = 1.0f, .top_p = 1.0f}, .max_tokens = 64};
@@ -432,6 +491,10 @@ int cmd_run(int argc, char **argv)
             g.stop[g.n_stop++] = optarg;
             sampling++;
             break;
+        case 'O':
+            g.stream = 1;
+            sampling++;
+            break;
         case 'd':
             if (backend_device_parse(optarg, &dev) != 0) {
                 fprintf(stderr, "rrnserve run: --device must be cpu, cuda or auto, not '%s'\n", optarg);
@@ -468,8 +531,8 @@ int cmd_run(int argc, char **argv)
         return 2;
     }
     if (sampling && !prompt) {
-        fprintf(stderr, "rrnserve run: --max-tokens, --temperature, --top-k, --top-p, --seed and --stop "
-                        "go with --generate\n");
+        fprintf(stderr, "rrnserve run: --max-tokens, --temperature, --top-k, --top-p, --seed, --stop and "
+                        "--stream go with --generate\n");
         return 2;
     }
     struct runner r;

@@ -10,12 +10,14 @@
 #include <cmocka.h>
 
 #include <cjson/cJSON.h>
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "support/buf.h"
 #include "support/fixtures.h"
 #include "support/proc.h"
 
@@ -190,6 +192,7 @@ static void test_bad_usage(void **state)
         {"run " FIX "tok_word_lm.safetensors --generate '...'", 1, "the prompt has no tokens"},
         {"run " FIX "combo_lstm_lm.safetensors --generate a --text b", 2, "usage"},
         {"run " FIX "combo_lstm_lm.safetensors --text a --seed 3", 2, "go with --generate"},
+        {"run " FIX "combo_lstm_lm.safetensors --text a --stream", 2, "go with --generate"},
         {"run " FIX "combo_lstm_lm.safetensors --generate a --max-tokens 0", 2, "--max-tokens"},
         {"run " FIX "combo_lstm_lm.safetensors --generate a --temperature -1", 2, "--temperature"},
         {"run " FIX "combo_lstm_lm.safetensors --generate a --top-p 1.5", 2, "--top-p"},
@@ -253,12 +256,51 @@ static void test_corrupt_file(void **state)
     rmdir(dir);
 }
 
+/* --generate --stream prints the text as it comes, and the same text as
+ * the JSON answer: the bytes a stop string could still take back wait for
+ * the next token.  models/austen takes milliseconds a token here, so the
+ * command line prints many tokens before the next comes, and a stop
+ * string's first letter printed too soon would show in some of the runs:
+ * the stops are two letters of its greedy text at each of four places. */
+static void test_generate_stream(void **state)
+{
+    (void)state;
+    const char *cmd = "run models/austen.safetensors --generate 'It was' --temperature 0 --max-tokens 80 --seed 1";
+    char *out;
+    assert_int_equal(proc_rrnserve(&out, NULL, "%s", cmd), 0);
+    cJSON *free_run = cJSON_Parse(out);
+    assert_non_null(free_run);
+    const char *text = cJSON_GetObjectItem(free_run, "text")->valuestring;
+    for (size_t at = 20; at < 80; at += 15) {
+        char *stopped, *streamed, stop[3] = "";
+        for (size_t i = at; !stop[0] && i + 1 < strlen(text); i++)
+            if (isalpha((unsigned char)text[i]) && isalpha((unsigned char)text[i + 1]))
+                memcpy(stop, text + i, 2);
+        assert_true(stop[0]);
+        assert_int_equal(proc_rrnserve(&stopped, NULL, "%s --stop %s", cmd, stop), 0);
+        cJSON *want = cJSON_Parse(stopped);
+        assert_non_null(want);
+        assert_string_equal(cJSON_GetObjectItem(want, "finish_reason")->valuestring, "stop");
+        assert_int_equal(proc_rrnserve(&streamed, NULL, "%s --stop %s --stream", cmd, stop), 0);
+        struct buf line = {0};
+        buf_printf(&line, "%s\n", cJSON_GetObjectItem(want, "text")->valuestring);
+        if (strcmp(streamed, line.p) != 0)
+            fail_msg("--stop %s: --stream printed '%s', the answer's text is '%s'", stop, streamed, line.p);
+        free(line.p);
+        cJSON_Delete(want);
+        free(streamed);
+        free(stopped);
+    }
+    cJSON_Delete(free_run);
+    free(out);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_version),      cmocka_unit_test(test_run_classify_text),
         cmocka_unit_test(test_run_lm_file_and_jsonl), cmocka_unit_test(test_info),
-        cmocka_unit_test(test_precision),
+        cmocka_unit_test(test_precision),   cmocka_unit_test(test_generate_stream),
         cmocka_unit_test(test_help),
         cmocka_unit_test(test_bad_usage),    cmocka_unit_test(test_corrupt_file),
     };

@@ -509,7 +509,8 @@ static void test_generate_seeded(void **state)
 
 /* `rrnserve run --generate` runs the server's batcher: with the same
  * settings it answers what /generate answers, and with no seed it prints
- * the one it drew, which gives the server the same text. */
+ * the one it drew, which gives the server the same text; with --stream it
+ * prints that text alone, stop strings taken back as the answer's are. */
 static void test_cli_generate_equals_server(void **state)
 {
     struct server *s = *state;
@@ -544,6 +545,18 @@ static void test_cli_generate_equals_server(void **state)
                          cJSON_PrintUnformatted(want));
         if (i == 1)
             assert_string_equal(str_of(cli, "finish_reason"), "stop");
+        /* --stream prints that text, a line, as it comes. */
+        char *streamed, seed[48] = "";
+        struct buf line = {0};
+        if (!cases[i].more)
+            snprintf(seed, sizeof seed, "--seed %.0f", cJSON_GetObjectItem(cli, "seed")->valuedouble);
+        if (proc_rrnserve(&streamed, NULL, "run " FIXTURES_DIR "/%s.safetensors --generate '%s' %s %s --stream",
+                          cases[i].model, cases[i].prompt, cases[i].args, seed) != 0)
+            fail_msg("rrnserve run --generate '%s' %s --stream failed:\n%s", cases[i].prompt, cases[i].args, streamed);
+        buf_printf(&line, "%s\n", str_of(cli, "text"));
+        assert_string_equal(streamed, line.p);
+        free(line.p);
+        free(streamed);
         cJSON_Delete(want);
         cJSON_Delete(cli);
         free(body);
