@@ -307,7 +307,13 @@ static int stream_generation(struct job *j, const struct generation *g)
             taken += n;
         }
         pthread_mutex_unlock(&j->mu);
-        char *c = !n || grown ? realloc(clean, 3 * raw_len + 1) : NULL;
+        if (n && !grown) {
+            rc = -1;
+            break;
+        }
+        if (!raw_len)
+            continue;
+        char *c = realloc(clean, 3 * raw_len + 1);
         if (!c) {
             rc = -1;
             break;
