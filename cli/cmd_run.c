@@ -289,8 +289,8 @@ static int stream_generation(struct job *j, const struct generation *g)
     for (int i = 0; i < g->n_stop; i++)
         if (strlen(g->stop[i]) - 1 > hold)
             hold = strlen(g->stop[i]) - 1;
-    char *raw = NULL, *clean = NULL;
-    size_t raw_len = 0, taken = 0; /* bytes of j->text in raw or printed */
+    struct utf8_stream text = {0};
+    size_t taken = 0; /* bytes of j->text put into text */
     int done = 0, seen = 0, rc = 0;
     while (!done && rc == 0) {
         job_wait(j, seen, 1000);
@@ -298,37 +298,22 @@ static int stream_generation(struct job *j, const struct generation *g)
         done = j->done;
         seen = j->n_tokens;
         const size_t upto = done ? j->text_len : j->text_len > hold ? j->text_len - hold : 0;
-        const size_t n = upto > taken ? upto - taken : 0;
-        char *grown = n ? realloc(raw, raw_len + n) : NULL;
-        if (grown) {
-            memcpy(grown + raw_len, j->text + taken, n);
-            raw = grown;
-            raw_len += n;
-            taken += n;
-        }
+        if (upto > taken && utf8_stream_put(&text, j->text + taken, upto - taken) == 0)
+            taken = upto;
+        else if (upto > taken)
+            rc = -1;
         pthread_mutex_unlock(&j->mu);
-        if (n && !grown) {
+        size_t len;
+        const char *clean = rc == 0 ? utf8_stream_take(&text, done, &len) : NULL;
+        if (!clean) {
             rc = -1;
             break;
         }
-        if (!raw_len)
-            continue;
-        char *c = realloc(clean, 3 * raw_len + 1);
-        if (!c) {
-            rc = -1;
-            break;
-        }
-        clean = c;
-        size_t clean_len;
-        const size_t used = utf8_clean(raw, raw_len, done, clean, &clean_len);
-        fwrite(clean, 1, clean_len, stdout);
+        fwrite(clean, 1, len, stdout);
         fflush(stdout);
-        memmove(raw, raw + used, raw_len - used);
-        raw_len -= used;
     }
     putchar('\n');
-    free(raw);
-    free(clean);
+    utf8_stream_free(&text);
     return rc;
 }
 

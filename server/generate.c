@@ -549,11 +549,9 @@ struct api_stream {
     int ended;            /* the last events are in out */
     int batch_size;
     int32_t *ids;         /* tokens copied out of the job */
-    struct buf raw;       /* bytes of an unfinished UTF-8 character */
+    struct utf8_stream text; /* the tokens' text, cleaned */
     struct buf out;       /* event bytes not yet read */
     size_t out_pos;
-    char *clean;          /* scratch for utf8_clean */
-    size_t clean_cap;
 };
 
 /* One `data: JSON` event; o is consumed. */
@@ -589,27 +587,17 @@ static int token_event(struct api_stream *s, int32_t id, int index)
 {
     char raw[8];
     size_t len = 0, clean_len;
-    const char *piece = tokenizer_token(&s->m->tk, id, raw, &len);
-    if ((s->m->tk.type == TOKENIZER_WORD && (index > 0 || s->after_prompt) && buf_add(&s->raw, " ", 1) != 0) ||
-        (piece && buf_add(&s->raw, piece, len) != 0))
+    const char *piece = tokenizer_token(&s->m->tk, id, raw, &len), *clean;
+    if ((s->m->tk.type == TOKENIZER_WORD && (index > 0 || s->after_prompt) && utf8_stream_put(&s->text, " ", 1) != 0) ||
+        (piece && utf8_stream_put(&s->text, piece, len) != 0) || !(clean = utf8_stream_take(&s->text, 0, &clean_len)))
         return -1;
-    if (3 * s->raw.len + 1 > s->clean_cap) {
-        char *p = realloc(s->clean, 3 * s->raw.len + 1);
-        if (!p)
-            return -1;
-        s->clean = p;
-        s->clean_cap = 3 * s->raw.len + 1;
-    }
-    size_t used = utf8_clean(s->raw.p, s->raw.len, 0, s->clean, &clean_len);
-    memmove(s->raw.p, s->raw.p + used, s->raw.len - used);
-    s->raw.len -= used;
     if (s->shape.dialect == DIALECT_OPENAI) {
         const struct job *j = s->j;
         cJSON *lps = openai_logprobs(&s->m->tk, j->logprobs, j->top_logprobs, NULL, j, s->ids, index, 1, NULL);
-        return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(s->clean), lps, NULL)));
+        return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(clean), lps, NULL)));
     }
     cJSON *o = cJSON_CreateObject();
-    int failed = json_put(o, "token", cJSON_CreateString(s->clean));
+    int failed = json_put(o, "token", cJSON_CreateString(clean));
     failed |= json_put(o, "id", cJSON_CreateNumber(id));
     failed |= json_put(o, "index", cJSON_CreateNumber(index));
     if (s->j->logprobs) {
@@ -692,9 +680,8 @@ void api_stream_free(struct api_stream *s)
     job_release(s->j);
     served_model_release(s->m);
     free(s->ids);
-    free(s->raw.p);
+    utf8_stream_free(&s->text);
     free(s->out.p);
-    free(s->clean);
     free(s);
 }
 

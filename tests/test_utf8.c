@@ -1,0 +1,79 @@
+/* test_utf8.c - text that comes in pieces (a stream's tokens, `rrnserve
+ * run --stream`'s reads) cleaned as whole text is: handler.h's
+ * utf8_stream against utf8_clean of the whole.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <string.h>
+
+#include "handler.h"
+
+static void take_expect(struct utf8_stream *u, int final, const char *want)
+{
+    size_t len = 99;
+    const char *got = utf8_stream_take(u, final, &len);
+    assert_non_null(got);
+    assert_int_equal(len, strlen(want));
+    assert_memory_equal(got, want, len + 1);
+}
+
+/* A character split over pieces comes out whole with its last byte; an
+ * invalid byte or NUL as U+FFFD at once; an unfinished character at the
+ * end as U+FFFD when final; nothing put, nothing taken. */
+static void test_pieces_come_out_whole(void **state)
+{
+    (void)state;
+    struct utf8_stream u = {0};
+    take_expect(&u, 0, "");
+    assert_int_equal(utf8_stream_put(&u, "caf", 3), 0);
+    take_expect(&u, 0, "caf");
+    assert_int_equal(utf8_stream_put(&u, "\xc3", 1), 0);
+    take_expect(&u, 0, "");
+    assert_int_equal(utf8_stream_put(&u, "\xa9!\xff", 3), 0);
+    take_expect(&u, 0, "\xc3\xa9!\xEF\xBF\xBD");
+    assert_int_equal(utf8_stream_put(&u, "a\0b\xe2\x82", 5), 0);
+    take_expect(&u, 0, "a\xEF\xBF\xBD" "b");
+    take_expect(&u, 1, "\xEF\xBF\xBD\xEF\xBF\xBD");
+    take_expect(&u, 1, "");
+    utf8_stream_free(&u);
+}
+
+/* Any split of a text, taken piece by piece, joins to utf8_clean of the
+ * whole. */
+static void test_any_split_equals_the_whole(void **state)
+{
+    (void)state;
+    static const char text[] = "\xe2\x82\xac 5, caf\xc3\xa9 \xf0\x9f\x98\x80\xff\xc3 x\xe2\x82";
+    const size_t n = sizeof text - 1;
+    char whole[3 * sizeof text + 1];
+    size_t whole_len;
+    utf8_clean(text, n, 1, whole, &whole_len);
+    for (size_t step = 1; step <= n; step++) {
+        struct utf8_stream u = {0};
+        char joined[3 * sizeof text + 1];
+        size_t at = 0, len;
+        for (size_t i = 0; i < n; i += step) {
+            assert_int_equal(utf8_stream_put(&u, text + i, i + step < n ? step : n - i), 0);
+            const char *got = utf8_stream_take(&u, i + step >= n, &len);
+            assert_non_null(got);
+            memcpy(joined + at, got, len);
+            at += len;
+        }
+        assert_int_equal(at, whole_len);
+        assert_memory_equal(joined, whole, at);
+        utf8_stream_free(&u);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_pieces_come_out_whole),
+        cmocka_unit_test(test_any_split_equals_the_whole),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
