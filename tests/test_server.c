@@ -564,18 +564,6 @@ static void test_cli_generate_equals_server(void **state)
     }
 }
 
-/* The "\n\n" that ends the event at p, or NULL.  memchr, bounded by
- * stop, rather than strstr: AddressSanitizer's strstr measures the whole
- * rest of the body at each call, which made reading 160,000 events take
- * the SIGTERM test 50 s. */
-static const char *event_end(const char *p, const char *stop)
-{
-    for (const char *nl; (nl = memchr(p, '\n', (size_t)(stop - p))) && nl + 1 < stop; p = nl + 1)
-        if (nl[1] == '\n')
-            return nl;
-    return NULL;
-}
-
 /* The events of a whole SSE body: the token texts joined, their count,
  * and the final event; the token events themselves added to `tokens`
  * unless it is NULL.  Checks the indexes and the closing [DONE]. */
@@ -587,7 +575,7 @@ static cJSON *parse_events(const char *body, struct buf *joined, int *n_tokens, 
     buf_add(joined, "", 0);
     const char *stop = body + strlen(body);
     for (const char *p = body, *end; p < stop; p = end + 2) {
-        end = event_end(p, stop);
+        end = http_find(p, stop, "\n\n");
         assert_non_null(end);
         assert_true(strncmp(p, "data: ", 6) == 0);
         assert_false(done);

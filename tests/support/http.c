@@ -99,14 +99,12 @@ int http_read_all(int fd, struct buf *raw)
     return n == 0;
 }
 
-/* The "\r\n" at or after p, before stop, or NULL.  memchr, bounded by
- * stop, rather than strstr: AddressSanitizer's strstr measures the whole
- * rest of the answer at each call, once a chunk for a stream's answers. */
-static const char *crlf(const char *p, const char *stop)
+const char *http_find(const char *p, const char *stop, const char *needle)
 {
-    for (const char *cr; (cr = memchr(p, '\r', (size_t)(stop - p))) && cr + 1 < stop; p = cr + 1)
-        if (cr[1] == '\n')
-            return cr;
+    const size_t n = strlen(needle);
+    for (const char *at; p < stop && (at = memchr(p, needle[0], (size_t)(stop - p))); p = at + 1)
+        if ((size_t)(stop - at) >= n && memcmp(at, needle, n) == 0)
+            return at;
     return NULL;
 }
 
@@ -131,7 +129,7 @@ int http_parse(const struct buf *raw, struct http_resp *r)
     for (;;) {
         char *next;
         unsigned long size = strtoul(p, &next, 16);
-        const char *data = next < stop ? crlf(next, stop) : NULL;
+        const char *data = http_find(next, stop, "\r\n");
         if (!data || size == 0 || data + 2 + size > stop)
             return size == 0 ? 0 : -1;
         buf_add(&r->body, data + 2, size);

@@ -44,6 +44,12 @@ void http_read_until(int fd, struct buf *raw, const char *needle);
 /* Reads to the end of the connection: 1 when it ended, 0 on the timeout. */
 int http_read_all(int fd, struct buf *raw);
 
+/* The first needle in [p, stop), or NULL.  Searched with memchr and
+ * memcmp, bounded by stop, rather than strstr: AddressSanitizer's strstr
+ * measures the whole rest of the string at each call, which made reading
+ * a stream's answer, a search an event or a chunk, quadratic. */
+const char *http_find(const char *p, const char *stop, const char *needle);
+
 /* Splits a whole raw answer into status, head and (dechunked) body; 0, or
  * -1 when it is not a whole answer. */
 int http_parse(const struct buf *raw, struct http_resp *r);
