@@ -45,11 +45,23 @@ SUPPORT_SRC := $(wildcard tests/support/*.c)
 # EMU folder of their own).
 CUDA_DEFS ?=
 
+# The CUDA backend is a shared library of its own (engine/backend.c says
+# why), the only part that links the CUDA runtime and cuBLAS: a build
+# folder's binary finds it beside itself, its tests and benchmarks one
+# folder up, an installed binary in ../lib/rrnserve.
+CUDA_LIBRARY := librrnserve-cuda.so
+CUDA_CFLAGS  := -DRRN_CUDA -DRRN_CUDA_LIBRARY='"$(CUDA_LIBRARY)"'
+# An old-style DT_RPATH, not a DT_RUNPATH: the loader reads a binary's
+# RUNPATH only for a dlopen that the binary itself calls, and under ASan
+# the caller is ASan's runtime, which intercepts dlopen.
+RPATH_BIN  := -Wl,--disable-new-dtags,-rpath,'$$ORIGIN:$$ORIGIN/../lib/rrnserve'
+RPATH_SUB  := -Wl,--disable-new-dtags,-rpath,'$$ORIGIN/..'
 ifeq ($(CUDA),1)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
-CFLAGS  += -DRRN_CUDA -I$(CUDA_HOME)/include
-LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++
-NVFLAGS := -O2 -std=c++17 -Iengine -DRRN_CUDA $(CUDA_DEFS) -MMD -MP --compiler-options -Wall,-Wextra,-Werror \
+CFLAGS  += $(CUDA_CFLAGS) -I$(CUDA_HOME)/include
+CUDA_LDLIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++
+NVFLAGS := -O2 -std=c++17 -Iengine -DRRN_CUDA $(CUDA_DEFS) -MMD -MP \
+           --compiler-options -Wall,-Wextra,-Werror,-fPIC,-fvisibility=hidden \
            -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80
 endif
 
@@ -71,7 +83,10 @@ $(eval $(call objects,$(BUILD),))
 $(eval $(call objects,$(BUILD)/asan,$(SAN)))
 
 # Everything but main(): what the binary and every test link.
-lib_objs    = $(ENGINE_SRC:%.c=$(1)/%.o) $(SERVER_SRC:%.c=$(1)/%.o) $(TRAIN_SRC:%.c=$(1)/%.o) $(if $(filter 1,$(CUDA)),$(CU_SRC:%.cu=$(1)/%.cu.o))
+lib_objs    = $(ENGINE_SRC:%.c=$(1)/%.o) $(SERVER_SRC:%.c=$(1)/%.o) $(TRAIN_SRC:%.c=$(1)/%.o)
+# The CUDA library a build folder's binaries load (order-only prerequisites:
+# it is not linked, and a new one needs no new binary).
+cuda_lib    = $(if $(filter 1,$(CUDA)),$(1)/$(CUDA_LIBRARY))
 cli_objs    = $(CLI_SRC:%.c=$(1)/%.o)
 test_bins   = $(TEST_SRC:tests/%.c=$(1)/tests/%)
 # The harness the tests share (tests/support/: servers, HTTP, commands,
@@ -95,26 +110,37 @@ $(BUILD)/tools/libcupti_trace.so: tools/cupti_trace.c
 	@echo "  CC      $@"
 	@$(CC) $(CFLAGS) -fPIC -shared -o $@ $< -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti -lpthread
 
-# Each build's binary in its folder; ./rrnserve is a copy of the one this
+# Each build's binary in its folder; ./rrnserve is a link to the one this
 # make chose (phony, so that switching CUDA= always switches it).
-$(BUILD)/rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD))
+$(BUILD)/rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD)) | $(call cuda_lib,$(BUILD))
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(RPATH_BIN)
 rrnserve: $(BUILD)/rrnserve
-	@cmp -s $< $@ || cp $< $@
+	@ln -sfn $< $@
+
+# $(1): build folder, $(2): its CUDA objects, $(3): flags and libraries.
+# -z defs: whatever the library needs, it links, since nothing else will.
+define cuda_library
+$(1)/$(CUDA_LIBRARY): $(2)
+	@echo "  LINK    $$@"
+	@$$(CC) -shared -Wl,-z,defs -o $$@ $$^ $(3)
+endef
+$(eval $(call cuda_library,$(BUILD),$(CU_SRC:%.cu=$(BUILD)/%.cu.o),$(CUDA_LDLIBS)))
+$(eval $(call cuda_library,$(BUILD)/asan,$(CU_SRC:%.cu=$(BUILD)/asan/%.cu.o),$(CUDA_LDLIBS)))
 
 # Static pattern rules: a bare $(BUILD)/tests/% would also offer itself
 # for the support objects below tests/.
-$(call test_bins,$(BUILD)): $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call support_objs,$(BUILD)) $(call lib_objs,$(BUILD))
+$(call test_bins,$(BUILD)): $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call support_objs,$(BUILD)) $(call lib_objs,$(BUILD)) \
+                           | $(call cuda_lib,$(BUILD))
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka -lpng -lssl
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(RPATH_SUB) -lcmocka -lpng -lssl
 $(call test_bins,$(BUILD)/asan): $(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call support_objs,$(BUILD)/asan) \
-                                 $(call lib_objs,$(BUILD)/asan)
+                                 $(call lib_objs,$(BUILD)/asan) | $(call cuda_lib,$(BUILD)/asan)
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka -lpng -lssl
-$(BUILD)/asan/rrnserve: $(call lib_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan)
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) $(RPATH_SUB) -lcmocka -lpng -lssl
+$(BUILD)/asan/rrnserve: $(call lib_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan) | $(call cuda_lib,$(BUILD)/asan)
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) $(RPATH_BIN)
 
 # deps installs what is missing (nothing when all is there); the targets
 # that need packages run it first, so a fresh machine needs no other step.
@@ -181,9 +207,9 @@ bench-server: deps
 	@$(MAKE) --no-print-directory rrnserve $(BUILD)/bench/loadgen
 	@bench/run_bench_server.sh $(BUILD)/bench/loadgen
 
-$(BUILD)/bench/%: $(BUILD)/bench/%.o $(call lib_objs,$(BUILD))
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(call lib_objs,$(BUILD)) | $(call cuda_lib,$(BUILD))
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(RPATH_SUB)
 
 serve: deps
 	@$(MAKE) --no-print-directory rrnserve
@@ -203,10 +229,12 @@ EMU          := build/emu
 EMU_TESTS    := test_gradcheck test_engine test_train test_fixtures test_optim test_faults
 EMU_FILTER   := *cuda*
 EMU_WHOLE    := test_server
-EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -Itests/cuda_emu -Iengine -DRRN_CUDA -MMD -MP $(SAN)
-EMU_LIB      := $(ENGINE_SRC:%.c=$(EMU)/%.o) $(SERVER_SRC:%.c=$(EMU)/%.o) $(TRAIN_SRC:%.c=$(EMU)/%.o) \
-                $(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc))
-$(eval $(call objects,$(EMU),$(SAN) -DRRN_CUDA))
+EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -fPIC -fvisibility=hidden -Itests/cuda_emu -Iengine -DRRN_CUDA \
+                -MMD -MP $(SAN)
+EMU_LIB      := $(ENGINE_SRC:%.c=$(EMU)/%.o) $(SERVER_SRC:%.c=$(EMU)/%.o) $(TRAIN_SRC:%.c=$(EMU)/%.o)
+$(eval $(call objects,$(EMU),$(SAN) $(CUDA_CFLAGS)))
+$(eval $(call cuda_library,$(EMU),$(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc)),\
+                          $(SAN) -lopenblas -lstdc++ -lm -lpthread))
 # Defined after objects, so that it replaces its nvcc rule in this tree.
 $(EMU)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
@@ -216,13 +244,13 @@ $(EMU)/%.o: %.cc
 	@mkdir -p $(dir $@)
 	@echo "  CXX     $@"
 	@$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
-$(EMU)/rrnserve: $(EMU_LIB) $(call cli_objs,$(EMU))
+$(EMU)/rrnserve: $(EMU_LIB) $(call cli_objs,$(EMU)) | $(EMU)/$(CUDA_LIBRARY)
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lstdc++
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) $(RPATH_BIN)
 $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%): $(EMU)/tests/%: $(EMU)/tests/%.o $(call support_objs,$(EMU)) \
-                                                                $(EMU_LIB)
+                                                                $(EMU_LIB) | $(EMU)/$(CUDA_LIBRARY)
 	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lstdc++ -lcmocka -lpng -lssl
+	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) $(RPATH_SUB) -lcmocka -lpng -lssl
 
 # The same without the sanitizers, fast enough to run whole workloads
 # through the CUDA backend's arithmetic (tools/precision.sh).
@@ -305,12 +333,16 @@ SYSCONFDIR ?= $(PREFIX)/etc
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 DATADIR    ?= $(PREFIX)/share/rrnserve
 MODELDIR   ?= $(DATADIR)/models
+# Where the installed binary looks for the CUDA library: ../lib/rrnserve
+# from itself (its run path).
+CUDALIBDIR := $(abspath $(BINDIR)/../lib/rrnserve)
 INSTALL_MODELS := $(filter-out %.ckpt.safetensors,$(wildcard models/*.safetensors))
 SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@MODELDIR@|$(MODELDIR)|g'
 
-install: rrnserve
+install: rrnserve $(call cuda_lib,$(BUILD))
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/rrnserve $(DESTDIR)$(MODELDIR)
 	install -m 0755 rrnserve $(DESTDIR)$(BINDIR)/rrnserve
+	$(if $(call cuda_lib,$(BUILD)),install -D -m 0644 $(call cuda_lib,$(BUILD)) $(DESTDIR)$(CUDALIBDIR)/$(CUDA_LIBRARY))
 	$(SUBST) deploy/rrnserve.service > $(DESTDIR)$(UNITDIR)/rrnserve.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/rrnserve.service
 	install -m 0644 deploy/rrnserve-gpu.conf $(DESTDIR)$(DATADIR)/rrnserve-gpu.conf
@@ -321,7 +353,9 @@ install: rrnserve
 
 # Removes what install wrote but the options file.
 uninstall:
-	rm -f $(DESTDIR)$(BINDIR)/rrnserve $(DESTDIR)$(UNITDIR)/rrnserve.service $(DESTDIR)$(DATADIR)/rrnserve-gpu.conf
+	rm -f $(DESTDIR)$(BINDIR)/rrnserve $(DESTDIR)$(UNITDIR)/rrnserve.service $(DESTDIR)$(DATADIR)/rrnserve-gpu.conf \
+	      $(DESTDIR)$(CUDALIBDIR)/$(CUDA_LIBRARY)
+	-rmdir $(DESTDIR)$(CUDALIBDIR)
 	rm -f $(addprefix $(DESTDIR)$(MODELDIR)/,$(notdir $(INSTALL_MODELS)))
 	-rmdir $(DESTDIR)$(MODELDIR) $(DESTDIR)$(DATADIR)
 

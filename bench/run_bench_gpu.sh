@@ -5,9 +5,10 @@
 # and the server's /generate at 64 streams with --device cuda.  Writes
 # torch.json, engine.json, server.log and RESULTS.md (the table for
 # bench/RESULTS.md, targets beside the figures) to OUT_DIR and prints them.
-# Every other build of bench_engine in BENCH_DIR/variants (tools/gpu-bundle.sh
-# puts the fused kernel's variants there: its tiles, its launches) times its
-# fused mode too, into engine-NAME.json and rows of the table of their own.
+# Every other build in BENCH_DIR/variants (NAME/bench/bench_engine beside
+# NAME's CUDA library: tools/gpu-bundle.sh puts the fused kernel's variants
+# there, its tiles, its launches) times its fused mode too, into
+# engine-NAME.json and rows of the table of their own.
 # Needs a CUDA GPU and a python3 with PyTorch built for it (PYTHON=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,9 +25,9 @@ cat "$out/torch.json"
 "$bin/bench_engine" "$dir" cuda >"$out/engine.json" || echo "run_bench_gpu.sh: bench_engine failed" >&2
 cat "$out/engine.json"
 variants=()
-for v in "$bin"/variants/*; do
+for v in "$bin"/variants/*/bench/bench_engine; do
     [ -x "$v" ] || continue
-    json="$out/engine-$(basename "$v").json"
+    json="$out/engine-$(basename "${v%/bench/bench_engine}").json"
     "$v" "$dir" cuda fused >"$json" || echo "run_bench_gpu.sh: $v failed" >&2
     cat "$json"
     variants+=("$json")

@@ -1,9 +1,11 @@
 /* backend.c - choosing a backend at run time.
  *
- * The CUDA backend is compiled in only when nvcc was found at build time
- * (RRN_CUDA); "auto" then takes it when the driver reports a GPU, and falls
- * back to the CPU otherwise.
+ * The CUDA backend is built only when nvcc was found at build time
+ * (RRN_CUDA), and then as a library of its own, loaded the first time a
+ * CUDA device is asked for or looked for; "auto" takes it when it loads and
+ * the driver reports a GPU, and falls back to the CPU otherwise.
  */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,12 +38,73 @@ int backend_sync(struct backend *be)
     return rc;
 }
 
-#ifndef RRN_CUDA
-int backend_cuda_available(void)
+#ifdef RRN_CUDA
+/* The CUDA backend (the .cu files of engine/) is RRN_CUDA_LIBRARY, a
+ * shared library that links the CUDA runtime and cuBLAS, rather than part
+ * of the binary: linked in, cuBLAS's 600 MB are mapped and relocated at
+ * every start (0.6 s of every `rrnserve run` on the CPU), and the binary does
+ * not start at all where CUDA is not installed.  The dynamic linker finds
+ * it by the binary's run path: beside the binary (a build folder) or in
+ * ../lib/rrnserve (installed); the environment's RRN_CUDA_LIBRARY names
+ * another file (an operator's own build; the tests' missing one).  Once
+ * loaded it stays: the CUDA runtime cannot be unloaded safely. */
+static pthread_once_t cuda_once = PTHREAD_ONCE_INIT;
+static cuda_gpu_present_fn *cuda_gpu_present;
+static cuda_backend_create_fn *cuda_backend_create;
+static char cuda_load_error[512];
+
+static void cuda_load(void)
 {
-    return 0;
+    const char *path = getenv("RRN_CUDA_LIBRARY");
+    if (!path || !*path)
+        path = RRN_CUDA_LIBRARY;
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (lib) {
+        /* POSIX's way from dlsym's object pointer to a function pointer. */
+        *(void **)&cuda_gpu_present = dlsym(lib, "cuda_gpu_present");
+        *(void **)&cuda_backend_create = dlsym(lib, "cuda_backend_create");
+    }
+    if (!lib || !cuda_gpu_present || !cuda_backend_create) {
+        snprintf(cuda_load_error, sizeof cuda_load_error, "cannot load the CUDA backend: %s", dlerror());
+        cuda_gpu_present = NULL;
+        cuda_backend_create = NULL;
+    }
+}
+
+const char *backend_cuda_unavailable(void)
+{
+    pthread_once(&cuda_once, cuda_load);
+    if (!cuda_gpu_present)
+        return cuda_load_error;
+    return cuda_gpu_present() ? NULL : "no CUDA GPU is available";
+}
+
+static struct backend *cuda_create(char *err, size_t errlen)
+{
+    const char *why = backend_cuda_unavailable();
+    if (why) {
+        snprintf(err, errlen, "%s", why);
+        return NULL;
+    }
+    return cuda_backend_create(err, errlen);
+}
+#else
+const char *backend_cuda_unavailable(void)
+{
+    return "this binary was built without CUDA (rebuild with nvcc installed)";
+}
+
+static struct backend *cuda_create(char *err, size_t errlen)
+{
+    snprintf(err, errlen, "%s", backend_cuda_unavailable());
+    return NULL;
 }
 #endif
+
+int backend_cuda_available(void)
+{
+    return backend_cuda_unavailable() == NULL;
+}
 
 enum device_kind backend_resolve(enum device_kind kind)
 {
@@ -56,12 +119,7 @@ struct backend *backend_create(enum device_kind kind, char *err, size_t errlen)
     case DEVICE_CPU:
         return backend_cpu_create(err, errlen);
     case DEVICE_CUDA:
-#ifdef RRN_CUDA
-        return backend_cuda_create(err, errlen);
-#else
-        snprintf(err, errlen, "this binary was built without CUDA (rebuild with nvcc installed)");
-        return NULL;
-#endif
+        return cuda_create(err, errlen);
     case DEVICE_AUTO:
         return backend_create(backend_resolve(kind), err, errlen);
     }

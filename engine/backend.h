@@ -270,13 +270,21 @@ struct backend *backend_create(enum device_kind kind, char *err, size_t errlen);
 void backend_destroy(struct backend *be);
 
 struct backend *backend_cpu_create(char *err, size_t errlen);
-#ifdef RRN_CUDA
-struct backend *backend_cuda_create(char *err, size_t errlen);
-#endif
-/* 1 when the driver reports a GPU; always 0 in a build without CUDA, so
- * that callers (and the CUDA tests, which skip) need not ask which build
- * they are in. */
+
+/* The two functions the CUDA backend's library exports (backend_cuda.cu),
+ * which backend.c looks up by name when it loads it: 1 when the driver
+ * reports a GPU; a new CUDA backend, or NULL with a message in err. */
+typedef int cuda_gpu_present_fn(void);
+typedef struct backend *cuda_backend_create_fn(char *err, size_t errlen);
+
+/* 1 when the CUDA backend loads and the driver reports a GPU; always 0 in a
+ * build without CUDA, so that callers (and the CUDA tests, which skip) need
+ * not ask which build they are in. */
 int backend_cuda_available(void);
+/* NULL when backend_cuda_available, else why not, for a log: the build has
+ * no CUDA, its library would not load (the loader's message), or there is
+ * no GPU. */
+const char *backend_cuda_unavailable(void);
 
 /* The backends compiled into this binary, e.g. "cpu cuda". */
 const char *backend_compiled(void);

@@ -513,18 +513,20 @@ static const struct backend_ops cuda_ops = {
     cuda_recurrent_step,
 };
 
-extern "C" int backend_cuda_available(void)
+/* The library's entry points (backend.h), the only symbols it exports: the
+ * Makefile builds the CUDA files with hidden visibility. */
+#define CUDA_LIBRARY_EXPORT extern "C" __attribute__((visibility("default")))
+CUDA_LIBRARY_EXPORT cuda_gpu_present_fn cuda_gpu_present;
+CUDA_LIBRARY_EXPORT cuda_backend_create_fn cuda_backend_create;
+
+int cuda_gpu_present(void)
 {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-extern "C" struct backend *backend_cuda_create(char *err, size_t errlen)
+struct backend *cuda_backend_create(char *err, size_t errlen)
 {
-    if (!backend_cuda_available()) {
-        snprintf(err, errlen, "no CUDA GPU is available");
-        return NULL;
-    }
     struct backend *be = (struct backend *)calloc(1, sizeof *be);
     struct cuda_impl *c = (struct cuda_impl *)calloc(1, sizeof *c);
     if (!be || !c) {

@@ -282,6 +282,11 @@ int cmd_serve(int argc, char **argv)
     } else if (!(reg = registry_open(&ro, err, sizeof err))) {
         fprintf(stderr, "rrnserve serve: %s\n", err);
     } else {
+        /* Whoever runs this on a machine with a GPU wants to know why it
+         * computes on the CPU. */
+        const char *no_cuda = o.device == DEVICE_AUTO ? backend_cuda_unavailable() : NULL;
+        if (no_cuda)
+            log_msg("device auto chose the cpu: %s", no_cuda);
         log_ready(reg);
         if (auth)
             log_msg("API keys required (%d key hash(es) from %s)", auth_count(auth), o.api_keys);

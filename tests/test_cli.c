@@ -17,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "support/buf.h"
 #include "support/fixtures.h"
 #include "support/proc.h"
@@ -234,6 +235,39 @@ static void test_precision(void **state)
     expect_all(cases, sizeof cases / sizeof cases[0]);
 }
 
+/* The CUDA backend is a library the binary loads when a CUDA device is
+ * asked for or looked for (engine/backend.c).  A build with CUDA finds its
+ * own beside the binary, as this test finds its own one folder up, so that
+ * --device cuda fails only for want of a GPU; a library that will not load
+ * is named, and --device auto then computes on the CPU. */
+static void test_cuda_library(void **state)
+{
+    (void)state;
+    const char *why = backend_cuda_unavailable();
+    int with_cuda = strstr(backend_compiled(), "cuda") != NULL;
+    if (why && with_cuda && strstr(why, "cannot load"))
+        fail_msg("the build's own CUDA library: %s", why);
+    char *out;
+    int status = proc_rrnserve(&out, NULL, "run " FIX "combo_lstm.safetensors --text a --device cuda");
+    if (status != (why ? 1 : 0) || !strstr(out, why ? why : "probabilities"))
+        fail_msg("--device cuda: exit %d, want %d with \"%s\"; printed:\n%s", status, why ? 1 : 0,
+                 why ? why : "probabilities", out);
+    free(out);
+
+    static const char missing[] = "/nonexistent/librrnserve-cuda.so";
+    const char *says = with_cuda ? "cannot load the CUDA backend: /nonexistent/librrnserve-cuda.so" : "without CUDA";
+    status = proc_run(&out, "RRN_CUDA_LIBRARY=%s '%s' run " FIX "combo_lstm.safetensors --text a --device cuda",
+                      missing, rrn_bin());
+    if (status != 1 || !strstr(out, says))
+        fail_msg("a missing CUDA library: exit %d, want 1 with \"%s\"; printed:\n%s", status, says, out);
+    free(out);
+    status = proc_run(&out, "RRN_CUDA_LIBRARY=%s '%s' run " FIX "combo_lstm.safetensors --text a --device auto",
+                      missing, rrn_bin());
+    if (status != 0 || !strstr(out, "probabilities"))
+        fail_msg("--device auto without the CUDA library: exit %d; printed:\n%s", status, out);
+    free(out);
+}
+
 /* A corrupt weight file: CLI names the file and the problem. */
 static void test_corrupt_file(void **state)
 {
@@ -300,7 +334,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_version),      cmocka_unit_test(test_run_classify_text),
         cmocka_unit_test(test_run_lm_file_and_jsonl), cmocka_unit_test(test_info),
-        cmocka_unit_test(test_precision),   cmocka_unit_test(test_generate_stream),
+        cmocka_unit_test(test_precision),   cmocka_unit_test(test_cuda_library),
+        cmocka_unit_test(test_generate_stream),
         cmocka_unit_test(test_help),
         cmocka_unit_test(test_bad_usage),    cmocka_unit_test(test_corrupt_file),
     };

@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "notify.h"
 
 #include "support/files.h"
@@ -380,6 +381,18 @@ static void check_installed_files(const char *prefix)
     must_exist(prefix, "lib/systemd/system/rrnserve.service", 0);
     must_exist(prefix, "etc/rrnserve/rrnserve.env", 0);
     must_exist(prefix, "share/rrnserve/rrnserve-gpu.conf", 0);
+    /* A build with CUDA installs its CUDA library where the installed
+     * binary finds it: asked for the GPU, it fails here only for want of
+     * one. */
+    if (strstr(backend_compiled(), "cuda")) {
+        must_exist(prefix, "lib/rrnserve/librrnserve-cuda.so", 0);
+        char *out;
+        int status = proc_run(&out, "'%s/bin/rrnserve' run models/sentiment.safetensors --text good --device cuda",
+                              prefix);
+        if (strstr(out, "cannot load") || (status != 0 && !strstr(out, "no CUDA GPU")))
+            fail_msg("the installed binary on --device cuda: exit %d:\n%s", status, out);
+        free(out);
+    }
     /* Every model of models/ but training checkpoints. */
     DIR *d = opendir("models");
     struct dirent *de;

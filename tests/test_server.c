@@ -427,6 +427,27 @@ static void test_fused_recurrence_equals_fixtures(void **state)
     test_attention_equals_fixture(state);
 }
 
+/* A server whose CUDA library does not load (the environment names one
+ * that is not there) and which was left to choose its device: it says
+ * why in its log and serves on the CPU. */
+static int setup_without_cuda_library(void **state)
+{
+    static const char *const env[] = {"RRN_CUDA_LIBRARY=/nonexistent/librrnserve-cuda.so", NULL};
+    *state = server_start(&(struct server_opts){.models = main_models, .env = env});
+    return 0;
+}
+
+static void test_auto_without_cuda_library(void **state)
+{
+    struct server *s = *state;
+    const char *why = strstr(backend_compiled(), "cuda")
+                          ? "device auto chose the cpu: cannot load the CUDA backend: /nonexistent/librrnserve-cuda.so"
+                          : "device auto chose the cpu: this binary was built without CUDA";
+    assert_int_equal(server_wait_log(s, why, 1), 1);
+    assert_int_equal(server_wait_log(s, "on device cpu", 1), 1);
+    test_classify_equals_fixture(state);
+}
+
 static cJSON *generate(int port, const char *model, const char *more)
 {
     char *body = body_with(model, "prompt", "good day", more);
@@ -2211,6 +2232,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),
         cmocka_unit_test_setup_teardown(test_fused_recurrence_equals_fixtures, setup_fused, server_teardown),
+        cmocka_unit_test_setup_teardown(test_auto_without_cuda_library, setup_without_cuda_library, server_teardown),
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),
     };

@@ -40,7 +40,8 @@ mkdir -p "$root" && xz -dc .gpu/bundle.tar.xz | tar -C "$root" -xf - || {
     exit 1
 }
 export LD_LIBRARY_PATH="$root/lib:/usr/local/cuda/lib64:/usr/local/cuda/extras/CUPTI/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cp "$root/rrnserve" ./rrnserve
+# A link, so that it loads the CUDA library beside its target.
+ln -sfn "$root/build/cuda/rrnserve" ./rrnserve
 # The models' recipes read their data from ../shared/data.
 if [ ! -e ../shared/data ] && [ -d "$root/data" ]; then
     mkdir -p ../shared && ln -s "$root/data" ../shared/data
@@ -48,7 +49,7 @@ fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     ./rrnserve --version
-    ldd ./rrnserve | grep 'not found'
+    ldd ./rrnserve "$root/build/cuda/librrnserve-cuda.so" | grep 'not found'
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
@@ -97,8 +98,8 @@ run_compare() {
     dir=$(mktemp -d)
     python3 bench/bench_torch.py "$dir" cuda >"$out/torch.json" &&
         "$root/build/cuda/bench/bench_engine" "$dir" cuda >"$out/engine-main.json"
-    for v in "$root"/build/cuda/bench/variants/*; do
-        [ -x "$v" ] && "$v" "$dir" cuda >"$out/engine-$(basename "$v").json"
+    for v in "$root"/build/cuda/bench/variants/*/bench/bench_engine; do
+        [ -x "$v" ] && "$v" "$dir" cuda >"$out/engine-$(basename "${v%/bench/bench_engine}").json"
     done
     rm -rf "$dir"
     python3 - "$out"/torch.json "$out"/engine-*.json <<'PY' | tee "$out/compare.txt"
