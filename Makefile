@@ -58,7 +58,9 @@ RPATH_BIN  := -Wl,--disable-new-dtags,-rpath,'$$ORIGIN:$$ORIGIN/../lib/rrnserve'
 RPATH_SUB  := -Wl,--disable-new-dtags,-rpath,'$$ORIGIN/..'
 ifeq ($(CUDA),1)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
-CFLAGS  += $(CUDA_CFLAGS) -I$(CUDA_HOME)/include
+# The NVIDIA driver's library, which backend.c looks for before it loads
+# the CUDA library (the emulator has none, and does without).
+CFLAGS  += $(CUDA_CFLAGS) -DRRN_CUDA_DRIVER='"libcuda.so.1"' -I$(CUDA_HOME)/include
 CUDA_LDLIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++
 NVFLAGS := -O2 -std=c++17 -Iengine -DRRN_CUDA $(CUDA_DEFS) -MMD -MP \
            --compiler-options -Wall,-Wextra,-Werror,-fPIC,-fvisibility=hidden \
@@ -232,7 +234,7 @@ EMU_WHOLE    := test_server
 EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -fPIC -fvisibility=hidden -Itests/cuda_emu -Iengine -DRRN_CUDA \
                 -MMD -MP $(SAN)
 EMU_LIB      := $(ENGINE_SRC:%.c=$(EMU)/%.o) $(SERVER_SRC:%.c=$(EMU)/%.o) $(TRAIN_SRC:%.c=$(EMU)/%.o)
-$(eval $(call objects,$(EMU),$(SAN) $(CUDA_CFLAGS)))
+$(eval $(call objects,$(EMU),$(SAN) $(CUDA_CFLAGS) -URRN_CUDA_DRIVER))
 $(eval $(call cuda_library,$(EMU),$(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc)),\
                           $(SAN) -lopenblas -lstdc++ -lm -lpthread))
 # Defined after objects, so that it replaces its nvcc rule in this tree.
@@ -310,8 +312,8 @@ endif
 # valgrind runs one thread at a time; --fair-sched=yes hands the turn round,
 # without it a batcher generating tokens can starve the HTTP threads for
 # minutes.  They run the build without CUDA, whose server differs only in
-# backend.c: valgrind reads the symbols of the CUDA build's 600 MB of
-# cuBLAS at every start (17 s a server here, against 1.3 s).
+# backend.c: where a driver is installed, the CUDA build's loads cuBLAS,
+# whose 600 MB of symbols valgrind reads at every start (17 s a server).
 VALGRIND := valgrind --tool=memcheck --fair-sched=yes --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99 \
             --suppressions=tests/valgrind.supp --gen-suppressions=all --num-callers=30
 test-valgrind: deps-valgrind
@@ -334,15 +336,17 @@ UNITDIR    ?= $(PREFIX)/lib/systemd/system
 DATADIR    ?= $(PREFIX)/share/rrnserve
 MODELDIR   ?= $(DATADIR)/models
 # Where the installed binary looks for the CUDA library: ../lib/rrnserve
-# from itself (its run path).
+# from itself (its run path).  The library installed is the one beside
+# the binary ./rrnserve links to, where it has one.
 CUDALIBDIR := $(abspath $(BINDIR)/../lib/rrnserve)
+INSTALL_CUDA_LIBRARY = $(wildcard $(dir $(realpath rrnserve))$(CUDA_LIBRARY))
 INSTALL_MODELS := $(filter-out %.ckpt.safetensors,$(wildcard models/*.safetensors))
 SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@MODELDIR@|$(MODELDIR)|g'
 
-install: rrnserve $(call cuda_lib,$(BUILD))
+install: rrnserve
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/rrnserve $(DESTDIR)$(MODELDIR)
 	install -m 0755 rrnserve $(DESTDIR)$(BINDIR)/rrnserve
-	$(if $(call cuda_lib,$(BUILD)),install -D -m 0644 $(call cuda_lib,$(BUILD)) $(DESTDIR)$(CUDALIBDIR)/$(CUDA_LIBRARY))
+	$(if $(INSTALL_CUDA_LIBRARY),install -D -m 0644 $(INSTALL_CUDA_LIBRARY) $(DESTDIR)$(CUDALIBDIR)/$(CUDA_LIBRARY))
 	$(SUBST) deploy/rrnserve.service > $(DESTDIR)$(UNITDIR)/rrnserve.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/rrnserve.service
 	install -m 0644 deploy/rrnserve-gpu.conf $(DESTDIR)$(DATADIR)/rrnserve-gpu.conf

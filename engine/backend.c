@@ -55,6 +55,17 @@ static char cuda_load_error[512];
 
 static void cuda_load(void)
 {
+#ifdef RRN_CUDA_DRIVER
+    /* Without the NVIDIA driver's library no GPU can be used, and loading
+     * the backend only for the CUDA runtime to say so would map and
+     * relocate cuBLAS: 0.5 s and 150 MB more memory for every server of
+     * this build on a machine without a GPU (--device auto, the default).
+     * The driver stays loaded; the runtime would load it again anyway. */
+    if (!dlopen(RRN_CUDA_DRIVER, RTLD_LAZY | RTLD_LOCAL)) {
+        snprintf(cuda_load_error, sizeof cuda_load_error, "no CUDA driver: %s", dlerror());
+        return;
+    }
+#endif
     const char *path = getenv("RRN_CUDA_LIBRARY");
     if (!path || !*path)
         path = RRN_CUDA_LIBRARY;

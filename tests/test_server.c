@@ -17,6 +17,7 @@
 #include <cmocka.h>
 
 #include <cjson/cJSON.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <openssl/evp.h>
 #include <pthread.h>
@@ -34,6 +35,7 @@
 #include "backend.h"
 #include "request_id.h"
 #include "support/buf.h"
+#include "support/cuda.h"
 #include "support/files.h"
 #include "support/fixtures.h"
 #include "support/http.h"
@@ -427,25 +429,57 @@ static void test_fused_recurrence_equals_fixtures(void **state)
     test_attention_equals_fixture(state);
 }
 
-/* A server whose CUDA library does not load (the environment names one
- * that is not there) and which was left to choose its device: it says
- * why in its log and serves on the CPU. */
-static int setup_without_cuda_library(void **state)
+/* ---- choosing the device ------------------------------------------------ */
+
+/* A server left to choose its device (--device auto, the default). */
+static int setup_auto(void **state)
 {
-    static const char *const env[] = {"RRN_CUDA_LIBRARY=/nonexistent/librrnserve-cuda.so", NULL};
-    *state = server_start(&(struct server_opts){.models = main_models, .env = env});
+    *state = server_start(&(struct server_opts){.models = main_models});
     return 0;
 }
 
-static void test_auto_without_cuda_library(void **state)
+/* Whether the server s has mapped a file whose name holds name. */
+static int server_maps(const struct server *s, const char *name)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)s->pid);
+    char *maps = file_read(path, NULL);
+    assert_non_null(maps);
+    int found = strstr(maps, name) != NULL;
+    free(maps);
+    return found;
+}
+
+/* --device auto takes the GPU when there is one.  Otherwise it says why
+ * and computes on the CPU; without an NVIDIA driver it does not even load
+ * the CUDA library, which would map cuBLAS (150 MB more memory).  A CUDA
+ * library that will not load (the environment names one that is not
+ * there) is such a reason too. */
+static void test_device_auto(void **state)
 {
     struct server *s = *state;
-    const char *why = strstr(backend_compiled(), "cuda")
-                          ? "device auto chose the cpu: cannot load the CUDA backend: /nonexistent/librrnserve-cuda.so"
-                          : "device auto chose the cpu: this binary was built without CUDA";
-    assert_int_equal(server_wait_log(s, why, 1), 1);
-    assert_int_equal(server_wait_log(s, "on device cpu", 1), 1);
-    test_classify_equals_fixture(state);
+    const char *why = backend_cuda_unavailable();
+    char line[640];
+    snprintf(line, sizeof line, "device auto chose the cpu: %s", why ? why : "");
+    assert_int_equal(server_wait_log(s, why ? line : "on device cuda", 1), 1);
+    if (!why)
+        assert_true(server_maps(s, "librrnserve-cuda"));
+    void *driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    if (driver)
+        dlclose(driver);
+    else if (why && strstr(backend_compiled(), "cuda")) {
+        assert_non_null(strstr(why, "no CUDA driver"));
+        assert_false(server_maps(s, "librrnserve-cuda"));
+        assert_false(server_maps(s, "libcublas"));
+    }
+
+    static const char *const env[] = {"RRN_CUDA_LIBRARY=" CUDA_MISSING_LIBRARY, NULL};
+    struct server *without = server_start(&(struct server_opts){.models = main_models, .env = env});
+    snprintf(line, sizeof line, "device auto chose the cpu: %s", cuda_missing_library_says());
+    assert_int_equal(server_wait_log(without, line, 1), 1);
+    assert_int_equal(server_wait_log(without, "on device cpu", 1), 1);
+    test_classify_equals_fixture((void **)&without);
+    server_stop(without);
 }
 
 static cJSON *generate(int port, const char *model, const char *more)
@@ -2232,7 +2266,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),
         cmocka_unit_test_setup_teardown(test_fused_recurrence_equals_fixtures, setup_fused, server_teardown),
-        cmocka_unit_test_setup_teardown(test_auto_without_cuda_library, setup_without_cuda_library, server_teardown),
+        cmocka_unit_test_setup_teardown(test_device_auto, setup_auto, server_teardown),
         cmocka_unit_test_setup_teardown(test_api_keys, setup_auth, teardown_auth),
         cmocka_unit_test(test_bad_command_lines),
     };
