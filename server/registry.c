@@ -169,8 +169,17 @@ struct registry *registry_open(const struct registry_options *opt, char *err, si
     }
     r->opt = *opt;
     r->opt.dir = r->dir;
-    /* Decide "auto" once, so every model lands on the same device. */
+    /* Decide "auto" once, so every model lands on the same device.  Asked
+     * for CUDA where it cannot run, no model could load, now or at a
+     * reload: refuse to start rather than serve nothing. */
     r->opt.device = backend_resolve(opt->device);
+    const char *no_cuda = r->opt.device == DEVICE_CUDA ? backend_cuda_unavailable() : NULL;
+    if (no_cuda) {
+        snprintf(err, errlen, "device cuda: %s", no_cuda);
+        free(r->dir);
+        free(r);
+        return NULL;
+    }
     if (r->opt.device != DEVICE_CUDA && (opt->precision != PRECISION_FP32 || opt->recurrence != RECURRENCE_GEMM)) {
         snprintf(err, errlen, "%s %s needs the cuda device, and models would run on the cpu",
                  opt->precision != PRECISION_FP32 ? "precision" : "recurrence",
