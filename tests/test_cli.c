@@ -264,10 +264,9 @@ static void test_cuda_library(void **state)
         free(out);
     }
 
-    char stub[64], env[128] = "";
-    int with_stub = strstr(backend_compiled(), "cuda") && cuda_stub_driver(stub) == 0;
+    char stub[64], env[160] = "";
+    int with_stub = strstr(backend_compiled(), "cuda") && cuda_stub_driver(stub, env) == 0;
     if (with_stub) {
-        snprintf(env, sizeof env, "LD_LIBRARY_PATH='%s'", stub);
         status = proc_run(&out, "%s '%s' %s --device cuda", env, rrn_bin(), run);
         if (status != 1 || !strstr(out, "no CUDA GPU is available"))
             fail_msg("--device cuda with the driver's stub: exit %d; printed:\n%s", status, out);

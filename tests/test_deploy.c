@@ -389,14 +389,13 @@ static void check_installed_files(const char *prefix)
      * only for want of a GPU. */
     if (strstr(backend_compiled(), "cuda")) {
         must_exist(prefix, "lib/rrnserve/librrnserve-cuda.so", 0);
-        char stub[64], *out;
-        if (cuda_stub_driver(stub) != 0) {
+        char stub[64], env[160], *out;
+        if (cuda_stub_driver(stub, env) != 0) {
             print_message("no stub of the CUDA driver: the installed binary's loading of its library not checked\n");
         } else {
             int status = proc_run(&out,
-                                  "LD_LIBRARY_PATH='%s' '%s/bin/rrnserve' run models/sentiment.safetensors --text good "
-                                  "--device cuda",
-                                  stub, prefix);
+                                  "%s '%s/bin/rrnserve' run models/sentiment.safetensors --text good --device cuda", env,
+                                  prefix);
             if (status != 1 || !strstr(out, "no CUDA GPU"))
                 fail_msg("the installed binary on --device cuda with the driver's stub: exit %d:\n%s", status, out);
             free(out);

@@ -27,7 +27,7 @@ const char *cuda_missing_library_says(void)
  * found at /usr/local/cuda). */
 #define STUB "/usr/local/cuda/lib64/stubs/libcuda.so"
 
-int cuda_stub_driver(char dir[64])
+int cuda_stub_driver(char dir[64], char env[160])
 {
     if (access(STUB, R_OK) != 0)
         return -1;
@@ -36,6 +36,9 @@ int cuda_stub_driver(char dir[64])
     assert_non_null(mkdtemp(dir));
     snprintf(link, sizeof link, "%s/libcuda.so.1", dir);
     assert_int_equal(symlink(STUB, link), 0);
+    /* Before the path there is, which may hold the binary's own libraries
+     * (tools/gpu-run.sh's bundle). */
+    snprintf(env, 160, "LD_LIBRARY_PATH='%s'${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}", dir);
     return 0;
 }
 

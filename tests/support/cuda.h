@@ -14,11 +14,12 @@
 const char *cuda_missing_library_says(void);
 
 /* A new folder holding CUDA's stub of the driver library as libcuda.so.1,
- * for a command's LD_LIBRARY_PATH: the command then finds a driver, which
- * reports no GPU, so that it loads its CUDA library where no driver is
- * installed (and says there is no GPU, or why the library did not load).
- * 0 with the folder in dir, or -1 where the toolkit has no stub. */
-int cuda_stub_driver(char dir[64]);
+ * and in env a shell assignment that puts it first on a command's
+ * LD_LIBRARY_PATH: the command then finds a driver, which reports no GPU,
+ * so that it loads its CUDA library where no driver is installed (and says
+ * there is no GPU, or why the library did not load).  0, or -1 where the
+ * toolkit has no stub. */
+int cuda_stub_driver(char dir[64], char env[160]);
 void cuda_stub_driver_remove(const char *dir);
 
 #endif
