@@ -132,8 +132,8 @@ $(eval $(call cuda_library,$(BUILD)/asan,$(CU_SRC:%.cu=$(BUILD)/asan/%.cu.o),$(C
 
 # Static pattern rules: a bare $(BUILD)/tests/% would also offer itself
 # for the support objects below tests/.
-$(call test_bins,$(BUILD)): $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call support_objs,$(BUILD)) $(call lib_objs,$(BUILD)) \
-                           | $(call cuda_lib,$(BUILD))
+$(call test_bins,$(BUILD)): $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call support_objs,$(BUILD)) \
+                           $(call lib_objs,$(BUILD)) | $(call cuda_lib,$(BUILD))
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(RPATH_SUB) -lcmocka -lpng -lssl
 $(call test_bins,$(BUILD)/asan): $(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call support_objs,$(BUILD)/asan) \
@@ -235,8 +235,8 @@ EMU_CXXFLAGS := -std=c++17 -O2 -g -Wall -Wextra -Werror -fPIC -fvisibility=hidde
                 -MMD -MP $(SAN)
 EMU_LIB      := $(ENGINE_SRC:%.c=$(EMU)/%.o) $(SERVER_SRC:%.c=$(EMU)/%.o) $(TRAIN_SRC:%.c=$(EMU)/%.o)
 $(eval $(call objects,$(EMU),$(SAN) $(CUDA_CFLAGS) -URRN_CUDA_DRIVER))
-$(eval $(call cuda_library,$(EMU),$(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc)),\
-                          $(SAN) -lopenblas -lstdc++ -lm -lpthread))
+EMU_CUDA_OBJS := $(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc))
+$(eval $(call cuda_library,$(EMU),$(EMU_CUDA_OBJS),$(SAN) -lopenblas -lstdc++ -lm -lpthread))
 # Defined after objects, so that it replaces its nvcc rule in this tree.
 $(EMU)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)

@@ -393,9 +393,8 @@ static void check_installed_files(const char *prefix)
         if (cuda_stub_driver(stub, env) != 0) {
             print_message("no stub of the CUDA driver: the installed binary's loading of its library not checked\n");
         } else {
-            int status = proc_run(&out,
-                                  "%s '%s/bin/rrnserve' run models/sentiment.safetensors --text good --device cuda", env,
-                                  prefix);
+            int status = proc_run(&out, "%s '%s/bin/rrnserve' run models/sentiment.safetensors --text a --device cuda",
+                                  env, prefix);
             if (status != 1 || !strstr(out, "no CUDA GPU"))
                 fail_msg("the installed binary on --device cuda with the driver's stub: exit %d:\n%s", status, out);
             free(out);
