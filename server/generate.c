@@ -514,30 +514,6 @@ static cJSON *openai_answer(const struct served_model *m, const struct gen_reque
 
 /* ---- Server-Sent Events ----------------------------------------------- */
 
-/* A growing byte buffer. */
-struct buf {
-    char *p;
-    size_t len, cap;
-};
-
-static int buf_add(struct buf *b, const void *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p)
-            return -1;
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-    return 0;
-}
-
 struct api_stream {
     struct served_model *m;
     struct job *j;
@@ -550,7 +526,7 @@ struct api_stream {
     int batch_size;
     int32_t *ids;         /* tokens copied out of the job */
     struct utf8_stream text; /* the tokens' text, cleaned */
-    struct buf out;       /* event bytes not yet read */
+    struct bytes out;     /* event bytes not yet read */
     size_t out_pos;
 };
 
@@ -558,8 +534,8 @@ struct api_stream {
 static int add_event(struct api_stream *s, cJSON *o)
 {
     char *json = o ? cJSON_PrintUnformatted(o) : NULL;
-    int rc = json && buf_add(&s->out, "data: ", 6) == 0 && buf_add(&s->out, json, strlen(json)) == 0 &&
-                     buf_add(&s->out, "\n\n", 2) == 0
+    int rc = json && bytes_add(&s->out, "data: ", 6) == 0 && bytes_add(&s->out, json, strlen(json)) == 0 &&
+                     bytes_add(&s->out, "\n\n", 2) == 0
                  ? 0
                  : -1;
     free(json);
@@ -628,7 +604,7 @@ static int last_events(struct api_stream *s)
     } else {
         rc = add_event(s, generation_result(j));
     }
-    return rc == 0 && buf_add(&s->out, "data: [DONE]\n\n", 14) == 0 ? 0 : -1;
+    return rc == 0 && bytes_add(&s->out, "data: [DONE]\n\n", 14) == 0 ? 0 : -1;
 }
 
 /* Turns what the job has produced since the last call into events. */

@@ -65,45 +65,33 @@ size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen
 
 int utf8_stream_put(struct utf8_stream *u, const char *p, size_t n)
 {
-    if (u->raw_len + n > u->raw_cap) {
-        size_t cap = u->raw_cap ? u->raw_cap : 64;
-        while (cap < u->raw_len + n)
-            cap *= 2;
-        char *grown = realloc(u->raw, cap);
-        if (!grown)
-            return -1;
-        u->raw = grown;
-        u->raw_cap = cap;
-    }
-    if (n)
-        memcpy(u->raw + u->raw_len, p, n);
-    u->raw_len += n;
-    return 0;
+    return bytes_add(&u->raw, p, n);
 }
 
 const char *utf8_stream_take(struct utf8_stream *u, int final, size_t *len)
 {
-    if (3 * u->raw_len + 1 > u->clean_cap) {
-        char *grown = realloc(u->clean, 3 * u->raw_len + 1);
+    struct bytes *raw = &u->raw;
+    if (3 * raw->len + 1 > u->clean_cap) {
+        char *grown = realloc(u->clean, 3 * raw->len + 1);
         if (!grown)
             return NULL;
         u->clean = grown;
-        u->clean_cap = 3 * u->raw_len + 1;
+        u->clean_cap = 3 * raw->len + 1;
     }
-    const size_t used = u->raw_len ? utf8_clean(u->raw, u->raw_len, final, u->clean, len) : 0;
-    if (!u->raw_len) {
+    const size_t used = raw->len ? utf8_clean(raw->p, raw->len, final, u->clean, len) : 0;
+    if (!raw->len) {
         u->clean[0] = 0;
         *len = 0;
     }
     if (used)
-        memmove(u->raw, u->raw + used, u->raw_len - used);
-    u->raw_len -= used;
+        memmove(raw->p, raw->p + used, raw->len - used);
+    raw->len -= used;
     return u->clean;
 }
 
 void utf8_stream_free(struct utf8_stream *u)
 {
-    free(u->raw);
+    free(u->raw.p);
     free(u->clean);
 }
 

@@ -13,6 +13,7 @@
 
 #include "api.h"
 #include "batcher.h"
+#include "bytes.h"
 #include "registry.h"
 
 #define MAX_TEXTS 256
@@ -40,12 +41,12 @@ cJSON *json_built(cJSON *o, int failed);
  * sequence at the end is left for the next call unless final.  out needs
  * room for 3n + 1 bytes.  Returns the number of input bytes consumed. */
 size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen);
+
 /* Text that comes in pieces (a stream's tokens), cleaned as utf8_clean
  * does: a character split over pieces comes out whole with its last byte.
  * Zeroed to start. */
 struct utf8_stream {
-    char *raw;          /* bytes put and not yet taken: an unfinished character */
-    size_t raw_len, raw_cap;
+    struct bytes raw;   /* bytes put and not yet taken: an unfinished character */
     char *clean;        /* what the last utf8_stream_take made */
     size_t clean_cap;
 };

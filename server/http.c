@@ -27,6 +27,7 @@
 
 #include "api.h"
 #include "auth.h"
+#include "bytes.h"
 #include "http.h"
 #include "lazy_json.h"
 #include "log.h"
@@ -119,8 +120,7 @@ struct request {
     int status;             /* 0 until a reply is queued */
     int refusal;            /* the error status for a body that was not kept */
     int batch_size;
-    char *body;
-    size_t body_len, body_cap;
+    struct bytes body;
     struct api_stream *stream;
     struct lazy_json *lazy;
 };
@@ -374,21 +374,9 @@ static enum MHD_Result check_early(struct request *rq, const char *method)
  * out. */
 static int add_body(struct request *rq, const char *data, size_t n)
 {
-    if (n > rq->s->max_body - rq->body_len)
+    if (n > rq->s->max_body - rq->body.len)
         return -1;
-    if (rq->body_len + n > rq->body_cap) {
-        size_t cap = rq->body_cap ? rq->body_cap : 4096;
-        while (cap < rq->body_len + n)
-            cap *= 2;
-        char *p = realloc(rq->body, cap);
-        if (!p)
-            return -1;
-        rq->body = p;
-        rq->body_cap = cap;
-    }
-    memcpy(rq->body + rq->body_len, data, n);
-    rq->body_len += n;
-    return 0;
+    return bytes_add(&rq->body, data, n);
 }
 
 /* ---- the watchdog ---------------------------------------------------------- */
@@ -486,7 +474,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
          * a body found too large (or out of memory) is read to its end
          * without being kept, and refused then. */
         if (!rq->status && !rq->refusal && add_body(rq, upload_data, *upload_data_size) != 0)
-            rq->refusal = *upload_data_size > s->max_body - rq->body_len ? 413 : 500;
+            rq->refusal = *upload_data_size > s->max_body - rq->body.len ? 413 : 500;
         *upload_data_size = 0;
         return MHD_YES;
     }
@@ -499,7 +487,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return send_error(rq, 500, "out of memory");
     struct reply r = {.batch_size = -1};
     struct client client = {connection_gone, conn, rq->id};
-    routes[rq->ep].handler(s->api, rq->body ? rq->body : "", rq->body_len, &client, &r);
+    routes[rq->ep].handler(s->api, rq->body.p ? rq->body.p : "", rq->body.len, &client, &r);
     return send_reply(rq, &r);
 }
 
@@ -525,7 +513,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                                       .ms = seconds * 1e3, .batch = rq->batch_size});
     set_handling(s, conn, 0);
     metrics_request(s->metrics, rq->ep, status, seconds);
-    free(rq->body);
+    free(rq->body.p);
     free(rq);
     pthread_mutex_lock(&s->mu);
     if (--s->in_flight == 0)
