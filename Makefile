@@ -62,9 +62,12 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 # the CUDA library (the emulator has none, and does without).
 CFLAGS  += $(CUDA_CFLAGS) -DRRN_CUDA_DRIVER='"libcuda.so.1"' -I$(CUDA_HOME)/include
 CUDA_LDLIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++
+# Machine code for Ampere (sm_80, which 8.6 and 8.9 run too) and Hopper,
+# and Hopper's PTX, which the driver compiles when the library loads on a
+# later GPU (Blackwell), where machine code for neither would run.
 NVFLAGS := -O2 -std=c++17 -Iengine -DRRN_CUDA $(CUDA_DEFS) -MMD -MP \
            --compiler-options -Wall,-Wextra,-Werror,-fPIC,-fvisibility=hidden \
-           -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80
+           -gencode arch=compute_90,code=[sm_90,compute_90] -gencode arch=compute_80,code=sm_80
 endif
 
 # $(1): build folder, $(2): extra compiler flags.  One rule set serves the
@@ -113,11 +116,14 @@ $(BUILD)/tools/libcupti_trace.so: tools/cupti_trace.c
 	@$(CC) $(CFLAGS) -fPIC -shared -o $@ $< -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti -lpthread
 
 # Each build's binary in its folder; ./rrnserve is a link to the one this
-# make chose (phony, so that switching CUDA= always switches it).
+# make chose (phony, so that switching CUDA= always switches it).  The
+# library is its prerequisite too: .SECONDARY makes every file
+# intermediate, and make does not remake a missing intermediate that is
+# only order-only.
 $(BUILD)/rrnserve: $(call lib_objs,$(BUILD)) $(call cli_objs,$(BUILD)) | $(call cuda_lib,$(BUILD))
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(RPATH_BIN)
-rrnserve: $(BUILD)/rrnserve
+rrnserve: $(BUILD)/rrnserve $(call cuda_lib,$(BUILD))
 	@ln -sfn $< $@
 
 # $(1): build folder, $(2): its CUDA objects, $(3): flags and libraries.
