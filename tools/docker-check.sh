@@ -89,12 +89,13 @@ $DOCKER cp -L "$stub_container:/usr/local/cuda/lib64/stubs/libcuda.so" "$tmp/lib
 $DOCKER rm "$stub_container" >/dev/null
 
 # serve IMAGE EXPECTED-LOG [docker run options...]: starts the image's
-# default command, waits (30 s at most) for /readyz, checks the log holds
+# default command as deploy/k8s runs it (a read-only root file system, no
+# capabilities), waits (30 s at most) for /readyz, checks the log holds
 # EXPECTED-LOG and that it classifies and generates, then removes it.
 serve() {
     image=$1 expect=$2
     shift 2
-    c=$($DOCKER run -d -p 127.0.0.1::8080 "$@" "$image")
+    c=$($DOCKER run -d --read-only --cap-drop ALL --security-opt no-new-privileges -p 127.0.0.1::8080 "$@" "$image")
     containers="$containers $c"
     port=$($DOCKER port "$c" 8080/tcp | sed -n '1s/.*://p')
     i=0
