@@ -498,9 +498,47 @@ static int status_with(int port, const char *method, const char *path, const cha
     return got;
 }
 
+/* Streams that the fault meets mid-way, past their prompts with tokens
+ * coming (a million asked for, so that none can end first), each end with
+ * the error event naming it and [DONE], not a hang or a cut connection;
+ * once the fault is gone the server serves again. */
+#define N_FAULT_STREAMS 3
+static void fault_mid_stream(int port, const char *fault)
+{
+    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
+                       "\"stream\": true}";
+    int fds[N_FAULT_STREAMS];
+    struct buf raw[N_FAULT_STREAMS] = {{0}};
+    for (int i = 0; i < N_FAULT_STREAMS; i++) {
+        fds[i] = http_connect(port, HTTP_TIMEOUT_S);
+        assert_true(fds[i] >= 0);
+        http_send_request(fds[i], "POST", "/generate", "", body, strlen(body));
+    }
+    for (int i = 0; i < N_FAULT_STREAMS; i++) {
+        http_read_until(fds[i], &raw[i], "\"index\":2}");
+        assert_non_null(raw[i].p);
+        assert_non_null(strstr(raw[i].p, "\"index\":2}"));
+    }
+    FILE *f = fopen(fault, "w");
+    assert_non_null(f);
+    fclose(f);
+    for (int i = 0; i < N_FAULT_STREAMS; i++) {
+        assert_true(http_read_all(fds[i], &raw[i]));
+        const char *end = strstr(raw[i].p, "{\"error\":{\"code\":500,");
+        if (!end || !strstr(end, "injected device fault") || !strstr(end, "data: [DONE]"))
+            fail_msg("stream %d did not end with the fault's error event: ...%s", i,
+                     raw[i].p + (raw[i].len > 400 ? raw[i].len - 400 : 0));
+        free(raw[i].p);
+        close(fds[i]);
+    }
+    assert_int_equal(unlink(fault), 0);
+    still_serving(port);
+}
+
 /* The device fails under a running server: while the file RRN_FAULT_FILE
  * names exists, every engine call fails at its sync, as every call on a
- * GPU whose context a fault poisoned does.  Each request then gets a 500
+ * GPU whose context a fault poisoned does.  Streams running then end with
+ * its error (fault_mid_stream).  Each request then gets a 500
  * naming the fault (a stream its error event), the process goes on
  * answering, and after BATCHER_FAILING_AFTER failures in a row /readyz
  * turns 503 naming the model, so a load balancer drains the machine.
@@ -512,11 +550,12 @@ static void device_fault_case(const char *device)
     assert_non_null(mkdtemp(dir));
     snprintf(fault, sizeof fault, "%s/fault", dir);
     snprintf(env_fault, sizeof env_fault, "RRN_FAULT_FILE=%s", fault);
-    const char *const extra[] = {"--device", device, NULL};
+    const char *const extra[] = {"--device", device, "--max-tokens-limit", "1000000", NULL};
     const char *const env[] = {env_fault, NULL};
     struct server *s = start(main_models, extra, env);
     still_serving(s->port);
     expect_status(s->port, "GET", "/readyz", NULL, 200);
+    fault_mid_stream(s->port, fault);
 
     FILE *f = fopen(fault, "w");
     assert_non_null(f);

@@ -16,9 +16,11 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <dlfcn.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <signal.h>
@@ -27,18 +29,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "../cli/commands.h"
 #include "backend.h"
+#include "model.h"
 #include "request_id.h"
 #include "support/buf.h"
 #include "support/cuda.h"
 #include "support/files.h"
 #include "support/fixtures.h"
 #include "support/http.h"
+#include "support/model_json.h"
 #include "support/proc.h"
 #include "support/server.h"
 #include "support/timing.h"
@@ -2182,6 +2187,39 @@ static void test_api_keys(void **state)
         expect_status(s->port, "POST", "/classify", kept[i], body, 200);
 }
 
+/* A model that reads vectors rather than text (the synthetic tasks'
+ * regressions `rrnserve train` makes) is served, listed, and refused by
+ * every text endpoint with a 422 that says why. */
+static void test_vector_model_refused(void **state)
+{
+    struct server *s = *state;
+    struct model m;
+    char path[128], err[256];
+    model_from_json("{\"task\": \"regress\", \"cell\": \"lstm\", \"hidden\": 8, \"outputs\": 2, "
+                    "\"input\": {\"type\": \"vector\", \"dim\": 3}}",
+                    0, 1, &m);
+    snprintf(path, sizeof path, "%s/vectors.safetensors", s->dir);
+    if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
+        fail_msg("model_save: %s", err);
+    model_free(&m);
+    reload(s, 1);
+    cJSON *j = get(s->port, "/models", 200);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "models")), 1);
+    cJSON_Delete(j);
+    static const struct {
+        const char *path, *body;
+    } asks[] = {
+        {"/classify", "{\"model\": \"vectors\", \"text\": \"good day\"}"},
+        {"/score", "{\"model\": \"vectors\", \"text\": \"good day\"}"},
+        {"/attention", "{\"model\": \"vectors\", \"text\": \"good day\"}"},
+        {"/generate", "{\"model\": \"vectors\", \"prompt\": \"good day\"}"},
+        {"/v1/completions", "{\"model\": \"vectors\", \"prompt\": \"good day\"}"},
+    };
+    for (size_t i = 0; i < sizeof asks / sizeof asks[0]; i++)
+        expect_error(s->port, "POST", asks[i].path, "", asks[i].body, 422,
+                     "model \"vectors\" reads vectors, not text");
+}
+
 /* ---- bad command lines ------------------------------------------------ */
 
 static void test_bad_command_lines(void **state)
@@ -2203,33 +2241,47 @@ static void test_bad_command_lines(void **state)
         {"--models tests/fixtures --api-keys /nonexistent/keys", 1, "/nonexistent/keys"},
         {"--models DIR --api-keys DIR/keys", 1, "keys line 2"},
         {"--models DIR --host 256.1.2.3", 1, "256.1.2.3"},
+        {"--models DIR --api-keys DIR/no-keys", 1, "no-keys holds no key hash"},
+        {"--models DIR --port PORT", 1, "cannot listen on 127.0.0.1 port PORT (in use"},
     };
-    /* DIR: a folder with no model, and a key file with a bad line 2. */
-    char dir[64] = "/tmp/rrn_scratch_XXXXXX", keys[96];
+    /* DIR: a folder with no model, a key file with a bad line 2 and one
+     * of comments alone; PORT: a port this test listens on. */
+    char dir[64] = "/tmp/rrn_scratch_XXXXXX", keys[96], port[16];
     assert_non_null(mkdtemp(dir));
     snprintf(keys, sizeof keys, "%s/keys", dir);
-    FILE *f = fopen(keys, "w");
-    assert_non_null(f);
-    fputs("# a comment\nnot-a-hash\n", f);
-    fclose(f);
+    file_write_text(keys, "# a comment\nnot-a-hash\n");
+    snprintf(keys, sizeof keys, "%s/no-keys", dir);
+    file_write_text(keys, "# keys are added here\n\n");
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof addr;
+    assert_true(listener >= 0);
+    assert_int_equal(bind(listener, (struct sockaddr *)&addr, sizeof addr), 0);
+    assert_int_equal(listen(listener, 1), 0);
+    assert_int_equal(getsockname(listener, (struct sockaddr *)&addr, &alen), 0);
+    snprintf(port, sizeof port, "%d", ntohs(addr.sin_port));
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char *out, args[256] = "";
-        for (const char *p = cases[i].args; *p;)
-            if (strncmp(p, "DIR", 3) == 0) {
-                snprintf(args + strlen(args), sizeof args - strlen(args), "%s", dir);
-                p += 3;
-            } else {
-                snprintf(args + strlen(args), sizeof args - strlen(args), "%c", *p++);
-            }
+        char *out, args[256] = "", mention[256] = "";
+        for (int which = 0; which < 2; which++) {
+            char *to = which ? mention : args;
+            for (const char *p = which ? cases[i].mention : cases[i].args; *p;)
+                if (strncmp(p, "DIR", 3) == 0 || strncmp(p, "PORT", 4) == 0) {
+                    snprintf(to + strlen(to), sizeof args - strlen(to), "%s", *p == 'D' ? dir : port);
+                    p += *p == 'D' ? 3 : 4;
+                } else {
+                    snprintf(to + strlen(to), sizeof args - strlen(to), "%c", *p++);
+                }
+        }
         /* Bounded by timeout(1). */
         int status = proc_run(&out, "timeout 120 '%s' serve --port 0 %s", rrn_bin(), args);
-        int ok = status == cases[i].status && strstr(out, cases[i].mention);
+        int ok = status == cases[i].status && strstr(out, mention);
         char shown[4096];
         snprintf(shown, sizeof shown, "%s", out);
         free(out);
         if (!ok)
             fail_msg("serve %s: status %d, output:\n%s", args, status, shown);
     }
+    close(listener);
     remove_tree(dir, NULL);
 }
 
@@ -2262,6 +2314,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_queue_full_and_cancel, setup_small_queue, server_teardown),
         cmocka_unit_test_setup_teardown(test_sigterm_answers_accepted_requests, setup_term, server_teardown),
         cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
+        cmocka_unit_test_setup_teardown(test_vector_model_refused, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),
