@@ -2220,6 +2220,26 @@ static void test_vector_model_refused(void **state)
                      "model \"vectors\" reads vectors, not text");
 }
 
+/* A model is named by its file, whatever the name holds: a quote and a
+ * backslash come out escaped in /metrics' labels (Prometheus' escaping)
+ * and in JSON, and the name asks for the model as the file named it. */
+static void test_model_name_escaped(void **state)
+{
+    struct server *s = *state;
+    server_add_model(s, "plain_lstm_l2_bi_last", "it's \"new\\old\"");
+    reload(s, 1);
+    cJSON_Delete(post(s->port, "/classify", 200, "{\"model\": \"it's \\\"new\\\\old\\\"\", \"text\": \"good day\"}"));
+    struct http_resp r;
+    http_must_request(s->port, "GET", "/metrics", "", NULL, &r);
+    assert_int_equal(r.status, 200);
+    if (!strstr(r.body.p, "rrnserve_queue_depth{model=\"it's \\\"new\\\\old\\\"\"} 0\n"))
+        fail_msg("/metrics has no escaped label: %.2000s", r.body.p);
+    http_resp_free(&r);
+    http_must_request(s->port, "GET", "/models", "", NULL, &r);
+    assert_non_null(strstr(r.body.p, "\"name\":\"it's \\\"new\\\\old\\\"\""));
+    http_resp_free(&r);
+}
+
 /* ---- bad command lines ------------------------------------------------ */
 
 static void test_bad_command_lines(void **state)
@@ -2315,6 +2335,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_sigterm_answers_accepted_requests, setup_term, server_teardown),
         cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_vector_model_refused, setup_reload, server_teardown),
+        cmocka_unit_test_setup_teardown(test_model_name_escaped, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),
