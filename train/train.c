@@ -462,7 +462,7 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
     char where[48];
     backend_describe(r->be->ops->name, o->precision, o->recurrence, where, sizeof where);
     fprintf(stderr, "training %s on %s: %zu parameters, %ld steps of %d %s\n", o->out, where, r->model.n_params,
-            r->total_steps, o->batch, run_is_lm(r) ? "windows" : "texts");
+            r->total_steps, o->batch, run_is_lm(r) ? "windows" : o->synthetic ? "sequences" : "texts");
 
     /* 4. The loop. */
     const int tty = isatty(STDERR_FILENO);
