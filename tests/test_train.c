@@ -299,6 +299,20 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--state_reset 1.5", "state_reset");
     expect_error(lm_config, "--model.cell transformer", "cell");
     expect_error("{\"model\": ", "", "not a JSON object");
+    expect_error(lm_config, "--optim.decay sometimes", "\"optim.decay\" must be none, linear, cosine or step");
+    expect_error(lm_config, "--optim.bogus 1", "unknown key \"optim.bogus\"");
+    expect_error("{\"data\": {\"train\": \"corpus.txt\"}}", "", "\"model\" (the model's MODELS.md config) is required");
+    expect_error("{\"model\": {\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4, \"tokenizer\": {\"type\": \"byte\"}}}", "",
+                 "\"data\" is required");
+    expect_error(lm_config, "--data.train 7", "\"data.train\" must be a path or a non-empty array of paths");
+    expect_error("{\"model\": {\"task\": \"regress\", \"cell\": \"gru\", \"hidden\": 4, \"outputs\": 1,"
+                 " \"input\": {\"type\": \"vector\", \"dim\": 2}}, \"data\": {\"synthetic\": \"multiply\"}}",
+                 "", "\"data.synthetic\" must be \"adding\" or \"remember\"");
+    /* The adding problem's inputs are a value and a marker. */
+    expect_error("{\"model\": {\"task\": \"regress\", \"cell\": \"gru\", \"hidden\": 4, \"outputs\": 1,"
+                 " \"input\": {\"type\": \"vector\", \"dim\": 3}}, \"data\": {\"synthetic\": \"adding\"},"
+                 " \"out\": \"x.safetensors\"}",
+                 "", "the adding task needs a model with task \"regress\"");
     char *o2;
     assert_int_equal(proc_rrnserve(&o2, dir, "train --resume nothing.ckpt.safetensors"), 1);
     assert_non_null(strstr(o2, "nothing.ckpt.safetensors"));
