@@ -100,21 +100,24 @@ static void test_run_lm_file_and_jsonl(void **state)
         cJSON *line = cJSON_CreateObject();
         cJSON_AddStringToObject(line, "text", cJSON_GetArrayItem(texts, i)->valuestring);
         char *s = cJSON_PrintUnformatted(line);
-        fprintf(f, "%s\n%s", s, i == 1 ? "{\"text\": 42}\n\n{\"text\": \"\"}\n" : "");
+        fprintf(f, "%s\n%s", s, i == 1 ? "{\"text\": 42}\n\n{\"text\": \"\"}\nnot json\n[1]\n" : "");
         free(s);
         cJSON_Delete(line);
     }
     fclose(f);
     assert_int_equal(
         proc_rrnserve(&out, NULL, "run " FIX "combo_lstm_lm.safetensors --batch 2 --jsonl %s 2>/dev/null", path), 1);
+    /* The answers to lines 3, 5, 6 and 7 (4 is blank) are errors naming them. */
+    static const char *const errors[] = {"line 3: \"text\" must be a string", "line 5: the text has no tokens",
+                                         "line 6: not valid JSON", "line 7: not a JSON object"};
     char *save, *line = strtok_r(out, "\n", &save);
-    for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts) + 1; i++, line = strtok_r(NULL, "\n", &save)) {
+    for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts) + 3; i++, line = strtok_r(NULL, "\n", &save)) {
         assert_non_null(line);
         cJSON *r = cJSON_Parse(line);
         assert_non_null(r);
-        if (i == 2 || i == 3) {
+        if (i >= 2 && i <= 5) {
             const char *e = cJSON_GetObjectItem(r, "error")->valuestring;
-            assert_non_null(strstr(e, i == 2 ? "line 3: \"text\" must be a string" : "line 5: the text has no tokens"));
+            assert_non_null(strstr(e, errors[i - 2]));
         } else {
             assert_true(fabs(cJSON_GetObjectItem(r, "logprob")->valuedouble - cJSON_GetArrayItem(lp, k)->valuedouble) <
                         1e-4);
@@ -183,6 +186,7 @@ static void test_bad_usage(void **state)
         {"run " FIX "combo_lstm.safetensors --text a --device tpu", 2, "--device"},
         {"run " FIX "combo_lstm.safetensors --text a --bogus", 2, "usage: rrnserve run"},
         {"run /nonexistent.safetensors --text a", 1, "/nonexistent.safetensors"},
+        {"run " FIX "combo_lstm.safetensors --jsonl /nonexistent.jsonl", 1, "cannot open /nonexistent.jsonl"},
         {"info /nonexistent.safetensors", 1, "/nonexistent.safetensors"},
         {"frobnicate", 2, "unknown command"},
         /* A text with no tokens (the word tokenizer drops punctuation). */
