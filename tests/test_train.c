@@ -265,6 +265,43 @@ static void test_synthetic_tasks_learn(void **state)
     }
 }
 
+/* A weight file that cannot be written whole (here past the file-size
+ * limit, as on a full disk; the signal that limit sends is ignored, so the
+ * write fails with EFBIG) fails the run, naming the file and why, and
+ * leaves the file an earlier run wrote as it was, with nothing partial
+ * beside it. */
+static void test_unwritable_weights_keep_the_old(void **state)
+{
+    (void)state;
+    char *out, path[256];
+    write_file("w.json", "{\"model\": {\"task\": \"regress\", \"cell\": \"lstm\", \"hidden\": 64, \"outputs\": 1,"
+                         " \"input\": {\"type\": \"vector\", \"dim\": 2}},"
+                         " \"data\": {\"synthetic\": \"adding\", \"length\": 10, \"train_size\": 64, \"valid_size\": 8},"
+                         " \"steps\": 2, \"out\": \"w.safetensors\"}");
+    if (proc_rrnserve(&out, dir, "train --config w.json") != 0)
+        fail_msg("train failed: %s", out);
+    free(out);
+    snprintf(path, sizeof path, "%s/w.safetensors", dir);
+    size_t len, len_after;
+    char *before = file_must_read(path, &len);
+    assert_true(len > 16 * 512);
+    int status = proc_run(&out,
+                          "b='%s'; case $b in /*) ;; *) b=$PWD/$b ;; esac; "
+                          "cd %s && trap '' XFSZ && ulimit -f 16 && exec \"$b\" train --config w.json --seed 2",
+                          rrn_bin(), dir);
+    if (status != 1 || !strstr(out, "cannot write w.safetensors.tmp.") || !strstr(out, "File too large"))
+        fail_msg("exit %d: %s", status, out);
+    free(out);
+    char *after = file_must_read(path, &len_after);
+    assert_int_equal(len_after, len);
+    assert_memory_equal(after, before, len);
+    free(before);
+    free(after);
+    assert_int_equal(proc_run(&out, "ls %s | grep -c tmp", dir), 1);
+    assert_string_equal(out, "0\n");
+    free(out);
+}
+
 static void expect_error(const char *config, const char *flags, const char *needle)
 {
     char *out;
@@ -501,6 +538,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_synthetic_tasks_learn, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_unwritable_weights_keep_the_old, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_bad_configs_and_data, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_damaged_checkpoints_are_refused, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_divergence_stops_the_run, make_dir, remove_dir),
