@@ -216,14 +216,19 @@ void tokenizer_free(struct tokenizer *tk)
     memset(tk, 0, sizeof *tk);
 }
 
-static size_t encode_bytes(const uint8_t *s, size_t len, int32_t *ids)
+/* The encoders write token i's id to ids[i] and, when starts is not
+ * NULL, the offset of its first byte in s to starts[i]. */
+static size_t encode_bytes(const uint8_t *s, size_t len, int32_t *ids, size_t *starts)
 {
-    for (size_t i = 0; i < len; i++)
+    for (size_t i = 0; i < len; i++) {
         ids[i] = s[i];
+        if (starts)
+            starts[i] = i;
+    }
     return len;
 }
 
-static size_t encode_chars(const struct tokenizer *tk, const uint8_t *s, size_t len, int32_t *ids)
+static size_t encode_chars(const struct tokenizer *tk, const uint8_t *s, size_t len, int32_t *ids, size_t *starts)
 {
     size_t n = 0;
 
@@ -232,17 +237,19 @@ static size_t encode_chars(const struct tokenizer *tk, const uint8_t *s, size_t 
         int valid;
         size_t step = next_char(s + i, len - i, &uc, &valid);
 
+        if (starts)
+            starts[n] = i;
         ids[n++] = valid ? lookup(tk, s + i, step) : tk->unk;
         i += step;
     }
     return n;
 }
 
-/* Call fn for each word of s, lower-cased: the maximal runs of letters,
- * digits and apostrophes.  fn returns 0 to go on; each_word returns -1 when
- * fn does or memory runs out.  Encoding and vocabulary building share it,
- * so they cannot disagree on what a word is. */
-static int each_word(const uint8_t *s, size_t len, int (*fn)(void *ctx, const uint8_t *word, size_t n),
+/* Call fn for each word of s, lower-cased, and where it starts in s: the
+ * maximal runs of letters, digits and apostrophes.  fn returns 0 to go on;
+ * each_word returns -1 when fn does or memory runs out.  Encoding and
+ * vocabulary building share it, so they cannot disagree on what a word is. */
+static int each_word(const uint8_t *s, size_t len, int (*fn)(void *ctx, const uint8_t *word, size_t n, size_t at),
                      void *ctx)
 {
     size_t start = 0;
@@ -265,7 +272,7 @@ static int each_word(const uint8_t *s, size_t len, int (*fn)(void *ctx, const ui
             uint8_t *lower = u8_tolower(s + start, i - start, NULL, NULL, buf, &lower_len);
             if (lower == NULL)
                 return -1;
-            int rc = fn(ctx, lower, lower_len);
+            int rc = fn(ctx, lower, lower_len, start);
             if (lower != buf)
                 free(lower);
             if (rc != 0)
@@ -280,20 +287,23 @@ static int each_word(const uint8_t *s, size_t len, int (*fn)(void *ctx, const ui
 struct encoding {
     const struct tokenizer *tk;
     int32_t *ids;
+    size_t *starts;
     size_t n;
 };
 
-static int encode_word(void *ctx, const uint8_t *word, size_t n)
+static int encode_word(void *ctx, const uint8_t *word, size_t n, size_t at)
 {
     struct encoding *e = ctx;
+    if (e->starts)
+        e->starts[e->n] = at;
     e->ids[e->n++] = lookup(e->tk, word, n);
     return 0;
 }
 
-static int encode_words(const struct tokenizer *tk, const uint8_t *s, size_t len, int32_t *ids,
+static int encode_words(const struct tokenizer *tk, const uint8_t *s, size_t len, int32_t *ids, size_t *starts,
                         size_t *n_out)
 {
-    struct encoding e = {tk, ids, 0};
+    struct encoding e = {tk, ids, starts, 0};
     int rc = each_word(s, len, encode_word, &e);
     *n_out = e.n;
     return rc;
@@ -302,43 +312,62 @@ static int encode_words(const struct tokenizer *tk, const uint8_t *s, size_t len
 int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len, int32_t **ids,
                      size_t *n)
 {
+    return tokenizer_encode_spans(tk, text, len, ids, NULL, n);
+}
+
+/* Gives back the unused tail of an array made for one element per input
+ * byte; on failure the larger block is fine. */
+static void *shrink(void *p, size_t bytes)
+{
+    void *shrunk = realloc(p, bytes);
+    return shrunk ? shrunk : p;
+}
+
+int tokenizer_encode_spans(const struct tokenizer *tk, const char *text, size_t len, int32_t **ids,
+                           size_t **starts, size_t *n)
+{
     const uint8_t *s = (const uint8_t *)text;
-    int32_t *out;
-    size_t count = 0;
+    size_t count = 0, *at = NULL;
 
     *ids = NULL;
+    if (starts)
+        *starts = NULL;
     *n = 0;
     if (len == 0)
         return 0;
     /* Every tokenizer makes at most one id per input byte. */
-    out = malloc(len * sizeof *out);
-    if (out == NULL)
+    int32_t *out = malloc(len * sizeof *out);
+    if (out == NULL || (starts && !(at = malloc(len * sizeof *at)))) {
+        free(out);
         return -1;
+    }
     switch (tk->type) {
     case TOKENIZER_BYTE:
-        count = encode_bytes(s, len, out);
+        count = encode_bytes(s, len, out, at);
         break;
     case TOKENIZER_CHAR:
-        count = encode_chars(tk, s, len, out);
+        count = encode_chars(tk, s, len, out, at);
         break;
     case TOKENIZER_WORD:
-        if (encode_words(tk, s, len, out, &count) != 0) {
+        if (encode_words(tk, s, len, out, at, &count) != 0) {
             free(out);
+            free(at);
             return -1;
         }
         break;
     }
     if (count == 0) {
         free(out);
+        free(at);
         return 0;
     }
     if (count < len) {
-        /* Give back the unused tail; on failure the larger block is fine. */
-        int32_t *shrunk = realloc(out, count * sizeof *out);
-        if (shrunk != NULL)
-            out = shrunk;
+        out = shrink(out, count * sizeof *out);
+        at = at ? shrink(at, count * sizeof *at) : NULL;
     }
     *ids = out;
+    if (starts)
+        *starts = at;
     *n = count;
     return 0;
 }
@@ -409,9 +438,10 @@ struct counter {
     size_t size, used;
 };
 
-static int count_word(void *ctx, const uint8_t *word, size_t n)
+static int count_word(void *ctx, const uint8_t *word, size_t n, size_t at)
 {
     struct counter *c = ctx;
+    (void)at;
     if (2 * (c->used + 1) > c->size) {
         /* Grow to keep the table at most half full. */
         size_t size = c->size ? 2 * c->size : 1024;

@@ -41,6 +41,11 @@ void tokenizer_free(struct tokenizer *tk);
  * Returns 0, or -1 when out of memory. */
 int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len,
                      int32_t **ids, size_t *n);
+/* tokenizer_encode, and where each token starts in text: (*starts)[i] is
+ * the offset of token i's first byte (a word's first letter), malloc'd
+ * beside *ids (NULL with starts NULL: tokenizer_encode). */
+int tokenizer_encode_spans(const struct tokenizer *tk, const char *text, size_t len, int32_t **ids,
+                           size_t **starts, size_t *n);
 
 /* The text of one token id: returns a pointer to its bytes (not
  * NUL-terminated for byte, which may be 0) and sets *outlen; NULL for an id

@@ -328,6 +328,43 @@ static void test_word_inverse(void **state)
     tokenizer_free(&tk);
 }
 
+/* Where each token starts: the ids are tokenizer_encode's, and each start
+ * the byte offset of the token's first byte (a word's first letter, before
+ * lower-casing). */
+static void expect_spans(const struct model_config *cfg, const char *text, const size_t *want, size_t n_want)
+{
+    struct tokenizer tk;
+    int32_t *ids, *plain;
+    size_t *starts, n, n_plain;
+    init_ok(&tk, cfg);
+    assert_int_equal(tokenizer_encode_spans(&tk, text, strlen(text), &ids, &starts, &n), 0);
+    assert_int_equal(tokenizer_encode(&tk, text, strlen(text), &plain, &n_plain), 0);
+    assert_int_equal(n, n_want);
+    assert_int_equal(n_plain, n);
+    assert_memory_equal(ids, plain, n * sizeof *ids);
+    for (size_t i = 0; i < n; i++)
+        if (starts[i] != want[i])
+            fail_msg("\"%s\": token %zu starts at %zu, want %zu", text, i, starts[i], want[i]);
+    free(ids);
+    free(plain);
+    free(starts);
+    tokenizer_free(&tk);
+}
+
+static void test_spans(void **state)
+{
+    (void)state;
+    struct model_config bytes = make_config(TOKENIZER_BYTE, NULL, 0, 0);
+    static const size_t byte_starts[] = {0, 1, 2, 3};
+    expect_spans(&bytes, "h\xc3\xa9!", byte_starts, COUNT(byte_starts));
+    struct model_config chars = make_config(TOKENIZER_CHAR, char_vocab, COUNT(char_vocab), 0);
+    static const size_t char_starts[] = {0, 1, 3, 4, 5, 6, 7, 10, 11, 15, 16};
+    expect_spans(&chars, "h\xc3\xa9llo \xe2\x80\x94 \xf0\x9f\x98\x80x\xc3\xa8", char_starts, COUNT(char_starts));
+    struct model_config words = make_config(TOKENIZER_WORD, word_vocab, COUNT(word_vocab), 0);
+    static const size_t word_starts[] = {2, 8, 13, 16, 23};
+    expect_spans(&words, "  Don't STOP 42 times, \xc3\x89" "clair\xe2\x80\x99s!", word_starts, COUNT(word_starts));
+}
+
 static void test_empty_text(void **state)
 {
     (void)state;
@@ -471,6 +508,7 @@ int main(void)
         cmocka_unit_test(test_word_ids),
         cmocka_unit_test(test_word_long_word),
         cmocka_unit_test(test_word_inverse),
+        cmocka_unit_test(test_spans),
         cmocka_unit_test(test_empty_text),
         cmocka_unit_test(test_init_errors),
         cmocka_unit_test(test_large_vocab),
