@@ -40,15 +40,23 @@ cJSON *json_built(cJSON *o, int failed)
 
 /* ---- UTF-8 ------------------------------------------------------------ */
 
+/* The character at the start of in (n > 0 bytes), as utf8_clean takes it:
+ * its length in bytes, 0 for a byte replaced by U+FFFD, -1 for an
+ * incomplete character at the end left for later (only when !final). */
+static int utf8_next(const char *in, size_t n, int final)
+{
+    ucs4_t uc;
+    int k = u8_mbtoucr(&uc, (const uint8_t *)in, n);
+    if (k == -2 && !final)
+        return -1;
+    return k > 0 && uc != 0 ? k : 0;
+}
+
 size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen)
 {
     size_t i = 0, o = 0;
-    while (i < n) {
-        ucs4_t uc;
-        int k = u8_mbtoucr(&uc, (const uint8_t *)in + i, n - i);
-        if (k == -2 && !final)
-            break;
-        if (k > 0 && uc != 0) {
+    for (int k; i < n && (k = utf8_next(in + i, n - i, final)) >= 0;) {
+        if (k > 0) {
             memcpy(out + o, in + i, (size_t)k);
             o += (size_t)k;
             i += (size_t)k;
@@ -61,6 +69,16 @@ size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen
     out[o] = 0;
     *outlen = o;
     return i;
+}
+
+size_t utf8_length(const char *in, size_t n)
+{
+    size_t chars = 0;
+    for (size_t i = 0; i < n; chars++) {
+        int k = utf8_next(in + i, n - i, 1);
+        i += k > 0 ? (size_t)k : 1;
+    }
+    return chars;
 }
 
 int utf8_stream_put(struct utf8_stream *u, const char *p, size_t n)

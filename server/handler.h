@@ -41,6 +41,8 @@ cJSON *json_built(cJSON *o, int failed);
  * sequence at the end is left for the next call unless final.  out needs
  * room for 3n + 1 bytes.  Returns the number of input bytes consumed. */
 size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen);
+/* The characters utf8_clean makes of n bytes (all of them, as final). */
+size_t utf8_length(const char *in, size_t n);
 
 /* Text that comes in pieces (a stream's tokens), cleaned as utf8_clean
  * does: a character split over pieces comes out whole with its last byte.

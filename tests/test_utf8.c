@@ -1,6 +1,6 @@
 /* test_utf8.c - text that comes in pieces (a stream's tokens, `rrnserve
  * run --stream`'s reads) cleaned as whole text is: handler.h's
- * utf8_stream against utf8_clean of the whole.
+ * utf8_stream against utf8_clean of the whole, and utf8_length.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -69,11 +69,31 @@ static void test_any_split_equals_the_whole(void **state)
     }
 }
 
+/* utf8_length counts the characters of utf8_clean's text: of a clean text
+ * its code points, and of any other a U+FFFD for each byte replaced. */
+static void test_length_counts_the_clean_text(void **state)
+{
+    (void)state;
+    assert_int_equal(utf8_length("", 0), 0);
+    assert_int_equal(utf8_length("caf\xc3\xa9 \xf0\x9f\x98\x80", 10), 6);
+    /* An invalid byte, a NUL, and an unfinished character's two bytes. */
+    assert_int_equal(utf8_length("a\xff\0b\xe2\x82", 6), 6);
+    static const char text[] = "\xe2\x82\xac 5, caf\xc3\xa9 \xf0\x9f\x98\x80\xff\xc3 x\xe2\x82";
+    char clean[3 * sizeof text + 1];
+    size_t len, chars = 0;
+    utf8_clean(text, sizeof text - 1, 1, clean, &len);
+    for (size_t i = 0; i < len; i++)
+        chars += ((unsigned char)clean[i] & 0xC0) != 0x80;
+    assert_int_equal(utf8_length(text, sizeof text - 1), chars);
+    assert_int_equal(utf8_length(clean, len), chars);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pieces_come_out_whole),
         cmocka_unit_test(test_any_split_equals_the_whole),
+        cmocka_unit_test(test_length_counts_the_clean_text),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
