@@ -172,6 +172,7 @@ void job_release(struct job *j)
     free(j->tokens);
     free(j->token_logprob);
     free(j->top);
+    free(j->text_at);
     free(j->text);
     pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);

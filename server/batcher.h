@@ -64,6 +64,9 @@ struct job {
     float *token_logprob;  /* with logprobs: generate, ln p of each token (sampler.h);
                               score, [lens[0] + lens[1] + ...], the texts' terms */
     struct token_logprob *top; /* and their alternatives, [token][top_logprobs] as token_logprob */
+    size_t *text_at;       /* /v1/completions' text_offset, made for its answer (generate.c):
+                              generate, where each token begins in the generated
+                              text; score, [as token_logprob], in its text; in characters */
     int n_tokens;
     char *text;            /* generate: decoded text so far (NUL-terminated) */
     size_t text_len;

@@ -324,10 +324,13 @@ struct lp_source {
     const int32_t *echo_ids;
     const float *echo_terms;
     const struct token_logprob *echo_top;
+    const size_t *echo_at;
     int echo_len;
     const int32_t *ids;
     const float *lps;
     const struct token_logprob *top;
+    const size_t *at;      /* the generated ones' text offsets, after base */
+    size_t base;
 };
 
 /* Token i of a choice's: its id, and its log-probability and alternatives
@@ -355,6 +358,14 @@ static cJSON *lp_logprob_item(const void *ctx, size_t i)
     const struct token_logprob *top;
     lp_at(ctx, i, &lp, &top);
     return lp ? cJSON_CreateNumber(*lp) : cJSON_CreateNull();
+}
+
+/* Where token i begins (text_offset), in characters from the prompt's start. */
+static cJSON *lp_offset_item(const void *ctx, size_t i)
+{
+    const struct lp_source *s = ctx;
+    const size_t g = i - (size_t)s->echo_len;
+    return cJSON_CreateNumber((double)(i < (size_t)s->echo_len ? s->echo_at[i] : s->base + s->at[g]));
 }
 
 /* A token's alternatives as {token: logprob}. */
@@ -385,6 +396,7 @@ struct echo {
     int len;
     const float *terms;
     const struct token_logprob *top;
+    const size_t *at;      /* text offsets, with logprobs */
 };
 
 /* Prompt p of the score job e. */
@@ -392,33 +404,131 @@ static struct echo echo_of(const struct texts *t, const struct job *e, int p)
 {
     const size_t at = job_text_at(e, p);
     return (struct echo){.text = t->s[p], .ids = e->ids[p], .len = e->lens[p],
-                         .terms = e->token_logprob ? e->token_logprob + at : NULL, .top = job_top(e, at)};
+                         .terms = e->token_logprob ? e->token_logprob + at : NULL, .top = job_top(e, at),
+                         .at = e->text_at ? e->text_at + at : NULL};
 }
 
+/* Generated tokens n of job j from token `from` on, with their text
+ * offsets: at[i] + base for token from + i. */
+struct generated {
+    const struct job *j;
+    const int32_t *ids;
+    int from, n;
+    const size_t *at;
+    size_t base;
+};
+
 /* A choice's "logprobs", null when not asked for: the echoed prompt's
- * tokens (echo not NULL), then generated tokens n of job j from token
- * `from` on (j NULL: none); the lists are z's (lazy_json.h), or made now
- * with z NULL.  Without alternatives "top_logprobs" is null. */
+ * tokens (echo not NULL), then the generated ones (g NULL: none); the
+ * lists are z's (lazy_json.h), or made now with z NULL.  Without
+ * alternatives "top_logprobs" is null. */
 static cJSON *openai_logprobs(const struct tokenizer *tk, int want, int k, const struct echo *echo,
-                              const struct job *j, const int32_t *ids, int from, int n, struct lazy_json *z)
+                              const struct generated *g, struct lazy_json *z)
 {
     if (!want)
         return cJSON_CreateNull();
     struct lp_source s = {.tk = tk, .k = k};
     if (echo)
         s = (struct lp_source){.tk = tk, .k = k, .echo_ids = echo->ids, .echo_terms = echo->terms,
-                               .echo_top = echo->top, .echo_len = echo->len};
-    if (j && n) {
-        s.ids = ids + from;
-        s.lps = j->token_logprob + from;
-        s.top = job_top(j, (size_t)from);
+                               .echo_top = echo->top, .echo_at = echo->at, .echo_len = echo->len};
+    if (g && g->n) {
+        s.ids = g->ids + g->from;
+        s.lps = g->j->token_logprob + g->from;
+        s.top = job_top(g->j, (size_t)g->from);
+        s.at = g->at;
+        s.base = g->base;
     }
-    const size_t len = (size_t)s.echo_len + (size_t)(j ? n : 0);
+    const size_t len = (size_t)s.echo_len + (size_t)(g ? g->n : 0);
     cJSON *o = cJSON_CreateObject();
     int failed = json_put(o, "tokens", lazy_json_array(z, lp_token_item, &s, sizeof s, len));
     failed |= json_put(o, "token_logprobs", lazy_json_array(z, lp_logprob_item, &s, sizeof s, len));
     failed |= json_put(o, "top_logprobs", k ? lazy_json_array(z, lp_top_item, &s, sizeof s, len) : cJSON_CreateNull());
+    failed |= json_put(o, "text_offset", lazy_json_array(z, lp_offset_item, &s, sizeof s, len));
     return json_built(o, failed);
+}
+
+/* ---- text_offset: where each token begins, in characters --------------- */
+
+/* Text as tokens or pieces of a prompt join it: each one's clean text
+ * (utf8_stream: a character split over byte tokens comes whole with its
+ * last byte), and the characters taken so far. */
+struct joined {
+    struct utf8_stream text;
+    size_t chars;
+};
+
+/* Puts n bytes (after a space with space set); *at: the characters before
+ * them, that is where they begin (a character they finish began before
+ * them).  Their clean text, NUL-terminated, valid until the next call;
+ * NULL when out of memory. */
+static const char *join(struct joined *t, int space, const char *p, size_t n, int final, size_t *len, size_t *at)
+{
+    const char *clean;
+    if ((space && utf8_stream_put(&t->text, " ", 1) != 0) || (n && utf8_stream_put(&t->text, p, n) != 0) ||
+        !(clean = utf8_stream_take(&t->text, final, len)))
+        return NULL;
+    *at = t->chars + (space ? 1 : 0);
+    t->chars += utf8_length(clean, *len);
+    return clean;
+}
+
+/* Token id, joined as the batcher joins a generation's (words with a
+ * space, with space set). */
+static const char *join_token(struct joined *t, const struct tokenizer *tk, int32_t id, int space, size_t *len,
+                              size_t *at)
+{
+    char raw[8];
+    size_t n = 0;
+    const char *piece = tokenizer_token(tk, id, raw, &n);
+    return join(t, space, piece, piece ? n : 0, 0, len, at);
+}
+
+/* The characters of prompt before a completion's first token: the prompt's,
+ * and a word model's joining space (openai_text), counted whether or not
+ * the answer echoes the prompt, as the completions API counts text_offset
+ * from the prompt's start.  With at not NULL, where each of its n tokens
+ * begins in it.  -1 when out of memory. */
+static long long prompt_chars(const struct tokenizer *tk, const char *prompt, size_t *at, int n)
+{
+    struct joined t = {0};
+    size_t *starts = NULL, len, from = 0, count = 0, before;
+    int32_t *ids = NULL;
+    int ok = !at || tokenizer_encode_spans(tk, prompt, strlen(prompt), &ids, &starts, &count) == 0;
+    for (size_t i = 0; ok && at && i < count && i < (size_t)n; from = starts[i++]) {
+        ok = join(&t, 0, prompt + from, starts[i] - from, 0, &len, &before) != NULL;
+        at[i] = t.chars;
+    }
+    ok = ok && join(&t, 0, prompt + from, strlen(prompt) - from, 1, &len, &before);
+    free(ids);
+    free(starts);
+    utf8_stream_free(&t.text);
+    return ok ? (long long)(t.chars + (tk->type == TOKENIZER_WORD && *prompt)) : -1;
+}
+
+/* j->text_at, for the answer's text_offset: where each of its tokens
+ * begins in the generated text.  0, or -1 when out of memory. */
+static int generated_offsets(const struct tokenizer *tk, struct job *j)
+{
+    struct joined t = {0};
+    size_t len;
+    int ok = (j->text_at = malloc(sizeof *j->text_at * ((size_t)j->n_tokens + 1))) != NULL;
+    for (int i = 0; ok && i < j->n_tokens; i++)
+        ok = join_token(&t, tk, j->tokens[i], tk->type == TOKENIZER_WORD && i > 0, &len, &j->text_at[i]) != NULL;
+    utf8_stream_free(&t.text);
+    return ok ? 0 : -1;
+}
+
+/* e->text_at, for an echo's text_offset: where each token of each prompt
+ * begins in it; *chars[p], prompt p's characters as prompt_chars counts
+ * them.  0, or -1 when out of memory. */
+static int echo_offsets(const struct tokenizer *tk, const struct texts *t, struct job *e, long long *chars)
+{
+    if (!(e->text_at = malloc(sizeof *e->text_at * (job_text_at(e, e->n_texts) + 1))))
+        return -1;
+    for (int p = 0; p < t->n; p++)
+        if ((chars[p] = prompt_chars(tk, t->s[p], e->text_at + job_text_at(e, p), e->lens[p])) < 0)
+            return -1;
+    return 0;
 }
 
 /* One choice: its index, text (consumed), logprobs (consumed) and finish
@@ -495,17 +605,29 @@ static cJSON *openai_answer(const struct served_model *m, const struct gen_reque
                             struct job *const *jobs, struct lazy_json *z)
 {
     const int per = g->max_tokens > 0 ? (int)g->n : 0, n = (int)g->n, k = top_logprobs_for(m, g->top_logprobs);
-    const struct job *e = g->echo ? jobs[t->n * per] : NULL;
-    cJSON *choices = cJSON_CreateArray();
-    int failed = !choices;
+    struct job *e = g->echo ? jobs[t->n * per] : NULL;
+    /* With logprobs, text offsets: prompt p's characters before its
+     * completions, and where each token begins. */
+    long long chars[MAX_TEXTS] = {0};
+    int failed = 0;
+    if (g->logprobs) {
+        failed = e && echo_offsets(&m->tk, t, e, chars) != 0;
+        for (int p = 0; !e && p < t->n; p++)
+            failed |= (chars[p] = prompt_chars(&m->tk, t->s[p], NULL, 0)) < 0;
+        for (int c = 0; c < t->n * per && !failed; c++)
+            failed = generated_offsets(&m->tk, jobs[c]) != 0;
+    }
+    cJSON *choices = failed ? NULL : cJSON_CreateArray();
+    failed = !choices;
     for (int c = 0; c < t->n * n && !failed; c++) {
         const struct job *j = per ? jobs[c] : NULL;
         const struct echo echo = e ? echo_of(t, e, c / n) : (struct echo){0};
         const struct echo *ep = e ? &echo : NULL;
+        const struct generated gen = {.j = j, .ids = j ? j->tokens : NULL, .n = j ? j->n_tokens : 0,
+                                      .at = j ? j->text_at : NULL, .base = (size_t)chars[c / n]};
         failed |= json_put(choices, NULL,
                            openai_choice(c, openai_text(&m->tk, ep, j),
-                                         openai_logprobs(&m->tk, g->logprobs, k, ep, j, j ? j->tokens : NULL, 0,
-                                                         j ? j->n_tokens : 0, z),
+                                         openai_logprobs(&m->tk, g->logprobs, k, ep, j ? &gen : NULL, z),
                                          j ? finish_name(j->finish) : "length"));
     }
     return failed ? json_built(choices, 1)
@@ -525,7 +647,8 @@ struct api_stream {
     int ended;            /* the last events are in out */
     int batch_size;
     int32_t *ids;         /* tokens copied out of the job */
-    struct utf8_stream text; /* the tokens' text, cleaned */
+    struct joined text;   /* the tokens' text, cleaned */
+    size_t base;          /* with logprobs, the text offset of the text's start */
     struct bytes out;     /* event bytes not yet read */
     size_t out_pos;
 };
@@ -561,15 +684,15 @@ static cJSON *openai_event(const struct api_stream *s, cJSON *choice)
  * several byte tokens is sent whole with the last of them. */
 static int token_event(struct api_stream *s, int32_t id, int index)
 {
-    char raw[8];
-    size_t len = 0, clean_len;
-    const char *piece = tokenizer_token(&s->m->tk, id, raw, &len), *clean;
-    if ((s->m->tk.type == TOKENIZER_WORD && (index > 0 || s->after_prompt) && utf8_stream_put(&s->text, " ", 1) != 0) ||
-        (piece && utf8_stream_put(&s->text, piece, len) != 0) || !(clean = utf8_stream_take(&s->text, 0, &clean_len)))
+    size_t clean_len, at;
+    const char *clean = join_token(&s->text, &s->m->tk, id,
+                                   s->m->tk.type == TOKENIZER_WORD && (index > 0 || s->after_prompt), &clean_len, &at);
+    if (!clean)
         return -1;
     if (s->shape.dialect == DIALECT_OPENAI) {
         const struct job *j = s->j;
-        cJSON *lps = openai_logprobs(&s->m->tk, j->logprobs, j->top_logprobs, NULL, j, s->ids, index, 1, NULL);
+        const struct generated gen = {.j = j, .ids = s->ids, .from = index, .n = 1, .at = &at, .base = s->base};
+        cJSON *lps = openai_logprobs(&s->m->tk, j->logprobs, j->top_logprobs, NULL, &gen, NULL);
         return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(clean), lps, NULL)));
     }
     cJSON *o = cJSON_CreateObject();
@@ -656,7 +779,7 @@ void api_stream_free(struct api_stream *s)
     job_release(s->j);
     served_model_release(s->m);
     free(s->ids);
-    utf8_stream_free(&s->text);
+    utf8_stream_free(&s->text.text);
     free(s->out.p);
     free(s);
 }
@@ -665,12 +788,14 @@ void api_stream_free(struct api_stream *s)
  * echoed prompt, consumed; NULL: none); the stream takes over the
  * references to m and j.  0, or -1 with r set (m and j still the caller's). */
 static int start_stream(struct served_model *m, struct job *j, const struct gen_shape *shape, const struct client *c,
-                        cJSON *first, struct reply *r)
+                        const char *prompt, cJSON *first, struct reply *r)
 {
     struct api_stream *s = calloc(1, sizeof *s);
     int32_t *ids = malloc(sizeof *ids * (size_t)j->max_tokens);
-    if (!s || !ids || jobs_submit(m, &j, 1, r) != 0) {
-        if (!s || !ids)
+    /* The text offsets of an echo's stream count the space it sends. */
+    const long long chars = j->logprobs ? prompt_chars(&m->tk, prompt, NULL, 0) : 0;
+    if (!s || !ids || chars < 0 || jobs_submit(m, &j, 1, r) != 0) {
+        if (!s || !ids || chars < 0)
             reply_error(r, 500, "out of memory");
         free(s);
         free(ids);
@@ -678,7 +803,8 @@ static int start_stream(struct served_model *m, struct job *j, const struct gen_
         return -1;
     }
     *s = (struct api_stream){.m = m, .j = j, .shape = *shape, .client = *c, .batch_size = -1, .ids = ids,
-                             .after_prompt = first != NULL};
+                             .after_prompt = first != NULL,
+                             .base = (size_t)chars - (m->tk.type == TOKENIZER_WORD && first && chars)};
     if (first && add_event(s, first) != 0)
         job_cancel(j); /* out of memory: the stream ends at its first read */
     r->status = 200;
@@ -692,15 +818,19 @@ static int start_stream(struct served_model *m, struct job *j, const struct gen_
 static cJSON *echo_event(const struct served_model *m, const struct gen_request *g, const struct texts *t,
                          struct job *e, const struct client *c, struct reply *r)
 {
-    if (g->logprobs && jobs_run(m, &e, 1, c, r) != 0)
+    long long chars;
+    if (g->logprobs && (jobs_run(m, &e, 1, c, r) != 0 || echo_offsets(&m->tk, t, e, &chars) != 0)) {
+        if (!r->status)
+            reply_error(r, 500, "out of memory");
         return NULL;
+    }
     const struct echo echo = echo_of(t, e, 0);
     cJSON *choices = cJSON_CreateArray(), *o = NULL;
     if (choices &&
         json_put(choices, NULL,
                  openai_choice(0, openai_text(&m->tk, &echo, NULL),
                                openai_logprobs(&m->tk, g->logprobs, top_logprobs_for(m, g->top_logprobs), &echo,
-                                               NULL, NULL, 0, 0, NULL),
+                                               NULL, NULL),
                                NULL)) == 0)
         o = openai_object(&g->shape, m->name, choices, NULL);
     else
@@ -748,7 +878,7 @@ static void generate(struct api *a, struct gen_request *g, const char *endpoint,
     /* Without logprobs the echo job only holds the prompts' tokens. */
     const int run = n - (g->echo && !g->logprobs);
     cJSON *first = n > 0 && g->stream && g->echo ? echo_event(m, g, &t, jobs[n - 1], c, r) : NULL;
-    if (n > 0 && g->stream && (first || !g->echo) && start_stream(m, jobs[0], &g->shape, c, first, r) == 0) {
+    if (n > 0 && g->stream && (first || !g->echo) && start_stream(m, jobs[0], &g->shape, c, t.s[0], first, r) == 0) {
         m = NULL; /* the stream's now */
         jobs[0] = NULL;
     } else if (n > 0 && !g->stream && (run == 0 || jobs_run(m, jobs, run, c, r) == 0)) {

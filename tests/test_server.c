@@ -36,6 +36,7 @@
 
 #include "../cli/commands.h"
 #include "backend.h"
+#include "handler.h"
 #include "model.h"
 #include "request_id.h"
 #include "support/buf.h"
@@ -1163,6 +1164,118 @@ static char *streamed_completion(int port, const char *body, cJSON **first)
     return joined.p;
 }
 
+/* The text_offset lists of a completion (choice 0, or a stream's events
+ * in order) into offs, at most max: how many; *text, its text (the
+ * stream's events' joined), to be freed. */
+static int text_offsets(int port, const char *body, long *offs, int max, char **text)
+{
+    struct http_resp r;
+    http_must_request(port, "POST", "/v1/completions", "", body, &r);
+    if (r.status != 200)
+        fail_msg("%s: %d %s", body, r.status, r.body.p);
+    struct buf joined = {0};
+    buf_add(&joined, "", 0);
+    int n = 0;
+    const int stream = strstr(body, "\"stream\": true") != NULL;
+    const char *p = r.body.p;
+    for (const char *end = NULL; stream ? (p = strstr(p, "data: ")) && strncmp(p + 6, "[DONE]", 6) != 0 : !end;
+         p = end) {
+        if (stream)
+            p += 6;
+        end = stream ? strstr(p, "\n\n") : p + strlen(p);
+        assert_non_null(end);
+        cJSON *o = cJSON_ParseWithLength(p, (size_t)(end - p));
+        assert_non_null(o);
+        const cJSON *choice = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0);
+        if (choice)
+            buf_add(&joined, str_of(choice, "text"), strlen(str_of(choice, "text")));
+        const cJSON *list = cJSON_GetObjectItem(cJSON_GetObjectItem(choice, "logprobs"), "text_offset");
+        for (const cJSON *v = list ? list->child : NULL; v; v = v->next) {
+            assert_true(n < max);
+            offs[n++] = (long)v->valuedouble;
+        }
+        cJSON_Delete(o);
+    }
+    http_resp_free(&r);
+    *text = joined.p;
+    return n;
+}
+
+/* The completion of body as a whole answer and as a stream, with and
+ * without echo: the same offsets each way, the echo's first the prompt's
+ * tokens' and then the same completion's (counted from the prompt's start
+ * either way, as the completions API counts them).  body ends just before
+ * its closing brace.  The echoed offsets go to offs; how many. */
+static int offsets_every_way(int port, const char *body, int prompt_tokens, long *offs, int max, char **text)
+{
+    long other[64];
+    char full[512], *t;
+    assert_true(max <= 64);
+    snprintf(full, sizeof full, "%s, \"echo\": true}", body);
+    const int n = text_offsets(port, full, offs, max, text);
+    snprintf(full, sizeof full, "%s, \"echo\": true, \"stream\": true}", body);
+    assert_int_equal(text_offsets(port, full, other, 64, &t), n);
+    assert_string_equal(t, *text);
+    assert_memory_equal(other, offs, sizeof *offs * (size_t)n);
+    free(t);
+    for (int stream = 0; stream < 2; stream++) {
+        snprintf(full, sizeof full, "%s%s}", body, stream ? ", \"stream\": true" : "");
+        assert_int_equal(text_offsets(port, full, other, 64, &t), n - prompt_tokens);
+        assert_memory_equal(other, offs + prompt_tokens, sizeof *offs * (size_t)(n - prompt_tokens));
+        free(t);
+    }
+    return n;
+}
+
+/* Code point i of UTF-8 text: where it starts. */
+static const char *code_point(const char *text, long i)
+{
+    for (; *text && i > 0; text++)
+        i -= ((unsigned char)text[1] & 0xC0) != 0x80;
+    return text;
+}
+
+/* text_offset: where each token begins in the text, in characters (code
+ * points), from the prompt's start: a character model's tokens each one
+ * character on; a word model's at each word (lower-cased, as its tokens
+ * are); a byte model's bytes of a character all at the character. */
+static void test_completions_text_offset(void **state)
+{
+    struct server *s = *state;
+    long offs[64];
+    char *text;
+    /* é is not in the model's vocabulary (its unk), 😀 neither. */
+    int n = offsets_every_way(s->port,
+                              "{\"model\": \"combo_lstm_lm\", \"prompt\": \"h\\u00e9llo \\ud83d\\ude00 day\", "
+                              "\"max_tokens\": 8, \"seed\": 3, \"logprobs\": 0",
+                              11, offs, 64, &text);
+    assert_int_equal(n, 11 + 8);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(offs[i], i);
+    free(text);
+
+    n = offsets_every_way(s->port,
+                          "{\"model\": \"tok_word_lm\", \"prompt\": \"Hello, the World\", \"max_tokens\": 5, "
+                          "\"seed\": 1, \"logprobs\": 1",
+                          3, offs, 64, &text);
+    assert_int_equal(n, 3 + 5);
+    assert_int_equal(offs[0], 0);
+    assert_int_equal(offs[1], 7);
+    assert_int_equal(offs[2], 11);
+    cJSON *got = post(s->port, "/v1/completions", 200,
+                      "{\"model\": \"tok_word_lm\", \"prompt\": \"Hello, the World\", \"max_tokens\": 5, "
+                      "\"seed\": 1, \"logprobs\": 1, \"echo\": true}");
+    const cJSON *tokens, *lps, *tops;
+    assert_int_equal(choice_logprobs(got, 0, &tokens, &lps, &tops), n);
+    for (int i = 0; i < n; i++) {
+        const char *word = cJSON_GetArrayItem(tokens, i)->valuestring, *at = code_point(text, offs[i]);
+        if (strncasecmp(at, word, strlen(word)) != 0)
+            fail_msg("token %d \"%s\" at %ld of \"%s\": \"%s\"", i, word, offs[i], text, at);
+    }
+    cJSON_Delete(got);
+    free(text);
+}
+
 /* A completions request of n prompts "a" (and more fields before them),
  * refused with a 422 that mentions what it says. */
 static void expect_many_prompts(int port, const char *more, int n, const char *mention)
@@ -2240,6 +2353,53 @@ static void test_model_name_escaped(void **state)
     http_resp_free(&r);
 }
 
+/* A byte model's: the characters of the text before each byte as a
+ * stream's events give them (utf8_stream: a character comes whole with
+ * its last byte, a byte that is none as U+FFFD), so that a character's
+ * bytes all begin where it does.  The bytes are the tokens' labels (<0xNN>
+ * for those above 0x7F). */
+static void test_completions_text_offset_bytes(void **state)
+{
+    struct server *s = *state;
+    struct model m;
+    char path[128], err[256];
+    model_from_json("{\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 16, \"embed_dim\": 8, "
+                    "\"tokenizer\": {\"type\": \"byte\"}}",
+                    0, 5, &m);
+    snprintf(path, sizeof path, "%s/bytes.safetensors", s->dir);
+    if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
+        fail_msg("model_save: %s", err);
+    model_free(&m);
+    reload(s, 1);
+    long offs[64];
+    char *text;
+    /* a, é (2 bytes), 😀 (4), then 24 random bytes, mostly no character. */
+    const char *body = "{\"model\": \"bytes\", \"prompt\": \"a\\u00e9\\ud83d\\ude00\", \"max_tokens\": 24, "
+                       "\"seed\": 2, \"logprobs\": 0";
+    const int n = offsets_every_way(s->port, body, 7, offs, 64, &text);
+    assert_int_equal(n, 7 + 24);
+    static const long prompt[] = {0, 1, 1, 2, 2, 2, 2};
+    assert_memory_equal(offs, prompt, sizeof prompt);
+    char full[256], bytes[64], clean[3 * 64 + 1];
+    snprintf(full, sizeof full, "%s, \"echo\": true}", body);
+    cJSON *got = post(s->port, "/v1/completions", 200, full);
+    const cJSON *tokens, *lps, *tops;
+    assert_int_equal(choice_logprobs(got, 0, &tokens, &lps, &tops), n);
+    for (int i = 0; i < n; i++) {
+        const char *label = cJSON_GetArrayItem(tokens, i)->valuestring;
+        unsigned hex;
+        bytes[i] = strlen(label) == 6 && sscanf(label, "<0x%2X>", &hex) == 1 ? (char)hex : label[0];
+        size_t len, chars = 0;
+        utf8_clean(bytes, (size_t)i, 0, clean, &len);
+        for (size_t k = 0; k < len; k++)
+            chars += ((unsigned char)clean[k] & 0xC0) != 0x80;
+        if (offs[i] != (long)chars)
+            fail_msg("byte %d: text_offset %ld, not %zu", i, offs[i], chars);
+    }
+    cJSON_Delete(got);
+    free(text);
+}
+
 /* ---- bad command lines ------------------------------------------------ */
 
 static void test_bad_command_lines(void **state)
@@ -2325,6 +2485,7 @@ int main(void)
         cmocka_unit_test(test_score_alternatives),
         cmocka_unit_test(test_completions),
         cmocka_unit_test(test_completions_echo_and_prompts),
+        cmocka_unit_test(test_completions_text_offset),
         cmocka_unit_test(test_cli_generate_equals_server),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_request_ids),
@@ -2336,6 +2497,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_sighup_reload, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_vector_model_refused, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_model_name_escaped, setup_reload, server_teardown),
+        cmocka_unit_test_setup_teardown(test_completions_text_offset_bytes, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),
