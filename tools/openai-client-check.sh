@@ -2,8 +2,9 @@
 # openai-client-check.sh [RRNSERVE] - drives /v1/completions and /v1/models
 # with OpenAI's own client library (the `openai` package of the npm
 # registry, for Node.js), to check that a client of that API reads what the
-# server answers: the model list, a completion of n 2 with logprobs, a
-# stream with its usage, two prompts echoed and scored, a stream echoing
+# server answers: the model list, a completion of n 2 with logprobs and
+# their text offsets, a stream with its usage, two prompts echoed and
+# scored (the offsets slice the text into the tokens), a stream echoing
 # its prompt, and an error's message.  Not part of `make test`:
 # it fetches the package from the registry.  Needs node and npm
 # (`apt-get install nodejs npm`).  Prints what the client read; exits
@@ -28,6 +29,7 @@ const c = await client.completions.create({ model: 'combo_lstm_lm', prompt: 'goo
                                             logprobs: 1, n: 2 });
 assert.equal(c.choices.length, 2);
 assert.equal(c.choices[0].logprobs.token_logprobs.length, 5);
+assert.deepEqual(c.choices[0].logprobs.text_offset, [8, 9, 10, 11, 12]);
 assert.equal(c.usage.total_tokens, 8 + 2 * 5);
 let text = '', finish = null, usage = null;
 for await (const chunk of await client.completions.create({ model: 'combo_lstm_lm', prompt: 'good day', max_tokens: 5,
@@ -44,6 +46,8 @@ const scored = await client.completions.create({ model: 'combo_lstm_lm', prompt:
 assert.deepEqual(scored.choices.map(x => x.text), ['good day', 'the ']);
 assert.equal(scored.choices[1].logprobs.token_logprobs.length, 4);
 assert.equal(scored.choices[1].logprobs.token_logprobs[0], null);
+const offsets = scored.choices[0].logprobs.text_offset;
+assert.deepEqual(offsets.map((o, i) => scored.choices[0].text.slice(o, o + 1)), scored.choices[0].logprobs.tokens);
 const lp = scored.choices[0].logprobs.token_logprobs.slice(1).reduce((a, b) => a + b, 0);
 let echoed = '';
 for await (const chunk of await client.completions.create({ model: 'combo_lstm_lm', prompt: 'good day', max_tokens: 5,
@@ -56,7 +60,8 @@ await assert.rejects(client.completions.create({ model: 'combo_lstm_lm', prompt:
 console.log('openai ' + (await import('openai/version')).VERSION + ': ' + models.data.length + ' models; ' +
             JSON.stringify(c.choices.map(x => x.text)) + ', ' + c.usage.total_tokens + ' tokens; stream ' +
             JSON.stringify(text) + ' (' + finish + ', usage ' + usage.completion_tokens + '); echoed ' +
-            JSON.stringify(scored.choices.map(x => x.text)) + ', ln p ' + lp.toFixed(4) + '; a stream echoed ' +
+            JSON.stringify(scored.choices.map(x => x.text)) + ', ln p ' + lp.toFixed(4) + ', text_offset ' +
+            JSON.stringify(offsets) + '; a stream echoed ' +
             JSON.stringify(echoed) + '; suffix refused');
 JS
 node "$work/check.mjs"
