@@ -2300,22 +2300,29 @@ static void test_api_keys(void **state)
         expect_status(s->port, "POST", "/classify", kept[i], body, 200);
 }
 
+/* A model of config json (its weights drawn as `rrnserve train` draws
+ * them) written into the server's folder as name, which a reload serves
+ * (the server's first). */
+static void serve_new_model(struct server *s, const char *name, const char *json)
+{
+    struct model m;
+    char path[128], err[256];
+    model_from_json(json, 0, 1, &m);
+    snprintf(path, sizeof path, "%s/%s.safetensors", s->dir, name);
+    if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
+        fail_msg("model_save: %s", err);
+    model_free(&m);
+    reload(s, 1);
+}
+
 /* A model that reads vectors rather than text (the synthetic tasks'
  * regressions `rrnserve train` makes) is served, listed, and refused by
  * every text endpoint with a 422 that says why. */
 static void test_vector_model_refused(void **state)
 {
     struct server *s = *state;
-    struct model m;
-    char path[128], err[256];
-    model_from_json("{\"task\": \"regress\", \"cell\": \"lstm\", \"hidden\": 8, \"outputs\": 2, "
-                    "\"input\": {\"type\": \"vector\", \"dim\": 3}}",
-                    0, 1, &m);
-    snprintf(path, sizeof path, "%s/vectors.safetensors", s->dir);
-    if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
-        fail_msg("model_save: %s", err);
-    model_free(&m);
-    reload(s, 1);
+    serve_new_model(s, "vectors", "{\"task\": \"regress\", \"cell\": \"lstm\", \"hidden\": 8, \"outputs\": 2, "
+                                  "\"input\": {\"type\": \"vector\", \"dim\": 3}}");
     cJSON *j = get(s->port, "/models", 200);
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "models")), 1);
     cJSON_Delete(j);
@@ -2361,16 +2368,8 @@ static void test_model_name_escaped(void **state)
 static void test_completions_text_offset_bytes(void **state)
 {
     struct server *s = *state;
-    struct model m;
-    char path[128], err[256];
-    model_from_json("{\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 16, \"embed_dim\": 8, "
-                    "\"tokenizer\": {\"type\": \"byte\"}}",
-                    0, 5, &m);
-    snprintf(path, sizeof path, "%s/bytes.safetensors", s->dir);
-    if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
-        fail_msg("model_save: %s", err);
-    model_free(&m);
-    reload(s, 1);
+    serve_new_model(s, "bytes", "{\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 16, \"embed_dim\": 8, "
+                                "\"tokenizer\": {\"type\": \"byte\"}}");
     long offs[64];
     char *text;
     /* a, é (2 bytes), 😀 (4), then 24 random bytes, mostly no character. */
