@@ -70,14 +70,24 @@ NVFLAGS := -O2 -std=c++17 -Iengine -DRRN_CUDA $(CUDA_DEFS) -MMD -MP \
            -gencode arch=compute_90,code=[sm_90,compute_90] -gencode arch=compute_80,code=sm_80
 endif
 
+# $(1) as one word of sh, within single quotes.
+sh_quote = '$(subst ','\'',$(1))'
+
 # $(1): build folder, $(2): extra compiler flags.  One rule set serves the
-# plain build and the sanitizer build.
+# plain build and the sanitizer build.  $(1)/.flags holds the commands'
+# flags, rewritten (and so newer than every object) when they change, as
+# git's Makefile does: make alone compares only times, and would keep
+# objects built with other flags.
 define objects
-$(1)/%.o: %.c
+flags_$(1) = $$(CC) $$(CFLAGS) $(2) $$(NVCC) $$(NVFLAGS)
+$(1)/.flags: FORCE
+	@mkdir -p $$(@D)
+	@printf '%s\n' $$(call sh_quote,$$(flags_$(1))) | cmp -s - $$@ || printf '%s\n' $$(call sh_quote,$$(flags_$(1))) > $$@
+$(1)/%.o: %.c $(1)/.flags
 	@mkdir -p $$(dir $$@)
 	@echo "  CC      $$@"
 	@$$(CC) $$(CFLAGS) $(2) -c $$< -o $$@
-$(1)/%.cu.o: %.cu
+$(1)/%.cu.o: %.cu $(1)/.flags
 	@mkdir -p $$(dir $$@)
 	@echo "  NVCC    $$@"
 	@$$(NVCC) $$(NVFLAGS) -c $$< -o $$@
@@ -101,7 +111,7 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: all rrnserve deps deps-bench test test-builds test-plain test-cpu-only test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+.PHONY: FORCE all rrnserve deps deps-bench test test-builds test-plain test-cpu-only test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
 # A CUPTI injection library for the GPU machine, where Nsight Systems makes
 # no report (tools/cupti_trace.c; tools/gpu-run.sh profile): built with the
@@ -244,11 +254,11 @@ $(eval $(call objects,$(EMU),$(SAN) $(CUDA_CFLAGS) -URRN_CUDA_DRIVER))
 EMU_CUDA_OBJS := $(CU_SRC:%.cu=$(EMU)/%.cu.o) $(patsubst %.cc,$(EMU)/%.o,$(wildcard tests/cuda_emu/*.cc))
 $(eval $(call cuda_library,$(EMU),$(EMU_CUDA_OBJS),$(SAN) -lopenblas -lstdc++ -lm -lpthread))
 # Defined after objects, so that it replaces its nvcc rule in this tree.
-$(EMU)/%.cu.o: %.cu
+$(EMU)/%.cu.o: %.cu $(EMU)/.flags
 	@mkdir -p $(dir $@)
 	@echo "  CXX     $@"
 	@$(CXX) -x c++ $(EMU_CXXFLAGS) $(CUDA_DEFS) -c $< -o $@
-$(EMU)/%.o: %.cc
+$(EMU)/%.o: %.cc $(EMU)/.flags
 	@mkdir -p $(dir $@)
 	@echo "  CXX     $@"
 	@$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
