@@ -25,9 +25,6 @@
 #include "notify.h"
 #include "registry.h"
 
-/* How long shutdown waits for requests in flight before giving up on them. */
-#define DRAIN_LIMIT_S 300
-
 struct serve_options {
     const char *models, *host, *api_keys;
     enum log_format log_format;
@@ -35,7 +32,7 @@ struct serve_options {
     enum precision precision;
     enum recurrence recurrence;
     long port, max_batch, max_wait_us, max_queue, threads, max_body, max_text_bytes, max_tokens_limit,
-        max_connections, timeout_s, prompt_cache_mb;
+        max_connections, timeout_s, prompt_cache_mb, drain_s;
 };
 
 static void usage(FILE *out)
@@ -46,7 +43,7 @@ static void usage(FILE *out)
             "                      [--max-batch N] [--max-wait-us N] [--max-queue N] [--api-keys FILE]\n"
             "                      [--threads N] [--max-body BYTES] [--max-text-bytes N]\n"
             "                      [--max-tokens-limit N] [--max-connections N] [--timeout-s N]\n"
-            "                      [--prompt-cache-mb N] [--log-format text|json]\n"
+            "                      [--prompt-cache-mb N] [--drain-s N] [--log-format text|json]\n"
             "\n"
             "Serves every *.safetensors file of DIR (default: models) over HTTP; see api.md.\n"
             "  --models DIR           the models folder; each file is a model named by its file name\n"
@@ -70,6 +67,8 @@ static void usage(FILE *out)
             "  --prompt-cache-mb N    per language model, the states after prompts and generations kept\n"
             "                         so that a prompt beginning with one skips its tokens; 0 for none\n"
             "                         (default 64)\n"
+            "  --drain-s N            on SIGTERM, how long the requests in flight may take to finish\n"
+            "                         before their connections are closed (seconds, default 300)\n"
             "  --log-format F         text, or json: each log line a JSON object (default text)\n");
 }
 
@@ -106,6 +105,7 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
         {"max-connections", 1, 100000, &o->max_connections},
         {"timeout-s", 1, 86400, &o->timeout_s},
         {"prompt-cache-mb", 0, 1L << 20, &o->prompt_cache_mb},
+        {"drain-s", 0, 86400, &o->drain_s},
     };
     enum { N_INTS = sizeof ints / sizeof ints[0], OPT_MODELS = 256, OPT_HOST, OPT_DEVICE, OPT_PRECISION, OPT_RECURRENCE,
            OPT_KEYS, OPT_LOG_FORMAT, OPT_HELP };
@@ -125,7 +125,7 @@ static int parse_options(int argc, char **argv, struct serve_options *o)
     *o = (struct serve_options){.models = "models", .host = "127.0.0.1", .device = DEVICE_AUTO, .port = 8080,
                                 .max_batch = 32, .max_wait_us = 2000, .max_queue = 256, .threads = 0,
                                 .max_body = 1L << 20, .max_text_bytes = 100000, .max_tokens_limit = 1024,
-                                .max_connections = 512, .timeout_s = 30, .prompt_cache_mb = 64};
+                                .max_connections = 512, .timeout_s = 30, .prompt_cache_mb = 64, .drain_s = 300};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -312,9 +312,9 @@ int cmd_serve(int argc, char **argv)
     atomic_store(&api.stopping, 1);
     http_quiesce(http);
     log_msg("%s: no new connections; answering the requests in flight", sig == SIGINT ? "SIGINT" : "SIGTERM");
-    int left = http_drain(http, DRAIN_LIMIT_S);
+    int left = http_drain(http, (int)o.drain_s);
     if (left)
-        log_msg("%d request(s) still in flight after %d s; closing them", left, DRAIN_LIMIT_S);
+        log_msg("%d request(s) still in flight after %ld s (--drain-s); closing them", left, o.drain_s);
     http_stop(http);
     registry_close(reg);
     metrics_free(metrics);

@@ -81,10 +81,14 @@ def check_deployment(path, d, configmaps):
                 problem(where, f"envFrom names ConfigMap {name}, which is not here")
             else:
                 defined |= set(configmaps[name])
+        values = {}
+        for src in c.get("envFrom", []):
+            values.update(configmaps.get(get(src, "configMapRef.name"), {}))
         for a in args:
             for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(a)):
                 if var not in defined:
                     problem(where, f"argument uses $({var}), which nothing defines")
+        check_grace(where, d, c, args, values)
         ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", []) if isinstance(p, dict)}
         if not all(isinstance(v, int) for v in ports.values()) or not ports:
             problem(where, "needs named ports with integer containerPorts")
@@ -98,6 +102,22 @@ def check_deployment(path, d, configmaps):
         res = c.get("resources", {})
         if not get(res, "requests.cpu") or not get(res, "requests.memory") or not get(res, "limits.memory"):
             problem(where, "needs cpu and memory requests and a memory limit")
+
+
+def check_grace(where, d, c, args, values):
+    """Kubernetes kills a pod its grace period after it begins to stop,
+    preStop hook included: the server's drain (--drain-s, 300 s unless
+    given) must end before, so that it closes what is left itself."""
+    grace = get(d, "spec.template.spec.terminationGracePeriodSeconds", 30)
+    command = get(c, "lifecycle.preStop.exec.command", [])
+    pre_stop = int(command[1]) if len(command) == 2 and command[0] == "sleep" and command[1].isdigit() else 0
+    drain = "300"
+    if "--drain-s" in args[:-1]:
+        drain = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: str(values.get(m.group(1), "")),
+                       args[args.index("--drain-s") + 1])
+    if not drain.isdigit() or not isinstance(grace, int) or pre_stop + int(drain) >= grace:
+        problem(where, f"preStop ({pre_stop} s) and --drain-s ({drain} s) must end within "
+                       f"terminationGracePeriodSeconds ({grace} s)")
 
 
 def check_configmap(path, d):

@@ -5,7 +5,8 @@
  * clients against a short --timeout-s, oversized request heads, a flood of
  * connections beyond --max-connections, a model too large for the memory
  * the process may have (reloaded under an address-space limit), a GPU
- * that is not there, and a device that fails while serving (injected).
+ * that is not there, a stream longer than the drain allowed at SIGTERM,
+ * and a device that fails while serving (injected).
  * After each fault the server must go on serving.
  *
  * test_server.c already covers a client that closes mid-stream (its stream
@@ -593,6 +594,33 @@ static void device_fault_case(const char *device)
     assert_int_equal(rmdir(dir), 0);
 }
 
+/* SIGTERM while a stream of a million tokens runs, with --drain-s 1: the
+ * server waits a second for it, then closes its connection (no [DONE]),
+ * says so, and exits 0, rather than waiting for the stream to end. */
+static void test_drain_limit(void **state)
+{
+    (void)state;
+    const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", "--drain-s", "1", NULL};
+    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
+                       "\"stream\": true}";
+    struct server *s = start(main_models, extra, NULL);
+    int fd = http_connect(s->port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    http_send_request(fd, "POST", "/generate", "", body, strlen(body));
+    struct buf raw = {0};
+    http_read_until(fd, &raw, "\"index\":2}");
+    assert_non_null(raw.p);
+    assert_int_equal(kill(s->pid, SIGTERM), 0);
+    assert_true(http_read_all(fd, &raw));
+    assert_null(strstr(raw.p, "[DONE]"));
+    free(raw.p);
+    close(fd);
+    int status = server_wait_exit(s);
+    assert_true(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    assert_true(server_log_has(s, "1 request(s) still in flight after 1 s (--drain-s); closing them"));
+    server_stop(s);
+}
+
 static void test_device_fault_cpu(void **state)
 {
     (void)state;
@@ -621,6 +649,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_connection_flood, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, server_teardown),
         cmocka_unit_test(test_gpu_unavailable),
+        cmocka_unit_test(test_drain_limit),
         cmocka_unit_test(test_device_fault_cpu),
         cmocka_unit_test(test_device_fault_cuda),
     };
