@@ -157,10 +157,6 @@ static int get_generation(const struct api *a, const cJSON *req, struct gen_requ
         reply_error(r, 422, "\"n\" above 1 cannot be streamed; ask with \"stream\": false");
         return -1;
     }
-    if (g->echo && g->stream && g->max_tokens == 0) {
-        reply_error(r, 422, "\"max_tokens\" 0 cannot be streamed; ask with \"stream\": false");
-        return -1;
-    }
     if (temperature < 0) {
         reply_error(r, 422, "\"temperature\" must be 0 (greedy) or more");
         return -1;
@@ -653,12 +649,12 @@ struct api_stream {
     size_t out_pos;
 };
 
-/* One `data: JSON` event; o is consumed. */
-static int add_event(struct api_stream *s, cJSON *o)
+/* One `data: JSON` event into out; o is consumed. */
+static int event_add(struct bytes *out, cJSON *o)
 {
     char *json = o ? cJSON_PrintUnformatted(o) : NULL;
-    int rc = json && bytes_add(&s->out, "data: ", 6) == 0 && bytes_add(&s->out, json, strlen(json)) == 0 &&
-                     bytes_add(&s->out, "\n\n", 2) == 0
+    int rc = json && bytes_add(out, "data: ", 6) == 0 && bytes_add(out, json, strlen(json)) == 0 &&
+                     bytes_add(out, "\n\n", 2) == 0
                  ? 0
                  : -1;
     free(json);
@@ -666,17 +662,36 @@ static int add_event(struct api_stream *s, cJSON *o)
     return rc;
 }
 
-/* A completions stream's event: one choice (consumed, NULL: none, for the
- * usage event), and the usage when there is no choice. */
-static cJSON *openai_event(const struct api_stream *s, cJSON *choice)
+static int add_event(struct api_stream *s, cJSON *o)
+{
+    return event_add(&s->out, o);
+}
+
+/* A completions stream's event: one choice, or none and the usage (each
+ * consumed, one of them NULL). */
+static cJSON *openai_event(const struct gen_shape *shape, const char *model, cJSON *choice, cJSON *usage)
 {
     cJSON *choices = cJSON_CreateArray();
     int failed = !choices || (choice && json_put(choices, NULL, choice));
     if (failed) {
         cJSON_Delete(choices);
+        cJSON_Delete(usage);
         return NULL;
     }
-    return openai_object(&s->shape, s->m->name, choices, choice ? NULL : openai_usage(&s->j, 1, 1, NULL));
+    return openai_object(shape, model, choices, usage);
+}
+
+/* The end of a completions stream: the event with the finish reason, the
+ * usage's when asked for (jobs and echo as openai_usage takes them), and
+ * [DONE]. */
+static int openai_end(struct bytes *out, const struct gen_shape *shape, const char *model, const char *finish,
+                      struct job *const *jobs, int per, const struct job *echo)
+{
+    int rc = event_add(out, openai_event(shape, model,
+                                         openai_choice(0, cJSON_CreateString(""), cJSON_CreateNull(), finish), NULL));
+    if (rc == 0 && shape->include_usage)
+        rc = event_add(out, openai_event(shape, model, NULL, openai_usage(jobs, 1, per, echo)));
+    return rc == 0 && bytes_add(out, "data: [DONE]\n\n", 14) == 0 ? 0 : -1;
 }
 
 /* The event of token `index`: its text joins the text before it as the
@@ -693,7 +708,8 @@ static int token_event(struct api_stream *s, int32_t id, int index)
         const struct job *j = s->j;
         const struct generated gen = {.j = j, .ids = s->ids, .from = index, .n = 1, .at = &at, .base = s->base};
         cJSON *lps = openai_logprobs(&s->m->tk, j->logprobs, j->top_logprobs, NULL, &gen, NULL);
-        return add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(clean), lps, NULL)));
+        return add_event(s, openai_event(&s->shape, s->m->name, openai_choice(0, cJSON_CreateString(clean), lps, NULL),
+                                         NULL));
     }
     cJSON *o = cJSON_CreateObject();
     int failed = json_put(o, "token", cJSON_CreateString(clean));
@@ -709,7 +725,7 @@ static int token_event(struct api_stream *s, int32_t id, int index)
 /* The events after a generation's last token: its outcome and "[DONE]". */
 static int last_events(struct api_stream *s)
 {
-    const struct job *j = s->j;
+    struct job *j = s->j;
     int rc = 0;
     if (j->failed) {
         char msg[320];
@@ -720,10 +736,7 @@ static int last_events(struct api_stream *s)
         failed |= json_put(last, "error", e);
         rc = add_event(s, json_built(last, failed));
     } else if (s->shape.dialect == DIALECT_OPENAI) {
-        rc = add_event(s, openai_event(s, openai_choice(0, cJSON_CreateString(""), cJSON_CreateNull(),
-                                                        finish_name(j->finish))));
-        if (rc == 0 && s->shape.include_usage)
-            rc = add_event(s, openai_event(s, NULL));
+        return openai_end(&s->out, &s->shape, s->m->name, finish_name(j->finish), &j, 1, NULL);
     } else {
         rc = add_event(s, generation_result(j));
     }
@@ -840,6 +853,23 @@ static cJSON *echo_event(const struct served_model *m, const struct gen_request 
     return o;
 }
 
+/* A completions stream of an echoed prompt alone (max_tokens 0), whose
+ * events are all there at once: the prompt's (first, consumed), the end's
+ * and [DONE]. */
+static void echo_only_events(const struct served_model *m, const struct gen_request *g, cJSON *first,
+                             const struct job *e, struct reply *r)
+{
+    struct bytes out = {0};
+    if (event_add(&out, first) != 0 || openai_end(&out, &g->shape, m->name, "length", NULL, 0, e) != 0) {
+        free(out.p);
+        reply_error(r, 500, "out of memory");
+        return;
+    }
+    r->status = 200;
+    r->body = out.p;
+    r->content_type = "text/event-stream";
+}
+
 /* A finished generation's answer: generation_result, and the tokens'
  * log-probabilities when they were asked for. */
 static cJSON *generation_answer(const struct served_model *m, const struct job *j)
@@ -878,7 +908,10 @@ static void generate(struct api *a, struct gen_request *g, const char *endpoint,
     /* Without logprobs the echo job only holds the prompts' tokens. */
     const int run = n - (g->echo && !g->logprobs);
     cJSON *first = n > 0 && g->stream && g->echo ? echo_event(m, g, &t, jobs[n - 1], c, r) : NULL;
-    if (n > 0 && g->stream && (first || !g->echo) && start_stream(m, jobs[0], &g->shape, c, t.s[0], first, r) == 0) {
+    if (first && g->max_tokens == 0) {
+        echo_only_events(m, g, first, jobs[n - 1], r);
+    } else if (n > 0 && g->stream && (first || !g->echo) &&
+               start_stream(m, jobs[0], &g->shape, c, t.s[0], first, r) == 0) {
         m = NULL; /* the stream's now */
         jobs[0] = NULL;
     } else if (n > 0 && !g->stream && (run == 0 || jobs_run(m, jobs, run, c, r) == 0)) {

@@ -283,7 +283,7 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
     pthread_mutex_unlock(&s->mu);
     int rc = add_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
     rc |= add_header(resp, REQUEST_ID_HEADER, rq->id);
-    if (r->stream)
+    if (strcmp(type, "text/event-stream") == 0)
         rc |= add_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
     if (r->retry_after)
         rc |= add_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, retry);

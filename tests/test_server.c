@@ -1082,7 +1082,6 @@ static void test_completions(void **state)
         int status;
         const char *mention;
     } refused[] = {
-        {"\"echo\": true, \"stream\": true, \"max_tokens\": 0", 422, "\"max_tokens\""},
         {"\"max_tokens\": 0", 422, "\"max_tokens\""},
         {"\"echo\": 1", 400, "\"echo\""},
         {"\"suffix\": \"end\"", 422, "\"suffix\""},
@@ -1395,6 +1394,32 @@ static void test_completions_echo_and_prompts(void **state)
     usage = cJSON_GetObjectItem(got, "usage");
     assert_int_equal(cJSON_GetObjectItem(usage, "prompt_tokens")->valueint, 12);
     assert_int_equal(cJSON_GetObjectItem(usage, "completion_tokens")->valueint, 0);
+    /* Streamed, max_tokens 0 is the prompt's event, the end's and the
+     * usage's. */
+    struct http_resp sr;
+    http_must_request(s->port, "POST", "/v1/completions", "",
+                      "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"echo\": true, \"max_tokens\": 0, "
+                      "\"logprobs\": 0, \"stream\": true, \"stream_options\": {\"include_usage\": true}}",
+                      &sr);
+    assert_int_equal(sr.status, 200);
+    char type[64];
+    assert_non_null(http_header(&sr, "Content-Type", type, sizeof type));
+    assert_string_equal(type, "text/event-stream");
+    const char *ev = strstr(sr.body.p, "data: ");
+    const char *end = ev ? strstr(ev, "\n\n") : NULL;
+    assert_non_null(end);
+    cJSON *prompt_event = cJSON_ParseWithLength(ev + 6, (size_t)(end - ev - 6));
+    assert_int_equal(choice_logprobs(prompt_event, 0, &tokens, &lps, &tops), 8);
+    assert_string_equal(str_of(cJSON_GetArrayItem(cJSON_GetObjectItem(prompt_event, "choices"), 0), "text"), "good day");
+    const cJSON *whole_tokens, *whole_lps, *whole_tops;
+    assert_int_equal(choice_logprobs(got, 0, &whole_tokens, &whole_lps, &whole_tops), 8);
+    for (int k = 1; k < 8; k++)
+        assert_true(cJSON_GetArrayItem(lps, k)->valuedouble == cJSON_GetArrayItem(whole_lps, k)->valuedouble);
+    cJSON_Delete(prompt_event);
+    assert_non_null(strstr(end, "\"choices\":[{\"text\":\"\",\"index\":0,\"logprobs\":null,\"finish_reason\":\"length\"}]}"));
+    assert_non_null(strstr(end, "\"usage\":{\"prompt_tokens\":8,\"completion_tokens\":0,"));
+    assert_non_null(strstr(end, "\n\ndata: [DONE]\n\n"));
+    http_resp_free(&sr);
     cJSON_Delete(got);
     got = post(s->port, "/v1/completions", 200,
                "{\"model\": \"tok_word_lm\", \"prompt\": \"Hello world\", \"echo\": true, \"max_tokens\": 3, \"seed\": 1}");
