@@ -18,9 +18,12 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "engine.h"
+#include "model.h"
 #include "support/buf.h"
 #include "support/cuda.h"
 #include "support/fixtures.h"
+#include "support/model_json.h"
 #include "support/proc.h"
 
 #define FIX "tests/fixtures/"
@@ -60,6 +63,46 @@ static void test_run_classify_text(void **state)
     cJSON_Delete(got);
     cJSON_Delete(fx);
     free(out);
+}
+
+/* A regression that reads text (which `rrnserve train`, whose regressions
+ * read vectors, does not make, but an exported model may be) prints its
+ * outputs: the engine's, computed here in the same process. */
+static void test_run_regress_text(void **state)
+{
+    (void)state;
+    struct model m;
+    model_from_json("{\"task\": \"regress\", \"cell\": \"gru\", \"hidden\": 8, \"embed_dim\": 4, \"outputs\": 2, "
+                    "\"tokenizer\": {\"type\": \"byte\"}}",
+                    0, 3, &m);
+    char dir[] = "/tmp/rrn_cli_XXXXXX", path[64], err[256];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/regress.safetensors", dir);
+    if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
+        fail_msg("model_save: %s", err);
+    struct backend *be = backend_create(DEVICE_CPU, err, sizeof err);
+    assert_non_null(be);
+    struct engine *e = engine_create(&m, be, 0, err, sizeof err);
+    assert_non_null(e);
+    static const int32_t ids[] = {'a', ' ', 'f', 'i', 'n', 'e', ' ', 'd', 'a', 'y'};
+    float want[2];
+    struct engine_seq q = {.tokens = ids, .len = 10, .slot = -1, .logits = want};
+    assert_int_equal(engine_forward(e, &q, 1, err, sizeof err), 0);
+    char *out;
+    assert_int_equal(proc_rrnserve(&out, NULL, "run %s --text 'a fine day'", path), 0);
+    cJSON *got = cJSON_Parse(out);
+    const cJSON *outputs = cJSON_GetObjectItem(got, "outputs");
+    assert_int_equal(cJSON_GetArraySize(outputs), 2);
+    for (int i = 0; i < 2; i++)
+        if (!(fabs(cJSON_GetArrayItem(outputs, i)->valuedouble - want[i]) < 1e-6))
+            fail_msg("output %d: %s, not %g", i, out, (double)want[i]);
+    cJSON_Delete(got);
+    free(out);
+    engine_destroy(e);
+    backend_destroy(be);
+    model_free(&m);
+    unlink(path);
+    rmdir(dir);
 }
 
 /* The lm texts as a file (one text) and as JSONL with bad lines between
@@ -348,6 +391,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_version),      cmocka_unit_test(test_run_classify_text),
+        cmocka_unit_test(test_run_regress_text),
         cmocka_unit_test(test_run_lm_file_and_jsonl), cmocka_unit_test(test_info),
         cmocka_unit_test(test_precision),   cmocka_unit_test(test_cuda_library),
         cmocka_unit_test(test_generate_stream),
