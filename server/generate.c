@@ -479,11 +479,8 @@ static const char *join_token(struct joined *t, const struct tokenizer *tk, int3
     return join(t, space, piece, piece ? n : 0, 0, len, at);
 }
 
-/* The characters of prompt before a completion's first token: the prompt's,
- * and a word model's joining space (openai_text), counted whether or not
- * the answer echoes the prompt, as the completions API counts text_offset
- * from the prompt's start.  With at not NULL, where each of its n tokens
- * begins in it.  -1 when out of memory. */
+/* The characters of prompt and, with at not NULL, where each of its n
+ * tokens begins in it.  -1 when out of memory. */
 static long long prompt_chars(const struct tokenizer *tk, const char *prompt, size_t *at, int n)
 {
     struct joined t = {0};
@@ -498,7 +495,17 @@ static long long prompt_chars(const struct tokenizer *tk, const char *prompt, si
     free(ids);
     free(starts);
     utf8_stream_free(&t.text);
-    return ok ? (long long)(t.chars + (tk->type == TOKENIZER_WORD && *prompt)) : -1;
+    return ok ? (long long)t.chars : -1;
+}
+
+/* Where a completion's text begins, as text_offset counts (from the
+ * prompt's start, whether or not the answer echoes it): after the prompt's
+ * characters and a word model's joining space (openai_text), unless the
+ * completion's joined text holds that space itself (a stream that sent
+ * its prompt first). */
+static size_t completion_base(const struct tokenizer *tk, const char *prompt, long long chars, int holds_space)
+{
+    return (size_t)chars + (tk->type == TOKENIZER_WORD && *prompt && !holds_space);
 }
 
 /* j->text_at, for the answer's text_offset: where each of its tokens
@@ -515,8 +522,8 @@ static int generated_offsets(const struct tokenizer *tk, struct job *j)
 }
 
 /* e->text_at, for an echo's text_offset: where each token of each prompt
- * begins in it; *chars[p], prompt p's characters as prompt_chars counts
- * them.  0, or -1 when out of memory. */
+ * begins in it; chars[p], prompt p's characters.  0, or -1 when out of
+ * memory. */
 static int echo_offsets(const struct tokenizer *tk, const struct texts *t, struct job *e, long long *chars)
 {
     if (!(e->text_at = malloc(sizeof *e->text_at * (job_text_at(e, e->n_texts) + 1))))
@@ -620,7 +627,8 @@ static cJSON *openai_answer(const struct served_model *m, const struct gen_reque
         const struct echo echo = e ? echo_of(t, e, c / n) : (struct echo){0};
         const struct echo *ep = e ? &echo : NULL;
         const struct generated gen = {.j = j, .ids = j ? j->tokens : NULL, .n = j ? j->n_tokens : 0,
-                                      .at = j ? j->text_at : NULL, .base = (size_t)chars[c / n]};
+                                      .at = j ? j->text_at : NULL,
+                                      .base = completion_base(&m->tk, t->s[c / n], chars[c / n], 0)};
         failed |= json_put(choices, NULL,
                            openai_choice(c, openai_text(&m->tk, ep, j),
                                          openai_logprobs(&m->tk, g->logprobs, k, ep, j ? &gen : NULL, z),
@@ -805,7 +813,6 @@ static int start_stream(struct served_model *m, struct job *j, const struct gen_
 {
     struct api_stream *s = calloc(1, sizeof *s);
     int32_t *ids = malloc(sizeof *ids * (size_t)j->max_tokens);
-    /* The text offsets of an echo's stream count the space it sends. */
     const long long chars = j->logprobs ? prompt_chars(&m->tk, prompt, NULL, 0) : 0;
     if (!s || !ids || chars < 0 || jobs_submit(m, &j, 1, r) != 0) {
         if (!s || !ids || chars < 0)
@@ -817,7 +824,7 @@ static int start_stream(struct served_model *m, struct job *j, const struct gen_
     }
     *s = (struct api_stream){.m = m, .j = j, .shape = *shape, .client = *c, .batch_size = -1, .ids = ids,
                              .after_prompt = first != NULL,
-                             .base = (size_t)chars - (m->tk.type == TOKENIZER_WORD && first && chars)};
+                             .base = completion_base(&m->tk, prompt, chars, first != NULL)};
     if (first && add_event(s, first) != 0)
         job_cancel(j); /* out of memory: the stream ends at its first read */
     r->status = 200;
