@@ -499,27 +499,38 @@ static int status_with(int port, const char *method, const char *path, const cha
     return got;
 }
 
-/* Streams that the fault meets mid-way, past their prompts with tokens
- * coming (a million asked for, so that none can end first), each end with
- * the error event naming it and [DONE], not a hang or a cut connection;
- * once the fault is gone the server serves again. */
-#define N_FAULT_STREAMS 3
-static void fault_mid_stream(int port, const char *fault)
+/* Starts a stream of a million tokens (needs --max-tokens-limit 1000000),
+ * so that none ends while a test acts on it: its connection. */
+static int start_long_stream(int port)
 {
     const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
                        "\"stream\": true}";
+    int fd = http_connect(port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    http_send_request(fd, "POST", "/generate", "", body, strlen(body));
+    return fd;
+}
+
+/* Reads a stream of start_long_stream's into raw until its third token. */
+static void read_past_prompt(int fd, struct buf *raw)
+{
+    http_read_until(fd, raw, "\"index\":2}");
+    assert_non_null(raw->p);
+    assert_non_null(strstr(raw->p, "\"index\":2}"));
+}
+
+/* Streams that the fault meets mid-way, past their prompts with tokens
+ * coming, each end with the error event naming it and [DONE], not a hang
+ * or a cut connection; once the fault is gone the server serves again. */
+#define N_FAULT_STREAMS 3
+static void fault_mid_stream(int port, const char *fault)
+{
     int fds[N_FAULT_STREAMS];
     struct buf raw[N_FAULT_STREAMS] = {{0}};
-    for (int i = 0; i < N_FAULT_STREAMS; i++) {
-        fds[i] = http_connect(port, HTTP_TIMEOUT_S);
-        assert_true(fds[i] >= 0);
-        http_send_request(fds[i], "POST", "/generate", "", body, strlen(body));
-    }
-    for (int i = 0; i < N_FAULT_STREAMS; i++) {
-        http_read_until(fds[i], &raw[i], "\"index\":2}");
-        assert_non_null(raw[i].p);
-        assert_non_null(strstr(raw[i].p, "\"index\":2}"));
-    }
+    for (int i = 0; i < N_FAULT_STREAMS; i++)
+        fds[i] = start_long_stream(port);
+    for (int i = 0; i < N_FAULT_STREAMS; i++)
+        read_past_prompt(fds[i], &raw[i]);
     FILE *f = fopen(fault, "w");
     assert_non_null(f);
     fclose(f);
@@ -601,15 +612,10 @@ static void test_drain_limit(void **state)
 {
     (void)state;
     const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", "--drain-s", "1", NULL};
-    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
-                       "\"stream\": true}";
     struct server *s = start(main_models, extra, NULL);
-    int fd = http_connect(s->port, HTTP_TIMEOUT_S);
-    assert_true(fd >= 0);
-    http_send_request(fd, "POST", "/generate", "", body, strlen(body));
+    int fd = start_long_stream(s->port);
     struct buf raw = {0};
-    http_read_until(fd, &raw, "\"index\":2}");
-    assert_non_null(raw.p);
+    read_past_prompt(fd, &raw);
     assert_int_equal(kill(s->pid, SIGTERM), 0);
     assert_true(http_read_all(fd, &raw));
     assert_null(strstr(raw.p, "[DONE]"));
