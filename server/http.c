@@ -533,6 +533,11 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
         client_gone = 0;
         return;
     }
+    /* A client that closes its connection while its answer is sent (a
+     * stream it stops reading): the request's line says 499 already. */
+    if (strncmp(msg, "Failed to send", 14) == 0 &&
+        (strstr(msg, "closed by remote peer") || strstr(msg, "no longer available for sending")))
+        return;
     log_msg("http: %s", msg);
 }
 
