@@ -3,8 +3,10 @@
 #   make            build ./rrnserve (CUDA parts too when nvcc is found; CUDA=0 turns them off)
 #   make deps       install the Debian packages the build, tests and benchmarks need
 #   make test       build and run every test, then again in a build without CUDA and
-#                   under ASan+UBSan, the CUDA backend's tests on the CPU emulator,
-#                   the fuzz targets briefly, and the server tests under valgrind
+#                   under ASan+UBSan, the server's under ThreadSanitizer with a short soak,
+#                   the CUDA backend's tests on the CPU emulator, the fuzz targets
+#                   briefly, and the server tests under valgrind
+#   make test-tsan  the batcher's and the server's tests and a 30 s soak under ThreadSanitizer
 #   make test-cuda-emu  the CUDA backend's kernels and host code on tests/cuda_emu
 #   make emu-rrnserve   build/emu-nosan/rrnserve: rrnserve on that emulator, unsanitized
 #   make bench      run the benchmarks
@@ -93,9 +95,9 @@ $(1)/%.cu.o: %.cu $(1)/.flags
 	@$$(NVCC) $$(NVFLAGS) -c $$< -o $$@
 endef
 
-SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SAN  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+TSAN := -fsanitize=thread
 $(eval $(call objects,$(BUILD),))
-$(eval $(call objects,$(BUILD)/asan,$(SAN)))
 
 # Everything but main(): what the binary and every test link.
 lib_objs    = $(ENGINE_SRC:%.c=$(1)/%.o) $(SERVER_SRC:%.c=$(1)/%.o) $(TRAIN_SRC:%.c=$(1)/%.o)
@@ -111,7 +113,7 @@ support_objs = $(SUPPORT_SRC:%.c=$(1)/%.o)
 # Keep object files make would otherwise delete as intermediates.
 .SECONDARY:
 
-.PHONY: FORCE all rrnserve deps deps-bench test test-builds test-plain test-cpu-only test-asan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
+.PHONY: FORCE all rrnserve deps deps-bench test test-builds test-plain test-cpu-only test-asan test-tsan test-cuda-emu emu-rrnserve bench bench-gpu bench-server serve clean fixtures install uninstall fuzz test-fuzz \
         deps-fuzz test-valgrind deps-valgrind
 # A CUPTI injection library for the GPU machine, where Nsight Systems makes
 # no report (tools/cupti_trace.c; tools/gpu-run.sh profile): built with the
@@ -144,7 +146,6 @@ $(1)/$(CUDA_LIBRARY): $(2)
 	@$$(CC) -shared -Wl,-z,defs -o $$@ $$^ $(3)
 endef
 $(eval $(call cuda_library,$(BUILD),$(CU_SRC:%.cu=$(BUILD)/%.cu.o),$(CUDA_LDLIBS)))
-$(eval $(call cuda_library,$(BUILD)/asan,$(CU_SRC:%.cu=$(BUILD)/asan/%.cu.o),$(CUDA_LDLIBS)))
 
 # Static pattern rules: a bare $(BUILD)/tests/% would also offer itself
 # for the support objects below tests/.
@@ -152,13 +153,21 @@ $(call test_bins,$(BUILD)): $(BUILD)/tests/%: $(BUILD)/tests/%.o $(call support_
                            $(call lib_objs,$(BUILD)) | $(call cuda_lib,$(BUILD))
 	@echo "  LINK    $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(RPATH_SUB) -lcmocka -lpng -lssl
-$(call test_bins,$(BUILD)/asan): $(BUILD)/asan/tests/%: $(BUILD)/asan/tests/%.o $(call support_objs,$(BUILD)/asan) \
-                                 $(call lib_objs,$(BUILD)/asan) | $(call cuda_lib,$(BUILD)/asan)
-	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) $(RPATH_SUB) -lcmocka -lpng -lssl
-$(BUILD)/asan/rrnserve: $(call lib_objs,$(BUILD)/asan) $(call cli_objs,$(BUILD)/asan) | $(call cuda_lib,$(BUILD)/asan)
-	@echo "  LINK    $@"
-	@$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) $(RPATH_BIN)
+
+# $(1): build folder, $(2): sanitizer flags.  A sanitized build's objects,
+# CUDA library, binary and tests: ASan+UBSan's and ThreadSanitizer's.
+define sanitized_build
+$(call objects,$(1),$(2))
+$(call cuda_library,$(1),$(CU_SRC:%.cu=$(1)/%.cu.o),$(CUDA_LDLIBS))
+$(call test_bins,$(1)): $(1)/tests/%: $(1)/tests/%.o $(call support_objs,$(1)) $(call lib_objs,$(1)) | $(call cuda_lib,$(1))
+	@echo "  LINK    $$@"
+	@$$(CC) $$(CFLAGS) $(2) -o $$@ $$^ $$(LDLIBS) $$(RPATH_SUB) -lcmocka -lpng -lssl
+$(1)/rrnserve: $(call lib_objs,$(1)) $(call cli_objs,$(1)) | $(call cuda_lib,$(1))
+	@echo "  LINK    $$@"
+	@$$(CC) $$(CFLAGS) $(2) -o $$@ $$^ $$(LDLIBS) $$(RPATH_BIN)
+endef
+$(eval $(call sanitized_build,$(BUILD)/asan,$(SAN)))
+$(eval $(call sanitized_build,$(BUILD)/tsan,$(TSAN)))
 
 # deps installs what is missing (nothing when all is there); the targets
 # that need packages run it first, so a fresh machine needs no other step.
@@ -175,7 +184,7 @@ deps-bench:
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 test: deps deps-fuzz deps-valgrind
 	@$(MAKE) --no-print-directory -j$(NPROC) test-builds
-	@$(MAKE) --no-print-directory test-plain test-cpu-only test-asan test-cuda-emu test-fuzz test-valgrind
+	@$(MAKE) --no-print-directory test-plain test-cpu-only test-asan test-tsan test-cuda-emu test-fuzz test-valgrind
 
 # OpenBLAS picks its kernels by the CPU, or by OPENBLAS_CORETYPE where it is
 # set, and the bits of a training product follow them: the tests of bits run
@@ -205,6 +214,21 @@ endif
 test-asan: $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan)
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	    tests/run_tests.sh $(BUILD)/asan $(BUILD)/asan/rrnserve
+
+# ThreadSanitizer, on the build without CUDA (whose runtime it could not
+# see into): the tests that run the batcher's and the server's threads,
+# then a 30 s soak, whose load and churn (reloads under load, /metrics
+# scraped, clients leaving streams) cross those threads as the tests, one
+# request at a time, do not.  halt_on_error: a server stops at its first
+# report, which fails the test or the soak that started it.
+TSAN_BUILD := build/cpu/tsan
+TSAN_TESTS := test_batcher test_server test_faults test_replicas
+TSAN_BINS  := $(TSAN_BUILD)/rrnserve $(TSAN_TESTS:%=$(TSAN_BUILD)/tests/%) build/cpu/bench/loadgen
+test-tsan:
+	@$(MAKE) --no-print-directory CUDA=0 $(TSAN_BINS)
+	@export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1; \
+	    tests/run_tests.sh $(TSAN_BUILD) $(TSAN_BUILD)/rrnserve $(TSAN_TESTS) && \
+	    RRN_BIN=$(TSAN_BUILD)/rrnserve SOAK_SECONDS=30 tests/soak.sh build/cpu/bench/loadgen
 
 fixtures:
 	$(PYTHON) tests/fixtures/make_fixtures.py tests/fixtures
@@ -318,9 +342,10 @@ deps-fuzz:
 # What `make test` builds before it runs anything (after the variables of
 # every build above are set).
 test-builds: rrnserve $(CUPTI_TRACE) $(call test_bins,$(BUILD)) $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan) \
-             $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%) $(FUZZ_BINS)
+             $(EMU)/rrnserve $(EMU_TESTS:%=$(EMU)/tests/%) $(EMU_WHOLE:%=$(EMU)/tests/%) $(FUZZ_BINS) \
+             $(if $(filter 0,$(CUDA)),$(TSAN_BINS))
 ifeq ($(CUDA),1)
-	@$(MAKE) --no-print-directory CUDA=0 build/cpu/rrnserve $(call test_bins,build/cpu)
+	@$(MAKE) --no-print-directory CUDA=0 build/cpu/rrnserve $(call test_bins,build/cpu) $(TSAN_BINS)
 endif
 
 # The server tests (tests/test_server.c) with every server they start run

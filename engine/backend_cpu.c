@@ -336,11 +336,20 @@ static inline __attribute__((always_inline)) void gru_row(float *restrict out, c
 /* Below this many gate values a step is not worth splitting over threads. */
 #define CELL_PARALLEL_MIN 8192
 
+/* target_clones builds AVX-512 and AVX2 copies beside the baseline one
+ * and picks at load time (no operation is fused, so all three give the
+ * same bits).  Not under ThreadSanitizer: GCC instruments the clones'
+ * resolver, which the loader runs before TSan's runtime is up, and the
+ * program faults before main. */
+#ifdef __SANITIZE_THREAD__
+#define CELL_CLONES
+#else
+#define CELL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+
 /* Rows i0..i1-1 of a cell step; scratch is the worker's own.  Runs once
- * per layer, step and worker; target_clones builds AVX-512 and AVX2 copies
- * beside the baseline one and picks at load time (no operation is fused,
- * so all three give the same bits). */
-__attribute__((target_clones("avx512f", "avx2", "default")))
+ * per layer, step and worker. */
+CELL_CLONES
 static void cell_rows(const void *arg, int i0, int i1, float *scratch)
 {
     const struct cell_step *s = arg;
