@@ -189,12 +189,17 @@ static int cancelled(struct job *j)
     return atomic_load(&j->cancelled);
 }
 
+/* The error of the jobs cut_off_jobs ends, told apart from the others by
+ * its address. */
+static const char cut_off_error[] = "the server is shutting down, and this request was still running when its time "
+                                    "to finish the requests in flight (--drain-s) ran out";
+
 static void finish_job(struct batcher *b, struct job *j, int batch_size, const char *error)
 {
     (void)b;
     pthread_mutex_lock(&j->mu);
     if (error) {
-        j->failed = 1;
+        j->failed = error == cut_off_error ? JOB_CUT_OFF : JOB_ENGINE_FAILED;
         /* Engine errors are longer than a job keeps: cut, by intent. */
         snprintf(j->error, sizeof j->error, "%.*s", (int)sizeof j->error - 1, error);
     }
@@ -946,6 +951,23 @@ static void step_streams(struct batcher *b)
     }
 }
 
+/* Ends every job held, queued, streaming or scored a share a turn, as
+ * cut off (mu held). */
+static void cut_off_jobs(struct batcher *b)
+{
+    while (b->head) {
+        struct job *j = b->head;
+        b->head = j->next;
+        b->depth--;
+        finish_job(b, j, 0, cut_off_error);
+    }
+    b->tail = NULL;
+    while (b->n_streams)
+        end_stream(b, b->n_streams - 1, cut_off_error);
+    while (b->shared_head)
+        unshare_job(b, cut_off_error);
+}
+
 static void *batcher_main(void *arg)
 {
     struct batcher *b = arg;
@@ -966,8 +988,10 @@ static void *batcher_main(void *arg)
                 pthread_mutex_lock(&b->mu);
             }
         }
-        if (!b->head && b->n_streams == 0 && !b->shared_head)
-            break; /* stopping, and nothing left to do */
+        if (b->opt.cut_off && atomic_load(b->opt.cut_off))
+            cut_off_jobs(b);
+        if (!b->head && b->n_streams == 0 && !b->shared_head && b->stopping)
+            break; /* nothing left to do */
         if (worth_waiting(b) && !b->stopping) {
             struct timespec until = deadline_us(b->opt.max_wait_us);
             while (worth_waiting(b) && !b->stopping && pthread_cond_timedwait(&b->cv, &b->mu, &until) == 0)

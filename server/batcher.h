@@ -33,6 +33,10 @@ enum job_kind { JOB_CLASSIFY, JOB_SCORE, JOB_ATTENTION, JOB_GENERATE };
 
 enum finish_reason { FINISH_NONE, FINISH_LENGTH, FINISH_STOP };
 
+/* Why a job ended without its answer: the engine failed it (or memory, or
+ * a slot; HTTP 500), or the server cut it off as it stopped (503). */
+enum job_failure { JOB_SUCCEEDED, JOB_ENGINE_FAILED, JOB_CUT_OFF };
+
 #define JOB_MAX_STOP 4
 #define JOB_MAX_TOP_LOGPROBS 20
 
@@ -73,7 +77,7 @@ struct job {
     enum finish_reason finish;
     int batch_size;        /* sequences in the engine call that ran it */
     int cached_tokens;     /* generate: prompt tokens the prompt cache supplied */
-    int failed;            /* 1: error holds the reason (an engine error: HTTP 500) */
+    enum job_failure failed; /* not JOB_SUCCEEDED: error holds the reason */
     char error[256];
     int done;
 
@@ -96,6 +100,11 @@ struct batcher_options {
     int max_wait_us;       /* how long a batch may wait to fill */
     int max_queue;         /* jobs waiting beyond which submit refuses */
     size_t prompt_cache_bytes; /* generation: prompt_cache.h's limit, 0 for none */
+    /* Once it holds non-zero, every job the batcher holds or is given
+     * ends at once as JOB_CUT_OFF: the server's time to finish them ran
+     * out.  One flag for every batcher, those a reload replaced too.
+     * NULL: never. */
+    const atomic_int *cut_off;
 };
 
 struct batcher;

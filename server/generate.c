@@ -737,9 +737,9 @@ static int last_events(struct api_stream *s)
     int rc = 0;
     if (j->failed) {
         char msg[320];
-        snprintf(msg, sizeof msg, "the engine failed: %s", j->error);
+        const int status = job_failure(j, msg, sizeof msg);
         cJSON *e = cJSON_CreateObject(), *last = cJSON_CreateObject();
-        int failed = json_put(e, "code", cJSON_CreateNumber(500));
+        int failed = json_put(e, "code", cJSON_CreateNumber(status));
         failed |= json_put(e, "message", cJSON_CreateString(msg));
         failed |= json_put(last, "error", e);
         rc = add_event(s, json_built(last, failed));

@@ -356,6 +356,16 @@ int jobs_submit(const struct served_model *m, struct job *const *jobs, int n, st
     return rc == 0 ? 0 : -1;
 }
 
+int job_failure(const struct job *j, char *msg, size_t cap)
+{
+    if (j->failed == JOB_CUT_OFF) {
+        snprintf(msg, cap, "%s", j->error);
+        return 503;
+    }
+    snprintf(msg, cap, "the engine failed: %s", j->error);
+    return 500;
+}
+
 int jobs_run(const struct served_model *m, struct job **jobs, int n, const struct client *c, struct reply *r)
 {
     if (jobs_submit(m, jobs, n, r) != 0)
@@ -374,7 +384,9 @@ int jobs_run(const struct served_model *m, struct job **jobs, int n, const struc
         if (jobs[i]->batch_size > r->batch_size)
             r->batch_size = jobs[i]->batch_size;
         if (jobs[i]->failed) {
-            reply_error(r, 500, "the engine failed: %s", jobs[i]->error);
+            char msg[320];
+            const int status = job_failure(jobs[i], msg, sizeof msg);
+            reply_error(r, status, "%s", msg);
             rc = -1;
         }
     }

@@ -107,6 +107,10 @@ int job_wait_client(struct job *j, int seen, const struct client *c);
 /* 0 when the model's batcher took the n jobs, else -1 with a 503 (or 422:
  * more than its queue ever holds) in r. */
 int jobs_submit(const struct served_model *m, struct job *const *jobs, int n, struct reply *r);
+/* The status a failed job answers with, its message into msg: 503 with
+ * its own words when the server cut it off as it stopped, else 500 naming
+ * the engine's error. */
+int job_failure(const struct job *j, char *msg, size_t cap);
 /* Submits n jobs and waits for them all: 0 when they ran, else -1 with r
  * set.  A client that leaves cancels what has not finished, and a job that
  * fails the ones not yet waited for. */

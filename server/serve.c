@@ -6,8 +6,10 @@
  * thread with sigwait, so their handling may lock, log and reload freely:
  *   SIGHUP           re-read the models folder (registry_reload) and the
  *                    API key file (auth_reload);
- *   SIGTERM, SIGINT  stop accepting, answer every request already accepted,
- *                    finish the batchers' queues, exit 0.
+ *   SIGTERM, SIGINT  stop accepting, answer every request already accepted
+ *                    (for --drain-s seconds; then the batchers end what they
+ *                    still hold, each with an error its client reads, and
+ *                    CUT_OFF_S more seconds let those answers out), exit 0.
  */
 #include <getopt.h>
 #include <pthread.h>
@@ -24,6 +26,11 @@
 #include "metrics.h"
 #include "notify.h"
 #include "registry.h"
+
+/* How long the answers of the requests cut off at the end of --drain-s
+ * have to go out before their connections are closed.  Part of the time a
+ * supervisor must allow for a stop (tests/check_k8s.py counts it). */
+#define CUT_OFF_S 2
 
 struct serve_options {
     const char *models, *host, *api_keys;
@@ -272,10 +279,12 @@ int cmd_serve(int argc, char **argv)
     struct api api = {.metrics = metrics,
                       .lim = {.max_text_bytes = (size_t)o.max_text_bytes, .max_tokens = (int)o.max_tokens_limit}};
     atomic_init(&api.stopping, 0);
+    atomic_int cut_off;
+    atomic_init(&cut_off, 0);
     struct registry_options ro = {
         .dir = o.models, .device = o.device, .precision = o.precision, .recurrence = o.recurrence,
         .batch = {.max_batch = (int)o.max_batch, .max_wait_us = (int)o.max_wait_us, .max_queue = (int)o.max_queue,
-                  .prompt_cache_bytes = (size_t)o.prompt_cache_mb << 20},
+                  .prompt_cache_bytes = (size_t)o.prompt_cache_mb << 20, .cut_off = &cut_off},
     };
     if (!metrics) {
         fprintf(stderr, "rrnserve serve: out of memory\n");
@@ -313,8 +322,14 @@ int cmd_serve(int argc, char **argv)
     http_quiesce(http);
     log_msg("%s: no new connections; answering the requests in flight", sig == SIGINT ? "SIGINT" : "SIGTERM");
     int left = http_drain(http, (int)o.drain_s);
-    if (left)
-        log_msg("%d request(s) still in flight after %ld s (--drain-s); closing them", left, o.drain_s);
+    if (left) {
+        /* Their clients are told so (a 503, a stream's error event and
+         * [DONE]) rather than left with a connection cut mid-answer. */
+        log_msg("%d request(s) still in flight after %ld s (--drain-s); ending them", left, o.drain_s);
+        atomic_store(&cut_off, 1);
+        if ((left = http_drain(http, CUT_OFF_S)))
+            log_msg("%d request(s) still in flight %d s later; closing their connections", left, CUT_OFF_S);
+    }
     http_stop(http);
     registry_close(reg);
     metrics_free(metrics);

@@ -104,10 +104,16 @@ def check_deployment(path, d, configmaps):
             problem(where, "needs cpu and memory requests and a memory limit")
 
 
+# The seconds a server takes after --drain-s to answer the requests it
+# cuts off (CUT_OFF_S of server/serve.c).
+CUT_OFF_S = 2
+
+
 def check_grace(where, d, c, args, values):
     """Kubernetes kills a pod its grace period after it begins to stop,
     preStop hook included: the server's drain (--drain-s, 300 s unless
-    given) must end before, so that it closes what is left itself."""
+    given) and its cut-off must end before, so that it ends what is left
+    itself, telling each client."""
     grace = get(d, "spec.template.spec.terminationGracePeriodSeconds", 30)
     command = get(c, "lifecycle.preStop.exec.command", [])
     pre_stop = int(command[1]) if len(command) == 2 and command[0] == "sleep" and command[1].isdigit() else 0
@@ -115,9 +121,9 @@ def check_grace(where, d, c, args, values):
     if "--drain-s" in args[:-1]:
         drain = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: str(values.get(m.group(1), "")),
                        args[args.index("--drain-s") + 1])
-    if not drain.isdigit() or not isinstance(grace, int) or pre_stop + int(drain) >= grace:
-        problem(where, f"preStop ({pre_stop} s) and --drain-s ({drain} s) must end within "
-                       f"terminationGracePeriodSeconds ({grace} s)")
+    if not drain.isdigit() or not isinstance(grace, int) or pre_stop + int(drain) + CUT_OFF_S >= grace:
+        problem(where, f"preStop ({pre_stop} s), --drain-s ({drain} s) and the cut-off ({CUT_OFF_S} s) must end "
+                       f"within terminationGracePeriodSeconds ({grace} s)")
 
 
 def check_configmap(path, d):

@@ -18,6 +18,9 @@
 
 #include "batcher.h"
 
+/* Every batcher's cut_off (batcher_options), down until a test raises it. */
+static atomic_int cut_off;
+
 struct env {
     struct model model;
     struct tokenizer tk;
@@ -37,8 +40,9 @@ static int open_env(void **state, const char *path, int max_batch, int max_queue
     int slots = v->model.cfg.task == TASK_LM ? batcher_slots(max_batch) : 0;
     struct engine *e = engine_create(&v->model, v->be, slots, err, sizeof err);
     assert_non_null(e);
+    atomic_store(&cut_off, 0);
     struct batcher_options opt = {.max_batch = max_batch, .max_wait_us = max_wait_us, .max_queue = max_queue,
-                                  .prompt_cache_bytes = prompt_cache_bytes};
+                                  .prompt_cache_bytes = prompt_cache_bytes, .cut_off = &cut_off};
     v->b = batcher_start(&v->model, &v->tk, e, &opt, err, sizeof err);
     if (!v->b)
         fail_msg("batcher: %s", err);
@@ -620,6 +624,36 @@ static void test_submit_is_all_or_none(void **state)
     job_release(busy);
 }
 
+/* When cut_off rises (the server's drain time ran out), every job the
+ * batcher holds ends at once as JOB_CUT_OFF: a stream holding the only
+ * slot, a long score going a share a turn, a generation queued for the
+ * slot; and so does one submitted after. */
+static void test_cut_off_ends_every_job(void **state)
+{
+    struct env *v = *state;
+    struct job *jobs[4] = {gen_job(v, "a", 1, 1000000), long_job(v, JOB_SCORE), gen_job(v, "good day", 2, 4),
+                           gen_job(v, "nice", 3, 4)};
+    assert_int_equal(batcher_submit(v->b, &jobs[0], 1), 0);
+    for (int k = 0; k < 6000 && !job_wait(jobs[0], 0, 10); k++)
+        ;
+    assert_int_equal(batcher_submit(v->b, &jobs[1], 1), 0);
+    for (int k = 0; k < 6000 && batcher_queue_depth(v->b) > 0; k++)
+        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+    assert_int_equal(batcher_submit(v->b, &jobs[2], 1), 0);
+    assert_int_equal(batcher_queue_depth(v->b), 1);
+    assert_false(jobs[0]->done || jobs[1]->done);
+    atomic_store(&cut_off, 1);
+    assert_int_equal(batcher_submit(v->b, &jobs[3], 1), 0);
+    for (int i = 0; i < 4; i++) {
+        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
+            ;
+        assert_true(jobs[i]->done);
+        assert_int_equal(jobs[i]->failed, JOB_CUT_OFF);
+        assert_non_null(strstr(jobs[i]->error, "--drain-s"));
+        job_release(jobs[i]);
+    }
+}
+
 static void test_stop_answers_every_accepted_job(void **state)
 {
     struct env *v = *state;
@@ -658,6 +692,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_long_score_shares_turns, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_long_attention_shares_turns, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_stream_that_comes_during_a_long_score, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_cut_off_ends_every_job, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_forward_turn_is_bounded, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),

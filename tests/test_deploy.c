@@ -587,6 +587,16 @@ static void test_k8s_manifests(void **state)
     if (rc != 0)
         fail_msg("%s: status %d", cmd, rc);
     free(out);
+    /* A drain that leaves the preStop hook's 5 s but not the cut-off's
+     * 2 s of the 120 s grace period is refused. */
+    char dir[] = "/tmp/rrn_k8s_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    rc = proc_run(&out, "cp deploy/k8s/*.yaml %s && sed -i 's/RRN_DRAIN_S: \"110\"/RRN_DRAIN_S: \"114\"/' %s/configmap.yaml && "
+                  "%s tests/check_k8s.py %s", dir, dir, python, dir);
+    if (rc == 0 || !strstr(out, "--drain-s (114 s) and the cut-off (2 s) must end within"))
+        fail_msg("a drain of 114 s in a grace period of 120 s: status %d:\n%s", rc, out);
+    free(out);
+    remove_tree(dir, NULL);
 }
 
 /* A renamed or removed metric would silence the alerts that read it, so

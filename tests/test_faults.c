@@ -605,25 +605,57 @@ static void device_fault_case(const char *device)
     assert_int_equal(rmdir(dir), 0);
 }
 
-/* SIGTERM while a stream of a million tokens runs, with --drain-s 1: the
- * server waits a second for it, then closes its connection (no [DONE]),
- * says so, and exits 0, rather than waiting for the stream to end. */
+/* rrnserve_streams_running of combo_lstm_lm, or -1. */
+static double streams_running(int port)
+{
+    static const char series[] = "\nrrnserve_streams_running{model=\"combo_lstm_lm\"} ";
+    struct http_resp r;
+    const char *at = request(port, "GET", "/metrics", NULL, &r) == 200 ? strstr(r.body.p, series) : NULL;
+    double v = at ? strtod(at + strlen(series), NULL) : -1;
+    http_resp_free(&r);
+    return v;
+}
+
+/* SIGTERM while a stream of a million tokens and a whole generation of as
+ * many run, with --drain-s 1: the server waits a second for them, then
+ * ends each with an error that says why (the stream's event, code 503,
+ * and [DONE]; the other's 503 answer), says so, and exits 0, rather than
+ * waiting for them or cutting their connections. */
 static void test_drain_limit(void **state)
 {
     (void)state;
     const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", "--drain-s", "1", NULL};
     struct server *s = start(main_models, extra, NULL);
+    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000}";
+    int whole = http_connect(s->port, HTTP_TIMEOUT_S);
+    assert_true(whole >= 0);
+    http_send_request(whole, "POST", "/generate", "", body, strlen(body));
     int fd = start_long_stream(s->port);
-    struct buf raw = {0};
+    struct buf raw = {0}, raw_whole = {0};
     read_past_prompt(fd, &raw);
+    for (int i = 0; i < 10000 && streams_running(s->port) != 2; i++)
+        sleep_ms(1);
+    assert_true(streams_running(s->port) == 2);
     assert_int_equal(kill(s->pid, SIGTERM), 0);
     assert_true(http_read_all(fd, &raw));
-    assert_null(strstr(raw.p, "[DONE]"));
+    const char *end = strstr(raw.p, "{\"error\":{\"code\":503,");
+    if (!end || !strstr(end, "(--drain-s) ran out") || !strstr(end, "data: [DONE]"))
+        fail_msg("the stream did not end with the cut-off's error event: ...%s",
+                 raw.p + (raw.len > 400 ? raw.len - 400 : 0));
+    assert_true(http_read_all(whole, &raw_whole));
+    struct http_resp r;
+    assert_int_equal(http_parse(&raw_whole, &r), 0);
+    assert_int_equal(r.status, 503);
+    assert_non_null(strstr(r.body.p, "(--drain-s) ran out"));
+    http_resp_free(&r);
     free(raw.p);
+    free(raw_whole.p);
     close(fd);
+    close(whole);
     int status = server_wait_exit(s);
     assert_true(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    assert_true(server_log_has(s, "1 request(s) still in flight after 1 s (--drain-s); closing them"));
+    assert_true(server_log_has(s, "2 request(s) still in flight after 1 s (--drain-s); ending them"));
+    assert_false(server_log_has(s, "closing their connections"));
     server_stop(s);
 }
 
