@@ -7,9 +7,10 @@
  *   SIGHUP           re-read the models folder (registry_reload) and the
  *                    API key file (auth_reload);
  *   SIGTERM, SIGINT  stop accepting, answer every request already accepted
- *                    (for --drain-s seconds; then the batchers end what they
- *                    still hold, each with an error its client reads, and
- *                    CUT_OFF_S more seconds let those answers out), exit 0.
+ *                    (for --drain-s seconds, or until a second SIGTERM or
+ *                    SIGINT; then the batchers end what they still hold,
+ *                    each with an error its client reads, and CUT_OFF_S more
+ *                    seconds let those answers out), exit 0.
  */
 #include <getopt.h>
 #include <pthread.h>
@@ -17,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "../cli/commands.h"
 #include "api.h"
@@ -229,6 +231,29 @@ static int wait_for_stop(const sigset_t *set, struct registry *reg, const char *
     }
 }
 
+/* Waits up to drain_s seconds for the requests in flight to end, looking
+ * each second for a second SIGTERM or SIGINT, which ends the wait at once
+ * (an operator who will not wait: Ctrl-C twice); *again is that signal,
+ * or 0.  Returns the requests still in flight. */
+static int drain(struct http_server *http, const sigset_t *set, long drain_s, int *again)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    *again = 0;
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        const long left_s = drain_s - (long)(now.tv_sec - start.tv_sec);
+        const int left = http_drain(http, left_s > 0 ? 1 : 0);
+        if (!left || left_s <= 0)
+            return left;
+        const int sig = sigtimedwait(set, NULL, &(struct timespec){0});
+        if (sig == SIGTERM || sig == SIGINT) {
+            *again = sig;
+            return left;
+        }
+    }
+}
+
 /* Threads a library started before main() (OpenBLAS's pool) do not block
  * the signals; one delivered to such a thread is passed on to the main
  * thread, which blocks it, so its sigwait takes it. */
@@ -321,11 +346,15 @@ int cmd_serve(int argc, char **argv)
     atomic_store(&api.stopping, 1);
     http_quiesce(http);
     log_msg("%s: no new connections; answering the requests in flight", sig == SIGINT ? "SIGINT" : "SIGTERM");
-    int left = http_drain(http, (int)o.drain_s);
+    int again, left = drain(http, &set, o.drain_s, &again);
     if (left) {
         /* Their clients are told so (a 503, a stream's error event and
          * [DONE]) rather than left with a connection cut mid-answer. */
-        log_msg("%d request(s) still in flight after %ld s (--drain-s); ending them", left, o.drain_s);
+        if (again)
+            log_msg("%s again: ending the %d request(s) still in flight", again == SIGINT ? "SIGINT" : "SIGTERM",
+                    left);
+        else
+            log_msg("%d request(s) still in flight after %ld s (--drain-s); ending them", left, o.drain_s);
         atomic_store(&cut_off, 1);
         if ((left = http_drain(http, CUT_OFF_S)))
             log_msg("%d request(s) still in flight %d s later; closing their connections", left, CUT_OFF_S);

@@ -617,14 +617,13 @@ static double streams_running(int port)
 }
 
 /* SIGTERM while a stream of a million tokens and a whole generation of as
- * many run, with --drain-s 1: the server waits a second for them, then
- * ends each with an error that says why (the stream's event, code 503,
- * and [DONE]; the other's 503 answer), says so, and exits 0, rather than
- * waiting for them or cutting their connections. */
-static void test_drain_limit(void **state)
+ * many run: once the wait for them ends (--drain-s, or a second SIGTERM),
+ * the server ends each with an error that says why (the stream's event,
+ * code 503, and [DONE]; the other's 503 answer), logs `logged`, and exits
+ * 0, rather than waiting for them or cutting their connections. */
+static void check_cut_off(const char *drain_s, int twice, const char *logged)
 {
-    (void)state;
-    const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", "--drain-s", "1", NULL};
+    const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", "--drain-s", drain_s, NULL};
     struct server *s = start(main_models, extra, NULL);
     const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000}";
     int whole = http_connect(s->port, HTTP_TIMEOUT_S);
@@ -637,6 +636,12 @@ static void test_drain_limit(void **state)
         sleep_ms(1);
     assert_true(streams_running(s->port) == 2);
     assert_int_equal(kill(s->pid, SIGTERM), 0);
+    if (twice) {
+        assert_int_equal(server_wait_log(s, "SIGTERM: no new connections", 1), 1);
+        assert_int_equal(kill(s->pid, SIGTERM), 0);
+    }
+    /* Before reading: a stream that goes on would keep the read going. */
+    assert_int_equal(server_wait_log(s, logged, 1), 1);
     assert_true(http_read_all(fd, &raw));
     const char *end = strstr(raw.p, "{\"error\":{\"code\":503,");
     if (!end || !strstr(end, "(--drain-s) ran out") || !strstr(end, "data: [DONE]"))
@@ -654,9 +659,23 @@ static void test_drain_limit(void **state)
     close(whole);
     int status = server_wait_exit(s);
     assert_true(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    assert_true(server_log_has(s, "2 request(s) still in flight after 1 s (--drain-s); ending them"));
     assert_false(server_log_has(s, "closing their connections"));
     server_stop(s);
+}
+
+/* --drain-s 1: the wait ends after a second. */
+static void test_drain_limit(void **state)
+{
+    (void)state;
+    check_cut_off("1", 0, "2 request(s) still in flight after 1 s (--drain-s); ending them");
+}
+
+/* A second SIGTERM ends the wait at once, long before --drain-s's 300 s
+ * (HTTP_TIMEOUT_S bounds the test's reads). */
+static void test_second_sigterm(void **state)
+{
+    (void)state;
+    check_cut_off("300", 1, "SIGTERM again: ending the 2 request(s) still in flight");
 }
 
 static void test_device_fault_cpu(void **state)
@@ -688,6 +707,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, server_teardown),
         cmocka_unit_test(test_gpu_unavailable),
         cmocka_unit_test(test_drain_limit),
+        cmocka_unit_test(test_second_sigterm),
         cmocka_unit_test(test_device_fault_cpu),
         cmocka_unit_test(test_device_fault_cuda),
     };
