@@ -191,8 +191,8 @@ static int cancelled(struct job *j)
 
 /* The error of the jobs cut_off_jobs ends, told apart from the others by
  * its address. */
-static const char cut_off_error[] = "the server is shutting down, and this request was still running when its time "
-                                    "to finish the requests in flight (--drain-s) ran out";
+static const char cut_off_error[] = "the server is shutting down and stopped this request before its end (its time for "
+                                    "the requests in flight, --drain-s, ran out, or it was told again to stop)";
 
 static void finish_job(struct batcher *b, struct job *j, int batch_size, const char *error)
 {

@@ -644,14 +644,14 @@ static void check_cut_off(const char *drain_s, int twice, const char *logged)
     assert_int_equal(server_wait_log(s, logged, 1), 1);
     assert_true(http_read_all(fd, &raw));
     const char *end = strstr(raw.p, "{\"error\":{\"code\":503,");
-    if (!end || !strstr(end, "(--drain-s) ran out") || !strstr(end, "data: [DONE]"))
+    if (!end || !strstr(end, "stopped this request before its end") || !strstr(end, "data: [DONE]"))
         fail_msg("the stream did not end with the cut-off's error event: ...%s",
                  raw.p + (raw.len > 400 ? raw.len - 400 : 0));
     assert_true(http_read_all(whole, &raw_whole));
     struct http_resp r;
     assert_int_equal(http_parse(&raw_whole, &r), 0);
     assert_int_equal(r.status, 503);
-    assert_non_null(strstr(r.body.p, "(--drain-s) ran out"));
+    assert_non_null(strstr(r.body.p, "stopped this request before its end"));
     http_resp_free(&r);
     free(raw.p);
     free(raw_whole.p);
