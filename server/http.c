@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -288,7 +289,7 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
     if (r->retry_after)
         rc |= add_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, retry);
     if (r->status == 405)
-        rc |= add_header(resp, MHD_HTTP_HEADER_ALLOW, routes[rq->ep].method);
+        rc |= add_header(resp, MHD_HTTP_HEADER_ALLOW, strcmp(routes[rq->ep].method, "GET") == 0 ? "GET, HEAD" : "POST");
     if (closing)
         rc |= add_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result ret = rc == 0 ? MHD_queue_response(rq->conn, (unsigned)r->status, resp) : MHD_NO;
@@ -350,19 +351,48 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
     return rq;
 }
 
-/* The checks that need no body: path, method, key, declared size.  An
- * error is queued at once; MHD_YES with nothing queued lets the request go
- * on to its body. */
+/* How a request's headers frame its body: Content-Length headers seen,
+ * whether two disagree, and whether Transfer-Encoding came too. */
+struct framing {
+    const char *length;
+    int lengths_differ, chunked;
+};
+
+static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    (void)kind;
+    struct framing *f = cls;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+        f->lengths_differ |= f->length && strcmp(f->length, value) != 0;
+        f->length = value;
+    } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        f->chunked = 1;
+    }
+    return MHD_YES;
+}
+
+/* The checks that need no body: path, method, key, the body's framing and
+ * declared size.  An error is queued at once; MHD_YES with nothing queued
+ * lets the request go on to its body.  HEAD is GET without the body, which
+ * libmicrohttpd leaves out (load balancers check health with it). */
 static enum MHD_Result check_early(struct request *rq, const char *method)
 {
     struct http_server *s = rq->s;
     const struct route *rt = &routes[rq->ep];
     const char *key = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-    const char *length = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    struct framing f = {0};
+    MHD_get_connection_values(rq->conn, MHD_HEADER_KIND, add_framing, &f);
+    const char *length = f.length;
     if (!rt->handler)
         return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
-    if (strcmp(method, rt->method) != 0)
+    if (strcmp(method, rt->method) != 0 && !(strcmp(method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0))
         return send_error(rq, 405, "%s needs method %s", rq->path, rt->method);
+    /* Where two parsers could read two different bodies (a proxy in
+     * front, and this server), the request is refused: how requests are
+     * smuggled past a proxy (RFC 9112, 6.3). */
+    if (f.lengths_differ || (f.length && f.chunked))
+        return send_error(rq, 400, "%s", f.chunked ? "a request may not have both Content-Length and Transfer-Encoding"
+                                                   : "a request's Content-Length headers disagree");
     if (s->auth && !rt->open && !auth_check(s->auth, key))
         return send_error(rq, 401, "a valid API key is required: Authorization: Bearer KEY");
     if (length && strtoull(length, NULL, 10) > s->max_body)

@@ -1459,9 +1459,78 @@ static void test_routing_errors(void **state)
     http_resp_free(&r);
     http_must_request(s->port, "POST", "/models", "", "{}", &r);
     check_error(&r, 405, "GET");
-    assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "GET");
+    assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "GET, HEAD");
     http_resp_free(&r);
     expect_error(s->port, "DELETE", "/healthz", "", NULL, 405, NULL);
+}
+
+/* Sends raw bytes on one connection and reads to its end. */
+static void raw_exchange(int port, const char *bytes, struct buf *raw)
+{
+    int fd = http_connect(port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    assert_int_equal(http_send_all(fd, bytes, strlen(bytes)), 0);
+    assert_true(http_read_all(fd, raw));
+    close(fd);
+    assert_non_null(raw->p);
+}
+
+/* HEAD answers as GET without the body (load balancers check health with
+ * it); a POST endpoint refuses it. */
+static void test_head(void **state)
+{
+    struct server *s = *state;
+    struct buf raw = {0};
+    raw_exchange(s->port, "HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", &raw);
+    const char *end = strstr(raw.p, "\r\n\r\n");
+    if (strncmp(raw.p, "HTTP/1.1 200", 12) != 0 || !end || end[4] || !strstr(raw.p, "Content-Length: 15\r\n"))
+        fail_msg("HEAD /healthz:\n%s", raw.p);
+    raw.len = 0;
+    raw_exchange(s->port, "HEAD /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", &raw);
+    if (strncmp(raw.p, "HTTP/1.1 405", 12) != 0 || !strstr(raw.p, "Allow: POST\r\n"))
+        fail_msg("HEAD /classify:\n%s", raw.p);
+    free(raw.p);
+    assert_int_equal(server_wait_log(s, "HEAD /healthz 200", 1), 1);
+}
+
+/* A body two parsers could frame two ways (a proxy in front and this
+ * server: how requests are smuggled past a proxy) is refused with 400,
+ * and the connection closed, so the bytes after it are not read as a
+ * request of their own; the same length twice is no ambiguity. */
+static void test_ambiguous_framing(void **state)
+{
+    struct server *s = *state;
+    static const char body[] = "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good day!\"}";
+    const size_t n = strlen(body);
+    char req[1024], next[512];
+    snprintf(next, sizeof next, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\n\r\n%s", n,
+             body);
+    for (int chunked = 0; chunked < 2; chunked++) {
+        if (chunked)
+            snprintf(req, sizeof req,
+                     "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n%zx\r\n%s\r\n0\r\n\r\n%s",
+                     n, body, next);
+        else
+            snprintf(req, sizeof req,
+                     "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\nContent-Length: 5\r\n"
+                     "\r\n%s%s",
+                     n, body, next);
+        struct buf raw = {0};
+        raw_exchange(s->port, req, &raw);
+        const char *want = chunked ? "both Content-Length and Transfer-Encoding" : "Content-Length headers disagree";
+        if (strncmp(raw.p, "HTTP/1.1 400", 12) != 0 || !strstr(raw.p, want) || strstr(raw.p + 12, "HTTP/1.1 "))
+            fail_msg("%s:\n%s", want, raw.p);
+        free(raw.p);
+    }
+    snprintf(req, sizeof req,
+             "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\nContent-Length: %zu\r\n"
+             "Connection: close\r\n\r\n%s",
+             n, n, body);
+    struct http_resp r;
+    assert_int_equal(http_raw_request(s->port, req, strlen(req), &r), 0);
+    assert_int_equal(r.status, 200);
+    http_resp_free(&r);
 }
 
 /* The X-Request-Id a request is answered with, into id; fails unless the
@@ -2514,6 +2583,8 @@ int main(void)
         cmocka_unit_test(test_completions_text_offset),
         cmocka_unit_test(test_cli_generate_equals_server),
         cmocka_unit_test(test_routing_errors),
+        cmocka_unit_test(test_head),
+        cmocka_unit_test(test_ambiguous_framing),
         cmocka_unit_test(test_request_ids),
         cmocka_unit_test(test_request_errors),
         cmocka_unit_test(test_size_limits),
