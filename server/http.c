@@ -313,6 +313,19 @@ static enum MHD_Result send_error(struct request *rq, int status, const char *fm
 
 /* ---- requests ----------------------------------------------------------- */
 
+/* The path of a request target, also in absolute form
+ * ("http://host:port/path"), which RFC 9112 has servers accept. */
+static const char *target_path(const char *url)
+{
+    const char *authority = strncasecmp(url, "http://", 7) == 0    ? url + 7
+                            : strncasecmp(url, "https://", 8) == 0 ? url + 8
+                                                                    : NULL;
+    if (!authority)
+        return url;
+    const char *path = strchr(authority, '/');
+    return path ? path : "/";
+}
+
 static enum endpoint route_of(const char *url)
 {
     for (int e = 0; e < EP_OTHER; e++)
@@ -340,6 +353,7 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
     rq->s = s;
     rq->conn = conn;
     rq->batch_size = -1;
+    url = target_path(url);
     rq->ep = route_of(url);
     clock_gettime(CLOCK_MONOTONIC, &rq->start);
     request_id_take(&s->ids, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, REQUEST_ID_HEADER), rq->id);
@@ -352,10 +366,12 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
 }
 
 /* How a request's headers frame its body: Content-Length headers seen,
- * whether two disagree, and whether Transfer-Encoding came too. */
+ * whether two disagree, whether Transfer-Encoding came and names a coding
+ * other than chunked, and whether a header's name holds white space
+ * ("Content-Length : 5", which this server and a proxy may read apart). */
 struct framing {
     const char *length;
-    int lengths_differ, chunked;
+    int lengths_differ, transfer, other_coding, spaced_name;
 };
 
 static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
@@ -366,8 +382,10 @@ static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const cha
         f->lengths_differ |= f->length && strcmp(f->length, value) != 0;
         f->length = value;
     } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
-        f->chunked = 1;
+        f->transfer = 1;
+        f->other_coding |= strcasecmp(value, "chunked") != 0;
     }
+    f->spaced_name |= key[strcspn(key, " \t")] != 0;
     return MHD_YES;
 }
 
@@ -390,9 +408,13 @@ static enum MHD_Result check_early(struct request *rq, const char *method)
     /* Where two parsers could read two different bodies (a proxy in
      * front, and this server), the request is refused: how requests are
      * smuggled past a proxy (RFC 9112, 6.3). */
-    if (f.lengths_differ || (f.length && f.chunked))
-        return send_error(rq, 400, "%s", f.chunked ? "a request may not have both Content-Length and Transfer-Encoding"
-                                                   : "a request's Content-Length headers disagree");
+    if (f.spaced_name)
+        return send_error(rq, 400, "a header's name holds white space");
+    if (f.lengths_differ || (f.length && f.transfer))
+        return send_error(rq, 400, "%s", f.transfer ? "a request may not have both Content-Length and Transfer-Encoding"
+                                                    : "a request's Content-Length headers disagree");
+    if (f.other_coding)
+        return send_error(rq, 501, "the only Transfer-Encoding understood is chunked");
     if (s->auth && !rt->open && !auth_check(s->auth, key))
         return send_error(rq, 401, "a valid API key is required: Authorization: Bearer KEY");
     if (length && strtoull(length, NULL, 10) > s->max_body)

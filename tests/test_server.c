@@ -1496,41 +1496,50 @@ static void test_head(void **state)
 /* A body two parsers could frame two ways (a proxy in front and this
  * server: how requests are smuggled past a proxy) is refused with 400,
  * and the connection closed, so the bytes after it are not read as a
- * request of their own; the same length twice is no ambiguity. */
+ * request of their own; so is a coding the server cannot undo (501).  The
+ * same length twice is no ambiguity, and a target in absolute form is
+ * served as its path. */
 static void test_ambiguous_framing(void **state)
 {
     struct server *s = *state;
     static const char body[] = "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good day!\"}";
     const size_t n = strlen(body);
-    char req[1024], next[512];
+    static const struct {
+        const char *framing, *want, *why;
+    } cases[] = {
+        {"Content-Length: %zu\r\nContent-Length: 5\r\n\r\n%s", "400 Bad Request", "Content-Length headers disagree"},
+        {"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n%zx\r\n%s\r\n0\r\n\r\n", "400 Bad Request",
+         "both Content-Length and Transfer-Encoding"},
+        {"Content-Length : %zu\r\n\r\n%s", "400 Bad Request", "name holds white space"},
+        {"Transfer-Encoding: gzip, chunked\r\n\r\n%zx\r\n%s\r\n0\r\n\r\n", "501 Not Implemented",
+         "only Transfer-Encoding understood is chunked"},
+    };
+    char req[2048], framing[512], next[512];
     snprintf(next, sizeof next, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\n\r\n%s", n,
              body);
-    for (int chunked = 0; chunked < 2; chunked++) {
-        if (chunked)
-            snprintf(req, sizeof req,
-                     "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
-                     "Transfer-Encoding: chunked\r\n\r\n%zx\r\n%s\r\n0\r\n\r\n%s",
-                     n, body, next);
-        else
-            snprintf(req, sizeof req,
-                     "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\nContent-Length: 5\r\n"
-                     "\r\n%s%s",
-                     n, body, next);
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        snprintf(framing, sizeof framing, cases[i].framing, n, body);
+        snprintf(req, sizeof req, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\n%s%s", framing, next);
         struct buf raw = {0};
         raw_exchange(s->port, req, &raw);
-        const char *want = chunked ? "both Content-Length and Transfer-Encoding" : "Content-Length headers disagree";
-        if (strncmp(raw.p, "HTTP/1.1 400", 12) != 0 || !strstr(raw.p, want) || strstr(raw.p + 12, "HTTP/1.1 "))
-            fail_msg("%s:\n%s", want, raw.p);
+        if (strncmp(raw.p + 9, cases[i].want, strlen(cases[i].want)) != 0 || !strstr(raw.p, cases[i].why) ||
+            strstr(raw.p + 12, "HTTP/1.1 "))
+            fail_msg("%s:\n%s", cases[i].why, raw.p);
         free(raw.p);
     }
-    snprintf(req, sizeof req,
-             "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\nContent-Length: %zu\r\n"
-             "Connection: close\r\n\r\n%s",
-             n, n, body);
-    struct http_resp r;
-    assert_int_equal(http_raw_request(s->port, req, strlen(req), &r), 0);
-    assert_int_equal(r.status, 200);
-    http_resp_free(&r);
+    static const char *const fine[] = {
+        "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\nContent-Length: %zu\r\n",
+        "POST http://127.0.0.1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %zu\r\n",
+    };
+    for (size_t i = 0; i < sizeof fine / sizeof *fine; i++) {
+        int len = snprintf(req, sizeof req, fine[i], n, n);
+        snprintf(req + len, sizeof req - (size_t)len, "Connection: close\r\n\r\n%s", body);
+        struct http_resp r;
+        assert_int_equal(http_raw_request(s->port, req, strlen(req), &r), 0);
+        if (r.status != 200)
+            fail_msg("%s: %d %s", fine[i], r.status, r.body.p);
+        http_resp_free(&r);
+    }
 }
 
 /* The X-Request-Id a request is answered with, into id; fails unless the
