@@ -371,7 +371,7 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
  * ("Content-Length : 5", which this server and a proxy may read apart). */
 struct framing {
     const char *length;
-    int lengths_differ, transfer, other_coding, spaced_name;
+    int lengths_differ, transfer, other_coding, spaced_name, hosts;
 };
 
 static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
@@ -385,6 +385,7 @@ static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const cha
         f->transfer = 1;
         f->other_coding |= strcasecmp(value, "chunked") != 0;
     }
+    f->hosts += strcasecmp(key, MHD_HTTP_HEADER_HOST) == 0;
     f->spaced_name |= key[strcspn(key, " \t")] != 0;
     return MHD_YES;
 }
@@ -393,7 +394,7 @@ static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const cha
  * declared size.  An error is queued at once; MHD_YES with nothing queued
  * lets the request go on to its body.  HEAD is GET without the body, which
  * libmicrohttpd leaves out (load balancers check health with it). */
-static enum MHD_Result check_early(struct request *rq, const char *method)
+static enum MHD_Result check_early(struct request *rq, const char *method, const char *version)
 {
     struct http_server *s = rq->s;
     const struct route *rt = &routes[rq->ep];
@@ -410,6 +411,10 @@ static enum MHD_Result check_early(struct request *rq, const char *method)
      * smuggled past a proxy (RFC 9112, 6.3). */
     if (f.spaced_name)
         return send_error(rq, 400, "a header's name holds white space");
+    /* RFC 9112, 3.2: a server must refuse these, which could name two
+     * hosts to two parsers as above. */
+    if (f.hosts > 1 || (f.hosts == 0 && strcmp(version, MHD_HTTP_VERSION_1_1) == 0))
+        return send_error(rq, 400, "an HTTP/1.1 request needs one Host header");
     if (f.lengths_differ || (f.length && f.transfer))
         return send_error(rq, 400, "%s", f.transfer ? "a request may not have both Content-Length and Transfer-Encoding"
                                                     : "a request's Content-Length headers disagree");
@@ -512,14 +517,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                   const char *version, const char *upload_data, size_t *upload_data_size,
                                   void **con_cls)
 {
-    (void)version;
     struct http_server *s = cls;
     struct request *rq = *con_cls;
     if (!rq) {
         if (!(rq = request_new(s, conn, url, method)))
             return MHD_NO;
         *con_cls = rq;
-        return check_early(rq, method);
+        return check_early(rq, method, version);
     }
     if (*upload_data_size) {
         /* libmicrohttpd cannot queue an answer in the middle of a body, so
