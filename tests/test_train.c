@@ -13,7 +13,10 @@
 #include <cmocka.h>
 
 #include <cjson/cJSON.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +29,7 @@
 #include "support/files.h"
 #include "support/filter.h"
 #include "support/proc.h"
+#include "support/timing.h"
 
 static char dir[64];
 
@@ -174,6 +178,76 @@ static void test_runs_are_reproducible(void **state)
     assert_true(same_weights("f.safetensors", "h.safetensors"));
     assert_false(same_weights("a.safetensors", "c.safetensors"));
     assert_false(same_weights("a.safetensors", "f.safetensors"));
+}
+
+/* `rrnserve train` of 100,000 steps in dir, its stderr into dir/s.log,
+ * SIGINT and SIGTERM at their defaults (a shell's background job would
+ * ignore SIGINT): its pid. */
+static pid_t start_long_run(void)
+{
+    char cwd[PATH_MAX], bin[PATH_MAX + 256], log[256];
+    assert_non_null(getcwd(cwd, sizeof cwd));
+    /* A relative binary path means the repository root, not dir. */
+    snprintf(bin, sizeof bin, "%s%s%s", rrn_bin()[0] == '/' ? "" : cwd, rrn_bin()[0] == '/' ? "" : "/", rrn_bin());
+    snprintf(log, sizeof log, "%s/s.log", dir);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || dup2(fd, STDERR_FILENO) < 0 || chdir(dir) != 0)
+            _exit(127);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        execl(bin, bin, "train", "--config", "lm.json", "--steps", "100000", "--log_every", "1", "--out",
+              "s.safetensors", (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* SIGINT or SIGTERM a few steps into a run of 100,000: the run writes a
+ * checkpoint at the end of its step, says where and how to go on, and
+ * exits as a process that signal ended does in a shell (130, 143);
+ * resumed for 60 steps in all, it writes the weights a run of 60 steps
+ * does, to the byte. */
+static void test_stopped_run_resumes(void **state)
+{
+    (void)state;
+    char *out, path[256];
+    write_corpus();
+    write_file("lm.json", lm_config);
+    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 60 --out whole.safetensors") != 0)
+        fail_msg("train failed: %s", out);
+    free(out);
+    snprintf(path, sizeof path, "%s/s.log", dir);
+    static const struct {
+        int sig, status;
+        const char *said;
+    } sigs[] = {{SIGINT, 130, "Interrupt: stopped at step "}, {SIGTERM, 143, "Terminated: stopped at step "}};
+    for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) {
+        pid_t pid = start_long_run();
+        char *log = NULL;
+        /* Signalled once its third step is logged (bounded: 30 s). */
+        for (int k = 0; k < 3000 && !(log && strstr(log, "\nstep 3/")); k++) {
+            free(log);
+            sleep_ms(10);
+            log = file_read(path, NULL);
+        }
+        free(log);
+        assert_int_equal(kill(pid, sigs[i].sig), 0);
+        int status = proc_wait(pid, 60);
+        if (status == -1)
+            kill(pid, SIGKILL);
+        log = file_read(path, NULL);
+        assert_non_null(log);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != sigs[i].status || !strstr(log, sigs[i].said) ||
+            !strstr(log, "of 100000; wrote s.ckpt.safetensors (continue with rrnserve train --resume s.ckpt.safetensors)"))
+            fail_msg("signal %d: status %#x; printed:\n%s", sigs[i].sig, status, log);
+        free(log);
+        assert_int_equal(proc_rrnserve(&out, dir, "train --resume s.ckpt.safetensors --steps 60 --out r.safetensors"), 0);
+        free(out);
+        assert_true(same_weights("whole.safetensors", "r.safetensors"));
+    }
 }
 
 /* A classifier on JSONL with a split learns to tell two kinds of text
@@ -536,6 +610,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_lm_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_stopped_run_resumes, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_synthetic_tasks_learn, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_unwritable_weights_keep_the_old, make_dir, remove_dir),

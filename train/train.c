@@ -8,7 +8,8 @@
  *   3. the model: initialised (init.c), or taken from a checkpoint;
  *   4. the loop: a batch, forward and backward (engine_train_batch),
  *      clipping, one optimizer step; validation every valid_every steps,
- *      a checkpoint (checkpoint.c) every checkpoint_every;
+ *      a checkpoint (checkpoint.c) every checkpoint_every, and one when
+ *      SIGINT or SIGTERM asks the run to stop;
  *   5. the weight file, with how it was made in its metadata, and the
  *      learning curve as CSV and SVG beside it.
  *
@@ -23,6 +24,8 @@
 #include <cjson/cJSON.h>
 #include <getopt.h>
 #include <math.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -384,6 +387,39 @@ static void progress(const struct run *r, const struct curve_point *pt, double e
             tty ? "   " : "\n");
 }
 
+/* NAME.ckpt.safetensors for the run's NAME.safetensors. */
+static void checkpoint_path(const struct options *o, char *path, size_t cap)
+{
+    snprintf(path, cap, "%.*s.ckpt.safetensors", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
+}
+
+/* The signal that asked the run to stop, or 0.  The loop looks at it
+ * after each step, so that a run stopped with Ctrl-C (or by a supervisor)
+ * keeps what it learned in a checkpoint rather than losing it. */
+static atomic_int stop_signal;
+
+static void on_stop_signal(int sig)
+{
+    atomic_store(&stop_signal, sig);
+}
+
+/* SIGINT and SIGTERM set stop_signal, once: SA_RESETHAND gives the next
+ * one its default action, so a second Ctrl-C ends a run at once (the
+ * checkpoint's files are written whole or not at all).  A signal the run
+ * was started ignoring stays ignored, as a shell has a job it runs in the
+ * background ignore SIGINT.  With on 0, back to the default. */
+static void catch_stop_signals(int on)
+{
+    static const int sigs[] = {SIGINT, SIGTERM};
+    for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) {
+        struct sigaction was, sa = {.sa_handler = on ? on_stop_signal : SIG_DFL,
+                                    .sa_flags = SA_RESTART | SA_RESETHAND};
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(sigs[i], NULL, &was) == 0 && was.sa_handler != SIG_IGN)
+            sigaction(sigs[i], &sa, NULL);
+    }
+}
+
 static void run_free(struct run *r)
 {
     for (int i = 0; r->slots && r->e && i < r->o.batch; i++)
@@ -407,6 +443,8 @@ static void run_free(struct run *r)
     options_free(&r->o);
 }
 
+/* Returns 0 when the run ended, -1 with err on an error, or the signal
+ * that stopped it (its checkpoint written, and said so). */
 static int train(struct run *r, const char *resume, char *err, size_t errlen)
 {
     struct options *o = &r->o;
@@ -469,6 +507,9 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
     double start = now(), since = start;
     struct curve_point last = {0};
     last.valid_loss = last.valid_metric = NAN;
+    char ckpt[4200];
+    checkpoint_path(o, ckpt, sizeof ckpt);
+    catch_stop_signals(1);
     while (r->step < r->total_steps) {
         struct train_result res = {0};
         if (engine_zero_grads(r->e))
@@ -501,12 +542,14 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
         r->tokens += res.tokens;
         int log_now = r->step % o->log_every == 0 || r->step == r->total_steps;
         int valid_now = (o->valid_every && r->step % o->valid_every == 0) || r->step == r->total_steps;
-        if (o->checkpoint_every && r->step % o->checkpoint_every == 0 && r->step < r->total_steps) {
-            char ckpt[4200];
-            snprintf(ckpt, sizeof ckpt, "%.*s.ckpt.safetensors", (int)(strlen(o->out) - strlen(".safetensors")), o->out);
-            if (checkpoint_save(r, ckpt, err, errlen) ||
-                curve_write_csv(&r->curve, r->csv, err, errlen))
-                return -1;
+        const int stop = atomic_load(&stop_signal);
+        if ((stop || (o->checkpoint_every && r->step % o->checkpoint_every == 0)) && r->step < r->total_steps &&
+            (checkpoint_save(r, ckpt, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen)))
+            return -1;
+        if (stop && r->step < r->total_steps) {
+            fprintf(stderr, "%s%s: stopped at step %ld of %ld; wrote %s (continue with rrnserve train --resume %s)\n",
+                    tty ? "\n" : "", strsignal(stop), r->step, r->total_steps, ckpt, ckpt);
+            return stop;
         }
         if (!log_now && !valid_now)
             continue;
@@ -546,6 +589,7 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
         r->loss_count = r->tokens = r->norm_steps = 0;
         since = now();
     }
+    catch_stop_signals(0);
     if (tty)
         fputc('\n', stderr);
     /* 5. The results. */
@@ -629,10 +673,14 @@ int cmd_train(int argc, char **argv)
     }
     struct run r;
     memset(&r, 0, sizeof r);
-    if (status == 0 && (options_parse(root, &r.o, err, sizeof err) || complete_vocab(&r.o, err, sizeof err) ||
-                        train(&r, resume, err, sizeof err))) {
+    int rc = status || options_parse(root, &r.o, err, sizeof err) || complete_vocab(&r.o, err, sizeof err)
+                 ? -1
+                 : train(&r, resume, err, sizeof err);
+    if (status == 0 && rc < 0) {
         fprintf(stderr, "rrnserve train: %s\n", err);
         status = 1;
+    } else if (rc > 0) {
+        status = 128 + rc; /* as a shell reports a process a signal ended */
     }
     run_free(&r);
     cJSON_Delete(root);
