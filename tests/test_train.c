@@ -108,18 +108,25 @@ static void write_corpus(void)
     free(text);
 }
 
+/* The corpus and lm_config written into dir, and a run of them with flags
+ * added. */
+static void train_lm(const char *flags)
+{
+    char *out;
+    write_corpus();
+    write_file("lm.json", lm_config);
+    if (proc_rrnserve(&out, dir, "train --config lm.json %s", flags) != 0)
+        fail_msg("train %s failed: %s", flags, out);
+    free(out);
+}
+
 /* The loss of a small RRA language model falls from about ln(V) to below
  * half of it in 300 steps; outputs exist and load; the metadata says how
  * the model was made. */
 static void test_lm_learns(void **state)
 {
     (void)state;
-    char *out;
-    write_corpus();
-    write_file("lm.json", lm_config);
-    if (proc_rrnserve(&out, dir, "train --config lm.json") != 0)
-        fail_msg("train failed: %s", out);
-    free(out);
+    train_lm("");
     double first = 0, last = 0;
     losses("lm.csv", &first, &last);
     assert_true(first > 2.0);        /* ln(20 chars) = 3.0, minus what 50 steps learn */
@@ -152,8 +159,6 @@ static void test_runs_are_reproducible(void **state)
 {
     (void)state;
     char *out;
-    write_corpus();
-    write_file("lm.json", lm_config);
     static const char *const runs[] = {
         "--steps 40 --out a.safetensors",
         "--steps 40 --out b.safetensors",
@@ -162,11 +167,8 @@ static void test_runs_are_reproducible(void **state)
         "--steps 40 --state_reset 0.5 --out f.safetensors",
         "--steps 40 --state_reset 0.5 --checkpoint_every 20 --out g.safetensors",
     };
-    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
-        if (proc_rrnserve(&out, dir, "train --config lm.json %s", runs[i]) != 0)
-            fail_msg("train %s failed: %s", runs[i], out);
-        free(out);
-    }
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++)
+        train_lm(runs[i]);
     /* Interrupted at step 20 (the checkpoint) and resumed: the same run. */
     assert_int_equal(proc_rrnserve(&out, dir, "train --resume d.ckpt.safetensors --out e.safetensors"), 0);
     assert_non_null(strstr(out, "resuming d.ckpt.safetensors at step 20"));
@@ -214,11 +216,7 @@ static void test_stopped_run_resumes(void **state)
 {
     (void)state;
     char *out, path[256];
-    write_corpus();
-    write_file("lm.json", lm_config);
-    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 60 --out whole.safetensors") != 0)
-        fail_msg("train failed: %s", out);
-    free(out);
+    train_lm("--steps 60 --out whole.safetensors");
     snprintf(path, sizeof path, "%s/s.log", dir);
     static const struct {
         int sig, status;
@@ -496,11 +494,7 @@ static void test_damaged_checkpoints_are_refused(void **state)
 {
     (void)state;
     char *out, cmd[512], weights[256], copy[256];
-    write_corpus();
-    write_file("lm.json", lm_config);
-    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 8 --checkpoint_every 5 --out d.safetensors") != 0)
-        fail_msg("train failed: %s", out);
-    free(out);
+    train_lm("--steps 8 --checkpoint_every 5 --out d.safetensors");
     snprintf(weights, sizeof weights, "%s/d.ckpt.safetensors", dir);
     snprintf(copy, sizeof copy, "%s/bad.ckpt.safetensors", dir);
     file_copy(weights, copy);
