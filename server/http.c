@@ -365,10 +365,11 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
     return rq;
 }
 
-/* How a request's headers frame its body: Content-Length headers seen,
- * whether two disagree, whether Transfer-Encoding came and names a coding
- * other than chunked, and whether a header's name holds white space
- * ("Content-Length : 5", which this server and a proxy may read apart). */
+/* How a request's headers frame it: Content-Length headers seen, whether
+ * two disagree, whether Transfer-Encoding came and names a coding other
+ * than chunked, whether a header's name holds white space ("Content-Length
+ * : 5", which this server and a proxy may read apart), and how many Host
+ * headers came. */
 struct framing {
     const char *length;
     int lengths_differ, transfer, other_coding, spaced_name, hosts;

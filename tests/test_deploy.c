@@ -591,8 +591,10 @@ static void test_k8s_manifests(void **state)
      * 2 s of the 120 s grace period is refused. */
     char dir[] = "/tmp/rrn_k8s_XXXXXX";
     assert_non_null(mkdtemp(dir));
-    rc = proc_run(&out, "cp deploy/k8s/*.yaml %s && sed -i 's/RRN_DRAIN_S: \"110\"/RRN_DRAIN_S: \"114\"/' %s/configmap.yaml && "
-                  "%s tests/check_k8s.py %s", dir, dir, python, dir);
+    rc = proc_run(&out,
+                  "cp deploy/k8s/*.yaml %s && sed -i 's/RRN_DRAIN_S: \"110\"/RRN_DRAIN_S: \"114\"/' "
+                  "%s/configmap.yaml && %s tests/check_k8s.py %s",
+                  dir, dir, python, dir);
     if (rc == 0 || !strstr(out, "--drain-s (114 s) and the cut-off (2 s) must end within"))
         fail_msg("a drain of 114 s in a grace period of 120 s: status %d:\n%s", rc, out);
     free(out);

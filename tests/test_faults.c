@@ -443,7 +443,8 @@ static void write_big_model(const char *path)
 static void test_model_too_large_for_memory(void **state)
 {
     struct server *s = *state;
-    if (server_wrapped() || getenv("ASAN_OPTIONS") || getenv("TSAN_OPTIONS") || system("prlimit --version >/dev/null 2>&1") != 0)
+    if (server_wrapped() || getenv("ASAN_OPTIONS") || getenv("TSAN_OPTIONS") ||
+        system("prlimit --version >/dev/null 2>&1") != 0)
         skip();
     expect_status(s->port, "POST", "/classify", CLASSIFY, 200); /* every lazy allocation made */
     char tmp[128], dst[128], cmd[256];

@@ -239,10 +239,12 @@ static void test_stopped_run_resumes(void **state)
         log = file_read(path, NULL);
         assert_non_null(log);
         if (!WIFEXITED(status) || WEXITSTATUS(status) != sigs[i].status || !strstr(log, sigs[i].said) ||
-            !strstr(log, "of 100000; wrote s.ckpt.safetensors (continue with rrnserve train --resume s.ckpt.safetensors)"))
+            !strstr(log, "of 100000; wrote s.ckpt.safetensors "
+                         "(continue with rrnserve train --resume s.ckpt.safetensors)"))
             fail_msg("signal %d: status %#x; printed:\n%s", sigs[i].sig, status, log);
         free(log);
-        assert_int_equal(proc_rrnserve(&out, dir, "train --resume s.ckpt.safetensors --steps 60 --out r.safetensors"), 0);
+        assert_int_equal(
+            proc_rrnserve(&out, dir, "train --resume s.ckpt.safetensors --steps 60 --out r.safetensors"), 0);
         free(out);
         assert_true(same_weights("whole.safetensors", "r.safetensors"));
     }
