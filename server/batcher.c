@@ -951,17 +951,23 @@ static void step_streams(struct batcher *b)
     }
 }
 
-/* Ends every job held, queued, streaming or scored a share a turn, as
- * cut off (mu held). */
-static void cut_off_jobs(struct batcher *b)
+/* Ends every queued job with error (mu held). */
+static void fail_queue(struct batcher *b, const char *error)
 {
     while (b->head) {
         struct job *j = b->head;
         b->head = j->next;
         b->depth--;
-        finish_job(b, j, 0, cut_off_error);
+        finish_job(b, j, 0, error);
     }
     b->tail = NULL;
+}
+
+/* Ends every job held, queued, streaming or scored a share a turn, as
+ * cut off (mu held). */
+static void cut_off_jobs(struct batcher *b)
+{
+    fail_queue(b, cut_off_error);
     while (b->n_streams)
         end_stream(b, b->n_streams - 1, cut_off_error);
     while (b->shared_head)
@@ -1003,13 +1009,7 @@ static void *batcher_main(void *arg)
         } else {
             /* Out of memory for the lists: fail what is queued rather than spin. */
             n_fwd = n_gen = 0;
-            while (b->head) {
-                struct job *j = b->head;
-                b->head = j->next;
-                b->depth--;
-                finish_job(b, j, 0, "out of memory");
-            }
-            b->tail = NULL;
+            fail_queue(b, "out of memory");
         }
         pthread_mutex_unlock(&b->mu);
         if (n_gen)

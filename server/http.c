@@ -289,7 +289,8 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
     if (r->retry_after)
         rc |= add_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, retry);
     if (r->status == 405)
-        rc |= add_header(resp, MHD_HTTP_HEADER_ALLOW, strcmp(routes[rq->ep].method, "GET") == 0 ? "GET, HEAD" : "POST");
+        rc |= add_header(resp, MHD_HTTP_HEADER_ALLOW,
+                         strcmp(routes[rq->ep].method, "GET") == 0 ? "GET, HEAD" : routes[rq->ep].method);
     if (closing)
         rc |= add_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result ret = rc == 0 ? MHD_queue_response(rq->conn, (unsigned)r->status, resp) : MHD_NO;
@@ -402,7 +403,6 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
     const char *key = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     struct framing f = {0};
     MHD_get_connection_values(rq->conn, MHD_HEADER_KIND, add_framing, &f);
-    const char *length = f.length;
     if (!rt->handler)
         return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
     if (strcmp(method, rt->method) != 0 && !(strcmp(method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0))
@@ -423,7 +423,7 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
         return send_error(rq, 501, "the only Transfer-Encoding understood is chunked");
     if (s->auth && !rt->open && !auth_check(s->auth, key))
         return send_error(rq, 401, "a valid API key is required: Authorization: Bearer KEY");
-    if (length && strtoull(length, NULL, 10) > s->max_body)
+    if (f.length && strtoull(f.length, NULL, 10) > s->max_body)
         return send_error(rq, 413, BODY_TOO_LARGE, s->max_body);
     return MHD_YES;
 }

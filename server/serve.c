@@ -77,7 +77,8 @@ static void usage(FILE *out)
             "                         so that a prompt beginning with one skips its tokens; 0 for none\n"
             "                         (default 64)\n"
             "  --drain-s N            on SIGTERM, how long the requests in flight may take to finish\n"
-            "                         before their connections are closed (seconds, default 300)\n"
+            "                         before each is ended with a 503 (seconds, default 300; a second\n"
+            "                         SIGTERM or SIGINT ends the wait at once)\n"
             "  --log-format F         text, or json: each log line a JSON object (default text)\n");
 }
 
