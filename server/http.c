@@ -4,12 +4,9 @@
  * metrics.
  *
  * The daemon runs one thread per connection, so a handler may block while
- * its model's batcher works; the connection limit and the idle timeout keep
- * slow or idle clients from holding threads without bound.  The idle
- * timeout alone does not stop a client that sends a byte now and then and
- * never completes its request, so a watchdog thread also closes every
- * connection whose request (head and body) has not fully arrived within
- * the timeout.
+ * its model's batcher works; the connection limit and the timeouts
+ * (connections.h) keep slow or idle clients from holding threads without
+ * bound.
  */
 #include <arpa/inet.h>
 #include <microhttpd.h>
@@ -29,6 +26,7 @@
 #include "api.h"
 #include "auth.h"
 #include "bytes.h"
+#include "connections.h"
 #include "http.h"
 #include "lazy_json.h"
 #include "log.h"
@@ -80,14 +78,6 @@ static const struct route routes[EP_COUNT] = {
     [EP_OPENAI_MODELS] = {"GET", api_openai_models, 0},
 };
 
-/* A connection, from its accept to its close, for the watchdog. */
-struct watched {
-    int fd;
-    struct timespec since; /* when its current request began to arrive */
-    int handling;          /* its request arrived: a handler has it */
-    struct watched *prev, *next;
-};
-
 struct http_server {
     struct MHD_Daemon *d;
     struct api *api;
@@ -97,16 +87,12 @@ struct http_server {
     int port;
     MHD_socket listen_fd;  /* after http_quiesce: ours to close */
     int closing;        /* after http_quiesce: answers close their connection */
-    pthread_mutex_t mu; /* guards in_flight, closing and the watchdog's fields */
+    pthread_mutex_t mu; /* guards in_flight and closing */
     pthread_cond_t idle;
     int in_flight;
-    int timeout_s;
-    struct watched *watched; /* every open connection */
+    int max_connections;
+    struct connections *conns;
     struct request_ids ids;
-    pthread_t watchdog;
-    int watchdog_running;
-    int watchdog_stop;
-    pthread_cond_t wake;     /* stops the watchdog */
 };
 
 /* One request, from its first header to its completion callback. */
@@ -120,6 +106,7 @@ struct request {
     char path[128];
     int status;             /* 0 until a reply is queued */
     int refusal;            /* the error status for a body that was not kept */
+    int close;              /* the answer closes the connection */
     int batch_size;
     struct bytes body;
     struct api_stream *stream;
@@ -291,7 +278,7 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
     if (r->status == 405)
         rc |= add_header(resp, MHD_HTTP_HEADER_ALLOW,
                          strcmp(routes[rq->ep].method, "GET") == 0 ? "GET, HEAD" : routes[rq->ep].method);
-    if (closing)
+    if (closing || rq->close)
         rc |= add_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result ret = rc == 0 ? MHD_queue_response(rq->conn, (unsigned)r->status, resp) : MHD_NO;
     MHD_destroy_response(resp);
@@ -310,6 +297,27 @@ static enum MHD_Result send_error(struct request *rq, int status, const char *fm
     struct reply r = {.batch_size = -1};
     reply_error(&r, status, "%s", msg);
     return send_reply(rq, &r);
+}
+
+/* ---- connections ------------------------------------------------------------ */
+
+static struct connection *connection_of(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    struct http_server *s = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        *socket_context = ci ? connection_opened(s->conns, ci->connect_fd) : NULL;
+    } else {
+        connection_closed(s->conns, *socket_context);
+        *socket_context = NULL;
+    }
 }
 
 /* ---- requests ----------------------------------------------------------- */
@@ -403,6 +411,14 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
     const char *key = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     struct framing f = {0};
     MHD_get_connection_values(rq->conn, MHD_HEADER_KIND, add_framing, &f);
+    if (connection_request_begins(s->conns, connection_of(rq->conn)) != 0) {
+        struct reply r = {.batch_size = -1, .retry_after = 1};
+        reply_error(&r, 503, "the server has its most connections open (--max-connections %d), each with a "
+                             "request in flight; try again",
+                    s->max_connections);
+        rq->close = 1;
+        return send_reply(rq, &r);
+    }
     if (!rt->handler)
         return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
     if (strcmp(method, rt->method) != 0 && !(strcmp(method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0))
@@ -437,83 +453,6 @@ static int add_body(struct request *rq, const char *data, size_t n)
     return bytes_add(&rq->body, data, n);
 }
 
-/* ---- the watchdog ---------------------------------------------------------- */
-
-/* A request has fully arrived (1) or been answered (0): the connection's
- * deadline is off until its next request begins. */
-static void set_handling(struct http_server *s, struct MHD_Connection *conn, int handling)
-{
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
-    struct watched *w = ci ? ci->socket_context : NULL;
-    if (!w)
-        return;
-    pthread_mutex_lock(&s->mu);
-    w->handling = handling;
-    clock_gettime(CLOCK_MONOTONIC, &w->since);
-    pthread_mutex_unlock(&s->mu);
-}
-
-static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
-                          enum MHD_ConnectionNotificationCode toe)
-{
-    struct http_server *s = cls;
-    struct watched *w = *socket_context;
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
-        /* Without memory the connection goes unwatched: the idle timeout
-         * still applies. */
-        if (!ci || !(w = calloc(1, sizeof *w)))
-            return;
-        w->fd = ci->connect_fd;
-        clock_gettime(CLOCK_MONOTONIC, &w->since);
-        pthread_mutex_lock(&s->mu);
-        w->next = s->watched;
-        if (s->watched)
-            s->watched->prev = w;
-        s->watched = w;
-        pthread_mutex_unlock(&s->mu);
-        *socket_context = w;
-    } else if (w) {
-        /* Called before the socket is closed, so the watchdog never shuts
-         * down a descriptor that has been reused. */
-        pthread_mutex_lock(&s->mu);
-        if (w->prev)
-            w->prev->next = w->next;
-        else
-            s->watched = w->next;
-        if (w->next)
-            w->next->prev = w->prev;
-        pthread_mutex_unlock(&s->mu);
-        free(w);
-        *socket_context = NULL;
-    }
-}
-
-/* Once a second, shuts down the connections whose request has taken longer
- * than the timeout (and a second's grace, so that libmicrohttpd's own idle
- * timeout closes idle ones first) to arrive; their threads then see the
- * connection end and close it as usual. */
-static void *watchdog_main(void *arg)
-{
-    struct http_server *s = arg;
-    pthread_mutex_lock(&s->mu);
-    while (!s->watchdog_stop) {
-        struct timespec now, until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += 1;
-        pthread_cond_timedwait(&s->wake, &s->mu, &until);
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        for (struct watched *w = s->watched; w; w = w->next)
-            if (!w->handling && w->fd >= 0 && now.tv_sec - w->since.tv_sec > s->timeout_s + 1) {
-                shutdown(w->fd, SHUT_RDWR);
-                w->fd = -1; /* once */
-                log_msg("closed a connection whose request did not arrive within %d s", s->timeout_s);
-            }
-    }
-    pthread_mutex_unlock(&s->mu);
-    return NULL;
-}
-
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_data_size,
                                   void **con_cls)
@@ -535,7 +474,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *upload_data_size = 0;
         return MHD_YES;
     }
-    set_handling(s, conn, 1);
+    connection_handling(s->conns, connection_of(conn), 1);
     if (rq->status)
         return MHD_YES; /* answered already, by an early error */
     if (rq->refusal == 413)
@@ -568,7 +507,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     int status = rq->status && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? rq->status : HTTP_CLIENT_GONE;
     log_request(&(struct log_request){.method = rq->method, .path = rq->path, .id = rq->id, .status = status,
                                       .ms = seconds * 1e3, .batch = rq->batch_size});
-    set_handling(s, conn, 0);
+    connection_handling(s->conns, connection_of(conn), 0);
     metrics_request(s->metrics, rq->ep, status, seconds);
     free(rq->body.p);
     free(rq);
@@ -625,28 +564,26 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
         return NULL;
     }
     *s = (struct http_server){.api = api, .auth = auth, .metrics = metrics, .max_body = opt->max_body,
-                              .listen_fd = MHD_INVALID_SOCKET, .timeout_s = opt->timeout_s};
+                              .listen_fd = MHD_INVALID_SOCKET, .max_connections = opt->max_connections};
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->idle, NULL);
-    pthread_cond_init(&s->wake, NULL);
     if (request_ids_init(&s->ids) != 0) {
         snprintf(err, errlen, "no random bytes for request ids (OpenSSL's RAND_bytes failed)");
         http_stop(s);
         return NULL;
     }
-    if (pthread_create(&s->watchdog, NULL, watchdog_main, s) != 0) {
-        snprintf(err, errlen, "cannot start a thread");
+    if (!(s->conns = connections_new(opt->max_connections, opt->timeout_s, metrics, err, errlen))) {
         http_stop(s);
         return NULL;
     }
-    s->watchdog_running = 1;
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG |
                      MHD_USE_ITC | (ipv6 ? MHD_USE_IPv6 : 0);
     /* The logger first, so that MHD reports nothing the default way. */
     s->d = MHD_start_daemon(flags, (uint16_t)opt->port, NULL, NULL, on_request, s,
                             MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
-                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)opt->max_connections,
+                            MHD_OPTION_CONNECTION_LIMIT,
+                            (unsigned)(opt->max_connections + CONNECTIONS_BEYOND_MAX),
                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)opt->timeout_s,
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)CONNECTION_MEMORY,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
@@ -699,18 +636,11 @@ void http_stop(struct http_server *s)
 {
     if (!s)
         return;
-    if (s->watchdog_running) {
-        pthread_mutex_lock(&s->mu);
-        s->watchdog_stop = 1;
-        pthread_cond_signal(&s->wake);
-        pthread_mutex_unlock(&s->mu);
-        pthread_join(s->watchdog, NULL);
-    }
     if (s->d)
         MHD_stop_daemon(s->d);
+    connections_free(s->conns);
     if (s->listen_fd != MHD_INVALID_SOCKET)
         close(s->listen_fd);
-    pthread_cond_destroy(&s->wake);
     pthread_cond_destroy(&s->idle);
     pthread_mutex_destroy(&s->mu);
     free(s);

@@ -43,7 +43,11 @@ struct histogram {
 struct counters {
     unsigned long long requests[EP_COUNT][STATUS_MAX - STATUS_MIN + 1];
     struct histogram latency[EP_COUNT];
+    int connections_open;
+    unsigned long long closed[CLOSED_COUNT];
 };
+
+static const char *const close_reasons[CLOSED_COUNT] = {[CLOSED_TIMEOUT] = "timeout", [CLOSED_AT_LIMIT] = "limit"};
 
 struct metrics {
     pthread_mutex_t mu;
@@ -159,6 +163,24 @@ void metrics_request(struct metrics *m, enum endpoint e, int status, double seco
     pthread_mutex_lock(&m->mu);
     m->c.requests[e][status - STATUS_MIN]++;
     observe(&m->c.latency[e], latency_bounds, N_LATENCY, seconds);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void metrics_connections_open(struct metrics *m, int open)
+{
+    if (!m)
+        return;
+    pthread_mutex_lock(&m->mu);
+    m->c.connections_open = open;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void metrics_connection_closed(struct metrics *m, enum connection_close why)
+{
+    if (!m)
+        return;
+    pthread_mutex_lock(&m->mu);
+    m->c.closed[why]++;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -391,6 +413,15 @@ char *metrics_render(struct metrics *m, struct registry *r)
             put_histogram(f, "rrnserve_request_duration_seconds", label, &snap->latency[e], latency_bounds,
                           N_LATENCY);
     }
+    fprintf(f, "# HELP rrnserve_connections_open Connections open now.\n"
+               "# TYPE rrnserve_connections_open gauge\n"
+               "rrnserve_connections_open %d\n",
+            snap->connections_open);
+    fputs("# HELP rrnserve_connections_closed_total Connections the server closed: a request that did not arrive "
+          "within --timeout-s (timeout), or idle at --max-connections for a client that came (limit).\n"
+          "# TYPE rrnserve_connections_closed_total counter\n", f);
+    for (int c = 0; c < CLOSED_COUNT; c++)
+        fprintf(f, "rrnserve_connections_closed_total{reason=\"%s\"} %llu\n", close_reasons[c], snap->closed[c]);
     put_models(f, models, n_models);
     int failed = ferror(f);
     /* fclose publishes text and len; a stream that failed is discarded. */

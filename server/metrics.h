@@ -4,7 +4,8 @@
  * whole-sequence batches, time in the queue, a generation's time to its
  * first token and between tokens, tokens generated and prompt tokens read
  * (struct model_metrics, its batcher's), queue depth and weights (read at
- * render time); and the server's version and device.
+ * render time); the connections open and those the server closed; and the
+ * server's version and device.
  *
  * Every function is thread-safe: HTTP threads record requests, batcher
  * threads record batches and tokens, and /metrics renders concurrently.
@@ -51,6 +52,16 @@ double metrics_elapsed(const struct timespec *from, const struct timespec *to);
 
 /* One finished request: its HTTP status (100..599) and latency. */
 void metrics_request(struct metrics *m, enum endpoint e, int status, double seconds);
+
+/* The connections (connections.h): how many are open, and each the server
+ * closed itself, by why.  m may be NULL. */
+enum connection_close {
+    CLOSED_TIMEOUT,  /* its request did not arrive within --timeout-s */
+    CLOSED_AT_LIMIT, /* idle at --max-connections, for a client that came */
+    CLOSED_COUNT
+};
+void metrics_connections_open(struct metrics *m, int open);
+void metrics_connection_closed(struct metrics *m, enum connection_close why);
 
 /* A model's series, rendered with its name as the label `model`.  A model
  * reloaded with a new file starts them from zero again, which Prometheus

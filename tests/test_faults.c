@@ -2,8 +2,8 @@
  * 127.0.0.1 as tests/test_server.c drives it (a child process of $RRN_BIN,
  * optionally under $RRN_SERVER_WRAPPER, on a temporary folder of fixture
  * models): clients that reset their connection mid-stream, slow and idle
- * clients against a short --timeout-s, oversized request heads, a flood of
- * connections beyond --max-connections, a model too large for the memory
+ * clients against a short --timeout-s, oversized request heads, clients
+ * beyond --max-connections (idle and busy places), a model too large for the memory
  * the process may have (reloaded under an address-space limit), a GPU
  * that is not there, a stream longer than the drain allowed at SIGTERM,
  * and a device that fails while serving (injected).
@@ -77,6 +77,37 @@ static void still_serving(int port)
     expect_status(port, "GET", "/healthz", NULL, 200);
     expect_status(port, "POST", "/classify", CLASSIFY, 200);
     expect_status(port, "POST", "/generate", GENERATE, 200);
+}
+
+/* The status of one request, and whether its body holds want. */
+static int status_with(int port, const char *method, const char *path, const char *body, const char *want)
+{
+    struct http_resp r;
+    int got = request(port, method, path, body, &r);
+    if (got >= 0 && !(r.body.p && strstr(r.body.p, want)))
+        got = -2;
+    http_resp_free(&r);
+    return got;
+}
+
+/* Starts a stream of a million tokens (needs --max-tokens-limit 1000000),
+ * so that none ends while a test acts on it: its connection. */
+static int start_long_stream(int port)
+{
+    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
+                       "\"stream\": true}";
+    int fd = http_connect(port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    http_send_request(fd, "POST", "/generate", "", body, strlen(body));
+    return fd;
+}
+
+/* Reads a stream of start_long_stream's into raw until its third token. */
+static void read_past_prompt(int fd, struct buf *raw)
+{
+    http_read_until(fd, raw, "\"index\":2}");
+    assert_non_null(raw->p);
+    assert_non_null(strstr(raw->p, "\"index\":2}"));
 }
 
 static const char *const main_models[] = {"combo_lstm_lm", "plain_lstm_l2_bi_last", NULL};
@@ -325,14 +356,17 @@ static void test_oversized_headers(void **state)
     still_serving(s->port);
 }
 
-/* ---- a flood of connections -------------------------------------------- */
+/* ---- connections beyond --max-connections ------------------------------- */
 
 #define MAX_CONN 8
 #define N_FLOOD 32
+#define PING "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+#define PING_CLOSE "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 static int setup_few_connections(void **state)
 {
-    static const char *const extra[] = {"--device", "cpu", "--max-connections", "8", "--timeout-s", "60", NULL};
+    static const char *const extra[] = {"--device", "cpu", "--max-connections", "8", "--timeout-s", "60",
+                                        "--max-tokens-limit", "1000000", NULL};
     *state = start(main_models, extra, NULL);
     return 0;
 }
@@ -344,51 +378,161 @@ static int readable(int fd, int ms)
     return poll(&p, 1, ms) > 0;
 }
 
-/* MAX_CONN kept-alive connections hold every place.  libmicrohttpd then
- * stops accepting: N_FLOOD more connections wait in the kernel's listen
- * backlog, unanswered and not closed, while the server goes on serving
- * the connections it has; when the holders leave, the waiting ones are
- * accepted and answered in turn. */
-static void test_connection_flood(void **state)
+/* Whether the server has closed fd (read at once: the caller waited). */
+static int closed_by_server(int fd)
+{
+    char b;
+    return readable(fd, 0) && recv(fd, &b, 1, MSG_DONTWAIT) <= 0;
+}
+
+/* A kept-alive connection that has been answered PING once. */
+static int pinged_connection(int port)
+{
+    struct buf raw = {0};
+    int fd = http_connect(port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    assert_int_equal(http_send_all(fd, PING, strlen(PING)), 0);
+    if (!readable(fd, 5000))
+        fail_msg("PING: no answer within 5 s");
+    http_read_until(fd, &raw, "\"ok\"");
+    if (!raw.p || !strstr(raw.p, " 200 "))
+        fail_msg("PING: %s", raw.p ? raw.p : "closed without an answer");
+    free(raw.p);
+    return fd;
+}
+
+/* Sends each of n new connections req, all before reading any answer;
+ * each must be answered within 5 s (never left waiting) with a status of
+ * want, or 200 or 503 where want is 0.  The number answered 200. */
+static int flood(int port, const char *req, int n, int want)
+{
+    int fds[N_FLOOD], ok = 0;
+    assert_true(n <= N_FLOOD);
+    for (int i = 0; i < n; i++) {
+        fds[i] = http_connect(port, HTTP_TIMEOUT_S);
+        assert_true(fds[i] >= 0);
+        assert_int_equal(http_send_all(fds[i], req, strlen(req)), 0);
+    }
+    for (int i = 0; i < n; i++) {
+        struct buf raw = {0};
+        struct http_resp r;
+        int answered = readable(fds[i], 5000) && http_read_all(fds[i], &raw) && http_parse(&raw, &r) == 0;
+        close(fds[i]);
+        if (!answered || (want ? r.status != want : r.status != 200 && r.status != 503))
+            fail_msg("connection %d of the flood: %s", i, raw.p ? raw.p : "no answer within 5 s");
+        ok += r.status == 200;
+        http_resp_free(&r);
+        free(raw.p);
+    }
+    return ok;
+}
+
+/* Every place held by a kept-alive connection that sits idle: a client
+ * that comes is served at once, in the place of the connection idle
+ * longest, which is closed; the others go on being served on theirs.
+ * (libmicrohttpd alone left newcomers in the listen backlog until some
+ * connection ended, for up to --timeout-s.)  A flood of clients at once
+ * is answered, each, without waiting. */
+static void test_idle_connections_make_room(void **state)
 {
     struct server *s = *state;
-    int hold[MAX_CONN], flood[N_FLOOD];
-    const char *ping = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-    const char *ping_close = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    for (int i = 0; i < MAX_CONN; i++) {
-        struct buf raw = {0};
-        hold[i] = http_connect(s->port, HTTP_TIMEOUT_S);
-        assert_true(hold[i] >= 0);
-        assert_int_equal(http_send_all(hold[i], ping, strlen(ping)), 0);
-        http_read_until(hold[i], &raw, "\"ok\"");
-        assert_non_null(raw.p);
-        assert_non_null(strstr(raw.p, " 200 "));
-        free(raw.p);
+    int hold[MAX_CONN], came[2];
+    for (int i = 0; i < MAX_CONN; i++)
+        hold[i] = pinged_connection(s->port);
+    for (int round = 0; round < 2; round++) {
+        sleep_ms(300); /* idle long enough to give way (100 ms) */
+        came[round] = pinged_connection(s->port); /* kept, so that it holds its place */
+        sleep_ms(200);
+        for (int i = 0; i < MAX_CONN; i++)
+            if (closed_by_server(hold[i]) != (i <= round))
+                fail_msg("after %d newcomer(s), connection %d (idle %s) is %s", round + 1, i,
+                         i <= round ? "longest" : "shorter", i <= round ? "still open" : "closed");
     }
-    for (int i = 0; i < N_FLOOD; i++) {
-        flood[i] = http_connect(s->port, HTTP_TIMEOUT_S);
-        assert_true(flood[i] >= 0);
-        assert_int_equal(http_send_all(flood[i], ping_close, strlen(ping_close)), 0);
-    }
-    for (int i = 0; i < N_FLOOD; i++)
-        assert_false(readable(flood[i], i == 0 ? 2000 : 0));
-    /* The holders are still served. */
-    for (int i = 0; i < MAX_CONN; i++) {
+    for (int i = 2; i < MAX_CONN; i++) {
         struct buf raw = {0};
-        assert_int_equal(http_send_all(hold[i], ping, strlen(ping)), 0);
+        assert_int_equal(http_send_all(hold[i], PING, strlen(PING)), 0);
         http_read_until(hold[i], &raw, "\"ok\"");
         assert_non_null(raw.p);
         free(raw.p);
+    }
+    sleep_ms(300);
+    assert_true(flood(s->port, PING_CLOSE, N_FLOOD, 0) >= 1);
+    for (int i = 0; i < MAX_CONN; i++)
         close(hold[i]);
-    }
-    for (int i = 0; i < N_FLOOD; i++) {
+    close(came[0]);
+    close(came[1]);
+    assert_true(http_metric(s->port, "rrnserve_connections_closed_total{reason=\"limit\"}") >= 3);
+    still_serving(s->port);
+}
+
+/* Every place held by a stream in flight: a client that comes is answered
+ * 503 at once (Retry-After: 1, naming --max-connections) and its
+ * connection closed; so is each of a flood of them; one that connects and
+ * sends nothing is closed within a few seconds rather than kept for
+ * --timeout-s; the streams run on; once one ends, newcomers are served. */
+static void test_busy_connections_refuse(void **state)
+{
+    struct server *s = *state;
+    int streams[MAX_CONN];
+    for (int i = 0; i < MAX_CONN; i++) {
         struct buf raw = {0};
-        assert_true(http_read_all(flood[i], &raw));
-        close(flood[i]);
-        if (!raw.p || !strstr(raw.p, " 200 "))
-            fail_msg("waiting connection %d: %s", i, raw.p ? raw.p : "closed without an answer");
+        streams[i] = start_long_stream(s->port);
+        read_past_prompt(streams[i], &raw);
         free(raw.p);
     }
+    struct buf raw = {0};
+    struct http_resp r;
+    int fd = http_connect(s->port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    assert_int_equal(http_send_all(fd, PING, strlen(PING)), 0);
+    assert_true(readable(fd, 5000));
+    assert_true(http_read_all(fd, &raw)); /* the answer, then the connection's end */
+    close(fd);
+    assert_int_equal(http_parse(&raw, &r), 0);
+    char retry[16];
+    assert_int_equal(r.status, 503);
+    assert_string_equal(http_header(&r, "Retry-After", retry, sizeof retry), "1");
+    assert_non_null(strstr(r.body.p, "--max-connections 8"));
+    http_resp_free(&r);
+    free(raw.p);
+    flood(s->port, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 51\r\n\r\n" CLASSIFY, N_FLOOD,
+          503);
+    fd = http_connect(s->port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    double t0 = now_s();
+    assert_true(readable(fd, 10000));
+    if (!closed_by_server(fd))
+        fail_msg("a silent connection at the limit got an answer");
+    close(fd);
+    if (now_s() - t0 > 5)
+        fail_msg("a silent connection at the limit was closed after %.1f s", now_s() - t0);
+    for (int i = 0; i < MAX_CONN; i++) {
+        struct buf more = {0};
+        http_read_until(streams[i], &more, "\"index\":");
+        assert_non_null(more.p);
+        free(more.p);
+    }
+    /* A place is free once the stream's connection has closed, a moment
+     * after its request's end is logged: a client retries, as told. */
+    close(streams[0]);
+    assert_int_equal(server_wait_log(s, "POST /generate 499", 1), 1);
+    struct http_resp ok;
+    for (int i = 0; i < 100 && request(s->port, "GET", "/healthz", NULL, &ok) == 503; i++) {
+        http_resp_free(&ok);
+        sleep_ms(50);
+    }
+    assert_int_equal(ok.status, 200);
+    http_resp_free(&ok);
+    for (int i = 1; i < MAX_CONN; i++)
+        close(streams[i]);
+    assert_int_equal(server_wait_log(s, "POST /generate 499", MAX_CONN), MAX_CONN);
+    /* Every connection counted open has closed, but the one reading it.
+     * libmicrohttpd reports a close a moment after the client sees it, so
+     * the last reading's own connection may still count in the next. */
+    double open = -1;
+    for (int i = 0; i < 200 && (open = http_metric(s->port, "rrnserve_connections_open")) != 1; i++)
+        sleep_ms(50);
+    assert_true(open == 1);
     still_serving(s->port);
 }
 
@@ -489,37 +633,6 @@ static void test_gpu_unavailable(void **state)
 
 /* ---- a device that fails while serving ---------------------------------- */
 
-/* The status of one request, and whether its body holds want. */
-static int status_with(int port, const char *method, const char *path, const char *body, const char *want)
-{
-    struct http_resp r;
-    int got = request(port, method, path, body, &r);
-    if (got >= 0 && !(r.body.p && strstr(r.body.p, want)))
-        got = -2;
-    http_resp_free(&r);
-    return got;
-}
-
-/* Starts a stream of a million tokens (needs --max-tokens-limit 1000000),
- * so that none ends while a test acts on it: its connection. */
-static int start_long_stream(int port)
-{
-    const char *body = "{\"model\": \"combo_lstm_lm\", \"prompt\": \"good day\", \"max_tokens\": 1000000, "
-                       "\"stream\": true}";
-    int fd = http_connect(port, HTTP_TIMEOUT_S);
-    assert_true(fd >= 0);
-    http_send_request(fd, "POST", "/generate", "", body, strlen(body));
-    return fd;
-}
-
-/* Reads a stream of start_long_stream's into raw until its third token. */
-static void read_past_prompt(int fd, struct buf *raw)
-{
-    http_read_until(fd, raw, "\"index\":2}");
-    assert_non_null(raw->p);
-    assert_non_null(strstr(raw->p, "\"index\":2}"));
-}
-
 /* Streams that the fault meets mid-way, past their prompts with tokens
  * coming, each end with the error event naming it and [DONE], not a hang
  * or a cut connection; once the fault is gone the server serves again. */
@@ -606,22 +719,13 @@ static void device_fault_case(const char *device)
     assert_int_equal(rmdir(dir), 0);
 }
 
-/* rrnserve_streams_running of combo_lstm_lm, or -1. */
-static double streams_running(int port)
-{
-    static const char series[] = "\nrrnserve_streams_running{model=\"combo_lstm_lm\"} ";
-    struct http_resp r;
-    const char *at = request(port, "GET", "/metrics", NULL, &r) == 200 ? strstr(r.body.p, series) : NULL;
-    double v = at ? strtod(at + strlen(series), NULL) : -1;
-    http_resp_free(&r);
-    return v;
-}
-
 /* SIGTERM while a stream of a million tokens and a whole generation of as
  * many run: once the wait for them ends (--drain-s, or a second SIGTERM),
  * the server ends each with an error that says why (the stream's event,
  * code 503, and [DONE]; the other's 503 answer), logs `logged`, and exits
  * 0, rather than waiting for them or cutting their connections. */
+#define RUNNING "rrnserve_streams_running{model=\"combo_lstm_lm\"}"
+
 static void check_cut_off(const char *drain_s, int twice, const char *logged)
 {
     const char *const extra[] = {"--device", "cpu", "--max-tokens-limit", "1000000", "--drain-s", drain_s, NULL};
@@ -633,9 +737,9 @@ static void check_cut_off(const char *drain_s, int twice, const char *logged)
     int fd = start_long_stream(s->port);
     struct buf raw = {0}, raw_whole = {0};
     read_past_prompt(fd, &raw);
-    for (int i = 0; i < 10000 && streams_running(s->port) != 2; i++)
+    for (int i = 0; i < 10000 && http_metric(s->port, RUNNING) != 2; i++)
         sleep_ms(1);
-    assert_true(streams_running(s->port) == 2);
+    assert_true(http_metric(s->port, RUNNING) == 2);
     assert_int_equal(kill(s->pid, SIGTERM), 0);
     if (twice) {
         assert_int_equal(server_wait_log(s, "SIGTERM: no new connections", 1), 1);
@@ -704,7 +808,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reset_mid_stream, setup_main, server_teardown),
         cmocka_unit_test_setup_teardown(test_slow_clients, setup_short_timeout, server_teardown),
         cmocka_unit_test_setup_teardown(test_oversized_headers, setup_main, server_teardown),
-        cmocka_unit_test_setup_teardown(test_connection_flood, setup_few_connections, server_teardown),
+        cmocka_unit_test_setup_teardown(test_idle_connections_make_room, setup_few_connections, server_teardown),
+        cmocka_unit_test_setup_teardown(test_busy_connections_refuse, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, server_teardown),
         cmocka_unit_test(test_gpu_unavailable),
         cmocka_unit_test(test_drain_limit),

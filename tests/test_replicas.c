@@ -215,22 +215,6 @@ static char *must_get_body(int port, const char *method, const char *path, const
     return r.body.p;
 }
 
-/* A counter of a replica's /metrics, or -1 (without one, or without an
- * answer: it is read while client threads run, which a failing assertion
- * would leave running on the test's stack). */
-static double metric(int port, const char *series)
-{
-    struct http_resp r;
-    char want[256];
-    FMT(want, "\n%s ", series);
-    const char *at = http_request(port, "GET", "/metrics", "", NULL, 0, &r) == 0 && r.status == 200
-                         ? strstr(r.body.p, want)
-                         : NULL;
-    double v = at ? strtod(at + strlen(want), NULL) : -1;
-    http_resp_free(&r);
-    return v;
-}
-
 /* ---- the replicas and nginx ---------------------------------------------- */
 
 /* replicas.sh ARGS run with the environment env (S.env for the group's). */
@@ -592,10 +576,10 @@ static void test_kill_replica_under_load(void **state)
     /* Load until every replica has answered some /classify (bounded). */
     double limit = now_s() + LOAD_LIMIT_S / 2;
     sleep_ms(LOAD_BEFORE_KILL_MS);
-    while (metric(victim_port, "rrnserve_requests_total{endpoint=\"/classify\",status=\"200\"}") < 1 &&
+    while (http_metric(victim_port, "rrnserve_requests_total{endpoint=\"/classify\",status=\"200\"}") < 1 &&
            now_s() < limit)
         sleep_ms(100);
-    double served = metric(victim_port, "rrnserve_requests_total{endpoint=\"/classify\",status=\"200\"}");
+    double served = http_metric(victim_port, "rrnserve_requests_total{endpoint=\"/classify\",status=\"200\"}");
     long before = atomic_load(&L.done);
 
     int killed = kill(victim, SIGKILL);

@@ -132,24 +132,6 @@ static void expect_status(int port, const char *method, const char *path, const 
     http_resp_free(&r);
 }
 
-/* The value of a Prometheus series by its full name, or -1 when there is
- * none; a name ending in '{' ("rrnserve_batch_size_sum{") sums every
- * series of that metric (each model's). */
-static double metric(int port, const char *series)
-{
-    struct http_resp r;
-    http_must_request(port, "GET", "/metrics", "", NULL, &r);
-    assert_int_equal(r.status, 200);
-    const int all = series[strlen(series) - 1] == '{';
-    char want[256];
-    snprintf(want, sizeof want, all ? "\n%s" : "\n%s ", series);
-    double v = -1;
-    for (const char *at = strstr(r.body.p, want); at; at = all ? strstr(at + 1, want) : NULL)
-        v = (v < 0 ? 0 : v) + strtod(all ? strchr(at, '}') + 1 : at + strlen(want), NULL);
-    http_resp_free(&r);
-    return v;
-}
-
 /* A request body with one string field JSON-escaped. */
 static char *body_with(const char *model, const char *field, const char *text, const char *more)
 {
@@ -206,19 +188,23 @@ static void test_health_and_metrics(void **state)
     assert_null(strstr(r.body.p, "rrnserve_time_to_first_token_seconds_count{model=\"plain_lstm_l2_bi_last\"}"));
     assert_null(strstr(r.body.p, "rrnserve_streams_running{model=\"plain_lstm_l2_bi_last\"}"));
     http_resp_free(&r);
+    /* The connection of the request that reads it, at least. */
+    assert_true(http_metric(s->port, "rrnserve_connections_open") >= 1);
+    assert_true(http_metric(s->port, "rrnserve_connections_closed_total{reason=\"timeout\"}") == 0);
 
     /* A model's batches count under its name only. */
     static const char *const used = "rrnserve_batch_size_count{model=\"plain_lstm_l2_bi_last\"}",
                              *const timed = "rrnserve_engine_seconds_count{model=\"plain_lstm_l2_bi_last\"}",
                              *const idle = "rrnserve_batch_size_count{model=\"rra_dynamic_w3_l2_bi\"}";
-    double used0 = metric(s->port, used), timed0 = metric(s->port, timed), idle0 = metric(s->port, idle);
+    double used0 = http_metric(s->port, used), timed0 = http_metric(s->port, timed);
+    double idle0 = http_metric(s->port, idle);
     assert_true(used0 >= 0 && timed0 >= 0 && idle0 >= 0);
     char *body = body_with("plain_lstm_l2_bi_last", "text", "good day!", NULL);
     cJSON_Delete(post(s->port, "/classify", 200, body));
     free(body);
-    assert_true(metric(s->port, used) == used0 + 1);
-    assert_true(metric(s->port, timed) == timed0 + 1);
-    assert_true(metric(s->port, idle) == idle0);
+    assert_true(http_metric(s->port, used) == used0 + 1);
+    assert_true(http_metric(s->port, timed) == timed0 + 1);
+    assert_true(http_metric(s->port, idle) == idle0);
 }
 
 static void test_models(void **state)
@@ -243,10 +229,10 @@ static void test_models(void **state)
         char info[256];
         snprintf(info, sizeof info, "rrnserve_model_info{model=\"%s\",task=\"%s\",sha256=\"%s\"}", names[i],
                  tasks[i], sha256);
-        assert_true(metric(s->port, info) == 1);
+        assert_true(http_metric(s->port, info) == 1);
     }
     cJSON_Delete(j);
-    assert_true(metric(s->port, "rrnserve_build_info{version=\"" RRN_VERSION "\",device=\"cpu\"}") == 1);
+    assert_true(http_metric(s->port, "rrnserve_build_info{version=\"" RRN_VERSION "\",device=\"cpu\"}") == 1);
 }
 
 static void check_probabilities(const cJSON *got, const cJSON *classes, const cJSON *want)
@@ -390,16 +376,16 @@ static void test_forward_calls_are_bounded(void **state)
     for (int i = 0; i < LEN; i++)
         text[i] = "good day, "[i % 10];
     text[LEN] = 0;
-    const double before = metric(s->port, series);
+    const double before = http_metric(s->port, series);
     struct buf one = {0}, four = {0};
     buf_printf(&one, "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"%s\"}", text);
     buf_printf(&four, "{\"model\": \"plain_lstm_l2_bi_last\", \"texts\": [\"%s\", \"%s\", \"%s\", \"%s\"]}", text,
                text, text, text);
     cJSON_Delete(post(s->port, "/classify", 200, one.p));
-    const double after_one = metric(s->port, series);
+    const double after_one = http_metric(s->port, series);
     cJSON *got = post(s->port, "/classify", 200, four.p);
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "results")), 4);
-    const double after_four = metric(s->port, series);
+    const double after_four = http_metric(s->port, series);
     if (!(before >= 0 && after_one > before && after_four == after_one))
         fail_msg("scratch bytes %.0f before, %.0f after one text, %.0f after four", before, after_one, after_four);
     cJSON_Delete(got);
@@ -882,13 +868,13 @@ static void test_generation_metrics(void **state)
     enum { TTFT_N, TTFT_SUM, TPOT_N, TPOT_SUM, QUEUE_N, PROMPT, TOKENS, N_SERIES };
     double before[N_SERIES], after[N_SERIES];
     for (int i = 0; i < N_SERIES; i++)
-        assert_true((before[i] = metric(s->port, series[i])) >= 0);
+        assert_true((before[i] = http_metric(s->port, series[i])) >= 0);
     const double t0 = now_s();
     cJSON_Delete(generate(s->port, "combo_lstm_lm", "\"max_tokens\": 6, \"seed\": 2"));
     const double took = now_s() - t0;
     cJSON_Delete(generate(s->port, "combo_lstm_lm", "\"max_tokens\": 1, \"seed\": 2"));
     for (int i = 0; i < N_SERIES; i++)
-        after[i] = metric(s->port, series[i]) - before[i];
+        after[i] = http_metric(s->port, series[i]) - before[i];
     assert_true(after[TTFT_N] == 2);
     assert_true(after[TTFT_SUM] > 0 && after[TTFT_SUM] < took + 10);
     assert_true(after[TPOT_N] == 1); /* the one-token generation has no interval */
@@ -896,7 +882,7 @@ static void test_generation_metrics(void **state)
     assert_true(after[QUEUE_N] == 2);
     assert_true(after[PROMPT] == 2 * 8); /* "good day" */
     assert_true(after[TOKENS] == 7);
-    assert_true(metric(s->port, GEN_SERIES("streams_running")) == 0);
+    assert_true(http_metric(s->port, GEN_SERIES("streams_running")) == 0);
 #undef GEN_SERIES
 }
 
@@ -929,17 +915,17 @@ static void test_generate_n(void **state)
      * one prefill and six steps), and give what they give alone. */
     const char *cached = "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}",
                *calls = "rrnserve_batch_size_count{model=\"combo_lstm_lm\"}";
-    const double cached0 = metric(s->port, cached), calls0 = metric(s->port, calls);
+    const double cached0 = http_metric(s->port, cached), calls0 = http_metric(s->port, calls);
     char *body = body_with("combo_lstm_lm", "prompt", "twins, twins and more twins", "\"max_tokens\": 6, \"seed\": 3, \"n\": 4");
     cJSON *four = post(s->port, "/generate", 200, body);
     results = cJSON_GetObjectItem(four, "results");
     const int prompt_tokens = cJSON_GetObjectItem(cJSON_GetArrayItem(results, 0), "prompt_tokens")->valueint;
     assert_int_equal(prompt_tokens, 27);
-    assert_true(metric(s->port, cached) - cached0 == 3 * prompt_tokens);
+    assert_true(http_metric(s->port, cached) - cached0 == 3 * prompt_tokens);
     for (int i = 0; i < 4; i++)
         assert_int_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(results, i), "cached_tokens")->valueint,
                          i ? prompt_tokens : 0);
-    assert_true(metric(s->port, calls) - calls0 == 1 + 6);
+    assert_true(http_metric(s->port, calls) - calls0 == 1 + 6);
     char *alone = body_with("combo_lstm_lm", "prompt", "twins, twins and more twins", "\"max_tokens\": 6, \"seed\": 6");
     cJSON *last = post(s->port, "/generate", 200, alone);
     assert_string_equal(str_of(last, "text"), str_of(cJSON_GetArrayItem(results, 3), "text"));
@@ -1111,7 +1097,7 @@ static void test_completions(void **state)
     expect_error(s->port, "POST", "/v1/completions", "", "{\"model\": \"rra_dynamic_w3_l2_bi\", \"prompt\": \"a\"}",
                  422, "/v1/completions");
     expect_error(s->port, "GET", "/v1/completions", "", NULL, 405, NULL);
-    assert_true(metric(s->port, "rrnserve_requests_total{endpoint=\"/v1/completions\",status=\"200\"}") >= 3);
+    assert_true(http_metric(s->port, "rrnserve_requests_total{endpoint=\"/v1/completions\",status=\"200\"}") >= 3);
 
     cJSON *models = get(s->port, "/v1/models", 200);
     assert_string_equal(str_of(models, "object"), "list");
@@ -1758,8 +1744,8 @@ static void *client_main(void *arg)
  * of the engine calls the round made. */
 static double concurrent_round(int port, struct client_call *calls)
 {
-    double sum0 = metric(port, "rrnserve_batch_size_sum{");
-    double count0 = metric(port, "rrnserve_batch_size_count{");
+    double sum0 = http_metric(port, "rrnserve_batch_size_sum{");
+    double count0 = http_metric(port, "rrnserve_batch_size_count{");
     pthread_barrier_t start;
     pthread_barrier_init(&start, NULL, N_CLIENTS);
     pthread_t threads[N_CLIENTS];
@@ -1778,9 +1764,9 @@ static double concurrent_round(int port, struct client_call *calls)
             fail_msg("%s %s\nalone:    %s\ntogether: %s", c->path, c->body, c->alone.body.p, c->together.body.p);
         http_resp_free(&c->together);
     }
-    double count = metric(port, "rrnserve_batch_size_count{") - count0;
+    double count = http_metric(port, "rrnserve_batch_size_count{") - count0;
     assert_true(count > 0);
-    return (metric(port, "rrnserve_batch_size_sum{") - sum0) / count;
+    return (http_metric(port, "rrnserve_batch_size_sum{") - sum0) / count;
 }
 
 /* Whether 64 clients at once meet in batches is up to the scheduler: on a
@@ -1877,9 +1863,9 @@ static void test_queue_full_and_cancel(void **state)
     int a = open_stream(s->port, ENDLESS ", \"stream\": true");
     const char *running = "rrnserve_streams_running{model=\"combo_lstm_lm\"}",
                *waited = "rrnserve_queue_wait_seconds_sum{model=\"combo_lstm_lm\"}";
-    for (int i = 0; i < 10000 && metric(s->port, running) != 1; i++)
+    for (int i = 0; i < 10000 && http_metric(s->port, running) != 1; i++)
         sleep_ms(1);
-    assert_true(metric(s->port, running) == 1);
+    assert_true(http_metric(s->port, running) == 1);
     /* Two generations in one request can never fit a queue of one: not
      * a 503 to retry, a 422 that says why; and nothing is queued. */
     char *pair = body_with("combo_lstm_lm", "prompt", "good day", "\"max_tokens\": 5, \"n\": 2");
@@ -1888,16 +1874,16 @@ static void test_queue_full_and_cancel(void **state)
     check_error(&r, 422, "--max-queue");
     http_resp_free(&r);
     free(pair);
-    assert_true(metric(s->port, depth) == 0);
+    assert_true(http_metric(s->port, depth) == 0);
     /* B: waits in the queue (of one). */
     char *body = body_with("combo_lstm_lm", "prompt", "good day", "\"max_tokens\": 5, \"seed\": 3");
     int b = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(b >= 0);
-    const double waited0 = metric(s->port, waited);
+    const double waited0 = http_metric(s->port, waited);
     assert_int_equal(http_send_request(b, "POST", "/generate", "", body, strlen(body)), 0);
-    for (int i = 0; i < 10000 && metric(s->port, depth) != 1; i++)
+    for (int i = 0; i < 10000 && http_metric(s->port, depth) != 1; i++)
         sleep_ms(1);
-    assert_true(metric(s->port, depth) == 1);
+    assert_true(http_metric(s->port, depth) == 1);
     const double b_queued_by = now_s(); /* B was submitted by now */
     /* C: the queue is full. */
     char retry[16];
@@ -1919,7 +1905,7 @@ static void test_queue_full_and_cancel(void **state)
     http_resp_free(&r);
     free(raw.p);
     assert_int_equal(server_wait_log(s, "POST /generate 499", 1), 1);
-    assert_true(metric(s->port, waited) - waited0 >= b_queued);
+    assert_true(http_metric(s->port, waited) - waited0 >= b_queued);
 
     /* A non-streaming request whose client leaves is cancelled too: the
      * next one gets the slot long before a million tokens. */
@@ -1928,13 +1914,13 @@ static void test_queue_full_and_cancel(void **state)
     assert_true(d >= 0);
     assert_int_equal(http_send_request(d, "POST", "/generate", "", endless, strlen(endless)), 0);
     static const char *const tokens = "rrnserve_tokens_generated_total{model=\"combo_lstm_lm\"}";
-    double tokens0 = metric(s->port, tokens);
-    for (int i = 0; i < 10000 && metric(s->port, tokens) < tokens0 + 100; i++)
+    double tokens0 = http_metric(s->port, tokens);
+    for (int i = 0; i < 10000 && http_metric(s->port, tokens) < tokens0 + 100; i++)
         sleep_ms(1);
     close(d);
     cJSON_Delete(post(s->port, "/generate", 200, body));
     assert_int_equal(server_wait_log(s, "POST /generate 499", 2), 2);
-    assert_true(metric(s->port, tokens) < 1000000);
+    assert_true(http_metric(s->port, tokens) < 1000000);
     /* A client that leaves is logged as 499, not as an error of the server
      * (nor as a send that failed, when it left a stream). */
     assert_false(server_log_has(s, "internal error"));
@@ -2120,14 +2106,14 @@ static void check_prompt_cache(struct server *s, struct server *plain)
         char series[128];
         snprintf(series, sizeof series, "rrnserve_prompt_cache_tokens_total{model=\"%s\"}", name);
         int n, n_plain, cached;
-        double cached0 = metric(s->port, series);
+        double cached0 = http_metric(s->port, series);
 
         /* The first time the whole prompt runs; the second it is cached. */
         char *first = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n, &cached);
-        assert_true(metric(s->port, series) == cached0);
+        assert_true(http_metric(s->port, series) == cached0);
         assert_int_equal(cached, 0);
         char *again = generated(s->port, name, prompt.p, "\"max_tokens\": 20, \"seed\": 3", &n, &cached);
-        assert_true(metric(s->port, series) == cached0 + n);
+        assert_true(http_metric(s->port, series) == cached0 + n);
         assert_int_equal(cached, n);
         assert_string_equal(again, first);
         if (plain) {
@@ -2139,11 +2125,11 @@ static void check_prompt_cache(struct server *s, struct server *plain)
         /* A conversation goes on: the prompt, what was generated, more. */
         struct buf next = {0};
         buf_printf(&next, "%s%s%sgood day", prompt.p, first, chars ? "" : " ");
-        double cached1 = metric(s->port, series);
+        double cached1 = http_metric(s->port, series);
         char *reply = generated(s->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n, &cached);
         if (chars) /* all but the last generated token ran through the model */
             assert_int_equal(cached, n - (int)strlen("good day") - 1);
-        assert_true(cached > 0 && metric(s->port, series) == cached1 + cached);
+        assert_true(cached > 0 && http_metric(s->port, series) == cached1 + cached);
         if (plain) {
             char *want = generated(plain->port, name, next.p, "\"max_tokens\": 12, \"seed\": 4", &n_plain, NULL);
             assert_string_equal(reply, want);
@@ -2187,9 +2173,9 @@ static void test_prompt_cache(void **state)
     static const char *const extra[] = {"--device", "cpu", "--prompt-cache-mb", "0", NULL};
     struct server *plain = server_start(&(struct server_opts){.models = cache_models, .args = extra});
     check_prompt_cache(s, plain);
-    assert_true(metric(s->port, "rrnserve_prompt_cache_bytes{model=\"rra_dynamic_w3_l2_lm\"}") > 0);
-    assert_true(metric(plain->port, "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}") == 0);
-    assert_true(metric(plain->port, "rrnserve_prompt_cache_bytes{model=\"combo_lstm_lm\"}") == 0);
+    assert_true(http_metric(s->port, "rrnserve_prompt_cache_bytes{model=\"rra_dynamic_w3_l2_lm\"}") > 0);
+    assert_true(http_metric(plain->port, "rrnserve_prompt_cache_tokens_total{model=\"combo_lstm_lm\"}") == 0);
+    assert_true(http_metric(plain->port, "rrnserve_prompt_cache_bytes{model=\"combo_lstm_lm\"}") == 0);
     server_stop(plain);
 }
 

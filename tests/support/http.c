@@ -197,3 +197,17 @@ const char *http_header(const struct http_resp *r, const char *name, char *out, 
         }
     return out;
 }
+
+double http_metric(int port, const char *series)
+{
+    struct http_resp r;
+    const int all = series[strlen(series) - 1] == '{';
+    char want[256];
+    snprintf(want, sizeof want, all ? "\n%s" : "\n%s ", series);
+    double v = -1;
+    if (http_request(port, "GET", "/metrics", "", NULL, 0, &r) == 0 && r.status == 200)
+        for (const char *at = strstr(r.body.p, want); at; at = all ? strstr(at + 1, want) : NULL)
+            v = (v < 0 ? 0 : v) + strtod(all ? strchr(at, '}') + 1 : at + strlen(want), NULL);
+    http_resp_free(&r);
+    return v;
+}

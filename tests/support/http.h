@@ -68,4 +68,10 @@ void http_resp_free(struct http_resp *r);
  * there is none. */
 const char *http_header(const struct http_resp *r, const char *name, char *out, size_t cap);
 
+/* The value of a Prometheus series of the server's /metrics by its full
+ * name ("name{labels}"), or -1 when there is none or no answer; a name
+ * ending in '{' ("rrnserve_batch_size_sum{") sums every series of that
+ * metric (each model's). */
+double http_metric(int port, const char *series);
+
 #endif

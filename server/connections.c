@@ -1,0 +1,216 @@
+/* connections.c - the open connections, their places under
+ * --max-connections and the watchdog that closes those that overstay (see
+ * connections.h).
+ *
+ * A connection is closed here by shutting its socket down, never by
+ * closing it: its own libmicrohttpd thread then reads the end and closes
+ * it as usual (and reports it, through connection_closed, before the
+ * descriptor can be reused).  One mutex guards the list and the count of
+ * places; it is taken a few times a request, for a handful of stores.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "connections.h"
+#include "log.h"
+#include "metrics.h"
+
+/* How long a connection must have been idle before a client at the limit
+ * may take its place: a client just answered may be sending its next
+ * request already (a round trip's time), and closing the connection under
+ * it would lose that request. */
+#define IDLE_TO_YIELD_MS 100
+/* How long, at the limit, a connection without a place may stay open
+ * without sending a request: a client sends its first at once. */
+#define FIRST_REQUEST_MS 1000
+
+enum state { IDLE, ARRIVING, HANDLING };
+
+struct connection {
+    int fd;                /* -1 once shut down here */
+    int place;             /* holds one of the max places */
+    enum state state;
+    struct timespec since; /* when it became idle: accepted, or its last answer sent */
+    struct connection *prev, *next;
+};
+
+struct connections {
+    pthread_mutex_t mu;
+    struct connection *list;
+    int open, held, max, timeout_s;
+    struct metrics *metrics;
+    pthread_t watchdog;
+    int stop;
+    pthread_cond_t wake; /* stops the watchdog */
+};
+
+static long long ms_between(const struct timespec *from, const struct timespec *to)
+{
+    return (long long)(to->tv_sec - from->tv_sec) * 1000 + (to->tv_nsec - from->tv_nsec) / 1000000;
+}
+
+static int earlier(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+/* Closes c (mu held). */
+static void shut(struct connections *cs, struct connection *c, enum connection_close why)
+{
+    shutdown(c->fd, SHUT_RDWR);
+    c->fd = -1;
+    metrics_connection_closed(cs->metrics, why);
+}
+
+/* The place-holder idle longest, and for IDLE_TO_YIELD_MS at least, other
+ * than c; NULL if none (mu held). */
+static struct connection *longest_idle(struct connections *cs, const struct connection *c,
+                                       const struct timespec *now)
+{
+    struct connection *best = NULL;
+    for (struct connection *w = cs->list; w; w = w->next)
+        if (w != c && w->place && w->state == IDLE && w->fd >= 0 &&
+            ms_between(&w->since, now) >= IDLE_TO_YIELD_MS &&
+            (!best || earlier(&w->since, &best->since)))
+            best = w;
+    return best;
+}
+
+/* Once a second: the connections whose request has not arrived within the
+ * timeout (and a second's grace, so that libmicrohttpd's idle timeout
+ * closes idle ones first), and at the limit, those without a place that
+ * have not sent a request within FIRST_REQUEST_MS. */
+static void *watchdog_main(void *arg)
+{
+    struct connections *cs = arg;
+    pthread_mutex_lock(&cs->mu);
+    while (!cs->stop) {
+        struct timespec now, until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 1;
+        pthread_cond_timedwait(&cs->wake, &cs->mu, &until);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        for (struct connection *w = cs->list; w; w = w->next) {
+            if (w->fd < 0)
+                continue;
+            if (w->state != HANDLING && now.tv_sec - w->since.tv_sec > cs->timeout_s + 1) {
+                shut(cs, w, CLOSED_TIMEOUT);
+                log_msg("closed a connection whose request did not arrive within %d s", cs->timeout_s);
+            } else if (cs->held == cs->max && !w->place && w->state == IDLE &&
+                       ms_between(&w->since, &now) >= FIRST_REQUEST_MS) {
+                shut(cs, w, CLOSED_AT_LIMIT);
+            }
+        }
+    }
+    pthread_mutex_unlock(&cs->mu);
+    return NULL;
+}
+
+struct connections *connections_new(int max, int timeout_s, struct metrics *metrics, char *err, size_t errlen)
+{
+    struct connections *cs = calloc(1, sizeof *cs);
+    if (!cs) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    *cs = (struct connections){.max = max, .timeout_s = timeout_s, .metrics = metrics};
+    pthread_mutex_init(&cs->mu, NULL);
+    pthread_cond_init(&cs->wake, NULL);
+    if (pthread_create(&cs->watchdog, NULL, watchdog_main, cs) != 0) {
+        snprintf(err, errlen, "cannot start a thread");
+        pthread_cond_destroy(&cs->wake);
+        pthread_mutex_destroy(&cs->mu);
+        free(cs);
+        return NULL;
+    }
+    return cs;
+}
+
+void connections_free(struct connections *cs)
+{
+    if (!cs)
+        return;
+    pthread_mutex_lock(&cs->mu);
+    cs->stop = 1;
+    pthread_cond_signal(&cs->wake);
+    pthread_mutex_unlock(&cs->mu);
+    pthread_join(cs->watchdog, NULL);
+    pthread_cond_destroy(&cs->wake);
+    pthread_mutex_destroy(&cs->mu);
+    free(cs);
+}
+
+struct connection *connection_opened(struct connections *cs, int fd)
+{
+    struct connection *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    c->fd = fd;
+    c->state = IDLE;
+    clock_gettime(CLOCK_MONOTONIC, &c->since);
+    pthread_mutex_lock(&cs->mu);
+    c->next = cs->list;
+    if (cs->list)
+        cs->list->prev = c;
+    cs->list = c;
+    metrics_connections_open(cs->metrics, ++cs->open);
+    pthread_mutex_unlock(&cs->mu);
+    return c;
+}
+
+void connection_closed(struct connections *cs, struct connection *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&cs->mu);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        cs->list = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    cs->held -= c->place;
+    metrics_connections_open(cs->metrics, --cs->open);
+    pthread_mutex_unlock(&cs->mu);
+    free(c);
+}
+
+int connection_request_begins(struct connections *cs, struct connection *c)
+{
+    if (!c)
+        return 0;
+    int rc = 0;
+    pthread_mutex_lock(&cs->mu);
+    c->state = ARRIVING;
+    if (!c->place) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        struct connection *idle = cs->held < cs->max ? NULL : longest_idle(cs, c, &now);
+        if (cs->held < cs->max) {
+            cs->held++;
+            c->place = 1;
+        } else if (idle) {
+            idle->place = 0;
+            shut(cs, idle, CLOSED_AT_LIMIT);
+            c->place = 1;
+        } else {
+            rc = -1;
+        }
+    }
+    pthread_mutex_unlock(&cs->mu);
+    return rc;
+}
+
+void connection_handling(struct connections *cs, struct connection *c, int handling)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&cs->mu);
+    c->state = handling ? HANDLING : IDLE;
+    if (!handling)
+        clock_gettime(CLOCK_MONOTONIC, &c->since);
+    pthread_mutex_unlock(&cs->mu);
+}
