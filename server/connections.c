@@ -65,15 +65,15 @@ static void shut(struct connections *cs, struct connection *c, enum connection_c
     metrics_connection_closed(cs->metrics, why);
 }
 
-/* The place-holder idle longest, and for IDLE_TO_YIELD_MS at least, other
- * than c; NULL if none (mu held). */
-static struct connection *longest_idle(struct connections *cs, const struct connection *c,
-                                       const struct timespec *now)
+/* The place-holder idle longest, and for IDLE_TO_YIELD_MS at least; NULL
+ * if none (mu held). */
+static struct connection *longest_idle(struct connections *cs)
 {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
     struct connection *best = NULL;
     for (struct connection *w = cs->list; w; w = w->next)
-        if (w != c && w->place && w->state == IDLE && w->fd >= 0 &&
-            ms_between(&w->since, now) >= IDLE_TO_YIELD_MS &&
+        if (w->place && w->state == IDLE && w->fd >= 0 && ms_between(&w->since, &now) >= IDLE_TO_YIELD_MS &&
             (!best || earlier(&w->since, &best->since)))
             best = w;
     return best;
@@ -183,34 +183,48 @@ int connection_request_begins(struct connections *cs, struct connection *c)
     if (!c)
         return 0;
     int rc = 0;
+    struct connection *idle;
     pthread_mutex_lock(&cs->mu);
     c->state = ARRIVING;
-    if (!c->place) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        struct connection *idle = cs->held < cs->max ? NULL : longest_idle(cs, c, &now);
-        if (cs->held < cs->max) {
-            cs->held++;
-            c->place = 1;
-        } else if (idle) {
-            idle->place = 0;
-            shut(cs, idle, CLOSED_AT_LIMIT);
-            c->place = 1;
-        } else {
-            rc = -1;
-        }
+    /* A connection keeps its place from one request to the next; one shut
+     * down here as its request came is closing, and takes none. */
+    if (c->place) {
+        rc = 0;
+    } else if (c->fd < 0) {
+        rc = -1;
+    } else if (cs->held < cs->max) {
+        cs->held++;
+        c->place = 1;
+    } else if ((idle = longest_idle(cs))) {
+        idle->place = 0;
+        shut(cs, idle, CLOSED_AT_LIMIT);
+        c->place = 1;
+    } else {
+        rc = -1;
     }
     pthread_mutex_unlock(&cs->mu);
     return rc;
 }
 
-void connection_handling(struct connections *cs, struct connection *c, int handling)
+void connection_request_arrived(struct connections *cs, struct connection *c)
 {
     if (!c)
         return;
     pthread_mutex_lock(&cs->mu);
-    c->state = handling ? HANDLING : IDLE;
-    if (!handling)
-        clock_gettime(CLOCK_MONOTONIC, &c->since);
+    c->state = HANDLING;
+    pthread_mutex_unlock(&cs->mu);
+}
+
+void connection_request_ended(struct connections *cs, struct connection *c, int last)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&cs->mu);
+    c->state = IDLE;
+    clock_gettime(CLOCK_MONOTONIC, &c->since);
+    if (last && c->place) {
+        c->place = 0;
+        cs->held--;
+    }
     pthread_mutex_unlock(&cs->mu);
 }

@@ -52,8 +52,15 @@ void connection_closed(struct connections *cs, struct connection *c);
  * is held by a connection with a request in flight (answer 503 and close
  * the connection).  c may be NULL. */
 int connection_request_begins(struct connections *cs, struct connection *c);
-/* c's request has fully arrived (1): no deadline until it is answered
- * (0), when c becomes idle.  c may be NULL. */
-void connection_handling(struct connections *cs, struct connection *c, int handling);
+/* c's request has fully arrived: no deadline until it ends.  c may be
+ * NULL. */
+void connection_request_arrived(struct connections *cs, struct connection *c);
+/* c's request has ended, answered or not, and c is idle; last: c closes
+ * after it (the client asked, an error, Connection: close answered), so
+ * its place is free at once rather than when libmicrohttpd reports the
+ * close, a moment later.  A guess either way is safe: a connection that
+ * stays open after all takes a place again with its next request.  c may
+ * be NULL. */
+void connection_request_ended(struct connections *cs, struct connection *c, int last);
 
 #endif

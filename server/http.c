@@ -107,6 +107,7 @@ struct request {
     int status;             /* 0 until a reply is queued */
     int refusal;            /* the error status for a body that was not kept */
     int close;              /* the answer closes the connection */
+    int last;               /* the client will close the connection after it */
     int batch_size;
     struct bytes body;
     struct api_stream *stream;
@@ -377,12 +378,27 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
 /* How a request's headers frame it: Content-Length headers seen, whether
  * two disagree, whether Transfer-Encoding came and names a coding other
  * than chunked, whether a header's name holds white space ("Content-Length
- * : 5", which this server and a proxy may read apart), and how many Host
- * headers came. */
+ * : 5", which this server and a proxy may read apart), how many Host
+ * headers came, and what Connection asks for. */
 struct framing {
     const char *length;
-    int lengths_differ, transfer, other_coding, spaced_name, hosts;
+    int lengths_differ, transfer, other_coding, spaced_name, hosts, close, keep_alive;
 };
+
+/* Whether a header value, a list separated by commas, holds token
+ * (case-insensitive). */
+static int lists_token(const char *value, const char *token)
+{
+    const size_t n = strlen(token);
+    for (const char *p = value; *p;) {
+        p += strspn(p, " \t,");
+        size_t len = strcspn(p, " \t,");
+        if (len == n && strncasecmp(p, token, n) == 0)
+            return 1;
+        p += len;
+    }
+    return 0;
+}
 
 static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
 {
@@ -394,6 +410,9 @@ static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const cha
     } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
         f->transfer = 1;
         f->other_coding |= strcasecmp(value, "chunked") != 0;
+    } else if (strcasecmp(key, MHD_HTTP_HEADER_CONNECTION) == 0) {
+        f->close |= lists_token(value, "close");
+        f->keep_alive |= lists_token(value, "keep-alive");
     }
     f->hosts += strcasecmp(key, MHD_HTTP_HEADER_HOST) == 0;
     f->spaced_name |= key[strcspn(key, " \t")] != 0;
@@ -411,6 +430,7 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
     const char *key = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     struct framing f = {0};
     MHD_get_connection_values(rq->conn, MHD_HEADER_KIND, add_framing, &f);
+    rq->last = f.close || (strcmp(version, MHD_HTTP_VERSION_1_1) != 0 && !f.keep_alive);
     if (connection_request_begins(s->conns, connection_of(rq->conn)) != 0) {
         struct reply r = {.batch_size = -1, .retry_after = 1};
         reply_error(&r, 503, "the server has its most connections open (--max-connections %d), each with a "
@@ -474,7 +494,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *upload_data_size = 0;
         return MHD_YES;
     }
-    connection_handling(s->conns, connection_of(conn), 1);
+    connection_request_arrived(s->conns, connection_of(conn));
     if (rq->status)
         return MHD_YES; /* answered already, by an early error */
     if (rq->refusal == 413)
@@ -507,7 +527,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     int status = rq->status && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? rq->status : HTTP_CLIENT_GONE;
     log_request(&(struct log_request){.method = rq->method, .path = rq->path, .id = rq->id, .status = status,
                                       .ms = seconds * 1e3, .batch = rq->batch_size});
-    connection_handling(s->conns, connection_of(conn), 0);
+    connection_request_ended(s->conns, connection_of(conn),
+                             rq->last || rq->close || toe != MHD_REQUEST_TERMINATED_COMPLETED_OK);
     metrics_request(s->metrics, rq->ep, status, seconds);
     free(rq->body.p);
     free(rq);
