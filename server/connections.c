@@ -23,8 +23,9 @@
  * request already (a round trip's time), and closing the connection under
  * it would lose that request. */
 #define IDLE_TO_YIELD_MS 100
-/* How long, at the limit, a connection without a place may stay open
- * without sending a request: a client sends its first at once. */
+/* How long, while more than max connections are open, one without a
+ * place may stay open without sending a request: a client sends its
+ * first at once. */
 #define FIRST_REQUEST_MS 1000
 
 enum state { IDLE, ARRIVING, HANDLING };
@@ -81,8 +82,8 @@ static struct connection *longest_idle(struct connections *cs)
 
 /* Once a second: the connections whose request has not arrived within the
  * timeout (and a second's grace, so that libmicrohttpd's idle timeout
- * closes idle ones first), and at the limit, those without a place that
- * have not sent a request within FIRST_REQUEST_MS. */
+ * closes idle ones first), and while more than max are open, those
+ * without a place that have sent no request within FIRST_REQUEST_MS. */
 static void *watchdog_main(void *arg)
 {
     struct connections *cs = arg;
@@ -93,15 +94,20 @@ static void *watchdog_main(void *arg)
         until.tv_sec += 1;
         pthread_cond_timedwait(&cs->wake, &cs->mu, &until);
         clock_gettime(CLOCK_MONOTONIC, &now);
+        int live = 0; /* open and not shut down yet */
+        for (struct connection *w = cs->list; w; w = w->next)
+            live += w->fd >= 0;
         for (struct connection *w = cs->list; w; w = w->next) {
             if (w->fd < 0)
                 continue;
             if (w->state != HANDLING && now.tv_sec - w->since.tv_sec > cs->timeout_s + 1) {
                 shut(cs, w, CLOSED_TIMEOUT);
+                live--;
                 log_msg("closed a connection whose request did not arrive within %d s", cs->timeout_s);
-            } else if (cs->held == cs->max && !w->place && w->state == IDLE &&
+            } else if (live > cs->max && !w->place && w->state == IDLE &&
                        ms_between(&w->since, &now) >= FIRST_REQUEST_MS) {
                 shut(cs, w, CLOSED_AT_LIMIT);
+                live--;
             }
         }
     }

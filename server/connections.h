@@ -18,9 +18,10 @@
  * A watchdog thread closes, once a second, the connections whose request
  * has not fully arrived within the timeout (libmicrohttpd's own timeout is
  * for idle connections only, and a client sending a byte now and then is
- * never idle), and, while every place is held, those without a place
- * that have sent no request for a second, which would otherwise fill the
- * room beyond max and leave the next clients in the backlog.
+ * never idle), and, while more than max connections are open, those
+ * without a place that have sent no request for a second, which would
+ * otherwise fill the room beyond max and leave the next clients in the
+ * backlog.
  */
 #ifndef RRN_CONNECTIONS_H
 #define RRN_CONNECTIONS_H

@@ -437,8 +437,13 @@ static void test_idle_connections_make_room(void **state)
 {
     struct server *s = *state;
     int hold[MAX_CONN], came[2];
-    for (int i = 0; i < MAX_CONN; i++)
+    /* Idle since its answer was sent, which the server notes a moment
+     * after the client reads it: the first two answers come well apart. */
+    for (int i = 0; i < MAX_CONN; i++) {
         hold[i] = pinged_connection(s->port);
+        if (i < 2)
+            sleep_ms(150);
+    }
     for (int round = 0; round < 2; round++) {
         sleep_ms(300); /* idle long enough to give way (100 ms) */
         came[round] = pinged_connection(s->port); /* kept, so that it holds its place */
@@ -462,6 +467,32 @@ static void test_idle_connections_make_room(void **state)
     close(came[0]);
     close(came[1]);
     assert_true(http_metric(s->port, "rrnserve_connections_closed_total{reason=\"limit\"}") >= 3);
+    still_serving(s->port);
+}
+
+/* More connections than libmicrohttpd takes (8 + 64) that never send a
+ * request, places free: a client behind them in the listen backlog is
+ * served within seconds, since beyond --max-connections the silent ones
+ * are closed after a second, rather than after --timeout-s (60 s). */
+#define N_SILENT 100
+static void test_silent_connections_make_room(void **state)
+{
+    struct server *s = *state;
+    int silent[N_SILENT];
+    for (int i = 0; i < N_SILENT; i++) {
+        silent[i] = http_connect(s->port, HTTP_TIMEOUT_S);
+        assert_true(silent[i] >= 0);
+    }
+    int fd = http_connect(s->port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    assert_int_equal(http_send_all(fd, PING_CLOSE, strlen(PING_CLOSE)), 0);
+    struct buf raw = {0};
+    if (!readable(fd, 15000) || !http_read_all(fd, &raw) || !strstr(raw.p, " 200 "))
+        fail_msg("a client behind %d silent connections: %s", N_SILENT, raw.p ? raw.p : "no answer within 15 s");
+    free(raw.p);
+    close(fd);
+    for (int i = 0; i < N_SILENT; i++)
+        close(silent[i]);
     still_serving(s->port);
 }
 
@@ -817,6 +848,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_oversized_headers, setup_main, server_teardown),
         cmocka_unit_test_setup_teardown(test_idle_connections_make_room, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_busy_connections_refuse, setup_few_connections, server_teardown),
+        cmocka_unit_test_setup_teardown(test_silent_connections_make_room, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, server_teardown),
         cmocka_unit_test(test_gpu_unavailable),
         cmocka_unit_test(test_drain_limit),
