@@ -3,7 +3,7 @@
  * new clients at --max-connections.
  *
  * Of the connections open, at most max hold a place; a connection takes
- * one when its first request begins (libmicrohttpd accepts up to
+ * one when its first request to be served begins (libmicrohttpd accepts up to
  * CONNECTIONS_BEYOND_MAX more connections, so that clients who arrive at
  * the limit are seen).  When every place is held, a request on a
  * connection without one takes the place of the connection that has been

@@ -431,14 +431,6 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
     struct framing f = {0};
     MHD_get_connection_values(rq->conn, MHD_HEADER_KIND, add_framing, &f);
     rq->last = f.close || (strcmp(version, MHD_HTTP_VERSION_1_1) != 0 && !f.keep_alive);
-    if (connection_request_begins(s->conns, connection_of(rq->conn)) != 0) {
-        struct reply r = {.batch_size = -1, .retry_after = 1};
-        reply_error(&r, 503, "the server has its most connections open (--max-connections %d), each with a "
-                             "request in flight; try again",
-                    s->max_connections);
-        rq->close = 1;
-        return send_reply(rq, &r);
-    }
     if (!rt->handler)
         return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
     if (strcmp(method, rt->method) != 0 && !(strcmp(method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0))
@@ -461,6 +453,16 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
         return send_error(rq, 401, "a valid API key is required: Authorization: Bearer KEY");
     if (f.length && strtoull(f.length, NULL, 10) > s->max_body)
         return send_error(rq, 413, BODY_TOO_LARGE, s->max_body);
+    /* Last, so that a request refused above, a client without a key among
+     * them, never takes the place of another's idle connection. */
+    if (connection_request_begins(s->conns, connection_of(rq->conn)) != 0) {
+        struct reply r = {.batch_size = -1, .retry_after = 1};
+        reply_error(&r, 503, "the server has its most connections open (--max-connections %d), each with a "
+                             "request in flight; try again",
+                    s->max_connections);
+        rq->close = 1;
+        return send_reply(rq, &r);
+    }
     return MHD_YES;
 }
 
