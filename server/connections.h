@@ -3,9 +3,9 @@
  * new clients at --max-connections.
  *
  * Of the connections open, at most max hold a place; a connection takes
- * one when its first request to be served begins (libmicrohttpd accepts up to
- * CONNECTIONS_BEYOND_MAX more connections, so that clients who arrive at
- * the limit are seen).  When every place is held, a request on a
+ * one when its first request to be served begins (libmicrohttpd accepts
+ * up to CONNECTIONS_BEYOND_MAX more connections, so that clients who
+ * arrive at the limit are seen).  When every place is held, a request on a
  * connection without one takes the place of the connection that has been
  * idle (kept alive between requests) longest, if one has been idle for
  * 100 ms or more, and that connection is closed, as nginx reuses its idle
