@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -27,6 +28,11 @@
  * place may stay open without sending a request: a client sends its
  * first at once. */
 #define FIRST_REQUEST_MS 1000
+
+/* Descriptors the process holds besides its connections: the standard
+ * streams, the listening socket, libmicrohttpd's own, the CUDA driver's
+ * and a model file being read at a reload. */
+#define OTHER_FILES 64
 
 enum state { IDLE, ARRIVING, HANDLING };
 
@@ -113,6 +119,31 @@ static void *watchdog_main(void *arg)
     }
     pthread_mutex_unlock(&cs->mu);
     return NULL;
+}
+
+int connections_fit_files(int max, char *note, size_t notelen)
+{
+    note[0] = 0;
+    struct rlimit rl;
+    const rlim_t need = (rlim_t)max + CONNECTIONS_BEYOND_MAX + OTHER_FILES;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
+        return max;
+    const rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need ? rl.rlim_max : need;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        rl.rlim_cur = was;
+    if (rl.rlim_cur >= need) {
+        snprintf(note, notelen, "raised the open-file limit from %llu to %llu for --max-connections %d",
+                 (unsigned long long)was, (unsigned long long)rl.rlim_cur, max);
+        return max;
+    }
+    long long fit = (long long)rl.rlim_cur - CONNECTIONS_BEYOND_MAX - OTHER_FILES;
+    fit = fit < 1 ? 1 : fit;
+    snprintf(note, notelen,
+             "the open-file limit (%llu: LimitNOFILE, ulimit -n) leaves room for %lld connection(s): "
+             "--max-connections %d lowered to %lld",
+             (unsigned long long)rl.rlim_cur, fit, max, fit);
+    return (int)fit;
 }
 
 struct connections *connections_new(int max, int timeout_s, struct metrics *metrics, char *err, size_t errlen)

@@ -34,6 +34,14 @@ struct connections;
 struct connection;
 struct metrics;
 
+/* The most connections that the open-file limit (RLIMIT_NOFILE) leaves
+ * room for, with the CONNECTIONS_BEYOND_MAX more and the files the
+ * process holds besides: max, after raising the soft limit towards the
+ * hard one where it was lower, or fewer where even the hard limit is
+ * lower (at least 1).  note says what was done, for the log ("" when
+ * nothing). */
+int connections_fit_files(int max, char *note, size_t notelen);
+
 /* Starts the watchdog; NULL with err set when no thread could start.
  * metrics may be NULL. */
 struct connections *connections_new(int max, int timeout_s, struct metrics *metrics, char *err, size_t errlen);

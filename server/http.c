@@ -586,8 +586,12 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
+    char note[256];
+    const int max_connections = connections_fit_files(opt->max_connections, note, sizeof note);
+    if (*note)
+        log_msg("%s", note);
     *s = (struct http_server){.api = api, .auth = auth, .metrics = metrics, .max_body = opt->max_body,
-                              .listen_fd = MHD_INVALID_SOCKET, .max_connections = opt->max_connections};
+                              .listen_fd = MHD_INVALID_SOCKET, .max_connections = max_connections};
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->idle, NULL);
     if (request_ids_init(&s->ids) != 0) {
@@ -595,7 +599,7 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
         http_stop(s);
         return NULL;
     }
-    if (!(s->conns = connections_new(opt->max_connections, opt->timeout_s, metrics, err, errlen))) {
+    if (!(s->conns = connections_new(max_connections, opt->timeout_s, metrics, err, errlen))) {
         http_stop(s);
         return NULL;
     }
@@ -606,7 +610,7 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
                             MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
                             MHD_OPTION_CONNECTION_LIMIT,
-                            (unsigned)(opt->max_connections + CONNECTIONS_BEYOND_MAX),
+                            (unsigned)(max_connections + CONNECTIONS_BEYOND_MAX),
                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)opt->timeout_s,
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)CONNECTION_MEMORY,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,

@@ -500,6 +500,58 @@ static void test_silent_connections_make_room(void **state)
     still_serving(s->port);
 }
 
+/* A server started under an open-file limit (prlimit(1) as its wrapper),
+ * with --max-connections 512, which needs 640 descriptors.  What its log
+ * says of the limit. */
+static struct server *start_limited(const char *nofile, const char *logged)
+{
+    static const char *const extra[] = {"--device", "cpu", "--max-connections", "512", NULL};
+    char wrapper[64];
+    snprintf(wrapper, sizeof wrapper, "prlimit --nofile=%s", nofile);
+    assert_int_equal(setenv("RRN_SERVER_WRAPPER", wrapper, 1), 0);
+    struct server *s = start(main_models, extra, NULL);
+    assert_int_equal(unsetenv("RRN_SERVER_WRAPPER"), 0);
+    if (server_wait_log(s, logged, 1) != 1)
+        fail_msg("under --nofile=%s the log does not say \"%s\"", nofile, logged);
+    return s;
+}
+
+/* Where the hard limit allows, the server raises its soft limit to what
+ * --max-connections needs; where it does not, it lowers --max-connections
+ * to what fits and says so, and then serves a client behind 250 silent
+ * connections.  (Before, libmicrohttpd accepted until it ran out of
+ * descriptors at 195 connections, suspended accepting, and the client got
+ * no answer within 20 s.)  Skipped under valgrind, which is the wrapper
+ * there, and without prlimit. */
+#define N_PAST_FILES 250
+static void test_open_file_limit(void **state)
+{
+    (void)state;
+    if (server_wrapped() || system("prlimit --version >/dev/null 2>&1") != 0)
+        skip();
+    struct server *s = start_limited("200:4000", "raised the open-file limit from 200 to 640 for --max-connections 512");
+    server_stop(s);
+    s = start_limited("200:200", "--max-connections 512 lowered to 72");
+    int silent[N_PAST_FILES];
+    for (int i = 0; i < N_PAST_FILES; i++) {
+        silent[i] = http_connect(s->port, HTTP_TIMEOUT_S);
+        assert_true(silent[i] >= 0);
+    }
+    int fd = http_connect(s->port, HTTP_TIMEOUT_S);
+    assert_true(fd >= 0);
+    assert_int_equal(http_send_all(fd, PING_CLOSE, strlen(PING_CLOSE)), 0);
+    struct buf raw = {0};
+    if (!readable(fd, 15000) || !http_read_all(fd, &raw) || !strstr(raw.p, " 200 "))
+        fail_msg("a client behind %d silent connections: %s", N_PAST_FILES, raw.p ? raw.p : "no answer within 15 s");
+    free(raw.p);
+    close(fd);
+    for (int i = 0; i < N_PAST_FILES; i++)
+        close(silent[i]);
+    assert_false(server_log_has(s, "Too many open files"));
+    still_serving(s->port);
+    server_stop(s);
+}
+
 /* Every place held by a stream in flight: a client that comes is answered
  * 503 at once (Retry-After: 1, naming --max-connections) and its
  * connection closed; so is each of a flood of them; one that connects and
@@ -853,6 +905,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_idle_connections_make_room, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_busy_connections_refuse, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_silent_connections_make_room, setup_few_connections, server_teardown),
+        cmocka_unit_test(test_open_file_limit),
         cmocka_unit_test_setup_teardown(test_model_too_large_for_memory, setup_one_model, server_teardown),
         cmocka_unit_test(test_gpu_unavailable),
         cmocka_unit_test(test_drain_limit),
