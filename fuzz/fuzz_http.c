@@ -13,6 +13,7 @@
  * must still accept a connection after each input.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -20,6 +21,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "api.h"
@@ -93,9 +95,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (!server)
         start_server();
+    /* Each input leaves a connection in TIME_WAIT on this side for a
+     * minute, and at thousands a second they can hold nearly every local
+     * port: a connect that fails is tried again before it counts as the
+     * server no longer accepting, a crash for libFuzzer. */
     int fd = connect_server();
-    if (fd < 0)
-        abort(); /* the server no longer accepts */
+    for (int tries = 1; fd < 0 && tries < 10; tries++) {
+        nanosleep(&(struct timespec){.tv_nsec = 200 * 1000 * 1000}, NULL);
+        fd = connect_server();
+    }
+    if (fd < 0) {
+        fprintf(stderr, "fuzz_http: cannot connect to the server: %s\n", strerror(errno));
+        abort();
+    }
     /* The server may answer and close before it has read everything. */
     for (size_t sent = 0; sent < size;) {
         ssize_t n = send(fd, data + sent, size - sent, MSG_NOSIGNAL);
