@@ -154,6 +154,7 @@ struct connections *connections_new(int max, int timeout_s, struct metrics *metr
         return NULL;
     }
     *cs = (struct connections){.max = max, .timeout_s = timeout_s, .metrics = metrics};
+    metrics_connections_max(metrics, max);
     pthread_mutex_init(&cs->mu, NULL);
     pthread_cond_init(&cs->wake, NULL);
     if (pthread_create(&cs->watchdog, NULL, watchdog_main, cs) != 0) {

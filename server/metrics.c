@@ -43,7 +43,7 @@ struct histogram {
 struct counters {
     unsigned long long requests[EP_COUNT][STATUS_MAX - STATUS_MIN + 1];
     struct histogram latency[EP_COUNT];
-    int connections_open;
+    int connections_max, connections_open;
     unsigned long long closed[CLOSED_COUNT];
 };
 
@@ -163,6 +163,15 @@ void metrics_request(struct metrics *m, enum endpoint e, int status, double seco
     pthread_mutex_lock(&m->mu);
     m->c.requests[e][status - STATUS_MIN]++;
     observe(&m->c.latency[e], latency_bounds, N_LATENCY, seconds);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void metrics_connections_max(struct metrics *m, int max)
+{
+    if (!m)
+        return;
+    pthread_mutex_lock(&m->mu);
+    m->c.connections_max = max;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -413,10 +422,14 @@ char *metrics_render(struct metrics *m, struct registry *r)
             put_histogram(f, "rrnserve_request_duration_seconds", label, &snap->latency[e], latency_bounds,
                           N_LATENCY);
     }
-    fprintf(f, "# HELP rrnserve_connections_open Connections open now.\n"
+    fprintf(f, "# HELP rrnserve_connections_max Connections served at once: --max-connections, or what the open-file "
+               "limit left of it.\n"
+               "# TYPE rrnserve_connections_max gauge\n"
+               "rrnserve_connections_max %d\n"
+               "# HELP rrnserve_connections_open Connections open now.\n"
                "# TYPE rrnserve_connections_open gauge\n"
                "rrnserve_connections_open %d\n",
-            snap->connections_open);
+            snap->connections_max, snap->connections_open);
     fputs("# HELP rrnserve_connections_closed_total Connections the server closed: a request that did not arrive "
           "within --timeout-s (timeout), or idle at --max-connections for a client that came (limit).\n"
           "# TYPE rrnserve_connections_closed_total counter\n", f);

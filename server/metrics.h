@@ -53,13 +53,15 @@ double metrics_elapsed(const struct timespec *from, const struct timespec *to);
 /* One finished request: its HTTP status (100..599) and latency. */
 void metrics_request(struct metrics *m, enum endpoint e, int status, double seconds);
 
-/* The connections (connections.h): how many are open, and each the server
+/* The connections (connections.h): how many may hold a place (the
+ * --max-connections in force), how many are open, and each the server
  * closed itself, by why.  m may be NULL. */
 enum connection_close {
     CLOSED_TIMEOUT,  /* its request did not arrive within --timeout-s */
     CLOSED_AT_LIMIT, /* idle at --max-connections, for a client that came */
     CLOSED_COUNT
 };
+void metrics_connections_max(struct metrics *m, int max);
 void metrics_connections_open(struct metrics *m, int open);
 void metrics_connection_closed(struct metrics *m, enum connection_close why);
 

@@ -548,6 +548,7 @@ static void test_open_file_limit(void **state)
     for (int i = 0; i < N_PAST_FILES; i++)
         close(silent[i]);
     assert_false(server_log_has(s, "Too many open files"));
+    assert_true(http_metric(s->port, "rrnserve_connections_max") == 72);
     still_serving(s->port);
     server_stop(s);
 }

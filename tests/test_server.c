@@ -190,6 +190,7 @@ static void test_health_and_metrics(void **state)
     http_resp_free(&r);
     /* The connection of the request that reads it, at least. */
     assert_true(http_metric(s->port, "rrnserve_connections_open") >= 1);
+    assert_true(http_metric(s->port, "rrnserve_connections_max") >= 1);
     assert_true(http_metric(s->port, "rrnserve_connections_closed_total{reason=\"timeout\"}") == 0);
 
     /* A model's batches count under its name only. */
