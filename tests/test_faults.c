@@ -474,29 +474,38 @@ static void test_idle_connections_make_room(void **state)
     still_serving(s->port);
 }
 
-/* More connections than libmicrohttpd takes (8 + 64) that never send a
- * request, places free: a client behind them in the listen backlog is
- * served within seconds, since beyond --max-connections the silent ones
- * are closed after a second, rather than after --timeout-s (60 s). */
-#define N_SILENT 100
-static void test_silent_connections_make_room(void **state)
+#define N_SILENT 250
+
+/* n connections that send nothing, then a client behind them: answered
+ * 200 within 15 s. */
+static void served_behind_silent(int port, int n)
 {
-    struct server *s = *state;
     int silent[N_SILENT];
-    for (int i = 0; i < N_SILENT; i++) {
-        silent[i] = http_connect(s->port, HTTP_TIMEOUT_S);
+    assert_true(n <= N_SILENT);
+    for (int i = 0; i < n; i++) {
+        silent[i] = http_connect(port, HTTP_TIMEOUT_S);
         assert_true(silent[i] >= 0);
     }
-    int fd = http_connect(s->port, HTTP_TIMEOUT_S);
+    int fd = http_connect(port, HTTP_TIMEOUT_S);
     assert_true(fd >= 0);
     assert_int_equal(http_send_all(fd, PING_CLOSE, strlen(PING_CLOSE)), 0);
     struct buf raw = {0};
     if (!readable(fd, 15000) || !http_read_all(fd, &raw) || !strstr(raw.p, " 200 "))
-        fail_msg("a client behind %d silent connections: %s", N_SILENT, raw.p ? raw.p : "no answer within 15 s");
+        fail_msg("a client behind %d silent connections: %s", n, raw.p ? raw.p : "no answer within 15 s");
     free(raw.p);
     close(fd);
-    for (int i = 0; i < N_SILENT; i++)
+    for (int i = 0; i < n; i++)
         close(silent[i]);
+}
+
+/* More connections than libmicrohttpd takes (8 + 64) that never send a
+ * request, places free: a client behind them in the listen backlog is
+ * served within seconds, since beyond --max-connections the silent ones
+ * are closed after a second, rather than after --timeout-s (60 s). */
+static void test_silent_connections_make_room(void **state)
+{
+    struct server *s = *state;
+    served_behind_silent(s->port, 100);
     still_serving(s->port);
 }
 
@@ -523,7 +532,6 @@ static struct server *start_limited(const char *nofile, const char *logged)
  * descriptors at 195 connections, suspended accepting, and the client got
  * no answer within 20 s.)  Skipped under valgrind, which is the wrapper
  * there, and without prlimit. */
-#define N_PAST_FILES 250
 static void test_open_file_limit(void **state)
 {
     (void)state;
@@ -532,21 +540,7 @@ static void test_open_file_limit(void **state)
     struct server *s = start_limited("200:4000", "raised the open-file limit from 200 to 640 for --max-connections 512");
     server_stop(s);
     s = start_limited("200:200", "--max-connections 512 lowered to 72");
-    int silent[N_PAST_FILES];
-    for (int i = 0; i < N_PAST_FILES; i++) {
-        silent[i] = http_connect(s->port, HTTP_TIMEOUT_S);
-        assert_true(silent[i] >= 0);
-    }
-    int fd = http_connect(s->port, HTTP_TIMEOUT_S);
-    assert_true(fd >= 0);
-    assert_int_equal(http_send_all(fd, PING_CLOSE, strlen(PING_CLOSE)), 0);
-    struct buf raw = {0};
-    if (!readable(fd, 15000) || !http_read_all(fd, &raw) || !strstr(raw.p, " 200 "))
-        fail_msg("a client behind %d silent connections: %s", N_PAST_FILES, raw.p ? raw.p : "no answer within 15 s");
-    free(raw.p);
-    close(fd);
-    for (int i = 0; i < N_PAST_FILES; i++)
-        close(silent[i]);
+    served_behind_silent(s->port, 250);
     assert_false(server_log_has(s, "Too many open files"));
     assert_true(http_metric(s->port, "rrnserve_connections_max") == 72);
     still_serving(s->port);
