@@ -23,11 +23,11 @@
  * may take its place: a client just answered may be sending its next
  * request already (a round trip's time), and closing the connection under
  * it would lose that request. */
-#define IDLE_TO_YIELD_MS 100
+#define IDLE_TO_YIELD_S 0.1
 /* How long, while more than max connections are open, one without a
  * place may stay open without sending a request: a client sends its
  * first at once. */
-#define FIRST_REQUEST_MS 1000
+#define FIRST_REQUEST_S 1.0
 
 /* Descriptors the process holds besides its connections: the standard
  * streams, the listening socket, libmicrohttpd's own, the CUDA driver's
@@ -54,16 +54,6 @@ struct connections {
     pthread_cond_t wake; /* stops the watchdog */
 };
 
-static long long ms_between(const struct timespec *from, const struct timespec *to)
-{
-    return (long long)(to->tv_sec - from->tv_sec) * 1000 + (to->tv_nsec - from->tv_nsec) / 1000000;
-}
-
-static int earlier(const struct timespec *a, const struct timespec *b)
-{
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 /* Closes c (mu held). */
 static void shut(struct connections *cs, struct connection *c, enum connection_close why)
 {
@@ -72,7 +62,7 @@ static void shut(struct connections *cs, struct connection *c, enum connection_c
     metrics_connection_closed(cs->metrics, why);
 }
 
-/* The place-holder idle longest, and for IDLE_TO_YIELD_MS at least; NULL
+/* The place-holder idle longest, and for IDLE_TO_YIELD_S at least; NULL
  * if none (mu held). */
 static struct connection *longest_idle(struct connections *cs)
 {
@@ -80,8 +70,8 @@ static struct connection *longest_idle(struct connections *cs)
     clock_gettime(CLOCK_MONOTONIC, &now);
     struct connection *best = NULL;
     for (struct connection *w = cs->list; w; w = w->next)
-        if (w->place && w->state == IDLE && w->fd >= 0 && ms_between(&w->since, &now) >= IDLE_TO_YIELD_MS &&
-            (!best || earlier(&w->since, &best->since)))
+        if (w->place && w->state == IDLE && w->fd >= 0 && metrics_elapsed(&w->since, &now) >= IDLE_TO_YIELD_S &&
+            (!best || metrics_elapsed(&w->since, &best->since) > 0))
             best = w;
     return best;
 }
@@ -89,7 +79,7 @@ static struct connection *longest_idle(struct connections *cs)
 /* Once a second: the connections whose request has not arrived within the
  * timeout (and a second's grace, so that libmicrohttpd's idle timeout
  * closes idle ones first), and while more than max are open, those
- * without a place that have sent no request within FIRST_REQUEST_MS. */
+ * without a place that have sent no request within FIRST_REQUEST_S. */
 static void *watchdog_main(void *arg)
 {
     struct connections *cs = arg;
@@ -111,7 +101,7 @@ static void *watchdog_main(void *arg)
                 live--;
                 log_msg("closed a connection whose request did not arrive within %d s", cs->timeout_s);
             } else if (live > cs->max && !w->place && w->state == IDLE &&
-                       ms_between(&w->since, &now) >= FIRST_REQUEST_MS) {
+                       metrics_elapsed(&w->since, &now) >= FIRST_REQUEST_S) {
                 shut(cs, w, CLOSED_AT_LIMIT);
                 live--;
             }

@@ -430,7 +430,8 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
     const char *key = MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     struct framing f = {0};
     MHD_get_connection_values(rq->conn, MHD_HEADER_KIND, add_framing, &f);
-    rq->last = f.close || (strcmp(version, MHD_HTTP_VERSION_1_1) != 0 && !f.keep_alive);
+    const int http11 = strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
+    rq->last = f.close || (!http11 && !f.keep_alive);
     if (!rt->handler)
         return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
     if (strcmp(method, rt->method) != 0 && !(strcmp(method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0))
@@ -442,7 +443,7 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
         return send_error(rq, 400, "a header's name holds white space");
     /* RFC 9112, 3.2: a server must refuse these, which could name two
      * hosts to two parsers as above. */
-    if (f.hosts > 1 || (f.hosts == 0 && strcmp(version, MHD_HTTP_VERSION_1_1) == 0))
+    if (f.hosts > 1 || (f.hosts == 0 && http11))
         return send_error(rq, 400, "an HTTP/1.1 request needs one Host header");
     if (f.lengths_differ || (f.length && f.transfer))
         return send_error(rq, 400, "%s", f.transfer ? "a request may not have both Content-Length and Transfer-Encoding"
