@@ -171,6 +171,11 @@ void connections_free(struct connections *cs)
     free(cs);
 }
 
+int connections_max(const struct connections *cs)
+{
+    return cs->max; /* set once, before any connection */
+}
+
 struct connection *connection_opened(struct connections *cs, int fd)
 {
     struct connection *c = calloc(1, sizeof *c);

@@ -48,6 +48,8 @@ struct connections *connections_new(int max, int timeout_s, struct metrics *metr
 /* Stops the watchdog; every connection must have been closed (or the
  * daemon stopped) before. */
 void connections_free(struct connections *cs);
+/* The places: the max given to connections_new. */
+int connections_max(const struct connections *cs);
 
 /* A connection accepted on socket fd; NULL when out of memory, and the
  * connection then goes unwatched (libmicrohttpd's idle timeout still

@@ -90,7 +90,6 @@ struct http_server {
     pthread_mutex_t mu; /* guards in_flight and closing */
     pthread_cond_t idle;
     int in_flight;
-    int max_connections;
     struct connections *conns;
     struct request_ids ids;
 };
@@ -458,9 +457,9 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
      * them, never takes the place of another's idle connection. */
     if (connection_request_begins(s->conns, connection_of(rq->conn)) != 0) {
         struct reply r = {.batch_size = -1, .retry_after = 1};
-        reply_error(&r, 503, "the server has its most connections open (--max-connections %d), each with a "
-                             "request in flight; try again",
-                    s->max_connections);
+        reply_error(&r, 503, "the server has its most connections open (--max-connections %d), none of them "
+                             "idle; try again",
+                    connections_max(s->conns));
         rq->close = 1;
         return send_reply(rq, &r);
     }
@@ -592,7 +591,7 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
     if (*note)
         log_msg("%s", note);
     *s = (struct http_server){.api = api, .auth = auth, .metrics = metrics, .max_body = opt->max_body,
-                              .listen_fd = MHD_INVALID_SOCKET, .max_connections = max_connections};
+                              .listen_fd = MHD_INVALID_SOCKET};
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->idle, NULL);
     if (request_ids_init(&s->ids) != 0) {
