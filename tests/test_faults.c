@@ -517,9 +517,8 @@ static struct server *start_limited(const char *nofile, const char *logged)
     static const char *const extra[] = {"--device", "cpu", "--max-connections", "512", NULL};
     char wrapper[64];
     snprintf(wrapper, sizeof wrapper, "prlimit --nofile=%s", nofile);
-    assert_int_equal(setenv("RRN_SERVER_WRAPPER", wrapper, 1), 0);
-    struct server *s = start(main_models, extra, NULL);
-    assert_int_equal(unsetenv("RRN_SERVER_WRAPPER"), 0);
+    struct server *s = server_start(
+        &(struct server_opts){.models = main_models, .args = extra, .stop_with_sigterm = 1, .wrapper = wrapper});
     if (server_wait_log(s, logged, 1) != 1)
         fail_msg("under --nofile=%s the log does not say \"%s\"", nofile, logged);
     return s;

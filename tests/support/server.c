@@ -130,7 +130,8 @@ struct server *server_start(const struct server_opts *o)
     char wrapper[1024];
     const char *argv[64];
     int argc = 0;
-    snprintf(wrapper, sizeof wrapper, "%s", server_wrapped() ? getenv("RRN_SERVER_WRAPPER") : "");
+    snprintf(wrapper, sizeof wrapper, "%s",
+             o->wrapper ? o->wrapper : server_wrapped() ? getenv("RRN_SERVER_WRAPPER") : "");
     for (char *w = strtok(wrapper, " "); w && argc < 32; w = strtok(NULL, " "))
         argv[argc++] = w;
     const char *own[] = {rrn_bin(), "serve", "--models", s->dir, "--port", "0", "--host", "127.0.0.1"};

@@ -30,6 +30,9 @@ struct server_opts {
      * server is not wrapped (a wrapped one always is, so that valgrind
      * can check for leaks as it exits). */
     int stop_with_sigterm;
+    /* A command (words split at spaces) to run the server under, in
+     * place of $RRN_SERVER_WRAPPER's, or NULL. */
+    const char *wrapper;
 };
 
 struct server {
