@@ -1,9 +1,9 @@
 /* test_prompt_cache.c - the prompt-state cache of server/prompt_cache.c on
- * its own: the longest cached prefix is found (and only a true prefix),
- * logits come out only for a whole match, an entry is kept once, the
- * least recently used entries go when the bytes pass the limit, entries
- * found again outlast any number of one-off ones (up to their share), and
- * an entry larger than the limit is not kept.
+ * its own: the longest cached prefix is found (and only a true prefix,
+ * of one token too), logits come out only for a whole match, an entry is
+ * kept once, the least recently used entries go when the bytes pass the
+ * limit, entries found again outlast any number of one-off ones (up to
+ * their share), and an entry larger than the limit is not kept.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -83,6 +83,14 @@ static void test_finds_the_longest_prefix(void **unused)
     assert_int_equal(prompt_cache_bytes(pc), bytes);
     assert_int_equal(prompt_cache_find(pc, tokens, 20, st, &pos, lg), 20);
     assert_memory_equal(st, state_a, sizeof st);
+
+    /* One token is an entry like any other, and a prefix of every prompt
+     * that begins with it. */
+    assert_int_equal(prompt_cache_put(pc, tokens, 1, state_b, 1, logits_b), 0);
+    assert_int_equal(prompt_cache_find(pc, tokens, 1, st, &pos, lg), 1);
+    assert_memory_equal(lg, logits_b, sizeof lg);
+    assert_int_equal(prompt_cache_find(pc, tokens, 9, st, &pos, lg), 1);
+    assert_memory_equal(st, state_b, sizeof st);
     prompt_cache_free(pc);
 }
 
