@@ -45,9 +45,10 @@
  * job): batched, short texts run some three times faster a token than
  * one prompt does (on the CPU). */
 #define FORWARD_TURN 4096
-/* Shorter sequences are not cached: running the model over them costs
- * about what restoring a state does. */
-#define PROMPT_CACHE_MIN 16
+/* A shorter prompt runs beside the others with it rather than wait a turn
+ * for the state one of them leaves in the cache: its few tokens cost less
+ * than the turn. */
+#define PROMPT_WAIT_MIN 16
 
 struct stream {
     struct job *job;
@@ -245,7 +246,7 @@ int batcher_submit(struct batcher *b, struct job *const *jobs, int n)
     /* Before taking mu: a prompt of 100,000 tokens takes a while to hash.
      * A twin's prompt is its original's, hashed already. */
     for (int i = 0; i < n; i++)
-        if (jobs[i]->kind == JOB_GENERATE && b->cache && jobs[i]->lens[0] >= PROMPT_CACHE_MIN)
+        if (jobs[i]->kind == JOB_GENERATE && b->cache && jobs[i]->lens[0] >= PROMPT_WAIT_MIN)
             jobs[i]->prompt_hash = jobs[i]->input_of ? jobs[i]->input_of->prompt_hash
                                                       : prompt_cache_hash(jobs[i]->ids[0], jobs[i]->lens[0]);
     pthread_mutex_lock(&b->mu);
@@ -301,11 +302,10 @@ static int same_prompt(const struct job *a, const struct job *b)
  * one hash cost a wait, not a wrong state, since the cache compares
  * tokens.  A job waits for those of its turn once (those that waited start
  * together the next turn, from the state the first left), and for a
- * stream's prompt until it is in.  Short prompts cost about as much to run
- * as to restore, and are not cached. */
+ * stream's prompt until it is in. */
 static int prompt_taken(const struct batcher *b, struct job *j, struct job *const *gen, int n)
 {
-    if (!b->cache || j->lens[0] < PROMPT_CACHE_MIN)
+    if (!b->cache || j->lens[0] < PROMPT_WAIT_MIN)
         return 0;
     for (int i = 0; i < b->n_streams; i++)
         if (b->streams[i].at < b->streams[i].job->lens[0] && same_prompt(b->streams[i].job, j))
@@ -703,12 +703,15 @@ static int next_token(struct batcher *b, struct stream *s, const float *logits)
 }
 
 /* Keeps the state stream i's slot has reached, after tokens[0..n), with
- * the logits after them.  A state the cache has no memory for is not kept:
- * that costs a later prompt time, not its result. */
+ * the logits after them, where the cache admits it (asked first, since a
+ * save copies the state, from the GPU on CUDA).  A state the cache has
+ * no memory for is not kept: that costs a later prompt time, not its
+ * result. */
 static void cache_state(struct batcher *b, int i, const int32_t *tokens, int n, const float *logits)
 {
     struct stream *s = &b->streams[i];
-    if (!b->cache || n < PROMPT_CACHE_MIN || engine_slot_save(b->e, s->slot, b->cache_state) != 0)
+    if (!b->cache || !prompt_cache_admits(b->cache, tokens, n) ||
+        engine_slot_save(b->e, s->slot, b->cache_state) != 0)
         return;
     prompt_cache_put(b->cache, tokens, n, b->cache_state, engine_slot_position(b->e, s->slot), logits);
     metrics_prompt_cache_bytes(b->metrics, prompt_cache_bytes(b->cache));
@@ -721,7 +724,7 @@ static void cache_ended_stream(struct batcher *b, int i)
 {
     const struct job *j = b->streams[i].job;
     int n = j->lens[0] + j->n_tokens - 1;
-    if (!b->cache || j->n_tokens < 2 || n < PROMPT_CACHE_MIN)
+    if (!b->cache || j->n_tokens < 2)
         return;
     int32_t *seq = malloc(sizeof *seq * (size_t)n);
     if (!seq)

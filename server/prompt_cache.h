@@ -35,6 +35,11 @@ void prompt_cache_free(struct prompt_cache *pc);
  * tokens; 0 when there is none (or out of memory). */
 int prompt_cache_find(struct prompt_cache *pc, const int32_t *tokens, int n, float *state, int *position,
                       float *logits);
+/* Whether tokens[0..n) is worth keeping, asked before its state is
+ * saved: a sequence of under 16 tokens only the second time it is asked
+ * about (the first time its hash is noted; prompt_cache.c says why),
+ * a longer one always. */
+int prompt_cache_admits(struct prompt_cache *pc, const int32_t *tokens, int n);
 /* Keeps tokens[0..n) with the state after it; nothing when the entry is
  * there already or would not fit the limit alone.  -1 when out of
  * memory. */

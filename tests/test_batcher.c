@@ -326,6 +326,27 @@ static void test_one_prompt_runs_once(void **state)
         job_release(jobs[i]);
 }
 
+/* A prompt of under 16 tokens is kept the second time it runs, not the
+ * first (prompt_cache.c's doorkeeper): the third request with it starts
+ * from its state, whole, logits and all, and generates what the first
+ * did with the same seed. */
+static void test_short_prompt_kept_when_seen_again(void **state)
+{
+    struct env *v = *state;
+    struct job *jobs[3];
+    for (int i = 0; i < 3; i++) {
+        jobs[i] = gen_job(v, "good day", 7, 5);
+        run_to_end(v, jobs[i]);
+    }
+    assert_true(jobs[0]->lens[0] < 16);
+    assert_int_equal(jobs[0]->cached_tokens, 0);
+    assert_int_equal(jobs[1]->cached_tokens, 0);
+    assert_int_equal(jobs[2]->cached_tokens, jobs[2]->lens[0]);
+    assert_memory_equal(jobs[2]->tokens, jobs[0]->tokens, 5 * sizeof *jobs[0]->tokens);
+    for (int i = 0; i < 3; i++)
+        job_release(jobs[i]);
+}
+
 /* A prompt that continues a cached one and a new prompt, started in the
  * same turn, are prefilled from different positions: each gives what it
  * gives alone. */
@@ -687,6 +708,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_twin_shares_the_prompt, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_one_prompt_runs_once, setup_lm_cached, teardown),
+        cmocka_unit_test_setup_teardown(test_short_prompt_kept_when_seen_again, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_prefill_from_different_positions, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_long_prompt_shares_turns, setup_lm_big_cache, teardown),
         cmocka_unit_test_setup_teardown(test_long_score_shares_turns, setup_lm, teardown),

@@ -517,8 +517,8 @@ static struct server *start_limited(const char *nofile, const char *logged)
     static const char *const extra[] = {"--device", "cpu", "--max-connections", "512", NULL};
     char wrapper[64];
     snprintf(wrapper, sizeof wrapper, "prlimit --nofile=%s", nofile);
-    struct server *s = server_start(
-        &(struct server_opts){.models = main_models, .args = extra, .stop_with_sigterm = 1, .wrapper = wrapper});
+    const struct server_opts o = {.models = main_models, .args = extra, .stop_with_sigterm = 1, .wrapper = wrapper};
+    struct server *s = server_start(&o);
     if (server_wait_log(s, logged, 1) != 1)
         fail_msg("under --nofile=%s the log does not say \"%s\"", nofile, logged);
     return s;

@@ -3,7 +3,9 @@
  * of one token too), logits come out only for a whole match, an entry is
  * kept once, the least recently used entries go when the bytes pass the
  * limit, entries found again outlast any number of one-off ones (up to
- * their share), and an entry larger than the limit is not kept.
+ * their share), an entry larger than the limit is not kept, and a
+ * sequence of under 16 tokens is admitted the second time it is asked
+ * about.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -94,6 +96,23 @@ static void test_finds_the_longest_prefix(void **unused)
     prompt_cache_free(pc);
 }
 
+/* A sequence of under 16 tokens is admitted the second time it is asked
+ * about; a longer one at once. */
+static void test_short_sequences_admitted_when_seen_again(void **unused)
+{
+    (void)unused;
+    struct prompt_cache *pc = prompt_cache_new(1 << 20, STATE, VOCAB);
+    assert_non_null(pc);
+    assert_false(prompt_cache_admits(pc, tokens, 15));
+    assert_false(prompt_cache_admits(pc, tokens + 1, 15));
+    assert_false(prompt_cache_admits(pc, tokens, 1));
+    assert_true(prompt_cache_admits(pc, tokens, 15));
+    assert_true(prompt_cache_admits(pc, tokens + 1, 15));
+    assert_true(prompt_cache_admits(pc, tokens, 1));
+    assert_true(prompt_cache_admits(pc, tokens + 2, 16));
+    prompt_cache_free(pc);
+}
+
 static void test_least_recently_used_go_first(void **unused)
 {
     (void)unused;
@@ -168,6 +187,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_finds_the_longest_prefix),
+        cmocka_unit_test(test_short_sequences_admitted_when_seen_again),
         cmocka_unit_test(test_least_recently_used_go_first),
         cmocka_unit_test(test_entries_found_again_stay),
     };
