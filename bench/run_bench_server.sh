@@ -9,10 +9,12 @@
 # tokenizer, LSTM, 1 layer, H=256, E=64, 2 classes, pool last) and a
 # language model (byte tokenizer, LSTM, 2 layers, H=256, E=64).  LOADGEN
 # (bench/loadgen.c) drives /classify (a different sentence of 60-120
-# characters per request) and /generate (a short prompt, max_tokens 32,
-# temperature 1, a distinct seed per request) with 1, 16, 64 and 256
-# keep-alive clients on 127.0.0.1, BENCH_SECONDS (default 5) seconds each,
-# on BENCH_DEVICE (default cpu; cuda on a GPU machine).
+# characters per request) and /generate (one of eight short prompts,
+# max_tokens 32, temperature 1, a distinct seed per request) with 1, 16, 64
+# and 256 keep-alive clients on 127.0.0.1, BENCH_SECONDS (default 5)
+# seconds each, on BENCH_DEVICE (default cpu; cuda on a GPU machine); and,
+# batching, /generate at 64 clients with a prompt of its own for every
+# request, none of which the prompt cache can supply.
 #
 # Prints a markdown table, the /classify batching speed-up at 64 clients,
 # and the HTTP and JSON overhead at batch 64: the server's time per
@@ -112,10 +114,13 @@ with open(os.path.join(out, "classify.jsonl"), "w") as f:
         f.write(json.dumps({"model": "sentiment", "text": s}) + "\n")
 prompts = ["It is a truth ", "She was ", "Mr. Darcy ", "The weather ", "Emma could not ",
            "In the morning ", "My dear ", "They walked "]
-with open(os.path.join(out, "generate.jsonl"), "w") as f:
-    for p in prompts:
-        body = json.dumps({"model": "austen", "prompt": p, "max_tokens": 32, "temperature": 1, "seed": 0})
-        f.write(body.replace('"seed": 0', '"seed": {{seq}}') + "\n")
+# The same prompts, each request's made its own by its sequence number in
+# front (so that no part of it comes from the prompt cache).
+for name, head in (("generate", ""), ("generate_unique", "{{seq}} ")):
+    with open(os.path.join(out, name + ".jsonl"), "w") as f:
+        for p in prompts:
+            body = json.dumps({"model": "austen", "prompt": head + p, "max_tokens": 32, "temperature": 1, "seed": 0})
+            f.write(body.replace('"seed": 0', '"seed": {{seq}}') + "\n")
 # The engine alone: 64 identical texts per batch, as at 64 clients.
 with open(os.path.join(out, "engine.jsonl"), "w") as f:
     for _ in range(64 * 40):
@@ -178,6 +183,12 @@ for mode in batching nobatch; do
             printf '{"endpoint":"/%s","mode":"%s","run":%s}\n' "$ep" "$mode" "$line" >>"$dir/results.jsonl"
         done
     done
+    if [ "$mode" = batching ]; then
+        line=$("$loadgen" --url "http://127.0.0.1:$port/generate" --body "$dir/generate_unique.jsonl" --clients 64 \
+            --seconds "$secs")
+        echo "  /generate clients=64, a prompt of its own each: $line" >&2
+        printf '{"endpoint":"/generate, own prompts","mode":"%s","run":%s}\n' "$mode" "$line" >>"$dir/results.jsonl"
+    fi
     stop_server
 done
 
@@ -199,7 +210,7 @@ for r in rows:
     err = x["errors"]
     errs = str(err["total"]) + ("" if err["total"] == 0 else " (" + ", ".join(
         f"{k}: {v}" for k, v in err.items() if k != "total") + ")")
-    tps = f"{x['tokens_per_s']:.0f}" if r["endpoint"] == "/generate" else "-"
+    tps = f"{x['tokens_per_s']:.0f}" if r["endpoint"].startswith("/generate") else "-"
     print(f"| {r['endpoint']} | {x['clients']} | {'on (64)' if r['mode'] == 'batching' else 'off (1)'} | "
           f"{x['throughput_rps']:.1f} | {tps} | {x['latency_ms']['p50']:.2f} | {x['latency_ms']['p99']:.2f} | {errs} |")
 

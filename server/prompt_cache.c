@@ -23,10 +23,10 @@
  * costs little to run once, but much when many requests send it (a
  * title, a greeting): at 64 clients sending eight prompts of 5 to 15
  * characters to models/austen on the CPU, running them was 27% of the
- * engine's time, and with them kept it answers 806-827 requests a second
- * against 576-598.  And the short one-off prompts, most of them, never
- * take the place of an entry that would be found again (a conversation's
- * ended stream).
+ * engine's time, and with them kept the server answers 957-969 requests a
+ * second against 537-555 (make bench-server).  And the short one-off
+ * prompts, most of them, never take the place of an entry that would be
+ * found again (a conversation's ended stream).
  */
 #include <stdlib.h>
 #include <string.h>
