@@ -114,11 +114,14 @@ def main():
     if len(sys.argv) >= 4:
         with open(sys.argv[3]) as f:
             log = f.read()
-        m = re.search(r"\| /generate \| 64 \| on \(64\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", log)
-        if m:
-            print("\nEnd to end, `/generate` (32 tokens) at 64 concurrent streams on the GPU: %s requests/s, "
-                  "%s tokens/s, p50 %s ms, p99 %s ms (`BENCH_DEVICE=cuda make bench-server`)."
-                  % m.groups())
+        for row, prompts in (("/generate", "eight prompts shared, from the prompt cache"),
+                             ("/generate, own prompts", "a prompt of its own each")):
+            m = re.search(r"\| %s \| 64 \| on \(64\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|"
+                          % re.escape(row), log)
+            if m:
+                print("\nEnd to end, `/generate` (32 tokens) at 64 concurrent streams on the GPU, %s: %s requests/s, "
+                      "%s tokens/s, p50 %s ms, p99 %s ms (`BENCH_DEVICE=cuda make bench-server`)."
+                      % ((prompts,) + m.groups()))
     return 0
 
 
