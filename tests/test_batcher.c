@@ -259,6 +259,9 @@ static void test_stop_string_ends_generation(void **state)
     job_release(k);
 }
 
+/* A stream's wait returns as soon as it has tokens past those seen (a
+ * stream's events go out a token at a time), not at its timeout; and a
+ * cancelled stream stops. */
 static void test_cancelled_stream_stops(void **state)
 {
     struct env *v = *state;
@@ -266,6 +269,12 @@ static void test_cancelled_stream_stops(void **state)
     assert_int_equal(batcher_submit(v->b, &j, 1), 0);
     while (!job_wait(j, 3, 50))
         ;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_true(job_wait(j, 100, 30000));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (t1.tv_sec - t0.tv_sec > 10)
+        fail_msg("a wait for the 101st token returned after %ld s", (long)(t1.tv_sec - t0.tv_sec));
     job_cancel(j);
     for (int i = 0; i < 6000 && !job_wait(j, 1 << 30, 10); i++)
         ;
