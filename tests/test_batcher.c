@@ -60,7 +60,7 @@ static int setup_cls(void **state)
     return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 2000, 0);
 }
 
-/* A long max_wait_us, for the closed-loop test. */
+/* A long max_wait_us, for the tests of waiting for company. */
 static int setup_cls_slow(void **state)
 {
     return open_env(state, "tests/fixtures/rra_dynamic_w3_l2_bi.safetensors", 8, 256, 500000, 0);
@@ -236,6 +236,41 @@ static void test_closed_loop_does_not_wait_for_a_full_batch(void **state)
     if (secs > 6.0)
         fail_msg("%d rounds of %d clients took %.1f s: batches waited for company that could not come",
                  LOOP_ROUNDS, N, secs);
+}
+
+/* The other side of the closed loop: after a batch of 4, the next 4
+ * requests, arriving 20 ms apart, wait for each other (max_wait_us 500 ms)
+ * and go as one batch, rather than the first alone and the rest
+ * together. */
+static void test_waits_for_the_company_the_last_batch_had(void **state)
+{
+    struct env *v = *state;
+    enum { N = 4 };
+    struct job *first[N], *next[N];
+    for (int i = 0; i < N; i++)
+        first[i] = text_job(v, JOB_CLASSIFY, prompts[i]);
+    assert_int_equal(batcher_submit(v->b, first, N), 0);
+    for (int i = 0; i < N; i++) {
+        for (int k = 0; k < 6000 && !job_wait(first[i], 0, 10); k++)
+            ;
+        assert_int_equal(first[i]->batch_size, N);
+    }
+    for (int i = 0; i < N; i++) {
+        next[i] = text_job(v, JOB_CLASSIFY, prompts[i]);
+        assert_int_equal(batcher_submit(v->b, &next[i], 1), 0);
+        nanosleep(&(struct timespec){.tv_nsec = 20 * 1000 * 1000}, NULL);
+    }
+    for (int i = 0; i < N; i++) {
+        for (int k = 0; k < 6000 && !job_wait(next[i], 0, 10); k++)
+            ;
+        assert_true(next[i]->done && !next[i]->failed);
+        if (next[i]->batch_size != N)
+            fail_msg("request %d of the second round went in a batch of %d", i, next[i]->batch_size);
+    }
+    for (int i = 0; i < N; i++) {
+        job_release(first[i]);
+        job_release(next[i]);
+    }
 }
 
 static void test_stop_string_ends_generation(void **state)
@@ -713,6 +748,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_generation_is_independent_of_company, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_classify_batched_equals_alone, setup_cls, teardown),
         cmocka_unit_test_setup_teardown(test_closed_loop_does_not_wait_for_a_full_batch, setup_cls_slow, teardown),
+        cmocka_unit_test_setup_teardown(test_waits_for_the_company_the_last_batch_had, setup_cls_slow, teardown),
         cmocka_unit_test_setup_teardown(test_stop_string_ends_generation, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_twin_shares_the_prompt, setup_lm, teardown),
