@@ -1740,20 +1740,6 @@ static void *client_main(void *arg)
     return NULL;
 }
 
-/* Removes a generation's "cached_tokens":N, from body: how much of its
- * prompt the cache supplied depends on the requests before it, which
- * nothing else of the answer may. */
-static void drop_cached_tokens(char *body)
-{
-    char *at = strstr(body, "\"cached_tokens\":");
-    if (!at)
-        return;
-    const char *end = at + strlen("\"cached_tokens\":");
-    end += strspn(end, "0123456789");
-    end += *end == ',';
-    memmove(at, end, strlen(end) + 1);
-}
-
 /* Sends every call at once (a barrier releases the threads) and checks
  * each answer against the one it got alone (but for the tokens the prompt
  * cache supplied); returns the mean batch size of the engine calls the
@@ -1776,7 +1762,7 @@ static double concurrent_round(int port, struct client_call *calls)
         struct client_call *c = &calls[i];
         assert_true(c->ok);
         assert_int_equal(c->together.status, 200);
-        drop_cached_tokens(c->together.body.p);
+        http_drop_cached_tokens(c->together.body.p);
         if (strcmp(c->alone.body.p, c->together.body.p) != 0)
             fail_msg("%s %s\nalone:    %s\ntogether: %s", c->path, c->body, c->alone.body.p, c->together.body.p);
         http_resp_free(&c->together);
@@ -1827,7 +1813,7 @@ static void test_concurrent_clients(void **state)
         /* Alone first: the answer each must get in any company. */
         assert_int_equal(http_request(s->port, "POST", c->path, "", c->body, strlen(c->body), &c->alone), 0);
         assert_int_equal(c->alone.status, 200);
-        drop_cached_tokens(c->alone.body.p);
+        http_drop_cached_tokens(c->alone.body.p);
     }
     cJSON_Delete(cls);
     cJSON_Delete(lm);

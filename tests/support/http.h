@@ -74,4 +74,9 @@ const char *http_header(const struct http_resp *r, const char *name, char *out, 
  * metric (each model's). */
 double http_metric(int port, const char *series);
 
+/* Removes every "cached_tokens":N (and a comma after it) from a body:
+ * how much of a prompt the prompt cache supplied depends on the requests
+ * before it, which nothing else of an answer may. */
+void http_drop_cached_tokens(char *body);
+
 #endif
