@@ -68,7 +68,7 @@ struct prompt_cache {
     struct list probation, protected;
     struct key *index;
     size_t count, cap;
-    uint64_t seen[SEEN_SLOTS]; /* hashes of short sequences put once */
+    uint64_t seen[SEEN_SLOTS]; /* hashes of short sequences asked about once */
 };
 
 static uint64_t hash_more(uint64_t h, int32_t token)
