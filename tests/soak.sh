@@ -178,11 +178,13 @@ leave_stream() {
     exec {fd}>&-
     [[ $got == 'HTTP/1.1 200'* ]]
 }
+# It stops at a file's appearance, between two clients, not at a signal:
+# killed between a stream's start and its count, it counted one 499 short.
 churn() {
     local reloads=0 scrapes=0 left=0 i
-    trap 'echo "$reloads $scrapes $left" >"$out/churn.txt"; exit 0' TERM
-    while :; do
+    while [ ! -e "$out/churn.stop" ]; do
         for i in 1 2 3; do
+            [ -e "$out/churn.stop" ] && break 2
             case $(http_get /metrics) in *'rrnserve_requests_total{'*) scrapes=$((scrapes + 1)) ;; esac
             http_get /models >/dev/null || true
             if leave_stream; then left=$((left + 1)); fi
@@ -193,6 +195,7 @@ churn() {
         mv "$out/models/.replace" "$out/models/rra_dynamic_w3_l2_bi.safetensors"
         kill -HUP "$server_pid" && reloads=$((reloads + 1))
     done
+    echo "$reloads $scrapes $left" >"$out/churn.txt"
 }
 churn &
 churn_pid=$!
@@ -207,7 +210,7 @@ while :; do
 done
 failed=0
 for p in $pids; do wait "$p" || failed=1; done
-kill "$churn_pid" 2>/dev/null || true
+touch "$out/churn.stop"
 wait "$churn_pid" || { echo "soak.sh: the churn failed" >&2; failed=1; }
 churn_pid=
 sleep 2
