@@ -502,6 +502,14 @@ static void test_generate_seeded(void **state)
     cJSON_Delete(a);
     cJSON_Delete(b);
 
+    /* Seed 0 is a seed like any other, not "draw one". */
+    a = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 20, \"seed\": 0, \"temperature\": 0.9");
+    b = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 20, \"seed\": 0, \"temperature\": 0.9");
+    assert_string_equal(str_of(a, "text"), str_of(b, "text"));
+    assert_int_equal(cJSON_GetObjectItem(a, "seed")->valueint, 0);
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+
     /* No seed: the one drawn is returned, and reproduces the text. */
     a = generate(s->port, "tok_word_lm", "\"max_tokens\": 12");
     double seed = cJSON_GetObjectItem(a, "seed")->valuedouble;
@@ -529,7 +537,8 @@ static void test_generate_seeded(void **state)
 
     /* A stop string ends the text before its first occurrence.  The model
      * has one token per character, so the tokens are the characters before
-     * it plus the stop string's two. */
+     * it plus the stop string's two.  It is the last of the four a request
+     * may give; the others, control characters, never come. */
     a = generate(s->port, "combo_lstm_lm", "\"max_tokens\": 30, \"temperature\": 0");
     const char *text = str_of(a, "text");
     size_t i = 10;
@@ -540,7 +549,8 @@ static void test_generate_seeded(void **state)
     size_t at = (size_t)(strstr(text, stop) - text);
     cJSON *stops = cJSON_CreateString(stop);
     char *stop_json = cJSON_PrintUnformatted(stops);
-    snprintf(more, sizeof more, "\"max_tokens\": 30, \"temperature\": 0, \"stop\": [%s]", stop_json);
+    snprintf(more, sizeof more, "\"max_tokens\": 30, \"temperature\": 0, \"stop\": [\"\\u0001\", \"\\u0002\", \"\\u0003\", %s]",
+             stop_json);
     b = generate(s->port, "combo_lstm_lm", more);
     assert_string_equal(str_of(b, "finish_reason"), "stop");
     assert_int_equal(strlen(str_of(b, "text")), at);
@@ -1264,17 +1274,15 @@ static void test_completions_text_offset(void **state)
 
 /* A completions request of n prompts "a" (and more fields before them),
  * refused with a 422 that mentions what it says. */
-static void expect_many_prompts(int port, const char *more, int n, const char *mention)
+/* A completions request of n prompts "a", with more fields before them. */
+static char *many_prompts(const char *more, int n)
 {
     struct buf body = {0};
-    char head[160];
-    snprintf(head, sizeof head, "{\"model\": \"combo_lstm_lm\", \"max_tokens\": 1, %s\"prompt\": [\"a\"", more);
-    buf_add(&body, head, strlen(head));
+    buf_printf(&body, "{\"model\": \"combo_lstm_lm\", \"max_tokens\": 1, %s\"prompt\": [\"a\"", more);
     for (int i = 1; i < n; i++)
-        buf_add(&body, ", \"a\"", 5);
-    buf_add(&body, "]}", 2);
-    expect_error(port, "POST", "/v1/completions", "", body.p, 422, mention);
-    free(body.p);
+        buf_printf(&body, ", \"a\"");
+    buf_printf(&body, "]}");
+    return body.p;
 }
 
 /* The completions API as evaluation harnesses use it: several prompts in
@@ -1426,9 +1434,27 @@ static void test_completions_echo_and_prompts(void **state)
     cJSON_Delete(want);
     cJSON_Delete(got);
 
-    /* How many: 256 prompts at most, and prompts times n as many. */
-    expect_many_prompts(s->port, "", 257, "\"prompt\"");
-    expect_many_prompts(s->port, "\"n\": 16, ", 17, "17 prompts of 16");
+    /* How many: 256 prompts at most, and prompts times n as many; at
+     * either limit, a choice for each. */
+    static const struct {
+        const char *more;
+        int prompts, status;
+        const char *mention;
+    } many[] = {{"", 256, 200, NULL},
+                {"", 257, 422, "\"prompt\""},
+                {"\"n\": 16, ", 16, 200, NULL},
+                {"\"n\": 16, ", 17, 422, "17 prompts of 16"}};
+    for (size_t i = 0; i < sizeof many / sizeof *many; i++) {
+        char *body = many_prompts(many[i].more, many[i].prompts);
+        if (many[i].status == 200) {
+            got = post(s->port, "/v1/completions", 200, body);
+            assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "choices")), 256);
+            cJSON_Delete(got);
+        } else {
+            expect_error(s->port, "POST", "/v1/completions", "", body, many[i].status, many[i].mention);
+        }
+        free(body);
+    }
 }
 
 static void test_routing_errors(void **state)
@@ -1691,6 +1717,25 @@ static void test_size_limits(void **state)
     body = body_with("plain_lstm_l2_bi_last", "text", text, NULL);
     cJSON_Delete(post(s->port, "/classify", 200, body));
     free(body);
+    free(text);
+
+    /* A stop string of one byte over --max-text-bytes, and one at it. */
+    text = malloc(100002);
+    assert_non_null(text);
+    memset(text, 'z', 100001);
+    text[100001] = 0;
+    for (int over = 1; over >= 0; over--) {
+        text[100000 + over] = 0;
+        body = malloc(100100);
+        assert_non_null(body);
+        snprintf(body, 100100, "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"max_tokens\": 2, \"stop\": \"%s\"}",
+                 text);
+        if (over)
+            expect_error(s->port, "POST", "/generate", "", body, 422, "stop string");
+        else
+            cJSON_Delete(post(s->port, "/generate", 200, body));
+        free(body);
+    }
     free(text);
 
     /* A body over --max-body (default 1 MiB): refused on its declared
