@@ -308,8 +308,8 @@ static void test_score_equals_fixture(void **state)
     cJSON_Delete(fx);
 }
 
-/* /attention on every text of fixture name: its shape, each weight within
- * 1e-5 of PyTorch's and the position each weighs. */
+/* /attention on every text of fixture name: its shape and mode, each
+ * weight within 1e-5 of PyTorch's and the position each weighs. */
 static void check_attention_fixture(int port, const char *name)
 {
     cJSON *fx = fixture_json(name), *cfg = cJSON_GetObjectItem(fx, "config");
@@ -317,6 +317,7 @@ static void check_attention_fixture(int port, const char *name)
     const int L = cJSON_GetObjectItem(cfg, "layers")->valueint;
     const int D = cJSON_IsTrue(cJSON_GetObjectItem(cfg, "bidirectional")) ? 2 : 1;
     const int K = cJSON_GetObjectItem(cJSON_GetObjectItem(cfg, "attention"), "window")->valueint;
+    const char *mode = cJSON_GetObjectItem(cJSON_GetObjectItem(cfg, "attention"), "mode")->valuestring;
     for (int t = 0; t < cJSON_GetArraySize(texts); t++) {
         char *body = body_with(name, "text", cJSON_GetArrayItem(texts, t)->valuestring, NULL);
         cJSON *got = post(port, "/attention", 200, body);
@@ -324,6 +325,7 @@ static void check_attention_fixture(int port, const char *name)
         int len = cJSON_GetArraySize(cJSON_GetArrayItem(cJSON_GetObjectItem(fx, "tokens"), t));
         assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(got, "tokens")), len);
         assert_int_equal(cJSON_GetObjectItem(got, "window")->valueint, K);
+        assert_string_equal(cJSON_GetObjectItem(got, "mode")->valuestring, mode);
         cJSON *layers = cJSON_GetObjectItem(got, "layers");
         assert_int_equal(cJSON_GetArraySize(layers), L);
         for (int l = 0; l < L; l++) {
