@@ -46,6 +46,19 @@ static void test_greedy_and_top_k_one(void **state)
     sampler_free(&s);
 }
 
+/* Draws n tokens of V and checks that each came within 1% (absolute) as
+ * often as want[] (probabilities summing to 1) says. */
+static void expect_frequencies(struct sampler *s, const float *logits, int V, const struct sample_params *p,
+                               struct rng *r, int n, const double *want)
+{
+    int count[8] = {0};
+    assert_true(V <= 8);
+    for (int i = 0; i < n; i++)
+        count[sample_token(s, logits, p, r)]++;
+    for (int v = 0; v < V; v++)
+        assert_true(fabs((double)count[v] / n - want[v]) < 0.01);
+}
+
 /* 100,000 draws at temperature 2 land within 1% of softmax(logits / 2). */
 static void test_temperature_follows_softmax(void **state)
 {
@@ -54,47 +67,41 @@ static void test_temperature_follows_softmax(void **state)
     double want[4], sum = 0;
     for (int v = 0; v < 4; v++)
         sum += want[v] = exp(logits[v] / 2.0);
+    for (int v = 0; v < 4; v++)
+        want[v] /= sum;
     struct sampler s;
     struct rng r;
     rng_seed(&r, 7);
     assert_int_equal(sampler_init(&s, 4), 0);
     struct sample_params p = {.temperature = 2.0f, .top_p = 1.0f};
-    int count[4] = {0};
-    const int n = 100000;
-    for (int i = 0; i < n; i++)
-        count[sample_token(&s, logits, &p, &r)]++;
-    for (int v = 0; v < 4; v++)
-        assert_true(fabs((double)count[v] / n - want[v] / sum) < 0.01);
+    expect_frequencies(&s, logits, 4, &p, &r, 100000, want);
     sampler_free(&s);
 }
 
+/* Top-k and top-p keep exactly the tokens they should, each drawn as often
+ * as its share of what was kept. */
 static void test_top_k_and_top_p_keep_the_right_tokens(void **state)
 {
     (void)state;
     /* Probabilities at T=1 in order: id 2 (0.64), id 0 (0.24), id 1 (0.09), id 3 (0.03). */
     float logits[4] = {logf(0.24f), logf(0.09f), logf(0.64f), logf(0.03f)};
+    const double two[4] = {0.24 / 0.88, 0, 0.64 / 0.88, 0}, one[4] = {0, 0, 1, 0};
     struct sampler s;
     struct rng r;
     rng_seed(&r, 3);
     assert_int_equal(sampler_init(&s, 4), 0);
-    int seen[4] = {0};
     struct sample_params k2 = {.temperature = 1.0f, .top_k = 2, .top_p = 1.0f};
-    for (int i = 0; i < 2000; i++)
-        seen[sample_token(&s, logits, &k2, &r)]++;
-    assert_true(seen[2] > 0 && seen[0] > 0);
-    assert_int_equal(seen[1] + seen[3], 0);
-    memset(seen, 0, sizeof seen);
+    expect_frequencies(&s, logits, 4, &k2, &r, 50000, two);
     /* top_p 0.8: 0.64 is not enough, 0.64 + 0.24 is. */
     struct sample_params p8 = {.temperature = 1.0f, .top_p = 0.8f};
-    for (int i = 0; i < 2000; i++)
-        seen[sample_token(&s, logits, &p8, &r)]++;
-    assert_true(seen[2] > 0 && seen[0] > 0);
-    assert_int_equal(seen[1] + seen[3], 0);
-    memset(seen, 0, sizeof seen);
+    expect_frequencies(&s, logits, 4, &p8, &r, 50000, two);
     struct sample_params p5 = {.temperature = 1.0f, .top_p = 0.5f};
-    for (int i = 0; i < 200; i++)
-        seen[sample_token(&s, logits, &p5, &r)]++;
-    assert_int_equal(seen[2], 200);
+    expect_frequencies(&s, logits, 4, &p5, &r, 200, one);
+    /* Both: top-k keeps three (0.97), and top_p 0.95 of that (0.92) needs
+     * all three. */
+    const double three[4] = {0.24 / 0.97, 0.09 / 0.97, 0.64 / 0.97, 0};
+    struct sample_params k3p95 = {.temperature = 1.0f, .top_k = 3, .top_p = 0.95f};
+    expect_frequencies(&s, logits, 4, &k3p95, &r, 50000, three);
     sampler_free(&s);
 }
 
