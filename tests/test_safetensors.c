@@ -204,8 +204,18 @@ static void test_write_errors(void **state)
     assert_int_equal(st_write(path, &one, 1, NULL, 0, err, sizeof err), -1);
     assert_non_null(strstr(err, "invalid shape"));
     one.shape[0] = 1;
-    one.ndim = 9;
+    one.ndim = ST_MAX_DIMS + 1;
     assert_int_equal(st_write(path, &one, 1, NULL, 0, err, sizeof err), -1);
+    assert_non_null(strstr(err, "at most 8 are supported"));
+    /* ST_MAX_DIMS (8) are fine, written and read. */
+    const struct st_write_tensor deep = {
+        .name = "w", .ndim = ST_MAX_DIMS, .shape = {1, 1, 1, 1, 1, 1, 1, 1}, .data = x};
+    assert_int_equal(st_write(path, &deep, 1, NULL, 0, err, sizeof err), 0);
+    struct st_file f;
+    assert_int_equal(st_open(path, &f, err, sizeof err), 0);
+    assert_int_equal(st_find(&f, "w")->ndim, ST_MAX_DIMS);
+    st_close(&f);
+    unlink(path);
     one.ndim = 1;
     one.data = NULL;
     assert_int_equal(st_write(path, &one, 1, NULL, 0, err, sizeof err), -1);
