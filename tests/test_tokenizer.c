@@ -164,6 +164,9 @@ static void test_char_invalid_utf8(void **state)
          * it is read again on its own. */
         static const int32_t want[] = {1, 0, 2};
         expect_ids(&tk, "a\xe2\x80" "b", 4, want, COUNT(want));
+        /* So is one at the top of the ranges: lead byte 0xEF, continuation
+         * byte 0xBF (Python: b"a\xef\xbfb" has one U+FFFD). */
+        expect_ids(&tk, "a\xef\xbf" "b", 4, want, COUNT(want));
     }
     {
         /* An encoded surrogate and an overlong '/' are one unk per byte, as
