@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""mutate.py FILE TEST[,TEST...] - mutation checks of one source file: each
+comparison (< <= > >= == !=) and each && / || in FILE's code is flipped to
+its neighbour, one at a time, the build without CUDA made again and the
+test binaries named run; a mutant no test fails shows a test missing (or a
+change that changes nothing: ties, boundaries no input reaches, memory
+errors only the sanitizers see).
+
+It works in a git worktree of HEAD of its own (under /tmp), so what is
+uncommitted here is neither tested nor touched; a test that runs past
+--timeout is killed with everything it started.  Prints one line a mutant:
+
+    LINE: OLD->NEW killed by TEST | survived | timeout in TEST | nobuild  | the line
+
+then the counts.  Examples:
+
+    tools/mutate.py server/auth.c test_server
+    tools/mutate.py engine/safetensors.c test_safetensors,test_model_load --sample 40
+    tools/mutate.py server/generate.c test_server --lines 65,75
+"""
+import argparse
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+FLIPS = [(" < ", " <= "), (" <= ", " < "), (" > ", " >= "), (" >= ", " > "),
+         (" == ", " != "), (" != ", " == "), (" && ", " || "), (" || ", " && ")]
+
+
+def sites(text):
+    """(line index, column, old, new) of each flip in code, not in comments,
+    preprocessor lines, asserts or messages."""
+    out, in_comment = [], False
+    for i, line in enumerate(text.split("\n")):
+        s = line.strip()
+        if in_comment:
+            in_comment = "*/" not in s
+            continue
+        if s.startswith("/*"):
+            in_comment = "*/" not in s
+            continue
+        if s.startswith(("*", "//", "#")) or any(w in s for w in ("assert", "snprintf", "log_msg")):
+            continue
+        code = line.split("/*")[0]
+        for old, new in FLIPS:
+            out += [(i, m.start(), old, new) for m in re.finditer(re.escape(old), code)]
+    return out
+
+
+def run(cmd, cwd, timeout):
+    """The command's exit status, or None when it ran past timeout (then it
+    and every process it started are killed)."""
+    p = subprocess.Popen(cmd, shell=True, cwd=cwd, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("file")
+    ap.add_argument("tests", help="test binaries, comma-separated (test_server,test_faults)")
+    ap.add_argument("--lines", help="only the mutants of these lines (1-based, comma-separated)")
+    ap.add_argument("--sample", type=int, help="only this many mutants, drawn with a fixed seed")
+    ap.add_argument("--timeout", type=int, default=120, help="seconds a test binary may run (default 120)")
+    a = ap.parse_args()
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    tests = a.tests.split(",")
+    work = tempfile.mkdtemp(prefix="rrn_mutate_")
+    tree = os.path.join(work, "tree")
+    subprocess.run(["git", "-C", root, "worktree", "add", "-q", "--detach", tree, "HEAD"], check=True)
+    try:
+        path = os.path.join(tree, a.file)
+        orig = open(path).read()
+        lines = orig.split("\n")
+        todo = sites(orig)
+        if a.lines:
+            want = {int(x) for x in a.lines.split(",")}
+            todo = [t for t in todo if t[0] + 1 in want]
+        if a.sample and a.sample < len(todo):
+            random.Random(1).shuffle(todo)
+            todo = sorted(todo[:a.sample])
+        build = "make -j%d CUDA=0 build/cpu/rrnserve %s" % (os.cpu_count() or 1,
+                                                            " ".join("build/cpu/tests/" + t for t in tests))
+        if run(build, tree, 1800) != 0:
+            sys.exit("mutate.py: HEAD does not build: %s" % build)
+        print("%s: %d mutants, tests %s" % (a.file, len(todo), ", ".join(tests)), flush=True)
+        counts = {}
+        for i, col, old, new in todo:
+            mutated = lines[:]
+            mutated[i] = lines[i][:col] + new + lines[i][col + len(old):]
+            open(path, "w").write("\n".join(mutated))
+            verdict = "nobuild" if run(build, tree, 600) != 0 else "survived"
+            for t in tests if verdict == "survived" else []:
+                rc = run("RRN_BIN=build/cpu/rrnserve build/cpu/tests/" + t, tree, a.timeout)
+                if rc is None:
+                    verdict = "timeout in " + t
+                elif rc != 0:
+                    verdict = "killed by " + t
+                if verdict != "survived":
+                    break
+            kind = verdict.split(" ")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+            print("%d: %s->%s %s | %s" % (i + 1, old.strip(), new.strip(), verdict, lines[i].strip()), flush=True)
+        open(path, "w").write(orig)
+        print(", ".join("%d %s" % (n, k) for k, n in sorted(counts.items())))
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", tree])
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
