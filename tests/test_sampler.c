@@ -1,8 +1,9 @@
 /* test_sampler.c - the sampler's generator and filters: the generator
  * matches xoshiro256**'s published outputs, greedy picks the argmax,
  * temperature sampling follows the softmax, top-k and top-p keep exactly
- * the tokens they should, and a seed reproduces its draws; log-
- * probabilities are the log-softmax, their top k in order.
+ * the tokens they should, each as often as its share of what they kept,
+ * and a seed reproduces its draws; log-probabilities are the log-softmax,
+ * their top k in order.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,7 +12,6 @@
 #include <cmocka.h>
 
 #include <math.h>
-#include <string.h>
 
 #include "sampler.h"
 
@@ -47,7 +47,8 @@ static void test_greedy_and_top_k_one(void **state)
 }
 
 /* Draws n tokens of V and checks that each came within 1% (absolute) as
- * often as want[] (probabilities summing to 1) says. */
+ * often as want[] (probabilities summing to 1) says, and never one whose
+ * want is 0. */
 static void expect_frequencies(struct sampler *s, const float *logits, int V, const struct sample_params *p,
                                struct rng *r, int n, const double *want)
 {
@@ -55,8 +56,11 @@ static void expect_frequencies(struct sampler *s, const float *logits, int V, co
     assert_true(V <= 8);
     for (int i = 0; i < n; i++)
         count[sample_token(s, logits, p, r)]++;
-    for (int v = 0; v < V; v++)
+    for (int v = 0; v < V; v++) {
         assert_true(fabs((double)count[v] / n - want[v]) < 0.01);
+        if (want[v] == 0)
+            assert_int_equal(count[v], 0);
+    }
 }
 
 /* 100,000 draws at temperature 2 land within 1% of softmax(logits / 2). */
