@@ -2366,6 +2366,9 @@ static void test_sighup_reload(void **state)
     reload(s, 2);
     assert_true(server_log_has(s, "newmodel: cannot load"));
     assert_true(server_log_has(s, "broken: cannot load"));
+    /* The unchanged file is not read again: its model, and what it holds
+     * (a prompt cache, a batcher), stays as it was. */
+    assert_int_equal(server_wait_log(s, "model tok_word_lm: loaded ", 1), 1);
     cJSON *after = post(s->port, "/classify", 200, req);
     char *a = cJSON_PrintUnformatted(before), *b = cJSON_PrintUnformatted(after);
     assert_string_equal(a, b);
