@@ -1275,8 +1275,6 @@ static void test_completions_text_offset(void **state)
     free(text);
 }
 
-/* A completions request of n prompts "a" (and more fields before them),
- * refused with a 422 that mentions what it says. */
 /* A completions request of n prompts "a", with more fields before them. */
 static char *many_prompts(const char *more, int n)
 {
@@ -1701,7 +1699,7 @@ static void test_size_limits(void **state)
     struct server *s = *state;
     /* 257 texts are too many; 256, and one, are not. */
     static const int counts[] = {257, 256, 1};
-    for (int c = 0; c < 3; c++) {
+    for (size_t c = 0; c < sizeof counts / sizeof *counts; c++) {
         struct buf b = {0};
         buf_printf(&b, "{\"model\": \"plain_lstm_l2_bi_last\", \"texts\": [");
         for (int i = 0; i < counts[c]; i++)
