@@ -87,6 +87,14 @@ static struct job *text_job(struct env *v, enum job_kind kind, const char *text)
     return j;
 }
 
+/* Waits up to 60 s, in waits of 10 ms, for job j to end or, generating,
+ * to pass seen tokens. */
+static void wait_job(struct job *j, int seen)
+{
+    for (int k = 0; k < 6000 && !job_wait(j, seen, 10); k++)
+        ;
+}
+
 static struct job *gen_job(struct env *v, const char *prompt, uint64_t seed, int max_tokens)
 {
     struct job *j = text_job(v, JOB_GENERATE, prompt);
@@ -98,8 +106,7 @@ static struct job *gen_job(struct env *v, const char *prompt, uint64_t seed, int
 static void run_to_end(struct env *v, struct job *j)
 {
     assert_int_equal(batcher_submit(v->b, &j, 1), 0);
-    for (int i = 0; i < 6000 && !job_wait(j, 1 << 30, 10); i++)
-        ;
+    wait_job(j, 1 << 30);
     assert_true(j->done);
 }
 
@@ -142,8 +149,7 @@ static void test_generation_is_independent_of_company(void **state)
     for (int i = 0; i < N; i++)
         pthread_join(t[i], NULL);
     job_cancel(company);
-    for (int i = 0; i < 6000 && !job_wait(company, 1 << 30, 10); i++)
-        ;
+    wait_job(company, 1 << 30);
     assert_true(company->done);
     job_release(company);
     for (int i = 0; i < N; i++) {
@@ -251,8 +257,7 @@ static void test_waits_for_the_company_the_last_batch_had(void **state)
         first[i] = text_job(v, JOB_CLASSIFY, prompts[i]);
     assert_int_equal(batcher_submit(v->b, first, N), 0);
     for (int i = 0; i < N; i++) {
-        for (int k = 0; k < 6000 && !job_wait(first[i], 0, 10); k++)
-            ;
+        wait_job(first[i], 0);
         assert_int_equal(first[i]->batch_size, N);
     }
     for (int i = 0; i < N; i++) {
@@ -261,8 +266,7 @@ static void test_waits_for_the_company_the_last_batch_had(void **state)
         nanosleep(&(struct timespec){.tv_nsec = 20 * 1000 * 1000}, NULL);
     }
     for (int i = 0; i < N; i++) {
-        for (int k = 0; k < 6000 && !job_wait(next[i], 0, 10); k++)
-            ;
+        wait_job(next[i], 0);
         assert_true(next[i]->done && !next[i]->failed);
         if (next[i]->batch_size != N)
             fail_msg("request %d of the second round went in a batch of %d", i, next[i]->batch_size);
@@ -316,8 +320,7 @@ static void test_cancelled_stream_stops(void **state)
     if (job_wait(j, 1 << 30, 0))
         fail_msg("a wait for the next token returned only when the stream had ended");
     job_cancel(j);
-    for (int i = 0; i < 6000 && !job_wait(j, 1 << 30, 10); i++)
-        ;
+    wait_job(j, 1 << 30);
     assert_true(j->done);
     assert_true(j->failed);
     assert_true(j->n_tokens < 1000000);
@@ -363,8 +366,7 @@ static void test_one_prompt_runs_once(void **state)
     assert_true(jobs[0]->lens[0] >= 16); /* what the cache keeps */
     assert_int_equal(batcher_submit(v->b, jobs, 3), 0);
     for (int i = 0; i < 3; i++) {
-        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
-            ;
+        wait_job(jobs[i], 1 << 30);
         assert_true(jobs[i]->done && !jobs[i]->failed);
     }
     assert_int_equal(jobs[0]->cached_tokens, 0);
@@ -408,8 +410,7 @@ static void test_prefill_from_different_positions(void **state)
     struct job *jobs[2] = {gen_job(v, more, 2, 6), gen_job(v, "a nice day, a nice day!", 3, 6)};
     assert_int_equal(batcher_submit(v->b, jobs, 2), 0);
     for (int i = 0; i < 2; i++) {
-        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
-            ;
+        wait_job(jobs[i], 1 << 30);
         assert_true(jobs[i]->done);
         if (jobs[i]->failed)
             fail_msg("job %d failed: %s", i, jobs[i]->error);
@@ -456,8 +457,7 @@ static void test_long_prompt_shares_turns(void **state)
     assert_int_equal(jobs[1]->lens[0], LONG);
     assert_int_equal(batcher_submit(v->b, jobs, 3), 0);
     for (int i = 0; i < 3; i++) {
-        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
-            ;
+        wait_job(jobs[i], 1 << 30);
         assert_true(jobs[i]->done && !jobs[i]->failed);
     }
     assert_int_equal(jobs[0]->cached_tokens, warm->lens[0]);
@@ -523,8 +523,7 @@ static void check_long_job_shares_turns(struct env *v, enum job_kind kind)
 {
     struct job *stream = gen_job(v, "a", 1, 1 << 20);
     assert_int_equal(batcher_submit(v->b, &stream, 1), 0);
-    for (int k = 0; k < 6000 && !job_wait(stream, 0, 10); k++)
-        ;
+    wait_job(stream, 0);
     struct job *shared = long_job(v, kind);
     const int before = tokens_of(stream);
     run_to_end(v, shared);
@@ -533,8 +532,7 @@ static void check_long_job_shares_turns(struct env *v, enum job_kind kind)
     if (during < 90)
         fail_msg("the stream got %d tokens while the long job ran", during);
     job_cancel(stream);
-    for (int k = 0; k < 6000 && !job_wait(stream, 1 << 30, 10); k++)
-        ;
+    wait_job(stream, 1 << 30);
     /* The reference: an engine of its own, the texts in one call each. */
     char err[512];
     struct backend *be = backend_cpu_create(err, sizeof err);
@@ -607,8 +605,7 @@ static void test_stream_that_comes_during_a_long_score(void **state)
     assert_int_equal(stream->n_tokens, 10);
     if (job_wait(score, 1 << 30, 0))
         fail_msg("the score of 106,500 tokens was done before a stream that came after it had its 10 tokens");
-    for (int k = 0; k < 6000 && !job_wait(score, 1 << 30, 10); k++)
-        ;
+    wait_job(score, 1 << 30);
     assert_true(score->done && !score->failed);
     job_release(stream);
     job_release(score);
@@ -624,8 +621,7 @@ static void test_forward_turn_is_bounded(void **state)
         struct job *stream = gen_job(v, "a", 1, 1 << 20);
         if (busy) {
             assert_int_equal(batcher_submit(v->b, &stream, 1), 0);
-            for (int k = 0; k < 6000 && !job_wait(stream, 0, 10); k++)
-                ;
+            wait_job(stream, 0);
         }
         struct job *jobs[8];
         for (int i = 0; i < 8; i++) {
@@ -636,8 +632,7 @@ static void test_forward_turn_is_bounded(void **state)
         assert_int_equal(batcher_submit(v->b, jobs, 8), 0);
         int largest = 0;
         for (int i = 0; i < 8; i++) {
-            for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
-                ;
+            wait_job(jobs[i], 1 << 30);
             assert_true(jobs[i]->done && !jobs[i]->failed);
             largest = jobs[i]->batch_size > largest ? jobs[i]->batch_size : largest;
             job_release(jobs[i]);
@@ -645,8 +640,7 @@ static void test_forward_turn_is_bounded(void **state)
         assert_int_equal(largest, busy ? 6 : 8);
         job_cancel(stream);
         if (busy)
-            for (int k = 0; k < 6000 && !job_wait(stream, 1 << 30, 10); k++)
-                ;
+            wait_job(stream, 1 << 30);
         job_release(stream);
     }
 }
@@ -666,8 +660,7 @@ static void test_submit_is_all_or_none(void **state)
     struct env *v = *state;
     struct job *busy = gen_job(v, "a", 1, 1000000);
     assert_int_equal(batcher_submit(v->b, &busy, 1), 0);
-    for (int i = 0; i < 6000 && !job_wait(busy, 0, 10); i++)
-        ;
+    wait_job(busy, 0);
     assert_true(busy->n_tokens > 0);
     struct job *jobs[4];
     for (int i = 0; i < 4; i++)
@@ -678,13 +671,11 @@ static void test_submit_is_all_or_none(void **state)
     assert_int_equal(batcher_submit(v->b, jobs + 1, 3), -3);
     assert_int_equal(batcher_queue_depth(v->b), 1);
     job_cancel(busy);
-    for (int k = 0; k < 6000 && !job_wait(jobs[0], 1 << 30, 10); k++)
-        ;
+    wait_job(jobs[0], 1 << 30);
     assert_true(jobs[0]->done && !jobs[0]->failed);
     assert_int_equal(batcher_submit(v->b, jobs + 1, 2), 0);
     for (int i = 1; i < 3; i++) {
-        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
-            ;
+        wait_job(jobs[i], 1 << 30);
         assert_true(jobs[i]->done && !jobs[i]->failed);
         assert_int_equal(jobs[i]->n_tokens, 4);
     }
@@ -704,8 +695,7 @@ static void test_cut_off_ends_every_job(void **state)
     struct job *jobs[4] = {gen_job(v, "a", 1, 1000000), long_job(v, JOB_SCORE), gen_job(v, "good day", 2, 4),
                            gen_job(v, "nice", 3, 4)};
     assert_int_equal(batcher_submit(v->b, &jobs[0], 1), 0);
-    for (int k = 0; k < 6000 && !job_wait(jobs[0], 0, 10); k++)
-        ;
+    wait_job(jobs[0], 0);
     assert_int_equal(batcher_submit(v->b, &jobs[1], 1), 0);
     for (int k = 0; k < 6000 && batcher_queue_depth(v->b) > 0; k++)
         nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
@@ -715,8 +705,7 @@ static void test_cut_off_ends_every_job(void **state)
     atomic_store(&cut_off, 1);
     assert_int_equal(batcher_submit(v->b, &jobs[3], 1), 0);
     for (int i = 0; i < 4; i++) {
-        for (int k = 0; k < 6000 && !job_wait(jobs[i], 1 << 30, 10); k++)
-            ;
+        wait_job(jobs[i], 1 << 30);
         assert_true(jobs[i]->done);
         assert_int_equal(jobs[i]->failed, JOB_CUT_OFF);
         assert_non_null(strstr(jobs[i]->error, "--drain-s"));
