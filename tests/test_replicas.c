@@ -335,9 +335,14 @@ static void test_proxy_equals_direct(void **state)
     };
     for (size_t i = 0; i < sizeof reqs / sizeof reqs[0]; i++) {
         char *direct = must_get_body(S.ports[0], reqs[i].method, reqs[i].path, reqs[i].body);
-        /* Several times, so that every replica answers some. */
+        /* Several times, so that every replica answers some.  How much of
+         * a prompt a replica had cached is its own (the same replica may
+         * answer twice, and its second answer restores what the first
+         * left), so "cached_tokens" is left out of the comparison. */
+        http_drop_cached_tokens(direct);
         for (int k = 0; k < N_REPLICAS; k++) {
             char *proxied = must_get_body(S.port, reqs[i].method, reqs[i].path, reqs[i].body);
+            http_drop_cached_tokens(proxied);
             if (strcmp(direct, proxied) != 0)
                 fail_msg("%s %s: through nginx\n%s\ndirectly\n%s", reqs[i].method, reqs[i].path, proxied, direct);
             free(proxied);
