@@ -548,7 +548,7 @@ static void test_open_file_limit(void **state)
 
 /* Every place held by a stream in flight: a client that comes is answered
  * 503 at once (Retry-After: 1, naming --max-connections) and its
- * connection closed; so is each of a flood of them; one that connects and
+ * connection closed, as its Connection header says; so is each of a flood of them; one that connects and
  * sends nothing is closed within a few seconds rather than kept for
  * --timeout-s; the streams run on; once one ends, newcomers are served,
  * one after the other in its place. */
@@ -574,6 +574,7 @@ static void test_busy_connections_refuse(void **state)
     char retry[16];
     assert_int_equal(r.status, 503);
     assert_string_equal(http_header(&r, "Retry-After", retry, sizeof retry), "1");
+    assert_string_equal(http_header(&r, "Connection", retry, sizeof retry), "close");
     assert_non_null(strstr(r.body.p, "--max-connections 8"));
     http_resp_free(&r);
     free(raw.p);

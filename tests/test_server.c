@@ -677,6 +677,7 @@ static void test_generate_stream_equals_plain(void **state)
         http_must_request(s->port, "POST", "/generate", "", body, &r);
         assert_int_equal(r.status, 200);
         assert_string_equal(http_header(&r, "Content-Type", type, sizeof type), "text/event-stream");
+        assert_string_equal(http_header(&r, "Cache-Control", type, sizeof type), "no-cache");
         struct buf joined = {0};
         int n;
         cJSON *last = parse_events(r.body.p, &joined, &n, NULL);
@@ -2065,11 +2066,14 @@ static void test_sigterm_answers_accepted_requests(void **state)
     /* The listening socket is closed at once... */
     int late = http_connect(s->port, HTTP_TIMEOUT_S);
     assert_true(late < 0);
-    /* ...connections already open are served, and told it is shutting down. */
+    /* ...connections already open are served, told it is shutting down,
+     * and to go elsewhere: their answers close the connection. */
     assert_int_equal(http_send_all(keep, readyz, strlen(readyz)), 0);
     read_one(keep, &raw);
     assert_int_equal(http_parse(&raw, &r), 0);
     check_error(&r, 503, "shutting down");
+    char connection[16];
+    assert_string_equal(http_header(&r, "Connection", connection, sizeof connection), "close");
     http_resp_free(&r);
     free(raw.p);
     close(keep);
