@@ -1477,6 +1477,17 @@ static void test_routing_errors(void **state)
     assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "GET, HEAD");
     http_resp_free(&r);
     expect_error(s->port, "DELETE", "/healthz", "", NULL, 405, NULL);
+    /* A path's control characters (decoded from %0d%0a, %7f) are logged
+     * as '?', so that a request cannot write a log line of its own, and a
+     * long path is logged cut to 127 bytes. */
+    expect_error(s->port, "GET", "/x%0d%0aGET%20/forged%20200%7f", "", NULL, 404, NULL);
+    assert_int_equal(server_wait_log(s, "GET /x??GET /forged 200? 404", 1), 1);
+    char path[302] = "/", logged[160];
+    memset(path + 1, 'a', 300);
+    path[301] = 0;
+    expect_error(s->port, "GET", path, "", NULL, 404, NULL);
+    snprintf(logged, sizeof logged, "GET %.127s 404", path);
+    assert_int_equal(server_wait_log(s, logged, 1), 1);
 }
 
 /* Sends raw bytes on one connection and reads to its end. */
