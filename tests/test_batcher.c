@@ -2,7 +2,8 @@
  * what each gives alone, generation with a seed gives the same tokens
  * whatever runs beside it, clients in a closed loop are not kept waiting
  * for a full batch, a cancelled stream stops, a request's jobs are queued
- * all or none, and stopping the batcher answers every job it accepted.
+ * all or none, and stopping the batcher answers every job it accepted
+ * and refuses those that come while it finishes them.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,6 +18,8 @@
 #include <time.h>
 
 #include "batcher.h"
+#include "handler.h"
+#include "registry.h"
 
 /* Every batcher's cut_off (batcher_options), down until a test raises it. */
 static atomic_int cut_off;
@@ -736,6 +739,58 @@ static void test_stop_answers_every_accepted_job(void **state)
     }
 }
 
+static void *stop_main(void *arg)
+{
+    batcher_stop(arg);
+    return NULL;
+}
+
+/* A job submitted while the batcher finishes what it accepted (the
+ * server's drain, between its HTTP layer's stop and the batcher's) is
+ * refused, and the handler answers it 503 "shutting down"; until the stop
+ * has begun a job may still be accepted, with nothing answered for it
+ * yet.  The stream that held the batcher is cancelled before anything is
+ * asserted, so that a failure cannot leave the stop waiting for it. */
+static void test_submit_during_stop_is_refused(void **state)
+{
+    struct env *v = *state;
+    struct job *busy = gen_job(v, "a", 1, 1000000);
+    assert_int_equal(batcher_submit(v->b, &busy, 1), 0);
+    wait_job(busy, 0);
+    pthread_t stopper;
+    assert_int_equal(pthread_create(&stopper, NULL, stop_main, v->b), 0);
+    struct served_model m = {.name = "lm", .batcher = v->b};
+    enum { MAX_LATE = 64 };
+    struct job *late[MAX_LATE];
+    struct reply r[MAX_LATE];
+    int n = 0, rc = 0;
+    while (n < MAX_LATE && rc == 0) {
+        late[n] = gen_job(v, "good day", (uint64_t)n, 2);
+        r[n] = (struct reply){.batch_size = -1};
+        rc = jobs_submit(&m, &late[n], 1, &r[n]);
+        n++;
+        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+    }
+    int again = batcher_submit(v->b, &late[n - 1], 1);
+    int busy_ran_on = !busy->done;
+    job_cancel(busy);
+    assert_int_equal(pthread_join(stopper, NULL), 0);
+    v->b = NULL;
+    assert_int_equal(rc, -1);
+    assert_int_equal(again, -2);
+    assert_true(busy_ran_on);
+    for (int i = 0; i < n; i++) {
+        if (i < n - 1)
+            assert_true(r[i].status == 0 && !r[i].body && late[i]->done && !late[i]->failed);
+        job_release(late[i]);
+    }
+    assert_int_equal(r[n - 1].status, 503);
+    assert_non_null(strstr(r[n - 1].body, "the server is shutting down"));
+    assert_int_equal(r[n - 1].retry_after, 0);
+    free(r[n - 1].body);
+    job_release(busy);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -757,6 +812,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_forward_turn_is_bounded, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_submit_is_all_or_none, setup_lm_one_slot, teardown),
         cmocka_unit_test_setup_teardown(test_stop_answers_every_accepted_job, setup_lm, teardown),
+        cmocka_unit_test_setup_teardown(test_submit_during_stop_is_refused, setup_lm, teardown),
     };
     return cmocka_run_group_tests_name("batcher", tests, NULL, NULL);
 }
