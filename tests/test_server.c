@@ -1756,22 +1756,44 @@ static void test_size_limits(void **state)
     assert_int_equal(http_raw_request(s->port, declared, strlen(declared), &r), 0);
     check_error(&r, 413, "1048576");
     http_resp_free(&r);
-    /* ...or, sent in chunks of undeclared total size, once it passes it. */
-    struct buf chunked = {0};
-    static char piece[65536];
-    memset(piece, ' ', sizeof piece);
-    buf_printf(&chunked, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    /* ...or, sent in chunks of undeclared total size, once it passes it;
+     * a body of 1 MiB exactly (a request padded with spaces) is taken,
+     * declared and in chunks alike. */
+    enum { MAX_BODY = 1048576, PIECE = 65536 };
+    static char json[MAX_BODY + 1];
+    const char *request = "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good\"}";
+    memset(json, ' ', sizeof json);
+    memcpy(json, request, strlen(request));
+    for (int over = 1; over >= 0; over--) {
+        struct buf raw = {0};
+        size_t len = MAX_BODY + (size_t)over;
+        buf_printf(&raw, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                          "Transfer-Encoding: chunked\r\n\r\n");
-    for (int i = 0; i < 17; i++) {
-        buf_printf(&chunked, "%zx\r\n", sizeof piece);
-        buf_add(&chunked, piece, sizeof piece);
-        buf_printf(&chunked, "\r\n");
+        for (size_t at = 0; at < len; at += PIECE) {
+            size_t n = len - at < PIECE ? len - at : PIECE;
+            buf_printf(&raw, "%zx\r\n", n);
+            buf_add(&raw, json + at, n);
+            buf_printf(&raw, "\r\n");
+        }
+        buf_printf(&raw, "0\r\n\r\n");
+        assert_int_equal(http_raw_request(s->port, raw.p, raw.len, &r), 0);
+        if (over)
+            check_error(&r, 413, "1048576");
+        else if (r.status != 200)
+            fail_msg("1 MiB in chunks: status %d: %s", r.status, r.body.p);
+        http_resp_free(&r);
+        free(raw.p);
     }
-    buf_printf(&chunked, "0\r\n\r\n");
-    assert_int_equal(http_raw_request(s->port, chunked.p, chunked.len, &r), 0);
-    check_error(&r, 413, "1048576");
+    struct buf raw = {0};
+    buf_printf(&raw, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     "Content-Length: %d\r\n\r\n",
+               MAX_BODY);
+    buf_add(&raw, json, MAX_BODY);
+    assert_int_equal(http_raw_request(s->port, raw.p, raw.len, &r), 0);
+    if (r.status != 200)
+        fail_msg("1 MiB declared: status %d: %s", r.status, r.body.p);
     http_resp_free(&r);
-    free(chunked.p);
+    free(raw.p);
 }
 
 /* ---- 64 concurrent clients ----------------------------------------------- */
