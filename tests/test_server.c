@@ -366,6 +366,47 @@ static void test_attention_equals_fixture(void **state)
     check_attention_fixture(s->port, "combo_lstm_lm");
 }
 
+/* The weights of step p of layer l's direction d in an /attention answer. */
+static cJSON *attention_step(const cJSON *got, int l, int d, int p)
+{
+    cJSON *layer = cJSON_GetArrayItem(cJSON_GetObjectItem(got, "layers"), l);
+    cJSON *dir = cJSON_GetArrayItem(cJSON_GetObjectItem(layer, "directions"), d);
+    cJSON *step = cJSON_GetArrayItem(cJSON_GetObjectItem(dir, "steps"), p);
+    assert_non_null(step);
+    return cJSON_GetObjectItem(step, "weights");
+}
+
+/* A bidirectional classifier's map of a text longer than a forward turn
+ * (4,096 tokens) runs whole, as a short one does (a language model's
+ * goes in parts through a slot, which a classifier has not): every step
+ * there, and layer 0's forward weights, which depend on the text's start
+ * alone, those of its first 16 characters. */
+static void test_long_attention_of_a_classifier(void **state)
+{
+    struct server *s = *state;
+    enum { LEN = 5000, PREFIX = 16 };
+    char text[LEN + 1];
+    for (int i = 0; i < LEN; i++)
+        text[i] = "good day! a bad film, "[i % 22];
+    text[LEN] = 0;
+    char *body = body_with("rra_dynamic_w3_l2_bi", "text", text, NULL);
+    cJSON *whole = post(s->port, "/attention", 200, body);
+    free(body);
+    text[PREFIX] = 0;
+    body = body_with("rra_dynamic_w3_l2_bi", "text", text, NULL);
+    cJSON *prefix = post(s->port, "/attention", 200, body);
+    free(body);
+    assert_non_null(attention_step(whole, 1, 1, LEN - 1));
+    for (int p = 0; p < PREFIX; p++) {
+        cJSON *a = attention_step(whole, 0, 0, p), *b = attention_step(prefix, 0, 0, p);
+        assert_int_equal(cJSON_GetArraySize(a), cJSON_GetArraySize(b));
+        for (int k = 0; k < cJSON_GetArraySize(a); k++)
+            assert_true(fabs(cJSON_GetArrayItem(a, k)->valuedouble - cJSON_GetArrayItem(b, k)->valuedouble) < 1e-5);
+    }
+    cJSON_Delete(whole);
+    cJSON_Delete(prefix);
+}
+
 /* A classify request's texts go to the engine in calls of at most 16,384
  * tokens, so four texts of 9,000 characters (no two fit in one call) leave
  * the engine's scratch memory (which keeps its largest call's) where one
@@ -2671,6 +2712,7 @@ int main(void)
         cmocka_unit_test(test_classify_equals_fixture),
         cmocka_unit_test(test_score_equals_fixture),
         cmocka_unit_test(test_attention_equals_fixture),
+        cmocka_unit_test(test_long_attention_of_a_classifier),
         cmocka_unit_test(test_forward_calls_are_bounded),
         cmocka_unit_test(test_generate_seeded),
         cmocka_unit_test(test_generate_stream_equals_plain),
