@@ -484,6 +484,39 @@ static void test_long_prompt_shares_turns(void **state)
     free(prompt);
 }
 
+/* A short prompt that comes while a long one runs its prompt goes first:
+ * past its first 4,096 tokens the long prompt goes 1,024 tokens a round,
+ * a whole turn's share, but every other turn's first round takes the
+ * prompt that stands lowest, so the short one is in, and generates, long
+ * before the long one is.  (The long prompt, a million tokens, is
+ * cancelled then.) */
+static void test_short_prompt_goes_before_a_long_one(void **state)
+{
+    struct env *v = *state;
+    enum { LONG = 1000000 };
+    char *prompt = malloc(LONG + 1);
+    assert_non_null(prompt);
+    for (int i = 0; i < LONG; i++)
+        prompt[i] = "a nice day. "[i % 12];
+    prompt[LONG] = 0;
+    struct job *lng = gen_job(v, prompt, 1, 1), *shrt = gen_job(v, "the good day", 2, 3);
+    free(prompt);
+    assert_int_equal(batcher_submit(v->b, &lng, 1), 0);
+    for (int k = 0; k < 6000 && batcher_queue_depth(v->b) > 0; k++)
+        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+    nanosleep(&(struct timespec){.tv_nsec = 100000000}, NULL);
+    assert_int_equal(batcher_submit(v->b, &shrt, 1), 0);
+    wait_job(shrt, 1 << 30);
+    const int long_done = lng->done;
+    job_cancel(lng);
+    wait_job(lng, 1 << 30);
+    assert_true(shrt->done && !shrt->failed);
+    assert_int_equal(shrt->n_tokens, 3);
+    assert_false(long_done);
+    job_release(shrt);
+    job_release(lng);
+}
+
 static int tokens_of(struct job *j)
 {
     pthread_mutex_lock(&j->mu);
@@ -805,6 +838,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_short_prompt_kept_when_seen_again, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_prefill_from_different_positions, setup_lm_cached, teardown),
         cmocka_unit_test_setup_teardown(test_long_prompt_shares_turns, setup_lm_big_cache, teardown),
+        cmocka_unit_test_setup_teardown(test_short_prompt_goes_before_a_long_one, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_long_score_shares_turns, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_long_attention_shares_turns, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_stream_that_comes_during_a_long_score, setup_lm, teardown),
