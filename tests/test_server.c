@@ -31,6 +31,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -2403,11 +2404,16 @@ static void test_sighup_reload(void **state)
 
     server_add_model(s, "tok_word_lm", "tok_word_lm");
     server_add_model(s, "plain_lstm_l2_bi_last", "newmodel");
+    /* A folder named as a weight file is no model, and no error either. */
+    char folder[128];
+    snprintf(folder, sizeof folder, "%s/folder.safetensors", s->dir);
+    assert_int_equal(mkdir(folder, 0700), 0);
     reload(s, 1);
     cJSON_Delete(get(s->port, "/readyz", 200));
     cJSON *j = get(s->port, "/models", 200);
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "models")), 2);
     cJSON_Delete(j);
+    assert_false(server_log_has(s, "folder"));
     cJSON *before = post(s->port, "/classify", 200, req);
 
     /* A corrupt file in its place (a new file, renamed over the old one,
