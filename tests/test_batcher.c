@@ -436,6 +436,17 @@ static int setup_lm_big_cache(void **state)
     return open_env(state, "tests/fixtures/combo_lstm_lm.safetensors", 8, 256, 2000, 64 << 20);
 }
 
+/* A prompt of len characters (as many tokens), to be freed. */
+static char *long_prompt(int len)
+{
+    char *prompt = malloc((size_t)len + 1);
+    assert_non_null(prompt);
+    for (int i = 0; i < len; i++)
+        prompt[i] = "a nice day. "[i % 12];
+    prompt[len] = 0;
+    return prompt;
+}
+
 /* A long prompt runs a share a turn while the streams past their prompts
  * keep stepping: a stream queued with a 60,000-token prompt (some 60
  * turns) and starting from its whole prompt in the cache takes its 10
@@ -451,11 +462,7 @@ static void test_long_prompt_shares_turns(void **state)
     struct job *warm = gen_job(v, short_prompt, 1, 1);
     run_to_end(v, warm);
     enum { LONG = 60000 };
-    char *prompt = malloc(LONG + 1);
-    assert_non_null(prompt);
-    for (int i = 0; i < LONG; i++)
-        prompt[i] = "a nice day. "[i % 12];
-    prompt[LONG] = 0;
+    char *prompt = long_prompt(LONG);
     struct job *jobs[3] = {gen_job(v, short_prompt, 5, 10), gen_job(v, prompt, 2, 3), gen_job(v, prompt, 2, 3)};
     assert_int_equal(jobs[1]->lens[0], LONG);
     assert_int_equal(batcher_submit(v->b, jobs, 3), 0);
@@ -493,12 +500,7 @@ static void test_long_prompt_shares_turns(void **state)
 static void test_short_prompt_goes_before_a_long_one(void **state)
 {
     struct env *v = *state;
-    enum { LONG = 1000000 };
-    char *prompt = malloc(LONG + 1);
-    assert_non_null(prompt);
-    for (int i = 0; i < LONG; i++)
-        prompt[i] = "a nice day. "[i % 12];
-    prompt[LONG] = 0;
+    char *prompt = long_prompt(1000000);
     struct job *lng = gen_job(v, prompt, 1, 1), *shrt = gen_job(v, "the good day", 2, 3);
     free(prompt);
     assert_int_equal(batcher_submit(v->b, &lng, 1), 0);
