@@ -795,7 +795,7 @@ static void test_submit_during_stop_is_refused(void **state)
     pthread_t stopper;
     assert_int_equal(pthread_create(&stopper, NULL, stop_main, v->b), 0);
     struct served_model m = {.name = "lm", .batcher = v->b};
-    enum { MAX_LATE = 64 };
+    enum { MAX_LATE = 200 }; /* a second for the stop to begin */
     struct job *late[MAX_LATE];
     struct reply r[MAX_LATE];
     int n = 0, rc = 0;
@@ -804,9 +804,10 @@ static void test_submit_during_stop_is_refused(void **state)
         r[n] = (struct reply){.batch_size = -1};
         rc = jobs_submit(&m, &late[n], 1, &r[n]);
         n++;
-        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+        nanosleep(&(struct timespec){.tv_nsec = 5000000}, NULL);
     }
-    int again = batcher_submit(v->b, &late[n - 1], 1);
+    /* The refused job again, straight to the batcher (not one it took). */
+    int again = rc != 0 ? batcher_submit(v->b, &late[n - 1], 1) : 0;
     int busy_ran_on = !busy->done;
     job_cancel(busy);
     assert_int_equal(pthread_join(stopper, NULL), 0);

@@ -548,10 +548,10 @@ static void test_open_file_limit(void **state)
 
 /* Every place held by a stream in flight: a client that comes is answered
  * 503 at once (Retry-After: 1, naming --max-connections) and its
- * connection closed, as its Connection header says; so is each of a flood of them; one that connects and
- * sends nothing is closed within a few seconds rather than kept for
- * --timeout-s; the streams run on; once one ends, newcomers are served,
- * one after the other in its place. */
+ * connection closed, as its Connection header says; so is each of a flood
+ * of them; one that connects and sends nothing is closed within a few
+ * seconds rather than kept for --timeout-s; the streams run on; once one
+ * ends, newcomers are served, one after the other in its place. */
 static void test_busy_connections_refuse(void **state)
 {
     struct server *s = *state;
