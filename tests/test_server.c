@@ -1826,16 +1826,10 @@ static void test_size_limits(void **state)
         http_resp_free(&r);
         free(raw.p);
     }
-    struct buf raw = {0};
-    buf_printf(&raw, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                     "Content-Length: %d\r\n\r\n",
-               MAX_BODY);
-    buf_add(&raw, json, MAX_BODY);
-    assert_int_equal(http_raw_request(s->port, raw.p, raw.len, &r), 0);
+    assert_int_equal(http_request(s->port, "POST", "/classify", "", json, MAX_BODY, &r), 0);
     if (r.status != 200)
         fail_msg("1 MiB declared: status %d: %s", r.status, r.body.p);
     http_resp_free(&r);
-    free(raw.p);
 }
 
 /* ---- 64 concurrent clients ----------------------------------------------- */
