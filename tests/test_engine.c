@@ -319,7 +319,8 @@ static void test_forward_refuses_bad_batches(void **state)
 {
     struct env *v = *state;
     char err[512];
-    int32_t good[3] = {1, 2, 3}, bad[2] = {1, 100000};
+    const int32_t V = v->model.vocab;
+    int32_t good[3] = {1, 2, 3}, bad[2] = {1, V};
     struct engine_seq q = {.tokens = good, .len = 0, .slot = -1};
     assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
     assert_non_null(strstr(err, "empty"));
@@ -330,9 +331,19 @@ static void test_forward_refuses_bad_batches(void **state)
     q = (struct engine_seq){.tokens = good, .len = 3, .slot = 3};
     assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
     assert_non_null(strstr(err, "not open"));
-    int32_t next = -5;
-    q = (struct engine_seq){.tokens = good, .len = 3, .slot = -1, .next = &next};
+    /* The vocabulary's edges: every id in 0..V-1, as a token and as the
+     * next token scored, and neither -1 nor V. */
+    int32_t edges[2] = {0, V - 1}, next = -1;
+    q = (struct engine_seq){.tokens = edges, .len = 2, .slot = -1, .next = &next};
     assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "next token -1"));
+    next = V;
+    assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "outside the vocabulary"));
+    next = 0;
+    assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), 0);
+    next = V - 1;
+    assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), 0);
 }
 
 static void test_slots_at_different_positions_cannot_share_a_forward(void **state)
@@ -371,7 +382,10 @@ static void test_step_refuses_misuse(void **state)
     tok[0] = -1;
     assert_int_equal(engine_step(v->engine, slots, tok, 1, logits, NULL, err, sizeof err), -1);
     assert_int_equal(engine_step(v->engine, slots, tok, 0, logits, NULL, err, sizeof err), -1);
-    tok[0] = 2;
+    tok[0] = v->model.vocab;
+    assert_int_equal(engine_step(v->engine, slots, tok, 1, logits, NULL, err, sizeof err), -1);
+    assert_non_null(strstr(err, "outside the vocabulary"));
+    tok[0] = v->model.vocab - 1;
     assert_int_equal(engine_step(v->engine, slots, tok, 1, logits, NULL, err, sizeof err), 0);
     assert_int_equal(engine_slot_position(v->engine, s), 1);
     /* A closed slot reopens empty. */
