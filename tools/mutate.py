@@ -17,6 +17,13 @@ then the counts.  Examples:
     tools/mutate.py server/auth.c test_server
     tools/mutate.py engine/safetensors.c test_safetensors,test_model_load --sample 40
     tools/mutate.py server/generate.c test_server --lines 65,75
+    tools/mutate.py engine/cuda_fused.cu test_fixtures,test_engine --emu
+
+--emu builds on the CUDA emulator (tests/cuda_emu, without the sanitizers,
+as `make emu-rrnserve`) and runs only the tests' CUDA variants: the way to
+check the CUDA backend's kernels and the host code only it takes (lanes,
+graphs, waves) on a machine without a GPU.  The tests must be among the
+Makefile's EMU_TESTS.
 """
 import argparse
 import os
@@ -72,6 +79,7 @@ def main():
     ap.add_argument("--lines", help="only the mutants of these lines (1-based, comma-separated)")
     ap.add_argument("--sample", type=int, help="only this many mutants, drawn with a fixed seed")
     ap.add_argument("--timeout", type=int, default=120, help="seconds a test binary may run (default 120)")
+    ap.add_argument("--emu", action="store_true", help="the CUDA variants of the tests, on the emulator")
     a = ap.parse_args()
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -90,8 +98,11 @@ def main():
         if a.sample and a.sample < len(todo):
             random.Random(1).shuffle(todo)
             todo = sorted(todo[:a.sample])
-        build = "make -j%d CUDA=0 build/cpu/rrnserve %s" % (os.cpu_count() or 1,
-                                                            " ".join("build/cpu/tests/" + t for t in tests))
+        out, flags, env = "build/cpu", "CUDA=0", ""
+        if a.emu:
+            out, flags, env = "build/emu-nosan", "SAN= EMU=build/emu-nosan", "RRN_TEST_FILTER='*cuda*' "
+        build = "make -j%d %s %s/rrnserve %s" % (os.cpu_count() or 1, flags, out,
+                                                 " ".join("%s/tests/%s" % (out, t) for t in tests))
         if run(build, tree, 1800) != 0:
             sys.exit("mutate.py: HEAD does not build: %s" % build)
         print("%s: %d mutants, tests %s" % (a.file, len(todo), ", ".join(tests)), flush=True)
@@ -102,7 +113,7 @@ def main():
             open(path, "w").write("\n".join(mutated))
             verdict = "nobuild" if run(build, tree, 600) != 0 else "survived"
             for t in tests if verdict == "survived" else []:
-                rc = run("RRN_BIN=build/cpu/rrnserve build/cpu/tests/" + t, tree, a.timeout)
+                rc = run("%sRRN_BIN=%s/rrnserve %s/tests/%s" % (env, out, out, t), tree, a.timeout)
                 if rc is None:
                     verdict = "timeout in " + t
                 elif rc != 0:
