@@ -81,6 +81,8 @@ def main():
     ap.add_argument("--timeout", type=int, default=120, help="seconds a test binary may run (default 120)")
     ap.add_argument("--emu", action="store_true", help="the CUDA variants of the tests, on the emulator")
     a = ap.parse_args()
+    # A kill (SIGTERM) unwinds as an exit does, so the worktree goes too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutate.py: terminated"))
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                           check=True).stdout.strip()
     tests = a.tests.split(",")
