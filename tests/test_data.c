@@ -152,6 +152,11 @@ static void test_corpus_errors(void **state)
     assert_err_has(err, path);
     assert_err_has(err, "1 token;");
     assert_err_has(err, "at least 2");
+    write_file("pair.txt", "xy", path, sizeof path);
+    const char *pair[] = {path};
+    assert_int_equal(corpus_load(pair, 1, &byte_tk, &c, err, sizeof err), 0);
+    assert_int_equal(c.n, 2);
+    corpus_free(&c);
 }
 
 /* ---- Truncated-BPTT windows */
@@ -271,16 +276,21 @@ static void test_windows_errors(void **state)
     struct lm_windows w;
     char err[256] = "";
 
-    counting_corpus(&c, 99);
+    counting_corpus(&c, 96);
     /* 3 streams of windows of 16 need 96 tokens: just fits... */
     assert_int_equal(lm_windows_init(&w, &c, 3, 16, 1, err, sizeof err), 0);
     assert_int_equal(lm_windows_per_epoch(&w), 1);
     lm_windows_free(&w);
     /* ...windows of 17 need 102. */
     assert_int_equal(lm_windows_init(&w, &c, 3, 17, 1, err, sizeof err), -1);
-    assert_err_has(err, "99 tokens");
+    assert_err_has(err, "96 tokens");
     assert_err_has(err, "102");
+    /* One stream of windows of one token is the least there is. */
+    assert_int_equal(lm_windows_init(&w, &c, 1, 1, 1, err, sizeof err), 0);
+    lm_windows_free(&w);
     assert_int_equal(lm_windows_init(&w, &c, 0, 4, 1, err, sizeof err), -1);
+    assert_int_equal(lm_windows_init(&w, &c, 3, 0, 1, err, sizeof err), -1);
+    assert_err_has(err, "at least 1");
     free(c.ids);
 }
 

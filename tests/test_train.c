@@ -250,31 +250,69 @@ static void test_stopped_run_resumes(void **state)
     }
 }
 
-/* A classifier on JSONL with a split learns to tell two kinds of text
- * apart: validation accuracy reaches 90%. */
-static void test_classifier_learns(void **state)
+/* dir/data.jsonl, 400 texts of two kinds, every tenth from the second
+ * the validation part (the split of cls.json), and dir/cls.json, a GRU
+ * classifier's run of 5 epochs of 10 steps on it.  With flip the
+ * validation texts carry the other kind's label, so the better the model
+ * learns the training texts the worse it validates. */
+static void write_classifier_run(int flip)
 {
-    (void)state;
-    char *out;
     FILE *f;
     char path[256];
     snprintf(path, sizeof path, "%s/data.jsonl", dir);
     assert_non_null(f = fopen(path, "w"));
     for (int i = 0; i < 400; i++)
         fprintf(f, "{\"text\": \"%s %d %s\", \"label\": \"%s\"}\n", i % 2 ? "great lovely" : "awful dull", i,
-                i % 3 ? "film" : "book", i % 2 ? "pos" : "neg");
+                i % 3 ? "film" : "book", (i % 2) ^ (flip && i % 10 == 1) ? "pos" : "neg");
     fclose(f);
     write_file("cls.json", "{\"model\": {\"task\": \"classify\", \"cell\": \"gru\", \"hidden\": 16, \"embed_dim\": 16,"
                            " \"pool\": \"mean\", \"classes\": [\"neg\", \"pos\"], \"tokenizer\": {\"type\": \"word\"}},"
                            " \"data\": {\"train\": \"data.jsonl\", \"split\": {\"mod\": 10, \"test\": 0, \"valid\": 1}},"
-                           " \"optim\": {\"lr\": 0.01}, \"epochs\": 5, \"valid_every\": 20, \"keep_best\": true,"
-                           " \"out\": \"cls.safetensors\"}");
-    if (proc_rrnserve(&out, dir, "train --config cls.json") != 0)
+                           " \"optim\": {\"lr\": 0.01}, \"epochs\": 5, \"out\": \"cls.safetensors\"}");
+}
+
+/* A classifier on JSONL with a split learns to tell two kinds of text
+ * apart: validation accuracy reaches 90%. */
+static void test_classifier_learns(void **state)
+{
+    (void)state;
+    char *out;
+    write_classifier_run(0);
+    if (proc_rrnserve(&out, dir, "train --config cls.json --valid_every 20 --keep_best true") != 0)
         fail_msg("train failed: %s", out);
     const char *kept = strstr(out, "validation accuracy ");
     assert_non_null(kept);
     assert_true(atof(kept + strlen("validation accuracy ")) >= 0.9);
     free(out);
+}
+
+/* A classifier's run checkpointed in the middle of an epoch (step 25 of
+ * 50, epochs of 10) and resumed writes the weights of the run left alone:
+ * the epoch's order is drawn again as it was.  Keeping the best weights,
+ * they come back from the checkpoint: the validation labels are flipped,
+ * so the first validation (step 10) is the best and the weights written
+ * are those the checkpoint kept. */
+static void test_classifier_run_resumes(void **state)
+{
+    (void)state;
+    char *out;
+    write_classifier_run(1);
+    static const char *const flags[] = {"", "--keep_best true"};
+    for (size_t i = 0; i < sizeof flags / sizeof *flags; i++) {
+        char cmd[256];
+        snprintf(cmd, sizeof cmd, "train --config cls.json --valid_every 10 %s --out whole.safetensors", flags[i]);
+        assert_int_equal(proc_rrnserve(&out, dir, cmd), 0);
+        assert_true(!i || strstr(out, "keeping the weights of step 10"));
+        free(out);
+        snprintf(cmd, sizeof cmd, "train --config cls.json --valid_every 10 %s --checkpoint_every 25 --out c.safetensors",
+                 flags[i]);
+        assert_int_equal(proc_rrnserve(&out, dir, cmd), 0);
+        free(out);
+        assert_int_equal(proc_rrnserve(&out, dir, "train --resume c.ckpt.safetensors --out r.safetensors"), 0);
+        if (!strstr(out, "resuming c.ckpt.safetensors at step 25") || !same_weights("whole.safetensors", "r.safetensors"))
+            fail_msg("resumed with \"%s\": not the weights of the whole run; printed:\n%s", flags[i], out);
+        free(out);
+    }
 }
 
 /* The last "mse" a run printed (its final validation). */
@@ -509,17 +547,24 @@ static void test_damaged_checkpoints_are_refused(void **state)
         {"epoch", "\"one\"", "\"epoch\""},
         {"rng.0", "\"zz\"", "\"rng\""},
         {"rng", "[]", "\"rng\""},
+        {"rng.0", "5", "\"rng\""},
+        {"rng.0", "\"\"", "\"rng\""},
         {"since_last_point", "[\"0x1p+0\"]", "\"since_last_point\""},
         {"since_last_point.1", "\"nan\"", "\"since_last_point\""},
+        {"since_last_point.0", "\"1x\"", "\"since_last_point\""},
+        {"since_last_point.0", "\"\"", "\"since_last_point\""},
         {"curve", "5", "\"curve\""},
         {"curve", "[[\"0x1p+0\"]]", "\"curve\""},
+        {"curve", "[[\"0x1.8p+0\", \"0\", \"0\", \"0\", \"0\", \"0\", \"0\"]]", "\"curve\""}, /* step 1.5 */
         {"windows", NULL, "\"windows\""},
         {"windows.pos", "3", "\"windows\""},
         {"windows.pos", "1e12", "\"windows\""},
         {"windows.start.0", "1e12", "\"windows\""},
         {"windows.start.1", "0", "\"windows\""},
         {"windows.start.0", NULL, "\"windows\""},
+        {"windows.start.0", "\"0\"", "\"windows\""},
         {"slot_pos", NULL, "\"slot_pos\""},
+        {"slot_pos.1", NULL, "\"slot_pos\""},
         {"slot_pos.0", "-1", "\"slot_pos\""},
         {"slot_pos.0", "1e300", "\"slot_pos\""},
     };
@@ -540,9 +585,17 @@ static void test_damaged_checkpoints_are_refused(void **state)
     assert_int_equal(proc_rrnserve(&out, dir, "train --resume bad.ckpt.safetensors --out z.safetensors"), 1);
     assert_non_null(strstr(out, "bad.ckpt.safetensors.state"));
     free(out);
-    /* The undamaged state still resumes. */
+    /* The undamaged state still resumes, and so does one written before
+     * the gradients' norms were kept (3 sums since the last point). */
     assert_int_equal(proc_rrnserve(&out, dir, "train --resume d.ckpt.safetensors --out z.safetensors"), 0);
     assert_non_null(strstr(out, "resuming d.ckpt.safetensors at step 5"));
+    free(out);
+    state_with("d.ckpt.safetensors.state", "four.ckpt.safetensors.state", "since_last_point.4", NULL);
+    state_with("four.ckpt.safetensors.state", "old.ckpt.safetensors.state", "since_last_point.3", NULL);
+    snprintf(copy, sizeof copy, "%s/old.ckpt.safetensors", dir);
+    file_copy(weights, copy);
+    if (proc_rrnserve(&out, dir, "train --resume old.ckpt.safetensors --out z.safetensors") != 0)
+        fail_msg("a state of 3 sums since the last point: %s", out);
     free(out);
 }
 
@@ -608,6 +661,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_stopped_run_resumes, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_classifier_run_resumes, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_synthetic_tasks_learn, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_unwritable_weights_keep_the_old, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_bad_configs_and_data, make_dir, remove_dir),
