@@ -376,6 +376,8 @@ static void test_classify_split(void **state)
     assert_err_has(err, "no examples in the test part");
     assert_int_equal(d.n, 0);
     assert_null(d.ex);
+    assert_int_equal(classify_load(path, &byte_tk, classes, 2, &all, PART_VALID, &d, err, sizeof err), -1);
+    assert_err_has(err, "no examples in the validation part");
 }
 
 static void test_classify_errors(void **state)
