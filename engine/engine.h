@@ -136,7 +136,6 @@ int engine_step(struct engine *e, const int *slots, const int32_t *tokens, int n
 struct train_result {
     double loss;      /* sum of the per-item losses */
     long count;       /* items: sequences (classify) or scored tokens (lm) */
-    long correct;     /* classify: sequences whose argmax is the label */
     long tokens;      /* steps the batch ran (for tokens per second) */
 };
 
