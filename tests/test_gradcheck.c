@@ -141,6 +141,43 @@ static double loss_at(struct check *c, const float *base, const float *current)
     return res.loss / (double)res.count;
 }
 
+/* The batch's mean loss as inference computes it (engine_forward): the
+ * language model's negative log-probability a scored token, the
+ * classifier's of its label a text, the regression's squared error an
+ * output.  Training must minimise the loss inference reports, so its own
+ * must be this one, count and scale included. */
+static double inference_loss(struct check *c)
+{
+    char err[512];
+    const int C = c->model.head_out, vectors = c->model.cfg.input_dim > 0;
+    struct engine_seq q[3];
+    float out[3][64];
+    assert_true(C <= 64);
+    for (int i = 0; i < 3; i++)
+        q[i] = (struct engine_seq){.tokens = vectors ? NULL : c->tok[i], .len = c->len[i],
+                                   .inputs = vectors ? c->vec[i] : NULL, .slot = -1,
+                                   .next = c->model.cfg.task == TASK_LM ? c->tok[i] + c->len[i] : NULL,
+                                   .probs = c->model.cfg.task == TASK_CLASSIFY ? out[i] : NULL,
+                                   .logits = c->model.cfg.task == TASK_REGRESS ? out[i] : NULL};
+    if (engine_forward(c->e, q, 3, err, sizeof err) != 0)
+        fail_msg("forward: %s", err);
+    double sum = 0.0, count = 0.0;
+    for (int i = 0; i < 3; i++) {
+        if (c->model.cfg.task == TASK_LM) {
+            sum -= q[i].logprob;
+            count += c->len[i];
+        } else if (c->model.cfg.task == TASK_CLASSIFY) {
+            sum -= log(out[i][c->labels[i]]);
+            count += 1;
+        } else {
+            for (int k = 0; k < C; k++)
+                sum += ((double)out[i][k] - c->target[i][k]) * ((double)out[i][k] - c->target[i][k]);
+            count += C;
+        }
+    }
+    return sum / count;
+}
+
 static void run_check(struct check *c)
 {
     size_t n = c->model.n_params;
@@ -148,7 +185,12 @@ static void run_check(struct check *c)
     assert_true(base && moved && grad);
     memcpy(base, c->model.arena, n * sizeof(float));
     assert_int_equal(engine_zero_grads(c->e), 0);
-    loss_at(c, base, base);
+    const double loss = loss_at(c, base, base);
+    if (!c->carried) {
+        const double want = inference_loss(c);
+        if (!(fabs(loss - want) <= 1e-5 * fmax(1.0, fabs(want))))
+            fail_msg("%s: training's loss %.9g, inference's %.9g", c->name, loss, want);
+    }
     assert_int_equal(engine_grads_to_host(c->e, grad), 0);
 
     struct model_tensor *t;
