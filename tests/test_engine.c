@@ -408,6 +408,35 @@ static void test_classifier_has_no_slots(void **state)
     assert_non_null(strstr(err, "language model"));
 }
 
+/* A training batch with a label outside the classes, or dropout outside
+ * [0, 1), is refused naming what is wrong; the classes' edges, 0 and
+ * C-1, and dropout 0 are taken. */
+static void test_training_refuses_bad_batches(void **state)
+{
+    struct env *v = *state;
+    char err[512];
+    int32_t tok[3] = {1, 2, 3};
+    struct engine_seq q = {.tokens = tok, .len = 3, .slot = -1};
+    struct train_result res = {0};
+    const int C = v->model.head_out;
+    const struct train_options none = {0.0f, 0.0f, 1}, all = {1.0f, 0.0f, 1}, all_embed = {0.0f, 1.0f, 1};
+    const int bad[2] = {-1, C};
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(engine_train_batch(v->engine, &q, 1, &bad[i], &none, &res, err, sizeof err), -1);
+        assert_non_null(strstr(err, "is not a class"));
+    }
+    assert_int_equal(engine_train_batch(v->engine, &q, 1, NULL, &none, &res, err, sizeof err), -1);
+    const int first = 0, last = C - 1;
+    assert_int_equal(engine_train_batch(v->engine, &q, 1, &first, &all, &res, err, sizeof err), -1);
+    assert_non_null(strstr(err, "dropout must be in [0, 1)"));
+    assert_int_equal(engine_train_batch(v->engine, &q, 1, &first, &all_embed, &res, err, sizeof err), -1);
+    assert_non_null(strstr(err, "dropout must be in [0, 1)"));
+    assert_int_equal(res.count, 0);
+    assert_int_equal(engine_train_batch(v->engine, &q, 1, &first, &none, &res, err, sizeof err), 0);
+    assert_int_equal(engine_train_batch(v->engine, &q, 1, &last, &none, &res, err, sizeof err), 0);
+    assert_int_equal(res.count, 2);
+}
+
 /* A batch of 8 texts of different lengths, forward (logits and attention)
  * and then 20 steps of the step API, with the whole pool and on one
  * thread: the same bits.  main() asks for a pool of 3 threads, so the
@@ -1213,6 +1242,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_step_refuses_misuse, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_classifier_has_no_slots, setup_cls, teardown),
+        cmocka_unit_test_setup_teardown(test_training_refuses_bad_batches, setup_cls, teardown),
         cmocka_unit_test_setup_teardown(test_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test_setup_teardown(test_training_threads_give_the_same_bits, setup_big_lm, teardown),
         cmocka_unit_test(test_derived_weights_give_the_same_bits),
