@@ -120,6 +120,30 @@ static void train_lm(const char *flags)
     free(out);
 }
 
+/* A run that keeps its best weights keeps those of the validation its own
+ * report says is best: the lowest bits per character (or squared error),
+ * or the highest accuracy with the lower loss breaking a tie; the first of
+ * equals, since a later one must beat it. */
+static void assert_kept_best(const char *out, int accuracy)
+{
+    long best = -1, step;
+    double best_loss = 0, best_metric = 0, loss, metric;
+    for (const char *p = out; (p = strstr(p, "validation at step ")); p++) {
+        if (sscanf(p, "validation at step %ld: loss %lf, %*s %lf", &step, &loss, &metric) != 3)
+            fail_msg("cannot read: %.80s", p);
+        if (best < 0 || (accuracy ? metric > best_metric || (metric == best_metric && loss < best_loss)
+                                  : metric < best_metric)) {
+            best = step;
+            best_loss = loss;
+            best_metric = metric;
+        }
+    }
+    char want[64];
+    snprintf(want, sizeof want, "keeping the weights of step %ld ", best);
+    if (best < 0 || !strstr(out, want))
+        fail_msg("no \"%s\" in:\n%s", want, out);
+}
+
 /* The loss of a small RRA language model falls from about ln(V) to below
  * half of it in 300 steps; outputs exist and load; the metadata says how
  * the model was made. */
@@ -140,6 +164,16 @@ static void test_lm_learns(void **state)
         fail_msg("%s", err);
     assert_int_equal(m.cfg.attn_mode, ATTN_DYNAMIC);
     model_free(&m);
+    char *out;
+    /* Logged every step, it runs its 150 and no more. */
+    assert_int_equal(proc_rrnserve(&out, dir, "train --config lm.json --steps 150 --valid_every 30 --keep_best true"
+                                              " --log_every 1 --out best.safetensors"), 0);
+    assert_kept_best(out, 0);
+    assert_non_null(strstr(out, "step 1/150 "));
+    assert_non_null(strstr(out, "step 149/150 "));
+    assert_non_null(strstr(out, "step 150/150 "));
+    assert_null(strstr(out, "step 151/"));
+    free(out);
 }
 
 /* Whether two weight files hold the same tensor bytes (the metadata names
@@ -272,17 +306,20 @@ static void write_classifier_run(int flip)
 }
 
 /* A classifier on JSONL with a split learns to tell two kinds of text
- * apart: validation accuracy reaches 90%. */
+ * apart: validation accuracy reaches 90%, and the weights kept are those
+ * of its best validation. */
 static void test_classifier_learns(void **state)
 {
     (void)state;
     char *out;
     write_classifier_run(0);
-    if (proc_rrnserve(&out, dir, "train --config cls.json --valid_every 20 --keep_best true") != 0)
+    /* 40 validation texts: two whole batches of 20. */
+    if (proc_rrnserve(&out, dir, "train --config cls.json --batch_size 20 --valid_every 20 --keep_best true") != 0)
         fail_msg("train failed: %s", out);
     const char *kept = strstr(out, "validation accuracy ");
     assert_non_null(kept);
     assert_true(atof(kept + strlen("validation accuracy ")) >= 0.9);
+    assert_kept_best(out, 1);
     free(out);
 }
 
@@ -302,7 +339,7 @@ static void test_classifier_run_resumes(void **state)
         char cmd[256];
         snprintf(cmd, sizeof cmd, "train --config cls.json --valid_every 10 %s --out whole.safetensors", flags[i]);
         assert_int_equal(proc_rrnserve(&out, dir, cmd), 0);
-        assert_true(!i || strstr(out, "keeping the weights of step 10"));
+        assert_true(!i || strstr(out, "keeping the weights of step 10 "));
         free(out);
         snprintf(cmd, sizeof cmd, "train --config cls.json --valid_every 10 %s --checkpoint_every 25 --out c.safetensors",
                  flags[i]);
