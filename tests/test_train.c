@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -448,6 +449,14 @@ static void test_unwritable_weights_keep_the_old(void **state)
     free(after);
     assert_int_equal(proc_run(&out, "ls %s | grep -c tmp", dir), 1);
     assert_string_equal(out, "0\n");
+    free(out);
+    /* A checkpoint that cannot be written stops the run there, saying so,
+     * rather than training on with nothing to resume from. */
+    snprintf(path, sizeof path, "%s/c.ckpt.safetensors.state", dir);
+    assert_int_equal(mkdir(path, 0755), 0);
+    status = proc_rrnserve(&out, dir, "train --config w.json --steps 4 --checkpoint_every 2 --out c.safetensors");
+    if (status != 1 || !strstr(out, "cannot write c.ckpt.safetensors.state") || strstr(out, "wrote c.safetensors"))
+        fail_msg("exit %d: %s", status, out);
     free(out);
 }
 
