@@ -249,6 +249,19 @@ static void test_bad_usage(void **state)
         {"run " FIX "combo_lstm_lm.safetensors --generate a --stop ''", 2, "--stop"},
         {"run " FIX "combo_lstm_lm.safetensors --generate a --stop 1 --stop 2 --stop 3 --stop 4 --stop 5", 2,
          "--stop"},
+        /* train: a configuration or a checkpoint, not both nor neither, and
+         * every other argument a --name value or --name=value pair (out of
+         * the way of the shipped model, should one be taken). */
+        {"train --config", 2, "usage: rrnserve train"},
+        {"train --config models/sentiment.json --resume x.ckpt.safetensors", 2, "usage: rrnserve train"},
+        {"train --config models/sentiment.json --out /tmp/rrn_cli_never.safetensors stray",
+         2, "unexpected argument 'stray'"},
+        {"train --config models/sentiment.json --out /tmp/rrn_cli_never.safetensors --",
+         2, "unexpected argument '--'"},
+        {"train --config models/sentiment.json --out /tmp/rrn_cli_never.safetensors --steps",
+         2, "--steps needs a value"},
+        {"train --config models/sentiment.json --out /tmp/rrn_cli_never.safetensors --stepz=3",
+         1, "unknown key \"stepz\""},
     };
     expect_all(cases, sizeof cases / sizeof cases[0]);
 }
