@@ -342,12 +342,13 @@ static void test_classifier_run_resumes(void **state)
         assert_int_equal(proc_rrnserve(&out, dir, cmd), 0);
         assert_true(!i || strstr(out, "keeping the weights of step 10 "));
         free(out);
-        snprintf(cmd, sizeof cmd, "train --config cls.json --valid_every 10 %s --checkpoint_every 25 --out c.safetensors",
-                 flags[i]);
+        snprintf(cmd, sizeof cmd, "train --config cls.json --valid_every 10 %s --checkpoint_every 25"
+                                  " --out c.safetensors", flags[i]);
         assert_int_equal(proc_rrnserve(&out, dir, cmd), 0);
         free(out);
         assert_int_equal(proc_rrnserve(&out, dir, "train --resume c.ckpt.safetensors --out r.safetensors"), 0);
-        if (!strstr(out, "resuming c.ckpt.safetensors at step 25") || !same_weights("whole.safetensors", "r.safetensors"))
+        if (!strstr(out, "resuming c.ckpt.safetensors at step 25") ||
+            !same_weights("whole.safetensors", "r.safetensors"))
             fail_msg("resumed with \"%s\": not the weights of the whole run; printed:\n%s", flags[i], out);
         free(out);
     }
