@@ -19,11 +19,13 @@ then the counts.  Examples:
     tools/mutate.py server/generate.c test_server --lines 65,75
     tools/mutate.py engine/cuda_fused.cu test_fixtures,test_engine --emu
 
---emu builds on the CUDA emulator (tests/cuda_emu, without the sanitizers,
-as `make emu-rrnserve`) and runs only the tests' CUDA variants: the way to
+--emu builds on the CUDA emulator (tests/cuda_emu, with ASan and UBSan, as
+`make test-cuda-emu`) and runs only the tests' CUDA variants: the way to
 check the CUDA backend's kernels and the host code only it takes (lanes,
-graphs, waves) on a machine without a GPU.  The tests must be among the
-Makefile's EMU_TESTS.
+graphs, waves) on a machine without a GPU.  The sanitizers are what make
+a kernel's read past its buffer or misaligned 16-byte load fail here, as
+it would fault on a GPU.  The tests must be among the Makefile's
+EMU_TESTS.
 """
 import argparse
 import os
@@ -102,7 +104,8 @@ def main():
             todo = sorted(todo[:a.sample])
         out, flags, env = "build/cpu", "CUDA=0", ""
         if a.emu:
-            out, flags, env = "build/emu-nosan", "SAN= EMU=build/emu-nosan", "RRN_TEST_FILTER='*cuda*' "
+            out, flags = "build/emu", ""
+            env = "ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 RRN_TEST_FILTER='*cuda*' "
         build = "make -j%d %s %s/rrnserve %s" % (os.cpu_count() or 1, flags, out,
                                                  " ".join("%s/tests/%s" % (out, t) for t in tests))
         if run(build, tree, 1800) != 0:
