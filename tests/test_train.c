@@ -496,7 +496,12 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--model.cell transformer", "cell");
     expect_error("{\"model\": ", "", "not a JSON object");
     expect_error(lm_config, "--optim.decay sometimes", "\"optim.decay\" must be none, linear, cosine or step");
+    expect_error(lm_config, "--optim.decay 5", "\"optim.decay\" must be none, linear, cosine or step");
     expect_error(lm_config, "--optim.bogus 1", "unknown key \"optim.bogus\"");
+    expect_error(lm_config, "--out lm.bin", "\"out\" must be the path of the weight file to write");
+    expect_error(lm_config, "--out 5", "\"out\" must be the path of the weight file to write");
+    expect_error(lm_config, "--data.split 5", "\"data.split\" must be an object");
+    expect_error(lm_config, "--data.split.mod 0", "data.split.mod");
     expect_error("{\"data\": {\"train\": \"corpus.txt\"}}", "", "\"model\" (the model's MODELS.md config) is required");
     expect_error("{\"model\": {\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4, \"tokenizer\": {\"type\": \"byte\"}}}", "",
                  "\"data\" is required");
@@ -516,6 +521,11 @@ static void test_bad_configs_and_data(void **state)
     char *out;
     assert_int_equal(proc_rrnserve(&out, dir, "train "), 2);
     assert_non_null(strstr(out, "usage"));
+    free(out);
+    /* The first of the decays' names is one too. */
+    write_file("lm.json", lm_config);
+    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 2 --optim.decay none") != 0)
+        fail_msg("decay none: %s", out);
     free(out);
 }
 
