@@ -3,10 +3,11 @@
 #   make            build ./rrnserve (CUDA parts too when nvcc is found; CUDA=0 turns them off)
 #   make deps       install the Debian packages the build, tests and benchmarks need
 #   make test       build and run every test, then again in a build without CUDA and
-#                   under ASan+UBSan, the server's under ThreadSanitizer with a short soak,
+#                   under ASan+UBSan, the threaded ones under ThreadSanitizer with a short soak,
 #                   the CUDA backend's tests on the CPU emulator, the fuzz targets
 #                   briefly, and the server tests under valgrind
-#   make test-tsan  the batcher's and the server's tests and a 30 s soak under ThreadSanitizer
+#   make test-tsan  the batcher's, the server's and the CPU engine's threaded tests and a
+#                   30 s soak under ThreadSanitizer
 #   make test-cuda-emu  the CUDA backend's kernels and host code on tests/cuda_emu
 #   make emu-rrnserve   build/emu-nosan/rrnserve: rrnserve on that emulator, unsanitized
 #   make bench      run the benchmarks
@@ -216,13 +217,14 @@ test-asan: $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan)
 	    tests/run_tests.sh $(BUILD)/asan $(BUILD)/asan/rrnserve
 
 # ThreadSanitizer, on the build without CUDA (whose runtime it could not
-# see into): the tests that run the batcher's and the server's threads,
-# then a 30 s soak, whose load and churn (reloads under load, /metrics
-# scraped, clients leaving streams) cross those threads as the tests, one
-# request at a time, do not.  halt_on_error: a server stops at its first
+# see into): the tests that run the batcher's and the server's threads and
+# the CPU backend's worker pool (test_engine, test_gemm), then a 30 s
+# soak, whose load and churn (reloads under load, /metrics scraped,
+# clients leaving streams) cross those threads as the tests, one request
+# at a time, do not.  halt_on_error: a server stops at its first
 # report, which fails the test or the soak that started it.
 TSAN_BUILD := build/cpu/tsan
-TSAN_TESTS := test_batcher test_server test_faults test_replicas
+TSAN_TESTS := test_batcher test_server test_faults test_replicas test_engine test_gemm
 TSAN_BINS  := $(TSAN_BUILD)/rrnserve $(TSAN_TESTS:%=$(TSAN_BUILD)/tests/%) build/cpu/bench/loadgen
 test-tsan:
 	@$(MAKE) --no-print-directory CUDA=0 $(TSAN_BINS)
