@@ -331,8 +331,8 @@ static void test_forward_refuses_bad_batches(void **state)
     q = (struct engine_seq){.tokens = good, .len = 3, .slot = 3};
     assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
     assert_non_null(strstr(err, "not open"));
-    /* The vocabulary's edges: every id in 0..V-1, as a token and as the
-     * next token scored, and neither -1 nor V. */
+    /* The vocabulary's edges: 0 and V-1 are ids, as tokens and as the
+     * next token scored; -1 and V are not. */
     int32_t edges[2] = {0, V - 1}, next = -1;
     q = (struct engine_seq){.tokens = edges, .len = 2, .slot = -1, .next = &next};
     assert_int_equal(engine_forward(v->engine, &q, 1, err, sizeof err), -1);
