@@ -272,6 +272,16 @@ static void test_write_error(void **state)
     assert_non_null(strstr(err, path));
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     assert_int_equal(access(tmp, F_OK), -1);
+    /* A disk that fills: the write fails when the file is closed (its few
+     * bytes were buffered until then), and nothing is moved into place. */
+    snprintf(path, sizeof path, "%s/full.csv", scratch_dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    assert_int_equal(symlink("/dev/full", tmp), 0);
+    assert_int_equal(curve_write_csv(&c, path, err, sizeof err), -1);
+    assert_non_null(strstr(err, path));
+    assert_non_null(strstr(err, "No space left"));
+    assert_int_equal(access(path, F_OK), -1);
+    assert_int_equal(access(tmp, F_OK), -1);
     curve_free(&c);
 }
 
