@@ -195,17 +195,21 @@ static void test_health_and_metrics(void **state)
     assert_true(http_metric(s->port, "rrnserve_connections_max") >= 1);
     assert_true(http_metric(s->port, "rrnserve_connections_closed_total{reason=\"timeout\"}") == 0);
 
-    /* A model's batches count under its name only. */
+    /* A model's batches count under its name only; a batch of one text
+     * in the bucket le="1", as a bucket counts the values up to its bound,
+     * the bound included. */
     static const char *const used = "rrnserve_batch_size_count{model=\"plain_lstm_l2_bi_last\"}",
+                             *const ones = "rrnserve_batch_size_bucket{model=\"plain_lstm_l2_bi_last\",le=\"1\"}",
                              *const timed = "rrnserve_engine_seconds_count{model=\"plain_lstm_l2_bi_last\"}",
                              *const idle = "rrnserve_batch_size_count{model=\"rra_dynamic_w3_l2_bi\"}";
-    double used0 = http_metric(s->port, used), timed0 = http_metric(s->port, timed);
-    double idle0 = http_metric(s->port, idle);
-    assert_true(used0 >= 0 && timed0 >= 0 && idle0 >= 0);
+    double used0 = http_metric(s->port, used), ones0 = http_metric(s->port, ones);
+    double timed0 = http_metric(s->port, timed), idle0 = http_metric(s->port, idle);
+    assert_true(used0 >= 0 && ones0 >= 0 && timed0 >= 0 && idle0 >= 0);
     char *body = body_with("plain_lstm_l2_bi_last", "text", "good day!", NULL);
     cJSON_Delete(post(s->port, "/classify", 200, body));
     free(body);
     assert_true(http_metric(s->port, used) == used0 + 1);
+    assert_true(http_metric(s->port, ones) == ones0 + 1);
     assert_true(http_metric(s->port, timed) == timed0 + 1);
     assert_true(http_metric(s->port, idle) == idle0);
 }
