@@ -489,13 +489,14 @@ static void test_threads_give_the_same_bits(void **state)
 }
 
 /* One training batch of 16 windows (forward, backward, the gradient of
- * every parameter) of e's model with the whole pool and on one thread:
+ * every parameter) of v's model with the whole pool and on one thread:
  * the same bits. */
-static void check_training_threads(struct engine *e, const struct model *m)
+static void check_training_threads(struct env *v)
 {
     enum { N = 16, T = 32 };
-    const int V = m->vocab;
-    const size_t P = m->n_params;
+    struct engine *e = v->engine;
+    const int V = v->model.vocab;
+    const size_t P = v->model.n_params;
     int32_t tokens[N][T + 1];
     for (int i = 0; i < N; i++)
         for (int t = 0; t <= T; t++)
@@ -527,8 +528,7 @@ static void check_training_threads(struct engine *e, const struct model *m)
  * are past the size it splits at. */
 static void test_training_threads_give_the_same_bits(void **state)
 {
-    struct env *v = *state;
-    check_training_threads(v->engine, &v->model);
+    check_training_threads(*state);
     static const char *const shared_sums[] = {
         "{\"task\": \"lm\", \"cell\": \"lstm\", \"hidden\": 128, \"peephole\": true, \"embed_dim\": 8,"
         " \"tokenizer\": {\"type\": \"byte\"}}",
@@ -536,17 +536,10 @@ static void test_training_threads_give_the_same_bits(void **state)
         " \"attention\": {\"window\": 3, \"mode\": \"static\"}}",
     };
     for (size_t k = 0; k < sizeof shared_sums / sizeof *shared_sums; k++) {
-        char err[512];
-        struct model m;
-        model_from_json(shared_sums[k], 1, 29, &m);
-        struct backend *be = backend_create(DEVICE_CPU, err, sizeof err);
-        struct engine *e = be ? engine_create(&m, be, 0, err, sizeof err) : NULL;
-        if (!e)
-            fail_msg("%s", err);
-        check_training_threads(e, &m);
-        engine_destroy(e);
-        backend_destroy(be);
-        model_free(&m);
+        void *v;
+        open_env_json(&v, shared_sums[k], 0);
+        check_training_threads(v);
+        teardown(&v);
     }
 }
 
