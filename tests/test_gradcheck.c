@@ -107,6 +107,17 @@ static int teardown(void **state)
  * begins it with the second, as the backward must follow. */
 #define FIRST_WINDOW 5
 
+/* Sequence i of the checked batch: its tokens (or vectors) and target,
+ * past the first window when the check carries state, in its slot. */
+static struct engine_seq batch_seq(const struct check *c, int i)
+{
+    const int off = c->carried ? FIRST_WINDOW : 0, vectors = c->model.cfg.input_dim > 0;
+    return (struct engine_seq){.tokens = vectors ? NULL : c->tok[i] + off, .len = c->len[i],
+                               .inputs = vectors ? c->vec[i] : NULL, .target = c->target[i],
+                               .slot = c->carried ? c->slot[i] : -1,
+                               .next = c->model.cfg.task == TASK_LM ? c->tok[i] + off + c->len[i] : NULL};
+}
+
 /* The mean loss of the batch (and, as a side effect, its gradients added
  * to the engine's).  With carried state, the first windows run at the
  * weights in `base` and the second at the current ones. */
@@ -126,14 +137,8 @@ static double loss_at(struct check *c, const float *base, const float *current)
             fail_msg("first window: %s", err);
     }
     assert_int_equal(engine_params_from_host(c->e, current), 0);
-    for (int i = 0; i < 3; i++) {
-        int off = c->carried ? FIRST_WINDOW : 0;
-        int vectors = c->model.cfg.input_dim > 0;
-        q[i] = (struct engine_seq){.tokens = vectors ? NULL : c->tok[i] + off, .len = c->len[i],
-                                   .inputs = vectors ? c->vec[i] : NULL, .target = c->target[i],
-                                   .slot = c->carried ? c->slot[i] : -1,
-                                   .next = c->model.cfg.task == TASK_LM ? c->tok[i] + off + c->len[i] : NULL};
-    }
+    for (int i = 0; i < 3; i++)
+        q[i] = batch_seq(c, i);
     struct train_result res = {0};
     const struct train_options no_dropout = {0.0f, 0.0f, 1};
     if (engine_train_batch(c->e, q, 3, c->labels, &no_dropout, &res, err, sizeof err) != 0)
@@ -145,20 +150,20 @@ static double loss_at(struct check *c, const float *base, const float *current)
  * language model's negative log-probability a scored token, the
  * classifier's of its label a text, the regression's squared error an
  * output.  Training must minimise the loss inference reports, so its own
- * must be this one, count and scale included. */
+ * must be this one, count and scale included.  For a check that carries
+ * no state. */
 static double inference_loss(struct check *c)
 {
     char err[512];
-    const int C = c->model.head_out, vectors = c->model.cfg.input_dim > 0;
+    const int C = c->model.head_out;
     struct engine_seq q[3];
     float out[3][64];
     assert_true(C <= 64 && (c->model.cfg.task != TASK_REGRESS || C <= 2)); /* target[3][2] */
-    for (int i = 0; i < 3; i++)
-        q[i] = (struct engine_seq){.tokens = vectors ? NULL : c->tok[i], .len = c->len[i],
-                                   .inputs = vectors ? c->vec[i] : NULL, .slot = -1,
-                                   .next = c->model.cfg.task == TASK_LM ? c->tok[i] + c->len[i] : NULL,
-                                   .probs = c->model.cfg.task == TASK_CLASSIFY ? out[i] : NULL,
-                                   .logits = c->model.cfg.task == TASK_REGRESS ? out[i] : NULL};
+    for (int i = 0; i < 3; i++) {
+        q[i] = batch_seq(c, i);
+        q[i].probs = c->model.cfg.task == TASK_CLASSIFY ? out[i] : NULL;
+        q[i].logits = c->model.cfg.task == TASK_REGRESS ? out[i] : NULL;
+    }
     if (engine_forward(c->e, q, 3, err, sizeof err) != 0)
         fail_msg("forward: %s", err);
     double sum = 0.0, count = 0.0;
