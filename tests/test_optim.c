@@ -366,10 +366,8 @@ static void test_names_and_defaults(void **state)
 {
     (void)state;
     const char *names[] = {"sgd", "rmsprop", "adam", "adamw", "adadelta"};
-    for (int k = 0; k < 5; k++) {
+    for (int k = 0; k < 5; k++)
         assert_int_equal(optim_kind_from_name(names[k]), k);
-        assert_string_equal(optim_kind_name((enum optim_kind)k), names[k]);
-    }
     assert_int_equal(optim_kind_from_name("Adam"), -1);
     assert_int_equal(optim_kind_from_name(""), -1);
 

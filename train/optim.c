@@ -62,11 +62,6 @@ int optim_kind_from_name(const char *name)
     return -1;
 }
 
-const char *optim_kind_name(enum optim_kind kind)
-{
-    return (int)kind >= 0 && (int)kind < N_KINDS ? kind_names[kind] : "unknown";
-}
-
 /* The double that the shortest decimal reading back as f stands for: 0.999
  * for 0.999f, which is 0.99900001287....  Options are written as decimals
  * and PyTorch keeps them as doubles; computed from the float, 1 - beta2

@@ -39,9 +39,8 @@ struct optim_config {
 
 /* PyTorch's defaults for kind (lr included). */
 void optim_defaults(struct optim_config *c, enum optim_kind kind);
-/* Name <-> kind ("sgd", "rmsprop", "adam", "adamw", "adadelta"); -1 if unknown. */
+/* The kind named name ("sgd", "rmsprop", "adam", "adamw", "adadelta"); -1 if unknown. */
 int optim_kind_from_name(const char *name);
-const char *optim_kind_name(enum optim_kind kind);
 
 /* The learning rate at step (0-based) under the schedule. */
 float optim_lr(const struct optim_config *c, long step);
