@@ -218,13 +218,13 @@ test-asan: $(BUILD)/asan/rrnserve $(call test_bins,$(BUILD)/asan)
 
 # ThreadSanitizer, on the build without CUDA (whose runtime it could not
 # see into): the tests that run the batcher's and the server's threads and
-# the CPU backend's worker pool (test_engine, test_gemm), then a 30 s
+# the CPU backend's worker pool (test_engine, test_gemm, test_pool), then a 30 s
 # soak, whose load and churn (reloads under load, /metrics scraped,
 # clients leaving streams) cross those threads as the tests, one request
 # at a time, do not.  halt_on_error: a server stops at its first
 # report, which fails the test or the soak that started it.
 TSAN_BUILD := build/cpu/tsan
-TSAN_TESTS := test_batcher test_server test_faults test_replicas test_engine test_gemm
+TSAN_TESTS := test_batcher test_server test_faults test_replicas test_engine test_gemm test_pool
 TSAN_BINS  := $(TSAN_BUILD)/rrnserve $(TSAN_TESTS:%=$(TSAN_BUILD)/tests/%) build/cpu/bench/loadgen
 test-tsan:
 	@$(MAKE) --no-print-directory CUDA=0 $(TSAN_BINS)
