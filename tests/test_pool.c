@@ -6,9 +6,10 @@
  * write the same bits, would give too.  So this checks the contract
  * itself: each task runs once and no other; a worker number is below
  * pool_threads() and never held by two running tasks (callers index
- * per-worker scratch with it); tasks do run on two threads at once; a
- * caller that finds the pool taken runs its tasks itself, in order; the
- * limit of pool_set_threads holds; RRN_THREADS is read as pool.h says.
+ * per-worker scratch with it); tasks do run on two threads at once, and
+ * an idle pool sleeps rather than spins; a caller that finds the pool
+ * taken runs its tasks itself, in order; the limit of pool_set_threads
+ * holds; RRN_THREADS is read as pool.h says.
  * `make test-tsan` runs it under ThreadSanitizer too.
  */
 #include <setjmp.h>
@@ -124,13 +125,37 @@ static void meet_task(void *ctx, int task, int worker)
 static void test_tasks_run_on_two_threads(void **state)
 {
     (void)state;
-    for (int round = 0; round < 20; round++) {
-        struct meeting m = {0};
-        pool_run(2, meet_task, &m);
-        if (atomic_load(&m.waited_out))
-            fail_msg("round %d: the two tasks did not run at once (pool of %d)", round, pool_threads());
-        assert_int_not_equal(m.worker[0], m.worker[1]);
+    static const int threads[] = {0, 2};
+    for (size_t k = 0; k < sizeof threads / sizeof threads[0]; k++) {
+        pool_set_threads(threads[k]);
+        for (int round = 0; round < 20; round++) {
+            struct meeting m = {0};
+            pool_run(2, meet_task, &m);
+            if (atomic_load(&m.waited_out))
+                fail_msg("round %d: the two tasks did not run at once (%d threads)", round, pool_threads());
+            assert_int_not_equal(m.worker[0], m.worker[1]);
+        }
     }
+    pool_set_threads(0);
+}
+
+/* Between calls the workers spin for SPIN_NS (0.2 ms), then sleep: a
+ * server with nothing to do must not keep cores busy.  Measured as the
+ * CPU time the whole process takes over 200 ms in which this thread
+ * sleeps: nothing, give or take, where 3 spinning workers would take
+ * most of it on each core they get. */
+static void test_idle_pool_sleeps(void **state)
+{
+    (void)state;
+    check_each_task_once(100);
+    struct timespec pause = {0, 20 * 1000 * 1000}, measured = {0, 200 * 1000 * 1000}, t0, t1;
+    nanosleep(&pause, NULL);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t0);
+    nanosleep(&measured, NULL);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t1);
+    double used = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    if (used > 0.05)
+        fail_msg("an idle pool took %.0f ms of CPU in 200 ms", used * 1e3);
 }
 
 /* A task that runs a pool_run of its own while its caller holds the pool:
@@ -262,6 +287,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_task_runs_once),
         cmocka_unit_test(test_tasks_run_on_two_threads),
+        cmocka_unit_test(test_idle_pool_sleeps),
         cmocka_unit_test(test_taken_pool_runs_tasks_in_place),
         cmocka_unit_test(test_one_thread_runs_in_order),
         cmocka_unit_test(test_set_threads_clamps),
