@@ -20,6 +20,7 @@
 #include "batcher.h"
 #include "handler.h"
 #include "registry.h"
+#include "support/filter.h"
 
 /* Every batcher's cut_off (batcher_options), down until a test raises it. */
 static atomic_int cut_off;
@@ -829,6 +830,7 @@ static void test_submit_during_stop_is_refused(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_generation_is_independent_of_company, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_classify_batched_equals_alone, setup_cls, teardown),

@@ -22,6 +22,7 @@
 #include "model.h"
 #include "support/buf.h"
 #include "support/cuda.h"
+#include "support/filter.h"
 #include "support/fixtures.h"
 #include "support/model_json.h"
 #include "support/proc.h"
@@ -402,6 +403,7 @@ static void test_generate_stream(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_version),      cmocka_unit_test(test_run_classify_text),
         cmocka_unit_test(test_run_regress_text),

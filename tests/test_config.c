@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "config.h"
+#include "support/filter.h"
 
 #define TOK "\"tokenizer\":{\"type\":\"byte\"}"
 #define CLS "\"classes\":[\"a\",\"b\"]"
@@ -364,6 +365,7 @@ static void test_errors(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_null_options_are_defaults),

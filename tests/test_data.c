@@ -21,6 +21,7 @@
 #include "data.h"
 
 #include "support/files.h"
+#include "support/filter.h"
 
 static char tmpdir[64];
 static struct tokenizer byte_tk;
@@ -595,6 +596,7 @@ static void test_synth_remember(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_corpus_folder_in_name_order),
         cmocka_unit_test(test_corpus_errors),

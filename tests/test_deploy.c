@@ -49,6 +49,7 @@
 
 #include "support/cuda.h"
 #include "support/files.h"
+#include "support/filter.h"
 #include "support/http.h"
 #include "support/proc.h"
 #include "support/server.h"
@@ -660,6 +661,7 @@ static void test_prometheus_rules(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_notify_send),
         cmocka_unit_test(test_server_notifies),

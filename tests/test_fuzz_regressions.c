@@ -13,6 +13,7 @@
 
 #include "config.h"
 #include "tokenizer.h"
+#include "support/filter.h"
 
 /* fuzz_tokenizer, fuzz/corpus/tokenizer/crash_nul_in_char_vocab.bin: "A"
  * and 59 NUL bytes.  tokenizer_char_vocab listed U+0000 as a token, whose
@@ -49,6 +50,7 @@ static void test_char_vocab_of_nul_bytes(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_char_vocab_of_nul_bytes),
     };

@@ -25,6 +25,7 @@
 #include "safetensors.h"
 
 #include "support/files.h"
+#include "support/filter.h"
 
 static void make_model(const char *json, struct model *m)
 {
@@ -562,6 +563,7 @@ static void test_truncated(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout_everything),
         cmocka_unit_test(test_layout_plain_and_matching_residual),

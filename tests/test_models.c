@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "support/files.h"
+#include "support/filter.h"
 #include "support/proc.h"
 
 #define DATA "tests/fixtures/data/"
@@ -114,6 +115,7 @@ static void test_austen_openings(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sentiment_accuracy),
         cmocka_unit_test(test_austen_openings),

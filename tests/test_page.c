@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "support/files.h"
+#include "support/filter.h"
 #include "support/http.h"
 #include "support/proc.h"
 #include "support/server.h"
@@ -310,6 +311,7 @@ static void test_browser_draws_heatmap(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_page_served, setup_server, teardown_server),
         cmocka_unit_test_setup_teardown(test_page_needs_no_key, setup_keyed_server, teardown_server),

@@ -44,6 +44,7 @@
 
 #include "support/buf.h"
 #include "support/files.h"
+#include "support/filter.h"
 #include "support/http.h"
 #include "support/timing.h"
 
@@ -703,6 +704,7 @@ static void test_gpus_round_robin(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_proxy_equals_direct),
         cmocka_unit_test(test_stream_through_proxy),

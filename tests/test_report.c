@@ -17,6 +17,7 @@
 #include "report.h"
 
 #include "support/files.h"
+#include "support/filter.h"
 
 /* What the tests write: the folder is removed with these alone, so a
  * stray file (a temporary one left behind) fails the teardown. */
@@ -287,6 +288,7 @@ static void test_write_error(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_curve_add),
         cmocka_unit_test(test_csv),

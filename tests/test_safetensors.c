@@ -24,6 +24,7 @@
 #include "safetensors.h"
 
 #include "support/files.h"
+#include "support/filter.h"
 
 /* SHA-256 of the little-endian float32 bytes of 1.0, -2.0, 0.5. */
 #define SHA_1_M2_HALF "2ce4bdb6b34a50ac7092eb9fee94337a27498e9eb9bae44192f15b88831b2422"
@@ -497,6 +498,7 @@ static void test_corruptions(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_read),
         cmocka_unit_test(test_write_empty),

@@ -14,6 +14,7 @@
 #include <math.h>
 
 #include "sampler.h"
+#include "support/filter.h"
 
 static void test_xoshiro_reference_outputs(void **state)
 {
@@ -170,6 +171,7 @@ static void test_token_logprobs_are_the_log_softmax(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_xoshiro_reference_outputs),
         cmocka_unit_test(test_greedy_and_top_k_one),

@@ -44,6 +44,7 @@
 #include "support/buf.h"
 #include "support/cuda.h"
 #include "support/files.h"
+#include "support/filter.h"
 #include "support/fixtures.h"
 #include "support/http.h"
 #include "support/model_json.h"
@@ -2651,6 +2652,7 @@ static void test_bad_command_lines(void **state)
         const char *mention;
     } cases[] = {
         {"--port abc", 2, "--port"},
+        {"--port 80x", 2, "--port must be an integer from 0 to 65535, not '80x'"},
         {"--port 70000", 2, "--port"},
         {"--max-batch 0", 2, "--max-batch"},
         {"--device tpu", 2, "--device"},
@@ -2707,6 +2709,7 @@ static void test_bad_command_lines(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     /* One group (tests/run_tests.sh reads one summary per binary): the
      * group's server serves the tests without their own setup; the others
      * start, and kill, a server of their own. */

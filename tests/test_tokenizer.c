@@ -12,6 +12,7 @@
 #include <cmocka.h>
 
 #include "tokenizer.h"
+#include "support/filter.h"
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -502,6 +503,7 @@ static void test_large_vocab(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_byte_ids),
         cmocka_unit_test(test_byte_inverse),

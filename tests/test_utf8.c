@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "handler.h"
+#include "support/filter.h"
 
 static void take_expect(struct utf8_stream *u, int final, const char *want)
 {
@@ -90,6 +91,7 @@ static void test_length_counts_the_clean_text(void **state)
 
 int main(void)
 {
+    test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pieces_come_out_whole),
         cmocka_unit_test(test_any_split_equals_the_whole),
