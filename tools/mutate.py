@@ -18,6 +18,11 @@ then the counts.  Examples:
     tools/mutate.py engine/safetensors.c test_safetensors,test_model_load --sample 40
     tools/mutate.py server/generate.c test_server --lines 65,75
     tools/mutate.py engine/cuda_fused.cu test_fixtures,test_engine --emu
+    tools/mutate.py server/request_id.c test_server --filter test_request_ids
+
+--filter runs only the tests a cmocka pattern matches (every test binary
+reads RRN_TEST_FILTER): a file that only some tests of a long binary such
+as test_server reach is judged in seconds a mutant rather than minutes.
 
 --emu builds on the CUDA emulator (tests/cuda_emu, with ASan and UBSan, as
 `make test-cuda-emu`) and runs only the tests' CUDA variants: the way to
@@ -31,6 +36,7 @@ import argparse
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -82,6 +88,8 @@ def main():
     ap.add_argument("--sample", type=int, help="only this many mutants, drawn with a fixed seed")
     ap.add_argument("--timeout", type=int, default=120, help="seconds a test binary may run (default 120)")
     ap.add_argument("--emu", action="store_true", help="the CUDA variants of the tests, on the emulator")
+    ap.add_argument("--filter", help="only the tests this cmocka pattern matches (RRN_TEST_FILTER; with --emu "
+                    "in place of '*cuda*')")
     a = ap.parse_args()
     # A kill (SIGTERM) unwinds as an exit does, so the worktree goes too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutate.py: terminated"))
@@ -102,14 +110,26 @@ def main():
         if a.sample and a.sample < len(todo):
             random.Random(1).shuffle(todo)
             todo = sorted(todo[:a.sample])
-        out, flags, env = "build/cpu", "CUDA=0", ""
+        out, flags, env, pattern = "build/cpu", "CUDA=0", "", a.filter
         if a.emu:
             out, flags = "build/emu", ""
-            env = "ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 RRN_TEST_FILTER='*cuda*' "
+            env, pattern = "ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 ", a.filter or "*cuda*"
+        if pattern:
+            env += "RRN_TEST_FILTER=%s " % shlex.quote(pattern)
         build = "make -j%d %s %s/rrnserve %s" % (os.cpu_count() or 1, flags, out,
                                                  " ".join("%s/tests/%s" % (out, t) for t in tests))
         if run(build, tree, 1800) != 0:
             sys.exit("mutate.py: HEAD does not build: %s" % build)
+        def cmd_of(t):
+            return "%sRRN_BIN=%s/rrnserve %s/tests/%s" % (env, out, out, t)
+
+        # HEAD must pass, and run some test: a filter that matches nothing
+        # would have every mutant survive.
+        for t in tests:
+            p = subprocess.run(cmd_of(t), shell=True, cwd=tree, capture_output=True, text=True, timeout=a.timeout)
+            if p.returncode != 0 or re.search(r"^\[=+\] 0 test\(s\) run", p.stdout, re.M):
+                sys.exit("mutate.py: at HEAD %s %s:\n%s" % (t, "fails" if p.returncode else "runs no test",
+                                                          p.stdout[-2000:]))
         print("%s: %d mutants, tests %s" % (a.file, len(todo), ", ".join(tests)), flush=True)
         counts = {}
         for i, col, old, new in todo:
@@ -118,7 +138,7 @@ def main():
             open(path, "w").write("\n".join(mutated))
             verdict = "nobuild" if run(build, tree, 600) != 0 else "survived"
             for t in tests if verdict == "survived" else []:
-                rc = run("%sRRN_BIN=%s/rrnserve %s/tests/%s" % (env, out, out, t), tree, a.timeout)
+                rc = run(cmd_of(t), tree, a.timeout)
                 if rc is None:
                     verdict = "timeout in " + t
                 elif rc != 0:
