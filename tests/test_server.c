@@ -1660,6 +1660,8 @@ static void test_request_ids(void **state)
     assert_string_equal(id, "Root=1-67891233-abcdef");
     request_id_of(s, "GET", "/nope", "X-Request-Id: lost-1\r\n", NULL, 404, id);
     assert_string_equal(id, "lost-1");
+    request_id_of(s, "GET", "/models", "X-Request-Id: !visible~\r\n", NULL, 200, id); /* ASCII's ends */
+    assert_string_equal(id, "!visible~");
     memset(id, 'x', REQUEST_ID_MAX);
     id[REQUEST_ID_MAX] = 0;
     snprintf(headers, sizeof headers, "X-Request-Id: %s\r\n", id);
@@ -1675,7 +1677,7 @@ static void test_request_ids(void **state)
     /* Made here in place of ids that could break a log line or a header. */
     static const char *const implausible[] = {
         "X-Request-Id: two words\r\n", "X-Request-Id: \"quoted\"\r\n", "X-Request-Id: back\\slash\r\n",
-        "X-Request-Id: caf\xc3\xa9\r\n", "X-Request-Id:\r\n", NULL,
+        "X-Request-Id: caf\xc3\xa9\r\n", "X-Request-Id: del\x7f\r\n", "X-Request-Id:\r\n", NULL,
     };
     for (int i = 0; implausible[i]; i++) {
         request_id_of(s, "GET", "/models", implausible[i], NULL, 200, id);
