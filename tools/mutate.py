@@ -10,9 +10,11 @@ It works in a git worktree of HEAD of its own (under /tmp), so what is
 uncommitted here is neither tested nor touched; a test that runs past
 --timeout is killed with everything it started.  Prints one line a mutant:
 
-    LINE: OLD->NEW killed by TEST | survived | timeout in TEST | nobuild  | the line
+    LINE: OLD->NEW killed by TEST | survived | timeout in TEST | nobuild | same-code  | the line
 
-then the counts.  Examples:
+then the counts.  same-code: the mutant compiled to the very object file
+HEAD's does (a line under an #ifdef this build leaves out, or a change
+the compiler proves makes no difference), so no test is run for it.  Examples:
 
     tools/mutate.py server/auth.c test_server
     tools/mutate.py engine/safetensors.c test_safetensors,test_model_load --sample 40
@@ -120,6 +122,10 @@ def main():
                                                  " ".join("%s/tests/%s" % (out, t) for t in tests))
         if run(build, tree, 1800) != 0:
             sys.exit("mutate.py: HEAD does not build: %s" % build)
+        obj = os.path.join(tree, out, re.sub(r"\.(c|cu)$", lambda m: ".o" if m.group(1) == "c" else ".cu.o", a.file))
+        if not os.path.exists(obj):
+            sys.exit("mutate.py: this build makes no %s (a .cu file wants --emu)" % os.path.relpath(obj, tree))
+        head_obj = open(obj, "rb").read()
         def cmd_of(t):
             return "%sRRN_BIN=%s/rrnserve %s/tests/%s" % (env, out, out, t)
 
@@ -137,6 +143,8 @@ def main():
             mutated[i] = lines[i][:col] + new + lines[i][col + len(old):]
             open(path, "w").write("\n".join(mutated))
             verdict = "nobuild" if run(build, tree, 600) != 0 else "survived"
+            if verdict == "survived" and open(obj, "rb").read() == head_obj:
+                verdict = "same-code"
             for t in tests if verdict == "survived" else []:
                 rc = run(cmd_of(t), tree, a.timeout)
                 if rc is None:
