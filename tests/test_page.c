@@ -3,9 +3,11 @@
  * folder holding one RRA fixture.  The page is served (also without a key
  * when keys are required), and headless Chromium, given the page's URL
  * with ?model=&text=, really draws the heatmap: the rendered DOM holds a
- * cell per weight and the token labels, and its screenshot holds cells of
- * several shades of the heatmap's blue.  Without Chromium the browser test
- * is skipped.
+ * cell per weight, the token labels, the columns and tooltips of positions
+ * before the text, and its screenshot holds cells of several shades of the
+ * heatmap's blue.  A text past the page's 400 rows is drawn cut, and says
+ * so; a server that wants a key gets the page asking for one.  Without
+ * Chromium the browser tests are skipped.
  *
  * Every wait is bounded and every child is killed, also when a test fails
  * (PR_SET_PDEATHSIG covers this process dying).
@@ -46,6 +48,9 @@
 #define MIN_BLUE_PIXELS 10000
 #define MIN_SHADE_PIXELS 200
 #define MIN_SHADES 4
+/* How a heatmap cell's tooltip says its weight is on a position before the
+ * text (the page's script holds the words too, without the comma). */
+#define ZERO_STATE_TIP "(the zero state before the text),"
 
 /* Runs argv (looked up in PATH) in a process group of its own, stdout to
  * out_path (or /dev/null), stderr to /dev/null.  Its wait status, or -1
@@ -237,7 +242,18 @@ static void check_dom(const char *dom)
         if (count_in(dom, labels[i]) < 4)
             fail_msg("the label %s is drawn %d times, not at least 4; the page says: %s", labels[i],
                      count_in(dom, labels[i]), said);
-    assert_non_null(strstr(dom, "dynamic attention over a window of 3"));
+    /* The status line, whole (no cut: 10 steps are far from MAX_ROWS). */
+    if (!strstr(dom, MODEL ": 10 tokens, dynamic attention over a window of 3<"))
+        fail_msg("the page says: %s", said);
+    /* Step t attends to positions t-2, t-3 and t-4, so steps 0-3 look back
+     * past the text's start, at positions -4..-1: a column each, labelled
+     * as the zero state, and 3 + 3 + 2 + 1 weights on them, in each of the
+     * 2 layers. */
+    if (count_in(dom, ">\u2205</text>") != 4 * 2 || count_in(dom, "class=\"outside\"") != 4 * 2)
+        fail_msg("%d columns labelled \u2205 and %d of class outside, not 8", count_in(dom, ">\u2205</text>"),
+                 count_in(dom, "class=\"outside\""));
+    if (count_in(dom, ZERO_STATE_TIP) != 9 * 2)
+        fail_msg("%d weights said to be on the zero state, not 18", count_in(dom, ZERO_STATE_TIP));
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -284,29 +300,85 @@ static void check_png(const char *path)
                  "(want %d)", img.width, img.height, n, MIN_BLUE_PIXELS, shades, MIN_SHADE_PIXELS, MIN_SHADES);
 }
 
-static void test_browser_draws_heatmap(void **state)
+/* Chromium's path into browser, or the test skipped without it. */
+static void need_browser(char *browser, size_t cap)
 {
-    struct server *s = *state;
-    char browser[512];
-    if (!find_browser(browser, sizeof browser)) {
+    if (!find_browser(browser, cap)) {
         print_message("chromium is not installed (tools/install-deps.sh installs it)\n");
         skip();
     }
-    char url[128], dom[96], png[96], shot[112], profile[96];
+}
+
+/* The DOM of the page at path (with its query) of server s once its
+ * scripts ran, to be freed; name keeps the run's files apart. */
+static char *dom_of(const char *browser, const struct server *s, const char *path, const char *name)
+{
+    char url[1024], dom[128], profile[128];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", s->port, path);
+    snprintf(dom, sizeof dom, "%s/%s.html", scratch_dir, name);
+    snprintf(profile, sizeof profile, "%s/profile-%s", scratch_dir, name);
+    browse(browser, url, "--dump-dom", dom, profile);
+    return file_must_read(dom, NULL);
+}
+
+static void test_browser_draws_heatmap(void **state)
+{
+    struct server *s = *state;
+    char browser[512], url[128], png[96], shot[112], profile[96];
+    need_browser(browser, sizeof browser);
+    char *dom = dom_of(browser, s, PAGE_URL, "dom");
+    check_dom(dom);
+    free(dom);
+
     snprintf(url, sizeof url, "http://127.0.0.1:%d%s", s->port, PAGE_URL);
-    snprintf(dom, sizeof dom, "%s/dom.html", scratch_dir);
     snprintf(png, sizeof png, "%s/page.png", scratch_dir);
     snprintf(shot, sizeof shot, "--screenshot=%s", png);
-
-    snprintf(profile, sizeof profile, "%s/profile-dom", scratch_dir);
-    browse(browser, url, "--dump-dom", dom, profile);
-    char *text = file_must_read(dom, NULL);
-    check_dom(text);
-    free(text);
-
     snprintf(profile, sizeof profile, "%s/profile-png", scratch_dir);
     browse(browser, url, shot, NULL, profile);
     check_png(png);
+}
+
+/* A text of more than the page's MAX_ROWS (400) steps: its first 400 are
+ * drawn, and the status says so; one of 400 is drawn whole. */
+static void test_browser_cuts_long_texts(void **state)
+{
+    struct server *s = *state;
+    char browser[512], path[600];
+    need_browser(browser, sizeof browser);
+    for (int len = 400; len <= 401; len++) {
+        int n = snprintf(path, sizeof path, "/?model=" MODEL "&text=");
+        for (int i = 0; i < len; i++)
+            path[n++] = "ab"[i % 2];
+        path[n] = 0;
+        char *dom = dom_of(browser, s, path, len == 400 ? "long" : "longer");
+        char want[128];
+        snprintf(want, sizeof want, MODEL ": %d tokens, dynamic attention over a window of 3%s<", len,
+                 len > 400 ? " (the first 400 steps drawn)" : "");
+        if (!strstr(dom, want))
+            fail_msg("%d tokens: no status \"%s\"", len, want);
+        if (count_in(dom, "class=\"cell\"") != 400 * 3 * 2)
+            fail_msg("%d tokens: %d heatmap cells drawn, not %d", len, count_in(dom, "class=\"cell\""), 400 * 3 * 2);
+        free(dom);
+    }
+}
+
+/* Opened on a server that wants a key, without one: the page says it
+ * cannot list the models, why, and to enter a key, and shows the box. */
+static void test_browser_asks_for_a_key(void **state)
+{
+    struct server *s = *state;
+    char browser[512];
+    need_browser(browser, sizeof browser);
+    char *dom = dom_of(browser, s, PAGE_URL, "keyed");
+    const char *said = strstr(dom, "Cannot list the models: /models answered 401: ");
+    const char *box = strstr(dom, "id=\"keybox\"");
+    if (!said || !strstr(said, "(enter an API key above)</div>"))
+        fail_msg("no request for a key in the page:\n%s", dom);
+    assert_non_null(box);
+    const char *hidden = strstr(box, "hidden");
+    if (hidden && hidden < strchr(box, '>'))
+        fail_msg("the key's box is still hidden: %.80s", box);
+    free(dom);
 }
 
 int main(void)
@@ -316,6 +388,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_page_served, setup_server, teardown_server),
         cmocka_unit_test_setup_teardown(test_page_needs_no_key, setup_keyed_server, teardown_server),
         cmocka_unit_test_setup_teardown(test_browser_draws_heatmap, setup_server, teardown_server),
+        cmocka_unit_test_setup_teardown(test_browser_cuts_long_texts, setup_server, teardown_server),
+        cmocka_unit_test_setup_teardown(test_browser_asks_for_a_key, setup_keyed_server, teardown_server),
     };
     return cmocka_run_group_tests_name("page", tests, NULL, NULL);
 }
