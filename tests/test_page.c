@@ -36,6 +36,8 @@
 #include "support/server.h"
 
 #define MODEL "rra_dynamic_w3_l2_lm"
+/* The same attention, read both ways: its backward direction looks ahead. */
+#define BI_MODEL "rra_dynamic_w3_l2_bi"
 #define TITLE "<title>rrnserve: attention heatmap</title>"
 #define PAGE_URL "/?model=" MODEL "&text=a%20nice%20day"
 #define KEY "page-test-key"
@@ -51,6 +53,7 @@
 /* How a heatmap cell's tooltip says its weight is on a position before the
  * text (the page's script holds the words too, without the comma). */
 #define ZERO_STATE_TIP "(the zero state before the text),"
+#define ZERO_STATE_AFTER_TIP "(the zero state after the text),"
 
 /* Runs argv (looked up in PATH) in a process group of its own, stdout to
  * out_path (or /dev/null), stderr to /dev/null.  Its wait status, or -1
@@ -101,7 +104,7 @@ static int write_keys(const char *path, const char *key)
  * not NULL; the test's own files go to scratch_dir, removed with it. */
 static struct server *start(void **state, const char *key)
 {
-    static const char *const models[] = {MODEL, NULL};
+    static const char *const models[] = {MODEL, BI_MODEL, NULL};
     char keys[512];
     /* Without a key the list ends before --api-keys. */
     const char *args[] = {"--device", "cpu", key ? "--api-keys" : NULL, keys, NULL};
@@ -338,6 +341,32 @@ static void test_browser_draws_heatmap(void **state)
     check_png(png);
 }
 
+/* A bidirectional model: 4 heatmaps (2 layers, 2 directions), the
+ * backward ones looking ahead at positions t+2..t+4, so past the text's
+ * end at steps 6-9 (1 + 2 + 3 + 3 weights, on 4 columns), as the forward
+ * ones look before its start at steps 0-3. */
+static void test_browser_draws_both_directions(void **state)
+{
+    struct server *s = *state;
+    char browser[512];
+    need_browser(browser, sizeof browser);
+    char *dom = dom_of(browser, s, "/?model=" BI_MODEL "&text=a%20nice%20day", "bi");
+    if (count_in(dom, "class=\"cell\"") != 10 * 3 * 4)
+        fail_msg("%d heatmap cells drawn, not %d", count_in(dom, "class=\"cell\""), 10 * 3 * 4);
+    if (count_in(dom, ">layer 1 \u00b7 backward</h2>") != 1 || count_in(dom, ">layer 0 \u00b7 forward</h2>") != 1)
+        fail_msg("not the 4 heatmaps' titles");
+    if (count_in(dom, ">\u2205</text>") != 4 * 4 || count_in(dom, "class=\"outside\"") != 4 * 4)
+        fail_msg("%d columns labelled \u2205 and %d of class outside, not 16", count_in(dom, ">\u2205</text>"),
+                 count_in(dom, "class=\"outside\""));
+    if (count_in(dom, ZERO_STATE_TIP) != 9 * 2 || count_in(dom, ZERO_STATE_AFTER_TIP) != 9 * 2)
+        fail_msg("%d weights on the zero state before the text and %d after, not 18 and 18",
+                 count_in(dom, ZERO_STATE_TIP), count_in(dom, ZERO_STATE_AFTER_TIP));
+    if (count_in(dom, "steps ahead") != 10 * 3 * 2 || count_in(dom, "steps back") != 10 * 3 * 2)
+        fail_msg("%d weights said to look ahead and %d back, not 60 and 60", count_in(dom, "steps ahead"),
+                 count_in(dom, "steps back"));
+    free(dom);
+}
+
 /* A text of more than the page's MAX_ROWS (400) steps: its first 400 are
  * drawn, and the status says so; one of 400 is drawn whole. */
 static void test_browser_cuts_long_texts(void **state)
@@ -388,6 +417,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_page_served, setup_server, teardown_server),
         cmocka_unit_test_setup_teardown(test_page_needs_no_key, setup_keyed_server, teardown_server),
         cmocka_unit_test_setup_teardown(test_browser_draws_heatmap, setup_server, teardown_server),
+        cmocka_unit_test_setup_teardown(test_browser_draws_both_directions, setup_server, teardown_server),
         cmocka_unit_test_setup_teardown(test_browser_cuts_long_texts, setup_server, teardown_server),
         cmocka_unit_test_setup_teardown(test_browser_asks_for_a_key, setup_keyed_server, teardown_server),
     };
