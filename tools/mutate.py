@@ -21,10 +21,13 @@ the compiler proves makes no difference), so no test is run for it.  Examples:
     tools/mutate.py server/generate.c test_server --lines 65,75
     tools/mutate.py engine/cuda_fused.cu test_fixtures,test_engine --emu
     tools/mutate.py server/request_id.c test_server --filter test_request_ids
+    tools/mutate.py server/serve.c test_server --filter 'test_sig*,test_bad_command_lines'
 
---filter runs only the tests a cmocka pattern matches (every test binary
-reads RRN_TEST_FILTER): a file that only some tests of a long binary such
-as test_server reach is judged in seconds a mutant rather than minutes.
+--filter runs only the tests cmocka patterns match (every test binary
+reads RRN_TEST_FILTER; several patterns, comma-separated, are a run of
+each binary for each pattern that matches some test of it): a file that
+only some tests of a long binary such as test_server reach is judged in
+seconds a mutant, not minutes.
 
 --emu builds on the CUDA emulator (tests/cuda_emu, with ASan and UBSan, as
 `make test-cuda-emu`) and runs only the tests' CUDA variants: the way to
@@ -90,8 +93,8 @@ def main():
     ap.add_argument("--sample", type=int, help="only this many mutants, drawn with a fixed seed")
     ap.add_argument("--timeout", type=int, default=120, help="seconds a test binary may run (default 120)")
     ap.add_argument("--emu", action="store_true", help="the CUDA variants of the tests, on the emulator")
-    ap.add_argument("--filter", help="only the tests this cmocka pattern matches (RRN_TEST_FILTER; with --emu "
-                    "in place of '*cuda*')")
+    ap.add_argument("--filter", help="only the tests these cmocka patterns match, comma-separated "
+                    "(RRN_TEST_FILTER; with --emu in place of '*cuda*')")
     a = ap.parse_args()
     # A kill (SIGTERM) unwinds as an exit does, so the worktree goes too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutate.py: terminated"))
@@ -112,12 +115,12 @@ def main():
         if a.sample and a.sample < len(todo):
             random.Random(1).shuffle(todo)
             todo = sorted(todo[:a.sample])
-        out, flags, env, pattern = "build/cpu", "CUDA=0", "", a.filter
+        out, flags, env, patterns = "build/cpu", "CUDA=0", "", a.filter
         if a.emu:
             out, flags = "build/emu", ""
-            env, pattern = "ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 ", a.filter or "*cuda*"
-        if pattern:
-            env += "RRN_TEST_FILTER=%s " % shlex.quote(pattern)
+            env, patterns = "ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 ", a.filter or "*cuda*"
+        # The runs: each test binary, once a pattern.
+        runs = [(t, p) for t in tests for p in (patterns.split(",") if patterns else [None])]
         build = "make -j%d %s %s/rrnserve %s" % (os.cpu_count() or 1, flags, out,
                                                  " ".join("%s/tests/%s" % (out, t) for t in tests))
         if run(build, tree, 1800) != 0:
@@ -126,16 +129,26 @@ def main():
         if not os.path.exists(obj):
             sys.exit("mutate.py: this build makes no %s (a .cu file wants --emu)" % os.path.relpath(obj, tree))
         head_obj = open(obj, "rb").read()
-        def cmd_of(t):
-            return "%sRRN_BIN=%s/rrnserve %s/tests/%s" % (env, out, out, t)
 
-        # HEAD must pass, and run some test: a filter that matches nothing
-        # would have every mutant survive.
-        for t in tests:
-            p = subprocess.run(cmd_of(t), shell=True, cwd=tree, capture_output=True, text=True, timeout=a.timeout)
-            if p.returncode != 0 or re.search(r"^\[=+\] 0 test\(s\) run", p.stdout, re.M):
-                sys.exit("mutate.py: at HEAD %s %s:\n%s" % (t, "fails" if p.returncode else "runs no test",
-                                                          p.stdout[-2000:]))
+        def cmd_of(t, pattern):
+            where = "RRN_TEST_FILTER=%s " % shlex.quote(pattern) if pattern else ""
+            return "%s%sRRN_BIN=%s/rrnserve %s/tests/%s" % (env, where, out, out, t)
+
+        # HEAD must pass.  A pattern that matches no test of a binary is
+        # dropped for it; a binary left with none would have every mutant
+        # survive, so that stops the run.
+        kept = []
+        for t, pattern in runs:
+            p = subprocess.run(cmd_of(t, pattern), shell=True, cwd=tree, capture_output=True, text=True,
+                               timeout=a.timeout)
+            if p.returncode != 0:
+                sys.exit("mutate.py: at HEAD %s %s fails:\n%s" % (t, pattern or "", p.stdout[-2000:]))
+            if not re.search(r"^\[=+\] 0 test\(s\) run", p.stdout, re.M):
+                kept.append((t, pattern))
+        idle = [t for t in tests if t not in {k[0] for k in kept}]
+        if idle:
+            sys.exit("mutate.py: no test of %s matches %s" % (", ".join(idle), patterns))
+        runs = kept
         print("%s: %d mutants, tests %s" % (a.file, len(todo), ", ".join(tests)), flush=True)
         counts = {}
         for i, col, old, new in todo:
@@ -145,12 +158,13 @@ def main():
             verdict = "nobuild" if run(build, tree, 600) != 0 else "survived"
             if verdict == "survived" and open(obj, "rb").read() == head_obj:
                 verdict = "same-code"
-            for t in tests if verdict == "survived" else []:
-                rc = run(cmd_of(t), tree, a.timeout)
+            for t, pattern in runs if verdict == "survived" else []:
+                rc = run(cmd_of(t, pattern), tree, a.timeout)
+                name = t + (" " + pattern if a.filter else "")
                 if rc is None:
-                    verdict = "timeout in " + t
+                    verdict = "timeout in " + name
                 elif rc != 0:
-                    verdict = "killed by " + t
+                    verdict = "killed by " + name
                 if verdict != "survived":
                     break
             kind = verdict.split(" ")[0]
