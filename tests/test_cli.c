@@ -22,6 +22,7 @@
 #include "model.h"
 #include "support/buf.h"
 #include "support/cuda.h"
+#include "support/files.h"
 #include "support/filter.h"
 #include "support/fixtures.h"
 #include "support/model_json.h"
@@ -175,15 +176,60 @@ static void test_run_lm_file_and_jsonl(void **state)
     cJSON_Delete(fx);
 }
 
+/* Fails unless out holds each of the pieces of text in says. */
+static void expect_pieces(const char *what, const char *out, const char *const *says, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!strstr(out, says[i]))
+            fail_msg("%s: no \"%s\" in\n%s", what, says[i], out);
+}
+
+/* `info`: the file's metadata (its config and checksum aside), the config
+ * as read, the parameters, each tensor's line and the checksum checked;
+ * a copy whose data changed is a mismatch, and one whose config does not
+ * parse shows it as invalid, each with exit 1 (the model does not load). */
 static void test_info(void **state)
 {
     (void)state;
-    char *out;
+    static const char *const whole[] = {
+        "file: " FIX "rra_static_w3_l2_bi.safetensors\nformat: rrnserve\nformat_version: 1\nconfig: {\n",
+        "\"attention\":\t{\n\t\t\"window\":\t3,\n\t\t\"mode\":\t\"static\"\n\t},",
+        "}\nparameters: 2847\ntensors: 23 (11388 bytes of data)\n",
+        "\n  head.weight                      F32    [3, 16]           192\n",
+        "\n  rnn.attention_logits_l1_reverse  F32    [3]               12\n",
+        "\ndata_sha256: ok ",
+    };
+    char *out, dir[] = "/tmp/rrn_cli_XXXXXX", path[64];
     assert_int_equal(proc_rrnserve(&out, NULL, "info " FIX "rra_static_w3_l2_bi.safetensors"), 0);
-    assert_non_null(strstr(out, "data_sha256: ok"));
-    assert_non_null(strstr(out, "rnn.attention_logits_l1_reverse"));
-    assert_non_null(strstr(out, "\"static\""));
+    expect_pieces("info", out, whole, sizeof whole / sizeof whole[0]);
     free(out);
+
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/m.safetensors", dir);
+    size_t len;
+    char *file = file_must_read(FIX "rra_static_w3_l2_bi.safetensors", &len);
+    file[len - 1] ^= 1; /* the last byte of the last tensor's data */
+    file_write(path, file, len);
+    file[len - 1] ^= 1;
+    static const char *const changed[] = {"\ndata_sha256: mismatch: file says ", ", data hashes to "};
+    assert_int_equal(proc_rrnserve(&out, NULL, "info %s", path), 1);
+    expect_pieces("info of changed data", out, changed, sizeof changed / sizeof changed[0]);
+    free(out);
+
+    /* The config's cell renamed, in place: the header keeps its length.  It
+     * is text from byte 8, after its length. */
+    char *cell = strstr(file + 8, "\\\"cell\\\": \\\"lstm\\\"");
+    assert_non_null(cell);
+    memcpy(cell + 12, "lsxm", 4);
+    file_write(path, file, len);
+    static const char *const invalid[] = {"\nconfig (invalid): {\"task\": \"classify\", \"cell\": \"lsxm\"",
+                                          "\ndata_sha256: ok "};
+    assert_int_equal(proc_rrnserve(&out, NULL, "info %s", path), 1);
+    expect_pieces("info of a bad config", out, invalid, sizeof invalid / sizeof invalid[0]);
+    free(out);
+    free(file);
+    unlink(path);
+    rmdir(dir);
 }
 
 /* One command line: its exit status, and a piece of what it printed (or
