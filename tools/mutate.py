@@ -25,9 +25,13 @@ the compiler proves makes no difference), so no test is run for it.  Examples:
 
 --filter runs only the tests cmocka patterns match (every test binary
 reads RRN_TEST_FILTER; several patterns, comma-separated, are a run of
-each binary for each pattern that matches some test of it): a file that
-only some tests of a long binary such as test_server reach is judged in
-seconds a mutant, not minutes.
+each binary for each pattern that matches some test of it; BINARY:PATTERN
+is for that binary alone, and a binary without a pattern runs whole): a
+file that only some tests of a long binary such as test_server reach is
+judged in seconds a mutant, not minutes.
+
+    tools/mutate.py cli/cmd_run.c test_cli,test_server --filter 'test_server:test_cli_*'
+
 
 --emu builds on the CUDA emulator (tests/cuda_emu, with ASan and UBSan, as
 `make test-cuda-emu`) and runs only the tests' CUDA variants: the way to
@@ -119,8 +123,13 @@ def main():
         if a.emu:
             out, flags = "build/emu", ""
             env, patterns = "ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 ", a.filter or "*cuda*"
-        # The runs: each test binary, once a pattern.
-        runs = [(t, p) for t in tests for p in (patterns.split(",") if patterns else [None])]
+        # The runs: each test binary once a pattern of its own (BINARY:PATTERN)
+        # or for all (PATTERN), or once whole when it has none.
+        runs = []
+        for t in tests:
+            mine = [p.split(":", 1)[-1] for p in (patterns.split(",") if patterns else [])
+                    if ":" not in p or p.split(":", 1)[0] == t]
+            runs += [(t, p) for p in mine or [None]]
         build = "make -j%d %s %s/rrnserve %s" % (os.cpu_count() or 1, flags, out,
                                                  " ".join("%s/tests/%s" % (out, t) for t in tests))
         if run(build, tree, 1800) != 0:
@@ -160,7 +169,7 @@ def main():
                 verdict = "same-code"
             for t, pattern in runs if verdict == "survived" else []:
                 rc = run(cmd_of(t, pattern), tree, a.timeout)
-                name = t + (" " + pattern if a.filter else "")
+                name = t + (" " + pattern if pattern and a.filter else "")
                 if rc is None:
                     verdict = "timeout in " + name
                 elif rc != 0:
