@@ -32,17 +32,11 @@
 #include "pool.h"
 #include "support/filter.h"
 #include "support/proc.h"
+#include "support/timing.h"
 
 /* The size main() asks for; the pool's upper bound (pool.c's MAX_THREADS). */
 #define THREADS 4
 #define MAX_WORKERS 64
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* What the tasks of one pool_run saw. */
 struct tally {
@@ -148,10 +142,10 @@ static void test_idle_pool_sleeps(void **state)
 {
     (void)state;
     check_each_task_once(100);
-    struct timespec pause = {0, 20 * 1000 * 1000}, measured = {0, 200 * 1000 * 1000}, t0, t1;
-    nanosleep(&pause, NULL);
+    struct timespec t0, t1;
+    sleep_ms(20);
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t0);
-    nanosleep(&measured, NULL);
+    sleep_ms(200);
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t1);
     double used = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     if (used > 0.05)
