@@ -879,14 +879,16 @@ static void test_padded_batches_share_a_graph(void **state)
  * texts of different lengths, which change from forward to forward within
  * one padded length (backend_ops.pad_steps: the third replays the graph
  * the second recorded) of two chunks, so that the two layers run as a
- * wavefront on four streams; then steps with attention asked for and not.
- * Skipped without a GPU. */
+ * wavefront on four streams; a longer batch, which grows the scratch the
+ * graphs point into, and the third shape again, which must then be
+ * recorded anew rather than replayed into freed memory; then steps with
+ * attention asked for and not.  Skipped without a GPU. */
 static void test_cuda_graphs_give_the_same_bits(void **state)
 {
     (void)state;
     if (!backend_cuda_available())
         skip();
-    enum { N = 3, FORWARDS = 3, STEPS = 8, MAXLEN = 13 };
+    enum { N = 3, FORWARDS = 5, LONGER = 3, STEPS = 8, MAXLEN = 13, LONGLEN = 48 };
     void *v[2];
     float *out[2];
     size_t per_step = 0, per_forward = 0;
@@ -896,22 +898,27 @@ static void test_cuda_graphs_give_the_same_bits(void **state)
         const struct model *m = &env->model;
         const int C = m->head_out, LK = m->cfg.layers * m->cfg.attn_window;
         per_step = (size_t)N * (C + LK);
-        per_forward = (size_t)N * MAXLEN * C;
+        per_forward = (size_t)N * LONGLEN * C;
         assert_non_null(out[k] = calloc(FORWARDS * per_forward + STEPS * per_step, sizeof(float)));
         char err[512];
-        int32_t tokens[N][MAXLEN];
+        int32_t tokens[N][LONGLEN];
         for (int i = 0; i < N; i++)
-            for (int t = 0; t < MAXLEN; t++)
+            for (int t = 0; t < LONGLEN; t++)
                 tokens[i][t] = (int32_t)((i * 5 + t * 3) % m->vocab);
         for (int f = 0; f < FORWARDS; f++) {
             struct engine_seq seqs[N];
-            for (int i = 0; i < N; i++)
-                seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = MAXLEN - 1 - 2 * i - f, .slot = -1,
-                                              .logits = out[k] + f * per_forward + (size_t)i * MAXLEN * C};
+            for (int i = 0; i < N; i++) {
+                int len = f == LONGER ? LONGLEN - i : MAXLEN - 1 - 2 * i - (f < LONGER ? f : LONGER - 1);
+                seqs[i] = (struct engine_seq){.tokens = tokens[i], .len = len, .slot = -1,
+                                              .logits = out[k] + f * per_forward + (size_t)i * LONGLEN * C};
+            }
             if (k == 1)
                 engine_drop_graphs(env->engine);
+            unsigned gen = env->engine->ws_gen;
             if (engine_forward(env->engine, seqs, N, err, sizeof err) != 0)
                 fail_msg("forward %d: %s", f, err);
+            if (f == LONGER && env->engine->ws_gen == gen)
+                fail_msg("the longer batch did not grow the scratch: it checks nothing here");
         }
         int slots[N];
         for (int i = 0; i < N; i++)
