@@ -284,6 +284,7 @@ static void test_bad_usage(void **state)
         /* --generate: a language model that reads one way, a prompt with
          * tokens, its settings in range and with it alone. */
         {"run " FIX "plain_lstm_l2_bi_last.safetensors --generate a", 1, "task classify"},
+        {"run " FIX "rra_dynamic_w3_l1_uni.safetensors --generate a", 1, "task classify)"},
         {"run " FIX "combo_lstm_bi.safetensors --generate a", 1, "--generate needs"},
         {"run " FIX "tok_word_lm.safetensors --generate '...'", 1, "the prompt has no tokens"},
         {"run " FIX "combo_lstm_lm.safetensors --generate a --text b", 2, "usage"},

@@ -22,11 +22,19 @@ const char *rrn_bin(void)
     return bin && *bin ? bin : "./rrnserve";
 }
 
-/* Runs the finished command line cmd and frees it. */
+/* Runs the finished command line cmd and frees it.  Under timeout(1):
+ * a command that hangs (a regression, or a test's mistake) is killed with
+ * every process it started after PROC_LIMIT_S and exits 124, which fails
+ * its test, rather than holding the whole run.  timeout puts it in a
+ * process group of its own, which a terminal would stop when it read
+ * one: its standard input is /dev/null (or what it redirects itself). */
 static int run_line(char **out, struct buf *cmd)
 {
     struct buf line = {0};
-    buf_printf(&line, "(%s) 2>&1", cmd->p);
+    buf_printf(&line, "timeout -k 10 %d sh -c '", PROC_LIMIT_S);
+    for (const char *c = cmd->p; *c; c++)
+        buf_add(&line, *c == '\'' ? "'\\''" : c, *c == '\'' ? 4 : 1);
+    buf_printf(&line, "' </dev/null 2>&1");
     FILE *p = popen(line.p, "r");
     free(line.p);
     if (!p) {

@@ -15,11 +15,16 @@
  * plain or the sanitizer build), else ./rrnserve. */
 const char *rrn_bin(void);
 
+/* A command of proc_run or proc_rrnserve that runs longer than this is
+ * killed and exits 124: far beyond what any of them takes (a training run
+ * under the sanitizers), and a bound on one that hangs. */
+#define PROC_LIMIT_S 600
+
 /* Runs a shell command (printf-formatted) with stdout and stderr merged;
  * the output, NUL-terminated and to be freed, goes to *out when out is not
- * NULL.  Its exit status, or -1 when it did not exit normally.  The
- * command runs in a subshell, so redirections of its own (2>/dev/null)
- * win over the merge. */
+ * NULL.  Its exit status (124 when PROC_LIMIT_S ran out), or -1 when it
+ * did not exit normally.  The command runs in a shell of its own, so
+ * redirections of its own (2>/dev/null) win over the merge. */
 int proc_run(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* proc_run of `rrnserve ARGS` (ARGS printf-formatted), in folder dir when
