@@ -1,9 +1,9 @@
 /* test_sampler.c - the sampler's generator and filters: the generator
- * matches xoshiro256**'s published outputs, greedy picks the argmax,
- * temperature sampling follows the softmax, top-k and top-p keep exactly
- * the tokens they should, each as often as its share of what they kept,
- * and a seed reproduces its draws; log-probabilities are the log-softmax,
- * their top k in order.
+ * matches xoshiro256**'s published outputs, and its seeding splitmix64's,
+ * greedy picks the argmax, temperature sampling follows the softmax,
+ * top-k and top-p keep exactly the tokens they should, each as often as
+ * its share of what they kept, and a seed reproduces its draws;
+ * log-probabilities are the log-softmax, their top k in order.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -29,6 +29,13 @@ static void test_xoshiro_reference_outputs(void **state)
         double u = rng_uniform(&r);
         assert_true(u >= 0.0 && u < 1.0);
     }
+    /* Seeding: the state is splitmix64's first four outputs from the seed,
+     * which for seed 0 are the reference implementation's. */
+    static const uint64_t splitmix64_from_0[4] = {0xe220a8397b1dcdafULL, 0x6e789e6aa1b965f4ULL,
+                                                  0x06c45d188009454fULL, 0xf88bb8a8724c81ecULL};
+    rng_seed(&r, 0);
+    for (int i = 0; i < 4; i++)
+        assert_true(r.s[i] == splitmix64_from_0[i]);
 }
 
 static void test_greedy_and_top_k_one(void **state)
