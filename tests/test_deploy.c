@@ -73,21 +73,17 @@ static int have(const char *program)
 
 struct listener {
     int fd;
-    char name[108]; /* what NOTIFY_SOCKET says: a path, or @ and a name */
+    char name[112]; /* what NOTIFY_SOCKET says: a path, or @ and a name */
 };
 
-/* Binds a datagram socket: at dir/notify, or abstract when dir is NULL. */
-static void listen_notify(struct listener *l, const char *dir)
+/* Binds a datagram socket at l->name. */
+static void listen_named(struct listener *l)
 {
-    static int serial;
     struct sockaddr_un a = {.sun_family = AF_UNIX};
-    if (dir)
-        snprintf(l->name, sizeof l->name, "%s/notify", dir);
-    else
-        snprintf(l->name, sizeof l->name, "@rrnserve-test-%ld-%d", (long)getpid(), serial++);
+    const int abstract = l->name[0] == '@';
     size_t len = strlen(l->name);
     memcpy(a.sun_path, l->name, len);
-    if (!dir)
+    if (abstract)
         a.sun_path[0] = 0;
     l->fd = socket(AF_UNIX, SOCK_DGRAM, 0);
     assert_true(l->fd >= 0);
@@ -95,6 +91,17 @@ static void listen_notify(struct listener *l, const char *dir)
     setsockopt(l->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     assert_int_equal(bind(l->fd, (struct sockaddr *)&a, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len)),
                      0);
+}
+
+/* Binds a datagram socket: at dir/notify, or abstract when dir is NULL. */
+static void listen_notify(struct listener *l, const char *dir)
+{
+    static int serial;
+    if (dir)
+        snprintf(l->name, sizeof l->name, "%s/notify", dir);
+    else
+        snprintf(l->name, sizeof l->name, "@rrnserve-test-%ld-%d", (long)getpid(), serial++);
+    listen_named(l);
 }
 
 /* The next datagram, NUL-terminated, into buf; "" after the timeout. */
@@ -168,6 +175,26 @@ static void test_notify_send(void **state)
     assert_int_equal(notify_send("STOPPING=1"), 0);
     assert_string_equal(next_state(&abstract, buf, sizeof buf), "STOPPING=1");
     assert_false(has_state(&by_path));
+
+    /* The longest names there is room for: a path of 107 bytes (sun_path's
+     * 108 less its NUL) and an abstract name of 108 (no NUL); one more
+     * byte is refused. */
+    struct listener longest[2];
+    for (int k = 0; k < 2; k++) {
+        const size_t max = k ? 108 : 107;
+        int n = k ? snprintf(longest[k].name, sizeof longest[k].name, "@rrnserve-test-%ld-", (long)getpid())
+                  : snprintf(longest[k].name, sizeof longest[k].name, "%s/", dir);
+        memset(longest[k].name + n, 'n', max - (size_t)n);
+        longest[k].name[max] = 0;
+        listen_named(&longest[k]);
+        setenv("NOTIFY_SOCKET", longest[k].name, 1);
+        assert_int_equal(notify_send("READY=1"), 0);
+        assert_string_equal(next_state(&longest[k], buf, sizeof buf), "READY=1");
+        strcat(longest[k].name, "n");
+        setenv("NOTIFY_SOCKET", longest[k].name, 1);
+        assert_int_equal(notify_send("READY=1"), -1);
+        close(longest[k].fd);
+    }
 
     unsetenv("NOTIFY_SOCKET");
     close(by_path.fd);
