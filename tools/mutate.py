@@ -10,11 +10,13 @@ It works in a git worktree of HEAD of its own (under /tmp), so what is
 uncommitted here is neither tested nor touched; a test that runs past
 --timeout is killed with everything it started.  Prints one line a mutant:
 
-    LINE: OLD->NEW killed by TEST | survived | timeout in TEST | nobuild | same-code  | the line
+    LINE: OLD->NEW killed by TEST | survived | timeout in TEST | nobuild | same-code | the line
 
 then the counts.  same-code: the mutant compiled to the very object file
 HEAD's does (a line under an #ifdef this build leaves out, or a change
-the compiler proves makes no difference), so no test is run for it.  Examples:
+the compiler proves makes no difference), so no test is run for it.
+
+Examples:
 
     tools/mutate.py server/auth.c test_server
     tools/mutate.py engine/safetensors.c test_safetensors,test_model_load --sample 40
@@ -31,7 +33,6 @@ file that only some tests of a long binary such as test_server reach is
 judged in seconds a mutant, not minutes.
 
     tools/mutate.py cli/cmd_run.c test_cli,test_server --filter 'test_server:test_cli_*'
-
 
 --emu builds on the CUDA emulator (tests/cuda_emu, with ASan and UBSan, as
 `make test-cuda-emu`) and runs only the tests' CUDA variants: the way to
@@ -134,7 +135,9 @@ def main():
                                                  " ".join("%s/tests/%s" % (out, t) for t in tests))
         if run(build, tree, 1800) != 0:
             sys.exit("mutate.py: HEAD does not build: %s" % build)
-        obj = os.path.join(tree, out, re.sub(r"\.(c|cu)$", lambda m: ".o" if m.group(1) == "c" else ".cu.o", a.file))
+        # The mutated file's object, compared with HEAD's after each build.
+        stem, ext = os.path.splitext(a.file)
+        obj = os.path.join(tree, out, stem + (".cu.o" if ext == ".cu" else ".o"))
         if not os.path.exists(obj):
             sys.exit("mutate.py: this build makes no %s (a .cu file wants --emu)" % os.path.relpath(obj, tree))
         head_obj = open(obj, "rb").read()
