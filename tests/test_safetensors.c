@@ -165,6 +165,29 @@ static void test_write_read(void **state)
     unlink(path);
 }
 
+/* A scalar, shape [], as PyTorch writes a 0-dim tensor: one element. */
+static void test_write_scalar(void **state)
+{
+    (void)state;
+    char path[512], err[256];
+    scratch_path(path, "scalar.safetensors");
+    const struct st_write_tensor t = {.name = "s", .ndim = 0, .data = B};
+    if (st_write(path, &t, 1, NULL, 0, err, sizeof err) != 0)
+        fail_msg("st_write: %s", err);
+    struct st_file f;
+    assert_int_equal(st_open(path, &f, err, sizeof err), 0);
+    const struct st_tensor *s = st_find(&f, "s");
+    assert_non_null(s);
+    assert_int_equal(s->ndim, 0);
+    assert_int_equal(s->numel, 1);
+    assert_int_equal(s->nbytes, 4);
+    float v;
+    st_to_f32(s, &v);
+    assert_true(v == B[0]);
+    st_close(&f);
+    unlink(path);
+}
+
 static void test_write_empty(void **state)
 {
     (void)state;
@@ -501,6 +524,7 @@ int main(void)
     test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_read),
+        cmocka_unit_test(test_write_scalar),
         cmocka_unit_test(test_write_empty),
         cmocka_unit_test(test_write_errors),
         cmocka_unit_test(test_f16_bf16),
