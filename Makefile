@@ -234,6 +234,7 @@ test-tsan:
 
 fixtures:
 	$(PYTHON) tests/fixtures/make_fixtures.py tests/fixtures
+	$(PYTHON) tests/fixtures/make_utf8_cases.py tests/fixtures/utf8_cases.txt
 
 bench: deps-bench
 	@$(MAKE) --no-print-directory rrnserve $(BUILD)/bench/bench_engine $(BUILD)/bench/bench_gemm

@@ -185,6 +185,46 @@ static void test_char_invalid_utf8(void **state)
     tokenizer_free(&tk);
 }
 
+/* Where the char tokenizer starts each token of 3,812 byte strings valid,
+ * invalid and cut short at every edge of UTF-8's ranges, against where
+ * Python's decoder, errors replaced, starts each character
+ * (tests/fixtures/make_utf8_cases.py wrote them): one unknown token a
+ * maximal subpart. */
+static void test_char_utf8_edges_as_python(void **state)
+{
+    (void)state;
+    char *vocab[] = {"?", "a"};
+    struct model_config cfg = make_config(TOKENIZER_CHAR, vocab, 2, 0);
+    struct tokenizer tk;
+    init_ok(&tk, &cfg);
+    FILE *f = fopen("tests/fixtures/utf8_cases.txt", "r");
+    assert_non_null(f);
+    char hex[32], want[16];
+    int cases = 0;
+    while (fscanf(f, "%31s %15s", hex, want) == 2) {
+        char text[16];
+        size_t len = strlen(hex) / 2, n = 0, *starts = NULL;
+        int32_t *ids = NULL;
+        for (size_t i = 0; i < len; i++) {
+            unsigned byte;
+            assert_int_equal(sscanf(hex + 2 * i, "%2x", &byte), 1);
+            text[i] = (char)byte;
+        }
+        assert_int_equal(tokenizer_encode_spans(&tk, text, len, &ids, &starts, &n), 0);
+        char got[16] = "";
+        for (size_t i = 0; i < n && i < sizeof got - 1; i++)
+            got[i] = "0123456789abcdef"[starts[i] & 15];
+        if (strcmp(got, want) != 0)
+            fail_msg("%s: tokens start at %s, Python's characters at %s", hex, got, want);
+        free(ids);
+        free(starts);
+        cases++;
+    }
+    fclose(f);
+    assert_int_equal(cases, 3812);
+    tokenizer_free(&tk);
+}
+
 static void test_char_inverse(void **state)
 {
     (void)state;
@@ -509,6 +549,7 @@ int main(void)
         cmocka_unit_test(test_byte_inverse),
         cmocka_unit_test(test_char_ids),
         cmocka_unit_test(test_char_invalid_utf8),
+        cmocka_unit_test(test_char_utf8_edges_as_python),
         cmocka_unit_test(test_char_inverse),
         cmocka_unit_test(test_word_ids),
         cmocka_unit_test(test_word_long_word),
