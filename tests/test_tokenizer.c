@@ -1,6 +1,7 @@
 /* test_tokenizer.c - the byte, char and word tokenizers against hand-worked
- * token ids, including multibyte and invalid UTF-8, Unicode lower-casing,
- * init failures and a 100k-word vocabulary. */
+ * token ids, including multibyte and invalid UTF-8 (and Python's decoder on
+ * every edge of UTF-8's ranges), Unicode lower-casing, init failures and a
+ * 100k-word vocabulary. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
