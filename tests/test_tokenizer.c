@@ -226,6 +226,36 @@ static void test_char_utf8_edges_as_python(void **state)
     tokenizer_free(&tk);
 }
 
+/* A training text's word vocabulary: "<unk>", then the words seen at
+ * least min_count times, most frequent first and ties in byte order, at
+ * most max_size entries in all; here a 4, b 3, c 2, e 1 and d 1. */
+static void test_word_vocab_limits(void **state)
+{
+    (void)state;
+    static const char text[] = "e B a c a b A d c b a";
+    static const struct {
+        int max_size, min_count;
+        const char *want; /* the tokens, space-separated */
+    } cases[] = {
+        {100, 1, "<unk> a b c d e"}, {100, 2, "<unk> a b c"}, {100, 3, "<unk> a b"},
+        {3, 1, "<unk> a b"},         {6, 1, "<unk> a b c d e"}, {1, 1, "<unk>"},
+    };
+    for (size_t i = 0; i < COUNT(cases); i++) {
+        char **tokens = NULL, got[64] = "";
+        int n = 0;
+        assert_int_equal(tokenizer_word_vocab(text, strlen(text), cases[i].max_size, cases[i].min_count, &tokens, &n),
+                         0);
+        for (int k = 0; k < n; k++) {
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%s", k ? " " : "", tokens[k]);
+            free(tokens[k]);
+        }
+        free(tokens);
+        if (strcmp(got, cases[i].want) != 0)
+            fail_msg("max_size %d, min_count %d: \"%s\", want \"%s\"", cases[i].max_size, cases[i].min_count, got,
+                     cases[i].want);
+    }
+}
+
 static void test_char_inverse(void **state)
 {
     (void)state;
@@ -551,6 +581,7 @@ int main(void)
         cmocka_unit_test(test_char_ids),
         cmocka_unit_test(test_char_invalid_utf8),
         cmocka_unit_test(test_char_utf8_edges_as_python),
+        cmocka_unit_test(test_word_vocab_limits),
         cmocka_unit_test(test_char_inverse),
         cmocka_unit_test(test_word_ids),
         cmocka_unit_test(test_word_long_word),
