@@ -363,6 +363,35 @@ static void test_errors(void **state)
     assert_int_equal(config_parse("{}", &c, NULL, 0), -1);
 }
 
+/* A classifier of CONFIG_MAX_CLASSES classes is taken, one of a class
+ * more refused. */
+static void test_most_classes(void **state)
+{
+    (void)state;
+    for (int n = CONFIG_MAX_CLASSES; n <= CONFIG_MAX_CLASSES + 1; n++) {
+        size_t cap = 128 + (size_t)n * 10, len = 0;
+        char *json = malloc(cap), err[256] = "";
+        assert_non_null(json);
+        len += (size_t)snprintf(json, cap, "{" HEAD "," TOK ",\"classes\":[");
+        for (int i = 0; i < n; i++)
+            len += (size_t)snprintf(json + len, cap - len, "%s\"c%d\"", i ? "," : "", i);
+        snprintf(json + len, cap - len, "]}");
+        struct model_config c;
+        int rc = config_parse(json, &c, err, sizeof err);
+        free(json);
+        if (n == CONFIG_MAX_CLASSES) {
+            if (rc != 0)
+                fail_msg("%d classes: %s", n, err);
+            assert_int_equal(c.n_classes, n);
+            assert_string_equal(c.classes[n - 1], "c65535");
+            config_free(&c);
+        } else {
+            assert_int_equal(rc, -1);
+            assert_non_null(strstr(err, "\"classes\" must be an array of 2 to 65536 strings"));
+        }
+    }
+}
+
 int main(void)
 {
     test_filter_from_env();
@@ -373,6 +402,7 @@ int main(void)
         cmocka_unit_test(test_lm),
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_most_classes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
