@@ -135,16 +135,17 @@ static void test_tasks_run_on_two_threads(void **state)
 }
 
 /* The threads the process had before the pool started: main()'s and
- * those a library started before it (OpenBLAS's, which spin for a while
- * after the process starts, pool or not). */
-static long threads_before_pool[16];
+ * those a library started before it (OpenBLAS's, one for each core but
+ * one, which spin for a while after the process starts, pool or not). */
+#define MAX_THREADS_BEFORE 1024
+static long threads_before_pool[MAX_THREADS_BEFORE];
 static int n_threads_before_pool;
 
 static void note_threads_before_pool(void)
 {
     DIR *d = opendir("/proc/self/task");
     assert_non_null(d);
-    for (struct dirent *e; (e = readdir(d)) && n_threads_before_pool < 16;)
+    for (struct dirent *e; (e = readdir(d)) && n_threads_before_pool < MAX_THREADS_BEFORE;)
         if (e->d_name[0] != '.')
             threads_before_pool[n_threads_before_pool++] = atol(e->d_name);
     closedir(d);

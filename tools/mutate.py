@@ -88,6 +88,11 @@ def run(cmd, cwd, timeout):
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         return None
+    except BaseException:
+        # A kill of this script (SIGTERM) takes the command with it: in a
+        # session of its own, it would run on over a removed worktree.
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
 
 
 def main():
