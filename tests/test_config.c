@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "config.h"
+#include "support/buf.h"
 #include "support/filter.h"
 
 #define TOK "\"tokenizer\":{\"type\":\"byte\"}"
@@ -369,16 +370,15 @@ static void test_most_classes(void **state)
 {
     (void)state;
     for (int n = CONFIG_MAX_CLASSES; n <= CONFIG_MAX_CLASSES + 1; n++) {
-        size_t cap = 128 + (size_t)n * 10, len = 0;
-        char *json = malloc(cap), err[256] = "";
-        assert_non_null(json);
-        len += (size_t)snprintf(json, cap, "{" HEAD "," TOK ",\"classes\":[");
+        struct buf json = {0};
+        char err[256] = "";
+        buf_printf(&json, "{" HEAD "," TOK ",\"classes\":[");
         for (int i = 0; i < n; i++)
-            len += (size_t)snprintf(json + len, cap - len, "%s\"c%d\"", i ? "," : "", i);
-        snprintf(json + len, cap - len, "]}");
+            buf_printf(&json, "%s\"c%d\"", i ? "," : "", i);
+        buf_printf(&json, "]}");
         struct model_config c;
-        int rc = config_parse(json, &c, err, sizeof err);
-        free(json);
+        int rc = config_parse(json.p, &c, err, sizeof err);
+        free(json.p);
         if (n == CONFIG_MAX_CLASSES) {
             if (rc != 0)
                 fail_msg("%d classes: %s", n, err);
