@@ -229,19 +229,24 @@ static void outer_task(void *ctx, int task, int worker)
     pool_run(4, inner_task, &in);
 }
 
+/* The 4 inner tasks of outer ran, in order, as worker 0. */
+static void check_ran_in_place(const struct nested *n, int outer)
+{
+    assert_int_equal(n->count[outer], 4);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(n->order[outer * 4 + i], i);
+        assert_int_equal(n->worker[outer * 4 + i], 0);
+    }
+}
+
 static void test_taken_pool_runs_tasks_in_place(void **state)
 {
     (void)state;
     struct nested n = {0};
     pool_run(4, outer_task, &n);
     assert_int_equal(atomic_load(&n.bad), 0);
-    for (int outer = 0; outer < 4; outer++) {
-        assert_int_equal(n.count[outer], 4);
-        for (int i = 0; i < 4; i++) {
-            assert_int_equal(n.order[outer * 4 + i], i);
-            assert_int_equal(n.worker[outer * 4 + i], 0);
-        }
-    }
+    for (int outer = 0; outer < 4; outer++)
+        check_ran_in_place(&n, outer);
 }
 
 /* On one thread, the caller runs every task itself, in order. */
@@ -255,10 +260,7 @@ static void test_one_thread_runs_in_order(void **state)
     pool_run(4, inner_task, &in);
     pool_set_threads(0);
     assert_int_equal(atomic_load(&n.bad), 0);
-    for (int i = 0; i < 4; i++) {
-        assert_int_equal(n.order[i], i);
-        assert_int_equal(n.worker[i], 0);
-    }
+    check_ran_in_place(&n, 0);
 }
 
 static void test_set_threads_clamps(void **state)
