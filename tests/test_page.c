@@ -227,6 +227,14 @@ static int count_in(const char *hay, const char *needle)
     return n;
 }
 
+/* Fails unless needle is in dom exactly want times. */
+static void expect_count(const char *what, const char *dom, const char *needle, int want)
+{
+    int n = count_in(dom, needle);
+    if (n != want)
+        fail_msg("%s: \"%s\" %d times, not %d", what, needle, n, want);
+}
+
 static void check_dom(const char *dom)
 {
     /* What the page said, for the failure messages. */
@@ -252,11 +260,9 @@ static void check_dom(const char *dom)
      * past the text's start, at positions -4..-1: a column each, labelled
      * as the zero state, and 3 + 3 + 2 + 1 weights on them, in each of the
      * 2 layers. */
-    if (count_in(dom, ">\u2205</text>") != 4 * 2 || count_in(dom, "class=\"outside\"") != 4 * 2)
-        fail_msg("%d columns labelled \u2205 and %d of class outside, not 8", count_in(dom, ">\u2205</text>"),
-                 count_in(dom, "class=\"outside\""));
-    if (count_in(dom, ZERO_STATE_TIP) != 9 * 2)
-        fail_msg("%d weights said to be on the zero state, not 18", count_in(dom, ZERO_STATE_TIP));
+    expect_count(MODEL, dom, ">\u2205</text>", 4 * 2);
+    expect_count(MODEL, dom, "class=\"outside\"", 4 * 2);
+    expect_count(MODEL, dom, ZERO_STATE_TIP, 9 * 2);
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -351,22 +357,24 @@ static void test_browser_draws_both_directions(void **state)
     char browser[512];
     need_browser(browser, sizeof browser);
     char *dom = dom_of(browser, s, "/?model=" BI_MODEL "&text=a%20nice%20day", "bi");
-    if (count_in(dom, "class=\"cell\"") != 10 * 3 * 4)
-        fail_msg("%d heatmap cells drawn, not %d", count_in(dom, "class=\"cell\""), 10 * 3 * 4);
-    static const char *const titles[] = {">layer 0 \u00b7 forward</h2>", ">layer 0 \u00b7 backward</h2>",
-                                         ">layer 1 \u00b7 forward</h2>", ">layer 1 \u00b7 backward</h2>"};
-    for (size_t i = 0; i < sizeof titles / sizeof titles[0]; i++)
-        if (count_in(dom, titles[i]) != 1)
-            fail_msg("the heading %s is there %d times, not once", titles[i], count_in(dom, titles[i]));
-    if (count_in(dom, ">\u2205</text>") != 4 * 4 || count_in(dom, "class=\"outside\"") != 4 * 4)
-        fail_msg("%d columns labelled \u2205 and %d of class outside, not 16", count_in(dom, ">\u2205</text>"),
-                 count_in(dom, "class=\"outside\""));
-    if (count_in(dom, ZERO_STATE_TIP) != 9 * 2 || count_in(dom, ZERO_STATE_AFTER_TIP) != 9 * 2)
-        fail_msg("%d weights on the zero state before the text and %d after, not 18 and 18",
-                 count_in(dom, ZERO_STATE_TIP), count_in(dom, ZERO_STATE_AFTER_TIP));
-    if (count_in(dom, "steps ahead") != 10 * 3 * 2 || count_in(dom, "steps back") != 10 * 3 * 2)
-        fail_msg("%d weights said to look ahead and %d back, not 60 and 60", count_in(dom, "steps ahead"),
-                 count_in(dom, "steps back"));
+    static const struct {
+        const char *needle;
+        int times;
+    } counts[] = {
+        {"class=\"cell\"", 10 * 3 * 4},
+        {">layer 0 \u00b7 forward</h2>", 1},
+        {">layer 0 \u00b7 backward</h2>", 1},
+        {">layer 1 \u00b7 forward</h2>", 1},
+        {">layer 1 \u00b7 backward</h2>", 1},
+        {">\u2205</text>", 4 * 4},
+        {"class=\"outside\"", 4 * 4},
+        {ZERO_STATE_TIP, 9 * 2},
+        {ZERO_STATE_AFTER_TIP, 9 * 2},
+        {"steps ahead", 10 * 3 * 2},
+        {"steps back", 10 * 3 * 2},
+    };
+    for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
+        expect_count(BI_MODEL, dom, counts[i].needle, counts[i].times);
     free(dom);
 }
 
@@ -388,8 +396,7 @@ static void test_browser_cuts_long_texts(void **state)
                  len > 400 ? " (the first 400 steps drawn)" : "");
         if (!strstr(dom, want))
             fail_msg("%d tokens: no status \"%s\"", len, want);
-        if (count_in(dom, "class=\"cell\"") != 400 * 3 * 2)
-            fail_msg("%d tokens: %d heatmap cells drawn, not %d", len, count_in(dom, "class=\"cell\""), 400 * 3 * 2);
+        expect_count(want, dom, "class=\"cell\"", 400 * 3 * 2);
         free(dom);
     }
 }
