@@ -309,7 +309,9 @@ static void test_bad_usage(void **state)
         {"train --config models/sentiment.json --out /tmp/rrn_cli_never.safetensors --steps",
          2, "--steps needs a value"},
         {"train --config models/sentiment.json --out /tmp/rrn_cli_never.safetensors --stepz=3",
-         1, "unknown key \"stepz\""},
+         2, "unknown key \"stepz\" (the flag --stepz)"},
+        {"train --config models/sentiment.json --out /tmp/rrn_cli_never.safetensors --optim.lrr 0.1",
+         2, "unknown key \"optim.lrr\""},
     };
     expect_all(cases, sizeof cases / sizeof cases[0]);
 }

@@ -504,6 +504,35 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--optim.decay sometimes", "\"optim.decay\" must be none, linear, cosine or step");
     expect_error(lm_config, "--optim.decay 5", "\"optim.decay\" must be none, linear, cosine or step");
     expect_error(lm_config, "--optim.bogus 1", "unknown key \"optim.bogus\"");
+    /* A mistyped key is refused wherever the options read one, as a flag
+     * and in the file, and so are a key given twice (a lookup would take
+     * the first) and a section that is not an object. */
+    expect_error(lm_config, "--init.orthogonall false", "unknown key \"init.orthogonall\" (the flag");
+    expect_error(lm_config, "--vocab.maxsize 5", "unknown key \"vocab.maxsize\" (the flag");
+    expect_error(lm_config, "--data.split.mood 1", "unknown key \"data.split.mood\" (the flag");
+    expect_error(lm_config, "--vocab 3", "config: \"vocab\" must be an object");
+    expect_error(lm_config, "--optim.lr.x 3", "--optim.lr.x: \"optim.lr\" is not an object");
+    static const char *const in_file[][2] = {
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"stepz\": 3", "config: unknown key \"stepz\""},
+        {"\"data\": {\"train\": \"corpus.txt\", \"trian\": 1}", "config: unknown key \"data.trian\""},
+        {"\"data\": {\"train\": \"corpus.txt\", \"split\": {\"mod\": 5, \"mood\": 1}}",
+         "config: unknown key \"data.split.mood\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"lrr\": 1}", "config: unknown key \"optim.lrr\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"init\": {\"bias\": 0}", "config: unknown key \"init.bias\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"vocab\": {\"max\": 9}", "config: unknown key \"vocab.max\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"init\": []", "config: \"init\" must be an object"},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"steps\": 2, \"steps\": 3",
+         "config: key \"steps\" appears twice"},
+        {"\"data\": {\"train\": \"corpus.txt\", \"split\": {\"mod\": 5, \"mod\": 5}}",
+         "config: key \"data.split.mod\" appears twice"},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"lr\": 0.1, \"lr\": 0.2}",
+         "config: key \"optim.lr\" appears twice"},
+    };
+    for (size_t i = 0; i < sizeof in_file / sizeof in_file[0]; i++) {
+        snprintf(buf, sizeof buf, "{\"model\": {\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4,"
+                 " \"tokenizer\": {\"type\": \"byte\"}}, \"out\": \"x.safetensors\", %s}", in_file[i][0]);
+        expect_error(buf, "", in_file[i][1]);
+    }
     expect_error(lm_config, "--out lm.bin", "\"out\" must be the path of the weight file to write");
     expect_error(lm_config, "--out 5", "\"out\" must be the path of the weight file to write");
     expect_error(lm_config, "--data.split 5", "\"data.split\" must be an object");

@@ -64,33 +64,85 @@ void options_free(struct options *o)
     o->train = o->valid = NULL;
 }
 
+/* The keys each object of a configuration may have (the model's own are
+ * the engine's to check), so that a mistyped key, in the file or as a
+ * flag, is refused rather than silently left at its default. */
+static const char *const top_keys[] = {"model", "data", "optim", "init", "vocab", "batch_size", "bptt", "epochs",
+                                       "steps", "dropout", "dropout_embed", "state_reset", "seed", "valid_every",
+                                       "checkpoint_every", "log_every", "keep_best", "init_from", "out", "device",
+                                       "precision", "recurrence", NULL};
+static const char *const data_keys[] = {"train", "valid", "split", "synthetic", "length", "dim", "train_size",
+                                        "valid_size", NULL};
+static const char *const split_keys[] = {"mod", "test", "valid", NULL};
+static const char *const optim_keys[] = {"name", "lr", "momentum", "beta1", "beta2", "alpha", "rho", "eps",
+                                         "weight_decay", "clip_norm", "min_lr", "step_gamma", "warmup_steps",
+                                         "step_every", "nesterov", "decay", NULL};
+static const char *const init_keys[] = {"orthogonal", "forget_bias", NULL};
+static const char *const vocab_keys[] = {"max_size", "min_count", NULL};
+static const struct {
+    const char *path; /* dotted, "" for the top */
+    const char *const *keys;
+} sections[] = {{"", top_keys},           {"data", data_keys}, {"data.split", split_keys},
+                {"optim", optim_keys},    {"init", init_keys}, {"vocab", vocab_keys}};
+
+static int is_key(const char *const *keys, const char *name)
+{
+    while (*keys && strcmp(*keys, name) != 0)
+        keys++;
+    return *keys != NULL;
+}
+
+/* The keys allowed in the object at the dotted path (its first len bytes),
+ * or NULL when that object's keys are not the options' to check. */
+static const char *const *section_keys(const char *path, size_t len)
+{
+    for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++)
+        if (strlen(sections[i].path) == len && strncmp(sections[i].path, path, len) == 0)
+            return sections[i].keys;
+    return NULL;
+}
+
 int options_set(cJSON *root, const char *path, const char *value, char *err, size_t errlen)
 {
+    /* Each part of the path must be a key of the section it is in, as far
+     * as the path runs through sections ("model." hands over to the engine). */
     char key[256];
+    const char *const *keys = top_keys;
+    for (size_t at = 0; keys; at++) {
+        size_t len = strcspn(path + at, ".");
+        snprintf(key, sizeof key, "%.*s", (int)len, path + at);
+        if (!is_key(keys, key))
+            return error_fmt(err, errlen, "unknown key \"%.*s\" (the flag --%s)", (int)(at + len), path, path);
+        at += len;
+        keys = path[at] ? section_keys(path, at) : NULL;
+    }
     cJSON *obj = root;
-    const char *dot;
-    while ((dot = strchr(path, '.'))) {
-        snprintf(key, sizeof key, "%.*s", (int)(dot - path), path);
+    const char *name = path, *dot;
+    while ((dot = strchr(name, '.'))) {
+        snprintf(key, sizeof key, "%.*s", (int)(dot - name), name);
         cJSON *next = cJSON_GetObjectItemCaseSensitive(obj, key);
         if (!next) {
             next = cJSON_AddObjectToObject(obj, key);
         } else if (!cJSON_IsObject(next)) {
-            return error_fmt(err, errlen, "--%s: \"%s\" is not an object in the config", path, key);
+            return error_fmt(err, errlen, "--%s: \"%.*s\" is not an object in the config", path,
+                             (int)(dot - path), path);
         }
         if (!next)
             return error_fmt(err, errlen, "out of memory");
         obj = next;
-        path = dot + 1;
+        name = dot + 1;
     }
     cJSON *v = cJSON_Parse(value);
     if (!v)
         v = cJSON_CreateString(value);
     if (!v)
         return error_fmt(err, errlen, "out of memory");
-    if (cJSON_GetObjectItemCaseSensitive(obj, path))
-        cJSON_ReplaceItemInObjectCaseSensitive(obj, path, v);
-    else
-        cJSON_AddItemToObject(obj, path, v);
+    int put = cJSON_GetObjectItemCaseSensitive(obj, name) ? cJSON_ReplaceItemInObjectCaseSensitive(obj, name, v)
+                                                           : cJSON_AddItemToObject(obj, name, v);
+    if (!put) {
+        cJSON_Delete(v);
+        return error_fmt(err, errlen, "out of memory");
+    }
     return 0;
 }
 
@@ -203,33 +255,48 @@ static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t
             return error_fmt(err, errlen, "config: \"optim.decay\" must be none, linear, cosine or step");
         c->decay = (enum lr_decay)found;
     }
-    static const char *const keys[] = {"name", "lr", "momentum", "beta1", "beta2", "alpha", "rho", "eps",
-                                       "weight_decay", "clip_norm", "min_lr", "step_gamma", "warmup_steps",
-                                       "step_every", "nesterov", "decay"};
-    for (const cJSON *k = o ? o->child : NULL; k; k = k->next) {
-        size_t i = 0;
-        while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
-            i++;
-        if (i == sizeof keys / sizeof keys[0])
-            return error_fmt(err, errlen, "config: unknown key \"optim.%s\"", k->string);
+    return 0;
+}
+
+/* The value at a dotted path, NULL where some part of it is not there. */
+static const cJSON *at_path(const cJSON *root, const char *path)
+{
+    const cJSON *o = root;
+    while (*path && o) {
+        size_t len = strcspn(path, ".");
+        char key[64];
+        snprintf(key, sizeof key, "%.*s", (int)len, path);
+        o = cJSON_IsObject(o) ? field(o, key) : NULL;
+        path += len + (path[len] == '.');
+    }
+    return o;
+}
+
+/* Each section that is there is an object with none but its own keys. */
+static int check_sections(const cJSON *root, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++) {
+        const char *path = sections[i].path;
+        const cJSON *o = at_path(root, path);
+        if (o && !cJSON_IsObject(o))
+            return error_fmt(err, errlen, "config: \"%s\" must be an object", path);
+        for (const cJSON *k = o ? o->child : NULL; k; k = k->next) {
+            const char *dot = *path ? "." : "";
+            if (!is_key(sections[i].keys, k->string))
+                return error_fmt(err, errlen, "config: unknown key \"%s%s%s\"", path, dot, k->string);
+            /* A lookup takes the first of two equal keys; which one the
+             * writer meant is anyone's guess, so neither is taken. */
+            if (cJSON_GetObjectItemCaseSensitive(o, k->string) != k)
+                return error_fmt(err, errlen, "config: key \"%s%s%s\" appears twice", path, dot, k->string);
+        }
     }
     return 0;
 }
 
 int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
 {
-    static const char *const keys[] = {"model",       "data",       "optim",   "init",      "vocab",
-                                       "batch_size",  "bptt",       "epochs",  "steps",     "dropout",  "dropout_embed", "state_reset",
-                                       "seed",        "valid_every", "checkpoint_every", "log_every",
-                                       "keep_best",   "init_from",  "out",        "device", "precision",
-                                       "recurrence"};
-    for (const cJSON *k = root->child; k; k = k->next) {
-        size_t i = 0;
-        while (i < sizeof keys / sizeof keys[0] && strcmp(k->string, keys[i]) != 0)
-            i++;
-        if (i == sizeof keys / sizeof keys[0])
-            return error_fmt(err, errlen, "config: unknown key \"%s\"", k->string);
-    }
+    if (check_sections(root, err, errlen))
+        return -1;
     memset(o, 0, sizeof *o);
     o->root = root;
     if (!cJSON_IsObject(field(root, "model")))
@@ -261,10 +328,10 @@ int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
     }
     const cJSON *split = field(data, "split");
     double mod = 0, test = 0, valid = 0;
-    if (split && (!cJSON_IsObject(split) || get_num(split, "mod", "data.split.", 1, 1e6, 0, &mod, err, errlen) ||
+    if (split && (get_num(split, "mod", "data.split.", 1, 1e6, 0, &mod, err, errlen) ||
                   get_num(split, "test", "data.split.", 0, 1e6, 0, &test, err, errlen) ||
                   get_num(split, "valid", "data.split.", 0, 1e6, 1, &valid, err, errlen)))
-        return split && !cJSON_IsObject(split) ? error_fmt(err, errlen, "config: \"data.split\" must be an object") : -1;
+        return -1;
     o->split = (struct split){(int)mod, (int)test, (int)valid};
     if (parse_optim(field(root, "optim"), &o->optim, err, errlen))
         return -1;

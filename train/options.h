@@ -45,7 +45,9 @@ struct options {
 cJSON *options_read_file(const char *path, char *err, size_t errlen);
 cJSON *options_read_checkpoint(const char *path, char *err, size_t errlen);
 /* Sets the value at a dotted path ("optim.lr"), making objects on the way;
- * the value is taken as JSON when it parses as JSON, else as a string. */
+ * the value is taken as JSON when it parses as JSON, else as a string.  A
+ * path the configuration cannot have (an unknown key at its top or in
+ * "optim") is refused, as the command line's mistake. */
 int options_set(cJSON *root, const char *path, const char *value, char *err, size_t errlen);
 /* Checks root and fills o, whose strings point into root. */
 int options_parse(cJSON *root, struct options *o, char *err, size_t errlen);
