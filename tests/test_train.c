@@ -499,7 +499,7 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--optim.name lbfgs", "optim.name");
     expect_error(lm_config, "--batch_size 0", "batch_size");
     expect_error(lm_config, "--state_reset 1.5", "state_reset");
-    expect_error(lm_config, "--model.cell transformer", "cell");
+    expect_error(lm_config, "--model.cell transformer", "config: \"cell\" must be \"rnn_tanh\"");
     expect_error("{\"model\": ", "", "not a JSON object");
     expect_error(lm_config, "--optim.decay sometimes", "\"optim.decay\" must be none, linear, cosine or step");
     expect_error(lm_config, "--optim.decay 5", "\"optim.decay\" must be none, linear, cosine or step");
