@@ -11,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistr.h>
 
 #include "handler.h"
 #include "lazy_json.h"
@@ -38,81 +37,6 @@ cJSON *json_built(cJSON *o, int failed)
     return o;
 }
 
-/* ---- UTF-8 ------------------------------------------------------------ */
-
-/* The character at the start of in (n > 0 bytes), as utf8_clean takes it:
- * its length in bytes, 0 for a byte replaced by U+FFFD, -1 for an
- * incomplete character at the end left for later (only when !final). */
-static int utf8_next(const char *in, size_t n, int final)
-{
-    ucs4_t uc;
-    int k = u8_mbtoucr(&uc, (const uint8_t *)in, n);
-    if (k == -2 && !final)
-        return -1;
-    return k > 0 && uc != 0 ? k : 0;
-}
-
-size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen)
-{
-    size_t i = 0, o = 0;
-    for (int k; i < n && (k = utf8_next(in + i, n - i, final)) >= 0;) {
-        if (k > 0) {
-            memcpy(out + o, in + i, (size_t)k);
-            o += (size_t)k;
-            i += (size_t)k;
-        } else {
-            memcpy(out + o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            i++;
-        }
-    }
-    out[o] = 0;
-    *outlen = o;
-    return i;
-}
-
-size_t utf8_length(const char *in, size_t n)
-{
-    size_t chars = 0;
-    for (size_t i = 0; i < n; chars++) {
-        int k = utf8_next(in + i, n - i, 1);
-        i += k > 0 ? (size_t)k : 1;
-    }
-    return chars;
-}
-
-int utf8_stream_put(struct utf8_stream *u, const char *p, size_t n)
-{
-    return bytes_add(&u->raw, p, n);
-}
-
-const char *utf8_stream_take(struct utf8_stream *u, int final, size_t *len)
-{
-    struct bytes *raw = &u->raw;
-    if (3 * raw->len + 1 > u->clean_cap) {
-        char *grown = realloc(u->clean, 3 * raw->len + 1);
-        if (!grown)
-            return NULL;
-        u->clean = grown;
-        u->clean_cap = 3 * raw->len + 1;
-    }
-    const size_t used = raw->len ? utf8_clean(raw->p, raw->len, final, u->clean, len) : 0;
-    if (!raw->len) {
-        u->clean[0] = 0;
-        *len = 0;
-    }
-    if (used)
-        memmove(raw->p, raw->p + used, raw->len - used);
-    raw->len -= used;
-    return u->clean;
-}
-
-void utf8_stream_free(struct utf8_stream *u)
-{
-    free(u->raw.p);
-    free(u->clean);
-}
-
 cJSON *json_text(const char *text, size_t n)
 {
     char *clean = malloc(3 * n + 1);
@@ -127,9 +51,44 @@ cJSON *json_text(const char *text, size_t n)
 
 /* ---- request parsing ---------------------------------------------------- */
 
+static int by_name(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* A name that some object within v holds twice, else NULL; *oom set when
+ * memory ran out looking.  Sorted, not compared pairwise, since a body of
+ * --max-body bytes may be one object of 100,000 names. */
+static const char *twice_named(const cJSON *v, int *oom)
+{
+    int n = cJSON_IsObject(v) ? cJSON_GetArraySize(v) : 0;
+    if (n > 1) {
+        const char **names = malloc((size_t)n * sizeof *names);
+        if (!names) {
+            *oom = 1;
+            return NULL;
+        }
+        int i = 0;
+        for (const cJSON *c = v->child; c; c = c->next)
+            names[i++] = c->string;
+        qsort(names, (size_t)n, sizeof *names, by_name);
+        const char *twice = NULL;
+        for (i = 1; i < n && !twice; i++)
+            twice = strcmp(names[i - 1], names[i]) == 0 ? names[i] : NULL;
+        free(names);
+        if (twice)
+            return twice;
+    }
+    const char *twice = NULL;
+    for (const cJSON *c = v->child; c && !twice && !*oom; c = c->next)
+        twice = twice_named(c, oom);
+    return twice;
+}
+
 cJSON *request_parse(const char *body, size_t len, struct reply *r)
 {
-    const char *end = NULL;
+    const char *end = NULL, *twice = NULL;
+    int oom = 0;
     cJSON *req = cJSON_ParseWithLengthOpts(body, len, &end, 0);
     if (req && end)
         while (end < body + len && strchr(" \t\r\n", *end))
@@ -138,6 +97,13 @@ cJSON *request_parse(const char *body, size_t len, struct reply *r)
         reply_error(r, 400, "the body is not valid JSON");
     } else if (!cJSON_IsObject(req)) {
         reply_error(r, 400, "the body must be a JSON object");
+    } else if ((twice = twice_named(req, &oom)) != NULL) {
+        /* JSON parsers differ on which of the two they keep (cJSON the
+         * first, most others the last), so a proxy that checked one may
+         * pass the other: neither is taken. */
+        reply_error(r, 400, "the name \"%.200s\" appears twice in one object of the body", twice);
+    } else if (oom) {
+        reply_error(r, 500, "out of memory reading the body");
     } else {
         return req;
     }

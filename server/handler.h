@@ -15,6 +15,7 @@
 #include "batcher.h"
 #include "bytes.h"
 #include "registry.h"
+#include "utf8.h"
 
 #define MAX_TEXTS 256
 
@@ -36,29 +37,6 @@ struct texts {
 int json_put(cJSON *o, const char *key, cJSON *v);
 /* o when nothing failed, else NULL (o freed). */
 cJSON *json_built(cJSON *o, int failed);
-/* Writes the UTF-8 of in[0..n) to out with every invalid byte, and NUL,
- * replaced by U+FFFD, so any text is a valid JSON string.  An incomplete
- * sequence at the end is left for the next call unless final.  out needs
- * room for 3n + 1 bytes.  Returns the number of input bytes consumed. */
-size_t utf8_clean(const char *in, size_t n, int final, char *out, size_t *outlen);
-/* The characters utf8_clean makes of n bytes (all of them, as final). */
-size_t utf8_length(const char *in, size_t n);
-
-/* Text that comes in pieces (a stream's tokens), cleaned as utf8_clean
- * does: a character split over pieces comes out whole with its last byte.
- * Zeroed to start. */
-struct utf8_stream {
-    struct bytes raw;   /* bytes put and not yet taken: an unfinished character */
-    char *clean;        /* what the last utf8_stream_take made */
-    size_t clean_cap;
-};
-/* Adds n bytes.  0, or -1 out of memory. */
-int utf8_stream_put(struct utf8_stream *u, const char *p, size_t n);
-/* The clean text of the bytes put since the last take, but for an
- * unfinished character at their end unless final; NUL-terminated, *len
- * its length, valid until the next take.  NULL: out of memory. */
-const char *utf8_stream_take(struct utf8_stream *u, int final, size_t *len);
-void utf8_stream_free(struct utf8_stream *u);
 /* A JSON string of n bytes of text, cleaned as utf8_clean does. */
 cJSON *json_text(const char *text, size_t n);
 

@@ -33,6 +33,7 @@
 #include "metrics.h"
 #include "page.h"
 #include "request_id.h"
+#include "utf8.h"
 
 /* Per-connection memory for the request headers and the read buffer;
  * bodies are copied out as they arrive, so this bounds headers only.
@@ -151,13 +152,18 @@ void reply_lazy_json(struct reply *r, int status, cJSON *body, struct lazy_json 
 
 void reply_error(struct reply *r, int status, const char *fmt, ...)
 {
-    char msg[512];
+    char msg[512], clean[3 * sizeof msg];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    /* A message may quote the client's bytes (a model's name, a path), which
+     * need not be UTF-8, and cut them inside a character: the answer must be
+     * UTF-8 all the same. */
+    size_t len;
+    utf8_clean(msg, strlen(msg), 1, clean, &len);
     cJSON *o = cJSON_CreateObject(), *e = cJSON_CreateObject();
-    cJSON *code = cJSON_CreateNumber(status), *message = cJSON_CreateString(msg);
+    cJSON *code = cJSON_CreateNumber(status), *message = cJSON_CreateString(clean);
     char *text = NULL;
     if (o && e && code && message) {
         cJSON_AddItemToObject(e, "code", code);

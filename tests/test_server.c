@@ -35,6 +35,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <unistr.h>
 
 #include "../cli/commands.h"
 #include "backend.h"
@@ -95,14 +96,17 @@ static cJSON *get(int port, const char *path, int status)
     return j;
 }
 
-/* An error answer: the status, JSON content, and the error object naming
- * `mention` (when not NULL) in its message. */
+/* An error answer: the status, JSON content in UTF-8 (whatever bytes of
+ * the request its message quotes), and the error object naming `mention`
+ * (when not NULL) in its message. */
 static void check_error(const struct http_resp *r, int status, const char *mention)
 {
     char type[128];
     if (r->status != status)
         fail_msg("status %d, not %d: %s", r->status, status, r->body.p);
     assert_string_equal(http_header(r, "Content-Type", type, sizeof type), "application/json");
+    if (u8_check((const uint8_t *)r->body.p, r->body.len))
+        fail_msg("the error's body is not UTF-8: %s", r->body.p);
     cJSON *j = json_of(r);
     cJSON *e = cJSON_GetObjectItem(j, "error");
     assert_true(cJSON_IsObject(e));
@@ -1692,6 +1696,8 @@ static void test_request_ids(void **state)
     free(stream);
 }
 
+#define EURO5 "\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC"
+
 static void test_request_errors(void **state)
 {
     struct server *s = *state;
@@ -1750,9 +1756,26 @@ static void test_request_errors(void **state)
          "top_logprobs"},
         {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"logprobs\": true, \"top_logprobs\": 1.5}", 400,
          "top_logprobs"},
+        /* A name twice in one object, at the top or deeper down, whether
+         * or not the server reads it. */
+        {"/classify", "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"a\", \"text\": \"b\"}", 400,
+         "the name \"text\" appears twice in one object"},
+        {"/generate", "{\"model\": \"combo_lstm_lm\", \"prompt\": \"a\", \"max_tokens\": 2000, \"max_tokens\": 2}", 400,
+         "\"max_tokens\" appears twice"},
+        {"/v1/completions", "{\"model\": \"combo_lstm_lm\", \"x\": [1, {\"b\": {\"c\": 1, \"d\": 0, \"c\": 2}}]}", 400,
+         "\"c\" appears twice"},
+        /* Bytes that are not UTF-8 in a name the message quotes, and a
+         * name of 3-byte characters that the message cuts inside one. */
+        {"/classify", "{\"model\": \"a\xff\xfe\", \"text\": \"a\"}", 404, "\"a\xEF\xBF\xBD\xEF\xBF\xBD\""},
+        {"/classify", "{\"model\": \"" EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5
+                      "\", \"text\": \"a\"}", 404, EURO5 "\xE2\x82\xAC\xEF\xBF\xBD\xEF\xBF\xBD\" (GET /models"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         expect_error(s->port, "POST", cases[i].path, "", cases[i].body, cases[i].status, cases[i].mention);
+    expect_error(s->port, "GET", "/%ff%e2%82", "", NULL, 404, "/\xEF\xBF\xBD");
+    /* The same name in two objects is no repeat. */
+    cJSON_Delete(post(s->port, "/classify", 200,
+                      "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"a\", \"x\": {\"text\": 1, \"Text\": 2}}"));
 }
 
 static void test_size_limits(void **state)

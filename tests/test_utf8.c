@@ -1,5 +1,5 @@
 /* test_utf8.c - text that comes in pieces (a stream's tokens, `rrnserve
- * run --stream`'s reads) cleaned as whole text is: handler.h's
+ * run --stream`'s reads) cleaned as whole text is: utf8.h's
  * utf8_stream against utf8_clean of the whole, and utf8_length.
  */
 #include <setjmp.h>
@@ -10,7 +10,7 @@
 
 #include <string.h>
 
-#include "handler.h"
+#include "utf8.h"
 #include "support/filter.h"
 
 static void take_expect(struct utf8_stream *u, int final, const char *want)
