@@ -96,6 +96,9 @@ static cJSON *get(int port, const char *path, int status)
     return j;
 }
 
+/* Five euro signs, three bytes each: text that a cut may split. */
+#define EURO5 "\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC"
+
 /* An error answer: the status, JSON content in UTF-8 (whatever bytes of
  * the request its message quotes), and the error object naming `mention`
  * (when not NULL) in its message. */
@@ -1528,11 +1531,20 @@ static void test_routing_errors(void **state)
     assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "GET, HEAD");
     http_resp_free(&r);
     expect_error(s->port, "DELETE", "/healthz", "", NULL, 405, NULL);
-    /* A path's control characters (decoded from %0d%0a, %7f) are logged
-     * as '?', so that a request cannot write a log line of its own, and a
-     * long path is logged cut to 127 bytes. */
-    expect_error(s->port, "GET", "/x%0d%0aGET%20/forged%20200%7f", "", NULL, 404, NULL);
-    assert_int_equal(server_wait_log(s, "GET /x??GET /forged 200? 404", 1), 1);
+    /* A path's control characters (decoded from %0d%0a, %7f, and C1's
+     * CSI, %c2%9b) are logged as '?', so that a request cannot write a log
+     * line of its own or drive a terminal, as is each byte that is not
+     * UTF-8; a long path is logged cut to 127 bytes, between characters. */
+    expect_error(s->port, "GET", "/x%0d%0aGET%20/forged%20200%7f%c2%9b31m%ff", "", NULL, 404, NULL);
+    assert_int_equal(server_wait_log(s, "GET /x??GET /forged 200??31m? 404", 1), 1);
+    struct buf euros = {0};
+    buf_printf(&euros, "/x");
+    for (int i = 0; i < 50; i++)
+        buf_printf(&euros, "%%e2%%82%%ac");
+    expect_error(s->port, "GET", euros.p, "", NULL, 404, NULL);
+    free(euros.p);
+    assert_int_equal(server_wait_log(s, "GET /x" EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 "\xE2\x82\xAC 404", 1),
+                     1);
     char path[302] = "/", logged[160];
     memset(path + 1, 'a', 300);
     path[301] = 0;
@@ -1696,8 +1708,6 @@ static void test_request_ids(void **state)
     free(stream);
 }
 
-#define EURO5 "\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC"
-
 static void test_request_errors(void **state)
 {
     struct server *s = *state;
@@ -1772,7 +1782,7 @@ static void test_request_errors(void **state)
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         expect_error(s->port, "POST", cases[i].path, "", cases[i].body, cases[i].status, cases[i].mention);
-    expect_error(s->port, "GET", "/%ff%e2%82", "", NULL, 404, "/\xEF\xBF\xBD");
+    expect_error(s->port, "GET", "/%ff%e2%82", "", NULL, 404, "no endpoint at /??? ");
     /* The same name in two objects is no repeat. */
     cJSON_Delete(post(s->port, "/classify", 200,
                       "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"a\", \"x\": {\"text\": 1, \"Text\": 2}}"));
@@ -2358,7 +2368,7 @@ static void test_json_log(void **state)
     struct server *s = *state;
     char *body = body_with("plain_lstm_l2_bi_last", "text", "good day!", NULL);
     expect_status(s->port, "POST", "/classify", "X-Request-Id: json-1\r\n", body, 200);
-    expect_status(s->port, "GET", "/a%22b", "X-Request-Id: json-2\r\n", NULL, 404);
+    expect_status(s->port, "GET", "/a%22b%ff%c2%9b%e2%82%ac%e2%82", "X-Request-Id: json-2\r\n", NULL, 404);
     free(body);
     assert_int_equal(server_wait_log(s, "\"id\":\"json-2\"", 1), 1);
 
@@ -2372,8 +2382,9 @@ static void test_json_log(void **state)
         if (strncmp(line, "==", 2) == 0)
             continue;
         cJSON *o = cJSON_Parse(line);
-        if (!cJSON_IsObject(o) || !cJSON_IsString(cJSON_GetObjectItem(o, "time")))
-            fail_msg("not a JSON log line with a time: %s", line);
+        if (!cJSON_IsObject(o) || !cJSON_IsString(cJSON_GetObjectItem(o, "time")) ||
+            u8_check((const uint8_t *)line, strlen(line)))
+            fail_msg("not a JSON log line in UTF-8 with a time: %s", line);
         if (cJSON_IsString(cJSON_GetObjectItem(o, "msg"))) {
             events++;
         } else {
@@ -2390,7 +2401,7 @@ static void test_json_log(void **state)
                 assert_int_equal(batch->valueint, 1);
                 requests++;
             } else if (strcmp(id, "json-2") == 0) {
-                assert_string_equal(path, "/a\"b");
+                assert_string_equal(path, "/a\"b??\xE2\x82\xAC??");
                 assert_int_equal(status, 404);
                 assert_true(cJSON_IsNull(batch));
                 requests++;
