@@ -22,7 +22,6 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-#include <unistr.h>
 
 #include "api.h"
 #include "auth.h"
@@ -350,28 +349,6 @@ static enum endpoint route_of(const char *url)
     return EP_OTHER;
 }
 
-/* A copy of s for the log (and error messages): bounded and cut between
- * characters, with control characters (which a decoded URL may hold, C1's
- * too) shown as '?', so that a request cannot forge log lines or drive a
- * terminal, and each byte that is not UTF-8 as '?', so that a JSON log line
- * is UTF-8 as JSON must be. */
-static void log_copy(char *dst, size_t cap, const char *s)
-{
-    size_t n = strlen(s), i = 0, o = 0;
-    while (i < n) {
-        ucs4_t c;
-        int k = u8_mbtoucr(&c, (const uint8_t *)s + i, n - i);
-        int shown = k > 0 && c >= 0x20 && !(c >= 0x7f && c < 0xa0);
-        size_t len = shown ? (size_t)k : 1;
-        if (o + len >= cap)
-            break;
-        memcpy(dst + o, shown ? s + i : "?", len);
-        o += len;
-        i += k > 0 ? (size_t)k : 1;
-    }
-    dst[o] = 0;
-}
-
 static struct request *request_new(struct http_server *s, struct MHD_Connection *conn, const char *url,
                                    const char *method)
 {
@@ -385,8 +362,8 @@ static struct request *request_new(struct http_server *s, struct MHD_Connection 
     rq->ep = route_of(url);
     clock_gettime(CLOCK_MONOTONIC, &rq->start);
     request_id_take(&s->ids, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, REQUEST_ID_HEADER), rq->id);
-    log_copy(rq->method, sizeof rq->method, method);
-    log_copy(rq->path, sizeof rq->path, url);
+    utf8_printable(rq->method, sizeof rq->method, method);
+    utf8_printable(rq->path, sizeof rq->path, url);
     pthread_mutex_lock(&s->mu);
     s->in_flight++;
     pthread_mutex_unlock(&s->mu);

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "utf8.h"
 
 /* A line of text is cut at this length; JSON escaping may lengthen it. */
 #define LINE_MAX_BYTES 2048
@@ -67,11 +68,14 @@ static cJSON *json_line(const char *time)
 
 void log_msg(const char *fmt, ...)
 {
-    char time[32], msg[LINE_MAX_BYTES - 64], text[LINE_MAX_BYTES];
+    char time[32], raw[LINE_MAX_BYTES - 64], msg[sizeof raw], text[LINE_MAX_BYTES];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    vsnprintf(raw, sizeof raw, fmt, ap);
     va_end(ap);
+    /* An event may name what came from outside (a file's name, a folder
+     * given on the command line): one line, UTF-8, whatever it holds. */
+    utf8_printable(msg, sizeof msg, raw);
     now_utc(time);
     if (format == LOG_JSON) {
         cJSON *o = json_line(time);

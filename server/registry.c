@@ -16,6 +16,7 @@
 
 #include "log.h"
 #include "registry.h"
+#include "utf8.h"
 
 struct entry {
     struct served_model *model;
@@ -113,9 +114,18 @@ static int scan(struct registry *r, const struct entry *old, int n_old, struct e
         const char *ext = ".safetensors";
         if (len <= strlen(ext) || strcmp(de->d_name + len - strlen(ext), ext) != 0 || de->d_name[0] == '.')
             continue;
-        char name[256], path[4096], err[512];
+        char name[256], shown[sizeof name], path[4096], err[512];
         snprintf(name, sizeof name, "%.*s", (int)(len - strlen(ext)), de->d_name);
         snprintf(path, sizeof path, "%s/%s", r->dir, de->d_name);
+        /* Clients send the name, and /models, /metrics and the log show it. */
+        utf8_printable(shown, sizeof shown, name);
+        if (strcmp(shown, name) != 0) {
+            log_msg("skipped %s: a model's name (its file's, less .safetensors) must be UTF-8 without control "
+                    "characters",
+                    path);
+            failures++;
+            continue;
+        }
         struct stat st;
         if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
             continue;

@@ -79,3 +79,20 @@ void utf8_stream_free(struct utf8_stream *u)
     free(u->raw.p);
     free(u->clean);
 }
+
+void utf8_printable(char *dst, size_t cap, const char *s)
+{
+    size_t n = strlen(s), i = 0, o = 0;
+    while (i < n) {
+        ucs4_t c;
+        int k = u8_mbtoucr(&c, (const uint8_t *)s + i, n - i);
+        int shown = k > 0 && c >= 0x20 && !(c >= 0x7f && c < 0xa0);
+        size_t len = shown ? (size_t)k : 1;
+        if (o + len >= cap)
+            break;
+        memcpy(dst + o, shown ? s + i : "?", len);
+        o += len;
+        i += k > 0 ? (size_t)k : 1;
+    }
+    dst[o] = 0;
+}

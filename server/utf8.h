@@ -34,4 +34,11 @@ int utf8_stream_put(struct utf8_stream *u, const char *p, size_t n);
 const char *utf8_stream_take(struct utf8_stream *u, int final, size_t *len);
 void utf8_stream_free(struct utf8_stream *u);
 
+/* s as one line of UTF-8 to show (in the log, in a message): each control
+ * character (C1's too: a terminal may act on them) and each byte that is
+ * not UTF-8 shown as '?', so that no text can forge a line, drive a
+ * terminal or break a JSON line; cut between characters to fit cap bytes
+ * with its NUL. */
+void utf8_printable(char *dst, size_t cap, const char *s);
+
 #endif

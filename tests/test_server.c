@@ -2468,9 +2468,19 @@ static void test_sighup_reload(void **state)
     /* A safetensors header of two bytes, "{}": no metadata, no tensors. */
     assert_int_equal(fwrite("\x02\0\0\0\0\0\0\0{}", 1, 10, f), 10);
     fclose(f);
+    /* A name that is not UTF-8, or holds a control character, is no name
+     * to send or to show: such a file is skipped, and logged on one line.
+     * A name in UTF-8 beyond ASCII is served. */
+    server_add_model(s, "tok_word_lm", "bad\nname\xff");
+    server_add_model(s, "plain_lstm_l2_bi_last", "mod\xC3\xA8le");
     reload(s, 2);
     assert_true(server_log_has(s, "newmodel: cannot load"));
     assert_true(server_log_has(s, "broken: cannot load"));
+    char skipped[256];
+    snprintf(skipped, sizeof skipped, "skipped %s/bad?name?.safetensors: a model's name", s->dir);
+    assert_true(server_log_has(s, skipped));
+    assert_true(server_log_has(s, "3 failed to load"));
+    cJSON_Delete(post(s->port, "/classify", 200, "{\"model\": \"mod\xC3\xA8le\", \"text\": \"a\"}"));
     /* The unchanged file is not read again: its model, and what it holds
      * (a prompt cache, a batcher), stays as it was. */
     assert_int_equal(server_wait_log(s, "model tok_word_lm: loaded ", 1), 1);
