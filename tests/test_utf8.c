@@ -1,6 +1,7 @@
 /* test_utf8.c - text that comes in pieces (a stream's tokens, `rrnserve
  * run --stream`'s reads) cleaned as whole text is: utf8.h's
- * utf8_stream against utf8_clean of the whole, and utf8_length.
+ * utf8_stream against utf8_clean of the whole, utf8_length, and
+ * utf8_printable's one line to show.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -89,6 +90,36 @@ static void test_length_counts_the_clean_text(void **state)
     assert_int_equal(utf8_length(clean, len), chars);
 }
 
+/* utf8_printable: one '?' for each control character (C0, DEL, C1) and
+ * each byte that is not UTF-8, other characters as they are, cut between
+ * characters to fit. */
+static void test_printable(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *in;
+        size_t cap;
+        const char *want;
+    } cases[] = {
+        {"GET /a b", 64, "GET /a b"},
+        {"a\r\nb\x1b[31m\x7f", 64, "a??b?[31m?"},
+        {"\xc2\x80\xc2\x9b\xc2\x9f\xc2\xa0", 64, "???\xc2\xa0"}, /* C1's ends, then U+00A0 shown */
+        {"caf\xc3\xa9 \xf0\x9f\x98\x80", 64, "caf\xc3\xa9 \xf0\x9f\x98\x80"},
+        {"\xff\xfe.\xc0\xaf.\xed\xa0\x80", 64, "??.??.???"}, /* stray bytes, an overlong '/', a surrogate */
+        {"x\xe2\x82", 64, "x??"},                                   /* unfinished at the end */
+        {"ab\xe2\x82\xac", 6, "ab\xe2\x82\xac"},                     /* fits exactly with its NUL */
+        {"ab\xe2\x82\xac", 5, "ab"},                                 /* does not: cut before it */
+        {"abc", 1, ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char out[64];
+        memset(out, 'Z', sizeof out);
+        utf8_printable(out, cases[i].cap, cases[i].in);
+        if (strcmp(out, cases[i].want) != 0)
+            fail_msg("case %zu: \"%s\", not \"%s\"", i, out, cases[i].want);
+    }
+}
+
 int main(void)
 {
     test_filter_from_env();
@@ -96,6 +127,7 @@ int main(void)
         cmocka_unit_test(test_pieces_come_out_whole),
         cmocka_unit_test(test_any_split_equals_the_whole),
         cmocka_unit_test(test_length_counts_the_clean_text),
+        cmocka_unit_test(test_printable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
