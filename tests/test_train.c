@@ -528,6 +528,21 @@ static void test_bad_configs_and_data(void **state)
         {"\"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"lr\": 0.1, \"lr\": 0.2}",
          "config: key \"optim.lr\" appears twice"},
     };
+    /* Keys that the other kind of model or data reads, a split that would
+     * hold nothing out, and fractions where counts go. */
+    snprintf(buf, sizeof buf, cls, "labels.jsonl");
+    expect_error(buf, "--data.valid labels.jsonl", "\"data.valid\" is a language model's");
+    expect_error(buf, "--data.split {}", "\"data.split.mod\" is required");
+    expect_error(buf, "--data.split.mod 2 --data.split.valid 0", "test and valid must be two remainders of mod");
+    expect_error(buf, "--data.split.mod 2 --data.split.valid 2", "test and valid must be two remainders of mod");
+    expect_error(buf, "--data.split.mod 2 --data.split.test 2", "test and valid must be two remainders of mod");
+    expect_error(buf, "--data.split.mod 2.5", "\"data.split.mod\" must be a whole number");
+    expect_error(buf, "--data.length 50", "\"data.length\" goes only with \"data.synthetic\"");
+    expect_error(lm_config, "--data.split.mod 5", "\"data.split\" sets apart a classifier's lines");
+    expect_error(lm_config, "--batch_size 8.5", "\"batch_size\" must be a whole number");
+    expect_error(lm_config, "--optim.warmup_steps 0.5", "\"optim.warmup_steps\" must be a whole number");
+    expect_error(lm_config, "--data '{\"synthetic\": \"adding\", \"valid\": \"valid.txt\"}'",
+                 "\"data.valid\" does not go with \"data.synthetic\"");
     for (size_t i = 0; i < sizeof in_file / sizeof in_file[0]; i++) {
         snprintf(buf, sizeof buf, "{\"model\": {\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4,"
                  " \"tokenizer\": {\"type\": \"byte\"}}, \"out\": \"x.safetensors\", %s}", in_file[i][0]);

@@ -1,5 +1,6 @@
 /* options.c - a training run's configuration read and checked (see
  * options.h and docs/training.md). */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,6 +166,17 @@ static int get_num(const cJSON *o, const char *name, const char *where, double l
     return 0;
 }
 
+/* The same for a count: a number with a fraction is refused, not cut. */
+static int get_int(const cJSON *o, const char *name, const char *where, double lo, double hi, double dflt,
+                   double *out, char *err, size_t errlen)
+{
+    if (get_num(o, name, where, lo, hi, dflt, out, err, errlen))
+        return -1;
+    if (*out != floor(*out))
+        return error_fmt(err, errlen, "config: \"%s%s\" must be a whole number", where, name);
+    return 0;
+}
+
 static int get_bool(const cJSON *o, const char *name, const char *where, int dflt, int *out, char *err,
                     size_t errlen)
 {
@@ -234,7 +246,7 @@ static int parse_optim(const cJSON *o, struct optim_config *c, char *err, size_t
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         double dflt = nums[i].f ? *nums[i].f : (double)*nums[i].l;
-        if (get_num(o, nums[i].key, "optim.", nums[i].lo, nums[i].hi, dflt, &v, err, errlen))
+        if ((nums[i].f ? get_num : get_int)(o, nums[i].key, "optim.", nums[i].lo, nums[i].hi, dflt, &v, err, errlen))
             return -1;
         if (nums[i].f)
             *nums[i].f = (float)v;
@@ -305,6 +317,15 @@ int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
     if (!cJSON_IsObject(data))
         return error_fmt(err, errlen, "config: \"data\" is required: {\"train\": [paths], ...}");
     const cJSON *synth = field(data, "synthetic");
+    /* A key that the other kind of data would read is refused, not left
+     * unread: a split that splits nothing trains on the lines it was to
+     * hold out. */
+    static const char *const files_only[] = {"train", "valid", "split", NULL};
+    static const char *const synthetic_only[] = {"length", "dim", "train_size", "valid_size", NULL};
+    for (const char *const *k = synth ? files_only : synthetic_only; *k; k++)
+        if (field(data, *k))
+            return error_fmt(err, errlen, "config: \"data.%s\" %s \"data.synthetic\"", *k,
+                             synth ? "does not go with" : "goes only with");
     if (synth) {
         /* The papers' synthetic tasks, generated from the seed. */
         o->synthetic = cJSON_IsString(synth) && strcmp(synth->valuestring, "adding") == 0     ? SYNTH_ADDING
@@ -313,10 +334,10 @@ int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
         if (!o->synthetic)
             return error_fmt(err, errlen, "config: \"data.synthetic\" must be \"adding\" or \"remember\"");
         double len, dim, n_train, n_valid;
-        if (get_num(data, "length", "data.", 2, 100000, 100, &len, err, errlen) ||
-            get_num(data, "dim", "data.", 1, 4096, 6, &dim, err, errlen) ||
-            get_num(data, "train_size", "data.", 1, 1e7, 10000, &n_train, err, errlen) ||
-            get_num(data, "valid_size", "data.", 1, 1e7, 1000, &n_valid, err, errlen))
+        if (get_int(data, "length", "data.", 2, 100000, 100, &len, err, errlen) ||
+            get_int(data, "dim", "data.", 1, 4096, 6, &dim, err, errlen) ||
+            get_int(data, "train_size", "data.", 1, 1e7, 10000, &n_train, err, errlen) ||
+            get_int(data, "valid_size", "data.", 1, 1e7, 1000, &n_valid, err, errlen))
             return -1;
         o->synth_length = (int)len;
         o->synth_dim = (int)dim;
@@ -328,10 +349,17 @@ int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
     }
     const cJSON *split = field(data, "split");
     double mod = 0, test = 0, valid = 0;
-    if (split && (get_num(split, "mod", "data.split.", 1, 1e6, 0, &mod, err, errlen) ||
-                  get_num(split, "test", "data.split.", 0, 1e6, 0, &test, err, errlen) ||
-                  get_num(split, "valid", "data.split.", 0, 1e6, 1, &valid, err, errlen)))
+    if (split && !field(split, "mod"))
+        return error_fmt(err, errlen, "config: \"data.split.mod\" is required: without it nothing is split");
+    if (split && (get_int(split, "mod", "data.split.", 1, 1e6, 0, &mod, err, errlen) ||
+                  get_int(split, "test", "data.split.", 0, 1e6, 0, &test, err, errlen) ||
+                  get_int(split, "valid", "data.split.", 0, 1e6, 1, &valid, err, errlen)))
         return -1;
+    /* A part at mod or past it holds no line, and a test part that is also
+     * the validation part is one the run looks at. */
+    if (split && (test >= mod || valid >= mod || test == valid))
+        return error_fmt(err, errlen, "config: \"data.split\"'s test and valid must be two remainders of mod: "
+                                      "different, from 0 to mod - 1");
     o->split = (struct split){(int)mod, (int)test, (int)valid};
     if (parse_optim(field(root, "optim"), &o->optim, err, errlen))
         return -1;
@@ -343,19 +371,19 @@ int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
     o->init.forget_bias = (float)forget;
     const cJSON *vocab = field(root, "vocab");
     double max_size, min_count;
-    if (get_num(vocab, "max_size", "vocab.", 2, CONFIG_MAX_VOCAB, 20000, &max_size, err, errlen) ||
-        get_num(vocab, "min_count", "vocab.", 1, 1e9, 1, &min_count, err, errlen))
+    if (get_int(vocab, "max_size", "vocab.", 2, CONFIG_MAX_VOCAB, 20000, &max_size, err, errlen) ||
+        get_int(vocab, "min_count", "vocab.", 1, 1e9, 1, &min_count, err, errlen))
         return -1;
     o->vocab_max_size = (int)max_size;
     o->vocab_min_count = (int)min_count;
-    if (get_num(root, "batch_size", "", 1, 65536, 32, &v, err, errlen))
+    if (get_int(root, "batch_size", "", 1, 65536, 32, &v, err, errlen))
         return -1;
     o->batch = (int)v;
-    if (get_num(root, "bptt", "", 1, 1 << 20, 128, &v, err, errlen))
+    if (get_int(root, "bptt", "", 1, 1 << 20, 128, &v, err, errlen))
         return -1;
     o->bptt = (int)v;
     if (get_num(root, "epochs", "", 0, 1e6, 1, &o->epochs, err, errlen) ||
-        get_num(root, "steps", "", 0, 1e12, 0, &v, err, errlen))
+        get_int(root, "steps", "", 0, 1e12, 0, &v, err, errlen))
         return -1;
     o->steps = (long)v;
     if (get_num(root, "dropout", "", 0, 0.99, 0, &v, err, errlen))
@@ -366,16 +394,16 @@ int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
     o->dropout_embed = (float)v;
     if (get_num(root, "state_reset", "", 0, 1, 0, &o->state_reset, err, errlen))
         return -1;
-    if (get_num(root, "seed", "", 0, 9007199254740991.0, 1, &v, err, errlen))
+    if (get_int(root, "seed", "", 0, 9007199254740991.0, 1, &v, err, errlen))
         return -1;
     o->seed = (unsigned long long)v;
-    if (get_num(root, "valid_every", "", 0, 1e12, 0, &v, err, errlen))
+    if (get_int(root, "valid_every", "", 0, 1e12, 0, &v, err, errlen))
         return -1;
     o->valid_every = (long)v;
-    if (get_num(root, "checkpoint_every", "", 0, 1e12, 0, &v, err, errlen))
+    if (get_int(root, "checkpoint_every", "", 0, 1e12, 0, &v, err, errlen))
         return -1;
     o->checkpoint_every = (long)v;
-    if (get_num(root, "log_every", "", 1, 1e12, 50, &v, err, errlen) ||
+    if (get_int(root, "log_every", "", 1, 1e12, 50, &v, err, errlen) ||
         get_bool(root, "keep_best", "", 0, &o->keep_best, err, errlen))
         return -1;
     o->log_every = (long)v;

@@ -176,6 +176,13 @@ static int add_part(struct run *r, const char *path, const struct split *split, 
 static int open_data(struct run *r, char *err, size_t errlen)
 {
     const struct options *o = &r->o;
+    /* Each kind of model validates on its own kind of held-out data. */
+    if (run_is_lm(r) && o->split.mod)
+        return error_fmt(err, errlen, "config: \"data.split\" sets apart a classifier's lines; a language model "
+                                      "validates on the files of \"data.valid\"");
+    if (!run_is_lm(r) && o->n_valid)
+        return error_fmt(err, errlen, "config: \"data.valid\" is a language model's; a classifier validates on "
+                                      "the lines \"data.split\" sets apart");
     if (run_is_lm(r)) {
         if (corpus_load((const char *const *)o->train, o->n_train, &r->tk, &r->train_c, err, errlen) ||
             (o->n_valid && corpus_load((const char *const *)o->valid, o->n_valid, &r->tk, &r->valid_c, err, errlen)) ||
