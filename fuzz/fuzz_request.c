@@ -11,7 +11,8 @@
  * texts, 16 tokens) so that valid requests are cheap.  A streamed
  * generation, and an answer written as it is sent (lazy_json.h), is read
  * to its end, the latter parsed as JSON.  Every reply must carry a status
- * and a body, a stream or a lazy answer.
+ * and a body, a stream or a lazy answer, and a body or lazy answer must be
+ * UTF-8 whatever bytes the request held.
  */
 #include <limits.h>
 #include <stdint.h>
@@ -19,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <unistr.h>
 
 #include "api.h"
 #include "lazy_json.h"
@@ -104,7 +106,7 @@ static void read_lazy(struct lazy_json *z)
         abort();
     text[len] = 0;
     cJSON *parsed = cJSON_Parse(text);
-    if (!parsed)
+    if (!parsed || u8_check((const uint8_t *)text, len))
         abort();
     cJSON_Delete(parsed);
     free(text);
@@ -121,7 +123,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct client c = {never_gone, NULL, "fuzz"};
     api_handler *handler = handlers[(uint8_t)(data[0] - '0') % (sizeof handlers / sizeof handlers[0])];
     handler(&api, (const char *)data + 1, size - 1, &c, &r);
-    if (r.status < 200 || r.status > 599 || (!r.stream && !r.lazy && !r.body))
+    if (r.status < 200 || r.status > 599 || (!r.stream && !r.lazy && !r.body) ||
+        (r.body && u8_check((const uint8_t *)r.body, strlen(r.body))))
         abort();
     if (r.lazy)
         read_lazy(r.lazy);
