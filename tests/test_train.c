@@ -576,6 +576,12 @@ static void test_bad_configs_and_data(void **state)
     write_file("lm.json", lm_config);
     if (proc_rrnserve(&out, dir, "train --config lm.json --steps 2 --optim.decay none") != 0)
         fail_msg("decay none: %s", out);
+    assert_non_null(strstr(out, "validation at step 2"));
+    free(out);
+    /* null takes a key out: no validation text, so none is measured. */
+    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 2 --data.valid null") != 0 ||
+        strstr(out, "validation at step"))
+        fail_msg("--data.valid null: %s", out);
     free(out);
 }
 

@@ -138,6 +138,13 @@ int options_set(cJSON *root, const char *path, const char *value, char *err, siz
         v = cJSON_CreateString(value);
     if (!v)
         return error_fmt(err, errlen, "out of memory");
+    /* null takes the key out, back to its default: the one way to undo a
+     * key of a checkpoint's configuration. */
+    if (cJSON_IsNull(v)) {
+        cJSON_Delete(v);
+        cJSON_DeleteItemFromObjectCaseSensitive(obj, name);
+        return 0;
+    }
     int put = cJSON_GetObjectItemCaseSensitive(obj, name) ? cJSON_ReplaceItemInObjectCaseSensitive(obj, name, v)
                                                            : cJSON_AddItemToObject(obj, name, v);
     if (!put) {

@@ -45,7 +45,8 @@ struct options {
 cJSON *options_read_file(const char *path, char *err, size_t errlen);
 cJSON *options_read_checkpoint(const char *path, char *err, size_t errlen);
 /* Sets the value at a dotted path ("optim.lr"), making objects on the way;
- * the value is taken as JSON when it parses as JSON, else as a string.  A
+ * the value is taken as JSON when it parses as JSON, else as a string, and
+ * null removes the key.  A
  * path the configuration cannot have (an unknown key at its top or in
  * "optim") is refused, as the command line's mistake. */
 int options_set(cJSON *root, const char *path, const char *value, char *err, size_t errlen);
