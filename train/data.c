@@ -398,6 +398,13 @@ static int parse_example(const char *line, size_t len, char *const *classes, int
             snprintf(why, whylen, "\"%s\" is not a string", fields[f]);
             return -1;
         }
+        /* v is the first of its name; a second would be another reading of
+         * the line (most JSON readers take the last). */
+        for (const cJSON *later = v->next; later; later = later->next)
+            if (strcmp(later->string, fields[f]) == 0) {
+                snprintf(why, whylen, "\"%s\" appears twice", fields[f]);
+                return -1;
+            }
         values[f] = v->valuestring;
     }
     *text = values[0];
