@@ -121,6 +121,50 @@ static void test_corpus_folder_in_name_order(void **state)
     free(text);
 }
 
+/* A validation text that is a training file, by whatever name (itself,
+ * within a training folder, a link to it), is refused, naming it; files
+ * that only share a folder's name or bytes are not. */
+static void test_corpus_disjoint(void **state)
+{
+    (void)state;
+    char dir[256], a[256], b[256], other[256], same_bytes[256], link[256], err[256] = "";
+    make_dir("disjoint", dir, sizeof dir);
+    write_file("disjoint/a.txt", "aaa", a, sizeof a);
+    write_file("disjoint/b.txt", "bbb", b, sizeof b);
+    write_file("other.txt", "ccc", other, sizeof other);
+    write_file("same_bytes.txt", "aaa", same_bytes, sizeof same_bytes);
+    snprintf(link, sizeof link, "%s/link_to_b.txt", tmpdir);
+    assert_int_equal(symlink(b, link), 0);
+    const char *train_dir[] = {dir}, *train_a[] = {other, a};
+    const struct {
+        const char *const *train;
+        int n_train;
+        const char *valid, *named; /* named: the file the error names, NULL for none */
+    } cases[] = {
+        {train_dir, 1, a, a},
+        {train_dir, 1, link, link},
+        {train_a, 2, a, a},
+        {train_a, 2, other, other},
+        {train_a, 2, b, NULL},
+        {train_a, 2, same_bytes, NULL},
+        {train_dir, 1, other, NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *valid[] = {same_bytes, cases[i].valid};
+        err[0] = 0;
+        int rc = corpus_disjoint(cases[i].train, cases[i].n_train, valid, 2, err, sizeof err);
+        if (cases[i].named ? rc != -1 || strncmp(err, cases[i].named, strlen(cases[i].named)) != 0 ||
+                                 !strstr(err, "is in the training data too")
+                           : rc != 0)
+            fail_msg("case %zu: %d, \"%s\"", i, rc, err);
+    }
+    /* Nothing to validate on, and a training path that is not there. */
+    assert_int_equal(corpus_disjoint(train_dir, 1, NULL, 0, err, sizeof err), 0);
+    const char *missing[] = {"/nonexistent/x.txt"};
+    assert_int_equal(corpus_disjoint(missing, 1, train_dir, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "/nonexistent/x.txt"));
+}
+
 static void test_corpus_errors(void **state)
 {
     (void)state;
@@ -601,6 +645,7 @@ int main(void)
     test_filter_from_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_corpus_folder_in_name_order),
+        cmocka_unit_test(test_corpus_disjoint),
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_windows_cover_parts),
         cmocka_unit_test(test_windows_deterministic),

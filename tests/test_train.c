@@ -539,6 +539,7 @@ static void test_bad_configs_and_data(void **state)
     expect_error(buf, "--data.split.mod 2.5", "\"data.split.mod\" must be a whole number");
     expect_error(buf, "--data.length 50", "\"data.length\" goes only with \"data.synthetic\"");
     expect_error(lm_config, "--data.split.mod 5", "\"data.split\" sets apart a classifier's lines");
+    expect_error(lm_config, "--data.valid '[\"valid.txt\", \"./corpus.txt\"]'", "./corpus.txt is in the training data too");
     expect_error(lm_config, "--batch_size 8.5", "\"batch_size\" must be a whole number");
     expect_error(lm_config, "--optim.warmup_steps 0.5", "\"optim.warmup_steps\" must be a whole number");
     expect_error(lm_config, "--data '{\"synthetic\": \"adding\", \"valid\": \"valid.txt\"}'",

@@ -161,25 +161,40 @@ static int folder_files(const char *dir, char ***out, int *n_out, char *err, siz
     return 0;
 }
 
-static int append_path(const char *path, struct text *t, char *err, size_t errlen)
-{
-    struct stat st;
+/* Calls fn on each file the paths stand for, in corpus_read's order, with
+ * its stat; stops at the first that fails. */
+typedef int file_fn(const char *path, const struct stat *st, void *arg, char *err, size_t errlen);
 
-    if (stat(path, &st) != 0) {
-        error_fmt(err, errlen, "%s: %s", path, strerror(errno));
-        return -1;
+static int each_file(const char *const *paths, int n_paths, file_fn *fn, void *arg, char *err, size_t errlen)
+{
+    int rc = 0;
+    for (int p = 0; p < n_paths && rc == 0; p++) {
+        struct stat st;
+        if (stat(paths[p], &st) != 0)
+            return error_fmt(err, errlen, "%s: %s", paths[p], strerror(errno));
+        if (!S_ISDIR(st.st_mode)) {
+            rc = fn(paths[p], &st, arg, err, errlen);
+            continue;
+        }
+        char **files = NULL;
+        int n = 0;
+        rc = folder_files(paths[p], &files, &n, err, errlen);
+        for (int i = 0; i < n; i++) {
+            if (rc == 0 && stat(files[i], &st) != 0)
+                rc = error_fmt(err, errlen, "%s: %s", files[i], strerror(errno));
+            if (rc == 0)
+                rc = fn(files[i], &st, arg, err, errlen);
+            free(files[i]);
+        }
+        free(files);
     }
-    if (!S_ISDIR(st.st_mode))
-        return append_file(path, t, err, errlen);
-    char **files = NULL;
-    int n = 0, rc = folder_files(path, &files, &n, err, errlen);
-    for (int i = 0; i < n; i++) {
-        if (rc == 0)
-            rc = append_file(files[i], t, err, errlen);
-        free(files[i]);
-    }
-    free(files);
     return rc;
+}
+
+static int append_one(const char *path, const struct stat *st, void *arg, char *err, size_t errlen)
+{
+    (void)st;
+    return append_file(path, arg, err, errlen);
 }
 
 int corpus_read(const char *const *paths, int n_paths, char **text, size_t *len, char *err, size_t errlen)
@@ -188,11 +203,9 @@ int corpus_read(const char *const *paths, int n_paths, char **text, size_t *len,
 
     *text = NULL;
     *len = 0;
-    for (int i = 0; i < n_paths; i++) {
-        if (append_path(paths[i], &t, err, errlen) != 0) {
-            free(t.p);
-            return -1;
-        }
+    if (each_file(paths, n_paths, append_one, &t, err, errlen) != 0) {
+        free(t.p);
+        return -1;
     }
     /* Nothing read (no paths, empty files): still a NUL-terminated text. */
     if (!t.p && !(t.p = calloc(1, 1))) {
@@ -202,6 +215,59 @@ int corpus_read(const char *const *paths, int n_paths, char **text, size_t *len,
     *text = t.p;
     *len = t.n;
     return 0;
+}
+
+/* The files one list of paths stands for, by device and inode, so that a
+ * file is known by any of its names (a link, a relative path, a folder). */
+struct file_set {
+    struct file_id {
+        dev_t dev;
+        ino_t ino;
+    } *ids;
+    int n, cap;
+};
+
+static int by_id(const void *a, const void *b)
+{
+    const struct file_id *x = a, *y = b;
+    return x->dev != y->dev ? (x->dev < y->dev ? -1 : 1) : x->ino != y->ino ? (x->ino < y->ino ? -1 : 1) : 0;
+}
+
+static int add_id(const char *path, const struct stat *st, void *arg, char *err, size_t errlen)
+{
+    struct file_set *set = arg;
+    if (set->n == set->cap) {
+        int want = set->cap ? 2 * set->cap : 16;
+        struct file_id *grown = realloc(set->ids, (size_t)want * sizeof *grown);
+        if (!grown)
+            return error_fmt(err, errlen, "%s: out of memory", path);
+        set->ids = grown;
+        set->cap = want;
+    }
+    set->ids[set->n++] = (struct file_id){st->st_dev, st->st_ino};
+    return 0;
+}
+
+static int not_in_set(const char *path, const struct stat *st, void *arg, char *err, size_t errlen)
+{
+    const struct file_set *set = arg;
+    const struct file_id id = {st->st_dev, st->st_ino};
+    if (set->n && bsearch(&id, set->ids, (size_t)set->n, sizeof id, by_id))
+        return error_fmt(err, errlen, "%s is in the training data too: a model is not measured on what it learns", path);
+    return 0;
+}
+
+int corpus_disjoint(const char *const *train, int n_train, const char *const *valid, int n_valid, char *err,
+                    size_t errlen)
+{
+    struct file_set set = {0};
+    int rc = each_file(train, n_train, add_id, &set, err, errlen);
+    if (rc == 0 && set.n)
+        qsort(set.ids, (size_t)set.n, sizeof *set.ids, by_id);
+    if (rc == 0)
+        rc = each_file(valid, n_valid, not_in_set, &set, err, errlen);
+    free(set.ids);
+    return rc;
 }
 
 int corpus_load(const char *const *paths, int n_paths, const struct tokenizer *tk, struct corpus *c, char *err,

@@ -27,6 +27,11 @@ struct corpus {
  * NUL-terminated.  (The trainer builds a char vocabulary from it.) */
 int corpus_read(const char *const *paths, int n_paths, char **text, size_t *len, char *err, size_t errlen);
 
+/* 0 when no file that the valid paths stand for is one of train's (by any
+ * of its names), else -1 with the first such file named in err. */
+int corpus_disjoint(const char *const *train, int n_train, const char *const *valid, int n_valid, char *err,
+                    size_t errlen);
+
 /* The token ids of corpus_read's text; a corpus with fewer than 2 tokens
  * is an error. */
 int corpus_load(const char *const *paths, int n_paths, const struct tokenizer *tk, struct corpus *c, char *err,

@@ -184,7 +184,9 @@ static int open_data(struct run *r, char *err, size_t errlen)
         return error_fmt(err, errlen, "config: \"data.valid\" is a language model's; a classifier validates on "
                                       "the lines \"data.split\" sets apart");
     if (run_is_lm(r)) {
-        if (corpus_load((const char *const *)o->train, o->n_train, &r->tk, &r->train_c, err, errlen) ||
+        if (corpus_disjoint((const char *const *)o->train, o->n_train, (const char *const *)o->valid, o->n_valid, err,
+                            errlen) ||
+            corpus_load((const char *const *)o->train, o->n_train, &r->tk, &r->train_c, err, errlen) ||
             (o->n_valid && corpus_load((const char *const *)o->valid, o->n_valid, &r->tk, &r->valid_c, err, errlen)) ||
             lm_windows_init(&r->win, &r->train_c, o->batch, o->bptt, o->seed, err, errlen))
             return -1;
