@@ -83,8 +83,8 @@ static const char *const vocab_keys[] = {"max_size", "min_count", NULL};
 static const struct {
     const char *path; /* dotted, "" for the top */
     const char *const *keys;
-} sections[] = {{"", top_keys},           {"data", data_keys}, {"data.split", split_keys},
-                {"optim", optim_keys},    {"init", init_keys}, {"vocab", vocab_keys}};
+} sections[] = {{"", top_keys},         {"data", data_keys}, {"data.split", split_keys},
+                {"optim", optim_keys}, {"init", init_keys}, {"vocab", vocab_keys}};
 
 static int is_key(const char *const *keys, const char *name)
 {
