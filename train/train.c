@@ -621,7 +621,8 @@ static void usage(FILE *out)
 {
     fprintf(out, "usage: rrnserve train (--config FILE.json | --resume NAME.ckpt.safetensors) [--KEY VALUE ...]\n"
                  "  every key of the config can be given as a flag: --optim.lr 0.001, --epochs 3,\n"
-                 "  --model.hidden 256; a flag's value is read as JSON, else as a string.\n"
+                 "  --model.hidden 256; a flag's value is read as JSON, else as a string, and null\n"
+                 "  takes the key out (--data.valid null).\n"
                  "  Ctrl-C or SIGTERM ends the run after its step with a checkpoint to --resume from.\n"
                  "  See docs/training.md for the configuration.\n");
 }
