@@ -442,7 +442,8 @@ static void test_classify_errors(void **state)
         {"{\"text\": \"x\", \"label\": 1}", "\"label\" is not a string"},
         {"{\"text\": \"x\", \"label\": \"neutral\"}", "unknown label \"neutral\" (the classes are \"negative\", \"positive\")"},
         {"{\"text\": \"x\", \"label\": \"positive\", \"label\": \"negative\"}", "\"label\" appears twice"},
-        {"{\"text\": \"x\", \"label\": \"positive\", \"Label\": \"negative\", \"text\": \"y\"}", "\"text\" appears twice"},
+        {"{\"text\": \"x\", \"label\": \"positive\", \"Label\": \"negative\", \"text\": \"y\"}",
+         "\"text\" appears twice"},
     };
     const struct split split = {10, 0, 1};
 

@@ -1777,8 +1777,9 @@ static void test_request_errors(void **state)
         /* Bytes that are not UTF-8 in a name the message quotes, and a
          * name of 3-byte characters that the message cuts inside one. */
         {"/classify", "{\"model\": \"a\xff\xfe\", \"text\": \"a\"}", 404, "\"a\xEF\xBF\xBD\xEF\xBF\xBD\""},
-        {"/classify", "{\"model\": \"" EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5
-                      "\", \"text\": \"a\"}", 404, EURO5 "\xE2\x82\xAC\xEF\xBF\xBD\xEF\xBF\xBD\" (GET /models"},
+        {"/classify",
+         "{\"model\": \"" EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5 EURO5
+         "\", \"text\": \"a\"}", 404, EURO5 "\xE2\x82\xAC\xEF\xBF\xBD\xEF\xBF\xBD\" (GET /models"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         expect_error(s->port, "POST", cases[i].path, "", cases[i].body, cases[i].status, cases[i].mention);

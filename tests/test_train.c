@@ -539,7 +539,11 @@ static void test_bad_configs_and_data(void **state)
     expect_error(buf, "--data.split.mod 2.5", "\"data.split.mod\" must be a whole number");
     expect_error(buf, "--data.length 50", "\"data.length\" goes only with \"data.synthetic\"");
     expect_error(lm_config, "--data.split.mod 5", "\"data.split\" sets apart a classifier's lines");
-    expect_error(lm_config, "--data.valid '[\"valid.txt\", \"./corpus.txt\"]'", "./corpus.txt is in the training data too");
+    expect_error(lm_config, "--data.valid '[\"valid.txt\", \"./corpus.txt\"]'",
+                 "./corpus.txt is in the training data too");
+    expect_error(lm_config, "--data.valid null", "\"valid_every\" needs validation data, which a language model");
+    expect_error(lm_config, "--data.valid null --valid_every 0 --keep_best true", "\"keep_best\" needs validation");
+    expect_error(buf, "--keep_best true", "\"keep_best\" needs validation data, which a classifier sets apart");
     expect_error(lm_config, "--batch_size 8.5", "\"batch_size\" must be a whole number");
     expect_error(lm_config, "--optim.warmup_steps 0.5", "\"optim.warmup_steps\" must be a whole number");
     expect_error(lm_config, "--data '{\"synthetic\": \"adding\", \"valid\": \"valid.txt\"}'",
@@ -580,7 +584,7 @@ static void test_bad_configs_and_data(void **state)
     assert_non_null(strstr(out, "validation at step 2"));
     free(out);
     /* null takes a key out: no validation text, so none is measured. */
-    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 2 --data.valid null") != 0 ||
+    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 2 --data.valid null --valid_every null") != 0 ||
         strstr(out, "validation at step"))
         fail_msg("--data.valid null: %s", out);
     free(out);

@@ -253,7 +253,8 @@ static int not_in_set(const char *path, const struct stat *st, void *arg, char *
     const struct file_set *set = arg;
     const struct file_id id = {st->st_dev, st->st_ino};
     if (set->n && bsearch(&id, set->ids, (size_t)set->n, sizeof id, by_id))
-        return error_fmt(err, errlen, "%s is in the training data too: a model is not measured on what it learns", path);
+        return error_fmt(err, errlen, "%s is in the training data too: a model is not measured on what it learns",
+                         path);
     return 0;
 }
 

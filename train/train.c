@@ -183,6 +183,12 @@ static int open_data(struct run *r, char *err, size_t errlen)
     if (!run_is_lm(r) && o->n_valid)
         return error_fmt(err, errlen, "config: \"data.valid\" is a language model's; a classifier validates on "
                                       "the lines \"data.split\" sets apart");
+    int validates = o->synthetic || (run_is_lm(r) ? o->n_valid : o->split.mod);
+    if (!validates && (o->keep_best || o->valid_every))
+        return error_fmt(err, errlen, "config: \"%s\" needs validation data, which %s",
+                         o->keep_best ? "keep_best" : "valid_every",
+                         run_is_lm(r) ? "a language model reads from \"data.valid\""
+                                      : "a classifier sets apart with \"data.split\"");
     if (run_is_lm(r)) {
         if (corpus_disjoint((const char *const *)o->train, o->n_train, (const char *const *)o->valid, o->n_valid, err,
                             errlen) ||
