@@ -544,6 +544,7 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--data.valid null", "\"valid_every\" needs validation data, which a language model");
     expect_error(lm_config, "--data.valid null --valid_every 0 --keep_best true", "\"keep_best\" needs validation");
     expect_error(buf, "--keep_best true", "\"keep_best\" needs validation data, which a classifier sets apart");
+    expect_error(lm_config, "--model.layers 1", "\"dropout\" acts between layers, and the model has one");
     expect_error(lm_config, "--batch_size 8.5", "\"batch_size\" must be a whole number");
     expect_error(lm_config, "--optim.warmup_steps 0.5", "\"optim.warmup_steps\" must be a whole number");
     expect_error(lm_config, "--data '{\"synthetic\": \"adding\", \"valid\": \"valid.txt\"}'",

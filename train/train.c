@@ -176,7 +176,8 @@ static int add_part(struct run *r, const char *path, const struct split *split, 
 static int open_data(struct run *r, char *err, size_t errlen)
 {
     const struct options *o = &r->o;
-    /* Each kind of model validates on its own kind of held-out data. */
+    /* An option the model or its data would leave without effect is
+     * refused; each kind of model validates on its own held-out data. */
     if (run_is_lm(r) && o->split.mod)
         return error_fmt(err, errlen, "config: \"data.split\" sets apart a classifier's lines; a language model "
                                       "validates on the files of \"data.valid\"");
@@ -184,6 +185,9 @@ static int open_data(struct run *r, char *err, size_t errlen)
         return error_fmt(err, errlen, "config: \"data.valid\" is a language model's; a classifier validates on "
                                       "the lines \"data.split\" sets apart");
     int validates = o->synthetic || (run_is_lm(r) ? o->n_valid : o->split.mod);
+    if (o->dropout > 0 && r->model.cfg.layers < 2)
+        return error_fmt(err, errlen, "config: \"dropout\" acts between layers, and the model has one: "
+                                      "\"dropout_embed\" drops its input");
     if (!validates && (o->keep_best || o->valid_every))
         return error_fmt(err, errlen, "config: \"%s\" needs validation data, which %s",
                          o->keep_best ? "keep_best" : "valid_every",
