@@ -184,10 +184,10 @@ static int open_data(struct run *r, char *err, size_t errlen)
     if (!run_is_lm(r) && o->n_valid)
         return error_fmt(err, errlen, "config: \"data.valid\" is a language model's; a classifier validates on "
                                       "the lines \"data.split\" sets apart");
-    int validates = o->synthetic || (run_is_lm(r) ? o->n_valid : o->split.mod);
     if (o->dropout > 0 && r->model.cfg.layers < 2)
         return error_fmt(err, errlen, "config: \"dropout\" acts between layers, and the model has one: "
                                       "\"dropout_embed\" drops its input");
+    int validates = o->synthetic || (run_is_lm(r) ? o->n_valid : o->split.mod);
     if (!validates && (o->keep_best || o->valid_every))
         return error_fmt(err, errlen, "config: \"%s\" needs validation data, which %s",
                          o->keep_best ? "keep_best" : "valid_every",
