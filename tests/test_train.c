@@ -528,8 +528,14 @@ static void test_bad_configs_and_data(void **state)
         {"\"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"lr\": 0.1, \"lr\": 0.2}",
          "config: key \"optim.lr\" appears twice"},
     };
+    for (size_t i = 0; i < sizeof in_file / sizeof in_file[0]; i++) {
+        snprintf(buf, sizeof buf, "{\"model\": {\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4,"
+                 " \"tokenizer\": {\"type\": \"byte\"}}, \"out\": \"x.safetensors\", %s}", in_file[i][0]);
+        expect_error(buf, "", in_file[i][1]);
+    }
     /* Keys that the other kind of model or data reads, a split that would
-     * hold nothing out, and fractions where counts go. */
+     * hold nothing out, validation data that is trained on or is missing,
+     * an option without effect, and fractions where counts go. */
     snprintf(buf, sizeof buf, cls, "labels.jsonl");
     expect_error(buf, "--data.valid labels.jsonl", "\"data.valid\" is a language model's");
     expect_error(buf, "--data.split {}", "\"data.split.mod\" is required");
@@ -549,11 +555,6 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--optim.warmup_steps 0.5", "\"optim.warmup_steps\" must be a whole number");
     expect_error(lm_config, "--data '{\"synthetic\": \"adding\", \"valid\": \"valid.txt\"}'",
                  "\"data.valid\" does not go with \"data.synthetic\"");
-    for (size_t i = 0; i < sizeof in_file / sizeof in_file[0]; i++) {
-        snprintf(buf, sizeof buf, "{\"model\": {\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4,"
-                 " \"tokenizer\": {\"type\": \"byte\"}}, \"out\": \"x.safetensors\", %s}", in_file[i][0]);
-        expect_error(buf, "", in_file[i][1]);
-    }
     expect_error(lm_config, "--out lm.bin", "\"out\" must be the path of the weight file to write");
     expect_error(lm_config, "--out 5", "\"out\" must be the path of the weight file to write");
     expect_error(lm_config, "--data.split 5", "\"data.split\" must be an object");
