@@ -24,12 +24,8 @@ static const char *const tok_names[] = {"byte", "char", "word"};
 
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
-/* Every key of obj must be one of allowed[], each at most once.  cJSON keeps
- * duplicate keys as separate members, and which one a lookup returns is an
- * accident of its implementation, so a duplicate is refused outright.
- * prefix names the enclosing object in messages ("" at the top level). */
-static int check_keys(const cJSON *obj, const char *prefix, const char *const *allowed,
-                      int n_allowed, char *err, size_t errlen)
+int config_check_keys(const cJSON *obj, const char *prefix, const char *const *allowed, int n_allowed, char *err,
+                      size_t errlen)
 {
     unsigned seen = 0;
     for (const cJSON *it = obj->child; it; it = it->next) {
@@ -164,7 +160,7 @@ static int parse_skip(const cJSON *v, struct model_config *cfg, char *err, size_
         return 0;
     if (!cJSON_IsObject(v))
         return error_fmt(err, errlen, "config: \"skip\" must be an object or null");
-    if (check_keys(v, "skip.", keys, COUNT(keys), err, errlen))
+    if (config_check_keys(v, "skip.", keys, COUNT(keys), err, errlen))
         return -1;
     const cJSON *p = cJSON_GetObjectItemCaseSensitive(v, "period");
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(v, "matrices");
@@ -185,7 +181,7 @@ static int parse_attention(const cJSON *v, struct model_config *cfg, char *err, 
         return 0;
     if (!cJSON_IsObject(v))
         return error_fmt(err, errlen, "config: \"attention\" must be an object or null");
-    if (check_keys(v, "attention.", keys, COUNT(keys), err, errlen))
+    if (config_check_keys(v, "attention.", keys, COUNT(keys), err, errlen))
         return -1;
     int mode;
     if (get_int(cJSON_GetObjectItemCaseSensitive(v, "window"), "attention.window", 1,
@@ -204,7 +200,7 @@ static int parse_tokenizer(const cJSON *v, struct model_config *cfg, char *err, 
         return error_fmt(err, errlen, "config: \"tokenizer\" is required");
     if (!cJSON_IsObject(v))
         return error_fmt(err, errlen, "config: \"tokenizer\" must be an object");
-    if (check_keys(v, "tokenizer.", keys, COUNT(keys), err, errlen))
+    if (config_check_keys(v, "tokenizer.", keys, COUNT(keys), err, errlen))
         return -1;
     int type;
     if (get_enum(cJSON_GetObjectItemCaseSensitive(v, "type"), "tokenizer.type", tok_names,
@@ -240,7 +236,7 @@ static int parse_input(const cJSON *v, struct model_config *cfg, char *err, size
 {
     static const char *const keys[] = {"type", "dim"};
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(v, "type");
-    if (!cJSON_IsObject(v) || check_keys(v, "input.", keys, COUNT(keys), err, errlen) ||
+    if (!cJSON_IsObject(v) || config_check_keys(v, "input.", keys, COUNT(keys), err, errlen) ||
         !cJSON_IsString(type) || strcmp(type->valuestring, "vector") != 0)
         return error_fmt(err, errlen, "config: \"input\" must be {\"type\": \"vector\", \"dim\": D}");
     return get_int(cJSON_GetObjectItemCaseSensitive(v, "dim"), "input.dim", 1, CONFIG_MAX_EMBED, &cfg->input_dim,
@@ -255,7 +251,7 @@ static int parse_object(const cJSON *root, struct model_config *cfg, char *err, 
     };
     if (!cJSON_IsObject(root))
         return error_fmt(err, errlen, "config: must be a JSON object");
-    if (check_keys(root, "", keys, COUNT(keys), err, errlen))
+    if (config_check_keys(root, "", keys, COUNT(keys), err, errlen))
         return -1;
 #define FIELD(name) cJSON_GetObjectItemCaseSensitive(root, name)
     int task, cell, pool = POOL_LAST;

@@ -56,6 +56,15 @@ struct model_config {
 /* Parse a config JSON object.  On failure returns -1 and writes a message
  * naming the offending field into err. */
 int config_parse(const char *json, struct model_config *cfg, char *err, size_t errlen);
+/* 0 when every key of the JSON object obj is one of allowed[] (at most 32),
+ * each at most once; else -1 with the key named in err, after prefix (the
+ * enclosing object's path and a dot, "" at the top).  cJSON keeps
+ * duplicate keys as separate members, and which one a lookup returns is an
+ * accident of its implementation (most other readers take the last), so a
+ * duplicate is refused outright.  The trainer's options check theirs too. */
+struct cJSON;
+int config_check_keys(const struct cJSON *obj, const char *prefix, const char *const *allowed, int n_allowed,
+                      char *err, size_t errlen);
 
 /* The inverse of config_parse: a freshly malloc'd JSON string, or NULL. */
 char *config_to_json(const struct model_config *cfg);

@@ -513,20 +513,20 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--vocab 3", "config: \"vocab\" must be an object");
     expect_error(lm_config, "--optim.lr.x 3", "--optim.lr.x: \"optim.lr\" is not an object");
     static const char *const in_file[][2] = {
-        {"\"data\": {\"train\": \"corpus.txt\"}, \"stepz\": 3", "config: unknown key \"stepz\""},
-        {"\"data\": {\"train\": \"corpus.txt\", \"trian\": 1}", "config: unknown key \"data.trian\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"stepz\": 3", "config: unknown field \"stepz\""},
+        {"\"data\": {\"train\": \"corpus.txt\", \"trian\": 1}", "config: unknown field \"data.trian\""},
         {"\"data\": {\"train\": \"corpus.txt\", \"split\": {\"mod\": 5, \"mood\": 1}}",
-         "config: unknown key \"data.split.mood\""},
-        {"\"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"lrr\": 1}", "config: unknown key \"optim.lrr\""},
-        {"\"data\": {\"train\": \"corpus.txt\"}, \"init\": {\"bias\": 0}", "config: unknown key \"init.bias\""},
-        {"\"data\": {\"train\": \"corpus.txt\"}, \"vocab\": {\"max\": 9}", "config: unknown key \"vocab.max\""},
+         "config: unknown field \"data.split.mood\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"lrr\": 1}", "config: unknown field \"optim.lrr\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"init\": {\"bias\": 0}", "config: unknown field \"init.bias\""},
+        {"\"data\": {\"train\": \"corpus.txt\"}, \"vocab\": {\"max\": 9}", "config: unknown field \"vocab.max\""},
         {"\"data\": {\"train\": \"corpus.txt\"}, \"init\": []", "config: \"init\" must be an object"},
         {"\"data\": {\"train\": \"corpus.txt\"}, \"steps\": 2, \"steps\": 3",
-         "config: key \"steps\" appears twice"},
+         "config: field \"steps\" appears twice"},
         {"\"data\": {\"train\": \"corpus.txt\", \"split\": {\"mod\": 5, \"mod\": 5}}",
-         "config: key \"data.split.mod\" appears twice"},
+         "config: field \"data.split.mod\" appears twice"},
         {"\"data\": {\"train\": \"corpus.txt\"}, \"optim\": {\"lr\": 0.1, \"lr\": 0.2}",
-         "config: key \"optim.lr\" appears twice"},
+         "config: field \"optim.lr\" appears twice"},
     };
     for (size_t i = 0; i < sizeof in_file / sizeof in_file[0]; i++) {
         snprintf(buf, sizeof buf, "{\"model\": {\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4,"

@@ -71,35 +71,42 @@ void options_free(struct options *o)
 static const char *const top_keys[] = {"model", "data", "optim", "init", "vocab", "batch_size", "bptt", "epochs",
                                        "steps", "dropout", "dropout_embed", "state_reset", "seed", "valid_every",
                                        "checkpoint_every", "log_every", "keep_best", "init_from", "out", "device",
-                                       "precision", "recurrence", NULL};
+                                       "precision", "recurrence"};
 static const char *const data_keys[] = {"train", "valid", "split", "synthetic", "length", "dim", "train_size",
-                                        "valid_size", NULL};
-static const char *const split_keys[] = {"mod", "test", "valid", NULL};
+                                        "valid_size"};
+static const char *const split_keys[] = {"mod", "test", "valid"};
 static const char *const optim_keys[] = {"name", "lr", "momentum", "beta1", "beta2", "alpha", "rho", "eps",
                                          "weight_decay", "clip_norm", "min_lr", "step_gamma", "warmup_steps",
-                                         "step_every", "nesterov", "decay", NULL};
-static const char *const init_keys[] = {"orthogonal", "forget_bias", NULL};
-static const char *const vocab_keys[] = {"max_size", "min_count", NULL};
-static const struct {
+                                         "step_every", "nesterov", "decay"};
+static const char *const init_keys[] = {"orthogonal", "forget_bias"};
+static const char *const vocab_keys[] = {"max_size", "min_count"};
+struct section {
     const char *path; /* dotted, "" for the top */
     const char *const *keys;
-} sections[] = {{"", top_keys},         {"data", data_keys}, {"data.split", split_keys},
-                {"optim", optim_keys}, {"init", init_keys}, {"vocab", vocab_keys}};
+    int n_keys;
+};
+#define SECTION(path, keys) {path, keys, (int)(sizeof keys / sizeof keys[0])}
+static const struct section sections[] = {
+    SECTION("", top_keys),        SECTION("data", data_keys), SECTION("data.split", split_keys),
+    SECTION("optim", optim_keys), SECTION("init", init_keys), SECTION("vocab", vocab_keys),
+};
+#undef SECTION
 
-static int is_key(const char *const *keys, const char *name)
+static int is_key(const struct section *sec, const char *name)
 {
-    while (*keys && strcmp(*keys, name) != 0)
-        keys++;
-    return *keys != NULL;
+    for (int i = 0; i < sec->n_keys; i++)
+        if (strcmp(sec->keys[i], name) == 0)
+            return 1;
+    return 0;
 }
 
-/* The keys allowed in the object at the dotted path (its first len bytes),
- * or NULL when that object's keys are not the options' to check. */
-static const char *const *section_keys(const char *path, size_t len)
+/* The section at the dotted path (its first len bytes), or NULL when that
+ * object's keys are not the options' to check. */
+static const struct section *section_at(const char *path, size_t len)
 {
     for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++)
         if (strlen(sections[i].path) == len && strncmp(sections[i].path, path, len) == 0)
-            return sections[i].keys;
+            return &sections[i];
     return NULL;
 }
 
@@ -108,14 +115,14 @@ int options_set(cJSON *root, const char *path, const char *value, char *err, siz
     /* Each part of the path must be a key of the section it is in, as far
      * as the path runs through sections ("model." hands over to the engine). */
     char key[256];
-    const char *const *keys = top_keys;
-    for (size_t at = 0; keys; at++) {
+    const struct section *sec = &sections[0];
+    for (size_t at = 0; sec; at++) {
         size_t len = strcspn(path + at, ".");
         snprintf(key, sizeof key, "%.*s", (int)len, path + at);
-        if (!is_key(keys, key))
+        if (!is_key(sec, key))
             return error_fmt(err, errlen, "unknown key \"%.*s\" (the flag --%s)", (int)(at + len), path, path);
         at += len;
-        keys = path[at] ? section_keys(path, at) : NULL;
+        sec = path[at] ? section_at(path, at) : NULL;
     }
     cJSON *obj = root;
     const char *name = path, *dot;
@@ -291,23 +298,19 @@ static const cJSON *at_path(const cJSON *root, const char *path)
     return o;
 }
 
-/* Each section that is there is an object with none but its own keys. */
+/* Each section that is there is an object with none but its own keys,
+ * each once. */
 static int check_sections(const cJSON *root, char *err, size_t errlen)
 {
     for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++) {
         const char *path = sections[i].path;
         const cJSON *o = at_path(root, path);
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "%s%s", path, *path ? "." : "");
         if (o && !cJSON_IsObject(o))
             return error_fmt(err, errlen, "config: \"%s\" must be an object", path);
-        for (const cJSON *k = o ? o->child : NULL; k; k = k->next) {
-            const char *dot = *path ? "." : "";
-            if (!is_key(sections[i].keys, k->string))
-                return error_fmt(err, errlen, "config: unknown key \"%s%s%s\"", path, dot, k->string);
-            /* A lookup takes the first of two equal keys; which one the
-             * writer meant is anyone's guess, so neither is taken. */
-            if (cJSON_GetObjectItemCaseSensitive(o, k->string) != k)
-                return error_fmt(err, errlen, "config: key \"%s%s%s\" appears twice", path, dot, k->string);
-        }
+        if (o && config_check_keys(o, prefix, sections[i].keys, sections[i].n_keys, err, errlen))
+            return -1;
     }
     return 0;
 }
