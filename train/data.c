@@ -55,9 +55,10 @@ struct text {
     size_t n, cap;
 };
 
-/* Append the bytes of one file to t. */
-static int append_file(const char *path, struct text *t, char *err, size_t errlen)
+/* Append the bytes of one file to text (a struct text). */
+static int append_file(const char *path, void *text, char *err, size_t errlen)
 {
+    struct text *t = text;
     FILE *f = fopen(path, "rb");
     if (!f) {
         error_fmt(err, errlen, "%s: %s", path, strerror(errno));
@@ -161,9 +162,9 @@ static int folder_files(const char *dir, char ***out, int *n_out, char *err, siz
     return 0;
 }
 
-/* Calls fn on each file the paths stand for, in corpus_read's order, with
- * its stat; stops at the first that fails. */
-typedef int file_fn(const char *path, const struct stat *st, void *arg, char *err, size_t errlen);
+/* Calls fn on each file the paths stand for, in corpus_read's order; stops
+ * at the first that fails. */
+typedef int file_fn(const char *path, void *arg, char *err, size_t errlen);
 
 static int each_file(const char *const *paths, int n_paths, file_fn *fn, void *arg, char *err, size_t errlen)
 {
@@ -173,28 +174,20 @@ static int each_file(const char *const *paths, int n_paths, file_fn *fn, void *a
         if (stat(paths[p], &st) != 0)
             return error_fmt(err, errlen, "%s: %s", paths[p], strerror(errno));
         if (!S_ISDIR(st.st_mode)) {
-            rc = fn(paths[p], &st, arg, err, errlen);
+            rc = fn(paths[p], arg, err, errlen);
             continue;
         }
         char **files = NULL;
         int n = 0;
         rc = folder_files(paths[p], &files, &n, err, errlen);
         for (int i = 0; i < n; i++) {
-            if (rc == 0 && stat(files[i], &st) != 0)
-                rc = error_fmt(err, errlen, "%s: %s", files[i], strerror(errno));
             if (rc == 0)
-                rc = fn(files[i], &st, arg, err, errlen);
+                rc = fn(files[i], arg, err, errlen);
             free(files[i]);
         }
         free(files);
     }
     return rc;
-}
-
-static int append_one(const char *path, const struct stat *st, void *arg, char *err, size_t errlen)
-{
-    (void)st;
-    return append_file(path, arg, err, errlen);
 }
 
 int corpus_read(const char *const *paths, int n_paths, char **text, size_t *len, char *err, size_t errlen)
@@ -203,7 +196,7 @@ int corpus_read(const char *const *paths, int n_paths, char **text, size_t *len,
 
     *text = NULL;
     *len = 0;
-    if (each_file(paths, n_paths, append_one, &t, err, errlen) != 0) {
+    if (each_file(paths, n_paths, append_file, &t, err, errlen) != 0) {
         free(t.p);
         return -1;
     }
@@ -233,7 +226,17 @@ static int by_id(const void *a, const void *b)
     return x->dev != y->dev ? (x->dev < y->dev ? -1 : 1) : x->ino != y->ino ? (x->ino < y->ino ? -1 : 1) : 0;
 }
 
-static int add_id(const char *path, const struct stat *st, void *arg, char *err, size_t errlen)
+/* The file's device and inode, or -1 with its name and why in err. */
+static int file_id_of(const char *path, struct file_id *id, char *err, size_t errlen)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return error_fmt(err, errlen, "%s: %s", path, strerror(errno));
+    *id = (struct file_id){st.st_dev, st.st_ino};
+    return 0;
+}
+
+static int add_id(const char *path, void *arg, char *err, size_t errlen)
 {
     struct file_set *set = arg;
     if (set->n == set->cap) {
@@ -244,14 +247,18 @@ static int add_id(const char *path, const struct stat *st, void *arg, char *err,
         set->ids = grown;
         set->cap = want;
     }
-    set->ids[set->n++] = (struct file_id){st->st_dev, st->st_ino};
+    if (file_id_of(path, &set->ids[set->n], err, errlen))
+        return -1;
+    set->n++;
     return 0;
 }
 
-static int not_in_set(const char *path, const struct stat *st, void *arg, char *err, size_t errlen)
+static int not_in_set(const char *path, void *arg, char *err, size_t errlen)
 {
     const struct file_set *set = arg;
-    const struct file_id id = {st->st_dev, st->st_ino};
+    struct file_id id = {0, 0};
+    if (file_id_of(path, &id, err, errlen))
+        return -1;
     if (set->n && bsearch(&id, set->ids, (size_t)set->n, sizeof id, by_id))
         return error_fmt(err, errlen, "%s is in the training data too: a model is not measured on what it learns",
                          path);
