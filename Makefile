@@ -19,6 +19,10 @@
 #   make test-fuzz  the same, 15 seconds each (part of make test)
 #   make test-valgrind  the server tests with the server under valgrind memcheck
 
+# The first rule make reads would be the goal of a bare `make`; the build
+# folders' .flags rules come before `all`, so name it.
+.DEFAULT_GOAL := all
+
 CC      ?= cc
 NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 PYTHON  ?= /usr/bin/python3

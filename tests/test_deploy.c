@@ -6,6 +6,7 @@
  *     sets it): READY=1 once it listens, RELOADING=1 then READY=1 around a
  *     SIGHUP reload, STOPPING=1 on SIGTERM; a notify socket nobody reads
  *     does not stop it;
+ *   - a bare `make` builds the binary;
  *   - `make install` into a temporary PREFIX: the files, the paths written
  *     into the unit and the options file, a reinstall that keeps the
  *     options; `systemd-analyze verify` on the installed unit, alone and with
@@ -510,6 +511,21 @@ static void run_exec_start(const char *prefix, const char *dir)
     free(text);
 }
 
+/* A bare `make` builds the binary: asked what it would do once the
+ * command line's source changed, it links rrnserve (it once built nothing
+ * but a build folder's record of its flags, the first rule it read). */
+static void test_make_default_goal(void **state)
+{
+    (void)state;
+    char *out = NULL;
+    const char *cmd = "make -n --no-print-directory -W cli/main.c";
+    if (proc_run(&out, "%s", cmd) != 0)
+        fail_msg("%s:\n%s", cmd, out);
+    if (!strstr(out, "LINK ") || !strstr(out, "/rrnserve\"\n"))
+        fail_msg("%s does not link rrnserve:\n%s", cmd, out);
+    free(out);
+}
+
 static void test_install_and_verify(void **state)
 {
     (void)state;
@@ -692,6 +708,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_notify_send),
         cmocka_unit_test(test_server_notifies),
+        cmocka_unit_test(test_make_default_goal),
         cmocka_unit_test(test_install_and_verify),
         cmocka_unit_test(test_k8s_manifests),
         cmocka_unit_test(test_prometheus_rules),
