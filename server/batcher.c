@@ -678,16 +678,21 @@ static int next_token(struct batcher *b, struct stream *s, const float *logits)
         memcpy(j->text + j->text_len, piece, len);
     j->text_len += len;
     j->text[j->text_len] = 0;
-    for (int i = 0; i < j->n_stop && j->finish == FINISH_NONE; i++) {
-        /* Only the new piece can complete a stop string. */
+    /* Only the new piece can complete a stop string; where it completes
+     * several, the text is cut before the one that begins first, so that
+     * it holds none of them whatever their order. */
+    const char *cut = NULL;
+    for (int i = 0; i < j->n_stop; i++) {
         size_t sl = strlen(j->stop[i]);
         size_t from = j->text_len > sl + len ? j->text_len - sl - len : 0;
-        char *hit = strstr(j->text + from, j->stop[i]);
-        if (hit) {
-            j->text_len = (size_t)(hit - j->text);
-            j->text[j->text_len] = 0;
-            j->finish = FINISH_STOP;
-        }
+        const char *hit = strstr(j->text + from, j->stop[i]);
+        if (hit && (!cut || hit < cut))
+            cut = hit;
+    }
+    if (cut) {
+        j->text_len = (size_t)(cut - j->text);
+        j->text[j->text_len] = 0;
+        j->finish = FINISH_STOP;
     }
     if (j->finish == FINISH_NONE && j->n_tokens >= j->max_tokens)
         j->finish = FINISH_LENGTH;

@@ -302,6 +302,32 @@ static void test_stop_string_ends_generation(void **state)
     job_release(k);
 }
 
+/* Two stop strings completed by one token: the text is cut before the one
+ * that begins first, though the other is listed first, so that it holds
+ * neither.  The short one is the first byte that has not appeared before
+ * (at i), the long one the text up to it: both end at byte i. */
+static void test_earliest_stop_string_cuts(void **state)
+{
+    struct env *v = *state;
+    struct job *j = gen_job(v, "good day", 99, 40);
+    run_to_end(v, j);
+    size_t i = 1;
+    while (i < j->text_len && memchr(j->text, j->text[i], i))
+        i++;
+    assert_true(i < j->text_len);
+    struct job *k = gen_job(v, "good day", 99, 40);
+    k->stop[0] = strndup(j->text + i, 1);
+    k->stop[1] = strndup(j->text, i + 1);
+    k->n_stop = 2;
+    assert_non_null(k->stop[0]);
+    assert_non_null(k->stop[1]);
+    run_to_end(v, k);
+    assert_int_equal(k->finish, FINISH_STOP);
+    assert_int_equal(k->text_len, 0);
+    job_release(j);
+    job_release(k);
+}
+
 /* A stream's wait returns as soon as it has tokens past those seen (a
  * stream's events go out a token at a time), not at its timeout; and a
  * cancelled stream stops. */
@@ -836,6 +862,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_classify_batched_equals_alone, setup_cls, teardown),
         cmocka_unit_test_setup_teardown(test_closed_loop_does_not_wait_for_a_full_batch, setup_cls_slow, teardown),
         cmocka_unit_test_setup_teardown(test_waits_for_the_company_the_last_batch_had, setup_cls_slow, teardown),
+        cmocka_unit_test_setup_teardown(test_earliest_stop_string_cuts, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_stop_string_ends_generation, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_cancelled_stream_stops, setup_lm, teardown),
         cmocka_unit_test_setup_teardown(test_twin_shares_the_prompt, setup_lm, teardown),
