@@ -279,16 +279,12 @@ struct generation {
 };
 
 /* --stream: prints the job's text as it is generated, then a newline.
- * The last bytes, as many as a stop string less one, wait for the next
- * token, since a stop string ending there would take them back; and the
- * text is cleaned of invalid UTF-8 as the JSON answer's is, a character
- * split over byte tokens printed whole.  0, or -1 out of memory. */
-static int stream_generation(struct job *j, const struct generation *g)
+ * What a stop string may yet take back waits for the next token
+ * (job_text_settled); and the text is cleaned of invalid UTF-8 as the
+ * JSON answer's is, a character split over byte tokens printed whole.
+ * 0, or -1 out of memory. */
+static int stream_generation(struct job *j)
 {
-    size_t hold = 0;
-    for (int i = 0; i < g->n_stop; i++)
-        if (strlen(g->stop[i]) - 1 > hold)
-            hold = strlen(g->stop[i]) - 1;
     struct utf8_stream text = {0};
     size_t taken = 0; /* bytes of j->text put into text */
     int done = 0, seen = 0, rc = 0;
@@ -297,7 +293,7 @@ static int stream_generation(struct job *j, const struct generation *g)
         pthread_mutex_lock(&j->mu);
         done = j->done;
         seen = j->n_tokens;
-        const size_t upto = done ? j->text_len : j->text_len > hold ? j->text_len - hold : 0;
+        const size_t upto = job_text_settled(j);
         if (upto > taken && utf8_stream_put(&text, j->text + taken, upto - taken) == 0)
             taken = upto;
         else if (upto > taken)
@@ -355,7 +351,7 @@ static int run_generate(struct runner *r, const char *prompt, struct generation 
     } else if (b && g->stream) {
         if (!g->seeded)
             fprintf(stderr, "rrnserve run: seed %llu\n", (unsigned long long)g->sample.seed);
-        if (stream_generation(j, g) != 0)
+        if (stream_generation(j) != 0)
             snprintf(err, sizeof err, "out of memory");
     } else if (b) {
         while (!job_wait(j, INT_MAX, 1000))

@@ -239,6 +239,15 @@ int job_wait(struct job *j, int seen_tokens, int timeout_ms)
     return news;
 }
 
+size_t job_text_settled(const struct job *j)
+{
+    size_t hold = 0;
+    for (int i = 0; !j->done && i < j->n_stop; i++)
+        if (strlen(j->stop[i]) - 1 > hold)
+            hold = strlen(j->stop[i]) - 1;
+    return j->text_len > hold ? j->text_len - hold : 0;
+}
+
 int batcher_submit(struct batcher *b, struct job *const *jobs, int n)
 {
     struct timespec now;

@@ -158,6 +158,11 @@ struct model_metrics *batcher_metrics(struct batcher *b);
 /* Wait until the job is done or, for generation, until it has more than
  * seen_tokens tokens; at most timeout_ms.  Returns 1 when there is news. */
 int job_wait(struct job *j, int seen_tokens, int timeout_ms);
+/* How many bytes of a generation's text no stop string can take back:
+ * all once it is done, else all but as many as its longest stop string
+ * less one (a stop string completed by a later token may begin there).
+ * What a stream may send.  Under j->mu. */
+size_t job_text_settled(const struct job *j);
 /* The client went away: the batcher drops the job at the next chance. */
 void job_cancel(struct job *j);
 
