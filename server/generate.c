@@ -468,15 +468,38 @@ static const char *join(struct joined *t, int space, const char *p, size_t n, in
     return clean;
 }
 
-/* Token id, joined as the batcher joins a generation's (words with a
- * space, with space set). */
-static const char *join_token(struct joined *t, const struct tokenizer *tk, int32_t id, int space, size_t *len,
-                              size_t *at)
+/* Token id as the batcher joins it to a generation's text of `before`
+ * bytes: its piece and length, after a space when it is a word that is
+ * not the text's first.  raw: room for a piece made. */
+struct token_bytes {
+    const char *piece;
+    size_t len;
+    int space;
+};
+
+static struct token_bytes token_bytes(const struct tokenizer *tk, int32_t id, size_t before, char raw[8])
 {
-    char raw[8];
-    size_t n = 0;
-    const char *piece = tokenizer_token(tk, id, raw, &n);
-    return join(t, space, piece, piece ? n : 0, 0, len, at);
+    size_t len = 0;
+    const char *piece = tokenizer_token(tk, id, raw, &len);
+    return (struct token_bytes){.piece = piece, .len = piece ? len : 0,
+                                .space = tk->type == TOKENIZER_WORD && before > 0};
+}
+
+/* How many of j's tokens its text shows: after a stop string, those that
+ * begin before the cut (the last of them perhaps in part); else all.  A
+ * completion lists these in its logprobs, streamed or not, as the tokens
+ * of its text. */
+static int tokens_shown(const struct tokenizer *tk, const struct job *j)
+{
+    if (j->finish != FINISH_STOP)
+        return j->n_tokens;
+    size_t at = 0;
+    int i = 0;
+    for (char raw[8]; i < j->n_tokens && at < j->text_len; i++) {
+        const struct token_bytes t = token_bytes(tk, j->tokens[i], at, raw);
+        at += (size_t)t.space + t.len;
+    }
+    return i;
 }
 
 /* The characters of prompt and, with at not NULL, where each of its n
@@ -513,10 +536,14 @@ static size_t completion_base(const struct tokenizer *tk, const char *prompt, lo
 static int generated_offsets(const struct tokenizer *tk, struct job *j)
 {
     struct joined t = {0};
-    size_t len;
+    size_t len, before = 0;
     int ok = (j->text_at = malloc(sizeof *j->text_at * ((size_t)j->n_tokens + 1))) != NULL;
-    for (int i = 0; ok && i < j->n_tokens; i++)
-        ok = join_token(&t, tk, j->tokens[i], tk->type == TOKENIZER_WORD && i > 0, &len, &j->text_at[i]) != NULL;
+    for (int i = 0; ok && i < j->n_tokens; i++) {
+        char raw[8];
+        const struct token_bytes b = token_bytes(tk, j->tokens[i], before, raw);
+        ok = join(&t, b.space, b.piece, b.len, 0, &len, &j->text_at[i]) != NULL;
+        before += (size_t)b.space + b.len;
+    }
     utf8_stream_free(&t.text);
     return ok ? 0 : -1;
 }
@@ -626,7 +653,7 @@ static cJSON *openai_answer(const struct served_model *m, const struct gen_reque
         const struct job *j = per ? jobs[c] : NULL;
         const struct echo echo = e ? echo_of(t, e, c / n) : (struct echo){0};
         const struct echo *ep = e ? &echo : NULL;
-        const struct generated gen = {.j = j, .ids = j ? j->tokens : NULL, .n = j ? j->n_tokens : 0,
+        const struct generated gen = {.j = j, .ids = j ? j->tokens : NULL, .n = j ? tokens_shown(&m->tk, j) : 0,
                                       .at = j ? j->text_at : NULL,
                                       .base = completion_base(&m->tk, t->s[c / n], chars[c / n], 0)};
         failed |= json_put(choices, NULL,
@@ -646,6 +673,8 @@ struct api_stream {
     struct gen_shape shape;
     struct client client;
     int seen;             /* tokens already turned into events */
+    int have;             /* tokens copied out of the job */
+    size_t sent;          /* bytes of the job's text those events hold */
     int after_prompt;     /* an echoed prompt went first (a word model's first
                              token then takes a space, as openai_text joins them) */
     int ended;            /* the last events are in out */
@@ -702,14 +731,14 @@ static int openai_end(struct bytes *out, const struct gen_shape *shape, const ch
     return rc == 0 && bytes_add(out, "data: [DONE]\n\n", 14) == 0 ? 0 : -1;
 }
 
-/* The event of token `index`: its text joins the text before it as the
- * batcher joins them (words with a space), and a character split over
- * several byte tokens is sent whole with the last of them. */
-static int token_event(struct api_stream *s, int32_t id, int index)
+/* The event of token `index`, n bytes of its piece after a space or not:
+ * its text joins the text before it as the batcher joins them, and a
+ * character split over several byte tokens is sent whole with the last of
+ * them, or as U+FFFD with the stream's last (final). */
+static int token_event(struct api_stream *s, int32_t id, int index, const char *piece, size_t n, int space, int final)
 {
     size_t clean_len, at;
-    const char *clean = join_token(&s->text, &s->m->tk, id,
-                                   s->m->tk.type == TOKENIZER_WORD && (index > 0 || s->after_prompt), &clean_len, &at);
+    const char *clean = join(&s->text, space, piece, n, final, &clean_len, &at);
     if (!clean)
         return -1;
     if (s->shape.dialect == DIALECT_OPENAI) {
@@ -751,18 +780,36 @@ static int last_events(struct api_stream *s)
     return rc == 0 && bytes_add(&s->out, "data: [DONE]\n\n", 14) == 0 ? 0 : -1;
 }
 
-/* Turns what the job has produced since the last call into events. */
+/* Turns what the job has produced since the last call into events.  A
+ * completions stream sends only text that no stop string can take back
+ * (job_text_settled), and nothing past the cut of the one that ended it,
+ * as the API's streams do, so that its pieces join to the answer's text;
+ * a /generate stream sends each token as it comes (api.md).  A token that
+ * leaves a character unfinished waits for the next one or the end, which
+ * finishes it or ends it as U+FFFD. */
 static int stream_collect(struct api_stream *s)
 {
     struct job *j = s->j;
     pthread_mutex_lock(&j->mu);
-    int n = j->n_tokens, done = j->done;
-    if (n > s->seen)
-        memcpy(s->ids + s->seen, j->tokens + s->seen, sizeof *s->ids * (size_t)(n - s->seen));
+    const int n = j->n_tokens, done = j->done;
+    const size_t limit = s->shape.dialect == DIALECT_OPENAI ? job_text_settled(j) : SIZE_MAX;
+    const int cut = done && j->finish == FINISH_STOP;
+    if (n > s->have)
+        memcpy(s->ids + s->have, j->tokens + s->have, sizeof *s->ids * (size_t)(n - s->have));
+    s->have = n;
     pthread_mutex_unlock(&j->mu);
-    for (; s->seen < n; s->seen++)
-        if (token_event(s, s->ids[s->seen], s->seen) != 0)
+    for (char raw[8]; s->seen < n && !(cut && s->sent >= limit); s->seen++) {
+        const struct token_bytes t = token_bytes(&s->m->tk, s->ids[s->seen], s->sent, raw);
+        const size_t end = s->sent + (size_t)t.space + t.len;
+        const int last = done && (s->seen == n - 1 || end >= limit);
+        if (!done && (end > limit || (s->seen == n - 1 && utf8_stream_open(&s->text.text, t.piece, t.len))))
+            break;
+        const size_t len = end > limit ? limit - s->sent - (size_t)t.space : t.len;
+        const int space = t.space || (s->m->tk.type == TOKENIZER_WORD && s->after_prompt && s->seen == 0);
+        if (token_event(s, s->ids[s->seen], s->seen, t.piece, len, space, last) != 0)
             return -1;
+        s->sent = end;
+    }
     if (!done)
         return 0;
     /* Done: the batcher writes nothing more, so the job reads freely. */
@@ -777,7 +824,7 @@ ssize_t api_stream_read(struct api_stream *s, char *buf, size_t max)
         if (s->ended)
             return 0;
         s->out.len = s->out_pos = 0;
-        if (job_wait_client(s->j, s->seen, &s->client) != 0 || stream_collect(s) != 0)
+        if (job_wait_client(s->j, s->have, &s->client) != 0 || stream_collect(s) != 0)
             return -1;
     }
     size_t n = s->out.len - s->out_pos < max ? s->out.len - s->out_pos : max;

@@ -74,6 +74,27 @@ const char *utf8_stream_take(struct utf8_stream *u, int final, size_t *len)
     return u->clean;
 }
 
+int utf8_stream_open(const struct utf8_stream *u, const char *p, size_t n)
+{
+    /* An unfinished character is at most 3 bytes, and its first is a
+     * lead byte, which utf8_clean always reaches as a start (it steps over
+     * a byte it cannot take one at a time): so it is one of the last 3
+     * bytes' starts that the decoder finds incomplete. */
+    uint8_t tail[3];
+    const size_t from_p = n < 3 ? n : 3, from_raw = u->raw.len < 3 - from_p ? u->raw.len : 3 - from_p;
+    if (from_raw)
+        memcpy(tail, u->raw.p + u->raw.len - from_raw, from_raw);
+    if (from_p)
+        memcpy(tail + from_raw, p + n - from_p, from_p);
+    const size_t k = from_raw + from_p;
+    for (size_t i = 0; i < k; i++) {
+        ucs4_t uc;
+        if (u8_mbtoucr(&uc, tail + i, k - i) == -2)
+            return 1;
+    }
+    return 0;
+}
+
 void utf8_stream_free(struct utf8_stream *u)
 {
     free(u->raw.p);

@@ -32,6 +32,9 @@ int utf8_stream_put(struct utf8_stream *u, const char *p, size_t n);
  * unfinished character at their end unless final; NUL-terminated, *len
  * its length, valid until the next take.  NULL: out of memory. */
 const char *utf8_stream_take(struct utf8_stream *u, int final, size_t *len);
+/* Whether the bytes put and not yet taken, followed by p[0..n), end in an
+ * unfinished character: one a later byte may finish. */
+int utf8_stream_open(const struct utf8_stream *u, const char *p, size_t n);
 void utf8_stream_free(struct utf8_stream *u);
 
 /* s as one line of UTF-8 to show (in the log, in a message): each control

@@ -1281,6 +1281,55 @@ static int offsets_every_way(int port, const char *body, int prompt_tokens, long
     return n;
 }
 
+/* A completion cut by stop strings, streamed or not, has the text of
+ * /generate's answer, cut before the stop string that begins first (both
+ * taken from the same seed's text run on, ending at its ninth byte, in a
+ * word of the word model's, listed shorter first); the stream's pieces hold
+ * no part of a stop string, and the logprobs list the tokens of the text
+ * alone, the same streamed (offsets_every_way). */
+static void test_completions_stop(void **state)
+{
+    struct server *s = *state;
+    static const char *const models[] = {"combo_lstm_lm", "tok_word_lm"};
+    for (int m = 0; m < 2; m++) {
+        cJSON *run_on = generate(s->port, models[m], "\"max_tokens\": 30, \"seed\": 13");
+        const char *text = str_of(run_on, "text");
+        assert_true(strlen(text) > 12 && !strpbrk(text, "\"\\"));
+        char stops[2][4] = {{text[6], text[7], text[8], 0}, {text[7], text[8], 0}};
+        size_t cut = strlen(text);
+        for (int k = 0; k < 2; k++)
+            if ((size_t)(strstr(text, stops[k]) - text) < cut)
+                cut = (size_t)(strstr(text, stops[k]) - text);
+        assert_true(cut > 0);
+        char more[160], body[320], *streamed, *t;
+        snprintf(more, sizeof more, "\"max_tokens\": 30, \"seed\": 13, \"stop\": [\"%s\", \"%s\"]", stops[1], stops[0]);
+        cJSON *want = generate(s->port, models[m], more);
+        assert_string_equal(str_of(want, "finish_reason"), "stop");
+        assert_int_equal(strlen(str_of(want, "text")), cut);
+        assert_memory_equal(str_of(want, "text"), text, cut);
+        snprintf(body, sizeof body, "{\"model\": \"%s\", \"prompt\": \"good day\", %s, \"stream\": true}", models[m],
+                 more);
+        cJSON *first;
+        streamed = streamed_completion(s->port, body, &first);
+        assert_string_equal(streamed, str_of(want, "text"));
+        cJSON_Delete(first);
+        free(streamed);
+        snprintf(body, sizeof body, "{\"model\": \"%s\", \"prompt\": \"good day\", %s, \"logprobs\": 0", models[m],
+                 more);
+        long offs[64];
+        const int prompt = cJSON_GetObjectItem(want, "prompt_tokens")->valueint;
+        const int n = offsets_every_way(s->port, body, prompt, offs, 64, &t);
+        const long base = (long)strlen("good day") + (m == 1);
+        if (n - prompt < 1 || n - prompt > cJSON_GetObjectItem(want, "tokens")->valueint)
+            fail_msg("%s: %d tokens listed of %d", models[m], n - prompt, cJSON_GetObjectItem(want, "tokens")->valueint);
+        if (offs[n - 1] >= base + (long)cut)
+            fail_msg("%s: a token listed at %ld, past the text's end at %ld", models[m], offs[n - 1], base + (long)cut);
+        free(t);
+        cJSON_Delete(want);
+        cJSON_Delete(run_on);
+    }
+}
+
 /* Code point i of UTF-8 text: where it starts. */
 static const char *code_point(const char *text, long i)
 {
@@ -2688,6 +2737,43 @@ static void test_completions_text_offset_bytes(void **state)
     free(text);
 }
 
+/* A byte model's stream that ends inside a character ends it as U+FFFD,
+ * as the answer's text does: the events of /generate's stream and of a
+ * completion's join to that text, whatever the length. */
+static void test_stream_ends_inside_a_character(void **state)
+{
+    struct server *s = *state;
+    serve_new_model(s, "bytes", "{\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 16, \"embed_dim\": 8, "
+                                "\"tokenizer\": {\"type\": \"byte\"}}");
+    int replaced_last = 0;
+    for (int len = 1; len <= 24; len++) {
+        char more[96], body[192], *streamed;
+        snprintf(more, sizeof more, "\"max_tokens\": %d, \"seed\": 2", len);
+        cJSON *plain = generate(s->port, "bytes", more);
+        const char *text = str_of(plain, "text");
+        replaced_last += strlen(text) >= 3 && strcmp(text + strlen(text) - 3, "\xef\xbf\xbd") == 0;
+        snprintf(body, sizeof body, "{\"model\": \"bytes\", \"prompt\": \"good day\", %s, \"stream\": true}", more);
+        struct http_resp r;
+        http_must_request(s->port, "POST", "/generate", "", body, &r);
+        assert_int_equal(r.status, 200);
+        struct buf joined = {0};
+        int n;
+        cJSON_Delete(parse_events(r.body.p, &joined, &n, NULL));
+        if (strcmp(joined.p, text) != 0)
+            fail_msg("max_tokens %d: the stream's tokens join to '%s', the text is '%s'", len, joined.p, text);
+        free(joined.p);
+        http_resp_free(&r);
+        cJSON *first;
+        streamed = streamed_completion(s->port, body, &first);
+        if (strcmp(streamed, text) != 0)
+            fail_msg("max_tokens %d: the completion's stream joins to '%s', the text is '%s'", len, streamed, text);
+        cJSON_Delete(first);
+        free(streamed);
+        cJSON_Delete(plain);
+    }
+    assert_true(replaced_last > 0);
+}
+
 /* ---- bad command lines ------------------------------------------------ */
 
 static void test_bad_command_lines(void **state)
@@ -2770,6 +2856,7 @@ int main(void)
         cmocka_unit_test(test_forward_calls_are_bounded),
         cmocka_unit_test(test_generate_seeded),
         cmocka_unit_test(test_generate_stream_equals_plain),
+        cmocka_unit_test(test_completions_stop),
         cmocka_unit_test(test_generate_logprobs),
         cmocka_unit_test(test_generation_metrics),
         cmocka_unit_test(test_generate_n),
@@ -2791,6 +2878,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_vector_model_refused, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_model_name_escaped, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_completions_text_offset_bytes, setup_reload, server_teardown),
+        cmocka_unit_test_setup_teardown(test_stream_ends_inside_a_character, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),

@@ -71,6 +71,30 @@ static void test_any_split_equals_the_whole(void **state)
     }
 }
 
+/* utf8_stream_open says, before a piece is put, whether the text up to its
+ * end would leave an unfinished character: whether utf8_clean, not final,
+ * leaves bytes of that text unread. */
+static void test_open_after_a_piece(void **state)
+{
+    (void)state;
+    static const char text[] = "\xe2\x82\xac 5, caf\xc3\xa9 \xf0\x9f\x98\x80\xff\xc3 x\xe2\x82\xf0\x9f\xc3\xe2";
+    const size_t n = sizeof text - 1;
+    char clean[3 * sizeof text + 1];
+    for (size_t step = 1; step <= 4; step++) {
+        struct utf8_stream u = {0};
+        size_t len;
+        for (size_t i = 0; i < n; i += step) {
+            const size_t m = i + step < n ? step : n - i;
+            const int open = utf8_stream_open(&u, text + i, m);
+            if (open != (utf8_clean(text, i + m, 0, clean, &len) < i + m))
+                fail_msg("step %zu, bytes up to %zu: utf8_stream_open says %d", step, i + m, open);
+            assert_int_equal(utf8_stream_put(&u, text + i, m), 0);
+            assert_non_null(utf8_stream_take(&u, 0, &len));
+        }
+        utf8_stream_free(&u);
+    }
+}
+
 /* utf8_length counts the characters of utf8_clean's text: of a clean text
  * its code points, and of any other a U+FFFD for each byte replaced. */
 static void test_length_counts_the_clean_text(void **state)
@@ -126,6 +150,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pieces_come_out_whole),
         cmocka_unit_test(test_any_split_equals_the_whole),
+        cmocka_unit_test(test_open_after_a_piece),
         cmocka_unit_test(test_length_counts_the_clean_text),
         cmocka_unit_test(test_printable),
     };
