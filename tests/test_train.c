@@ -501,6 +501,15 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--state_reset 1.5", "state_reset");
     expect_error(lm_config, "--model.cell transformer", "config: \"cell\" must be \"rnn_tanh\"");
     expect_error("{\"model\": ", "", "not a JSON object");
+    expect_error("{\"steps\": 3} x", "", "not a JSON object (near byte 13)");
+    /* A flag's value is JSON only when the whole of it is: not a path
+     * that begins as JSON (as null, a number, true), nor a count with a
+     * unit after it. */
+    expect_error(lm_config, "--data.valid nullius.txt", "nullius.txt: No such file");
+    expect_error(lm_config, "--data.train 2024-missing.txt", "2024-missing.txt: No such file");
+    expect_error(lm_config, "--data.train true_story.txt", "true_story.txt: No such file");
+    expect_error(lm_config, "--steps 10k", "\"steps\" must be a number");
+    expect_error(lm_config, "--seed 1abc", "\"seed\" must be a number");
     expect_error(lm_config, "--optim.decay sometimes", "\"optim.decay\" must be none, linear, cosine or step");
     expect_error(lm_config, "--optim.decay 5", "\"optim.decay\" must be none, linear, cosine or step");
     expect_error(lm_config, "--optim.bogus 1", "unknown key \"optim.bogus\"");

@@ -303,7 +303,7 @@ int checkpoint_restore(struct run *r, const char *path, char *err, size_t errlen
         return -1;
     }
     const char *text = st_meta_get(&f, "training_state");
-    cJSON *st = text ? cJSON_Parse(text) : NULL;
+    cJSON *st = text ? cJSON_ParseWithOpts(text, NULL, 1) : NULL;
     const struct st_tensor *optim = st_find(&f, "optim"), *slots = st_find(&f, "slots"), *best = st_find(&f, "best");
     const size_t slot_len = run_is_lm(r) ? engine_slot_state_len(r->e) : 0, moments_len = optim_len(r);
     float *moments = NULL, *all = NULL;

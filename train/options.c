@@ -19,7 +19,7 @@ cJSON *options_read_checkpoint(const char *path, char *err, size_t errlen)
         return NULL;
     }
     const char *config = st_meta_get(&f, "training_config");
-    cJSON *root = config ? cJSON_Parse(config) : NULL;
+    cJSON *root = config ? cJSON_ParseWithOpts(config, NULL, 1) : NULL;
     if (!cJSON_IsObject(root)) {
         error_fmt(err, errlen, "%s has no training configuration (not a checkpoint?)", path);
         cJSON_Delete(root);
@@ -47,7 +47,7 @@ cJSON *options_read_file(const char *path, char *err, size_t errlen)
         error_fmt(err, errlen, "cannot read %s", path);
         return NULL;
     }
-    cJSON *root = cJSON_Parse(text);
+    cJSON *root = cJSON_ParseWithOpts(text, NULL, 1);
     if (!cJSON_IsObject(root)) {
         error_fmt(err, errlen, "%s: not a JSON object (near byte %ld)", path,
                   root ? 0L : (long)(cJSON_GetErrorPtr() - text));
@@ -140,7 +140,9 @@ int options_set(cJSON *root, const char *path, const char *value, char *err, siz
         obj = next;
         name = dot + 1;
     }
-    cJSON *v = cJSON_Parse(value);
+    /* JSON only when the whole value is: a path that begins as JSON
+     * (nullius.txt, 2024-emma.txt) or a count with a unit is a string. */
+    cJSON *v = cJSON_ParseWithOpts(value, NULL, 1);
     if (!v)
         v = cJSON_CreateString(value);
     if (!v)
