@@ -23,6 +23,7 @@
 #include "commands.h"
 #include "engine.h"
 #include "handler.h"
+#include "json_text.h"
 #include "tokenizer.h"
 
 struct runner {
@@ -214,11 +215,13 @@ static char *read_whole(const char *path, size_t *len)
 /* Parse one JSONL line into an item. */
 static void parse_line(struct runner *r, struct item *it, const char *line, size_t len, long lineno)
 {
-    cJSON *o = cJSON_ParseWithLength(line, len);
+    cJSON *o = json_parse_whole(line, len);
     const cJSON *text = o ? cJSON_GetObjectItemCaseSensitive(o, "text") : NULL;
     it->lineno = lineno;
     if (!o)
         snprintf(it->error, sizeof it->error, "line %ld: not valid JSON", lineno);
+    else if (json_holds_nul(line, len))
+        snprintf(it->error, sizeof it->error, "line %ld: a string holds U+0000 (\\u0000)", lineno);
     else if (!cJSON_IsObject(o))
         snprintf(it->error, sizeof it->error, "line %ld: not a JSON object", lineno);
     else if (!cJSON_IsString(text))

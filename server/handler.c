@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "handler.h"
+#include "json_text.h"
 #include "lazy_json.h"
 
 /* How often a waiting handler looks at its client's connection. */
@@ -87,14 +88,13 @@ static const char *twice_named(const cJSON *v, int *oom)
 
 cJSON *request_parse(const char *body, size_t len, struct reply *r)
 {
-    const char *end = NULL, *twice = NULL;
+    const char *twice = NULL;
     int oom = 0;
-    cJSON *req = cJSON_ParseWithLengthOpts(body, len, &end, 0);
-    if (req && end)
-        while (end < body + len && strchr(" \t\r\n", *end))
-            end++;
-    if (!req || end != body + len) {
+    cJSON *req = json_parse_whole(body, len);
+    if (!req) {
         reply_error(r, 400, "the body is not valid JSON");
+    } else if (json_holds_nul(body, len)) {
+        reply_error(r, 400, "a string of the body holds U+0000 (\\u0000), which no field takes");
     } else if (!cJSON_IsObject(req)) {
         reply_error(r, 400, "the body must be a JSON object");
     } else if ((twice = twice_named(req, &oom)) != NULL) {

@@ -145,22 +145,25 @@ static void test_run_lm_file_and_jsonl(void **state)
         cJSON *line = cJSON_CreateObject();
         cJSON_AddStringToObject(line, "text", cJSON_GetArrayItem(texts, i)->valuestring);
         char *s = cJSON_PrintUnformatted(line);
-        fprintf(f, "%s\n%s", s, i == 1 ? "{\"text\": 42}\n\n{\"text\": \"\"}\nnot json\n[1]\n" : "");
+        fprintf(f, "%s\n%s", s, i == 1 ? "{\"text\": 42}\n\n{\"text\": \"\"}\nnot json\n[1]\n"
+                                                "{\"text\": \"a\"} {\"text\": \"b\"}\n{\"text\": \"a\\u0000b\"}\n" : "");
         free(s);
         cJSON_Delete(line);
     }
     fclose(f);
     assert_int_equal(
         proc_rrnserve(&out, NULL, "run " FIX "combo_lstm_lm.safetensors --batch 2 --jsonl %s 2>/dev/null", path), 1);
-    /* The answers to lines 3, 5, 6 and 7 (4 is blank) are errors naming them. */
+    /* The answers to lines 3 and 5 to 9 (4 is blank) are errors naming
+     * them: line 8 is two objects, line 9 a text cJSON would cut short. */
     static const char *const errors[] = {"line 3: \"text\" must be a string", "line 5: the text has no tokens",
-                                         "line 6: not valid JSON", "line 7: not a JSON object"};
+                                         "line 6: not valid JSON", "line 7: not a JSON object",
+                                         "line 8: not valid JSON", "line 9: a string holds U+0000"};
     char *save, *line = strtok_r(out, "\n", &save);
-    for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts) + 3; i++, line = strtok_r(NULL, "\n", &save)) {
+    for (int i = 0, k = 0; i <= cJSON_GetArraySize(texts) + 5; i++, line = strtok_r(NULL, "\n", &save)) {
         assert_non_null(line);
         cJSON *r = cJSON_Parse(line);
         assert_non_null(r);
-        if (i >= 2 && i <= 5) {
+        if (i >= 2 && i <= 7) {
             const char *e = cJSON_GetObjectItem(r, "error")->valuestring;
             assert_non_null(strstr(e, errors[i - 2]));
         } else {

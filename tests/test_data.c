@@ -436,6 +436,7 @@ static void test_classify_errors(void **state)
         {"{\"text\": \"x\", \"label\": \"positive\"", "not valid JSON"},
         {"{\"text\": \"x\", \"label\": \"positive\"} trailing", "not valid JSON"},
         {"[\"x\", \"positive\"]", "not a JSON object"},
+        {"{\"text\": \"x\\u0000y\", \"label\": \"positive\"}", "a string holds U+0000 (\\u0000)"},
         {"{\"label\": \"positive\"}", "no \"text\" field"},
         {"{\"text\": 3, \"label\": \"positive\"}", "\"text\" is not a string"},
         {"{\"text\": \"x\"}", "no \"label\" field"},

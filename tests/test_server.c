@@ -1769,6 +1769,8 @@ static void test_request_errors(void **state)
         {"/classify", "", 400, "JSON"},
         {"/classify", "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"a\"} trailing", 400, "JSON"},
         {"/classify", "[1, 2]", 400, "object"},
+        /* cJSON would read "good" alone. */
+        {"/classify", "{\"model\": \"plain_lstm_l2_bi_last\", \"text\": \"good\\u0000day\"}", 400, "U+0000"},
         {"/classify", "{\"model\": 5, \"text\": \"a\"}", 400, "\"model\""},
         {"/classify", "{\"text\": \"a\"}", 400, "\"model\""},
         {"/classify", "{\"model\": \"plain_lstm_l2_bi_last\"}", 400, "\"text\""},

@@ -6,6 +6,7 @@
  */
 #include "error.h"
 #include "data.h"
+#include "json_text.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -451,9 +452,13 @@ static int parse_example(const char *line, size_t len, char *const *classes, int
         snprintf(why, whylen, "a NUL byte in the line");
         return -1;
     }
-    *json = cJSON_ParseWithOpts(line, NULL, 1);
+    *json = json_parse_whole(line, len);
     if (!*json) {
         snprintf(why, whylen, "not valid JSON");
+        return -1;
+    }
+    if (json_holds_nul(line, len)) {
+        snprintf(why, whylen, "a string holds U+0000 (\\u0000)");
         return -1;
     }
     if (!cJSON_IsObject(*json)) {
