@@ -51,6 +51,12 @@ struct route {
     const char *method;
     api_handler *handler;
     int open;           /* answered without an API key */
+    /* Answered when every --max-connections place is held too (and the
+     * connection closed after): a liveness or readiness probe, or a
+     * scrape, that met the limit's 503 would have a supervisor restart a
+     * server that is only busy, and leave its metrics blind when they
+     * matter most.  Each is cheap and has no body. */
+    int probe;
 };
 
 /* GET /: the attention page.  It holds no data (what it shows, it fetches
@@ -73,8 +79,8 @@ static void serve_page(struct api *a, const char *body, size_t len, const struct
 static const struct route routes[EP_COUNT] = {
     [EP_CLASSIFY] = {"POST", api_classify, 0},   [EP_GENERATE] = {"POST", api_generate, 0},
     [EP_ATTENTION] = {"POST", api_attention, 0}, [EP_SCORE] = {"POST", api_score, 0},
-    [EP_MODELS] = {"GET", api_models, 0},        [EP_HEALTHZ] = {"GET", api_healthz, 1},
-    [EP_READYZ] = {"GET", api_readyz, 1},        [EP_METRICS] = {"GET", api_metrics, 0},
+    [EP_MODELS] = {"GET", api_models, 0},        [EP_HEALTHZ] = {"GET", api_healthz, 1, 1},
+    [EP_READYZ] = {"GET", api_readyz, 1, 1},     [EP_METRICS] = {"GET", api_metrics, 0, 1},
     [EP_INDEX] = {"GET", serve_page, 1},         [EP_COMPLETIONS] = {"POST", api_completions, 0},
     [EP_OPENAI_MODELS] = {"GET", api_openai_models, 0},
 };
@@ -452,11 +458,13 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
     /* Last, so that a request refused above, a client without a key among
      * them, never takes the place of another's idle connection. */
     if (connection_request_begins(s->conns, connection_of(rq->conn)) != 0) {
+        rq->close = 1;
+        if (rt->probe)
+            return MHD_YES;
         struct reply r = {.batch_size = -1, .retry_after = 1};
         reply_error(&r, 503, "the server has its most connections open (--max-connections %d), none of them "
                              "idle; try again",
                     connections_max(s->conns));
-        rq->close = 1;
         return send_reply(rq, &r);
     }
     return MHD_YES;

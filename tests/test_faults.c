@@ -360,8 +360,11 @@ static void test_oversized_headers(void **state)
 
 #define MAX_CONN 8
 #define N_FLOOD 32
-#define PING "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-#define PING_CLOSE "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+/* A request that needs a place (not a probe's, which is answered without
+ * one). */
+#define PING "GET /models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+#define PING_CLOSE "GET /models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+#define PING_ANSWERED "\"models\""
 
 static int setup_few_connections(void **state)
 {
@@ -394,7 +397,7 @@ static int pinged_connection(int port)
     assert_int_equal(http_send_all(fd, PING, strlen(PING)), 0);
     if (!readable(fd, 5000))
         fail_msg("PING: no answer within 5 s");
-    http_read_until(fd, &raw, "\"ok\"");
+    http_read_until(fd, &raw, PING_ANSWERED);
     if (!raw.p || !strstr(raw.p, " 200 "))
         fail_msg("PING: %s", raw.p ? raw.p : "closed without an answer");
     free(raw.p);
@@ -460,7 +463,7 @@ static void test_idle_connections_make_room(void **state)
     for (int i = 2; i < MAX_CONN; i++) {
         struct buf raw = {0};
         assert_int_equal(http_send_all(hold[i], PING, strlen(PING)), 0);
-        http_read_until(hold[i], &raw, "\"ok\"");
+        http_read_until(hold[i], &raw, PING_ANSWERED);
         assert_non_null(raw.p);
         free(raw.p);
     }
@@ -548,7 +551,8 @@ static void test_open_file_limit(void **state)
 
 /* Every place held by a stream in flight: a client that comes is answered
  * 503 at once (Retry-After: 1, naming --max-connections) and its
- * connection closed, as its Connection header says; so is each of a flood
+ * connection closed, as its Connection header says, but for a probe's or
+ * a scrape's, answered and closed; so is each of a flood
  * of them; one that connects and sends nothing is closed within a few
  * seconds rather than kept for --timeout-s; the streams run on; once one
  * ends, newcomers are served, one after the other in its place. */
@@ -578,6 +582,17 @@ static void test_busy_connections_refuse(void **state)
     assert_non_null(strstr(r.body.p, "--max-connections 8"));
     http_resp_free(&r);
     free(raw.p);
+    /* Probes and scrapes are answered all the same, each connection closed
+     * after its answer: a busy server is alive, and its metrics show it. */
+    static const char *const probes[] = {"/healthz", "/readyz", "/metrics"};
+    for (int i = 0; i < 3; i++) {
+        struct http_resp p;
+        char close_[16];
+        if (request(s->port, "GET", probes[i], NULL, &p) != 200)
+            fail_msg("GET %s with every place held: %d %s", probes[i], p.status, p.body.p ? p.body.p : "");
+        assert_string_equal(http_header(&p, "Connection", close_, sizeof close_), "close");
+        http_resp_free(&p);
+    }
     flood(s->port, "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 51\r\n\r\n" CLASSIFY, N_FLOOD,
           503);
     fd = http_connect(s->port, HTTP_TIMEOUT_S);
@@ -600,7 +615,7 @@ static void test_busy_connections_refuse(void **state)
     close(streams[0]);
     assert_int_equal(server_wait_log(s, "POST /generate 499", 1), 1);
     struct http_resp ok;
-    for (int i = 0; i < 100 && request(s->port, "GET", "/healthz", NULL, &ok) == 503; i++) {
+    for (int i = 0; i < 100 && request(s->port, "GET", "/models", NULL, &ok) == 503; i++) {
         http_resp_free(&ok);
         sleep_ms(50);
     }
@@ -611,7 +626,7 @@ static void test_busy_connections_refuse(void **state)
      * place then, not when libmicrohttpd reports the close (which a
      * client may come before: 3 of 200 got 503 that way). */
     for (int i = 0; i < 300; i++)
-        expect_status(s->port, "GET", "/healthz", NULL, 200);
+        expect_status(s->port, "GET", "/models", NULL, 200);
     for (int i = 1; i < MAX_CONN; i++)
         close(streams[i]);
     assert_int_equal(server_wait_log(s, "POST /generate 499", MAX_CONN), MAX_CONN);
