@@ -107,10 +107,6 @@ static int read_hashes(const char *path, struct hashes *k, char *err, size_t err
         snprintf(err, errlen, "error reading the API key file %s", path);
         rc = -1;
     }
-    if (rc == 0 && k->n == 0) {
-        snprintf(err, errlen, "the API key file %s holds no key hash", path);
-        rc = -1;
-    }
     free(line);
     fclose(f);
     if (rc != 0) {
@@ -129,6 +125,13 @@ struct auth *auth_load(const char *path, char *err, size_t errlen)
         return NULL;
     }
     if (read_hashes(path, &a->keys, err, errlen) != 0) {
+        auth_free(a);
+        return NULL;
+    }
+    /* A server that could let no one in is a mistake at its start; at a
+     * reload, emptying the file is how every key is revoked at once. */
+    if (a->keys.n == 0) {
+        snprintf(err, errlen, "the API key file %s holds no key hash", path);
         auth_free(a);
         return NULL;
     }

@@ -15,8 +15,9 @@ struct auth;
 /* NULL with a message (naming the line) in err when the file cannot be
  * read, a line is not a 64-digit hex hash, or there is no hash at all. */
 struct auth *auth_load(const char *path, char *err, size_t errlen);
-/* Replaces the keys with those of the file at path: their number, or -1
- * with a message in err (as auth_load's) and the keys left as they were. */
+/* Replaces the keys with those of the file at path: their number (0, a
+ * file of no hash, revokes every key), or -1 with a message in err (as
+ * auth_load's) and the keys left as they were. */
 int auth_reload(struct auth *a, const char *path, char *err, size_t errlen);
 void auth_free(struct auth *a);
 

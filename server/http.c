@@ -287,6 +287,9 @@ static enum MHD_Result send_reply(struct request *rq, struct reply *r)
         rc |= add_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
     if (r->retry_after)
         rc |= add_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, retry);
+    /* RFC 9110, 15.5.2: a 401 names the scheme that would do (RFC 6750's). */
+    if (r->status == 401)
+        rc |= add_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"rrnserve\"");
     if (r->status == 405)
         rc |= add_header(resp, MHD_HTTP_HEADER_ALLOW,
                          strcmp(routes[rq->ep].method, "GET") == 0 ? "GET, HEAD" : routes[rq->ep].method);
@@ -420,7 +423,7 @@ static enum MHD_Result add_framing(void *cls, enum MHD_ValueKind kind, const cha
     return MHD_YES;
 }
 
-/* The checks that need no body: path, method, key, the body's framing and
+/* The checks that need no body: the body's framing, key, path, method and
  * declared size.  An error is queued at once; MHD_YES with nothing queued
  * lets the request go on to its body.  HEAD is GET without the body, which
  * libmicrohttpd leaves out (load balancers check health with it). */
@@ -433,10 +436,8 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
     MHD_get_connection_values(rq->conn, MHD_HEADER_KIND, add_framing, &f);
     const int http11 = strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
     rq->last = f.close || (!http11 && !f.keep_alive);
-    if (!rt->handler)
-        return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
-    if (strcmp(method, rt->method) != 0 && !(strcmp(method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0))
-        return send_error(rq, 405, "%s needs method %s", rq->path, rt->method);
+    const int method_ok = rt->handler && (strcmp(method, rt->method) == 0 ||
+                                          (strcmp(method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0));
     /* Where two parsers could read two different bodies (a proxy in
      * front, and this server), the request is refused: how requests are
      * smuggled past a proxy (RFC 9112, 6.3). */
@@ -451,8 +452,14 @@ static enum MHD_Result check_early(struct request *rq, const char *method, const
                                                     : "a request's Content-Length headers disagree");
     if (f.other_coding)
         return send_error(rq, 501, "the only Transfer-Encoding understood is chunked");
-    if (s->auth && !rt->open && !auth_check(s->auth, key))
+    /* Before the path and method are judged: a client without a key
+     * learns nothing of which paths and methods there are. */
+    if (s->auth && !(rt->open && method_ok) && !auth_check(s->auth, key))
         return send_error(rq, 401, "a valid API key is required: Authorization: Bearer KEY");
+    if (!rt->handler)
+        return send_error(rq, 404, "no endpoint at %.100s (see api.md)", rq->path);
+    if (!method_ok)
+        return send_error(rq, 405, "%s needs method %s", rq->path, rt->method);
     if (f.length && strtoull(f.length, NULL, 10) > s->max_body)
         return send_error(rq, 413, BODY_TOO_LARGE, s->max_body);
     /* Last, so that a request refused above, a client without a key among

@@ -211,6 +211,10 @@ static void reload_keys(struct auth *auth, const char *path)
     int n = auth_reload(auth, path, err, sizeof err);
     if (n < 0)
         log_msg("cannot reload the API keys: %s; keeping the %d key hash(es) loaded before", err, auth_count(auth));
+    else if (n == 0)
+        log_msg("reloaded the API keys: %s holds no key hash, so every key is revoked: each request that needs one "
+                "is refused until the file holds one",
+                path);
     else
         log_msg("reloaded the API keys: %d key hash(es) from %s", n, path);
 }

@@ -2605,6 +2605,16 @@ static void test_api_keys(void **state)
     assert_int_equal(r.status, 200);
     assert_non_null(strstr(r.body.p, "status=\"401\""));
     http_resp_free(&r);
+    /* A 401 names the scheme (RFC 9110); without a key, no path or method
+     * is told apart from another, the open ones' other methods too. */
+    char scheme[64];
+    http_must_request(s->port, "GET", "/models", "", NULL, &r);
+    assert_string_equal(http_header(&r, "WWW-Authenticate", scheme, sizeof scheme), "Bearer realm=\"rrnserve\"");
+    http_resp_free(&r);
+    expect_error(s->port, "GET", "/no-such-path", "", NULL, 401, "API key");
+    expect_error(s->port, "POST", "/healthz", "", "{}", 401, "API key");
+    expect_error(s->port, "GET", "/no-such-path", "Authorization: Bearer second-key\r\n", NULL, 404, "no endpoint");
+    expect_error(s->port, "POST", "/healthz", "Authorization: Bearer second-key\r\n", "{}", 405, "needs method GET");
 
     /* SIGHUP reads the file again: the first key revoked, a third added
      * (its hash in capitals: hex digits of either case are read); a file
@@ -2638,6 +2648,18 @@ static void test_api_keys(void **state)
     assert_true(server_log_has(s, "line 2: expected a SHA-256 hash"));
     for (int i = 0; i < 2; i++)
         expect_status(s->port, "POST", "/classify", kept[i], body, 200);
+    /* A file of comments alone revokes every key (never: lets everyone
+     * in); the health checks still need none. */
+    assert_non_null(f = fopen(keys_file, "w"));
+    fputs("# every key revoked\n", f);
+    fclose(f);
+    assert_int_equal(kill(s->pid, SIGHUP), 0);
+    assert_int_equal(server_wait_log(s, "the API keys: ", 3), 3);
+    assert_true(server_log_has(s, "holds no key hash, so every key is revoked"));
+    for (int i = 0; i < 2; i++)
+        expect_error(s->port, "POST", "/classify", kept[i], body, 401, "API key");
+    expect_error(s->port, "POST", "/classify", "", body, 401, "API key");
+    cJSON_Delete(get(s->port, "/healthz", 200));
 }
 
 /* A model of config json (its weights drawn as `rrnserve train` draws
