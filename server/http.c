@@ -573,6 +573,21 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
 
 /* ---- the daemon ---------------------------------------------------------- */
 
+/* libmicrohttpd's unescaping of a path (and query), but an escaped NUL
+ * becomes a control character, which names no endpoint and shows as '?',
+ * not the path's end: "/healthz%00junk" was served as /healthz, and
+ * logged so. */
+static size_t unescape_url(void *cls, struct MHD_Connection *c, char *s)
+{
+    (void)cls;
+    (void)c;
+    const size_t n = MHD_http_unescape(s);
+    for (size_t i = 0; i < n; i++)
+        if (!s[i])
+            s[i] = '\x01';
+    return n;
+}
+
 struct http_server *http_start(const struct http_options *opt, struct api *api, struct auth *auth,
                                struct metrics *metrics, char *err, size_t errlen)
 {
@@ -626,6 +641,7 @@ struct http_server *http_start(const struct http_options *opt, struct api *api, 
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)CONNECTION_MEMORY,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
                             MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
+                            MHD_OPTION_UNESCAPE_CALLBACK, unescape_url, NULL,
                             MHD_OPTION_END);
     if (!s->d) {
         snprintf(err, errlen, "cannot listen on %s port %d (in use, or not an address of this machine?)",

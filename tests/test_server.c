@@ -1580,6 +1580,11 @@ static void test_routing_errors(void **state)
     assert_string_equal(http_header(&r, "Allow", allow, sizeof allow), "GET, HEAD");
     http_resp_free(&r);
     expect_error(s->port, "DELETE", "/healthz", "", NULL, 405, NULL);
+    /* An escaped NUL is no end of the path: these are no endpoints. */
+    expect_error(s->port, "GET", "/healthz%00junk", "", NULL, 404, "/healthz?junk");
+    expect_error(s->port, "GET", "/metrics%00", "", NULL, 404, "/metrics?");
+    expect_error(s->port, "GET", "/v1/models%00/extra", "", NULL, 404, "/v1/models?/extra");
+    assert_int_equal(server_wait_log(s, "GET /healthz?junk 404", 1), 1);
     /* A path's control characters (decoded from %0d%0a, %7f, and C1's
      * CSI, %c2%9b) are logged as '?', so that a request cannot write a log
      * line of its own or drive a terminal, as is each byte that is not
