@@ -625,6 +625,38 @@ static void sync_parent(const char *path)
     }
 }
 
+/* A new file beside path, path.tmp.XXXXXX, that st_write writes and then
+ * renames to path: its descriptor and *tmp its malloc'd name, or -1 with
+ * err. */
+static int create_tmp(const char *path, char **tmp, char *err, size_t errlen)
+{
+    size_t plen = strlen(path);
+    *tmp = malloc(plen + sizeof ".tmp.XXXXXX");
+    if (!*tmp)
+        return error_fmt(err, errlen, "out of memory");
+    memcpy(*tmp, path, plen);
+    memcpy(*tmp + plen, ".tmp.XXXXXX", sizeof ".tmp.XXXXXX");
+    int fd = mkstemp(*tmp);
+    if (fd < 0) {
+        error_fmt(err, errlen, "cannot create %s: %s", *tmp, strerror(errno));
+        free(*tmp);
+        *tmp = NULL;
+    }
+    return fd;
+}
+
+int st_check_writable(const char *path, char *err, size_t errlen)
+{
+    char *tmp;
+    int fd = create_tmp(path, &tmp, err, errlen);
+    if (fd < 0)
+        return -1;
+    close(fd);
+    unlink(tmp);
+    free(tmp);
+    return 0;
+}
+
 int st_write(const char *path, const struct st_write_tensor *t, int n,
              const struct st_meta *meta, int n_meta, char *err, size_t errlen)
 {
@@ -657,19 +689,9 @@ int st_write(const char *path, const struct st_write_tensor *t, int n,
         goto out;
     }
 
-    size_t plen = strlen(path);
-    tmp = malloc(plen + sizeof ".tmp.XXXXXX");
-    if (!tmp) {
-        rc = error_fmt(err, errlen, "out of memory");
-        goto out;
-    }
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp.XXXXXX", sizeof ".tmp.XXXXXX");
-    int fd = mkstemp(tmp);
+    int fd = create_tmp(path, &tmp, err, errlen);
     if (fd < 0) {
-        rc = error_fmt(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
-        tmp = NULL;
+        rc = -1;
         goto out;
     }
     /* mkstemp creates the file 0600; weight files are data to share. */

@@ -77,5 +77,9 @@ struct st_write_tensor {
  * file and renames it, so a reader never sees half a file. */
 int st_write(const char *path, const struct st_write_tensor *t, int n,
              const struct st_meta *meta, int n_meta, char *err, size_t errlen);
+/* 0 when st_write could create its temporary file beside path (the folder
+ * is there and writable), which is made and removed; else -1 with err
+ * naming it and why. */
+int st_check_writable(const char *path, char *err, size_t errlen);
 
 #endif

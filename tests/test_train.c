@@ -457,6 +457,18 @@ static void test_unwritable_weights_keep_the_old(void **state)
     assert_int_equal(proc_run(&out, "ls %s | grep -c tmp", dir), 1);
     assert_string_equal(out, "0\n");
     free(out);
+    /* A folder that is not there, or that cannot be written to, is found
+     * before the run trains (its weights would be lost at the end), and
+     * the message names the file. */
+    snprintf(path, sizeof path, "%s/ro", dir);
+    assert_int_equal(mkdir(path, 0555), 0);
+    static const char *const outs[] = {"nowhere/w.safetensors", "ro/w.safetensors"};
+    for (size_t i = 0; i < sizeof outs / sizeof *outs && (i == 0 || geteuid() != 0); i++) {
+        status = proc_rrnserve(&out, dir, "train --config w.json --out %s", outs[i]);
+        if (status != 1 || !strstr(out, "cannot write ") || !strstr(out, outs[i]) || strstr(out, "step "))
+            fail_msg("--out %s: exit %d: %s", outs[i], status, out);
+        free(out);
+    }
     /* A checkpoint that cannot be written stops the run there, saying so,
      * rather than training on with nothing to resume from. */
     snprintf(path, sizeof path, "%s/c.ckpt.safetensors.state", dir);

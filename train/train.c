@@ -37,6 +37,7 @@
 #include "config.h"
 #include "error.h"
 #include "run.h"
+#include "safetensors.h"
 
 /* ---- 2. Data and vocabulary. */
 
@@ -467,6 +468,13 @@ static void run_free(struct run *r)
 static int train(struct run *r, const char *resume, char *err, size_t errlen)
 {
     struct options *o = &r->o;
+    /* The weight file is written at the end, and its checkpoints, CSV and
+     * SVG beside it: a folder that is not there or not writable is found
+     * now, before the run's work, rather than after it with nothing kept. */
+    char why[512];
+    if (st_check_writable(o->out, why, sizeof why))
+        return error_fmt(err, errlen, "cannot write %s (nor its checkpoint, CSV and SVG beside it): %s", o->out,
+                         why);
     /* 3. The model. */
     struct model_config cfg;
     char *model_json = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(o->root, "model"));
