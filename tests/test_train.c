@@ -717,6 +717,16 @@ static void test_damaged_checkpoints_are_refused(void **state)
                      damage[i].json ? damage[i].json : "nothing", rc, damage[i].named, out);
         free(out);
     }
+    /* A weight file and a state of different steps (a run ended between
+     * writing them, or files mixed). */
+    state_with("d.ckpt.safetensors.state", "mix.ckpt.safetensors.state", "step", "6");
+    snprintf(copy, sizeof copy, "%s/mix.ckpt.safetensors", dir);
+    file_copy(weights, copy);
+    assert_int_equal(proc_rrnserve(&out, dir, "train --resume mix.ckpt.safetensors --out z.safetensors"), 1);
+    if (!strstr(out, "mix.ckpt.safetensors holds the weights of step 5 but mix.ckpt.safetensors.state the state of "
+                     "step 6"))
+        fail_msg("files of steps 5 and 6: %s", out);
+    free(out);
     /* The state of another batch size, and one cut short. */
     assert_int_equal(proc_rrnserve(&out, dir, "train --resume d.ckpt.safetensors --batch_size 4 --out z.safetensors"), 1);
     assert_non_null(strstr(out, "does not match this run"));

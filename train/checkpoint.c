@@ -293,6 +293,24 @@ static const char *restore_windows(struct run *r, const cJSON *st, size_t *start
     return NULL;
 }
 
+/* The step of the training state a checkpoint's weight file carries, or
+ * -1 when it has none. */
+static double weights_step(const char *path)
+{
+    struct st_file f;
+    char why[512];
+    double step = -1;
+    if (st_open(path, &f, why, sizeof why))
+        return -1;
+    const char *text = st_meta_get(&f, "training_state");
+    cJSON *st = text ? cJSON_ParseWithOpts(text, NULL, 1) : NULL;
+    if (get_whole(st, "step", STATE_MAX, &step))
+        step = -1;
+    cJSON_Delete(st);
+    st_close(&f);
+    return step;
+}
+
 int checkpoint_restore(struct run *r, const char *path, char *err, size_t errlen)
 {
     char *path2 = state_path(path), why[512];
@@ -332,6 +350,15 @@ int checkpoint_restore(struct run *r, const char *path, char *err, size_t errlen
             st_to_f32(best, r->best);
         if (rc == 0)
             bad = restore_progress(r, st, best != NULL);
+        /* Both files carry the step: weights of one step resumed from the
+         * place and moments of another would be a run that never was. */
+        const double step = rc == 0 && !bad ? weights_step(path) : (double)r->step;
+        if (step < 0)
+            rc = error_fmt(err, errlen, "%s has no training state (not a checkpoint?)", path);
+        else if (step != (double)r->step)
+            rc = error_fmt(err, errlen, "%s holds the weights of step %.0f but %s the state of step %ld: a "
+                           "checkpoint's two files must come from one step (a run ended between writing them, or "
+                           "files mixed)", path, step, path2, r->step);
         if (rc == 0 && !bad && !run_is_lm(r) && r->next_batch > 0) {
             /* Redraw this epoch's order from the generator as it was. */
             r->rng = r->epoch_rng;
