@@ -119,6 +119,15 @@ static void print_json(cJSON *o)
     cJSON_Delete(o);
 }
 
+/* Marks an item failed: what, after its line of a JSONL file. */
+static void item_error(struct item *it, const char *what)
+{
+    char where[32] = "";
+    if (it->lineno)
+        snprintf(where, sizeof where, "line %ld: ", it->lineno);
+    snprintf(it->error, sizeof it->error, "%s%s", where, what);
+}
+
 /* Run a batch of items and print one line each; returns the number of
  * items that failed. */
 static int run_batch(struct runner *r, struct item *items, int n)
@@ -136,10 +145,7 @@ static int run_batch(struct runner *r, struct item *items, int n)
         if (items[i].error[0])
             continue;
         if (items[i].n == 0) {
-            char where[32] = "";
-            if (items[i].lineno)
-                snprintf(where, sizeof where, "line %ld: ", items[i].lineno);
-            snprintf(items[i].error, sizeof items[i].error, "%sthe text has no tokens", where);
+            item_error(&items[i], "the text has no tokens");
             continue;
         }
         texts[ok] = (struct engine_text){.tokens = items[i].ids, .len = (int)items[i].n};
@@ -154,14 +160,18 @@ static int run_batch(struct runner *r, struct item *items, int n)
         rc = r->model.cfg.task == TASK_LM ? engine_score(r->engine, texts, ok, err, sizeof err)
                                           : engine_forward(r->engine, seqs, ok, err, sizeof err);
     for (int i = 0, k = 0; i < n; i++) {
-        cJSON *o;
+        cJSON *o = NULL;
         if (rc == 0 && k < ok && which[k] == i) {
             const float *out = probs + (size_t)k * r->model.head_out;
-            o = r->model.cfg.task == TASK_LM        ? score_result(texts[k].logprob, items[i].n)
-                : r->model.cfg.task == TASK_REGRESS ? regress_result(out, r->model.head_out)
-                                                    : classify_result(&r->model, out);
+            if (r->model.cfg.task == TASK_LM && !isfinite(texts[k].logprob))
+                item_error(&items[i], "the text: " ENGINE_SCORE_NOT_FINITE);
+            else
+                o = r->model.cfg.task == TASK_LM        ? score_result(texts[k].logprob, items[i].n)
+                    : r->model.cfg.task == TASK_REGRESS ? regress_result(out, r->model.head_out)
+                                                        : classify_result(&r->model, out);
             k++;
-        } else {
+        }
+        if (!o) {
             o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "error", items[i].error[0] ? items[i].error : err);
             fprintf(stderr, "rrnserve run: %s\n", items[i].error[0] ? items[i].error : err);

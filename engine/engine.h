@@ -116,6 +116,9 @@ struct engine_text {
  * attention maps come this way too, in memory bounded by a chunk however
  * long the text. */
 int engine_score(struct engine *e, struct engine_text *texts, int n, char *err, size_t errlen);
+/* What `rrnserve run` and POST /score say of a text whose logprob is not
+ * finite (an Inf or NaN that JSON cannot hold): an error, not a null. */
+#define ENGINE_SCORE_NOT_FINITE "its log-probability under the model is not finite (the model's numbers overflow on it)"
 
 /* A slot's whole state as a flat array of engine_slot_state_len floats,
  * to keep (a training checkpoint) and to put back into an open slot with

@@ -180,7 +180,7 @@ static void forward(const struct forward_endpoint *ep, struct api *a, const char
         j->top_logprobs = top_logprobs_for(m, top);
     }
     if (ok && request_tokenize(a, m, &t, 0, j, r) == 0 && request_alternatives_fit(j, r) == 0 &&
-        jobs_run(m, &j, 1, c, r) == 0) {
+        jobs_run(m, &j, 1, c, r) == 0 && (ep->kind != JOB_SCORE || request_scores_finite(&t, j, r) == 0)) {
         forward_answer(ep, m, j, t.many, r);
         j = NULL;
         m = NULL;

@@ -257,6 +257,18 @@ int request_texts(const cJSON *req, const char *name, int many_ok, struct texts 
     return 0;
 }
 
+int request_scores_finite(const struct texts *t, const struct job *j, struct reply *r)
+{
+    for (int i = 0; i < j->n_texts; i++)
+        if (!isfinite(j->logprob[i])) {
+            char name[48];
+            text_field(t, i, name, sizeof name);
+            reply_error(r, 422, "\"%s\": " ENGINE_SCORE_NOT_FINITE, name);
+            return -1;
+        }
+    return 0;
+}
+
 int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, int first,
                      struct job *j, struct reply *r)
 {

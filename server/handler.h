@@ -67,6 +67,10 @@ int request_texts(const cJSON *req, const char *name, int many_ok, struct texts 
  * no tokens). */
 int request_tokenize(const struct api *a, const struct served_model *m, const struct texts *t, int first,
                      struct job *j, struct reply *r);
+/* 0 when each of the texts of score job j has a finite log-probability;
+ * else a 422 naming the first that has not (JSON has no Inf or NaN, and a
+ * null would read as a score). */
+int request_scores_finite(const struct texts *t, const struct job *j, struct reply *r);
 
 /* The alternatives a token gets for top_logprobs `asked`: at most the
  * model's vocabulary. */

@@ -284,6 +284,10 @@ static void test_bad_usage(void **state)
         {"frobnicate", 2, "unknown command"},
         /* A text with no tokens (the word tokenizer drops punctuation). */
         {"run " FIX "tok_word.safetensors --text '...'", 1, "no tokens"},
+        /* A score that overflows the model (a ReLU RNN of 3 layers on "ab "
+         * 150 times) is an error, as POST /score's 422, not a null. */
+        {"run " FIX "plain_rnn_relu_l3_lm.safetensors --text \"$(printf 'ab %.0s' $(seq 150))\"", 1,
+         "the text: its log-probability under the model is not finite"},
         /* --generate: a language model that reads one way, a prompt with
          * tokens, its settings in range and with it alone. */
         {"run " FIX "plain_lstm_l2_bi_last.safetensors --generate a", 1, "task classify"},

@@ -920,6 +920,35 @@ static void test_score_alternatives(void **state)
     free(text);
 }
 
+static int setup_relu_lm(void **state)
+{
+    static const char *const models[] = {"plain_rnn_relu_l3_lm", NULL};
+    static const char *const extra[] = {"--device", "cpu", NULL};
+    *state = server_start(&(struct server_opts){.models = models, .args = extra});
+    return 0;
+}
+
+/* A text whose score overflows the model (a ReLU RNN of 3 layers on "ab "
+ * 150 times) is a 422 naming it, as `rrnserve run` fails on it, not a
+ * null score; one it scores is answered. */
+static void test_score_not_finite(void **state)
+{
+    struct server *s = *state;
+    char text[451];
+    for (int i = 0; i < 150; i++)
+        memcpy(text + 3 * i, "ab ", 3);
+    text[450] = 0;
+    char *b = body_with("plain_rnn_relu_l3_lm", "text", text, NULL);
+    expect_error(s->port, "POST", "/score", "", b, 422, "\"text\": its log-probability under the model is not finite");
+    free(b);
+    text[30] = 0;
+    b = body_with("plain_rnn_relu_l3_lm", "text", text, NULL);
+    cJSON *scored = post(s->port, "/score", 200, b);
+    assert_true(isfinite(logprob_of(scored)));
+    cJSON_Delete(scored);
+    free(b);
+}
+
 /* A generation's latencies are in /metrics under its model: one time to
  * its first token, within the request's own time; one mean time between
  * its tokens when it had 2 or more; its queue wait; its prompt's tokens;
@@ -2909,6 +2938,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_completions_text_offset_bytes, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_stream_ends_inside_a_character, setup_reload, server_teardown),
         cmocka_unit_test_setup_teardown(test_json_log, setup_json_log, server_teardown),
+        cmocka_unit_test_setup_teardown(test_score_not_finite, setup_relu_lm, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache, setup_prompt_cache, server_teardown),
         cmocka_unit_test_setup_teardown(test_prompt_cache_cuda, setup_prompt_cache_cuda, server_teardown),
         cmocka_unit_test_setup_teardown(test_fused_recurrence_equals_fixtures, setup_fused, server_teardown),
