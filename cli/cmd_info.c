@@ -1,8 +1,9 @@
 /* cmd_info.c - `rrnserve info FILE`: what a weight file holds.
  *
  * Prints the config, the parameter count, the tensor table and whether the
- * data matches its checksum, then runs the full loader over the file so that
- * the exit status says whether the server would accept it.  Everything the
+ * data matches its checksum, then runs the full loader over the file and
+ * builds its tokenizer, as the server and `run` do, so that the exit status
+ * says whether they would accept it.  Everything the
  * file shows is printed even when it is not servable: someone debugging a
  * rejected file wants to see what is in it next to the reason.
  */
@@ -16,6 +17,7 @@
 #include "config.h"
 #include "model.h"
 #include "safetensors.h"
+#include "tokenizer.h"
 
 static const char *dtype_name(enum st_dtype d)
 {
@@ -78,7 +80,8 @@ int cmd_info(int argc, char **argv)
     const int help = argc == 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0);
     if (argc != 2 || help) {
         fprintf(help ? stdout : stderr, "usage: rrnserve info FILE\n"
-                                        "Prints a weight file's config, its tensors and whether its checksum holds.\n");
+                                        "Prints a weight file's config, its tensors and whether its checksum holds;\n"
+                                        "exits 1 where run or serve would refuse the file (its tokenizer included).\n");
         return help ? 0 : 2;
     }
     const char *path = argv[1];
@@ -109,13 +112,21 @@ int cmd_info(int argc, char **argv)
         printf("data_sha256: mismatch: file says %s, data hashes to %s\n", claimed, hex);
 
     struct model m;
+    struct tokenizer tk;
     int rc = 0;
     if (model_load_st(&f, hex, &m, err, sizeof err) != 0) {
-        fflush(stdout);
-        fprintf(stderr, "rrnserve info: %s: %s\n", path, err);
         rc = 1;
     } else {
+        /* Its token list is checked there (no token twice, none empty, one
+         * code point each of a char tokenizer's). */
+        rc = tokenizer_init(&tk, &m.cfg, err, sizeof err) != 0;
+        if (!rc)
+            tokenizer_free(&tk);
         model_free(&m);
+    }
+    if (rc) {
+        fflush(stdout);
+        fprintf(stderr, "rrnserve info: %s: %s\n", path, err);
     }
     st_close(&f);
     return rc;

@@ -232,6 +232,32 @@ static void test_info(void **state)
     free(out);
     free(file);
     unlink(path);
+
+    /* Token lists that the tokenizer refuses, which the config's parser
+     * lets through: info fails with the message run gives. */
+    static const char *const tokens[][2] = {
+        {"[\"<unk>\", \"a\", \"a\"]", "tokenizer: duplicate token \"a\""},
+        {"[\"<unk>\", \"a\", \"\"]", "tokenizer: token 2 is empty"},
+        {"[\"<unk>\", \"a\", \"bc\"]", "tokenizer: char token 2 (\"bc\") is not exactly one code point"},
+    };
+    for (size_t i = 0; i < sizeof tokens / sizeof *tokens; i++) {
+        char json[256], err[256], *ran;
+        snprintf(json, sizeof json, "{\"task\": \"lm\", \"cell\": \"gru\", \"hidden\": 4, \"embed_dim\": 4,"
+                 " \"tokenizer\": {\"type\": \"char\", \"tokens\": %s, \"unk\": 0}}", tokens[i][0]);
+        struct model m;
+        model_from_json(json, 0, 1, &m);
+        if (model_save(&m, path, NULL, 0, err, sizeof err) != 0)
+            fail_msg("model_save: %s", err);
+        model_free(&m);
+        assert_int_equal(proc_rrnserve(&ran, NULL, "run %s --text a 2>&1 >/dev/null", path), 1);
+        assert_non_null(strstr(ran, tokens[i][1]));
+        assert_int_equal(proc_rrnserve(&out, NULL, "info %s 2>&1 >/dev/null", path), 1);
+        if (!strstr(out, strstr(ran, tokens[i][1])))
+            fail_msg("info of tokens %s: %s; run says %s", tokens[i][0], out, ran);
+        free(out);
+        free(ran);
+    }
+    unlink(path);
     rmdir(dir);
 }
 
