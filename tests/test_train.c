@@ -606,6 +606,24 @@ static void test_bad_configs_and_data(void **state)
         fail_msg("decay none: %s", out);
     assert_non_null(strstr(out, "validation at step 2"));
     free(out);
+    /* Paths that begin as JSON does are paths. */
+    char from[256], to[256];
+    snprintf(from, sizeof from, "%s/corpus.txt", dir);
+    snprintf(to, sizeof to, "%s/true_story.txt", dir);
+    file_copy(from, to);
+    if (proc_rrnserve(&out, dir, "train --config lm.json --steps 1 --data.train true_story.txt --out 2024.safetensors"))
+        fail_msg("paths that begin as JSON does: %s", out);
+    free(out);
+    snprintf(to, sizeof to, "%s/2024.safetensors", dir);
+    assert_int_equal(access(to, R_OK), 0);
+    /* --steps 0 trains none, as --epochs 0 does, rather than an epoch. */
+    for (int i = 0; i < 2; i++) {
+        if (proc_rrnserve(&out, dir, "train --config lm.json %s --out zero.safetensors",
+                          i ? "--steps 0" : "--steps null --epochs 0") != 0 ||
+            !strstr(out, " parameters, 0 steps of ") || strstr(out, "step 1/"))
+            fail_msg("%s: %s", i ? "--steps 0" : "--epochs 0", out);
+        free(out);
+    }
     /* null takes a key out: no validation text, so none is measured. */
     if (proc_rrnserve(&out, dir, "train --config lm.json --steps 2 --data.valid null --valid_every null") != 0 ||
         strstr(out, "validation at step"))

@@ -395,7 +395,7 @@ int options_parse(cJSON *root, struct options *o, char *err, size_t errlen)
         return -1;
     o->bptt = (int)v;
     if (get_num(root, "epochs", "", 0, 1e6, 1, &o->epochs, err, errlen) ||
-        get_int(root, "steps", "", 0, 1e12, 0, &v, err, errlen))
+        get_int(root, "steps", "", 0, 1e12, -1, &v, err, errlen))
         return -1;
     o->steps = (long)v;
     if (get_num(root, "dropout", "", 0, 0.99, 0, &v, err, errlen))

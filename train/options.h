@@ -27,7 +27,7 @@ struct options {
     int vocab_max_size, vocab_min_count; /* a word list built from the data */
     int batch, bptt;
     double epochs;
-    long steps;                /* 0: from epochs */
+    long steps;                /* -1: from epochs (0 trains none, as epochs 0) */
     float dropout, dropout_embed;
     double state_reset;        /* lm: chance a window starts from the zero state */
     unsigned long long seed;

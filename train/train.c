@@ -174,6 +174,13 @@ static int add_part(struct run *r, const char *path, const struct split *split, 
     return 0;
 }
 
+/* The run's length: steps when given (0 too, as epochs 0 trains none),
+ * else epochs of per_epoch steps. */
+static long run_steps(const struct options *o, long per_epoch)
+{
+    return o->steps >= 0 ? o->steps : (long)ceil(o->epochs * (double)per_epoch);
+}
+
 static int open_data(struct run *r, char *err, size_t errlen)
 {
     const struct options *o = &r->o;
@@ -207,8 +214,7 @@ static int open_data(struct run *r, char *err, size_t errlen)
             return error_fmt(err, errlen, "out of memory");
         for (int i = 0; i < o->batch; i++)
             r->slots[i] = -1;
-        long per_epoch = lm_windows_per_epoch(&r->win);
-        r->total_steps = o->steps ? o->steps : (long)ceil(o->epochs * (double)per_epoch);
+        r->total_steps = run_steps(o, lm_windows_per_epoch(&r->win));
         return 0;
     }
     if (o->synthetic) {
@@ -235,8 +241,7 @@ static int open_data(struct run *r, char *err, size_t errlen)
     r->batch_start = malloc(sizeof(int) * ((size_t)r->train_d.n + 2));
     if (!r->order || !r->batch_start)
         return error_fmt(err, errlen, "out of memory");
-    long per_epoch = (r->train_d.n + o->batch - 1) / o->batch;
-    r->total_steps = o->steps ? o->steps : (long)ceil(o->epochs * (double)per_epoch);
+    r->total_steps = run_steps(o, (r->train_d.n + o->batch - 1) / o->batch);
     r->next_batch = r->n_batches = 0;
     return 0;
 }
