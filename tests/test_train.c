@@ -26,6 +26,7 @@
 
 #include "backend.h"
 #include "model.h"
+#include "safetensors.h"
 
 #include "support/files.h"
 #include "support/filter.h"
@@ -330,6 +331,24 @@ static void test_classifier_learns(void **state)
     free(out);
 }
 
+/* The number `name` of dir/file's training_results. */
+static double training_result(const char *file, const char *name)
+{
+    char path[256], err[256];
+    struct st_file f;
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    if (st_open(path, &f, err, sizeof err))
+        fail_msg("%s", err);
+    cJSON *results = cJSON_Parse(st_meta_get(&f, "training_results"));
+    const cJSON *v = cJSON_GetObjectItem(results, name);
+    if (!cJSON_IsNumber(v))
+        fail_msg("%s: no number \"%s\" in training_results %s", file, name, st_meta_get(&f, "training_results"));
+    double value = v->valuedouble;
+    cJSON_Delete(results);
+    st_close(&f);
+    return value;
+}
+
 /* A classifier's run checkpointed in the middle of an epoch (step 25 of
  * 50, epochs of 10) and resumed writes the weights of the run left alone:
  * the epoch's order is drawn again as it was.  Keeping the best weights,
@@ -348,6 +367,10 @@ static void test_classifier_run_resumes(void **state)
         assert_int_equal(proc_rrnserve(&out, dir, cmd), 0);
         assert_true(!i || strstr(out, "keeping the weights of step 10 "));
         free(out);
+        /* The results are those of the weights written: with keep_best, of
+         * step 10, the end of the first epoch. */
+        assert_int_equal((long)training_result("whole.safetensors", "steps"), i ? 10 : 50);
+        assert_true(training_result("whole.safetensors", "epochs") == (i ? 1.0 : 5.0));
         snprintf(cmd, sizeof cmd, "train --config cls.json --valid_every 10 %s --checkpoint_every 25"
                                   " --out c.safetensors", flags[i]);
         assert_int_equal(proc_rrnserve(&out, dir, cmd), 0);

@@ -374,15 +374,16 @@ static int validate(struct run *r, double *loss, double *metric, char *err, size
     return 0;
 }
 
-/* The weight file, with its training configuration and results. */
+/* The weight file, with its training configuration and results: those of
+ * the point whose weights it holds, last, the best one's with keep_best. */
 static int save_model(struct run *r, const char *path, const struct curve_point *last, char *err, size_t errlen)
 {
     char *config = cJSON_PrintUnformatted(r->o.root);
     char results[512];
     snprintf(results, sizeof results,
              "{\"steps\": %ld, \"epochs\": %.3f, \"train_loss\": %.6g, \"valid_loss\": %.6g, \"valid_%s\": %.6g}",
-             r->step, last ? last->epoch : 0.0, last ? last->train_loss : NAN, last ? last->valid_loss : NAN,
-             r->curve.metric_name, last ? last->valid_metric : NAN);
+             r->best ? last->step : r->step, last->epoch, last->train_loss, last->valid_loss, r->curve.metric_name,
+             last->valid_metric);
     /* JSON has no NaN: a metric never measured is null. */
     for (char *p; (p = strstr(results, "nan"));)
         memcpy(p, "null", 3), memmove(p + 4, p + 3, strlen(p + 3) + 1), p[3] = 'l';
