@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
@@ -22,6 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -224,10 +226,10 @@ static void test_runs_are_reproducible(void **state)
     assert_false(same_weights("a.safetensors", "f.safetensors"));
 }
 
-/* `rrnserve train` of 100,000 steps in dir, its stderr into dir/s.log,
- * SIGINT and SIGTERM at their defaults (a shell's background job would
- * ignore SIGINT): its pid. */
-static pid_t start_long_run(void)
+/* `rrnserve train` of 100,000 steps of lm.json with hidden units of that
+ * many in dir, its stderr into dir/s.log, SIGINT and SIGTERM at their
+ * defaults (a shell's background job would ignore SIGINT): its pid. */
+static pid_t start_long_run(const char *hidden)
 {
     char cwd[PATH_MAX], bin[PATH_MAX + 256], log[256];
     assert_non_null(getcwd(cwd, sizeof cwd));
@@ -242,11 +244,65 @@ static pid_t start_long_run(void)
             _exit(127);
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
-        execl(bin, bin, "train", "--config", "lm.json", "--steps", "100000", "--log_every", "1", "--out",
-              "s.safetensors", (char *)NULL);
+        execl(bin, bin, "train", "--config", "lm.json", "--steps", "100000", "--log_every", "1", "--model.hidden",
+              hidden, "--out", "s.safetensors", (char *)NULL);
         _exit(127);
     }
     return pid;
+}
+
+/* Waits for the run of start_long_run to log its third step (bounded:
+ * 30 s). */
+static void wait_for_step_3(void)
+{
+    char path[256], *log = NULL;
+    snprintf(path, sizeof path, "%s/s.log", dir);
+    for (int k = 0; k < 3000 && !(log && strstr(log, "\nstep 3/")); k++) {
+        free(log);
+        sleep_ms(10);
+        log = file_read(path, NULL);
+    }
+    free(log);
+}
+
+/* How many temporary files (NAME.tmp.XXXXXX, NAME.csv.tmp) are in dir. */
+static int tmp_files(void)
+{
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += strstr(e->d_name, ".tmp") != NULL;
+    closedir(d);
+    return n;
+}
+
+/* A second SIGTERM while the checkpoint the first asked for is written
+ * (a model of 256 hidden units, whose files take a while) ends the run
+ * once the files are whole: no temporary file is left, and the checkpoint
+ * resumes (its weights and state of one step). */
+static void test_second_signal_waits_for_the_files(void **state)
+{
+    (void)state;
+    write_corpus();
+    write_file("lm.json", lm_config);
+    pid_t pid = start_long_run("256");
+    wait_for_step_3();
+    assert_int_equal(kill(pid, SIGTERM), 0);
+    int seen = 0;
+    for (double until = now_s() + 30; !(seen = tmp_files()) && now_s() < until;)
+        nanosleep(&(struct timespec){0, 100000}, NULL);
+    kill(pid, SIGTERM);
+    int status = proc_wait(pid, 60);
+    if (status == -1)
+        kill(pid, SIGKILL);
+    if (!seen || !WIFSIGNALED(status) || WTERMSIG(status) != SIGTERM)
+        fail_msg("saw %d files being written; status %#x", seen, status);
+    assert_int_equal(tmp_files(), 0);
+    char *out;
+    if (proc_rrnserve(&out, dir, "train --resume s.ckpt.safetensors --steps 0 --out r.safetensors") != 0)
+        fail_msg("the checkpoint does not resume: %s", out);
+    free(out);
 }
 
 /* SIGINT or SIGTERM a few steps into a run of 100,000: the run writes a
@@ -265,20 +321,13 @@ static void test_stopped_run_resumes(void **state)
         const char *said;
     } sigs[] = {{SIGINT, 130, "Interrupt: stopped at step "}, {SIGTERM, 143, "Terminated: stopped at step "}};
     for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) {
-        pid_t pid = start_long_run();
-        char *log = NULL;
-        /* Signalled once its third step is logged (bounded: 30 s). */
-        for (int k = 0; k < 3000 && !(log && strstr(log, "\nstep 3/")); k++) {
-            free(log);
-            sleep_ms(10);
-            log = file_read(path, NULL);
-        }
-        free(log);
+        pid_t pid = start_long_run("32");
+        wait_for_step_3();
         assert_int_equal(kill(pid, sigs[i].sig), 0);
         int status = proc_wait(pid, 60);
         if (status == -1)
             kill(pid, SIGKILL);
-        log = file_read(path, NULL);
+        char *log = file_read(path, NULL);
         assert_non_null(log);
         if (!WIFEXITED(status) || WEXITSTATUS(status) != sigs[i].status || !strstr(log, sigs[i].said) ||
             !strstr(log, "of 100000; wrote s.ckpt.safetensors "
@@ -852,6 +901,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_lm_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_runs_are_reproducible, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_stopped_run_resumes, make_dir, remove_dir),
+        cmocka_unit_test_setup_teardown(test_second_signal_waits_for_the_files, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_learns, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_classifier_run_resumes, make_dir, remove_dir),
         cmocka_unit_test_setup_teardown(test_synthetic_tasks_learn, make_dir, remove_dir),

@@ -421,29 +421,61 @@ static void checkpoint_path(const struct options *o, char *path, size_t cap)
 
 /* The signal that asked the run to stop, or 0.  The loop looks at it
  * after each step, so that a run stopped with Ctrl-C (or by a supervisor)
- * keeps what it learned in a checkpoint rather than losing it. */
-static atomic_int stop_signal;
+ * keeps what it learned in a checkpoint rather than losing it.  A second
+ * signal, or any once the steps are done, ends the run (end_signal); but
+ * while files are written (writing) it waits for them to be whole: a kill
+ * there left a temporary file behind, or a checkpoint's .state of one step
+ * beside the weights of the step before. */
+static atomic_int stop_signal, end_signal, writing, steps_done;
+
+/* Ends the process as sig's default action does, which a shell reports
+ * as that signal. */
+static void end_by(int sig)
+{
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
 
 static void on_stop_signal(int sig)
 {
-    atomic_store(&stop_signal, sig);
+    int none = 0;
+    if (!atomic_load(&steps_done) && atomic_compare_exchange_strong(&stop_signal, &none, sig))
+        return;
+    /* Stored before writing is read, as writing is stored before
+     * end_signal is read (write_files): one of the two ends the run. */
+    atomic_store(&end_signal, sig);
+    if (!atomic_load(&writing))
+        end_by(sig);
 }
 
-/* SIGINT and SIGTERM set stop_signal, once: SA_RESETHAND gives the next
- * one its default action, so a second Ctrl-C ends a run at once (the
- * checkpoint's files are written whole or not at all).  A signal the run
- * was started ignoring stays ignored, as a shell has a job it runs in the
- * background ignore SIGINT.  With on 0, back to the default. */
-static void catch_stop_signals(int on)
+/* SIGINT and SIGTERM go to on_stop_signal.  A signal the run was started
+ * ignoring stays ignored, as a shell has a job it runs in the background
+ * ignore SIGINT. */
+static void catch_stop_signals(void)
 {
     static const int sigs[] = {SIGINT, SIGTERM};
     for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) {
-        struct sigaction was, sa = {.sa_handler = on ? on_stop_signal : SIG_DFL,
-                                    .sa_flags = SA_RESTART | SA_RESETHAND};
+        struct sigaction was, sa = {.sa_handler = on_stop_signal, .sa_flags = SA_RESTART};
         sigemptyset(&sa.sa_mask);
         if (sigaction(sigs[i], NULL, &was) == 0 && was.sa_handler != SIG_IGN)
             sigaction(sigs[i], &sa, NULL);
     }
+}
+
+/* The run's files at a checkpoint (last 0) or at its end (last 1), each
+ * written whole, an ending signal held until they are. */
+static int write_files(struct run *r, const char *path, const struct curve_point *last, char *err, size_t errlen)
+{
+    atomic_store(&writing, 1);
+    if (atomic_load(&end_signal))
+        end_by(atomic_load(&end_signal));
+    int rc = last ? save_model(r, path, last, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen) ||
+                        curve_write_svg(&r->curve, r->svg, path, err, errlen)
+                  : checkpoint_save(r, path, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen);
+    atomic_store(&writing, 0);
+    if (atomic_load(&end_signal))
+        end_by(atomic_load(&end_signal));
+    return rc ? -1 : 0;
 }
 
 static void run_free(struct run *r)
@@ -542,7 +574,7 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
     last.valid_loss = last.valid_metric = NAN;
     char ckpt[4200];
     checkpoint_path(o, ckpt, sizeof ckpt);
-    catch_stop_signals(1);
+    catch_stop_signals();
     while (r->step < r->total_steps) {
         struct train_result res = {0};
         if (engine_zero_grads(r->e))
@@ -577,7 +609,7 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
         int valid_now = (o->valid_every && r->step % o->valid_every == 0) || r->step == r->total_steps;
         const int stop = atomic_load(&stop_signal);
         if ((stop || (o->checkpoint_every && r->step % o->checkpoint_every == 0)) && r->step < r->total_steps &&
-            (checkpoint_save(r, ckpt, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen)))
+            write_files(r, ckpt, NULL, err, errlen))
             return -1;
         if (stop && r->step < r->total_steps) {
             fprintf(stderr, "%s%s: stopped at step %ld of %ld; wrote %s (continue with rrnserve train --resume %s)\n",
@@ -622,7 +654,7 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
         r->loss_count = r->tokens = r->norm_steps = 0;
         since = now();
     }
-    catch_stop_signals(0);
+    atomic_store(&steps_done, 1);
     if (tty)
         fputc('\n', stderr);
     /* 5. The results. */
@@ -634,8 +666,7 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
     } else if (run_sync_weights(r, err, errlen) != 0) {
         return -1;
     }
-    if (save_model(r, o->out, &last, err, errlen) || curve_write_csv(&r->curve, r->csv, err, errlen) ||
-        curve_write_svg(&r->curve, r->svg, o->out, err, errlen))
+    if (write_files(r, o->out, &last, err, errlen))
         return -1;
     fprintf(stderr, "wrote %s, %s, %s (%.0f s)\n", o->out, r->csv, r->svg, now() - start);
     return 0;
