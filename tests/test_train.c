@@ -605,6 +605,9 @@ static void test_bad_configs_and_data(void **state)
     expect_error(lm_config, "--data.split.mood 1", "unknown key \"data.split.mood\" (the flag");
     expect_error(lm_config, "--vocab 3", "config: \"vocab\" must be an object");
     expect_error(lm_config, "--optim.lr.x 3", "--optim.lr.x: \"optim.lr\" is not an object");
+    expect_error(lm_config, "--optim.lr 0.01.5", "\"optim.lr\" must be a number");
+    expect_error(lm_config, "--batch_size 8,16", "\"batch_size\" must be a number");
+    expect_error(lm_config, "--init_from nothing.safetensors", "nothing.safetensors: ");
     static const char *const in_file[][2] = {
         {"\"data\": {\"train\": \"corpus.txt\"}, \"stepz\": 3", "config: unknown field \"stepz\""},
         {"\"data\": {\"train\": \"corpus.txt\", \"trian\": 1}", "config: unknown field \"data.trian\""},

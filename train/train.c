@@ -528,9 +528,9 @@ static int train(struct run *r, const char *resume, char *err, size_t errlen)
         const char *from = resume ? resume : o->init_from;
         char *want = config_to_json(&cfg), *have = NULL;
         config_free(&cfg);
-        if (model_load(from, &r->model, err, errlen)) {
+        if (model_load(from, &r->model, why, sizeof why)) {
             free(want);
-            return -1;
+            return error_fmt(err, errlen, "%s: %s", from, why);
         }
         have = config_to_json(&r->model.cfg);
         int same = want && have && strcmp(want, have) == 0;
