@@ -38,6 +38,7 @@ enum state { IDLE, ARRIVING, HANDLING };
 
 struct connection {
     int fd;                /* -1 once shut down here */
+    int timed_out;         /* shut down here: its request did not arrive in time */
     int place;             /* holds one of the max places */
     enum state state;
     struct timespec since; /* when it became idle: accepted, or its last answer sent */
@@ -59,6 +60,7 @@ static void shut(struct connections *cs, struct connection *c, enum connection_c
 {
     shutdown(c->fd, SHUT_RDWR);
     c->fd = -1;
+    c->timed_out = why == CLOSED_TIMEOUT;
     metrics_connection_closed(cs->metrics, why);
 }
 
@@ -246,6 +248,16 @@ void connection_request_arrived(struct connections *cs, struct connection *c)
     pthread_mutex_lock(&cs->mu);
     c->state = HANDLING;
     pthread_mutex_unlock(&cs->mu);
+}
+
+int connection_timed_out(struct connections *cs, const struct connection *c)
+{
+    if (!c)
+        return 0;
+    pthread_mutex_lock(&cs->mu);
+    const int timed_out = c->timed_out;
+    pthread_mutex_unlock(&cs->mu);
+    return timed_out;
 }
 
 void connection_request_ended(struct connections *cs, struct connection *c, int last)

@@ -59,6 +59,10 @@ struct connection *connection_opened(struct connections *cs, int fd);
  * descriptor that has been reused.  c may be NULL. */
 void connection_closed(struct connections *cs, struct connection *c);
 
+/* Whether the watchdog closed c because its request had not arrived
+ * within --timeout-s (its end is then the server's, a 408, not the
+ * client's).  c may be NULL. */
+int connection_timed_out(struct connections *cs, const struct connection *c);
 /* A request's head has arrived on c: 0 to serve it, -1 when every place
  * is held by a connection with a request in flight (answer 503 and close
  * the connection).  c may be NULL. */

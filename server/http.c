@@ -536,8 +536,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         api_stream_free(rq->stream);
     }
     lazy_json_free(rq->lazy);
-    /* A request that ended without a complete answer: its client left. */
-    int status = rq->status && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? rq->status : HTTP_CLIENT_GONE;
+    /* A request that ended without a complete answer: its client left, or
+     * its body did not arrive in time and the watchdog closed it. */
+    int status = rq->status && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK   ? rq->status
+                 : connection_timed_out(s->conns, connection_of(conn)) ? MHD_HTTP_REQUEST_TIMEOUT
+                                                                         : HTTP_CLIENT_GONE;
     log_request(&(struct log_request){.method = rq->method, .path = rq->path, .id = rq->id, .status = status,
                                       .ms = seconds * 1e3, .batch = rq->batch_size});
     connection_request_ended(s->conns, connection_of(conn),

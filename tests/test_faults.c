@@ -285,6 +285,30 @@ static void test_slow_clients(void **state)
     still_serving(s->port);
 }
 
+/* A request whose head came whole but whose body comes a byte a second is
+ * closed by the watchdog too, and logged and counted as the server's 408,
+ * not as a client that went away (499). */
+static void test_slow_body_is_a_timeout(void **state)
+{
+    struct server *s = *state;
+    const char *head = "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n";
+    int fd = http_connect(s->port, 1);
+    assert_true(fd >= 0);
+    assert_int_equal(http_send_all(fd, head, strlen(head)), 0);
+    int closed = 0;
+    for (int i = 0; i < 10 * TIMEOUT_S + 20 && !closed; i++) {
+        char b;
+        if (send(fd, "{", 1, MSG_NOSIGNAL) != 1)
+            break;
+        ssize_t n = recv(fd, &b, 1, 0); /* waits up to the 1 s socket timeout */
+        closed = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    }
+    close(fd);
+    assert_int_equal(server_wait_log(s, "POST /classify 408", 1), 1);
+    assert_false(server_log_has(s, "POST /classify 499"));
+    assert_true(http_metric(s->port, "rrnserve_requests_total{endpoint=\"/classify\",status=\"408\"}") == 1);
+}
+
 /* ---- oversized request heads --------------------------------------------- */
 
 /* Sends bytes as a request; the status of the answer, 0 when the server
@@ -911,6 +935,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_reset_mid_stream, setup_main, server_teardown),
         cmocka_unit_test_setup_teardown(test_slow_clients, setup_short_timeout, server_teardown),
+        cmocka_unit_test_setup_teardown(test_slow_body_is_a_timeout, setup_short_timeout, server_teardown),
         cmocka_unit_test_setup_teardown(test_oversized_headers, setup_main, server_teardown),
         cmocka_unit_test_setup_teardown(test_idle_connections_make_room, setup_few_connections, server_teardown),
         cmocka_unit_test_setup_teardown(test_busy_connections_refuse, setup_few_connections, server_teardown),
