@@ -52,10 +52,11 @@ struct route {
     api_handler *handler;
     int open;           /* answered without an API key */
     /* Answered when every --max-connections place is held too (and the
-     * connection closed after): a liveness or readiness probe, or a
-     * scrape, that met the limit's 503 would have a supervisor restart a
-     * server that is only busy, and leave its metrics blind when they
-     * matter most.  Each is cheap and has no body. */
+     * connection closed after): a liveness probe that met the limit's 503
+     * would have a supervisor restart a server that is only busy, and a
+     * scrape that met it would leave the metrics blind when they matter
+     * most.  Each is cheap and has no body.  Readiness keeps the 503: a
+     * full server should get no new clients. */
     int probe;
 };
 
@@ -77,12 +78,12 @@ static void serve_page(struct api *a, const char *body, size_t len, const struct
 }
 
 static const struct route routes[EP_COUNT] = {
-    [EP_CLASSIFY] = {"POST", api_classify, 0},   [EP_GENERATE] = {"POST", api_generate, 0},
-    [EP_ATTENTION] = {"POST", api_attention, 0}, [EP_SCORE] = {"POST", api_score, 0},
-    [EP_MODELS] = {"GET", api_models, 0},        [EP_HEALTHZ] = {"GET", api_healthz, 1, 1},
-    [EP_READYZ] = {"GET", api_readyz, 1, 1},     [EP_METRICS] = {"GET", api_metrics, 0, 1},
-    [EP_INDEX] = {"GET", serve_page, 1},         [EP_COMPLETIONS] = {"POST", api_completions, 0},
-    [EP_OPENAI_MODELS] = {"GET", api_openai_models, 0},
+    [EP_CLASSIFY] = {"POST", api_classify, 0, 0},   [EP_GENERATE] = {"POST", api_generate, 0, 0},
+    [EP_ATTENTION] = {"POST", api_attention, 0, 0}, [EP_SCORE] = {"POST", api_score, 0, 0},
+    [EP_MODELS] = {"GET", api_models, 0, 0},        [EP_HEALTHZ] = {"GET", api_healthz, 1, 1},
+    [EP_READYZ] = {"GET", api_readyz, 1, 0},        [EP_METRICS] = {"GET", api_metrics, 0, 1},
+    [EP_INDEX] = {"GET", serve_page, 1, 0},         [EP_COMPLETIONS] = {"POST", api_completions, 0, 0},
+    [EP_OPENAI_MODELS] = {"GET", api_openai_models, 0, 0},
 };
 
 struct http_server {

@@ -575,8 +575,8 @@ static void test_open_file_limit(void **state)
 
 /* Every place held by a stream in flight: a client that comes is answered
  * 503 at once (Retry-After: 1, naming --max-connections) and its
- * connection closed, as its Connection header says, but for a probe's or
- * a scrape's, answered and closed; so is each of a flood
+ * connection closed, as its Connection header says, but for a liveness
+ * probe's or a scrape's, answered and closed; so is each of a flood
  * of them; one that connects and sends nothing is closed within a few
  * seconds rather than kept for --timeout-s; the streams run on; once one
  * ends, newcomers are served, one after the other in its place. */
@@ -606,10 +606,12 @@ static void test_busy_connections_refuse(void **state)
     assert_non_null(strstr(r.body.p, "--max-connections 8"));
     http_resp_free(&r);
     free(raw.p);
-    /* Probes and scrapes are answered all the same, each connection closed
-     * after its answer: a busy server is alive, and its metrics show it. */
-    static const char *const probes[] = {"/healthz", "/readyz", "/metrics"};
-    for (int i = 0; i < 3; i++) {
+    /* Liveness probes and scrapes are answered all the same, each
+     * connection closed after its answer: a busy server is alive, and its
+     * metrics show it; it is not ready for more clients. */
+    expect_status(s->port, "GET", "/readyz", NULL, 503);
+    static const char *const probes[] = {"/healthz", "/metrics"};
+    for (int i = 0; i < 2; i++) {
         struct http_resp p;
         char close_[16];
         if (request(s->port, "GET", probes[i], NULL, &p) != 200)
